@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Validate the deploy/ artefacts. Safe to run from any directory; CI calls it.
+#   - Prometheus rules: promtool check rules + promtool test rules
+#   - Grafana dashboard: JSON parses, structure, every query is valid PromQL,
+#     only known keygate metric names are used (dashboard and alerts)
+#   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
+#   - systemd unit: systemd-analyze verify (informational, if available)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v promtool >/dev/null 2>&1; then
+  step "installing promtool (Debian package 'prometheus')"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+fi
+if ! python3 -c 'import yaml' >/dev/null 2>&1; then
+  step "installing PyYAML"
+  python3 -m pip install --quiet pyyaml
+fi
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+step "promtool check rules prometheus/alerts.yaml"
+promtool check rules prometheus/alerts.yaml
+
+step "promtool test rules prometheus/alerts_test.yaml"
+(cd prometheus && promtool test rules alerts_test.yaml)
+
+step "grafana/keygate.json parses"
+python3 -m json.tool grafana/keygate.json >/dev/null
+echo "  OK"
+
+step "dashboard structure, metric names, PromQL"
+python3 - grafana/keygate.json prometheus/alerts.yaml "$tmp/dashboard_exprs.yaml" <<'PY'
+import json, re, sys, yaml
+
+dash_path, alerts_path, out_path = sys.argv[1:4]
+KNOWN = {
+    "keygate_requests_total", "keygate_request_duration_seconds",
+    "keygate_upstream_duration_seconds", "keygate_upstream_errors_total",
+    "keygate_requests_in_flight", "keygate_connections_open",
+    "keygate_tls_handshake_failures_total", "keygate_auth_failures_total",
+    "keygate_auth_budget_rejections_total", "keygate_rate_limited_total",
+    "keygate_keys", "keygate_table_revision", "keygate_table_sync_age_seconds",
+    "keygate_source_errors_total", "keygate_propagation_seconds",
+    "keygate_keys_expiring", "keygate_keys_without_expiry",
+    "keygate_keys_ttl_over_policy", "keygate_keys_stale",
+    "keygate_canary_hits_total", "keygate_config_reloads_total",
+    "keygate_tls_certificate_expiry_timestamp_seconds",
+}
+HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
+        "keygate_propagation_seconds")
+errors = []
+
+def metric_names(expr):
+    for m in re.findall(r"\bkeygate_[a-z0-9_]+", expr):
+        base = m
+        for h in HIST:
+            if m in (h + "_bucket", h + "_sum", h + "_count"):
+                base = h
+        yield m, base
+
+d = json.load(open(dash_path))
+if d.get("schemaVersion") != 39:
+    errors.append("schemaVersion is not 39")
+vars_ = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+if vars_.get("DS_PROMETHEUS", {}).get("type") != "datasource":
+    errors.append("missing datasource variable DS_PROMETHEUS")
+if "instance" not in vars_:
+    errors.append("missing instance variable")
+ids = [p["id"] for p in d["panels"]]
+if len(ids) != len(set(ids)):
+    errors.append("duplicate panel ids")
+rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops"]
+if rows != want:
+    errors.append(f"rows {rows} != {want}")
+
+rules = []
+for p in d["panels"]:
+    if p["type"] == "row":
+        continue
+    if not p.get("description"):
+        errors.append(f"panel {p['title']!r} has no description")
+    if p.get("datasource", {}).get("uid") != "${DS_PROMETHEUS}":
+        errors.append(f"panel {p['title']!r} does not use ${{DS_PROMETHEUS}}")
+    for t in p.get("targets", []):
+        expr = t["expr"]
+        if '$instance' not in expr:
+            errors.append(f"panel {p['title']!r}: query ignores $instance")
+        for m, base in metric_names(expr):
+            if base not in KNOWN:
+                errors.append(f"panel {p['title']!r}: unknown metric {m}")
+        concrete = (expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+                        .replace("$instance", ".*"))
+        rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": concrete})
+
+alerts = yaml.safe_load(open(alerts_path))
+for g in alerts["groups"]:
+    for r in g["rules"]:
+        for m, base in metric_names(r["expr"]):
+            if base not in KNOWN:
+                errors.append(f"alert {r.get('alert')}: unknown metric {m}")
+        if "alert" in r:
+            if r.get("labels", {}).get("severity") not in ("page", "warning"):
+                errors.append(f"alert {r['alert']}: severity must be page or warning")
+            for a in ("summary", "description", "runbook"):
+                if a not in r.get("annotations", {}):
+                    errors.append(f"alert {r['alert']}: missing annotation {a}")
+
+yaml.safe_dump({"groups": [{"name": "dashboard_queries", "rules": rules}]},
+               open(out_path, "w"), sort_keys=False)
+if errors:
+    print("\n".join("  ERROR: " + e for e in errors))
+    sys.exit(1)
+print(f"  OK: {len(ids) - len(rows)} panels in {len(rows)} rows, {len(rules)} queries, metric names known")
+PY
+promtool check rules "$tmp/dashboard_exprs.yaml" | sed 's#'"$tmp"'/##'
+
+step "YAML parses (kubernetes/*.yaml, prometheus/*.yaml)"
+for f in kubernetes/*.yaml prometheus/*.yaml; do
+  python3 -c 'import yaml,sys; docs=[d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]; assert docs, "empty"; print("  OK  %-32s %s" % (sys.argv[1], ", ".join(d.get("kind", "rules") for d in docs)))' "$f"
+done
+
+step "keygate.toml embedded in kubernetes/configmap.yaml parses"
+python3 - <<'PY'
+import sys, yaml
+try:
+    import tomllib
+except ModuleNotFoundError:
+    print("  skipped (python < 3.11, no tomllib)")
+    sys.exit(0)
+cfg = tomllib.loads(yaml.safe_load(open("kubernetes/configmap.yaml"))["data"]["keygate.toml"])
+assert cfg["server"]["listen"] == "0.0.0.0:8080", cfg["server"]
+assert cfg["admin"]["listen"] == "0.0.0.0:9090", cfg["admin"]
+print("  OK")
+PY
+
+if command -v systemd-analyze >/dev/null 2>&1; then
+  step "systemd-analyze verify systemd/keygate.service (informational)"
+  # Point the unit at an existing binary so only real unit problems show up.
+  sed 's#/usr/local/bin/keygate#/bin/true#g' systemd/keygate.service > "$tmp/keygate.service"
+  if systemd-analyze verify "$tmp/keygate.service"; then
+    echo "  OK"
+  else
+    echo "  WARNING: systemd-analyze verify reported problems (not fatal)"
+  fi
+fi
+
+step "all deploy checks passed"

@@ -1,0 +1,133 @@
+//! The audit log: one JSON line per lifecycle change or notable event.
+//!
+//! Written by the CLI, the control plane and the gateway to the same file with `O_APPEND`
+//! (each event is one `write`, so concurrent writers never interleave within a line) and
+//! fsynced, because an audit trail that loses the last revocation is no trail. Events carry
+//! key ids and hints, never a key or its digest. Writers of lifecycle changes write the audit
+//! event *before* the store and fail the change if the audit write fails.
+
+use serde::Serialize;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `key.created`, `key.updated`, `key.rotated`, `key.revoked`, `key.imported`,
+    /// `key.canary_used`, `table.applied`, `source.error`, `config.reloaded`, `auth.denied`.
+    pub event: &'static str,
+    pub actor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// Event-specific fields (never secrets).
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    pub fn new(event: &'static str, actor: &str) -> Event {
+        Event {
+            time: now_rfc3339(),
+            event,
+            actor: actor.to_owned(),
+            key_id: None,
+            owner: None,
+            hint: None,
+            details: serde_json::Map::new(),
+        }
+    }
+
+    pub fn key(mut self, r: &crate::keys::record::KeyRecord) -> Event {
+        self.key_id = Some(r.id.clone());
+        self.owner = Some(r.owner.clone());
+        self.hint = Some(r.hint.clone());
+        self
+    }
+
+    pub fn with(mut self, field: &str, value: impl Into<serde_json::Value>) -> Event {
+        self.details.insert(field.to_owned(), value.into());
+        self
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    path: PathBuf,
+}
+
+impl AuditLog {
+    pub fn new(path: impl Into<PathBuf>) -> AuditLog {
+        AuditLog { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append events as one write and fsync. An error means none of them may be relied on.
+    pub fn append(&self, events: &[Event]) -> io::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(events.len() * 256);
+        for e in events {
+            serde_json::to_writer(&mut buf, e)?;
+            buf.push(b'\n');
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        f.write_all(&buf)?;
+        f.sync_data()
+    }
+}
+
+/// Who is acting, for the `actor` field: the OS user running the CLI.
+pub fn os_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_json_lines_and_fails_on_a_full_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path().join("a/audit.jsonl"));
+        log.append(&[
+            Event::new("key.created", "me").with("n", 1),
+            Event::new("key.revoked", "me"),
+        ])
+        .unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "key.created");
+        assert_eq!(lines[0]["n"], 1);
+        if Path::new("/dev/full").exists() {
+            assert!(AuditLog::new("/dev/full")
+                .append(&[Event::new("x", "me")])
+                .is_err());
+        }
+    }
+}

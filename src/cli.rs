@@ -1,0 +1,536 @@
+//! The command line: clap definitions and the `keys` subcommands' input/output.
+//!
+//! Output contract: `keys create` and `keys rotate` print the plaintext key exactly once, alone
+//! on stdout (so `KEY=$(keygate keys create …)` works) or inside one JSON object under `--json`;
+//! everything else goes to stderr. No command prints a digest.
+
+use crate::config::{parse_duration, Config};
+use crate::keys::ops::{Changes, Grants, Keys, OpsError, Selector};
+use crate::keys::record::{KeyRecord, KeyState};
+use crate::keys::KeySettings;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key gateway: mint keys, run the proxy, watch it"
+)]
+pub struct Cli {
+    /// Config file; paths inside it resolve relative to it.
+    #[arg(
+        long,
+        global = true,
+        default_value = "config/keygate.toml",
+        env = "KEYGATE_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate the config and the release checklist; non-zero exit listing every problem.
+    Check,
+    /// Start a demo upstream, a demo key store and the gateway, and print curl lines to try.
+    Demo {
+        /// Directory for the demo's config, store and logs.
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+    },
+    /// Create, list, rotate and revoke API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// Scope the key holds (repeatable).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Named plan from [plans.*].
+    #[arg(long, conflicts_with = "rate")]
+    pub plan: Option<String>,
+    /// Own rate, e.g. 100/s.
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Lifetime, e.g. 90d.
+    #[arg(long)]
+    pub expires_in: Option<String>,
+    /// Client network allowed to use the key (repeatable CIDR).
+    #[arg(long = "allow-ip")]
+    pub allow_ips: Vec<IpNet>,
+    /// Browser origin allowed to use the key (repeatable).
+    #[arg(long = "allow-origin")]
+    pub allow_origins: Vec<String>,
+    /// Label k=v (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Mint a key; the plaintext is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        owner: String,
+        #[arg(long, default_value = "live")]
+        env: String,
+        #[command(flatten)]
+        grants: GrantArgs,
+        /// A key that is always rejected and raises an alarm when used.
+        #[arg(long)]
+        canary: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys.
+    List {
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long, value_enum)]
+        state: Option<KeyState>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a key's grants or metadata (given scopes/IPs/origins replace the current ones).
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+        #[command(flatten)]
+        grants: GrantArgs,
+        /// Remove the expiry.
+        #[arg(long, conflicts_with = "expires_in")]
+        no_expiry: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key at once; or, with --owner/--env/--label and --yes, every matching key.
+    Revoke {
+        #[arg(required_unless_present_any = ["owner", "env", "label"])]
+        id: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        owner: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        env: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        label: Option<String>,
+        /// Confirm a mass revoke.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// New key with the same grants; the old one keeps working for the grace period.
+    Rotate {
+        id: String,
+        /// How long the old key keeps working, e.g. 48h (default: keys.rotate_grace).
+        #[arg(long)]
+        grace: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keys whose expiry falls within a window.
+    Expiring {
+        #[arg(long, default_value = "14d")]
+        within: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store digests of keys issued elsewhere (one key or JSON object per line).
+    Import {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        owner: String,
+        #[arg(long, default_value = "live")]
+        env: String,
+        #[arg(long, default_value = "imported")]
+        name: String,
+        #[command(flatten)]
+        grants: GrantArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewrite the store keeping the latest version of each key.
+    Compact,
+}
+
+/// A failed command: message for stderr, and the exit code.
+#[derive(Debug)]
+pub struct Failure(pub String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure(e.to_string())
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn secs(s: &str) -> Result<i64, Failure> {
+    parse_duration(s)
+        .map(|d| d.as_secs() as i64)
+        .map_err(Failure)
+}
+
+fn labels(raw: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    raw.iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+        })
+        .collect()
+}
+
+fn grants(
+    name: String,
+    owner: String,
+    env: String,
+    g: GrantArgs,
+    canary: bool,
+) -> Result<Grants, Failure> {
+    Ok(Grants {
+        name,
+        owner,
+        env,
+        scopes: g.scopes,
+        plan: g.plan,
+        rate: g.rate,
+        expires_in_secs: g.expires_in.as_deref().map(secs).transpose()?,
+        allow_ips: g.allow_ips,
+        allow_origins: g.allow_origins,
+        labels: labels(&g.labels)?,
+        canary,
+    })
+}
+
+fn out(line: &str) -> Result<(), Failure> {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{line}")?;
+    o.flush()?;
+    Ok(())
+}
+
+fn fmt_time(t: Option<i64>) -> String {
+    match t {
+        Some(t) if t >= 0 => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+        )
+        .to_string(),
+        Some(_) => "-".into(),
+        None => "never".into(),
+    }
+}
+
+fn print_table(records: &[&KeyRecord], now: i64) -> Result<(), Failure> {
+    let mut text = format!(
+        "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {}\n",
+        "ID", "NAME", "OWNER", "ENV", "STATE", "EXPIRES", "SCOPES"
+    );
+    for r in records {
+        text.push_str(&format!(
+            "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {}\n",
+            r.id,
+            truncate(&r.name, 20),
+            truncate(&r.owner, 16),
+            r.env,
+            r.state(now).as_str(),
+            fmt_time(r.expires_at),
+            r.scopes.join(",")
+        ));
+    }
+    out(text.trim_end())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn print_record(r: &KeyRecord, now: i64, json: bool) -> Result<(), Failure> {
+    if json {
+        return out(&r.public_json(now).to_string());
+    }
+    let v = r.public_json(now);
+    let mut text = String::new();
+    if let Some(obj) = v.as_object() {
+        for (k, v) in obj {
+            text.push_str(&format!("{k:<15} {}\n", v));
+        }
+    }
+    out(text.trim_end())
+}
+
+/// Print a freshly minted key: alone on stdout, or inside one JSON object.
+fn print_minted(
+    record: &KeyRecord,
+    key: &str,
+    now: i64,
+    json: bool,
+    verb: &str,
+) -> Result<(), Failure> {
+    if json {
+        let mut v = record.public_json(now);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("key".into(), key.into());
+        }
+        out(&v.to_string())?;
+    } else {
+        out(key)?;
+    }
+    eprintln!(
+        "{verb} {} ({}, owner {:?}, env {}); the key above is shown once and cannot be recovered",
+        record.id, record.name, record.owner, record.env
+    );
+    Ok(())
+}
+
+pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
+    let settings = KeySettings::from_config(config)?;
+    let keys = Keys::new(&settings, crate::audit::os_user());
+    let now = now();
+    match cmd {
+        KeysCommand::Create {
+            name,
+            owner,
+            env,
+            grants: g,
+            canary,
+            json,
+        } => {
+            let m = keys.create(&grants(name, owner, env, g, canary)?, now)?;
+            print_minted(&m.record, &m.key, now, json, "created")
+        }
+        KeysCommand::List {
+            owner,
+            env,
+            state,
+            json,
+        } => {
+            let parsed = keys.state()?;
+            warn_corrupt(&parsed.corrupt);
+            let latest = crate::store::file::latest(parsed.records);
+            let mut rows: Vec<&KeyRecord> = latest
+                .values()
+                .filter(|r| owner.as_ref().is_none_or(|o| &r.owner == o))
+                .filter(|r| env.as_ref().is_none_or(|e| &r.env == e))
+                .filter(|r| state.is_none_or(|s| r.state(now) == s))
+                .collect();
+            rows.sort_by_key(|r| r.created_at);
+            if json {
+                let arr: Vec<_> = rows.iter().map(|r| r.public_json(now)).collect();
+                out(&serde_json::Value::Array(arr).to_string())
+            } else {
+                print_table(&rows, now)
+            }
+        }
+        KeysCommand::Show { id, json } => print_record(&keys.show(&id)?, now, json),
+        KeysCommand::Update {
+            id,
+            name,
+            owner,
+            grants: g,
+            no_expiry,
+            json,
+        } => {
+            let changes = Changes {
+                name,
+                owner,
+                scopes: (!g.scopes.is_empty()).then_some(g.scopes),
+                plan: g.plan.map(Some),
+                rate: g.rate.map(Some),
+                expires_in_secs: if no_expiry {
+                    Some(None)
+                } else {
+                    g.expires_in.as_deref().map(secs).transpose()?.map(Some)
+                },
+                allow_ips: (!g.allow_ips.is_empty()).then_some(g.allow_ips),
+                allow_origins: (!g.allow_origins.is_empty()).then_some(g.allow_origins),
+                labels: labels(&g.labels)?,
+            };
+            let r = keys.update(&id, &changes, now)?;
+            eprintln!("updated {}", r.id);
+            print_record(&r, now, json)
+        }
+        KeysCommand::Revoke {
+            id: Some(id),
+            reason,
+            json,
+            ..
+        } => {
+            let r = keys.revoke(&id, reason.as_deref(), now)?;
+            eprintln!("revoked {}", r.id);
+            if json {
+                print_record(&r, now, true)?;
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke {
+            id: None,
+            reason,
+            owner,
+            env,
+            label,
+            yes,
+            json,
+        } => {
+            let label = label
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+                })
+                .transpose()?;
+            if !yes {
+                return Err(Failure(
+                    "mass revoke needs --yes: it revokes every matching key at once".into(),
+                ));
+            }
+            let done =
+                keys.revoke_matching(&Selector { owner, env, label }, reason.as_deref(), now)?;
+            eprintln!("revoked {} keys", done.len());
+            if json {
+                let ids: Vec<&str> = done.iter().map(|r| r.id.as_str()).collect();
+                out(&serde_json::json!({ "revoked": ids }).to_string())?;
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate { id, grace, json } => {
+            let grace = grace
+                .as_deref()
+                .map(secs)
+                .transpose()?
+                .unwrap_or(settings.rotate_grace_secs);
+            let m = keys.rotate(&id, grace, now)?;
+            print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
+            eprintln!("{id} keeps working until {}", fmt_time(Some(now + grace)));
+            Ok(())
+        }
+        KeysCommand::Expiring { within, json } => {
+            let horizon = now + secs(&within)?;
+            let latest = crate::store::file::latest(keys.state()?.records);
+            let mut rows: Vec<&KeyRecord> = latest
+                .values()
+                .filter(|r| {
+                    r.state(now) == KeyState::Active && r.expires_at.is_some_and(|e| e <= horizon)
+                })
+                .collect();
+            rows.sort_by_key(|r| r.expires_at);
+            if json {
+                out(
+                    &serde_json::Value::Array(rows.iter().map(|r| r.public_json(now)).collect())
+                        .to_string(),
+                )
+            } else {
+                print_table(&rows, now)
+            }
+        }
+        KeysCommand::Import {
+            file,
+            owner,
+            env,
+            name,
+            grants: g,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            let defaults = grants(name, owner, env, g, false)?;
+            let tty = std::io::stderr().is_terminal();
+            let total = lines.len();
+            let report = keys.import(&lines, &defaults, now, |i| {
+                if tty && (i % 1000 == 0 || i == total) {
+                    eprint!("\rimporting {i}/{total}");
+                }
+            })?;
+            if tty {
+                eprintln!();
+            }
+            for (line, why) in &report.invalid {
+                eprintln!("line {line}: {why}");
+            }
+            eprintln!(
+                "imported {}, duplicates {}, invalid {}",
+                report.imported,
+                report.duplicates,
+                report.invalid.len()
+            );
+            if json {
+                out(&serde_json::json!({"imported": report.imported, "duplicates": report.duplicates, "invalid": report.invalid.len()}).to_string())?;
+            }
+            Ok(())
+        }
+        KeysCommand::Compact => {
+            let (kept, dropped) = keys.compact(now)?;
+            eprintln!(
+                "compacted {}: kept {kept} records, dropped {dropped}",
+                settings.store.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn warn_corrupt(corrupt: &[crate::store::Corrupt]) {
+    for c in corrupt {
+        eprintln!("warning: store line {} skipped: {}", c.line, c.reason);
+    }
+}
+
+impl From<Failure> for ExitCode {
+    fn from(f: Failure) -> ExitCode {
+        eprintln!("keygate: error: {}", f.0);
+        ExitCode::FAILURE
+    }
+}
+
+/// Keep OpsError's Display as the user-facing message.
+pub fn describe(e: &OpsError) -> String {
+    e.to_string()
+}

@@ -1,0 +1,406 @@
+//! The serde model of `keygate.toml`, and loading it with errors that name the file and field.
+//!
+//! Every struct denies unknown fields so a typo is an error, not a silently ignored setting.
+//! Units are in names (`_ms`, `_bytes`) or in the value (`"90d"`, `"100/s"`). Paths resolve
+//! relative to the config file. This module only parses; `snapshot` validates and indexes.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Secret(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cors: CorsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The directory the config file lives in; relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// The record log (JSON lines), relative to the config file.
+    pub store: PathBuf,
+    /// Env var holding the current hash secret (≥ 32 bytes).
+    pub hash_secret_env: String,
+    /// Alternatively, a file holding it (trailing newline ignored). Wins over the env var.
+    pub hash_secret_file: Option<PathBuf>,
+    /// Version number of the current secret; records remember the version they were hashed with.
+    pub hash_secret_version: u32,
+    /// Older secrets still accepted during a secret rotation.
+    pub previous_secrets: Vec<PreviousSecret>,
+    /// Key prefix: lowercase letters and digits, 1–16 chars.
+    pub prefix: String,
+    /// Environments a key may name.
+    pub envs: Vec<String>,
+    /// Audit log (JSON lines), relative to the config file.
+    pub audit_log: PathBuf,
+    /// Last-use file written by the gateway (atomic replace), relative to the config file.
+    pub usage_file: PathBuf,
+    /// How often last-use data is flushed, seconds. Env `API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS` wins.
+    pub touch_interval_seconds: Option<u64>,
+    /// Default grace for `keys rotate`, e.g. "48h".
+    pub rotate_grace: String,
+    /// Revoked records older than this are dropped by `keys compact`, e.g. "90d".
+    pub revoked_retention: String,
+    /// Clock-skew allowance for expiry and not-before, e.g. "0s" (exact).
+    pub expiry_leeway: String,
+    /// Fallback polling interval of the store file, ms (file notifications are the fast path).
+    pub poll_interval_ms: u64,
+    /// "file" (default) or "feed".
+    pub source: String,
+    pub feed_url: Option<String>,
+    pub feed_token_env: String,
+    /// Local copy of the last table applied from the feed.
+    pub feed_cache: PathBuf,
+    /// How stale the table may get (no sync) before `on_stale` applies, e.g. "5m".
+    pub max_staleness: String,
+    /// "serve" (keep serving, alarm) or "fail_closed" (503).
+    pub on_stale: String,
+    /// Keys unused for this long count as stale, e.g. "90d".
+    pub stale_after: String,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            store: "keys.jsonl".into(),
+            hash_secret_env: "API_KEY_HASH_SECRET".into(),
+            hash_secret_file: None,
+            hash_secret_version: 1,
+            previous_secrets: vec![],
+            prefix: "kg".into(),
+            envs: vec!["live".into(), "test".into()],
+            audit_log: "audit.jsonl".into(),
+            usage_file: "usage.json".into(),
+            touch_interval_seconds: None,
+            rotate_grace: "48h".into(),
+            revoked_retention: "90d".into(),
+            expiry_leeway: "0s".into(),
+            poll_interval_ms: 250,
+            source: "file".into(),
+            feed_url: None,
+            feed_token_env: "KEYGATE_FEED_TOKEN".into(),
+            feed_cache: "feed-cache.jsonl".into(),
+            max_staleness: "5m".into(),
+            on_stale: "serve".into(),
+            stale_after: "90d".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousSecret {
+    pub version: u32,
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Longest allowed key lifetime, e.g. "365d". None: unbounded.
+    pub max_ttl: Option<String>,
+    pub require_owner: bool,
+    pub require_expiry: bool,
+    /// Scopes allowed per env; an env not listed allows any scope.
+    pub allowed_scopes: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// "N/s", "N/m" or "N/h".
+    pub rate: String,
+    /// Bucket size (requests allowed at once); defaults to one second's worth, at least 1.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Plain HTTP listener (or HTTPS when `tls` is set without its own `listen`).
+    pub listen: String,
+    pub tls: Option<TlsConfig>,
+    /// Peers whose X-Forwarded-For / X-Forwarded-Proto we believe (CIDRs). Default: none.
+    pub trusted_proxies: Vec<String>,
+    /// Header carrying the key besides `Authorization: Bearer`.
+    pub key_header: String,
+    pub header_read_timeout_ms: u64,
+    pub tls_handshake_timeout_ms: u64,
+    pub keepalive_idle_ms: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_in_flight: usize,
+    pub drain_timeout_ms: u64,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_bytes: u32,
+    /// Default request body limit; a route may lower or raise it.
+    pub max_body_bytes: u64,
+    /// Request body must arrive within this long in total.
+    pub body_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            tls: None,
+            trusted_proxies: vec![],
+            key_header: "x-api-key".into(),
+            header_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            keepalive_idle_ms: 60_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            max_in_flight: 5_000,
+            drain_timeout_ms: 30_000,
+            h2_max_concurrent_streams: 100,
+            h2_max_header_list_bytes: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            body_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, HTTPS listens here in addition to the plain `listen`.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// /metrics /healthz /readyz. Loopback by default: never expose it on the data port.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Failed authentications allowed per client (IPv4 address or IPv6 /64) per minute.
+    pub auth_failures_per_minute: u32,
+    /// How long a client over its failure budget gets 429 without its key being looked at.
+    pub auth_failure_block_seconds: u64,
+    /// Most clients tracked by the failure budget (memory bound).
+    pub auth_failure_max_tracked: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            auth_failures_per_minute: 20,
+            auth_failure_block_seconds: 60,
+            auth_failure_max_tracked: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Browser origins allowed for keys that list none of their own. Env `ALLOWED_ORIGINS`
+    /// (comma-separated) wins. Empty: browser requests (with `Origin`) are refused.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Opt-in per-key request counters (`key_id` label), capped at this many series. 0: off.
+    pub per_key_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { per_key_series: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// host:port targets; several are used round robin, a failed one is ejected for a while.
+    pub targets: Vec<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+    #[serde(default = "default_eject_ms")]
+    pub eject_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_eject_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Empty: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// The key must hold all of them.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Only keys of this env.
+    pub env: Option<String>,
+    pub upstream: String,
+    /// Accept the key from this query parameter too (off by default: URLs end up in logs).
+    pub query_key_param: Option<String>,
+    pub max_body_bytes: Option<u64>,
+}
+
+impl Config {
+    /// Read and parse a config file. A missing file is an error (we never guess a config).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.path = path.to_owned();
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(config)
+    }
+
+    /// A path from the config, resolved relative to the config file.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The shipped example, embedded so `keygate demo` and tests can use it anywhere.
+    pub const EXAMPLE: &'static str = include_str!("../config/keygate.toml");
+}
+
+/// Parse a duration like "90d", "48h", "250ms", "0s".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("bad duration {s:?}: {e} (examples: 90d, 48h, 30m, 0s)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses() {
+        let c = Config::parse(Config::EXAMPLE, Path::new("config/keygate.toml")).unwrap();
+        assert_eq!(c.keys.prefix, "kg");
+        assert!(!c.routes.is_empty());
+    }
+
+    #[test]
+    fn typo_names_the_field() {
+        let err = Config::parse("[keys]\nstroe = \"x\"\n", Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stroe"), "{err}");
+        assert!(err.contains("k.toml"), "{err}");
+        let err = Config::parse("[server]\nmax_headers = \"ten\"\n", Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_headers"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90d").unwrap().as_secs(), 90 * 86_400);
+        assert_eq!(parse_duration("48h").unwrap().as_secs(), 48 * 3600);
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+    }
+}

@@ -1,0 +1,476 @@
+//! Header hygiene for forwarding: owns deciding which client request headers
+//! reach the upstream and which upstream response headers reach the client.
+//!
+//! Requests: hop-by-hop headers (RFC 9110 §7.6.1) and everything the client
+//! could use to impersonate the gateway (credentials, forwarding metadata,
+//! `x-keygate-*`, method overrides, underscore names) are removed. A client
+//! that nominates a security-relevant header in `Connection` is refused
+//! outright (THREATS B3): a later hop honouring the nomination would strip a
+//! header the gateway relies on. Responses: hop-by-hop headers are removed
+//! before relaying (RFC 9110 §7.6.1), never failing.
+
+use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName};
+
+/// Why a request's headers cannot be forwarded. Both map to a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HygieneError {
+    #[error("Connection header nominates a protected header")]
+    ProtectedNominated,
+    #[error("malformed Connection header")]
+    BadConnectionHeader,
+}
+
+/// Fixed hop-by-hop set: RFC 9110 §7.6.1 (`proxy-connection`, `keep-alive`,
+/// `te`, `transfer-encoding`, `upgrade`) plus RFC 9110 §11.7's proxy
+/// credentials and `trailer` (the trailer section is not relayed).
+const HOP_BY_HOP: &[&str] = &[
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Request-only removals: the client's credentials (the upstream gets the
+/// gateway's identity headers instead), forwarding metadata the gateway
+/// regenerates (THREATS B5), and method overrides that would let a client
+/// run a method the route did not allow (THREATS B4).
+const REQUEST_STRIP: &[&str] = &[
+    "authorization",
+    "forwarded",
+    "x-real-ip",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+];
+
+const X_FORWARDED: &str = "x-forwarded-";
+const X_KEYGATE: &str = "x-keygate-";
+
+/// Strip everything the upstream must not see from a client request, in place.
+/// On error nothing has been removed; the request must be refused.
+pub fn sanitize_request(
+    headers: &mut HeaderMap,
+    key_header: &HeaderName,
+) -> Result<(), HygieneError> {
+    let mut nominated = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in connection_tokens(value.as_bytes()) {
+            let name = token
+                .and_then(|t| HeaderName::from_bytes(t).ok())
+                .ok_or(HygieneError::BadConnectionHeader)?;
+            if is_protected(&name, key_header) {
+                return Err(HygieneError::ProtectedNominated);
+            }
+            nominated.push(name);
+        }
+    }
+
+    for name in &nominated {
+        headers.remove(name);
+    }
+    headers.remove(CONNECTION);
+    headers.remove(key_header);
+    for name in HOP_BY_HOP.iter().chain(REQUEST_STRIP) {
+        headers.remove(*name);
+    }
+    // Prefix and underscore matches need a scan; collect first because the
+    // map cannot be mutated while borrowed. Underscore names are dropped
+    // wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable, so
+    // `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
+    let dynamic: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let s = n.as_str();
+            s.starts_with(X_FORWARDED) || s.starts_with(X_KEYGATE) || s.contains('_')
+        })
+        .cloned()
+        .collect();
+    for name in &dynamic {
+        headers.remove(name);
+    }
+    Ok(())
+}
+
+/// Strip hop-by-hop headers from an upstream response before relaying it.
+/// Lenient: list elements that are not header names are skipped, and
+/// `connection` itself is always removed.
+pub fn sanitize_response(headers: &mut HeaderMap) {
+    let nominated: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| connection_tokens(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(t?).ok())
+        .collect();
+    for name in &nominated {
+        headers.remove(name);
+    }
+    headers.remove(CONNECTION);
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Keep a client X-Request-Id only if it is 1..=128 chars of `[A-Za-z0-9._-]`.
+/// Several values are refused too: which one would the logs correlate on?
+pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("x-request-id").iter();
+    let value = values.next()?.as_bytes();
+    if values.next().is_some() || value.is_empty() || value.len() > 128 {
+        return None;
+    }
+    if !value
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return None;
+    }
+    std::str::from_utf8(value).ok()
+}
+
+/// Split a `Connection` field value into its list elements, OWS-trimmed
+/// (RFC 9110 §5.6.1). Empty elements (`a,,b`, a trailing comma) are skipped
+/// as the RFC requires recipients to do. An element containing anything but
+/// token characters is yielded as `None`.
+fn connection_tokens(value: &[u8]) -> impl Iterator<Item = Option<&[u8]>> {
+    value
+        .split(|b| *b == b',')
+        .map(trim_ows)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.iter().all(|b| is_tchar(*b)).then_some(t))
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// Headers a client may not nominate for removal. `close` and `keep-alive`
+/// are ordinary connection options and deliberately not listed.
+fn is_protected(name: &HeaderName, key_header: &HeaderName) -> bool {
+    let s = name.as_str();
+    name == key_header
+        || name == HOST
+        || name == CONTENT_LENGTH
+        || name == TRANSFER_ENCODING
+        || name == COOKIE
+        || matches!(
+            s,
+            "authorization" | "forwarded" | "x-real-ip" | "x-request-id"
+        )
+        || s.starts_with(X_FORWARDED)
+        || s.starts_with(X_KEYGATE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    /// A list of (name, raw value) header lines.
+    type Lines = &'static [(&'static str, &'static [u8])];
+
+    /// Ok(extra header names kept besides BASE) or the expected error.
+    type Expected = Result<&'static [&'static str], HygieneError>;
+
+    fn map(headers: &[(&str, &[u8])]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (name, value) in headers {
+            m.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        m
+    }
+
+    fn names(m: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = m.keys().map(|n| n.as_str().to_owned()).collect();
+        v.sort();
+        v
+    }
+
+    const BASE: Lines = &[
+        ("host", b"api.example.com"),
+        ("content-type", b"application/json"),
+        ("content-length", b"2"),
+        ("accept", b"*/*"),
+        ("x-request-id", b"abc-123"),
+        ("cookie", b"a=b"),
+    ];
+    const BASE_NAMES: &[&str] = &[
+        "accept",
+        "content-length",
+        "content-type",
+        "cookie",
+        "host",
+        "x-request-id",
+    ];
+
+    #[test]
+    fn sanitize_request_table() {
+        use HygieneError::*;
+        let cases: &[(&str, Lines, Expected)] = &[
+            ("plain", &[], Ok(&[])),
+            (
+                "B3 key header",
+                &[("connection", b"close, X-API-Key")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 authorization",
+                &[("connection", b"Authorization")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 xff",
+                &[("connection", b"X-Forwarded-For")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 keygate",
+                &[("connection", b"x-keygate-key-id")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 framing",
+                &[("connection", b"Host, Content-Length, Transfer-Encoding")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 host",
+                &[("connection", b"host")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 cookie",
+                &[("connection", b"keep-alive,cookie")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 request id",
+                &[("connection", b"X-Request-Id")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 forwarded",
+                &[("connection", b"Forwarded")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 x-real-ip",
+                &[("connection", b"x-real-ip")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "B3 second Connection line",
+                &[("connection", b"close"), ("connection", b"x-api-key")],
+                Err(ProtectedNominated),
+            ),
+            (
+                "nominated removed",
+                &[
+                    ("connection", b"close, x-foo"),
+                    ("x-foo", b"1"),
+                    ("x-bar", b"2"),
+                ],
+                Ok(&["x-bar"]),
+            ),
+            (
+                "OWS and empty elements",
+                &[
+                    ("connection", b" ,\tx-foo ,, keep-alive ,"),
+                    ("x-foo", b"1"),
+                ],
+                Ok(&[]),
+            ),
+            (
+                "non-utf8 Connection",
+                &[("connection", b"x-foo\xff")],
+                Err(BadConnectionHeader),
+            ),
+            (
+                "space inside token",
+                &[("connection", b"x foo")],
+                Err(BadConnectionHeader),
+            ),
+            (
+                "separator in token",
+                &[("connection", b"x-foo;y")],
+                Err(BadConnectionHeader),
+            ),
+            (
+                "hop-by-hop list",
+                &[
+                    ("keep-alive", b"timeout=5"),
+                    ("proxy-connection", b"keep-alive"),
+                    ("te", b"trailers"),
+                    ("trailer", b"x-checksum"),
+                    ("transfer-encoding", b"chunked"),
+                    ("upgrade", b"websocket"),
+                    ("proxy-authorization", b"Basic eA=="),
+                    ("proxy-authenticate", b"Basic"),
+                ],
+                Ok(&[]),
+            ),
+            (
+                "credentials",
+                &[
+                    ("authorization", b"Bearer k1"),
+                    ("x-api-key", b"k1"),
+                    ("x-api-key", b"k2"),
+                ],
+                Ok(&[]),
+            ),
+            (
+                "B5 forwarding metadata",
+                &[
+                    ("forwarded", b"for=1.2.3.4"),
+                    ("x-real-ip", b"1.2.3.4"),
+                    ("x-forwarded-for", b"1.2.3.4"),
+                    ("x-forwarded-proto", b"https"),
+                    ("x-forwarded-host", b"evil"),
+                    ("x-keygate-key-id", b"admin"),
+                    ("x-keygate-consumer", b"admin"),
+                ],
+                Ok(&[]),
+            ),
+            (
+                "B4 method override and underscores",
+                &[
+                    ("x-http-method-override", b"DELETE"),
+                    ("x-method-override", b"DELETE"),
+                    ("x-http-method", b"DELETE"),
+                    ("X_API_Key", b"k2"),
+                    ("x_consumer_id", b"admin"),
+                    ("x-keygate_key_id", b"admin"),
+                    ("x-forwarded", b"kept: not a prefix match"),
+                ],
+                Ok(&["x-forwarded"]),
+            ),
+        ];
+        let key_header = HeaderName::from_static("x-api-key");
+        for (name, extra, want) in cases {
+            let mut headers = map(BASE);
+            for (n, v) in *extra {
+                headers.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            let before = headers.clone();
+            let got = sanitize_request(&mut headers, &key_header);
+            match want {
+                Ok(extra_kept) => {
+                    assert_eq!(got, Ok(()), "case {name}");
+                    let mut expected: Vec<String> = BASE_NAMES
+                        .iter()
+                        .chain(extra_kept.iter())
+                        .map(|s| s.to_string())
+                        .collect();
+                    expected.sort();
+                    assert_eq!(names(&headers), expected, "case {name}");
+                }
+                Err(e) => {
+                    assert_eq!(got, Err(*e), "case {name}");
+                    assert_eq!(headers, before, "case {name}: mutated on error");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sanitize_response_table() {
+        let cases: &[(&str, Lines, &[&str])] = &[
+            (
+                "plain",
+                &[("content-type", b"text/plain"), ("x-upstream", b"1")],
+                &["content-type", "x-upstream"],
+            ),
+            (
+                "nominated and hop-by-hop",
+                &[
+                    ("connection", b"close, x-secret"),
+                    ("x-secret", b"1"),
+                    ("keep-alive", b"timeout=5"),
+                    ("transfer-encoding", b"chunked"),
+                    ("trailer", b"x-sum"),
+                    ("upgrade", b"h2c"),
+                    ("proxy-authenticate", b"Basic"),
+                    ("content-type", b"text/plain"),
+                ],
+                &["content-type"],
+            ),
+            (
+                "unparseable Connection",
+                &[("connection", b"\xff\xfe"), ("x-a", b"1")],
+                &["x-a"],
+            ),
+            (
+                "partly unparseable Connection",
+                &[("connection", b"x a, x-b"), ("x-a", b"1"), ("x-b", b"2")],
+                &["x-a"],
+            ),
+        ];
+        for (name, headers, want) in cases {
+            let mut headers = map(headers);
+            sanitize_response(&mut headers);
+            assert_eq!(names(&headers), want.to_vec(), "case {name}");
+        }
+    }
+
+    #[test]
+    fn client_request_id_table() {
+        let long_ok = "a".repeat(128);
+        let long_bad = "a".repeat(129);
+        let cases: &[(&[&[u8]], Option<&str>)] = &[
+            (&[], None),
+            (&[b"abc-123_X.y"], Some("abc-123_X.y")),
+            (&[long_ok.as_bytes()], Some(long_ok.as_str())),
+            (&[long_bad.as_bytes()], None),
+            (&[b""], None),
+            (&[b"a b"], None),
+            (&[b"a/b"], None),
+            (&[b"abc\xff"], None),
+            (&[b"a", b"a"], None),
+        ];
+        for (values, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in *values {
+                headers.append("x-request-id", HeaderValue::from_bytes(v).unwrap());
+            }
+            assert_eq!(client_request_id(&headers), *want, "values {values:?}");
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The API key wire format: `<prefix>_<env>_<secret><check>`.
+//!
+//! `secret` is 32 bytes from the OS CSPRNG written as 43 base62 characters (256 bits, well above
+//! RFC 6749 §10.10's 2^-160 guessing bound); `check` is the CRC32 of everything before it, as 6
+//! base62 characters. The checksum lets the gateway reject garbage before spending an HMAC on
+//! it, and lets secret scanners match our keys without false positives (the GitHub token
+//! design). `parse` is pure, bounded and never panics: it runs on hostile input.
+
+use thiserror::Error;
+
+/// Hard bound on anything we treat as a key, checked before any other work (THREATS §2.5).
+pub const MAX_KEY_LEN: usize = 256;
+/// Characters of the random part: ceil(256 / log2(62)).
+pub const SECRET_LEN: usize = 43;
+/// Characters of the checksum: 62^6 > 2^32.
+pub const CHECK_LEN: usize = 6;
+
+const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Why a string is not a key of ours. Callers map all of these to the same 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FormatError {
+    #[error("key longer than {MAX_KEY_LEN} bytes")]
+    TooLong,
+    #[error("key does not start with the configured prefix")]
+    WrongPrefix,
+    #[error("key names an unknown environment")]
+    UnknownEnv,
+    #[error("key has the wrong length")]
+    WrongLength,
+    #[error("key contains a character outside base62")]
+    BadCharacter,
+    #[error("key checksum does not match")]
+    BadChecksum,
+}
+
+/// What a successful parse tells us, borrowed from the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    pub env: &'a str,
+}
+
+/// The configured shape of keys: a prefix and the environments it may carry.
+#[derive(Debug, Clone)]
+pub struct KeyFormat {
+    prefix: String,
+    envs: Vec<String>,
+}
+
+impl KeyFormat {
+    /// `prefix` and `envs` are validated by the config layer (lowercase alphanumerics).
+    pub fn new(prefix: &str, envs: &[String]) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            envs: envs.to_vec(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn envs(&self) -> &[String] {
+        &self.envs
+    }
+
+    /// True if `key` claims to be one of ours (starts with `<prefix>_`). Keys imported from
+    /// another gateway do not, and skip the format check (but never the length bound).
+    pub fn claims(&self, key: &str) -> bool {
+        key.len() > self.prefix.len()
+            && key.starts_with(self.prefix.as_str())
+            && key.as_bytes()[self.prefix.len()] == b'_'
+    }
+
+    /// Mint a new key for `env` from the OS CSPRNG.
+    pub fn generate(&self, env: &str) -> Result<String, getrandom::Error> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        let mut key =
+            String::with_capacity(self.prefix.len() + env.len() + 2 + SECRET_LEN + CHECK_LEN);
+        key.push_str(&self.prefix);
+        key.push('_');
+        key.push_str(env);
+        key.push('_');
+        key.push_str(&base62_fixed(&bytes, SECRET_LEN));
+        let check = crc32fast::hash(key.as_bytes());
+        key.push_str(&base62_fixed(&check.to_be_bytes(), CHECK_LEN));
+        Ok(key)
+    }
+
+    /// Validate `key` without hashing it. Length first, so oversized input costs nothing.
+    pub fn parse<'a>(&self, key: &'a str) -> Result<Parsed<'a>, FormatError> {
+        if key.len() > MAX_KEY_LEN {
+            return Err(FormatError::TooLong);
+        }
+        if !self.claims(key) {
+            return Err(FormatError::WrongPrefix);
+        }
+        let rest = &key[self.prefix.len() + 1..];
+        let (env, body) = rest.split_once('_').ok_or(FormatError::UnknownEnv)?;
+        if !self.envs.iter().any(|e| e == env) {
+            return Err(FormatError::UnknownEnv);
+        }
+        if body.len() != SECRET_LEN + CHECK_LEN {
+            return Err(FormatError::WrongLength);
+        }
+        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(FormatError::BadCharacter);
+        }
+        let split = key.len() - CHECK_LEN;
+        let expected = base62_fixed(
+            &crc32fast::hash(&key.as_bytes()[..split]).to_be_bytes(),
+            CHECK_LEN,
+        );
+        if expected.as_bytes() != &key.as_bytes()[split..] {
+            return Err(FormatError::BadChecksum);
+        }
+        Ok(Parsed { env })
+    }
+}
+
+/// The form of a key that logs, audit records and CLI output may show: `kg_live_…a1B2`.
+/// Never more than the public prefix/env and the last four characters.
+pub fn hint(key: &str) -> String {
+    let tail_start = key.len().saturating_sub(4);
+    let tail = key.get(tail_start..).unwrap_or("");
+    // Our keys: show `<prefix>_<env>_`; imported keys: show nothing of the head.
+    let head = match key.match_indices('_').nth(1) {
+        Some((i, _)) if i < 24 => &key[..=i],
+        _ => "",
+    };
+    format!("{head}…{tail}")
+}
+
+/// Big-endian bytes as exactly `width` base62 digits (left-padded with '0').
+fn base62_fixed(bytes: &[u8], width: usize) -> String {
+    let mut num = bytes.to_vec();
+    let mut out = vec![b'0'; width];
+    for slot in out.iter_mut().rev() {
+        let mut rem: u32 = 0;
+        for byte in num.iter_mut() {
+            let acc = (rem << 8) | u32::from(*byte);
+            *byte = (acc / 62) as u8;
+            rem = acc % 62;
+        }
+        *slot = ALPHABET[rem as usize];
+    }
+    // ALPHABET is ASCII, so this is valid UTF-8.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn fmt() -> KeyFormat {
+        KeyFormat::new("kg", &["live".to_owned(), "test".to_owned()])
+    }
+
+    #[test]
+    fn generated_keys_are_unique_parse_and_detect_one_char_changes() {
+        let f = fmt();
+        let mut seen = HashSet::new();
+        for i in 0..100_000 {
+            let env = if i % 2 == 0 { "live" } else { "test" };
+            let key = f.generate(env).unwrap();
+            assert_eq!(f.parse(&key), Ok(Parsed { env }));
+            // Flip one character of the secret or checksum to another base62 char.
+            let pos = key.len() - 1 - (i % (SECRET_LEN + CHECK_LEN));
+            let mut bytes = key.clone().into_bytes();
+            bytes[pos] = if bytes[pos] == b'a' { b'b' } else { b'a' };
+            let changed = String::from_utf8(bytes).unwrap();
+            assert_eq!(f.parse(&changed), Err(FormatError::BadChecksum), "{i}");
+            assert!(seen.insert(key));
+        }
+    }
+
+    #[test]
+    fn parse_rejects_each_kind_of_garbage() {
+        let f = fmt();
+        let good = f.generate("live").unwrap();
+        let cases: Vec<(String, FormatError)> = vec![
+            ("x".repeat(MAX_KEY_LEN + 1), FormatError::TooLong),
+            (
+                format!("kg_live_{}", "a".repeat(10_000)),
+                FormatError::TooLong,
+            ),
+            (good.replacen("kg_", "gk_", 1), FormatError::WrongPrefix),
+            (good.replacen("kg_", "kg", 1), FormatError::WrongPrefix),
+            (good.replacen("live", "prod", 1), FormatError::UnknownEnv),
+            ("kg_live".to_owned(), FormatError::UnknownEnv),
+            ("kg_livenounderscore".to_owned(), FormatError::UnknownEnv),
+            (good[..good.len() - 1].to_owned(), FormatError::WrongLength),
+            (format!("{good}0"), FormatError::WrongLength),
+            (
+                good.replacen(&good[10..11], "-", 1)
+                    .replacen("kg-", "kg_", 1),
+                FormatError::BadCharacter,
+            ),
+            ("".to_owned(), FormatError::WrongPrefix),
+        ];
+        for (input, want) in cases {
+            assert_eq!(f.parse(&input), Err(want), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn hint_shows_only_prefix_and_last_four() {
+        assert_eq!(hint("kg_live_abcdefghijklmnopXYZ1"), "kg_live_…XYZ1");
+        assert_eq!(hint("legacy-key-1234567890"), "…7890");
+        assert_eq!(hint("ab"), "…ab");
+    }
+
+    #[test]
+    fn base62_is_fixed_width_and_ordered() {
+        assert_eq!(base62_fixed(&[0, 0, 0, 0], 6), "000000");
+        assert_eq!(base62_fixed(&[0, 0, 0, 61], 6), "00000z");
+        assert_eq!(base62_fixed(&[0, 0, 0, 62], 6), "000010");
+        assert_eq!(base62_fixed(&[0xff; 32], SECRET_LEN).len(), SECRET_LEN);
+    }
+}

@@ -1,0 +1,144 @@
+//! Keys: the wire format, digests, records, the in-memory table, governance policy, and the
+//! lifecycle operations (create, update, revoke, rotate, import) shared by the CLI and the
+//! control plane.
+
+pub mod digest;
+pub mod format;
+pub mod ops;
+pub mod policy;
+pub mod record;
+pub mod table;
+
+use crate::config::{parse_duration, Config, ConfigError};
+use digest::{Hasher, MIN_SECRET_LEN};
+use format::KeyFormat;
+use policy::Policy;
+use std::path::PathBuf;
+
+/// The `[keys]` and `[policy]` sections, validated and resolved: what every key operation and
+/// the gateway's authenticator need.
+#[derive(Debug, Clone)]
+pub struct KeySettings {
+    pub format: KeyFormat,
+    pub hasher: Hasher,
+    pub store: PathBuf,
+    pub audit_log: PathBuf,
+    pub usage_file: PathBuf,
+    pub policy: Policy,
+    pub plans: Vec<String>,
+    pub rotate_grace_secs: i64,
+    pub revoked_retention_secs: i64,
+    pub leeway_secs: i64,
+    pub stale_after_secs: i64,
+}
+
+fn secs(c: &Config, field: &str, value: &str) -> Result<i64, ConfigError> {
+    parse_duration(value)
+        .map(|d| d.as_secs() as i64)
+        .map_err(|m| c.invalid(field, m))
+}
+
+impl KeySettings {
+    /// Validate `[keys]`/`[policy]` and load the hash secrets. Refuses to go on without a
+    /// secret: an unkeyed hash of a key would let anyone holding the store confirm guesses.
+    pub fn from_config(c: &Config) -> Result<KeySettings, ConfigError> {
+        let k = &c.keys;
+        let prefix_ok = !k.prefix.is_empty()
+            && k.prefix.len() <= 16
+            && k.prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !prefix_ok {
+            return Err(c.invalid("keys.prefix", "must be 1-16 lowercase letters or digits"));
+        }
+        if k.envs.is_empty()
+            || k.envs
+                .iter()
+                .any(|e| e.is_empty() || !e.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Err(c.invalid(
+                "keys.envs",
+                "must list at least one env of lowercase letters",
+            ));
+        }
+        let mut secrets = vec![(
+            k.hash_secret_version,
+            load_secret(
+                c,
+                "keys",
+                k.hash_secret_file.as_ref(),
+                Some(&k.hash_secret_env),
+            )?,
+        )];
+        for (i, p) in k.previous_secrets.iter().enumerate() {
+            if secrets.iter().any(|(v, _)| *v == p.version) {
+                return Err(c.invalid(
+                    format!("keys.previous_secrets[{i}].version"),
+                    "duplicates another secret version",
+                ));
+            }
+            secrets.push((
+                p.version,
+                load_secret(
+                    c,
+                    &format!("keys.previous_secrets[{i}]"),
+                    p.file.as_ref(),
+                    p.env.as_ref(),
+                )?,
+            ));
+        }
+        let mut plans: Vec<String> = c.plans.keys().cloned().collect();
+        plans.sort();
+        Ok(KeySettings {
+            format: KeyFormat::new(&k.prefix, &k.envs),
+            hasher: Hasher::new(secrets),
+            store: c.resolve(&k.store),
+            audit_log: c.resolve(&k.audit_log),
+            usage_file: c.resolve(&k.usage_file),
+            policy: Policy::from_config(c)?,
+            plans,
+            rotate_grace_secs: secs(c, "keys.rotate_grace", &k.rotate_grace)?,
+            revoked_retention_secs: secs(c, "keys.revoked_retention", &k.revoked_retention)?,
+            leeway_secs: secs(c, "keys.expiry_leeway", &k.expiry_leeway)?,
+            stale_after_secs: secs(c, "keys.stale_after", &k.stale_after)?,
+        })
+    }
+}
+
+fn load_secret(
+    c: &Config,
+    field: &str,
+    file: Option<&PathBuf>,
+    env: Option<&String>,
+) -> Result<Vec<u8>, ConfigError> {
+    let (bytes, source) = match (file, env) {
+        (Some(f), _) => {
+            let path = c.resolve(f);
+            let mut bytes = std::fs::read(&path)
+                .map_err(|e| ConfigError::Secret(format!("cannot read hash secret file {} ({field}): {e}", path.display())))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            (bytes, format!("file {}", path.display()))
+        }
+        (None, Some(var)) => match std::env::var_os(var) {
+            Some(v) if !v.is_empty() => (v.into_encoded_bytes(), format!("env var {var}")),
+            _ => {
+                return Err(ConfigError::Secret(format!(
+                    "{var} is not set. keygate stores only HMAC-SHA256 digests of keys and needs a server secret \
+                     of at least {MIN_SECRET_LEN} bytes: generate one with `openssl rand -base64 48` and export {var}=<it> \
+                     (or set keys.hash_secret_file)"
+                )))
+            }
+        },
+        (None, None) => return Err(c.invalid(field, "needs `env` or `file`")),
+    };
+    if bytes.len() < MIN_SECRET_LEN {
+        return Err(ConfigError::Secret(format!(
+            "the hash secret from {source} is {} bytes; at least {MIN_SECRET_LEN} are required \
+             (generate one with `openssl rand -base64 48`)",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,223 @@
+//! A key record: one version of one key's metadata, as stored in the record log.
+//!
+//! The log holds versions; the latest `rev` of an `id` wins. A record never holds the key
+//! itself, only its digest, and nothing that prints records (CLI, API, logs) prints the digest.
+
+use crate::keys::digest::Digest;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Lifecycle state at a given instant, derived from the record and the clock.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    Active,
+    Expired,
+    Revoked,
+    Canary,
+    /// Created with a `not_before` in the future.
+    Pending,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Expired => "expired",
+            KeyState::Revoked => "revoked",
+            KeyState::Canary => "canary",
+            KeyState::Pending => "pending",
+        }
+    }
+}
+
+/// One version of a key. Times are Unix seconds (UTC) unless the name says otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// Store revision at which this version was written (assigned by the store on append).
+    pub rev: u64,
+    /// Public identifier, `key_` + base32; safe to log and to show.
+    pub id: String,
+    pub digest: Digest,
+    pub secret_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub owner: String,
+    pub env: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// Own rate, e.g. `"50/s"`, overriding the plan's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_ips: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_origins: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `<prefix>_<env>_…last4`, for humans matching a key they hold to a record.
+    pub hint: String,
+    pub created_at: i64,
+    /// Wall-clock milliseconds when this version was written; feeds the propagation histogram.
+    pub written_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
+    /// Migrated from another gateway: not in our format, accepted by digest alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
+    /// The id of the first key in this rotation chain: rate-limit buckets belong to it, so a
+    /// rotation does not double a caller's budget during the grace window.
+    pub lineage: String,
+}
+
+impl KeyRecord {
+    /// State at `now`. Revoked beats canary beats time-based states: a revoked canary is
+    /// reported as revoked, which is what an operator who revoked it expects to see.
+    pub fn state(&self, now: i64) -> KeyState {
+        if self.revoked_at.is_some_and(|t| t <= now) {
+            KeyState::Revoked
+        } else if self.canary {
+            KeyState::Canary
+        } else if self.expires_at.is_some_and(|t| t <= now) {
+            KeyState::Expired
+        } else if self.not_before.is_some_and(|t| t > now) {
+            KeyState::Pending
+        } else {
+            KeyState::Active
+        }
+    }
+
+    /// The JSON a human or API client may see: everything except the digest.
+    pub fn public_json(&self, now: i64) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("digest");
+            obj.insert("state".into(), self.state(now).as_str().into());
+        }
+        v
+    }
+}
+
+/// A fresh public id: `key_` + 26 chars of Crockford-free lowercase base32 (130 bits).
+pub fn new_id(prefix: &str) -> Result<String, getrandom::Error> {
+    const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)?;
+    let mut out = String::with_capacity(prefix.len() + 27);
+    out.push_str(prefix);
+    out.push('_');
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(B32[((acc >> bits) & 31) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(B32[((acc << (5 - bits)) & 31) as usize]));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) fn sample(id: &str, digest: Digest) -> KeyRecord {
+    KeyRecord {
+        rev: 0,
+        id: id.to_owned(),
+        digest,
+        secret_version: 1,
+        name: "sample".into(),
+        owner: "team".into(),
+        env: "live".into(),
+        scopes: vec!["invoices:read".into()],
+        plan: None,
+        rate: None,
+        allow_ips: vec![],
+        allow_origins: vec![],
+        labels: BTreeMap::new(),
+        hint: "kg_live_…abcd".into(),
+        created_at: 1_000,
+        written_at_ms: 1_000_000,
+        not_before: None,
+        expires_at: None,
+        revoked_at: None,
+        revoked_reason: None,
+        canary: false,
+        imported: false,
+        rotated_from: None,
+        rotated_to: None,
+        lineage: id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_precedence() {
+        let mut r = sample("key_a", Digest([1; 32]));
+        assert_eq!(r.state(2_000), KeyState::Active);
+        r.not_before = Some(3_000);
+        assert_eq!(r.state(2_000), KeyState::Pending);
+        r.expires_at = Some(1_500);
+        assert_eq!(r.state(2_000), KeyState::Expired);
+        r.canary = true;
+        assert_eq!(r.state(2_000), KeyState::Canary);
+        r.revoked_at = Some(1_900);
+        assert_eq!(r.state(2_000), KeyState::Revoked);
+        assert_eq!(r.state(1_800), KeyState::Canary);
+    }
+
+    #[test]
+    fn public_json_never_has_digest_and_round_trip_is_exact() {
+        let r = sample("key_a", Digest([7; 32]));
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<KeyRecord>(&line).unwrap(), r);
+        let public = r.public_json(2_000).to_string();
+        assert!(!public.contains(&Digest([7; 32]).to_hex()));
+        assert!(public.contains("\"state\":\"active\""));
+    }
+
+    #[test]
+    fn ids_are_unique_and_shaped() {
+        let a = new_id("key").unwrap();
+        let b = new_id("key").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 26);
+        assert!(a[4..]
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
+    }
+}

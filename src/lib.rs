@@ -1,0 +1,24 @@
+//! keygate: a reverse-proxy gateway that enforces API keys in front of internal HTTP services.
+//!
+//! The request path, in order (`pipeline::handle` reads top to bottom):
+//!
+//! 1. `route`     — host + longest path prefix + method, on the canonical path (`path`)
+//! 2. `extract`   — the key from `Authorization: Bearer` or the configured header
+//! 3. authenticate — format check, HMAC-SHA256 digest, table lookup (`keys::table`)
+//! 4. `authz`     — scopes, client network, env, browser origin
+//! 5. `limit`     — the key lineage's token bucket
+//! 6. `forward`   — header hygiene (`hygiene`), identity headers, pooled upstream client
+//! 7. record      — one metrics update and (when warranted) one audit event
+//!
+//! Keys live in a record log (`store`) that the CLI appends to and the gateway follows.
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod extract;
+pub mod hygiene;
+pub mod keys;
+pub mod limit;
+pub mod path;
+pub mod route;
+pub mod store;

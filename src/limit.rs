@@ -1,0 +1,359 @@
+//! Rate limits: plans, per-lineage token buckets (GCRA via `governor`), and the per-client
+//! failed-authentication budget.
+//!
+//! Buckets are keyed by the key's *lineage* (the first id of its rotation chain), so a rotated
+//! key and its successor share one budget during the grace window. Limiters live outside the
+//! config snapshot and are reused across reloads while a quota is unchanged, so a reload never
+//! refills anyone's bucket. Buckets are created only after successful authentication, so random
+//! keys cannot grow the map. All timing uses governor's monotonic clock: a wall-clock jump
+//! changes nothing.
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A parsed rate: `count` requests per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// "100/s", "6000/m", "10/h" (also "100/sec", "100/min", "100/hour").
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let bad = || format!("bad rate {s:?}: use N/s, N/m or N/h, e.g. \"100/s\"");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(format!("bad rate {s:?}: must allow at least 1 request"));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
+/// A bucket shape: refill rate and burst size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl Shape {
+    pub fn new(rate: Rate, burst: Option<u32>) -> Shape {
+        Shape {
+            rate,
+            burst: burst.unwrap_or(rate.count).max(1),
+        }
+    }
+
+    fn quota(&self) -> Quota {
+        let one = NonZeroU32::MIN;
+        let burst = NonZeroU32::new(self.burst).unwrap_or(one);
+        // Period per token; at least 1 ns so Quota::with_period accepts it.
+        let period = (self.rate.per / self.rate.count).max(Duration::from_nanos(1));
+        Quota::with_period(period)
+            .unwrap_or(Quota::per_second(one))
+            .allow_burst(burst)
+    }
+}
+
+type Keyed =
+    RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, DefaultClock, StateInformationMiddleware>;
+
+/// What the bucket said, for the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the bucket is full again (allowed) or a request may pass (denied).
+    pub reset_secs: u64,
+}
+
+/// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.
+#[derive(Default)]
+pub struct Buckets {
+    limiters: DashMap<Shape, Arc<Keyed>>,
+    clock: DefaultClock,
+}
+
+impl std::fmt::Debug for Buckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buckets")
+            .field("shapes", &self.limiters.len())
+            .finish()
+    }
+}
+
+impl Buckets {
+    pub fn new() -> Buckets {
+        Buckets::default()
+    }
+
+    fn limiter(&self, shape: Shape) -> Arc<Keyed> {
+        if let Some(l) = self.limiters.get(&shape) {
+            return l.clone();
+        }
+        self.limiters
+            .entry(shape)
+            .or_insert_with(|| {
+                Arc::new(
+                    RateLimiter::dashmap_with_clock(shape.quota(), DefaultClock::default())
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+            .clone()
+    }
+
+    /// Take one token from `lineage`'s bucket of `shape`.
+    pub fn check(&self, shape: Shape, lineage: &Arc<str>) -> Verdict {
+        let limiter = self.limiter(shape);
+        let per_token = shape.quota().replenish_interval();
+        match limiter.check_key(lineage) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let missing = shape.burst.saturating_sub(remaining);
+                Verdict {
+                    allowed: true,
+                    limit: shape.burst,
+                    remaining,
+                    reset_secs: (per_token * missing).as_secs_f64().ceil() as u64,
+                }
+            }
+            Err(not_until) => Verdict {
+                allowed: false,
+                limit: shape.burst,
+                remaining: 0,
+                reset_secs: not_until
+                    .wait_time_from(self.clock.now())
+                    .as_secs_f64()
+                    .ceil()
+                    .max(1.0) as u64,
+            },
+        }
+    }
+
+    /// Drop buckets that are full again (idle lineages); called periodically, off the request path.
+    pub fn shrink(&self) {
+        for l in self.limiters.iter() {
+            l.retain_recent();
+        }
+    }
+
+    /// Number of live buckets across all shapes (a gauge; proves random keys add none).
+    pub fn len(&self) -> usize {
+        self.limiters.iter().map(|l| l.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-client budget of failed authentications. A client is an IPv4 address or an IPv6 /64
+/// (one host typically owns a whole /64, so per-address budgets would be free to evade).
+#[derive(Debug)]
+pub struct AuthFailures {
+    per_minute: u32,
+    block: Duration,
+    max_tracked: usize,
+    clients: DashMap<u64, Window>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+/// The budget key of a client address; IPv4-mapped IPv6 counts as the IPv4 address.
+pub fn client_key(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u64::from(u32::from(v4)),
+            // The /64 prefix, tagged in the top bit so it cannot collide with an IPv4 key.
+            None => (u128::from(v6) >> 64) as u64 | (1 << 63),
+        },
+    }
+}
+
+impl AuthFailures {
+    pub fn new(per_minute: u32, block: Duration, max_tracked: usize) -> AuthFailures {
+        AuthFailures {
+            per_minute,
+            block,
+            max_tracked: max_tracked.max(1),
+            clients: DashMap::new(),
+        }
+    }
+
+    /// Is this client over its budget right now? Checked before any hashing.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let w = self.clients.get(&client_key(ip))?;
+        w.blocked_until.filter(|t| *t > now).map(|t| t - now)
+    }
+
+    /// Count one failed authentication; returns true if this failure exhausted the budget.
+    pub fn record(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.clients.len() >= self.max_tracked {
+            self.evict(now);
+        }
+        let mut w = self.clients.entry(client_key(ip)).or_insert(Window {
+            start: now,
+            count: 0,
+            blocked_until: None,
+        });
+        if now.duration_since(w.start) >= Duration::from_secs(60) {
+            *w = Window {
+                start: now,
+                count: 0,
+                blocked_until: w.blocked_until.filter(|t| *t > now),
+            };
+        }
+        w.count = w.count.saturating_add(1);
+        if w.count > self.per_minute && w.blocked_until.is_none_or(|t| t <= now) {
+            w.blocked_until = Some(now + self.block);
+            return true;
+        }
+        false
+    }
+
+    /// Memory bound: forget clients with nothing to remember, then (under a flood of distinct
+    /// sources) the oldest windows, so the map never exceeds `max_tracked`.
+    fn evict(&self, now: Instant) {
+        self.clients.retain(|_, w| {
+            w.blocked_until.is_some_and(|t| t > now)
+                || now.duration_since(w.start) < Duration::from_secs(60)
+        });
+        let over = (self.clients.len() + 1).saturating_sub(self.max_tracked);
+        if over > 0 {
+            let mut starts: Vec<(Instant, u64)> =
+                self.clients.iter().map(|e| (e.start, *e.key())).collect();
+            starts.sort_unstable();
+            for (_, k) in starts.into_iter().take(over.max(self.max_tracked / 10)) {
+                self.clients.remove(&k);
+            }
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Periodic cleanup off the request path.
+    pub fn sweep(&self, now: Instant) {
+        self.clients.retain(|_, w| {
+            w.blocked_until.is_some_and(|t| t > now)
+                || now.duration_since(w.start) < Duration::from_secs(60)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(
+            Rate::parse("100/s").unwrap(),
+            Rate {
+                count: 100,
+                per: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            Rate::parse(" 6000 / m ").unwrap().per,
+            Duration::from_secs(60)
+        );
+        for bad in ["", "100", "0/s", "x/s", "100/d", "-1/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_allows_burst_then_denies_and_is_per_lineage() {
+        let b = Buckets::new();
+        let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(3));
+        let a: Arc<str> = "key_a".into();
+        let v: Vec<Verdict> = (0..4).map(|_| b.check(shape, &a)).collect();
+        assert_eq!(v.iter().filter(|v| v.allowed).count(), 3);
+        assert_eq!(v[0].remaining, 2);
+        assert_eq!(v[2].remaining, 0);
+        assert!(!v[3].allowed);
+        assert!(v[3].reset_secs > 0 && v[3].reset_secs <= 3600);
+        assert!(b.check(shape, &"key_b".into()).allowed);
+        assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn contention_from_threads_never_over_admits() {
+        let b = Arc::new(Buckets::new());
+        let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(100));
+        let lineage: Arc<str> = "key_hot".into();
+        let allowed: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..1000)
+                            .filter(|_| b.check(shape, &lineage).allowed)
+                            .count()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(allowed, 100);
+    }
+
+    #[test]
+    fn failure_budget_blocks_per_client_and_aggregates_ipv6_per_64() {
+        let f = AuthFailures::new(3, Duration::from_secs(60), 1000);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        for _ in 0..3 {
+            assert!(!f.record(a, t0));
+        }
+        assert!(f.blocked(a, t0).is_none());
+        assert!(f.record(a, t0));
+        assert!(f.blocked(a, t0).is_some());
+        assert!(f.blocked(b, t0).is_none());
+        assert!(
+            f.blocked(a, t0 + Duration::from_secs(61)).is_none(),
+            "block expires"
+        );
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(v6a), client_key(v6b));
+        assert_ne!(client_key(v6a), client_key(v6c));
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        assert_eq!(client_key(mapped), client_key(a));
+    }
+
+    #[test]
+    fn failure_budget_memory_is_bounded() {
+        let f = AuthFailures::new(3, Duration::from_secs(60), 500);
+        let t0 = Instant::now();
+        for i in 0..50_000u32 {
+            f.record(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert!(f.tracked() <= 500, "{}", f.tracked());
+    }
+}
