@@ -54,6 +54,12 @@ pub enum Command {
         /// Directory for the demo's config, store and logs.
         #[arg(long, default_value = "demo")]
         dir: PathBuf,
+        /// Gateway listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin (metrics, health) listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
     },
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]

@@ -264,17 +264,11 @@ pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Opt-in per-key request counters (`key_id` label), capped at this many series. 0: off.
     pub per_key_series: usize,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig { per_key_series: 0 }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

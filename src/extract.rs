@@ -125,7 +125,7 @@ fn validate(value: &[u8], max_len: usize) -> Result<&str, ExtractError> {
 /// percent-escapes in the raw name first: otherwise `%6Bey=B` would slip past
 /// the gateway and reach an upstream that decodes it to `key=B`. Names with a
 /// bad escape never match (and the upstream cannot agree on them either).
-fn name_matches(raw: &[u8], want: &[u8]) -> bool {
+pub(crate) fn name_matches(raw: &[u8], want: &[u8]) -> bool {
     let mut want = want.iter();
     let mut i = 0;
     while i < raw.len() {

@@ -12,13 +12,26 @@
 //!
 //! Keys live in a record log (`store`) that the CLI appends to and the gateway follows.
 
+pub mod admin;
 pub mod audit;
+pub mod authz;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod error;
 pub mod extract;
+pub mod forward;
+pub mod gateway;
 pub mod hygiene;
 pub mod keys;
 pub mod limit;
+pub mod metrics;
 pub mod path;
+pub mod pipeline;
 pub mod route;
+pub mod server;
+pub mod snapshot;
 pub mod store;
+pub mod tls;
+pub mod usage;

@@ -71,7 +71,7 @@ impl Shape {
 }
 
 type Keyed =
-    RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, DefaultClock, StateInformationMiddleware>;
+    RateLimiter<String, DashMapStateStore<String>, DefaultClock, StateInformationMiddleware>;
 
 /// What the bucket said, for the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ impl Buckets {
     }
 
     /// Take one token from `lineage`'s bucket of `shape`.
-    pub fn check(&self, shape: Shape, lineage: &Arc<str>) -> Verdict {
+    pub fn check(&self, shape: Shape, lineage: &String) -> Verdict {
         let limiter = self.limiter(shape);
         let per_token = shape.quota().replenish_interval();
         match limiter.check_key(lineage) {
@@ -290,14 +290,14 @@ mod tests {
     fn bucket_allows_burst_then_denies_and_is_per_lineage() {
         let b = Buckets::new();
         let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(3));
-        let a: Arc<str> = "key_a".into();
+        let a = "key_a".to_string();
         let v: Vec<Verdict> = (0..4).map(|_| b.check(shape, &a)).collect();
         assert_eq!(v.iter().filter(|v| v.allowed).count(), 3);
         assert_eq!(v[0].remaining, 2);
         assert_eq!(v[2].remaining, 0);
         assert!(!v[3].allowed);
         assert!(v[3].reset_secs > 0 && v[3].reset_secs <= 3600);
-        assert!(b.check(shape, &"key_b".into()).allowed);
+        assert!(b.check(shape, &"key_b".to_string()).allowed);
         assert_eq!(b.len(), 2);
     }
 
@@ -305,7 +305,7 @@ mod tests {
     fn contention_from_threads_never_over_admits() {
         let b = Arc::new(Buckets::new());
         let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(100));
-        let lineage: Arc<str> = "key_hot".into();
+        let lineage = "key_hot".to_string();
         let allowed: usize = std::thread::scope(|s| {
             let hs: Vec<_> = (0..4)
                 .map(|_| {

@@ -27,11 +27,37 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Keys(cmd) => keygate::cli::run_keys(&Config::load(&cli.config)?, cmd),
-        Command::Serve | Command::Check | Command::Demo { .. } => {
-            Err(Failure("not built yet".into()))
+        Command::Serve => Ok(runtime()?.block_on(keygate::server::serve(&cli.config))?),
+        Command::Demo { dir, listen, admin } => runtime()?
+            .block_on(keygate::demo::run(&dir, &listen, &admin))
+            .map_err(|e| Failure(e.to_string())),
+        Command::Check => {
+            let (problems, notes) = keygate::check::check(&cli.config);
+            for n in &notes {
+                eprintln!("note: {n}");
+            }
+            if problems.is_empty() {
+                println!("{}: ok", cli.config.display());
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("problem: {p}");
+                }
+                Err(Failure(format!(
+                    "{} problem(s) in {}",
+                    problems.len(),
+                    cli.config.display()
+                )))
+            }
         }
     }
 }

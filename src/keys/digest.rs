@@ -90,7 +90,7 @@ impl fmt::Debug for Hasher {
 impl Hasher {
     /// `secrets` are (version, bytes); the caller has checked lengths and uniqueness.
     pub fn new(mut secrets: Vec<(u32, Vec<u8>)>) -> Hasher {
-        secrets.sort_by(|a, b| b.0.cmp(&a.0));
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.0));
         let versions = secrets
             .into_iter()
             .filter_map(|(v, bytes)| Hmac::<Sha256>::new_from_slice(&bytes).ok().map(|m| (v, m)))

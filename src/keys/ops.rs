@@ -312,7 +312,9 @@ impl<'a> Keys<'a> {
 
     pub fn update(&self, id: &str, c: &Changes, now: i64) -> Result<KeyRecord, OpsError> {
         let written = self.change(id, "key.updated", |_, cur| {
-            if cur.state(now) == KeyState::Revoked {
+            // Any revocation counts, even one stamped later than our `now`: that was read
+            // before we waited for the lock, and a concurrent revoke may have won it.
+            if cur.revoked_at.is_some() {
                 return Err(OpsError::Invalid(format!(
                     "key {id} is revoked; revoked keys cannot be changed"
                 )));
@@ -368,7 +370,7 @@ impl<'a> Keys<'a> {
     /// Revoke one key. Revoking a revoked key is not an error and writes nothing.
     pub fn revoke(&self, id: &str, reason: Option<&str>, now: i64) -> Result<KeyRecord, OpsError> {
         let written = self.change(id, "key.revoked", |_, cur| {
-            if cur.revoked_at.is_some_and(|t| t <= now) {
+            if cur.revoked_at.is_some() {
                 return Ok(None);
             }
             Ok(Some(vec![revoked(cur, reason, now)]))
@@ -391,11 +393,11 @@ impl<'a> Keys<'a> {
                 "mass revoke needs --owner, --env or --label".into(),
             ));
         }
-        Ok(self.log.transact(|state| {
+        self.log.transact(|state| {
             let mut hits: Vec<&KeyRecord> = state
                 .keys
                 .values()
-                .filter(|r| sel.matches(r) && !r.revoked_at.is_some_and(|t| t <= now))
+                .filter(|r| sel.matches(r) && r.revoked_at.is_none())
                 .collect();
             hits.sort_by_key(|r| r.rev);
             let records: Vec<KeyRecord> =
@@ -410,18 +412,25 @@ impl<'a> Keys<'a> {
                 .collect();
             self.audit(&events)?;
             Ok::<_, OpsError>(records)
-        })??)
+        })?
     }
 
     /// New key with the same grants and lineage; the old one expires at `now + grace`.
     pub fn rotate(&self, id: &str, grace_secs: i64, now: i64) -> Result<Minted, OpsError> {
         let mut minted = None;
         let written = self.change(id, "key.rotated", |_, cur| {
-            match cur.state(now) {
+            // A revocation stamped after our `now` (a revoke that won the lock while we
+            // waited) still counts: never mint a successor for a revoked key.
+            let state = if cur.revoked_at.is_some() {
+                KeyState::Revoked
+            } else {
+                cur.state(now)
+            };
+            match state {
                 KeyState::Revoked | KeyState::Expired | KeyState::Canary => {
                     return Err(OpsError::Invalid(format!(
                         "key {id} is {}; only active keys can be rotated",
-                        cur.state(now).as_str()
+                        state.as_str()
                     )))
                 }
                 KeyState::Active | KeyState::Pending => {}

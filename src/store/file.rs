@@ -293,7 +293,7 @@ impl LogFile {
         let total = parsed.records.len();
         let mut keep: Vec<KeyRecord> = latest(parsed.records)
             .into_values()
-            .filter(|r| !r.revoked_at.is_some_and(|t| t < retain_revoked_until))
+            .filter(|r| r.revoked_at.is_none_or(|t| t >= retain_revoked_until))
             .collect();
         keep.sort_by_key(|r| r.rev);
         // The meta line goes last: appenders learn the next revision from the tail alone.

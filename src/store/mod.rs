@@ -5,5 +5,6 @@
 //! over HTTP.
 
 pub mod file;
+pub mod follow;
 
 pub use file::{Corrupt, Follower, LogFile, StoreError, Update};

@@ -1,0 +1,164 @@
+//! Authorization: pure checks of an authenticated key against the route and the request.
+//! Scopes, client network, env and browser origin; each failure is its own 403 code.
+
+use crate::error::GatewayError;
+use crate::keys::record::KeyRecord;
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// What the route demands of a key.
+#[derive(Debug, Clone, Default)]
+pub struct Requirements {
+    pub scopes: Vec<String>,
+    pub env: Option<String>,
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack listener reports) is matched as
+/// IPv4, so an allowlist of `10.0.0.0/8` means the same on every kind of listener.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Check scopes, env, network and origin, in that order. `origin` is the browser `Origin`
+/// header if present; `global_origins` applies to keys that list no origins of their own.
+pub fn authorize(
+    key: &KeyRecord,
+    req: &Requirements,
+    client: IpAddr,
+    origin: Option<&[u8]>,
+    global_origins: &[String],
+) -> Result<(), GatewayError> {
+    if !req.scopes.iter().all(|s| key.scopes.iter().any(|k| k == s)) {
+        return Err(GatewayError::ScopeDenied);
+    }
+    if req.env.as_ref().is_some_and(|e| *e != key.env) {
+        return Err(GatewayError::EnvDenied);
+    }
+    if !key.allow_ips.is_empty() {
+        let ip = canonical_ip(client);
+        if !key.allow_ips.iter().any(|net: &IpNet| net.contains(&ip)) {
+            return Err(GatewayError::NetworkDenied);
+        }
+    }
+    if let Some(origin) = origin {
+        if !origin_allowed(origin, key, global_origins) {
+            return Err(GatewayError::OriginDenied);
+        }
+    }
+    Ok(())
+}
+
+/// A browser origin is allowed if the key lists it, or (for keys listing none) if the
+/// configured global list does. Comparison is exact and ASCII case-insensitive (RFC 6454
+/// serialises scheme and host lowercase).
+pub fn origin_allowed(origin: &[u8], key: &KeyRecord, global: &[String]) -> bool {
+    let list = if key.allow_origins.is_empty() {
+        global
+    } else {
+        &key.allow_origins[..]
+    };
+    list.iter()
+        .any(|o| o.as_bytes().eq_ignore_ascii_case(origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest::Digest;
+    use crate::keys::record::sample;
+
+    #[test]
+    fn each_check_in_order() {
+        let mut key = sample("key_a", Digest([0; 32]));
+        key.scopes = vec!["invoices:read".into()];
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let read = Requirements {
+            scopes: vec!["invoices:read".into()],
+            env: Some("live".into()),
+        };
+        let write = Requirements {
+            scopes: vec!["invoices:write".into()],
+            env: None,
+        };
+        let test_env = Requirements {
+            scopes: vec![],
+            env: Some("test".into()),
+        };
+        let code = |r: Result<(), GatewayError>| r.err().map(|e| e.code());
+        assert_eq!(code(authorize(&key, &read, ip, None, &[])), None);
+        assert_eq!(
+            code(authorize(&key, &write, ip, None, &[])),
+            Some("scope_denied")
+        );
+        assert_eq!(
+            code(authorize(&key, &test_env, ip, None, &[])),
+            Some("env_denied")
+        );
+
+        key.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(code(authorize(&key, &read, ip, None, &[])), None);
+        let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
+        assert_eq!(code(authorize(&key, &read, mapped, None, &[])), None);
+        let outside: IpAddr = "192.168.1.1".parse().unwrap();
+        assert_eq!(
+            code(authorize(&key, &read, outside, None, &[])),
+            Some("network_denied")
+        );
+
+        let global = vec!["https://app.example".to_string()];
+        assert_eq!(
+            code(authorize(
+                &key,
+                &read,
+                ip,
+                Some(b"https://app.example"),
+                &global
+            )),
+            None
+        );
+        assert_eq!(
+            code(authorize(
+                &key,
+                &read,
+                ip,
+                Some(b"https://evil.example"),
+                &global
+            )),
+            Some("origin_denied")
+        );
+        assert_eq!(
+            code(authorize(
+                &key,
+                &read,
+                ip,
+                Some(b"https://app.example"),
+                &[]
+            )),
+            Some("origin_denied")
+        );
+        key.allow_origins = vec!["https://own.example".into()];
+        assert_eq!(
+            code(authorize(
+                &key,
+                &read,
+                ip,
+                Some(b"https://own.example"),
+                &global
+            )),
+            None
+        );
+        assert_eq!(
+            code(authorize(
+                &key,
+                &read,
+                ip,
+                Some(b"https://app.example"),
+                &global
+            )),
+            Some("origin_denied")
+        );
+    }
+}

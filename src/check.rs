@@ -1,0 +1,55 @@
+//! `keygate check`: validate the config and the release checklist, listing every problem.
+
+use crate::config::Config;
+use crate::keys::KeySettings;
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use std::path::Path;
+
+/// Returns the problems found (empty: ready to ship) and notes worth printing anyway.
+pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => return (vec![e.to_string()], notes),
+    };
+    if let Err(e) = KeySettings::from_config(&config) {
+        problems.push(format!("hash secret / keys: {e}"));
+    } else if let Err(e) = Snapshot::build(config.clone(), &Metrics::new(0)) {
+        problems.push(e.to_string());
+    }
+    if std::env::var_os("API_KEY_DEFAULT_RATE_LIMIT").is_none()
+        && !config.plans.contains_key("default")
+    {
+        problems.push(
+            "no default rate limit: set API_KEY_DEFAULT_RATE_LIMIT or define [plans.default]"
+                .into(),
+        );
+    }
+    if std::env::var_os("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS").is_none()
+        && config.keys.touch_interval_seconds.is_none()
+    {
+        problems.push("last-use touch interval not set: set API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS or keys.touch_interval_seconds".into());
+    }
+    let origins: Vec<String> = match std::env::var("ALLOWED_ORIGINS") {
+        Ok(v) => v.split(',').map(|s| s.trim().to_owned()).collect(),
+        Err(_) => config.cors.allowed_origins.clone(),
+    };
+    if origins.iter().any(|o| o == "*") && config.keys.envs.iter().any(|e| e == "live") {
+        problems.push(
+            "allowed origins contain \"*\": list the browser origins explicitly for live keys"
+                .into(),
+        );
+    }
+    if let Ok(addr) = config.admin.listen.parse::<std::net::SocketAddr>() {
+        if !addr.ip().is_loopback() {
+            notes.push(format!("admin listener {addr} is not loopback: make sure only Prometheus and your orchestrator reach it"));
+        }
+    }
+    let store = config.resolve(&config.keys.store);
+    if config.keys.source == "file" && !store.exists() {
+        problems.push(format!("key store {} does not exist yet: the gateway fails closed (503) until it does; create a key first", store.display()));
+    }
+    (problems, notes)
+}

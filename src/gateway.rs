@@ -1,0 +1,170 @@
+//! The state one running gateway owns and every request reads: the config snapshot and key
+//! table (each swapped whole through `ArcSwap`), rate-limit buckets and the failed-auth budget
+//! (kept across reloads), metrics, the audit sink, and the sync status behind `/readyz`.
+
+use crate::audit::{AuditLog, Event};
+use crate::keys::table::KeyTable;
+use crate::limit::{AuthFailures, Buckets};
+use crate::metrics::Metrics;
+use crate::snapshot::{OnStale, Snapshot};
+use crate::usage::Usage;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    table: ArcSwap<KeyTable>,
+    loaded: AtomicBool,
+    last_sync_ms: AtomicI64,
+    pub buckets: Buckets,
+    pub failures: AuthFailures,
+    pub metrics: Arc<Metrics>,
+    pub usage: Usage,
+    audit: SyncSender<Event>,
+    in_flight: AtomicUsize,
+    request_seq: AtomicU64,
+    boot_id: u32,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("revision", &self.table().revision())
+            .finish()
+    }
+}
+
+/// Decrements the in-flight count when a request ends, however it ends.
+pub struct InFlight<'a>(&'a Gateway);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Gateway> {
+        let limits = &snapshot.config.limits;
+        let failures = AuthFailures::new(
+            limits.auth_failures_per_minute,
+            Duration::from_secs(limits.auth_failure_block_seconds),
+            limits.auth_failure_max_tracked,
+        );
+        let audit = spawn_audit_writer(AuditLog::new(&snapshot.keys.audit_log), metrics.clone());
+        let usage = Usage::new(snapshot.keys.usage_file.clone());
+        let mut boot = [0u8; 4];
+        let _ = getrandom::fill(&mut boot);
+        Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            table: ArcSwap::from_pointee(KeyTable::new()),
+            loaded: AtomicBool::new(false),
+            last_sync_ms: AtomicI64::new(0),
+            buckets: Buckets::new(),
+            failures,
+            metrics,
+            usage,
+            audit,
+            in_flight: AtomicUsize::new(0),
+            request_seq: AtomicU64::new(0),
+            boot_id: u32::from_le_bytes(boot),
+        })
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn swap_snapshot(&self, s: Snapshot) {
+        self.snapshot.store(Arc::new(s));
+    }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<KeyTable>> {
+        self.table.load()
+    }
+
+    /// Install a whole new table (first load, compaction, feed snapshot).
+    pub fn replace_table(&self, table: KeyTable) {
+        self.table.store(Arc::new(table));
+        self.loaded.store(true, Ordering::Release);
+        self.mark_synced();
+    }
+
+    pub fn mark_synced(&self) {
+        self.last_sync_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    pub fn sync_age(&self) -> Option<Duration> {
+        let last = self.last_sync_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| Duration::from_millis((unix_ms() - last).max(0) as u64))
+    }
+
+    pub fn table_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Ready to serve keyed traffic: a table is loaded and, when configured to fail closed,
+    /// it is not older than `max_staleness`.
+    pub fn ready(&self, snap: &Snapshot) -> bool {
+        self.table_loaded()
+            && (snap.on_stale == OnStale::Serve
+                || self.sync_age().is_some_and(|a| a <= snap.max_staleness))
+    }
+
+    /// Count a request in; `None` when the in-flight cap is reached (load shedding).
+    pub fn enter(&self, cap: usize) -> Option<InFlight<'_>> {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.metrics.in_flight.inc();
+        Some(InFlight(self))
+    }
+
+    /// A request id unique to this process run: boot id + sequence, no syscall per request.
+    pub fn request_id(&self) -> String {
+        let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:012x}", self.boot_id, n)
+    }
+
+    /// Queue an audit event; never blocks the caller. A full queue drops and counts.
+    pub fn audit(&self, event: Event) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.audit.try_send(event)
+        {
+            self.metrics.audit_dropped.inc();
+        }
+    }
+}
+
+/// The audit writer thread: file appends and fsyncs stay off the async runtime.
+fn spawn_audit_writer(log: AuditLog, metrics: Arc<Metrics>) -> SyncSender<Event> {
+    let (tx, rx) = sync_channel::<Event>(4096);
+    let spawned = std::thread::Builder::new()
+        .name("keygate-audit".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter().take(255));
+                if let Err(e) = log.append(&batch) {
+                    metrics.audit_dropped.inc_by(batch.len() as u64);
+                    tracing::error!(path = %log.path().display(), error = %e, "audit write failed");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the audit writer");
+    }
+    tx
+}

@@ -1,0 +1,258 @@
+//! Every Prometheus collector keygate exports, registered on one owned `Registry`.
+//!
+//! Label values come only from config (route, upstream, plan) or closed enums (outcome,
+//! reason, state, kind): never a key, digest, client IP, raw path or Host, so cardinality is
+//! bounded by configuration. Per-key series are opt-in and capped. Hot-path series are
+//! resolved once per config snapshot (`RouteSeries`) so a request pays an atomic add, not a
+//! label hash lookup.
+
+use crate::error::Outcome;
+use dashmap::DashMap;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const PROPAGATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub connections_open: IntGaugeVec,
+    pub connections_rejected: IntCounterVec,
+    pub tls_handshake_failures: IntCounter,
+    pub auth_failures: IntCounterVec,
+    pub auth_budget_rejections: IntCounter,
+    pub rate_limited: IntCounterVec,
+    pub keys: IntGaugeVec,
+    pub table_revision: IntGauge,
+    pub table_sync_age: Gauge,
+    pub source_errors: IntCounterVec,
+    pub propagation: Histogram,
+    pub keys_expiring: IntGaugeVec,
+    pub keys_without_expiry: IntGauge,
+    pub keys_ttl_over_policy: IntGauge,
+    pub keys_stale: IntGauge,
+    pub canary_hits: IntCounter,
+    pub config_reloads: IntCounterVec,
+    pub cert_expiry: GaugeVec,
+    pub buckets: IntGauge,
+    pub auth_failure_clients: IntGauge,
+    pub audit_dropped: IntCounter,
+    key_requests: IntCounterVec,
+    key_series: DashMap<String, IntCounter>,
+    key_series_cap: usize,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Counters for one route, resolved once per snapshot.
+#[derive(Debug, Clone)]
+pub struct RouteSeries {
+    requests: Vec<IntCounter>,
+    pub duration: Histogram,
+}
+
+impl RouteSeries {
+    pub fn count(&self, outcome: Outcome) {
+        if let Some(c) = self.requests.get(outcome.index()) {
+            c.inc();
+        }
+    }
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are static and unique; a duplicate is a programming error caught by the tests.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|_| unreachable_collector(name)),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|_| unreachable_collector(name)),
+    )
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    reg(
+        r,
+        IntCounter::new(name, help).unwrap_or_else(|_| unreachable_collector(name)),
+    )
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(
+        r,
+        IntGauge::new(name, help).unwrap_or_else(|_| unreachable_collector(name)),
+    )
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    reg(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .unwrap_or_else(|_| unreachable_collector(name)),
+    )
+}
+
+/// Collector constructors only fail on invalid names/labels, which are literals here and
+/// exercised by every test; this keeps construction panic-free without `expect`.
+fn unreachable_collector<T>(name: &str) -> T {
+    tracing::error!(metric = name, "invalid metric definition");
+    std::process::abort()
+}
+
+impl Metrics {
+    pub fn new(per_key_series: usize) -> Metrics {
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "keygate_requests_total",
+            "Requests by route and outcome.",
+            &["route", "outcome"],
+        );
+        let m = Metrics {
+            request_duration: histogram_vec(&r, "keygate_request_duration_seconds", "Time from request head to response head, by route.", &["route"], LATENCY_BUCKETS),
+            upstream_duration: histogram_vec(&r, "keygate_upstream_duration_seconds", "Upstream response-head latency, by upstream.", &["upstream"], LATENCY_BUCKETS),
+            upstream_errors: counter_vec(&r, "keygate_upstream_errors_total", "Upstream failures by upstream and kind (connect, timeout, protocol).", &["upstream", "kind"]),
+            in_flight: gauge(&r, "keygate_requests_in_flight", "Requests being processed."),
+            connections_open: gauge_vec(&r, "keygate_connections_open", "Open client connections by listener.", &["listener"]),
+            connections_rejected: counter_vec(&r, "keygate_connections_rejected_total", "Connections closed at accept by a cap (global, per_ip).", &["reason"]),
+            tls_handshake_failures: counter(&r, "keygate_tls_handshake_failures_total", "TLS handshakes that failed or timed out."),
+            auth_failures: counter_vec(&r, "keygate_auth_failures_total", "Failed authentications of a presented key, by reason.", &["reason"]),
+            auth_budget_rejections: counter(&r, "keygate_auth_budget_rejections_total", "Requests refused because the client exhausted its failed-auth budget."),
+            rate_limited: counter_vec(&r, "keygate_rate_limited_total", "Requests refused by a key's rate limit, by plan.", &["plan"]),
+            keys: gauge_vec(&r, "keygate_keys", "Keys in the table by state and env.", &["state", "env"]),
+            table_revision: gauge(&r, "keygate_table_revision", "Store revision this node enforces."),
+            table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
+            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, io, feed).", &["kind"]),
+            propagation: reg(
+                &r,
+                Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
+                    .unwrap_or_else(|_| unreachable_collector("propagation")),
+            ),
+            keys_expiring: gauge_vec(&r, "keygate_keys_expiring", "Active keys expiring within a window (7d, 30d).", &["within"]),
+            keys_without_expiry: gauge(&r, "keygate_keys_without_expiry", "Active keys with no expiry."),
+            keys_ttl_over_policy: gauge(&r, "keygate_keys_ttl_over_policy", "Active keys whose lifetime exceeds policy.max_ttl."),
+            keys_stale: gauge(&r, "keygate_keys_stale", "Active keys unused for keys.stale_after."),
+            canary_hits: counter(&r, "keygate_canary_hits_total", "Requests that presented a canary key."),
+            config_reloads: counter_vec(&r, "keygate_config_reloads_total", "Config reloads by result (ok, error).", &["result"]),
+            cert_expiry: reg(
+                &r,
+                GaugeVec::new(Opts::new("keygate_tls_certificate_expiry_timestamp_seconds", "notAfter of the served certificate, Unix seconds."), &["listener"])
+                    .unwrap_or_else(|_| unreachable_collector("cert_expiry")),
+            ),
+            buckets: gauge(&r, "keygate_rate_limit_buckets", "Live rate-limit buckets (one per active key lineage)."),
+            auth_failure_clients: gauge(&r, "keygate_auth_failure_clients", "Clients tracked by the failed-auth budget."),
+            audit_dropped: counter(&r, "keygate_audit_events_dropped_total", "Audit events dropped because the writer fell behind."),
+            key_requests: counter_vec(&r, "keygate_key_requests_total", "Authenticated requests per key (opt-in, capped; overflow counts as key_id=\"other\").", &["key_id"]),
+            key_series: DashMap::new(),
+            key_series_cap: per_key_series,
+            requests,
+            registry: r,
+        };
+        // Export alarm counters from the start so `increase()` sees the first hit.
+        m.canary_hits.inc_by(0);
+        for kind in ["corrupt_line", "rollback", "io", "feed"] {
+            m.source_errors.with_label_values(&[kind]);
+        }
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Resolve the per-outcome counters and duration histogram for a route name.
+    pub fn route_series(&self, route: &str) -> RouteSeries {
+        RouteSeries {
+            requests: Outcome::ALL
+                .iter()
+                .map(|o| self.requests.with_label_values(&[route, o.as_str()]))
+                .collect(),
+            duration: self.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Count an authenticated request for `key_id` if per-key series are enabled.
+    pub fn count_key(&self, key_id: &str) {
+        if self.key_series_cap == 0 {
+            return;
+        }
+        if let Some(c) = self.key_series.get(key_id) {
+            c.inc();
+            return;
+        }
+        if self.key_series.len() < self.key_series_cap {
+            let c = self.key_requests.with_label_values(&[key_id]);
+            c.inc();
+            self.key_series.insert(key_id.to_owned(), c);
+        } else {
+            self.key_requests.with_label_values(&["other"]).inc();
+        }
+    }
+
+    /// The text exposition of every collector.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_caps_per_key_series() {
+        let m = Metrics::new(2);
+        let s = m.route_series("r1");
+        s.count(Outcome::Ok);
+        for id in ["key_a", "key_b", "key_c", "key_d"] {
+            m.count_key(id);
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"keygate_requests_total{outcome="ok",route="r1"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"keygate_key_requests_total{key_id="other"} 2"#));
+        assert!(text.contains("keygate_canary_hits_total 0"));
+    }
+}

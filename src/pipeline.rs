@@ -1,0 +1,530 @@
+//! The request path. Read this first.
+//!
+//! `handle` is the one entry point: it runs `pipeline` (the steps, in order, each returning
+//! `Result<_, GatewayError>`), turns an error into its problem+json response, and records
+//! metrics, the failed-auth budget, usage and audit exactly once. `pipeline` reads top to
+//! bottom: admit → table ready → validate head → canonical path → route → (CORS preflight) →
+//! extract key → failure budget → authenticate → authorize → rate limit → forward.
+
+use crate::audit::Event;
+use crate::authz;
+use crate::error::{GatewayError, Outcome};
+use crate::extract::{self, ExtractError};
+use crate::forward::GuardedBody;
+use crate::gateway::Gateway;
+use crate::hygiene;
+use crate::keys::format::{FormatError, MAX_KEY_LEN};
+use crate::keys::record::KeyRecord;
+use crate::keys::table::AuthError;
+use crate::limit::Verdict;
+use crate::path;
+use crate::route::{canonical_host, RouteError};
+use crate::snapshot::{Route, Snapshot};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub type RespBody = Either<Incoming, Full<Bytes>>;
+
+/// What the accept loop knows about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+static X_KEYGATE_ENV: HeaderName = HeaderName::from_static("x-keygate-env");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Per-request facts gathered along the way, for recording after the response is decided.
+struct Ctx {
+    route: Option<usize>,
+    key: Option<Arc<KeyRecord>>,
+    client_ip: IpAddr,
+    verdict: Option<Verdict>,
+    cors_origin: Option<HeaderValue>,
+}
+
+pub async fn handle(
+    gw: Arc<Gateway>,
+    conn: Conn,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let started = Instant::now();
+    let snap = gw.snapshot();
+    let request_id = hygiene::client_request_id(req.headers())
+        .and_then(|id| HeaderValue::from_str(id).ok())
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&gw.request_id()).unwrap_or(HeaderValue::from_static("0"))
+        });
+    let mut ctx = Ctx {
+        route: None,
+        key: None,
+        client_ip: conn.peer.ip(),
+        verdict: None,
+        cors_origin: None,
+    };
+    let method = req.method().clone();
+
+    let result = match gw.enter(snap.server.max_in_flight) {
+        Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx).await,
+        None => Err(GatewayError::Overloaded),
+    };
+
+    let (outcome, mut resp) = match result {
+        Ok(resp) => (Outcome::Ok, resp),
+        Err(e) => {
+            log_error(&e, &ctx, &request_id, &method);
+            (e.outcome(), e.to_response().map(Either::Right))
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(X_REQUEST_ID.clone(), request_id);
+    if let Some(v) = &ctx.verdict {
+        rate_limit_headers(h, v);
+    }
+    if let Some(origin) = ctx.cors_origin.take() {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    record(&gw, &snap, &ctx, outcome, started);
+    Ok(resp)
+}
+
+async fn pipeline(
+    gw: &Gateway,
+    snap: &Snapshot,
+    conn: Conn,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<RespBody>, GatewayError> {
+    // Fail closed: without a table (or past max_staleness in fail_closed mode) nothing passes.
+    if !gw.ready(snap) {
+        return Err(GatewayError::TableUnavailable);
+    }
+    let (mut parts, body) = req.into_parts();
+    let host = request_host(&parts)?;
+    if parts.method == Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed { allow: vec![] });
+    }
+    // HTTP/1 header count is capped by hyper; HTTP/2 decodes lists first, so count here (F3/F4).
+    if parts.headers.len() > snap.server.max_headers {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    // Canonicalise once; routing, scopes and the forwarded path all use this one string.
+    let path = path::canonicalize(parts.uri.path())?;
+    let preflight = preflight_method(&parts);
+    let route_method = preflight.as_ref().unwrap_or(&parts.method);
+    let route_idx = snap
+        .router
+        .find(host.as_deref(), &path, route_method)
+        .map_err(|e| match e {
+            RouteError::NotFound => GatewayError::RouteNotFound,
+            RouteError::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
+        })?;
+    ctx.route = Some(route_idx);
+    let route = &snap.routes[route_idx];
+    if preflight.is_some() {
+        return preflight_response(snap, route, &parts.headers, ctx);
+    }
+
+    ctx.client_ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
+    let presented = extract::extract(
+        &parts.headers,
+        parts.uri.query(),
+        &snap.key_header,
+        route.query_key_param.as_deref(),
+        MAX_KEY_LEN,
+    )
+    .map_err(|e| match e {
+        ExtractError::Missing => GatewayError::KeyMissing,
+        ExtractError::Ambiguous => GatewayError::KeyAmbiguous,
+        ExtractError::Malformed => {
+            GatewayError::KeyInvalid(AuthError::Malformed(FormatError::BadCharacter))
+        }
+    })?;
+    // A client over its failure budget is refused before we spend an HMAC on it (C7).
+    if let Some(wait) = gw.failures.blocked(ctx.client_ip, Instant::now()) {
+        return Err(GatewayError::AuthBudgetExceeded {
+            retry_after_secs: wait.as_secs().max(1),
+        });
+    }
+    let now = crate::cli::now();
+    let key = gw
+        .table()
+        .authenticate(
+            presented,
+            &snap.keys.format,
+            &snap.keys.hasher,
+            now,
+            snap.keys.leeway_secs,
+        )
+        .map_err(GatewayError::KeyInvalid)?;
+    ctx.key = Some(key.clone());
+
+    let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
+    authz::authorize(
+        &key,
+        &route.requirements,
+        ctx.client_ip,
+        origin,
+        &snap.allowed_origins,
+    )?;
+    ctx.cors_origin = parts.headers.get(header::ORIGIN).cloned();
+
+    if let Some(shape) = snap.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
+        let verdict = gw.buckets.check(shape, &key.lineage);
+        if !verdict.allowed {
+            return Err(GatewayError::RateLimited(verdict));
+        }
+        ctx.verdict = Some(verdict);
+    }
+
+    // Forward: a declared body over the limit is refused before any byte is read.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.max_body_bytes) {
+        return Err(GatewayError::BodyTooLarge);
+    }
+    let path_and_query = forwarded_path(&path, parts.uri.query(), route.query_key_param.as_deref());
+    hygiene::sanitize_request(&mut parts.headers, &snap.key_header)?;
+    set_forwarding_headers(
+        &mut parts.headers,
+        &key,
+        request_id,
+        host.as_deref(),
+        conn,
+        ctx.client_ip,
+        snap,
+    );
+    let body = GuardedBody::new(
+        body,
+        route.max_body_bytes,
+        std::time::Duration::from_millis(snap.server.body_timeout_ms),
+    );
+    let upstream_req = Request::from_parts(parts, body);
+    let mut resp = route.upstream.send(upstream_req, &path_and_query).await?;
+    hygiene::sanitize_response(resp.headers_mut());
+    Ok(resp.map(Either::Left))
+}
+
+/// The request's host: `:authority` / absolute-form authority, or the single Host header.
+/// Disagreement between them is refused (RFC 9112 §3.2, RFC 9113 §8.3.1), as are duplicates.
+fn request_host(parts: &Parts) -> Result<Option<String>, GatewayError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let header_host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadRequest("duplicate Host header"));
+    }
+    let header_host = header_host
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(canonical_host)
+                .ok_or(GatewayError::BadRequest("invalid Host header"))
+        })
+        .transpose()?;
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| canonical_host(a.as_str()).ok_or(GatewayError::BadRequest("invalid authority")))
+        .transpose()?;
+    match (authority, header_host) {
+        (Some(a), Some(h)) if a != h => {
+            Err(GatewayError::BadRequest("authority and Host disagree"))
+        }
+        (Some(a), _) => Ok(Some(a)),
+        (None, h) => Ok(h),
+    }
+}
+
+/// For a CORS preflight (`OPTIONS` + `Origin` + `Access-Control-Request-Method`), the method
+/// the browser intends to use; routing uses it so the preflight sees the real route.
+fn preflight_method(parts: &Parts) -> Option<Method> {
+    if parts.method != Method::OPTIONS || !parts.headers.contains_key(header::ORIGIN) {
+        return None;
+    }
+    let m = parts.headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    Method::from_bytes(m.as_bytes()).ok()
+}
+
+/// Preflights carry no credentials (Fetch spec), so they are answered here from the global
+/// origin list; the real request is still authenticated and checked against the key's origins.
+fn preflight_response(
+    snap: &Snapshot,
+    route: &Route,
+    headers: &HeaderMap,
+    ctx: &mut Ctx,
+) -> Result<Response<RespBody>, GatewayError> {
+    let origin = headers
+        .get(header::ORIGIN)
+        .ok_or(GatewayError::OriginDenied)?;
+    if !snap
+        .allowed_origins
+        .iter()
+        .any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
+    {
+        return Err(GatewayError::OriginDenied);
+    }
+    ctx.cors_origin = Some(origin.clone());
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    let methods: Vec<&str> = route.methods.iter().map(Method::as_str).collect();
+    let methods = if methods.is_empty() {
+        "GET, HEAD, POST, PUT, PATCH, DELETE".to_owned()
+    } else {
+        methods.join(", ")
+    };
+    if let Ok(v) = HeaderValue::from_str(&methods) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    let allow_headers = format!("authorization, content-type, {}", snap.key_header.as_str());
+    if let Ok(v) = HeaderValue::from_str(&allow_headers) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+    }
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    Ok(resp)
+}
+
+/// The client address: the socket peer, unless the peer is a trusted proxy, in which case the
+/// right-most X-Forwarded-For entry that is not itself a trusted proxy.
+fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| {
+        trusted
+            .iter()
+            .any(|n| n.contains(&authz::canonical_ip(*ip)))
+    };
+    let peer = authz::canonical_ip(peer);
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = Vec::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        let Ok(s) = v.to_str() else { return peer };
+        for part in s.split(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(ip) => chain.push(authz::canonical_ip(ip)),
+                Err(_) => return peer,
+            }
+        }
+    }
+    chain
+        .into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
+}
+
+/// The origin-form target sent upstream: the canonical path, plus the query without the
+/// key parameter when the route takes keys from the query.
+fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> String {
+    let query = match (query, key_param) {
+        (Some(q), Some(param)) => {
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|pair| {
+                    let name = pair.split('=').next().unwrap_or("");
+                    !crate::extract::name_matches(name.as_bytes(), param.as_bytes())
+                })
+                .collect();
+            (!kept.is_empty()).then(|| kept.join("&"))
+        }
+        (q, _) => q.map(str::to_owned),
+    };
+    match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_owned(),
+    }
+}
+
+fn set_forwarding_headers(
+    h: &mut HeaderMap,
+    key: &KeyRecord,
+    request_id: &HeaderValue,
+    host: Option<&str>,
+    conn: Conn,
+    client: IpAddr,
+    snap: &Snapshot,
+) {
+    let mut set = |name: &HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name.clone(), v);
+        }
+    };
+    set(&X_KEYGATE_KEY_ID, &key.id);
+    set(&X_KEYGATE_OWNER, &key.owner);
+    set(&X_KEYGATE_SCOPES, &key.scopes.join(","));
+    set(&X_KEYGATE_ENV, &key.env);
+    set(&X_FORWARDED_FOR, &client.to_string());
+    set(&X_FORWARDED_PROTO, if conn.tls { "https" } else { "http" });
+    if let Some(host) = host {
+        set(&X_FORWARDED_HOST, host);
+    }
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    // HTTP/2 clients send no Host header; an HTTP/1.1 upstream needs one (RFC 9112 §3.2).
+    if !h.contains_key(header::HOST) {
+        if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(header::HOST, v);
+        }
+    }
+    // HTTP/2 may split cookies into crumbs (RFC 9113 §8.2.3); HTTP/1.1 wants one header.
+    if h.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let joined: Vec<&[u8]> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+    let _ = snap;
+}
+
+/// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's verdict.
+pub fn rate_limit_headers(h: &mut HeaderMap, v: &Verdict) {
+    h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(v.limit));
+    h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(v.remaining));
+    h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(v.reset_secs));
+}
+
+fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Method) {
+    let key_id = ctx.key.as_ref().map(|k| k.id.as_str()).unwrap_or("-");
+    let rid = request_id.to_str().unwrap_or("-");
+    match e.status().as_u16() {
+        500.. => {
+            tracing::warn!(request_id = rid, %method, key_id, outcome = e.outcome().as_str(), error = %e, "request failed")
+        }
+        _ => {
+            tracing::debug!(request_id = rid, %method, key_id, outcome = e.outcome().as_str(), "request refused")
+        }
+    }
+}
+
+/// Metrics, failure budget, usage and audit: once per request.
+fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: Instant) {
+    let series = ctx
+        .route
+        .and_then(|i| snap.routes.get(i))
+        .map_or(&snap.unrouted, |r| &r.series);
+    series.count(outcome);
+    series.duration.observe(started.elapsed().as_secs_f64());
+    match outcome {
+        Outcome::Ok => {
+            if let Some(k) = &ctx.key {
+                gw.usage.touch(&k.id, crate::cli::now());
+                gw.metrics.count_key(&k.id);
+            }
+        }
+        o if o.is_auth_failure() => {
+            gw.metrics
+                .auth_failures
+                .with_label_values(&[o.as_str()])
+                .inc();
+            gw.failures.record(ctx.client_ip, Instant::now());
+            if o == Outcome::KeyCanary {
+                gw.metrics.canary_hits.inc();
+                let route = ctx
+                    .route
+                    .and_then(|i| snap.routes.get(i))
+                    .map_or("none", |r| r.name.as_str());
+                if let Some(k) = &ctx.key {
+                    tracing::warn!(key_id = %k.id, client_ip = %ctx.client_ip, route, "canary key used");
+                    gw.audit(
+                        Event::new("key.canary_used", "gateway")
+                            .key(k)
+                            .with("client_ip", ctx.client_ip.to_string())
+                            .with("route", route),
+                    );
+                }
+            }
+        }
+        Outcome::AuthBudgetExceeded => gw.metrics.auth_budget_rejections.inc(),
+        Outcome::RateLimited => {
+            let plan = ctx
+                .key
+                .as_ref()
+                .and_then(|k| k.plan.as_deref())
+                .filter(|p| snap.plans.contains_key(*p))
+                .unwrap_or(if ctx.key.as_ref().is_some_and(|k| k.rate.is_some()) {
+                    "own"
+                } else {
+                    "default"
+                });
+            gw.metrics.rate_limited.with_label_values(&[plan]).inc();
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_path_strips_only_the_key_param() {
+        assert_eq!(
+            forwarded_path("/a", Some("x=1&api_key=k&y=2"), Some("api_key")),
+            "/a?x=1&y=2"
+        );
+        assert_eq!(
+            forwarded_path("/a", Some("api_key=k"), Some("api_key")),
+            "/a"
+        );
+        assert_eq!(
+            forwarded_path("/a", Some("%61pi_key=k&z=1"), Some("api_key")),
+            "/a?z=1"
+        );
+        assert_eq!(
+            forwarded_path("/a", Some("api_key=k"), None),
+            "/a?api_key=k"
+        );
+        assert_eq!(forwarded_path("/a", None, None), "/a");
+    }
+
+    #[test]
+    fn client_ip_trusts_only_configured_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 10.0.0.2"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            client_ip(proxy, &h, &[]),
+            proxy,
+            "untrusted peer: XFF ignored"
+        );
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("garbage"));
+        assert_eq!(client_ip(proxy, &h, &trusted), proxy);
+    }
+}

@@ -1,0 +1,534 @@
+//! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
+//! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
+//! and HTTP/2 on one listener with edge-safe limits, background upkeep (store follower,
+//! usage flush, bucket cleanup, denial summaries), SIGHUP reload and SIGTERM/SIGINT drain.
+
+use crate::admin;
+use crate::audit::Event;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Conn};
+use crate::snapshot::Snapshot;
+use dashmap::DashMap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a running gateway listens (port 0 in config resolves to the real port here).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// Open connections, globally and per client IP, enforced at accept.
+struct ConnCaps {
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    max_total: usize,
+    max_per_ip: usize,
+}
+
+struct ConnGuard {
+    caps: Arc<ConnCaps>,
+    ip: IpAddr,
+}
+
+impl ConnCaps {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, &'static str> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("global");
+        }
+        let mut n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            drop(n);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("per_ip");
+        }
+        *n += 1;
+        Ok(ConnGuard {
+            caps: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.caps.total.fetch_sub(1, Ordering::AcqRel);
+        let gone = match self.caps.per_ip.get_mut(&self.ip) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.caps.per_ip.remove_if(&self.ip, |_, n| *n == 0);
+        }
+    }
+}
+
+fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Without a timer hyper's header timeout is off; this is what stops slowloris (E1).
+        .header_read_timeout(Duration::from_millis(s.header_read_timeout_ms))
+        .max_buf_size(s.max_header_bytes)
+        .max_headers(s.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_max_concurrent_streams)
+        .max_header_list_size(s.h2_max_header_list_bytes)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .keep_alive_interval(Duration::from_millis(s.keepalive_idle_ms))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Run the gateway until SIGTERM/SIGINT. Prints one JSON line on stdout once listening.
+pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
+    let (gw, bound, shutdown) = start(config_path).await?;
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
+    );
+    tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
+    run_signals(gw, config_path.to_owned()).await;
+    shutdown.shutdown().await;
+    Ok(())
+}
+
+/// Handle to stop a started gateway gracefully.
+pub struct Shutdown {
+    /// Every listener, task and connection holds a receiver; `closed()` means all are done.
+    tx: watch::Sender<bool>,
+    drain: Duration,
+}
+
+impl Shutdown {
+    /// Stop accepting, let in-flight requests finish (HTTP/2 gets GOAWAY), give up at the deadline.
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(true);
+        tracing::info!(tasks = self.tx.receiver_count(), "draining");
+        if tokio::time::timeout(self.drain, self.tx.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain deadline reached; closing remaining connections");
+        }
+    }
+}
+
+/// Load config, start every listener and background task. Used by `serve` and `demo`.
+pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown), ServeError> {
+    let config = Config::load(config_path)?;
+    let metrics = Arc::new(Metrics::new(config.metrics.per_key_series));
+    let snapshot = Snapshot::build(config, &metrics)?;
+    let server_cfg = snapshot.server.clone();
+    let poll = Duration::from_millis(snapshot.config.keys.poll_interval_ms.max(10));
+    let store = snapshot.keys.store.clone();
+    let gw = Gateway::new(snapshot, metrics.clone());
+    crate::store::follow::spawn(gw.clone(), store, poll)?;
+
+    let (tx, rx) = watch::channel(false);
+    let builder = Arc::new(http_builder(&server_cfg));
+    let caps = Arc::new(ConnCaps {
+        total: AtomicUsize::new(0),
+        per_ip: DashMap::new(),
+        max_total: server_cfg.max_connections,
+        max_per_ip: server_cfg.max_connections_per_ip,
+    });
+
+    let tls = match &server_cfg.tls {
+        Some(t) => {
+            let base = gw.snapshot().config.base_dir.clone();
+            let resolve = |p: &PathBuf| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    base.join(p)
+                }
+            };
+            let (cfg, resolver, not_after) =
+                crate::tls::server_config(resolve(&t.cert), resolve(&t.key))?;
+            let gauge = metrics.cert_expiry.with_label_values(&["https"]);
+            if let Some(t) = not_after {
+                gauge.set(t as f64);
+            }
+            tokio::spawn(crate::tls::watch(
+                resolver,
+                Duration::from_secs(1),
+                move |na| {
+                    if let Some(t) = na {
+                        gauge.set(t as f64);
+                    }
+                },
+            ));
+            Some((tokio_rustls::TlsAcceptor::from(cfg), t.listen.clone()))
+        }
+        None => None,
+    };
+
+    // The plain listener serves HTTPS instead when TLS is configured without its own address.
+    let (plain_tls, extra_tls) = match tls {
+        Some((acc, None)) => (Some(acc), None),
+        Some((acc, Some(addr))) => (None, Some((acc, addr))),
+        None => (None, None),
+    };
+    let main = bind(&server_cfg.listen).await?;
+    let http_addr = main.local_addr()?;
+    let https_addr = match extra_tls {
+        Some((acc, addr)) => {
+            let l = bind(&addr).await?;
+            let a = l.local_addr()?;
+            tokio::spawn(accept_loop(
+                l,
+                Some(acc),
+                gw.clone(),
+                builder.clone(),
+                caps.clone(),
+                rx.clone(),
+                server_cfg.tls_handshake_timeout_ms,
+            ));
+            Some(a)
+        }
+        None => None,
+    };
+    let main_is_tls = plain_tls.is_some();
+    tokio::spawn(accept_loop(
+        main,
+        plain_tls,
+        gw.clone(),
+        builder,
+        caps,
+        rx.clone(),
+        server_cfg.tls_handshake_timeout_ms,
+    ));
+
+    let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
+    let admin_addr = admin_l.local_addr()?;
+    tokio::spawn(admin_loop(admin_l, gw.clone(), rx.clone()));
+    tokio::spawn(upkeep(gw.clone(), rx));
+
+    let bound = if main_is_tls {
+        Bound {
+            http: http_addr,
+            https: Some(http_addr),
+            admin: admin_addr,
+        }
+    } else {
+        Bound {
+            http: http_addr,
+            https: https_addr,
+            admin: admin_addr,
+        }
+    };
+    Ok((
+        gw,
+        bound,
+        Shutdown {
+            tx,
+            drain: Duration::from_millis(server_cfg.drain_timeout_ms),
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    gw: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    caps: Arc<ConnCaps>,
+    mut stop: watch::Receiver<bool>,
+    handshake_ms: u64,
+) {
+    let listener_name = if tls.is_some() { "https" } else { "http" };
+    let open = gw
+        .metrics
+        .connections_open
+        .with_label_values(&[listener_name]);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning (THREATS E7).
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let guard = match caps.admit(crate::authz::canonical_ip(peer.ip())) {
+            Ok(g) => g,
+            Err(reason) => {
+                gw.metrics
+                    .connections_rejected
+                    .with_label_values(&[reason])
+                    .inc();
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (gw, builder, tls, open, conn_stop) = (
+            gw.clone(),
+            builder.clone(),
+            tls.clone(),
+            open.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let _guard = guard;
+            open.inc();
+            let conn = Conn {
+                peer,
+                tls: tls.is_some(),
+            };
+            let svc_gw = gw.clone();
+            let service = service_fn(move |req| pipeline::handle(svc_gw.clone(), conn, req));
+            match tls {
+                Some(acceptor) => {
+                    // hyper's timeouts do not cover the TLS handshake (THREATS E4).
+                    match tokio::time::timeout(
+                        Duration::from_millis(handshake_ms),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            drive(
+                                builder.serve_connection(TokioIo::new(tls_stream), service),
+                                conn_stop,
+                            )
+                            .await
+                        }
+                        Ok(Err(_)) | Err(_) => gw.metrics.tls_handshake_failures.inc(),
+                    }
+                }
+                None => {
+                    drive(
+                        builder.serve_connection(TokioIo::new(stream), service),
+                        conn_stop,
+                    )
+                    .await
+                }
+            }
+            open.dec();
+        });
+    }
+}
+
+/// Serve one connection; on shutdown ask it to finish gracefully (HTTP/1: close after the
+/// in-flight response; HTTP/2: GOAWAY) and wait for that.
+async fn drive<I, S, B>(
+    conn: auto::Connection<'_, I, S, TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::pin!(conn);
+    if !*stop.borrow() {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.changed() => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn admin_loop(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| admin::handle(gw.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Periodic work off the request path: usage flush, bucket and budget cleanup, and one
+/// aggregated `auth.denied` audit line per interval (never one line per request).
+async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let mut last_flush = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_denials: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut seconds = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {
+                flush_usage(&gw).await;
+                return;
+            }
+        }
+        seconds += 1;
+        if last_flush.elapsed() >= gw.snapshot().touch_interval {
+            last_flush = tokio::time::Instant::now();
+            flush_usage(&gw).await;
+        }
+        if seconds.is_multiple_of(60) {
+            gw.buckets.shrink();
+            gw.failures.sweep(std::time::Instant::now());
+            let mut delta = serde_json::Map::new();
+            for o in crate::error::Outcome::ALL
+                .iter()
+                .filter(|o| o.is_auth_failure())
+            {
+                let now = gw
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[o.as_str()])
+                    .get();
+                let before = last_denials.insert(o.as_str(), now).unwrap_or(0);
+                if now > before {
+                    delta.insert(o.as_str().into(), (now - before).into());
+                }
+            }
+            if !delta.is_empty() {
+                gw.audit(
+                    Event::new("auth.denied", "gateway")
+                        .with("interval_seconds", 60)
+                        .with("counts", delta),
+                );
+            }
+        }
+    }
+}
+
+async fn flush_usage(gw: &Arc<Gateway>) {
+    let gw = gw.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = gw.usage.flush() {
+            tracing::warn!(error = %e, "usage flush failed; will retry");
+        }
+    })
+    .await;
+}
+
+/// Wait for SIGTERM/SIGINT (no reload handling; used by the demo).
+pub async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Wait for SIGTERM/SIGINT; reload on SIGHUP meanwhile.
+async fn run_signals(gw: Arc<Gateway>, config_path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => reload(&gw, &config_path),
+        }
+    }
+}
+
+/// Build a whole new snapshot from the config file and swap it in, or keep the old one.
+pub fn reload(gw: &Gateway, config_path: &Path) {
+    let built = Config::load(config_path).and_then(|c| Snapshot::build(c, &gw.metrics));
+    match built {
+        Ok(s) => {
+            let routes = s.routes.len();
+            gw.swap_snapshot(s);
+            gw.metrics.config_reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(routes, "config reloaded");
+            gw.audit(
+                Event::new("config.reloaded", "gateway")
+                    .with("result", "ok")
+                    .with("routes", routes),
+            );
+        }
+        Err(e) => {
+            gw.metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            tracing::error!(error = %e, "config reload failed; keeping the running config");
+            gw.audit(
+                Event::new("config.reloaded", "gateway")
+                    .with("result", "error")
+                    .with("error", e.to_string()),
+            );
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The validated, indexed, immutable view of the config that the request path reads.
+//!
+//! Built whole from a `Config` (at start and on every reload) and swapped in one `ArcSwap`
+//! store; a config that fails validation never replaces a working one. Everything the hot
+//! path needs is precomputed here: the router, per-route requirements and metric series,
+//! plan bucket shapes, the key header name.
+
+use crate::authz::Requirements;
+use crate::config::{parse_duration, Config, ConfigError, ServerConfig};
+use crate::forward::{Upstream, UpstreamSeries};
+use crate::keys::KeySettings;
+use crate::limit::{Rate, Shape};
+use crate::metrics::{Metrics, RouteSeries};
+use crate::route::{RouteSpec, Router};
+use http::header::HeaderName;
+use http::Method;
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub requirements: Requirements,
+    pub upstream: Arc<Upstream>,
+    pub query_key_param: Option<String>,
+    pub max_body_bytes: u64,
+    pub methods: Vec<Method>,
+    pub series: RouteSeries,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStale {
+    Serve,
+    FailClosed,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub keys: KeySettings,
+    pub router: Router,
+    pub routes: Vec<Route>,
+    /// Series for requests that matched no route.
+    pub unrouted: RouteSeries,
+    pub plans: HashMap<String, Shape>,
+    /// Shape for keys naming no plan and no rate (plan "default" / API_KEY_DEFAULT_RATE_LIMIT).
+    pub default_shape: Option<Shape>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub key_header: HeaderName,
+    pub allowed_origins: Vec<String>,
+    pub server: ServerConfig,
+    pub max_staleness: Duration,
+    pub on_stale: OnStale,
+    pub touch_interval: Duration,
+    pub config: Config,
+}
+
+fn shape(c: &Config, field: &str, rate: &str, burst: Option<u32>) -> Result<Shape, ConfigError> {
+    Ok(Shape::new(
+        Rate::parse(rate).map_err(|m| c.invalid(field, m))?,
+        burst,
+    ))
+}
+
+impl Snapshot {
+    /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
+    pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
+        let keys = KeySettings::from_config(&c)?;
+        let mut plans = HashMap::new();
+        for (name, p) in &c.plans {
+            plans.insert(
+                name.clone(),
+                shape(&c, &format!("plans.{name}.rate"), &p.rate, p.burst)?,
+            );
+        }
+        if let Ok(rate) = std::env::var("API_KEY_DEFAULT_RATE_LIMIT") {
+            let burst = c.plans.get("default").and_then(|p| p.burst);
+            plans.insert(
+                "default".into(),
+                shape(&c, "API_KEY_DEFAULT_RATE_LIMIT (env)", &rate, burst)?,
+            );
+        }
+        let default_shape = plans.get("default").copied();
+
+        let mut upstreams = HashMap::new();
+        for (i, u) in c.upstreams.iter().enumerate() {
+            if u.targets.is_empty() {
+                return Err(c.invalid(
+                    format!("upstreams[{i}].targets"),
+                    "needs at least one host:port",
+                ));
+            }
+            for t in &u.targets {
+                if t.parse::<http::uri::Authority>().is_err() || t.contains('@') {
+                    return Err(c.invalid(
+                        format!("upstreams[{i}].targets"),
+                        format!("{t:?} is not host:port"),
+                    ));
+                }
+            }
+            let series = UpstreamSeries {
+                duration: metrics.upstream_duration.with_label_values(&[&u.name]),
+                connect_errors: metrics
+                    .upstream_errors
+                    .with_label_values(&[&u.name, "connect"]),
+                timeouts: metrics
+                    .upstream_errors
+                    .with_label_values(&[&u.name, "timeout"]),
+                protocol_errors: metrics
+                    .upstream_errors
+                    .with_label_values(&[&u.name, "protocol"]),
+            };
+            if upstreams
+                .insert(u.name.clone(), Arc::new(Upstream::new(u, series)))
+                .is_some()
+            {
+                return Err(c.invalid(
+                    format!("upstreams[{i}].name"),
+                    format!("duplicate upstream {:?}", u.name),
+                ));
+            }
+        }
+
+        let mut specs = Vec::new();
+        let mut routes = Vec::new();
+        for (i, r) in c.routes.iter().enumerate() {
+            let field = |f: &str| format!("routes[{i}].{f}");
+            if !r.path_prefix.starts_with('/') {
+                return Err(c.invalid(field("path_prefix"), "must start with /"));
+            }
+            if crate::path::canonicalize(&r.path_prefix).ok().as_deref()
+                != Some(r.path_prefix.as_str())
+            {
+                return Err(c.invalid(
+                    field("path_prefix"),
+                    "must be a canonical path (no dot segments, // or %-escapes of / or \\)",
+                ));
+            }
+            let upstream = upstreams.get(&r.upstream).cloned().ok_or_else(|| {
+                c.invalid(
+                    field("upstream"),
+                    format!("no upstream named {:?}", r.upstream),
+                )
+            })?;
+            let methods = r
+                .methods
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| c.invalid(field("methods"), format!("bad method {m:?}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if methods.contains(&Method::CONNECT) {
+                return Err(c.invalid(field("methods"), "CONNECT is not proxied"));
+            }
+            if let Some(env) = &r.env {
+                if !c.keys.envs.contains(env) {
+                    return Err(c.invalid(field("env"), format!("{env:?} is not in keys.envs")));
+                }
+            }
+            let host = match &r.host {
+                Some(h) => Some(
+                    crate::route::canonical_host(h)
+                        .ok_or_else(|| c.invalid(field("host"), format!("bad host {h:?}")))?,
+                ),
+                None => None,
+            };
+            if routes.iter().any(|x: &Route| x.name == r.name) {
+                return Err(c.invalid(field("name"), format!("duplicate route {:?}", r.name)));
+            }
+            specs.push(RouteSpec {
+                host,
+                path_prefix: r.path_prefix.clone(),
+                methods: methods.clone(),
+            });
+            routes.push(Route {
+                name: r.name.clone(),
+                requirements: Requirements {
+                    scopes: r.scopes.clone(),
+                    env: r.env.clone(),
+                },
+                upstream,
+                query_key_param: r.query_key_param.clone(),
+                max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
+                methods,
+                series: metrics.route_series(&r.name),
+            });
+        }
+
+        let trusted_proxies = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        c.invalid(
+                            "server.trusted_proxies",
+                            format!("{p:?} is not a CIDR or address"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key_header =
+            HeaderName::from_bytes(c.server.key_header.to_ascii_lowercase().as_bytes())
+                .map_err(|_| c.invalid("server.key_header", "not a valid header name"))?;
+        let allowed_origins = match std::env::var("ALLOWED_ORIGINS") {
+            Ok(v) => v
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            Err(_) => c.cors.allowed_origins.clone(),
+        };
+        let max_staleness = parse_duration(&c.keys.max_staleness)
+            .map_err(|m| c.invalid("keys.max_staleness", m))?;
+        let on_stale = match c.keys.on_stale.as_str() {
+            "serve" => OnStale::Serve,
+            "fail_closed" => OnStale::FailClosed,
+            other => {
+                return Err(c.invalid(
+                    "keys.on_stale",
+                    format!("{other:?}: use \"serve\" or \"fail_closed\""),
+                ))
+            }
+        };
+        let touch_secs = match std::env::var("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS") {
+            Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+                c.invalid(
+                    "API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS (env)",
+                    "must be whole seconds",
+                )
+            })?,
+            Err(_) => c.keys.touch_interval_seconds.unwrap_or(60),
+        };
+        for (field, v) in [
+            ("server.max_headers", c.server.max_headers),
+            ("server.max_connections", c.server.max_connections),
+            ("server.max_in_flight", c.server.max_in_flight),
+        ] {
+            if v == 0 {
+                return Err(c.invalid(field, "must be at least 1"));
+            }
+        }
+        if c.server.max_header_bytes < 8192 {
+            return Err(c.invalid("server.max_header_bytes", "must be at least 8192"));
+        }
+        Ok(Snapshot {
+            keys,
+            router: Router::new(specs),
+            routes,
+            unrouted: metrics.route_series("none"),
+            plans,
+            default_shape,
+            trusted_proxies,
+            key_header,
+            allowed_origins,
+            server: c.server.clone(),
+            max_staleness,
+            on_stale,
+            touch_interval: Duration::from_secs(touch_secs.max(1)),
+            config: c,
+        })
+    }
+
+    /// The bucket shape for a key: its own rate, else its plan, else the default plan.
+    pub fn shape_for(&self, rate: Option<&str>, plan: Option<&str>) -> Option<Shape> {
+        if let Some(r) = rate.and_then(|r| Rate::parse(r).ok()) {
+            return Some(Shape::new(r, None));
+        }
+        plan.and_then(|p| self.plans.get(p).copied())
+            .or(self.default_shape)
+    }
+}

@@ -1,0 +1,144 @@
+//! Keeps a gateway's key table in step with the store file.
+//!
+//! A dedicated thread (the work is blocking file I/O) polls the file whenever the directory
+//! reports a change (inotify via `notify`; the directory, so renames by compaction are seen)
+//! and at least every `poll_interval` as a fallback. Appended lines are applied one record at
+//! a time to the live table; a replaced file is loaded into a new table that is swapped in
+//! whole. Errors never touch the table (fail static): they are counted, logged and audited.
+
+use crate::audit::Event;
+use crate::gateway::{unix_ms, Gateway};
+use crate::keys::table::KeyTable;
+use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
+use notify::{RecursiveMode, Watcher};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Start following `path`. Returns once the thread is started; the first load happens on it.
+pub fn spawn(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("keygate-store".into())
+        .spawn(move || run(gw, path, poll_interval))?;
+    Ok(())
+}
+
+fn run(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) {
+    let (tx, rx) = channel::<()>();
+    let dir = path
+        .parent()
+        .map(PathBuf::from)
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = tx.send(());
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    if let Err(e) = &watcher {
+        tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable; polling only");
+    }
+    let mut follower = Follower::new(LogFile::new(&path));
+    let mut last_error: Option<String> = None;
+    loop {
+        match follower.poll() {
+            Ok(update) => {
+                last_error = None;
+                apply(&gw, update);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                // Report a persisting error once, not on every poll.
+                if last_error.as_deref() != Some(text.as_str()) {
+                    report(&gw, &e);
+                    last_error = Some(text);
+                }
+            }
+        }
+        match rx.recv_timeout(poll_interval) {
+            Ok(()) => while rx.try_recv().is_ok() {},
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(poll_interval),
+        }
+    }
+}
+
+fn report_corrupt(gw: &Gateway, parsed: &Parsed) {
+    for c in &parsed.corrupt {
+        gw.metrics
+            .source_errors
+            .with_label_values(&["corrupt_line"])
+            .inc();
+        tracing::warn!(line = c.line, reason = %c.reason, "store line skipped; keeping the rest");
+        gw.audit(
+            Event::new("source.error", "gateway")
+                .with("kind", "corrupt_line")
+                .with("line", c.line)
+                .with("reason", c.reason.clone()),
+        );
+    }
+}
+
+fn apply(gw: &Gateway, update: Update) {
+    match update {
+        Update::Unchanged => gw.mark_synced(),
+        Update::Appended(parsed) => {
+            report_corrupt(gw, &parsed);
+            let table = gw.table();
+            let now = unix_ms();
+            let n = parsed.records.len();
+            for r in parsed.records {
+                let age = (now - r.written_at_ms).max(0) as f64 / 1000.0;
+                if table.apply(r) {
+                    gw.metrics.propagation.observe(age);
+                }
+            }
+            table.advance(parsed.rev);
+            gw.mark_synced();
+            gw.metrics.table_revision.set(table.revision() as i64);
+            tracing::debug!(
+                records = n,
+                revision = table.revision(),
+                "store appends applied"
+            );
+            gw.audit(
+                Event::new("table.applied", "gateway")
+                    .with("mode", "incremental")
+                    .with("revision", table.revision())
+                    .with("records", n),
+            );
+        }
+        Update::Replaced(parsed) => {
+            report_corrupt(gw, &parsed);
+            let n = parsed.records.len();
+            let table = KeyTable::from_records(parsed.records, parsed.rev);
+            let (rev, keys) = (table.revision(), table.len());
+            gw.replace_table(table);
+            gw.metrics.table_revision.set(rev as i64);
+            tracing::info!(records = n, keys, revision = rev, "key table loaded");
+            gw.audit(
+                Event::new("table.applied", "gateway")
+                    .with("mode", "full")
+                    .with("revision", rev)
+                    .with("keys", keys),
+            );
+        }
+    }
+}
+
+fn report(gw: &Gateway, e: &StoreError) {
+    gw.metrics
+        .source_errors
+        .with_label_values(&[e.kind()])
+        .inc();
+    if gw.table_loaded() {
+        tracing::error!(error = %e, revision = gw.table().revision(), "key store problem; keeping the last good table");
+    } else {
+        tracing::error!(error = %e, "key store unavailable and no table loaded; failing closed (503)");
+    }
+    gw.audit(
+        Event::new("source.error", "gateway")
+            .with("kind", e.kind())
+            .with("error", e.to_string()),
+    );
+}

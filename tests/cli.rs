@@ -1,0 +1,1554 @@
+//! Integration tests of the `keygate keys …` command line: the real binary as a subprocess, on
+//! a temporary directory with a config written by each test.
+//!
+//! No fixed ports, no sleeps for synchronisation: children are waited for with a deadline,
+//! time-dependent states (expiry) are polled with a deadline, and every loop is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// 48 characters: well above the 32-byte minimum.
+const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
+const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
+/// Upper bound for any one CLI invocation.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound for a polled condition.
+const POLL_DEADLINE: Duration = Duration::from_secs(15);
+
+const CONFIG: &str = r#"[keys]
+store = "keys.jsonl"
+audit_log = "audit.jsonl"
+
+[policy]
+max_ttl = "365d"
+require_owner = true
+
+[plans.default]
+rate = "100/s"
+"#;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A finished CLI invocation.
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim_end())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {self:?}"))
+    }
+}
+
+/// Wait for a child with a deadline, collecting its output; kills it on timeout.
+fn finish(mut child: Child, what: &str) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > CLI_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: did not finish within {CLI_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    Run {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// One test's world: a temp dir with a config, a store and an audit log.
+struct Env {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env::with_config(CONFIG)
+    }
+
+    fn with_config(text: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(&config, text).unwrap();
+        Env { dir, config }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("keys.jsonl")
+    }
+
+    fn audit(&self) -> PathBuf {
+        self.path("audit.jsonl")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        c.arg("--config")
+            .arg(&self.config)
+            .arg("keys")
+            .args(args)
+            .env(SECRET_VAR, SECRET)
+            .env("USER", "cli-tester")
+            .env_remove("KEYGATE_CONFIG")
+            .env_remove("KEYGATE_LOG")
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().unwrap()
+    }
+
+    fn run_cmd(&self, mut c: Command, what: &str) -> Run {
+        finish(c.spawn().unwrap(), what)
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        self.run_cmd(self.command(args), &format!("keys {args:?}"))
+    }
+
+    fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args);
+        assert!(r.status.success(), "keys {args:?} failed: {r:?}");
+        r
+    }
+
+    fn fail(&self, args: &[&str]) -> Run {
+        let r = self.run(args);
+        assert!(!r.status.success(), "keys {args:?} should fail: {r:?}");
+        r
+    }
+
+    /// `keys create --json` with a default name/owner; returns (record incl. key, key).
+    fn create(&self, extra: &[&str]) -> (Value, String) {
+        let mut args = vec!["create", "--json"];
+        if !extra.contains(&"--name") {
+            args.extend(["--name", "svc"]);
+        }
+        if !extra.contains(&"--owner") {
+            args.extend(["--owner", "team-a"]);
+        }
+        args.extend(extra);
+        let v = self.ok(&args).json();
+        let key = v["key"].as_str().unwrap().to_owned();
+        (v, key)
+    }
+
+    fn create_id(&self, extra: &[&str]) -> String {
+        id(&self.create(extra).0)
+    }
+
+    fn show(&self, id: &str) -> Value {
+        self.ok(&["show", id, "--json"]).json()
+    }
+
+    fn list(&self, filters: &[&str]) -> Vec<Value> {
+        let mut args = vec!["list", "--json"];
+        args.extend(filters);
+        let r = self.ok(&args);
+        assert!(!r.stderr.contains("skipped"), "{r:?}");
+        r.json().as_array().unwrap().clone()
+    }
+
+    fn list_ids(&self, filters: &[&str]) -> BTreeSet<String> {
+        self.list(filters).iter().map(id).collect()
+    }
+
+    fn store_text(&self) -> String {
+        std::fs::read_to_string(self.store()).unwrap_or_default()
+    }
+
+    /// Every store line, parsed; panics on a line that is not JSON.
+    fn store_lines(&self) -> Vec<Value> {
+        self.store_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("store line {l:?}: {e}")))
+            .collect()
+    }
+
+    fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.audit()).unwrap_or_default()
+    }
+
+    fn audit_lines(&self) -> Vec<Value> {
+        self.audit_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Poll `list --state expired` until `id` shows up there.
+    fn await_expired(&self, id: &str) {
+        let start = Instant::now();
+        loop {
+            if self.list_ids(&["--state", "expired"]).contains(id) {
+                return;
+            }
+            assert!(
+                start.elapsed() < POLL_DEADLINE,
+                "{id} did not expire within {POLL_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn ids<'a>(v: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    v.into_iter().map(str::to_owned).collect()
+}
+
+/// `kg_<env>_` + 43 + 6 base62 characters.
+fn assert_key_shape(key: &str, env: &str) {
+    let prefix = format!("kg_{env}_");
+    assert!(key.starts_with(&prefix), "{key}");
+    let body = &key[prefix.len()..];
+    assert_eq!(body.len(), 49, "{key}");
+    assert!(body.bytes().all(|b| b.is_ascii_alphanumeric()), "{key}");
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. create
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn create_prints_the_key_alone_and_json_carries_the_record() {
+    let env = Env::new();
+
+    // Default: stdout is exactly the key and a newline; the id goes to stderr.
+    let r = env.ok(&["create", "--name", "billing", "--owner", "team-a"]);
+    assert!(
+        r.stdout.ends_with('\n') && r.stdout.lines().count() == 1,
+        "{r:?}"
+    );
+    let key = r.stdout.trim_end_matches('\n');
+    assert_key_shape(key, "live");
+    let listed = env.list(&[]);
+    assert_eq!(listed.len(), 1);
+    let first = id(&listed[0]);
+    assert!(first.starts_with("key_"), "{first}");
+    assert!(r.stderr.contains(&first), "stderr names the id: {r:?}");
+    assert!(!r.stderr.contains(key));
+
+    // --json: one object with the record and the key, never the digest.
+    let t0 = now();
+    let r = env.ok(&[
+        "create",
+        "--name",
+        "billing",
+        "--owner",
+        "team-a",
+        "--scope",
+        "invoices:read",
+        "--scope",
+        "invoices:write",
+        "--expires-in",
+        "30d",
+        "--json",
+    ]);
+    assert_eq!(r.stdout.lines().count(), 1, "{r:?}");
+    let v = r.json();
+    let obj = v.as_object().unwrap();
+    assert!(id(&v).starts_with("key_"));
+    assert_key_shape(v["key"].as_str().unwrap(), "live");
+    assert_eq!(v["state"], "active");
+    assert_eq!(
+        v["scopes"],
+        serde_json::json!(["invoices:read", "invoices:write"])
+    );
+    let exp = v["expires_at"].as_i64().unwrap();
+    assert!(
+        (t0 + 30 * 86_400..=now() + 30 * 86_400).contains(&exp),
+        "{exp}"
+    );
+    assert!(!obj.contains_key("digest"), "{v}");
+    assert!(r.stderr.contains(&id(&v)));
+
+    // --env test
+    let (v, key) = env.create(&["--env", "test"]);
+    assert_key_shape(&key, "test");
+    assert_eq!(v["env"], "test");
+
+    // --canary
+    let (v, _) = env.create(&["--canary"]);
+    assert_eq!(v["state"], "canary");
+    assert_eq!(v["canary"], true);
+    assert_eq!(env.show(&id(&v))["state"], "canary");
+
+    // Network, origin, label and plan round-trip through `show --json`.
+    let (v, _) = env.create(&[
+        "--allow-ip",
+        "10.0.0.0/8",
+        "--allow-origin",
+        "https://app.example",
+        "--label",
+        "team=x",
+        "--plan",
+        "default",
+    ]);
+    let shown = env.show(&id(&v));
+    assert_eq!(shown["allow_ips"], serde_json::json!(["10.0.0.0/8"]));
+    assert_eq!(
+        shown["allow_origins"],
+        serde_json::json!(["https://app.example"])
+    );
+    assert_eq!(shown["labels"], serde_json::json!({"team": "x"}));
+    assert_eq!(shown["plan"], "default");
+    assert_eq!(shown["owner"], "team-a");
+    assert_eq!(shown["state"], "active");
+    assert!(shown.get("digest").is_none() && shown.get("key").is_none());
+    let mut minted = v.clone();
+    minted.as_object_mut().unwrap().remove("key");
+    assert_eq!(shown, minted, "show agrees with what create printed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. secrets
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn plaintext_keys_and_digests_stay_where_they_belong() {
+    let env = Env::new();
+    let mut stderr = String::new();
+    let mut stdouts = String::new();
+    let mut keys = vec![];
+
+    let r = env.ok(&["create", "--name", "a", "--owner", "o"]);
+    let k1 = r.stdout.trim_end().to_owned();
+    assert_eq!(count(&r.stdout, &k1), 1);
+    stderr += &r.stderr;
+    stdouts += &r.stdout;
+    keys.push(k1.clone());
+    let k1_id = id(&env.list(&[])[0]);
+
+    let r = env.ok(&["create", "--name", "b", "--owner", "o", "--json"]);
+    let k2 = r.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(count(&r.stdout, &k2), 1);
+    stderr += &r.stderr;
+    stdouts += &r.stdout;
+    keys.push(k2);
+
+    let r = env.ok(&["rotate", &k1_id]);
+    let k3 = r.stdout.trim_end().to_owned();
+    assert_key_shape(&k3, "live");
+    assert_eq!(count(&r.stdout, &k3), 1);
+    stderr += &r.stderr;
+    stdouts += &r.stdout;
+    keys.push(k3.clone());
+    let k3_id = env
+        .list(&[])
+        .iter()
+        .find(|v| v["rotated_from"] == k1_id.as_str())
+        .map(id)
+        .unwrap();
+
+    let r = env.ok(&["rotate", &k3_id, "--json"]);
+    let k4 = r.json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(count(&r.stdout, &k4), 1);
+    stderr += &r.stderr;
+    stdouts += &r.stdout;
+    keys.push(k4);
+
+    let store = env.store_text();
+    let audit = env.audit_text();
+    for k in &keys {
+        assert_eq!(count(&store, k), 0, "key in store");
+        assert_eq!(count(&audit, k), 0, "key in audit log");
+        assert_eq!(count(&stderr, k), 0, "key on stderr");
+        assert_eq!(count(&stdouts, k), 1, "key printed exactly once");
+        // Not even the secret part without its prefix.
+        assert_eq!(count(&store, &k[8..]), 0);
+    }
+
+    // Digests: in the store (that is their place), in no command's stdout, not in the audit log.
+    let digests: BTreeSet<String> = env
+        .store_lines()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(digests.len(), 4);
+    let id_list: Vec<String> = env.list(&[]).iter().map(id).collect();
+    let mut outputs = vec![
+        stdouts,
+        env.ok(&["list", "--json"]).stdout,
+        env.ok(&["list"]).stdout,
+        env.ok(&["expiring", "--within", "365d", "--json"]).stdout,
+        env.ok(&["update", &id_list[1], "--scope", "x:y", "--json"])
+            .stdout,
+        env.ok(&["update", &id_list[1], "--scope", "x:z"]).stdout,
+    ];
+    for i in &id_list {
+        outputs.push(env.ok(&["show", i, "--json"]).stdout);
+        outputs.push(env.ok(&["show", i]).stdout);
+    }
+    outputs.push(env.ok(&["revoke", &id_list[1], "--json"]).stdout);
+    outputs.push(
+        env.ok(&["revoke", "--owner", "o", "--yes", "--json"])
+            .stdout,
+    );
+    let audit = env.audit_text();
+    for d in &digests {
+        for o in &outputs {
+            assert!(!o.contains(d.as_str()), "digest in stdout: {o}");
+        }
+        assert!(!audit.contains(d.as_str()), "digest in audit log");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. error paths
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn errors_exit_non_zero_and_name_the_problem() {
+    let env = Env::new();
+    let live = env.create_id(&[]);
+    let revoked = env.create_id(&[]);
+    env.ok(&["revoke", &revoked]);
+    let before = env.store_text();
+    let audit_before = env.audit_text();
+
+    let create = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut a = vec!["create", "--name", "n", "--owner", "o"];
+        a.extend(extra);
+        a
+    };
+    let cases: Vec<(&str, Vec<&str>, &[&str])> = vec![
+        (
+            "bad duration",
+            create(&["--expires-in", "soon"]),
+            &["bad duration", "soon"],
+        ),
+        (
+            "unknown plan",
+            create(&["--plan", "gold"]),
+            &["unknown plan", "gold", "default"],
+        ),
+        (
+            "bad rate",
+            create(&["--rate", "fast"]),
+            &["bad rate", "fast"],
+        ),
+        ("zero rate", create(&["--rate", "0/s"]), &["bad rate"]),
+        (
+            "ttl over policy",
+            create(&["--expires-in", "400d"]),
+            &["400 days", "365", "max_ttl"],
+        ),
+        (
+            "owner required",
+            vec!["create", "--name", "n"],
+            &["requires an owner", "--owner"],
+        ),
+        (
+            "invalid env",
+            create(&["--env", "prod"]),
+            &["unknown env", "prod"],
+        ),
+        ("bad scope", create(&["--scope", "a b"]), &["bad scope"]),
+        (
+            "bad origin",
+            create(&["--allow-origin", "*"]),
+            &["bad origin"],
+        ),
+        ("bad label", create(&["--label", "nolabel"]), &["bad label"]),
+        (
+            "show unknown id",
+            vec!["show", "key_nosuchkey"],
+            &["no key with id key_nosuchkey"],
+        ),
+        (
+            "update unknown id",
+            vec!["update", "key_nosuchkey", "--scope", "a"],
+            &["no key with id key_nosuchkey"],
+        ),
+        (
+            "revoke unknown id",
+            vec!["revoke", "key_nosuchkey"],
+            &["no key with id key_nosuchkey"],
+        ),
+        (
+            "rotate unknown id",
+            vec!["rotate", "key_nosuchkey"],
+            &["no key with id key_nosuchkey"],
+        ),
+        (
+            "mass revoke without --yes",
+            vec!["revoke", "--owner", "team-a"],
+            &["--yes"],
+        ),
+        (
+            "update ttl over policy",
+            vec!["update", &live, "--expires-in", "400d"],
+            &["max_ttl"],
+        ),
+        (
+            "update revoked",
+            vec!["update", &revoked, "--scope", "a"],
+            &["revoked"],
+        ),
+        (
+            "rotate revoked",
+            vec!["rotate", &revoked],
+            &["revoked", "only active keys"],
+        ),
+        (
+            "rotate bad grace",
+            vec!["rotate", &live, "--grace", "later"],
+            &["bad duration", "later"],
+        ),
+    ];
+    for (what, args, needles) in &cases {
+        let r = env.fail(args);
+        assert_eq!(r.status.code(), Some(1), "{what}: {r:?}");
+        assert!(r.stderr.contains("keygate: error:"), "{what}: {r:?}");
+        for n in *needles {
+            assert!(r.stderr.contains(n), "{what}: stderr lacks {n:?}: {r:?}");
+        }
+        assert!(r.stdout.is_empty(), "{what}: {r:?}");
+    }
+    assert_eq!(env.store_text(), before, "failed commands wrote nothing");
+    assert_eq!(
+        env.audit_text(),
+        audit_before,
+        "failed commands audited nothing"
+    );
+    assert_eq!(env.list_ids(&["--state", "active"]), ids([live.as_str()]));
+
+    // Secret problems: missing, and too short.
+    let mut c = env.command(&["create", "--name", "n", "--owner", "o"]);
+    c.env_remove(SECRET_VAR);
+    let r = env.run_cmd(c, "missing secret");
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+    assert!(r.stderr.contains("API_KEY_HASH_SECRET"), "{r:?}");
+    assert!(r.stderr.contains("not set"), "{r:?}");
+    let mut c = env.command(&["list"]);
+    c.env(SECRET_VAR, &SECRET[..31]);
+    let r = env.run_cmd(c, "short secret");
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+    assert!(r.stderr.contains("32"), "{r:?}");
+    assert!(r.stderr.contains("31 bytes"), "{r:?}");
+    assert_eq!(env.store_text(), before);
+
+    // A typo in the config names the field.
+    let typo = Env::with_config(&CONFIG.replace("store =", "stroe ="));
+    let r = typo.fail(&["list"]);
+    assert!(r.stderr.contains("stroe"), "{r:?}");
+    assert!(r.stderr.contains("keygate.toml"), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. list
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn list_filters_by_owner_env_and_state_in_table_and_json() {
+    let env = Env::new();
+    // The short-lived key first, so it is expired by the time the rest exist.
+    let e = env.create_id(&["--owner", "alice", "--expires-in", "1s"]);
+    let a = env.create_id(&["--owner", "alice", "--expires-in", "30d"]);
+    let b = env.create_id(&["--owner", "bob", "--env", "test"]);
+    let c = env.create_id(&["--owner", "alice", "--canary"]);
+    let d = env.create_id(&["--owner", "bob"]);
+    env.ok(&["revoke", &d]);
+    env.await_expired(&e);
+
+    let all = ids([a.as_str(), b.as_str(), c.as_str(), d.as_str(), e.as_str()]);
+    let cases: Vec<(&[&str], BTreeSet<String>)> = vec![
+        (&[], all.clone()),
+        (
+            &["--owner", "alice"],
+            ids([a.as_str(), c.as_str(), e.as_str()]),
+        ),
+        (&["--owner", "bob"], ids([b.as_str(), d.as_str()])),
+        (&["--owner", "nobody"], ids([])),
+        (&["--env", "test"], ids([b.as_str()])),
+        (
+            &["--env", "live"],
+            ids([a.as_str(), c.as_str(), d.as_str(), e.as_str()]),
+        ),
+        (&["--state", "active"], ids([a.as_str(), b.as_str()])),
+        (&["--state", "revoked"], ids([d.as_str()])),
+        (&["--state", "canary"], ids([c.as_str()])),
+        (&["--state", "expired"], ids([e.as_str()])),
+        (&["--owner", "bob", "--state", "active"], ids([b.as_str()])),
+        (&["--owner", "alice", "--env", "test"], ids([])),
+    ];
+    for (filters, want) in &cases {
+        let listed = env.list(filters);
+        let got: BTreeSet<String> = listed.iter().map(id).collect();
+        assert_eq!(&got, want, "list {filters:?}");
+        assert_eq!(listed.len(), want.len(), "no duplicates for {filters:?}");
+        for r in &listed {
+            assert!(r.get("digest").is_none());
+            if let Some(s) = filters
+                .iter()
+                .position(|f| *f == "--state")
+                .map(|i| filters[i + 1])
+            {
+                assert_eq!(r["state"], s);
+            }
+        }
+        // The human table: a header and one row per key, naming each id.
+        let mut args = vec!["list"];
+        args.extend(*filters);
+        let table = env.ok(&args).stdout;
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("ID"), "{table}");
+        assert!(
+            lines[0].contains("STATE") && lines[0].contains("OWNER"),
+            "{table}"
+        );
+        assert_eq!(lines.len(), 1 + want.len(), "{table}");
+        for i in want {
+            let row = lines.iter().find(|l| l.starts_with(i.as_str())).unwrap();
+            let state = env.show(i)["state"].as_str().unwrap().to_owned();
+            assert!(row.contains(&state), "{row}");
+        }
+    }
+    // JSON is sorted by creation and states are right.
+    let states: BTreeMap<String, String> = env
+        .list(&[])
+        .iter()
+        .map(|r| (id(r), r["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(states[&a], "active");
+    assert_eq!(states[&b], "active");
+    assert_eq!(states[&c], "canary");
+    assert_eq!(states[&d], "revoked");
+    assert_eq!(states[&e], "expired");
+    // An unknown state value is a usage error.
+    let r = env.fail(&["list", "--state", "zombie"]);
+    assert!(r.stderr.contains("zombie"), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. update
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn update_replaces_grants_edits_labels_and_refuses_revoked_keys() {
+    let env = Env::with_config(&format!("{CONFIG}\n[plans.bulk]\nrate = \"1000/s\"\n"));
+    let (v, key) = env.create(&[
+        "--scope",
+        "a:read",
+        "--scope",
+        "b:read",
+        "--plan",
+        "default",
+        "--label",
+        "team=x",
+        "--label",
+        "tier=gold",
+        "--expires-in",
+        "30d",
+        "--allow-ip",
+        "10.0.0.0/8",
+    ]);
+    let k = id(&v);
+
+    let u = env
+        .ok(&[
+            "update", &k, "--scope", "c:write", "--scope", "d:read", "--json",
+        ])
+        .json();
+    assert_eq!(u["scopes"], serde_json::json!(["c:write", "d:read"]));
+    assert_eq!(u["plan"], "default", "untouched fields stay");
+    assert_eq!(u["allow_ips"], serde_json::json!(["10.0.0.0/8"]));
+
+    let u = env.ok(&["update", &k, "--plan", "bulk", "--json"]).json();
+    assert_eq!(u["plan"], "bulk");
+    assert_eq!(u["scopes"], serde_json::json!(["c:write", "d:read"]));
+
+    let u = env.ok(&["update", &k, "--rate", "5/s", "--json"]).json();
+    assert_eq!(u["rate"], "5/s");
+    assert!(u.get("plan").is_none(), "a rate replaces the plan: {u}");
+
+    let u = env
+        .ok(&[
+            "update", &k, "--label", "site=eu", "--label", "team=", "--json",
+        ])
+        .json();
+    assert_eq!(
+        u["labels"],
+        serde_json::json!({"site": "eu", "tier": "gold"})
+    );
+
+    assert!(u["expires_at"].is_i64());
+    let u = env.ok(&["update", &k, "--no-expiry", "--json"]).json();
+    assert!(u.get("expires_at").is_none(), "{u}");
+    assert_eq!(u["state"], "active");
+
+    let r = env.ok(&["update", &k, "--name", "renamed", "--owner", "team-b"]);
+    assert!(r.stderr.contains(&format!("updated {k}")), "{r:?}");
+    let shown = env.show(&k);
+    assert_eq!(shown["name"], "renamed");
+    assert_eq!(shown["owner"], "team-b");
+    assert_eq!(shown["scopes"], serde_json::json!(["c:write", "d:read"]));
+    assert_eq!(shown["hint"], v["hint"], "the key itself is unchanged");
+    assert!(!env.store_text().contains(&key));
+
+    // Conflicting flags are usage errors.
+    env.fail(&["update", &k, "--no-expiry", "--expires-in", "1d"]);
+    env.fail(&["update", &k, "--plan", "bulk", "--rate", "1/s"]);
+    // Empty owner is refused by policy.
+    let r = env.fail(&["update", &k, "--owner", ""]);
+    assert!(r.stderr.contains("owner"), "{r:?}");
+
+    env.ok(&["revoke", &k]);
+    let before = env.store_text();
+    let r = env.fail(&["update", &k, "--scope", "e:read"]);
+    assert!(r.stderr.contains("revoked"), "{r:?}");
+    assert_eq!(env.store_text(), before);
+    assert_eq!(env.show(&k)["state"], "revoked");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. revoke
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn revoke_single_is_idempotent_and_audited_once() {
+    let env = Env::new();
+    let k = env.create_id(&[]);
+    let other = env.create_id(&[]);
+    let r = env.ok(&["revoke", &k, "--reason", "leaked in a ticket"]);
+    assert!(r.stderr.contains(&format!("revoked {k}")), "{r:?}");
+    let shown = env.show(&k);
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["revoked_reason"], "leaked in a ticket");
+    let revoked_at = shown["revoked_at"].as_i64().unwrap();
+    let lines = env.store_lines().len();
+
+    // Again: exit 0, nothing written, the first reason and time stay.
+    let r = env.ok(&["revoke", &k, "--reason", "second", "--json"]);
+    assert_eq!(r.json()["state"], "revoked");
+    let shown = env.show(&k);
+    assert_eq!(shown["revoked_reason"], "leaked in a ticket");
+    assert_eq!(shown["revoked_at"].as_i64().unwrap(), revoked_at);
+    assert_eq!(env.store_lines().len(), lines);
+
+    let revoked_events: Vec<Value> = env
+        .audit_lines()
+        .into_iter()
+        .filter(|e| e["event"] == "key.revoked")
+        .collect();
+    assert_eq!(revoked_events.len(), 1, "{revoked_events:?}");
+    assert_eq!(revoked_events[0]["key_id"], k.as_str());
+    assert_eq!(env.show(&other)["state"], "active");
+}
+
+#[test]
+fn mass_revoke_hits_exactly_the_selected_keys() {
+    let env = Env::new();
+    let a1 = env.create_id(&["--owner", "alice"]);
+    let a2 = env.create_id(&["--owner", "alice", "--env", "test"]);
+    let b1 = env.create_id(&["--owner", "bob", "--label", "team=red"]);
+    let b2 = env.create_id(&["--owner", "bob", "--label", "team=blue"]);
+    let c1 = env.create_id(&["--owner", "carol", "--env", "test"]);
+    let c2 = env.create_id(&["--owner", "carol"]);
+    let c3 = env.create_id(&["--owner", "carol", "--label", "team=red"]);
+
+    let revoked = |env: &Env| env.list_ids(&["--state", "revoked"]);
+
+    // Without --yes nothing happens.
+    let r = env.fail(&["revoke", "--owner", "alice"]);
+    assert!(r.stderr.contains("--yes"), "{r:?}");
+    assert!(revoked(&env).is_empty());
+    // An id and a selector do not mix.
+    env.fail(&["revoke", &a1, "--owner", "alice", "--yes"]);
+
+    let r = env.ok(&[
+        "revoke",
+        "--owner",
+        "alice",
+        "--yes",
+        "--json",
+        "--reason",
+        "offboarded",
+    ]);
+    let got: BTreeSet<String> = r.json()["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ids([a1.as_str(), a2.as_str()]));
+    assert!(r.stderr.contains("revoked 2 keys"), "{r:?}");
+    assert_eq!(revoked(&env), ids([a1.as_str(), a2.as_str()]));
+    assert_eq!(env.show(&a1)["revoked_reason"], "offboarded");
+
+    env.ok(&["revoke", "--label", "team=red", "--yes"]);
+    assert_eq!(
+        revoked(&env),
+        ids([a1.as_str(), a2.as_str(), b1.as_str(), c3.as_str()])
+    );
+
+    env.ok(&["revoke", "--env", "test", "--yes"]);
+    assert_eq!(
+        revoked(&env),
+        ids([
+            a1.as_str(),
+            a2.as_str(),
+            b1.as_str(),
+            c3.as_str(),
+            c1.as_str()
+        ])
+    );
+    assert_eq!(
+        env.list_ids(&["--state", "active"]),
+        ids([b2.as_str(), c2.as_str()])
+    );
+
+    // A selector matching only revoked keys revokes nothing and writes no events.
+    let events = env.audit_lines().len();
+    let r = env.ok(&["revoke", "--owner", "alice", "--yes"]);
+    assert!(r.stderr.contains("revoked 0 keys"), "{r:?}");
+    assert_eq!(env.audit_lines().len(), events);
+    let per_key: Vec<String> = env
+        .audit_lines()
+        .iter()
+        .filter(|e| e["event"] == "key.revoked")
+        .map(|e| e["key_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(per_key.len(), 5, "one event per revoked key: {per_key:?}");
+    assert_eq!(per_key.iter().collect::<BTreeSet<_>>().len(), 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. rotate
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rotate_mints_a_successor_and_sets_the_grace_period() {
+    let env = Env::new();
+    let (v1, k1) = env.create(&[
+        "--scope",
+        "a:read",
+        "--label",
+        "team=x",
+        "--expires-in",
+        "200d",
+    ]);
+    let id1 = id(&v1);
+
+    let t0 = now();
+    let r = env.ok(&["rotate", &id1, "--grace", "1h", "--json"]);
+    assert_eq!(r.stdout.lines().count(), 1);
+    let v2 = r.json();
+    let id2 = id(&v2);
+    let k2 = v2["key"].as_str().unwrap().to_owned();
+    assert_key_shape(&k2, "live");
+    assert_ne!(k1, k2);
+    assert_eq!(v2["rotated_from"], id1.as_str());
+    assert_eq!(v2["state"], "active");
+    assert!(v2.get("digest").is_none());
+    assert_eq!(v2["scopes"], v1["scopes"]);
+    assert_eq!(v2["labels"], v1["labels"]);
+    assert_eq!(v2["owner"], v1["owner"]);
+    assert_eq!(
+        v2["expires_at"], v1["expires_at"],
+        "successor keeps the expiry"
+    );
+    assert!(r.stderr.contains(&id1) && r.stderr.contains(&id2), "{r:?}");
+
+    let old = env.show(&id1);
+    let exp = old["expires_at"].as_i64().unwrap();
+    assert!(
+        (t0 + 3600..=now() + 3600).contains(&exp),
+        "old expiry {exp} vs {t0}"
+    );
+    assert_eq!(old["rotated_to"], id2.as_str());
+    assert_eq!(
+        old["state"], "active",
+        "still working during the grace period"
+    );
+    assert_eq!(old["lineage"], id1.as_str());
+    assert_eq!(env.show(&id2)["lineage"], id1.as_str());
+
+    // Plain output: just the new key.
+    let r = env.ok(&["rotate", &id2]);
+    let k3 = r.stdout.trim_end_matches('\n');
+    assert_eq!(r.stdout, format!("{k3}\n"));
+    assert_key_shape(k3, "live");
+    let id3 = env
+        .list(&[])
+        .into_iter()
+        .find(|v| v["rotated_from"] == id2.as_str())
+        .map(|v| id(&v))
+        .unwrap();
+    assert_eq!(env.show(&id3)["lineage"], id1.as_str());
+    // Default grace is keys.rotate_grace (48h).
+    let exp2 = env.show(&id2)["expires_at"].as_i64().unwrap();
+    assert!(
+        (t0 + 48 * 3600..=now() + 48 * 3600).contains(&exp2),
+        "{exp2}"
+    );
+
+    // A revoked key cannot be rotated.
+    env.ok(&["revoke", &id3]);
+    let r = env.fail(&["rotate", &id3]);
+    assert!(r.stderr.contains("revoked"), "{r:?}");
+    // Nor a canary.
+    let canary = env.create_id(&["--canary"]);
+    let r = env.fail(&["rotate", &canary]);
+    assert!(r.stderr.contains("canary"), "{r:?}");
+    assert_eq!(env.list(&[]).len(), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. expiring
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn expiring_lists_only_active_keys_in_the_window() {
+    let env = Env::new();
+    let gone = env.create_id(&["--expires-in", "1s"]);
+    let soon = env.create_id(&["--expires-in", "7d"]);
+    let sooner = env.create_id(&["--expires-in", "2d"]);
+    let later = env.create_id(&["--expires-in", "30d"]);
+    let _never = env.create_id(&[]);
+    let revoked = env.create_id(&["--expires-in", "7d"]);
+    env.ok(&["revoke", &revoked]);
+    let _canary = env.create_id(&["--expires-in", "7d", "--canary"]);
+    env.await_expired(&gone);
+
+    let got: Vec<String> = env
+        .ok(&["expiring", "--within", "14d", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id)
+        .collect();
+    assert_eq!(got, vec![sooner.clone(), soon.clone()], "sorted by expiry");
+
+    let table = env.ok(&["expiring", "--within", "14d"]).stdout;
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.contains(&soon) && table.contains(&sooner));
+
+    let got = env.ok(&["expiring", "--json"]).json();
+    assert_eq!(got.as_array().unwrap().len(), 2, "default window is 14d");
+    let got = env.ok(&["expiring", "--within", "60d", "--json"]).json();
+    assert_eq!(got.as_array().unwrap().len(), 3);
+    assert!(got.to_string().contains(&later));
+    let got = env.ok(&["expiring", "--within", "1d", "--json"]).json();
+    assert_eq!(got, serde_json::json!([]));
+    env.fail(&["expiring", "--within", "soonish"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. import
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn import_counts_imported_duplicates_and_invalid_lines() {
+    let env = Env::new();
+    let file = env.path("legacy.txt");
+    let lines = [
+        "legacy-key-aaaaaaaaaaaaaaaa-0001",
+        "legacy-key-bbbbbbbbbbbbbbbb-0002",
+        "",
+        "# a comment",
+        "legacy-key-cccccccccccccccc-0003",
+        r#"{"key":"legacy-key-dddddddddddddddd-0004","name":"billing","owner":"team-b","scopes":["invoices:read"],"labels":{"from":"oldgw"}}"#,
+        "legacy-key-aaaaaaaaaaaaaaaa-0001",
+        "short",
+    ];
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let f = file.to_str().unwrap();
+
+    let r = env.ok(&["import", "--file", f, "--owner", "migration", "--json"]);
+    assert!(
+        r.stderr.contains("imported 4, duplicates 1, invalid 1"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("line 8"), "names the invalid line: {r:?}");
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"imported": 4, "duplicates": 1, "invalid": 1})
+    );
+
+    let listed = env.list(&[]);
+    assert_eq!(listed.len(), 4);
+    for v in &listed {
+        assert_eq!(v["imported"], true, "{v}");
+        assert_eq!(v["state"], "active");
+        assert!(v["hint"].as_str().unwrap().starts_with('…'), "{v}");
+    }
+    let json_one = listed.iter().find(|v| v["name"] == "billing").unwrap();
+    assert_eq!(json_one["owner"], "team-b");
+    assert_eq!(json_one["scopes"], serde_json::json!(["invoices:read"]));
+    assert_eq!(json_one["labels"], serde_json::json!({"from": "oldgw"}));
+    assert_eq!(json_one["hint"], "…0004");
+    assert_eq!(env.list(&["--owner", "migration"]).len(), 3);
+    let store = env.store_text();
+    let audit = env.audit_text();
+    for l in &lines[..6] {
+        if l.starts_with("legacy") {
+            assert!(
+                !store.contains(l) && !audit.contains(l),
+                "plaintext stored: {l}"
+            );
+        }
+    }
+    assert_eq!(
+        env.audit_lines()
+            .iter()
+            .filter(|e| e["event"] == "key.imported")
+            .count(),
+        4
+    );
+
+    // Importing the same file again imports nothing.
+    let r = env.ok(&["import", "--file", f, "--owner", "migration"]);
+    assert!(r.stderr.contains("imported 0,"), "{r:?}");
+    assert!(r.stderr.contains("duplicates 5, invalid 1"), "{r:?}");
+    assert_eq!(env.list(&[]).len(), 4);
+
+    // Without an owner, policy (require_owner) marks the bare lines invalid.
+    let other = env.path("other.txt");
+    std::fs::write(&other, "another-legacy-key-0000000005\n").unwrap();
+    let r = env.ok(&["import", "--file", other.to_str().unwrap()]);
+    assert!(
+        r.stderr.contains("imported 0, duplicates 0, invalid 1"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("owner"), "{r:?}");
+    // A missing file is an error naming it.
+    let r = env.fail(&["import", "--file", "no-such-file.txt", "--owner", "o"]);
+    assert!(r.stderr.contains("no-such-file.txt"), "{r:?}");
+}
+
+#[test]
+fn import_of_100k_keys_completes() {
+    let env = Env::new();
+    let file = env.path("big.txt");
+    let mut text = String::with_capacity(100_000 * 40);
+    for i in 0..100_000u32 {
+        text.push_str(&format!("legacy-bulk-key-{i:010}-abcdefgh\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let start = Instant::now();
+    let r = env.ok(&[
+        "import",
+        "--file",
+        file.to_str().unwrap(),
+        "--owner",
+        "bulk",
+        "--json",
+    ]);
+    let elapsed = start.elapsed();
+    eprintln!("import of 100k keys (debug build): {elapsed:?}");
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"imported": 100_000, "duplicates": 0, "invalid": 0})
+    );
+    assert_eq!(env.store_text().lines().count(), 100_000);
+    // The store stays usable: a create after it gets the next revision.
+    let (v, _) = env.create(&[]);
+    assert_eq!(v["rev"], 100_001);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. compact
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn compact_keeps_one_line_per_key_and_the_revision() {
+    let env = Env::new();
+    let ids_: Vec<String> = (0..6).map(|_| env.create_id(&[])).collect();
+    env.ok(&["update", &ids_[0], "--scope", "a:b"]);
+    env.ok(&["update", &ids_[0], "--scope", "a:c"]);
+    env.ok(&["update", &ids_[1], "--label", "x=y"]);
+    env.ok(&["revoke", &ids_[2]]);
+    env.ok(&["revoke", &ids_[3], "--reason", "r"]);
+    env.ok(&["rotate", &ids_[4], "--grace", "1h"]);
+    let before: BTreeMap<String, Value> = env.list(&[]).into_iter().map(|v| (id(&v), v)).collect();
+    assert_eq!(before.len(), 7);
+    let lines_before = env.store_lines();
+    assert!(lines_before.len() > 7);
+    let max_rev = lines_before
+        .iter()
+        .map(|l| l["rev"].as_u64().unwrap())
+        .max()
+        .unwrap();
+
+    let r = env.ok(&["compact"]);
+    assert!(r.stderr.contains("kept 7"), "{r:?}");
+    let lines = env.store_lines();
+    assert_eq!(lines.len(), 7 + 1, "one line per id plus the meta line");
+    let last = lines.last().unwrap();
+    assert_eq!(last["meta"], "compacted");
+    assert_eq!(last["rev"].as_u64().unwrap(), max_rev);
+    let line_ids: BTreeSet<&str> = lines[..7]
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(line_ids.len(), 7);
+
+    let after: BTreeMap<String, Value> = env.list(&[]).into_iter().map(|v| (id(&v), v)).collect();
+    assert_eq!(after, before, "every key, same versions and states");
+    assert!(!env.path("keys.compact.tmp").exists());
+
+    let (v, _) = env.create(&[]);
+    assert!(v["rev"].as_u64().unwrap() > max_rev, "{v}");
+    env.ok(&["revoke", &ids_[0]]);
+    assert!(env.show(&ids_[0])["rev"].as_u64().unwrap() > v["rev"].as_u64().unwrap());
+    // Compacting twice is fine.
+    env.ok(&["compact"]);
+    assert_eq!(env.list(&[]).len(), 8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. audit
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_change_writes_one_audit_line_without_secrets() {
+    let env = Env::new();
+    let (v, key) = env.create(&[]);
+    let k = id(&v);
+    let hint = format!("kg_live_…{}", &key[key.len() - 4..]);
+    assert_eq!(v["hint"], hint.as_str());
+
+    let check = |env: &Env, expect_event: &str, expect_id: &str, expect_hint: &str| {
+        let lines = env.audit_lines();
+        let e = lines.last().unwrap();
+        for f in ["time", "event", "actor", "key_id", "owner", "hint"] {
+            assert!(e.get(f).is_some(), "{f} missing: {e}");
+        }
+        assert_eq!(e["event"], expect_event);
+        assert_eq!(e["key_id"], expect_id);
+        assert_eq!(e["hint"], expect_hint);
+        assert_eq!(e["actor"], "cli-tester");
+        assert_eq!(e["owner"], "team-a");
+        let t = e["time"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
+        let h = e["hint"].as_str().unwrap();
+        let tail = h.strip_prefix("kg_live_…").unwrap();
+        assert_eq!(tail.chars().count(), 4);
+        assert!(tail.chars().all(|c| c.is_ascii_alphanumeric()));
+        lines.len()
+    };
+    assert_eq!(check(&env, "key.created", &k, &hint), 1);
+    env.ok(&["update", &k, "--scope", "x:y"]);
+    assert_eq!(check(&env, "key.updated", &k, &hint), 2);
+
+    let r = env.ok(&["rotate", &k, "--json"]).json();
+    let k2 = id(&r);
+    let key2 = r["key"].as_str().unwrap();
+    let hint2 = format!("kg_live_…{}", &key2[key2.len() - 4..]);
+    let lines = env.audit_lines();
+    let rotated: Vec<&Value> = lines
+        .iter()
+        .filter(|e| e["event"] == "key.rotated")
+        .collect();
+    // One event per record the rotation wrote: the old key (now in its grace period) and
+    // its successor.
+    assert_eq!(rotated.len(), 2, "{rotated:?}");
+    assert_eq!(rotated[0]["key_id"], k.as_str());
+    assert_eq!(rotated[0]["hint"], hint.as_str());
+    assert_eq!(rotated[1]["key_id"], k2.as_str());
+    assert_eq!(rotated[1]["hint"], hint2.as_str());
+    let n = lines.len();
+
+    env.ok(&["revoke", &k2]);
+    assert_eq!(check(&env, "key.revoked", &k2, &hint2), n + 1);
+    // No-ops write nothing.
+    env.ok(&["revoke", &k2]);
+    env.ok(&["list"]);
+    env.ok(&["show", &k]);
+    env.ok(&["compact"]);
+    assert_eq!(env.audit_lines().len(), n + 1);
+
+    let audit = env.audit_text();
+    assert!(!audit.contains(&key) && !audit.contains(key2));
+    for l in env.store_lines() {
+        if let Some(d) = l["digest"].as_str() {
+            assert!(!audit.contains(d));
+        }
+    }
+}
+
+#[test]
+fn audit_failure_refuses_the_change_and_leaves_the_store_alone() {
+    if !Path::new("/dev/full").exists() {
+        eprintln!("skipping: no /dev/full");
+        return;
+    }
+    let broken = CONFIG.replace("audit_log = \"audit.jsonl\"", "audit_log = \"/dev/full\"");
+    assert!(broken.contains("/dev/full"));
+
+    // Nothing exists yet: create must fail and not create the store.
+    let env = Env::with_config(&broken);
+    let r = env.fail(&["create", "--name", "n", "--owner", "o"]);
+    assert!(r.stderr.contains("audit log /dev/full"), "{r:?}");
+    assert!(r.stderr.contains("not made"), "{r:?}");
+    assert!(
+        r.stdout.is_empty(),
+        "no key printed for a refused change: {r:?}"
+    );
+    assert!(!env.store().exists());
+
+    // With an existing store: every kind of change is refused, byte for byte.
+    let env = Env::new();
+    let k = env.create_id(&[]);
+    env.create_id(&["--owner", "other"]);
+    std::fs::write(&env.config, &broken).unwrap();
+    let before = std::fs::read(env.store()).unwrap();
+    let legacy = env.path("legacy.txt");
+    std::fs::write(&legacy, "legacy-key-for-audit-failure-01\n").unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["create", "--name", "n", "--owner", "o"],
+        vec!["update", &k, "--scope", "a:b"],
+        vec!["revoke", &k],
+        vec!["revoke", "--owner", "other", "--yes"],
+        vec!["rotate", &k],
+        vec!["import", "--file", legacy.to_str().unwrap(), "--owner", "o"],
+    ];
+    for args in &cases {
+        let r = env.fail(args);
+        assert!(r.stderr.contains("/dev/full"), "{args:?}: {r:?}");
+        assert!(r.stdout.is_empty(), "{args:?}: {r:?}");
+        assert_eq!(std::fs::read(env.store()).unwrap(), before, "{args:?}");
+    }
+    // Reads still work.
+    assert_eq!(env.list(&["--state", "active"]).len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. concurrency
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_creates_get_unique_consecutive_revisions() {
+    let env = Env::new();
+    let mut children = vec![];
+    for set in ["a", "b"] {
+        for i in 0..20 {
+            let name = format!("{set}-{i}");
+            let owner = format!("owner-{set}");
+            children.push(env.spawn(&["create", "--name", &name, "--owner", &owner, "--json"]));
+        }
+    }
+    let runs: Vec<Run> = children
+        .into_iter()
+        .map(|c| finish(c, "concurrent create"))
+        .collect();
+    let mut keys = BTreeSet::new();
+    for r in &runs {
+        assert!(r.status.success(), "{r:?}");
+        keys.insert(r.json()["key"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(keys.len(), 40);
+
+    let lines = env.store_lines();
+    assert_eq!(lines.len(), 40);
+    let mut revs: Vec<u64> = lines.iter().map(|l| l["rev"].as_u64().unwrap()).collect();
+    let in_file_order = revs.clone();
+    revs.sort_unstable();
+    assert_eq!(revs, (1..=40).collect::<Vec<u64>>());
+    assert_eq!(in_file_order, revs, "revisions increase in file order");
+    assert_eq!(env.list(&[]).len(), 40);
+    assert_eq!(env.list(&["--owner", "owner-a"]).len(), 20);
+    assert_eq!(env.audit_lines().len(), 40);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. kill -9
+// ---------------------------------------------------------------------------------------------
+
+/// Every store line parses and revisions strictly increase.
+fn assert_store_intact(env: &Env, context: &str) -> u64 {
+    let text = env.store_text();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{context}: partial tail left"
+    );
+    let mut last = 0;
+    for l in text.lines() {
+        let v: Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{context}: line {l:?}: {e}"));
+        let rev = v["rev"].as_u64().unwrap();
+        if v.get("meta").is_none() {
+            assert!(rev > last, "{context}: rev {rev} after {last}");
+        }
+        last = last.max(rev);
+    }
+    last
+}
+
+#[test]
+fn killed_writers_never_corrupt_the_store() {
+    let env = Env::new();
+    let file = env.path("big.txt");
+    let mut text = String::new();
+    for i in 0..10_000u32 {
+        text.push_str(&format!("legacy-kill-key-{i:08}-xyzxyzxyz\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap().to_owned();
+    let import = ["import", "--file", f.as_str(), "--owner", "mig"];
+
+    // A seed store that every iteration starts from.
+    env.create(&[]);
+    env.create(&["--owner", "team-b"]);
+    let seed = std::fs::read(env.store()).unwrap();
+
+    // Calibrate: how long one whole import takes here.
+    let start = Instant::now();
+    env.ok(&import);
+    let mut full = start.elapsed();
+    eprintln!("kill test: one 10k import takes {full:?}");
+
+    let mut outcomes = BTreeMap::<&str, usize>::new();
+    for i in 0..30u32 {
+        std::fs::write(env.store(), &seed).unwrap();
+        let creating = i % 5 == 4;
+        // Every third import is killed once the store file starts growing, 0-3 MiB into
+        // its ~4 MiB append (to tear the write); the others after a time-based delay.
+        let on_growth = !creating && i % 3 == 0;
+        let args: Vec<&str> = if creating {
+            vec!["create", "--name", "k", "--owner", "o"]
+        } else {
+            import.to_vec()
+        };
+        // Kill points from "at once" to just past the full run.
+        let delay = if creating {
+            Duration::from_micros(u64::from(i) * 400)
+        } else {
+            full.mul_f64(0.3 + 0.8 * f64::from(i % 10) / 9.0)
+        };
+        let grown = seed.len() as u64 + u64::from(i / 3 % 4) * (1 << 20);
+        let mut child = env.spawn(&args);
+        let start = Instant::now();
+        let finished = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if on_growth {
+                assert!(start.elapsed() < CLI_TIMEOUT, "iteration {i}: import hangs");
+                let len = std::fs::metadata(env.store()).map_or(0, |m| m.len());
+                if len > grown {
+                    break None;
+                }
+                std::thread::yield_now();
+            } else {
+                if start.elapsed() >= delay {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let killed = finished.is_none();
+        if !killed && !creating && !on_growth {
+            // Track how long an import takes now (other tests share the cores).
+            full = start.elapsed();
+        }
+        if killed {
+            child.kill().unwrap();
+        }
+        let status = child.wait().unwrap();
+        if !killed {
+            assert!(status.success(), "iteration {i}: {status:?}");
+        }
+
+        // A partial tail, if any, is ignored by readers without a warning…
+        let raw = env.store_text();
+        let partial = !raw.is_empty() && !raw.ends_with('\n');
+        *outcomes
+            .entry(match (killed, partial) {
+                (false, _) => "finished",
+                (true, true) => "killed-partial",
+                (true, false) if raw.len() > seed.len() => "killed-after-write",
+                (true, false) => "killed-before-write",
+            })
+            .or_default() += 1;
+        let listed = env.list(&["--owner", "nobody"]);
+        assert!(listed.is_empty());
+        let r = env.ok(&["list", "--state", "revoked"]);
+        assert!(!r.stderr.contains("skipped"), "iteration {i}: {r:?}");
+        // …and the next writer drops it: its own line is complete and parses.
+        let (v, _) = env.create(&["--name", &format!("after-{i}")]);
+        let max = assert_store_intact(&env, &format!("iteration {i}"));
+        let last_line = env.store_text().lines().last().unwrap().to_owned();
+        let last: Value = serde_json::from_str(&last_line).unwrap();
+        assert_eq!(last["id"], v["id"], "iteration {i}");
+        assert_eq!(last["rev"].as_u64().unwrap(), max);
+        assert_eq!(env.show(&id(&v))["state"], "active");
+    }
+
+    // A torn write (simulated: half a record, no newline) is dropped by the next writer.
+    std::fs::write(env.store(), &seed).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.store())
+        .unwrap();
+    f.write_all(br#"{"rev":3,"id":"key_torn","digest":"00"#)
+        .unwrap();
+    drop(f);
+    assert_eq!(env.list(&[]).len(), 2);
+    let (v, _) = env.create(&[]);
+    assert_eq!(v["rev"], 3);
+    assert_store_intact(&env, "torn write");
+    assert!(!env.store_text().contains("key_torn"));
+    eprintln!("kill test outcomes: {outcomes:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. rotate racing revoke (J8)
+// ---------------------------------------------------------------------------------------------
+
+/// Versions of `id` in file order.
+fn versions(env: &Env, id: &str) -> Vec<Value> {
+    env.store_lines()
+        .into_iter()
+        .filter(|l| l["id"] == id)
+        .collect()
+}
+
+#[test]
+fn concurrent_rotate_and_revoke_always_end_revoked() {
+    let env = Env::new();
+    let mut rotated = 0;
+    for i in 0..10 {
+        let k = env.create_id(&["--name", &format!("race-{i}")]);
+        let (rot, rev) = if i % 2 == 0 {
+            let a = env.spawn(&["rotate", &k, "--grace", "1h"]);
+            let b = env.spawn(&["revoke", &k, "--reason", "race"]);
+            (a, b)
+        } else {
+            let b = env.spawn(&["revoke", &k, "--reason", "race"]);
+            let a = env.spawn(&["rotate", &k, "--grace", "1h"]);
+            (a, b)
+        };
+        let rot = finish(rot, "rotate");
+        let rev = finish(rev, "revoke");
+        assert!(rev.status.success(), "revoke must always succeed: {rev:?}");
+        assert_eq!(env.show(&k)["state"], "revoked", "iteration {i}");
+        let vs = versions(&env, &k);
+        let first_revoked = vs
+            .iter()
+            .position(|v| v.get("revoked_at").is_some())
+            .unwrap();
+        assert_eq!(
+            first_revoked,
+            vs.len() - 1,
+            "iteration {i}: nothing may be written to {k} after its revocation: {vs:?}"
+        );
+        if rot.status.success() {
+            rotated += 1;
+            // The rotation came first: the successor exists and predates the revocation.
+            let old = vs.last().unwrap();
+            let succ = old["rotated_to"].as_str().unwrap();
+            assert!(env.show(succ)["rev"].as_u64() < old["rev"].as_u64());
+        } else {
+            assert!(rot.stderr.contains("revoked"), "{rot:?}");
+            assert!(vs.last().unwrap().get("rotated_to").is_none());
+        }
+    }
+    eprintln!("rotate won the race {rotated}/10 times");
+}
+
+/// A rotation that read the clock before a revocation but took the store lock after it must
+/// still see the key as revoked (the clock is not a lock). The test holds the store lock itself,
+/// lets `rotate` start and block on it, writes the competing revocation once the wall clock has
+/// moved on to the next second, and releases the lock.
+#[test]
+fn rotate_that_waited_for_the_lock_sees_a_later_revocation() {
+    let env = Env::new();
+    let k = env.create_id(&[]);
+
+    // Start just after a second boundary, so `rotate` reads its clock early in that second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let s0 = now();
+    while now() == s0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let store = std::fs::OpenOptions::new()
+        .append(true)
+        .open(env.store())
+        .unwrap();
+    store.lock().unwrap();
+    let t_rotate = now();
+    let child = env.spawn(&["rotate", &k, "--grace", "1h"]);
+    // Wait for the clock to move past the second rotate started in.
+    while now() <= t_rotate {
+        assert!(Instant::now() < deadline + Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The competing revocation, written as `keys revoke` writes it, under the lock.
+    let mut latest = versions(&env, &k).pop().unwrap();
+    let rev = latest["rev"].as_u64().unwrap() + 1;
+    latest["rev"] = rev.into();
+    latest["revoked_at"] = now().into();
+    latest["revoked_reason"] = "compromised".into();
+    let mut line = serde_json::to_string(&latest).unwrap();
+    line.push('\n');
+    let mut w = &store;
+    w.write_all(line.as_bytes()).unwrap();
+    w.flush().unwrap();
+    store.unlock().unwrap();
+    drop(store);
+
+    let r = finish(child, "rotate");
+    assert_eq!(env.show(&k)["state"], "revoked");
+    assert!(
+        !r.status.success(),
+        "rotating a revoked key must fail, but it minted a successor: {r:?}\n{}",
+        env.store_text()
+    );
+    assert!(r.stderr.contains("revoked"), "{r:?}");
+    assert_eq!(env.list(&[]).len(), 1, "no successor");
+    assert_eq!(versions(&env, &k).len(), 2);
+}
