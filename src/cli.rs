@@ -64,6 +64,61 @@ pub enum Command {
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the control plane: admin REST API and the feed for gateways in fleet mode.
+    Control,
+    /// Mint admin tokens for the control plane.
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokenCommand {
+    /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
+    Create {
+        #[arg(long, value_enum)]
+        role: crate::control::tokens::Role,
+        /// A note on who holds it (e.g. the gateway or CI job).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Failure> {
+    let settings = KeySettings::from_config(config)?;
+    match cmd {
+        AdminTokenCommand::Create { role, name, json } => {
+            let path = config.resolve(&config.control.tokens);
+            let minted = crate::control::tokens::create(&path, &settings.hasher, role, name, now())
+                .map_err(|e| {
+                    Failure(format!(
+                        "cannot write admin tokens to {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            let audit = crate::audit::AuditLog::new(&settings.audit_log);
+            audit
+                .append(&[crate::audit::Event::new(
+                    "admin_token.created",
+                    &crate::audit::os_user(),
+                )
+                .with("token_id", minted.record.id.clone())
+                .with("role", role.as_str())])
+                .map_err(|e| Failure(format!("audit log {}: {e}", settings.audit_log.display())))?;
+            if json {
+                out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "token": minted.token}).to_string())?;
+            } else {
+                out(&minted.token)?;
+            }
+            eprintln!(
+                "created admin token {} (role {}); shown once",
+                minted.record.id,
+                role.as_str()
+            );
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Args)]

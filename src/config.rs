@@ -49,6 +49,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -269,6 +271,33 @@ pub struct CorsConfig {
 pub struct MetricsConfig {
     /// Opt-in per-key request counters (`key_id` label), capped at this many series. 0: off.
     pub per_key_series: usize,
+}
+
+/// `keygate control`: the admin REST API and the feed for a fleet of gateways.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub listen: String,
+    /// Admin tokens (HMAC digests and roles), minted by `keygate admin-token create`.
+    pub tokens: PathBuf,
+    /// Request body limit of the REST API.
+    pub max_body_bytes: usize,
+    /// Feed heartbeat interval when idle, ms.
+    pub heartbeat_ms: u64,
+    /// Records a feed reader may fall behind before it is disconnected (it then resumes).
+    pub feed_buffer: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: "127.0.0.1:7070".into(),
+            tokens: "admin-tokens.jsonl".into(),
+            max_body_bytes: 64 * 1024,
+            heartbeat_ms: 2_000,
+            feed_buffer: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

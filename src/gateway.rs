@@ -96,9 +96,16 @@ impl Gateway {
 
     /// Install a whole new table (first load, compaction, feed snapshot).
     pub fn replace_table(&self, table: KeyTable) {
+        self.install_table(table, true);
+    }
+
+    /// Install a table; `synced` is false for a local copy of unknown age.
+    pub fn install_table(&self, table: KeyTable, synced: bool) {
         self.table.store(Arc::new(table));
         self.loaded.store(true, Ordering::Release);
-        self.mark_synced();
+        if synced {
+            self.mark_synced();
+        }
     }
 
     pub fn mark_synced(&self) {

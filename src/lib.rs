@@ -18,6 +18,7 @@ pub mod authz;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod error;
 pub mod extract;

@@ -40,6 +40,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Demo { dir, listen, admin } => runtime()?
             .block_on(keygate::demo::run(&dir, &listen, &admin))
             .map_err(|e| Failure(e.to_string())),
+        Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
+        Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
         Command::Check => {
             let (problems, notes) = keygate::check::check(&cli.config);
             for n in &notes {

@@ -168,8 +168,25 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let server_cfg = snapshot.server.clone();
     let poll = Duration::from_millis(snapshot.config.keys.poll_interval_ms.max(10));
     let store = snapshot.keys.store.clone();
+    let feed = snapshot.feed.clone();
     let gw = Gateway::new(snapshot, metrics.clone());
-    crate::store::follow::spawn(gw.clone(), store, poll)?;
+    match feed {
+        None => crate::store::follow::spawn(gw.clone(), store, poll)?,
+        Some(f) => {
+            crate::store::feed_client::spawn(
+                gw.clone(),
+                f.url.clone(),
+                f.token.clone(),
+                f.cache.clone(),
+            );
+            crate::store::feed_client::spawn_usage_reports(
+                gw.clone(),
+                f.usage_url.clone(),
+                f.token.clone(),
+                f.node.clone(),
+            );
+        }
+    }
 
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));

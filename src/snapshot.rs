@@ -36,8 +36,21 @@ pub enum OnStale {
     FailClosed,
 }
 
+/// Where a gateway in fleet mode gets its keys.
+#[derive(Debug, Clone)]
+pub struct FeedSource {
+    pub url: String,
+    pub usage_url: http::Uri,
+    pub token: String,
+    pub cache: std::path::PathBuf,
+    /// Stable name of this gateway in usage reports (host + usage file).
+    pub node: String,
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
+    /// `None`: follow the store file (the default).
+    pub feed: Option<FeedSource>,
     pub keys: KeySettings,
     pub router: Router,
     pub routes: Vec<Route>,
@@ -247,7 +260,49 @@ impl Snapshot {
         if c.server.max_header_bytes < 8192 {
             return Err(c.invalid("server.max_header_bytes", "must be at least 8192"));
         }
+        let feed = match c.keys.source.as_str() {
+            "file" => None,
+            "feed" => {
+                let url = c.keys.feed_url.clone().ok_or_else(|| {
+                    c.invalid("keys.feed_url", "required when keys.source = \"feed\"")
+                })?;
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|_| c.invalid("keys.feed_url", "not a URL"))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(c.invalid("keys.feed_url", "use http://host:port/v1/feed (run the control plane on a private network or loopback)"));
+                }
+                let usage_url: http::Uri = format!(
+                    "http://{}/v1/usage",
+                    uri.authority().map(|a| a.as_str()).unwrap_or_default()
+                )
+                .parse()
+                .map_err(|_| c.invalid("keys.feed_url", "not a URL"))?;
+                let token = std::env::var(&c.keys.feed_token_env).ok().filter(|t| !t.is_empty()).ok_or_else(|| {
+                    ConfigError::Secret(format!("{} is not set: a gateway in feed mode needs a feed admin token (keygate admin-token create --role feed)", c.keys.feed_token_env))
+                })?;
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                Some(FeedSource {
+                    url,
+                    usage_url,
+                    token,
+                    cache: c.resolve(&c.keys.feed_cache),
+                    node: format!(
+                        "{}:{}",
+                        host.trim(),
+                        c.resolve(&c.keys.usage_file).display()
+                    ),
+                })
+            }
+            other => {
+                return Err(c.invalid(
+                    "keys.source",
+                    format!("{other:?}: use \"file\" or \"feed\""),
+                ))
+            }
+        };
         Ok(Snapshot {
+            feed,
             keys,
             router: Router::new(specs),
             routes,

@@ -92,6 +92,9 @@ pub struct Parsed {
     pub corrupt: Vec<Corrupt>,
     /// Highest revision seen (records and meta lines), or the input revision if none.
     pub rev: u64,
+    /// The revision of the last compaction meta line, if the range held one: records at or
+    /// below it are a compacted snapshot, not the full history.
+    pub compacted_at: Option<u64>,
 }
 
 /// Parse complete lines in `buf`, numbering from `first_line`, accepting only revisions above
@@ -110,7 +113,10 @@ fn parse_lines(buf: &[u8], first_line: u64, after: u64) -> Parsed {
             continue;
         }
         match parse_line(line) {
-            Ok(Line::Meta(rev)) => out.rev = out.rev.max(rev),
+            Ok(Line::Meta(rev)) => {
+                out.rev = out.rev.max(rev);
+                out.compacted_at = Some(rev);
+            }
             Ok(Line::Record(r)) if r.rev <= last => out.corrupt.push(Corrupt {
                 line: number,
                 reason: format!("revision {} does not follow {}", r.rev, last),

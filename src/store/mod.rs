@@ -4,6 +4,8 @@
 //! atomically, followed incrementally by gateways). The feed (fleet mode) serves the same log
 //! over HTTP.
 
+pub mod feed;
+pub mod feed_client;
 pub mod file;
 pub mod follow;
 

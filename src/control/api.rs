@@ -1,0 +1,800 @@
+//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/feed` (ndjson
+//! stream), `/v1/usage` (gateway reports) and `/v1/openapi.yaml`. Every error is
+//! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
+//! in the responses to create and rotate.
+
+use super::tokens::Role;
+use super::Control;
+use crate::keys::ops::{Changes, Grants, Keys, OpsError, Selector};
+use crate::keys::record::{KeyRecord, KeyState};
+use crate::store::feed::{Catchup, Event, FeedLine};
+use crate::usage::Used;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub type Body = Either<Full<Bytes>, FeedBody>;
+
+pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+
+/// A streaming body fed by a channel: the feed task writes lines, hyper sends them.
+pub struct FeedBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for FeedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// An API failure: status, stable code, and a human detail (never secret).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        code,
+        detail: detail.into(),
+    }
+}
+
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> ApiError {
+        let (status, code) = match &e {
+            OpsError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            OpsError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, "policy_violation"),
+            OpsError::UnknownPlan(..) | OpsError::Invalid(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            // Fail closed: a change that cannot be audited is not made (THREATS J6).
+            OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            OpsError::Store(_) | OpsError::Random(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
+        };
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %e, "control plane change failed");
+        }
+        err(status, code, e.to_string())
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn problem(e: &ApiError) -> Response<Body> {
+    let body = json!({"type": "about:blank", "title": e.status.canonical_reason().unwrap_or("Error"), "status": e.status.as_u16(), "code": e.code, "detail": e.detail});
+    let mut r = json_response(e.status, &body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+pub async fn handle(c: Arc<Control>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    Ok(match route(&c, req).await {
+        Ok(r) => r,
+        Err(e) => problem(&e),
+    })
+}
+
+/// Which role an endpoint needs; the token is checked before anything else is read.
+fn authorize(c: &Control, req: &Request<Incoming>, needed: Role) -> Result<String, ApiError> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| {
+            err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer admin token",
+            )
+        })?;
+    let tokens = c.tokens();
+    let record = tokens
+        .1
+        .authenticate(token, &c.settings.hasher)
+        .ok_or_else(|| {
+            err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid admin token",
+            )
+        })?;
+    if !record.role.allows(needed) {
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token's role is {}; {} is required",
+                record.role.as_str(),
+                needed.as_str()
+            ),
+        ));
+    }
+    Ok(format!("admin:{}", record.id))
+}
+
+async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "openapi.yaml"]) => {
+            let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
+                OPENAPI.as_bytes(),
+            ))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/yaml"),
+            );
+            Ok(r)
+        }
+        (Method::GET, ["v1", "feed"]) => {
+            authorize(c, &req, Role::Feed)?;
+            feed(c, req.uri().query())
+        }
+        (Method::POST, ["v1", "usage"]) => {
+            authorize(c, &req, Role::Feed)?;
+            let body = read_json(c, req).await?;
+            let node = body
+                .get("node")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .chars()
+                .take(128)
+                .collect::<String>();
+            let usage: BTreeMap<String, Used> = serde_json::from_value(
+                body.get("usage").cloned().unwrap_or(Value::Null),
+            )
+            .map_err(|e| {
+                err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("usage: {e}"),
+                )
+            })?;
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.report_usage(node, usage)).await;
+            Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
+        }
+        (Method::GET, ["v1", "api-keys"]) => {
+            authorize(c, &req, Role::Read)?;
+            list(c, req.uri().query()).await
+        }
+        (Method::POST, ["v1", "api-keys"]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let body = read_json(c, req).await?;
+            create(c, actor, body).await
+        }
+        (Method::POST, ["v1", "api-keys", "revoke"]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let body = read_json(c, req).await?;
+            mass_revoke(c, actor, body).await
+        }
+        (Method::GET, ["v1", "api-keys", id]) => {
+            authorize(c, &req, Role::Read)?;
+            let id = id.to_string();
+            let c2 = c.clone();
+            let record = blocking(move || Keys::new(&c2.settings, "").show(&id)).await?;
+            Ok(json_response(StatusCode::OK, &public(c, &record)))
+        }
+        (Method::PATCH, ["v1", "api-keys", id]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let body = read_json(c, req).await?;
+            update(c, actor, id, body).await
+        }
+        (Method::DELETE, ["v1", "api-keys", id]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let body = read_json_optional(c, req).await?;
+            let reason = optional_string(&body, "reason")?;
+            let c2 = c.clone();
+            let record = blocking(move || {
+                Keys::new(&c2.settings, actor).revoke(&id, reason.as_deref(), crate::cli::now())
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &public(c, &record)))
+        }
+        (Method::POST, ["v1", "api-keys", id, "rotate"]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let body = read_json_optional(c, req).await?;
+            reject_unknown(&body, &["grace"])?;
+            let grace = match optional_string(&body, "grace")? {
+                Some(g) => secs(&g, "grace")?,
+                None => c.settings.rotate_grace_secs,
+            };
+            let c2 = c.clone();
+            let minted = blocking(move || {
+                Keys::new(&c2.settings, actor).rotate(&id, grace, crate::cli::now())
+            })
+            .await?;
+            let mut v = public(c, &minted.record);
+            v["key"] = Value::String(minted.key);
+            Ok(json_response(StatusCode::CREATED, &v))
+        }
+        (_, ["v1", "api-keys", ..] | ["v1", "feed"] | ["v1", "usage"] | ["v1", "openapi.yaml"]) => {
+            Err(err(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not supported here"),
+            ))
+        }
+        _ => Err(err(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, OpsError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| {
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "worker failed",
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn public(c: &Control, r: &KeyRecord) -> Value {
+    let mut v = r.public_json(crate::cli::now());
+    if let Some(u) = c.merged_usage().get(&r.id) {
+        v["last_used"] = u.last_used.into();
+        v["requests"] = u.requests.into();
+    }
+    v
+}
+
+async fn read_json_optional(
+    c: &Control,
+    req: Request<Incoming>,
+) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(c, req).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    parse_object(&bytes)
+}
+
+async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(c, req).await?;
+    parse_object(&bytes)
+}
+
+async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let limit = c.config.control.max_body_bytes;
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| {
+            err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body over {limit} bytes"),
+            )
+        })
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    // serde_json bounds nesting depth (128), so deeply nested input is a clean 400 (J7).
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "body must be a JSON object",
+        )),
+        Err(e) => Err(err(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())),
+    }
+}
+
+fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            format!("unknown field {k:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+fn string_list(body: &Map<String, Value>, field: &str) -> Result<Option<Vec<String>>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} must be a list of strings"),
+            )
+        }),
+    }
+}
+
+fn ip_list(body: &Map<String, Value>) -> Result<Option<Vec<IpNet>>, ApiError> {
+    string_list(body, "allow_ips")?
+        .map(|l| {
+            l.iter()
+                .map(|s| {
+                    s.parse::<IpNet>().map_err(|_| {
+                        err(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_request",
+                            format!("allow_ips: {s:?} is not a CIDR"),
+                        )
+                    })
+                })
+                .collect()
+        })
+        .transpose()
+}
+
+fn labels(body: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    match body.get("labels") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "labels must be an object of strings",
+            )
+        }),
+    }
+}
+
+fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
+    crate::config::parse_duration(s)
+        .map(|d| d.as_secs() as i64)
+        .map_err(|m| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field}: {m}"),
+            )
+        })
+}
+
+async fn create(
+    c: &Arc<Control>,
+    actor: String,
+    body: Map<String, Value>,
+) -> Result<Response<Body>, ApiError> {
+    reject_unknown(
+        &body,
+        &[
+            "name",
+            "owner",
+            "env",
+            "scopes",
+            "plan",
+            "rate",
+            "expires_in",
+            "allow_ips",
+            "allow_origins",
+            "labels",
+            "canary",
+        ],
+    )?;
+    let name = optional_string(&body, "name")?.ok_or_else(|| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name is required",
+        )
+    })?;
+    let grants = Grants {
+        name,
+        owner: optional_string(&body, "owner")?.unwrap_or_default(),
+        env: optional_string(&body, "env")?.unwrap_or_else(|| "live".into()),
+        scopes: string_list(&body, "scopes")?.unwrap_or_default(),
+        plan: optional_string(&body, "plan")?,
+        rate: optional_string(&body, "rate")?,
+        expires_in_secs: optional_string(&body, "expires_in")?
+            .map(|s| secs(&s, "expires_in"))
+            .transpose()?,
+        allow_ips: ip_list(&body)?.unwrap_or_default(),
+        allow_origins: string_list(&body, "allow_origins")?.unwrap_or_default(),
+        labels: labels(&body)?.unwrap_or_default(),
+        canary: match body.get("canary") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "canary must be a boolean",
+                ))
+            }
+        },
+    };
+    let c2 = c.clone();
+    let minted =
+        blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::cli::now())).await?;
+    let mut v = public(c, &minted.record);
+    v["key"] = Value::String(minted.key);
+    Ok(json_response(StatusCode::CREATED, &v))
+}
+
+/// Fields a PATCH may never set (mass assignment, OWASP API3): identity, secrets, lineage
+/// and lifecycle fields change only through their own endpoints.
+const IMMUTABLE: &[&str] = &[
+    "id",
+    "digest",
+    "secret_version",
+    "created_at",
+    "owner",
+    "env",
+    "rev",
+    "hint",
+    "lineage",
+    "imported",
+    "canary",
+    "rotated_from",
+    "rotated_to",
+    "revoked_at",
+    "revoked_reason",
+    "written_at_ms",
+    "state",
+    "key",
+    "not_before",
+];
+
+async fn update(
+    c: &Arc<Control>,
+    actor: String,
+    id: String,
+    body: Map<String, Value>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(f) = body.keys().find(|k| IMMUTABLE.contains(&k.as_str())) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "immutable_field",
+            format!("{f} cannot be changed"),
+        ));
+    }
+    reject_unknown(
+        &body,
+        &[
+            "name",
+            "scopes",
+            "plan",
+            "rate",
+            "expires_in",
+            "allow_ips",
+            "allow_origins",
+            "labels",
+        ],
+    )?;
+    let nullable = |field: &str| -> Result<Option<Option<String>>, ApiError> {
+        match body.get(field) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
+            Some(_) => Err(err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} must be a string or null"),
+            )),
+        }
+    };
+    let changes = Changes {
+        name: optional_string(&body, "name")?,
+        owner: None,
+        scopes: string_list(&body, "scopes")?,
+        plan: nullable("plan")?,
+        rate: nullable("rate")?,
+        expires_in_secs: nullable("expires_in")?
+            .map(|o| o.map(|s| secs(&s, "expires_in")).transpose())
+            .transpose()?,
+        allow_ips: ip_list(&body)?,
+        allow_origins: string_list(&body, "allow_origins")?,
+        labels: labels(&body)?.unwrap_or_default(),
+    };
+    let c2 = c.clone();
+    let record =
+        blocking(move || Keys::new(&c2.settings, actor).update(&id, &changes, crate::cli::now()))
+            .await?;
+    Ok(json_response(StatusCode::OK, &public(c, &record)))
+}
+
+async fn mass_revoke(
+    c: &Arc<Control>,
+    actor: String,
+    body: Map<String, Value>,
+) -> Result<Response<Body>, ApiError> {
+    reject_unknown(&body, &["owner", "env", "label", "reason", "confirm"])?;
+    if body.get("confirm") != Some(&Value::Bool(true)) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "confirmation_required",
+            "mass revoke needs \"confirm\": true",
+        ));
+    }
+    let label = optional_string(&body, "label")?
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "label must be key=value",
+                    )
+                })
+        })
+        .transpose()?;
+    let selector = Selector {
+        owner: optional_string(&body, "owner")?,
+        env: optional_string(&body, "env")?,
+        label,
+    };
+    let reason = optional_string(&body, "reason")?;
+    let c2 = c.clone();
+    let done = blocking(move || {
+        Keys::new(&c2.settings, actor).revoke_matching(
+            &selector,
+            reason.as_deref(),
+            crate::cli::now(),
+        )
+    })
+    .await?;
+    let ids: Vec<&str> = done.iter().map(|r| r.id.as_str()).collect();
+    Ok(json_response(StatusCode::OK, &json!({"revoked": ids})))
+}
+
+fn query_params(q: Option<&str>) -> BTreeMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.replace("%3D", "=").replace("%3d", "=")))
+        .collect()
+}
+
+async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let q = query_params(query);
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["owner", "env", "state", "label", "limit", "cursor"].contains(&k.as_str()))
+    {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unknown query parameter {k:?}"),
+        ));
+    }
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "limit must be 1..=1000",
+                )
+            })?,
+        None => 100,
+    };
+    let state = match q.get("state").map(String::as_str) {
+        None => None,
+        Some("active") => Some(KeyState::Active),
+        Some("expired") => Some(KeyState::Expired),
+        Some("revoked") => Some(KeyState::Revoked),
+        Some("canary") => Some(KeyState::Canary),
+        Some("pending") => Some(KeyState::Pending),
+        Some(other) => {
+            return Err(err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("unknown state {other:?}"),
+            ))
+        }
+    };
+    let label = match q.get("label") {
+        Some(l) => Some(
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "label must be key=value",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let selector = Selector {
+        owner: q.get("owner").cloned(),
+        env: q.get("env").cloned(),
+        label,
+    };
+    let cursor = q.get("cursor").cloned();
+    let c2 = c.clone();
+    let parsed = blocking(move || Keys::new(&c2.settings, "").state()).await?;
+    let now = crate::cli::now();
+    let mut rows: Vec<KeyRecord> = crate::store::file::latest(parsed.records)
+        .into_values()
+        .filter(|r| selector.matches(r) && state.is_none_or(|s| r.state(now) == s))
+        .filter(|r| {
+            cursor
+                .as_ref()
+                .is_none_or(|cur| r.id.as_str() > cur.as_str())
+        })
+        .collect();
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|r| Value::String(r.id.clone()))
+    } else {
+        None
+    };
+    let items: Vec<Value> = rows.iter().map(|r| public(c, r)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"items": items, "next_cursor": next.unwrap_or(Value::Null)}),
+    ))
+}
+
+/// Stream the feed: catch-up (snapshot or records since `after`), then live records and
+/// heartbeats. A reader that falls `feed_buffer` records behind is disconnected.
+fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let q = query_params(query);
+    let after = match q.get("after") {
+        Some(a) => Some(a.parse::<u64>().map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "after must be a revision number",
+            )
+        })?),
+        None => None,
+    };
+    if !c.feed.loaded() {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the store has not been loaded yet",
+        ));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let state = c.feed.clone();
+    let heartbeat = Duration::from_millis(c.config.control.heartbeat_ms.max(100));
+    tokio::spawn(async move {
+        // Subscribe before reading the catch-up so nothing written in between is missed.
+        let mut live = state.subscribe();
+        let (mut last, catchup) = state.catchup(after);
+        let send = |line: FeedLine| {
+            let tx = tx.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(10), tx.send(line.to_bytes())).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        let sent_all = match catchup {
+            Catchup::Snapshot { rev, records } => {
+                let mut ok = send(FeedLine::SnapshotBegin {
+                    rev,
+                    count: records.len(),
+                })
+                .await;
+                for r in records {
+                    if !ok {
+                        break;
+                    }
+                    ok = send(FeedLine::Record {
+                        record: Box::new((*r).clone()),
+                    })
+                    .await;
+                }
+                ok && send(FeedLine::SnapshotEnd { rev }).await
+            }
+            Catchup::Since(records) => {
+                let mut ok = true;
+                for r in records {
+                    if !ok {
+                        break;
+                    }
+                    ok = send(FeedLine::Record {
+                        record: Box::new((*r).clone()),
+                    })
+                    .await;
+                }
+                ok
+            }
+        };
+        if !sent_all {
+            return;
+        }
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            let ok = tokio::select! {
+                ev = live.recv() => match ev {
+                    Ok(Event::Record(r)) if r.rev > last => {
+                        last = r.rev;
+                        send(FeedLine::Record { record: Box::new((*r).clone()) }).await
+                    }
+                    Ok(Event::Record(_)) => true,
+                    // Compaction, or this reader fell behind: end the stream; it resumes.
+                    Ok(Event::Reset) | Err(_) => false,
+                },
+                _ = tick.tick() => send(FeedLine::Heartbeat { rev: state.revision().max(last), time_ms: crate::gateway::unix_ms() }).await,
+            };
+            if !ok {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(Either::Right(FeedBody(rx)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}

@@ -1,0 +1,176 @@
+//! `keygate control`: the control plane. An admin REST API over the same record log the CLI
+//! writes (same lock, same policy, same audit events, the admin token's id as actor), and the
+//! feed that keeps a fleet of gateways in sync.
+//!
+//! Authentication: `Authorization: Bearer <admin token>`; a missing or unknown token is 401,
+//! a token of the wrong role 403. Tokens are looked up by HMAC digest (see `tokens`).
+
+pub mod api;
+pub mod tokens;
+
+use crate::config::Config;
+use crate::keys::KeySettings;
+use crate::store::feed::FeedState;
+use crate::usage::Used;
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokens::Tokens;
+
+/// Everything the control plane's handlers share.
+pub struct Control {
+    pub settings: KeySettings,
+    pub config: Config,
+    pub feed: Arc<FeedState>,
+    tokens_path: PathBuf,
+    tokens: ArcSwap<(Option<SystemTime>, Tokens)>,
+    /// Latest cumulative usage per reporting gateway node, merged on read.
+    usage_reports: DashMap<String, BTreeMap<String, Used>>,
+    usage_write: Mutex<()>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish()
+    }
+}
+
+impl Control {
+    /// The token table, re-read when its file changes (minting needs no restart).
+    pub fn tokens(&self) -> Arc<(Option<SystemTime>, Tokens)> {
+        let mtime = std::fs::metadata(&self.tokens_path)
+            .and_then(|m| m.modified())
+            .ok();
+        let current = self.tokens.load_full();
+        if current.0 == mtime {
+            return current;
+        }
+        let fresh = Arc::new((mtime, Tokens::load(&self.tokens_path)));
+        self.tokens.store(fresh.clone());
+        fresh
+    }
+
+    /// Merge a gateway's cumulative usage report and persist the fleet view.
+    pub fn report_usage(&self, node: String, report: BTreeMap<String, Used>) {
+        self.usage_reports.insert(node, report);
+        let merged = self.merged_usage();
+        let _guard = self.usage_write.lock();
+        let path = &self.settings.usage_file;
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&tmp, serde_json::to_vec(&merged)?)?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(error = %e, "cannot write the usage file");
+        }
+    }
+
+    /// Fleet-wide usage: latest use anywhere, requests summed over nodes; plus what the file
+    /// held from before (a restarted control plane has no reports yet).
+    pub fn merged_usage(&self) -> BTreeMap<String, Used> {
+        let mut out = if self.usage_reports.is_empty() {
+            crate::usage::read(&self.settings.usage_file)
+        } else {
+            BTreeMap::new()
+        };
+        for node in self.usage_reports.iter() {
+            for (id, u) in node.value() {
+                let e = out.entry(id.clone()).or_insert(Used {
+                    last_used: 0,
+                    requests: 0,
+                });
+                e.last_used = e.last_used.max(u.last_used);
+                e.requests += u.requests;
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Load state and bind; returns the bound address and the serving future.
+pub async fn start(
+    config_path: &Path,
+) -> Result<(SocketAddr, Arc<Control>, tokio::task::JoinHandle<()>), ControlError> {
+    let config = Config::load(config_path)?;
+    let settings = KeySettings::from_config(&config)?;
+    let feed = FeedState::new(config.control.feed_buffer);
+    feed.follow(
+        settings.store.clone(),
+        Duration::from_millis(config.keys.poll_interval_ms.max(10)),
+    )?;
+    let tokens_path = config.resolve(&config.control.tokens);
+    let control = Arc::new(Control {
+        tokens: ArcSwap::from_pointee((None, Tokens::default())),
+        tokens_path,
+        settings,
+        feed,
+        usage_reports: DashMap::new(),
+        usage_write: Mutex::new(()),
+        config,
+    });
+    let listener = tokio::net::TcpListener::bind(&control.config.control.listen)
+        .await
+        .map_err(|source| ControlError::Bind {
+            addr: control.config.control.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let c = control.clone();
+    let task = tokio::spawn(async move {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        let builder = Arc::new(builder);
+        loop {
+            let Ok((stream, _peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (c, builder) = (c.clone(), builder.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| api::handle(c.clone(), req));
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, control, task))
+}
+
+/// `keygate control`: serve until SIGTERM/SIGINT.
+pub async fn run(config_path: &Path) -> Result<(), ControlError> {
+    let (addr, control, task) = start(config_path).await?;
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "control": addr.to_string()})
+    );
+    tracing::info!(%addr, tokens = control.tokens().1.len(), "control plane listening");
+    crate::server::wait_for_stop().await;
+    task.abort();
+    Ok(())
+}
