@@ -230,6 +230,13 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Active keys not used for a while (last use from the usage file the gateway flushes).
+    Stale {
+        #[arg(long, default_value = "90d")]
+        unused: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Store digests of keys issued elsewhere (one key or JSON object per line).
     Import {
         #[arg(long)]
@@ -323,24 +330,50 @@ fn fmt_time(t: Option<i64>) -> String {
     }
 }
 
-fn print_table(records: &[&KeyRecord], now: i64) -> Result<(), Failure> {
+fn print_table(records: &[&KeyRecord], usage: &Usage, now: i64) -> Result<(), Failure> {
     let mut text = format!(
-        "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {}\n",
-        "ID", "NAME", "OWNER", "ENV", "STATE", "EXPIRES", "SCOPES"
+        "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {:<21} {}\n",
+        "ID", "NAME", "OWNER", "ENV", "STATE", "EXPIRES", "LAST USED", "SCOPES"
     );
     for r in records {
+        let last = usage
+            .get(&r.id)
+            .map(|u| fmt_time(Some(u.last_used)))
+            .unwrap_or_else(|| "never".into());
         text.push_str(&format!(
-            "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {}\n",
+            "{:<31} {:<20} {:<16} {:<5} {:<8} {:<21} {:<21} {}\n",
             r.id,
             truncate(&r.name, 20),
             truncate(&r.owner, 16),
             r.env,
             r.state(now).as_str(),
             fmt_time(r.expires_at),
+            last,
             r.scopes.join(",")
         ));
     }
     out(text.trim_end())
+}
+
+type Usage = std::collections::BTreeMap<String, crate::usage::Used>;
+
+/// A record's JSON for listings: public fields plus last use, when known.
+fn listed_json(r: &KeyRecord, usage: &Usage, now: i64) -> serde_json::Value {
+    let mut v = r.public_json(now);
+    if let Some(u) = usage.get(&r.id) {
+        v["last_used"] = u.last_used.into();
+        v["requests"] = u.requests.into();
+    }
+    v
+}
+
+fn print_rows(rows: &[&KeyRecord], usage: &Usage, now: i64, json: bool) -> Result<(), Failure> {
+    if json {
+        let arr = rows.iter().map(|r| listed_json(r, usage, now)).collect();
+        out(&serde_json::Value::Array(arr).to_string())
+    } else {
+        print_table(rows, usage, now)
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -423,12 +456,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .filter(|r| state.is_none_or(|s| r.state(now) == s))
                 .collect();
             rows.sort_by_key(|r| r.created_at);
-            if json {
-                let arr: Vec<_> = rows.iter().map(|r| r.public_json(now)).collect();
-                out(&serde_json::Value::Array(arr).to_string())
-            } else {
-                print_table(&rows, now)
-            }
+            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
         }
         KeysCommand::Show { id, json } => print_record(&keys.show(&id)?, now, json),
         KeysCommand::Update {
@@ -522,14 +550,20 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 })
                 .collect();
             rows.sort_by_key(|r| r.expires_at);
-            if json {
-                out(
-                    &serde_json::Value::Array(rows.iter().map(|r| r.public_json(now)).collect())
-                        .to_string(),
-                )
-            } else {
-                print_table(&rows, now)
-            }
+            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
+        }
+        KeysCommand::Stale { unused, json } => {
+            let before = now - secs(&unused)?;
+            let usage = crate::usage::read(&settings.usage_file);
+            let latest = crate::store::file::latest(keys.state()?.records);
+            // Never used counts from creation, so a key minted yesterday is not stale.
+            let last_use = |r: &KeyRecord| usage.get(&r.id).map_or(r.created_at, |u| u.last_used.max(r.created_at));
+            let mut rows: Vec<&KeyRecord> = latest
+                .values()
+                .filter(|r| r.state(now) == KeyState::Active && last_use(r) < before)
+                .collect();
+            rows.sort_by_key(|r| last_use(r));
+            print_rows(&rows, &usage, now, json)
         }
         KeysCommand::Import {
             file,

@@ -17,7 +17,8 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Access lines (target keygate::access) are opt-in: KEYGATE_LOG=info,keygate::access=info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,keygate::access=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -104,6 +104,19 @@ pub async fn handle(
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     record(&gw, &snap, &ctx, outcome, started);
+    // One access line per request (target `keygate::access`, off unless enabled: see README).
+    // Allow-listed fields only: never the key, the raw path or client-sent header values.
+    tracing::info!(
+        target: "keygate::access",
+        request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        %method,
+        route = ctx.route.and_then(|i| snap.routes.get(i)).map_or("none", |r| r.name.as_str()),
+        status = resp.status().as_u16(),
+        outcome = outcome.as_str(),
+        key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
+        client_ip = %ctx.client_ip,
+        latency_us = started.elapsed().as_micros() as u64,
+    );
     Ok(resp)
 }
 
@@ -176,7 +189,14 @@ async fn pipeline(
             now,
             snap.keys.leeway_secs,
         )
-        .map_err(GatewayError::KeyInvalid)?;
+        .map_err(|e| {
+            // The canary alarm (audit + log in `record`) needs to know which key it was;
+            // the response stays the uniform 401.
+            if let AuthError::Canary(k) = &e {
+                ctx.key = Some(k.clone());
+            }
+            GatewayError::KeyInvalid(e)
+        })?;
     ctx.key = Some(key.clone());
 
     let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
