@@ -1,0 +1,30 @@
+//! The configs we ship parse and validate with the real config code: the annotated example
+//! and the Kubernetes ConfigMap's embedded keygate.toml (a typo there would only surface in
+//! a cluster otherwise).
+
+use keygate::config::Config;
+use keygate::metrics::Metrics;
+use keygate::snapshot::Snapshot;
+use std::path::Path;
+
+fn validate(text: &str, name: &str) {
+    // Snapshot validation needs the secret; it reads the env var the config names.
+    std::env::set_var("API_KEY_HASH_SECRET", "deploy-config-test-secret-0123456789abcdef");
+    let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Snapshot::build(config, &Metrics::new(0)).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+#[test]
+fn shipped_configs_validate() {
+    validate(Config::EXAMPLE, "config/keygate.toml");
+    let cm = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let start = cm.find("keygate.toml: |").expect("configmap embeds keygate.toml") + "keygate.toml: |".len();
+    let toml: String = cm[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    validate(&toml, "deploy/kubernetes/configmap.yaml");
+}
