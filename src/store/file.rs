@@ -419,7 +419,12 @@ pub struct Follower {
     rev: u64,
     /// The file version we refused (rollback), so we report it once, not on every poll.
     refused: Option<(u64, u64, u64)>,
+    /// The last bytes consumed (up to `TAIL`): if they changed, the file was rewritten in
+    /// place (e.g. a backup copied over it) and our offset means nothing any more.
+    tail: Vec<u8>,
 }
+
+const TAIL: usize = 64;
 
 impl Follower {
     pub fn new(file: LogFile) -> Follower {
@@ -430,6 +435,7 @@ impl Follower {
             next_line: 1,
             rev: 0,
             refused: None,
+            tail: Vec::new(),
         }
     }
 
@@ -455,18 +461,25 @@ impl Follower {
             if meta.len() == self.offset {
                 return Ok(Update::Unchanged);
             }
-            f.seek(SeekFrom::Start(self.offset)).map_err(io)?;
-            let mut buf = Vec::with_capacity((meta.len() - self.offset) as usize);
+            let back = self.tail.len() as u64;
+            f.seek(SeekFrom::Start(self.offset - back)).map_err(io)?;
+            let mut buf = Vec::with_capacity((meta.len() - self.offset + back) as usize);
             f.read_to_end(&mut buf).map_err(io)?;
-            let complete = complete_prefix(&buf);
-            if complete.is_empty() {
-                return Ok(Update::Unchanged);
+            if buf.starts_with(&self.tail) {
+                let complete = complete_prefix(&buf[self.tail.len()..]);
+                if complete.is_empty() {
+                    return Ok(Update::Unchanged);
+                }
+                let parsed = parse_lines(complete, self.next_line, self.rev);
+                self.offset += complete.len() as u64;
+                self.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
+                self.rev = parsed.rev;
+                let end = self.tail.len() + complete.len();
+                self.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
+                return Ok(Update::Appended(parsed));
             }
-            let parsed = parse_lines(complete, self.next_line, self.rev);
-            self.offset += complete.len() as u64;
-            self.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
-            self.rev = parsed.rev;
-            return Ok(Update::Appended(parsed));
+            // Rewritten in place: fall through and judge it whole.
+            f.seek(SeekFrom::Start(0)).map_err(io)?;
         }
         // First read, replaced, or shrunk: read it whole and judge it as a new table.
         let mut buf = Vec::with_capacity(meta.len() as usize);
@@ -484,6 +497,7 @@ impl Follower {
         self.refused = None;
         self.ino = Some(id);
         self.offset = complete.len() as u64;
+        self.tail = complete[complete.len().saturating_sub(TAIL)..].to_vec();
         self.next_line = 1 + complete.iter().filter(|&&b| b == b'\n').count() as u64;
         self.rev = parsed.rev;
         Ok(Update::Replaced(parsed))
@@ -583,6 +597,34 @@ mod tests {
         assert_eq!(loaded.records.len(), 1);
         assert_eq!(loaded.records[0].name, "renamed");
         assert_eq!(log.append(vec![rec("key_c", 3)]).unwrap()[0].rev, 5);
+    }
+
+    #[test]
+    fn follower_detects_an_in_place_rewrite_behind_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.jsonl");
+        let log = LogFile::new(&path);
+        log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
+        let mut fol = Follower::new(log.clone());
+        fol.poll().unwrap();
+        // Same inode, different bytes before our offset, and longer than before.
+        let mut other = rec("key_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", 3);
+        other.rev = 1;
+        let mut bytes = serde_json::to_vec(&other).unwrap();
+        bytes.push(b'\n');
+        for rev in 2..=4 {
+            let mut r = rec(&format!("key_{rev}"), rev as u8);
+            r.rev = rev;
+            bytes.extend(serde_json::to_vec(&r).unwrap());
+            bytes.push(b'\n');
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        match fol.poll().unwrap() {
+            Update::Replaced(p) => {
+                assert_eq!(p.records.len(), 4, "read whole, not from a stale offset")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use crate::audit::Event;
 use crate::gateway::{unix_ms, Gateway};
+use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
 use notify::{RecursiveMode, Watcher};
@@ -87,13 +88,19 @@ fn apply(gw: &Gateway, update: Update) {
             let table = gw.table();
             let now = unix_ms();
             let n = parsed.records.len();
+            let mut kept = Vec::new();
             for r in parsed.records {
+                if unrevokes(&table, &r) {
+                    kept.push(r.id);
+                    continue;
+                }
                 let age = (now - r.written_at_ms).max(0) as f64 / 1000.0;
                 if table.apply(r) {
                     gw.metrics.propagation.observe(age);
                 }
             }
             table.advance(parsed.rev);
+            report_unrevoke(gw, &kept);
             gw.mark_synced();
             gw.metrics.table_revision.set(table.revision() as i64);
             tracing::debug!(
@@ -111,7 +118,26 @@ fn apply(gw: &Gateway, update: Update) {
         Update::Replaced(parsed) => {
             report_corrupt(gw, &parsed);
             let n = parsed.records.len();
-            let table = KeyTable::from_records(parsed.records, parsed.rev);
+            // A replacement may be an old backup that later appends brought back up to the
+            // applied revision: revocations already enforced are carried over, never undone.
+            let current = gw.table();
+            let mut kept = Vec::new();
+            let records: Vec<_> = parsed
+                .records
+                .into_iter()
+                .map(|r| match current.get_by_id(&r.id) {
+                    Some(old) if unrevokes(&current, &r) => {
+                        kept.push(r.id.clone());
+                        let mut keep = (*old).clone();
+                        keep.rev = r.rev;
+                        keep
+                    }
+                    _ => r,
+                })
+                .collect();
+            drop(current);
+            report_unrevoke(gw, &kept);
+            let table = KeyTable::from_records(records, parsed.rev);
             let (rev, keys) = (table.revision(), table.len());
             gw.replace_table(table);
             gw.metrics.table_revision.set(rev as i64);
@@ -124,6 +150,33 @@ fn apply(gw: &Gateway, update: Update) {
             );
         }
     }
+}
+
+/// Revocation is terminal (no operation un-revokes a key): a record version without a
+/// revocation for a key this table holds as revoked comes from a rolled-back or edited store.
+fn unrevokes(table: &KeyTable, r: &KeyRecord) -> bool {
+    r.revoked_at.is_none()
+        && table
+            .get_by_id(&r.id)
+            .is_some_and(|old| old.revoked_at.is_some())
+}
+
+/// Count, log and audit revocations kept against the store (a rollback symptom).
+fn report_unrevoke(gw: &Gateway, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    gw.metrics
+        .source_errors
+        .with_label_values(&["rollback"])
+        .inc();
+    tracing::error!(keys = ?ids, "store would un-revoke keys (rolled back or edited?); keeping them revoked");
+    gw.audit(
+        Event::new("source.error", "gateway")
+            .with("kind", "rollback")
+            .with("error", "store would un-revoke keys; kept revoked")
+            .with("key_ids", ids.to_vec()),
+    );
 }
 
 fn report(gw: &Gateway, e: &StoreError) {

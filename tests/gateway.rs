@@ -1,0 +1,1433 @@
+//! End-to-end tests of `keygate serve`: the real binary as a child process, a recording
+//! upstream on loopback, keys minted and revoked with the real CLI.
+//!
+//! Every gateway binds port 0, every wait is a poll with a deadline (`eventually`), every loop
+//! is bounded, and every test cleans up its processes on drop (the harness SIGKILLs).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::header::HeaderMap;
+use http::Method;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// 48 characters: well above the 32-byte minimum.
+const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
+const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
+/// Upper bound for any polled condition unless a test says otherwise.
+const POLL: Duration = Duration::from_secs(10);
+/// Host header used by most requests.
+const HOST: &str = "api.example.com";
+
+// ---------------------------------------------------------------------------------------------
+// Local helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A minted key: plaintext and id.
+#[derive(Clone, Debug)]
+struct Key {
+    key: String,
+    id: String,
+}
+
+/// The standard routes and upstream; `server` lines go into `[server]`, `tail` is appended
+/// (more upstreams, routes, `[limits]`, ...).
+fn config_text(up: SocketAddr, server: &str, tail: &str) -> String {
+    format!(
+        r#"[keys]
+store = "keys.jsonl"
+audit_log = "audit.jsonl"
+poll_interval_ms = 50
+
+[plans.default]
+rate = "1000/s"
+burst = 1000
+
+[plans.tight]
+rate = "1/h"
+burst = 2
+
+[plans.rot]
+rate = "20/m"
+burst = 3
+
+[server]
+listen = "127.0.0.1:0"
+drain_timeout_ms = 5000
+{server}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "up"
+targets = ["{up}"]
+connect_timeout_ms = 500
+response_timeout_ms = 3000
+
+[[routes]]
+name = "invoices-read"
+path_prefix = "/invoices"
+methods = ["GET", "HEAD"]
+scopes = ["invoices:read"]
+upstream = "up"
+
+[[routes]]
+name = "invoices-write"
+path_prefix = "/invoices"
+methods = ["POST", "PUT", "DELETE"]
+scopes = ["invoices:write"]
+upstream = "up"
+
+[[routes]]
+name = "live-only"
+path_prefix = "/live"
+env = "live"
+upstream = "up"
+
+[[routes]]
+name = "upload"
+path_prefix = "/upload"
+methods = ["POST"]
+max_body_bytes = 16
+upstream = "up"
+
+{tail}
+"#
+    )
+}
+
+/// A temp dir with a config, an upstream, and CLI access.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    up: Upstream,
+}
+
+impl Setup {
+    async fn new(mode: Mode, server: &str, tail: &str) -> Setup {
+        let up = Upstream::start(mode).await;
+        let dir = tempdir();
+        let config = write_file(
+            dir.path(),
+            "keygate.toml",
+            &config_text(up.addr(), server, tail),
+        );
+        Setup { dir, config, up }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("keys.jsonl")
+    }
+
+    /// Run the CLI; panics with its stderr unless it succeeds.
+    fn cli_ok(&self, args: &[&str]) -> String {
+        cli_ok(&self.config, args)
+    }
+
+    fn create(&self, extra: &[&str]) -> Key {
+        create_key(&self.config, extra)
+    }
+
+    fn revoke(&self, id: &str) {
+        self.cli_ok(&["keys", "revoke", id, "--reason", "test"]);
+    }
+
+    /// Start the gateway and wait for `/readyz`.
+    async fn serve(&self) -> Gateway {
+        let gw = Gateway::spawn(&self.config, &[(SECRET_VAR, SECRET)]).await;
+        wait_ready(&gw).await;
+        gw
+    }
+}
+
+fn cli_ok(config: &Path, args: &[&str]) -> String {
+    let out = cli(config, args, &[(SECRET_VAR, SECRET)]);
+    assert!(
+        out.status.success(),
+        "keygate {args:?} failed: {}\n{}",
+        stderr_str(&out),
+        stdout_str(&out)
+    );
+    stdout_str(&out)
+}
+
+fn create_key(config: &Path, extra: &[&str]) -> Key {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--name",
+        "n",
+        "--owner",
+        "o",
+        "--scope",
+        "invoices:read",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = cli_ok(config, &args);
+    let v = json(out.trim().as_bytes());
+    Key {
+        key: v["key"].as_str().expect("key in --json output").to_owned(),
+        id: v["id"].as_str().expect("id in --json output").to_owned(),
+    }
+}
+
+async fn readyz(gw: &Gateway) -> u16 {
+    get(gw.admin, "/readyz", &[]).await.0
+}
+
+async fn wait_ready(gw: &Gateway) {
+    eventually_named("readyz 200", POLL, || async {
+        (readyz(gw).await == 200).then_some(())
+    })
+    .await;
+}
+
+/// The value of a metric line `series value` (exact series text, e.g.
+/// `keygate_source_errors_total{kind="rollback"}`); 0 if absent.
+async fn metric(gw: &Gateway, series: &str) -> f64 {
+    let (status, _, body) = get(gw.admin, "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+}
+
+async fn wait_metric_at_least(gw: &Gateway, series: &str, min: f64) -> f64 {
+    eventually_named(series, POLL, || async {
+        let v = metric(gw, series).await;
+        (v >= min).then_some(v)
+    })
+    .await
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// GET with a Bearer key and the standard Host.
+async fn get_key(gw: &Gateway, path: &str, key: &str) -> Resp {
+    let auth = bearer(key);
+    get(gw.http, path, &[("host", HOST), ("authorization", &auth)]).await
+}
+
+async fn status_with_key(gw: &Gateway, path: &str, key: &str) -> u16 {
+    get_key(gw, path, key).await.0
+}
+
+/// Poll until `key` on `path` answers `want`.
+async fn wait_status(gw: &Gateway, path: &str, key: &str, want: u16, what: &str) {
+    eventually_named(what, POLL, || async {
+        (status_with_key(gw, path, key).await == want).then_some(())
+    })
+    .await;
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).map(|v| v.to_str().expect("ascii header"))
+}
+
+/// A problem+json error with this status and code, and the fixed error headers.
+fn assert_problem(resp: &Resp, status: u16, code: &str) {
+    let (s, h, body) = resp;
+    let text = String::from_utf8_lossy(body);
+    assert_eq!(*s, status, "status; body {text}");
+    assert_eq!(
+        header(h, "content-type"),
+        Some("application/problem+json"),
+        "{code}"
+    );
+    assert_eq!(header(h, "cache-control"), Some("no-store"), "{code}");
+    assert!(h.contains_key("x-request-id"), "{code}: x-request-id");
+    let v = json(body);
+    assert_eq!(v["code"], code, "{text}");
+    assert_eq!(v["status"], status, "{text}");
+}
+
+fn raw_request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    close: bool,
+) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        r.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    if close {
+        r.push_str("Connection: close\r\n");
+    }
+    r.push_str("\r\n");
+    let mut bytes = r.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// One raw GET; the first response's bytes with the `date` and `x-request-id` lines removed.
+async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
+    let out = raw_exchange_n(
+        gw.http,
+        &raw_request("GET", path, headers, b"", false),
+        1,
+        NET_TIMEOUT,
+    )
+    .await;
+    let resps = out.responses();
+    assert!(!resps.is_empty(), "no response: {}", out.text());
+    let status = resps[0].status;
+    let end = out
+        .bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head end")
+        + 4;
+    let head = String::from_utf8_lossy(&out.bytes[..end]).into_owned();
+    let mut norm: Vec<u8> = head
+        .split("\r\n")
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            !l.starts_with("date:") && !l.starts_with("x-request-id:")
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        .into_bytes();
+    norm.extend_from_slice(&resps[0].body);
+    (status, norm)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Atomically replace `path` with `contents` (write a temp file next to it, then rename).
+fn replace_atomically(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("replace.tmp");
+    std::fs::write(&tmp, contents).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename over store");
+}
+
+fn localhost(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Every status, through HTTP
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_route_method_request_shape_body_and_upstream_faults() {
+    let hole = Upstream::start(Mode::Blackhole).await;
+    let refused = Upstream::refused_addr();
+    let tail = format!(
+        r#"[[upstreams]]
+name = "dead"
+targets = ["{refused}"]
+connect_timeout_ms = 500
+response_timeout_ms = 1000
+
+[[upstreams]]
+name = "hole"
+targets = ["{hole}"]
+connect_timeout_ms = 500
+response_timeout_ms = 300
+
+[[routes]]
+name = "dead"
+path_prefix = "/dead"
+upstream = "dead"
+
+[[routes]]
+name = "hole"
+path_prefix = "/hole"
+upstream = "hole"
+"#,
+        hole = hole.addr()
+    );
+    let s = Setup::new(Mode::Echo, "", &tail).await;
+    let k = s.create(&[]);
+    let k2 = s.create(&[]);
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+
+    // 404: no route (routing happens before the key is looked at).
+    let r = get_key(&gw, "/nope", &k.key).await;
+    assert_problem(&r, 404, "route_not_found");
+    // A dot segment is fine: it is canonicalised, and /admin has no route.
+    let r = get_key(&gw, "/invoices/%2e%2e/admin", &k.key).await;
+    assert_problem(&r, 404, "route_not_found");
+
+    // 405 with Allow listing every method of the /invoices routes, sorted.
+    let auth = bearer(&k.key);
+    let r = request(
+        gw.http,
+        Method::PATCH,
+        "/invoices/1",
+        &[("host", HOST), ("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_problem(&r, 405, "method_not_allowed");
+    assert_eq!(header(&r.1, "allow"), Some("DELETE, GET, HEAD, POST, PUT"));
+
+    // 400: two different keys.
+    let r = get(
+        gw.http,
+        "/invoices/1",
+        &[
+            ("host", HOST),
+            ("authorization", &auth),
+            ("x-api-key", &k2.key),
+        ],
+    )
+    .await;
+    assert_problem(&r, 400, "ambiguous_api_key");
+
+    // 400: an encoded separator.
+    let r = get_key(&gw, "/invoices/a%2Fb", &k.key).await;
+    assert_problem(&r, 400, "bad_path");
+
+    // 400: Connection nominating the key header, with a valid key.
+    let out = raw_exchange_n(
+        gw.http,
+        &raw_request(
+            "GET",
+            "/invoices/1",
+            &[("Authorization", &auth), ("Connection", "x-api-key")],
+            b"",
+            false,
+        ),
+        1,
+        NET_TIMEOUT,
+    )
+    .await;
+    let resps = out.responses();
+    assert_eq!(resps.first().map(|r| r.status), Some(400), "{}", out.text());
+    assert_eq!(json(&resps[0].body)["code"], "bad_request");
+
+    // 413: declared body over the route's 16-byte limit; nothing reaches the upstream.
+    let before = s.up.count();
+    let r = post(
+        gw.http,
+        "/upload",
+        &[("host", HOST), ("authorization", &auth)],
+        vec![b'x'; 100],
+    )
+    .await;
+    assert_problem(&r, 413, "body_too_large");
+    assert_eq!(s.up.count(), before, "413 must not be forwarded");
+    // Within the limit it passes.
+    let r = post(
+        gw.http,
+        "/upload",
+        &[("host", HOST), ("authorization", &auth)],
+        "hello",
+    )
+    .await;
+    assert_eq!(r.0, 200);
+
+    // 502: connection refused.
+    let started = Instant::now();
+    let r = get_key(&gw, "/dead/x", &k.key).await;
+    assert_problem(&r, 502, "upstream_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(3), "502 is fast");
+
+    // 504: the upstream accepts and never answers; response_timeout_ms = 300.
+    let started = Instant::now();
+    let r = get_key(&gw, "/hole/x", &k.key).await;
+    let took = started.elapsed();
+    assert_problem(&r, 504, "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "504 after the response timeout, took {took:?}"
+    );
+    assert_eq!(hole.count(), 1, "the blackhole saw the request");
+    gw.assert_not_logged(&k.key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_401_missing_and_every_invalid_key_are_uniform() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let revoked = s.create(&[]);
+    s.revoke(&revoked.id);
+    let expiring = s.create(&["--expires-in", "1s"]);
+    let canary = s.create(&["--canary"]);
+    // A well-formed key with a valid checksum that this store has never seen.
+    let other_cfg = write_file(
+        s.dir.path(),
+        "other.toml",
+        &std::fs::read_to_string(&s.config)
+            .unwrap()
+            .replace("keys.jsonl", "other-keys.jsonl"),
+    );
+    let unknown = create_key(&other_cfg, &[]);
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+
+    // 401 missing: exactly `WWW-Authenticate: Bearer`.
+    let r = get(gw.http, "/invoices/1", &[("host", HOST)]).await;
+    assert_problem(&r, 401, "missing_api_key");
+    let www: Vec<_> = r.1.get_all("www-authenticate").iter().collect();
+    assert_eq!(www, ["Bearer"]);
+
+    // Expired: poll until the 1 s lifetime is over.
+    let exp_auth = bearer(&expiring.key);
+    eventually_named("expired key refused", POLL, || async {
+        let (st, _) = raw_get_normalised(&gw, "/invoices/1", &[("Authorization", &exp_auth)]).await;
+        (st == 401).then_some(())
+    })
+    .await;
+
+    let forwarded_before = s.up.count();
+    let cases: [(&str, String); 6] = [
+        ("malformed", "kg_live_notakey".to_owned()),
+        ("bad checksum", {
+            let mut k = good.key.clone();
+            let last = k.pop().unwrap();
+            k.push(if last == 'a' { 'b' } else { 'a' });
+            k
+        }),
+        ("unknown", unknown.key.clone()),
+        ("revoked", revoked.key.clone()),
+        ("expired", expiring.key.clone()),
+        ("canary", canary.key.clone()),
+    ];
+    let mut reference: Option<Vec<u8>> = None;
+    for (what, key) in &cases {
+        let auth = bearer(key);
+        let (st, bytes) = raw_get_normalised(&gw, "/invoices/1", &[("Authorization", &auth)]).await;
+        assert_eq!(st, 401, "{what}: {}", String::from_utf8_lossy(&bytes));
+        let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+        assert!(
+            text.contains("\r\nwww-authenticate: bearer error=\"invalid_token\""),
+            "{what}: {text}"
+        );
+        assert!(
+            text.contains(r#""code":"invalid_api_key""#),
+            "{what}: {text}"
+        );
+        assert!(!contains(&bytes, key.as_bytes()), "{what}: key echoed");
+        match &reference {
+            None => reference = Some(bytes),
+            Some(r) => assert_eq!(
+                String::from_utf8_lossy(r),
+                String::from_utf8_lossy(&bytes),
+                "{what}: 401 differs from the malformed-key 401"
+            ),
+        }
+        // The same through x-api-key.
+        let (st, b2) = raw_get_normalised(&gw, "/invoices/1", &[("X-API-Key", key)]).await;
+        assert_eq!(st, 401, "{what} via x-api-key");
+        assert_eq!(reference.as_deref(), Some(&b2[..]), "{what} via x-api-key");
+    }
+    assert_eq!(
+        s.up.count(),
+        forwarded_before,
+        "no invalid key was forwarded"
+    );
+    // Only metrics tell the reasons apart; each class was really exercised.
+    for reason in [
+        "key_malformed",
+        "key_unknown",
+        "key_revoked",
+        "key_expired",
+        "key_canary",
+    ] {
+        let series = format!("keygate_auth_failures_total{{reason=\"{reason}\"}}");
+        assert!(metric(&gw, &series).await >= 1.0, "{series}");
+    }
+    // Not-yet-valid keys cannot be minted through the CLI, so they are not covered here.
+    for (_, key) in &cases {
+        gw.assert_not_logged(key);
+    }
+    gw.assert_not_logged(&good.key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_403_scope_network_env_origin() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let netk = s.create(&["--allow-ip", "10.0.0.0/8"]);
+    let testk = s.create(&["--env", "test"]);
+    let gw = s.serve().await;
+    let auth = bearer(&k.key);
+
+    // Scope: a read key POSTing to the write route.
+    let r = post(
+        gw.http,
+        "/invoices/1",
+        &[("host", HOST), ("authorization", &auth)],
+        "{}",
+    )
+    .await;
+    assert_problem(&r, 403, "scope_denied");
+    // Network: key allowed only from 10.0.0.0/8, we come from 127.0.0.1.
+    let r = get_key(&gw, "/invoices/1", &netk.key).await;
+    assert_problem(&r, 403, "network_denied");
+    // Env: the route demands live keys.
+    assert_eq!(status_with_key(&gw, "/live/x", &k.key).await, 200);
+    let r = get_key(&gw, "/live/x", &testk.key).await;
+    assert_problem(&r, 403, "env_denied");
+    // Origin: a browser origin nobody allowed.
+    let r = get(
+        gw.http,
+        "/invoices/1",
+        &[
+            ("host", HOST),
+            ("authorization", &auth),
+            ("origin", "https://evil.example"),
+        ],
+    )
+    .await;
+    assert_problem(&r, 403, "origin_denied");
+    assert!(r.1.get("access-control-allow-origin").is_none());
+    // None of the refusals reached the upstream (only the /live 200 did).
+    assert_eq!(s.up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_429_rate_limit_with_headers() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&["--plan", "tight"]);
+    let gw = s.serve().await;
+    for remaining in ["1", "0"] {
+        let (st, h, _) = get_key(&gw, "/invoices/1", &k.key).await;
+        assert_eq!(st, 200);
+        assert_eq!(header(&h, "ratelimit-limit"), Some("2"));
+        assert_eq!(header(&h, "ratelimit-remaining"), Some(remaining));
+        assert!(header(&h, "ratelimit-reset").is_some());
+    }
+    let r = get_key(&gw, "/invoices/1", &k.key).await;
+    assert_problem(&r, 429, "rate_limited");
+    let h = &r.1;
+    let retry: u64 = header(h, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry), "retry-after {retry}");
+    assert_eq!(header(h, "ratelimit-limit"), Some("2"));
+    assert_eq!(header(h, "ratelimit-remaining"), Some("0"));
+    let reset: u64 = header(h, "ratelimit-reset").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&reset), "reset {reset}");
+    assert_eq!(s.up.count(), 2);
+    assert!(metric(&gw, r#"keygate_rate_limited_total{plan="tight"}"#).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_429_auth_failure_budget_is_per_source() {
+    let s = Setup::new(
+        Mode::Echo,
+        "",
+        "[limits]\nauth_failures_per_minute = 20\nauth_failure_block_seconds = 60\n",
+    )
+    .await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    let (a, b) = (localhost(2), localhost(3));
+    let auth = bearer(&k.key);
+    let valid: [(&str, &str); 2] = [("host", HOST), ("authorization", &auth)];
+
+    // Requests without a key are not failed authentications.
+    for _ in 0..30 {
+        let r = get_from(a, gw.http, "/invoices/1", &[("host", HOST)]).await;
+        assert_problem(&r, 401, "missing_api_key");
+    }
+    // 20 bad keys: within budget.
+    for i in 0..20 {
+        let bad = format!("Bearer kg_live_bad{i}");
+        let r = get_from(
+            a,
+            gw.http,
+            "/invoices/1",
+            &[("host", HOST), ("authorization", &bad)],
+        )
+        .await;
+        assert_problem(&r, 401, "invalid_api_key");
+    }
+    assert_eq!(get_from(a, gw.http, "/invoices/1", &valid).await.0, 200);
+    // The 21st failure exhausts it.
+    let r = get_from(
+        a,
+        gw.http,
+        "/invoices/1",
+        &[("host", HOST), ("authorization", "Bearer kg_live_bad21")],
+    )
+    .await;
+    assert_problem(&r, 401, "invalid_api_key");
+    // Now even a valid key from that source is refused before it is looked at...
+    let r = get_from(a, gw.http, "/invoices/1", &valid).await;
+    assert_problem(&r, 429, "too_many_auth_failures");
+    let retry: u64 = header(&r.1, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    // ...while another source with the same key is unaffected.
+    assert_eq!(get_from(b, gw.http, "/invoices/1", &valid).await.0, 200);
+    assert!(metric(&gw, "keygate_auth_budget_rejections_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_503_without_a_store_then_recovers() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    assert!(!s.store().exists());
+    let gw = Gateway::spawn(&s.config, &[(SECRET_VAR, SECRET)]).await;
+    // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
+    assert_eq!(readyz(&gw).await, 503);
+    let r = get(
+        gw.http,
+        "/invoices/1",
+        &[("host", HOST), ("authorization", "Bearer kg_live_x")],
+    )
+    .await;
+    assert_problem(&r, 503, "table_unavailable");
+    assert_eq!(header(&r.1, "retry-after"), Some("1"));
+    assert_eq!(s.up.count(), 0);
+    // A key created now brings the table (and readiness) up.
+    let k = s.create(&[]);
+    wait_ready(&gw).await;
+    wait_status(&gw, "/invoices/1", &k.key, 200, "new key works").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_503_overloaded_sheds_load() {
+    let s = Setup::new(Mode::Slow(Duration::from_secs(1)), "max_in_flight = 1", "").await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    let addr = gw.http;
+    let auth = bearer(&k.key);
+    let first = {
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            get(
+                addr,
+                "/invoices/1",
+                &[("host", HOST), ("authorization", &auth)],
+            )
+            .await
+        })
+    };
+    // Wait until the first request is held by the slow upstream.
+    eventually_named("first request at upstream", POLL, || async {
+        (s.up.count() == 1).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let r = get(
+        addr,
+        "/invoices/1",
+        &[("host", HOST), ("authorization", &auth)],
+    )
+    .await;
+    assert_problem(&r, 503, "overloaded");
+    assert_eq!(header(&r.1, "retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_millis(900), "shed fast");
+    let first = within("first request", POLL, first).await.unwrap();
+    assert_eq!(first.0, 200);
+    assert_eq!(s.up.count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Upstream header hygiene
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sees_only_gateway_identity_and_never_the_key() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    let auth = bearer(&k.key);
+    let hostile: Vec<(&str, &str)> = vec![
+        ("Authorization", &auth),
+        ("X-API-Key", &k.key),
+        ("X-Keygate-Key-Id", "forged"),
+        ("X-Keygate-Owner", "forged"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X_API_Key", &k.key),
+        ("Connection", "close, x-drop-me"),
+        ("x-drop-me", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Te", "trailers"),
+        ("Upgrade", "websocket"),
+        ("Proxy-Authorization", "Basic eDp5"),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("Accept", "application/json"),
+    ];
+    let out = raw_exchange(
+        gw.http,
+        &raw_request("GET", "/invoices/1?x=1", &hostile, b"", false),
+        NET_TIMEOUT,
+    )
+    .await;
+    let resps = out.responses();
+    assert_eq!(resps.first().map(|r| r.status), Some(200), "{}", out.text());
+    let resp_rid = resps[0].header("x-request-id").expect("x-request-id");
+
+    // A POST with a body, to see the body and its length forwarded.
+    let out = raw_exchange(
+        gw.http,
+        &raw_request("POST", "/upload", &[("X-API-Key", &k.key)], b"hello", true),
+        NET_TIMEOUT,
+    )
+    .await;
+    assert_eq!(out.statuses(), vec![200], "{}", out.text());
+
+    let recs = s.up.records();
+    assert_eq!(recs.len(), 2);
+    let r = &recs[0];
+    assert_eq!(r.method, "GET");
+    assert_eq!(r.path_and_query, "/invoices/1?x=1");
+    let names: Vec<String> = r.header_names().into_iter().collect();
+    assert_eq!(
+        names,
+        [
+            "accept",
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-keygate-env",
+            "x-keygate-key-id",
+            "x-keygate-owner",
+            "x-keygate-scopes",
+            "x-request-id",
+        ],
+        "exact upstream header set: {:?}",
+        r.headers
+    );
+    // Every gateway header exactly once, with the gateway's value.
+    let one = |name: &str| {
+        let all = r.header_all(name);
+        assert_eq!(all.len(), 1, "{name}: {all:?}");
+        all[0].clone()
+    };
+    assert_eq!(one("host"), HOST);
+    assert_eq!(one("x-keygate-key-id"), k.id);
+    assert_eq!(one("x-keygate-owner"), "o");
+    assert_eq!(one("x-keygate-scopes"), "invoices:read");
+    assert_eq!(one("x-keygate-env"), "live");
+    assert_eq!(one("x-forwarded-for"), "127.0.0.1");
+    assert_eq!(one("x-forwarded-proto"), "http");
+    assert_eq!(one("x-forwarded-host"), HOST);
+    assert_eq!(one("x-request-id"), resp_rid);
+    assert_eq!(one("accept"), "application/json");
+
+    let p = &recs[1];
+    assert_eq!(p.body, b"hello");
+    assert_eq!(p.header("content-length").as_deref(), Some("5"));
+    assert_eq!(p.header("x-keygate-key-id"), Some(k.id.clone()));
+    assert!(p.header("x-api-key").is_none());
+
+    // The key never reaches the upstream: not in any header, path or body.
+    let secret_part = &k.key[k.key.len() - 20..];
+    for rec in &recs {
+        for needle in [k.key.as_bytes(), secret_part.as_bytes()] {
+            assert!(!contains(rec.path_and_query.as_bytes(), needle));
+            assert!(!contains(&rec.body, needle));
+            for (n, v) in &rec.headers {
+                assert!(!contains(v, needle), "key in upstream header {n}");
+                assert!(!contains(n.as_bytes(), needle));
+            }
+        }
+    }
+    gw.assert_not_logged(&k.key);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Revocation on an open keep-alive connection
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_applies_on_an_open_keepalive_connection() {
+    const N: usize = 20;
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let keys: Vec<Key> = (0..N).map(|_| s.create(&[])).collect();
+    let gw = s.serve().await;
+    let mut ka = KeepAlive::connect(gw.http).await;
+    let local = ka.local_addr();
+    let mut delays = Vec::with_capacity(N);
+    for k in &keys {
+        let auth = bearer(&k.key);
+        let hdrs = [("host", HOST), ("authorization", auth.as_str())];
+        assert_eq!(ka.get("/invoices/1", &hdrs).await.0, 200);
+        let accepted = s.up.accepted();
+        let config = s.config.clone();
+        let id = k.id.clone();
+        tokio::task::spawn_blocking(move || {
+            cli_ok(&config, &["keys", "revoke", &id, "--reason", "test"])
+        })
+        .await
+        .unwrap();
+        let revoked_at = Instant::now();
+        let deadline = revoked_at + Duration::from_secs(5);
+        let mut sent = 0u32;
+        let delay = loop {
+            assert!(
+                Instant::now() < deadline,
+                "key {} still accepted 5 s after revoke ({sent} requests)",
+                k.id
+            );
+            let (st, _, _) = ka.get("/invoices/1", &hdrs).await;
+            sent += 1;
+            match st {
+                200 => {}
+                401 => break revoked_at.elapsed(),
+                other => panic!("unexpected status {other}"),
+            }
+        };
+        assert!(!ka.is_closed(), "the client connection stayed open");
+        assert_eq!(ka.local_addr(), local);
+        assert_eq!(s.up.accepted(), accepted, "upstream connection reused");
+        delays.push(delay);
+    }
+    assert_eq!(
+        s.up.accepted(),
+        1,
+        "one pooled upstream connection throughout"
+    );
+    delays.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "revocation on keep-alive: n={N} p50={:.1} ms max={:.1} ms",
+        ms(delays[N / 2]),
+        ms(delays[N - 1])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Rotation
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_grace_and_shared_bucket() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let old = s.create(&["--plan", "rot"]);
+    let gw = s.serve().await;
+    let out = s.cli_ok(&["keys", "rotate", &old.id, "--grace", "2s", "--json"]);
+    let v = json(out.trim().as_bytes());
+    let new = Key {
+        key: v["key"].as_str().unwrap().to_owned(),
+        id: v["id"].as_str().unwrap().to_owned(),
+    };
+    assert_ne!(new.key, old.key);
+    assert_ne!(new.id, old.id);
+    wait_status(&gw, "/invoices/1", &new.key, 200, "new key works").await;
+    // The poll above spent one token of the shared bucket (burst 3); the old key takes the
+    // other two.
+    for remaining in ["1", "0"] {
+        let (st, h, _) = get_key(&gw, "/invoices/1", &old.key).await;
+        assert_eq!(st, 200, "old key works during the grace");
+        assert_eq!(header(&h, "ratelimit-limit"), Some("3"));
+        assert_eq!(header(&h, "ratelimit-remaining"), Some(remaining));
+    }
+    // One bucket for the lineage: both are now limited.
+    assert_problem(
+        &get_key(&gw, "/invoices/1", &old.key).await,
+        429,
+        "rate_limited",
+    );
+    assert_problem(
+        &get_key(&gw, "/invoices/1", &new.key).await,
+        429,
+        "rate_limited",
+    );
+    // The upstream saw the new key's own id.
+    let ids: Vec<_> =
+        s.up.records()
+            .iter()
+            .map(|r| r.header("x-keygate-key-id").unwrap())
+            .collect();
+    assert!(ids.contains(&new.id), "{ids:?}");
+    // After the grace the old key is refused; the new one keeps working (once refilled).
+    eventually_named("old key refused after grace", POLL, || async {
+        (status_with_key(&gw, "/invoices/1", &old.key).await == 401).then_some(())
+    })
+    .await;
+    wait_status(&gw, "/invoices/1", &new.key, 200, "new key after grace").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Canary
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_key_is_refused_like_unknown_and_audited() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let canary = s.create(&["--canary"]);
+    let gw = s.serve().await;
+    let (st_c, bytes_c) = raw_get_normalised(
+        &gw,
+        "/invoices/1",
+        &[("Authorization", &bearer(&canary.key))],
+    )
+    .await;
+    let (st_u, bytes_u) = raw_get_normalised(
+        &gw,
+        "/invoices/1",
+        &[("Authorization", "Bearer kg_live_unknown")],
+    )
+    .await;
+    assert_eq!((st_c, st_u), (401, 401));
+    assert_eq!(
+        String::from_utf8_lossy(&bytes_c),
+        String::from_utf8_lossy(&bytes_u)
+    );
+    assert_eq!(s.up.count(), 0);
+    let audit = s.path("audit.jsonl");
+    let line = eventually_named("key.canary_used in audit.jsonl", POLL, || async {
+        read_lossy(&audit)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "key.canary_used")
+    })
+    .await;
+    assert_eq!(line["key_id"], canary.id.as_str(), "{line}");
+    assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
+    assert_eq!(line["route"], "invoices-read", "{line}");
+    let text = read_lossy(&audit);
+    assert!(!text.contains(&canary.key), "key in audit log");
+    assert!(!text.contains(&canary.key[canary.key.len() - 20..]));
+    assert!(metric(&gw, "keygate_canary_hits_total").await >= 1.0);
+    gw.assert_not_logged(&canary.key);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Store faults keep the last good table
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_corrupt_line_is_skipped() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.store())
+            .unwrap();
+        f.write_all(b"{this is not a record}\n").unwrap();
+    }
+    wait_metric_at_least(
+        &gw,
+        r#"keygate_source_errors_total{kind="corrupt_line"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+    assert_eq!(readyz(&gw).await, 200);
+    let after = s.create(&[]);
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &after.key,
+        200,
+        "key created after the corrupt line",
+    )
+    .await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_rollback_by_rename_is_refused() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let victim = s.create(&[]);
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 200);
+    let before_revoke = std::fs::read(s.store()).unwrap();
+    s.revoke(&victim.id);
+    wait_status(&gw, "/invoices/1", &victim.key, 401, "revoked").await;
+    let rollback = r#"keygate_source_errors_total{kind="rollback"}"#;
+    let base = metric(&gw, rollback).await;
+    replace_atomically(&s.store(), &before_revoke);
+    wait_metric_at_least(&gw, rollback, base + 1.0).await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 401);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+    assert_eq!(readyz(&gw).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_truncation_dropping_a_revocation_is_refused() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let victim = s.create(&[]);
+    let gw = s.serve().await;
+    let len_before = std::fs::metadata(s.store()).unwrap().len();
+    s.revoke(&victim.id);
+    wait_status(&gw, "/invoices/1", &victim.key, 401, "revoked").await;
+    let text = std::fs::read(s.store()).unwrap();
+    assert!(text.len() as u64 > len_before);
+    assert_eq!(
+        text[len_before as usize - 1],
+        b'\n',
+        "cut on a line boundary"
+    );
+    let rollback = r#"keygate_source_errors_total{kind="rollback"}"#;
+    let base = metric(&gw, rollback).await;
+    // In place: same inode, shorter file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.store())
+        .unwrap()
+        .set_len(len_before)
+        .unwrap();
+    wait_metric_at_least(&gw, rollback, base + 1.0).await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 401);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_replaced_by_garbage_keeps_last_table() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let victim = s.create(&[]);
+    s.revoke(&victim.id);
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 401);
+    let errors = |kind: &str| format!("keygate_source_errors_total{{kind=\"{kind}\"}}");
+    let base_rb = metric(&gw, &errors("rollback")).await;
+    let base_cl = metric(&gw, &errors("corrupt_line")).await;
+    replace_atomically(
+        &s.store(),
+        b"<html>502 Bad Gateway</html>\nnot json either\n",
+    );
+    // The garbage is noticed (as corrupt lines and a file that goes back in time)...
+    eventually_named("garbage store reported", POLL, || async {
+        (metric(&gw, &errors("rollback")).await > base_rb
+            || metric(&gw, &errors("corrupt_line")).await > base_cl)
+            .then_some(())
+    })
+    .await;
+    // ...and the last good table keeps serving.
+    assert_eq!(readyz(&gw).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 401);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Compaction while serving
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_serving() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let a = s.create(&[]);
+    let b = s.create(&[]);
+    s.revoke(&b.id);
+    // Update a so the log holds several versions of it.
+    s.cli_ok(&[
+        "keys",
+        "update",
+        &a.id,
+        "--scope",
+        "invoices:read",
+        "--scope",
+        "x:y",
+    ]);
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &a.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &b.key).await, 401);
+    let ino_before = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(s.store()).unwrap().ino()
+    };
+    s.cli_ok(&["keys", "compact"]);
+    let ino_after = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(s.store()).unwrap().ino()
+    };
+    assert_ne!(ino_before, ino_after, "compaction replaced the file");
+    let c = s.create(&[]);
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &c.key,
+        200,
+        "key created after compaction",
+    )
+    .await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &a.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &b.key).await, 401);
+    assert_eq!(
+        metric(&gw, r#"keygate_source_errors_total{kind="rollback"}"#).await,
+        0.0,
+        "compaction is not a rollback"
+    );
+    // The upstream saw a's current scopes.
+    let last =
+        s.up.records()
+            .into_iter()
+            .rev()
+            .find(|r| r.header("x-keygate-key-id").as_deref() == Some(a.id.as_str()));
+    assert_eq!(
+        last.unwrap().header("x-keygate-scopes").as_deref(),
+        Some("invoices:read,x:y")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. SIGHUP reload
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_applies_good_config_and_keeps_running_on_bad() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    assert_problem(
+        &get_key(&gw, "/reports/1", &k.key).await,
+        404,
+        "route_not_found",
+    );
+    let original = std::fs::read_to_string(&s.config).unwrap();
+    let with_reports = format!(
+        "{original}\n[[routes]]\nname = \"reports\"\npath_prefix = \"/reports\"\nupstream = \"up\"\n"
+    );
+    std::fs::write(&s.config, &with_reports).unwrap();
+    gw.sighup();
+    wait_status(&gw, "/reports/1", &k.key, 200, "new route after SIGHUP").await;
+    assert_eq!(
+        metric(&gw, r#"keygate_config_reloads_total{result="ok"}"#).await,
+        1.0
+    );
+
+    std::fs::write(&s.config, "[server\nthis is not toml = = =\n").unwrap();
+    gw.sighup();
+    wait_metric_at_least(&gw, r#"keygate_config_reloads_total{result="error"}"#, 1.0).await;
+    assert_eq!(
+        metric(&gw, r#"keygate_config_reloads_total{result="error"}"#).await,
+        1.0
+    );
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/reports/1", &k.key).await, 200);
+    assert_eq!(readyz(&gw).await, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. SIGTERM drains
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_exits_zero() {
+    let s = Setup::new(Mode::Slow(Duration::from_millis(500)), "", "").await;
+    let k = s.create(&[]);
+    let mut gw = s.serve().await;
+    let addr = gw.http;
+    let auth = bearer(&k.key);
+    let in_flight = tokio::spawn(async move {
+        get(
+            addr,
+            "/invoices/1",
+            &[("host", HOST), ("authorization", &auth)],
+        )
+        .await
+    });
+    eventually_named("request at upstream", POLL, || async {
+        (s.up.count() == 1).then_some(())
+    })
+    .await;
+    gw.sigterm();
+    let (st, _, body) = within("in-flight request", POLL, in_flight).await.unwrap();
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    let status = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        gw.stderr_contents()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. README quickstart: `keygate demo`
+// ---------------------------------------------------------------------------------------------
+
+/// Kills (SIGKILL) and reaps the demo process however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Splits `http://host:port/path` into the socket address and the path.
+fn split_url(url: &str) -> (SocketAddr, String) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let slash = rest.find('/').expect("path in URL");
+    (
+        rest[..slash].parse().expect("ip:port"),
+        rest[slash..].to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_demo_quickstart_works() {
+    let dir = tempdir();
+    let demo_dir = dir.path().join("demo");
+    let mut child = Command::new(keygate_bin())
+        .arg("demo")
+        .arg("--dir")
+        .arg(&demo_dir)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env_remove(SECRET_VAR)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("demo.stderr.log")).unwrap(),
+        ))
+        .spawn()
+        .expect("spawn keygate demo");
+    let stdout = child.stdout.take().unwrap();
+    let _guard = KillOnDrop(child);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    let (mut ok_line, mut deny_line) = (None, None);
+    while deny_line.is_none() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(l)) => {
+                if let Some(rest) = l.strip_prefix("try (200): ") {
+                    ok_line = Some(rest.to_owned());
+                }
+                if let Some(rest) = l.strip_prefix("try (401): ") {
+                    deny_line = Some(rest.to_owned());
+                }
+                lines.push(l);
+                assert!(lines.len() < 1000, "too much output");
+            }
+            Ok(None) => panic!(
+                "demo exited early; stdout:\n{}\nstderr:\n{}",
+                lines.join("\n"),
+                read_lossy(&dir.path().join("demo.stderr.log"))
+            ),
+            Err(_) => panic!("no `try (401):` line within 30 s:\n{}", lines.join("\n")),
+        }
+    }
+    let ok_line = ok_line.expect("a `try (200):` line before the 401 one");
+    // curl -H 'Authorization: Bearer KEY' URL
+    let key = ok_line
+        .split("Authorization: Bearer ")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("key in the 200 line")
+        .to_owned();
+    let url = ok_line.split_whitespace().last().unwrap();
+    let (addr, path) = split_url(url);
+    assert_eq!(path, "/invoices/42");
+    assert!(lines
+        .iter()
+        .any(|l| l.contains(&key) && l.starts_with("demo key")));
+    let auth = bearer(&key);
+    let (st, h, body) = get(addr, &path, &[("authorization", &auth)]).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&h, "content-type"), Some("application/json"));
+    let v = json(&body);
+    assert_eq!(v["service"], "demo-upstream", "{v}");
+    assert_eq!(v["path"], "/invoices/42");
+    assert!(v["key_id"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert_eq!(v["owner"], "demo-team");
+
+    // curl -i URL
+    let deny_line = deny_line.expect("a `try (401):` line");
+    let url = deny_line.split_whitespace().last().unwrap();
+    let (addr2, path2) = split_url(url);
+    let r = get(addr2, &path2, &[]).await;
+    assert_problem(&r, 401, "missing_api_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_rollback_then_new_append_never_unrevokes() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let victim = s.create(&[]);
+    let gw = s.serve().await;
+    let before_revoke = std::fs::read(s.store()).unwrap();
+    s.revoke(&victim.id);
+    wait_status(&gw, "/invoices/1", &victim.key, 401, "revoked").await;
+    let rollback = r#"keygate_source_errors_total{kind="rollback"}"#;
+    // An operator restores an old backup (rename), then keeps using the CLI: the next append
+    // brings the restored file back to the revision already applied.
+    replace_atomically(&s.store(), &before_revoke);
+    wait_metric_at_least(&gw, rollback, 1.0).await;
+    let fresh = s.create(&[]);
+    let another = s.create(&[]);
+    // Keys created after the restore work (the grown file is accepted)...
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &another.key,
+        200,
+        "key created after restore",
+    )
+    .await;
+    assert_eq!(
+        status_with_key(&gw, "/invoices/1", &victim.key).await,
+        401,
+        "a revoked key came back after rollback + append"
+    );
+    // ...and the attempted un-revocation is alarmed like a rollback.
+    wait_metric_at_least(&gw, rollback, 2.0).await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &fresh.key).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_inplace_restore_then_new_append_never_unrevokes() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let good = s.create(&[]);
+    let victim = s.create(&[]);
+    let gw = s.serve().await;
+    let before_revoke = std::fs::read(s.store()).unwrap();
+    s.revoke(&victim.id);
+    wait_status(&gw, "/invoices/1", &victim.key, 401, "revoked").await;
+    let rollback = r#"keygate_source_errors_total{kind="rollback"}"#;
+    // `cp backup keys.jsonl`: truncate and rewrite the same inode.
+    std::fs::write(s.store(), &before_revoke).unwrap();
+    wait_metric_at_least(&gw, rollback, 1.0).await;
+    let fresh = s.create(&[]);
+    let another = s.create(&[]);
+    // Keys created after the restore work (the grown file is accepted)...
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &another.key,
+        200,
+        "key created after restore",
+    )
+    .await;
+    assert_eq!(
+        status_with_key(&gw, "/invoices/1", &victim.key).await,
+        401,
+        "a revoked key came back after in-place restore + append"
+    );
+    // ...and the attempted un-revocation is alarmed like a rollback.
+    wait_metric_at_least(&gw, rollback, 2.0).await;
+
+    assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &fresh.key).await, 200);
+}
