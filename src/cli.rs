@@ -557,7 +557,11 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let usage = crate::usage::read(&settings.usage_file);
             let latest = crate::store::file::latest(keys.state()?.records);
             // Never used counts from creation, so a key minted yesterday is not stale.
-            let last_use = |r: &KeyRecord| usage.get(&r.id).map_or(r.created_at, |u| u.last_used.max(r.created_at));
+            let last_use = |r: &KeyRecord| {
+                usage
+                    .get(&r.id)
+                    .map_or(r.created_at, |u| u.last_used.max(r.created_at))
+            };
             let mut rows: Vec<&KeyRecord> = latest
                 .values()
                 .filter(|r| r.state(now) == KeyState::Active && last_use(r) < before)

@@ -23,8 +23,11 @@ pub enum HygieneError {
 
 /// Fixed hop-by-hop set: RFC 9110 §7.6.1 (`proxy-connection`, `keep-alive`,
 /// `te`, `transfer-encoding`, `upgrade`) plus RFC 9110 §11.7's proxy
-/// credentials and `trailer` (the trailer section is not relayed).
+/// credentials, `trailer` (the trailer section is not relayed) and
+/// `http2-settings`, which only ever describes the client's own connection
+/// (RFC 7540 §3.2.1) even when the client forgot to nominate it in `Connection`.
 const HOP_BY_HOP: &[&str] = &[
+    "http2-settings",
     "keep-alive",
     "proxy-connection",
     "te",
@@ -339,6 +342,7 @@ mod tests {
                     ("trailer", b"x-checksum"),
                     ("transfer-encoding", b"chunked"),
                     ("upgrade", b"websocket"),
+                    ("http2-settings", b"AAMAAABkAARAAAAAAAIAAAAA"),
                     ("proxy-authorization", b"Basic eA=="),
                     ("proxy-authenticate", b"Basic"),
                 ],

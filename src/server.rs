@@ -16,9 +16,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -247,6 +250,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
                 caps.clone(),
                 rx.clone(),
                 server_cfg.tls_handshake_timeout_ms,
+                server_cfg.header_read_timeout_ms,
             ));
             Some(a)
         }
@@ -261,6 +265,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         caps,
         rx.clone(),
         server_cfg.tls_handshake_timeout_ms,
+        server_cfg.header_read_timeout_ms,
     ));
 
     let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
@@ -300,6 +305,7 @@ async fn accept_loop(
     caps: Arc<ConnCaps>,
     mut stop: watch::Receiver<bool>,
     handshake_ms: u64,
+    header_ms: u64,
 ) {
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
@@ -339,6 +345,7 @@ async fn accept_loop(
             open.clone(),
             stop.clone(),
         );
+        let sniff = Duration::from_millis(header_ms);
         tokio::spawn(async move {
             let _guard = guard;
             open.inc();
@@ -358,8 +365,9 @@ async fn accept_loop(
                     .await
                     {
                         Ok(Ok(tls_stream)) => {
+                            let io = SniffDeadline::new(tls_stream, sniff);
                             drive(
-                                builder.serve_connection(TokioIo::new(tls_stream), service),
+                                builder.serve_connection(TokioIo::new(io), service),
                                 conn_stop,
                             )
                             .await
@@ -368,8 +376,9 @@ async fn accept_loop(
                     }
                 }
                 None => {
+                    let io = SniffDeadline::new(stream, sniff);
                     drive(
-                        builder.serve_connection(TokioIo::new(stream), service),
+                        builder.serve_connection(TokioIo::new(io), service),
                         conn_stop,
                     )
                     .await
@@ -377,6 +386,109 @@ async fn accept_loop(
             }
             open.dec();
         });
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bounds the protocol-sniffing phase of a connection (THREATS E1). hyper-util's `auto`
+/// builder reads the first bytes to choose HTTP/1 or HTTP/2 with no timeout of its own, and
+/// hyper's header read timeout is only armed after that choice; a client that sends nothing,
+/// or a prefix of the HTTP/2 preface, would otherwise hold the connection (and its cap slot)
+/// forever. Until the bytes read so far decide the protocol (a byte that is not the preface's,
+/// the whole preface, or EOF), a read still pending at the deadline fails with `TimedOut`;
+/// after that this is a plain pass-through.
+struct SniffDeadline<T> {
+    inner: T,
+    matched: usize,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> SniffDeadline<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        SniffDeadline {
+            inner,
+            matched: 0,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SniffDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.deadline.is_none() {
+            return res;
+        }
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                let mut decided = read.is_empty();
+                for b in read {
+                    if H2_PREFACE.get(this.matched) != Some(b) {
+                        decided = true;
+                        break;
+                    }
+                    this.matched += 1;
+                    if this.matched == H2_PREFACE.len() {
+                        decided = true;
+                        break;
+                    }
+                }
+                if decided {
+                    this.deadline = None;
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no request within the header read timeout",
+                        )));
+                    }
+                }
+            }
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -1,6 +1,8 @@
 //! The configs we ship parse and validate with the real config code: the annotated example
 //! and the Kubernetes ConfigMap's embedded keygate.toml (a typo there would only surface in
 //! a cluster otherwise).
+// Test-only crate: helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use keygate::config::Config;
 use keygate::metrics::Metrics;
@@ -9,7 +11,10 @@ use std::path::Path;
 
 fn validate(text: &str, name: &str) {
     // Snapshot validation needs the secret; it reads the env var the config names.
-    std::env::set_var("API_KEY_HASH_SECRET", "deploy-config-test-secret-0123456789abcdef");
+    std::env::set_var(
+        "API_KEY_HASH_SECRET",
+        "deploy-config-test-secret-0123456789abcdef",
+    );
     let config = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     Snapshot::build(config, &Metrics::new(0)).unwrap_or_else(|e| panic!("{name}: {e}"));
 }
@@ -17,8 +22,14 @@ fn validate(text: &str, name: &str) {
 #[test]
 fn shipped_configs_validate() {
     validate(Config::EXAMPLE, "config/keygate.toml");
-    let cm = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml")).unwrap();
-    let start = cm.find("keygate.toml: |").expect("configmap embeds keygate.toml") + "keygate.toml: |".len();
+    let cm = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+    )
+    .unwrap();
+    let start = cm
+        .find("keygate.toml: |")
+        .expect("configmap embeds keygate.toml")
+        + "keygate.toml: |".len();
     let toml: String = cm[start..]
         .lines()
         .skip(1)

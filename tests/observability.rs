@@ -2,6 +2,8 @@
 //! cardinality bound under random keys/paths/hosts, usage flush across a restart feeding
 //! `keys stale`, and a trace-level run over the auth matrix whose every artefact is grepped
 //! for key material.
+// Test-only crate: helpers outside #[test] fns unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -76,7 +78,10 @@ fn create(config: &Path, args: &[&str]) -> (String, String) {
     let out = cli(config, &all, &[("API_KEY_HASH_SECRET", SECRET)]);
     assert!(out.status.success(), "create failed: {}", stderr_str(&out));
     let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
-    (v["id"].as_str().unwrap().to_owned(), v["key"].as_str().unwrap().to_owned())
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    )
 }
 
 fn run_cli(config: &Path, args: &[&str]) -> String {
@@ -113,7 +118,10 @@ fn series(text: &str) -> BTreeSet<String> {
 
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .unwrap_or_else(|| panic!("series {series} missing"))
         .trim()
         .parse()
@@ -150,15 +158,36 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
     })
     .await;
 
-    let cases: Vec<(Vec<(&str, String)>, &str, u16)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, &'a str, u16);
+    let cases: Vec<Case> = vec![
         (vec![("authorization", bearer(&ok_key))], "/invoices/1", 200),
         (vec![], "/invoices/1", 401),
-        (vec![("x-api-key", "kg_live_garbage".into())], "/invoices/1", 401),
-        (vec![("authorization", bearer(&canary_key))], "/invoices/1", 401),
-        (vec![("authorization", bearer(&noscope_key))], "/invoices/1", 403),
+        (
+            vec![("x-api-key", "kg_live_garbage".into())],
+            "/invoices/1",
+            401,
+        ),
+        (
+            vec![("authorization", bearer(&canary_key))],
+            "/invoices/1",
+            401,
+        ),
+        (
+            vec![("authorization", bearer(&noscope_key))],
+            "/invoices/1",
+            403,
+        ),
         (vec![("authorization", bearer(&ok_key))], "/nowhere", 404),
-        (vec![("authorization", bearer(&tiny_key))], "/invoices/1", 200),
-        (vec![("authorization", bearer(&tiny_key))], "/invoices/1", 429),
+        (
+            vec![("authorization", bearer(&tiny_key))],
+            "/invoices/1",
+            200,
+        ),
+        (
+            vec![("authorization", bearer(&tiny_key))],
+            "/invoices/1",
+            429,
+        ),
         (vec![("authorization", bearer(&ok_key))], "/broken/1", 502),
     ];
     for (headers, path, want) in &cases {
@@ -201,21 +230,42 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         "keygate_tls_handshake_failures_total",
         "keygate_auth_budget_rejections_total",
     ] {
-        assert!(text.lines().any(|l| l.starts_with(s)), "missing series {s}\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(s)),
+            "missing series {s}\n{text}"
+        );
     }
     // late key (at least once), ok key, tiny key
-    assert!(value(&text, r#"keygate_requests_total{outcome="ok",route="read"}"#) >= 3.0);
+    assert!(
+        value(
+            &text,
+            r#"keygate_requests_total{outcome="ok",route="read"}"#
+        ) >= 3.0
+    );
     assert_eq!(value(&text, "keygate_canary_hits_total"), 1.0);
-    assert_eq!(value(&text, r#"keygate_keys{env="live",state="revoked"}"#), 1.0);
+    assert_eq!(
+        value(&text, r#"keygate_keys{env="live",state="revoked"}"#),
+        1.0
+    );
     assert_eq!(value(&text, r#"keygate_keys_expiring{within="7d"}"#), 1.0);
     assert!(value(&text, "keygate_table_revision") >= 7.0);
     assert!(value(&text, "keygate_propagation_seconds_count") >= 2.0);
     // Per-key series: capped at 3 distinct key ids.
-    let per_key = text.lines().filter(|l| l.starts_with("keygate_key_requests_total{")).count();
+    let per_key = text
+        .lines()
+        .filter(|l| l.starts_with("keygate_key_requests_total{"))
+        .count();
     assert!((1..=4).contains(&per_key), "{per_key}");
     // Label values only from config and closed enums.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
-        for secret in [&ok_key, &revoked_key, &canary_key, &noscope_key, &tiny_key, &late_key] {
+        for secret in [
+            &ok_key,
+            &revoked_key,
+            &canary_key,
+            &noscope_key,
+            &tiny_key,
+            &late_key,
+        ] {
             assert!(!l.contains(secret.as_str()), "key in metrics: {l}");
         }
         assert!(!l.contains("127.0.0.1"), "client address in metrics: {l}");
@@ -224,22 +274,39 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
     if let Some(promtool) = which("promtool") {
         let file = dir.path().join("scrape.txt");
         std::fs::write(&file, &text).unwrap();
-        let out = std::process::Command::new(promtool).args(["check", "metrics"]).stdin(std::fs::File::open(&file).unwrap()).output().unwrap();
-        assert!(out.status.success(), "promtool check metrics: {}{}", stdout_str(&out), stderr_str(&out));
+        let out = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            stdout_str(&out),
+            stderr_str(&out)
+        );
     } else {
         eprintln!("promtool not installed; .ci/run installs it and checks a scrape");
     }
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_keys_paths_and_hosts_do_not_grow_the_series_count() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
-    let cfg = config(dir.path(), &up.addr().to_string(), "[limits]\nauth_failures_per_minute = 1000000\n");
+    let cfg = config(
+        dir.path(),
+        &up.addr().to_string(),
+        "[limits]\nauth_failures_per_minute = 1000000\n",
+    );
     let (_, key) = create(&cfg, &["--scope", "invoices:read"]);
     let gw = start(&cfg, &[]).await;
     let addr = gw.http;
@@ -256,23 +323,35 @@ async fn random_keys_paths_and_hosts_do_not_grow_the_series_count() {
             .map(|_| {
                 let a = next();
                 let b = next();
-                let path = if a % 3 == 0 { format!("/invoices/{b:x}") } else { format!("/x{a:x}/{b:x}") };
+                let path = if a % 3 == 0 {
+                    format!("/invoices/{b:x}")
+                } else {
+                    format!("/x{a:x}/{b:x}")
+                };
                 let host = format!("h{:x}.example", b % 100_000);
-                let k = if a % 2 == 0 { format!("kg_live_{a:x}{b:x}") } else { format!("junk-{b:x}") };
+                let k = if a % 2 == 0 {
+                    format!("kg_live_{a:x}{b:x}")
+                } else {
+                    format!("junk-{b:x}")
+                };
                 (path, host, k)
             })
             .collect::<Vec<_>>()
     };
     let send = |reqs: Vec<(String, String, String)>| async move {
         // 8 keep-alive connections in parallel, each sending its share in order.
-        let chunks: Vec<Vec<_>> = reqs.chunks(reqs.len().div_ceil(8)).map(|c| c.to_vec()).collect();
+        let chunks: Vec<Vec<_>> = reqs
+            .chunks(reqs.len().div_ceil(8))
+            .map(|c| c.to_vec())
+            .collect();
         let tasks: Vec<_> = chunks
             .into_iter()
             .map(|chunk| {
                 tokio::spawn(async move {
                     let mut conn = KeepAlive::connect(addr).await;
                     for (path, host, k) in chunk {
-                        let (status, _, _) = conn.get(&path, &[("host", &host), ("x-api-key", &k)]).await;
+                        let (status, _, _) =
+                            conn.get(&path, &[("host", &host), ("x-api-key", &k)]).await;
                         assert!(status == 401 || status == 404, "{status}");
                     }
                 })
@@ -292,10 +371,16 @@ async fn random_keys_paths_and_hosts_do_not_grow_the_series_count() {
     let text = scrape(&gw).await;
     let after = series(&text);
     let grown: Vec<_> = after.difference(&before).collect();
-    assert!(grown.is_empty(), "new series after 100k random requests: {grown:?}");
+    assert!(
+        grown.is_empty(),
+        "new series after 100k random requests: {grown:?}"
+    );
     assert!(!text.contains(".example"), "host leaked into metrics");
     assert!(!text.contains("junk-"), "key leaked into metrics");
-    assert!(value(&text, "keygate_rate_limit_buckets") <= 1.0, "buckets for unauthenticated keys");
+    assert!(
+        value(&text, "keygate_rate_limit_buckets") <= 1.0,
+        "buckets for unauthenticated keys"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,18 +391,26 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     let (used_id, used_key) = create(&cfg, &["--scope", "invoices:read"]);
     let (idle_id, _) = create(&cfg, &["--scope", "invoices:read"]);
     let usage_file = dir.path().join("usage.json");
-    let requests_in_file = |path: PathBuf, id: String| move || {
-        let (path, id) = (path.clone(), id.clone());
-        async move {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-            v.get(&id)?.get("requests")?.as_u64()
+    let requests_in_file = |path: PathBuf, id: String| {
+        move || {
+            let (path, id) = (path.clone(), id.clone());
+            async move {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+                v.get(&id)?.get("requests")?.as_u64()
+            }
         }
     };
     let first_total;
     {
         let gw = start(&cfg, &[]).await;
         for _ in 0..5 {
-            assert_eq!(get(gw.http, "/invoices/1", &[("x-api-key", &used_key)]).await.0, 200);
+            assert_eq!(
+                get(gw.http, "/invoices/1", &[("x-api-key", &used_key)])
+                    .await
+                    .0,
+                200
+            );
         }
         first_total = eventually_named("usage flushed", Duration::from_secs(10), {
             let f = requests_in_file(usage_file.clone(), used_id.clone());
@@ -331,7 +424,12 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     }
     // Restart: counts continue from the file.
     let gw = start(&cfg, &[]).await;
-    assert_eq!(get(gw.http, "/invoices/1", &[("x-api-key", &used_key)]).await.0, 200);
+    assert_eq!(
+        get(gw.http, "/invoices/1", &[("x-api-key", &used_key)])
+            .await
+            .0,
+        200
+    );
     eventually_named("usage continues after restart", Duration::from_secs(10), {
         let f = requests_in_file(usage_file.clone(), used_id.clone());
         move || {
@@ -340,8 +438,14 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
         }
     })
     .await;
-    let listed: serde_json::Value = serde_json::from_str(&run_cli(&cfg, &["keys", "list", "--json"])).unwrap();
-    let used = listed.as_array().unwrap().iter().find(|r| r["id"] == used_id.as_str()).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&run_cli(&cfg, &["keys", "list", "--json"])).unwrap();
+    let used = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == used_id.as_str())
+        .unwrap();
     assert!(used["last_used"].as_i64().unwrap() > 0);
     assert!(used["requests"].as_u64().unwrap() > first_total);
     // Stale: the idle key (never used) ages past a 2 s window while the used key keeps being used.
@@ -349,14 +453,31 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     let stale = eventually_named("idle key reported stale", Duration::from_secs(20), || {
         let (cfg, used_key, idle_id) = (cfg.clone(), used_key.clone(), idle_id.clone());
         async move {
-            assert_eq!(get(addr, "/invoices/1", &[("x-api-key", &used_key)]).await.0, 200);
-            let out: serde_json::Value = serde_json::from_str(&run_cli(&cfg, &["keys", "stale", "--unused", "2s", "--json"])).unwrap();
-            let ids: Vec<String> = out.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+            assert_eq!(
+                get(addr, "/invoices/1", &[("x-api-key", &used_key)])
+                    .await
+                    .0,
+                200
+            );
+            let out: serde_json::Value = serde_json::from_str(&run_cli(
+                &cfg,
+                &["keys", "stale", "--unused", "2s", "--json"],
+            ))
+            .unwrap();
+            let ids: Vec<String> = out
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect();
             ids.contains(&idle_id).then_some(ids)
         }
     })
     .await;
-    assert!(!stale.contains(&used_id), "a key in use is not stale: {stale:?}");
+    assert!(
+        !stale.contains(&used_id),
+        "a key in use is not stale: {stale:?}"
+    );
     let human = run_cli(&cfg, &["keys", "stale", "--unused", "2s"]);
     assert!(human.contains(&idle_id) && human.contains("LAST USED"));
 }
@@ -374,7 +495,8 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
     let (rotated_id, rotated_old) = create(&cfg, &["--scope", "invoices:read"]);
     let gw = start(&cfg, &[("KEYGATE_LOG", "trace"), ("RUST_BACKTRACE", "1")]).await;
     run_cli(&cfg, &["keys", "revoke", &revoked_id, "--reason", "test"]);
-    let rotated: serde_json::Value = serde_json::from_str(&run_cli(&cfg, &["keys", "rotate", &rotated_id, "--json"])).unwrap();
+    let rotated: serde_json::Value =
+        serde_json::from_str(&run_cli(&cfg, &["keys", "rotate", &rotated_id, "--json"])).unwrap();
     let rotated_new = rotated["key"].as_str().unwrap().to_owned();
     let addr = gw.http;
     eventually(Duration::from_secs(10), || {
@@ -387,14 +509,30 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
     })
     .await;
     let unknown = "kg_live_0000000000000000000000000000000000000000000000000";
-    let all_keys = [ok_key.as_str(), revoked_key.as_str(), canary_key.as_str(), expired_key.as_str(), noscope_key.as_str(), rotated_old.as_str(), rotated_new.as_str()];
+    let all_keys = [
+        ok_key.as_str(),
+        revoked_key.as_str(),
+        canary_key.as_str(),
+        expired_key.as_str(),
+        noscope_key.as_str(),
+        rotated_old.as_str(),
+        rotated_new.as_str(),
+    ];
     for k in all_keys.iter().chain([&unknown]) {
-        for (name, value) in [("x-api-key", k.to_string()), ("authorization", format!("Bearer {k}"))] {
+        for (name, value) in [
+            ("x-api-key", k.to_string()),
+            ("authorization", format!("Bearer {k}")),
+        ] {
             for path in ["/invoices/1", "/invoices/../x", "/nowhere?api_key=x"] {
                 let _ = get(addr, path, &[(name, &value)]).await;
             }
         }
-        let _ = get(addr, "/invoices/1", &[("x-api-key", k), ("authorization", "Bearer other")]).await;
+        let _ = get(
+            addr,
+            "/invoices/1",
+            &[("x-api-key", k), ("authorization", "Bearer other")],
+        )
+        .await;
         let _ = h2_get(addr, "/invoices/1", &[("x-api-key", k)]).await;
     }
     let metrics = scrape(&gw).await;
@@ -415,8 +553,20 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
         ("audit".into(), read_lossy(&dir.path().join("audit.jsonl"))),
         ("usage".into(), read_lossy(&dir.path().join("usage.json"))),
     ];
-    assert!(artefacts[0].1.len() > 10_000, "trace logging produced output");
-    artefacts.push(("upstream".into(), format!("{:?}", up.records().iter().map(|r| (&r.path_and_query, &r.headers, &r.body)).collect::<Vec<_>>())));
+    assert!(
+        artefacts[0].1.len() > 10_000,
+        "trace logging produced output"
+    );
+    artefacts.push((
+        "upstream".into(),
+        format!(
+            "{:?}",
+            up.records()
+                .iter()
+                .map(|r| (&r.path_and_query, &r.headers, &r.body))
+                .collect::<Vec<_>>()
+        ),
+    ));
     for (name, text) in &artefacts {
         for k in all_keys {
             assert!(!text.contains(k), "plaintext key in {name}");

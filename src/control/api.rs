@@ -229,6 +229,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json_optional(c, req).await?;
+            reject_unknown(&body, &["reason"])?;
             let reason = optional_string(&body, "reason")?;
             let c2 = c.clone();
             let record = blocking(move || {
@@ -401,16 +402,25 @@ fn labels(body: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>,
     }
 }
 
+/// Longest duration the API accepts (1000 years): beyond it `now + secs` could overflow.
+const MAX_DURATION_SECS: u64 = 1000 * 366 * 86_400;
+
 fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
-    crate::config::parse_duration(s)
-        .map(|d| d.as_secs() as i64)
-        .map_err(|m| {
-            err(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("{field}: {m}"),
-            )
-        })
+    let d = crate::config::parse_duration(s).map_err(|m| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: {m}"),
+        )
+    })?;
+    if d.as_secs() > MAX_DURATION_SECS {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: longer than 1000 years"),
+        ));
+    }
+    Ok(d.as_secs() as i64)
 }
 
 async fn create(
