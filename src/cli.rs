@@ -5,7 +5,7 @@
 //! everything else goes to stderr. No command prints a digest.
 
 use crate::config::{parse_duration, Config};
-use crate::keys::ops::{Changes, Grants, Keys, OpsError, Selector};
+use crate::keys::ops::{Changes, Grants, Keys, Selector};
 use crate::keys::record::{KeyRecord, KeyState};
 use crate::keys::KeySettings;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -627,9 +627,4 @@ impl From<Failure> for ExitCode {
         eprintln!("keygate: error: {}", f.0);
         ExitCode::FAILURE
     }
-}
-
-/// Keep OpsError's Display as the user-facing message.
-pub fn describe(e: &OpsError) -> String {
-    e.to_string()
 }

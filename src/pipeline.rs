@@ -10,7 +10,7 @@ use crate::audit::Event;
 use crate::authz;
 use crate::error::{GatewayError, Outcome};
 use crate::extract::{self, ExtractError};
-use crate::forward::GuardedBody;
+use crate::forward::{GuardedBody, UpstreamBody};
 use crate::gateway::Gateway;
 use crate::hygiene;
 use crate::keys::format::{FormatError, MAX_KEY_LEN};
@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub type RespBody = Either<Incoming, Full<Bytes>>;
+pub type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// What the accept loop knows about a connection.
 #[derive(Debug, Clone, Copy)]
@@ -235,7 +235,6 @@ async fn pipeline(
         host.as_deref(),
         conn,
         ctx.client_ip,
-        snap,
     );
     let body = GuardedBody::new(
         body,
@@ -388,7 +387,6 @@ fn set_forwarding_headers(
     host: Option<&str>,
     conn: Conn,
     client: IpAddr,
-    snap: &Snapshot,
 ) {
     let mut set = |name: &HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
@@ -422,7 +420,6 @@ fn set_forwarding_headers(
             h.insert(header::COOKIE, v);
         }
     }
-    let _ = snap;
 }
 
 /// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's verdict.

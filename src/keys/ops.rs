@@ -278,40 +278,40 @@ impl<'a> Keys<'a> {
     }
 
     /// Run `change` on the current version of `id` under the lock and write the result.
+    /// Returns the last record written, or the current version when there was nothing to write
+    /// (e.g. revoking a revoked key).
     fn change(
         &self,
         id: &str,
         event: &'static str,
         change: impl FnOnce(&State, &KeyRecord) -> Result<Option<Vec<KeyRecord>>, OpsError>,
-    ) -> Result<Vec<KeyRecord>, OpsError> {
-        self.log
-            .transact(|state| {
-                let current = state
-                    .keys
-                    .get(id)
-                    .ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
-                let Some(records) = change(state, current)? else {
-                    // Nothing to write (e.g. revoking a revoked key): report the current version.
-                    return Ok(vec![]);
-                };
-                let events: Vec<Event> = records
-                    .iter()
-                    .map(|r| Event::new(event, &self.actor).key(r))
-                    .collect();
-                self.audit(&events)?;
-                Ok(records)
-            })?
-            .and_then(|written| {
-                if written.is_empty() {
-                    Ok(vec![self.show(id)?])
-                } else {
-                    Ok(written)
-                }
-            })
+    ) -> Result<KeyRecord, OpsError> {
+        let mut unchanged = None;
+        let written = self.log.transact(|state| {
+            let current = state
+                .keys
+                .get(id)
+                .ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
+            let Some(records) = change(state, current)? else {
+                unchanged = Some(current.clone());
+                return Ok(vec![]);
+            };
+            let events: Vec<Event> = records
+                .iter()
+                .map(|r| Event::new(event, &self.actor).key(r))
+                .collect();
+            self.audit(&events)?;
+            Ok::<_, OpsError>(records)
+        })??;
+        written
+            .into_iter()
+            .next_back()
+            .or(unchanged)
+            .ok_or_else(|| OpsError::NotFound(id.to_owned()))
     }
 
     pub fn update(&self, id: &str, c: &Changes, now: i64) -> Result<KeyRecord, OpsError> {
-        let written = self.change(id, "key.updated", |_, cur| {
+        self.change(id, "key.updated", |_, cur| {
             // Any revocation counts, even one stamped later than our `now`: that was read
             // before we waited for the lock, and a concurrent revoke may have won it.
             if cur.revoked_at.is_some() {
@@ -360,25 +360,17 @@ impl<'a> Keys<'a> {
             r.written_at_ms = now_ms();
             self.validate(&r, now)?;
             Ok(Some(vec![r]))
-        })?;
-        Ok(written
-            .into_iter()
-            .next_back()
-            .unwrap_or_else(|| unreachable_record(id)))
+        })
     }
 
     /// Revoke one key. Revoking a revoked key is not an error and writes nothing.
     pub fn revoke(&self, id: &str, reason: Option<&str>, now: i64) -> Result<KeyRecord, OpsError> {
-        let written = self.change(id, "key.revoked", |_, cur| {
+        self.change(id, "key.revoked", |_, cur| {
             if cur.revoked_at.is_some() {
                 return Ok(None);
             }
             Ok(Some(vec![revoked(cur, reason, now)]))
-        })?;
-        Ok(written
-            .into_iter()
-            .next_back()
-            .unwrap_or_else(|| unreachable_record(id)))
+        })
     }
 
     /// Break-glass: revoke every live key the selector matches, in one locked append.
@@ -418,7 +410,7 @@ impl<'a> Keys<'a> {
     /// New key with the same grants and lineage; the old one expires at `now + grace`.
     pub fn rotate(&self, id: &str, grace_secs: i64, now: i64) -> Result<Minted, OpsError> {
         let mut minted = None;
-        let written = self.change(id, "key.rotated", |_, cur| {
+        let record = self.change(id, "key.rotated", |_, cur| {
             // A revocation stamped after our `now` (a revoke that won the lock while we
             // waited) still counts: never mint a successor for a revoked key.
             let state = if cur.revoked_at.is_some() {
@@ -458,10 +450,6 @@ impl<'a> Keys<'a> {
             minted = Some(m.key);
             Ok(Some(vec![old, new]))
         })?;
-        let record = written
-            .into_iter()
-            .next_back()
-            .unwrap_or_else(|| unreachable_record(id));
         let key = minted.unwrap_or_default();
         Ok(Minted { record, key })
     }
@@ -606,37 +594,4 @@ fn revoked(cur: &KeyRecord, reason: Option<&str>, now: i64) -> KeyRecord {
     r.revoked_reason = reason.map(str::to_owned);
     r.written_at_ms = now_ms();
     r
-}
-
-/// `change` always yields at least one record (written, or the current one re-read); this
-/// keeps the signature total without an `expect`.
-fn unreachable_record(id: &str) -> KeyRecord {
-    tracing::error!(key_id = id, "store change yielded no record");
-    KeyRecord {
-        rev: 0,
-        id: id.to_owned(),
-        digest: crate::keys::digest::Digest([0; 32]),
-        secret_version: 0,
-        name: String::new(),
-        owner: String::new(),
-        env: String::new(),
-        scopes: vec![],
-        plan: None,
-        rate: None,
-        allow_ips: vec![],
-        allow_origins: vec![],
-        labels: BTreeMap::new(),
-        hint: String::new(),
-        created_at: 0,
-        written_at_ms: 0,
-        not_before: None,
-        expires_at: None,
-        revoked_at: None,
-        revoked_reason: None,
-        canary: false,
-        imported: false,
-        rotated_from: None,
-        rotated_to: None,
-        lineage: id.to_owned(),
-    }
 }
