@@ -116,10 +116,17 @@ pub async fn start(
     let settings = KeySettings::from_config(&config)?;
     // The control plane owns the log: a fresh deployment starts from an empty one (gateways,
     // by contrast, fail closed on a missing store).
-    if let Some(dir) = settings.store.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = settings
+        .store
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(&settings.store)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&settings.store)?;
     let feed = FeedState::new(config.control.feed_buffer);
     feed.follow(
         settings.store.clone(),

@@ -167,15 +167,25 @@ impl FeedState {
         }
     }
 
-    /// Follow the store file on a thread (same follower as the gateway's).
+    /// Follow the store file on a thread (same follower as the gateway's). The first load
+    /// happens before this returns, so a control plane that reports listening can serve the
+    /// feed at once (rather than answering 503 until the thread's first poll).
     pub fn follow(
         self: &Arc<Self>,
         store: std::path::PathBuf,
         poll: std::time::Duration,
     ) -> std::io::Result<()> {
         let state = self.clone();
+        let mut follower = Follower::new(LogFile::new(&store));
+        let mut last_error = String::new();
+        match follower.poll() {
+            Ok(u) => state.apply(u),
+            Err(e) => {
+                tracing::error!(error = %e, "control plane: store problem; retrying");
+                last_error = e.to_string();
+            }
+        }
         std::thread::Builder::new().name("keygate-feed-store".into()).spawn(move || {
-            let mut follower = Follower::new(LogFile::new(&store));
             let (tx, rx) = std::sync::mpsc::channel::<()>();
             let dir = store.parent().map(std::path::PathBuf::from).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| ".".into());
             use notify::Watcher;
@@ -183,7 +193,6 @@ impl FeedState {
                 let _ = tx.send(());
             })
             .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
-            let mut last_error = String::new();
             loop {
                 match follower.poll() {
                     Ok(u) => state.apply(u),

@@ -1,0 +1,922 @@
+//! Integration tests of `keygate control`: the admin REST API through HTTP against the real
+//! binary (spawned with stdout piped; it prints `{"event":"listening","control":"…"}`), side
+//! by side with the CLI on the same store.
+//!
+//! No fixed ports (the control plane binds 127.0.0.1:0), no sleeps for synchronisation, every
+//! wait bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
+const ENVS: &[(&str, &str)] = &[("API_KEY_HASH_SECRET", SECRET)];
+
+fn config(audit_log: &str, max_body: usize) -> String {
+    format!(
+        r#"[keys]
+store = "keys.jsonl"
+audit_log = "{audit_log}"
+usage_file = "usage.json"
+poll_interval_ms = 50
+
+[policy]
+max_ttl = "30d"
+require_owner = true
+
+[plans.default]
+rate = "100/s"
+
+[plans.bulk]
+rate = "1000/s"
+
+[control]
+listen = "127.0.0.1:0"
+tokens = "admin-tokens.jsonl"
+max_body_bytes = {max_body}
+heartbeat_ms = 200
+"#
+    )
+}
+
+/// A running `keygate control`; SIGKILLed and reaped on drop.
+struct ControlPlane {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ControlPlane {
+    async fn spawn(config: &Path) -> ControlPlane {
+        let log = config.with_file_name("control.stderr.log");
+        let mut child = Command::new(keygate_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("control")
+            .env("API_KEY_HASH_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("spawn keygate control");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // Drains stdout until the child exits, so it never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || loop {
+            let line = rx.recv_timeout(STARTUP_TIMEOUT).ok()?;
+            let v: Value = serde_json::from_str(&line).ok()?;
+            if v["event"] == "listening" {
+                return v["control"].as_str()?.parse::<SocketAddr>().ok();
+            }
+        })
+        .await
+        .unwrap();
+        match addr {
+            Some(addr) => ControlPlane { child, addr },
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "control plane did not start:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Tokens of each role, plus the write token's id.
+struct Tokens {
+    read: String,
+    write: String,
+    write_id: String,
+    feed: String,
+}
+
+fn mint(cfg: &Path, role: &str) -> (String, String) {
+    let out = cli(
+        cfg,
+        &["admin-token", "create", "--role", role, "--json"],
+        ENVS,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    (
+        v["token"].as_str().unwrap().to_owned(),
+        v["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn tokens(cfg: &Path) -> Tokens {
+    let (write, write_id) = mint(cfg, "write");
+    Tokens {
+        read: mint(cfg, "read").0,
+        write,
+        write_id,
+        feed: mint(cfg, "feed").0,
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    cfg: PathBuf,
+    cp: ControlPlane,
+    t: Tokens,
+}
+
+async fn setup(max_body: usize) -> Env {
+    let dir = tempdir();
+    let path = dir.path().to_path_buf();
+    let cfg = write_file(&path, "keygate.toml", &config("audit.jsonl", max_body));
+    let t = tokens(&cfg);
+    let cp = ControlPlane::spawn(&cfg).await;
+    Env {
+        _dir: dir,
+        dir: path,
+        cfg,
+        cp,
+        t,
+    }
+}
+
+/// Asserts a response body carries no digest: no `"digest"` key, no 64-char lowercase hex run.
+fn assert_no_digest(body: &[u8]) {
+    let text = String::from_utf8_lossy(body);
+    assert!(!text.contains("\"digest\""), "digest field in {text}");
+    let mut run = 0;
+    for c in text.chars() {
+        if c.is_ascii_digit() || ('a'..='f').contains(&c) {
+            run += 1;
+            assert!(run < 64, "64-hex run (a digest?) in {text}");
+        } else {
+            run = 0;
+        }
+    }
+}
+
+/// One request with an optional bearer token; checks every body for digests.
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: impl Into<Bytes>,
+) -> (u16, http::HeaderMap, Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let (status, h, b) = request(addr, method, path, &headers, body).await;
+    assert_no_digest(&b);
+    let v = if b.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&b).unwrap_or(Value::String(String::from_utf8_lossy(&b).into()))
+    };
+    (status, h, v)
+}
+
+fn ctype(h: &http::HeaderMap) -> String {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Asserts a problem+json answer with this status and code.
+fn assert_problem(r: &(u16, http::HeaderMap, Value), status: u16, code: &str) {
+    assert_eq!(r.0, status, "{:?}", r.2);
+    assert_eq!(ctype(&r.1), "application/problem+json");
+    assert_eq!(r.2["code"], code, "{:?}", r.2);
+    assert_eq!(r.2["status"], status);
+}
+
+async fn create(e: &Env, body: Value) -> Value {
+    let r = call(
+        e.cp.addr,
+        Method::POST,
+        "/v1/api-keys",
+        Some(&e.t.write),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+    assert_eq!(ctype(&r.1), "application/json");
+    r.2
+}
+
+#[tokio::test]
+async fn every_endpoint_happy_path() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+
+    // The spec, unauthenticated, byte for byte the file.
+    let (s, h, body) = request(a, Method::GET, "/v1/openapi.yaml", &[], Bytes::new()).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/yaml");
+    assert_eq!(
+        body,
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap()
+    );
+
+    // Create: the key once, with the grants asked for.
+    let k1 = create(
+        &e,
+        json!({"name": "billing", "owner": "payments", "env": "live", "scopes": ["invoices:read"],
+               "plan": "bulk", "expires_in": "7d", "allow_ips": ["127.0.0.0/8"],
+               "allow_origins": ["https://app.example"], "labels": {"team": "a"}}),
+    )
+    .await;
+    let id1 = k1["id"].as_str().unwrap().to_owned();
+    assert!(k1["key"].as_str().unwrap().starts_with("kg_live_"));
+    assert_eq!(k1["state"], "active");
+    assert_eq!(k1["plan"], "bulk");
+    assert_eq!(k1["labels"]["team"], "a");
+    let k2 = create(&e, json!({"name": "other", "owner": "ops", "env": "test"})).await;
+    let id2 = k2["id"].as_str().unwrap().to_owned();
+    let k3 = create(
+        &e,
+        json!({"name": "third", "owner": "ops", "labels": {"team": "b"}}),
+    )
+    .await;
+    let id3 = k3["id"].as_str().unwrap().to_owned();
+
+    // Get: never the key.
+    let r = call(a, Method::GET, &format!("/v1/api-keys/{id1}"), w, "").await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["id"], id1.as_str());
+    assert!(r.2.get("key").is_none());
+
+    // List: filters and pagination.
+    let r = call(a, Method::GET, "/v1/api-keys", Some(&e.t.read), "").await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["items"].as_array().unwrap().len(), 3);
+    assert!(r.2["next_cursor"].is_null());
+    assert!(r.2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i.get("key").is_none()));
+    let ids = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = call(a, Method::GET, "/v1/api-keys?owner=ops", w, "").await;
+    assert_eq!(ids(&r.2).len(), 2);
+    let r = call(a, Method::GET, "/v1/api-keys?env=test", w, "").await;
+    assert_eq!(ids(&r.2), vec![id2.clone()]);
+    let r = call(a, Method::GET, "/v1/api-keys?label=team%3Db", w, "").await;
+    assert_eq!(ids(&r.2), vec![id3.clone()]);
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?state=active&owner=payments",
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(ids(&r.2), vec![id1.clone()]);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(c) => format!("/v1/api-keys?limit=2&cursor={c}"),
+            None => "/v1/api-keys?limit=2".into(),
+        };
+        let r = call(a, Method::GET, &path, w, "").await;
+        assert_eq!(r.0, 200);
+        assert!(ids(&r.2).len() <= 2);
+        seen.extend(ids(&r.2));
+        match r.2["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut all = vec![id1.clone(), id2.clone(), id3.clone()];
+    all.sort();
+    assert_eq!(seen, all, "pagination visits every key once, in id order");
+
+    // Patch: scopes, rate, expiry, labels, CIDRs, origins.
+    let r = call(
+        a,
+        Method::PATCH,
+        &format!("/v1/api-keys/{id1}"),
+        w,
+        json!({"scopes": ["invoices:read", "invoices:write"], "rate": "5/s", "expires_in": "1d",
+               "labels": {"team": "", "tier": "gold"}, "allow_ips": ["10.0.0.0/8"],
+               "allow_origins": []})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["scopes"], json!(["invoices:read", "invoices:write"]));
+    assert_eq!(r.2["rate"], "5/s");
+    assert!(r.2.get("plan").is_none(), "a rate replaces the plan");
+    assert_eq!(r.2["labels"], json!({"tier": "gold"}));
+    assert_eq!(r.2["allow_ips"], json!(["10.0.0.0/8"]));
+    assert!(r.2.get("allow_origins").is_none());
+    assert!(r.2.get("key").is_none());
+    let r = call(
+        a,
+        Method::PATCH,
+        &format!("/v1/api-keys/{id1}"),
+        w,
+        json!({"plan": "default", "expires_in": null}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["plan"], "default");
+    assert!(r.2.get("expires_at").is_none());
+
+    // Rotate: a new key once, the old one gets a grace expiry.
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{id1}/rotate"),
+        w,
+        json!({"grace": "1h"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+    let new_id = r.2["id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id1);
+    assert!(r.2["key"].as_str().unwrap().starts_with("kg_live_"));
+    assert_ne!(r.2["key"], k1["key"]);
+    assert_eq!(r.2["rotated_from"], id1.as_str());
+    let old = call(a, Method::GET, &format!("/v1/api-keys/{id1}"), w, "").await;
+    assert_eq!(old.2["rotated_to"], new_id.as_str());
+    assert!(old.2["expires_at"].as_i64().is_some());
+    // Rotate with no body: the configured grace.
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{id2}/rotate"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+
+    // Delete: with a reason, idempotent.
+    let path = format!("/v1/api-keys/{id3}");
+    let r = call(
+        a,
+        Method::DELETE,
+        &path,
+        w,
+        json!({"reason": "leaked"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["state"], "revoked");
+    assert_eq!(r.2["revoked_reason"], "leaked");
+    let r2 = call(a, Method::DELETE, &path, w, "").await;
+    assert_eq!(r2.0, 200, "{:?}", r2.2);
+    assert_eq!(r2.2["revoked_at"], r.2["revoked_at"]);
+    assert_eq!(r2.2["rev"], r.2["rev"], "revoking twice writes nothing");
+
+    // Mass revoke by owner / env / label.
+    create(
+        &e,
+        json!({"name": "m1", "owner": "mass", "labels": {"x": "1"}}),
+    )
+    .await;
+    create(&e, json!({"name": "m2", "owner": "mass"})).await;
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"label": "x=1", "confirm": true, "reason": "incident"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["revoked"].as_array().unwrap().len(), 1);
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "mass", "env": "live", "confirm": true}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["revoked"].as_array().unwrap().len(), 1);
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?owner=mass&state=revoked",
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(ids(&r.2).len(), 2);
+
+    // Usage reports (feed role) show up in the API.
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/usage",
+        Some(&e.t.feed),
+        json!({"node": "gw1", "usage": {new_id.clone(): {"last_used": 1_700_000_000, "requests": 7}}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["accepted"], true);
+    let r = call(a, Method::GET, &format!("/v1/api-keys/{new_id}"), w, "").await;
+    assert_eq!(r.2["requests"], 7);
+    assert_eq!(r.2["last_used"], 1_700_000_000);
+
+    // The feed (feed role): ndjson, a snapshot first.
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    let req = format!(
+        "GET /v1/feed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        e.t.feed
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let text = within("the feed's snapshot", NET_TIMEOUT, async {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "feed closed early");
+            got.extend_from_slice(&buf[..n]);
+            let t = String::from_utf8_lossy(&got).into_owned();
+            if t.contains("\"type\":\"snapshot_end\"") {
+                break t;
+            }
+        }
+    })
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text
+        .to_ascii_lowercase()
+        .contains("content-type: application/x-ndjson"));
+    assert!(text.contains("\"type\":\"snapshot_begin\""));
+    assert!(text.contains(&id1));
+}
+
+#[tokio::test]
+async fn auth_failures_on_every_endpoint() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let k = create(&e, json!({"name": "x", "owner": "o"})).await;
+    let id = k["id"].as_str().unwrap();
+    let key_path = format!("/v1/api-keys/{id}");
+    let rotate_path = format!("/v1/api-keys/{id}/rotate");
+    // (method, path, body, role needed)
+    let endpoints: Vec<(Method, &str, String, &str)> = vec![
+        (Method::GET, "/v1/api-keys", String::new(), "read"),
+        (
+            Method::POST,
+            "/v1/api-keys",
+            json!({"name": "n", "owner": "o"}).to_string(),
+            "write",
+        ),
+        (Method::GET, &key_path, String::new(), "read"),
+        (
+            Method::PATCH,
+            &key_path,
+            json!({"name": "n2"}).to_string(),
+            "write",
+        ),
+        (Method::POST, &rotate_path, String::new(), "write"),
+        (
+            Method::POST,
+            "/v1/api-keys/revoke",
+            json!({"owner": "o", "confirm": true}).to_string(),
+            "write",
+        ),
+        (Method::DELETE, &key_path, String::new(), "write"),
+        (Method::GET, "/v1/feed", String::new(), "feed"),
+        (
+            Method::POST,
+            "/v1/usage",
+            json!({"node": "n", "usage": {}}).to_string(),
+            "feed",
+        ),
+    ];
+    for (m, p, body, role) in &endpoints {
+        let what = format!("{m} {p}");
+        let r = call(a, m.clone(), p, None, body.clone()).await;
+        assert_problem(&r, 401, "unauthorized");
+        assert_eq!(r.1["www-authenticate"], "Bearer", "{what}");
+        let r = call(a, m.clone(), p, Some("kgadm_not-a-token"), body.clone()).await;
+        assert_problem(&r, 401, "unauthorized");
+        let r = call(a, m.clone(), p, Some("garbage"), body.clone()).await;
+        assert_problem(&r, 401, "unauthorized");
+        let wrong: Vec<&str> = match *role {
+            "read" => vec![&e.t.feed],
+            "write" => vec![&e.t.read, &e.t.feed],
+            _ => vec![&e.t.read, &e.t.write],
+        };
+        for t in wrong {
+            let r = call(a, m.clone(), p, Some(t), body.clone()).await;
+            assert_problem(&r, 403, "forbidden");
+        }
+    }
+    // Nothing above changed the store: the key is still active, alone.
+    let r = call(a, Method::GET, "/v1/api-keys", Some(&e.t.read), "").await;
+    assert_eq!(r.2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(r.2["items"][0]["state"], "active");
+    assert_eq!(r.2["items"][0]["name"], "x");
+}
+
+#[tokio::test]
+async fn validation_and_policy_failures() {
+    let e = setup(4096).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let post = |body: String| call(a, Method::POST, "/v1/api-keys", w, body);
+
+    // Policy: lifetime over max_ttl, no owner under require_owner.
+    let r = post(json!({"name": "n", "owner": "o", "expires_in": "31d"}).to_string()).await;
+    assert_problem(&r, 422, "policy_violation");
+    let r = post(json!({"name": "n"}).to_string()).await;
+    assert_problem(&r, 422, "policy_violation");
+    let r = post(json!({"name": "n", "owner": "  "}).to_string()).await;
+    assert_problem(&r, 422, "policy_violation");
+    // Malformed input.
+    let r = post("{\"name\": ".into()).await;
+    assert_problem(&r, 400, "invalid_json");
+    let r = post("[1, 2]".into()).await;
+    assert_problem(&r, 400, "invalid_json");
+    let r = post("".into()).await;
+    assert_problem(&r, 400, "invalid_json");
+    let deep = format!("{}{}", "[".repeat(1500), "]".repeat(1500));
+    let r = post(deep).await;
+    assert_problem(&r, 400, "invalid_json");
+    let deep_obj = format!("{}1{}", "{\"a\":".repeat(600), "}".repeat(600));
+    let r = post(deep_obj).await;
+    assert_problem(&r, 400, "invalid_json");
+    let r = post(json!({"name": "n", "owner": "o", "digest": "00"}).to_string()).await;
+    assert_problem(&r, 400, "unknown_field");
+    let r = post(json!({"name": "n", "owner": "o", "scopes": "x"}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = post(json!({"name": "n", "owner": "o", "expires_in": "soon"}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    let r =
+        post(json!({"name": "n", "owner": "o", "expires_in": "100000000000y"}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = post(json!({"name": "n", "owner": "o", "plan": "nope"}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = post(json!({"name": "n", "owner": "o", "allow_ips": ["nope"]}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    // Body over the limit (4096 here).
+    let big = json!({"name": "x".repeat(8000), "owner": "o"}).to_string();
+    let r = post(big.clone()).await;
+    assert_problem(&r, 413, "body_too_large");
+
+    let k = create(&e, json!({"name": "n", "owner": "o"})).await;
+    let id = k["id"].as_str().unwrap();
+    let path = format!("/v1/api-keys/{id}");
+    // Immutable fields.
+    for (f, v) in [
+        ("digest", json!("ab".repeat(32))),
+        ("id", json!("key_other")),
+        ("created_at", json!(1)),
+        ("owner", json!("someone-else")),
+        ("env", json!("test")),
+        ("revoked_at", json!(1)),
+        ("key", json!("kg_live_x")),
+    ] {
+        let r = call(
+            a,
+            Method::PATCH,
+            &path,
+            w,
+            json!({ f: v, "name": "renamed" }).to_string(),
+        )
+        .await;
+        assert_problem(&r, 400, "immutable_field");
+    }
+    let r = call(a, Method::PATCH, &path, w, json!({"bogus": 1}).to_string()).await;
+    assert_problem(&r, 400, "unknown_field");
+    let r = call(
+        a,
+        Method::PATCH,
+        &path,
+        w,
+        json!({"expires_in": "60d"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 422, "policy_violation");
+    let r = call(a, Method::PATCH, &path, w, big.clone()).await;
+    assert_problem(&r, 413, "body_too_large");
+    let r = call(a, Method::GET, &path, w, "").await;
+    assert_eq!(r.2["name"], "n", "refused patches changed nothing");
+    assert_eq!(r.2["owner"], "o");
+    // Rotate / delete input checks.
+    let rot = format!("{path}/rotate");
+    let r = call(a, Method::POST, &rot, w, json!({"grace": "x"}).to_string()).await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = call(a, Method::POST, &rot, w, json!({"other": 1}).to_string()).await;
+    assert_problem(&r, 400, "unknown_field");
+    let r = call(a, Method::DELETE, &path, w, json!({"other": 1}).to_string()).await;
+    assert_problem(&r, 400, "unknown_field");
+    let r = call(a, Method::DELETE, &path, w, "{".to_string()).await;
+    assert_problem(&r, 400, "invalid_json");
+
+    // Mass revoke needs confirm: true, and a selector.
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "o"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "confirmation_required");
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "o", "confirm": "yes"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "confirmation_required");
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"confirm": true}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = call(a, Method::GET, &path, w, "").await;
+    assert_eq!(
+        r.2["state"], "active",
+        "refused mass revokes changed nothing"
+    );
+
+    // Unknown ids.
+    let missing = "/v1/api-keys/key_doesnotexist";
+    assert_problem(
+        &call(a, Method::GET, missing, w, "").await,
+        404,
+        "not_found",
+    );
+    assert_problem(
+        &call(
+            a,
+            Method::PATCH,
+            missing,
+            w,
+            json!({"name": "z"}).to_string(),
+        )
+        .await,
+        404,
+        "not_found",
+    );
+    assert_problem(
+        &call(a, Method::DELETE, missing, w, "").await,
+        404,
+        "not_found",
+    );
+    assert_problem(
+        &call(a, Method::POST, &format!("{missing}/rotate"), w, "").await,
+        404,
+        "not_found",
+    );
+    // Unknown endpoints, unsupported methods, bad list queries, bad feed cursor.
+    assert_problem(
+        &call(a, Method::GET, "/v1/nope", w, "").await,
+        404,
+        "not_found",
+    );
+    assert_problem(
+        &call(a, Method::PUT, "/v1/api-keys", w, "").await,
+        405,
+        "method_not_allowed",
+    );
+    assert_problem(
+        &call(a, Method::GET, "/v1/api-keys?limit=0", w, "").await,
+        400,
+        "invalid_request",
+    );
+    assert_problem(
+        &call(a, Method::GET, "/v1/api-keys?state=weird", w, "").await,
+        400,
+        "invalid_request",
+    );
+    assert_problem(
+        &call(a, Method::GET, "/v1/api-keys?colour=red", w, "").await,
+        400,
+        "invalid_request",
+    );
+    assert_problem(
+        &call(a, Method::GET, "/v1/feed?after=x", Some(&e.t.feed), "").await,
+        400,
+        "invalid_request",
+    );
+}
+
+#[tokio::test]
+async fn cli_and_api_side_by_side() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+
+    // Created by the CLI: visible and revocable through the API.
+    let out = cli(
+        &e.cfg,
+        &[
+            "keys", "create", "--name", "from-cli", "--owner", "cli", "--json",
+        ],
+        ENVS,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    let cli_id = v["id"].as_str().unwrap().to_owned();
+    let r = call(a, Method::GET, &format!("/v1/api-keys/{cli_id}"), w, "").await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["name"], "from-cli");
+    let r = call(a, Method::GET, "/v1/api-keys?owner=cli", w, "").await;
+    assert_eq!(r.2["items"][0]["id"], cli_id.as_str());
+    let r = call(a, Method::DELETE, &format!("/v1/api-keys/{cli_id}"), w, "").await;
+    assert_eq!(r.0, 200);
+    let out = cli(&e.cfg, &["keys", "show", &cli_id, "--json"], ENVS);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    assert_eq!(v["state"], "revoked");
+
+    // Created by the API: visible and revocable through the CLI.
+    let k = create(&e, json!({"name": "from-api", "owner": "api"})).await;
+    let api_id = k["id"].as_str().unwrap().to_owned();
+    let out = cli(&e.cfg, &["keys", "list", "--owner", "api", "--json"], ENVS);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert!(stdout_str(&out).contains(&api_id));
+    let out = cli(
+        &e.cfg,
+        &["keys", "revoke", &api_id, "--reason", "cli-side"],
+        ENVS,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let r = call(a, Method::GET, &format!("/v1/api-keys/{api_id}"), w, "").await;
+    assert_eq!(r.2["state"], "revoked");
+    assert_eq!(r.2["revoked_reason"], "cli-side");
+    // And the API revoking it again is still a 200.
+    let r = call(a, Method::DELETE, &format!("/v1/api-keys/{api_id}"), w, "").await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["revoked_reason"], "cli-side");
+}
+
+fn audit_lines(dir: &Path) -> Vec<Value> {
+    read_lossy(&dir.join("audit.jsonl"))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn audit_has_one_line_per_mutation_with_the_token_as_actor() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let actor = format!("admin:{}", e.t.write_id);
+    let before = audit_lines(&e.dir).len();
+
+    let k = create(&e, json!({"name": "a", "owner": "o", "labels": {"g": "1"}})).await;
+    let id = k["id"].as_str().unwrap().to_owned();
+    let mut expected = vec![("key.created", id.clone())];
+    let r = call(
+        a,
+        Method::PATCH,
+        &format!("/v1/api-keys/{id}"),
+        w,
+        json!({"name": "b"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200);
+    expected.push(("key.updated", id.clone()));
+    let r = call(a, Method::POST, &format!("/v1/api-keys/{id}/rotate"), w, "").await;
+    assert_eq!(r.0, 201);
+    let new_id = r.2["id"].as_str().unwrap().to_owned();
+    // A rotation writes two versions (old with grace, new key): one event each.
+    expected.push(("key.rotated", id.clone()));
+    expected.push(("key.rotated", new_id.clone()));
+    let r = call(a, Method::DELETE, &format!("/v1/api-keys/{id}"), w, "").await;
+    assert_eq!(r.0, 200);
+    expected.push(("key.revoked", id.clone()));
+    // Revoking again writes nothing, and neither do reads nor refused requests.
+    call(a, Method::DELETE, &format!("/v1/api-keys/{id}"), w, "").await;
+    call(a, Method::GET, "/v1/api-keys", w, "").await;
+    call(a, Method::PATCH, &format!("/v1/api-keys/{id}"), w, "{}").await;
+    call(a, Method::POST, "/v1/api-keys", Some(&e.t.read), "{}").await;
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"label": "g=1", "confirm": true}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["revoked"], json!([new_id.clone()]));
+    expected.push(("key.revoked", new_id.clone()));
+
+    let lines = audit_lines(&e.dir);
+    let new: Vec<&Value> = lines[before..].iter().collect();
+    let text = serde_json::to_string(&new).unwrap();
+    assert_eq!(new.len(), expected.len(), "{text}");
+    for (line, (event, key)) in new.iter().zip(&expected) {
+        let line_text = line.to_string();
+        assert!(line_text.contains(event), "{event} in {line_text}");
+        assert!(line_text.contains(key.as_str()), "{key} in {line_text}");
+        assert!(line_text.contains(&actor), "{actor} in {line_text}");
+    }
+    assert_no_digest(text.as_bytes());
+}
+
+#[tokio::test]
+async fn unwritable_audit_log_fails_closed() {
+    let dir = tempdir();
+    let good = write_file(dir.path(), "good.toml", &config("audit.jsonl", 65536));
+    let t = tokens(&good);
+    let out = cli(
+        &good,
+        &["keys", "create", "--name", "k", "--owner", "o", "--json"],
+        ENVS,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    // Same store and tokens, audit log on a full device.
+    let full = write_file(dir.path(), "full.toml", &config("/dev/full", 65536));
+    let cp = ControlPlane::spawn(&full).await;
+    let a = cp.addr;
+    let w = Some(t.write.as_str());
+    let store = dir.path().join("keys.jsonl");
+    let before = std::fs::read(&store).unwrap();
+
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys",
+        w,
+        json!({"name": "n", "owner": "o"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 503, "audit_unavailable");
+    let path = format!("/v1/api-keys/{id}");
+    let r = call(a, Method::PATCH, &path, w, json!({"name": "z"}).to_string()).await;
+    assert_problem(&r, 503, "audit_unavailable");
+    let r = call(a, Method::POST, &format!("{path}/rotate"), w, "").await;
+    assert_problem(&r, 503, "audit_unavailable");
+    let r = call(a, Method::DELETE, &path, w, "").await;
+    assert_problem(&r, 503, "audit_unavailable");
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "o", "confirm": true}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 503, "audit_unavailable");
+
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        before,
+        "the store is unchanged"
+    );
+    // Reads still work and show the key as it was.
+    let r = call(a, Method::GET, &path, w, "").await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.2["state"], "active");
+    assert_eq!(r.2["name"], "k");
+    let r = call(a, Method::GET, "/v1/api-keys", w, "").await;
+    assert_eq!(r.2["items"].as_array().unwrap().len(), 1);
+}

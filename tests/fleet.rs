@@ -1,0 +1,692 @@
+//! Fleet mode end to end: one `keygate control`, several `keygate serve` in feed mode, a shared
+//! echo upstream, all real processes on loopback.
+//!
+//! - revocations through the REST API reach every gateway's already-open connections
+//!   (p50/p99/max printed; only a generous bound asserted);
+//! - the control plane going away: gateways keep serving, report the sync age, restart from
+//!   their local copy, and resume without a snapshot when it comes back on its port;
+//! - a gateway that missed 1,000 changes and a compaction catches up through a snapshot;
+//! - many feed readers at once, and one that never reads stalls nobody.
+//!
+//! No fixed ports (except re-binding the control plane's own previous port), no sleeps for
+//! synchronisation (polling with deadlines), bounded loops. The tests run one at a time (a
+//! shared lock) so the timings of one are not skewed by the processes of another.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use http::Method;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
+const ENVS: &[(&str, &str)] = &[("API_KEY_HASH_SECRET", SECRET)];
+/// Bound on any one revocation reaching every gateway.
+const ENFORCE_BOUND: Duration = Duration::from_secs(5);
+/// Bound on gateways reconnecting (their backoff tops out at 5 s plus jitter).
+const RECONNECT_BOUND: Duration = Duration::from_secs(30);
+const SNAPSHOT_LINE: &str = "feed snapshot applied";
+
+/// One fleet test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn cp_config(listen: &str) -> String {
+    format!(
+        r#"[keys]
+store = "keys.jsonl"
+audit_log = "audit.jsonl"
+usage_file = "usage.json"
+poll_interval_ms = 50
+
+[policy]
+max_ttl = "365d"
+require_owner = true
+
+[plans.default]
+rate = "100000/s"
+burst = 100000
+
+[control]
+listen = "{listen}"
+tokens = "admin-tokens.jsonl"
+heartbeat_ms = 200
+"#
+    )
+}
+
+fn gw_config(cp: SocketAddr, up: SocketAddr) -> String {
+    format!(
+        r#"[keys]
+source = "feed"
+feed_url = "http://{cp}/v1/feed"
+feed_token_env = "KEYGATE_FEED_TOKEN"
+feed_cache = "feed-cache.jsonl"
+usage_file = "usage.json"
+audit_log = "audit.jsonl"
+store = "keys.jsonl"
+
+[plans.default]
+rate = "100000/s"
+burst = 100000
+
+[limits]
+auth_failures_per_minute = 1000000
+
+[server]
+listen = "127.0.0.1:0"
+drain_timeout_ms = 1000
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "up"
+targets = ["{up}"]
+connect_timeout_ms = 500
+response_timeout_ms = 3000
+
+[[routes]]
+name = "invoices-read"
+path_prefix = "/invoices"
+methods = ["GET", "HEAD"]
+scopes = ["invoices:read"]
+upstream = "up"
+"#
+    )
+}
+
+/// A running `keygate control`; SIGKILLed and reaped on drop.
+struct ControlPlane {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ControlPlane {
+    async fn try_spawn(config: &Path) -> Result<ControlPlane, String> {
+        let log = config.with_file_name("control.stderr.log");
+        let mut child = Command::new(keygate_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("control")
+            .env("API_KEY_HASH_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("spawn keygate control");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // Drains stdout until the child exits, so it never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || loop {
+            // Ends with None when stdout closes (the process exited) or after the timeout.
+            let line = rx.recv_timeout(STARTUP_TIMEOUT).ok()?;
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["event"] == "listening" {
+                return v["control"].as_str()?.parse::<SocketAddr>().ok();
+            }
+        })
+        .await
+        .unwrap();
+        match addr {
+            Some(addr) => Ok(ControlPlane { child, addr }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::fs::read_to_string(&log).unwrap_or_default())
+            }
+        }
+    }
+
+    async fn spawn(config: &Path) -> ControlPlane {
+        match Self::try_spawn(config).await {
+            Ok(cp) => cp,
+            Err(e) => panic!("control plane did not start:\n{e}"),
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mint(cfg: &Path, role: &str) -> String {
+    let out = cli(cfg, &["admin-token", "create", "--role", role], ENVS);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    stdout_str(&out).trim().to_owned()
+}
+
+/// A control plane in its own directory, with write and feed tokens.
+struct Fleet {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    cp_cfg: PathBuf,
+    cp: Option<ControlPlane>,
+    /// Where the control plane listens (or last listened).
+    cp_at: SocketAddr,
+    write: String,
+    feed: String,
+    up: Upstream,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let root = tempdir();
+        let path = root.path().to_path_buf();
+        std::fs::create_dir(path.join("cp")).unwrap();
+        let cp_cfg = write_file(&path.join("cp"), "keygate.toml", &cp_config("127.0.0.1:0"));
+        let write = mint(&cp_cfg, "write");
+        let feed = mint(&cp_cfg, "feed");
+        let cp = ControlPlane::spawn(&cp_cfg).await;
+        let up = Upstream::start(Mode::Echo).await;
+        Fleet {
+            _root: root,
+            root: path,
+            cp_cfg,
+            cp_at: cp.addr,
+            cp: Some(cp),
+            write,
+            feed,
+            up,
+        }
+    }
+
+    fn cp_addr(&self) -> SocketAddr {
+        self.cp_at
+    }
+
+    /// Writes gateway `n`'s config (its own directory) and returns the path.
+    fn gw_config(&self, n: usize) -> PathBuf {
+        let dir = self.root.join(format!("gw{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_file(
+            &dir,
+            "keygate.toml",
+            &gw_config(self.cp_addr(), self.up.addr()),
+        )
+    }
+
+    async fn gateway(&self, n: usize) -> Gateway {
+        let cfg = self.gw_config(n);
+        Gateway::spawn(
+            &cfg,
+            &[
+                ("API_KEY_HASH_SECRET", SECRET),
+                ("KEYGATE_FEED_TOKEN", self.feed.as_str()),
+            ],
+        )
+        .await
+    }
+
+    async fn api(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
+        let auth = format!("Bearer {}", self.write);
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let (s, _, b) = request(
+            self.cp_addr(),
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await;
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    /// Creates a key through the API; returns (id, plaintext).
+    async fn create(&self, name: &str) -> (String, String) {
+        let (s, v) = self
+            .api(
+                Method::POST,
+                "/v1/api-keys",
+                json!({"name": name, "owner": "fleet", "scopes": ["invoices:read"]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn revoke(&self, id: &str) {
+        let (s, v) = self
+            .api(Method::DELETE, &format!("/v1/api-keys/{id}"), Value::Null)
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+}
+
+/// Status of a keyed request on an open connection.
+async fn status(conn: &mut KeepAlive, key: &str) -> u16 {
+    conn.get("/invoices/1", &[("x-api-key", key)]).await.0
+}
+
+/// Polls `conn` until `key` gets `want`; panics after `deadline`.
+async fn until_status(conn: &mut KeepAlive, key: &str, want: u16, deadline: Duration) {
+    let start = Instant::now();
+    loop {
+        let got = status(conn, key).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "expected {want} within {deadline:?}, still {got}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Polls a fresh connection to `gw` until `key` gets `want`.
+async fn until_status_fresh(gw: &Gateway, key: &str, want: u16, deadline: Duration) {
+    let addr = gw.http;
+    let key = key.to_owned();
+    eventually_named(&format!("{want} on {addr}"), deadline, || {
+        let key = key.clone();
+        async move {
+            let (s, _, _) = get(addr, "/invoices/1", &[("x-api-key", &key)]).await;
+            (s == want).then_some(())
+        }
+    })
+    .await;
+}
+
+fn snapshot_lines(gw: &Gateway) -> usize {
+    gw.stderr_contents().matches(SNAPSHOT_LINE).count()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len()..].trim().parse().ok())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_every_gateway_on_open_connections() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    const N: usize = 100;
+    let mut keys = Vec::with_capacity(N);
+    for i in 0..N {
+        keys.push(fleet.create(&format!("k{i}")).await);
+    }
+    let mut gws = Vec::new();
+    let mut conns = Vec::new();
+    for n in 0..3 {
+        let gw = fleet.gateway(n).await;
+        conns.push(KeepAlive::connect(gw.http).await);
+        gws.push(gw);
+    }
+    // Every gateway has the whole table (records arrive in order: the last implies all).
+    for c in conns.iter_mut() {
+        until_status(c, &keys[N - 1].1, 200, RECONNECT_BOUND).await;
+        assert_eq!(status(c, &keys[0].1).await, 200);
+    }
+
+    let mut times = Vec::with_capacity(N);
+    for (id, key) in &keys {
+        fleet.revoke(id).await;
+        let t0 = Instant::now();
+        for c in conns.iter_mut() {
+            until_status(c, key, 401, ENFORCE_BOUND).await;
+        }
+        times.push(t0.elapsed());
+    }
+    for c in &conns {
+        assert!(!c.is_closed(), "the keep-alive connections stayed open");
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "revocation -> 401 on all 3 gateways over {} revocations: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        times.len(),
+        ms(percentile(&times, 0.50)),
+        ms(percentile(&times, 0.99)),
+        ms(times[times.len() - 1]),
+    );
+    // Keys not revoked are unaffected; a revoked one stays revoked on a new connection too.
+    let (_, live) = fleet.create("still-live").await;
+    for (gw, c) in gws.iter().zip(conns.iter_mut()) {
+        until_status(c, &live, 200, ENFORCE_BOUND).await;
+        until_status_fresh(gw, &keys[0].1, 401, ENFORCE_BOUND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_survive_the_control_plane_and_resume_without_a_snapshot() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let (_, valid) = fleet.create("valid").await;
+    let (rev_id, revoked) = fleet.create("to-revoke").await;
+    let mut gws = Vec::new();
+    for n in 0..3 {
+        gws.push(fleet.gateway(n).await);
+    }
+    let mut conns = Vec::new();
+    for gw in &gws {
+        let mut c = KeepAlive::connect(gw.http).await;
+        until_status(&mut c, &valid, 200, RECONNECT_BOUND).await;
+        conns.push(c);
+    }
+    fleet.revoke(&rev_id).await;
+    for c in conns.iter_mut() {
+        until_status(c, &revoked, 401, ENFORCE_BOUND).await;
+    }
+
+    // The control plane goes away.
+    let port = fleet.cp_addr().port();
+    drop(fleet.cp.take());
+    for (gw, c) in gws.iter().zip(conns.iter_mut()) {
+        assert_eq!(status(c, &valid).await, 200);
+        assert_eq!(status(c, &revoked).await, 401);
+        let (s, _, body) = get(gw.admin, "/readyz", &[]).await;
+        assert_eq!(s, 200, "{body:?}");
+    }
+    for gw in &gws {
+        let admin = gw.admin;
+        let age = eventually_named(
+            "sync age above 1 s",
+            Duration::from_secs(15),
+            || async move {
+                let (_, _, body) = get(admin, "/metrics", &[]).await;
+                let text = String::from_utf8_lossy(&body).into_owned();
+                metric(&text, "keygate_table_sync_age_seconds").filter(|a| *a > 1.0)
+            },
+        )
+        .await;
+        eprintln!("{}: keygate_table_sync_age_seconds {age:.2}", gw.admin);
+    }
+
+    // A gateway restarted while the control plane is down serves its local copy.
+    drop(gws.pop());
+    conns.pop();
+    let gw2 = fleet.gateway(2).await;
+    until_status_fresh(&gw2, &valid, 200, Duration::from_secs(10)).await;
+    let mut c2 = KeepAlive::connect(gw2.http).await;
+    assert_eq!(status(&mut c2, &valid).await, 200);
+    assert_eq!(status(&mut c2, &revoked).await, 401);
+    gws.push(gw2);
+    conns.push(c2);
+    let snapshots_before: Vec<usize> = gws.iter().map(snapshot_lines).collect();
+    assert!(
+        snapshots_before[0] >= 1 && snapshots_before[1] >= 1,
+        "{snapshots_before:?}"
+    );
+    assert_eq!(
+        snapshots_before[2], 0,
+        "the restarted gateway used its copy"
+    );
+
+    // The control plane comes back on its old port (same store, same tokens).
+    std::fs::write(&fleet.cp_cfg, cp_config(&format!("127.0.0.1:{port}"))).unwrap();
+    let start = Instant::now();
+    let cp = loop {
+        match ControlPlane::try_spawn(&fleet.cp_cfg).await {
+            Ok(cp) => break cp,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "could not re-bind port {port}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await; // retry pacing, not sync
+            }
+        }
+    };
+    assert_eq!(cp.addr.port(), port);
+    fleet.cp_at = cp.addr;
+    fleet.cp = Some(cp);
+
+    let (_, fresh) = fleet.create("after-restart").await;
+    for c in conns.iter_mut() {
+        until_status(c, &fresh, 200, RECONNECT_BOUND).await;
+        assert_eq!(status(c, &valid).await, 200);
+        assert_eq!(status(c, &revoked).await, 401);
+    }
+    let snapshots_after: Vec<usize> = gws.iter().map(snapshot_lines).collect();
+    assert_eq!(
+        snapshots_after, snapshots_before,
+        "gateways resumed from their revision, without a snapshot"
+    );
+    for gw in &gws {
+        let (s, _, _) = get(gw.admin, "/readyz", &[]).await;
+        assert_eq!(s, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_down_for_1000_changes_and_a_compaction_catches_up() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let mut early = Vec::new();
+    for i in 0..6 {
+        early.push(fleet.create(&format!("early{i}")).await);
+    }
+    let online = fleet.gateway(0).await;
+    let offline = fleet.gateway(1).await;
+    for gw in [&online, &offline] {
+        until_status_fresh(gw, &early[5].1, 200, RECONNECT_BOUND).await;
+    }
+    drop(offline);
+
+    // 1,000 new keys in two imports, 3 revocations and a compaction in between.
+    let cp_dir = fleet.cp_cfg.parent().unwrap().to_path_buf();
+    let import = |batch: usize| -> Vec<String> {
+        let keys: Vec<String> = (0..500)
+            .map(|i| format!("legacy-fleet-{batch}-{i:05}-zyxwvut"))
+            .collect();
+        let file = cp_dir.join(format!("import{batch}.txt"));
+        std::fs::write(&file, keys.join("\n")).unwrap();
+        let out = cli(
+            &fleet.cp_cfg,
+            &[
+                "keys",
+                "import",
+                "--file",
+                file.to_str().unwrap(),
+                "--owner",
+                "fleet",
+                "--scope",
+                "invoices:read",
+                "--json",
+            ],
+            ENVS,
+        );
+        assert!(out.status.success(), "{}", stderr_str(&out));
+        let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+        assert_eq!(v["imported"], 500, "{v}");
+        keys
+    };
+    let first = import(1);
+    for (id, _) in &early[..3] {
+        fleet.revoke(id).await;
+    }
+    let out = cli(&fleet.cp_cfg, &["keys", "compact"], ENVS);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let second = import(2);
+    let (_, newest) = fleet.create("newest").await;
+
+    // The gateway that stayed up followed along.
+    until_status_fresh(&online, &newest, 200, RECONNECT_BOUND).await;
+    until_status_fresh(&online, &early[0].1, 401, ENFORCE_BOUND).await;
+
+    // The one that was down catches up, through a snapshot (its revision predates the
+    // compaction).
+    let back = fleet.gateway(1).await;
+    until_status_fresh(&back, &newest, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(back.http).await;
+    for (_, key) in &early[..3] {
+        assert_eq!(status(&mut c, key).await, 401, "revoked while it was down");
+    }
+    for (_, key) in &early[3..] {
+        assert_eq!(status(&mut c, key).await, 200);
+    }
+    for key in [&first[0], &first[499], &second[0], &second[499]] {
+        assert_eq!(status(&mut c, key).await, 200, "imported while it was down");
+    }
+    assert_eq!(
+        status(&mut c, "legacy-fleet-9-00000-zyxwvut").await,
+        401,
+        "never imported"
+    );
+    assert!(
+        snapshot_lines(&back) >= 1,
+        "caught up through a snapshot:\n{}",
+        back.stderr_contents()
+    );
+}
+
+/// A raw feed reader: everything it has read so far, filled by a task.
+struct Reader {
+    got: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    async fn open(cp: SocketAddr, token: &str) -> Reader {
+        let mut s = within("connect", NET_TIMEOUT, tokio::net::TcpStream::connect(cp))
+            .await
+            .unwrap();
+        let req =
+            format!("GET /v1/feed HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            // Bounded by the total it will take; the test aborts it when done.
+            while sink.lock().unwrap().len() < 64 << 20 {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        Reader { got, task }
+    }
+
+    fn contains(&self, needle: &str) -> bool {
+        let got = self.got.lock().unwrap();
+        got.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_feed_readers_and_a_stalled_one() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    // A table big enough (~2 MB) that a reader who never reads fills every buffer on the way.
+    drop(fleet.cp.take());
+    let padding = "p".repeat(200);
+    let lines: Vec<String> = (0..2000)
+        .map(|i| {
+            json!({"key": format!("legacy-bulk-{i:06}-abcdefg"),
+                   "labels": {"a": padding, "b": padding, "c": padding, "d": padding}})
+            .to_string()
+        })
+        .collect();
+    let file = fleet.root.join("bulk.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = cli(
+        &fleet.cp_cfg,
+        &[
+            "keys",
+            "import",
+            "--file",
+            file.to_str().unwrap(),
+            "--owner",
+            "bulk",
+        ],
+        ENVS,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let cp = ControlPlane::spawn(&fleet.cp_cfg).await;
+    fleet.cp_at = cp.addr;
+    fleet.cp = Some(cp);
+    let cp = fleet.cp_addr();
+
+    // The stalled reader: a small receive buffer, sends its GET, never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = within("connect", NET_TIMEOUT, socket.connect(cp))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET /v1/feed HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\n\r\n",
+        fleet.feed
+    );
+    stalled.write_all(req.as_bytes()).await.unwrap();
+
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        readers.push(Reader::open(cp, &fleet.feed).await);
+    }
+    for (i, r) in readers.iter().enumerate() {
+        eventually_named(
+            &format!("reader {i} got the snapshot"),
+            Duration::from_secs(60),
+            || async { r.contains("\"type\":\"snapshot_end\"").then_some(()) },
+        )
+        .await;
+    }
+
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t0 = Instant::now();
+        let (id, _) = fleet.create(&format!("while-stalled-{i}")).await;
+        let took = t0.elapsed();
+        eprintln!(
+            "create while a reader is stalled: {:.1} ms",
+            took.as_secs_f64() * 1000.0
+        );
+        // Well under the 10 s after which the server gives up on the stalled reader.
+        assert!(took < Duration::from_secs(5), "a create took {took:?}");
+        ids.push(id);
+    }
+    for (i, r) in readers.iter().enumerate() {
+        for id in &ids {
+            eventually_named(
+                &format!("reader {i} got {id}"),
+                Duration::from_secs(10),
+                || async { r.contains(id).then_some(()) },
+            )
+            .await;
+        }
+    }
+    let _ = std::io::stderr().flush();
+    drop(stalled);
+}
