@@ -39,6 +39,58 @@ pub enum BodyError {
     Client(#[from] hyper::Error),
 }
 
+/// The upstream's response body, relayed with an idle deadline between frames (THREATS H3).
+/// hyper's client has no body timeout: an upstream that sends its head and then stalls would
+/// otherwise hold the client connection (and the upstream one) forever. After
+/// `response_timeout` without a frame the body fails, so hyper aborts the client response
+/// (HTTP/1: close with a Content-Length shortfall or no terminal chunk; HTTP/2: RST_STREAM).
+pub struct UpstreamBody {
+    inner: Incoming,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    timeouts: IntCounter,
+}
+
+/// The upstream went silent mid-body.
+#[derive(Debug, Error)]
+#[error("upstream response body stalled")]
+pub struct BodyStalled;
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    self.timeouts.inc();
+                    return Poll::Ready(Some(Err(BodyStalled.into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
     inner: Incoming,
@@ -187,7 +239,7 @@ impl Upstream {
         &self,
         mut req: Request<GuardedBody>,
         path_and_query: &str,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
             "upstream has no targets".into(),
         ))?;
@@ -214,7 +266,23 @@ impl Upstream {
                     "unrequested 101 from upstream".into(),
                 ))
             }
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp))
+                if resp.headers().contains_key(http::header::TRANSFER_ENCODING)
+                    && resp.headers().contains_key(http::header::CONTENT_LENGTH) =>
+            {
+                // Two framings on one response: a desync attempt or a broken upstream
+                // (THREATS A15/H5). Dropping the unread body discards the connection.
+                self.series.protocol_errors.inc();
+                Err(GatewayError::UpstreamError(
+                    "upstream response has both Content-Length and Transfer-Encoding".into(),
+                ))
+            }
+            Ok(Ok(resp)) => Ok(resp.map(|inner| UpstreamBody {
+                inner,
+                idle: self.response_timeout,
+                deadline: Box::pin(tokio::time::sleep(self.response_timeout)),
+                timeouts: self.series.timeouts.clone(),
+            })),
         }
     }
 

@@ -137,6 +137,12 @@ async fn pipeline(
     if parts.method == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed { allow: vec![] });
     }
+    // hyper frames any request whose last transfer coding is `chunked`; the other codings
+    // would be dropped with the hop-by-hop headers and the still-encoded body forwarded as
+    // plain. Only a single `chunked` is accepted (THREATS A5).
+    if !transfer_coding_is_chunked_only(&parts.headers) {
+        return Err(GatewayError::BadRequest("unsupported transfer coding"));
+    }
     // HTTP/1 header count is capped by hyper; HTTP/2 decodes lists first, so count here (F3/F4).
     if parts.headers.len() > snap.server.max_headers {
         return Err(GatewayError::HeadersTooLarge);
@@ -274,6 +280,21 @@ fn request_host(parts: &Parts) -> Result<Option<String>, GatewayError> {
         }
         (Some(a), _) => Ok(Some(a)),
         (None, h) => Ok(h),
+    }
+}
+
+/// True without a Transfer-Encoding header, or when all its values together list exactly one
+/// coding, `chunked` (case-insensitive, OWS-trimmed).
+fn transfer_coding_is_chunked_only(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     }
 }
 
@@ -521,6 +542,28 @@ mod tests {
             "/a?api_key=k"
         );
         assert_eq!(forwarded_path("/a", None, None), "/a");
+    }
+
+    #[test]
+    fn transfer_coding_table() {
+        let cases: &[(&[&str], bool)] = &[
+            (&[], true),
+            (&["chunked"], true),
+            (&["Chunked "], true),
+            (&["gzip", "chunked"], false),
+            (&["gzip, chunked"], false),
+            (&["chunked, chunked"], false),
+            (&["chunked", "chunked"], false),
+            (&[""], false),
+            (&["identity"], false),
+        ];
+        for (values, want) in cases {
+            let mut h = HeaderMap::new();
+            for v in *values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            assert_eq!(transfer_coding_is_chunked_only(&h), *want, "{values:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,818 @@
+//! HTTP/2 frame-level abuse (THREATS F1, F2, F4, F5, F6, F8, F9) against `keygate serve`, over
+//! h2c with prior knowledge on the plain listener (hyper-util's `auto` builder detects the
+//! preface), using a small hand-written frame encoder: 9-byte frame headers, and HEADERS whose
+//! HPACK block uses only "literal header field without indexing — new name" with plain
+//! (non-Huffman) strings shorter than 127 bytes, so no HPACK state is involved on our side.
+//!
+//! Responses are not HPACK-decoded: a response HEADERS block starting with 0x88 (static index
+//! 8, `:status: 200`) is a 200, anything else is "answered, not 200". Every test asserts
+//! relative properties (the connection was closed / GOAWAY'd / the stream reset before the
+//! bounded loop ended, the recording upstream saw far fewer requests than were sent, RSS grew
+//! within a bound, a bystander was still served) and bounds every loop in count and time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+
+const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
+const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
+const POLL: Duration = Duration::from_secs(10);
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const CANCEL: u32 = 0x8;
+const REFUSED_STREAM: u32 = 0x7;
+
+// ---------------------------------------------------------------------------------------------
+// Frame encoder
+// ---------------------------------------------------------------------------------------------
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 1 << 24);
+    let len = payload.len() as u32;
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK "literal header field without indexing — new name" (RFC 7541 §6.2.2), no Huffman.
+fn hpack_literal(block: &mut Vec<u8>, name: &str, value: &str) {
+    assert!(
+        name.len() < 127 && value.len() < 127,
+        "one-byte lengths only"
+    );
+    block.push(0x00);
+    block.push(name.len() as u8);
+    block.extend_from_slice(name.as_bytes());
+    block.push(value.len() as u8);
+    block.extend_from_slice(value.as_bytes());
+}
+
+fn hpack_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in fields {
+        hpack_literal(&mut b, n, v);
+    }
+    b
+}
+
+/// The pseudo-headers and key of a GET (or `method`) to `path`.
+fn request_fields<'a>(
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    key: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (":method", method),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", authority),
+        ("x-api-key", key),
+    ]
+}
+
+fn settings_ack() -> Vec<u8> {
+    frame(SETTINGS, ACK, 0, &[])
+}
+
+fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
+    frame(RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw HTTP/2 client connection
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct Events {
+    /// GOAWAY error code, if one arrived.
+    goaway: Option<u32>,
+    /// GOAWAY last-stream-id: the highest stream the server processed.
+    goaway_last: Option<u32>,
+    /// (stream, error code) of every RST_STREAM received.
+    resets: Vec<(u32, u32)>,
+    /// (stream, first byte of the header block) of every response HEADERS.
+    responses: Vec<(u32, u8)>,
+    /// Server SETTINGS frames seen (and acknowledged).
+    settings: usize,
+    /// EOF or a read error: the server closed the connection.
+    closed: bool,
+    frames: usize,
+}
+
+impl Events {
+    fn reset_codes(&self, stream: u32) -> Vec<u32> {
+        self.resets
+            .iter()
+            .filter(|(s, _)| *s == stream)
+            .map(|(_, c)| *c)
+            .collect()
+    }
+    fn status_200(&self, stream: u32) -> bool {
+        self.responses
+            .iter()
+            .any(|(s, b)| *s == stream && *b == 0x88)
+    }
+    fn answered(&self, stream: u32) -> bool {
+        self.responses.iter().any(|(s, _)| *s == stream)
+    }
+    fn ended(&self) -> bool {
+        self.closed || self.goaway.is_some()
+    }
+}
+
+struct H2Raw {
+    w: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    ev: Arc<Mutex<Events>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl H2Raw {
+    /// Connects, sends the preface and an empty SETTINGS, and (if `read`) starts a reader
+    /// that records frames and acknowledges the server's SETTINGS. Waits for the server's
+    /// SETTINGS so local limits (e.g. max concurrent streams) are in force.
+    async fn open(addr: SocketAddr, read: bool) -> H2Raw {
+        let s = within("connect", NET_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        let (mut r, mut w) = s.into_split();
+        w.write_all(PREFACE).await.unwrap();
+        w.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let w = Arc::new(tokio::sync::Mutex::new(w));
+        let ev: Arc<Mutex<Events>> = Arc::default();
+        let reader = if read {
+            let (w2, ev2) = (w.clone(), ev.clone());
+            tokio::spawn(async move {
+                let mut head = [0u8; 9];
+                loop {
+                    if r.read_exact(&mut head).await.is_err() {
+                        break;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    if len > 1 << 20 {
+                        break;
+                    }
+                    let mut payload = vec![0u8; len];
+                    if r.read_exact(&mut payload).await.is_err() {
+                        break;
+                    }
+                    let mut ack = false;
+                    {
+                        let mut e = ev2.lock().unwrap();
+                        e.frames += 1;
+                        match kind {
+                            GOAWAY if payload.len() >= 8 => {
+                                e.goaway_last = Some(
+                                    u32::from_be_bytes([
+                                        payload[0], payload[1], payload[2], payload[3],
+                                    ]) & 0x7fff_ffff,
+                                );
+                                e.goaway = Some(u32::from_be_bytes([
+                                    payload[4], payload[5], payload[6], payload[7],
+                                ]));
+                            }
+                            RST_STREAM if payload.len() >= 4 => e.resets.push((
+                                stream,
+                                u32::from_be_bytes([
+                                    payload[0], payload[1], payload[2], payload[3],
+                                ]),
+                            )),
+                            HEADERS => {
+                                // Skip padding / priority fields if flagged.
+                                let mut off = 0;
+                                if flags & 0x8 != 0 {
+                                    off += 1;
+                                }
+                                if flags & 0x20 != 0 {
+                                    off += 5;
+                                }
+                                e.responses
+                                    .push((stream, payload.get(off).copied().unwrap_or(0)));
+                            }
+                            SETTINGS if flags & ACK == 0 => {
+                                e.settings += 1;
+                                ack = true;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if ack {
+                        let _ = w2.lock().await.write_all(&settings_ack()).await;
+                    }
+                }
+                ev2.lock().unwrap().closed = true;
+            })
+        } else {
+            tokio::spawn(async move {
+                // Never read: keep the read half alive so the socket stays open.
+                let _r = r;
+                std::future::pending::<()>().await;
+            })
+        };
+        let c = H2Raw { w, ev, reader };
+        if read {
+            eventually_named("server SETTINGS", POLL, || async {
+                (c.ev.lock().unwrap().settings >= 1).then_some(())
+            })
+            .await;
+        }
+        c
+    }
+
+    /// Writes `bytes`; false if the write failed or did not finish within `limit`
+    /// (the server closed, or stopped reading: backpressure).
+    async fn send(&self, bytes: &[u8], limit: Duration) -> bool {
+        let mut w = self.w.lock().await;
+        matches!(
+            tokio::time::timeout(limit, w.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    fn ended(&self) -> bool {
+        self.ev.lock().unwrap().ended()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Events) -> T) -> T {
+        f(&self.ev.lock().unwrap())
+    }
+}
+
+impl Drop for H2Raw {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway setup
+// ---------------------------------------------------------------------------------------------
+
+struct Env {
+    _dir: tempfile::TempDir,
+    gw: Gateway,
+    up: Upstream,
+    key: String,
+}
+
+async fn start(mode: Mode, server: &str) -> Env {
+    let up = Upstream::start(mode).await;
+    let dir = tempdir();
+    let config: PathBuf = write_file(
+        dir.path(),
+        "keygate.toml",
+        &format!(
+            r#"[keys]
+store = "keys.jsonl"
+audit_log = "audit.jsonl"
+poll_interval_ms = 50
+
+[plans.default]
+rate = "100000/s"
+burst = 100000
+
+[server]
+listen = "127.0.0.1:0"
+drain_timeout_ms = 2000
+{server}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[limits]
+auth_failures_per_minute = 100000
+
+[[upstreams]]
+name = "up"
+targets = ["{}"]
+connect_timeout_ms = 1000
+response_timeout_ms = 10000
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "up"
+"#,
+            up.addr()
+        ),
+    );
+    let key = create_key(&config);
+    let gw = Gateway::spawn(&config, &[(SECRET_VAR, SECRET)]).await;
+    let admin = gw.admin;
+    eventually_named("ready", POLL, || async move {
+        (get(admin, "/readyz", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+    Env {
+        _dir: dir,
+        gw,
+        up,
+        key,
+    }
+}
+
+fn create_key(config: &Path) -> String {
+    let out = cli(
+        config,
+        &[
+            "keys", "create", "--name", "n", "--owner", "o", "--scope", "api", "--json",
+        ],
+        &[(SECRET_VAR, SECRET)],
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    json(stdout_str(&out).trim().as_bytes())["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Env {
+    fn authority(&self) -> String {
+        self.gw.http.to_string()
+    }
+
+    /// A bystander on a fresh connection, over HTTP/2 and HTTP/1.1, is served.
+    async fn assert_bystander_served(&self) {
+        let (st, _, body) =
+            h2_get(self.gw.http, "/api/bystander", &[("x-api-key", &self.key)]).await;
+        assert_eq!(st, 200, "h2 bystander: {}", String::from_utf8_lossy(&body));
+        let (st, _, _) = get(self.gw.http, "/api/bystander", &[("x-api-key", &self.key)]).await;
+        assert_eq!(st, 200, "h1 bystander");
+    }
+
+    fn forwarded(&self, path: &str) -> usize {
+        self.up
+            .records()
+            .iter()
+            .filter(|r| r.path_and_query.starts_with(path))
+            .count()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The encoder itself works (positive control)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoder_positive_control_valid_request_is_forwarded() {
+    let env = start(Mode::Echo, "").await;
+    let c = H2Raw::open(env.gw.http, true).await;
+    let auth = env.authority();
+    let block = hpack_block(&request_fields("GET", &auth, "/api/control", &env.key));
+    assert!(
+        c.send(
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
+            NET_TIMEOUT
+        )
+        .await
+    );
+    let bad = hpack_block(&request_fields(
+        "GET",
+        &auth,
+        "/api/control",
+        "kg_live_nope",
+    ));
+    assert!(
+        c.send(
+            &frame(HEADERS, END_HEADERS | END_STREAM, 3, &bad),
+            NET_TIMEOUT
+        )
+        .await
+    );
+    eventually_named("both answered", POLL, || async {
+        c.with(|e| e.answered(1) && e.answered(3)).then_some(())
+    })
+    .await;
+    assert!(
+        c.with(|e| e.status_200(1)),
+        "{:?}",
+        c.with(|e| format!("{e:?}"))
+    );
+    assert!(
+        !c.with(|e| e.status_200(3)),
+        "an invalid key must not get 200"
+    );
+    let rec = env.up.last().expect("forwarded");
+    assert_eq!(rec.path_and_query, "/api/control");
+    assert!(rec.header("x-api-key").is_none());
+    assert_eq!(env.up.count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// F1. Rapid reset
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f1_rapid_reset_is_cut_off_and_bystanders_are_served() {
+    const PAIRS: u32 = 5000;
+    let env = start(Mode::Echo, "").await;
+    let c = H2Raw::open(env.gw.http, true).await;
+    let auth = env.authority();
+    let block = hpack_block(&request_fields("GET", &auth, "/api/rapid", &env.key));
+    let started = Instant::now();
+    let mut sent = 0u32;
+    // 100 pairs per write; stop when the server ends the connection or a write fails.
+    while sent < PAIRS && started.elapsed() < Duration::from_secs(15) {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            let id = 2 * sent + 1;
+            batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+            batch.extend(rst_stream(id, CANCEL));
+            sent += 1;
+        }
+        if !c.send(&batch, Duration::from_secs(2)).await || c.ended() {
+            break;
+        }
+    }
+    eventually_named("connection ended", POLL, || async {
+        c.ended().then_some(())
+    })
+    .await;
+    let (goaway, last, closed) = c.with(|e| (e.goaway, e.goaway_last, e.closed));
+    let forwarded = env.forwarded("/api/rapid");
+    eprintln!(
+        "F1: {sent} HEADERS+RST pairs written in {:?}; GOAWAY {goaway:?} (last stream {last:?}) closed {closed}; upstream saw {forwarded}",
+        started.elapsed()
+    );
+    // Our writes land in socket buffers long before the server reads them, so "written" says
+    // little; the GOAWAY's last-stream-id says how far the server got before cutting us off.
+    assert!(
+        last.is_none_or(|l| l < 2 * PAIRS - 1),
+        "the server processed all {PAIRS} pairs (last stream {last:?})"
+    );
+    assert!(forwarded < 200, "upstream saw {forwarded} aborted requests");
+    env.assert_bystander_served().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F2. CONTINUATION flood
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f2_continuation_flood_closes_the_connection() {
+    let env = start(Mode::Echo, "").await;
+    let rss_before = rss_kib(env.gw.pid());
+    // (name, bytes of header data per CONTINUATION frame, frame budget)
+    let cases: &[(&str, usize, usize)] =
+        &[("1 KiB frames", 1000, 10_000), ("empty frames", 0, 100_000)];
+    for (name, per_frame, budget) in cases {
+        let c = H2Raw::open(env.gw.http, true).await;
+        let auth = env.authority();
+        let block = hpack_block(&request_fields("GET", &auth, "/api/cont", &env.key));
+        assert!(c.send(&frame(HEADERS, 0, 1, &block), NET_TIMEOUT).await);
+        let mut chunk = Vec::new();
+        let mut i = 0;
+        while chunk.len() < *per_frame {
+            hpack_literal(&mut chunk, &format!("x-f{i}"), &"a".repeat(90));
+            i += 1;
+        }
+        let one = frame(CONTINUATION, 0, 1, &chunk);
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < *budget && started.elapsed() < Duration::from_secs(15) {
+            let batch: Vec<u8> = std::iter::repeat_n(one.clone(), 100).flatten().collect();
+            sent += 100;
+            if !c.send(&batch, Duration::from_secs(2)).await || c.ended() {
+                break;
+            }
+        }
+        eventually_named("connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        let (goaway, closed) = c.with(|e| (e.goaway, e.closed));
+        eprintln!(
+            "F2 {name}: {sent} CONTINUATION frames in {:?}; GOAWAY {goaway:?} closed {closed}",
+            started.elapsed()
+        );
+        // (Writes may all land in socket buffers first; the GOAWAY or close is the property.)
+        assert!(goaway.is_some() || closed, "{name}: flood not cut off");
+    }
+    let rss_after = rss_kib(env.gw.pid());
+    eprintln!("F2: RSS {rss_before} -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS {rss_before} -> {rss_after}"
+    );
+    assert_eq!(env.forwarded("/api/cont"), 0);
+    env.assert_bystander_served().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F4. Cookie crumbs count toward the header limit
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f4_cookie_crumbs_count_toward_the_header_limit() {
+    let env = start(Mode::Echo, "").await;
+    // 20 crumbs are fine and reach the HTTP/1.1 upstream as one `cookie` joined with "; ".
+    let crumbs: Vec<String> = (0..20).map(|i| format!("c{i}=v")).collect();
+    let mut headers: Vec<(&str, &str)> = vec![("x-api-key", &env.key)];
+    headers.extend(crumbs.iter().map(|c| ("cookie", c.as_str())));
+    let (st, _, _) = h2_get(env.gw.http, "/api/crumbs", &headers).await;
+    assert_eq!(st, 200);
+    let rec = env.up.last().unwrap();
+    assert_eq!(
+        rec.header_all("cookie").len(),
+        1,
+        "{:?}",
+        rec.header_all("cookie")
+    );
+    assert_eq!(rec.header("cookie").unwrap(), crumbs.join("; "));
+    // 1000 crumbs (under the 64 KiB list size, over the 100-field count): refused.
+    let crumbs: Vec<String> = (0..1000).map(|i| format!("c{i}=v")).collect();
+    let mut headers: Vec<(&str, &str)> = vec![("x-api-key", &env.key)];
+    headers.extend(crumbs.iter().map(|c| ("cookie", c.as_str())));
+    let (st, _, body) = h2_get(env.gw.http, "/api/crumbs-many", &headers).await;
+    eprintln!("F4: 1000 crumbs -> {st}");
+    assert_eq!(st, 431, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(env.forwarded("/api/crumbs-many"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// F5 / F6. Empty DATA, PING and SETTINGS floods
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+enum Flood {
+    /// Empty DATA frames on an open request stream.
+    EmptyData,
+    /// PINGs, never reading the PONGs.
+    PingUnread,
+    /// SETTINGS, never reading the ACKs.
+    SettingsUnread,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f5_f6_empty_data_ping_and_settings_floods_are_bounded() {
+    let env = start(Mode::Echo, "").await;
+    let pid = env.gw.pid();
+    let rss_before = rss_kib(pid);
+    for flood in [Flood::EmptyData, Flood::PingUnread, Flood::SettingsUnread] {
+        let read = matches!(flood, Flood::EmptyData);
+        let c = H2Raw::open(env.gw.http, read).await;
+        let one = match flood {
+            Flood::EmptyData => {
+                let auth = env.authority();
+                let block = hpack_block(&request_fields("POST", &auth, "/api/data", &env.key));
+                assert!(
+                    c.send(&frame(HEADERS, END_HEADERS, 1, &block), NET_TIMEOUT)
+                        .await
+                );
+                frame(DATA, 0, 1, &[])
+            }
+            Flood::PingUnread => frame(PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]),
+            Flood::SettingsUnread => frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]),
+        };
+        let batch: Vec<u8> = std::iter::repeat_n(one, 1000).flatten().collect();
+        // Enough to overrun every kernel socket buffer on the way (~10 MB each direction), so
+        // a server that keeps reading without bound would be seen.
+        let frames: usize = match flood {
+            Flood::EmptyData => 500_000,
+            Flood::PingUnread | Flood::SettingsUnread => 5_000_000,
+        };
+        let started = Instant::now();
+        let mut sent = 0;
+        let mut stalled = false;
+        while sent < frames && started.elapsed() < Duration::from_secs(15) {
+            if !c.send(&batch, Duration::from_secs(2)).await {
+                // Either the server closed (write error) or it stopped reading (backpressure).
+                stalled = true;
+                break;
+            }
+            sent += 1000;
+            if c.ended() {
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        let rss = rss_kib(pid);
+        let ended = c.ended();
+        eprintln!(
+            "F5/F6 {flood:?}: {sent} frames in {elapsed:?}; ended {ended} (GOAWAY {:?}) write-stalled {stalled}; RSS {rss_before} -> {rss} KiB",
+            c.with(|e| e.goaway)
+        );
+        assert!(
+            rss < rss_before + 32 * 1024,
+            "{flood:?}: RSS {rss_before} -> {rss} KiB"
+        );
+        match flood {
+            // h2 >= 0.4.20 drops empty DATA frames on receipt instead of queueing them
+            // (RUSTSEC-2026-0258): nothing accumulates, so the connection may stay open. It
+            // must then still be coherent: finishing the body gets the request answered.
+            Flood::EmptyData => {
+                if !ended {
+                    assert!(c.send(&frame(DATA, END_STREAM, 1, b"x"), NET_TIMEOUT).await);
+                    eventually_named("answered after the flood", POLL, || async {
+                        c.with(|e| (e.answered(1) || e.ended()).then_some(()))
+                    })
+                    .await;
+                }
+            }
+            // Control frames whose replies are never read: the server must stop reading
+            // (backpressure) or end the connection, never queue replies without bound.
+            Flood::PingUnread | Flood::SettingsUnread => assert!(
+                sent < frames,
+                "{flood:?}: {frames} frames accepted with no GOAWAY, close or backpressure"
+            ),
+        }
+        drop(c);
+    }
+    env.assert_bystander_served().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F8. More streams than max_concurrent_streams
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f8_streams_over_the_concurrency_limit_are_refused() {
+    const LIMIT: u32 = 100; // the shipped default
+    const OPEN: u32 = 120;
+    let env = start(Mode::Slow(Duration::from_secs(3)), "").await;
+    let c = H2Raw::open(env.gw.http, true).await;
+    let auth = env.authority();
+    let mut batch = Vec::new();
+    for i in 0..OPEN {
+        let block = hpack_block(&request_fields(
+            "GET",
+            &auth,
+            &format!("/api/s{i}"),
+            &env.key,
+        ));
+        batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    assert!(c.send(&batch, NET_TIMEOUT).await);
+    // Every stream over the limit is refused (REFUSED_STREAM), or the connection is GOAWAY'd.
+    eventually_named("excess streams refused", POLL, || async {
+        c.with(|e| {
+            let refused = (1..=OPEN)
+                .map(|i| 2 * i - 1)
+                .filter(|s| e.reset_codes(*s).contains(&REFUSED_STREAM))
+                .count() as u32;
+            (refused >= OPEN - LIMIT || e.goaway.is_some()).then_some(())
+        })
+    })
+    .await;
+    eventually_named("admitted streams reach the upstream", POLL, || async {
+        (env.up.count() >= LIMIT as usize).then_some(())
+    })
+    .await;
+    let at_upstream = env.up.count();
+    eprintln!(
+        "F8: {OPEN} streams opened, upstream saw {at_upstream}, resets {:?}, GOAWAY {:?}",
+        c.with(|e| e.resets.len()),
+        c.with(|e| e.goaway)
+    );
+    assert!(
+        at_upstream <= LIMIT as usize,
+        "{at_upstream} > {LIMIT} concurrent"
+    );
+    // The admitted ones are answered once the slow upstream replies.
+    eventually_named(
+        "admitted streams answered",
+        Duration::from_secs(15),
+        || async { c.with(|e| (e.responses.len() >= LIMIT as usize).then_some(())) },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F9. Malformed requests are reset, never forwarded
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f9_malformed_h2_requests_are_reset_and_never_forwarded() {
+    let env = start(Mode::Echo, "").await;
+    let auth = env.authority();
+    let key = env.key.clone();
+    let base = |path: &'static str| -> Vec<(String, String)> {
+        request_fields("GET", &auth, path, &key)
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let with = |path: &'static str, extra: &[(&str, &str)]| {
+        let mut f = base(path);
+        f.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        f
+    };
+    let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("connection", with("/api/f9-conn", &[("connection", "x")])),
+        (
+            "keep-alive",
+            with("/api/f9-ka", &[("keep-alive", "timeout=5")]),
+        ),
+        (
+            "proxy-connection",
+            with("/api/f9-pc", &[("proxy-connection", "keep-alive")]),
+        ),
+        ("upgrade", with("/api/f9-up", &[("upgrade", "websocket")])),
+        (
+            "transfer-encoding",
+            with("/api/f9-te", &[("transfer-encoding", "chunked")]),
+        ),
+        ("te: gzip", with("/api/f9-tegz", &[("te", "gzip")])),
+        ("uppercase name", with("/api/f9-upper", &[("X-Upper", "1")])),
+        ("pseudo after regular", {
+            let mut f = base("/api/f9-order");
+            let last = f.remove(0);
+            f.push(last);
+            f
+        }),
+        ("missing :path", {
+            let mut f = base("/api/f9-nopath");
+            f.retain(|(n, _)| n != ":path");
+            f
+        }),
+        ("unknown pseudo", with("/api/f9-pseudo", &[(":foo", "bar")])),
+        (
+            "duplicate :path",
+            with("/api/f9-dup", &[(":path", "/api/f9-dup2")]),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, fields) in &cases {
+        let c = H2Raw::open(env.gw.http, true).await;
+        let refs: Vec<(&str, &str)> = fields
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 1, &hpack_block(&refs)),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        let outcome = eventually_named("reset, GOAWAY or answer", POLL, || async {
+            c.with(|e| {
+                (!e.reset_codes(1).is_empty() || e.ended() || e.answered(1)).then(|| {
+                    format!(
+                        "resets {:?} goaway {:?} closed {} answered {} (200: {})",
+                        e.reset_codes(1),
+                        e.goaway,
+                        e.closed,
+                        e.answered(1),
+                        e.status_200(1)
+                    )
+                })
+            })
+        })
+        .await;
+        let ok200 = c.with(|e| e.status_200(1));
+        eprintln!("F9 {name}: {outcome}");
+        if ok200 {
+            failures.push(format!("{name}: answered 200: {outcome}"));
+        }
+    }
+    let forwarded: Vec<String> = env
+        .up
+        .records()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    eprintln!("F9: upstream saw {forwarded:?}");
+    if !forwarded.is_empty() {
+        failures.push(format!("forwarded: {forwarded:?}"));
+    }
+    assert!(failures.is_empty(), "F9:\n{}", failures.join("\n"));
+    env.assert_bystander_served().await;
+}
