@@ -306,12 +306,16 @@ pub struct UpstreamConfig {
     pub name: String,
     /// host:port targets; several are used round robin, a failed one is ejected for a while.
     pub targets: Vec<String>,
+    /// TCP connect timeout; a failure is a 502 and ejects the target.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Wait for the response head, and the longest gap between response body chunks (504).
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Pooled keep-alive connections idle longer than this are closed.
     #[serde(default = "default_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// How long a target that refused a connection is skipped.
     #[serde(default = "default_eject_ms")]
     pub eject_ms: u64,
 }
@@ -332,8 +336,11 @@ fn default_eject_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// Used in metrics labels and logs.
     pub name: String,
+    /// Match this Host (case-insensitive, port and trailing dot ignored); none: any host.
     pub host: Option<String>,
+    /// Matches this path and everything below it at a segment boundary; longest wins.
     pub path_prefix: String,
     /// Empty: any method.
     #[serde(default)]
@@ -343,9 +350,11 @@ pub struct RouteConfig {
     pub scopes: Vec<String>,
     /// Only keys of this env.
     pub env: Option<String>,
+    /// Name of an `[[upstreams]]` entry.
     pub upstream: String,
     /// Accept the key from this query parameter too (off by default: URLs end up in logs).
     pub query_key_param: Option<String>,
+    /// Request body limit for this route (413); default `server.max_body_bytes`.
     pub max_body_bytes: Option<u64>,
 }
 
