@@ -135,6 +135,13 @@ fn parse_lines(buf: &[u8], first_line: u64, after: u64) -> Parsed {
     out
 }
 
+/// Parse a whole log file's bytes exactly as [`LogFile::load`] does: complete lines only
+/// (a partial last line is a write still in progress), revisions from 0. Public so the fuzz
+/// harness (`fuzz/targets_common.rs`) can drive the line parser without a file.
+pub fn parse_log(buf: &[u8]) -> Parsed {
+    parse_lines(complete_prefix(buf), 1, 0)
+}
+
 /// Latest version per id, from records in revision order.
 pub fn latest(records: Vec<KeyRecord>) -> HashMap<String, KeyRecord> {
     let mut map = HashMap::with_capacity(records.len());
@@ -178,7 +185,7 @@ impl LogFile {
     /// reader always sees a consistent prefix). A missing file is an empty log.
     pub fn load(&self) -> Result<Parsed, StoreError> {
         match fs::read(&self.path) {
-            Ok(buf) => Ok(parse_lines(complete_prefix(&buf), 1, 0)),
+            Ok(buf) => Ok(parse_log(&buf)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Parsed::default()),
             Err(e) => Err(self.io(e)),
         }
