@@ -94,7 +94,10 @@ pub struct KeysConfig {
     pub poll_interval_ms: u64,
     /// "file" (default) or "feed".
     pub source: String,
+    /// `http://` or `https://` URL of the control plane's `/v1/feed`.
     pub feed_url: Option<String>,
+    /// PEM file of the CA(s) that sign the control plane's certificate (for `https://`).
+    pub feed_ca: Option<PathBuf>,
     pub feed_token_env: String,
     /// Local copy of the last table applied from the feed.
     pub feed_cache: PathBuf,
@@ -125,6 +128,7 @@ impl Default for KeysConfig {
             poll_interval_ms: 250,
             source: "file".into(),
             feed_url: None,
+            feed_ca: None,
             feed_token_env: "KEYGATE_FEED_TOKEN".into(),
             feed_cache: "feed-cache.jsonl".into(),
             max_staleness: "5m".into(),
@@ -273,11 +277,21 @@ pub struct MetricsConfig {
     pub per_key_series: usize,
 }
 
+/// A certificate chain and its private key (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// `keygate control`: the admin REST API and the feed for a fleet of gateways.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub listen: String,
+    /// Serve the API and the feed over HTTPS (`listen` is then TLS only).
+    pub tls: Option<TlsPair>,
     /// Admin tokens (HMAC digests and roles), minted by `keygate admin-token create`.
     pub tokens: PathBuf,
     /// Request body limit of the REST API.
@@ -292,6 +306,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             listen: "127.0.0.1:7070".into(),
+            tls: None,
             tokens: "admin-tokens.jsonl".into(),
             max_body_bytes: 64 * 1024,
             heartbeat_ms: 2_000,

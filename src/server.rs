@@ -176,18 +176,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     match feed {
         None => crate::store::follow::spawn(gw.clone(), store, poll)?,
         Some(f) => {
-            crate::store::feed_client::spawn(
-                gw.clone(),
-                f.url.clone(),
-                f.token.clone(),
-                f.cache.clone(),
-            );
-            crate::store::feed_client::spawn_usage_reports(
-                gw.clone(),
-                f.usage_url.clone(),
-                f.token.clone(),
-                f.node.clone(),
-            );
+            crate::store::feed_client::spawn(gw.clone(), f.clone());
+            crate::store::feed_client::spawn_usage_reports(gw.clone(), f);
         }
     }
 

@@ -40,6 +40,8 @@ pub enum OnStale {
 #[derive(Debug, Clone)]
 pub struct FeedSource {
     pub url: String,
+    /// Client TLS for an `https://` feed, trusting only `keys.feed_ca`.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub usage_url: http::Uri,
     pub token: String,
     pub cache: std::path::PathBuf,
@@ -269,11 +271,17 @@ impl Snapshot {
                 let uri: http::Uri = url
                     .parse()
                     .map_err(|_| c.invalid("keys.feed_url", "not a URL"))?;
-                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                    return Err(c.invalid("keys.feed_url", "use http://host:port/v1/feed (run the control plane on a private network or loopback)"));
+                let scheme = uri.scheme_str().unwrap_or_default();
+                if !matches!(scheme, "http" | "https") || uri.authority().is_none() {
+                    return Err(c.invalid("keys.feed_url", "use http(s)://host:port/v1/feed"));
                 }
+                let tls = match (scheme, &c.keys.feed_ca) {
+                    ("https", Some(ca)) => Some(crate::tls::client_config(&c.resolve(ca)).map_err(|e| c.invalid("keys.feed_ca", e.to_string()))?),
+                    ("https", None) => return Err(c.invalid("keys.feed_ca", "required for an https:// feed_url: the CA that signs the control plane's certificate")),
+                    _ => None,
+                };
                 let usage_url: http::Uri = format!(
-                    "http://{}/v1/usage",
+                    "{scheme}://{}/v1/usage",
                     uri.authority().map(|a| a.as_str()).unwrap_or_default()
                 )
                 .parse()
@@ -284,6 +292,7 @@ impl Snapshot {
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
                 Some(FeedSource {
                     url,
+                    tls,
                     usage_url,
                     token,
                     cache: c.resolve(&c.keys.feed_cache),

@@ -83,6 +83,27 @@ fn mtimes(r: &ReloadingCert) -> (Option<SystemTime>, Option<SystemTime>) {
     (m(&r.cert_path), m(&r.key_path))
 }
 
+/// A client config that trusts only the CA certificates in `ca_path` (for the feed).
+pub fn client_config(ca_path: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let cert_err = |message: String| TlsError::Cert {
+        path: ca_path.to_owned(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_path).map_err(|e| cert_err(e.to_string()))? {
+        roots.add(cert.map_err(|e| cert_err(e.to_string()))?)?;
+    }
+    if roots.is_empty() {
+        return Err(cert_err("no PEM certificate found".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Poll the files' modification times and reload on change; a bad new pair keeps the old one.
 pub async fn watch(resolver: Arc<ReloadingCert>, every: Duration, on_reload: impl Fn(Option<i64>)) {
     let mut seen = mtimes(&resolver);

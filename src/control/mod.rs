@@ -106,6 +106,8 @@ pub enum ControlError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Load state and bind; returns the bound address and the serving future.
@@ -149,6 +151,17 @@ pub async fn start(
             source,
         })?;
     let addr = listener.local_addr()?;
+    let tls = match &control.config.control.tls {
+        Some(pair) => {
+            let (cfg, resolver, _) = crate::tls::server_config(
+                control.config.resolve(&pair.cert),
+                control.config.resolve(&pair.key),
+            )?;
+            tokio::spawn(crate::tls::watch(resolver, Duration::from_secs(1), |_| {}));
+            Some(tokio_rustls::TlsAcceptor::from(cfg))
+        }
+        None => None,
+    };
     let c = control.clone();
     let task = tokio::spawn(async move {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -163,12 +176,24 @@ pub async fn start(
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let (c, builder) = (c.clone(), builder.clone());
+            let (c, builder, tls) = (c.clone(), builder.clone(), tls.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| api::handle(c.clone(), req));
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(Ok(s)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await
+                        {
+                            let _ = builder.serve_connection(TokioIo::new(s), service).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
             });
         }
     });

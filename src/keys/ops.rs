@@ -278,8 +278,8 @@ impl<'a> Keys<'a> {
     }
 
     /// Run `change` on the current version of `id` under the lock and write the result.
-    /// Returns the last record written, or the current version when there was nothing to write
-    /// (e.g. revoking a revoked key).
+    /// Returns the first record written, or the current version when there was nothing to
+    /// write (e.g. revoking a revoked key).
     fn change(
         &self,
         id: &str,
@@ -305,7 +305,7 @@ impl<'a> Keys<'a> {
         })??;
         written
             .into_iter()
-            .next_back()
+            .next()
             .or(unchanged)
             .ok_or_else(|| OpsError::NotFound(id.to_owned()))
     }
@@ -448,7 +448,9 @@ impl<'a> Keys<'a> {
             old.written_at_ms = now_ms();
             let new = m.record.clone();
             minted = Some(m.key);
-            Ok(Some(vec![old, new]))
+            // Successor first: a writer killed between the two lines leaves an orphan key
+            // nobody holds (harmless) rather than a shortened old key with no successor.
+            Ok(Some(vec![new, old]))
         })?;
         let key = minted.unwrap_or_default();
         Ok(Minted { record, key })

@@ -185,28 +185,14 @@ impl FeedState {
                 last_error = e.to_string();
             }
         }
-        std::thread::Builder::new().name("keygate-feed-store".into()).spawn(move || {
-            let (tx, rx) = std::sync::mpsc::channel::<()>();
-            let dir = store.parent().map(std::path::PathBuf::from).filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| ".".into());
-            use notify::Watcher;
-            let _watcher = notify::recommended_watcher(move |_r: notify::Result<notify::Event>| {
-                let _ = tx.send(());
-            })
-            .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::NonRecursive).map(|()| w));
-            loop {
-                match follower.poll() {
-                    Ok(u) => state.apply(u),
-                    Err(e) => {
-                        if e.to_string() != last_error {
-                            tracing::error!(error = %e, "control plane: store problem; serving the last good log");
-                            last_error = e.to_string();
-                        }
+        crate::store::follow::watch_file("keygate-feed-store", follower, poll, move |result| {
+            match result {
+                Ok(u) => state.apply(u),
+                Err(e) => {
+                    if e.to_string() != last_error {
+                        tracing::error!(error = %e, "control plane: store problem; serving the last good log");
+                        last_error = e.to_string();
                     }
-                }
-                match rx.recv_timeout(poll) {
-                    Ok(()) => while rx.try_recv().is_ok() {},
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(poll),
                 }
             }
         })?;

@@ -10,6 +10,7 @@ use crate::audit::Event;
 use crate::gateway::{unix_ms, Gateway};
 use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
+use crate::snapshot::FeedSource;
 use crate::store::feed::FeedLine;
 use crate::store::file::LogFile;
 use bytes::BytesMut;
@@ -17,7 +18,7 @@ use http::{Request, Uri};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,17 +46,18 @@ pub enum FeedError {
 }
 
 /// Start following the feed; loads the local copy first.
-pub fn spawn(gw: Arc<Gateway>, url: String, token: String, cache: PathBuf) {
-    tokio::spawn(run(gw, url, token, cache));
+pub fn spawn(gw: Arc<Gateway>, source: FeedSource) {
+    tokio::spawn(run(gw, source));
 }
 
-async fn run(gw: Arc<Gateway>, url: String, token: String, cache: PathBuf) {
-    let mut applied = load_cache(&gw, &cache).await;
+async fn run(gw: Arc<Gateway>, source: FeedSource) {
+    let cache = &source.cache;
+    let mut applied = load_cache(&gw, cache).await;
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
     loop {
         let before = applied;
-        let result = session(&gw, &url, &token, &cache, &mut applied).await;
+        let result = session(&gw, &source, &mut applied).await;
         if let Err(e) = result {
             gw.metrics.source_errors.with_label_values(&["feed"]).inc();
             let text = e.to_string();
@@ -129,12 +131,15 @@ fn write_cache(cache: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
 pub async fn request(
     url: &Uri,
     token: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     method: http::Method,
     body: bytes::Bytes,
 ) -> Result<http::Response<hyper::body::Incoming>, FeedError> {
-    if url.scheme_str() != Some("http") {
-        return Err(FeedError::Url(url.to_string()));
-    }
+    let https = match (url.scheme_str(), tls) {
+        (Some("http"), _) => false,
+        (Some("https"), Some(_)) => true,
+        _ => return Err(FeedError::Url(url.to_string())),
+    };
     let authority = url
         .authority()
         .ok_or_else(|| FeedError::Url(url.to_string()))?
@@ -142,7 +147,7 @@ pub async fn request(
     let addr = format!(
         "{}:{}",
         authority.host(),
-        authority.port_u16().unwrap_or(80)
+        authority.port_u16().unwrap_or(if https { 443 } else { 80 })
     );
     let stream = tokio::time::timeout(
         Duration::from_secs(2),
@@ -152,10 +157,6 @@ pub async fn request(
     .map_err(|_| FeedError::Connect(format!("{addr}: connect timed out")))?
     .map_err(|e| FeedError::Connect(format!("{addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| FeedError::Connect(e.to_string()))?;
-    tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
         .uri(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
@@ -164,6 +165,34 @@ pub async fn request(
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(body))
         .map_err(|e| FeedError::Url(e.to_string()))?;
+    match tls.filter(|_| https) {
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(authority.host().to_owned())
+                .map_err(|_| FeedError::Url(url.to_string()))?;
+            let stream = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream),
+            )
+            .await
+            .map_err(|_| FeedError::Connect(format!("{addr}: TLS handshake timed out")))?
+            .map_err(|e| FeedError::Connect(format!("{addr}: TLS: {e}")))?;
+            send(TokioIo::new(stream), req).await
+        }
+        None => send(TokioIo::new(stream), req).await,
+    }
+}
+
+async fn send<I>(
+    io: I,
+    req: Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, FeedError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| FeedError::Connect(e.to_string()))?;
+    tokio::spawn(conn);
     sender
         .send_request(req)
         .await
@@ -172,11 +201,10 @@ pub async fn request(
 
 async fn session(
     gw: &Arc<Gateway>,
-    url: &str,
-    token: &str,
-    cache: &Path,
+    source: &FeedSource,
     applied: &mut u64,
 ) -> Result<(), FeedError> {
+    let (url, cache) = (source.url.as_str(), source.cache.as_path());
     let sep = if url.contains('?') { '&' } else { '?' };
     let full = if *applied > 0 {
         format!("{url}{sep}after={applied}")
@@ -184,7 +212,14 @@ async fn session(
         url.to_owned()
     };
     let uri: Uri = full.parse().map_err(|_| FeedError::Url(url.to_owned()))?;
-    let resp = request(&uri, token, http::Method::GET, bytes::Bytes::new()).await?;
+    let resp = request(
+        &uri,
+        &source.token,
+        source.tls.as_ref(),
+        http::Method::GET,
+        bytes::Bytes::new(),
+    )
+    .await?;
     if !resp.status().is_success() {
         return Err(FeedError::Status(resp.status().as_u16()));
     }
@@ -308,15 +343,24 @@ async fn handle(
 }
 
 /// Report usage (last use, request counts per key) to the control plane every interval.
-pub fn spawn_usage_reports(gw: Arc<Gateway>, usage_url: Uri, token: String, node: String) {
+pub fn spawn_usage_reports(gw: Arc<Gateway>, source: FeedSource) {
     tokio::spawn(async move {
+        let node = &source.node;
         loop {
             tokio::time::sleep(gw.snapshot().touch_interval).await;
             let report = serde_json::json!({"node": node, "usage": gw.usage.snapshot()});
             let Ok(body) = serde_json::to_vec(&report) else {
                 continue;
             };
-            match request(&usage_url, &token, http::Method::POST, body.into()).await {
+            match request(
+                &source.usage_url,
+                &source.token,
+                source.tls.as_ref(),
+                http::Method::POST,
+                body.into(),
+            )
+            .await
+            {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => tracing::debug!(status = r.status().as_u16(), "usage report refused"),
                 Err(e) => tracing::debug!(error = %e, "usage report failed"),

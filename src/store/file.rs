@@ -446,6 +446,10 @@ impl Follower {
         }
     }
 
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
     /// The revision of everything applied so far.
     pub fn revision(&self) -> u64 {
         self.rev

@@ -11,38 +11,21 @@ use crate::gateway::{unix_ms, Gateway};
 use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Start following `path`. Returns once the thread is started; the first load happens on it.
+/// Start following `path` for a gateway. Returns once the thread is started; the first load
+/// happens on it.
 pub fn spawn(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("keygate-store".into())
-        .spawn(move || run(gw, path, poll_interval))?;
-    Ok(())
-}
-
-fn run(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) {
-    let (tx, rx) = channel::<()>();
-    let dir = path
-        .parent()
-        .map(PathBuf::from)
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or_else(|| PathBuf::from("."));
-    let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = tx.send(());
-    })
-    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
-    if let Err(e) = &watcher {
-        tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable; polling only");
-    }
-    let mut follower = Follower::new(LogFile::new(&path));
     let mut last_error: Option<String> = None;
-    loop {
-        match follower.poll() {
+    watch_file(
+        "keygate-store",
+        Follower::new(LogFile::new(&path)),
+        poll_interval,
+        move |result| match result {
             Ok(update) => {
                 last_error = None;
                 apply(&gw, update);
@@ -55,13 +38,66 @@ fn run(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) {
                     last_error = Some(text);
                 }
             }
+        },
+    )
+}
+
+/// Poll `follower` on a named thread whenever its file changes, and at least every
+/// `poll_interval`, handing each result to `on_poll`. Shared by gateways and the control plane.
+///
+/// The directory is watched (so a compaction's rename is seen), but only events that change
+/// the store file wake the thread: our own reads raise inotify open/close events, and without
+/// this filter the follower and the watcher would wake each other forever.
+pub fn watch_file(
+    name: &str,
+    mut follower: Follower,
+    poll_interval: Duration,
+    mut on_poll: impl FnMut(Result<Update, StoreError>) + Send + 'static,
+) -> std::io::Result<()> {
+    let path = follower.path().to_owned();
+    let (tx, rx) = channel::<()>();
+    let dir = path
+        .parent()
+        .map(PathBuf::from)
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let file_name = path.file_name().map(|n| n.to_owned());
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let relevant = match res {
+            Ok(ev) => {
+                !matches!(ev.kind, EventKind::Access(_))
+                    && (ev.paths.is_empty()
+                        || ev
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name() == file_name.as_deref()))
+            }
+            // A watcher error (e.g. queue overflow) may have hidden a change: look.
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = tx.send(());
         }
-        match rx.recv_timeout(poll_interval) {
-            Ok(()) => while rx.try_recv().is_ok() {},
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(poll_interval),
-        }
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    if let Err(e) = &watcher {
+        tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable; polling only");
     }
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // The watcher lives as long as the loop.
+            let _watcher = watcher;
+            loop {
+                on_poll(follower.poll());
+                match rx.recv_timeout(poll_interval) {
+                    Ok(()) => while rx.try_recv().is_ok() {},
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(poll_interval),
+                }
+            }
+        })?;
+    Ok(())
 }
 
 fn report_corrupt(gw: &Gateway, parsed: &Parsed) {

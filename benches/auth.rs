@@ -1,0 +1,216 @@
+//! The full auth decision, as the request path runs it (`pipeline::pipeline`):
+//! extract → parse + checksum → HMAC digest → table lookup → scope check → token bucket.
+//!
+//! - `auth/single_thread_1k` and `auth/two_threads_1k`: a 1K-key table.
+//! - `auth_scale/{1K,100K,1M,10M}`: the same decision against bigger tables. Probes rotate
+//!   over up to 65,536 real keys (so the touched records do not fit in cache) and the rest of
+//!   the table is filled with synthetic records. 10M runs only with KEYGATE_BENCH_10M=1.
+//! - `auth/reject_*`: refusals (unknown key: HMAC + miss; bad checksum: no HMAC).
+//!
+//! Two-thread figures are per-thread time per decision with both threads deciding at once;
+//! aggregate throughput is 2 / time (criterion prints it as elements/s).
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use keygate::authz::{authorize, Requirements};
+use keygate::extract::extract;
+use keygate::keys::digest::Hasher;
+use keygate::keys::format::{KeyFormat, MAX_KEY_LEN};
+use keygate::keys::table::KeyTable;
+use keygate::limit::{Buckets, Rate, Shape};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+
+const PROBES: u64 = 65_536;
+
+struct Decider {
+    table: KeyTable,
+    format: KeyFormat,
+    hasher: Hasher,
+    key_header: HeaderName,
+    req: Requirements,
+    ip: IpAddr,
+    buckets: Buckets,
+    shape: Shape,
+    requests: Vec<HeaderMap>,
+}
+
+impl Decider {
+    fn new(n: u64) -> Decider {
+        let (table, keys) = support::table(n, PROBES);
+        let requests = keys
+            .iter()
+            .map(|k| request(&format!("Bearer {k}")))
+            .collect();
+        Decider {
+            table,
+            format: support::format(),
+            hasher: support::hasher(),
+            key_header: HeaderName::from_static("x-api-key"),
+            req: Requirements {
+                scopes: vec!["invoices:read".to_owned()],
+                env: None,
+            },
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            buckets: Buckets::new(),
+            // High enough never to refuse: we measure the admitted path.
+            shape: Shape::new(
+                Rate {
+                    count: 1_000_000_000,
+                    per: Duration::from_secs(1),
+                },
+                None,
+            ),
+            requests,
+        }
+    }
+
+    /// One request's decision; true when it would be forwarded.
+    #[inline]
+    fn decide(&self, headers: &HeaderMap) -> bool {
+        let Ok(key) = extract(headers, None, &self.key_header, None, MAX_KEY_LEN) else {
+            return false;
+        };
+        let Ok(record) = self
+            .table
+            .authenticate(key, &self.format, &self.hasher, support::NOW, 0)
+        else {
+            return false;
+        };
+        if authorize(&record, &self.req, self.ip, None, &[]).is_err() {
+            return false;
+        }
+        self.buckets.check(self.shape, &record.lineage).allowed
+    }
+
+    /// Run `iters` decisions rotating over the probe keys from `start`.
+    fn run(&self, iters: u64, start: usize) -> usize {
+        let n = self.requests.len();
+        let mut i = start % n;
+        let mut ok = 0;
+        for _ in 0..iters {
+            ok += usize::from(self.decide(black_box(&self.requests[i])));
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        ok
+    }
+
+    fn warm(&self) {
+        // First pass creates every probe key's bucket (as the first request of a key would).
+        assert_eq!(self.run(self.requests.len() as u64, 0), self.requests.len());
+    }
+}
+
+fn request(authorization: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(http::header::HOST, HeaderValue::from_static("api.example"));
+    h.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static("bench/1.0"),
+    );
+    h.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+    if let Ok(v) = HeaderValue::from_str(authorization) {
+        h.insert(http::header::AUTHORIZATION, v);
+    }
+    h
+}
+
+fn two_threads(d: &Decider, iters: u64) -> Duration {
+    let half = d.requests.len() / 2;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let a = s.spawn(|| d.run(iters, 0));
+        let b = s.spawn(|| d.run(iters, half));
+        black_box(a.join().unwrap_or(0) + b.join().unwrap_or(0));
+    });
+    start.elapsed()
+}
+
+fn small(c: &mut Criterion) {
+    let d = Decider::new(1_000);
+    d.warm();
+    let unknown = request(&format!(
+        "Bearer {}",
+        d.format.generate("live").unwrap_or_default()
+    ));
+    let mut bad = d.format.generate("live").unwrap_or_default().into_bytes();
+    let last = bad.len() - 1;
+    bad[last] = if bad[last] == b'a' { b'b' } else { b'a' };
+    let bad = request(&format!(
+        "Bearer {}",
+        String::from_utf8(bad).unwrap_or_default()
+    ));
+
+    let mut g = c.benchmark_group("auth");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("single_thread_1k", |b| {
+        b.iter(|| {
+            i += 1;
+            if i == d.requests.len() {
+                i = 0;
+            }
+            d.decide(black_box(&d.requests[i]))
+        })
+    });
+    g.bench_function("reject_unknown_key", |b| {
+        b.iter(|| d.decide(black_box(&unknown)))
+    });
+    g.bench_function("reject_bad_checksum", |b| {
+        b.iter(|| d.decide(black_box(&bad)))
+    });
+    g.throughput(Throughput::Elements(2));
+    g.bench_function("two_threads_1k", |b| {
+        b.iter_custom(|iters| two_threads(&d, iters))
+    });
+    g.finish();
+}
+
+fn scale(c: &mut Criterion) {
+    let mut sizes: Vec<(u64, &str)> = vec![(1_000, "1K"), (100_000, "100K"), (1_000_000, "1M")];
+    if std::env::var("KEYGATE_BENCH_10M").as_deref() == Ok("1") {
+        sizes.push((10_000_000, "10M"));
+    }
+    let mut g = c.benchmark_group("auth_scale");
+    g.measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(20);
+    g.throughput(Throughput::Elements(1));
+    for (n, label) in sizes {
+        let built = Instant::now();
+        let d = Decider::new(n);
+        d.warm();
+        eprintln!(
+            "auth_scale: built and warmed a {label}-key table in {:.1?}",
+            built.elapsed()
+        );
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("single_thread", label), &d, |b, d| {
+            b.iter(|| {
+                i += 1;
+                if i == d.requests.len() {
+                    i = 0;
+                }
+                d.decide(black_box(&d.requests[i]))
+            })
+        });
+        g.throughput(Throughput::Elements(2));
+        g.bench_with_input(BenchmarkId::new("two_threads", label), &d, |b, d| {
+            b.iter_custom(|iters| two_threads(d, iters))
+        });
+        g.throughput(Throughput::Elements(1));
+        drop(d);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, small, scale);
+criterion_main!(benches);
