@@ -1192,13 +1192,13 @@ fn every_change_writes_one_audit_line_without_secrets() {
         .iter()
         .filter(|e| e["event"] == "key.rotated")
         .collect();
-    // One event per record the rotation wrote: the old key (now in its grace period) and
-    // its successor.
+    // One event per record the rotation wrote: the successor (written first, see
+    // `Keys::rotate`) and the old key, now in its grace period.
     assert_eq!(rotated.len(), 2, "{rotated:?}");
-    assert_eq!(rotated[0]["key_id"], k.as_str());
-    assert_eq!(rotated[0]["hint"], hint.as_str());
-    assert_eq!(rotated[1]["key_id"], k2.as_str());
-    assert_eq!(rotated[1]["hint"], hint2.as_str());
+    assert_eq!(rotated[0]["key_id"], k2.as_str());
+    assert_eq!(rotated[0]["hint"], hint2.as_str());
+    assert_eq!(rotated[1]["key_id"], k.as_str());
+    assert_eq!(rotated[1]["hint"], hint.as_str());
     let n = lines.len();
 
     env.ok(&["revoke", &k2]);

@@ -13,14 +13,9 @@ use bytes::Bytes;
 use common::*;
 use http::Method;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const ENVS: &[(&str, &str)] = &[("API_KEY_HASH_SECRET", SECRET)];
 
 fn config(audit_log: &str, max_body: usize) -> String {
     format!(
@@ -49,63 +44,6 @@ heartbeat_ms = 200
     )
 }
 
-/// A running `keygate control`; SIGKILLed and reaped on drop.
-struct ControlPlane {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ControlPlane {
-    async fn spawn(config: &Path) -> ControlPlane {
-        let log = config.with_file_name("control.stderr.log");
-        let mut child = Command::new(keygate_bin())
-            .arg("--config")
-            .arg(config)
-            .arg("control")
-            .env("API_KEY_HASH_SECRET", SECRET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("spawn keygate control");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Drains stdout until the child exits, so it never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || loop {
-            let line = rx.recv_timeout(STARTUP_TIMEOUT).ok()?;
-            let v: Value = serde_json::from_str(&line).ok()?;
-            if v["event"] == "listening" {
-                return v["control"].as_str()?.parse::<SocketAddr>().ok();
-            }
-        })
-        .await
-        .unwrap();
-        match addr {
-            Some(addr) => ControlPlane { child, addr },
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "control plane did not start:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Tokens of each role, plus the write token's id.
 struct Tokens {
     read: String,
@@ -118,7 +56,7 @@ fn mint(cfg: &Path, role: &str) -> (String, String) {
     let out = cli(
         cfg,
         &["admin-token", "create", "--role", role, "--json"],
-        ENVS,
+        SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
     let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
@@ -754,7 +692,7 @@ async fn cli_and_api_side_by_side() {
         &[
             "keys", "create", "--name", "from-cli", "--owner", "cli", "--json",
         ],
-        ENVS,
+        SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
     let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
@@ -766,7 +704,7 @@ async fn cli_and_api_side_by_side() {
     assert_eq!(r.2["items"][0]["id"], cli_id.as_str());
     let r = call(a, Method::DELETE, &format!("/v1/api-keys/{cli_id}"), w, "").await;
     assert_eq!(r.0, 200);
-    let out = cli(&e.cfg, &["keys", "show", &cli_id, "--json"], ENVS);
+    let out = cli(&e.cfg, &["keys", "show", &cli_id, "--json"], SECRET_ENV);
     assert!(out.status.success(), "{}", stderr_str(&out));
     let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
     assert_eq!(v["state"], "revoked");
@@ -774,13 +712,17 @@ async fn cli_and_api_side_by_side() {
     // Created by the API: visible and revocable through the CLI.
     let k = create(&e, json!({"name": "from-api", "owner": "api"})).await;
     let api_id = k["id"].as_str().unwrap().to_owned();
-    let out = cli(&e.cfg, &["keys", "list", "--owner", "api", "--json"], ENVS);
+    let out = cli(
+        &e.cfg,
+        &["keys", "list", "--owner", "api", "--json"],
+        SECRET_ENV,
+    );
     assert!(out.status.success(), "{}", stderr_str(&out));
     assert!(stdout_str(&out).contains(&api_id));
     let out = cli(
         &e.cfg,
         &["keys", "revoke", &api_id, "--reason", "cli-side"],
-        ENVS,
+        SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
     let r = call(a, Method::GET, &format!("/v1/api-keys/{api_id}"), w, "").await;
@@ -825,8 +767,9 @@ async fn audit_has_one_line_per_mutation_with_the_token_as_actor() {
     assert_eq!(r.0, 201);
     let new_id = r.2["id"].as_str().unwrap().to_owned();
     // A rotation writes two versions (old with grace, new key): one event each.
-    expected.push(("key.rotated", id.clone()));
+    // The successor is written (and audited) first: see `Keys::rotate`.
     expected.push(("key.rotated", new_id.clone()));
+    expected.push(("key.rotated", id.clone()));
     let r = call(a, Method::DELETE, &format!("/v1/api-keys/{id}"), w, "").await;
     assert_eq!(r.0, 200);
     expected.push(("key.revoked", id.clone()));
@@ -868,7 +811,7 @@ async fn unwritable_audit_log_fails_closed() {
     let out = cli(
         &good,
         &["keys", "create", "--name", "k", "--owner", "o", "--json"],
-        ENVS,
+        SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
     let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();

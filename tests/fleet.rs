@@ -19,16 +19,13 @@ mod common;
 use common::*;
 use http::Method;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const ENVS: &[(&str, &str)] = &[("API_KEY_HASH_SECRET", SECRET)];
 /// Bound on any one revocation reaching every gateway.
 const ENFORCE_BOUND: Duration = Duration::from_secs(5);
 /// Bound on gateways reconnecting (their backoff tops out at 5 s plus jitter).
@@ -103,72 +100,8 @@ upstream = "up"
     )
 }
 
-/// A running `keygate control`; SIGKILLed and reaped on drop.
-struct ControlPlane {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ControlPlane {
-    async fn try_spawn(config: &Path) -> Result<ControlPlane, String> {
-        let log = config.with_file_name("control.stderr.log");
-        let mut child = Command::new(keygate_bin())
-            .arg("--config")
-            .arg(config)
-            .arg("control")
-            .env("API_KEY_HASH_SECRET", SECRET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("spawn keygate control");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Drains stdout until the child exits, so it never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = tokio::task::spawn_blocking(move || loop {
-            // Ends with None when stdout closes (the process exited) or after the timeout.
-            let line = rx.recv_timeout(STARTUP_TIMEOUT).ok()?;
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["event"] == "listening" {
-                return v["control"].as_str()?.parse::<SocketAddr>().ok();
-            }
-        })
-        .await
-        .unwrap();
-        match addr {
-            Some(addr) => Ok(ControlPlane { child, addr }),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(std::fs::read_to_string(&log).unwrap_or_default())
-            }
-        }
-    }
-
-    async fn spawn(config: &Path) -> ControlPlane {
-        match Self::try_spawn(config).await {
-            Ok(cp) => cp,
-            Err(e) => panic!("control plane did not start:\n{e}"),
-        }
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn mint(cfg: &Path, role: &str) -> String {
-    let out = cli(cfg, &["admin-token", "create", "--role", role], ENVS);
+    let out = cli(cfg, &["admin-token", "create", "--role", role], SECRET_ENV);
     assert!(out.status.success(), "{}", stderr_str(&out));
     stdout_str(&out).trim().to_owned()
 }
@@ -228,7 +161,7 @@ impl Fleet {
         Gateway::spawn(
             &cfg,
             &[
-                ("API_KEY_HASH_SECRET", SECRET),
+                (SECRET_VAR, SECRET),
                 ("KEYGATE_FEED_TOKEN", self.feed.as_str()),
             ],
         )
@@ -518,7 +451,7 @@ async fn a_gateway_down_for_1000_changes_and_a_compaction_catches_up() {
                 "invoices:read",
                 "--json",
             ],
-            ENVS,
+            SECRET_ENV,
         );
         assert!(out.status.success(), "{}", stderr_str(&out));
         let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
@@ -529,7 +462,7 @@ async fn a_gateway_down_for_1000_changes_and_a_compaction_catches_up() {
     for (id, _) in &early[..3] {
         fleet.revoke(id).await;
     }
-    let out = cli(&fleet.cp_cfg, &["keys", "compact"], ENVS);
+    let out = cli(&fleet.cp_cfg, &["keys", "compact"], SECRET_ENV);
     assert!(out.status.success(), "{}", stderr_str(&out));
     let second = import(2);
     let (_, newest) = fleet.create("newest").await;
@@ -631,7 +564,7 @@ async fn many_feed_readers_and_a_stalled_one() {
             "--owner",
             "bulk",
         ],
-        ENVS,
+        SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
     let cp = ControlPlane::spawn(&fleet.cp_cfg).await;

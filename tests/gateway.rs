@@ -16,59 +16,37 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// 48 characters: well above the 32-byte minimum.
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
 /// Upper bound for any polled condition unless a test says otherwise.
 const POLL: Duration = Duration::from_secs(10);
 /// Host header used by most requests.
 const HOST: &str = "api.example.com";
+/// The scope of the keys most tests create.
+const READ_SCOPE: &[&str] = &["--scope", "invoices:read"];
 
 // ---------------------------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A minted key: plaintext and id.
-#[derive(Clone, Debug)]
-struct Key {
-    key: String,
-    id: String,
-}
-
 /// The standard routes and upstream; `server` lines go into `[server]`, `tail` is appended
 /// (more upstreams, routes, `[limits]`, ...).
 fn config_text(up: SocketAddr, server: &str, tail: &str) -> String {
-    format!(
-        r#"[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-poll_interval_ms = 50
+    gateway_config(
+        up,
+        1000,
+        &format!("drain_timeout_ms = 5000\n{server}"),
+        "connect_timeout_ms = 500\nresponse_timeout_ms = 3000",
+        &format!("{PLANS_AND_ROUTES}\n{tail}"),
+    )
+}
 
-[plans.default]
-rate = "1000/s"
-burst = 1000
-
-[plans.tight]
+/// The extra plans and the standard routes of [`config_text`].
+const PLANS_AND_ROUTES: &str = r#"[plans.tight]
 rate = "1/h"
 burst = 2
 
 [plans.rot]
 rate = "20/m"
 burst = 3
-
-[server]
-listen = "127.0.0.1:0"
-drain_timeout_ms = 5000
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[upstreams]]
-name = "up"
-targets = ["{up}"]
-connect_timeout_ms = 500
-response_timeout_ms = 3000
 
 [[routes]]
 name = "invoices-read"
@@ -96,11 +74,7 @@ path_prefix = "/upload"
 methods = ["POST"]
 max_body_bytes = 16
 upstream = "up"
-
-{tail}
-"#
-    )
-}
+"#;
 
 /// A temp dir with a config, an upstream, and CLI access.
 struct Setup {
@@ -134,8 +108,9 @@ impl Setup {
         cli_ok(&self.config, args)
     }
 
+    /// A key scoped `invoices:read`, plus `extra` arguments.
     fn create(&self, extra: &[&str]) -> Key {
-        create_key(&self.config, extra)
+        create_key(&self.config, &[READ_SCOPE, extra].concat())
     }
 
     fn revoke(&self, id: &str) {
@@ -144,53 +119,12 @@ impl Setup {
 
     /// Start the gateway and wait for `/readyz`.
     async fn serve(&self) -> Gateway {
-        let gw = Gateway::spawn(&self.config, &[(SECRET_VAR, SECRET)]).await;
-        wait_ready(&gw).await;
-        gw
-    }
-}
-
-fn cli_ok(config: &Path, args: &[&str]) -> String {
-    let out = cli(config, args, &[(SECRET_VAR, SECRET)]);
-    assert!(
-        out.status.success(),
-        "keygate {args:?} failed: {}\n{}",
-        stderr_str(&out),
-        stdout_str(&out)
-    );
-    stdout_str(&out)
-}
-
-fn create_key(config: &Path, extra: &[&str]) -> Key {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--name",
-        "n",
-        "--owner",
-        "o",
-        "--scope",
-        "invoices:read",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let out = cli_ok(config, &args);
-    let v = json(out.trim().as_bytes());
-    Key {
-        key: v["key"].as_str().expect("key in --json output").to_owned(),
-        id: v["id"].as_str().expect("id in --json output").to_owned(),
+        spawn_ready(&self.config, &[], POLL).await
     }
 }
 
 async fn readyz(gw: &Gateway) -> u16 {
     get(gw.admin, "/readyz", &[]).await.0
-}
-
-async fn wait_ready(gw: &Gateway) {
-    eventually_named("readyz 200", POLL, || async {
-        (readyz(gw).await == 200).then_some(())
-    })
-    .await;
 }
 
 /// The value of a metric line `series value` (exact series text, e.g.
@@ -475,7 +409,7 @@ async fn errors_401_missing_and_every_invalid_key_are_uniform() {
             .unwrap()
             .replace("keys.jsonl", "other-keys.jsonl"),
     );
-    let unknown = create_key(&other_cfg, &[]);
+    let unknown = create_key(&other_cfg, READ_SCOPE);
     let gw = s.serve().await;
     assert_eq!(status_with_key(&gw, "/invoices/1", &good.key).await, 200);
 
@@ -680,7 +614,7 @@ async fn errors_429_auth_failure_budget_is_per_source() {
 async fn errors_503_without_a_store_then_recovers() {
     let s = Setup::new(Mode::Echo, "", "").await;
     assert!(!s.store().exists());
-    let gw = Gateway::spawn(&s.config, &[(SECRET_VAR, SECRET)]).await;
+    let gw = Gateway::spawn(&s.config, SECRET_ENV).await;
     // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
     assert_eq!(readyz(&gw).await, 503);
     let r = get(
@@ -694,7 +628,7 @@ async fn errors_503_without_a_store_then_recovers() {
     assert_eq!(s.up.count(), 0);
     // A key created now brings the table (and readiness) up.
     let k = s.create(&[]);
-    wait_ready(&gw).await;
+    wait_ready(&gw, POLL).await;
     wait_status(&gw, "/invoices/1", &k.key, 200, "new key works").await;
 }
 

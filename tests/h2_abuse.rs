@@ -16,15 +16,13 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
 const POLL: Duration = Duration::from_secs(10);
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -289,69 +287,29 @@ async fn start(mode: Mode, server: &str) -> Env {
     let config: PathBuf = write_file(
         dir.path(),
         "keygate.toml",
-        &format!(
-            r#"[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-poll_interval_ms = 50
-
-[plans.default]
-rate = "100000/s"
-burst = 100000
-
-[server]
-listen = "127.0.0.1:0"
-drain_timeout_ms = 2000
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
+        &gateway_config(
+            up.addr(),
+            100_000,
+            &format!("drain_timeout_ms = 2000\n{server}"),
+            "connect_timeout_ms = 1000\nresponse_timeout_ms = 10000",
+            r#"[limits]
 auth_failures_per_minute = 100000
-
-[[upstreams]]
-name = "up"
-targets = ["{}"]
-connect_timeout_ms = 1000
-response_timeout_ms = 10000
 
 [[routes]]
 name = "api"
 path_prefix = "/api"
 upstream = "up"
 "#,
-            up.addr()
         ),
     );
-    let key = create_key(&config);
-    let gw = Gateway::spawn(&config, &[(SECRET_VAR, SECRET)]).await;
-    let admin = gw.admin;
-    eventually_named("ready", POLL, || async move {
-        (get(admin, "/readyz", &[]).await.0 == 200).then_some(())
-    })
-    .await;
+    let key = create_key(&config, &["--scope", "api"]).key;
+    let gw = spawn_ready(&config, &[], POLL).await;
     Env {
         _dir: dir,
         gw,
         up,
         key,
     }
-}
-
-fn create_key(config: &Path) -> String {
-    let out = cli(
-        config,
-        &[
-            "keys", "create", "--name", "n", "--owner", "o", "--scope", "api", "--json",
-        ],
-        &[(SECRET_VAR, SECRET)],
-    );
-    assert!(out.status.success(), "{}", stderr_str(&out));
-    json(stdout_str(&out).trim().as_bytes())["key"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -15,7 +15,7 @@ mod common;
 use common::*;
 use http::Method;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,51 +23,27 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
 const HOST: &str = "api.example.com";
 const POLL: Duration = Duration::from_secs(10);
+/// The scope of the keys the tests create.
+const READ_SCOPE: &[&str] = &["--scope", "invoices:read"];
 
 // ---------------------------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
-struct Key {
-    key: String,
-    id: String,
-}
-
 /// `[server]` lines, `[limits]` auth failures per minute, and a tail (upstreams, routes, plans).
 /// The upstream `up` (targets `up`) and route `/invoices` (GET, HEAD; scope invoices:read) are
 /// always present.
 fn config_text(up: SocketAddr, server: &str, auth_failures: u32, tail: &str) -> String {
-    format!(
-        r#"[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-poll_interval_ms = 50
-
-[plans.default]
-rate = "100000/s"
-burst = 100000
-
-[server]
-listen = "127.0.0.1:0"
-drain_timeout_ms = 5000
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
+    gateway_config(
+        up,
+        100_000,
+        &format!("drain_timeout_ms = 5000\n{server}"),
+        "connect_timeout_ms = 500\nresponse_timeout_ms = 5000",
+        &format!(
+            r#"[limits]
 auth_failures_per_minute = {auth_failures}
-
-[[upstreams]]
-name = "up"
-targets = ["{up}"]
-connect_timeout_ms = 500
-response_timeout_ms = 5000
 
 [[routes]]
 name = "invoices-read"
@@ -76,8 +52,8 @@ methods = ["GET", "HEAD"]
 scopes = ["invoices:read"]
 upstream = "up"
 
-{tail}
-"#
+{tail}"#
+        ),
     )
 }
 
@@ -99,52 +75,14 @@ impl Env {
         Env { dir, config, up }
     }
 
+    /// A key scoped `invoices:read`, plus `extra` arguments.
     fn create(&self, extra: &[&str]) -> Key {
-        create_key(&self.config, extra)
+        create_key(&self.config, &[READ_SCOPE, extra].concat())
     }
 
     async fn serve(&self) -> Gateway {
-        let gw = Gateway::spawn(&self.config, &[(SECRET_VAR, SECRET)]).await;
-        wait_ready(&gw).await;
-        gw
+        spawn_ready(&self.config, &[], POLL).await
     }
-}
-
-fn cli_ok(config: &Path, args: &[&str]) -> String {
-    let out = cli(config, args, &[(SECRET_VAR, SECRET)]);
-    assert!(
-        out.status.success(),
-        "keygate {args:?} failed: {}",
-        stderr_str(&out)
-    );
-    stdout_str(&out)
-}
-
-fn create_key(config: &Path, extra: &[&str]) -> Key {
-    let mut args = vec![
-        "keys",
-        "create",
-        "--name",
-        "n",
-        "--owner",
-        "o",
-        "--scope",
-        "invoices:read",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let v = json(cli_ok(config, &args).trim().as_bytes());
-    Key {
-        key: v["key"].as_str().unwrap().to_owned(),
-        id: v["id"].as_str().unwrap().to_owned(),
-    }
-}
-
-async fn wait_ready(gw: &Gateway) {
-    eventually_named("readyz 200", POLL, || async {
-        (get(gw.admin, "/readyz", &[]).await.0 == 200).then_some(())
-    })
-    .await;
 }
 
 async fn metrics_text(gw: &Gateway) -> String {
@@ -1013,8 +951,7 @@ async fn d6_ip_allowlist_uses_the_peer_unless_the_proxy_is_trusted() {
         ),
     );
     let gw_default = env.serve().await;
-    let gw_trusting = Gateway::spawn(&trusting, &[(SECRET_VAR, SECRET)]).await;
-    wait_ready(&gw_trusting).await;
+    let gw_trusting = spawn_ready(&trusting, &[], POLL).await;
     let auth = bearer(&k.key);
 
     // (gateway, source, X-Forwarded-For, expected, client IP the upstream must see)
@@ -1548,7 +1485,7 @@ async fn e7_fd_exhaustion_backs_off_without_spinning_and_recovers() {
     let mut gw = Gateway::spawn_command(cmd, &env.dir.path().join("gateway.stderr.log"))
         .await
         .expect("gateway under ulimit -n 64 starts");
-    wait_ready(&gw).await;
+    wait_ready(&gw, POLL).await;
     let pid = gw.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     assert!(
@@ -1627,12 +1564,11 @@ async fn i12_g3_100_reloads_under_load_never_5xx_or_mix_tables() {
         )
     };
     let config = write_file(dir.path(), "keygate.toml", &variant(0));
-    let good = create_key(&config, &[]);
-    let revoked = create_key(&config, &[]);
-    let tight = create_key(&config, &["--plan", "tight"]);
+    let good = create_key(&config, READ_SCOPE);
+    let revoked = create_key(&config, READ_SCOPE);
+    let tight = create_key(&config, &[READ_SCOPE, &["--plan", "tight"]].concat());
     cli_ok(&config, &["keys", "revoke", &revoked.id]);
-    let gw = Gateway::spawn(&config, &[(SECRET_VAR, SECRET)]).await;
-    wait_ready(&gw).await;
+    let gw = spawn_ready(&config, &[], POLL).await;
     // G3: the tight key spends its burst before the reloads.
     let tight_auth = bearer(&tight.key);
     let tight_h = [("host", HOST), ("authorization", tight_auth.as_str())];

@@ -12,7 +12,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SECRET: &str = "observability-test-secret-0123456789abcdefghij";
+/// How long a started gateway may take to report ready.
+const READY: Duration = Duration::from_secs(20);
 
 fn config(dir: &Path, upstream: &str, extra: &str) -> PathBuf {
     let text = format!(
@@ -71,37 +72,6 @@ upstream = "dead"
     write_file(dir, "keygate.toml", &text)
 }
 
-/// Create a key with the CLI; returns (id, key).
-fn create(config: &Path, args: &[&str]) -> (String, String) {
-    let mut all = vec!["keys", "create", "--name", "t", "--owner", "team", "--json"];
-    all.extend_from_slice(args);
-    let out = cli(config, &all, &[("API_KEY_HASH_SECRET", SECRET)]);
-    assert!(out.status.success(), "create failed: {}", stderr_str(&out));
-    let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
-    (
-        v["id"].as_str().unwrap().to_owned(),
-        v["key"].as_str().unwrap().to_owned(),
-    )
-}
-
-fn run_cli(config: &Path, args: &[&str]) -> String {
-    let out = cli(config, args, &[("API_KEY_HASH_SECRET", SECRET)]);
-    assert!(out.status.success(), "{args:?}: {}", stderr_str(&out));
-    stdout_str(&out)
-}
-
-async fn start(config: &Path, envs: &[(&str, &str)]) -> Gateway {
-    let mut all = vec![("API_KEY_HASH_SECRET", SECRET)];
-    all.extend_from_slice(envs);
-    let gw = Gateway::spawn(config, &all).await;
-    let admin = gw.admin;
-    eventually_named("readyz", Duration::from_secs(20), || async move {
-        (get(admin, "/readyz", &[]).await.0 == 200).then_some(())
-    })
-    .await;
-    gw
-}
-
 async fn scrape(gw: &Gateway) -> String {
     let (status, _, body) = get(gw.admin, "/metrics", &[]).await;
     assert_eq!(status, 200);
@@ -137,16 +107,19 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let cfg = config(dir.path(), &up.addr().to_string(), "");
-    let (_, ok_key) = create(&cfg, &["--scope", "invoices:read", "--expires-in", "3d"]);
-    let (revoked_id, revoked_key) = create(&cfg, &["--scope", "invoices:read"]);
-    let (_, canary_key) = create(&cfg, &["--canary"]);
-    let (_, noscope_key) = create(&cfg, &[]);
-    let (_, tiny_key) = create(&cfg, &["--scope", "invoices:read", "--plan", "tiny"]);
-    let gw = start(&cfg, &[]).await;
-    run_cli(&cfg, &["keys", "revoke", &revoked_id]);
+    let ok_key = create_key(&cfg, &["--scope", "invoices:read", "--expires-in", "3d"]).key;
+    let Key {
+        id: revoked_id,
+        key: revoked_key,
+    } = create_key(&cfg, &["--scope", "invoices:read"]);
+    let canary_key = create_key(&cfg, &["--canary"]).key;
+    let noscope_key = create_key(&cfg, &[]).key;
+    let tiny_key = create_key(&cfg, &["--scope", "invoices:read", "--plan", "tiny"]).key;
+    let gw = spawn_ready(&cfg, &[], READY).await;
+    cli_ok(&cfg, &["keys", "revoke", &revoked_id]);
     let addr = gw.http;
     // Created after start: exercises the propagation histogram.
-    let (_, late_key) = create(&cfg, &["--scope", "invoices:read"]);
+    let late_key = create_key(&cfg, &["--scope", "invoices:read"]).key;
     eventually(Duration::from_secs(10), || {
         let h = bearer(&late_key);
         async move { (get(addr, "/invoices/1", &[("authorization", &h)]).await.0 == 200).then_some(()) }
@@ -307,8 +280,8 @@ async fn random_keys_paths_and_hosts_do_not_grow_the_series_count() {
         &up.addr().to_string(),
         "[limits]\nauth_failures_per_minute = 1000000\n",
     );
-    let (_, key) = create(&cfg, &["--scope", "invoices:read"]);
-    let gw = start(&cfg, &[]).await;
+    let key = create_key(&cfg, &["--scope", "invoices:read"]).key;
+    let gw = spawn_ready(&cfg, &[], READY).await;
     let addr = gw.http;
     // Deterministic pseudo-random junk; a mix of well-formed-looking and garbage keys.
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -388,8 +361,11 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let cfg = config(dir.path(), &up.addr().to_string(), "");
-    let (used_id, used_key) = create(&cfg, &["--scope", "invoices:read"]);
-    let (idle_id, _) = create(&cfg, &["--scope", "invoices:read"]);
+    let Key {
+        id: used_id,
+        key: used_key,
+    } = create_key(&cfg, &["--scope", "invoices:read"]);
+    let idle_id = create_key(&cfg, &["--scope", "invoices:read"]).id;
     let usage_file = dir.path().join("usage.json");
     let requests_in_file = |path: PathBuf, id: String| {
         move || {
@@ -403,7 +379,7 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     };
     let first_total;
     {
-        let gw = start(&cfg, &[]).await;
+        let gw = spawn_ready(&cfg, &[], READY).await;
         for _ in 0..5 {
             assert_eq!(
                 get(gw.http, "/invoices/1", &[("x-api-key", &used_key)])
@@ -423,7 +399,7 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
         gw.sigterm();
     }
     // Restart: counts continue from the file.
-    let gw = start(&cfg, &[]).await;
+    let gw = spawn_ready(&cfg, &[], READY).await;
     assert_eq!(
         get(gw.http, "/invoices/1", &[("x-api-key", &used_key)])
             .await
@@ -439,7 +415,7 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
     })
     .await;
     let listed: serde_json::Value =
-        serde_json::from_str(&run_cli(&cfg, &["keys", "list", "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(&cfg, &["keys", "list", "--json"])).unwrap();
     let used = listed
         .as_array()
         .unwrap()
@@ -459,7 +435,7 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
                     .0,
                 200
             );
-            let out: serde_json::Value = serde_json::from_str(&run_cli(
+            let out: serde_json::Value = serde_json::from_str(&cli_ok(
                 &cfg,
                 &["keys", "stale", "--unused", "2s", "--json"],
             ))
@@ -478,7 +454,7 @@ async fn usage_is_flushed_survives_restart_and_feeds_keys_stale() {
         !stale.contains(&used_id),
         "a key in use is not stale: {stale:?}"
     );
-    let human = run_cli(&cfg, &["keys", "stale", "--unused", "2s"]);
+    let human = cli_ok(&cfg, &["keys", "stale", "--unused", "2s"]);
     assert!(human.contains(&idle_id) && human.contains("LAST USED"));
 }
 
@@ -487,16 +463,27 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let cfg = config(dir.path(), &up.addr().to_string(), "");
-    let (_, ok_key) = create(&cfg, &["--scope", "invoices:read"]);
-    let (revoked_id, revoked_key) = create(&cfg, &["--scope", "invoices:read"]);
-    let (_, canary_key) = create(&cfg, &["--canary"]);
-    let (_, expired_key) = create(&cfg, &["--scope", "invoices:read", "--expires-in", "1s"]);
-    let (_, noscope_key) = create(&cfg, &[]);
-    let (rotated_id, rotated_old) = create(&cfg, &["--scope", "invoices:read"]);
-    let gw = start(&cfg, &[("KEYGATE_LOG", "trace"), ("RUST_BACKTRACE", "1")]).await;
-    run_cli(&cfg, &["keys", "revoke", &revoked_id, "--reason", "test"]);
+    let ok_key = create_key(&cfg, &["--scope", "invoices:read"]).key;
+    let Key {
+        id: revoked_id,
+        key: revoked_key,
+    } = create_key(&cfg, &["--scope", "invoices:read"]);
+    let canary_key = create_key(&cfg, &["--canary"]).key;
+    let expired_key = create_key(&cfg, &["--scope", "invoices:read", "--expires-in", "1s"]).key;
+    let noscope_key = create_key(&cfg, &[]).key;
+    let Key {
+        id: rotated_id,
+        key: rotated_old,
+    } = create_key(&cfg, &["--scope", "invoices:read"]);
+    let gw = spawn_ready(
+        &cfg,
+        &[("KEYGATE_LOG", "trace"), ("RUST_BACKTRACE", "1")],
+        READY,
+    )
+    .await;
+    cli_ok(&cfg, &["keys", "revoke", &revoked_id, "--reason", "test"]);
     let rotated: serde_json::Value =
-        serde_json::from_str(&run_cli(&cfg, &["keys", "rotate", &rotated_id, "--json"])).unwrap();
+        serde_json::from_str(&cli_ok(&cfg, &["keys", "rotate", &rotated_id, "--json"])).unwrap();
     let rotated_new = rotated["key"].as_str().unwrap().to_owned();
     let addr = gw.http;
     eventually(Duration::from_secs(10), || {

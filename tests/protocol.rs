@@ -36,9 +36,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// 48 characters: well above the 32-byte minimum.
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
 /// A key-shaped value that is not a valid key.
 const INVALID_KEY: &str = "kg_live_notavalidkey0000000000000000000000000";
 /// Bound for one raw exchange where the gateway is expected to close or answer.
@@ -74,36 +71,17 @@ fn config_text(up: SocketAddr, server: &str, routes: &str) -> String {
     } else {
         "header_read_timeout_ms = 500"
     };
-    format!(
-        r#"[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-poll_interval_ms = 50
-
-[plans.default]
-rate = "1000/s"
-burst = 1000
-
-[server]
-listen = "127.0.0.1:0"
-drain_timeout_ms = 2000
-{header_timeout}
-{server}
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
+    gateway_config(
+        up,
+        1000,
+        &format!("drain_timeout_ms = 2000\n{header_timeout}\n{server}"),
+        "connect_timeout_ms = 1000\nresponse_timeout_ms = 5000",
+        &format!(
+            r#"[limits]
 # Many tests present invalid keys on purpose; keep the failed-auth limiter out of the way.
 auth_failures_per_minute = 100000
-
-[[upstreams]]
-name = "up"
-targets = ["{up}"]
-connect_timeout_ms = 1000
-response_timeout_ms = 5000
-{routes}
-"#
+{routes}"#
+        ),
     )
 }
 
@@ -116,27 +94,8 @@ async fn start_with(server: &str, routes: &str) -> Env {
         "keygate.toml",
         &config_text(up.addr(), server, routes),
     );
-    let out = cli(
-        &config,
-        &[
-            "keys", "create", "--name", "n", "--owner", "o", "--scope", "public", "--json",
-        ],
-        &[(SECRET_VAR, SECRET)],
-    );
-    assert!(
-        out.status.success(),
-        "keys create failed: {}",
-        stderr_str(&out)
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).expect("json");
-    let key = v["key"].as_str().expect("key in json").to_owned();
-    let gw = Gateway::spawn(&config, &[(SECRET_VAR, SECRET)]).await;
-    let admin = gw.admin;
-    eventually_named("gateway ready", Duration::from_secs(15), || async move {
-        let (status, _, _) = get(admin, "/readyz", &[]).await;
-        (status == 200).then_some(())
-    })
-    .await;
+    let key = create_key(&config, &["--scope", "public"]).key;
+    let gw = spawn_ready(&config, &[], Duration::from_secs(15)).await;
     Env {
         _dir: dir,
         gw,

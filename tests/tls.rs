@@ -21,9 +21,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
-const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
-
 struct Env {
     dir: tempfile::TempDir,
     gw: Gateway,
@@ -59,32 +56,16 @@ async fn start() -> Env {
     let config: PathBuf = write_file(
         dir.path(),
         "keygate.toml",
-        &format!(
-            r#"[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-poll_interval_ms = 50
-
-[plans.default]
-rate = "1000/s"
-burst = 1000
-
-[server]
-listen = "127.0.0.1:0"
-tls = {{ cert = "cert.pem", key = "key.pem" }}
+        &gateway_config(
+            up.addr(),
+            1000,
+            r#"tls = { cert = "cert.pem", key = "key.pem" }
 tls_handshake_timeout_ms = 500
 header_read_timeout_ms = 500
-drain_timeout_ms = 2000
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
+drain_timeout_ms = 2000"#,
+            "",
+            r#"[limits]
 auth_failures_per_minute = 100000
-
-[[upstreams]]
-name = "up"
-targets = ["{}"]
 
 [[routes]]
 name = "public"
@@ -92,30 +73,16 @@ path_prefix = "/v1/public"
 scopes = ["public"]
 upstream = "up"
 "#,
-            up.addr()
         ),
     );
-    let out = cli(
-        &config,
-        &[
-            "keys", "create", "--name", "n", "--owner", "o", "--scope", "public", "--json",
-        ],
-        &[(SECRET_VAR, SECRET)],
-    );
-    assert!(out.status.success(), "{}", stderr_str(&out));
-    let v: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).expect("json");
-    let key = v["key"].as_str().expect("key").to_owned();
-    let gw = Gateway::spawn(&config, &[(SECRET_VAR, SECRET)]).await;
+    let key = create_key(&config, &["--scope", "public"]).key;
+    let gw = Gateway::spawn(&config, SECRET_ENV).await;
     assert_eq!(
         gw.https,
         Some(gw.http),
         "tls without its own listen makes the main listener HTTPS"
     );
-    let admin = gw.admin;
-    eventually_named("gateway ready", Duration::from_secs(15), || async move {
-        (get(admin, "/readyz", &[]).await.0 == 200).then_some(())
-    })
-    .await;
+    wait_ready(&gw, Duration::from_secs(15)).await;
     Env {
         dir,
         gw,

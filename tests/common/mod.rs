@@ -10,16 +10,19 @@
 //! - no sleeps for synchronisation: use [`eventually`] to poll with a deadline;
 //! - every network operation and every child-process wait has a timeout.
 //!
-//! Sub-modules: [`upstream`] (recording upstream with fault modes) and
-//! [`raw`] (byte-exact HTTP/1 client, keep-alive and h2 clients).
+//! Sub-modules: [`upstream`] (recording upstream with fault modes),
+//! [`raw`] (byte-exact HTTP/1 client, keep-alive and h2 clients) and [`keys`]
+//! (the shared secret, key minting, gateway config, gateway and control-plane start-up).
 
 // Each test file compiles its own copy of this module and uses only a subset
 // of it; without this every unused helper would warn (and fail clippy -D).
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod keys;
 pub mod raw;
 pub mod upstream;
 
+pub use keys::*;
 pub use raw::*;
 pub use upstream::*;
 
