@@ -83,8 +83,8 @@ impl KeyFormat {
         key.push_str(env);
         key.push('_');
         key.push_str(&base62_fixed(&bytes, SECRET_LEN));
-        let check = crc32fast::hash(key.as_bytes());
-        key.push_str(&base62_fixed(&check.to_be_bytes(), CHECK_LEN));
+        let check = check_chars(crc32fast::hash(key.as_bytes()));
+        key.extend(check.iter().map(|&c| char::from(c)));
         Ok(key)
     }
 
@@ -108,11 +108,7 @@ impl KeyFormat {
             return Err(FormatError::BadCharacter);
         }
         let split = key.len() - CHECK_LEN;
-        let expected = base62_fixed(
-            &crc32fast::hash(&key.as_bytes()[..split]).to_be_bytes(),
-            CHECK_LEN,
-        );
-        if expected.as_bytes() != &key.as_bytes()[split..] {
+        if check_chars(crc32fast::hash(&key.as_bytes()[..split])) != key.as_bytes()[split..] {
             return Err(FormatError::BadChecksum);
         }
         Ok(Parsed { env })
@@ -130,6 +126,17 @@ pub fn hint(key: &str) -> String {
         _ => "",
     };
     format!("{head}…{tail}")
+}
+
+/// The checksum as 6 base62 digits, on the stack: this runs for every presented key.
+fn check_chars(crc: u32) -> [u8; CHECK_LEN] {
+    let mut out = [b'0'; CHECK_LEN];
+    let mut n = crc;
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    out
 }
 
 /// Big-endian bytes as exactly `width` base62 digits (left-padded with '0').
@@ -210,6 +217,16 @@ mod tests {
         assert_eq!(hint("kg_live_abcdefghijklmnopXYZ1"), "kg_live_…XYZ1");
         assert_eq!(hint("legacy-key-1234567890"), "…7890");
         assert_eq!(hint("ab"), "…ab");
+    }
+
+    #[test]
+    fn checksum_digits_match_the_big_number_encoding() {
+        for crc in [0u32, 1, 61, 62, 3843, 0xdead_beef, u32::MAX] {
+            assert_eq!(
+                check_chars(crc).to_vec(),
+                base62_fixed(&crc.to_be_bytes(), CHECK_LEN).into_bytes()
+            );
+        }
     }
 
     #[test]
