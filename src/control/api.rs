@@ -745,38 +745,31 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
                 )
             }
         };
-        let sent_all = match catchup {
-            Catchup::Snapshot { rev, records } => {
-                let mut ok = send(FeedLine::SnapshotBegin {
+        // Catch-up: a snapshot framed by begin/end, or just the records since `after`.
+        let (head, records, tail) = match catchup {
+            Catchup::Snapshot { rev, records } => (
+                Some(FeedLine::SnapshotBegin {
                     rev,
                     count: records.len(),
-                })
-                .await;
-                for r in records {
-                    if !ok {
-                        break;
-                    }
-                    ok = send(FeedLine::Record {
-                        record: Box::new((*r).clone()),
-                    })
-                    .await;
-                }
-                ok && send(FeedLine::SnapshotEnd { rev }).await
-            }
-            Catchup::Since(records) => {
-                let mut ok = true;
-                for r in records {
-                    if !ok {
-                        break;
-                    }
-                    ok = send(FeedLine::Record {
-                        record: Box::new((*r).clone()),
-                    })
-                    .await;
-                }
-                ok
-            }
+                }),
+                records,
+                Some(FeedLine::SnapshotEnd { rev }),
+            ),
+            Catchup::Since(records) => (None, records, None),
         };
+        let lines = head
+            .into_iter()
+            .chain(records.into_iter().map(|r| FeedLine::Record {
+                record: Box::new((*r).clone()),
+            }))
+            .chain(tail);
+        let mut sent_all = true;
+        for line in lines {
+            if !send(line).await {
+                sent_all = false;
+                break;
+            }
+        }
         if !sent_all {
             return;
         }
