@@ -87,7 +87,7 @@ pub fn refresh_gauges(gw: &Gateway) {
     let m = &gw.metrics;
     let snap = gw.snapshot();
     let table = gw.table();
-    let now = crate::cli::now();
+    let now = crate::clock::unix_secs();
     m.table_revision.set(table.revision() as i64);
     m.table_sync_age
         .set(gw.sync_age().map_or(-1.0, |a| a.as_secs_f64()));

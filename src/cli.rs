@@ -90,13 +90,19 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
     match cmd {
         AdminTokenCommand::Create { role, name, json } => {
             let path = config.resolve(&config.control.tokens);
-            let minted = crate::control::tokens::create(&path, &settings.hasher, role, name, now())
-                .map_err(|e| {
-                    Failure(format!(
-                        "cannot write admin tokens to {}: {e}",
-                        path.display()
-                    ))
-                })?;
+            let minted = crate::control::tokens::create(
+                &path,
+                &settings.hasher,
+                role,
+                name,
+                crate::clock::unix_secs(),
+            )
+            .map_err(|e| {
+                Failure(format!(
+                    "cannot write admin tokens to {}: {e}",
+                    path.display()
+                ))
+            })?;
             let audit = crate::audit::AuditLog::new(&settings.audit_log);
             audit
                 .append(&[crate::audit::Event::new(
@@ -266,13 +272,6 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn secs(s: &str) -> Result<i64, Failure> {
     parse_duration(s)
         .map(|d| d.as_secs() as i64)
@@ -427,7 +426,7 @@ fn print_minted(
 pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
     let settings = KeySettings::from_config(config)?;
     let keys = Keys::new(&settings, crate::audit::os_user());
-    let now = now();
+    let now = crate::clock::unix_secs();
     match cmd {
         KeysCommand::Create {
             name,

@@ -128,7 +128,7 @@ pub async fn run(dir: &Path, listen: &str, admin: &str) -> Result<(), Box<dyn st
         expires_in_secs: Some(30 * 86_400),
         ..Grants::default()
     };
-    let minted = Keys::new(&settings, "demo").create(&grants, crate::cli::now())?;
+    let minted = Keys::new(&settings, "demo").create(&grants, crate::clock::unix_secs())?;
 
     let (gw, bound, shutdown) = crate::server::start(&config_path).await?;
     // Wait (bounded) for the store follower's first load so the printed curl works at once.

@@ -3,6 +3,7 @@
 //! (kept across reloads), metrics, the audit sink, and the sync status behind `/readyz`.
 
 use crate::audit::{AuditLog, Event};
+use crate::clock::unix_ms;
 use crate::keys::table::KeyTable;
 use crate::limit::{AuthFailures, Buckets};
 use crate::metrics::Metrics;
@@ -13,13 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
-
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,

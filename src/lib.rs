@@ -17,6 +17,7 @@ pub mod audit;
 pub mod authz;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -185,7 +185,7 @@ async fn pipeline(
             retry_after_secs: wait.as_secs().max(1),
         });
     }
-    let now = crate::cli::now();
+    let now = crate::clock::unix_secs();
     let key = gw
         .table()
         .authenticate(
@@ -474,7 +474,7 @@ fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: I
     match outcome {
         Outcome::Ok => {
             if let Some(k) = &ctx.key {
-                gw.usage.touch(&k.id, crate::cli::now());
+                gw.usage.touch(&k.id, crate::clock::unix_secs());
                 gw.metrics.count_key(&k.id);
             }
         }

@@ -233,7 +233,11 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let reason = optional_string(&body, "reason")?;
             let c2 = c.clone();
             let record = blocking(move || {
-                Keys::new(&c2.settings, actor).revoke(&id, reason.as_deref(), crate::cli::now())
+                Keys::new(&c2.settings, actor).revoke(
+                    &id,
+                    reason.as_deref(),
+                    crate::clock::unix_secs(),
+                )
             })
             .await?;
             Ok(json_response(StatusCode::OK, &public(c, &record)))
@@ -249,7 +253,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             };
             let c2 = c.clone();
             let minted = blocking(move || {
-                Keys::new(&c2.settings, actor).rotate(&id, grace, crate::cli::now())
+                Keys::new(&c2.settings, actor).rotate(&id, grace, crate::clock::unix_secs())
             })
             .await?;
             let mut v = public(c, &minted.record);
@@ -283,7 +287,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn public(c: &Control, r: &KeyRecord) -> Value {
-    let mut v = r.public_json(crate::cli::now());
+    let mut v = r.public_json(crate::clock::unix_secs());
     if let Some(u) = c.merged_usage().get(&r.id) {
         v["last_used"] = u.last_used.into();
         v["requests"] = u.requests.into();
@@ -478,7 +482,8 @@ async fn create(
     };
     let c2 = c.clone();
     let minted =
-        blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::cli::now())).await?;
+        blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::clock::unix_secs()))
+            .await?;
     let mut v = public(c, &minted.record);
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))
@@ -560,9 +565,10 @@ async fn update(
         labels: labels(&body)?.unwrap_or_default(),
     };
     let c2 = c.clone();
-    let record =
-        blocking(move || Keys::new(&c2.settings, actor).update(&id, &changes, crate::cli::now()))
-            .await?;
+    let record = blocking(move || {
+        Keys::new(&c2.settings, actor).update(&id, &changes, crate::clock::unix_secs())
+    })
+    .await?;
     Ok(json_response(StatusCode::OK, &public(c, &record)))
 }
 
@@ -603,7 +609,7 @@ async fn mass_revoke(
         Keys::new(&c2.settings, actor).revoke_matching(
             &selector,
             reason.as_deref(),
-            crate::cli::now(),
+            crate::clock::unix_secs(),
         )
     })
     .await?;
@@ -683,7 +689,7 @@ async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, A
     let cursor = q.get("cursor").cloned();
     let c2 = c.clone();
     let parsed = blocking(move || Keys::new(&c2.settings, "").state()).await?;
-    let now = crate::cli::now();
+    let now = crate::clock::unix_secs();
     let mut rows: Vec<KeyRecord> = crate::store::file::latest(parsed.records)
         .into_values()
         .filter(|r| selector.matches(r) && state.is_none_or(|s| r.state(now) == s))
@@ -785,7 +791,7 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
                     // Compaction, or this reader fell behind: end the stream; it resumes.
                     Ok(Event::Reset) | Err(_) => false,
                 },
-                _ = tick.tick() => send(FeedLine::Heartbeat { rev: state.revision().max(last), time_ms: crate::gateway::unix_ms() }).await,
+                _ = tick.tick() => send(FeedLine::Heartbeat { rev: state.revision().max(last), time_ms: crate::clock::unix_ms() }).await,
             };
             if !ok {
                 return;

@@ -133,13 +133,6 @@ pub struct Keys<'a> {
     actor: String,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl<'a> Keys<'a> {
     pub fn new(settings: &'a KeySettings, actor: impl Into<String>) -> Keys<'a> {
         Keys {
@@ -239,7 +232,7 @@ impl<'a> Keys<'a> {
             labels: g.labels.clone(),
             hint: hint(&key),
             created_at: now,
-            written_at_ms: now_ms(),
+            written_at_ms: crate::clock::unix_ms(),
             not_before: None,
             expires_at: g.expires_in_secs.map(|s| now + s),
             revoked_at: None,
@@ -357,7 +350,7 @@ impl<'a> Keys<'a> {
                     r.labels.insert(k.clone(), v.clone());
                 }
             }
-            r.written_at_ms = now_ms();
+            r.written_at_ms = crate::clock::unix_ms();
             self.validate(&r, now)?;
             Ok(Some(vec![r]))
         })
@@ -445,7 +438,7 @@ impl<'a> Keys<'a> {
             let grace_end = now + grace_secs.max(0);
             old.expires_at = Some(old.expires_at.map_or(grace_end, |e| e.min(grace_end)));
             old.rotated_to = Some(m.record.id.clone());
-            old.written_at_ms = now_ms();
+            old.written_at_ms = crate::clock::unix_ms();
             let new = m.record.clone();
             minted = Some(m.key);
             // Successor first: a writer killed between the two lines leaves an orphan key
@@ -539,7 +532,7 @@ impl<'a> Keys<'a> {
                 },
                 hint: hint(&parsed.key),
                 created_at: now,
-                written_at_ms: now_ms(),
+                written_at_ms: crate::clock::unix_ms(),
                 not_before: None,
                 expires_at: parsed
                     .expires_at
@@ -594,6 +587,6 @@ fn revoked(cur: &KeyRecord, reason: Option<&str>, now: i64) -> KeyRecord {
     let mut r = cur.clone();
     r.revoked_at = Some(now);
     r.revoked_reason = reason.map(str::to_owned);
-    r.written_at_ms = now_ms();
+    r.written_at_ms = crate::clock::unix_ms();
     r
 }

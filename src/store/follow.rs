@@ -7,7 +7,8 @@
 //! whole. Errors never touch the table (fail static): they are counted, logged and audited.
 
 use crate::audit::Event;
-use crate::gateway::{unix_ms, Gateway};
+use crate::clock::unix_ms;
+use crate::gateway::Gateway;
 use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
