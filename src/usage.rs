@@ -99,16 +99,8 @@ impl Usage {
             return Ok(false);
         }
         let bytes = serde_json::to_vec(&self.snapshot())?;
-        let tmp = self.path.with_extension("json.tmp");
-        let result = (|| {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
+        let result = crate::store::file::write_atomic(&self.path, &bytes);
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
             // Keep the entries dirty so the next flush retries.
             for e in self.entries.iter() {
                 e.dirty.store(true, Ordering::Relaxed);

@@ -61,11 +61,11 @@ impl Control {
         self.usage_reports.insert(node, report);
         let merged = self.merged_usage();
         let _guard = self.usage_write.lock();
-        let path = &self.settings.usage_file;
-        let tmp = path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
-            std::fs::write(&tmp, serde_json::to_vec(&merged)?)?;
-            std::fs::rename(&tmp, path)
+            crate::store::file::write_atomic(
+                &self.settings.usage_file,
+                &serde_json::to_vec(&merged)?,
+            )
         };
         if let Err(e) = write() {
             tracing::warn!(error = %e, "cannot write the usage file");

@@ -7,12 +7,13 @@
 //! recovering control plane.
 
 use crate::audit::Event;
-use crate::gateway::{unix_ms, Gateway};
+use crate::clock::unix_ms;
+use crate::gateway::Gateway;
 use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::snapshot::FeedSource;
 use crate::store::feed::FeedLine;
-use crate::store::file::LogFile;
+use crate::store::file::{encode, write_atomic, LogFile};
 use bytes::BytesMut;
 use http::{Request, Uri};
 use http_body_util::BodyExt;
@@ -102,29 +103,15 @@ async fn load_cache(gw: &Arc<Gateway>, cache: &Path) -> u64 {
 }
 
 fn append_cache(cache: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    for r in records {
-        serde_json::to_writer(&mut buf, r)?;
-        buf.push(b'\n');
-    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(cache)?
-        .write_all(&buf)
+        .write_all(&encode(records)?)
 }
 
 fn write_cache(cache: &Path, records: &[KeyRecord]) -> std::io::Result<()> {
-    let tmp = cache.with_extension("tmp");
-    let mut buf = Vec::new();
-    for r in records {
-        serde_json::to_writer(&mut buf, r)?;
-        buf.push(b'\n');
-    }
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, cache)
+    write_atomic(cache, &encode(records)?)
 }
 
 /// Connect with a bearer token and return the response (used for the feed and usage reports).

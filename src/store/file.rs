@@ -310,11 +310,7 @@ impl LogFile {
             .collect();
         keep.sort_by_key(|r| r.rev);
         // The meta line goes last: appenders learn the next revision from the tail alone.
-        let mut out = Vec::with_capacity(keep.len() * 400 + 64);
-        for r in &keep {
-            serde_json::to_writer(&mut out, r).map_err(|e| self.io(e.into()))?;
-            out.push(b'\n');
-        }
+        let mut out = encode(&keep).map_err(|e| self.io(e))?;
         let meta = Meta {
             meta: "compacted".into(),
             rev: parsed.rev,
@@ -322,27 +318,45 @@ impl LogFile {
         };
         serde_json::to_writer(&mut out, &meta).map_err(|e| self.io(e.into()))?;
         out.push(b'\n');
-        let tmp = self
-            .path
-            .with_extension(format!("compact.{}.tmp", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut t = File::create(&tmp)?;
-            t.write_all(&out)?;
-            t.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(self.io(e));
-        }
+        write_atomic(&self.path, &out).map_err(|e| self.io(e))?;
         // The old inode's lock is released on drop; waiting writers see the new inode and retry.
         drop(file);
         Ok((keep.len(), total - keep.len()))
     }
+}
+
+/// Records as JSON lines, in the order given (revisions as they are).
+pub fn encode(records: &[KeyRecord]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(records.len() * 400);
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Replace `path` with `bytes` atomically: a temp file in the same directory, fsync, rename,
+/// fsync the directory. A crash leaves the old file or the new one, never a mix; the temp file
+/// is removed on failure. Used for every file keygate rewrites whole.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp_name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let write = || -> io::Result<()> {
+        let mut t = File::create(&tmp)?;
+        t.write_all(bytes)?;
+        t.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The prefix of `buf` that ends with a newline (complete lines only).
