@@ -605,10 +605,13 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             Ok(())
         }
         KeysCommand::Compact => {
-            let (kept, dropped) = keys.compact(now)?;
+            let c = keys.compact(now)?;
             eprintln!(
-                "compacted {}: kept {kept} records, dropped {dropped}",
-                settings.store.display()
+                "compacted {}: kept {} keys ({} revoked past the retention kept as tombstones), dropped {} superseded versions",
+                settings.store.display(),
+                c.kept,
+                c.tombstoned,
+                c.dropped
             );
             Ok(())
         }

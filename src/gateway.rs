@@ -103,7 +103,12 @@ impl Gateway {
     }
 
     pub fn mark_synced(&self) {
-        self.last_sync_ms.store(unix_ms(), Ordering::Relaxed);
+        self.mark_synced_at(unix_ms());
+    }
+
+    /// A table from a local copy was last synced at `ms` (its age counts from then).
+    pub fn mark_synced_at(&self, ms: i64) {
+        self.last_sync_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn sync_age(&self) -> Option<Duration> {

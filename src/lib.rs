@@ -35,5 +35,6 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod usage;

@@ -174,10 +174,15 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let feed = snapshot.feed.clone();
     let gw = Gateway::new(snapshot, metrics.clone());
     match feed {
-        None => crate::store::follow::spawn(gw.clone(), store, poll)?,
+        None => crate::sync::file::spawn(
+            gw.clone(),
+            store,
+            crate::store::seal::Signer::new(&gw.snapshot().keys.hasher),
+            poll,
+        )?,
         Some(f) => {
-            crate::store::feed_client::spawn(gw.clone(), f.clone());
-            crate::store::feed_client::spawn_usage_reports(gw.clone(), f);
+            crate::sync::feed::spawn(gw.clone(), f.clone());
+            crate::sync::feed::spawn_usage_reports(gw.clone(), f);
         }
     }
 

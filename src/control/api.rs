@@ -728,6 +728,16 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
         })?),
         None => None,
     };
+    let log = match q.get("log") {
+        Some(l) => Some(l.parse::<crate::store::seal::LogId>().map_err(|_| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "log must be a log id (16 hex digits)",
+            )
+        })?),
+        None => None,
+    };
     if !c.feed.loaded() {
         return Err(err(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -741,7 +751,7 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
     tokio::spawn(async move {
         // Subscribe before reading the catch-up so nothing written in between is missed.
         let mut live = state.subscribe();
-        let (mut last, catchup) = state.catchup(after);
+        let (mut last, catchup) = state.catchup(log, after);
         let send = |line: FeedLine| {
             let tx = tx.clone();
             async move {
@@ -753,15 +763,20 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
         };
         // Catch-up: a snapshot framed by begin/end, or just the records since `after`.
         let (head, records, tail) = match catchup {
-            Catchup::Snapshot { rev, records } => (
+            Catchup::Snapshot { log, rev, records } => (
                 Some(FeedLine::SnapshotBegin {
+                    log,
                     rev,
                     count: records.len(),
                 }),
                 records,
                 Some(FeedLine::SnapshotEnd { rev }),
             ),
-            Catchup::Since(records) => (None, records, None),
+            Catchup::Since { log, records } => (
+                Some(FeedLine::Resume { log, rev: last }),
+                records,
+                None,
+            ),
         };
         let lines = head
             .into_iter()

@@ -8,9 +8,13 @@
 pub mod api;
 pub mod tokens;
 
+use crate::audit::{AuditLog, Event};
 use crate::config::Config;
+use crate::keys::record::KeyRecord;
 use crate::keys::KeySettings;
 use crate::store::feed::FeedState;
+use crate::store::file::LogFile;
+use crate::store::seal::Signer;
 use crate::usage::Used;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -129,10 +133,17 @@ pub async fn start(
         .create(true)
         .append(true)
         .open(&settings.store)?;
+    // A legacy unsigned store is signed in place, an empty one gets its log id, and a store
+    // restored while the control plane was down continues as a new log (`store::file`).
+    let log = LogFile::new(&settings.store, Signer::new(&settings.hasher));
+    log.ensure_signed()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let feed = FeedState::new(config.control.feed_buffer);
+    let audit = AuditLog::new(&settings.audit_log);
     feed.follow(
-        settings.store.clone(),
+        log,
         Duration::from_millis(config.keys.poll_interval_ms.max(10)),
+        move |log, held| revoke_again(log, &audit, held),
     )?;
     let tokens_path = config.resolve(&config.control.tokens);
     let control = Arc::new(Control {
@@ -198,6 +209,40 @@ pub async fn start(
         }
     });
     Ok((addr, control, task))
+}
+
+/// Revocation is final: the store would un-revoke `held` (replaced or forged behind our back),
+/// so write their revocations again, audited, and the log agrees with what gateways enforce.
+fn revoke_again(log: &LogFile, audit: &AuditLog, held: Vec<KeyRecord>) {
+    let ids: Vec<String> = held.iter().map(|r| r.id.clone()).collect();
+    tracing::error!(keys = ?ids, "control plane: the store would un-revoke keys; writing their revocations again");
+    let written = log.transact(|state| {
+        let records: Vec<KeyRecord> = held
+            .iter()
+            .filter_map(|h| {
+                let mut r = state.keys.get(&h.id)?.clone();
+                r.revoked_at = h.revoked_at;
+                r.revoked_reason = h.revoked_reason.clone();
+                r.written_at_ms = crate::clock::unix_ms();
+                Some(r)
+            })
+            .collect();
+        let events: Vec<Event> = records
+            .iter()
+            .map(|r| {
+                Event::new("key.revoked", "control-plane")
+                    .key(r)
+                    .with("reason", "revocation is final: re-applied over a replaced store")
+            })
+            .collect();
+        audit.append(&events)?;
+        Ok::<_, std::io::Error>(records)
+    });
+    match written {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "control plane: audit failed; revocations not re-written"),
+        Err(e) => tracing::error!(error = %e, "control plane: could not re-write revocations"),
+    }
 }
 
 /// `keygate control`: serve until SIGTERM/SIGINT.

@@ -119,6 +119,22 @@ impl Hasher {
     }
 }
 
+impl Hasher {
+    /// Keys for other uses, one per secret version: `HMAC(secret_v, label)`. Keeps every use
+    /// of the secret under its own key (see `store::seal`).
+    pub fn derive(&self, label: &[u8]) -> Vec<(u32, Hmac<Sha256>)> {
+        self.versions
+            .iter()
+            .filter_map(|(v, mac)| {
+                let mut m = mac.clone();
+                m.update(label);
+                let key: [u8; 32] = m.finalize().into_bytes().into();
+                Hmac::<Sha256>::new_from_slice(&key).ok().map(|k| (*v, k))
+            })
+            .collect()
+    }
+}
+
 fn run(mac: &Hmac<Sha256>, key: &str) -> Digest {
     let mut mac = mac.clone();
     mac.update(key.as_bytes());

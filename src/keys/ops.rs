@@ -12,7 +12,8 @@ use crate::keys::policy::PolicyError;
 use crate::keys::record::{new_id, KeyRecord, KeyState};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
-use crate::store::file::{LogFile, State, StoreError};
+use crate::store::file::{Compacted, LogFile, State, StoreError};
+use crate::store::seal::Signer;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -137,7 +138,7 @@ impl<'a> Keys<'a> {
     pub fn new(settings: &'a KeySettings, actor: impl Into<String>) -> Keys<'a> {
         Keys {
             settings,
-            log: LogFile::new(&settings.store),
+            log: LogFile::new(&settings.store, Signer::new(&settings.hasher)),
             audit: AuditLog::new(&settings.audit_log),
             actor: actor.into(),
         }
@@ -241,6 +242,7 @@ impl<'a> Keys<'a> {
             imported: false,
             rotated_from: rotated_from.map(|r| r.id.clone()),
             rotated_to: None,
+            mac: None,
         };
         self.validate(&record, now)?;
         Ok(Minted { record, key })
@@ -543,6 +545,7 @@ impl<'a> Keys<'a> {
                 imported: true,
                 rotated_from: None,
                 rotated_to: None,
+                mac: None,
             };
             if let Err(e) = self.validate(&record, now) {
                 report.invalid.push((i + 1, e.to_string()));
@@ -576,7 +579,7 @@ impl<'a> Keys<'a> {
         Ok(report)
     }
 
-    pub fn compact(&self, now: i64) -> Result<(usize, usize), OpsError> {
+    pub fn compact(&self, now: i64) -> Result<Compacted, OpsError> {
         Ok(self
             .log
             .compact(now, now - self.settings.revoked_retention_secs)?)

@@ -96,6 +96,10 @@ pub struct KeyRecord {
     /// The id of the first key in this rotation chain: rate-limit buckets belong to it, so a
     /// rotation does not double a caller's budget during the grace window.
     pub lineage: String,
+    /// HMAC over this version, its revision and its log (`store::seal`). Absent only in a
+    /// legacy store written before records were signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<crate::store::seal::Tag>,
 }
 
 impl KeyRecord {
@@ -120,10 +124,19 @@ impl KeyRecord {
         let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
         if let Some(obj) = v.as_object_mut() {
             obj.remove("digest");
+            obj.remove("mac");
             obj.insert("state".into(), self.state(now).as_str().into());
         }
         v
     }
+}
+
+/// Revocation is final: `next` would be a version of a key whose version `held` is revoked,
+/// without the revocation. No operation un-revokes a key, so such a version comes from an old
+/// backup, an edited file or a confused source. Writers refuse to write it (`store::file`);
+/// every reader keeps the revocation instead (`sync::apply`). The one place this rule lives.
+pub fn unrevokes(held: Option<&KeyRecord>, next: &KeyRecord) -> bool {
+    next.revoked_at.is_none() && held.is_some_and(|h| h.revoked_at.is_some())
 }
 
 /// A fresh public id: `key_` + 26 chars of Crockford-free lowercase base32 (130 bits).
@@ -178,6 +191,7 @@ pub(crate) fn sample(id: &str, digest: Digest) -> KeyRecord {
         rotated_from: None,
         rotated_to: None,
         lineage: id.to_owned(),
+        mac: None,
     }
 }
 

@@ -9,6 +9,7 @@
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
 use crate::keys::record::{KeyRecord, KeyState};
+use crate::store::seal::LogId;
 use dashmap::DashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -97,6 +98,9 @@ impl BuildHasher for DigestHash {
 pub struct KeyTable {
     by_digest: DashMap<Digest, Arc<KeyRecord>, DigestHash>,
     by_id: DashMap<String, Digest>,
+    /// The log whose revisions `rev` counts; fixed for the table's life (a new log means a new
+    /// table, built aside by `sync::apply`).
+    log: LogId,
     rev: AtomicU64,
     /// Imported keys are not in our format; while there are none, a key that does not claim
     /// our prefix is rejected without an HMAC.
@@ -114,9 +118,22 @@ impl KeyTable {
         KeyTable::default()
     }
 
+    /// An empty table positioned in `log`.
+    pub fn for_log(log: LogId) -> KeyTable {
+        KeyTable {
+            log,
+            ..KeyTable::default()
+        }
+    }
+
     /// Build a table from records in revision order (the latest version of an id wins).
-    pub fn from_records(records: impl IntoIterator<Item = KeyRecord>, rev: u64) -> KeyTable {
-        let table = KeyTable::new();
+    /// Mechanism only: sources go through `sync::apply`, which holds the rules.
+    pub fn from_records(
+        records: impl IntoIterator<Item = KeyRecord>,
+        log: LogId,
+        rev: u64,
+    ) -> KeyTable {
+        let table = KeyTable::for_log(log);
         for r in records {
             table.apply(r);
         }
@@ -159,6 +176,23 @@ impl KeyTable {
 
     pub fn revision(&self) -> u64 {
         self.rev.load(Ordering::Acquire)
+    }
+
+    pub fn log(&self) -> LogId {
+        self.log
+    }
+
+    pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
+        self.by_digest.get(digest).map(|r| r.clone())
+    }
+
+    /// Every revoked record (carried into a new table so revocations survive a new log).
+    pub fn revoked(&self) -> Vec<Arc<KeyRecord>> {
+        self.by_digest
+            .iter()
+            .filter(|e| e.revoked_at.is_some())
+            .map(|e| e.value().clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {

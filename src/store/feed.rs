@@ -1,11 +1,15 @@
 //! The feed: the record log served over HTTP as newline-delimited JSON, and the state the
 //! control plane keeps to serve it.
 //!
-//! Protocol (one JSON object per line):
-//! - `{"type":"snapshot_begin","rev":N,"count":C}`, C × `{"type":"record","record":{…}}`,
-//!   `{"type":"snapshot_end","rev":N}` — a whole table, applied atomically at the end;
-//!   sent when the client's `after` is absent or older than what the log still holds.
-//! - `{"type":"record","record":{…}}` — one new record version, in revision order.
+//! Protocol (one JSON object per line). A client asks `GET /v1/feed?log=ID&after=REV` with the
+//! log id and revision it holds (from memory or its sealed cache):
+//! - `{"type":"resume","log":ID,"rev":N}` then the records after REV — when ID is the log the
+//!   control plane serves and REV is within what it still holds;
+//! - otherwise `{"type":"snapshot_begin","log":ID,"rev":N,"count":C}`, C ×
+//!   `{"type":"record","record":{…}}`, `{"type":"snapshot_end","rev":N}` — a whole table,
+//!   applied atomically at the end (a new log id: the client reloads whole);
+//! - `{"type":"record","record":{…}}` — one new record version, in revision order, signed for
+//!   the log named at the start (clients verify every MAC, `store::seal`).
 //! - `{"type":"heartbeat","rev":N,"time_ms":T}` — every few seconds when idle; carries the
 //!   current revision and the control plane's clock (for staleness and skew).
 //!
@@ -14,8 +18,9 @@
 //! broadcast: a slow reader lags, is disconnected and resumes; it never stalls writers or
 //! other readers.
 
-use crate::keys::record::KeyRecord;
-use crate::store::file::{Follower, LogFile, Update};
+use crate::keys::record::{unrevokes, KeyRecord};
+use crate::store::file::{Follower, LogFile, StoreError, Update};
+use crate::store::seal::LogId;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -26,7 +31,8 @@ use tokio::sync::broadcast;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FeedLine {
-    SnapshotBegin { rev: u64, count: usize },
+    Resume { log: LogId, rev: u64 },
+    SnapshotBegin { log: LogId, rev: u64, count: usize },
     Record { record: Box<KeyRecord> },
     SnapshotEnd { rev: u64 },
     Heartbeat { rev: u64, time_ms: i64 },
@@ -55,6 +61,7 @@ struct Log {
     base: u64,
     entries: Vec<Arc<KeyRecord>>,
     latest: HashMap<String, Arc<KeyRecord>>,
+    log: LogId,
     rev: u64,
     loaded: bool,
 }
@@ -62,10 +69,14 @@ struct Log {
 /// What a new subscriber gets first.
 pub enum Catchup {
     Snapshot {
+        log: LogId,
         rev: u64,
         records: Vec<Arc<KeyRecord>>,
     },
-    Since(Vec<Arc<KeyRecord>>),
+    Since {
+        log: LogId,
+        records: Vec<Arc<KeyRecord>>,
+    },
 }
 
 #[derive(Debug)]
@@ -95,16 +106,43 @@ impl FeedState {
         self.log.read().map(|l| l.loaded).unwrap_or(false)
     }
 
-    /// Everything a client at `after` is missing (subscribe first, then call this, and skip
-    /// broadcast records at or below the returned revision).
-    pub fn catchup(&self, after: Option<u64>) -> (u64, Catchup) {
+    /// Every revoked key this control plane has served (kept across a replaced log).
+    pub fn revoked(&self) -> Vec<KeyRecord> {
+        self.log
+            .read()
+            .map(|l| {
+                l.latest
+                    .values()
+                    .filter(|r| r.revoked_at.is_some())
+                    .map(|r| (**r).clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Everything a client at (`log`, `after`) is missing (subscribe first, then call this,
+    /// and skip broadcast records at or below the returned revision). A client of another log
+    /// (or none) gets a snapshot: resuming by revision across logs would mix two histories.
+    pub fn catchup(&self, client_log: Option<LogId>, after: Option<u64>) -> (u64, Catchup) {
         let Ok(log) = self.log.read() else {
-            return (0, Catchup::Since(vec![]));
+            return (
+                0,
+                Catchup::Since {
+                    log: LogId::NONE,
+                    records: vec![],
+                },
+            );
         };
         match after {
-            Some(a) if a >= log.base && a <= log.rev => {
+            Some(a) if client_log == Some(log.log) && a >= log.base && a <= log.rev => {
                 let start = log.entries.partition_point(|r| r.rev <= a);
-                (log.rev, Catchup::Since(log.entries[start..].to_vec()))
+                (
+                    log.rev,
+                    Catchup::Since {
+                        log: log.log,
+                        records: log.entries[start..].to_vec(),
+                    },
+                )
             }
             _ => {
                 let mut records: Vec<Arc<KeyRecord>> = log.latest.values().cloned().collect();
@@ -112,6 +150,7 @@ impl FeedState {
                 (
                     log.rev,
                     Catchup::Snapshot {
+                        log: log.log,
                         rev: log.rev,
                         records,
                     },
@@ -120,15 +159,22 @@ impl FeedState {
         }
     }
 
-    /// Apply what the store follower found.
-    pub fn apply(&self, update: Update) {
+    /// Apply what the store follower found. Returns the revoked records that the file would
+    /// un-revoke (a forged or replaced store): they are not served, and the caller writes
+    /// their revocation again so the log itself agrees.
+    pub fn apply(&self, update: Update) -> Vec<KeyRecord> {
         let Ok(mut log) = self.log.write() else {
-            return;
+            return vec![];
         };
+        let mut unrevoked = Vec::new();
         match update {
             Update::Unchanged => {}
             Update::Appended(parsed) => {
                 for r in parsed.records {
+                    if let Some(held) = log.latest.get(&r.id).filter(|h| unrevokes(Some(h), &r)) {
+                        unrevoked.push((**held).clone());
+                        continue;
+                    }
                     let r = Arc::new(r);
                     log.rev = log.rev.max(r.rev);
                     log.latest.insert(r.id.clone(), r.clone());
@@ -147,6 +193,10 @@ impl FeedState {
                 let mut entries = Vec::new();
                 let mut latest = HashMap::new();
                 for r in parsed.records {
+                    if let Some(held) = log.latest.get(&r.id).filter(|h| unrevokes(Some(h), &r)) {
+                        unrevoked.push((**held).clone());
+                        continue;
+                    }
                     let r = Arc::new(r);
                     latest.insert(r.id.clone(), r.clone());
                     if r.rev > base {
@@ -157,6 +207,7 @@ impl FeedState {
                     base,
                     entries,
                     latest,
+                    log: parsed.log,
                     rev: parsed.rev,
                     loaded: true,
                 };
@@ -165,37 +216,50 @@ impl FeedState {
                 }
             }
         }
+        unrevoked
     }
 
     /// Follow the store file on a thread (same follower as the gateway's). The first load
     /// happens before this returns, so a control plane that reports listening can serve the
     /// feed at once (rather than answering 503 until the thread's first poll).
+    ///
+    /// The control plane is a writer too, so it repairs what it finds: a store replaced under
+    /// it by an older copy of its log (a restore) is continued as a new log after the highest
+    /// revision it served, with every revocation it served re-applied (`LogFile::continue_after`);
+    /// a file that would un-revoke keys gets their revocations written again (`on_unrevoke`).
     pub fn follow(
         self: &Arc<Self>,
-        store: std::path::PathBuf,
+        store: LogFile,
         poll: std::time::Duration,
+        on_unrevoke: impl Fn(&LogFile, Vec<KeyRecord>) + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.clone();
-        let mut follower = Follower::new(LogFile::new(&store));
+        let mut follower = Follower::new(store.clone());
         let mut last_error = String::new();
-        match follower.poll() {
-            Ok(u) => state.apply(u),
-            Err(e) => {
-                tracing::error!(error = %e, "control plane: store problem; retrying");
-                last_error = e.to_string();
-            }
-        }
-        crate::store::follow::watch_file("keygate-feed-store", follower, poll, move |result| {
-            match result {
-                Ok(u) => state.apply(u),
-                Err(e) => {
-                    if e.to_string() != last_error {
-                        tracing::error!(error = %e, "control plane: store problem; serving the last good log");
-                        last_error = e.to_string();
-                    }
+        let mut handle = move |result: Result<Update, StoreError>| match result {
+            Ok(u) => {
+                last_error.clear();
+                let unrevoked = state.apply(u);
+                if !unrevoked.is_empty() {
+                    on_unrevoke(&store, unrevoked);
                 }
             }
-        })?;
+            Err(e @ (StoreError::Rollback { .. } | StoreError::Downgrade { .. })) => {
+                tracing::error!(error = %e, "control plane: the store was replaced by an older or unsigned copy; continuing it as a new log");
+                match store.continue_after(state.revision(), &state.revoked()) {
+                    Ok(log) => tracing::warn!(%log, "control plane: store continues as a new log; gateways reload whole"),
+                    Err(e) => tracing::error!(error = %e, "control plane: could not continue the restored store; serving the last good log"),
+                }
+            }
+            Err(e) => {
+                if e.to_string() != last_error {
+                    tracing::error!(error = %e, "control plane: store problem; serving the last good log");
+                    last_error = e.to_string();
+                }
+            }
+        };
+        handle(follower.poll());
+        crate::sync::file::watch_file("keygate-feed-store", follower, poll, handle)?;
         Ok(())
     }
 }
@@ -206,6 +270,8 @@ mod tests {
     use crate::keys::digest::Digest;
     use crate::keys::record::sample;
     use crate::store::file::Parsed;
+
+    const L: LogId = LogId(7);
 
     fn rec(id: &str, rev: u64) -> KeyRecord {
         KeyRecord {
@@ -220,33 +286,59 @@ mod tests {
         s.apply(Update::Replaced(Parsed {
             records: vec![rec("a", 1), rec("b", 2)],
             rev: 2,
+            log: L,
             ..Parsed::default()
         }));
         let mut rx = s.subscribe();
         s.apply(Update::Appended(Parsed {
             records: vec![rec("a", 3)],
             rev: 3,
+            log: L,
             ..Parsed::default()
         }));
         assert!(matches!(rx.try_recv(), Ok(Event::Record(r)) if r.rev == 3));
-        match s.catchup(Some(1)).1 {
-            Catchup::Since(v) => {
+        match s.catchup(Some(L), Some(1)).1 {
+            Catchup::Since { records: v, .. } => {
                 assert_eq!(v.iter().map(|r| r.rev).collect::<Vec<_>>(), vec![2, 3])
             }
             Catchup::Snapshot { .. } => panic!("should resume"),
         }
         assert!(
-            matches!(s.catchup(None).1, Catchup::Snapshot { rev: 3, ref records } if records.len() == 2)
+            matches!(s.catchup(None, None).1, Catchup::Snapshot { rev: 3, ref records, .. } if records.len() == 2)
+        );
+        assert!(
+            matches!(s.catchup(Some(LogId(99)), Some(1)).1, Catchup::Snapshot { .. }),
+            "a client of another log never resumes by revision"
         );
         // Compaction: clients behind it need a snapshot, clients at its revision do not.
         s.apply(Update::Replaced(Parsed {
             records: vec![rec("a", 3), rec("b", 2)],
             rev: 3,
             compacted_at: Some(3),
+            log: L,
             ..Parsed::default()
         }));
         assert!(matches!(rx.try_recv(), Ok(Event::Reset)));
-        assert!(matches!(s.catchup(Some(2)).1, Catchup::Snapshot { .. }));
-        assert!(matches!(s.catchup(Some(3)).1, Catchup::Since(ref v) if v.is_empty()));
+        assert!(matches!(s.catchup(Some(L), Some(2)).1, Catchup::Snapshot { .. }));
+        assert!(
+            matches!(s.catchup(Some(L), Some(3)).1, Catchup::Since { ref records, .. } if records.is_empty())
+        );
+        // A replaced file that un-revokes a key: not served, handed back.
+        let mut revoked = rec("b", 4);
+        revoked.revoked_at = Some(1);
+        s.apply(Update::Appended(Parsed {
+            records: vec![revoked],
+            rev: 4,
+            log: L,
+            ..Parsed::default()
+        }));
+        let back = s.apply(Update::Replaced(Parsed {
+            records: vec![rec("a", 3), rec("b", 5)],
+            rev: 5,
+            log: LogId(8),
+            ..Parsed::default()
+        }));
+        assert_eq!(back.len(), 1);
+        assert!(back[0].revoked_at.is_some());
     }
 }

@@ -5,18 +5,31 @@
 //! offset. The cost is parse time: ~2.3 µs per record line with serde_json, so a cold load of a
 //! million keys takes ~3 s (see README "Performance"); appends are applied incrementally.
 //!
+//! Layout: a header line naming the log (`{"header":"keygate-log","log":"<id>"}`), record
+//! lines each carrying a MAC over (log id, revision, content) (`store::seal`), and after a
+//! compaction a signed meta line. A file without a header is a legacy unsigned store: the
+//! first write (or `keygate keys compact`) signs it in place under a new log id.
+//!
 //! Invariants:
 //! - Writers hold an exclusive `flock` on the file while they append and fsync. After taking
 //!   the lock they check the path still names the locked inode, because a compaction may have
 //!   renamed a new file over it while they waited (else their append would land in an orphan).
-//! - Revisions strictly increase in file order. A compacted file ends with a meta line that
-//!   carries the revision it was compacted at, so dropping old tombstones never lowers it.
+//! - Revisions strictly increase in file order and are never reused: a writer that finds the
+//!   log behind the high-water mark it keeps apart from the log (`store::ledger`), or under
+//!   another log id, starts a new log that continues after it and re-applies every revocation
+//!   ever written (a restored backup cannot bring a revoked key back).
+//! - A writer never writes a version of a key that un-revokes it (`unrevokes`).
+//! - A compacted file ends with a meta line that carries the revision it was compacted at, so
+//!   dropping superseded versions never lowers it; revoked keys stay as tombstones forever.
 //! - A line without its trailing newline is a write that never finished (the writer died): a
 //!   reader waits for it, the next writer truncates it away before appending.
-//! - A corrupt complete line is reported with its line number and skipped; it never stops a
-//!   reader and never blocks a writer (revocation must always be possible).
+//! - A corrupt complete line (bad JSON, bad MAC) is reported with its line number and
+//!   skipped; it never stops a reader and never blocks a writer (revocation must always be
+//!   possible).
 
-use crate::keys::record::KeyRecord;
+use crate::keys::record::{unrevokes, KeyRecord};
+use crate::store::ledger::{Hwm, Ledger};
+use crate::store::seal::{LogId, Signer, Tag};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -41,6 +54,10 @@ pub enum StoreError {
         file_rev: u64,
         applied_rev: u64,
     },
+    #[error("store {path} is unsigned, but the signed log {log} was applied before: refusing it (an old backup or a forged file?)")]
+    Downgrade { path: PathBuf, log: LogId },
+    #[error("refusing to un-revoke key {id}: revocation is final")]
+    Unrevoke { id: String },
 }
 
 impl StoreError {
@@ -48,17 +65,28 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Io { .. } | StoreError::Unstable { .. } => "io",
-            StoreError::Rollback { .. } => "rollback",
+            StoreError::Rollback { .. } | StoreError::Unrevoke { .. } => "rollback",
+            StoreError::Downgrade { .. } => "unsigned",
         }
     }
 }
 
-/// A complete line that did not parse, or whose revision went backwards.
+/// A complete line that did not parse, did not verify, or whose revision went backwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corrupt {
     pub line: u64,
     pub reason: String,
 }
+
+/// The first line of a signed log.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    header: String,
+    log: LogId,
+}
+
+const HEADER_KIND: &str = "keygate-log";
 
 /// The meta line closing a compacted file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,17 +95,48 @@ struct Meta {
     meta: String,
     rev: u64,
     at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<Tag>,
+}
+
+impl Meta {
+    fn tag(signer: &Signer, log: LogId, rev: u64, at: i64) -> Tag {
+        let mut c = signer.file_chain();
+        c.update(&log.0.to_be_bytes());
+        c.update(&rev.to_be_bytes());
+        c.update(&at.to_be_bytes());
+        c.tag(b"meta")
+    }
+
+    fn verify(&self, signer: &Signer, log: LogId) -> bool {
+        let Some(tag) = self.mac else { return false };
+        let Ok(mut c) = signer.file_chain_for(tag.version) else {
+            return false;
+        };
+        c.update(&log.0.to_be_bytes());
+        c.update(&self.rev.to_be_bytes());
+        c.update(&self.at.to_be_bytes());
+        c.verify(b"meta", &tag)
+    }
 }
 
 enum Line {
+    Header(LogId),
     Record(Box<KeyRecord>),
-    Meta(u64),
+    Meta(Meta),
 }
 
 fn parse_line(line: &[u8]) -> Result<Line, String> {
+    if line.starts_with(b"{\"header\":") {
+        return match serde_json::from_slice::<Header>(line) {
+            Ok(h) if h.header == HEADER_KIND && !h.log.is_none() => Ok(Line::Header(h.log)),
+            Ok(h) => Err(format!("unknown header {:?}", h.header)),
+            Err(e) => Err(e.to_string()),
+        };
+    }
     if line.starts_with(b"{\"meta\":") {
         return serde_json::from_slice::<Meta>(line)
-            .map(|m| Line::Meta(m.rev))
+            .map(Line::Meta)
             .map_err(|e| e.to_string());
     }
     serde_json::from_slice::<KeyRecord>(line)
@@ -95,13 +154,24 @@ pub struct Parsed {
     /// The revision of the last compaction meta line, if the range held one: records at or
     /// below it are a compacted snapshot, not the full history.
     pub compacted_at: Option<u64>,
+    /// The log these lines belong to; `LogId::NONE` for a legacy unsigned file.
+    pub log: LogId,
 }
 
 /// Parse complete lines in `buf`, numbering from `first_line`, accepting only revisions above
-/// `after`.
-fn parse_lines(buf: &[u8], first_line: u64, after: u64) -> Parsed {
+/// `after`. In a signed log (`log`, or a header on line 1) every record and meta line must
+/// verify under `signer`; a line that does not is reported corrupt and skipped. Without a
+/// signer (fuzzing, benchmarks) nothing is verified.
+fn parse_lines(
+    buf: &[u8],
+    first_line: u64,
+    after: u64,
+    log: LogId,
+    signer: Option<&Signer>,
+) -> Parsed {
     let mut out = Parsed {
         rev: after,
+        log,
         ..Parsed::default()
     };
     // `last` orders records; a compaction meta line raises the file's revision without
@@ -112,34 +182,46 @@ fn parse_lines(buf: &[u8], first_line: u64, after: u64) -> Parsed {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        let signed = (!out.log.is_none()).then_some(signer).flatten();
+        let corrupt = |reason: String| Corrupt {
+            line: number,
+            reason,
+        };
         match parse_line(line) {
-            Ok(Line::Meta(rev)) => {
-                out.rev = out.rev.max(rev);
-                out.compacted_at = Some(rev);
+            Ok(Line::Header(id)) if number == 1 => out.log = id,
+            Ok(Line::Header(_)) => out
+                .corrupt
+                .push(corrupt("a header is only valid on line 1".into())),
+            Ok(Line::Meta(m)) if signed.is_some_and(|s| !m.verify(s, out.log)) => out
+                .corrupt
+                .push(corrupt("meta line MAC does not verify".into())),
+            Ok(Line::Meta(m)) => {
+                out.rev = out.rev.max(m.rev);
+                out.compacted_at = Some(m.rev);
             }
-            Ok(Line::Record(r)) if r.rev <= last => out.corrupt.push(Corrupt {
-                line: number,
-                reason: format!("revision {} does not follow {}", r.rev, last),
-            }),
-            Ok(Line::Record(r)) => {
-                last = r.rev;
-                out.rev = out.rev.max(r.rev);
-                out.records.push(*r);
-            }
-            Err(reason) => out.corrupt.push(Corrupt {
-                line: number,
-                reason,
-            }),
+            Ok(Line::Record(r)) if r.rev <= last => out.corrupt.push(corrupt(format!(
+                "revision {} does not follow {}",
+                r.rev, last
+            ))),
+            Ok(Line::Record(r)) => match signed.map(|s| s.verify(out.log, &r)) {
+                Some(Err(e)) => out.corrupt.push(corrupt(e.to_string())),
+                Some(Ok(())) | None => {
+                    last = r.rev;
+                    out.rev = out.rev.max(r.rev);
+                    out.records.push(*r);
+                }
+            },
+            Err(reason) => out.corrupt.push(corrupt(reason)),
         }
     }
     out
 }
 
-/// Parse a whole log file's bytes exactly as [`LogFile::load`] does: complete lines only
-/// (a partial last line is a write still in progress), revisions from 0. Public so the fuzz
+/// Parse a whole log file's bytes as [`LogFile::load`] does (complete lines only: a partial
+/// last line is a write still in progress), without verifying MACs. Public so the fuzz
 /// harness (`fuzz/targets_common.rs`) can drive the line parser without a file.
 pub fn parse_log(buf: &[u8]) -> Parsed {
-    parse_lines(complete_prefix(buf), 1, 0)
+    parse_lines(complete_prefix(buf), 1, 0, LogId::NONE, None)
 }
 
 /// Latest version per id, from records in revision order.
@@ -159,19 +241,53 @@ pub struct State {
     pub corrupt: Vec<Corrupt>,
 }
 
+/// Why a writer started a new log before writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewLog {
+    /// An empty store gets its first log id.
+    Fresh,
+    /// A legacy unsigned store, signed in place.
+    Upgrade,
+    /// The log is behind the highest revision ever issued, or under another log id: it was
+    /// restored from a backup or replaced.
+    Restored,
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// Keys in the new file (tombstones included).
+    pub kept: usize,
+    /// Superseded versions dropped.
+    pub dropped: usize,
+    /// Revoked keys past the retention reduced to a tombstone (id, digest, times).
+    pub tombstoned: usize,
+}
+
 /// The log file at a path. Cheap to construct; every operation opens the file.
 #[derive(Debug, Clone)]
 pub struct LogFile {
     path: PathBuf,
+    signer: Signer,
+    ledger: Ledger,
 }
 
 impl LogFile {
-    pub fn new(path: impl Into<PathBuf>) -> LogFile {
-        LogFile { path: path.into() }
+    pub fn new(path: impl Into<PathBuf>, signer: Signer) -> LogFile {
+        let path = path.into();
+        LogFile {
+            ledger: Ledger::for_store(&path),
+            path,
+            signer,
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 
     fn io(&self, source: io::Error) -> StoreError {
@@ -181,11 +297,16 @@ impl LogFile {
         }
     }
 
+    /// Parse (and verify) complete lines of a byte range of this log.
+    pub fn parse(&self, buf: &[u8], first_line: u64, after: u64, log: LogId) -> Parsed {
+        parse_lines(buf, first_line, after, log, Some(&self.signer))
+    }
+
     /// Read the whole log (no lock: appends are whole lines and replacement is a rename, so a
     /// reader always sees a consistent prefix). A missing file is an empty log.
     pub fn load(&self) -> Result<Parsed, StoreError> {
         match fs::read(&self.path) {
-            Ok(buf) => Ok(parse_log(&buf)),
+            Ok(buf) => Ok(self.parse(complete_prefix(&buf), 1, 0, LogId::NONE)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Parsed::default()),
             Err(e) => Err(self.io(e)),
         }
@@ -221,6 +342,164 @@ impl LogFile {
         })
     }
 
+    /// Lock and read the whole file; `None` (after starting a new log) when the log had to be
+    /// replaced first, in which case the caller locks again.
+    fn lock_and_read(
+        &self,
+        known: Option<(u64, &[KeyRecord])>,
+    ) -> Result<Option<(File, Vec<u8>, Parsed)>, StoreError> {
+        let mut file = self.lock()?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(|e| self.io(e))?;
+        let parsed = self.parse(complete_prefix(&buf), 1, 0, LogId::NONE);
+        match self.needs_new_log(&parsed, known.map(|k| k.0))? {
+            None => Ok(Some((file, buf, parsed))),
+            Some(why) => {
+                self.start_new_log(parsed, why, known.map_or(&[], |k| k.1))?;
+                // The old inode's lock is released on drop; we lock the new file next.
+                drop(file);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Does the log need a new log id before anyone writes to it? `known_rev` is a revision a
+    /// caller knows was issued in this log (a control plane's memory).
+    fn needs_new_log(
+        &self,
+        parsed: &Parsed,
+        known_rev: Option<u64>,
+    ) -> Result<Option<NewLog>, StoreError> {
+        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
+        let issued = hwm.map_or(0, |h| h.rev).max(known_rev.unwrap_or(0));
+        if parsed.log.is_none() {
+            let empty = parsed.records.is_empty() && parsed.rev == 0;
+            return Ok(Some(match (empty, hwm) {
+                (true, None) => NewLog::Fresh,
+                (false, None) => NewLog::Upgrade,
+                (_, Some(_)) => NewLog::Restored,
+            }));
+        }
+        let behind = parsed.rev < issued;
+        let other_log = hwm.is_some_and(|h| h.log != parsed.log);
+        Ok((behind || other_log).then_some(NewLog::Restored))
+    }
+
+    /// Rewrite the log under a new log id: the latest version of each key, every revocation
+    /// ever written (the ledger, plus `also_revoked` from the caller) re-applied, revisions
+    /// continuing after the highest ever issued, all signed. The high-water mark is written
+    /// first: a crash between the two leaves a log that is "behind" it, which only means the
+    /// next writer does this again.
+    fn start_new_log(
+        &self,
+        parsed: Parsed,
+        why: NewLog,
+        also_revoked: &[KeyRecord],
+    ) -> Result<(), StoreError> {
+        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
+        let (ledger, bad) = self.ledger.revoked(&self.signer).map_err(|e| self.io(e))?;
+        for (line, why) in bad {
+            tracing::error!(line, reason = %why, "revocation ledger line skipped");
+        }
+        let mut keys = latest(parsed.records);
+        let mut revived = Vec::new();
+        for gone in ledger.into_iter().chain(also_revoked.iter().cloned()) {
+            match keys.get_mut(&gone.id) {
+                Some(cur) if cur.revoked_at.is_some() => {}
+                Some(cur) => {
+                    revived.push(gone.id.clone());
+                    *cur = gone;
+                }
+                None => {
+                    keys.insert(gone.id.clone(), gone);
+                }
+            }
+        }
+        let mut records: Vec<KeyRecord> = keys.into_values().collect();
+        records.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.id.cmp(&b.id)));
+        let log = LogId::new().map_err(|e| self.io(io::Error::other(e.to_string())))?;
+        let mut rev = hwm.map_or(0, |h| h.rev).max(parsed.rev);
+        for r in &mut records {
+            rev += 1;
+            r.rev = rev;
+            self.signer.sign(log, r);
+        }
+        let now = crate::clock::unix_secs();
+        let bytes = self.encode_file(log, &records, rev, now)?;
+        self.ledger
+            .set_hwm(&self.signer, Hwm { log, rev })
+            .map_err(|e| self.io(e))?;
+        write_atomic(&self.path, &bytes).map_err(|e| self.io(e))?;
+        match why {
+            NewLog::Fresh => tracing::info!(path = %self.path.display(), %log, "new key store log"),
+            NewLog::Upgrade => tracing::warn!(path = %self.path.display(), %log, keys = records.len(), "unsigned key store signed in place under a new log"),
+            NewLog::Restored => tracing::error!(
+                path = %self.path.display(),
+                %log,
+                revision = rev,
+                keys_revoked_again = ?revived,
+                "key store was restored or replaced (behind the highest revision issued, or another log): continuing as a new log after revision {}, every recorded revocation re-applied",
+                hwm.map_or(0, |h| h.rev)
+            ),
+        }
+        Ok(())
+    }
+
+    /// A whole signed file: header, records, signed meta line.
+    fn encode_file(
+        &self,
+        log: LogId,
+        records: &[KeyRecord],
+        rev: u64,
+        now: i64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(records.len() * 400 + 128);
+        let header = Header {
+            header: HEADER_KIND.into(),
+            log,
+        };
+        serde_json::to_writer(&mut out, &header).map_err(|e| self.io(e.into()))?;
+        out.push(b'\n');
+        out.extend(encode(records).map_err(|e| self.io(e))?);
+        if rev == 0 {
+            return Ok(out);
+        }
+        // The meta line goes last: appenders learn the next revision from the tail alone.
+        let meta = Meta {
+            meta: "compacted".into(),
+            rev,
+            at: now,
+            mac: Some(Meta::tag(&self.signer, log, rev, now)),
+        };
+        serde_json::to_writer(&mut out, &meta).map_err(|e| self.io(e.into()))?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Sign a legacy store, give an empty one its log id, or continue a restored one as a new
+    /// log (see [`LogFile::start_new_log`]); nothing else is written. Returns the log id.
+    pub fn ensure_signed(&self) -> Result<LogId, StoreError> {
+        self.continue_after(0, &[])
+    }
+
+    /// Like [`LogFile::ensure_signed`], for a caller that knows more than the files: a control
+    /// plane that applied revision `known_rev` and the revoked records `known_revoked` before
+    /// the log was replaced under it.
+    pub fn continue_after(
+        &self,
+        known_rev: u64,
+        known_revoked: &[KeyRecord],
+    ) -> Result<LogId, StoreError> {
+        for _ in 0..3 {
+            if let Some((_, _, parsed)) = self.lock_and_read(Some((known_rev, known_revoked)))? {
+                return Ok(parsed.log);
+            }
+        }
+        Err(StoreError::Unstable {
+            path: self.path.clone(),
+        })
+    }
+
     /// Append records built from the current state, under the lock: `build` sees every key's
     /// latest version and returns the new versions to write (revisions are assigned here).
     /// Returns the written records.
@@ -228,37 +507,69 @@ impl LogFile {
         &self,
         build: impl FnOnce(&State) -> Result<Vec<KeyRecord>, E>,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
-        let mut file = self.lock()?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf).map_err(|e| self.io(e))?;
+        let mut locked = None;
+        for _ in 0..3 {
+            locked = self.lock_and_read(None)?;
+            if locked.is_some() {
+                break;
+            }
+        }
+        let Some((mut file, buf, parsed)) = locked else {
+            return Err(StoreError::Unstable {
+                path: self.path.clone(),
+            });
+        };
         let complete = complete_prefix(&buf).len();
-        let parsed = parse_lines(&buf[..complete], 1, 0);
+        let (log, rev) = (parsed.log, parsed.rev);
         let state = State {
             keys: latest(parsed.records),
-            rev: parsed.rev,
+            rev,
             corrupt: parsed.corrupt,
         };
         let records = match build(&state) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        self.write_locked(
-            &mut file,
-            complete as u64,
-            buf.len() as u64,
-            state.rev,
-            records,
-        )
-        .map(Ok)
+        if let Some(r) = records
+            .iter()
+            .find(|r| unrevokes(state.keys.get(&r.id), r))
+        {
+            return Err(StoreError::Unrevoke { id: r.id.clone() });
+        }
+        let newly_revoked: Vec<&KeyRecord> = records
+            .iter()
+            .filter(|r| {
+                r.revoked_at.is_some()
+                    && state.keys.get(&r.id).is_none_or(|c| c.revoked_at.is_none())
+            })
+            .collect();
+        self.ledger
+            .add_revoked(&self.signer, &newly_revoked)
+            .map_err(|e| self.io(e))?;
+        self.write_locked(&mut file, complete as u64, buf.len() as u64, log, rev, records)
+            .map(Ok)
     }
 
-    /// Append records without reading the whole log (creation, import): only the tail is read,
-    /// to learn the last revision.
+    /// Append records without reading the whole log (creation, import): only the header and
+    /// the tail are read, to learn the log and the last revision. New keys only: a record
+    /// for a key already in the log goes through [`LogFile::transact`].
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
         let mut file = self.lock()?;
         let len = file.metadata().map_err(|e| self.io(e))?.len();
+        let log = read_header(&mut file).map_err(|e| self.io(e))?;
+        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
         let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
-        self.write_locked(&mut file, complete, len, rev, records)
+        let consistent = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
+        if !consistent {
+            // Fresh, legacy, restored or missing ledger: the careful path sorts it out.
+            drop(file);
+            return self.transact(|_| Ok::<_, StoreError>(records))?;
+        }
+        let revoked: Vec<&KeyRecord> = records.iter().filter(|r| r.revoked_at.is_some()).collect();
+        self.ledger
+            .add_revoked(&self.signer, &revoked)
+            .map_err(|e| self.io(e))?;
+        self.write_locked(&mut file, complete, len, log, rev, records)
     }
 
     fn write_locked(
@@ -266,6 +577,7 @@ impl LogFile {
         file: &mut File,
         complete: u64,
         len: u64,
+        log: LogId,
         mut rev: u64,
         mut records: Vec<KeyRecord>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
@@ -281,6 +593,7 @@ impl LogFile {
         for r in &mut records {
             rev += 1;
             r.rev = rev;
+            self.signer.sign(log, r);
             serde_json::to_writer(&mut out, r).map_err(|e| self.io(e.into()))?;
             out.push(b'\n');
         }
@@ -288,41 +601,90 @@ impl LogFile {
             .map_err(|e| self.io(e))?;
         file.write_all(&out).map_err(|e| self.io(e))?;
         file.sync_data().map_err(|e| self.io(e))?;
+        self.ledger
+            .set_hwm(&self.signer, Hwm { log, rev })
+            .map_err(|e| self.io(e))?;
         Ok(records)
     }
 
-    /// Rewrite the log with only the latest version of each id, dropping revoked keys whose
-    /// revocation is older than `retain_revoked_until` (a Unix time). Atomic: temp file, fsync,
-    /// rename, fsync the directory. Returns (records kept, records dropped).
-    pub fn compact(
-        &self,
-        now: i64,
-        retain_revoked_until: i64,
-    ) -> Result<(usize, usize), StoreError> {
-        let mut file = self.lock()?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf).map_err(|e| self.io(e))?;
-        let parsed = parse_lines(complete_prefix(&buf), 1, 0);
-        let total = parsed.records.len();
-        let mut keep: Vec<KeyRecord> = latest(parsed.records)
-            .into_values()
-            .filter(|r| r.revoked_at.is_none_or(|t| t >= retain_revoked_until))
-            .collect();
-        keep.sort_by_key(|r| r.rev);
-        // The meta line goes last: appenders learn the next revision from the tail alone.
-        let mut out = encode(&keep).map_err(|e| self.io(e))?;
-        let meta = Meta {
-            meta: "compacted".into(),
-            rev: parsed.rev,
-            at: now,
+    /// Rewrite the log with only the latest version of each id. Revoked keys whose
+    /// revocation is older than `retain_revoked_until` (a Unix time) are kept as tombstones
+    /// (id, digest, owner, env, times; names, scopes, labels and networks dropped), never
+    /// dropped: a key revoked once must stay revoked even against an old backup. Atomic:
+    /// temp file, fsync, rename, fsync the directory.
+    pub fn compact(&self, now: i64, retain_revoked_until: i64) -> Result<Compacted, StoreError> {
+        let mut locked = None;
+        for _ in 0..3 {
+            locked = self.lock_and_read(None)?;
+            if locked.is_some() {
+                break;
+            }
+        }
+        let Some((file, _, parsed)) = locked else {
+            return Err(StoreError::Unstable {
+                path: self.path.clone(),
+            });
         };
-        serde_json::to_writer(&mut out, &meta).map_err(|e| self.io(e.into()))?;
-        out.push(b'\n');
+        let total = parsed.records.len();
+        let (log, rev) = (parsed.log, parsed.rev);
+        let mut tombstoned = 0;
+        let mut keep: Vec<KeyRecord> = latest(parsed.records).into_values().collect();
+        for r in &mut keep {
+            if r.revoked_at.is_some_and(|t| t < retain_revoked_until) && !is_tombstone(r) {
+                *r = tombstone(r);
+                self.signer.sign(log, r);
+                tombstoned += 1;
+            }
+        }
+        keep.sort_by_key(|r| r.rev);
+        let out = self.encode_file(log, &keep, rev, now)?;
         write_atomic(&self.path, &out).map_err(|e| self.io(e))?;
         // The old inode's lock is released on drop; waiting writers see the new inode and retry.
         drop(file);
-        Ok((keep.len(), total - keep.len()))
+        Ok(Compacted {
+            kept: keep.len(),
+            dropped: total - keep.len(),
+            tombstoned,
+        })
     }
+}
+
+/// What a revoked key keeps after the retention: enough to recognise it (id, digest) and to
+/// explain it (owner, env, times, reason), nothing it granted.
+fn tombstone(r: &KeyRecord) -> KeyRecord {
+    KeyRecord {
+        name: String::new(),
+        scopes: vec![],
+        plan: None,
+        rate: None,
+        allow_ips: vec![],
+        allow_origins: vec![],
+        labels: Default::default(),
+        mac: None,
+        ..r.clone()
+    }
+}
+
+fn is_tombstone(r: &KeyRecord) -> bool {
+    r.name.is_empty() && r.scopes.is_empty() && r.labels.is_empty()
+}
+
+/// The log id named by the file's first line, `NONE` if it has no header.
+fn read_header(file: &mut File) -> io::Result<LogId> {
+    let mut head = [0u8; 256];
+    file.seek(SeekFrom::Start(0))?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let line = head[..n].split(|&b| b == b'\n').next().unwrap_or(&[]);
+    Ok(match parse_line(line) {
+        Ok(Line::Header(log)) if n > line.len() => log,
+        _ => LogId::NONE,
+    })
 }
 
 /// Records as JSON lines, in the order given (revisions as they are).
@@ -360,7 +722,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// The prefix of `buf` that ends with a newline (complete lines only).
-fn complete_prefix(buf: &[u8]) -> &[u8] {
+pub fn complete_prefix(buf: &[u8]) -> &[u8] {
     match buf.iter().rposition(|&b| b == b'\n') {
         Some(i) => &buf[..=i],
         None => &[],
@@ -406,7 +768,8 @@ fn tail_revision(file: &mut File, len: u64) -> io::Result<(u64, u64)> {
             };
             match parse_line(&chunk[line_start..upto]) {
                 Ok(Line::Record(r)) => return Ok((complete.unwrap_or(0), r.rev)),
-                Ok(Line::Meta(rev)) => return Ok((complete.unwrap_or(0), rev)),
+                Ok(Line::Meta(m)) => return Ok((complete.unwrap_or(0), m.rev)),
+                Ok(Line::Header(_)) => return Ok((complete.unwrap_or(0), 0)),
                 Err(_) => {}
             }
             if line_start == 0 {
@@ -430,7 +793,10 @@ pub enum Update {
     Replaced(Parsed),
 }
 
-/// Follows the log by byte offset; detects replacement by inode or shrink.
+/// Follows the log by byte offset; detects replacement by inode or shrink. Within one log it
+/// never moves backwards (an older file of the same log is refused as a rollback); a file of
+/// another log is handed over whole (`Update::Replaced` with its `log`), and the caller's apply
+/// keeps every revocation it had seen. Once a signed log was seen, an unsigned file is refused.
 #[derive(Debug)]
 pub struct Follower {
     file: LogFile,
@@ -438,6 +804,7 @@ pub struct Follower {
     offset: u64,
     next_line: u64,
     rev: u64,
+    log: LogId,
     /// The file version we refused (rollback), so we report it once, not on every poll.
     refused: Option<(u64, u64, u64)>,
     /// The last bytes consumed (up to `TAIL`): if they changed, the file was rewritten in
@@ -455,6 +822,7 @@ impl Follower {
             offset: 0,
             next_line: 1,
             rev: 0,
+            log: LogId::NONE,
             refused: None,
             tail: Vec::new(),
         }
@@ -467,6 +835,11 @@ impl Follower {
     /// The revision of everything applied so far.
     pub fn revision(&self) -> u64 {
         self.rev
+    }
+
+    /// The log being followed (`NONE` before the first read or for a legacy file).
+    pub fn log(&self) -> LogId {
+        self.log
     }
 
     pub fn poll(&mut self) -> Result<Update, StoreError> {
@@ -495,7 +868,7 @@ impl Follower {
                 if complete.is_empty() {
                     return Ok(Update::Unchanged);
                 }
-                let parsed = parse_lines(complete, self.next_line, self.rev);
+                let parsed = self.file.parse(complete, self.next_line, self.rev, self.log);
                 self.offset += complete.len() as u64;
                 self.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
                 self.rev = parsed.rev;
@@ -510,8 +883,15 @@ impl Follower {
         let mut buf = Vec::with_capacity(meta.len() as usize);
         f.read_to_end(&mut buf).map_err(io)?;
         let complete = complete_prefix(&buf);
-        let parsed = parse_lines(complete, 1, 0);
-        if parsed.rev < self.rev {
+        let parsed = self.file.parse(complete, 1, 0, LogId::NONE);
+        if parsed.log.is_none() && !self.log.is_none() {
+            self.refused = Some(fingerprint);
+            return Err(StoreError::Downgrade {
+                path,
+                log: self.log,
+            });
+        }
+        if parsed.log == self.log && parsed.rev < self.rev {
             self.refused = Some(fingerprint);
             return Err(StoreError::Rollback {
                 path,
@@ -520,6 +900,7 @@ impl Follower {
             });
         }
         self.refused = None;
+        self.log = parsed.log;
         self.ino = Some(id);
         self.offset = complete.len() as u64;
         self.tail = complete[complete.len().saturating_sub(TAIL)..].to_vec();
@@ -527,6 +908,11 @@ impl Follower {
         self.rev = parsed.rev;
         Ok(Update::Replaced(parsed))
     }
+}
+
+#[cfg(test)]
+pub(crate) fn test_signer() -> Signer {
+    Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![7; 32])]))
 }
 
 #[cfg(test)]
@@ -539,10 +925,24 @@ mod tests {
         sample(id, Digest([n; 32]))
     }
 
+    fn log_at(path: impl Into<PathBuf>) -> LogFile {
+        LogFile::new(path, test_signer())
+    }
+
+    fn revoke(log: &LogFile, id: &str) {
+        log.transact(|s| {
+            let mut r = s.keys[id].clone();
+            r.revoked_at = Some(5);
+            Ok::<_, ()>(vec![r])
+        })
+        .unwrap()
+        .unwrap();
+    }
+
     #[test]
-    fn append_assigns_increasing_revisions_and_load_reads_them() {
+    fn append_assigns_increasing_signed_revisions_and_load_verifies_them() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogFile::new(dir.path().join("keys.jsonl"));
+        let log = log_at(dir.path().join("keys.jsonl"));
         let w = log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
         assert_eq!(w.iter().map(|r| r.rev).collect::<Vec<_>>(), vec![1, 2]);
         let w = log.append(vec![rec("key_c", 3)]).unwrap();
@@ -550,14 +950,44 @@ mod tests {
         let loaded = log.load().unwrap();
         assert_eq!(loaded.rev, 3);
         assert_eq!(loaded.records.len(), 3);
-        assert!(loaded.corrupt.is_empty());
+        assert!(loaded.corrupt.is_empty(), "{:?}", loaded.corrupt);
+        assert!(!loaded.log.is_none());
+        assert!(loaded.records.iter().all(|r| r.mac.is_some()));
+        // Another secret verifies nothing.
+        let other = LogFile::new(log.path(), Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![8; 32])])));
+        assert_eq!(other.load().unwrap().records.len(), 0);
+    }
+
+    #[test]
+    fn forged_edited_and_foreign_lines_are_skipped_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.jsonl");
+        let log = log_at(&path);
+        log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
+        revoke(&log, "key_a");
+        // Edit: drop the revocation but keep the MAC.
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace(",\"revoked_at\":5", "")).unwrap();
+        // Forge: a record with no MAC, and one signed for another log.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut unsigned = rec("key_x", 9);
+        unsigned.rev = 10;
+        writeln!(f, "{}", serde_json::to_string(&unsigned).unwrap()).unwrap();
+        let mut foreign = rec("key_y", 9);
+        foreign.rev = 11;
+        test_signer().sign(LogId(42), &mut foreign);
+        writeln!(f, "{}", serde_json::to_string(&foreign).unwrap()).unwrap();
+        let loaded = log.load().unwrap();
+        let ids: Vec<_> = loaded.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["key_a", "key_b"], "only the original versions verify");
+        assert_eq!(loaded.corrupt.len(), 3, "{:?}", loaded.corrupt);
     }
 
     #[test]
     fn writer_drops_partial_tail_and_skips_corrupt_lines_for_revision() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.jsonl");
-        let log = LogFile::new(&path);
+        let log = log_at(&path);
         log.append(vec![rec("key_a", 1)]).unwrap();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"this is not json\n{\"rev\":9,\"id\":\"trunc")
@@ -568,7 +998,7 @@ mod tests {
         let loaded = log.load().unwrap();
         assert_eq!(loaded.records.len(), 2);
         assert_eq!(loaded.corrupt.len(), 1);
-        assert_eq!(loaded.corrupt[0].line, 2);
+        assert_eq!(loaded.corrupt[0].line, 3, "line 1 is the header");
         let text = fs::read_to_string(&path).unwrap();
         assert!(!text.contains("trunc"), "partial tail removed");
     }
@@ -576,7 +1006,7 @@ mod tests {
     #[test]
     fn tail_revision_spans_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogFile::new(dir.path().join("k.jsonl"));
+        let log = log_at(dir.path().join("k.jsonl"));
         let mut big = rec("key_big", 1);
         big.name = "n".repeat(200_000);
         log.append(vec![big]).unwrap();
@@ -584,27 +1014,70 @@ mod tests {
     }
 
     #[test]
-    fn transact_sees_latest_state() {
+    fn transact_sees_latest_state_and_refuses_to_unrevoke() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogFile::new(dir.path().join("k.jsonl"));
+        let log = log_at(dir.path().join("k.jsonl"));
         log.append(vec![rec("key_a", 1)]).unwrap();
-        let out = log
-            .transact(|s| {
-                let mut r = s.keys["key_a"].clone();
-                r.revoked_at = Some(5);
-                Ok::<_, ()>(vec![r])
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(out[0].rev, 2);
+        revoke(&log, "key_a");
         let state = latest(log.load().unwrap().records);
         assert_eq!(state["key_a"].revoked_at, Some(5));
+        let again = log.transact(|s| {
+            let mut r = s.keys["key_a"].clone();
+            r.revoked_at = None;
+            Ok::<_, ()>(vec![r])
+        });
+        assert!(matches!(again, Err(StoreError::Unrevoke { .. })), "{again:?}");
     }
 
     #[test]
-    fn compaction_keeps_latest_and_revision_and_drops_old_tombstones() {
+    fn legacy_unsigned_store_is_signed_on_first_write() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogFile::new(dir.path().join("k.jsonl"));
+        let path = dir.path().join("k.jsonl");
+        let mut legacy = Vec::new();
+        for (i, id) in ["key_a", "key_b"].iter().enumerate() {
+            let mut r = rec(id, i as u8);
+            r.rev = i as u64 + 1;
+            legacy.extend(serde_json::to_vec(&r).unwrap());
+            legacy.push(b'\n');
+        }
+        fs::write(&path, &legacy).unwrap();
+        let log = log_at(&path);
+        assert!(log.load().unwrap().log.is_none(), "legacy: no log id");
+        assert_eq!(log.load().unwrap().records.len(), 2, "legacy records are read");
+        let w = log.append(vec![rec("key_c", 3)]).unwrap();
+        let loaded = log.load().unwrap();
+        assert!(!loaded.log.is_none());
+        assert_eq!(loaded.records.len(), 3);
+        assert!(loaded.corrupt.is_empty());
+        assert!(w[0].rev > 2);
+    }
+
+    #[test]
+    fn restored_backup_continues_as_a_new_log_with_every_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.jsonl");
+        let log = log_at(&path);
+        log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
+        let before = log.load().unwrap();
+        let backup = fs::read(&path).unwrap();
+        revoke(&log, "key_a");
+        log.append(vec![rec("key_c", 3)]).unwrap();
+        // Restore (in place), then write again.
+        fs::write(&path, &backup).unwrap();
+        let w = log.append(vec![rec("key_d", 4)]).unwrap();
+        let after = log.load().unwrap();
+        assert_ne!(after.log, before.log, "a restore starts a new log");
+        assert!(w[0].rev > 4, "revisions continue after the highest issued: {}", w[0].rev);
+        let keys = latest(after.records);
+        assert!(keys["key_a"].revoked_at.is_some(), "revocation re-applied");
+        assert!(keys.contains_key("key_d"));
+        assert!(after.corrupt.is_empty(), "{:?}", after.corrupt);
+    }
+
+    #[test]
+    fn compaction_keeps_latest_and_revision_and_keeps_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_at(dir.path().join("k.jsonl"));
         log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
         log.transact(|s| {
             let mut b = s.keys["key_b"].clone();
@@ -615,12 +1088,23 @@ mod tests {
         })
         .unwrap()
         .unwrap();
-        let (kept, dropped) = log.compact(100, 50).unwrap();
-        assert_eq!((kept, dropped), (1, 3));
+        let c = log.compact(100, 50).unwrap();
+        assert_eq!(
+            c,
+            Compacted {
+                kept: 2,
+                dropped: 2,
+                tombstoned: 1
+            }
+        );
         let loaded = log.load().unwrap();
+        assert!(loaded.corrupt.is_empty(), "{:?}", loaded.corrupt);
         assert_eq!(loaded.rev, 4, "meta line keeps the revision");
-        assert_eq!(loaded.records.len(), 1);
-        assert_eq!(loaded.records[0].name, "renamed");
+        let keys = latest(loaded.records);
+        assert_eq!(keys["key_a"].name, "renamed");
+        let b = &keys["key_b"];
+        assert!(b.revoked_at.is_some() && b.scopes.is_empty() && b.name.is_empty());
+        assert_eq!(b.digest, Digest([2; 32]), "a tombstone keeps the digest");
         assert_eq!(log.append(vec![rec("key_c", 3)]).unwrap()[0].rev, 5);
     }
 
@@ -628,25 +1112,25 @@ mod tests {
     fn follower_detects_an_in_place_rewrite_behind_its_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.jsonl");
-        let log = LogFile::new(&path);
+        let log = log_at(&path);
         log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
         let mut fol = Follower::new(log.clone());
         fol.poll().unwrap();
-        // Same inode, different bytes before our offset, and longer than before.
-        let mut other = rec("key_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", 3);
-        other.rev = 1;
-        let mut bytes = serde_json::to_vec(&other).unwrap();
-        bytes.push(b'\n');
-        for rev in 2..=4 {
-            let mut r = rec(&format!("key_{rev}"), rev as u8);
-            r.rev = rev;
-            bytes.extend(serde_json::to_vec(&r).unwrap());
-            bytes.push(b'\n');
-        }
-        std::fs::write(&path, &bytes).unwrap();
+        // Same inode, different bytes before our offset, and longer than before: another
+        // store's (signed) file copied over ours.
+        let other = log_at(dir.path().join("other.jsonl"));
+        other
+            .append(
+                (1..=4)
+                    .map(|n| rec(&format!("key_{n}zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz"), n))
+                    .collect(),
+            )
+            .unwrap();
+        fs::write(&path, fs::read(other.path()).unwrap()).unwrap();
         match fol.poll().unwrap() {
             Update::Replaced(p) => {
-                assert_eq!(p.records.len(), 4, "read whole, not from a stale offset")
+                assert_eq!(p.records.len(), 4, "read whole, not from a stale offset");
+                assert_eq!(p.log, other.load().unwrap().log);
             }
             other => panic!("{other:?}"),
         }
@@ -656,18 +1140,20 @@ mod tests {
     fn follower_reads_appends_waits_for_partial_lines_and_detects_replacement_and_rollback() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.jsonl");
-        let log = LogFile::new(&path);
+        let log = log_at(&path);
         log.append(vec![rec("key_a", 1)]).unwrap();
         let mut fol = Follower::new(log.clone());
         assert!(matches!(fol.poll().unwrap(), Update::Replaced(p) if p.records.len() == 1));
         assert!(matches!(fol.poll().unwrap(), Update::Unchanged));
+        let backup = fs::read(&path).unwrap();
 
         // A partial line is not consumed until its newline arrives.
-        let mut line = serde_json::to_vec(&KeyRecord {
+        let mut b = KeyRecord {
             rev: 2,
             ..rec("key_b", 2)
-        })
-        .unwrap();
+        };
+        test_signer().sign(fol.log(), &mut b);
+        let mut line = serde_json::to_vec(&b).unwrap();
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&line[..10]).unwrap();
         assert!(matches!(fol.poll().unwrap(), Update::Unchanged));
@@ -679,10 +1165,10 @@ mod tests {
         }
         assert_eq!(fol.revision(), 2);
 
-        // A corrupt appended line is reported with its line number.
+        // A corrupt appended line is reported with its line number (header is line 1).
         f.write_all(b"{broken\n").unwrap();
         match fol.poll().unwrap() {
-            Update::Appended(p) => assert_eq!(p.corrupt[0].line, 3),
+            Update::Appended(p) => assert_eq!(p.corrupt[0].line, 4),
             other => panic!("{other:?}"),
         }
 
@@ -690,9 +1176,9 @@ mod tests {
         log.compact(0, 0).unwrap();
         assert!(matches!(fol.poll().unwrap(), Update::Replaced(p) if p.rev == 2));
 
-        // Rollback: an older file renamed into place is refused, once.
+        // Rollback: an older copy of the same log renamed into place is refused, once.
         let old = dir.path().join("old.jsonl");
-        LogFile::new(&old).append(vec![rec("key_a", 1)]).unwrap();
+        fs::write(&old, &backup).unwrap();
         fs::rename(&old, &path).unwrap();
         assert!(matches!(
             fol.poll(),
@@ -704,12 +1190,21 @@ mod tests {
         ));
         assert!(matches!(fol.poll().unwrap(), Update::Unchanged));
 
+        // An unsigned file after a signed one is refused.
+        let mut legacy = rec("key_z", 9);
+        legacy.rev = 50;
+        fs::write(&old, format!("{}\n", serde_json::to_string(&legacy).unwrap())).unwrap();
+        fs::rename(&old, &path).unwrap();
+        assert!(matches!(fol.poll(), Err(StoreError::Downgrade { .. })));
+
         // Truncation on a line boundary in place is a shrink: also refused.
-        log.compact(0, 0).unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let log = log_at(dir2.path().join("k.jsonl"));
+        log.append(vec![rec("key_y", 8)]).unwrap();
         let mut fol = Follower::new(log.clone());
         log.append(vec![rec("key_z", 9)]).unwrap();
         fol.poll().unwrap();
-        let text = fs::read(&path).unwrap();
+        let text = fs::read(log.path()).unwrap();
         let cut = text[..text.len() - 1]
             .iter()
             .rposition(|&b| b == b'\n')
@@ -717,7 +1212,7 @@ mod tests {
             + 1;
         OpenOptions::new()
             .write(true)
-            .open(&path)
+            .open(log.path())
             .unwrap()
             .set_len(cut as u64)
             .unwrap();

@@ -4,14 +4,15 @@
 //! reports a change (inotify via `notify`; the directory, so renames by compaction are seen)
 //! and at least every `poll_interval` as a fallback. Appended lines are applied one record at
 //! a time to the live table; a replaced file is loaded into a new table that is swapped in
-//! whole. Errors never touch the table (fail static): they are counted, logged and audited.
+//! whole. Both go through `sync::apply` (revocation is final, never backwards). Errors never
+//! touch the table (fail static): they are counted, logged and audited.
 
 use crate::audit::Event;
 use crate::clock::unix_ms;
 use crate::gateway::Gateway;
-use crate::keys::record::KeyRecord;
-use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
+use crate::store::seal::Signer;
+use crate::sync::apply;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, RecvTimeoutError};
@@ -20,11 +21,16 @@ use std::time::Duration;
 
 /// Start following `path` for a gateway. Returns once the thread is started; the first load
 /// happens on it.
-pub fn spawn(gw: Arc<Gateway>, path: PathBuf, poll_interval: Duration) -> std::io::Result<()> {
+pub fn spawn(
+    gw: Arc<Gateway>,
+    path: PathBuf,
+    signer: Signer,
+    poll_interval: Duration,
+) -> std::io::Result<()> {
     let mut last_error: Option<String> = None;
     watch_file(
         "keygate-store",
-        Follower::new(LogFile::new(&path)),
+        Follower::new(LogFile::new(&path, signer)),
         poll_interval,
         move |result| match result {
             Ok(update) => {
@@ -123,22 +129,14 @@ fn apply(gw: &Gateway, update: Update) {
         Update::Appended(parsed) => {
             report_corrupt(gw, &parsed);
             let table = gw.table();
-            let now = unix_ms();
             let n = parsed.records.len();
-            let mut kept = Vec::new();
-            for r in parsed.records {
-                if unrevokes(&table, &r) {
-                    kept.push(r.id);
-                    continue;
+            match apply::records(&table, parsed.log, parsed.records, parsed.rev) {
+                Ok(out) => {
+                    observe(gw, &out);
+                    gw.mark_synced();
                 }
-                let age = (now - r.written_at_ms).max(0) as f64 / 1000.0;
-                if table.apply(r) {
-                    gw.metrics.propagation.observe(age);
-                }
+                Err(refusal) => report_refusal(gw, &refusal),
             }
-            table.advance(parsed.rev);
-            report_unrevoke(gw, &kept);
-            gw.mark_synced();
             gw.metrics.table_revision.set(table.revision() as i64);
             tracing::debug!(
                 records = n,
@@ -155,33 +153,21 @@ fn apply(gw: &Gateway, update: Update) {
         Update::Replaced(parsed) => {
             report_corrupt(gw, &parsed);
             let n = parsed.records.len();
-            // A replacement may be an old backup that later appends brought back up to the
-            // applied revision: revocations already enforced are carried over, never undone.
-            let current = gw.table();
-            let mut kept = Vec::new();
-            let records: Vec<_> = parsed
-                .records
-                .into_iter()
-                .map(|r| match current.get_by_id(&r.id) {
-                    Some(old) if unrevokes(&current, &r) => {
-                        kept.push(r.id.clone());
-                        let mut keep = (*old).clone();
-                        keep.rev = r.rev;
-                        keep
-                    }
-                    _ => r,
-                })
-                .collect();
-            drop(current);
-            report_unrevoke(gw, &kept);
-            let table = KeyTable::from_records(records, parsed.rev);
+            let log = parsed.log;
+            let built = apply::snapshot(&gw.table(), log, parsed.rev, parsed.records);
+            let (table, out) = match built {
+                Ok(b) => b,
+                Err(refusal) => return report_refusal(gw, &refusal),
+            };
+            report_kept_revoked(gw, &out.kept_revoked);
             let (rev, keys) = (table.revision(), table.len());
             gw.replace_table(table);
             gw.metrics.table_revision.set(rev as i64);
-            tracing::info!(records = n, keys, revision = rev, "key table loaded");
+            tracing::info!(records = n, keys, revision = rev, %log, "key table loaded");
             gw.audit(
                 Event::new("table.applied", "gateway")
                     .with("mode", "full")
+                    .with("log", log.to_string())
                     .with("revision", rev)
                     .with("keys", keys),
             );
@@ -189,17 +175,20 @@ fn apply(gw: &Gateway, update: Update) {
     }
 }
 
-/// Revocation is terminal (no operation un-revokes a key): a record version without a
-/// revocation for a key this table holds as revoked comes from a rolled-back or edited store.
-fn unrevokes(table: &KeyTable, r: &KeyRecord) -> bool {
-    r.revoked_at.is_none()
-        && table
-            .get_by_id(&r.id)
-            .is_some_and(|old| old.revoked_at.is_some())
+/// Propagation ages and kept revocations of an incremental apply (shared with the feed).
+pub fn observe(gw: &Gateway, out: &apply::Applied) {
+    let now = unix_ms();
+    for written in &out.written_at_ms {
+        gw.metrics
+            .propagation
+            .observe((now - written).max(0) as f64 / 1000.0);
+    }
+    report_kept_revoked(gw, &out.kept_revoked);
 }
 
-/// Count, log and audit revocations kept against the store (a rollback symptom).
-fn report_unrevoke(gw: &Gateway, ids: &[String]) {
+/// Count, log and audit revocations kept against the source (a rollback or tampering
+/// symptom).
+pub fn report_kept_revoked(gw: &Gateway, ids: &[String]) {
     if ids.is_empty() {
         return;
     }
@@ -207,12 +196,25 @@ fn report_unrevoke(gw: &Gateway, ids: &[String]) {
         .source_errors
         .with_label_values(&["rollback"])
         .inc();
-    tracing::error!(keys = ?ids, "store would un-revoke keys (rolled back or edited?); keeping them revoked");
+    tracing::error!(keys = ?ids, "source would un-revoke keys (rolled back, replayed or edited?); keeping them revoked");
     gw.audit(
         Event::new("source.error", "gateway")
             .with("kind", "rollback")
-            .with("error", "store would un-revoke keys; kept revoked")
+            .with("error", "source would un-revoke keys; kept revoked")
             .with("key_ids", ids.to_vec()),
+    );
+}
+
+fn report_refusal(gw: &Gateway, refusal: &apply::Refusal) {
+    gw.metrics
+        .source_errors
+        .with_label_values(&[refusal.kind()])
+        .inc();
+    tracing::error!(error = %refusal, "key source refused; keeping the last good table");
+    gw.audit(
+        Event::new("source.error", "gateway")
+            .with("kind", refusal.kind())
+            .with("error", refusal.to_string()),
     );
 }
 

@@ -1,0 +1,302 @@
+//! The one way a change reaches a gateway's key table, for every source: the store file, the
+//! feed, the local feed cache (and the Redis follower when it lands). Two rules live here:
+//!
+//! - **Revocation is final**: a record or snapshot that would bring back a key this table holds
+//!   as revoked (by id, or by digest under another id) is applied with the revocation kept,
+//!   and reported. Whatever the source says: a restored backup, a replayed or edited feed, a
+//!   tampered cache. A new table (new log) carries over every revoked key of the old one.
+//! - **Never backwards**: within one log, a snapshot older than what is applied is refused and
+//!   records at or below the applied revision are ignored as replays. A different log id
+//!   (a restore, a replaced store) is a whole new table, never merged by revision.
+//!
+//! Sources verify MACs before they call in here (`store::seal`); this module decides only
+//! what a verified change may do to the table.
+
+use crate::keys::record::{unrevokes, KeyRecord};
+use crate::keys::table::KeyTable;
+use crate::store::seal::LogId;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error("log {log} offered at revision {offered}, older than revision {applied} already applied: refusing a rollback")]
+    Backwards { log: LogId, offered: u64, applied: u64 },
+    #[error("records of log {offered} cannot extend a table of log {table}: a new log needs a whole table")]
+    OtherLog { table: LogId, offered: LogId },
+}
+
+impl Refusal {
+    /// Closed label for `keygate_source_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Backwards { .. } | Refusal::OtherLog { .. } => "rollback",
+        }
+    }
+}
+
+/// What an apply did, for metrics, logs and audit.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// `written_at_ms` of each record that changed the table (propagation histogram).
+    pub written_at_ms: Vec<i64>,
+    /// Ids whose revocation was kept against what the source said.
+    pub kept_revoked: Vec<String>,
+}
+
+/// The revoked version `table` holds for the key `r` names (by id, or by its digest under any
+/// id), if any.
+fn held_revoked(table: &KeyTable, r: &KeyRecord) -> Option<Arc<KeyRecord>> {
+    table
+        .get_by_id(&r.id)
+        .filter(|h| h.revoked_at.is_some())
+        .or_else(|| {
+            table
+                .get_by_digest(&r.digest)
+                .filter(|h| h.revoked_at.is_some())
+        })
+}
+
+/// `r`, or the revoked version `table` holds in its place (at `r`'s revision, so the log's
+/// order is kept).
+fn keep_revoked(table: &KeyTable, r: KeyRecord, out: &mut Applied) -> KeyRecord {
+    match held_revoked(table, &r) {
+        Some(h) if unrevokes(Some(&h), &r) => {
+            out.kept_revoked.push(r.id.clone());
+            KeyRecord {
+                rev: r.rev,
+                id: r.id,
+                ..(*h).clone()
+            }
+        }
+        _ => r,
+    }
+}
+
+/// Apply records that follow `table` in its own log, in revision order; `rev` is the
+/// revision the source is at afterwards (a compaction meta line can raise it alone).
+pub fn records(
+    table: &KeyTable,
+    log: LogId,
+    records: Vec<KeyRecord>,
+    rev: u64,
+) -> Result<Applied, Refusal> {
+    if log != table.log() {
+        return Err(Refusal::OtherLog {
+            table: table.log(),
+            offered: log,
+        });
+    }
+    let mut out = Applied::default();
+    let applied = table.revision();
+    for r in records {
+        if r.rev <= applied {
+            continue; // a replay of something this table has
+        }
+        let written = r.written_at_ms;
+        let r = keep_revoked(table, r, &mut out);
+        if table.apply(r) {
+            out.written_at_ms.push(written);
+        }
+    }
+    table.advance(rev);
+    Ok(out)
+}
+
+/// Build the table that replaces `current` from a whole snapshot of `log` at `rev`. The new
+/// table keeps every revocation `current` holds: keys the snapshot would un-revoke stay
+/// revoked, and revoked keys it does not mention at all are carried over (at revision 0: they
+/// are not part of the new log's order, only a memory of the old one).
+pub fn snapshot(
+    current: &KeyTable,
+    log: LogId,
+    rev: u64,
+    records: Vec<KeyRecord>,
+) -> Result<(KeyTable, Applied), Refusal> {
+    if log == current.log() && rev < current.revision() {
+        return Err(Refusal::Backwards {
+            log,
+            offered: rev,
+            applied: current.revision(),
+        });
+    }
+    let mut out = Applied::default();
+    let table = KeyTable::for_log(log);
+    for r in records {
+        let r = keep_revoked(current, r, &mut out);
+        table.apply(r);
+    }
+    for old in current.revoked() {
+        if table.get_by_id(&old.id).is_none() && table.get_by_digest(&old.digest).is_none() {
+            table.apply(KeyRecord {
+                rev: 0,
+                ..(*old).clone()
+            });
+        }
+    }
+    table.advance(rev);
+    Ok((table, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest::Digest;
+    use crate::keys::record::sample;
+
+    const L1: LogId = LogId(1);
+    const L2: LogId = LogId(2);
+
+    fn rec(id: &str, n: u8, rev: u64, revoked: bool) -> KeyRecord {
+        KeyRecord {
+            rev,
+            revoked_at: revoked.then_some(10),
+            ..sample(id, Digest([n; 32]))
+        }
+    }
+
+    /// A table in L1 where key_a (rev 3) is revoked and key_b (rev 2) is active.
+    fn base() -> KeyTable {
+        let (t, _) = snapshot(
+            &KeyTable::new(),
+            L1,
+            3,
+            vec![rec("key_b", 2, 2, false), rec("key_a", 1, 3, true)],
+        )
+        .unwrap();
+        t
+    }
+
+    /// A copy sharing nothing, to compare after the run.
+    fn copy(t: &KeyTable) -> KeyTable {
+        KeyTable::from_records(
+            t.records().iter().map(|r| (**r).clone()),
+            t.log(),
+            t.revision(),
+        )
+    }
+
+    fn revoked(t: &KeyTable, id: &str) -> bool {
+        t.get_by_id(id).is_some_and(|r| r.revoked_at.is_some())
+    }
+
+    #[test]
+    fn every_ordering_keeps_revocation_final_and_never_moves_backwards() {
+        struct Case {
+            name: &'static str,
+            run: fn(&KeyTable) -> Result<KeyTable, Refusal>,
+            expect_revoked_a: bool,
+            refused: bool,
+        }
+        let cases = [
+            Case {
+                name: "newer record without the revocation",
+                run: |t| {
+                    let out = records(t, L1, vec![rec("key_a", 1, 4, false)], 4)?;
+                    assert_eq!(out.kept_revoked, ["key_a"]);
+                    Ok(copy(t))
+                },
+                expect_revoked_a: true,
+                refused: false,
+            },
+            Case {
+                name: "replay of an older active version",
+                run: |t| {
+                    let out = records(t, L1, vec![rec("key_a", 1, 1, false)], 3)?;
+                    assert!(out.written_at_ms.is_empty(), "replay ignored");
+                    Ok(copy(t))
+                },
+                expect_revoked_a: true,
+                refused: false,
+            },
+            Case {
+                name: "another id with the revoked key's digest",
+                run: |t| {
+                    let out = records(t, L1, vec![rec("key_evil", 1, 5, false)], 5)?;
+                    assert_eq!(out.kept_revoked, ["key_evil"]);
+                    assert!(revoked(t, "key_evil"));
+                    Ok(copy(t))
+                },
+                expect_revoked_a: true,
+                refused: false,
+            },
+            Case {
+                name: "snapshot of the same log, older",
+                run: |t| snapshot(t, L1, 2, vec![rec("key_a", 1, 1, false)]).map(|x| x.0),
+                expect_revoked_a: true,
+                refused: true,
+            },
+            Case {
+                name: "snapshot of the same log, newer, without the revocation",
+                run: |t| {
+                    let (n, out) = snapshot(
+                        t,
+                        L1,
+                        9,
+                        vec![rec("key_b", 2, 2, false), rec("key_a", 1, 9, false)],
+                    )?;
+                    assert_eq!(out.kept_revoked, ["key_a"]);
+                    Ok(n)
+                },
+                expect_revoked_a: true,
+                refused: false,
+            },
+            Case {
+                name: "snapshot of a new log (restore), older revisions, without the key at all",
+                run: |t| snapshot(t, L2, 1, vec![rec("key_b", 2, 1, false)]).map(|x| x.0),
+                expect_revoked_a: true,
+                refused: false,
+            },
+            Case {
+                name: "records of another log cannot extend this table",
+                run: |t| records(t, L2, vec![rec("key_a", 1, 10, false)], 10).map(|_| copy(t)),
+                expect_revoked_a: true,
+                refused: true,
+            },
+        ];
+        for c in cases {
+            let t = base();
+            match (c.run)(&t) {
+                Ok(next) => {
+                    assert!(!c.refused, "{}: should be refused", c.name);
+                    // key_a's secret (its digest) is what must stay dead, under any id.
+                    let a = next.get_by_digest(&Digest([1; 32]));
+                    assert_eq!(
+                        a.is_some_and(|r| r.revoked_at.is_some()),
+                        c.expect_revoked_a,
+                        "{}",
+                        c.name
+                    );
+                    assert!(!revoked(&next, "key_b"), "{}", c.name);
+                }
+                Err(e) => {
+                    assert!(c.refused, "{}: refused with {e}", c.name);
+                    assert!(revoked(&t, "key_a"), "{}: table untouched", c.name);
+                    assert_eq!(t.revision(), 3, "{}: table untouched", c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn revocations_and_new_keys_still_apply() {
+        let t = base();
+        let out = records(
+            &t,
+            L1,
+            vec![rec("key_b", 2, 4, true), rec("key_c", 3, 5, false)],
+            6,
+        )
+        .unwrap();
+        assert_eq!(out.written_at_ms.len(), 2);
+        assert!(out.kept_revoked.is_empty());
+        assert!(revoked(&t, "key_b"));
+        assert!(t.get_by_id("key_c").is_some());
+        assert_eq!(t.revision(), 6, "meta revision advances the table");
+        // A carried-over revocation does not raise the new log's revision.
+        let (n, _) = snapshot(&t, L2, 2, vec![rec("key_c", 3, 2, false)]).unwrap();
+        assert_eq!(n.revision(), 2);
+        assert!(revoked(&n, "key_a") && revoked(&n, "key_b"));
+        assert_eq!(n.log(), L2);
+    }
+}
