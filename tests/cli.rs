@@ -205,8 +205,7 @@ impl Env {
         self.store_text()
             .lines()
             .map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .unwrap_or_else(|e| panic!("store line {l:?}: {e}"))
+                serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("store line {l:?}: {e}"))
             })
             .filter(|v| v.get("header").is_none())
             .collect()

@@ -623,3 +623,392 @@ async fn many_feed_readers_and_a_stalled_one() {
     let _ = std::io::stderr().flush();
     drop(stalled);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Revocation is final on the feed path (restores, replays, a tampered cache)
+// ---------------------------------------------------------------------------------------------
+
+/// Replace `path` with `bytes` by rename, as an operator restoring a backup would.
+fn restore(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("restore-tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn scrape(gw: &Gateway) -> String {
+    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+async fn source_errors(gw: &Gateway, kind: &str) -> f64 {
+    let name = format!("keygate_source_errors_total{{kind=\"{kind}\"}}");
+    metric(&scrape(gw).await, &name).unwrap_or(0.0)
+}
+
+/// Issue 17, defects 1 and 3: a restored backup (with REST writes after it, and with CLI
+/// appends already in it) never brings a revoked key back on any gateway, revisions are never
+/// reused, and keys created after the restore reach every gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let store = fleet.root.join("cp").join("keys.jsonl");
+    let (k1_id, k1) = fleet.create("k1").await;
+    let (_, k2) = fleet.create("k2").await;
+    let gws = [fleet.gateway(0).await, fleet.gateway(1).await];
+    for gw in &gws {
+        until_status_fresh(gw, &k2, 200, RECONNECT_BOUND).await;
+    }
+    let backup = std::fs::read(&store).unwrap();
+    fleet.revoke(&k1_id).await;
+    for gw in &gws {
+        until_status_fresh(gw, &k1, 401, ENFORCE_BOUND).await;
+    }
+
+    // 1. Restore, then REST writes: a new key, and an attempt to edit k1.
+    restore(&store, &backup);
+    let (_, k3) = fleet.create("k3-after-restore").await;
+    let (s, v) = fleet
+        .api(
+            Method::PATCH,
+            &format!("/v1/api-keys/{k1_id}"),
+            json!({"labels": {"team": "x"}}),
+        )
+        .await;
+    assert_ne!(s, 200, "a revoked key was edited back to life: {v}");
+    let (s, v) = fleet
+        .api(Method::GET, &format!("/v1/api-keys/{k1_id}"), Value::Null)
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("revoked")), "{v}");
+    for gw in &gws {
+        until_status_fresh(gw, &k3, 200, RECONNECT_BOUND).await;
+        assert_eq!(
+            get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
+            401
+        );
+        assert_eq!(
+            get(gw.http, "/invoices/1", &[("x-api-key", &k2)]).await.0,
+            200
+        );
+    }
+
+    // 2. Restore again, with a CLI append already in the restored file before anyone looks,
+    // while gateway 1 is down; it comes back from its local copy.
+    let mut gws = Vec::from(gws);
+    drop(gws.pop());
+    restore(&store, &backup);
+    let out = cli(
+        &fleet.cp_cfg,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "k4",
+            "--owner",
+            "o",
+            "--scope",
+            "invoices:read",
+        ],
+        SECRET_ENV,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let k4 = stdout_str(&out).trim().to_owned();
+    gws.push(fleet.gateway(1).await);
+    for gw in &gws {
+        until_status_fresh(gw, &k4, 200, RECONNECT_BOUND).await;
+        // k3 was created after the backup: restoring the backup loses it (as any restore
+        // loses what came after it); what a restore never loses is a revocation.
+        for (key, want) in [(&k1, 401), (&k2, 200), (&k3, 401)] {
+            assert_eq!(
+                get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0,
+                want
+            );
+        }
+    }
+    // Revisions in the store are unique, and the store itself holds k1 revoked.
+    let text = std::fs::read_to_string(&store).unwrap();
+    let mut revs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("id").is_some())
+        .map(|v| v["rev"].as_u64().unwrap())
+        .collect();
+    let n = revs.len();
+    revs.sort_unstable();
+    revs.dedup();
+    assert_eq!(revs.len(), n, "{text}");
+    let cp_log = read_lossy(&fleet.cp_cfg.with_file_name("control.stderr.log"));
+    assert!(cp_log.contains("new log"), "{cp_log}");
+}
+
+/// A scripted feed: connection `i` gets `scripts[i]` (NDJSON lines) and is closed; later
+/// connections get 503. Counts connections served.
+async fn fake_feed(scripts: Vec<String>) -> (SocketAddr, Arc<Mutex<usize>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    tokio::spawn(async move {
+        for i in 0..64 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut req = vec![0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut req)).await;
+            let resp = match scripts.get(i) {
+                Some(body) => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                ),
+                None => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned(),
+            };
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+            *count.lock().unwrap() += 1;
+        }
+    });
+    (addr, served)
+}
+
+/// Issue 17, defect 2: from any feed source, a newer record or snapshot without `revoked_at`
+/// (validly signed: a confused or compromised control plane), a snapshot of another log, or a
+/// forged record never brings a revoked key back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_unrevokes_or_forges_is_never_obeyed() {
+    use keygate::keys::record::KeyRecord;
+    use keygate::store::seal::{LogId, Signer};
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // Two real keys, minted by the CLI into the control plane's store; the fake feed serves
+    // their records re-signed for its own logs with the fleet's hash secret.
+    let (_, k1) = fleet.create("k1").await;
+    let (_, k2) = fleet.create("k2").await;
+    let records: Vec<KeyRecord> = std::fs::read_to_string(fleet.root.join("cp/keys.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(records.len(), 2);
+    let signer = Signer::new(&keygate::keys::digest::Hasher::new(vec![(
+        1,
+        SECRET.as_bytes().to_vec(),
+    )]));
+    let (l1, l2) = (LogId(0x1111), LogId(0x2222));
+    let signed = |log: LogId, r: &KeyRecord, rev: u64, revoked: bool| {
+        let mut r = r.clone();
+        r.rev = rev;
+        r.revoked_at = revoked.then_some(1);
+        signer.sign(log, &mut r);
+        json!({"type": "record", "record": r}).to_string()
+    };
+    let lines = |ls: Vec<String>| ls.join("\n") + "\n";
+    let begin = |log: LogId, rev: u64, count: usize| {
+        json!({"type": "snapshot_begin", "log": log.to_string(), "rev": rev, "count": count})
+            .to_string()
+    };
+    let end = |rev: u64| json!({"type": "snapshot_end", "rev": rev}).to_string();
+    let (a, b) = (&records[0], &records[1]);
+    let mut forged_for_l1 = b.clone();
+    forged_for_l1.id = "key_forged".into();
+    forged_for_l1.rev = 9;
+    signer.sign(l1, &mut forged_for_l1);
+    let scripts = vec![
+        // A snapshot, then k1's revocation, then a newer k1 version without it.
+        lines(vec![
+            begin(l1, 2, 2),
+            signed(l1, a, 1, false),
+            signed(l1, b, 2, false),
+            end(2),
+            signed(l1, a, 3, true),
+            signed(l1, a, 4, false),
+        ]),
+        // A newer snapshot of the same log without the revocation.
+        lines(vec![
+            begin(l1, 5, 2),
+            signed(l1, b, 2, false),
+            signed(l1, a, 5, false),
+            end(5),
+        ]),
+        // An older snapshot of the same log: a rollback.
+        lines(vec![begin(l1, 1, 1), signed(l1, a, 1, false), end(1)]),
+        // Another log (a "restore") that never revoked k1.
+        lines(vec![
+            begin(l2, 2, 2),
+            signed(l2, a, 1, false),
+            signed(l2, b, 2, false),
+            end(2),
+        ]),
+        // A record with a MAC for another log.
+        lines(vec![
+            json!({"type": "resume", "log": l2.to_string(), "rev": 2}).to_string(),
+            json!({"type": "record", "record": forged_for_l1}).to_string(),
+        ]),
+    ];
+    let n_scripts = scripts.len();
+    let (feed_at, served) = fake_feed(scripts).await;
+    let dir = fleet.root.join("gw-fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write_file(&dir, "keygate.toml", &gw_config(feed_at, fleet.up.addr()));
+    let gw = Gateway::spawn(
+        &cfg,
+        &[(SECRET_VAR, SECRET), ("KEYGATE_FEED_TOKEN", "anything")],
+    )
+    .await;
+    eventually_named("every script served", RECONNECT_BOUND, || {
+        let served = served.clone();
+        async move { (*served.lock().unwrap() > n_scripts).then_some(()) }
+    })
+    .await;
+    let admin = gw.admin;
+    eventually_named("forged record refused", ENFORCE_BOUND, || async move {
+        let (_, _, body) = get(admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        metric(&text, "keygate_source_errors_total{kind=\"bad_mac\"}").filter(|v| *v >= 1.0)
+    })
+    .await;
+    assert_eq!(
+        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
+        401
+    );
+    assert_eq!(
+        get(gw.http, "/invoices/1", &[("x-api-key", &k2)]).await.0,
+        200
+    );
+    // Kept against script 1's un-revoke, script 2's snapshot and script 4's other log; script
+    // 3 refused whole as a rollback.
+    assert!(
+        source_errors(&gw, "rollback").await >= 4.0,
+        "{}",
+        scrape(&gw).await
+    );
+    let log = gw.stderr_contents();
+    assert!(log.contains("keeping them revoked"), "{log}");
+    // The table it serves is script 4's log, with k1 carried over as revoked.
+    assert!(log.contains(&l2.to_string()), "{log}");
+}
+
+/// Issue 17, defects 4 and 5: the local feed copy is sealed. A gateway restarted from an
+/// intact copy reports its real sync age; one whose copy was edited, cut (mid-line or on a
+/// line boundary) or given a foreign record discards it loudly and fails closed until the feed
+/// answers, then syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_feed_cache_is_discarded_and_sync_age_survives_restarts() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let (k1_id, k1) = fleet.create("k1").await;
+    let (_, k2) = fleet.create("k2").await;
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &k2, 200, RECONNECT_BOUND).await;
+    fleet.revoke(&k1_id).await;
+    until_status_fresh(&gw, &k1, 401, ENFORCE_BOUND).await;
+    let cache = fleet.root.join("gw0").join("feed-cache.jsonl");
+    eventually_named("revocation cached", ENFORCE_BOUND, || {
+        let cache = cache.clone();
+        async move {
+            read_lossy(&cache)
+                .lines()
+                .any(|l| l.contains("revoked_at"))
+                .then_some(())
+        }
+    })
+    .await;
+    drop(gw);
+    let intact = std::fs::read(&cache).unwrap();
+    let text = String::from_utf8(intact.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let revoked_line = lines.iter().position(|l| l.contains("revoked_at")).unwrap();
+
+    // The control plane goes away.
+    let port = fleet.cp_addr().port();
+    drop(fleet.cp.take());
+
+    // Intact copy: served, and the sync age counts from the copy's last sync (never -1).
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &k2, 200, Duration::from_secs(10)).await;
+    assert_eq!(
+        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
+        401
+    );
+    let age = metric(&scrape(&gw).await, "keygate_table_sync_age_seconds").unwrap();
+    assert!(age >= 0.0, "sync age {age} after a restart from the copy");
+    drop(gw);
+
+    let edited = text.replacen(",\"revoked_at\":", ",\"x_revoked_at\":", 1);
+    let cut_on_boundary = lines[..revoked_line].join("\n") + "\n";
+    let cut_mid_line = &text[..text.len() - 20];
+    let foreign = {
+        let mut l = lines.clone();
+        let mut rec: Value = serde_json::from_str(lines[1]).unwrap();
+        rec["id"] = "key_foreign".into();
+        rec["rev"] = 999.into();
+        let rec = rec.to_string();
+        l.insert(l.len() - 1, &rec);
+        l.join("\n") + "\n"
+    };
+    let removed_revocation = {
+        let mut l = lines.clone();
+        l.remove(revoked_line);
+        l.join("\n") + "\n"
+    };
+    let cases: [(&str, &[u8]); 5] = [
+        ("edited", edited.as_bytes()),
+        ("cut on a line boundary", cut_on_boundary.as_bytes()),
+        ("cut mid-line", cut_mid_line.as_bytes()),
+        ("foreign record", foreign.as_bytes()),
+        ("revocation line removed", removed_revocation.as_bytes()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&cache, bytes).unwrap();
+        let gw = fleet.gateway(0).await;
+        let admin = gw.admin;
+        eventually_named(
+            &format!("{what}: cache refused"),
+            ENFORCE_BOUND,
+            || async move {
+                let (_, _, body) = get(admin, "/metrics", &[]).await;
+                let text = String::from_utf8_lossy(&body).into_owned();
+                metric(&text, "keygate_source_errors_total{kind=\"cache\"}").filter(|v| *v >= 1.0)
+            },
+        )
+        .await;
+        assert_eq!(get(gw.admin, "/readyz", &[]).await.0, 503, "{what}");
+        for key in [&k1, &k2] {
+            assert_eq!(
+                get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0,
+                503,
+                "{what}: fails closed"
+            );
+        }
+        assert!(
+            cache.with_file_name("feed-cache.jsonl.rejected").exists(),
+            "{what}"
+        );
+        drop(gw);
+    }
+
+    // With the control plane back, a tampered copy is discarded and the feed resyncs.
+    std::fs::write(&cache, edited.as_bytes()).unwrap();
+    std::fs::write(&fleet.cp_cfg, cp_config(&format!("127.0.0.1:{port}"))).unwrap();
+    let start = Instant::now();
+    let cp = loop {
+        match ControlPlane::try_spawn(&fleet.cp_cfg).await {
+            Ok(cp) => break cp,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < RECONNECT_BOUND,
+                    "could not re-bind {port}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await; // retry pacing, not sync
+            }
+        }
+    };
+    fleet.cp = Some(cp);
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &k2, 200, RECONNECT_BOUND).await;
+    assert_eq!(
+        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
+        401
+    );
+    assert_eq!(get(gw.admin, "/readyz", &[]).await.0, 200);
+    assert!(source_errors(&gw, "cache").await >= 1.0);
+}

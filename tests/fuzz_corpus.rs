@@ -221,9 +221,15 @@ fn record_log_corpus_through_log_file_load() {
     for (path, bytes) in corpus("record_log") {
         let file = dir.path().join("keys.jsonl");
         std::fs::write(&file, &bytes).unwrap();
-        let signer = keygate::store::seal::Signer::new(&keygate::keys::digest::Hasher::new(vec![(1, vec![9; 32])]));
+        let signer =
+            keygate::store::seal::Signer::new(&keygate::keys::digest::Hasher::new(vec![(
+                1,
+                vec![9; 32],
+            )]));
         // Corpus files are unsigned (no header): a verifying load reads them as parse_log does.
-        let loaded = keygate::store::file::LogFile::new(&file, signer).load().unwrap();
+        let loaded = keygate::store::file::LogFile::new(&file, signer)
+            .load()
+            .unwrap();
         let parsed = keygate::store::file::parse_log(&bytes);
         assert_eq!(loaded.records, parsed.records, "{}", path.display());
         assert_eq!(loaded.rev, parsed.rev, "{}", path.display());

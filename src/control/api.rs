@@ -68,6 +68,9 @@ impl From<OpsError> for ApiError {
             }
             // Fail closed: a change that cannot be audited is not made (THREATS J6).
             OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
+                (StatusCode::CONFLICT, "key_revoked")
+            }
             OpsError::Store(_) | OpsError::Random(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
@@ -772,11 +775,9 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
                 records,
                 Some(FeedLine::SnapshotEnd { rev }),
             ),
-            Catchup::Since { log, records } => (
-                Some(FeedLine::Resume { log, rev: last }),
-                records,
-                None,
-            ),
+            Catchup::Since { log, records } => {
+                (Some(FeedLine::Resume { log, rev: last }), records, None)
+            }
         };
         let lines = head
             .into_iter()

@@ -230,9 +230,10 @@ fn revoke_again(log: &LogFile, audit: &AuditLog, held: Vec<KeyRecord>) {
         let events: Vec<Event> = records
             .iter()
             .map(|r| {
-                Event::new("key.revoked", "control-plane")
-                    .key(r)
-                    .with("reason", "revocation is final: re-applied over a replaced store")
+                Event::new("key.revoked", "control-plane").key(r).with(
+                    "reason",
+                    "revocation is final: re-applied over a replaced store",
+                )
             })
             .collect();
         audit.append(&events)?;
@@ -240,7 +241,9 @@ fn revoke_again(log: &LogFile, audit: &AuditLog, held: Vec<KeyRecord>) {
     });
     match written {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "control plane: audit failed; revocations not re-written"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "control plane: audit failed; revocations not re-written")
+        }
         Err(e) => tracing::error!(error = %e, "control plane: could not re-write revocations"),
     }
 }

@@ -247,8 +247,12 @@ impl FeedState {
             Err(e @ (StoreError::Rollback { .. } | StoreError::Downgrade { .. })) => {
                 tracing::error!(error = %e, "control plane: the store was replaced by an older or unsigned copy; continuing it as a new log");
                 match store.continue_after(state.revision(), &state.revoked()) {
-                    Ok(log) => tracing::warn!(%log, "control plane: store continues as a new log; gateways reload whole"),
-                    Err(e) => tracing::error!(error = %e, "control plane: could not continue the restored store; serving the last good log"),
+                    Ok(log) => {
+                        tracing::warn!(%log, "control plane: store continues as a new log; gateways reload whole")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "control plane: could not continue the restored store; serving the last good log")
+                    }
                 }
             }
             Err(e) => {
@@ -307,7 +311,10 @@ mod tests {
             matches!(s.catchup(None, None).1, Catchup::Snapshot { rev: 3, ref records, .. } if records.len() == 2)
         );
         assert!(
-            matches!(s.catchup(Some(LogId(99)), Some(1)).1, Catchup::Snapshot { .. }),
+            matches!(
+                s.catchup(Some(LogId(99)), Some(1)).1,
+                Catchup::Snapshot { .. }
+            ),
             "a client of another log never resumes by revision"
         );
         // Compaction: clients behind it need a snapshot, clients at its revision do not.
@@ -319,7 +326,10 @@ mod tests {
             ..Parsed::default()
         }));
         assert!(matches!(rx.try_recv(), Ok(Event::Reset)));
-        assert!(matches!(s.catchup(Some(L), Some(2)).1, Catchup::Snapshot { .. }));
+        assert!(matches!(
+            s.catchup(Some(L), Some(2)).1,
+            Catchup::Snapshot { .. }
+        ));
         assert!(
             matches!(s.catchup(Some(L), Some(3)).1, Catchup::Since { ref records, .. } if records.is_empty())
         );

@@ -432,7 +432,9 @@ impl LogFile {
         write_atomic(&self.path, &bytes).map_err(|e| self.io(e))?;
         match why {
             NewLog::Fresh => tracing::info!(path = %self.path.display(), %log, "new key store log"),
-            NewLog::Upgrade => tracing::warn!(path = %self.path.display(), %log, keys = records.len(), "unsigned key store signed in place under a new log"),
+            NewLog::Upgrade => {
+                tracing::warn!(path = %self.path.display(), %log, keys = records.len(), "unsigned key store signed in place under a new log")
+            }
             NewLog::Restored => tracing::error!(
                 path = %self.path.display(),
                 %log,
@@ -530,10 +532,7 @@ impl LogFile {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(r) = records
-            .iter()
-            .find(|r| unrevokes(state.keys.get(&r.id), r))
-        {
+        if let Some(r) = records.iter().find(|r| unrevokes(state.keys.get(&r.id), r)) {
             return Err(StoreError::Unrevoke { id: r.id.clone() });
         }
         let newly_revoked: Vec<&KeyRecord> = records
@@ -546,8 +545,15 @@ impl LogFile {
         self.ledger
             .add_revoked(&self.signer, &newly_revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(&mut file, complete as u64, buf.len() as u64, log, rev, records)
-            .map(Ok)
+        self.write_locked(
+            &mut file,
+            complete as u64,
+            buf.len() as u64,
+            log,
+            rev,
+            records,
+        )
+        .map(Ok)
     }
 
     /// Append records without reading the whole log (creation, import): only the header and
@@ -868,7 +874,9 @@ impl Follower {
                 if complete.is_empty() {
                     return Ok(Update::Unchanged);
                 }
-                let parsed = self.file.parse(complete, self.next_line, self.rev, self.log);
+                let parsed = self
+                    .file
+                    .parse(complete, self.next_line, self.rev, self.log);
                 self.offset += complete.len() as u64;
                 self.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
                 self.rev = parsed.rev;
@@ -954,7 +962,10 @@ mod tests {
         assert!(!loaded.log.is_none());
         assert!(loaded.records.iter().all(|r| r.mac.is_some()));
         // Another secret verifies nothing.
-        let other = LogFile::new(log.path(), Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![8; 32])])));
+        let other = LogFile::new(
+            log.path(),
+            Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![8; 32])])),
+        );
         assert_eq!(other.load().unwrap().records.len(), 0);
     }
 
@@ -1026,7 +1037,10 @@ mod tests {
             r.revoked_at = None;
             Ok::<_, ()>(vec![r])
         });
-        assert!(matches!(again, Err(StoreError::Unrevoke { .. })), "{again:?}");
+        assert!(
+            matches!(again, Err(StoreError::Unrevoke { .. })),
+            "{again:?}"
+        );
     }
 
     #[test]
@@ -1043,7 +1057,11 @@ mod tests {
         fs::write(&path, &legacy).unwrap();
         let log = log_at(&path);
         assert!(log.load().unwrap().log.is_none(), "legacy: no log id");
-        assert_eq!(log.load().unwrap().records.len(), 2, "legacy records are read");
+        assert_eq!(
+            log.load().unwrap().records.len(),
+            2,
+            "legacy records are read"
+        );
         let w = log.append(vec![rec("key_c", 3)]).unwrap();
         let loaded = log.load().unwrap();
         assert!(!loaded.log.is_none());
@@ -1067,7 +1085,11 @@ mod tests {
         let w = log.append(vec![rec("key_d", 4)]).unwrap();
         let after = log.load().unwrap();
         assert_ne!(after.log, before.log, "a restore starts a new log");
-        assert!(w[0].rev > 4, "revisions continue after the highest issued: {}", w[0].rev);
+        assert!(
+            w[0].rev > 4,
+            "revisions continue after the highest issued: {}",
+            w[0].rev
+        );
         let keys = latest(after.records);
         assert!(keys["key_a"].revoked_at.is_some(), "revocation re-applied");
         assert!(keys.contains_key("key_d"));
@@ -1193,7 +1215,11 @@ mod tests {
         // An unsigned file after a signed one is refused.
         let mut legacy = rec("key_z", 9);
         legacy.rev = 50;
-        fs::write(&old, format!("{}\n", serde_json::to_string(&legacy).unwrap())).unwrap();
+        fs::write(
+            &old,
+            format!("{}\n", serde_json::to_string(&legacy).unwrap()),
+        )
+        .unwrap();
         fs::rename(&old, &path).unwrap();
         assert!(matches!(fol.poll(), Err(StoreError::Downgrade { .. })));
 

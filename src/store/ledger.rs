@@ -86,7 +86,10 @@ impl Ledger {
             Err(e) => return Err(e),
         };
         let signed: Signed<Hwm> = serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.hwm.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", self.hwm.display()),
+            )
         })?;
         if !check(signer, b"hwm", &signed) {
             return Err(io::Error::new(

@@ -144,7 +144,9 @@ impl<'de> Deserialize<'de> for Tag {
 pub enum SealError {
     #[error("record {id} at revision {rev} carries no MAC in a signed log")]
     Unsigned { id: String, rev: u64 },
-    #[error("record {id} at revision {rev}: MAC does not verify (edited, foreign, or from another log)")]
+    #[error(
+        "record {id} at revision {rev}: MAC does not verify (edited, foreign, or from another log)"
+    )]
     BadRecord { id: String, rev: u64 },
     #[error("MAC made with secret version {0}, which is not configured")]
     UnknownVersion(u32),
@@ -360,6 +362,9 @@ mod tests {
         assert!(!again.verify(b"trailer!", &t2));
         let tag: Tag = t2.to_string().parse().unwrap();
         assert_eq!(tag, t2);
-        assert_eq!(LogId(0xab).to_string().parse::<LogId>().unwrap(), LogId(0xab));
+        assert_eq!(
+            LogId(0xab).to_string().parse::<LogId>().unwrap(),
+            LogId(0xab)
+        );
     }
 }

@@ -21,7 +21,11 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Refusal {
     #[error("log {log} offered at revision {offered}, older than revision {applied} already applied: refusing a rollback")]
-    Backwards { log: LogId, offered: u64, applied: u64 },
+    Backwards {
+        log: LogId,
+        offered: u64,
+        applied: u64,
+    },
     #[error("records of log {offered} cannot extend a table of log {table}: a new log needs a whole table")]
     OtherLog { table: LogId, offered: LogId },
 }

@@ -87,12 +87,17 @@ pub fn load(path: &Path, signer: &Signer) -> Result<Option<(Cached, CacheWriter)
         why,
     };
     if bytes.last() != Some(&b'\n') {
-        return Err(reject("does not end with a complete seal line (cut?)".into()));
+        return Err(reject(
+            "does not end with a complete seal line (cut?)".into(),
+        ));
     }
     let body = &bytes[..bytes.len() - 1];
     let seal_at = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let seal: SealLine = serde_json::from_slice(&body[seal_at..])
-        .map_err(|e| reject(format!("last line is not a seal ({e}): cut or appended to?")))?;
+    let seal: SealLine = serde_json::from_slice(&body[seal_at..]).map_err(|e| {
+        reject(format!(
+            "last line is not a seal ({e}): cut or appended to?"
+        ))
+    })?;
     let mut chain = signer
         .file_chain_for(seal.mac.version)
         .map_err(|e| reject(e.to_string()))?;
@@ -118,7 +123,8 @@ pub fn load(path: &Path, signer: &Signer) -> Result<Option<(Cached, CacheWriter)
     let mut records = Vec::with_capacity(seal.seal.count.min(1 << 24) as usize);
     for line in lines {
         records.push(
-            serde_json::from_slice::<KeyRecord>(line).map_err(|e| reject(format!("record: {e}")))?,
+            serde_json::from_slice::<KeyRecord>(line)
+                .map_err(|e| reject(format!("record: {e}")))?,
         );
     }
     if records.len() as u64 != seal.seal.count {

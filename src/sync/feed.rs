@@ -417,7 +417,11 @@ impl Session<'_> {
         follow::observe(gw, &out);
         gw.mark_synced();
         gw.metrics.table_revision.set(rev as i64);
-        let enforced: Vec<KeyRecord> = table.get_by_id(&id).map(|r| (*r).clone()).into_iter().collect();
+        let enforced: Vec<KeyRecord> = table
+            .get_by_id(&id)
+            .map(|r| (*r).clone())
+            .into_iter()
+            .collect();
         drop(table);
         let now = unix_ms();
         self.touched_ms = now;
