@@ -57,6 +57,9 @@ fn check<T: Serialize>(signer: &Signer, what: &[u8], s: &Signed<T>) -> bool {
     }
 }
 
+/// A ledger line that did not verify: (line number, why).
+pub type BadLine = (u64, String);
+
 #[derive(Debug, Clone)]
 pub struct Ledger {
     hwm: PathBuf,
@@ -137,7 +140,7 @@ impl Ledger {
 
     /// Every revocation recorded; lines that do not verify are returned as errors (line, why)
     /// and skipped, the rest still count (losing one forged line must not lose the others).
-    pub fn revoked(&self, signer: &Signer) -> io::Result<(Vec<KeyRecord>, Vec<(u64, String)>)> {
+    pub fn revoked(&self, signer: &Signer) -> io::Result<(Vec<KeyRecord>, Vec<BadLine>)> {
         let bytes = match fs::read(&self.revoked) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((vec![], vec![])),
