@@ -141,6 +141,27 @@ impl Fleet {
         }
     }
 
+    /// Start the control plane again on its old `port` (same store, same tokens).
+    async fn restart_cp(&mut self, port: u16) {
+        std::fs::write(&self.cp_cfg, cp_config(&format!("127.0.0.1:{port}"))).unwrap();
+        let start = Instant::now();
+        let cp = loop {
+            match ControlPlane::try_spawn(&self.cp_cfg).await {
+                Ok(cp) => break cp,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < RECONNECT_BOUND,
+                        "could not re-bind port {port}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await; // retry pacing, not sync
+                }
+            }
+        };
+        assert_eq!(cp.addr.port(), port);
+        self.cp_at = cp.addr;
+        self.cp = Some(cp);
+    }
+
     fn cp_addr(&self) -> SocketAddr {
         self.cp_at
     }
@@ -380,23 +401,7 @@ async fn gateways_survive_the_control_plane_and_resume_without_a_snapshot() {
     );
 
     // The control plane comes back on its old port (same store, same tokens).
-    std::fs::write(&fleet.cp_cfg, cp_config(&format!("127.0.0.1:{port}"))).unwrap();
-    let start = Instant::now();
-    let cp = loop {
-        match ControlPlane::try_spawn(&fleet.cp_cfg).await {
-            Ok(cp) => break cp,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "could not re-bind port {port}: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await; // retry pacing, not sync
-            }
-        }
-    };
-    assert_eq!(cp.addr.port(), port);
-    fleet.cp_at = cp.addr;
-    fleet.cp = Some(cp);
+    fleet.restart_cp(port).await;
 
     let (_, fresh) = fleet.create("after-restart").await;
     for c in conns.iter_mut() {
@@ -635,6 +640,11 @@ fn restore(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Status of a keyed request on a fresh connection.
+async fn key_status(gw: &Gateway, key: &str) -> u16 {
+    get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0
+}
+
 async fn scrape(gw: &Gateway) -> String {
     let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
     String::from_utf8_lossy(&body).into_owned()
@@ -682,14 +692,8 @@ async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
     assert_eq!((s, v["state"].as_str()), (200, Some("revoked")), "{v}");
     for gw in &gws {
         until_status_fresh(gw, &k3, 200, RECONNECT_BOUND).await;
-        assert_eq!(
-            get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
-            401
-        );
-        assert_eq!(
-            get(gw.http, "/invoices/1", &[("x-api-key", &k2)]).await.0,
-            200
-        );
+        assert_eq!(key_status(gw, &k1).await, 401);
+        assert_eq!(key_status(&gw, &k2).await, 200);
     }
 
     // 2. Restore again, with a CLI append already in the restored file before anyone looks,
@@ -719,10 +723,7 @@ async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
         // k3 was created after the backup: restoring the backup loses it (as any restore
         // loses what came after it); what a restore never loses is a revocation.
         for (key, want) in [(&k1, 401), (&k2, 200), (&k3, 401)] {
-            assert_eq!(
-                get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0,
-                want
-            );
+            assert_eq!(key_status(&gw, key).await, want);
         }
     }
     // Revisions in the store are unique, and the store itself holds k1 revoked.
@@ -866,14 +867,8 @@ async fn a_feed_that_unrevokes_or_forges_is_never_obeyed() {
         metric(&text, "keygate_source_errors_total{kind=\"bad_mac\"}").filter(|v| *v >= 1.0)
     })
     .await;
-    assert_eq!(
-        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
-        401
-    );
-    assert_eq!(
-        get(gw.http, "/invoices/1", &[("x-api-key", &k2)]).await.0,
-        200
-    );
+    assert_eq!(key_status(&gw, &k1).await, 401);
+    assert_eq!(key_status(&gw, &k2).await, 200);
     // Kept against script 1's un-revoke, script 2's snapshot and script 4's other log; script
     // 3 refused whole as a rollback.
     assert!(
@@ -925,10 +920,7 @@ async fn a_tampered_feed_cache_is_discarded_and_sync_age_survives_restarts() {
     // Intact copy: served, and the sync age counts from the copy's last sync (never -1).
     let gw = fleet.gateway(0).await;
     until_status_fresh(&gw, &k2, 200, Duration::from_secs(10)).await;
-    assert_eq!(
-        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
-        401
-    );
+    assert_eq!(key_status(&gw, &k1).await, 401);
     let age = metric(&scrape(&gw).await, "keygate_table_sync_age_seconds").unwrap();
     assert!(age >= 0.0, "sync age {age} after a restart from the copy");
     drop(gw);
@@ -973,11 +965,7 @@ async fn a_tampered_feed_cache_is_discarded_and_sync_age_survives_restarts() {
         .await;
         assert_eq!(get(gw.admin, "/readyz", &[]).await.0, 503, "{what}");
         for key in [&k1, &k2] {
-            assert_eq!(
-                get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0,
-                503,
-                "{what}: fails closed"
-            );
+            assert_eq!(key_status(&gw, key).await, 503, "{what}: fails closed");
         }
         assert!(
             cache.with_file_name("feed-cache.jsonl.rejected").exists(),
@@ -988,27 +976,10 @@ async fn a_tampered_feed_cache_is_discarded_and_sync_age_survives_restarts() {
 
     // With the control plane back, a tampered copy is discarded and the feed resyncs.
     std::fs::write(&cache, edited.as_bytes()).unwrap();
-    std::fs::write(&fleet.cp_cfg, cp_config(&format!("127.0.0.1:{port}"))).unwrap();
-    let start = Instant::now();
-    let cp = loop {
-        match ControlPlane::try_spawn(&fleet.cp_cfg).await {
-            Ok(cp) => break cp,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < RECONNECT_BOUND,
-                    "could not re-bind {port}: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await; // retry pacing, not sync
-            }
-        }
-    };
-    fleet.cp = Some(cp);
+    fleet.restart_cp(port).await;
     let gw = fleet.gateway(0).await;
     until_status_fresh(&gw, &k2, 200, RECONNECT_BOUND).await;
-    assert_eq!(
-        get(gw.http, "/invoices/1", &[("x-api-key", &k1)]).await.0,
-        401
-    );
+    assert_eq!(key_status(&gw, &k1).await, 401);
     assert_eq!(get(gw.admin, "/readyz", &[]).await.0, 200);
     assert!(source_errors(&gw, "cache").await >= 1.0);
 }
