@@ -720,3 +720,57 @@ fn revoked(cur: &KeyRecord, reason: Option<&str>, now: i64) -> KeyRecord {
     r.written_at_ms = crate::clock::unix_ms();
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest::Digest;
+    use crate::keys::record::sample;
+
+    #[test]
+    fn scope_rule_table() {
+        for ok in ["invoices:read", "a", "a.b-c_d:E9", "x:y:z"] {
+            assert!(check_scope(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            "*",
+            "invoices:*",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "a::b",
+            ":a",
+            "a%2fb",
+            "%2F",
+            "a/b",
+            "a b",
+            "é",
+            &long,
+        ] {
+            assert!(check_scope(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn changed_fields_names_what_differs_and_skips_bookkeeping() {
+        let old = sample("key_a", Digest([1; 32]));
+        let mut new = old.clone();
+        new.rev += 1;
+        new.written_at_ms += 5;
+        assert!(changed_fields(&old, &new).is_empty());
+        new.scopes = vec![];
+        new.expires_at = Some(9);
+        assert_eq!(changed_fields(&old, &new), ["expires_at", "scopes"]);
+    }
+
+    #[test]
+    fn expiry_must_be_in_the_future() {
+        assert!(check_expiry(None, 100).is_ok());
+        assert!(check_expiry(Some(101), 100).is_ok());
+        assert!(check_expiry(Some(100), 100).is_err());
+        assert!(check_expiry(Some(5), 100).is_err());
+    }
+}
