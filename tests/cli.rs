@@ -229,6 +229,14 @@ impl Env {
             .collect()
     }
 
+    /// The audit lines of one `event`, in order.
+    fn audit_events(&self, event: &str) -> Vec<Value> {
+        self.audit_lines()
+            .into_iter()
+            .filter(|e| e["event"] == event)
+            .collect()
+    }
+
     /// Poll `list --state expired` until `id` shows up there.
     fn await_expired(&self, id: &str) {
         let start = Instant::now();
@@ -790,11 +798,7 @@ fn revoke_single_is_idempotent_and_audited_once() {
     assert_eq!(shown["revoked_at"].as_i64().unwrap(), revoked_at);
     assert_eq!(env.store_lines().len(), lines);
 
-    let revoked_events: Vec<Value> = env
-        .audit_lines()
-        .into_iter()
-        .filter(|e| e["event"] == "key.revoked")
-        .collect();
+    let revoked_events = env.audit_events("key.revoked");
     assert_eq!(revoked_events.len(), 1, "{revoked_events:?}");
     assert_eq!(revoked_events[0]["key_id"], k.as_str());
     assert_eq!(env.show(&other)["state"], "active");
@@ -1740,11 +1744,7 @@ fn audit_events_carry_reason_changed_fields_and_rotation_link() {
     assert_eq!(e["changed"], serde_json::json!(["labels", "scopes"]), "{e}");
 
     let new = id(&env.ok(&["rotate", &k, "--json"]).json());
-    let rotated: Vec<Value> = env
-        .audit_lines()
-        .into_iter()
-        .filter(|e| e["event"] == "key.rotated")
-        .collect();
+    let rotated = env.audit_events("key.rotated");
     assert_eq!(rotated.len(), 1, "one event per rotation: {rotated:?}");
     assert_eq!(rotated[0]["key_id"], k.as_str());
     assert_eq!(rotated[0]["successor_id"], new.as_str());

@@ -244,6 +244,11 @@ async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) 
     (status, norm)
 }
 
+/// [`raw_get_normalised`] of `/invoices/1` with `Authorization: Bearer <key>`.
+async fn raw_get_with_key(gw: &Gateway, key: &str) -> (u16, Vec<u8>) {
+    raw_get_normalised(gw, "/invoices/1", &[("Authorization", &bearer(key))]).await
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -899,18 +904,8 @@ async fn canary_key_is_refused_like_unknown_and_audited() {
     let s = Setup::new(Mode::Echo, "", "").await;
     let canary = s.create(&["--canary"]);
     let gw = s.serve().await;
-    let (st_c, bytes_c) = raw_get_normalised(
-        &gw,
-        "/invoices/1",
-        &[("Authorization", &bearer(&canary.key))],
-    )
-    .await;
-    let (st_u, bytes_u) = raw_get_normalised(
-        &gw,
-        "/invoices/1",
-        &[("Authorization", "Bearer kg_live_unknown")],
-    )
-    .await;
+    let (st_c, bytes_c) = raw_get_with_key(&gw, &canary.key).await;
+    let (st_u, bytes_u) = raw_get_with_key(&gw, "kg_live_unknown").await;
     assert_eq!((st_c, st_u), (401, 401));
     assert_eq!(
         String::from_utf8_lossy(&bytes_c),
@@ -1385,18 +1380,8 @@ async fn revoked_canary_still_alarms() {
     s.revoke(&canary.id);
     s.revoke(&revoked.id);
     let gw = s.serve().await;
-    let (st_c, bytes_c) = raw_get_normalised(
-        &gw,
-        "/invoices/1",
-        &[("Authorization", &bearer(&canary.key))],
-    )
-    .await;
-    let (st_r, bytes_r) = raw_get_normalised(
-        &gw,
-        "/invoices/1",
-        &[("Authorization", &bearer(&revoked.key))],
-    )
-    .await;
+    let (st_c, bytes_c) = raw_get_with_key(&gw, &canary.key).await;
+    let (st_r, bytes_r) = raw_get_with_key(&gw, &revoked.key).await;
     assert_eq!((st_c, st_r), (401, 401));
     assert_eq!(
         String::from_utf8_lossy(&bytes_c),
