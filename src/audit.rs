@@ -96,16 +96,65 @@ impl AuditLog {
     }
 }
 
-/// Who is acting, for the `actor` field: the OS user running the CLI.
+/// Who is acting, for the `actor` field: the OS user running the CLI, as `name (uid N)`.
+///
+/// From the kernel, not from `$USER`/`$LOGNAME` (anyone can set those): the real uid from
+/// `/proc/self/status`, its name from `/etc/passwd`. Reading files keeps this free of `unsafe`
+/// (the crate forbids it) and of new dependencies.
 pub fn os_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into())
+    let Some(uid) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| real_uid(&s))
+    else {
+        return "unknown".into();
+    };
+    match std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| user_name(&p, uid))
+    {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// The real uid: the first number of the `Uid:` line of `/proc/<pid>/status`.
+fn real_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The name of `uid` in passwd(5) text (`name:password:uid:…`).
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id = f.nth(1)?.parse::<u32>().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_owned())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_comes_from_the_uid_and_passwd() {
+        let status = "Name:\tkeygate\nUid:\t1001\t0\t0\t0\nGid:\t1001\n";
+        assert_eq!(
+            real_uid(status),
+            Some(1001),
+            "the real uid, not the effective one"
+        );
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n#junk\nalice:x:1001:1001::/home/a:/bin/sh\n";
+        assert_eq!(user_name(passwd, 1001).as_deref(), Some("alice"));
+        assert_eq!(user_name(passwd, 7), None);
+        assert!(os_user().contains("uid "), "{}", os_user());
+    }
 
     #[test]
     fn appends_json_lines_and_fails_on_a_full_device() {

@@ -14,10 +14,23 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
         Ok(c) => c,
         Err(e) => return (vec![e.to_string()], notes),
     };
-    if let Err(e) = KeySettings::from_config(&config) {
-        problems.push(format!("hash secret / keys: {e}"));
-    } else if let Err(e) = Snapshot::build(config.clone(), &Metrics::new(0)) {
-        problems.push(e.to_string());
+    match KeySettings::from_config(&config) {
+        Err(e) => problems.push(format!("hash secret / keys: {e}")),
+        Ok(settings) => {
+            if let Err(e) = Snapshot::build(config.clone(), &Metrics::new(0)) {
+                problems.push(e.to_string());
+            }
+            // Keys per secret version: a version in use without a secret is a fleet of 401s.
+            // Only the file store is local; a feed gateway's control plane checks its own.
+            if config.keys.source == "file" {
+                match settings.check_secret_versions(crate::clock::unix_secs()) {
+                    Ok(warnings) => {
+                        notes.extend(warnings.into_iter().map(|w| format!("warning: {w}")))
+                    }
+                    Err(found) => problems.extend(found),
+                }
+            }
+        }
     }
     if std::env::var_os("API_KEY_DEFAULT_RATE_LIMIT").is_none()
         && !config.plans.contains_key("default")

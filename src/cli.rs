@@ -385,15 +385,28 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn print_record(r: &KeyRecord, now: i64, json: bool) -> Result<(), Failure> {
+/// One key, as `keys show` (and `update`, `revoke --json`) print it: the same fields as a
+/// `keys list --json` row, including last use; the human form prints times as RFC 3339 like
+/// the list table.
+fn print_record(r: &KeyRecord, usage: &Usage, now: i64, json: bool) -> Result<(), Failure> {
+    let v = listed_json(r, usage, now);
     if json {
-        return out(&r.public_json(now).to_string());
+        return out(&v.to_string());
     }
-    let v = r.public_json(now);
     let mut text = String::new();
     if let Some(obj) = v.as_object() {
         for (k, v) in obj {
-            text.push_str(&format!("{k:<15} {}\n", v));
+            let shown = match (k.as_str(), v.as_i64()) {
+                ("created_at" | "expires_at" | "revoked_at" | "not_before" | "last_used", t) => {
+                    fmt_time(t)
+                }
+                ("written_at_ms", Some(ms)) if ms >= 0 => humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64),
+                )
+                .to_string(),
+                _ => v.to_string(),
+            };
+            text.push_str(&format!("{k:<15} {shown}\n"));
         }
     }
     out(text.trim_end())
@@ -454,10 +467,16 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .filter(|r| env.as_ref().is_none_or(|e| &r.env == e))
                 .filter(|r| state.is_none_or(|s| r.state(now) == s))
                 .collect();
-            rows.sort_by_key(|r| r.created_at);
+            // Id breaks ties within a second, so the order is the same on every run.
+            rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
         }
-        KeysCommand::Show { id, json } => print_record(&keys.show(&id)?, now, json),
+        KeysCommand::Show { id, json } => print_record(
+            &keys.show(&id)?,
+            &crate::usage::read(&settings.usage_file),
+            now,
+            json,
+        ),
         KeysCommand::Update {
             id,
             name,
@@ -483,7 +502,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             };
             let r = keys.update(&id, &changes, now)?;
             eprintln!("updated {}", r.id);
-            print_record(&r, now, json)
+            print_record(&r, &crate::usage::read(&settings.usage_file), now, json)
         }
         KeysCommand::Revoke {
             id: Some(id),
@@ -494,7 +513,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let r = keys.revoke(&id, reason.as_deref(), now)?;
             eprintln!("revoked {}", r.id);
             if json {
-                print_record(&r, now, true)?;
+                print_record(&r, &Usage::new(), now, true)?;
             }
             Ok(())
         }
@@ -521,10 +540,19 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             }
             let done =
                 keys.revoke_matching(&Selector { owner, env, label }, reason.as_deref(), now)?;
-            eprintln!("revoked {} keys", done.len());
+            eprintln!("revoked {} keys", done.revoked.len());
+            if done.canaries_spared > 0 {
+                eprintln!(
+                    "left {} canary key(s) armed: revoking a canary disarms its alarm; revoke one by id if you mean it",
+                    done.canaries_spared
+                );
+            }
             if json {
-                let ids: Vec<&str> = done.iter().map(|r| r.id.as_str()).collect();
-                out(&serde_json::json!({ "revoked": ids }).to_string())?;
+                let ids: Vec<&str> = done.revoked.iter().map(|r| r.id.as_str()).collect();
+                out(
+                    &serde_json::json!({ "revoked": ids, "canaries_spared": done.canaries_spared })
+                        .to_string(),
+                )?;
             }
             Ok(())
         }
@@ -536,7 +564,9 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .unwrap_or(settings.rotate_grace_secs);
             let m = keys.rotate(&id, grace, now)?;
             print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
-            eprintln!("{id} keeps working until {}", fmt_time(Some(now + grace)));
+            // What is stored, which is earlier than now + grace when the key expired sooner.
+            let until = m.replaced.as_ref().and_then(|old| old.expires_at);
+            eprintln!("{id} keeps working until {}", fmt_time(until));
             Ok(())
         }
         KeysCommand::Expiring { within, json } => {

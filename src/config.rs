@@ -107,6 +107,9 @@ pub struct KeysConfig {
     pub on_stale: String,
     /// Keys unused for this long count as stale, e.g. "90d".
     pub stale_after: String,
+    /// What `serve` and `check` do when live keys use a secret version with no configured
+    /// secret (they would all fail with 401): "refuse" (default) or "warn".
+    pub on_missing_secret_version: String,
 }
 
 impl Default for KeysConfig {
@@ -134,6 +137,7 @@ impl Default for KeysConfig {
             max_staleness: "5m".into(),
             on_stale: "serve".into(),
             stale_after: "90d".into(),
+            on_missing_secret_version: "refuse".into(),
         }
     }
 }
@@ -146,15 +150,29 @@ pub struct PreviousSecret {
     pub file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// Longest allowed key lifetime, e.g. "365d". None: unbounded.
+    /// Longest allowed key lifetime, e.g. "365d" (the default).
     pub max_ttl: Option<String>,
+    /// Every key names an owner (default true): mass revocation and audit work by owner.
     pub require_owner: bool,
     pub require_expiry: bool,
     /// Scopes allowed per env; an env not listed allows any scope.
     pub allowed_scopes: BTreeMap<String, Vec<String>>,
+}
+
+/// Secure defaults, and the values config/keygate.toml documents: a key has an owner and
+/// lives at most a year unless the operator loosens `[policy]` on purpose.
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_ttl: Some("365d".into()),
+            require_owner: true,
+            require_expiry: false,
+            allowed_scopes: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,7 +28,12 @@ pub struct Gateway {
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
     boot_id: u32,
+    /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
+    denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
+
+/// Most key ids one `auth.denied` summary names; beyond it attempts still count by reason.
+pub const MAX_DENIED_KEYS: usize = 1000;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,6 +78,7 @@ impl Gateway {
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
+            denied_keys: Default::default(),
         })
     }
 
@@ -142,6 +148,29 @@ impl Gateway {
     pub fn request_id(&self) -> String {
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
         format!("{:08x}{:012x}", self.boot_id, n)
+    }
+
+    /// Count a refused attempt with a known key (revoked, expired, …) for the next
+    /// `auth.denied` summary, so attempts after a leak are attributable to the key. The map
+    /// holds at most [`MAX_DENIED_KEYS`] ids: an attacker cycling through refused keys cannot
+    /// grow it (each id needs a real, stored key).
+    pub fn denied_key(&self, id: &str) {
+        let Ok(mut m) = self.denied_keys.lock() else {
+            return;
+        };
+        if let Some(n) = m.get_mut(id) {
+            *n += 1;
+        } else if m.len() < MAX_DENIED_KEYS {
+            m.insert(id.to_owned(), 1);
+        }
+    }
+
+    /// The per-key counts since the last call, emptied.
+    pub fn take_denied_keys(&self) -> std::collections::BTreeMap<String, u64> {
+        self.denied_keys
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
     }
 
     /// Queue an audit event; never blocks the caller. A full queue drops and counts.

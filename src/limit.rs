@@ -226,7 +226,9 @@ impl AuthFailures {
             };
         }
         w.count = w.count.saturating_add(1);
-        if w.count > self.per_minute && w.blocked_until.is_none_or(|t| t <= now) {
+        // `per_minute` failures are allowed; the one that uses up the budget blocks, so the
+        // next attempt is refused (not the one after it).
+        if w.count >= self.per_minute && w.blocked_until.is_none_or(|t| t <= now) {
             w.blocked_until = Some(now + self.block);
             return true;
         }
@@ -327,10 +329,11 @@ mod tests {
         let t0 = Instant::now();
         let a: IpAddr = "127.0.0.2".parse().unwrap();
         let b: IpAddr = "127.0.0.3".parse().unwrap();
-        for _ in 0..3 {
+        // Exactly 3 failures allowed: the 3rd exhausts the budget, the 4th attempt is refused.
+        for _ in 0..2 {
             assert!(!f.record(a, t0));
+            assert!(f.blocked(a, t0).is_none());
         }
-        assert!(f.blocked(a, t0).is_none());
         assert!(f.record(a, t0));
         assert!(f.blocked(a, t0).is_some());
         assert!(f.blocked(b, t0).is_none());

@@ -196,11 +196,10 @@ async fn pipeline(
             snap.keys.leeway_secs,
         )
         .map_err(|e| {
-            // The canary alarm (audit + log in `record`) needs to know which key it was;
-            // the response stays the uniform 401.
-            if let AuthError::Canary(k) = &e {
-                ctx.key = Some(k.clone());
-            }
+            // A refused key that exists (revoked, expired, not yet valid, canary) is named in
+            // the access log, the denial audit and the canary alarm (`record`), so attempts
+            // after a leak are attributable; the response stays the uniform 401.
+            ctx.key = e.record().cloned();
             GatewayError::KeyInvalid(e)
         })?;
     ctx.key = Some(key.clone());
@@ -308,8 +307,14 @@ fn preflight_method(parts: &Parts) -> Option<Method> {
     Method::from_bytes(m.as_bytes()).ok()
 }
 
-/// Preflights carry no credentials (Fetch spec), so they are answered here from the global
-/// origin list; the real request is still authenticated and checked against the key's origins.
+/// Preflights carry no credentials (Fetch spec), so they cannot know which key the real
+/// request will carry, and a key may allow its own origins. The preflight therefore admits
+/// any well-formed origin (`scheme://host[:port]`), and the real request, which carries the
+/// key, is checked against the key's origins (or the global list) and gets
+/// `Access-Control-Allow-Origin` only when allowed; so a page on a refused origin can send a
+/// request but never read the answer. This reveals nothing about keys: the answer depends
+/// only on the route and the origin's syntax, never on the key table (answering only for
+/// origins some key lists would let anyone probe which origins have keys).
 fn preflight_response(
     snap: &Snapshot,
     route: &Route,
@@ -318,14 +323,8 @@ fn preflight_response(
 ) -> Result<Response<RespBody>, GatewayError> {
     let origin = headers
         .get(header::ORIGIN)
+        .filter(|o| is_serialized_origin(o.as_bytes()))
         .ok_or(GatewayError::OriginDenied)?;
-    if !snap
-        .allowed_origins
-        .iter()
-        .any(|o| o.as_bytes().eq_ignore_ascii_case(origin.as_bytes()))
-    {
-        return Err(GatewayError::OriginDenied);
-    }
     ctx.cors_origin = Some(origin.clone());
     let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
     *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -348,6 +347,20 @@ fn preflight_response(
         HeaderValue::from_static("600"),
     );
     Ok(resp)
+}
+
+/// A serialized origin (RFC 6454 §6.2): `http(s)://host[:port]`, no path, no userinfo. `null`
+/// (sandboxed or opaque origins) and anything else is refused.
+fn is_serialized_origin(o: &[u8]) -> bool {
+    let rest = o
+        .strip_prefix(b"https://")
+        .or_else(|| o.strip_prefix(b"http://"));
+    rest.is_some_and(|hp| {
+        !hp.is_empty()
+            && hp
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(b))
+    })
 }
 
 /// The client address: the socket peer, unless the peer is a trusted proxy, in which case the
@@ -484,6 +497,9 @@ fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: I
                 .with_label_values(&[o.as_str()])
                 .inc();
             gw.failures.record(ctx.client_ip, Instant::now());
+            if let Some(k) = &ctx.key {
+                gw.denied_key(&k.id);
+            }
             if o == Outcome::KeyCanary {
                 gw.metrics.canary_hits.inc();
                 let route = ctx
@@ -563,6 +579,28 @@ mod tests {
                 h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
             }
             assert_eq!(transfer_coding_is_chunked_only(&h), *want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn serialized_origins_only() {
+        for ok in [
+            "https://app.example",
+            "http://localhost:3000",
+            "https://[::1]:8443",
+        ] {
+            assert!(is_serialized_origin(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "null",
+            "",
+            "https://",
+            "ftp://x",
+            "https://a/b",
+            "https://u@h",
+            "*",
+        ] {
+            assert!(!is_serialized_origin(bad.as_bytes()), "{bad}");
         }
     }
 

@@ -39,6 +39,8 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("refusing to start: {}", .0.join("; "))]
+    MissingSecretVersion(Vec<String>),
 }
 
 /// Where a running gateway listens (port 0 in config resolves to the real port here).
@@ -172,6 +174,17 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let poll = Duration::from_millis(snapshot.config.keys.poll_interval_ms.max(10));
     let store = snapshot.keys.store.clone();
     let feed = snapshot.feed.clone();
+    // Keys under a secret version we have no secret for would all answer 401: refuse to
+    // start (or warn loudly, if configured) rather than serve a silent outage.
+    if feed.is_none() {
+        let warnings = snapshot
+            .keys
+            .check_secret_versions(crate::clock::unix_secs())
+            .map_err(ServeError::MissingSecretVersion)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+    }
     let gw = Gateway::new(snapshot, metrics.clone());
     match feed {
         None => crate::sync::file::spawn(
@@ -535,16 +548,29 @@ async fn admin_loop(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Re
 }
 
 /// Periodic work off the request path: usage flush, bucket and budget cleanup, and one
-/// aggregated `auth.denied` audit line per interval (never one line per request).
+/// aggregated `auth.denied` audit line per interval (never one line per request), also written
+/// at shutdown so the last interval's attempts are not lost.
 async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut last_flush = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_denials: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut seconds = 0u64;
+    let mut interval_start = seconds;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => {
+                // Written directly, not queued: the process may exit before the audit
+                // writer thread drains its queue.
+                if let Some(e) = denials(&gw, &mut last_denials, seconds - interval_start) {
+                    let log = crate::audit::AuditLog::new(&gw.snapshot().keys.audit_log);
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(err) = log.append(&[e]) {
+                            tracing::error!(error = %err, "audit write failed at shutdown");
+                        }
+                    })
+                    .await;
+                }
                 flush_usage(&gw).await;
                 return;
             }
@@ -557,30 +583,52 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         if seconds.is_multiple_of(60) {
             gw.buckets.shrink();
             gw.failures.sweep(std::time::Instant::now());
-            let mut delta = serde_json::Map::new();
-            for o in crate::error::Outcome::ALL
-                .iter()
-                .filter(|o| o.is_auth_failure())
-            {
-                let now = gw
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[o.as_str()])
-                    .get();
-                let before = last_denials.insert(o.as_str(), now).unwrap_or(0);
-                if now > before {
-                    delta.insert(o.as_str().into(), (now - before).into());
-                }
+            if let Some(e) = denials(&gw, &mut last_denials, seconds - interval_start) {
+                gw.audit(e);
             }
-            if !delta.is_empty() {
-                gw.audit(
-                    Event::new("auth.denied", "gateway")
-                        .with("interval_seconds", 60)
-                        .with("counts", delta),
-                );
-            }
+            interval_start = seconds;
         }
     }
+}
+
+/// One `auth.denied` line: refused attempts by reason since `last` (the counters' previous
+/// values), and by key id for keys that exist (revoked, expired, …). `None` when idle.
+fn denials(
+    gw: &Gateway,
+    last: &mut std::collections::BTreeMap<&'static str, u64>,
+    interval_seconds: u64,
+) -> Option<Event> {
+    let mut delta = serde_json::Map::new();
+    for o in crate::error::Outcome::ALL
+        .iter()
+        .filter(|o| o.is_auth_failure())
+    {
+        let now = gw
+            .metrics
+            .auth_failures
+            .with_label_values(&[o.as_str()])
+            .get();
+        let before = last.insert(o.as_str(), now).unwrap_or(0);
+        if now > before {
+            delta.insert(o.as_str().into(), (now - before).into());
+        }
+    }
+    let keys: serde_json::Map<String, serde_json::Value> = gw
+        .take_denied_keys()
+        .into_iter()
+        .map(|(id, n)| (id, n.into()))
+        .collect();
+    if delta.is_empty() && keys.is_empty() {
+        return None;
+    }
+    let event = Event::new("auth.denied", "gateway")
+        .with("interval_seconds", interval_seconds)
+        .with("counts", delta);
+    Some(if keys.is_empty() {
+        event
+    } else {
+        event.with("key_ids", keys)
+    })
 }
 
 async fn flush_usage(gw: &Arc<Gateway>) {

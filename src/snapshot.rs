@@ -181,6 +181,12 @@ impl Snapshot {
                 ),
                 None => None,
             };
+            // The same scope rule as for keys: a route demanding `invoices:*` would refuse
+            // every key (there are no wildcards).
+            for scope in &r.scopes {
+                crate::keys::ops::check_scope(scope)
+                    .map_err(|e| c.invalid(field("scopes"), e.to_string()))?;
+            }
             if routes.iter().any(|x: &Route| x.name == r.name) {
                 return Err(c.invalid(field("name"), format!("duplicate route {:?}", r.name)));
             }

@@ -119,10 +119,16 @@ impl Env {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        let mut c = self.keygate_command(&["keys"]);
+        c.args(args);
+        c
+    }
+
+    /// `keygate --config <config> <args…>` (any subcommand), with the test environment.
+    fn keygate_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
         c.arg("--config")
             .arg(&self.config)
-            .arg("keys")
             .args(args)
             .env(SECRET_VAR, SECRET)
             .env("USER", "cli-tester")
@@ -146,6 +152,11 @@ impl Env {
 
     fn run(&self, args: &[&str]) -> Run {
         self.run_cmd(self.command(args), &format!("keys {args:?}"))
+    }
+
+    /// Run any `keygate` subcommand (not only `keys …`).
+    fn keygate(&self, args: &[&str]) -> Run {
+        self.run_cmd(self.keygate_command(args), &format!("keygate {args:?}"))
     }
 
     fn ok(&self, args: &[&str]) -> Run {
@@ -225,6 +236,14 @@ impl Env {
         self.audit_text()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The audit lines of one `event`, in order.
+    fn audit_events(&self, event: &str) -> Vec<Value> {
+        self.audit_lines()
+            .into_iter()
+            .filter(|e| e["event"] == event)
             .collect()
     }
 
@@ -737,11 +756,14 @@ fn update_replaces_grants_edits_labels_and_refuses_revoked_keys() {
     assert!(u.get("expires_at").is_none(), "{u}");
     assert_eq!(u["state"], "active");
 
-    let r = env.ok(&["update", &k, "--name", "renamed", "--owner", "team-b"]);
+    let r = env.ok(&["update", &k, "--name", "renamed"]);
     assert!(r.stderr.contains(&format!("updated {k}")), "{r:?}");
     let shown = env.show(&k);
     assert_eq!(shown["name"], "renamed");
-    assert_eq!(shown["owner"], "team-b");
+    assert_eq!(
+        shown["owner"], "team-a",
+        "owners are fixed (see update_refuses_owner_changes_like_the_api)"
+    );
     assert_eq!(shown["scopes"], serde_json::json!(["c:write", "d:read"]));
     assert_eq!(shown["hint"], v["hint"], "the key itself is unchanged");
     assert!(!env.store_text().contains(&key));
@@ -749,7 +771,7 @@ fn update_replaces_grants_edits_labels_and_refuses_revoked_keys() {
     // Conflicting flags are usage errors.
     env.fail(&["update", &k, "--no-expiry", "--expires-in", "1d"]);
     env.fail(&["update", &k, "--plan", "bulk", "--rate", "1/s"]);
-    // Empty owner is refused by policy.
+    // Any owner change is refused, an empty one too.
     let r = env.fail(&["update", &k, "--owner", ""]);
     assert!(r.stderr.contains("owner"), "{r:?}");
 
@@ -786,11 +808,7 @@ fn revoke_single_is_idempotent_and_audited_once() {
     assert_eq!(shown["revoked_at"].as_i64().unwrap(), revoked_at);
     assert_eq!(env.store_lines().len(), lines);
 
-    let revoked_events: Vec<Value> = env
-        .audit_lines()
-        .into_iter()
-        .filter(|e| e["event"] == "key.revoked")
-        .collect();
+    let revoked_events = env.audit_events("key.revoked");
     assert_eq!(revoked_events.len(), 1, "{revoked_events:?}");
     assert_eq!(revoked_events[0]["key_id"], k.as_str());
     assert_eq!(env.show(&other)["state"], "active");
@@ -904,9 +922,14 @@ fn rotate_mints_a_successor_and_sets_the_grace_period() {
     assert_eq!(v2["scopes"], v1["scopes"]);
     assert_eq!(v2["labels"], v1["labels"]);
     assert_eq!(v2["owner"], v1["owner"]);
-    assert_eq!(
-        v2["expires_at"], v1["expires_at"],
-        "successor keeps the expiry"
+    let (created1, exp1) = (
+        v1["created_at"].as_i64().unwrap(),
+        v1["expires_at"].as_i64().unwrap(),
+    );
+    let exp2 = v2["expires_at"].as_i64().unwrap();
+    assert!(
+        (t0 + (exp1 - created1)..=now() + (exp1 - created1)).contains(&exp2),
+        "successor gets a fresh lifetime as long as the old key's: {exp2}"
     );
     assert!(r.stderr.contains(&id1) && r.stderr.contains(&id2), "{r:?}");
 
@@ -1179,7 +1202,11 @@ fn every_change_writes_one_audit_line_without_secrets() {
         assert_eq!(e["event"], expect_event);
         assert_eq!(e["key_id"], expect_id);
         assert_eq!(e["hint"], expect_hint);
-        assert_eq!(e["actor"], "cli-tester");
+        assert_eq!(
+            e["actor"],
+            keygate::audit::os_user().as_str(),
+            "the OS user, not $USER"
+        );
         assert_eq!(e["owner"], "team-a");
         let t = e["time"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
@@ -1202,13 +1229,12 @@ fn every_change_writes_one_audit_line_without_secrets() {
         .iter()
         .filter(|e| e["event"] == "key.rotated")
         .collect();
-    // One event per record the rotation wrote: the successor (written first, see
-    // `Keys::rotate`) and the old key, now in its grace period.
-    assert_eq!(rotated.len(), 2, "{rotated:?}");
-    assert_eq!(rotated[0]["key_id"], k2.as_str());
-    assert_eq!(rotated[0]["hint"], hint2.as_str());
-    assert_eq!(rotated[1]["key_id"], k.as_str());
-    assert_eq!(rotated[1]["hint"], hint.as_str());
+    // One event links the old key to its successor.
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
+    assert_eq!(rotated[0]["key_id"], k.as_str());
+    assert_eq!(rotated[0]["hint"], hint.as_str());
+    assert_eq!(rotated[0]["successor_id"], k2.as_str());
+    assert_eq!(rotated[0]["successor_hint"], hint2.as_str());
     let n = lines.len();
 
     env.ok(&["revoke", &k2]);
@@ -1569,4 +1595,288 @@ fn rotate_that_waited_for_the_lock_sees_a_later_revocation() {
     assert!(r.stderr.contains("revoked"), "{r:?}");
     assert_eq!(env.list(&[]).len(), 1, "no successor");
     assert_eq!(versions(&env, &k).len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. lifecycle defects (issue 14): each test failed before its fix
+// ---------------------------------------------------------------------------------------------
+
+/// The RFC 3339 form the CLI prints for Unix seconds `t`.
+fn rfc3339(t: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t as u64)).to_string()
+}
+
+/// Defect 1: rotating an already-rotated key is refused, naming the current successor; the
+/// first successor stays the one the old key points to, and its expiry is a fresh lifetime
+/// (never the grace window).
+#[test]
+fn rotating_a_rotated_key_is_refused_naming_its_successor() {
+    let env = Env::new();
+    let t0 = now();
+    let old = env.create_id(&["--expires-in", "200d"]);
+    let s1 = id(&env.ok(&["rotate", &old, "--grace", "1h", "--json"]).json());
+    let succ = env.show(&s1);
+    let exp = succ["expires_at"].as_i64().unwrap();
+    assert!(
+        (t0 + 200 * 86_400..=now() + 200 * 86_400).contains(&exp),
+        "the successor's lifetime comes from the key's own, not the 1h grace: {succ}"
+    );
+
+    let r = env.fail(&["rotate", &old, "--grace", "1h"]);
+    assert!(
+        r.stderr.contains(&s1),
+        "the error names the successor: {r:?}"
+    );
+    assert!(r.stdout.is_empty(), "no key minted: {r:?}");
+    assert_eq!(env.show(&old)["rotated_to"], s1.as_str());
+    assert_eq!(env.list(&[]).len(), 2, "no second successor");
+    // The successor itself rotates normally.
+    env.ok(&["rotate", &s1, "--grace", "1h"]);
+}
+
+/// Defect 2: the rotate message prints the old key's stored expiry, which can be earlier than
+/// now + grace.
+#[test]
+fn rotate_prints_the_stored_expiry_of_the_old_key() {
+    let env = Env::new();
+    let old = env.create_id(&["--expires-in", "1h"]);
+    let r = env.ok(&["rotate", &old, "--grace", "300d"]);
+    let stored = env.show(&old)["expires_at"].as_i64().unwrap();
+    assert!(stored <= now() + 3600);
+    let want = format!("{old} keeps working until {}", rfc3339(stored));
+    assert!(r.stderr.contains(&want), "want {want:?} in {r:?}");
+}
+
+/// Defect 3: mass revoke skips canaries (which would silently disarm the alarm) unless a
+/// canary is named by id.
+#[test]
+fn mass_revoke_spares_canaries_unless_named_by_id() {
+    let env = Env::new();
+    let live = env.create_id(&["--owner", "alice"]);
+    let canary = env.create_id(&["--owner", "alice", "--canary"]);
+    let r = env.ok(&["revoke", "--owner", "alice", "--yes", "--json"]);
+    assert_eq!(
+        r.json()["revoked"],
+        serde_json::json!([live.clone()]),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("canary"),
+        "says canaries were left armed: {r:?}"
+    );
+    assert_eq!(env.show(&canary)["state"], "canary");
+    env.ok(&["revoke", &canary, "--reason", "retired"]);
+    assert_eq!(env.show(&canary)["state"], "revoked");
+}
+
+/// Defect 5: `keygate check` counts keys per secret version and refuses a version in use with
+/// no configured secret, unless `on_missing_secret_version = "warn"`.
+#[test]
+fn check_refuses_a_secret_version_in_use_without_a_secret() {
+    let base = format!("{CONFIG}\n");
+    let env = Env::with_config(&base.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    env.create_id(&[]);
+    env.create_id(&[]);
+    let r = env.keygate(&["check"]);
+    assert!(r.status.success(), "clean config: {r:?}");
+
+    // The secret was "rotated" by bumping the version without listing the old one.
+    let bumped = base.replace(
+        "[keys]\n",
+        "[keys]\ntouch_interval_seconds = 60\nhash_secret_version = 2\n",
+    );
+    std::fs::write(&env.config, &bumped).unwrap();
+    let r = env.keygate(&["check"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr.contains("secret version 1") && r.stderr.contains("2 key"),
+        "names the version and the count: {r:?}"
+    );
+
+    std::fs::write(
+        &env.config,
+        bumped.replace(
+            "hash_secret_version = 2\n",
+            "hash_secret_version = 2\non_missing_secret_version = \"warn\"\n",
+        ),
+    )
+    .unwrap();
+    let r = env.keygate(&["check"]);
+    assert!(r.status.success(), "warn mode passes: {r:?}");
+    assert!(r.stderr.contains("secret version 1"), "but says so: {r:?}");
+}
+
+/// Defect 8: with no `[policy]` the defaults are what config/keygate.toml documents: an owner
+/// is required and lifetimes are capped at 365 days.
+#[test]
+fn policy_defaults_match_the_documented_config() {
+    let env = Env::with_config("[keys]\nstore = \"keys.jsonl\"\naudit_log = \"audit.jsonl\"\n");
+    let r = env.fail(&["create", "--name", "n"]);
+    assert!(r.stderr.contains("owner"), "{r:?}");
+    let with_lifetime =
+        |d: &str| env.run(&["create", "--name", "n", "--owner", "o", "--expires-in", d]);
+    let r = with_lifetime("5000d");
+    assert!(!r.status.success() && r.stderr.contains("365"), "{r:?}");
+    let r = with_lifetime("365d");
+    assert!(r.status.success(), "{r:?}");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
+            .unwrap();
+    assert!(example.contains("max_ttl = \"365d\"") && example.contains("require_owner = true"));
+}
+
+/// Defect 9: one rule for owner changes: the CLI refuses them like the REST API.
+#[test]
+fn update_refuses_owner_changes_like_the_api() {
+    let env = Env::new();
+    let k = env.create_id(&["--owner", "team-a"]);
+    let before = env.store_text();
+    let r = env.fail(&["update", &k, "--owner", "team-b"]);
+    assert!(r.stderr.contains("owner"), "{r:?}");
+    assert_eq!(env.store_text(), before, "nothing written");
+    assert_eq!(env.show(&k)["owner"], "team-a");
+}
+
+/// Defect 11: the revoke reason is in the audit event, `key.updated` names the changed
+/// fields, and `key.rotated` links old and new in one event.
+#[test]
+fn audit_events_carry_reason_changed_fields_and_rotation_link() {
+    let env = Env::new();
+    let k = env.create_id(&["--scope", "a:read"]);
+    env.ok(&["update", &k, "--scope", "b:read", "--label", "x=1"]);
+    let e = env.audit_lines().pop().unwrap();
+    assert_eq!(e["event"], "key.updated");
+    assert_eq!(e["changed"], serde_json::json!(["labels", "scopes"]), "{e}");
+
+    let new = id(&env.ok(&["rotate", &k, "--json"]).json());
+    let rotated = env.audit_events("key.rotated");
+    assert_eq!(rotated.len(), 1, "one event per rotation: {rotated:?}");
+    assert_eq!(rotated[0]["key_id"], k.as_str());
+    assert_eq!(rotated[0]["successor_id"], new.as_str());
+    assert!(rotated[0]["successor_hint"]
+        .as_str()
+        .unwrap()
+        .starts_with("kg_live_…"));
+
+    env.ok(&["revoke", &new, "--reason", "leaked in a ticket"]);
+    let e = env.audit_lines().pop().unwrap();
+    assert_eq!(e["event"], "key.revoked");
+    assert_eq!(e["reason"], "leaked in a ticket", "{e}");
+}
+
+/// Defect 12: the CLI's audit actor is the OS user (uid and name), not `$USER`.
+#[test]
+fn audit_actor_is_the_os_user_not_the_user_variable() {
+    let env = Env::new();
+    env.create_id(&[]);
+    let e = env.audit_lines().pop().unwrap();
+    let actor = e["actor"].as_str().unwrap();
+    assert_ne!(
+        actor, "cli-tester",
+        "$USER is set by the test; it must not be trusted"
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap();
+    assert!(actor.contains(&format!("uid {uid}")), "{actor}");
+    assert_eq!(actor, keygate::audit::os_user());
+}
+
+/// Defect 13 and THREATS J7: scopes are letters, digits, `_` and `-` in segments joined by one
+/// `:` or `.`; `*`, `..`, `%2f` and friends are refused by create, update and import alike.
+#[test]
+fn bad_scopes_are_refused_everywhere() {
+    let env = Env::new();
+    let k = env.create_id(&["--scope", "invoices:read"]);
+    let bad = [
+        "*",
+        "invoices:*",
+        "..",
+        "a..b",
+        ".a",
+        "a.",
+        "a::b",
+        "a%2fb",
+        "a/b",
+        "",
+    ];
+    let import = env.path("import.txt");
+    for s in bad {
+        let r = env.fail(&["create", "--name", "n", "--owner", "o", "--scope", s]);
+        assert!(r.stderr.contains("scope"), "create {s:?}: {r:?}");
+        let r = env.fail(&["update", &k, "--scope", s]);
+        assert!(r.stderr.contains("scope"), "update {s:?}: {r:?}");
+        let line =
+            serde_json::json!({"key": "legacy-0123456789abcdef", "owner": "o", "scopes": [s]});
+        std::fs::write(&import, format!("{line}\n")).unwrap();
+        let r = env.ok(&["import", "--file", import.to_str().unwrap(), "--json"]);
+        assert_eq!(r.json()["invalid"], 1, "import {s:?}: {r:?}");
+    }
+    assert_eq!(env.list(&[]).len(), 1);
+    for s in ["invoices:read", "a.b-c_d:E9"] {
+        env.ok(&["create", "--name", "n", "--owner", "o", "--scope", s]);
+    }
+}
+
+/// Defect 14: a zero lifetime is refused (it would mint a key that is already expired).
+#[test]
+fn zero_lifetimes_are_refused() {
+    let env = Env::new();
+    let k = env.create_id(&[]);
+    for d in ["0s", "0d", "0ms"] {
+        let r = env.fail(&["create", "--name", "n", "--owner", "o", "--expires-in", d]);
+        assert!(r.stderr.contains("expires"), "{d}: {r:?}");
+        let r = env.fail(&["update", &k, "--expires-in", d]);
+        assert!(r.stderr.contains("expires"), "{d}: {r:?}");
+    }
+    let r = env.fail(&["create", "--name", "n", "--owner", "o", "--expires-in=-1d"]);
+    assert!(
+        r.stderr.contains("duration") || r.stderr.contains("expires"),
+        "{r:?}"
+    );
+    assert_eq!(env.list(&[]).len(), 1);
+}
+
+/// Defect 15: `keys show` carries last use like `keys list`, and its human form prints RFC
+/// 3339 times like the list table.
+#[test]
+fn show_has_last_use_and_rfc3339_times() {
+    let env = Env::new();
+    let (v, _) = env.create(&["--expires-in", "30d"]);
+    let k = id(&v);
+    let used_at = now() - 100;
+    std::fs::write(
+        env.path("usage.json"),
+        serde_json::json!({ k.clone(): {"last_used": used_at, "requests": 7} }).to_string(),
+    )
+    .unwrap();
+    let shown = env.show(&k);
+    assert_eq!(shown["last_used"], used_at);
+    assert_eq!(shown["requests"], 7);
+    let listed = env.list(&[]).pop().unwrap();
+    assert_eq!(shown, listed, "show and list agree");
+
+    let text = env.ok(&["show", &k]).stdout;
+    let created = v["created_at"].as_i64().unwrap();
+    let expires = v["expires_at"].as_i64().unwrap();
+    for t in [created, expires, used_at] {
+        assert!(text.contains(&rfc3339(t)), "{} in {text}", rfc3339(t));
+        assert!(!text.contains(&t.to_string()), "no epoch seconds: {text}");
+    }
+}
+
+/// Defect 16: atomic rewrites keep the store's mode: a 0600 keys.jsonl stays 0600.
+#[test]
+fn compact_keeps_the_store_file_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let k = env.create_id(&[]);
+    env.ok(&["revoke", &k]);
+    std::fs::set_permissions(env.store(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    env.ok(&["compact"]);
+    let mode = std::fs::metadata(env.store()).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "{mode:o}");
 }

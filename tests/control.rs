@@ -766,9 +766,7 @@ async fn audit_has_one_line_per_mutation_with_the_token_as_actor() {
     let r = call(a, Method::POST, &format!("/v1/api-keys/{id}/rotate"), w, "").await;
     assert_eq!(r.0, 201);
     let new_id = r.2["id"].as_str().unwrap().to_owned();
-    // A rotation writes two versions (old with grace, new key): one event each.
-    // The successor is written (and audited) first: see `Keys::rotate`.
-    expected.push(("key.rotated", new_id.clone()));
+    // A rotation writes two versions (new key, old with grace) and one event linking them.
     expected.push(("key.rotated", id.clone()));
     let r = call(a, Method::DELETE, &format!("/v1/api-keys/{id}"), w, "").await;
     assert_eq!(r.0, 200);
@@ -862,4 +860,155 @@ async fn unwritable_audit_log_fails_closed() {
     assert_eq!(r.2["name"], "k");
     let r = call(a, Method::GET, "/v1/api-keys", w, "").await;
     assert_eq!(r.2["items"].as_array().unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 17 item 6 and issue 14 defect 3: each test failed before its fix
+// ---------------------------------------------------------------------------------------------
+
+/// Unknown paths under `/v1/api-keys/…` are 404 (as docs/openapi.yaml says); a known path
+/// with a method it does not support is 405 with `Allow`.
+#[tokio::test]
+async fn unknown_api_paths_are_404_and_wrong_methods_405_with_allow() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let id = create(&e, json!({"name": "x", "owner": "o"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        format!("/v1/api-keys/{id}/nope"),
+        format!("/v1/api-keys/{id}/rotate/more"),
+        "/v1/api-keys/a/b/c".to_owned(),
+        "/v1/api-keys/revoke/x".to_owned(),
+    ] {
+        for m in [Method::GET, Method::POST, Method::DELETE] {
+            assert_problem(&call(a, m.clone(), &path, w, "").await, 404, "not_found");
+        }
+    }
+    let allow = |r: &(u16, http::HeaderMap, Value)| {
+        r.1.get("allow")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let cases = [
+        (Method::PUT, "/v1/api-keys".to_owned(), "GET, POST"),
+        (Method::GET, format!("/v1/api-keys/{id}/rotate"), "POST"),
+        (
+            Method::PUT,
+            format!("/v1/api-keys/{id}"),
+            "GET, PATCH, DELETE",
+        ),
+        (Method::GET, "/v1/api-keys/revoke".to_owned(), "POST"),
+        (Method::POST, "/v1/feed".to_owned(), "GET"),
+    ];
+    for (m, path, want) in cases {
+        let r = call(a, m.clone(), &path, w, "").await;
+        assert_problem(&r, 405, "method_not_allowed");
+        assert_eq!(allow(&r), want, "{m} {path}");
+    }
+}
+
+/// RFC 9110 §11.1: the auth scheme is case-insensitive.
+#[tokio::test]
+async fn bearer_scheme_is_case_insensitive() {
+    let e = setup(64 * 1024).await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let auth = format!("{scheme} {}", e.t.read);
+        let (status, _, body) = request(
+            e.cp.addr,
+            Method::GET,
+            "/v1/api-keys",
+            &[("authorization", auth.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {}", String::from_utf8_lossy(&body));
+    }
+    let auth = format!("Basic {}", e.t.read);
+    let (status, _, _) = request(
+        e.cp.addr,
+        Method::GET,
+        "/v1/api-keys",
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+}
+
+/// THREATS J7: scopes such as `..`, `a..b`, `%2f` and `*` are a 400 on create and update.
+#[tokio::test]
+async fn bad_scopes_are_400_on_create_and_update() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let id = create(&e, json!({"name": "x", "owner": "o", "scopes": ["a:read"]})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for s in [
+        "..",
+        "a..b",
+        "a%2fb",
+        "%2F",
+        "a/b",
+        "*",
+        "invoices:*",
+        "",
+        ".a",
+        "a:",
+    ] {
+        let r = call(
+            a,
+            Method::POST,
+            "/v1/api-keys",
+            w,
+            json!({"name": "n", "owner": "o", "scopes": [s]}).to_string(),
+        )
+        .await;
+        assert_problem(&r, 400, "invalid_request");
+        let r = call(
+            a,
+            Method::PATCH,
+            &format!("/v1/api-keys/{id}"),
+            w,
+            json!({ "scopes": [s] }).to_string(),
+        )
+        .await;
+        assert_problem(&r, 400, "invalid_request");
+    }
+    let r = call(a, Method::GET, "/v1/api-keys", w, "").await;
+    assert_eq!(r.2["items"].as_array().unwrap().len(), 1);
+}
+
+/// Issue 14 defect 3: REST mass revoke spares canaries; DELETE by id still revokes one.
+#[tokio::test]
+async fn mass_revoke_spares_canaries() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let live = create(&e, json!({"name": "l", "owner": "mass"})).await["id"].clone();
+    let canary = create(&e, json!({"name": "c", "owner": "mass", "canary": true})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "mass", "confirm": true}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["revoked"], json!([live]));
+    let path = format!("/v1/api-keys/{canary}");
+    assert_eq!(
+        call(a, Method::GET, &path, w, "").await.2["state"],
+        "canary"
+    );
+    let r = call(a, Method::DELETE, &path, w, "").await;
+    assert_eq!(r.2["state"], "revoked");
 }

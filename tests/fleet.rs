@@ -693,7 +693,7 @@ async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
     for gw in &gws {
         until_status_fresh(gw, &k3, 200, RECONNECT_BOUND).await;
         assert_eq!(key_status(gw, &k1).await, 401);
-        assert_eq!(key_status(&gw, &k2).await, 200);
+        assert_eq!(key_status(gw, &k2).await, 200);
     }
 
     // 2. Restore again, with a CLI append already in the restored file before anyone looks,
@@ -723,7 +723,7 @@ async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
         // k3 was created after the backup: restoring the backup loses it (as any restore
         // loses what came after it); what a restore never loses is a revocation.
         for (key, want) in [(&k1, 401), (&k2, 200), (&k3, 401)] {
-            assert_eq!(key_status(&gw, key).await, want);
+            assert_eq!(key_status(gw, key).await, want);
         }
     }
     // Revisions in the store are unique, and the store itself holds k1 revoked.

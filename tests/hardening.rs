@@ -1128,14 +1128,6 @@ upstream = "up"
 // E. Slow clients, floods, fd exhaustion
 // ---------------------------------------------------------------------------------------------
 
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(bin))
-            .find(|p| p.is_file())
-    })
-}
-
 /// A normal client looping GETs from `src` until `stop`: (latencies of 200s, other outcomes).
 fn normal_client(
     src: IpAddr,
@@ -1178,10 +1170,7 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 /// Runs `slowhttptest` with `args` against the gateway while a normal client (127.0.0.2)
 /// loops; checks the normal client stayed healthy and connections return to baseline.
 async fn slowhttptest_run(name: &str, args: &[&str], path: &str) {
-    let Some(bin) = which("slowhttptest") else {
-        eprintln!("SKIP {name}: slowhttptest not installed (apt-get install -y slowhttptest)");
-        return;
-    };
+    let bin = require_tool("slowhttptest", "slowhttptest");
     let env = Env::new(
         Mode::Echo,
         "header_read_timeout_ms = 1000\nbody_timeout_ms = 2000",

@@ -244,31 +244,20 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         assert!(!l.contains("127.0.0.1"), "client address in metrics: {l}");
         assert!(!l.contains("/invoices/1"), "raw path in metrics: {l}");
     }
-    if let Some(promtool) = which("promtool") {
-        let file = dir.path().join("scrape.txt");
-        std::fs::write(&file, &text).unwrap();
-        let out = std::process::Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(std::fs::File::open(&file).unwrap())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics: {}{}",
-            stdout_str(&out),
-            stderr_str(&out)
-        );
-    } else {
-        eprintln!("promtool not installed; .ci/run installs it and checks a scrape");
-    }
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(bin))
-        .find(|p| p.is_file())
+    let promtool = require_tool("promtool", "prometheus");
+    let file = dir.path().join("scrape.txt");
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        stdout_str(&out),
+        stderr_str(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     detail: String,
+    /// The `Allow` header of a 405 (RFC 9110 §15.5.6).
+    allow: Option<&'static str>,
 }
 
 fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -55,6 +57,7 @@ fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Api
         status,
         code,
         detail: detail.into(),
+        allow: None,
     }
 }
 
@@ -66,6 +69,8 @@ impl From<OpsError> for ApiError {
             OpsError::UnknownPlan(..) | OpsError::Invalid(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
+            OpsError::Immutable { .. } => (StatusCode::BAD_REQUEST, "immutable_field"),
+            OpsError::AlreadyRotated { .. } => (StatusCode::CONFLICT, "already_rotated"),
             // Fail closed: a change that cannot be audited is not made (THREATS J6).
             OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
@@ -105,7 +110,34 @@ fn problem(e: &ApiError) -> Response<Body> {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if let Some(allow) = e.allow {
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
     r
+}
+
+/// The token of an `Authorization: Bearer <token>` header. The scheme is matched
+/// case-insensitively (RFC 9110 §11.1): `Bearer`, `bearer` and `BEARER` are one scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The methods a known endpoint supports (its `Allow`), or `None` for an unknown path (404).
+/// `revoke` is an endpoint, never a key id (ids start with `key_`).
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["v1", "openapi.yaml"] | ["v1", "feed"] => Some("GET"),
+        ["v1", "usage"] | ["v1", "api-keys", "revoke"] => Some("POST"),
+        ["v1", "api-keys"] => Some("GET, POST"),
+        ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
+        ["v1", "api-keys", _, "rotate"] => Some("POST"),
+        _ => None,
+    }
 }
 
 pub async fn handle(c: Arc<Control>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -121,11 +153,7 @@ fn authorize(c: &Control, req: &Request<Incoming>, needed: Role) -> Result<Strin
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+        .and_then(bearer_token)
         .ok_or_else(|| {
             err(
                 StatusCode::UNAUTHORIZED,
@@ -215,20 +243,20 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let body = read_json(c, req).await?;
             mass_revoke(c, actor, body).await
         }
-        (Method::GET, ["v1", "api-keys", id]) => {
+        (Method::GET, ["v1", "api-keys", id]) if *id != "revoke" => {
             authorize(c, &req, Role::Read)?;
             let id = id.to_string();
             let c2 = c.clone();
             let record = blocking(move || Keys::new(&c2.settings, "").show(&id)).await?;
             Ok(json_response(StatusCode::OK, &public(c, &record)))
         }
-        (Method::PATCH, ["v1", "api-keys", id]) => {
+        (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json(c, req).await?;
             update(c, actor, id, body).await
         }
-        (Method::DELETE, ["v1", "api-keys", id]) => {
+        (Method::DELETE, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json_optional(c, req).await?;
@@ -263,14 +291,17 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             v["key"] = Value::String(minted.key);
             Ok(json_response(StatusCode::CREATED, &v))
         }
-        (_, ["v1", "api-keys", ..] | ["v1", "feed"] | ["v1", "usage"] | ["v1", "openapi.yaml"]) => {
-            Err(err(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not supported here"),
-            ))
-        }
-        _ => Err(err(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => match allowed_methods(&segments) {
+            Some(allow) => Err(ApiError {
+                allow: Some(allow),
+                ..err(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not supported here (allowed: {allow})"),
+                )
+            }),
+            None => Err(err(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        },
     }
 }
 
@@ -499,7 +530,6 @@ const IMMUTABLE: &[&str] = &[
     "digest",
     "secret_version",
     "created_at",
-    "owner",
     "env",
     "rev",
     "hint",
@@ -533,6 +563,7 @@ async fn update(
         &body,
         &[
             "name",
+            "owner",
             "scopes",
             "plan",
             "rate",
@@ -556,7 +587,8 @@ async fn update(
     };
     let changes = Changes {
         name: optional_string(&body, "name")?,
-        owner: None,
+        // Passed on so that `Keys::update` applies the one owner rule (it refuses changes).
+        owner: body.contains_key("owner").then(String::new),
         scopes: string_list(&body, "scopes")?,
         plan: nullable("plan")?,
         rate: nullable("rate")?,
@@ -616,8 +648,11 @@ async fn mass_revoke(
         )
     })
     .await?;
-    let ids: Vec<&str> = done.iter().map(|r| r.id.as_str()).collect();
-    Ok(json_response(StatusCode::OK, &json!({"revoked": ids})))
+    let ids: Vec<&str> = done.revoked.iter().map(|r| r.id.as_str()).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"revoked": ids, "canaries_spared": done.canaries_spared}),
+    ))
 }
 
 fn query_params(q: Option<&str>) -> BTreeMap<String, String> {

@@ -103,6 +103,12 @@ impl Hasher {
         self.versions.first().map(|(v, _)| *v).unwrap_or(0)
     }
 
+    /// Whether a secret of this version is configured (keys hashed under any other version
+    /// can never authenticate).
+    pub fn has_version(&self, version: u32) -> bool {
+        self.versions.iter().any(|(v, _)| *v == version)
+    }
+
     /// Digest with the current secret.
     pub fn digest(&self, key: &str) -> (u32, Digest) {
         match self.versions.first() {

@@ -183,6 +183,13 @@ mod tests {
         }
     }
 
+    /// `key` with the character at byte `pos` replaced by `c` (ASCII keys only).
+    fn at(key: &str, pos: usize, c: char) -> String {
+        let mut out = key.to_owned();
+        out.replace_range(pos..=pos, c.encode_utf8(&mut [0; 4]));
+        out
+    }
+
     #[test]
     fn parse_rejects_each_kind_of_garbage() {
         let f = fmt();
@@ -200,11 +207,10 @@ mod tests {
             ("kg_livenounderscore".to_owned(), FormatError::UnknownEnv),
             (good[..good.len() - 1].to_owned(), FormatError::WrongLength),
             (format!("{good}0"), FormatError::WrongLength),
-            (
-                good.replacen(&good[10..11], "-", 1)
-                    .replacen("kg-", "kg_", 1),
-                FormatError::BadCharacter,
-            ),
+            // By position, never by search: the character at index 10 may also occur in
+            // `kg_live_`, and replacing its first occurrence would damage the prefix instead.
+            (at(&good, 10, '-'), FormatError::BadCharacter),
+            (at(&good, good.len() - 1, '+'), FormatError::BadCharacter),
             ("".to_owned(), FormatError::WrongPrefix),
         ];
         for (input, want) in cases {

@@ -30,6 +30,8 @@ pub struct KeySettings {
     pub revoked_retention_secs: i64,
     pub leeway_secs: i64,
     pub stale_after_secs: i64,
+    /// `keys.on_missing_secret_version = "refuse"` (true, the default) or `"warn"`.
+    pub refuse_missing_secret_version: bool,
 }
 
 fn secs(c: &Config, field: &str, value: &str) -> Result<i64, ConfigError> {
@@ -87,6 +89,16 @@ impl KeySettings {
                 )?,
             ));
         }
+        let refuse_missing_secret_version = match k.on_missing_secret_version.as_str() {
+            "refuse" => true,
+            "warn" => false,
+            _ => {
+                return Err(c.invalid(
+                    "keys.on_missing_secret_version",
+                    "must be \"refuse\" or \"warn\"",
+                ))
+            }
+        };
         let mut plans: Vec<String> = c.plans.keys().cloned().collect();
         plans.sort();
         Ok(KeySettings {
@@ -101,7 +113,58 @@ impl KeySettings {
             revoked_retention_secs: secs(c, "keys.revoked_retention", &k.revoked_retention)?,
             leeway_secs: secs(c, "keys.expiry_leeway", &k.expiry_leeway)?,
             stale_after_secs: secs(c, "keys.stale_after", &k.stale_after)?,
+            refuse_missing_secret_version,
         })
+    }
+
+    /// One line per secret version that live keys in `records` (the latest version of each
+    /// key) use but no configured secret has: those keys would all fail with 401. Revoked and
+    /// expired keys do not count; canaries do (an unverifiable canary never alarms).
+    pub fn missing_secret_versions<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a record::KeyRecord>,
+        now: i64,
+    ) -> Vec<String> {
+        let mut missing: std::collections::BTreeMap<u32, usize> = Default::default();
+        for r in records {
+            let live = !matches!(
+                r.state(now),
+                record::KeyState::Revoked | record::KeyState::Expired
+            );
+            if live && !self.hasher.has_version(r.secret_version) {
+                *missing.entry(r.secret_version).or_default() += 1;
+            }
+        }
+        missing
+            .into_iter()
+            .map(|(v, n)| {
+                format!(
+                    "secret version {v} has no configured secret, but {n} key(s) still use it and would all be refused (401): \
+                     list it in keys.previous_secrets (or set keys.on_missing_secret_version = \"warn\")"
+                )
+            })
+            .collect()
+    }
+
+    /// [`KeySettings::missing_secret_versions`] for the file store: `Err` lists them when
+    /// configured to refuse, `Ok` carries them as warnings otherwise. A missing store is fine.
+    pub fn check_secret_versions(&self, now: i64) -> Result<Vec<String>, Vec<String>> {
+        let parsed = match crate::store::file::LogFile::new(
+            &self.store,
+            crate::store::seal::Signer::new(&self.hasher),
+        )
+        .load()
+        {
+            Ok(p) => p,
+            Err(e) => return Err(vec![e.to_string()]),
+        };
+        let latest = crate::store::file::latest(parsed.records);
+        let found = self.missing_secret_versions(latest.values(), now);
+        if found.is_empty() || !self.refuse_missing_secret_version {
+            Ok(found)
+        } else {
+            Err(found)
+        }
     }
 }
 

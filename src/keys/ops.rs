@@ -12,7 +12,7 @@ use crate::keys::policy::PolicyError;
 use crate::keys::record::{new_id, KeyRecord, KeyState};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
-use crate::store::file::{Compacted, LogFile, State, StoreError};
+use crate::store::file::{Compacted, LogFile, StoreError};
 use crate::store::seal::Signer;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
@@ -36,6 +36,13 @@ pub enum OpsError {
     UnknownPlan(String, String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{field} cannot be changed: {why}")]
+    Immutable {
+        field: &'static str,
+        why: &'static str,
+    },
+    #[error("key {id} was already rotated to {successor}; rotate {successor} instead (a key is rotated once, so its lineage has one current key)")]
+    AlreadyRotated { id: String, successor: String },
     #[error("the OS random source failed: {0}")]
     Random(String),
 }
@@ -100,6 +107,72 @@ impl Selector {
 pub struct Minted {
     pub record: KeyRecord,
     pub key: String,
+    /// For a rotation: the old key as stored afterwards (its grace expiry).
+    pub replaced: Option<KeyRecord>,
+}
+
+/// Result of a mass revoke.
+#[derive(Debug, Default)]
+pub struct MassRevoke {
+    pub revoked: Vec<KeyRecord>,
+    /// Canary keys the selector matched and left armed: revoking a canary disarms its alarm,
+    /// so a canary is revoked only when named by id.
+    pub canaries_spared: usize,
+}
+
+/// What a change writes: the record versions (in order) and the one audit event describing it.
+struct Written {
+    records: Vec<KeyRecord>,
+    event: Event,
+}
+
+/// One rule for every scope, wherever it comes from (CLI, REST create/update, import):
+/// segments of ASCII letters, digits, `_` and `-`, joined by single `:` or `.`. This refuses
+/// `*` (there are no wildcard semantics: a `*` scope would match nothing), `..`, `a..b`,
+/// percent-encodings such as `%2f`, slashes, and empty segments (THREATS J7).
+pub fn check_scope(s: &str) -> Result<(), OpsError> {
+    let segments_ok = s.split([':', '.']).all(|seg| {
+        !seg.is_empty()
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
+    if s.len() > 128 || !segments_ok {
+        return Err(OpsError::Invalid(format!(
+            "bad scope {s:?}: use segments of letters, digits, _ and - joined by single : or . \
+             (at most 128 characters; no *, no .., no %-escapes)"
+        )));
+    }
+    Ok(())
+}
+
+/// A new expiry must lie in the future: a zero lifetime (`--expires-in 0s`) or an imported
+/// `expires_at` in the past would mint a key that is already expired.
+fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), OpsError> {
+    match expires_at {
+        Some(e) if e <= now => Err(OpsError::Invalid(
+            "expires_in must be positive (expires_at in the future): the key would be born expired"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Names of the fields that differ between two versions of a key (for `key.updated`).
+fn changed_fields(old: &KeyRecord, new: &KeyRecord) -> Vec<String> {
+    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    ) else {
+        return vec![];
+    };
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|k| !matches!(k.as_str(), "rev" | "written_at_ms"))
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 /// Result of an import.
@@ -175,16 +248,7 @@ impl<'a> Keys<'a> {
             return Err(OpsError::Invalid("give a plan or a rate, not both".into()));
         }
         for s in &r.scopes {
-            if s.is_empty()
-                || s.len() > 128
-                || !s
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b":._-*".contains(&b))
-            {
-                return Err(OpsError::Invalid(format!(
-                    "bad scope {s:?}: use letters, digits and : . _ - *"
-                )));
-            }
+            check_scope(s)?;
         }
         for o in &r.allow_origins {
             if o == "*"
@@ -244,8 +308,13 @@ impl<'a> Keys<'a> {
             rotated_to: None,
             mac: None,
         };
+        check_expiry(record.expires_at, now)?;
         self.validate(&record, now)?;
-        Ok(Minted { record, key })
+        Ok(Minted {
+            record,
+            key,
+            replaced: None,
+        })
     }
 
     pub fn create(&self, g: &Grants, now: i64) -> Result<Minted, OpsError> {
@@ -272,14 +341,13 @@ impl<'a> Keys<'a> {
         found.ok_or_else(|| OpsError::NotFound(id.to_owned()))
     }
 
-    /// Run `change` on the current version of `id` under the lock and write the result.
-    /// Returns the first record written, or the current version when there was nothing to
-    /// write (e.g. revoking a revoked key).
+    /// Run `change` on the current version of `id` under the lock, audit its event and write
+    /// its records. Returns the first record written, or the current version when there was
+    /// nothing to write (e.g. revoking a revoked key).
     fn change(
         &self,
         id: &str,
-        event: &'static str,
-        change: impl FnOnce(&State, &KeyRecord) -> Result<Option<Vec<KeyRecord>>, OpsError>,
+        change: impl FnOnce(&KeyRecord) -> Result<Option<Written>, OpsError>,
     ) -> Result<KeyRecord, OpsError> {
         let mut unchanged = None;
         let written = self.log.transact(|state| {
@@ -287,16 +355,12 @@ impl<'a> Keys<'a> {
                 .keys
                 .get(id)
                 .ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
-            let Some(records) = change(state, current)? else {
+            let Some(w) = change(current)? else {
                 unchanged = Some(current.clone());
                 return Ok(vec![]);
             };
-            let events: Vec<Event> = records
-                .iter()
-                .map(|r| Event::new(event, &self.actor).key(r))
-                .collect();
-            self.audit(&events)?;
-            Ok::<_, OpsError>(records)
+            self.audit(&[w.event])?;
+            Ok::<_, OpsError>(w.records)
         })??;
         written
             .into_iter()
@@ -306,7 +370,15 @@ impl<'a> Keys<'a> {
     }
 
     pub fn update(&self, id: &str, c: &Changes, now: i64) -> Result<KeyRecord, OpsError> {
-        self.change(id, "key.updated", |_, cur| {
+        // One rule for the CLI and the REST API: the owner is fixed at creation.
+        if c.owner.is_some() {
+            return Err(OpsError::Immutable {
+                field: "owner",
+                why: "it names who answers for the key and which mass revocations reach it; \
+                      create a key for the new owner and revoke this one",
+            });
+        }
+        self.change(id, |cur| {
             // Any revocation counts, even one stamped later than our `now`: that was read
             // before we waited for the lock, and a concurrent revoke may have won it.
             if cur.revoked_at.is_some() {
@@ -317,9 +389,6 @@ impl<'a> Keys<'a> {
             let mut r = cur.clone();
             if let Some(v) = &c.name {
                 r.name = v.clone();
-            }
-            if let Some(v) = &c.owner {
-                r.owner = v.clone();
             }
             if let Some(v) = &c.scopes {
                 r.scopes = v.clone();
@@ -338,6 +407,7 @@ impl<'a> Keys<'a> {
             }
             if let Some(v) = c.expires_in_secs {
                 r.expires_at = v.map(|s| now + s);
+                check_expiry(r.expires_at, now)?;
             }
             if let Some(v) = &c.allow_ips {
                 r.allow_ips = v.clone();
@@ -354,58 +424,86 @@ impl<'a> Keys<'a> {
             }
             r.written_at_ms = crate::clock::unix_ms();
             self.validate(&r, now)?;
-            Ok(Some(vec![r]))
+            let event = Event::new("key.updated", &self.actor)
+                .key(&r)
+                .with("changed", changed_fields(cur, &r));
+            Ok(Some(Written {
+                records: vec![r],
+                event,
+            }))
         })
     }
 
     /// Revoke one key. Revoking a revoked key is not an error and writes nothing.
     pub fn revoke(&self, id: &str, reason: Option<&str>, now: i64) -> Result<KeyRecord, OpsError> {
-        self.change(id, "key.revoked", |_, cur| {
+        self.change(id, |cur| {
             if cur.revoked_at.is_some() {
                 return Ok(None);
             }
-            Ok(Some(vec![revoked(cur, reason, now)]))
+            let r = revoked(cur, reason, now);
+            Ok(Some(Written {
+                event: self.revoked_event(&r),
+                records: vec![r],
+            }))
         })
     }
 
+    /// `key.revoked`, with the reason when one was given.
+    fn revoked_event(&self, r: &KeyRecord) -> Event {
+        let e = Event::new("key.revoked", &self.actor).key(r);
+        match &r.revoked_reason {
+            Some(reason) => e.with("reason", reason.as_str()),
+            None => e,
+        }
+    }
+
     /// Break-glass: revoke every live key the selector matches, in one locked append.
+    /// Canaries are spared (see [`MassRevoke::canaries_spared`]).
     pub fn revoke_matching(
         &self,
         sel: &Selector,
         reason: Option<&str>,
         now: i64,
-    ) -> Result<Vec<KeyRecord>, OpsError> {
+    ) -> Result<MassRevoke, OpsError> {
         if sel.is_empty() {
             return Err(OpsError::Invalid(
                 "mass revoke needs --owner, --env or --label".into(),
             ));
         }
-        self.log.transact(|state| {
-            let mut hits: Vec<&KeyRecord> = state
+        let mut canaries_spared = 0;
+        let revoked = self.log.transact(|state| {
+            let (canaries, mut hits): (Vec<&KeyRecord>, Vec<&KeyRecord>) = state
                 .keys
                 .values()
                 .filter(|r| sel.matches(r) && r.revoked_at.is_none())
-                .collect();
+                .partition(|r| r.canary);
+            canaries_spared = canaries.len();
             hits.sort_by_key(|r| r.rev);
             let records: Vec<KeyRecord> =
                 hits.into_iter().map(|r| revoked(r, reason, now)).collect();
             let events: Vec<Event> = records
                 .iter()
-                .map(|r| {
-                    Event::new("key.revoked", &self.actor)
-                        .key(r)
-                        .with("mass", true)
-                })
+                .map(|r| self.revoked_event(r).with("mass", true))
                 .collect();
             self.audit(&events)?;
             Ok::<_, OpsError>(records)
-        })?
+        })??;
+        Ok(MassRevoke {
+            revoked,
+            canaries_spared,
+        })
     }
 
-    /// New key with the same grants and lineage; the old one expires at `now + grace`.
+    /// New key with the same grants and lineage; the old one expires at `now + grace` (or
+    /// earlier, if it already expired sooner). A key is rotated once: rotating it again is
+    /// refused naming its successor, so a lineage has one current key and the old key's
+    /// `rotated_to` is never overwritten. The successor gets a fresh lifetime as long as the
+    /// old key's own (`expires_at - created_at`, capped at `policy.max_ttl`; none if the old
+    /// key had none), never the grace window.
     pub fn rotate(&self, id: &str, grace_secs: i64, now: i64) -> Result<Minted, OpsError> {
         let mut minted = None;
-        let record = self.change(id, "key.rotated", |_, cur| {
+        let mut replaced = None;
+        let record = self.change(id, |cur| {
             // A revocation stamped after our `now` (a revoke that won the lock while we
             // waited) still counts: never mint a successor for a revoked key.
             let state = if cur.revoked_at.is_some() {
@@ -422,6 +520,12 @@ impl<'a> Keys<'a> {
                 }
                 KeyState::Active | KeyState::Pending => {}
             }
+            if let Some(successor) = &cur.rotated_to {
+                return Err(OpsError::AlreadyRotated {
+                    id: id.to_owned(),
+                    successor: successor.clone(),
+                });
+            }
             let grants = Grants {
                 name: cur.name.clone(),
                 owner: cur.owner.clone(),
@@ -429,7 +533,7 @@ impl<'a> Keys<'a> {
                 scopes: cur.scopes.clone(),
                 plan: cur.plan.clone(),
                 rate: cur.rate.clone(),
-                expires_in_secs: cur.expires_at.map(|e| e - now),
+                expires_in_secs: self.successor_lifetime(cur),
                 allow_ips: cur.allow_ips.clone(),
                 allow_origins: cur.allow_origins.clone(),
                 labels: cur.labels.clone(),
@@ -442,13 +546,37 @@ impl<'a> Keys<'a> {
             old.rotated_to = Some(m.record.id.clone());
             old.written_at_ms = crate::clock::unix_ms();
             let new = m.record.clone();
+            // One event links old -> new; it names the old key (the one that was rotated).
+            let event = Event::new("key.rotated", &self.actor)
+                .key(&old)
+                .with("successor_id", new.id.clone())
+                .with("successor_hint", new.hint.clone())
+                .with("old_expires_at", old.expires_at);
             minted = Some(m.key);
+            replaced = Some(old.clone());
             // Successor first: a writer killed between the two lines leaves an orphan key
             // nobody holds (harmless) rather than a shortened old key with no successor.
-            Ok(Some(vec![new, old]))
+            Ok(Some(Written {
+                records: vec![new, old],
+                event,
+            }))
         })?;
         let key = minted.unwrap_or_default();
-        Ok(Minted { record, key })
+        Ok(Minted {
+            record,
+            key,
+            replaced,
+        })
+    }
+
+    /// The successor's lifetime in seconds: the old key's own, capped by policy.
+    fn successor_lifetime(&self, old: &KeyRecord) -> Option<i64> {
+        let own = old.expires_at.map(|e| (e - old.created_at).max(1));
+        match (own, self.settings.policy.max_ttl_secs) {
+            (Some(own), Some(max)) => Some(own.min(max)),
+            (None, Some(max)) if self.settings.policy.require_expiry => Some(max),
+            (own, _) => own,
+        }
     }
 
     /// Store digests of keys minted elsewhere, without re-issuing them. `lines` are bare keys
@@ -547,7 +675,9 @@ impl<'a> Keys<'a> {
                 rotated_to: None,
                 mac: None,
             };
-            if let Err(e) = self.validate(&record, now) {
+            if let Err(e) =
+                check_expiry(record.expires_at, now).and_then(|()| self.validate(&record, now))
+            {
                 report.invalid.push((i + 1, e.to_string()));
                 continue;
             }
@@ -592,4 +722,58 @@ fn revoked(cur: &KeyRecord, reason: Option<&str>, now: i64) -> KeyRecord {
     r.revoked_reason = reason.map(str::to_owned);
     r.written_at_ms = crate::clock::unix_ms();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest::Digest;
+    use crate::keys::record::sample;
+
+    #[test]
+    fn scope_rule_table() {
+        for ok in ["invoices:read", "a", "a.b-c_d:E9", "x:y:z"] {
+            assert!(check_scope(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            "*",
+            "invoices:*",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "a::b",
+            ":a",
+            "a%2fb",
+            "%2F",
+            "a/b",
+            "a b",
+            "é",
+            &long,
+        ] {
+            assert!(check_scope(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn changed_fields_names_what_differs_and_skips_bookkeeping() {
+        let old = sample("key_a", Digest([1; 32]));
+        let mut new = old.clone();
+        new.rev += 1;
+        new.written_at_ms += 5;
+        assert!(changed_fields(&old, &new).is_empty());
+        new.scopes = vec![];
+        new.expires_at = Some(9);
+        assert_eq!(changed_fields(&old, &new), ["expires_at", "scopes"]);
+    }
+
+    #[test]
+    fn expiry_must_be_in_the_future() {
+        assert!(check_expiry(None, 100).is_ok());
+        assert!(check_expiry(Some(101), 100).is_ok());
+        assert!(check_expiry(Some(100), 100).is_err());
+        assert!(check_expiry(Some(5), 100).is_err());
+    }
 }

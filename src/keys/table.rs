@@ -249,10 +249,12 @@ impl KeyTable {
                     .map(|r| r.clone())
             })
             .ok_or(AuthError::Unknown)?;
-        if record.revoked_at.is_some_and(|t| t <= now) {
-            Err(AuthError::Revoked(record))
-        } else if record.canary {
+        // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
+        // mass revoke, would otherwise disarm it silently). Both answer the same 401.
+        if record.canary {
             Err(AuthError::Canary(record))
+        } else if record.revoked_at.is_some_and(|t| t <= now) {
+            Err(AuthError::Revoked(record))
         } else if record.expires_at.is_some_and(|t| t + leeway <= now) {
             Err(AuthError::Expired(record))
         } else if record.not_before.is_some_and(|t| t - leeway > now) {
@@ -325,6 +327,15 @@ mod tests {
         assert_eq!(reason(&pending, 299), Some("key_not_yet_valid"));
         assert_eq!(reason(&pending, 300), None);
         assert_eq!(reason(&canary, 200), Some("key_canary"));
+        let revoked_canary = f.add("key_rcan", 6, |r| {
+            r.canary = true;
+            r.revoked_at = Some(100);
+        });
+        assert_eq!(
+            reason(&revoked_canary, 200),
+            Some("key_canary"),
+            "a revoked canary still alarms"
+        );
         assert_eq!(reason(&unknown, 200), Some("key_unknown"));
         assert_eq!(reason("kg_live_short", 200), Some("key_malformed"));
         assert_eq!(

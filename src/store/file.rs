@@ -712,6 +712,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_file_name(tmp_name);
     let write = || -> io::Result<()> {
         let mut t = File::create(&tmp)?;
+        keep_mode_and_owner(path, &t)?;
         t.write_all(bytes)?;
         t.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -725,6 +726,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Give the replacement `tmp` the mode (and, where permitted, the owner) of the file it
+/// replaces, before any byte is written: a 0600 store must not become 0644 on compaction.
+/// Ownership can only be kept by a privileged writer; anyone else keeps their own (EPERM).
+fn keep_mode_and_owner(path: &Path, tmp: &File) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return Ok(()); // first write: the umask decides, as for any new file
+    };
+    tmp.set_permissions(meta.permissions())?;
+    match std::os::unix::fs::fchown(tmp, Some(meta.uid()), Some(meta.gid())) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
 }
 
 /// The prefix of `buf` that ends with a newline (complete lines only).

@@ -100,6 +100,24 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// The path of the external tool `bin` on PATH; panics naming the Debian package `apt_package`
+/// when it is missing. Project rule: a test whose tool is missing fails, it never skips
+/// (`.ci/run` installs every tool the suites need).
+pub fn require_tool(bin: &str, apt_package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(bin))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{bin} is not on PATH: install it (apt-get install -y {apt_package}, as .ci/run does); \
+                 a test whose tool is missing fails rather than skips"
+            )
+        })
+}
+
 /// Path of the `keygate` binary built by cargo for this test run.
 pub fn keygate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keygate"))
