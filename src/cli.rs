@@ -63,7 +63,7 @@ pub enum Command {
     },
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
     /// Run the control plane: admin REST API and the feed for gateways in fleet mode.
     Control,
     /// Mint admin tokens for the control plane.
@@ -138,6 +138,9 @@ pub struct GrantArgs {
     /// Own rate, e.g. 100/s.
     #[arg(long)]
     pub rate: Option<String>,
+    /// Calendar quota, e.g. 100000/month (also /day, /hour; UTC); needs [redis].
+    #[arg(long)]
+    pub quota: Option<String>,
     /// Lifetime, e.g. 90d.
     #[arg(long)]
     pub expires_in: Option<String>,
@@ -303,6 +306,7 @@ fn grants(
         scopes: g.scopes,
         plan: g.plan,
         rate: g.rate,
+        quota: g.quota,
         expires_in_secs: g.expires_in.as_deref().map(secs).transpose()?,
         allow_ips: g.allow_ips,
         allow_origins: g.allow_origins,
@@ -472,6 +476,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 scopes: (!g.scopes.is_empty()).then_some(g.scopes),
                 plan: g.plan.map(Some),
                 rate: g.rate.map(Some),
+                quota: g.quota.map(Some),
                 expires_in_secs: if no_expiry {
                     Some(None)
                 } else {

@@ -137,8 +137,16 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
     );
     tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
-    run_signals(gw, config_path.to_owned()).await;
+    run_signals(gw.clone(), config_path.to_owned()).await;
     shutdown.shutdown().await;
+    // After the drain no request can spend a leased token: hand the rest back to the fleet.
+    if let Some(f) = gw.limiter.fleet() {
+        let returned = f.release_all().await;
+        tracing::info!(
+            tokens = returned,
+            "returned unused rate-limit leases to redis"
+        );
+    }
     Ok(())
 }
 
@@ -173,6 +181,9 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let store = snapshot.keys.store.clone();
     let feed = snapshot.feed.clone();
     let gw = Gateway::new(snapshot, metrics.clone());
+    if let Some(f) = gw.limiter.fleet() {
+        f.client().spawn_health();
+    }
     match feed {
         None => crate::store::follow::spawn(gw.clone(), store, poll)?,
         Some(f) => {
@@ -550,7 +561,7 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             flush_usage(&gw).await;
         }
         if seconds.is_multiple_of(60) {
-            gw.buckets.shrink();
+            gw.limiter.shrink();
             gw.failures.sweep(std::time::Instant::now());
             let mut delta = serde_json::Map::new();
             for o in crate::error::Outcome::ALL

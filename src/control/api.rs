@@ -441,6 +441,7 @@ async fn create(
             "scopes",
             "plan",
             "rate",
+            "quota",
             "expires_in",
             "allow_ips",
             "allow_origins",
@@ -462,6 +463,7 @@ async fn create(
         scopes: string_list(&body, "scopes")?.unwrap_or_default(),
         plan: optional_string(&body, "plan")?,
         rate: optional_string(&body, "rate")?,
+        quota: optional_string(&body, "quota")?,
         expires_in_secs: optional_string(&body, "expires_in")?
             .map(|s| secs(&s, "expires_in"))
             .transpose()?,
@@ -533,6 +535,7 @@ async fn update(
             "scopes",
             "plan",
             "rate",
+            "quota",
             "expires_in",
             "allow_ips",
             "allow_origins",
@@ -557,6 +560,7 @@ async fn update(
         scopes: string_list(&body, "scopes")?,
         plan: nullable("plan")?,
         rate: nullable("rate")?,
+        quota: nullable("quota")?,
         expires_in_secs: nullable("expires_in")?
             .map(|o| o.map(|s| secs(&s, "expires_in")).transpose())
             .transpose()?,

@@ -30,6 +30,8 @@ pub struct KeySettings {
     pub revoked_retention_secs: i64,
     pub leeway_secs: i64,
     pub stale_after_secs: i64,
+    /// `[redis]` is configured, so keys may carry a quota.
+    pub quotas_enabled: bool,
 }
 
 fn secs(c: &Config, field: &str, value: &str) -> Result<i64, ConfigError> {
@@ -101,6 +103,7 @@ impl KeySettings {
             revoked_retention_secs: secs(c, "keys.revoked_retention", &k.revoked_retention)?,
             leeway_secs: secs(c, "keys.expiry_leeway", &k.expiry_leeway)?,
             stale_after_secs: secs(c, "keys.stale_after", &k.stale_after)?,
+            quotas_enabled: c.redis.is_some(),
         })
     }
 }
