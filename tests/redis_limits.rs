@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::redis::{RedisOpts, RedisServer};
+use common::redis::{RedisOpts, RedisServer, Sentinels};
 use common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -561,3 +561,137 @@ async fn password_and_acl_user_never_leak_and_limits_work() {
 const GATEWAY_ACL: &str = "resetkeys ~keygate:rl:* ~keygate:q:* ~keygate:u:* resetchannels -@all \
     +ping +select +evalsha +eval +script|load +time +get +set +del +incrby +decrby +expireat \
     +pexpire +hincrby +hget +hgetall +hset +expire +sadd +smembers";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_counts_would_be_refusals_without_refusing() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let k = create_key(fleet.config(), &["--plan", "shadow"]);
+    let gws = fleet.start(&[]).await;
+    let (a, b) = (gws[0].http, gws[1].http);
+    let mut remaining = Vec::new();
+    for addr in [a, b, a, b, a] {
+        let (s, h, _) = status(addr, &k.key).await;
+        assert_eq!(s, 200, "shadow mode never refuses");
+        remaining.push(h["ratelimit-remaining"].to_str().unwrap().to_owned());
+    }
+    // The headers announce what enforcement would do: the fleet bucket of 2 is empty.
+    assert_eq!(&remaining[2..], ["0", "0", "0"], "{remaining:?}");
+    let shadowed: f64 = {
+        let mut n = 0.0;
+        for gw in &gws {
+            n += metric(
+                &metrics(gw).await,
+                "keygate_rate_limit_shadowed_total{plan=\"shadow\"}",
+            );
+        }
+        n
+    };
+    assert_eq!(shadowed, 3.0);
+}
+
+/// Waits until `redis` holds a lease key of `lineage` (a node has written to it).
+async fn wait_lease_on(redis: &RedisServer, lineage: &str) {
+    eventually_named(
+        "lease key on the new primary",
+        Duration::from_secs(30),
+        || async {
+            let keys = redis.cmd(&["KEYS", "keygate:rl:*"]);
+            keys.contains(lineage).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed_without_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_with(RedisOpts {
+        replica_of: Some(primary.port),
+        ..RedisOpts::default()
+    });
+    eventually_named("replica in sync", Duration::from_secs(20), || async {
+        replica
+            .cmd(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+    let sentinels = Sentinels::start("keygate", primary.port, 500);
+    eventually_named(
+        "sentinels see each other and the replica",
+        Duration::from_secs(30),
+        || async {
+            let ok = sentinels.ports.iter().all(|p| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], *p));
+                let info =
+                    common::redis::raw_command(addr, None, &["SENTINEL", "master", "keygate"])
+                        .unwrap_or_default();
+                let fields: Vec<&str> = info.split(' ').collect();
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .position(|f| *f == name)
+                        .and_then(|i| fields.get(i + 1).copied())
+                };
+                field("num-other-sentinels") == Some("2") && field("num-slaves") == Some("1")
+            });
+            ok.then_some(())
+        },
+    )
+    .await;
+    let section = format!(
+        "url = \"redis://127.0.0.1:{}/0\"\ncommand_timeout_ms = 200\nsentinels = {:?}\nsentinel_master = \"keygate\"",
+        primary.port,
+        sentinels.addrs()
+    );
+    let fleet = Fleet::new(2, &redis_limits("local"), &section).await;
+    let before = create_key(fleet.config(), &["--plan", "low"]);
+    let after = create_key(fleet.config(), &["--plan", "low"]);
+    let probes = [
+        create_key(fleet.config(), &[]),
+        create_key(fleet.config(), &[]),
+    ];
+    let gws = fleet.start(&[]).await;
+    let addrs = [gws[0].http, gws[1].http];
+    let ok = |v: &[u16]| v.iter().filter(|s| **s == 200).count();
+    let st = round(&[addrs[0], addrs[1], addrs[0], addrs[1]], &before.key).await;
+    assert_eq!(
+        ok(&st),
+        2,
+        "fleet-wide through the sentinel-discovered primary: {st:?}"
+    );
+
+    primary.kill();
+    eventually_named(
+        "sentinels promote the replica",
+        Duration::from_secs(30),
+        || async { (sentinels.primary_port("keygate") == Some(replica.port)).then_some(()) },
+    )
+    .await;
+    // Traffic makes each node notice the dead primary, ask the sentinels, and move on.
+    eventually_named(
+        "both nodes write to the new primary",
+        Duration::from_secs(30),
+        || async {
+            for (i, addr) in addrs.iter().enumerate() {
+                assert_ne!(status(*addr, &probes[i].key).await.0 / 100, 5);
+            }
+            let keys = replica.cmd(&["KEYS", "keygate:rl:*"]);
+            probes.iter().all(|p| keys.contains(&p.id)).then_some(())
+        },
+    )
+    .await;
+    wait_lease_on(&replica, &probes[1].id).await;
+    let st = round(&[addrs[1], addrs[0], addrs[1], addrs[0]], &after.key).await;
+    assert_eq!(ok(&st), 2, "fleet-wide on the new primary: {st:?}");
+    for gw in &gws {
+        let log = gw.stderr_contents();
+        assert!(
+            log.contains(&format!("127.0.0.1:{}", replica.port)),
+            "discovery logged:\n{log}"
+        );
+    }
+}
