@@ -389,11 +389,65 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn print_record(r: &KeyRecord, now: i64, json: bool) -> Result<(), Failure> {
-    if json {
-        return out(&r.public_json(now).to_string());
+/// Usage of `ids`: fleet-wide from Redis when `[redis]` is configured, else the usage file.
+fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
+    let Ok(Some(redis)) = crate::redis::Settings::from_config(config) else {
+        return crate::usage::read(&settings.usage_file);
+    };
+    let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    match crate::redis::blocking(redis, |c| async move {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::redis::usage::read(&c, &ids).await
+    }) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!(
+                "warning: cannot read usage from redis ({e}); showing this node's usage file"
+            );
+            crate::usage::read(&settings.usage_file)
+        }
     }
-    let v = r.public_json(now);
+}
+
+/// The quota that applies to `r` and what has been used of it this period (from Redis).
+fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
+    use crate::redis::quota::{self, Quota};
+    let plan = r.plan.as_deref().unwrap_or("default");
+    let text = r
+        .quota
+        .clone()
+        .or_else(|| config.plans.get(plan).and_then(|p| p.quota.clone()))?;
+    let q = Quota::parse(&text).ok()?;
+    let redis = crate::redis::Settings::from_config(config).ok()??;
+    let key = quota::key(&redis.prefix, &r.lineage, q);
+    let mut v = serde_json::json!({ "quota": q.to_string() });
+    match crate::redis::blocking(redis, |c| async move { quota::used(&c, &key, q).await }) {
+        Ok(t) => {
+            v["used"] = t.used.into();
+            v["resets_in_seconds"] = t.reset.as_secs().into();
+        }
+        Err(e) => eprintln!("warning: cannot read quota use from redis ({e})"),
+    }
+    Some(v)
+}
+
+fn print_record(
+    r: &KeyRecord,
+    usage: &Usage,
+    extra: Option<serde_json::Value>,
+    now: i64,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut v = listed_json(r, usage, now);
+    if let Some(u) = usage.get(&r.id) {
+        v["status_classes"] = serde_json::json!({"2xx": u.s2xx, "4xx": u.s4xx, "5xx": u.s5xx});
+    }
+    if let Some(q) = extra {
+        v["quota_usage"] = q;
+    }
+    if json {
+        return out(&v.to_string());
+    }
     let mut text = String::new();
     if let Some(obj) = v.as_object() {
         for (k, v) in obj {
@@ -459,9 +513,14 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .filter(|r| state.is_none_or(|s| r.state(now) == s))
                 .collect();
             rows.sort_by_key(|r| r.created_at);
-            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
-        KeysCommand::Show { id, json } => print_record(&keys.show(&id)?, now, json),
+        KeysCommand::Show { id, json } => {
+            let r = keys.show(&id)?;
+            let usage = load_usage(config, &settings, &[r.id.as_str()]);
+            print_record(&r, &usage, quota_used(config, &r), now, json)
+        }
         KeysCommand::Update {
             id,
             name,
@@ -488,7 +547,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             };
             let r = keys.update(&id, &changes, now)?;
             eprintln!("updated {}", r.id);
-            print_record(&r, now, json)
+            print_record(&r, &Usage::new(), None, now, json)
         }
         KeysCommand::Revoke {
             id: Some(id),
@@ -499,7 +558,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let r = keys.revoke(&id, reason.as_deref(), now)?;
             eprintln!("revoked {}", r.id);
             if json {
-                print_record(&r, now, true)?;
+                print_record(&r, &Usage::new(), None, now, true)?;
             }
             Ok(())
         }
@@ -554,12 +613,14 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 })
                 .collect();
             rows.sort_by_key(|r| r.expires_at);
-            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
         KeysCommand::Stale { unused, json } => {
             let before = now - secs(&unused)?;
-            let usage = crate::usage::read(&settings.usage_file);
             let latest = crate::store::file::latest(keys.state()?.records);
+            let ids: Vec<&str> = latest.values().map(|r| r.id.as_str()).collect();
+            let usage = load_usage(config, &settings, &ids);
             // Never used counts from creation, so a key minted yesterday is not stale.
             let last_use = |r: &KeyRecord| {
                 usage

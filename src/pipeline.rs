@@ -104,7 +104,7 @@ pub async fn handle(
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
-    record(&gw, &snap, &ctx, outcome, started);
+    record(&gw, &snap, &ctx, outcome, resp.status(), started);
     // One access line per request (target `keygate::access`, off unless enabled: see README).
     // Allow-listed fields only: never the key, the raw path or client-sent header values.
     tracing::info!(
@@ -516,13 +516,23 @@ fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Met
 }
 
 /// Metrics, failure budget, usage and audit: once per request.
-fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: Instant) {
+fn record(
+    gw: &Gateway,
+    snap: &Snapshot,
+    ctx: &Ctx,
+    outcome: Outcome,
+    status: StatusCode,
+    started: Instant,
+) {
     let series = ctx
         .route
         .and_then(|i| snap.routes.get(i))
         .map_or(&snap.unrouted, |r| &r.series);
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
+    if let Some(k) = ctx.key.as_ref().filter(|_| !outcome.is_auth_failure()) {
+        gw.usage.status(&k.id, status.as_u16());
+    }
     match outcome {
         Outcome::Ok => {
             if let Some(k) = &ctx.key {

@@ -589,7 +589,19 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Usage goes to Redis when `[redis]` is configured (fleet-wide sums), else to the shared file.
 async fn flush_usage(gw: &Arc<Gateway>) {
+    if let Some(f) = gw.limiter.fleet() {
+        let deltas = gw.usage.take_pending();
+        if deltas.is_empty() {
+            return;
+        }
+        if let Err(e) = crate::redis::usage::add(f.client(), &deltas).await {
+            gw.usage.restore(deltas);
+            tracing::warn!(error = %e, "usage flush to redis failed; will retry");
+        }
+        return;
+    }
     let gw = gw.clone();
     let _ = tokio::task::spawn_blocking(move || {
         if let Err(e) = gw.usage.flush() {

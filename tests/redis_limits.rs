@@ -62,7 +62,7 @@ impl Fleet {
                 r#"[keys]
 store = "../keys.jsonl"
 audit_log = "audit.jsonl"
-usage_file = "usage.json"
+usage_file = "../usage.json"
 poll_interval_ms = 50
 touch_interval_seconds = 1
 
@@ -694,4 +694,62 @@ async fn sentinel_failover_is_followed_without_restart() {
             "discovery logged:\n{log}"
         );
     }
+}
+
+/// 3, 5 and 7 requests on the three nodes; then `keys show` must report 15 and the latest use.
+async fn usage_is_summed_over_three_nodes(fleet: &Fleet, envs: &[(&str, &str)]) {
+    let k = create_key(fleet.config(), &[]);
+    let gws = fleet.start(envs).await;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (i, gw) in gws.iter().enumerate() {
+        for _ in 0..(3 + 2 * i) {
+            assert_eq!(status(gw.http, &k.key).await.0, 200);
+        }
+    }
+    let mut env = SECRET_ENV.to_vec();
+    env.extend_from_slice(envs);
+    let shown = eventually_named(
+        "keys show sums the fleet",
+        Duration::from_secs(15),
+        || async {
+            let out = cli(fleet.config(), &["keys", "show", &k.id, "--json"], &env);
+            let v = json(&out.stdout);
+            (v["requests"] == 15).then_some(v)
+        },
+    )
+    .await;
+    assert!(shown["last_used"].as_i64().unwrap() >= t0, "{shown}");
+    assert_eq!(shown["status_classes"]["2xx"], 15, "{shown}");
+    let listed = json(&cli(fleet.config(), &["keys", "list", "--json"], &env).stdout);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == k.id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["requests"], 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_on_three_nodes_is_summed_in_redis() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(3, &redis_limits("local"), &redis_section(&redis)).await;
+    usage_is_summed_over_three_nodes(&fleet, &[]).await;
+    assert!(redis.cmd(&["KEYS", "keygate:u:*"]).contains("key_"));
+    assert!(
+        !fleet.dir.path().join("usage.json").exists(),
+        "usage goes to redis, not the file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_file_shared_by_three_nodes_adds_up() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::new(3, "", "").await;
+    usage_is_summed_over_three_nodes(&fleet, &[]).await;
 }

@@ -188,9 +188,14 @@ impl Fleet {
                 s.rate.per.as_millis(),
                 s.burst
             ),
-            Budget::Quota { limit, period } => {
-                format!("{p}q:{lineage}:{}:{limit}", period.as_str())
-            }
+            Budget::Quota { limit, period } => quota::key(
+                p,
+                lineage,
+                quota::Quota {
+                    limit: *limit,
+                    period: *period,
+                },
+            ),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod lease;
 pub mod quota;
 pub mod resp;
 pub mod script;
+pub mod usage;
 
 use crate::config::{Config, ConfigError};
 use std::sync::Arc;
@@ -248,6 +249,20 @@ impl Settings {
             command_timeout: Duration::from_millis(r.command_timeout_ms),
         }))
     }
+}
+
+/// Run `f` with a fresh client on a throwaway single-thread runtime: the synchronous CLI's
+/// way to read fleet state (usage, quota used).
+pub fn blocking<T, F, Fut>(settings: Settings, f: F) -> Result<T, RedisError>
+where
+    F: FnOnce(Arc<Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, RedisError>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let metrics = crate::metrics::Metrics::new(0);
+    rt.block_on(f(Client::new(settings, metrics.redis_metrics())))
 }
 
 /// True for ids the gateway generated (`key_…` and similar): safe inside a key name.

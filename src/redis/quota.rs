@@ -69,6 +69,11 @@ impl std::fmt::Display for Quota {
     }
 }
 
+/// The counter name of `lineage`'s quota `q` (the script appends the period start).
+pub fn key(prefix: &str, lineage: &str, q: Quota) -> String {
+    format!("{prefix}q:{lineage}:{}:{}", q.period.as_str(), q.limit)
+}
+
 /// Take up to ARGV[3] units (ARGV[1] period, ARGV[2] limit), or give ARGV[3] back to the
 /// period starting ARGV[5] when ARGV[4] == "give". Returns {granted, remaining, seconds until
 /// the reset, period start, used}. Month boundaries use the civil-from-days algorithm
