@@ -500,9 +500,23 @@ async fn password_and_acl_user_never_leak_and_limits_work() {
     let st = round(&[a, b, a, b], &low.key).await;
     assert_eq!(st.iter().filter(|s| **s == 200).count(), 2, "{st:?}");
     assert_eq!(round(&[a, b], &q.key).await, vec![200, 200]);
-    // That user cannot touch anything outside its prefixes.
-    let denied = common::redis::raw_command(redis.addr(), None, &["AUTH", "keygate-gw", PW]);
-    assert_eq!(denied.as_deref(), Ok("OK"));
+    // That user cannot touch anything outside its prefixes, nor run admin commands.
+    let replies = common::redis::raw_session(
+        redis.addr(),
+        &[
+            &["AUTH", "keygate-gw", PW],
+            &["GET", "keygate:store:x"],
+            &["GET", "keygate:rl:x"],
+            &["FLUSHALL"],
+            &["CONFIG", "GET", "requirepass"],
+        ],
+    )
+    .unwrap();
+    assert_eq!(replies[0], "OK");
+    assert!(replies[1].starts_with("ERR:NOPERM"), "{replies:?}");
+    assert_eq!(replies[2], "(nil)");
+    assert!(replies[3].starts_with("ERR:NOPERM"), "{replies:?}");
+    assert!(replies[4].starts_with("ERR:NOPERM"), "{replies:?}");
     // A gateway given a wrong password: no leak of that either, and limits follow the mode.
     let wrong = "Wrong-Pw-77aa88bb";
     let node = &fleet.nodes[1];

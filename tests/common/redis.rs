@@ -339,6 +339,21 @@ pub fn raw_command(
     read_reply(&mut r)
 }
 
+/// Several commands on one connection (e.g. `AUTH user pw` then what that user may do); the
+/// replies in order, errors as `ERR:…` strings.
+pub fn raw_session(addr: SocketAddr, cmds: &[&[&str]]) -> Result<Vec<String>, String> {
+    let t = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, t).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut out = Vec::new();
+    for c in cmds {
+        s.write_all(&encode(c)).map_err(|e| e.to_string())?;
+        out.push(read_reply(&mut r)?);
+    }
+    Ok(out)
+}
+
 fn encode(args: &[&str]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
