@@ -232,6 +232,13 @@ async fn wait_redis_up(gws: &[Gateway], up: bool) {
     }
 }
 
+/// A fresh Redis and two nodes on it (`on_redis_down = "local"`).
+async fn two_nodes_on_redis() -> (RedisServer, Fleet) {
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    (redis, fleet)
+}
+
 fn redis_limits(on_down: &str) -> String {
     format!("backend = \"redis\"\non_redis_down = \"{on_down}\"")
 }
@@ -310,8 +317,7 @@ async fn round(addrs: &[SocketAddr], key: &str) -> Vec<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_rate_key_alternating_nodes_is_exact_and_refill_is_shared() {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start();
-    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let (_redis, fleet) = two_nodes_on_redis().await;
     let alone = create_key(fleet.config(), &["--plan", "low"]);
     let shared = create_key(fleet.config(), &["--plan", "low"]);
     let gws = fleet.start(&[]).await;
@@ -350,8 +356,7 @@ async fn low_rate_key_alternating_nodes_is_exact_and_refill_is_shared() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_five_per_day_then_quota_exceeded_on_any_node() {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start();
-    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let (redis, fleet) = two_nodes_on_redis().await;
     let k = create_key(fleet.config(), &["--plan", "q5"]);
     let own = create_key(fleet.config(), &["--quota", "3/hour"]);
     let gws = fleet.start(&[]).await;
@@ -579,8 +584,7 @@ const GATEWAY_ACL: &str = "resetkeys ~keygate:rl:* ~keygate:q:* ~keygate:u:* res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_counts_would_be_refusals_without_refusing() {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start();
-    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let (_redis, fleet) = two_nodes_on_redis().await;
     let k = create_key(fleet.config(), &["--plan", "shadow"]);
     let gws = fleet.start(&[]).await;
     let (a, b) = (gws[0].http, gws[1].http);
@@ -766,4 +770,24 @@ async fn usage_file_shared_by_three_nodes_adds_up() {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::new(3, "", "").await;
     usage_is_summed_over_three_nodes(&fleet, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_at_start_then_up_without_traffic() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let low = create_key(fleet.config(), &["--plan", "low"]);
+    let other = create_key(fleet.config(), &["--plan", "low"]);
+    let gws = fleet.start(&[]).await;
+    let addrs = [gws[0].http, gws[1].http];
+    // Serving from per-node buckets meanwhile: ready, never 5xx.
+    assert_eq!(status(addrs[0], &low.key).await.0, 200);
+    wait_redis_up(&gws, false).await;
+    redis.restart();
+    // No request needed: the health probe notices.
+    wait_redis_up(&gws, true).await;
+    let st = round(&[addrs[0], addrs[1], addrs[0], addrs[1]], &other.key).await;
+    assert_eq!(st, vec![200, 200, 429, 429], "fleet-wide once Redis is up");
 }

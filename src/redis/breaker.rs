@@ -101,6 +101,18 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    /// Polls (bounded) until the cooldown is over and a permit is handed out.
+    fn wait_for_probe(b: &Breaker) -> Permit {
+        let t = Instant::now();
+        loop {
+            if let Some(p) = b.permit() {
+                return p;
+            }
+            assert!(t.elapsed() < Duration::from_secs(2));
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn opens_after_threshold_probes_once_and_recovers() {
         let b = Breaker::new(3, Duration::from_millis(30));
@@ -109,26 +121,12 @@ mod tests {
         assert_eq!(b.failure(p), None);
         assert_eq!(b.failure(p), Some(Transition::Opened));
         assert!(b.permit().is_none(), "fails fast while open");
-        let t = Instant::now();
-        let probe = loop {
-            if let Some(p) = b.permit() {
-                break p;
-            }
-            assert!(t.elapsed() < Duration::from_secs(2));
-            std::thread::yield_now();
-        };
+        let probe = wait_for_probe(&b);
         assert!(probe.probe);
         assert!(b.permit().is_none(), "only one probe at a time");
         assert_eq!(b.failure(probe), None, "already open: no second transition");
         assert!(b.permit().is_none());
-        let t = Instant::now();
-        let probe = loop {
-            if let Some(p) = b.permit() {
-                break p;
-            }
-            assert!(t.elapsed() < Duration::from_secs(2));
-            std::thread::yield_now();
-        };
+        let probe = wait_for_probe(&b);
         assert_eq!(b.success(probe), Some(Transition::Closed));
         assert_eq!(b.permit(), Some(Permit { probe: false }));
         assert_eq!(b.success(Permit { probe: false }), None);

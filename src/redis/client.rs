@@ -216,17 +216,16 @@ impl Client {
         Err(RedisError::NoMaster(master.clone()))
     }
 
-    /// Keep `keygate_redis_up` honest and recover without traffic: while the circuit is open,
-    /// PING at every cooldown (the half-open probe). Runs until the process ends.
+    /// Keep `keygate_redis_up` honest and recover without traffic: until Redis has answered
+    /// once, and while the circuit is open, PING every half cooldown (when open, that is the
+    /// half-open probe). Runs until the process ends.
     pub fn spawn_health(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BREAKER_COOLDOWN / 2);
-            let mut first = true;
             loop {
                 tick.tick().await;
-                if first || me.breaker.is_open() {
-                    first = false;
+                if me.breaker.is_open() || me.metrics.up.get() == 0 {
                     let _ = me.call(&[b"PING"]).await;
                 }
             }

@@ -96,16 +96,9 @@ fn read_depth<'a, R: AsyncBufRead + Unpin + Send>(
                 .map(Value::Int)
                 .map_err(|_| RedisError::Protocol("bad integer")),
             b'$' => {
-                let n: i64 = text
-                    .parse()
-                    .map_err(|_| RedisError::Protocol("bad length"))?;
-                if n < 0 {
+                let Some(n) = length(text, MAX_BULK)? else {
                     return Ok(Value::Nil);
-                }
-                let n = usize::try_from(n).map_err(|_| RedisError::Protocol("bad length"))?;
-                if n > MAX_BULK {
-                    return Err(RedisError::Protocol("bulk string too long"));
-                }
+                };
                 let mut buf = vec![0u8; n + 2];
                 r.read_exact(&mut buf).await?;
                 if !buf.ends_with(b"\r\n") {
@@ -115,16 +108,9 @@ fn read_depth<'a, R: AsyncBufRead + Unpin + Send>(
                 Ok(Value::Bulk(buf))
             }
             b'*' => {
-                let n: i64 = text
-                    .parse()
-                    .map_err(|_| RedisError::Protocol("bad length"))?;
-                if n < 0 {
+                let Some(n) = length(text, MAX_ARRAY)? else {
                     return Ok(Value::Nil);
-                }
-                let n = usize::try_from(n).map_err(|_| RedisError::Protocol("bad length"))?;
-                if n > MAX_ARRAY {
-                    return Err(RedisError::Protocol("array too long"));
-                }
+                };
                 let mut items = Vec::with_capacity(n.min(64));
                 for _ in 0..n {
                     items.push(read_depth(r, depth + 1).await?);
@@ -134,6 +120,20 @@ fn read_depth<'a, R: AsyncBufRead + Unpin + Send>(
             _ => Err(RedisError::Protocol("unknown reply type")),
         }
     })
+}
+
+/// A `$`/`*` length: `None` for the null reply (-1), an error past `max`.
+fn length(text: &str, max: usize) -> Result<Option<usize>, RedisError> {
+    let n: i64 = text
+        .parse()
+        .map_err(|_| RedisError::Protocol("bad length"))?;
+    if n < 0 {
+        return Ok(None);
+    }
+    match usize::try_from(n) {
+        Ok(n) if n <= max => Ok(Some(n)),
+        _ => Err(RedisError::Protocol("length over the limit")),
+    }
 }
 
 /// One CRLF-terminated line without its CRLF, bounded by `MAX_LINE`.
