@@ -53,9 +53,11 @@ KNOWN = {
     "keygate_keys_ttl_over_policy", "keygate_keys_stale",
     "keygate_canary_hits_total", "keygate_config_reloads_total",
     "keygate_tls_certificate_expiry_timestamp_seconds",
+    "keygate_redis_up", "keygate_redis_command_seconds",
+    "keygate_limiter_fallback_total", "keygate_rate_limit_shadowed_total",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
-        "keygate_propagation_seconds")
+        "keygate_propagation_seconds", "keygate_redis_command_seconds")
 errors = []
 
 def metric_names(expr):
@@ -78,7 +80,7 @@ ids = [p["id"] for p in d["panels"]]
 if len(ids) != len(set(ids)):
     errors.append("duplicate panel ids")
 rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops"]
+want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops", "Fleet (Redis)"]
 if rows != want:
     errors.append(f"rows {rows} != {want}")
 

@@ -535,6 +535,7 @@ fn record(allow_ips: Vec<IpNet>) -> KeyRecord {
         scopes: vec!["a:read".into()],
         plan: None,
         rate: None,
+        quota: None,
         allow_ips,
         allow_origins: vec![],
         labels: BTreeMap::new(),

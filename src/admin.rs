@@ -91,7 +91,8 @@ pub fn refresh_gauges(gw: &Gateway) {
     m.table_revision.set(table.revision() as i64);
     m.table_sync_age
         .set(gw.sync_age().map_or(-1.0, |a| a.as_secs_f64()));
-    m.buckets.set(gw.buckets.len() as i64);
+    m.buckets
+        .set((gw.limiter.buckets.len() + gw.limiter.fleet().map_or(0, |f| f.len())) as i64);
     m.auth_failure_clients.set(gw.failures.tracked() as i64);
     m.keys.reset();
     for env in snap.keys.format.envs() {

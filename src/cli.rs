@@ -63,7 +63,7 @@ pub enum Command {
     },
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
     /// Run the control plane: admin REST API and the feed for gateways in fleet mode.
     Control,
     /// Mint admin tokens for the control plane.
@@ -138,6 +138,9 @@ pub struct GrantArgs {
     /// Own rate, e.g. 100/s.
     #[arg(long)]
     pub rate: Option<String>,
+    /// Calendar quota, e.g. 100000/month (also /day, /hour; UTC); needs [redis].
+    #[arg(long)]
+    pub quota: Option<String>,
     /// Lifetime, e.g. 90d.
     #[arg(long)]
     pub expires_in: Option<String>,
@@ -303,6 +306,7 @@ fn grants(
         scopes: g.scopes,
         plan: g.plan,
         rate: g.rate,
+        quota: g.quota,
         expires_in_secs: g.expires_in.as_deref().map(secs).transpose()?,
         allow_ips: g.allow_ips,
         allow_origins: g.allow_origins,
@@ -385,11 +389,65 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
+/// Usage of `ids`: fleet-wide from Redis when `[redis]` is configured, else the usage file.
+fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
+    let Ok(Some(redis)) = crate::redis::Settings::from_config(config) else {
+        return crate::usage::read(&settings.usage_file);
+    };
+    let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    match crate::redis::blocking(redis, |c| async move {
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::redis::usage::read(&c, &ids).await
+    }) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!(
+                "warning: cannot read usage from redis ({e}); showing this node's usage file"
+            );
+            crate::usage::read(&settings.usage_file)
+        }
+    }
+}
+
+/// The quota that applies to `r` and what has been used of it this period (from Redis).
+fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
+    use crate::redis::quota::{self, Quota};
+    let plan = r.plan.as_deref().unwrap_or("default");
+    let text = r
+        .quota
+        .clone()
+        .or_else(|| config.plans.get(plan).and_then(|p| p.quota.clone()))?;
+    let q = Quota::parse(&text).ok()?;
+    let redis = crate::redis::Settings::from_config(config).ok()??;
+    let key = quota::key(&redis.prefix, &r.lineage, q);
+    let mut v = serde_json::json!({ "quota": q.to_string() });
+    match crate::redis::blocking(redis, |c| async move { quota::used(&c, &key, q).await }) {
+        Ok(t) => {
+            v["used"] = t.used.into();
+            v["resets_in_seconds"] = t.reset.as_secs().into();
+        }
+        Err(e) => eprintln!("warning: cannot read quota use from redis ({e})"),
+    }
+    Some(v)
+}
+
 /// One key, as `keys show` (and `update`, `revoke --json`) print it: the same fields as a
-/// `keys list --json` row, including last use; the human form prints times as RFC 3339 like
-/// the list table.
-fn print_record(r: &KeyRecord, usage: &Usage, now: i64, json: bool) -> Result<(), Failure> {
-    let v = listed_json(r, usage, now);
+/// `keys list --json` row, including last use (fleet-wide from Redis when configured) and,
+/// for `show`, the quota used; the human form prints times as RFC 3339 like the list table.
+fn print_record(
+    r: &KeyRecord,
+    usage: &Usage,
+    extra: Option<serde_json::Value>,
+    now: i64,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut v = listed_json(r, usage, now);
+    if let Some(u) = usage.get(&r.id) {
+        v["status_classes"] = serde_json::json!({"2xx": u.s2xx, "4xx": u.s4xx, "5xx": u.s5xx});
+    }
+    if let Some(q) = extra {
+        v["quota_usage"] = q;
+    }
     if json {
         return out(&v.to_string());
     }
@@ -469,14 +527,14 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .collect();
             // Id breaks ties within a second, so the order is the same on every run.
             rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
-        KeysCommand::Show { id, json } => print_record(
-            &keys.show(&id)?,
-            &crate::usage::read(&settings.usage_file),
-            now,
-            json,
-        ),
+        KeysCommand::Show { id, json } => {
+            let r = keys.show(&id)?;
+            let usage = load_usage(config, &settings, &[r.id.as_str()]);
+            print_record(&r, &usage, quota_used(config, &r), now, json)
+        }
         KeysCommand::Update {
             id,
             name,
@@ -491,6 +549,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 scopes: (!g.scopes.is_empty()).then_some(g.scopes),
                 plan: g.plan.map(Some),
                 rate: g.rate.map(Some),
+                quota: g.quota.map(Some),
                 expires_in_secs: if no_expiry {
                     Some(None)
                 } else {
@@ -502,7 +561,8 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             };
             let r = keys.update(&id, &changes, now)?;
             eprintln!("updated {}", r.id);
-            print_record(&r, &crate::usage::read(&settings.usage_file), now, json)
+            let usage = load_usage(config, &settings, &[r.id.as_str()]);
+            print_record(&r, &usage, None, now, json)
         }
         KeysCommand::Revoke {
             id: Some(id),
@@ -513,7 +573,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let r = keys.revoke(&id, reason.as_deref(), now)?;
             eprintln!("revoked {}", r.id);
             if json {
-                print_record(&r, &Usage::new(), now, true)?;
+                print_record(&r, &Usage::new(), None, now, true)?;
             }
             Ok(())
         }
@@ -579,12 +639,14 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 })
                 .collect();
             rows.sort_by_key(|r| r.expires_at);
-            print_rows(&rows, &crate::usage::read(&settings.usage_file), now, json)
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
         KeysCommand::Stale { unused, json } => {
             let before = now - secs(&unused)?;
-            let usage = crate::usage::read(&settings.usage_file);
             let latest = crate::store::file::latest(keys.state()?.records);
+            let ids: Vec<&str> = latest.values().map(|r| r.id.as_str()).collect();
+            let usage = load_usage(config, &settings, &ids);
             // Never used counts from creation, so a key minted yesterday is not stale.
             let last_use = |r: &KeyRecord| {
                 usage

@@ -50,6 +50,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    /// Shared Redis for fleet-wide limits, quotas and usage. None: everything stays per node.
+    pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
@@ -182,6 +184,11 @@ pub struct PlanConfig {
     pub rate: String,
     /// Bucket size (requests allowed at once); defaults to one second's worth, at least 1.
     pub burst: Option<u32>,
+    /// Calendar quota, "N/month", "N/day" or "N/hour" (UTC); needs `[redis]`.
+    pub quota: Option<String>,
+    /// `false`: shadow mode for this plan (count would-be refusals, refuse nothing).
+    /// Default: `limits.enforce`.
+    pub enforce: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -268,6 +275,17 @@ pub struct LimitsConfig {
     pub auth_failure_block_seconds: u64,
     /// Most clients tracked by the failure budget (memory bound).
     pub auth_failure_max_tracked: usize,
+    /// "local" (per-node buckets, the default) or "redis" (fleet-wide; needs `[redis]`).
+    pub backend: String,
+    /// With backend "redis", while Redis is unreachable: "local" (per-node buckets),
+    /// "fail_open" (admit, no rate headers) or "fail_closed" (429).
+    pub on_redis_down: String,
+    /// `false`: shadow mode (count and announce would-be refusals, refuse nothing).
+    pub enforce: bool,
+    /// Backend "redis": a node leases at most `rate × lease_window_ms` tokens at once...
+    pub lease_window_ms: u64,
+    /// ...and never more than this many (the over-admission bound is nodes × this).
+    pub lease_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -276,6 +294,49 @@ impl Default for LimitsConfig {
             auth_failures_per_minute: 20,
             auth_failure_block_seconds: 60,
             auth_failure_max_tracked: 100_000,
+            backend: "local".into(),
+            on_redis_down: "local".into(),
+            enforce: true,
+            lease_window_ms: 100,
+            lease_max: 100,
+        }
+    }
+}
+
+/// `[redis]`: shared by limits, quotas and usage (and the Redis key store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://host:port/db` (no credentials in the URL).
+    pub url: String,
+    /// Sentinels (`host:port`) for HA; the primary named `sentinel_master` is asked of them.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: Option<String>,
+    /// Env var holding the password (never the password itself in this file).
+    pub password_env: Option<String>,
+    /// Redis ACL user (see README "Least privilege").
+    pub username: Option<String>,
+    /// PEM CA(s) that sign the server certificate, for `rediss://`.
+    pub ca: Option<PathBuf>,
+    /// Every key name starts with this.
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    /// Request-path commands; a slower Redis counts as down.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            sentinels: vec![],
+            sentinel_master: None,
+            password_env: None,
+            username: None,
+            ca: None,
+            key_prefix: "keygate:".into(),
+            connect_timeout_ms: 200,
+            command_timeout_ms: 50,
         }
     }
 }

@@ -50,6 +50,8 @@ pub enum GatewayError {
     OriginDenied,
     #[error("rate limited")]
     RateLimited(Verdict),
+    #[error("quota exceeded")]
+    QuotaExceeded(Verdict),
     #[error("request body too large")]
     BodyTooLarge,
     #[error("request body not received in time")]
@@ -83,6 +85,7 @@ pub enum Outcome {
     EnvDenied,
     OriginDenied,
     RateLimited,
+    QuotaExceeded,
     AuthBudgetExceeded,
     RouteNotFound,
     MethodNotAllowed,
@@ -98,7 +101,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 26] = [
+    pub const ALL: [Outcome; 27] = [
         Outcome::Ok,
         Outcome::KeyMissing,
         Outcome::KeyMalformed,
@@ -113,6 +116,7 @@ impl Outcome {
         Outcome::EnvDenied,
         Outcome::OriginDenied,
         Outcome::RateLimited,
+        Outcome::QuotaExceeded,
         Outcome::AuthBudgetExceeded,
         Outcome::RouteNotFound,
         Outcome::MethodNotAllowed,
@@ -147,6 +151,7 @@ impl Outcome {
             Outcome::EnvDenied => "env_denied",
             Outcome::OriginDenied => "origin_denied",
             Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
             Outcome::AuthBudgetExceeded => "auth_budget_exceeded",
             Outcome::RouteNotFound => "route_not_found",
             Outcome::MethodNotAllowed => "method_not_allowed",
@@ -192,9 +197,9 @@ impl GatewayError {
             | GatewayError::NetworkDenied
             | GatewayError::EnvDenied
             | GatewayError::OriginDenied => StatusCode::FORBIDDEN,
-            GatewayError::RateLimited(_) | GatewayError::AuthBudgetExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::RateLimited(_)
+            | GatewayError::QuotaExceeded(_)
+            | GatewayError::AuthBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UpstreamUnavailable(_) | GatewayError::UpstreamError(_) => {
@@ -224,6 +229,7 @@ impl GatewayError {
             GatewayError::EnvDenied => "env_denied",
             GatewayError::OriginDenied => "origin_denied",
             GatewayError::RateLimited(_) => "rate_limited",
+            GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::BodyTooLarge => "body_too_large",
             GatewayError::BodyTimeout => "body_timeout",
             GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -258,6 +264,7 @@ impl GatewayError {
             GatewayError::EnvDenied => Outcome::EnvDenied,
             GatewayError::OriginDenied => Outcome::OriginDenied,
             GatewayError::RateLimited(_) => Outcome::RateLimited,
+            GatewayError::QuotaExceeded(_) => Outcome::QuotaExceeded,
             GatewayError::BodyTooLarge => Outcome::BodyTooLarge,
             GatewayError::BodyTimeout => Outcome::BodyTimeout,
             GatewayError::UpstreamUnavailable(_) => Outcome::UpstreamUnavailable,
@@ -319,7 +326,7 @@ impl GatewayError {
                     h.insert(ALLOW, v);
                 }
             }
-            GatewayError::RateLimited(v) => {
+            GatewayError::RateLimited(v) | GatewayError::QuotaExceeded(v) => {
                 crate::pipeline::rate_limit_headers(h, v);
                 h.insert(RETRY_AFTER, HeaderValue::from(v.reset_secs.max(1)));
             }

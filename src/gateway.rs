@@ -5,7 +5,7 @@
 use crate::audit::{AuditLog, Event};
 use crate::clock::unix_ms;
 use crate::keys::table::KeyTable;
-use crate::limit::{AuthFailures, Buckets};
+use crate::limit::{AuthFailures, Limiter};
 use crate::metrics::Metrics;
 use crate::snapshot::{OnStale, Snapshot};
 use crate::usage::Usage;
@@ -20,7 +20,8 @@ pub struct Gateway {
     table: ArcSwap<KeyTable>,
     loaded: AtomicBool,
     last_sync_ms: AtomicI64,
-    pub buckets: Buckets,
+    /// Rate limits and quotas: node-local buckets and, with `[redis]`, fleet-wide leases.
+    pub limiter: Limiter,
     pub failures: AuthFailures,
     pub metrics: Arc<Metrics>,
     pub usage: Usage,
@@ -63,6 +64,20 @@ impl Gateway {
         );
         let audit = spawn_audit_writer(AuditLog::new(&snapshot.keys.audit_log), metrics.clone());
         let usage = Usage::new(snapshot.keys.usage_file.clone());
+        // The Redis client is built once, from the first config: a reload may switch
+        // `limits.backend`, but changing `[redis]` itself needs a restart.
+        let fleet = snapshot.redis.clone().map(|settings| {
+            metrics.register_redis();
+            let client = crate::redis::Client::new(settings, metrics.redis_metrics());
+            crate::redis::lease::Fleet::new(
+                client,
+                crate::redis::lease::LeaseTuning {
+                    window: Duration::from_millis(limits.lease_window_ms),
+                    max: limits.lease_max,
+                },
+            )
+        });
+        let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
         Arc::new(Gateway {
@@ -70,7 +85,7 @@ impl Gateway {
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),
             last_sync_ms: AtomicI64::new(0),
-            buckets: Buckets::new(),
+            limiter,
             failures,
             metrics,
             usage,

@@ -31,6 +31,7 @@ pub mod limit;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;
+pub mod redis;
 pub mod route;
 pub mod server;
 pub mod snapshot;

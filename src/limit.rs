@@ -1,5 +1,14 @@
-//! Rate limits: plans, per-lineage token buckets (GCRA via `governor`), and the per-client
-//! failed-authentication budget.
+//! Rate limits: plans, per-lineage token buckets (GCRA via `governor`), the choice between
+//! node-local and fleet-wide (Redis) buckets, and the per-client failed-authentication budget.
+//!
+//! `Limiter` is what the request path calls. With `[limits] backend = "local"` (the default)
+//! it is the node's own `Buckets`. With `backend = "redis"` it asks `redis::lease::Fleet`
+//! (fleet-wide GCRA served from token leases: see that module for the accuracy bound), and
+//! while Redis is unreachable (circuit open, timeout, error) it applies `on_redis_down`:
+//! `local` (these per-node buckets), `fail_open` (admit, no `RateLimit-*` headers) or
+//! `fail_closed` (429), counting each such decision in `keygate_limiter_fallback_total`.
+//! Quotas (`redis::quota`) always live in Redis; while it is down `fail_closed` refuses and
+//! the other modes admit (a quota cannot be counted per node).
 //!
 //! Buckets are keyed by the key's *lineage* (the first id of its rotation chain), so a rotated
 //! key and its successor share one budget during the grace window. Limiters live outside the
@@ -8,6 +17,8 @@
 //! keys cannot grow the map. All timing uses governor's monotonic clock: a wall-clock jump
 //! changes nothing.
 
+use crate::redis::lease::{Budget, Fleet};
+use crate::redis::quota::Quota as CalendarQuota;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -59,6 +70,13 @@ impl Shape {
         }
     }
 
+    /// Seconds to refill the whole burst (the `w` of `RateLimit-Policy`), at least 1.
+    pub fn window_secs(&self) -> u64 {
+        (self.rate.per.as_secs_f64() * f64::from(self.burst) / f64::from(self.rate.count))
+            .ceil()
+            .max(1.0) as u64
+    }
+
     fn quota(&self) -> Quota {
         let one = NonZeroU32::MIN;
         let burst = NonZeroU32::new(self.burst).unwrap_or(one);
@@ -81,6 +99,9 @@ pub struct Verdict {
     pub remaining: u32,
     /// Seconds until the bucket is full again (allowed) or a request may pass (denied).
     pub reset_secs: u64,
+    /// The policy window for `RateLimit-Policy: <limit>;w=<window>`: seconds to refill the
+    /// whole burst, or the quota period.
+    pub window_secs: u64,
 }
 
 /// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.
@@ -131,6 +152,7 @@ impl Buckets {
                     limit: shape.burst,
                     remaining,
                     reset_secs: (per_token * missing).as_secs_f64().ceil() as u64,
+                    window_secs: shape.window_secs(),
                 }
             }
             Err(not_until) => Verdict {
@@ -142,6 +164,7 @@ impl Buckets {
                     .as_secs_f64()
                     .ceil()
                     .max(1.0) as u64,
+                window_secs: shape.window_secs(),
             },
         }
     }
@@ -160,6 +183,148 @@ impl Buckets {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// `[limits] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    Redis,
+}
+
+/// `[limits] on_redis_down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisDown {
+    Local,
+    FailOpen,
+    FailClosed,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Result<Backend, String> {
+        match s {
+            "local" => Ok(Backend::Local),
+            "redis" => Ok(Backend::Redis),
+            other => Err(format!("{other:?}: use \"local\" or \"redis\"")),
+        }
+    }
+}
+
+impl OnRedisDown {
+    pub fn parse(s: &str) -> Result<OnRedisDown, String> {
+        match s {
+            "local" => Ok(OnRedisDown::Local),
+            "fail_open" => Ok(OnRedisDown::FailOpen),
+            "fail_closed" => Ok(OnRedisDown::FailClosed),
+            other => Err(format!(
+                "{other:?}: use \"local\", \"fail_open\" or \"fail_closed\""
+            )),
+        }
+    }
+}
+
+/// Node-local buckets plus, when `[redis]` is configured, the fleet-wide leases.
+pub struct Limiter {
+    pub buckets: Buckets,
+    fleet: Option<Arc<Fleet>>,
+    fallback: prometheus::IntCounterVec,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("buckets", &self.buckets)
+            .field("fleet", &self.fleet)
+            .finish()
+    }
+}
+
+impl Limiter {
+    pub fn new(fleet: Option<Arc<Fleet>>, fallback: prometheus::IntCounterVec) -> Limiter {
+        Limiter {
+            buckets: Buckets::new(),
+            fleet,
+            fallback,
+        }
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
+    }
+
+    /// One token of `shape` for `lineage`. `None`: admitted without a verdict (fail_open).
+    pub async fn rate(
+        &self,
+        backend: Backend,
+        on_down: OnRedisDown,
+        shape: Shape,
+        lineage: &String,
+    ) -> Option<Verdict> {
+        let fleet = match (backend, &self.fleet) {
+            (Backend::Redis, Some(f)) if crate::redis::safe_id(lineage) => f,
+            _ => return Some(self.buckets.check(shape, lineage)),
+        };
+        match fleet.check(Budget::Rate(shape), lineage).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fallback.with_label_values(&[e.reason()]).inc();
+                match on_down {
+                    OnRedisDown::Local => Some(self.buckets.check(shape, lineage)),
+                    OnRedisDown::FailOpen => None,
+                    OnRedisDown::FailClosed => Some(closed(shape.burst, shape.window_secs())),
+                }
+            }
+        }
+    }
+
+    /// One unit of `quota` for `lineage` (always in Redis). `None`: not counted (no Redis, or
+    /// Redis down in `local` / `fail_open` mode).
+    pub async fn quota(
+        &self,
+        on_down: OnRedisDown,
+        quota: CalendarQuota,
+        lineage: &str,
+    ) -> Option<Verdict> {
+        let fleet = self
+            .fleet
+            .as_ref()
+            .filter(|_| crate::redis::safe_id(lineage))?;
+        let budget = Budget::Quota {
+            limit: quota.limit,
+            period: quota.period,
+        };
+        match fleet.check(budget, lineage).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fallback.with_label_values(&[e.reason()]).inc();
+                (on_down == OnRedisDown::FailClosed).then(|| {
+                    closed(
+                        u32::try_from(quota.limit).unwrap_or(u32::MAX),
+                        quota.period.secs(),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Idle cleanup, off the request path.
+    pub fn shrink(&self) {
+        self.buckets.shrink();
+        if let Some(f) = &self.fleet {
+            f.shrink();
+        }
+    }
+}
+
+/// The verdict of `fail_closed` while Redis is down: refused, retry in a second.
+fn closed(limit: u32, window_secs: u64) -> Verdict {
+    Verdict {
+        allowed: false,
+        limit,
+        remaining: 0,
+        reset_secs: 1,
+        window_secs,
     }
 }
 

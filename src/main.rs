@@ -36,7 +36,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Keys(cmd) => keygate::cli::run_keys(&Config::load(&cli.config)?, cmd),
+        Command::Keys(cmd) => keygate::cli::run_keys(&Config::load(&cli.config)?, *cmd),
         Command::Serve => Ok(runtime()?.block_on(keygate::server::serve(&cli.config))?),
         Command::Demo { dir, listen, admin } => runtime()?
             .block_on(keygate::demo::run(&dir, &listen, &admin))

@@ -16,6 +16,9 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 const PROPAGATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
@@ -48,6 +51,13 @@ pub struct Metrics {
     pub buckets: IntGauge,
     pub auth_failure_clients: IntGauge,
     pub audit_dropped: IntCounter,
+    /// Requests a limit would have refused in shadow mode (`enforce = false`), by plan.
+    pub limit_shadowed: IntCounterVec,
+    /// Registered by `register_redis` only when `[redis]` is configured, so a single node
+    /// exports no Redis series (and no alert fires for a Redis it does not use).
+    pub redis_up: IntGauge,
+    pub redis_command_seconds: Histogram,
+    pub limiter_fallback: IntCounterVec,
     key_requests: IntCounterVec,
     key_series: DashMap<String, IntCounter>,
     key_series_cap: usize,
@@ -179,6 +189,10 @@ impl Metrics {
             buckets: gauge(&r, "keygate_rate_limit_buckets", "Live rate-limit buckets (one per active key lineage)."),
             auth_failure_clients: gauge(&r, "keygate_auth_failure_clients", "Clients tracked by the failed-auth budget."),
             audit_dropped: counter(&r, "keygate_audit_events_dropped_total", "Audit events dropped because the writer fell behind."),
+            limit_shadowed: counter_vec(&r, "keygate_rate_limit_shadowed_total", "Requests a rate limit or quota would have refused, admitted because the limit is in shadow mode (enforce = false), by plan.", &["plan"]),
+            redis_up: IntGauge::new("keygate_redis_up", "1 while Redis answers (circuit closed), 0 while the limiter treats it as down.").unwrap_or_else(|_| unreachable_collector("redis_up")),
+            redis_command_seconds: Histogram::with_opts(HistogramOpts::new("keygate_redis_command_seconds", "Redis command round trips (connect included when one was needed).").buckets(REDIS_BUCKETS.to_vec())).unwrap_or_else(|_| unreachable_collector("redis_command_seconds")),
+            limiter_fallback: IntCounterVec::new(Opts::new("keygate_limiter_fallback_total", "Limit decisions taken without Redis (limits.on_redis_down applied), by reason (circuit_open, timeout, error)."), &["reason"]).unwrap_or_else(|_| unreachable_collector("limiter_fallback")),
             key_requests: counter_vec(&r, "keygate_key_requests_total", "Authenticated requests per key (opt-in, capped; overflow counts as key_id=\"other\").", &["key_id"]),
             key_series: DashMap::new(),
             key_series_cap: per_key_series,
@@ -194,6 +208,24 @@ impl Metrics {
             m.config_reloads.with_label_values(&[result]);
         }
         m
+    }
+
+    /// Export the Redis series (called once, when `[redis]` is configured).
+    pub fn register_redis(&self) {
+        reg(&self.registry, self.redis_up.clone());
+        reg(&self.registry, self.redis_command_seconds.clone());
+        reg(&self.registry, self.limiter_fallback.clone());
+        for reason in ["circuit_open", "timeout", "error"] {
+            self.limiter_fallback.with_label_values(&[reason]);
+        }
+    }
+
+    /// The collectors the Redis client updates.
+    pub fn redis_metrics(&self) -> crate::redis::client::RedisMetrics {
+        crate::redis::client::RedisMetrics {
+            up: self.redis_up.clone(),
+            command_seconds: self.redis_command_seconds.clone(),
+        }
     }
 
     /// Resolve the per-outcome counters and duration histogram for a route name.

@@ -51,6 +51,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
 /// Per-request facts gathered along the way, for recording after the response is decided.
 struct Ctx {
@@ -103,7 +104,7 @@ pub async fn handle(
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
-    record(&gw, &snap, &ctx, outcome, started);
+    record(&gw, &snap, &ctx, outcome, resp.status(), started);
     // One access line per request (target `keygate::access`, off unless enabled: see README).
     // Allow-listed fields only: never the key, the raw path or client-sent header values.
     tracing::info!(
@@ -214,12 +215,40 @@ async fn pipeline(
     )?;
     ctx.cors_origin = parts.headers.get(header::ORIGIN).cloned();
 
+    // Rate first, then quota: a request the bucket refuses never spends quota. In shadow
+    // mode (`enforce = false`) a refusal is counted and announced in the headers, not made.
+    let enforce = snap.enforce_for(key.plan.as_deref());
+    let limits = snap.limits;
     if let Some(shape) = snap.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
-        let verdict = gw.buckets.check(shape, &key.lineage);
-        if !verdict.allowed {
-            return Err(GatewayError::RateLimited(verdict));
+        let verdict = gw
+            .limiter
+            .rate(limits.backend, limits.on_redis_down, shape, &key.lineage)
+            .await;
+        if let Some(v) = verdict {
+            if !v.allowed {
+                if enforce {
+                    return Err(GatewayError::RateLimited(v));
+                }
+                shadowed(gw, snap, &key);
+            }
+            ctx.verdict = Some(v);
         }
-        ctx.verdict = Some(verdict);
+    }
+    if let Some(q) = snap.quota_for(key.quota.as_deref(), key.plan.as_deref()) {
+        if let Some(v) = gw
+            .limiter
+            .quota(limits.on_redis_down, q, &key.lineage)
+            .await
+        {
+            if !v.allowed {
+                // The quota's window, not the bucket's, is what the caller must wait for.
+                ctx.verdict = Some(v);
+                if enforce {
+                    return Err(GatewayError::QuotaExceeded(v));
+                }
+                shadowed(gw, snap, &key);
+            }
+        }
     }
 
     // Forward: a declared body over the limit is refused before any byte is read.
@@ -456,11 +485,34 @@ fn set_forwarding_headers(
     }
 }
 
-/// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's verdict.
+/// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's (or, when it
+/// refused, the quota's) verdict; `RateLimit-Policy: <limit>;w=<seconds>` names the window.
 pub fn rate_limit_headers(h: &mut HeaderMap, v: &Verdict) {
     h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(v.limit));
     h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(v.remaining));
     h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(v.reset_secs));
+    if let Ok(p) = HeaderValue::from_str(&format!("{};w={}", v.limit, v.window_secs)) {
+        h.insert(RATELIMIT_POLICY.clone(), p);
+    }
+}
+
+/// The plan label of a key for metrics: a configured plan, "own" (own rate) or "default".
+fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyRecord>) -> &'a str {
+    key.and_then(|k| k.plan.as_deref())
+        .filter(|p| snap.plans.contains_key(*p))
+        .unwrap_or(if key.is_some_and(|k| k.rate.is_some()) {
+            "own"
+        } else {
+            "default"
+        })
+}
+
+/// Count a refusal that shadow mode turned into an admission.
+fn shadowed(gw: &Gateway, snap: &Snapshot, key: &KeyRecord) {
+    gw.metrics
+        .limit_shadowed
+        .with_label_values(&[plan_label(snap, Some(key))])
+        .inc();
 }
 
 fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Method) {
@@ -477,13 +529,23 @@ fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Met
 }
 
 /// Metrics, failure budget, usage and audit: once per request.
-fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: Instant) {
+fn record(
+    gw: &Gateway,
+    snap: &Snapshot,
+    ctx: &Ctx,
+    outcome: Outcome,
+    status: StatusCode,
+    started: Instant,
+) {
     let series = ctx
         .route
         .and_then(|i| snap.routes.get(i))
         .map_or(&snap.unrouted, |r| &r.series);
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
+    if let Some(k) = ctx.key.as_ref().filter(|_| !outcome.is_auth_failure()) {
+        gw.usage.status(&k.id, status.as_u16());
+    }
     match outcome {
         Outcome::Ok => {
             if let Some(k) = &ctx.key {
@@ -518,17 +580,8 @@ fn record(gw: &Gateway, snap: &Snapshot, ctx: &Ctx, outcome: Outcome, started: I
             }
         }
         Outcome::AuthBudgetExceeded => gw.metrics.auth_budget_rejections.inc(),
-        Outcome::RateLimited => {
-            let plan = ctx
-                .key
-                .as_ref()
-                .and_then(|k| k.plan.as_deref())
-                .filter(|p| snap.plans.contains_key(*p))
-                .unwrap_or(if ctx.key.as_ref().is_some_and(|k| k.rate.is_some()) {
-                    "own"
-                } else {
-                    "default"
-                });
+        Outcome::RateLimited | Outcome::QuotaExceeded => {
+            let plan = plan_label(snap, ctx.key.as_deref());
             gw.metrics.rate_limited.with_label_values(&[plan]).inc();
         }
         _ => {}

@@ -139,8 +139,16 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
     );
     tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
-    run_signals(gw, config_path.to_owned()).await;
+    run_signals(gw.clone(), config_path.to_owned()).await;
     shutdown.shutdown().await;
+    // After the drain no request can spend a leased token: hand the rest back to the fleet.
+    if let Some(f) = gw.limiter.fleet() {
+        let returned = f.release_all().await;
+        tracing::info!(
+            tokens = returned,
+            "returned unused rate-limit leases to redis"
+        );
+    }
     Ok(())
 }
 
@@ -186,6 +194,9 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
     let gw = Gateway::new(snapshot, metrics.clone());
+    if let Some(f) = gw.limiter.fleet() {
+        f.client().spawn_health();
+    }
     match feed {
         None => crate::sync::file::spawn(
             gw.clone(),
@@ -581,7 +592,7 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             flush_usage(&gw).await;
         }
         if seconds.is_multiple_of(60) {
-            gw.buckets.shrink();
+            gw.limiter.shrink();
             gw.failures.sweep(std::time::Instant::now());
             if let Some(e) = denials(&gw, &mut last_denials, seconds - interval_start) {
                 gw.audit(e);
@@ -631,7 +642,19 @@ fn denials(
     })
 }
 
+/// Usage goes to Redis when `[redis]` is configured (fleet-wide sums), else to the shared file.
 async fn flush_usage(gw: &Arc<Gateway>) {
+    if let Some(f) = gw.limiter.fleet() {
+        let deltas = gw.usage.take_pending();
+        if deltas.is_empty() {
+            return;
+        }
+        if let Err(e) = crate::redis::usage::add(f.client(), &deltas).await {
+            gw.usage.restore(deltas);
+            tracing::warn!(error = %e, "usage flush to redis failed; will retry");
+        }
+        return;
+    }
     let gw = gw.clone();
     let _ = tokio::task::spawn_blocking(move || {
         if let Err(e) = gw.usage.flush() {

@@ -9,8 +9,9 @@ use crate::authz::Requirements;
 use crate::config::{parse_duration, Config, ConfigError, ServerConfig};
 use crate::forward::{Upstream, UpstreamSeries};
 use crate::keys::KeySettings;
-use crate::limit::{Rate, Shape};
+use crate::limit::{Backend, OnRedisDown, Rate, Shape};
 use crate::metrics::{Metrics, RouteSeries};
+use crate::redis::quota::Quota;
 use crate::route::{RouteSpec, Router};
 use http::header::HeaderName;
 use http::Method;
@@ -49,6 +50,15 @@ pub struct FeedSource {
     pub node: String,
 }
 
+/// `[limits]` as the request path needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettings {
+    pub backend: Backend,
+    pub on_redis_down: OnRedisDown,
+    /// Global default of shadow mode (`false`: count, never refuse); a plan may override.
+    pub enforce: bool,
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     /// `None`: follow the store file (the default).
@@ -61,6 +71,13 @@ pub struct Snapshot {
     pub plans: HashMap<String, Shape>,
     /// Shape for keys naming no plan and no rate (plan "default" / API_KEY_DEFAULT_RATE_LIMIT).
     pub default_shape: Option<Shape>,
+    /// Plans' calendar quotas.
+    pub plan_quotas: HashMap<String, Quota>,
+    /// Plans' `enforce` overrides.
+    pub plan_enforce: HashMap<String, bool>,
+    pub limits: LimitSettings,
+    /// `[redis]`, validated (the client itself is built once, at start).
+    pub redis: Option<crate::redis::Settings>,
     pub trusted_proxies: Vec<IpNet>,
     pub key_header: HeaderName,
     pub allowed_origins: Vec<String>,
@@ -97,6 +114,41 @@ impl Snapshot {
             );
         }
         let default_shape = plans.get("default").copied();
+        let redis = crate::redis::Settings::from_config(&c)?;
+        let mut plan_quotas = HashMap::new();
+        let mut plan_enforce = HashMap::new();
+        for (name, p) in &c.plans {
+            if let Some(q) = &p.quota {
+                let field = format!("plans.{name}.quota");
+                let q = Quota::parse(q).map_err(|m| c.invalid(&field, m))?;
+                if redis.is_none() {
+                    return Err(c.invalid(
+                        field,
+                        "a quota is counted fleet-wide in Redis: add a [redis] section",
+                    ));
+                }
+                plan_quotas.insert(name.clone(), q);
+            }
+            if let Some(e) = p.enforce {
+                plan_enforce.insert(name.clone(), e);
+            }
+        }
+        let limits = LimitSettings {
+            backend: Backend::parse(&c.limits.backend)
+                .map_err(|m| c.invalid("limits.backend", m))?,
+            on_redis_down: OnRedisDown::parse(&c.limits.on_redis_down)
+                .map_err(|m| c.invalid("limits.on_redis_down", m))?,
+            enforce: c.limits.enforce,
+        };
+        if limits.backend == Backend::Redis && redis.is_none() {
+            return Err(c.invalid("limits.backend", "\"redis\" needs a [redis] section"));
+        }
+        if c.limits.lease_window_ms == 0 || c.limits.lease_max == 0 {
+            return Err(c.invalid(
+                "limits.lease_window_ms",
+                "lease_window_ms and lease_max must be at least 1",
+            ));
+        }
 
         let mut upstreams = HashMap::new();
         for (i, u) in c.upstreams.iter().enumerate() {
@@ -324,6 +376,10 @@ impl Snapshot {
             unrouted: metrics.route_series("none"),
             plans,
             default_shape,
+            plan_quotas,
+            plan_enforce,
+            limits,
+            redis,
             trusted_proxies,
             key_header,
             allowed_origins,
@@ -342,5 +398,27 @@ impl Snapshot {
         }
         plan.and_then(|p| self.plans.get(p).copied())
             .or(self.default_shape)
+    }
+
+    /// The quota for a key: its own, else its plan's (or the default plan's).
+    pub fn quota_for(&self, own: Option<&str>, plan: Option<&str>) -> Option<Quota> {
+        if let Some(q) = own.and_then(|q| Quota::parse(q).ok()) {
+            return Some(q);
+        }
+        let plan = plan
+            .filter(|p| self.plans.contains_key(*p))
+            .unwrap_or("default");
+        self.plan_quotas.get(plan).copied()
+    }
+
+    /// Whether refusals are enforced for a key of `plan` (false: shadow mode).
+    pub fn enforce_for(&self, plan: Option<&str>) -> bool {
+        let plan = plan
+            .filter(|p| self.plans.contains_key(*p))
+            .unwrap_or("default");
+        self.plan_enforce
+            .get(plan)
+            .copied()
+            .unwrap_or(self.limits.enforce)
     }
 }

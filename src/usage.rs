@@ -1,6 +1,15 @@
-//! Last use of each key: tracked in memory on the request path (one map read and two atomic
-//! stores, no lock held across requests) and flushed every touch interval to a usage file
-//! beside the store (temp file + rename), which survives restarts and feeds `keys stale`.
+//! Last use and request counts of each key: tracked in memory on the request path (one map
+//! read and a few atomic adds, no lock held across requests) and flushed every touch interval,
+//! never per request.
+//!
+//! Where it goes: with `[redis]`, to Redis (`redis::usage`: counters summed over the fleet,
+//! latest use wins), which `keys list/show/stale` then read. Without Redis, to the usage file
+//! beside the store; several gateways may share that directory (the shipped Kubernetes
+//! manifests do), so a flush takes an exclusive lock on `<usage file>.lock`, re-reads the file
+//! and adds only this node's counts since its last flush: nodes never overwrite each other.
+//!
+//! `requests` counts forwarded requests; `s2xx`/`s4xx`/`s5xx` count every authenticated
+//! request by its final status (gateway refusals such as 429 included).
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -12,15 +21,46 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 struct Entry {
     last_used: AtomicI64,
     count: AtomicU64,
+    classes: [AtomicU64; 3],
+    /// Counted here since the last successful flush (requests, then the three classes).
+    pending: [AtomicU64; 4],
     dirty: AtomicBool,
 }
 
-/// One key's usage as written to the usage file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One key's usage as written to the usage file (and read back from Redis).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Used {
     /// Unix seconds.
     pub last_used: i64,
     pub requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub s2xx: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub s4xx: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub s5xx: u64,
+}
+
+impl Used {
+    /// Add another node's (or another flush's) counts: sums, and the latest use.
+    pub fn merge(&mut self, o: &Used) {
+        self.last_used = self.last_used.max(o.last_used);
+        self.requests += o.requests;
+        self.s2xx += o.s2xx;
+        self.s4xx += o.s4xx;
+        self.s5xx += o.s5xx;
+    }
+}
+
+/// What one flush carries for one key: the counts since the last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub id: String,
+    pub used: Used,
 }
 
 #[derive(Debug)]
@@ -37,77 +77,150 @@ pub fn read(path: &Path) -> BTreeMap<String, Used> {
         .unwrap_or_default()
 }
 
+/// The status class index (2xx, 4xx, 5xx) of a response; others are not counted.
+fn class(status: u16) -> Option<usize> {
+    match status {
+        200..=299 => Some(0),
+        400..=499 => Some(1),
+        500..=599 => Some(2),
+        _ => None,
+    }
+}
+
 impl Usage {
     pub fn new(path: PathBuf) -> Usage {
         let entries = DashMap::new();
         for (id, u) in read(&path) {
-            entries.insert(
-                id,
-                Entry {
-                    last_used: AtomicI64::new(u.last_used),
-                    count: AtomicU64::new(u.requests),
-                    dirty: AtomicBool::new(false),
-                },
-            );
+            let e = Entry::default();
+            e.last_used.store(u.last_used, Ordering::Relaxed);
+            e.count.store(u.requests, Ordering::Relaxed);
+            for (c, n) in e.classes.iter().zip([u.s2xx, u.s4xx, u.s5xx]) {
+                c.store(n, Ordering::Relaxed);
+            }
+            entries.insert(id, e);
         }
         Usage { path, entries }
     }
 
-    /// Record one authenticated request by `id` at `now` (Unix seconds).
-    pub fn touch(&self, id: &str, now: i64) {
+    fn with(&self, id: &str, f: impl Fn(&Entry)) {
         if let Some(e) = self.entries.get(id) {
+            return f(&e);
+        }
+        f(&self.entries.entry(id.to_owned()).or_default());
+    }
+
+    /// Record one forwarded request by `id` at `now` (Unix seconds).
+    pub fn touch(&self, id: &str, now: i64) {
+        self.with(id, |e| {
             e.last_used.fetch_max(now, Ordering::Relaxed);
             e.count.fetch_add(1, Ordering::Relaxed);
+            e.pending[0].fetch_add(1, Ordering::Relaxed);
             e.dirty.store(true, Ordering::Relaxed);
-            return;
+        });
+    }
+
+    /// Record the final status of an authenticated request by `id`.
+    pub fn status(&self, id: &str, status: u16) {
+        let Some(c) = class(status) else { return };
+        self.with(id, |e| {
+            e.classes[c].fetch_add(1, Ordering::Relaxed);
+            e.pending[1 + c].fetch_add(1, Ordering::Relaxed);
+            e.dirty.store(true, Ordering::Relaxed);
+        });
+    }
+
+    fn used(e: &Entry) -> Used {
+        let [s2xx, s4xx, s5xx] = [0, 1, 2].map(|i| e.classes[i].load(Ordering::Relaxed));
+        Used {
+            last_used: e.last_used.load(Ordering::Relaxed),
+            requests: e.count.load(Ordering::Relaxed),
+            s2xx,
+            s4xx,
+            s5xx,
         }
-        let e = self.entries.entry(id.to_owned()).or_default();
-        e.last_used.fetch_max(now, Ordering::Relaxed);
-        e.count.fetch_add(1, Ordering::Relaxed);
-        e.dirty.store(true, Ordering::Relaxed);
     }
 
     pub fn get(&self, id: &str) -> Option<Used> {
-        self.entries.get(id).map(|e| Used {
-            last_used: e.last_used.load(Ordering::Relaxed),
-            requests: e.count.load(Ordering::Relaxed),
-        })
+        self.entries.get(id).map(|e| Self::used(&e))
     }
 
+    /// This node's view: what it loaded at start plus what it counted since.
     pub fn snapshot(&self) -> BTreeMap<String, Used> {
         self.entries
             .iter()
-            .map(|e| {
-                (
-                    e.key().clone(),
-                    Used {
-                        last_used: e.last_used.load(Ordering::Relaxed),
-                        requests: e.count.load(Ordering::Relaxed),
-                    },
-                )
-            })
+            .map(|e| (e.key().clone(), Self::used(e.value())))
             .collect()
     }
 
-    /// Write the usage file if anything changed since the last flush. Returns whether it wrote.
-    pub fn flush(&self) -> std::io::Result<bool> {
-        let mut changed = false;
+    /// Take the counts since the last flush (the caller flushes them or gives them back).
+    pub fn take_pending(&self) -> Vec<Delta> {
+        let mut out = Vec::new();
         for e in self.entries.iter() {
-            changed |= e.dirty.swap(false, Ordering::Relaxed);
+            if !e.dirty.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            let [requests, s2xx, s4xx, s5xx] =
+                [0, 1, 2, 3].map(|i| e.pending[i].swap(0, Ordering::Relaxed));
+            out.push(Delta {
+                id: e.key().clone(),
+                used: Used {
+                    last_used: e.last_used.load(Ordering::Relaxed),
+                    requests,
+                    s2xx,
+                    s4xx,
+                    s5xx,
+                },
+            });
         }
-        if !changed {
+        out
+    }
+
+    /// A failed flush: keep the counts for the next one.
+    pub fn restore(&self, deltas: Vec<Delta>) {
+        for d in deltas {
+            self.with(&d.id, |e| {
+                let u = d.used;
+                for (p, n) in e.pending.iter().zip([u.requests, u.s2xx, u.s4xx, u.s5xx]) {
+                    p.fetch_add(n, Ordering::Relaxed);
+                }
+                e.dirty.store(true, Ordering::Relaxed);
+            });
+        }
+    }
+
+    /// Add this node's counts since the last flush to the usage file, under the file's lock.
+    /// Returns whether it wrote.
+    pub fn flush(&self) -> std::io::Result<bool> {
+        let deltas = self.take_pending();
+        if deltas.is_empty() {
             return Ok(false);
         }
-        let bytes = serde_json::to_vec(&self.snapshot())?;
-        let result = crate::store::file::write_atomic(&self.path, &bytes);
+        let result = merge_into_file(&self.path, &deltas);
         if result.is_err() {
-            // Keep the entries dirty so the next flush retries.
-            for e in self.entries.iter() {
-                e.dirty.store(true, Ordering::Relaxed);
-            }
+            self.restore(deltas);
         }
         result.map(|()| true)
     }
+}
+
+fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
+    let lock_path = {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".lock");
+        PathBuf::from(p)
+    };
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    // Held until `lock` drops: another node's flush waits instead of overwriting ours.
+    lock.lock()?;
+    let mut all = read(path);
+    for d in deltas {
+        all.entry(d.id.clone()).or_default().merge(&d.used);
+    }
+    crate::store::file::write_atomic(path, &serde_json::to_vec(&all)?)
 }
 
 #[cfg(test)]
@@ -122,6 +235,8 @@ mod tests {
         assert!(!u.flush().unwrap(), "nothing to write");
         u.touch("key_a", 100);
         u.touch("key_a", 90);
+        u.status("key_a", 200);
+        u.status("key_a", 429);
         u.touch("key_b", 50);
         assert!(u.flush().unwrap());
         assert!(!u.flush().unwrap());
@@ -130,9 +245,34 @@ mod tests {
             again.get("key_a"),
             Some(Used {
                 last_used: 100,
-                requests: 2
+                requests: 2,
+                s2xx: 1,
+                s4xx: 1,
+                s5xx: 0,
             })
         );
         assert_eq!(read(&path).len(), 2);
+    }
+
+    #[test]
+    fn nodes_sharing_a_file_add_up_instead_of_overwriting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let nodes: Vec<Usage> = (0..3).map(|_| Usage::new(path.clone())).collect();
+        for (i, n) in nodes.iter().enumerate() {
+            for _ in 0..=i {
+                n.touch("key_a", 100 + i as i64);
+            }
+        }
+        std::thread::scope(|s| {
+            for n in &nodes {
+                s.spawn(|| n.flush().unwrap());
+            }
+        });
+        nodes[0].touch("key_a", 99);
+        nodes[0].flush().unwrap();
+        let u = read(&path)["key_a"];
+        assert_eq!(u.requests, 1 + 2 + 3 + 1);
+        assert_eq!(u.last_used, 102);
     }
 }

@@ -68,6 +68,7 @@ pub fn record(i: u64, digest: Digest, key_hint: String) -> KeyRecord {
         scopes: vec!["invoices:read".to_owned()],
         plan: None,
         rate: None,
+        quota: None,
         allow_ips: vec![],
         allow_origins: vec![],
         labels: BTreeMap::new(),

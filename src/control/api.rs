@@ -475,6 +475,7 @@ async fn create(
             "scopes",
             "plan",
             "rate",
+            "quota",
             "expires_in",
             "allow_ips",
             "allow_origins",
@@ -496,6 +497,7 @@ async fn create(
         scopes: string_list(&body, "scopes")?.unwrap_or_default(),
         plan: optional_string(&body, "plan")?,
         rate: optional_string(&body, "rate")?,
+        quota: optional_string(&body, "quota")?,
         expires_in_secs: optional_string(&body, "expires_in")?
             .map(|s| secs(&s, "expires_in"))
             .transpose()?,
@@ -567,6 +569,7 @@ async fn update(
             "scopes",
             "plan",
             "rate",
+            "quota",
             "expires_in",
             "allow_ips",
             "allow_origins",
@@ -592,6 +595,7 @@ async fn update(
         scopes: string_list(&body, "scopes")?,
         plan: nullable("plan")?,
         rate: nullable("rate")?,
+        quota: nullable("quota")?,
         expires_in_secs: nullable("expires_in")?
             .map(|o| o.map(|s| secs(&s, "expires_in")).transpose())
             .transpose()?,

@@ -86,12 +86,7 @@ impl Control {
         };
         for node in self.usage_reports.iter() {
             for (id, u) in node.value() {
-                let e = out.entry(id.clone()).or_insert(Used {
-                    last_used: 0,
-                    requests: 0,
-                });
-                e.last_used = e.last_used.max(u.last_used);
-                e.requests += u.requests;
+                out.entry(id.clone()).or_insert(Used::default()).merge(u);
             }
         }
         out

@@ -32,6 +32,8 @@ pub struct KeySettings {
     pub stale_after_secs: i64,
     /// `keys.on_missing_secret_version = "refuse"` (true, the default) or `"warn"`.
     pub refuse_missing_secret_version: bool,
+    /// `[redis]` is configured, so keys may carry a quota.
+    pub quotas_enabled: bool,
 }
 
 fn secs(c: &Config, field: &str, value: &str) -> Result<i64, ConfigError> {
@@ -114,6 +116,7 @@ impl KeySettings {
             leeway_secs: secs(c, "keys.expiry_leeway", &k.expiry_leeway)?,
             stale_after_secs: secs(c, "keys.stale_after", &k.stale_after)?,
             refuse_missing_secret_version,
+            quotas_enabled: c.redis.is_some(),
         })
     }
 

@@ -56,6 +56,8 @@ pub struct Grants {
     pub scopes: Vec<String>,
     pub plan: Option<String>,
     pub rate: Option<String>,
+    /// Calendar quota, e.g. "100000/month" (needs `[redis]`).
+    pub quota: Option<String>,
     pub expires_in_secs: Option<i64>,
     pub allow_ips: Vec<IpNet>,
     pub allow_origins: Vec<String>,
@@ -72,6 +74,8 @@ pub struct Changes {
     /// `Some(None)` clears the plan.
     pub plan: Option<Option<String>>,
     pub rate: Option<Option<String>>,
+    /// `Some(None)` removes the quota.
+    pub quota: Option<Option<String>>,
     /// `Some(None)` removes the expiry.
     pub expires_in_secs: Option<Option<i64>>,
     pub allow_ips: Option<Vec<IpNet>>,
@@ -247,6 +251,15 @@ impl<'a> Keys<'a> {
         if r.plan.is_some() && r.rate.is_some() {
             return Err(OpsError::Invalid("give a plan or a rate, not both".into()));
         }
+        if let Some(q) = &r.quota {
+            crate::redis::quota::Quota::parse(q).map_err(OpsError::Invalid)?;
+            if !self.settings.quotas_enabled {
+                return Err(OpsError::Invalid(
+                    "a quota is counted fleet-wide in Redis: add a [redis] section to the config"
+                        .into(),
+                ));
+            }
+        }
         for s in &r.scopes {
             check_scope(s)?;
         }
@@ -292,6 +305,7 @@ impl<'a> Keys<'a> {
             scopes: g.scopes.clone(),
             plan: g.plan.clone(),
             rate: g.rate.clone(),
+            quota: g.quota.clone(),
             allow_ips: g.allow_ips.clone(),
             allow_origins: g.allow_origins.clone(),
             labels: g.labels.clone(),
@@ -404,6 +418,9 @@ impl<'a> Keys<'a> {
                 if v.is_some() {
                     r.plan = None;
                 }
+            }
+            if let Some(v) = &c.quota {
+                r.quota = v.clone();
             }
             if let Some(v) = c.expires_in_secs {
                 r.expires_at = v.map(|s| now + s);
@@ -533,6 +550,7 @@ impl<'a> Keys<'a> {
                 scopes: cur.scopes.clone(),
                 plan: cur.plan.clone(),
                 rate: cur.rate.clone(),
+                quota: cur.quota.clone(),
                 expires_in_secs: self.successor_lifetime(cur),
                 allow_ips: cur.allow_ips.clone(),
                 allow_origins: cur.allow_origins.clone(),
@@ -653,6 +671,7 @@ impl<'a> Keys<'a> {
                 },
                 plan: parsed.plan.or_else(|| defaults.plan.clone()),
                 rate: parsed.rate.or_else(|| defaults.rate.clone()),
+                quota: defaults.quota.clone(),
                 allow_ips: defaults.allow_ips.clone(),
                 allow_origins: defaults.allow_origins.clone(),
                 labels: if parsed.labels.is_empty() {

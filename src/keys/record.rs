@@ -65,6 +65,9 @@ pub struct KeyRecord {
     /// Own rate, e.g. `"50/s"`, overriding the plan's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<String>,
+    /// Own calendar quota, e.g. `"100000/month"`, overriding the plan's (needs `[redis]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_ips: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -176,6 +179,7 @@ pub(crate) fn sample(id: &str, digest: Digest) -> KeyRecord {
         scopes: vec!["invoices:read".into()],
         plan: None,
         rate: None,
+        quota: None,
         allow_ips: vec![],
         allow_origins: vec![],
         labels: BTreeMap::new(),

@@ -20,6 +20,7 @@
 
 pub mod keys;
 pub mod raw;
+pub mod redis;
 pub mod upstream;
 
 pub use keys::*;

@@ -1,0 +1,245 @@
+//! The shared Redis client: a small pool of connections to the primary, each command bounded
+//! by `command_timeout_ms`, guarded by the circuit breaker, timed into
+//! `keygate_redis_command_seconds`, with `keygate_redis_up` and one log line per transition.
+//!
+//! With `sentinels` set the primary's address comes from `SENTINEL get-master-addr-by-name`;
+//! any failure (connection error, timeout, `READONLY` from a demoted primary) forgets it and
+//! bumps a generation so every pooled connection to the old primary is dropped on next use:
+//! a failover is followed without a restart.
+
+use super::breaker::{Breaker, Permit, Transition};
+use super::conn::Conn;
+use super::resp::Value;
+use super::{RedisError, Settings, Target};
+use prometheus::{Histogram, IntGauge};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex as AsyncMutex;
+
+/// Connections per gateway: enough for lease refills of many hot keys at once.
+const POOL: usize = 8;
+/// Consecutive failures that open the circuit.
+pub const BREAKER_FAILURES: u32 = 3;
+/// How long the circuit stays open before a half-open probe.
+pub const BREAKER_COOLDOWN: Duration = Duration::from_millis(1000);
+
+/// The collectors the client updates (registered only when `[redis]` is configured).
+#[derive(Clone, Debug)]
+pub struct RedisMetrics {
+    pub up: IntGauge,
+    pub command_seconds: Histogram,
+}
+
+struct Slot {
+    conn: Option<Conn>,
+    generation: u64,
+}
+
+pub struct Client {
+    settings: Settings,
+    slots: Vec<AsyncMutex<Slot>>,
+    next: AtomicUsize,
+    /// The primary's `host:port` (fixed, or as the sentinels last said).
+    primary: Mutex<Option<String>>,
+    generation: AtomicU64,
+    breaker: Breaker,
+    metrics: RedisMetrics,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Client {
+    pub fn new(settings: Settings, metrics: RedisMetrics) -> Arc<Client> {
+        let primary = match &settings.target {
+            Target::Direct { host, port } => Some(format!("{host}:{port}")),
+            Target::Sentinel { .. } => None,
+        };
+        Arc::new(Client {
+            slots: (0..POOL)
+                .map(|_| {
+                    AsyncMutex::new(Slot {
+                        conn: None,
+                        generation: 0,
+                    })
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            primary: Mutex::new(primary),
+            generation: AtomicU64::new(0),
+            breaker: Breaker::new(BREAKER_FAILURES, BREAKER_COOLDOWN),
+            settings,
+            metrics,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.settings.prefix
+    }
+
+    /// True while the circuit is closed (Redis believed reachable).
+    pub fn is_up(&self) -> bool {
+        !self.breaker.is_open()
+    }
+
+    /// One command. `Ok(Value::Error)` is a command-level error from a live server; errors
+    /// that mean "this is not a usable primary" (`READONLY`, `LOADING`, `MASTERDOWN`,
+    /// `NOAUTH`) count as failures like timeouts and closed connections do.
+    pub async fn call(&self, args: &[&[u8]]) -> Result<Value, RedisError> {
+        let Some(permit) = self.breaker.permit() else {
+            return Err(RedisError::CircuitOpen);
+        };
+        let started = Instant::now();
+        let result = self.call_once(args).await;
+        self.metrics
+            .command_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(v) => {
+                self.on_success(permit);
+                Ok(v)
+            }
+            Err(e) => {
+                self.on_failure(permit, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn on_success(&self, permit: Permit) {
+        if self.breaker.success(permit) == Some(Transition::Closed) {
+            tracing::info!("redis reachable again: fleet-wide limits resume");
+        }
+        self.metrics.up.set(1);
+    }
+
+    fn on_failure(&self, permit: Permit, e: &RedisError) {
+        if matches!(self.settings.target, Target::Sentinel { .. }) {
+            // Ask the sentinels again next time, and retire every pooled connection.
+            if let Ok(mut p) = self.primary.lock() {
+                *p = None;
+            }
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.breaker.failure(permit) == Some(Transition::Opened) {
+            self.metrics.up.set(0);
+            tracing::warn!(error = %e, "redis unreachable: circuit open, limits follow limits.on_redis_down");
+        }
+    }
+
+    async fn call_once(&self, args: &[&[u8]]) -> Result<Value, RedisError> {
+        let timeout = self.settings.command_timeout;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut guard = None;
+        for i in 0..POOL {
+            if let Ok(g) = self.slots[(start + i) % POOL].try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut slot = match guard {
+            Some(g) => g,
+            // All busy: wait for one, but never longer than a command may take.
+            None => tokio::time::timeout(timeout, self.slots[start % POOL].lock())
+                .await
+                .map_err(|_| RedisError::Timeout)?,
+        };
+        let generation = self.generation.load(Ordering::Acquire);
+        if slot.generation != generation {
+            slot.conn = None;
+        }
+        if slot.conn.is_none() {
+            let addr = self.primary_addr().await?;
+            slot.conn = Some(Conn::open(&addr, &self.settings).await?);
+            slot.generation = generation;
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return Err(RedisError::Closed);
+        };
+        let result = conn.call_within(timeout, args).await;
+        match result {
+            Ok(Value::Error(e)) if not_a_primary(&e) => {
+                slot.conn = None;
+                Err(RedisError::Reply(first_word(&e).to_owned()))
+            }
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // A timed-out or broken connection may hold an unread reply: never reuse it.
+                slot.conn = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The primary's address: fixed, cached, or asked of the sentinels in order.
+    async fn primary_addr(&self) -> Result<String, RedisError> {
+        if let Some(a) = self.primary.lock().ok().and_then(|p| p.clone()) {
+            return Ok(a);
+        }
+        let Target::Sentinel { sentinels, master } = &self.settings.target else {
+            return Err(RedisError::NoMaster(String::new()));
+        };
+        for s in sentinels {
+            let asked = async {
+                let mut c = Conn::open_raw(s, &self.settings, false).await?;
+                c.call_within(
+                    self.settings.command_timeout,
+                    &[b"SENTINEL", b"get-master-addr-by-name", master.as_bytes()],
+                )
+                .await
+            };
+            if let Ok(Value::Array(parts)) = asked.await {
+                if let [host, port] = parts.as_slice() {
+                    if let (Some(h), Some(p)) = (host.as_text(), port.as_int()) {
+                        let addr = format!("{h}:{p}");
+                        if let Ok(mut cached) = self.primary.lock() {
+                            if cached.as_deref() != Some(addr.as_str()) {
+                                tracing::info!(primary = %addr, "redis primary discovered via sentinel");
+                            }
+                            *cached = Some(addr.clone());
+                        }
+                        return Ok(addr);
+                    }
+                }
+            }
+        }
+        Err(RedisError::NoMaster(master.clone()))
+    }
+
+    /// Keep `keygate_redis_up` honest and recover without traffic: until Redis has answered
+    /// once, and while the circuit is open, PING every half cooldown (when open, that is the
+    /// half-open probe). Runs until the process ends.
+    pub fn spawn_health(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BREAKER_COOLDOWN / 2);
+            loop {
+                tick.tick().await;
+                if me.breaker.is_open() || me.metrics.up.get() == 0 {
+                    let _ = me.call(&[b"PING"]).await;
+                }
+            }
+        });
+    }
+}
+
+fn first_word(e: &str) -> &str {
+    e.split_whitespace().next().unwrap_or("ERR")
+}
+
+fn not_a_primary(e: &str) -> bool {
+    matches!(
+        first_word(e),
+        "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS"
+    )
+}
