@@ -366,6 +366,7 @@ fn listed_json(r: &KeyRecord, usage: &Usage, now: i64) -> serde_json::Value {
     if let Some(u) = usage.get(&r.id) {
         v["last_used"] = u.last_used.into();
         v["requests"] = u.requests.into();
+        v["status_classes"] = serde_json::json!({"2xx": u.s2xx, "4xx": u.s4xx, "5xx": u.s5xx});
     }
     v
 }
@@ -442,9 +443,6 @@ fn print_record(
     json: bool,
 ) -> Result<(), Failure> {
     let mut v = listed_json(r, usage, now);
-    if let Some(u) = usage.get(&r.id) {
-        v["status_classes"] = serde_json::json!({"2xx": u.s2xx, "4xx": u.s4xx, "5xx": u.s5xx});
-    }
     if let Some(q) = extra {
         v["quota_usage"] = q;
     }
