@@ -715,7 +715,8 @@ async fn sentinel_failover_is_followed_without_restart() {
 }
 
 /// 3, 5 and 7 requests on the three nodes; then `keys show` must report 15 and the latest use.
-async fn usage_is_summed_over_three_nodes(fleet: &Fleet, envs: &[(&str, &str)]) {
+/// Requests on three nodes add up in `keys show` and `keys list`; returns the key id.
+async fn usage_is_summed_over_three_nodes(fleet: &Fleet, envs: &[(&str, &str)]) -> String {
     let k = create_key(fleet.config(), &[]);
     let gws = fleet.start(envs).await;
     let t0 = std::time::SystemTime::now()
@@ -750,6 +751,7 @@ async fn usage_is_summed_over_three_nodes(fleet: &Fleet, envs: &[(&str, &str)]) 
         .unwrap()
         .clone();
     assert_eq!(row["requests"], 15);
+    k.id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,8 +759,32 @@ async fn usage_on_three_nodes_is_summed_in_redis() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let fleet = Fleet::new(3, &redis_limits("local"), &redis_section(&redis)).await;
-    usage_is_summed_over_three_nodes(&fleet, &[]).await;
+    let id = usage_is_summed_over_three_nodes(&fleet, &[]).await;
     assert!(redis.cmd(&["KEYS", "keygate:u:*"]).contains("key_"));
+    // The control plane's REST API reads the same fleet-wide sums from Redis.
+    let cp_cfg = fleet.config().with_file_name("control.toml");
+    let text = std::fs::read_to_string(fleet.config()).unwrap()
+        + "\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\n";
+    std::fs::write(&cp_cfg, text).unwrap();
+    let out = cli(
+        &cp_cfg,
+        &["admin-token", "create", "--role", "read"],
+        SECRET_ENV,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let token = stdout_str(&out).trim().to_owned();
+    let cp = ControlPlane::spawn(&cp_cfg).await;
+    let auth = format!("Bearer {token}");
+    let (st, _, body) = get(
+        cp.addr,
+        &format!("/v1/api-keys/{id}"),
+        &[("authorization", &auth)],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["requests"], 15, "{v}");
+    assert_eq!(v["status_classes"]["2xx"], 15, "{v}");
     assert!(
         !fleet.dir.path().join("usage.json").exists(),
         "usage goes to redis, not the file"

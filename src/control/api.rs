@@ -248,7 +248,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let id = id.to_string();
             let c2 = c.clone();
             let record = blocking(move || Keys::new(&c2.settings, "").show(&id)).await?;
-            Ok(json_response(StatusCode::OK, &public(c, &record)))
+            Ok(json_response(StatusCode::OK, &shown(c, &record).await))
         }
         (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -271,7 +271,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                 )
             })
             .await?;
-            Ok(json_response(StatusCode::OK, &public(c, &record)))
+            Ok(json_response(StatusCode::OK, &shown(c, &record).await))
         }
         (Method::POST, ["v1", "api-keys", id, "rotate"]) => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -287,7 +287,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                 Keys::new(&c2.settings, actor).rotate(&id, grace, crate::clock::unix_secs())
             })
             .await?;
-            let mut v = public(c, &minted.record);
+            let mut v = shown(c, &minted.record).await;
             v["key"] = Value::String(minted.key);
             Ok(json_response(StatusCode::CREATED, &v))
         }
@@ -320,13 +320,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-fn public(c: &Control, r: &KeyRecord) -> Value {
+/// A record as the API shows it, with its fleet-wide usage (`Control::usage_of`).
+fn public(r: &KeyRecord, usage: &BTreeMap<String, Used>) -> Value {
     let mut v = r.public_json(crate::clock::unix_secs());
-    if let Some(u) = c.merged_usage().get(&r.id) {
+    if let Some(u) = usage.get(&r.id) {
         v["last_used"] = u.last_used.into();
         v["requests"] = u.requests.into();
+        v["status_classes"] = json!({"2xx": u.s2xx, "4xx": u.s4xx, "5xx": u.s5xx});
     }
     v
+}
+
+/// One record with its usage.
+async fn shown(c: &Control, r: &KeyRecord) -> Value {
+    public(r, &c.usage_of(&[r.id.as_str()]).await)
 }
 
 async fn read_json_optional(
@@ -520,7 +527,7 @@ async fn create(
     let minted =
         blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::clock::unix_secs()))
             .await?;
-    let mut v = public(c, &minted.record);
+    let mut v = shown(c, &minted.record).await;
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))
 }
@@ -608,7 +615,7 @@ async fn update(
         Keys::new(&c2.settings, actor).update(&id, &changes, crate::clock::unix_secs())
     })
     .await?;
-    Ok(json_response(StatusCode::OK, &public(c, &record)))
+    Ok(json_response(StatusCode::OK, &shown(c, &record).await))
 }
 
 async fn mass_revoke(
@@ -749,7 +756,9 @@ async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, A
     } else {
         None
     };
-    let items: Vec<Value> = rows.iter().map(|r| public(c, r)).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let usage = c.usage_of(&ids).await;
+    let items: Vec<Value> = rows.iter().map(|r| public(r, &usage)).collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({"items": items, "next_cursor": next.unwrap_or(Value::Null)}),

@@ -37,6 +37,8 @@ pub struct Control {
     /// Latest cumulative usage per reporting gateway node, merged on read.
     usage_reports: DashMap<String, BTreeMap<String, Used>>,
     usage_write: Mutex<()>,
+    /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
+    redis: Option<Arc<crate::redis::Client>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -74,6 +76,21 @@ impl Control {
         if let Err(e) = write() {
             tracing::warn!(error = %e, "cannot write the usage file");
         }
+    }
+
+    /// Usage of `ids` for API responses: from Redis when configured (what every gateway
+    /// adds there), else from the gateways' reports. A Redis that does not answer falls back
+    /// to the reports, logged: a listing without last use beats no listing.
+    pub async fn usage_of(&self, ids: &[&str]) -> BTreeMap<String, Used> {
+        if let Some(client) = &self.redis {
+            match crate::redis::usage::read(client, ids).await {
+                Ok(u) => return u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage from redis unavailable; using gateway reports")
+                }
+            }
+        }
+        self.merged_usage()
     }
 
     /// Fleet-wide usage: latest use anywhere, requests summed over nodes; plus what the file
@@ -148,6 +165,9 @@ pub async fn start(
         feed,
         usage_reports: DashMap::new(),
         usage_write: Mutex::new(()),
+        redis: crate::redis::Settings::from_config(&config)?.map(|settings| {
+            crate::redis::Client::new(settings, crate::metrics::Metrics::new(0).redis_metrics())
+        }),
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)
