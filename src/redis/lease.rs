@@ -10,8 +10,12 @@
 //! Batch size: `min(limits.lease_max, burst, rate × limits.lease_window_ms)`, at least 1. A
 //! `1/m` key (or a `2/s` key with the default 100 ms window) leases one token per request, so
 //! low-rate keys are exact fleet-wide; a `10000/s` key leases 100 at a time (at the default
-//! cap). A lease expires after its batch's worth of emission intervals (`granted × period`):
-//! an idle node cannot hoard tokens. A refused lease is remembered until Redis' `Retry-After`
+//! cap). A lease may be spent for `max(granted × period, lease_hold)` where `lease_hold` is
+//! ten lease windows (1 s by default): long enough that a key seen every few hundred
+//! milliseconds on a node (10,000 keys rotating at full load) is still served from its lease,
+//! short enough that an idle node gives its share back quickly. Holding does not loosen the
+//! over-admission bound below (tokens are debited when leased, whenever they are spent); it
+//! only bounds how long unused tokens are withheld. A refused lease is remembered until Redis' `Retry-After`
 //! so a limited key costs no Redis call per refused request. Unused tokens are given back on
 //! shutdown (SIGTERM drain).
 //!
@@ -130,17 +134,18 @@ pub struct LeaseTuning {
 
 type Entry = Arc<AsyncMutex<Lease>>;
 
-/// The leases this node holds, per (budget, lineage).
+/// The leases this node holds: per budget, per lineage. Two maps so a lookup borrows the
+/// lineage (`&str`) instead of building an owned key on every request.
 pub struct Fleet {
     client: Arc<Client>,
     tuning: LeaseTuning,
-    leases: DashMap<(Budget, String), Entry>,
+    leases: DashMap<Budget, DashMap<String, Entry>>,
 }
 
 impl std::fmt::Debug for Fleet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fleet")
-            .field("leases", &self.leases.len())
+            .field("leases", &self.len())
             .finish()
     }
 }
@@ -206,11 +211,17 @@ impl Fleet {
         budget: Budget,
         lineage: &str,
     ) -> Result<Verdict, RedisError> {
-        let entry = match self.leases.get(&(budget, lineage.to_owned())) {
-            Some(e) => e.clone(),
+        let found = self
+            .leases
+            .get(&budget)
+            .and_then(|m| m.get(lineage).map(|e| e.clone()));
+        let entry = match found {
+            Some(e) => e,
             None => self
                 .leases
-                .entry((budget, lineage.to_owned()))
+                .entry(budget)
+                .or_default()
+                .entry(lineage.to_owned())
                 .or_insert_with(|| Arc::new(AsyncMutex::new(Lease::empty(Instant::now()))))
                 .clone(),
         };
@@ -308,7 +319,7 @@ impl Fleet {
                     granted,
                     remaining: remaining.max(0) as u64,
                     retry: Duration::from_micros(retry_us.max(0) as u64),
-                    valid_for: period_of(s) * granted,
+                    valid_for: (period_of(s) * granted).max(self.tuning.window * 10),
                     reset: Duration::from_micros(full_us.max(0) as u64),
                     tag: 0,
                 })
@@ -333,7 +344,13 @@ impl Fleet {
         let entries: Vec<((Budget, String), Entry)> = self
             .leases
             .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
+            .flat_map(|m| {
+                let budget = *m.key();
+                m.value()
+                    .iter()
+                    .map(|e| ((budget, e.key().clone()), e.value().clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let mut returned = 0u64;
         for ((budget, lineage), entry) in entries {
@@ -369,18 +386,23 @@ impl Fleet {
     /// Forget leases that expired long ago (idle lineages); off the request path.
     pub fn shrink(&self) {
         let now = Instant::now();
-        self.leases.retain(|_, e| match e.try_lock() {
-            Ok(l) => l.expires > now || l.refilling || l.denied_until.is_some_and(|t| t > now),
-            Err(_) => true,
-        });
+        for m in self.leases.iter() {
+            m.value().retain(|_, e| match e.try_lock() {
+                Ok(l) => {
+                    l.expires > now || l.refilling || l.denied_until.is_some_and(|t| t > now)
+                }
+                Err(_) => true,
+            });
+        }
     }
 
+    /// Leases held (all budgets).
     pub fn len(&self) -> usize {
-        self.leases.len()
+        self.leases.iter().map(|m| m.value().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.leases.is_empty()
+        self.len() == 0
     }
 }
 
