@@ -73,7 +73,13 @@ ADAPTER
 chmod +x "$work/adapter.sh"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-commands() { redis-cli -p "$port" info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; }
+# Round trips: the commands clients send (EVALSHA/EVAL, SCRIPT LOAD, PING), not the commands
+# the scripts run inside Redis.
+commands() {
+    redis-cli -p "$port" info commandstats | python3 -c 'import re, sys
+print(sum(int(m.group(2)) for m in re.finditer(
+    r"cmdstat_(evalsha|eval|script\|load|ping):calls=(\d+)", sys.stdin.read())))'
+}
 hz=$(getconf CLK_TCK)
 printf 'backend\trep\tscenario\trequests\tgw_cpu_us_per_req\tredis_cpu_us_per_req\tredis_cmds_per_1000\n' >"$work/all.tsv"
 for rep in $(seq "$REPEAT"); do
@@ -107,7 +113,7 @@ done
 python3 - "$work/all.tsv" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-print("| scenario | backend | gateway CPU µs/req | Redis CPU µs/req | Redis commands / 1,000 req | runs |")
+print("| scenario | backend | gateway CPU µs/req | Redis CPU µs/req | Redis round trips / 1,000 req | runs |")
 print("|---|---|---:|---:|---:|---:|")
 med = {}
 for sc in ("tput_single", "tput_rotate"):

@@ -10,12 +10,12 @@
 //! Batch size: `min(limits.lease_max, burst, rate × limits.lease_window_ms)`, at least 1. A
 //! `1/m` key (or a `2/s` key with the default 100 ms window) leases one token per request, so
 //! low-rate keys are exact fleet-wide; a `10000/s` key leases 100 at a time (at the default
-//! cap). A lease may be spent for `max(granted × period, lease_hold)` where `lease_hold` is
-//! ten lease windows (1 s by default): long enough that a key seen every few hundred
-//! milliseconds on a node (10,000 keys rotating at full load) is still served from its lease,
-//! short enough that an idle node gives its share back quickly. Holding does not loosen the
-//! over-admission bound below (tokens are debited when leased, whenever they are spent); it
-//! only bounds how long unused tokens are withheld. A refused lease is remembered until Redis' `Retry-After`
+//! cap). A lease may be spent for `max(granted × period, HOLD_WINDOWS × lease window)` (10 s by
+//! default): long enough that a key seen once every few hundred milliseconds on a node
+//! (10,000 keys rotating at full load) is still served from its lease instead of costing a
+//! Redis round trip per request. Holding does not loosen either bound below: tokens are
+//! debited when leased, whenever they are spent, and what a node withholds is at most one
+//! batch however long it holds it. A refused lease is remembered until Redis' `Retry-After`
 //! so a limited key costs no Redis call per refused request. Unused tokens are given back on
 //! shutdown (SIGTERM drain).
 //!
@@ -133,6 +133,9 @@ pub struct LeaseTuning {
 }
 
 type Entry = Arc<AsyncMutex<Lease>>;
+
+/// How many lease windows a lease may be held at least (see the module docs).
+const HOLD_WINDOWS: u32 = 100;
 
 /// The leases this node holds: per budget, per lineage. Two maps so a lookup borrows the
 /// lineage (`&str`) instead of building an owned key on every request.
@@ -319,7 +322,7 @@ impl Fleet {
                     granted,
                     remaining: remaining.max(0) as u64,
                     retry: Duration::from_micros(retry_us.max(0) as u64),
-                    valid_for: (period_of(s) * granted).max(self.tuning.window * 10),
+                    valid_for: (period_of(s) * granted).max(self.tuning.window * HOLD_WINDOWS),
                     reset: Duration::from_micros(full_us.max(0) as u64),
                     tag: 0,
                 })
