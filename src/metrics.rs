@@ -84,7 +84,7 @@ impl RouteSeries {
     }
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+pub(crate) fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     // Names are static and unique; a duplicate is a programming error caught by the tests.
     if let Err(e) = r.register(Box::new(c.clone())) {
         tracing::error!(error = %e, "metric registration failed");
@@ -92,7 +92,7 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
     c
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     reg(
         r,
         IntCounterVec::new(Opts::new(name, help), labels)
@@ -100,7 +100,7 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     )
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+pub(crate) fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     reg(
         r,
         IntGaugeVec::new(Opts::new(name, help), labels)
@@ -108,14 +108,14 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     )
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+pub(crate) fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     reg(
         r,
         IntCounter::new(name, help).unwrap_or_else(|_| unreachable_collector(name)),
     )
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     reg(
         r,
         IntGauge::new(name, help).unwrap_or_else(|_| unreachable_collector(name)),
@@ -169,7 +169,7 @@ impl Metrics {
             keys: gauge_vec(&r, "keygate_keys", "Keys in the table by state and env.", &["state", "env"]),
             table_revision: gauge(&r, "keygate_table_revision", "Store revision this node enforces."),
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
-            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, io, feed).", &["kind"]),
+            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, io, feed).", &["kind"]),
             propagation: reg(
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
@@ -201,7 +201,15 @@ impl Metrics {
         };
         // Export alarm counters from the start so `increase()` sees the first hit.
         m.canary_hits.inc_by(0);
-        for kind in ["corrupt_line", "rollback", "io", "feed"] {
+        for kind in [
+            "corrupt_line",
+            "rollback",
+            "io",
+            "feed",
+            "unsigned",
+            "bad_mac",
+            "cache",
+        ] {
             m.source_errors.with_label_values(&[kind]);
         }
         for result in ["ok", "error"] {

@@ -1012,3 +1012,83 @@ async fn mass_revoke_spares_canaries() {
     let r = call(a, Method::DELETE, &path, w, "").await;
     assert_eq!(r.2["state"], "revoked");
 }
+
+/// Issue 11 (control plane observability): `/healthz`, `/readyz` and `/metrics` answer without
+/// a token in file mode; requests are counted by operation and status, feed readers and the
+/// store revision are visible, and the scrape passes `promtool check metrics`.
+#[tokio::test]
+async fn probes_and_metrics_make_the_control_plane_visible() {
+    let e = setup(1 << 20).await;
+    let a = e.cp.addr;
+    let (s, _, body) = get(a, "/healthz", &[]).await;
+    assert_eq!(s, 200, "{body:?}");
+    create(
+        &e,
+        json!({"name": "n", "owner": "o", "scopes": ["invoices:read"]}),
+    )
+    .await;
+    let (s, _, body) = get(a, "/readyz", &[]).await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(s, 200, "{text}");
+    assert!(text.contains("revision=1"), "{text}");
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys/key_missing",
+        Some(&e.t.read),
+        "",
+    )
+    .await;
+    assert_eq!(r.0, 404);
+    // One feed reader connected while we scrape.
+    let mut feed = tokio::net::TcpStream::connect(a).await.unwrap();
+    let req = format!(
+        "GET /v1/feed HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\r\n",
+        e.t.feed
+    );
+    feed.write_all(req.as_bytes()).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = feed.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+    let scrape = eventually_named(
+        "feed reader counted",
+        std::time::Duration::from_secs(5),
+        || async {
+            let (_, _, body) = get(a, "/metrics", &[]).await;
+            let text = String::from_utf8_lossy(&body).into_owned();
+            text.contains("keygate_control_feed_subscribers 1")
+                .then_some(text)
+        },
+    )
+    .await;
+    for series in [
+        r#"keygate_control_requests_total{operation="create",status="201"} 1"#,
+        r#"keygate_control_requests_total{operation="get",status="404"} 1"#,
+        "keygate_control_store_revision 1",
+        r#"keygate_control_store_errors_total{kind="rollback"} 0"#,
+    ] {
+        assert!(scrape.contains(series), "{series} missing in\n{scrape}");
+    }
+    let promtool = require_tool("promtool", "prometheus");
+    let mut check = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -141,10 +141,65 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
 }
 
 pub async fn handle(c: Arc<Control>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    Ok(match route(&c, req).await {
+    let operation = {
+        let segments: Vec<&str> = req
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .collect();
+        super::metrics::operation(req.method(), &segments)
+    };
+    let response = match route(&c, req).await {
         Ok(r) => r,
         Err(e) => problem(&e),
-    })
+    };
+    c.metrics
+        .requests
+        .with_label_values(&[operation, response.status().as_str()])
+        .inc();
+    Ok(response)
+}
+
+/// `/healthz`, `/readyz` (the log is loaded) and `/metrics`:
+/// unauthenticated like a gateway's admin port (nothing in them is secret), so probes and
+/// Prometheus need no admin token.
+fn probe(c: &Control, what: &str) -> Response<Body> {
+    let text = |status: StatusCode, body: Vec<u8>, ctype: &'static str| {
+        let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    };
+    match what {
+        "healthz" => text(StatusCode::OK, b"ok\n".to_vec(), "text/plain"),
+        "readyz" => {
+            // The store is the file: Redis (usage only) being down degrades listings, it does
+            // not make the control plane unable to serve; it shows in keygate_redis_up.
+            if !c.feed.loaded() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    b"not ready: store not loaded\n".to_vec(),
+                    "text/plain",
+                )
+            } else {
+                let body = format!("ready revision={}\n", c.feed.revision());
+                text(StatusCode::OK, body.into_bytes(), "text/plain")
+            }
+        }
+        _ => {
+            c.metrics.store_revision.set(c.feed.revision() as i64);
+            c.metrics.feed_subscribers.set(c.feed.subscribers() as i64);
+            text(
+                StatusCode::OK,
+                c.metrics.render(),
+                "text/plain; version=0.0.4",
+            )
+        }
+    }
 }
 
 /// Which role an endpoint needs; the token is checked before anything else is read.
@@ -191,6 +246,9 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match (method.clone(), segments.as_slice()) {
+        (Method::GET | Method::HEAD, [what @ ("healthz" | "readyz" | "metrics")]) => {
+            Ok(probe(c, what))
+        }
         (Method::GET, ["v1", "openapi.yaml"]) => {
             let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
                 OPENAPI.as_bytes(),

@@ -6,6 +6,7 @@
 //! a token of the wrong role 403. Tokens are looked up by HMAC digest (see `tokens`).
 
 pub mod api;
+pub mod metrics;
 pub mod tokens;
 
 use crate::audit::{AuditLog, Event};
@@ -39,6 +40,7 @@ pub struct Control {
     usage_write: Mutex<()>,
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
+    pub metrics: metrics::ControlMetrics,
 }
 
 impl std::fmt::Debug for Control {
@@ -152,9 +154,20 @@ pub async fn start(
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let feed = FeedState::new(config.control.feed_buffer);
     let audit = AuditLog::new(&settings.audit_log);
+    let redis_metrics = crate::metrics::Metrics::new(0).redis_metrics();
+    let redis = crate::redis::Settings::from_config(&config)?
+        .map(|settings| crate::redis::Client::new(settings, redis_metrics.clone()));
+    let metrics = match &redis {
+        Some(client) => {
+            client.spawn_health();
+            metrics::ControlMetrics::new().with_redis(redis_metrics.up.clone())
+        }
+        None => metrics::ControlMetrics::new(),
+    };
     feed.follow(
         log,
         Duration::from_millis(config.keys.poll_interval_ms.max(10)),
+        metrics.store_errors.clone(),
         move |log, held| revoke_again(log, &audit, held),
     )?;
     let tokens_path = config.resolve(&config.control.tokens);
@@ -165,9 +178,8 @@ pub async fn start(
         feed,
         usage_reports: DashMap::new(),
         usage_write: Mutex::new(()),
-        redis: crate::redis::Settings::from_config(&config)?.map(|settings| {
-            crate::redis::Client::new(settings, crate::metrics::Metrics::new(0).redis_metrics())
-        }),
+        redis,
+        metrics,
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)

@@ -391,9 +391,7 @@ impl Fleet {
         let now = Instant::now();
         for m in self.leases.iter() {
             m.value().retain(|_, e| match e.try_lock() {
-                Ok(l) => {
-                    l.expires > now || l.refilling || l.denied_until.is_some_and(|t| t > now)
-                }
+                Ok(l) => l.expires > now || l.refilling || l.denied_until.is_some_and(|t| t > now),
                 Err(_) => true,
             });
         }

@@ -94,6 +94,11 @@ impl FeedState {
         })
     }
 
+    /// Feed readers connected now.
+    pub fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
     }
@@ -231,6 +236,7 @@ impl FeedState {
         self: &Arc<Self>,
         store: LogFile,
         poll: std::time::Duration,
+        errors: prometheus::IntCounterVec,
         on_unrevoke: impl Fn(&LogFile, Vec<KeyRecord>) + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.clone();
@@ -241,10 +247,12 @@ impl FeedState {
                 last_error.clear();
                 let unrevoked = state.apply(u);
                 if !unrevoked.is_empty() {
+                    errors.with_label_values(&["unrevoke"]).inc();
                     on_unrevoke(&store, unrevoked);
                 }
             }
             Err(e @ (StoreError::Rollback { .. } | StoreError::Downgrade { .. })) => {
+                errors.with_label_values(&[e.kind()]).inc();
                 tracing::error!(error = %e, "control plane: the store was replaced by an older or unsigned copy; continuing it as a new log");
                 match store.continue_after(state.revision(), &state.revoked()) {
                     Ok(log) => {
@@ -256,6 +264,7 @@ impl FeedState {
                 }
             }
             Err(e) => {
+                errors.with_label_values(&[e.kind()]).inc();
                 if e.to_string() != last_error {
                     tracing::error!(error = %e, "control plane: store problem; serving the last good log");
                     last_error = e.to_string();

@@ -1,0 +1,99 @@
+//! The control plane's own Prometheus series, served at its `/metrics` with `/healthz` and
+//! `/readyz` (in every mode): without them a control plane outage is invisible.
+//!
+//! Labels are closed: `operation` is the endpoint (never a key id or a path), `status` the
+//! HTTP status code, `kind` a store problem class.
+
+use crate::metrics::{counter_vec, gauge};
+use prometheus::{Encoder, IntCounterVec, IntGauge, Registry, TextEncoder};
+
+pub struct ControlMetrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub store_revision: IntGauge,
+    pub feed_subscribers: IntGauge,
+    pub redis_up: Option<IntGauge>,
+}
+
+impl std::fmt::Debug for ControlMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlMetrics")
+    }
+}
+
+impl ControlMetrics {
+    pub fn new() -> ControlMetrics {
+        let r = Registry::new();
+        let m = ControlMetrics {
+            requests: counter_vec(
+                &r,
+                "keygate_control_requests_total",
+                "Control plane requests by operation and HTTP status.",
+                &["operation", "status"],
+            ),
+            store_errors: counter_vec(
+                &r,
+                "keygate_control_store_errors_total",
+                "Store problems the control plane met, by kind (rollback, unsigned, io, unrevoke).",
+                &["kind"],
+            ),
+            store_revision: gauge(
+                &r,
+                "keygate_control_store_revision",
+                "Revision of the log the control plane serves.",
+            ),
+            feed_subscribers: gauge(
+                &r,
+                "keygate_control_feed_subscribers",
+                "Gateways (feed readers) connected now.",
+            ),
+            redis_up: None,
+            registry: r,
+        };
+        for kind in ["rollback", "unsigned", "io", "unrevoke"] {
+            m.store_errors.with_label_values(&[kind]);
+        }
+        m
+    }
+
+    /// Export Redis health (when `[redis]` is configured).
+    pub fn with_redis(mut self, up: IntGauge) -> ControlMetrics {
+        crate::metrics::reg(&self.registry, up.clone());
+        self.redis_up = Some(up);
+        self
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        ControlMetrics::new()
+    }
+}
+
+/// The closed operation label for a request (method + path segments).
+pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
+    use http::Method;
+    match (method, segments) {
+        (_, ["healthz"] | ["readyz"] | ["metrics"]) => "probe",
+        (_, ["v1", "openapi.yaml"]) => "openapi",
+        (_, ["v1", "feed"]) => "feed",
+        (_, ["v1", "usage"]) => "usage",
+        (&Method::GET, ["v1", "api-keys"]) => "list",
+        (&Method::POST, ["v1", "api-keys"]) => "create",
+        (_, ["v1", "api-keys", "revoke"]) => "mass_revoke",
+        (&Method::GET, ["v1", "api-keys", _]) => "get",
+        (&Method::PATCH, ["v1", "api-keys", _]) => "update",
+        (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",
+        (_, ["v1", "api-keys", _, "rotate"]) => "rotate",
+        _ => "other",
+    }
+}
