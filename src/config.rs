@@ -94,7 +94,7 @@ pub struct KeysConfig {
     pub expiry_leeway: String,
     /// Fallback polling interval of the store file, ms (file notifications are the fast path).
     pub poll_interval_ms: u64,
-    /// "file" (default) or "feed".
+    /// "file" (default), "feed" or "redis" (the store in Redis: needs `[redis]`).
     pub source: String,
     /// `http://` or `https://` URL of the control plane's `/v1/feed`.
     pub feed_url: Option<String>,

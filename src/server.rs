@@ -197,7 +197,13 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     if let Some(f) = gw.limiter.fleet() {
         f.client().spawn_health();
     }
+    let redis_store = gw.snapshot().keys.redis_store.clone();
     match feed {
+        None if redis_store.is_some() => {
+            if let Some(settings) = redis_store {
+                crate::sync::redis::spawn(gw.clone(), settings);
+            }
+        }
         None => crate::sync::file::spawn(
             gw.clone(),
             store,

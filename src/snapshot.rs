@@ -321,7 +321,8 @@ impl Snapshot {
             return Err(c.invalid("server.max_header_bytes", "must be at least 8192"));
         }
         let feed = match c.keys.source.as_str() {
-            "file" => None,
+            // "redis" needs [redis]: KeySettings (built above) already said so if missing.
+            "file" | "redis" => None,
             "feed" => {
                 let url = c.keys.feed_url.clone().ok_or_else(|| {
                     c.invalid("keys.feed_url", "required when keys.source = \"feed\"")
@@ -364,7 +365,7 @@ impl Snapshot {
             other => {
                 return Err(c.invalid(
                     "keys.source",
-                    format!("{other:?}: use \"file\" or \"feed\""),
+                    format!("{other:?}: use \"file\", \"feed\" or \"redis\""),
                 ))
             }
         };

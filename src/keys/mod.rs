@@ -24,6 +24,8 @@ pub struct KeySettings {
     pub store: PathBuf,
     pub audit_log: PathBuf,
     pub usage_file: PathBuf,
+    /// `[keys] source = "redis"`: the store lives in Redis (these settings), not the file.
+    pub redis_store: Option<crate::redis::Settings>,
     pub policy: Policy,
     pub plans: Vec<String>,
     pub rotate_grace_secs: i64,
@@ -117,6 +119,12 @@ impl KeySettings {
             stale_after_secs: secs(c, "keys.stale_after", &k.stale_after)?,
             refuse_missing_secret_version,
             quotas_enabled: c.redis.is_some(),
+            redis_store: match c.keys.source.as_str() {
+                "redis" => Some(crate::redis::Settings::from_config(c)?.ok_or_else(|| {
+                    c.invalid("keys.source", "\"redis\" needs a [redis] section")
+                })?),
+                _ => None,
+            },
         })
     }
 
@@ -147,6 +155,20 @@ impl KeySettings {
                 )
             })
             .collect()
+    }
+
+    /// The store writers use: Redis when `source = "redis"`, else the file.
+    pub fn store_backend(&self) -> crate::store::Store {
+        let signer = crate::store::seal::Signer::new(&self.hasher);
+        match &self.redis_store {
+            Some(r) => crate::store::Store::Redis(Box::new(crate::store::redis::RedisLog::new(
+                r.clone(),
+                signer,
+            ))),
+            None => {
+                crate::store::Store::File(crate::store::file::LogFile::new(&self.store, signer))
+            }
+        }
     }
 
     /// [`KeySettings::missing_secret_versions`] for the file store: `Err` lists them when

@@ -12,8 +12,8 @@ use crate::keys::policy::PolicyError;
 use crate::keys::record::{new_id, KeyRecord, KeyState};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
-use crate::store::file::{Compacted, LogFile, StoreError};
-use crate::store::seal::Signer;
+use crate::store::file::{Compacted, StoreError};
+use crate::store::Store;
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -206,7 +206,7 @@ pub struct ImportLine {
 
 pub struct Keys<'a> {
     settings: &'a KeySettings,
-    log: LogFile,
+    log: Store,
     audit: AuditLog,
     actor: String,
 }
@@ -215,7 +215,7 @@ impl<'a> Keys<'a> {
     pub fn new(settings: &'a KeySettings, actor: impl Into<String>) -> Keys<'a> {
         Keys {
             settings,
-            log: LogFile::new(&settings.store, Signer::new(&settings.hasher)),
+            log: settings.store_backend(),
             audit: AuditLog::new(&settings.audit_log),
             actor: actor.into(),
         }
@@ -361,7 +361,9 @@ impl<'a> Keys<'a> {
     fn change(
         &self,
         id: &str,
-        change: impl FnOnce(&KeyRecord) -> Result<Option<Written>, OpsError>,
+        // `Fn`: a store that lost a race to another writer (Redis) runs it again on the new
+        // state.
+        mut change: impl FnMut(&KeyRecord) -> Result<Option<Written>, OpsError> + Send,
     ) -> Result<KeyRecord, OpsError> {
         let mut unchanged = None;
         let written = self.log.transact(|state| {
@@ -708,8 +710,9 @@ impl<'a> Keys<'a> {
                 state.keys.values().map(|r| r.digest).collect();
             let mut seen = std::collections::HashSet::new();
             let fresh: Vec<KeyRecord> = candidates
-                .into_iter()
+                .iter()
                 .filter(|r| !known.contains(&r.digest) && seen.insert(r.digest))
+                .cloned()
                 .collect();
             let events: Vec<Event> = fresh
                 .iter()

@@ -58,13 +58,15 @@ pub enum StoreError {
     Downgrade { path: PathBuf, log: LogId },
     #[error("refusing to un-revoke key {id}: revocation is final")]
     Unrevoke { id: String },
+    #[error("redis store: {0}")]
+    Redis(String),
 }
 
 impl StoreError {
     /// A closed label for metrics (`keygate_source_errors_total{kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Io { .. } | StoreError::Unstable { .. } => "io",
+            StoreError::Io { .. } | StoreError::Unstable { .. } | StoreError::Redis(_) => "io",
             StoreError::Rollback { .. } | StoreError::Unrevoke { .. } => "rollback",
             StoreError::Downgrade { .. } => "unsigned",
         }

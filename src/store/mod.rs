@@ -8,6 +8,62 @@
 pub mod feed;
 pub mod file;
 pub mod ledger;
+pub mod redis;
 pub mod seal;
 
 pub use file::{Corrupt, Follower, LogFile, StoreError, Update};
+
+use crate::keys::record::KeyRecord;
+use file::{Compacted, Parsed, State};
+use seal::LogId;
+
+/// The store writers use (the CLI, the control plane): the file (the embedded default) or
+/// Redis (`[keys] source = "redis"`). One interface, two backends, the same signed records and
+/// the same rules.
+#[derive(Debug, Clone)]
+pub enum Store {
+    File(LogFile),
+    Redis(Box<redis::RedisLog>),
+}
+
+impl Store {
+    pub fn load(&self) -> Result<Parsed, StoreError> {
+        match self {
+            Store::File(f) => f.load(),
+            Store::Redis(r) => r.load(),
+        }
+    }
+
+    pub fn ensure_signed(&self) -> Result<LogId, StoreError> {
+        match self {
+            Store::File(f) => f.ensure_signed(),
+            Store::Redis(r) => r.ensure_signed(),
+        }
+    }
+
+    pub fn transact<E: Send>(
+        &self,
+        build: impl FnMut(&State) -> Result<Vec<KeyRecord>, E> + Send,
+    ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
+        match self {
+            Store::File(f) => f.transact(build),
+            Store::Redis(r) => r.transact(build),
+        }
+    }
+
+    pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
+        match self {
+            Store::File(f) => f.append(records),
+            Store::Redis(r) => r.append(records),
+        }
+    }
+
+    pub fn compact(&self, now: i64, retain_revoked_until: i64) -> Result<Compacted, StoreError> {
+        match self {
+            Store::File(f) => f.compact(now, retain_revoked_until),
+            Store::Redis(_) => Err(StoreError::Redis(
+                "compaction (stream trimming) of the Redis store is not implemented yet".into(),
+            )),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Keeping a gateway's key table in step with its source: the store file (`file`), the
-//! control plane's feed (`feed`) and its sealed local copy (`cache`). Every source goes
+//! control plane's feed (`feed`) and its sealed local copy (`cache`), the Redis store
+//! (`redis`). Every source goes
 //! through `apply`, which holds the rules (revocation is final; never backwards), so no source
 //! can bring a revoked key back. `store` is persistence only and knows nothing of gateways.
 
@@ -7,3 +8,4 @@ pub mod apply;
 pub mod cache;
 pub mod feed;
 pub mod file;
+pub mod redis;

@@ -35,6 +35,8 @@ pub struct RedisOpts {
     pub replica_of: Option<u16>,
     /// `masterauth` for a replica of a password-protected primary.
     pub master_auth: Option<String>,
+    /// Append-only file with fsync always: the data survives `restart` (the store tests).
+    pub persist: bool,
 }
 
 /// A test-owned `redis-server`.
@@ -104,7 +106,12 @@ impl RedisServer {
         let port = self.port.to_string();
         let dir = self.dir.path().to_string_lossy().into_owned();
         cmd.args(["--port", &port, "--bind", "127.0.0.1", "--dir", &dir])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--daemonize", "no"])
+            .args(if self.opts.persist {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .args(["--protected-mode", "no", "--loglevel", "notice"]);
         cmd.arg("--logfile").arg(self.log_path());
         if let Some(pw) = &self.opts.password {
@@ -180,7 +187,7 @@ impl RedisServer {
         }
     }
 
-    /// Start again on the same port (empty dataset: persistence is off).
+    /// Start again on the same port (empty dataset unless `persist`).
     pub fn restart(&mut self) {
         self.kill();
         let started = Instant::now();

@@ -1,0 +1,383 @@
+//! The record log in Redis (`[keys] source = "redis"`): the same signed log as the file store
+//! (`store::file`), on an engine a fleet already runs and replicates.
+//!
+//! Keys (all under `[redis] key_prefix`, built only from fixed suffixes: no id or client
+//! string ever reaches a key name, THREATS L6):
+//! - `s:meta` — hash: `log` (the log id), `rev` (the last revision issued);
+//! - `s:log` — stream, one entry per record version, id `<rev>-1`, field `r` = the record's
+//!   JSON: followers read it with a blocking `XREAD` from the revision they hold;
+//! - `s:keys` — hash, key id → latest version (what writers and snapshots read);
+//! - `s:revoked` — hash, key id → its revoked version, never deleted (tombstones forever).
+//!
+//! Every write is one Lua script (`WRITE`) that checks the log and the revision the writer
+//! signed against (optimistic: another writer in between makes it retry), refuses a version
+//! that would un-revoke a key whoever the writer is, appends to the stream and updates the
+//! hashes, all atomically. Records carry the same MAC as in the file store, so write access to
+//! Redis alone cannot add, widen or un-revoke a key: readers verify every record.
+//!
+//! Not yet (said in README): compaction/trimming of the stream, `WAIT` for replicas on
+//! revocation, a new log id after a failover that lost writes, migration from a file.
+
+use crate::keys::record::{unrevokes, KeyRecord};
+use crate::redis::resp::Value;
+use crate::redis::script::Script;
+use crate::redis::{Client, RedisError, Settings};
+use crate::store::file::{latest, Parsed, State, StoreError};
+use crate::store::seal::{LogId, Signer};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Store commands may move whole tables: they get their own, longer, timeout (the request
+/// path's `command_timeout_ms` is for limiter leases).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records per write script, so no script blocks Redis for long.
+const BATCH: usize = 1000;
+/// Retries when another writer got in between (each costs one state read).
+const RETRIES: usize = 20;
+
+/// Creates the log on first use. Returns {log, rev}.
+static INIT: Script = Script::new(
+    r#"
+if redis.call('HEXISTS', KEYS[1], 'log') == 0 then
+  redis.call('HSET', KEYS[1], 'log', ARGV[1], 'rev', 0)
+end
+return redis.call('HMGET', KEYS[1], 'log', 'rev')
+"#,
+);
+
+/// The writers' consistent view: {log, rev, every latest version}.
+static STATE: Script = Script::new(
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'log', 'rev')
+return {m[1] or '', m[2] or '0', redis.call('HVALS', KEYS[2])}
+"#,
+);
+
+/// KEYS: meta, log, keys, revoked. ARGV: log, expected rev, then (id, json, revoked 0|1)
+/// triples, signed for revisions expected+1, expected+2, … in that order.
+/// An entry in the stream above the meta revision (written by someone else than this script)
+/// moves the revision past it first: the next ids must stay above the stream's top.
+static WRITE: Script = Script::new(
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'log', 'rev')
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then
+  local t = tonumber(string.match(top[1][1], '^(%d+)'))
+  if t > tonumber(m[2] or '0') then
+    redis.call('HSET', KEYS[1], 'rev', t)
+    return {'conflict', m[1] or '', tostring(t)}
+  end
+end
+if m[1] ~= ARGV[1] or tonumber(m[2] or '0') ~= tonumber(ARGV[2]) then
+  return {'conflict', m[1] or '', m[2] or '0'}
+end
+for i = 3, #ARGV, 3 do
+  if ARGV[i + 2] == '0' and redis.call('HEXISTS', KEYS[4], ARGV[i]) == 1 then
+    return {'unrevoke', ARGV[i]}
+  end
+end
+local rev = tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  rev = rev + 1
+  redis.call('XADD', KEYS[2], rev .. '-1', 'r', ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 2] == '1' then redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('HSET', KEYS[1], 'rev', rev)
+return {'ok', tostring(rev)}
+"#,
+);
+
+/// The Redis key names of one store.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub meta: String,
+    pub log: String,
+    pub keys: String,
+    pub revoked: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Names {
+        Names {
+            meta: format!("{prefix}s:meta"),
+            log: format!("{prefix}s:log"),
+            keys: format!("{prefix}s:keys"),
+            revoked: format!("{prefix}s:revoked"),
+        }
+    }
+}
+
+fn err(e: RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+fn text(v: Option<&Value>) -> String {
+    v.and_then(Value::as_text).unwrap_or_default()
+}
+
+/// The store's settings: `[redis]` with the store's own timeout.
+pub fn store_settings(mut s: Settings) -> Settings {
+    s.command_timeout = s.command_timeout.max(STORE_TIMEOUT);
+    s
+}
+
+/// A client for store work (its own pool and timeouts; a throwaway metrics registry: the
+/// request path's `keygate_redis_*` series describe the limiter's client).
+pub fn client(settings: &Settings) -> Arc<Client> {
+    Client::new(
+        store_settings(settings.clone()),
+        crate::metrics::Metrics::new(0).redis_metrics(),
+    )
+}
+
+/// Give a new store its log id; returns (log, revision).
+pub async fn init(c: &Client, n: &Names) -> Result<(LogId, u64), StoreError> {
+    let fresh = LogId::new().map_err(|e| StoreError::Redis(e.to_string()))?;
+    let fresh = fresh.to_string();
+    let v = c
+        .eval(&INIT, &[n.meta.as_bytes()], &[fresh.as_bytes()])
+        .await
+        .map_err(err)?;
+    let Value::Array(m) = v else {
+        return Err(StoreError::Redis(
+            "unexpected reply to the init script".into(),
+        ));
+    };
+    head_of(&text(m.first()), &text(m.get(1)))
+}
+
+fn head_of(log: &str, rev: &str) -> Result<(LogId, u64), StoreError> {
+    let log = if log.is_empty() {
+        LogId::NONE
+    } else {
+        log.parse()
+            .map_err(|e| StoreError::Redis(format!("store meta log id: {e}")))?
+    };
+    let rev = rev
+        .parse()
+        .map_err(|_| StoreError::Redis("store meta revision is not a number".into()))?;
+    Ok((log, rev))
+}
+
+/// The log id and last revision (`NONE`, 0 before the first write).
+pub async fn head(c: &Client, n: &Names) -> Result<(LogId, u64), StoreError> {
+    let v = c
+        .call(&[b"HMGET", n.meta.as_bytes(), b"log", b"rev"])
+        .await
+        .map_err(err)?;
+    let Value::Array(m) = v else {
+        return Err(StoreError::Redis("unexpected reply to HMGET".into()));
+    };
+    let rev = text(m.get(1));
+    head_of(&text(m.first()), if rev.is_empty() { "0" } else { &rev })
+}
+
+/// Parse and verify stored record JSON; what does not verify is reported corrupt, never used.
+pub fn verified(signer: &Signer, log: LogId, raw: &[u8], out: &mut Parsed) -> Option<KeyRecord> {
+    let corrupt = |reason: String| crate::store::file::Corrupt { line: 0, reason };
+    match serde_json::from_slice::<KeyRecord>(raw) {
+        Ok(r) => match signer.verify(log, &r) {
+            Ok(()) => Some(r),
+            Err(e) => {
+                out.corrupt.push(corrupt(e.to_string()));
+                None
+            }
+        },
+        Err(e) => {
+            out.corrupt.push(corrupt(e.to_string()));
+            None
+        }
+    }
+}
+
+/// Every latest version, verified, in revision order, with the log and revision.
+async fn state(c: &Client, n: &Names, signer: &Signer) -> Result<Parsed, StoreError> {
+    let v = c
+        .eval(&STATE, &[n.meta.as_bytes(), n.keys.as_bytes()], &[])
+        .await
+        .map_err(err)?;
+    let Value::Array(parts) = v else {
+        return Err(StoreError::Redis(
+            "unexpected reply to the state script".into(),
+        ));
+    };
+    let (log, rev) = head_of(&text(parts.first()), &text(parts.get(1)))?;
+    let mut out = Parsed {
+        log,
+        rev,
+        ..Parsed::default()
+    };
+    if let Some(Value::Array(values)) = parts.get(2) {
+        for v in values {
+            if let Value::Bulk(raw) = v {
+                if let Some(r) = verified(signer, log, raw, &mut out) {
+                    out.records.push(r);
+                }
+            }
+        }
+    }
+    out.records.sort_by_key(|r| r.rev);
+    Ok(out)
+}
+
+/// The log in Redis, with the same interface as the file (`LogFile`) for the CLI and the
+/// control plane. Its methods are blocking: each runs on a private thread and runtime, so it
+/// is callable from the CLI and from a runtime's blocking pool alike.
+#[derive(Debug, Clone)]
+pub struct RedisLog {
+    settings: Settings,
+    names: Names,
+    signer: Signer,
+}
+
+impl RedisLog {
+    pub fn new(settings: Settings, signer: Signer) -> RedisLog {
+        RedisLog {
+            names: Names::new(&settings.prefix),
+            settings,
+            signer,
+        }
+    }
+
+    /// Run `f` with a fresh client on its own thread and runtime (a runtime cannot be
+    /// blocked on from inside another one).
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: FnOnce(Arc<Client>) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let client = client(&self.settings);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Redis(e.to_string()))?;
+                rt.block_on(f(client))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Redis("store worker panicked".into())))
+        })
+    }
+
+    pub fn load(&self) -> Result<Parsed, StoreError> {
+        let (n, signer) = (&self.names, &self.signer);
+        self.run(|c| async move { state(&c, n, signer).await })
+    }
+
+    /// Give a new store its log id. Returns it.
+    pub fn ensure_signed(&self) -> Result<LogId, StoreError> {
+        let n = &self.names;
+        self.run(|c| async move { init(&c, n).await.map(|h| h.0) })
+    }
+
+    /// As `LogFile::transact`: `build` sees every key's latest version; the new versions are
+    /// signed for the next revisions and written by one script that re-checks the log and
+    /// revision (another writer in between: read again and rebuild, bounded), and refuses an
+    /// un-revoke. Batches of at most `BATCH` records (each atomic; a larger change is several).
+    pub fn transact<E>(
+        &self,
+        build: impl FnMut(&State) -> Result<Vec<KeyRecord>, E> + Send,
+    ) -> Result<Result<Vec<KeyRecord>, E>, StoreError>
+    where
+        E: Send,
+    {
+        let (n, signer) = (&self.names, &self.signer);
+        let mut build = build;
+        self.run(move |c| async move {
+            init(&c, n).await?;
+            for _ in 0..RETRIES {
+                let parsed = state(&c, n, signer).await?;
+                let (log, rev) = (parsed.log, parsed.rev);
+                let st = State {
+                    keys: latest(parsed.records),
+                    rev,
+                    corrupt: parsed.corrupt,
+                };
+                let mut records = match build(&st) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if let Some(r) = records.iter().find(|r| unrevokes(st.keys.get(&r.id), r)) {
+                    return Err(StoreError::Unrevoke { id: r.id.clone() });
+                }
+                match write(&c, n, signer, log, rev, &mut records).await? {
+                    Written::Ok => return Ok(Ok(records)),
+                    Written::Conflict => continue,
+                }
+            }
+            Err(StoreError::Redis(
+                "other writers kept changing the store; try again".into(),
+            ))
+        })
+    }
+
+    /// New keys (creation, import).
+    pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
+        self.transact(move |_| Ok::<_, StoreError>(records.clone()))?
+    }
+}
+
+enum Written {
+    Ok,
+    Conflict,
+}
+
+/// Sign `records` for the revisions after `rev` in `log` and write them, `BATCH` at a time.
+/// A conflict on the first batch means nothing was written; on a later one, the earlier
+/// batches stand (each is atomic), which is what makes a bulk write resumable.
+async fn write(
+    c: &Client,
+    n: &Names,
+    signer: &Signer,
+    log: LogId,
+    mut rev: u64,
+    records: &mut [KeyRecord],
+) -> Result<Written, StoreError> {
+    let log_s = log.to_string();
+    for (i, chunk) in records.chunks_mut(BATCH).enumerate() {
+        let mut args: Vec<Vec<u8>> = vec![log_s.clone().into_bytes(), rev.to_string().into_bytes()];
+        for (k, r) in chunk.iter_mut().enumerate() {
+            r.rev = rev + 1 + k as u64;
+            signer.sign(log, r);
+            args.push(r.id.clone().into_bytes());
+            args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
+            args.push(if r.revoked_at.is_some() {
+                b"1".to_vec()
+            } else {
+                b"0".to_vec()
+            });
+        }
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let keys: [&[u8]; 4] = [
+            n.meta.as_bytes(),
+            n.log.as_bytes(),
+            n.keys.as_bytes(),
+            n.revoked.as_bytes(),
+        ];
+        let v = c.eval(&WRITE, &keys, &args).await.map_err(err)?;
+        let Value::Array(reply) = v else {
+            return Err(StoreError::Redis(
+                "unexpected reply to the write script".into(),
+            ));
+        };
+        match text(reply.first()).as_str() {
+            "ok" => rev += chunk.len() as u64,
+            "conflict" if i == 0 => return Ok(Written::Conflict),
+            "conflict" => {
+                return Err(StoreError::Redis(
+                    "another writer got in during a bulk write; the batches before it are written, run it again".into(),
+                ))
+            }
+            "unrevoke" => {
+                return Err(StoreError::Unrevoke {
+                    id: text(reply.get(1)),
+                })
+            }
+            other => return Err(StoreError::Redis(format!("write script said {other:?}"))),
+        }
+    }
+    Ok(Written::Ok)
+}

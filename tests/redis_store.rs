@@ -1,0 +1,278 @@
+//! The key store on a real `redis-server` (issue 11): the CLI writes into Redis, gateways with
+//! `[keys] source = "redis"` load the table and follow the log with a blocking read, and
+//! "revocation is final" holds against whoever can write Redis.
+//!
+//! Every test starts its own Redis (tests/common/redis.rs, free port, temp dir) and real
+//! `keygate serve` processes; one test at a time (`SERIAL`). Waits are polls with deadlines.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::redis::{RedisOpts, RedisServer};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const ENFORCE: Duration = Duration::from_secs(10);
+
+struct Nodes {
+    dir: tempfile::TempDir,
+    up: Upstream,
+    configs: Vec<PathBuf>,
+}
+
+impl Nodes {
+    async fn new(n: usize, redis: &RedisServer) -> Nodes {
+        let dir = tempdir();
+        let up = Upstream::start(Mode::Echo).await;
+        let configs = (0..n)
+            .map(|i| {
+                let node = dir.path().join(format!("n{i}"));
+                std::fs::create_dir_all(&node).unwrap();
+                write_file(
+                    &node,
+                    "keygate.toml",
+                    &format!(
+                        r#"[keys]
+source = "redis"
+store = "unused-keys.jsonl"
+audit_log = "audit.jsonl"
+
+[redis]
+url = "{url}"
+
+[plans.default]
+rate = "100000/s"
+burst = 100000
+
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "up"
+targets = ["{up}"]
+
+[[routes]]
+name = "invoices-read"
+path_prefix = "/invoices"
+methods = ["GET"]
+scopes = ["invoices:read"]
+upstream = "up"
+"#,
+                        url = redis.url(),
+                        up = up.addr()
+                    ),
+                )
+            })
+            .collect();
+        Nodes { dir, up, configs }
+    }
+
+    fn cli_config(&self) -> &Path {
+        &self.configs[0]
+    }
+}
+
+async fn status(gw: &Gateway, key: &str) -> u16 {
+    get(gw.http, "/invoices/1", &[("x-api-key", key)]).await.0
+}
+
+async fn until(gw: &Gateway, key: &str, want: u16) -> Duration {
+    let started = Instant::now();
+    let key = key.to_owned();
+    let addr = gw.http;
+    eventually_named(&format!("{want} on {addr}"), ENFORCE, || {
+        let key = key.clone();
+        async move { (get(addr, "/invoices/1", &[("x-api-key", &key)]).await.0 == want).then_some(()) }
+    })
+    .await;
+    started.elapsed()
+}
+
+async fn metric(gw: &Gateway, name: &str) -> f64 {
+    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len()..].trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The CLI writes into Redis (no store file), two gateways load and follow it: creations and
+/// revocations reach both within milliseconds; `keys list` reads Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_writes_and_gateways_follow_the_redis_store() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let gws = [
+        spawn_ready(&nodes.configs[0], &[], ENFORCE).await,
+        spawn_ready(&nodes.configs[1], &[], ENFORCE).await,
+    ];
+    for gw in &gws {
+        until(gw, &k1.key, 200).await;
+        assert_eq!(status(gw, &k2.key).await, 200);
+    }
+    assert!(
+        !nodes.dir.path().join("n0/unused-keys.jsonl").exists(),
+        "the store is in Redis"
+    );
+    assert!(redis.cmd(&["HLEN", "keygate:s:keys"]).contains('2'));
+
+    // Revocations: CLI returned → 401 on both gateways.
+    let mut delays = Vec::new();
+    for _ in 0..10 {
+        let k = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+        for gw in &gws {
+            until(gw, &k.key, 200).await;
+        }
+        cli_ok(nodes.cli_config(), &["keys", "revoke", &k.id]);
+        let started = Instant::now();
+        for gw in &gws {
+            until(gw, &k.key, 401).await;
+        }
+        delays.push(started.elapsed());
+    }
+    delays.sort();
+    eprintln!(
+        "redis store: revoke → 401 on 2 gateways: p50 {:?}, max {:?} (n = {})",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1],
+        delays.len()
+    );
+    let listed = cli_ok(nodes.cli_config(), &["keys", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 12);
+    assert!(metric(&gws[0], "keygate_table_revision").await >= 22.0);
+    drop(nodes.up);
+}
+
+/// Write access to Redis alone cannot bring a revoked key back: an edited record (MAC no
+/// longer verifies), an old record written back (valid MAC, old revision) into the latest
+/// hash and the stream; running gateways keep the revocation, a gateway started afterwards
+/// loads it revoked (the revoked hash is never rewritten), and the CLI refuses to edit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_is_final_against_whoever_writes_redis() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let active = redis.cmd(&["HGET", "keygate:s:keys", &k1.id]);
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &k1.key, 200).await;
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
+    until(&gw, &k1.key, 401).await;
+    let revoked = redis.cmd(&["HGET", "keygate:s:keys", &k1.id]);
+    assert!(revoked.contains("revoked_at"), "{revoked}");
+
+    // An old version written back, as a raw Redis client could.
+    let rev: u64 = redis
+        .cmd(&["HGET", "keygate:s:meta", "rev"])
+        .trim()
+        .parse()
+        .unwrap();
+    redis.cmd(&["HSET", "keygate:s:keys", &k1.id, &active]);
+    redis.cmd(&[
+        "XADD",
+        "keygate:s:log",
+        &format!("{}-1", rev + 1),
+        "r",
+        &active,
+    ]);
+    // An edited revoked record (revocation removed, MAC kept).
+    let edited = revoked.replacen("\"revoked_at\":", "\"x\":", 1);
+    redis.cmd(&[
+        "XADD",
+        "keygate:s:log",
+        &format!("{}-1", rev + 2),
+        "r",
+        &edited,
+    ]);
+    let admin = gw.admin;
+    eventually_named("edited record refused", ENFORCE, || async move {
+        let (_, _, body) = get(admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&body)
+            .contains("keygate_source_errors_total{kind=\"bad_mac\"} 1\n")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(status(&gw, &k1.key).await, 401);
+    assert_eq!(status(&gw, &k2.key).await, 200);
+    // Each tampered entry is judged once, not re-read forever; the writers go on after it.
+    let k3 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&gw, &k3.key, 200).await;
+    assert_eq!(
+        metric(&gw, "keygate_source_errors_total{kind=\"bad_mac\"}").await,
+        1.0
+    );
+
+    // A gateway started now loads k1 revoked, though `s:keys` holds the old active version.
+    let fresh = spawn_ready(&nodes.configs[1], &[], ENFORCE).await;
+    until(&fresh, &k2.key, 200).await;
+    assert_eq!(status(&fresh, &k1.key).await, 401);
+
+    // Writers refuse too: the CLI will not edit a revoked key, and a new version without the
+    // revocation is refused by the write script itself (the revoked hash).
+    let out = cli(
+        nodes.cli_config(),
+        &["keys", "update", &k1.id, "--label", "x=y"],
+        SECRET_ENV,
+    );
+    assert!(!out.status.success(), "{}", stdout_str(&out));
+}
+
+/// Redis down: gateways keep serving their last table (and say so); Redis back with its data:
+/// they resume from their revision without a full reload, and new changes reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_the_last_table_and_resumes_without_reload() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(RedisOpts {
+        persist: true,
+        ..RedisOpts::default()
+    });
+    let nodes = Nodes::new(1, &redis).await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &k1.key, 200).await;
+    let loads = |gw: &Gateway| {
+        gw.stderr_contents()
+            .matches("key table loaded from redis")
+            .count()
+    };
+    assert_eq!(loads(&gw), 1);
+
+    redis.kill();
+    let admin = gw.admin;
+    eventually_named("redis outage counted", ENFORCE, || async move {
+        let (_, _, body) = get(admin, "/metrics", &[]).await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        text.lines()
+            .any(|l| {
+                l.starts_with("keygate_source_errors_total{kind=\"redis\"}") && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })
+    .await;
+    assert_eq!(status(&gw, &k1.key).await, 200, "fail static");
+    assert_eq!(
+        get(gw.admin, "/readyz", &[]).await.0,
+        200,
+        "on_stale = serve"
+    );
+
+    redis.restart();
+    let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&gw, &k2.key, 200).await;
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
+    until(&gw, &k1.key, 401).await;
+    assert_eq!(loads(&gw), 1, "resumed from its revision, no reload");
+}
