@@ -1706,6 +1706,32 @@ fn check_refuses_a_secret_version_in_use_without_a_secret() {
     assert!(r.stderr.contains("secret version 1"), "but says so: {r:?}");
 }
 
+/// A fresh install passes `check` (the gateway creates the missing store empty and comes up
+/// Ready); a missing store directory (a volume not mounted) is a problem, and `check` writes
+/// nothing either way.
+#[test]
+fn check_passes_a_fresh_install_and_refuses_a_missing_store_directory() {
+    let env =
+        Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    let r = env.keygate(&["check"]);
+    assert!(r.status.success(), "fresh install: {r:?}");
+    assert!(r.stderr.contains("creates it empty"), "{r:?}");
+    assert!(!env.store().exists(), "check must not write the store");
+
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        text.replace("store = \"keys.jsonl\"", "store = \"state/keys.jsonl\""),
+    )
+    .unwrap();
+    let r = env.keygate(&["check"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr.contains("directory") && r.stderr.contains("state"),
+        "{r:?}"
+    );
+}
+
 /// Defect 8: with no `[policy]` the defaults are what config/keygate.toml documents: an owner
 /// is required and lifetimes are capped at 365 days.
 #[test]

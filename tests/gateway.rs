@@ -613,10 +613,17 @@ async fn errors_429_auth_failure_budget_is_per_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errors_503_without_a_store_then_recovers() {
+async fn errors_503_without_a_store_directory_then_recovers() {
     let s = Setup::new(Mode::Echo, "", "").await;
-    assert!(!s.store().exists());
+    // A store whose directory is missing (a volume not mounted) is not created: fail closed.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("store = \"keys.jsonl\"", "store = \"state/keys.jsonl\""),
+    )
+    .unwrap();
     let gw = Gateway::spawn(&s.config, SECRET_ENV).await;
+    assert!(!s.path("state").exists());
     // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
     assert_eq!(readyz(&gw).await, 503);
     let r = get(
@@ -632,6 +639,53 @@ async fn errors_503_without_a_store_then_recovers() {
     let k = s.create(&[]);
     wait_ready(&gw, POLL).await;
     wait_status(&gw, "/invoices/1", &k.key, 200, "new key works").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_install_creates_the_missing_store_empty_and_is_ready() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    assert!(!s.store().exists());
+    let gw = s.serve().await;
+    // Ready with zero keys: a key is simply unknown (401), never a 503.
+    let r = get_key(&gw, "/invoices/1", "kg_live_x").await;
+    assert_problem(&r, 401, "invalid_api_key");
+    assert!(gw.stderr_contents().contains("created it empty"));
+    eventually_named("store.created audited", POLL, || async {
+        (audit_events(&s, "store.created").len() == 1).then_some(())
+    })
+    .await;
+    // It is a signed log like any other: the CLI appends to it and the gateway follows.
+    let head = std::fs::read_to_string(s.store()).unwrap();
+    assert!(head.starts_with("{\"header\":\"keygate-log\""), "{head}");
+    let k = s.create(&[]);
+    wait_status(&gw, "/invoices/1", &k.key, 200, "key created after start").await;
+    // A restart finds the store and writes nothing new.
+    drop(gw);
+    let gw = s.serve().await;
+    assert!(!gw.stderr_contents().contains("created it empty"));
+    wait_status(&gw, "/invoices/1", &k.key, 200, "key kept after restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_store_is_a_valid_table_and_an_unreadable_one_fails_closed() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    std::fs::write(s.store(), b"").unwrap();
+    let gw = s.serve().await;
+    assert_problem(
+        &get_key(&gw, "/invoices/1", "kg_live_x").await,
+        401,
+        "invalid_api_key",
+    );
+    drop(gw);
+    // Unreadable (a directory where the file should be: tests run as root, so mode bits
+    // would not stop a read): the gateway refuses to start, naming the store.
+    std::fs::remove_file(s.store()).unwrap();
+    std::fs::create_dir(s.store()).unwrap();
+    let err = Gateway::try_spawn(&s.config, SECRET_ENV)
+        .await
+        .err()
+        .expect("an unreadable store must not start");
+    assert!(err.contains("keys.jsonl: Is a directory"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
