@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (a key
-//! table is loaded and, in fail-closed mode, fresh). Separate from the data port and on
+//! table is loaded and, in fail-closed mode, fresh; 503 from SIGTERM on). Separate from the data port and on
 //! loopback by default, so metrics never leak to API clients (THREATS J2).
 
 use crate::gateway::Gateway;
@@ -39,7 +39,13 @@ pub async fn handle(
         "/healthz" => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
             let snap = gw.snapshot();
-            if gw.ready(&snap) {
+            if gw.stopping() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    Bytes::from_static(b"not ready: shutting down\n"),
+                )
+            } else if gw.ready(&snap) {
                 reply(
                     StatusCode::OK,
                     "text/plain",

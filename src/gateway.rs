@@ -19,6 +19,8 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     table: ArcSwap<KeyTable>,
     loaded: AtomicBool,
+    /// Set on SIGTERM: `/readyz` fails while requests are still served (lame duck).
+    stopping: AtomicBool,
     last_sync_ms: AtomicI64,
     /// Rate limits and quotas: node-local buckets and, with `[redis]`, fleet-wide leases.
     pub limiter: Limiter,
@@ -84,6 +86,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             last_sync_ms: AtomicI64::new(0),
             limiter,
             failures,
@@ -141,8 +144,18 @@ impl Gateway {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// Enter the lame-duck phase: readiness fails from now on, serving goes on.
+    pub fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// Ready to serve keyed traffic: a table is loaded and, when configured to fail closed,
-    /// it is not older than `max_staleness`.
+    /// it is not older than `max_staleness`. (Stopping is not part of it: a lame duck still
+    /// serves; only `/readyz` reports it.)
     pub fn ready(&self, snap: &Snapshot) -> bool {
         self.table_loaded()
             && (snap.on_stale == OnStale::Serve
