@@ -1,7 +1,8 @@
 //! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
 //! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
 //! and HTTP/2 on one listener with edge-safe limits, background upkeep (store follower,
-//! usage flush, bucket cleanup, denial summaries), SIGHUP reload, and on SIGTERM/SIGINT a
+//! usage flush, bucket cleanup, denial summaries), reload on SIGHUP and on a config file change
+//! (`reload`), and on SIGTERM/SIGINT a
 //! lame-duck delay (`/readyz` 503, still accepting) followed by the drain.
 
 use crate::admin;
@@ -10,6 +11,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn};
+use crate::reload::ConfigFile;
 use crate::snapshot::Snapshot;
 use dashmap::DashMap;
 use hyper::service::service_fn;
@@ -134,14 +136,16 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
 
 /// Run the gateway until SIGTERM/SIGINT. Prints one JSON line on stdout once listening.
 pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
+    let config_file = ConfigFile::new(config_path);
     let (gw, bound, shutdown) = start(config_path).await?;
+    tokio::spawn(crate::reload::watch(gw.clone(), config_file.clone()));
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
     );
     tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
     let mut signals = Signals::install();
-    signals.until_stop(&gw, config_path).await;
+    signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
     // After the drain no request can spend a leased token: hand the rest back to the fleet.
@@ -708,7 +712,7 @@ impl Signals {
     }
 
     /// Wait for SIGTERM/SIGINT; reload on SIGHUP meanwhile.
-    async fn until_stop(&mut self, gw: &Gateway, config_path: &Path) {
+    async fn until_stop(&mut self, gw: &Gateway, config: &ConfigFile) {
         let Some((term, int, hup)) = &mut self.0 else {
             return;
         };
@@ -716,7 +720,7 @@ impl Signals {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
-                _ = hup.recv() => reload(gw, config_path),
+                _ = hup.recv() => config.reload(gw, "sighup"),
             }
         }
     }
@@ -752,35 +756,5 @@ async fn lame_duck(gw: &Gateway, signals: &mut Signals) {
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
         _ = signals.again() => tracing::info!("second stop signal: ending the shutdown delay"),
-    }
-}
-
-/// Build a whole new snapshot from the config file and swap it in, or keep the old one.
-pub fn reload(gw: &Gateway, config_path: &Path) {
-    let built = Config::load(config_path).and_then(|c| Snapshot::build(c, &gw.metrics));
-    match built {
-        Ok(s) => {
-            let routes = s.routes.len();
-            gw.swap_snapshot(s);
-            gw.metrics.config_reloads.with_label_values(&["ok"]).inc();
-            tracing::info!(routes, "config reloaded");
-            gw.audit(
-                Event::new("config.reloaded", "gateway")
-                    .with("result", "ok")
-                    .with("routes", routes),
-            );
-        }
-        Err(e) => {
-            gw.metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            tracing::error!(error = %e, "config reload failed; keeping the running config");
-            gw.audit(
-                Event::new("config.reloaded", "gateway")
-                    .with("result", "error")
-                    .with("error", e.to_string()),
-            );
-        }
     }
 }
