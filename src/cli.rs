@@ -98,7 +98,7 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                 crate::clock::unix_secs(),
             )
             .map_err(|e| {
-                Failure(format!(
+                Failure::Error(format!(
                     "cannot write admin tokens to {}: {e}",
                     path.display()
                 ))
@@ -111,16 +111,21 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                 )
                 .with("token_id", minted.record.id.clone())
                 .with("role", role.as_str())])
-                .map_err(|e| Failure(format!("audit log {}: {e}", settings.audit_log.display())))?;
+                .map_err(|e| {
+                    Failure::Error(format!("audit log {}: {e}", settings.audit_log.display()))
+                })?;
             if json {
                 out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "token": minted.token}).to_string())?;
             } else {
                 out(&minted.token)?;
             }
-            eprintln!(
-                "created admin token {} (role {}); shown once",
-                minted.record.id,
-                role.as_str()
+            say(
+                Level::Info,
+                &format!(
+                    "created admin token {} (role {}); shown once",
+                    minted.record.id,
+                    role.as_str()
+                ),
             );
             Ok(())
         }
@@ -265,20 +270,96 @@ pub enum KeysCommand {
     Compact,
 }
 
-/// A failed command: message for stderr, and the exit code.
+/// How a command failed.
 #[derive(Debug)]
-pub struct Failure(pub String);
+pub enum Failure {
+    /// A message for stderr; exit status 1.
+    Error(String),
+    /// Whoever reads our stdout went away (`keygate keys list | head -1`): not an error of
+    /// ours, so exit 0 quietly, as Unix tools do.
+    ClosedPipe,
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure(e.to_string())
+        Failure::Error(e.to_string())
     }
+}
+
+impl Failure {
+    /// A write to stdout failed: a closed pipe, or a real error.
+    pub fn stdout(e: std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Failure::ClosedPipe
+        } else {
+            Failure::Error(format!("stdout: {e}"))
+        }
+    }
+
+    /// Report on stderr and give the exit status.
+    pub fn exit(self) -> ExitCode {
+        match self {
+            Failure::ClosedPipe => ExitCode::SUCCESS,
+            Failure::Error(message) => {
+                say(Level::Error, &format!("keygate: error: {message}"));
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The stderr format of this process, set once by `main` from `--log-format`.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+pub fn set_log_format(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
+}
+
+pub fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or(LogFormat::Human)
+}
+
+/// Severity of a [`say`] line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Error => "ERROR",
+        }
+    }
+}
+
+/// One line for the operator on stderr (never on stdout: that is for keys and `--json`). Under
+/// `--log-format json` it is one JSON object shaped like the tracing lines (`timestamp`,
+/// `level`, `target`, `message`), so a pipeline that parses every line as JSON also gets
+/// the CLI's notes and the reason a process stopped.
+pub fn say(level: Level, text: &str) {
+    let line = match log_format() {
+        LogFormat::Human => text.to_owned(),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": level.as_str(),
+            "target": "keygate",
+            "message": text,
+        })
+        .to_string(),
+    };
+    // Nothing more to do if stderr is gone too.
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn secs(s: &str) -> Result<i64, Failure> {
     parse_duration(s)
         .map(|d| d.as_secs() as i64)
-        .map_err(Failure)
+        .map_err(Failure::Error)
 }
 
 fn labels(raw: &[String]) -> Result<BTreeMap<String, String>, Failure> {
@@ -287,7 +368,7 @@ fn labels(raw: &[String]) -> Result<BTreeMap<String, String>, Failure> {
             l.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+                .ok_or_else(|| Failure::Error(format!("bad label {l:?}: use key=value")))
         })
         .collect()
 }
@@ -315,11 +396,12 @@ fn grants(
     })
 }
 
-fn out(line: &str) -> Result<(), Failure> {
+/// Every stdout line of the CLI goes through here, so a closed pipe is handled in one place.
+pub fn out(line: &str) -> Result<(), Failure> {
     let mut o = std::io::stdout().lock();
-    writeln!(o, "{line}")?;
-    o.flush()?;
-    Ok(())
+    writeln!(o, "{line}")
+        .and_then(|()| o.flush())
+        .map_err(Failure::stdout)
 }
 
 fn fmt_time(t: Option<i64>) -> String {
@@ -402,8 +484,11 @@ fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
     }) {
         Ok(u) => u,
         Err(e) => {
-            eprintln!(
-                "warning: cannot read usage from redis ({e}); showing this node's usage file"
+            say(
+                Level::Warn,
+                &format!(
+                    "warning: cannot read usage from redis ({e}); showing this node's usage file"
+                ),
             );
             crate::usage::read(&settings.usage_file)
         }
@@ -427,7 +512,10 @@ fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
             v["used"] = t.used.into();
             v["resets_in_seconds"] = t.reset.as_secs().into();
         }
-        Err(e) => eprintln!("warning: cannot read quota use from redis ({e})"),
+        Err(e) => say(
+            Level::Warn,
+            &format!("warning: cannot read quota use from redis ({e})"),
+        ),
     }
     Some(v)
 }
@@ -485,9 +573,12 @@ fn print_minted(
     } else {
         out(key)?;
     }
-    eprintln!(
+    say(
+        Level::Info,
+        &format!(
         "{verb} {} ({}, owner {:?}, env {}); the key above is shown once and cannot be recovered",
         record.id, record.name, record.owner, record.env
+    ),
     );
     Ok(())
 }
@@ -558,7 +649,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 labels: labels(&g.labels)?,
             };
             let r = keys.update(&id, &changes, now)?;
-            eprintln!("updated {}", r.id);
+            say(Level::Info, &format!("updated {}", r.id));
             let usage = load_usage(config, &settings, &[r.id.as_str()]);
             print_record(&r, &usage, None, now, json)
         }
@@ -569,7 +660,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             ..
         } => {
             let r = keys.revoke(&id, reason.as_deref(), now)?;
-            eprintln!("revoked {}", r.id);
+            say(Level::Info, &format!("revoked {}", r.id));
             if json {
                 print_record(&r, &Usage::new(), None, now, true)?;
             }
@@ -588,22 +679,22 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .map(|l| {
                     l.split_once('=')
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+                        .ok_or_else(|| Failure::Error(format!("bad label {l:?}: use key=value")))
                 })
                 .transpose()?;
             if !yes {
-                return Err(Failure(
+                return Err(Failure::Error(
                     "mass revoke needs --yes: it revokes every matching key at once".into(),
                 ));
             }
             let done =
                 keys.revoke_matching(&Selector { owner, env, label }, reason.as_deref(), now)?;
-            eprintln!("revoked {} keys", done.revoked.len());
+            say(Level::Info, &format!("revoked {} keys", done.revoked.len()));
             if done.canaries_spared > 0 {
-                eprintln!(
+                say(Level::Info, &format!(
                     "left {} canary key(s) armed: revoking a canary disarms its alarm; revoke one by id if you mean it",
                     done.canaries_spared
-                );
+                ));
             }
             if json {
                 let ids: Vec<&str> = done.revoked.iter().map(|r| r.id.as_str()).collect();
@@ -624,7 +715,10 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
             // What is stored, which is earlier than now + grace when the key expired sooner.
             let until = m.replaced.as_ref().and_then(|old| old.expires_at);
-            eprintln!("{id} keeps working until {}", fmt_time(until));
+            say(
+                Level::Info,
+                &format!("{id} keeps working until {}", fmt_time(until)),
+            );
             Ok(())
         }
         KeysCommand::Expiring { within, json } => {
@@ -667,10 +761,11 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             json,
         } => {
             let text = std::fs::read_to_string(&file)
-                .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
+                .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
             let lines: Vec<String> = text.lines().map(str::to_owned).collect();
             let defaults = grants(name, owner, env, g, false)?;
-            let tty = std::io::stderr().is_terminal();
+            // A progress counter only for a human at a terminal (never inside JSON logs).
+            let tty = std::io::stderr().is_terminal() && log_format() == LogFormat::Human;
             let total = lines.len();
             let report = keys.import(&lines, &defaults, now, |i| {
                 if tty && (i % 1000 == 0 || i == total) {
@@ -681,13 +776,16 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 eprintln!();
             }
             for (line, why) in &report.invalid {
-                eprintln!("line {line}: {why}");
+                say(Level::Warn, &format!("line {line}: {why}"));
             }
-            eprintln!(
-                "imported {}, duplicates {}, invalid {}",
-                report.imported,
-                report.duplicates,
-                report.invalid.len()
+            say(
+                Level::Info,
+                &format!(
+                    "imported {}, duplicates {}, invalid {}",
+                    report.imported,
+                    report.duplicates,
+                    report.invalid.len()
+                ),
             );
             if json {
                 out(&serde_json::json!({"imported": report.imported, "duplicates": report.duplicates, "invalid": report.invalid.len()}).to_string())?;
@@ -696,13 +794,13 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
         }
         KeysCommand::Compact => {
             let c = keys.compact(now)?;
-            eprintln!(
+            say(Level::Info, &format!(
                 "compacted {}: kept {} keys ({} revoked past the retention kept as tombstones), dropped {} superseded versions",
                 settings.store.display(),
                 c.kept,
                 c.tombstoned,
                 c.dropped
-            );
+            ));
             Ok(())
         }
     }
@@ -710,13 +808,9 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
 
 fn warn_corrupt(corrupt: &[crate::store::Corrupt]) {
     for c in corrupt {
-        eprintln!("warning: store line {} skipped: {}", c.line, c.reason);
-    }
-}
-
-impl From<Failure> for ExitCode {
-    fn from(f: Failure) -> ExitCode {
-        eprintln!("keygate: error: {}", f.0);
-        ExitCode::FAILURE
+        say(
+            Level::Warn,
+            &format!("warning: store line {} skipped: {}", c.line, c.reason),
+        );
     }
 }

@@ -117,6 +117,7 @@ pub async fn handle(
         key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
         client_ip = %ctx.client_ip,
         latency_us = started.elapsed().as_micros() as u64,
+        "request",
     );
     Ok(resp)
 }
