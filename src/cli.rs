@@ -30,7 +30,7 @@ pub struct Cli {
         env = "KEYGATE_CONFIG"
     )]
     pub config: PathBuf,
-    /// Log format on stderr.
+    /// Log format on stderr: human text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -39,7 +39,9 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Text for people (colours only on a terminal, never with NO_COLOR).
     Human,
+    /// One JSON object per line, each with a message.
     Json,
 }
 
@@ -48,7 +50,29 @@ pub enum Command {
     /// Run the gateway.
     Serve,
     /// Validate the config and the release checklist; non-zero exit listing every problem.
-    Check,
+    Check {
+        /// Print one JSON object (config, ok, problems, notes) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when a running gateway's admin /readyz answers 200 (for container health checks).
+    Health {
+        /// Admin address to ask; default: [admin] listen from the config (a wildcard address
+        /// means this host's loopback).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up after this long, e.g. 2s.
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
+    /// Print a shell completion script, e.g. `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `keygate man > /usr/local/share/man/man1/keygate.1`.
+    Man,
     /// Start a demo upstream, a demo key store and the gateway, and print curl lines to try.
     Demo {
         /// Directory for the demo's config, store and logs.
@@ -75,11 +99,13 @@ pub enum Command {
 pub enum AdminTokenCommand {
     /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
     Create {
+        /// What the token may do: read, write (read + changes) or feed (gateways).
         #[arg(long, value_enum)]
         role: crate::control::tokens::Role,
         /// A note on who holds it (e.g. the gateway or CI job).
         #[arg(long)]
         name: Option<String>,
+        /// Print one JSON object (id, role, token) instead of the bare token.
         #[arg(long)]
         json: bool,
     },
@@ -164,10 +190,13 @@ pub struct GrantArgs {
 pub enum KeysCommand {
     /// Mint a key; the plaintext is printed once.
     Create {
+        /// Human-readable name, e.g. the service that holds the key.
         #[arg(long)]
         name: String,
+        /// Team or person responsible for the key (required by the default policy).
         #[arg(long, default_value = "")]
         owner: String,
+        /// Environment: live or test (a prefix of the key; routes may require one).
         #[arg(long, default_value = "live")]
         env: String,
         #[command(flatten)]
@@ -175,31 +204,41 @@ pub enum KeysCommand {
         /// A key that is always rejected and raises an alarm when used.
         #[arg(long)]
         canary: bool,
+        /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
     },
     /// List keys.
     List {
+        /// Only keys of this owner.
         #[arg(long)]
         owner: Option<String>,
+        /// Only keys of this environment.
         #[arg(long)]
         env: Option<String>,
+        /// Only keys in this state.
         #[arg(long, value_enum)]
         state: Option<KeyState>,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show one key.
     Show {
+        /// Key id (key_…).
         id: String,
+        /// Print a JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Change a key's grants or metadata (given scopes/IPs/origins replace the current ones).
     Update {
+        /// Key id (key_…).
         id: String,
+        /// New name.
         #[arg(long)]
         name: Option<String>,
+        /// Refused: the owner is fixed at creation (kept for a clear error).
         #[arg(long)]
         owner: Option<String>,
         #[command(flatten)]
@@ -207,67 +246,89 @@ pub enum KeysCommand {
         /// Remove the expiry.
         #[arg(long, conflicts_with = "expires_in")]
         no_expiry: bool,
+        /// Print the updated record as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a key at once; or, with --owner/--env/--label and --yes, every matching key.
     Revoke {
+        /// Key id (key_…) to revoke.
         #[arg(required_unless_present_any = ["owner", "env", "label"])]
         id: Option<String>,
+        /// Why, for the audit log (e.g. leaked).
         #[arg(long)]
         reason: Option<String>,
+        /// Mass revoke: every key of this owner (needs --yes).
         #[arg(long, conflicts_with = "id")]
         owner: Option<String>,
+        /// Mass revoke: every key of this environment (needs --yes).
         #[arg(long, conflicts_with = "id")]
         env: Option<String>,
+        /// Mass revoke: every key with this label k=v (needs --yes).
         #[arg(long, conflicts_with = "id")]
         label: Option<String>,
         /// Confirm a mass revoke.
         #[arg(long)]
         yes: bool,
+        /// Print the revoked record(s) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// New key with the same grants; the old one keeps working for the grace period.
     Rotate {
+        /// Key id (key_…) to rotate.
         id: String,
         /// How long the old key keeps working, e.g. 48h (default: keys.rotate_grace).
         #[arg(long)]
         grace: Option<String>,
+        /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
     },
     /// Keys whose expiry falls within a window.
     Expiring {
+        /// Window from now, e.g. 14d.
         #[arg(long, default_value = "14d")]
         within: String,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Active keys not used for a while (last use from the usage file the gateway flushes).
     Stale {
+        /// Not used for at least this long, e.g. 90d.
         #[arg(long, default_value = "90d")]
         unused: String,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Store digests of keys issued elsewhere (one key or JSON object per line).
     Import {
+        /// File of keys: one plaintext key or JSON object per line (only digests are stored).
         #[arg(long)]
         file: PathBuf,
+        /// Owner for lines that name none.
         #[arg(long, default_value = "")]
         owner: String,
+        /// Environment for lines that name none.
         #[arg(long, default_value = "live")]
         env: String,
+        /// Name for lines that name none.
         #[arg(long, default_value = "imported")]
         name: String,
         #[command(flatten)]
         grants: GrantArgs,
+        /// Print the import counts as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Rewrite the store keeping the latest version of each key.
-    Compact,
+    Compact {
+        /// Print the compaction counts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How a command failed.
@@ -792,7 +853,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        KeysCommand::Compact => {
+        KeysCommand::Compact { json } => {
             let c = keys.compact(now)?;
             say(Level::Info, &format!(
                 "compacted {}: kept {} keys ({} revoked past the retention kept as tombstones), dropped {} superseded versions",
@@ -801,6 +862,9 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 c.tombstoned,
                 c.dropped
             ));
+            if json {
+                out(&serde_json::json!({"store": settings.store, "kept": c.kept, "tombstoned": c.tombstoned, "dropped": c.dropped}).to_string())?;
+            }
             Ok(())
         }
     }
@@ -812,5 +876,47 @@ fn warn_corrupt(corrupt: &[crate::store::Corrupt]) {
             Level::Warn,
             &format!("warning: store line {} skipped: {}", c.line, c.reason),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument and every command says what it is for (`--help`, completions and the
+    /// man page all come from these strings).
+    #[test]
+    fn every_argument_and_command_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub
+                    .get_about()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "keygate", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+        // The walk sees the tree (a walk of nothing would pass).
+        assert!(cmd
+            .find_subcommand("keys")
+            .is_some_and(|k| k.get_subcommands().count() >= 10));
     }
 }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod extract;
 pub mod forward;
 pub mod gateway;
+pub mod health;
 pub mod hygiene;
 pub mod keys;
 pub mod limit;

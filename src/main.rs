@@ -1,6 +1,6 @@
 //! The `keygate` binary: parse arguments, set up logging, hand over to the library.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use keygate::cli::{say, Cli, Command, Failure, Level, LogFormat};
 use keygate::config::Config;
 use std::io::IsTerminal;
@@ -76,23 +76,65 @@ fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(|e| Failure::Error(e.to_string())),
         Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
         Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
-        Command::Check => {
-            let (problems, notes) = keygate::check::check(&cli.config);
-            for n in &notes {
-                say(Level::Info, &format!("note: {n}"));
-            }
-            if problems.is_empty() {
-                keygate::cli::out(&format!("{}: ok", cli.config.display()))
-            } else {
-                for p in &problems {
-                    say(Level::Error, &format!("problem: {p}"));
-                }
-                Err(Failure::Error(format!(
-                    "{} problem(s) in {}",
-                    problems.len(),
-                    cli.config.display()
-                )))
-            }
+        Command::Check { json } => check(&cli.config, json),
+        Command::Health { addr, timeout } => health(&cli.config, addr, &timeout),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "keygate", &mut script);
+            keygate::cli::out(String::from_utf8_lossy(&script).trim_end())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            keygate::cli::out(String::from_utf8_lossy(&page).trim_end())
         }
     }
+}
+
+/// `keygate check`: notes and problems on stderr (or one JSON object on stdout with `--json`);
+/// non-zero exit when there are problems.
+fn check(config: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let (problems, notes) = keygate::check::check(config);
+    if json {
+        keygate::cli::out(
+            &serde_json::json!({
+                "config": config,
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "notes": notes,
+            })
+            .to_string(),
+        )?;
+    } else {
+        for n in &notes {
+            say(Level::Info, &format!("note: {n}"));
+        }
+        for p in &problems {
+            say(Level::Error, &format!("problem: {p}"));
+        }
+        if problems.is_empty() {
+            keygate::cli::out(&format!("{}: ok", config.display()))?;
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Error(format!(
+            "{} problem(s) in {}",
+            problems.len(),
+            config.display()
+        )))
+    }
+}
+
+/// `keygate health`: the admin address from `--addr` or the config, then one `/readyz`.
+fn health(config: &std::path::Path, addr: Option<String>, timeout: &str) -> Result<(), Failure> {
+    let timeout = keygate::config::parse_duration(timeout).map_err(Failure::Error)?;
+    let listen = match addr {
+        Some(a) => a,
+        None => Config::load(config)?.admin.listen,
+    };
+    let target = keygate::health::target(&listen)?;
+    let body = keygate::health::check(target, timeout)?;
+    keygate::cli::out(&body)
 }

@@ -624,6 +624,9 @@ async fn errors_503_without_a_store_directory_then_recovers() {
     .unwrap();
     let gw = Gateway::spawn(&s.config, SECRET_ENV).await;
     assert!(!s.path("state").exists());
+    let health = cli(&s.config, &["health", "--addr", &gw.admin.to_string()], &[]);
+    assert!(!health.status.success(), "{health:?}");
+    assert!(stderr_str(&health).contains("not ready (503)"), "{health:?}");
     // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
     assert_eq!(readyz(&gw).await, 503);
     let r = get(
@@ -686,6 +689,44 @@ async fn empty_store_is_a_valid_table_and_an_unreadable_one_fails_closed() {
         .err()
         .expect("an unreadable store must not start");
     assert!(err.contains("keys.jsonl: Is a directory"), "{err}");
+}
+
+/// `keygate health` (the Docker HEALTHCHECK): exit 0 while `/readyz` is 200, non-zero when
+/// the gateway is not ready or not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_command_follows_readyz() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let health = |addr: String| {
+        let config = s.config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                cli(
+                    &config,
+                    &["health", "--addr", &addr, "--timeout", "2s"],
+                    &[],
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let mut gw = s.serve().await;
+    let ok = health(gw.admin.to_string()).await;
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(stdout_str(&ok).starts_with("ready"), "{ok:?}");
+    // The address from the config: port 0 there, so this one cannot answer.
+    let from_config = cli(&s.config, &["health", "--timeout", "1s"], &[]);
+    assert!(!from_config.status.success(), "{from_config:?}");
+    let wildcard = health(format!("0.0.0.0:{}", gw.admin.port())).await;
+    assert!(
+        wildcard.status.success(),
+        "wildcard means loopback: {wildcard:?}"
+    );
+    gw.sigterm();
+    gw.wait_exit(POLL).await;
+    let gone = health(gw.admin.to_string()).await;
+    assert!(!gone.status.success(), "{gone:?}");
+    assert!(stderr_str(&gone).contains("cannot reach"), "{gone:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
