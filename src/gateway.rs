@@ -31,6 +31,8 @@ pub struct Gateway {
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
     boot_id: u32,
+    /// New W3C trace and span ids (no syscall per request).
+    pub trace_ids: crate::trace::IdSource,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -96,6 +98,7 @@ impl Gateway {
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
+            trace_ids: crate::trace::IdSource::new(),
             denied_keys: Default::default(),
         })
     }

@@ -40,4 +40,5 @@ pub mod snapshot;
 pub mod store;
 pub mod sync;
 pub mod tls;
+pub mod trace;
 pub mod usage;

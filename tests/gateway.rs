@@ -212,7 +212,8 @@ fn raw_request(
     bytes
 }
 
-/// One raw GET; the first response's bytes with the `date` and `x-request-id` lines removed.
+/// One raw GET; the first response's bytes with the `date` and `x-request-id` lines removed and
+/// the body's `trace_id` (random per request, 32 hex digits) zeroed.
 async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
     let out = raw_exchange_n(
         gw.http,
@@ -240,7 +241,15 @@ async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) 
         .collect::<Vec<_>>()
         .join("\r\n")
         .into_bytes();
-    norm.extend_from_slice(&resps[0].body);
+    let mut body = resps[0].body.clone();
+    let field = b"\"trace_id\":\"";
+    if let Some(at) = body.windows(field.len()).position(|w| w == field) {
+        let start = at + field.len();
+        let id = body.get_mut(start..start + 32).expect("32-digit trace id");
+        assert!(id.iter().all(u8::is_ascii_hexdigit), "trace id is hex");
+        id.fill(b'0');
+    }
+    norm.extend_from_slice(&body);
     (status, norm)
 }
 
@@ -626,7 +635,10 @@ async fn errors_503_without_a_store_directory_then_recovers() {
     assert!(!s.path("state").exists());
     let health = cli(&s.config, &["health", "--addr", &gw.admin.to_string()], &[]);
     assert!(!health.status.success(), "{health:?}");
-    assert!(stderr_str(&health).contains("not ready (503)"), "{health:?}");
+    assert!(
+        stderr_str(&health).contains("not ready (503)"),
+        "{health:?}"
+    );
     // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
     assert_eq!(readyz(&gw).await, 503);
     let r = get(
@@ -827,6 +839,7 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
         [
             "accept",
             "host",
+            "traceparent",
             "x-forwarded-for",
             "x-forwarded-host",
             "x-forwarded-proto",
@@ -875,6 +888,92 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
         }
     }
     gw.assert_not_logged(&k.key);
+}
+
+/// W3C trace context: a valid client `traceparent` is continued (same trace, keygate's span as
+/// the upstream's parent, `tracestate` kept); an absent or invalid one starts a new trace (and
+/// drops the orphaned `tracestate`). The trace id is in the access line and in error bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_continued_or_started_and_forwarded() {
+    const CLIENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = spawn_ready(
+        &s.config,
+        &[("KEYGATE_LOG", "info,keygate::access=info")],
+        POLL,
+    )
+    .await;
+    let auth = bearer(&k.key);
+    let with = |extra: &'static [(&'static str, &'static str)]| {
+        let mut h = vec![("host", HOST), ("authorization", auth.as_str())];
+        h.extend_from_slice(extra);
+        h
+    };
+    // Parse a forwarded traceparent into (trace id, parent id, flags).
+    let fields = |v: &str| -> (String, String, String) {
+        let p: Vec<&str> = v.split('-').collect();
+        assert_eq!((p.len(), p[0], v.len()), (4, "00", 55), "{v}");
+        (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+    };
+
+    // Continued.
+    let h = with(&[("traceparent", CLIENT), ("tracestate", "vendor=a")]);
+    assert_eq!(get(gw.http, "/invoices/1", &h).await.0, 200);
+    let up = s.up.last().unwrap();
+    let (trace, parent, flags) = fields(&up.header("traceparent").unwrap());
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_ne!(
+        parent, "00f067aa0ba902b7",
+        "keygate's own span is the parent"
+    );
+    assert_eq!(up.header("tracestate").as_deref(), Some("vendor=a"));
+
+    // Started: absent, then malformed (uppercase hex is invalid), each a new trace.
+    let mut seen = Vec::new();
+    for extra in [
+        &[][..],
+        &[
+            (
+                "traceparent",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=a"),
+        ][..],
+    ] {
+        assert_eq!(get(gw.http, "/invoices/1", &with(extra)).await.0, 200);
+        let up = s.up.last().unwrap();
+        let (trace, _, flags) = fields(&up.header("traceparent").unwrap());
+        assert_ne!(trace, TRACE.to_lowercase());
+        assert_eq!(flags, "00", "keygate records nothing: not sampled");
+        assert!(
+            up.header("tracestate").is_none(),
+            "orphaned tracestate dropped"
+        );
+        assert_eq!(up.header_all("traceparent").len(), 1);
+        seen.push(trace);
+    }
+    assert_ne!(seen[0], seen[1]);
+
+    // Errors carry the trace id in the problem body; the access line has it too.
+    let r = get(
+        gw.http,
+        "/invoices/1",
+        &[("host", HOST), ("traceparent", CLIENT)],
+    )
+    .await;
+    assert_problem(&r, 401, "missing_api_key");
+    assert_eq!(json(&r.2)["trace_id"], TRACE);
+    let r = get_key(&gw, "/invoices/1", "kg_live_x").await;
+    let started = json(&r.2)["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(started.len(), 32);
+    eventually_named("trace ids in access lines", POLL, || async {
+        let log = gw.stderr_contents();
+        (log.contains(&format!("trace_id={TRACE}")) && log.contains(&format!("trace_id={started}")))
+            .then_some(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
