@@ -55,6 +55,8 @@ KNOWN = {
     "keygate_tls_certificate_expiry_timestamp_seconds",
     "keygate_redis_up", "keygate_redis_command_seconds",
     "keygate_limiter_fallback_total", "keygate_rate_limit_shadowed_total",
+    "keygate_audit_events_dropped_total", "keygate_connections_rejected_total",
+    "keygate_build_info", "keygate_table_last_sync_timestamp_seconds",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
         "keygate_propagation_seconds", "keygate_redis_command_seconds")
@@ -104,6 +106,7 @@ for p in d["panels"]:
         rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": concrete})
 
 alerts = yaml.safe_load(open(alerts_path))
+readme = open("README.md").read()
 for g in alerts["groups"]:
     for r in g["rules"]:
         for m, base in metric_names(r["expr"]):
@@ -112,9 +115,15 @@ for g in alerts["groups"]:
         if "alert" in r:
             if r.get("labels", {}).get("severity") not in ("page", "warning"):
                 errors.append(f"alert {r['alert']}: severity must be page or warning")
-            for a in ("summary", "description", "runbook"):
+            for a in ("summary", "description", "runbook_url"):
                 if a not in r.get("annotations", {}):
                     errors.append(f"alert {r['alert']}: missing annotation {a}")
+            # Every runbook link lands on its own section of deploy/README.md.
+            want = f"deploy/README.md#{r['alert'].lower()}"
+            if r.get("annotations", {}).get("runbook_url") != want:
+                errors.append(f"alert {r['alert']}: runbook_url must be {want}")
+            if f"\n### {r['alert']}\n" not in readme:
+                errors.append(f"alert {r['alert']}: no '### {r['alert']}' section in deploy/README.md")
 
 yaml.safe_dump({"groups": [{"name": "dashboard_queries", "rules": rules}]},
                open(out_path, "w"), sort_keys=False)

@@ -97,6 +97,7 @@ pub fn refresh_gauges(gw: &Gateway) {
     m.table_revision.set(table.revision() as i64);
     m.table_sync_age
         .set(gw.sync_age().map_or(-1.0, |a| a.as_secs_f64()));
+    m.table_last_sync.set(gw.last_sync_ms() as f64 / 1000.0);
     m.buckets
         .set((gw.limiter.buckets.len() + gw.limiter.fleet().map_or(0, |f| f.len())) as i64);
     m.auth_failure_clients.set(gw.failures.tracked() as i64);

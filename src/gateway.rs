@@ -138,6 +138,11 @@ impl Gateway {
         self.last_sync_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Unix ms of the last successful sync; 0 before the first.
+    pub fn last_sync_ms(&self) -> i64 {
+        self.last_sync_ms.load(Ordering::Relaxed).max(0)
+    }
+
     pub fn sync_age(&self) -> Option<Duration> {
         let last = self.last_sync_ms.load(Ordering::Relaxed);
         (last > 0).then(|| Duration::from_millis((unix_ms() - last).max(0) as u64))
