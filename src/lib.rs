@@ -39,6 +39,7 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
+pub mod systemd;
 pub mod tls;
 pub mod trace;
 pub mod usage;

@@ -144,6 +144,10 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
     );
     tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
+    crate::systemd::tell("READY=1");
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        tokio::spawn(crate::systemd::watchdog(every));
+    }
     let mut signals = Signals::install();
     signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
@@ -745,6 +749,7 @@ impl Signals {
 /// ends the delay early.
 async fn lame_duck(gw: &Gateway, signals: &mut Signals) {
     gw.begin_stopping();
+    crate::systemd::tell("STOPPING=1");
     let delay = Duration::from_millis(gw.snapshot().server.shutdown_delay_ms);
     if delay.is_zero() {
         return;

@@ -1439,6 +1439,56 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
     );
 }
 
+/// `Type=notify` under systemd: READY=1 once listening, WATCHDOG=1 at half of WATCHDOG_USEC,
+/// STOPPING=1 at SIGTERM; both socket forms systemd uses (a path, `@abstract`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_watchdog_and_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let abstract_name = format!("keygate-test-{}", std::process::id());
+    for (socket, env) in [
+        (
+            UnixDatagram::bind(s.path("notify.sock")).unwrap(),
+            s.path("notify.sock").display().to_string(),
+        ),
+        (
+            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+            format!("@{abstract_name}"),
+        ),
+    ] {
+        socket.set_nonblocking(true).unwrap();
+        let socket = tokio::net::UnixDatagram::from_std(socket).unwrap();
+        let mut gw = Gateway::spawn(
+            &s.config,
+            &[
+                (SECRET_VAR, SECRET),
+                ("NOTIFY_SOCKET", &env),
+                ("WATCHDOG_USEC", "200000"),
+            ],
+        )
+        .await;
+        let next = || async {
+            let mut buf = [0u8; 256];
+            let n = within("notification", POLL, socket.recv(&mut buf))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(next().await, "READY=1", "{env}");
+        assert_eq!(next().await, "WATCHDOG=1");
+        assert_eq!(next().await, "WATCHDOG=1");
+        gw.sigterm();
+        let mut seen = next().await;
+        while seen == "WATCHDOG=1" {
+            seen = next().await;
+        }
+        assert_eq!(seen, "STOPPING=1");
+        assert!(gw.wait_exit(POLL).await.success());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. README quickstart: `keygate demo`
 // ---------------------------------------------------------------------------------------------
