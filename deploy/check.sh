@@ -4,6 +4,7 @@
 #   - Grafana dashboard: JSON parses, structure, every query is valid PromQL,
 #     only known keygate metric names are used (dashboard and alerts)
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
+#   - every kustomize overlay renders and passes kubernetes-validate --strict
 #   - systemd unit: systemd-analyze verify against the built binary (required)
 set -euo pipefail
 
@@ -134,12 +135,38 @@ print(f"  OK: {len(ids) - len(rows)} panels in {len(rows)} rows, {len(rules)} qu
 PY
 promtool check rules "$tmp/dashboard_exprs.yaml" | sed 's#'"$tmp"'/##'
 
-step "YAML parses (kubernetes/*.yaml, prometheus/*.yaml)"
-for f in kubernetes/*.yaml prometheus/*.yaml; do
+step "YAML parses (kubernetes/base/*.yaml, kubernetes/overlays/*/*.yaml, prometheus/*.yaml)"
+for f in kubernetes/base/*.yaml kubernetes/overlays/*/*.yaml prometheus/*.yaml; do
   python3 -c 'import yaml,sys; docs=[d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]; assert docs, "empty"; print("  OK  %-32s %s" % (sys.argv[1], ", ".join(d.get("kind", "rules") for d in docs)))' "$f"
 done
 
-step "keygate.toml embedded in kubernetes/configmap.yaml parses"
+step "kustomize overlays render and pass kubernetes-validate --strict"
+# Missing tools fail the check; .ci/run installs them (kubernetes-validate in a venv under
+# target/ci-tools, kustomize through `go install` when there is no kubectl).
+if command -v kubectl >/dev/null 2>&1; then
+  render() { kubectl kustomize "$1"; }
+elif command -v kustomize >/dev/null 2>&1; then
+  render() { kustomize build "$1"; }
+else
+  echo "  ERROR: neither kubectl nor kustomize is installed (.ci/run installs kustomize)" >&2
+  exit 1
+fi
+kv="${KUBERNETES_VALIDATE:-}"
+if [ -z "$kv" ]; then
+  kv="$(command -v kubernetes-validate || echo "$(cd .. && pwd)/target/ci-tools/kv/bin/kubernetes-validate")"
+fi
+if [ ! -x "$kv" ]; then
+  echo "  ERROR: kubernetes-validate is not installed (pip install kubernetes-validate; .ci/run does)" >&2
+  exit 1
+fi
+for overlay in kubernetes/overlays/*/; do
+  name="$(basename "$overlay")"
+  render "$overlay" > "$tmp/overlay-$name.yaml"
+  "$kv" --strict --quiet "$tmp/overlay-$name.yaml"
+  echo "  OK  overlays/$name: $(grep -c '^kind:' "$tmp/overlay-$name.yaml") resources"
+done
+
+step "keygate.toml embedded in kubernetes/base/configmap.yaml parses"
 python3 - <<'PY'
 import sys, yaml
 try:
@@ -147,7 +174,7 @@ try:
 except ModuleNotFoundError:
     print("  skipped (python < 3.11, no tomllib)")
     sys.exit(0)
-cfg = tomllib.loads(yaml.safe_load(open("kubernetes/configmap.yaml"))["data"]["keygate.toml"])
+cfg = tomllib.loads(yaml.safe_load(open("kubernetes/base/configmap.yaml"))["data"]["keygate.toml"])
 assert cfg["server"]["listen"] == "0.0.0.0:8080", cfg["server"]
 assert cfg["admin"]["listen"] == "0.0.0.0:9090", cfg["admin"]
 print("  OK")

@@ -23,7 +23,7 @@ fn validate(text: &str, name: &str) {
 fn shipped_configs_validate() {
     validate(Config::EXAMPLE, "config/keygate.toml");
     let cm = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/configmap.yaml"),
     )
     .unwrap();
     let start = cm
@@ -37,7 +37,7 @@ fn shipped_configs_validate() {
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n");
-    validate(&toml, "deploy/kubernetes/configmap.yaml");
+    validate(&toml, "deploy/kubernetes/base/configmap.yaml");
 }
 
 /// The image's version label follows the crate version.
