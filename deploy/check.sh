@@ -4,7 +4,8 @@
 #   - Grafana dashboard: JSON parses, structure, every query is valid PromQL,
 #     only known keygate metric names are used (dashboard and alerts)
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
-#   - systemd unit: systemd-analyze verify (informational, if available)
+#   - every kustomize overlay renders and passes kubernetes-validate --strict
+#   - systemd unit: systemd-analyze verify against the built binary (required)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -55,6 +56,8 @@ KNOWN = {
     "keygate_tls_certificate_expiry_timestamp_seconds",
     "keygate_redis_up", "keygate_redis_command_seconds",
     "keygate_limiter_fallback_total", "keygate_rate_limit_shadowed_total",
+    "keygate_audit_events_dropped_total", "keygate_connections_rejected_total",
+    "keygate_build_info", "keygate_table_last_sync_timestamp_seconds",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
         "keygate_propagation_seconds", "keygate_redis_command_seconds")
@@ -104,6 +107,7 @@ for p in d["panels"]:
         rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": concrete})
 
 alerts = yaml.safe_load(open(alerts_path))
+readme = open("README.md").read()
 for g in alerts["groups"]:
     for r in g["rules"]:
         for m, base in metric_names(r["expr"]):
@@ -112,9 +116,15 @@ for g in alerts["groups"]:
         if "alert" in r:
             if r.get("labels", {}).get("severity") not in ("page", "warning"):
                 errors.append(f"alert {r['alert']}: severity must be page or warning")
-            for a in ("summary", "description", "runbook"):
+            for a in ("summary", "description", "runbook_url"):
                 if a not in r.get("annotations", {}):
                     errors.append(f"alert {r['alert']}: missing annotation {a}")
+            # Every runbook link lands on its own section of deploy/README.md.
+            want = f"deploy/README.md#{r['alert'].lower()}"
+            if r.get("annotations", {}).get("runbook_url") != want:
+                errors.append(f"alert {r['alert']}: runbook_url must be {want}")
+            if f"\n### {r['alert']}\n" not in readme:
+                errors.append(f"alert {r['alert']}: no '### {r['alert']}' section in deploy/README.md")
 
 yaml.safe_dump({"groups": [{"name": "dashboard_queries", "rules": rules}]},
                open(out_path, "w"), sort_keys=False)
@@ -125,12 +135,38 @@ print(f"  OK: {len(ids) - len(rows)} panels in {len(rows)} rows, {len(rules)} qu
 PY
 promtool check rules "$tmp/dashboard_exprs.yaml" | sed 's#'"$tmp"'/##'
 
-step "YAML parses (kubernetes/*.yaml, prometheus/*.yaml)"
-for f in kubernetes/*.yaml prometheus/*.yaml; do
+step "YAML parses (kubernetes/base/*.yaml, kubernetes/overlays/*/*.yaml, prometheus/*.yaml)"
+for f in kubernetes/base/*.yaml kubernetes/overlays/*/*.yaml prometheus/*.yaml; do
   python3 -c 'import yaml,sys; docs=[d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]; assert docs, "empty"; print("  OK  %-32s %s" % (sys.argv[1], ", ".join(d.get("kind", "rules") for d in docs)))' "$f"
 done
 
-step "keygate.toml embedded in kubernetes/configmap.yaml parses"
+step "kustomize overlays render and pass kubernetes-validate --strict"
+# Missing tools fail the check; .ci/run installs them (kubernetes-validate in a venv under
+# target/ci-tools, kustomize through `go install` when there is no kubectl).
+if command -v kubectl >/dev/null 2>&1; then
+  render() { kubectl kustomize "$1"; }
+elif command -v kustomize >/dev/null 2>&1; then
+  render() { kustomize build "$1"; }
+else
+  echo "  ERROR: neither kubectl nor kustomize is installed (.ci/run installs kustomize)" >&2
+  exit 1
+fi
+kv="${KUBERNETES_VALIDATE:-}"
+if [ -z "$kv" ]; then
+  kv="$(command -v kubernetes-validate || echo "$(cd .. && pwd)/target/ci-tools/kv/bin/kubernetes-validate")"
+fi
+if [ ! -x "$kv" ]; then
+  echo "  ERROR: kubernetes-validate is not installed (pip install kubernetes-validate; .ci/run does)" >&2
+  exit 1
+fi
+for overlay in kubernetes/overlays/*/; do
+  name="$(basename "$overlay")"
+  render "$overlay" > "$tmp/overlay-$name.yaml"
+  "$kv" --strict --quiet "$tmp/overlay-$name.yaml"
+  echo "  OK  overlays/$name: $(grep -c '^kind:' "$tmp/overlay-$name.yaml") resources"
+done
+
+step "keygate.toml embedded in kubernetes/base/configmap.yaml parses"
 python3 - <<'PY'
 import sys, yaml
 try:
@@ -138,21 +174,24 @@ try:
 except ModuleNotFoundError:
     print("  skipped (python < 3.11, no tomllib)")
     sys.exit(0)
-cfg = tomllib.loads(yaml.safe_load(open("kubernetes/configmap.yaml"))["data"]["keygate.toml"])
+cfg = tomllib.loads(yaml.safe_load(open("kubernetes/base/configmap.yaml"))["data"]["keygate.toml"])
 assert cfg["server"]["listen"] == "0.0.0.0:8080", cfg["server"]
 assert cfg["admin"]["listen"] == "0.0.0.0:9090", cfg["admin"]
 print("  OK")
 PY
 
-if command -v systemd-analyze >/dev/null 2>&1; then
-  step "systemd-analyze verify systemd/keygate.service (informational)"
-  # Point the unit at an existing binary so only real unit problems show up.
-  sed 's#/usr/local/bin/keygate#/bin/true#g' systemd/keygate.service > "$tmp/keygate.service"
-  if systemd-analyze verify "$tmp/keygate.service"; then
-    echo "  OK"
-  else
-    echo "  WARNING: systemd-analyze verify reported problems (not fatal)"
-  fi
+step "systemd-analyze verify systemd/keygate.service (against the built binary)"
+# A missing tool fails the check (.ci/run installs the Debian package `systemd`).
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "  ERROR: systemd-analyze is not installed (apt-get install -y systemd)" >&2
+  exit 1
 fi
+bin="${KEYGATE_BIN:-$(cd .. && pwd)/target/debug/keygate}"
+if [ ! -x "$bin" ]; then
+  (cd .. && cargo build -q --bin keygate)
+fi
+sed "s#/usr/local/bin/keygate#$bin#g" systemd/keygate.service > "$tmp/keygate.service"
+systemd-analyze verify "$tmp/keygate.service"
+echo "  OK"
 
 step "all deploy checks passed"

@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz` (a key
-//! table is loaded and, in fail-closed mode, fresh). Separate from the data port and on
+//! table is loaded and, in fail-closed mode, fresh; 503 from SIGTERM on). Separate from the data port and on
 //! loopback by default, so metrics never leak to API clients (THREATS J2).
 
 use crate::gateway::Gateway;
@@ -39,7 +39,13 @@ pub async fn handle(
         "/healthz" => reply(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
             let snap = gw.snapshot();
-            if gw.ready(&snap) {
+            if gw.stopping() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    Bytes::from_static(b"not ready: shutting down\n"),
+                )
+            } else if gw.ready(&snap) {
                 reply(
                     StatusCode::OK,
                     "text/plain",
@@ -91,6 +97,7 @@ pub fn refresh_gauges(gw: &Gateway) {
     m.table_revision.set(table.revision() as i64);
     m.table_sync_age
         .set(gw.sync_age().map_or(-1.0, |a| a.as_secs_f64()));
+    m.table_last_sync.set(gw.last_sync_ms() as f64 / 1000.0);
     m.buckets
         .set((gw.limiter.buckets.len() + gw.limiter.fleet().map_or(0, |f| f.len())) as i64);
     m.auth_failure_clients.set(gw.failures.tracked() as i64);

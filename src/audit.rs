@@ -16,7 +16,8 @@ pub struct Event {
     /// RFC 3339, UTC.
     pub time: String,
     /// `key.created`, `key.updated`, `key.rotated`, `key.revoked`, `key.imported`,
-    /// `key.canary_used`, `table.applied`, `source.error`, `config.reloaded`, `auth.denied`.
+    /// `key.canary_used`, `table.applied`, `store.created`, `source.error`, `config.reloaded`,
+    /// `auth.denied`.
     pub event: &'static str,
     pub actor: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -60,9 +60,37 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
             notes.push(format!("admin listener {addr} is not loopback: make sure only Prometheus and your orchestrator reach it"));
         }
     }
-    let store = config.resolve(&config.keys.store);
-    if config.keys.source == "file" && !store.exists() {
-        problems.push(format!("key store {} does not exist yet: the gateway fails closed (503) until it does; create a key first", store.display()));
+    if config.keys.source == "file" {
+        check_store_path(
+            &config.resolve(&config.keys.store),
+            &mut problems,
+            &mut notes,
+        );
     }
     (problems, notes)
+}
+
+/// The gateway creates a missing store empty when its directory exists (a fresh install comes
+/// up Ready with zero keys) and fails closed when the directory is missing, so only that is a
+/// problem. Writability is not probed: `check` writes nothing, and the gateway logs a failed
+/// create loudly.
+fn check_store_path(store: &Path, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    if store.exists() {
+        return;
+    }
+    let dir = store
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.is_dir() {
+        notes.push(format!(
+            "key store {} does not exist yet: the gateway creates it empty at start (zero keys, ready)",
+            store.display()
+        ));
+    } else {
+        problems.push(format!(
+            "key store directory {} does not exist: the gateway fails closed (503) until it does (volume not mounted?)",
+            dir.display()
+        ));
+    }
 }

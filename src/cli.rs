@@ -30,7 +30,7 @@ pub struct Cli {
         env = "KEYGATE_CONFIG"
     )]
     pub config: PathBuf,
-    /// Log format on stderr.
+    /// Log format on stderr: human text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -39,7 +39,9 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Text for people (colours only on a terminal, never with NO_COLOR).
     Human,
+    /// One JSON object per line, each with a message.
     Json,
 }
 
@@ -48,7 +50,29 @@ pub enum Command {
     /// Run the gateway.
     Serve,
     /// Validate the config and the release checklist; non-zero exit listing every problem.
-    Check,
+    Check {
+        /// Print one JSON object (config, ok, problems, notes) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when a running gateway's admin /readyz answers 200 (for container health checks).
+    Health {
+        /// Admin address to ask; default: [admin] listen from the config (a wildcard address
+        /// means this host's loopback).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up after this long, e.g. 2s.
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
+    /// Print a shell completion script, e.g. `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `keygate man > /usr/local/share/man/man1/keygate.1`.
+    Man,
     /// Start a demo upstream, a demo key store and the gateway, and print curl lines to try.
     Demo {
         /// Directory for the demo's config, store and logs.
@@ -75,11 +99,13 @@ pub enum Command {
 pub enum AdminTokenCommand {
     /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
     Create {
+        /// What the token may do: read, write (read + changes) or feed (gateways).
         #[arg(long, value_enum)]
         role: crate::control::tokens::Role,
         /// A note on who holds it (e.g. the gateway or CI job).
         #[arg(long)]
         name: Option<String>,
+        /// Print one JSON object (id, role, token) instead of the bare token.
         #[arg(long)]
         json: bool,
     },
@@ -98,7 +124,7 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                 crate::clock::unix_secs(),
             )
             .map_err(|e| {
-                Failure(format!(
+                Failure::Error(format!(
                     "cannot write admin tokens to {}: {e}",
                     path.display()
                 ))
@@ -111,16 +137,21 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                 )
                 .with("token_id", minted.record.id.clone())
                 .with("role", role.as_str())])
-                .map_err(|e| Failure(format!("audit log {}: {e}", settings.audit_log.display())))?;
+                .map_err(|e| {
+                    Failure::Error(format!("audit log {}: {e}", settings.audit_log.display()))
+                })?;
             if json {
                 out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "token": minted.token}).to_string())?;
             } else {
                 out(&minted.token)?;
             }
-            eprintln!(
-                "created admin token {} (role {}); shown once",
-                minted.record.id,
-                role.as_str()
+            say(
+                Level::Info,
+                &format!(
+                    "created admin token {} (role {}); shown once",
+                    minted.record.id,
+                    role.as_str()
+                ),
             );
             Ok(())
         }
@@ -159,10 +190,13 @@ pub struct GrantArgs {
 pub enum KeysCommand {
     /// Mint a key; the plaintext is printed once.
     Create {
+        /// Human-readable name, e.g. the service that holds the key.
         #[arg(long)]
         name: String,
+        /// Team or person responsible for the key (required by the default policy).
         #[arg(long, default_value = "")]
         owner: String,
+        /// Environment: live or test (a prefix of the key; routes may require one).
         #[arg(long, default_value = "live")]
         env: String,
         #[command(flatten)]
@@ -170,31 +204,41 @@ pub enum KeysCommand {
         /// A key that is always rejected and raises an alarm when used.
         #[arg(long)]
         canary: bool,
+        /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
     },
     /// List keys.
     List {
+        /// Only keys of this owner.
         #[arg(long)]
         owner: Option<String>,
+        /// Only keys of this environment.
         #[arg(long)]
         env: Option<String>,
+        /// Only keys in this state.
         #[arg(long, value_enum)]
         state: Option<KeyState>,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show one key.
     Show {
+        /// Key id (key_…).
         id: String,
+        /// Print a JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Change a key's grants or metadata (given scopes/IPs/origins replace the current ones).
     Update {
+        /// Key id (key_…).
         id: String,
+        /// New name.
         #[arg(long)]
         name: Option<String>,
+        /// Refused: the owner is fixed at creation (kept for a clear error).
         #[arg(long)]
         owner: Option<String>,
         #[command(flatten)]
@@ -202,83 +246,181 @@ pub enum KeysCommand {
         /// Remove the expiry.
         #[arg(long, conflicts_with = "expires_in")]
         no_expiry: bool,
+        /// Print the updated record as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a key at once; or, with --owner/--env/--label and --yes, every matching key.
     Revoke {
+        /// Key id (key_…) to revoke.
         #[arg(required_unless_present_any = ["owner", "env", "label"])]
         id: Option<String>,
+        /// Why, for the audit log (e.g. leaked).
         #[arg(long)]
         reason: Option<String>,
+        /// Mass revoke: every key of this owner (needs --yes).
         #[arg(long, conflicts_with = "id")]
         owner: Option<String>,
+        /// Mass revoke: every key of this environment (needs --yes).
         #[arg(long, conflicts_with = "id")]
         env: Option<String>,
+        /// Mass revoke: every key with this label k=v (needs --yes).
         #[arg(long, conflicts_with = "id")]
         label: Option<String>,
         /// Confirm a mass revoke.
         #[arg(long)]
         yes: bool,
+        /// Print the revoked record(s) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// New key with the same grants; the old one keeps working for the grace period.
     Rotate {
+        /// Key id (key_…) to rotate.
         id: String,
         /// How long the old key keeps working, e.g. 48h (default: keys.rotate_grace).
         #[arg(long)]
         grace: Option<String>,
+        /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
     },
     /// Keys whose expiry falls within a window.
     Expiring {
+        /// Window from now, e.g. 14d.
         #[arg(long, default_value = "14d")]
         within: String,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Active keys not used for a while (last use from the usage file the gateway flushes).
     Stale {
+        /// Not used for at least this long, e.g. 90d.
         #[arg(long, default_value = "90d")]
         unused: String,
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Store digests of keys issued elsewhere (one key or JSON object per line).
     Import {
+        /// File of keys: one plaintext key or JSON object per line (only digests are stored).
         #[arg(long)]
         file: PathBuf,
+        /// Owner for lines that name none.
         #[arg(long, default_value = "")]
         owner: String,
+        /// Environment for lines that name none.
         #[arg(long, default_value = "live")]
         env: String,
+        /// Name for lines that name none.
         #[arg(long, default_value = "imported")]
         name: String,
         #[command(flatten)]
         grants: GrantArgs,
+        /// Print the import counts as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Rewrite the store keeping the latest version of each key.
-    Compact,
+    Compact {
+        /// Print the compaction counts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// A failed command: message for stderr, and the exit code.
+/// How a command failed.
 #[derive(Debug)]
-pub struct Failure(pub String);
+pub enum Failure {
+    /// A message for stderr; exit status 1.
+    Error(String),
+    /// Whoever reads our stdout went away (`keygate keys list | head -1`): not an error of
+    /// ours, so exit 0 quietly, as Unix tools do.
+    ClosedPipe,
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure(e.to_string())
+        Failure::Error(e.to_string())
     }
+}
+
+impl Failure {
+    /// A write to stdout failed: a closed pipe, or a real error.
+    pub fn stdout(e: std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Failure::ClosedPipe
+        } else {
+            Failure::Error(format!("stdout: {e}"))
+        }
+    }
+
+    /// Report on stderr and give the exit status.
+    pub fn exit(self) -> ExitCode {
+        match self {
+            Failure::ClosedPipe => ExitCode::SUCCESS,
+            Failure::Error(message) => {
+                say(Level::Error, &format!("keygate: error: {message}"));
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The stderr format of this process, set once by `main` from `--log-format`.
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+pub fn set_log_format(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
+}
+
+pub fn log_format() -> LogFormat {
+    LOG_FORMAT.get().copied().unwrap_or(LogFormat::Human)
+}
+
+/// Severity of a [`say`] line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Error => "ERROR",
+        }
+    }
+}
+
+/// One line for the operator on stderr (never on stdout: that is for keys and `--json`). Under
+/// `--log-format json` it is one JSON object shaped like the tracing lines (`timestamp`,
+/// `level`, `target`, `message`), so a pipeline that parses every line as JSON also gets
+/// the CLI's notes and the reason a process stopped.
+pub fn say(level: Level, text: &str) {
+    let line = match log_format() {
+        LogFormat::Human => text.to_owned(),
+        LogFormat::Json => serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": level.as_str(),
+            "target": "keygate",
+            "message": text,
+        })
+        .to_string(),
+    };
+    // Nothing more to do if stderr is gone too.
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn secs(s: &str) -> Result<i64, Failure> {
     parse_duration(s)
         .map(|d| d.as_secs() as i64)
-        .map_err(Failure)
+        .map_err(Failure::Error)
 }
 
 fn labels(raw: &[String]) -> Result<BTreeMap<String, String>, Failure> {
@@ -287,7 +429,7 @@ fn labels(raw: &[String]) -> Result<BTreeMap<String, String>, Failure> {
             l.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+                .ok_or_else(|| Failure::Error(format!("bad label {l:?}: use key=value")))
         })
         .collect()
 }
@@ -315,11 +457,12 @@ fn grants(
     })
 }
 
-fn out(line: &str) -> Result<(), Failure> {
+/// Every stdout line of the CLI goes through here, so a closed pipe is handled in one place.
+pub fn out(line: &str) -> Result<(), Failure> {
     let mut o = std::io::stdout().lock();
-    writeln!(o, "{line}")?;
-    o.flush()?;
-    Ok(())
+    writeln!(o, "{line}")
+        .and_then(|()| o.flush())
+        .map_err(Failure::stdout)
 }
 
 fn fmt_time(t: Option<i64>) -> String {
@@ -402,8 +545,11 @@ fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
     }) {
         Ok(u) => u,
         Err(e) => {
-            eprintln!(
-                "warning: cannot read usage from redis ({e}); showing this node's usage file"
+            say(
+                Level::Warn,
+                &format!(
+                    "warning: cannot read usage from redis ({e}); showing this node's usage file"
+                ),
             );
             crate::usage::read(&settings.usage_file)
         }
@@ -427,7 +573,10 @@ fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
             v["used"] = t.used.into();
             v["resets_in_seconds"] = t.reset.as_secs().into();
         }
-        Err(e) => eprintln!("warning: cannot read quota use from redis ({e})"),
+        Err(e) => say(
+            Level::Warn,
+            &format!("warning: cannot read quota use from redis ({e})"),
+        ),
     }
     Some(v)
 }
@@ -485,9 +634,12 @@ fn print_minted(
     } else {
         out(key)?;
     }
-    eprintln!(
+    say(
+        Level::Info,
+        &format!(
         "{verb} {} ({}, owner {:?}, env {}); the key above is shown once and cannot be recovered",
         record.id, record.name, record.owner, record.env
+    ),
     );
     Ok(())
 }
@@ -558,7 +710,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 labels: labels(&g.labels)?,
             };
             let r = keys.update(&id, &changes, now)?;
-            eprintln!("updated {}", r.id);
+            say(Level::Info, &format!("updated {}", r.id));
             let usage = load_usage(config, &settings, &[r.id.as_str()]);
             print_record(&r, &usage, None, now, json)
         }
@@ -569,7 +721,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             ..
         } => {
             let r = keys.revoke(&id, reason.as_deref(), now)?;
-            eprintln!("revoked {}", r.id);
+            say(Level::Info, &format!("revoked {}", r.id));
             if json {
                 print_record(&r, &Usage::new(), None, now, true)?;
             }
@@ -588,22 +740,22 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 .map(|l| {
                     l.split_once('=')
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| Failure(format!("bad label {l:?}: use key=value")))
+                        .ok_or_else(|| Failure::Error(format!("bad label {l:?}: use key=value")))
                 })
                 .transpose()?;
             if !yes {
-                return Err(Failure(
+                return Err(Failure::Error(
                     "mass revoke needs --yes: it revokes every matching key at once".into(),
                 ));
             }
             let done =
                 keys.revoke_matching(&Selector { owner, env, label }, reason.as_deref(), now)?;
-            eprintln!("revoked {} keys", done.revoked.len());
+            say(Level::Info, &format!("revoked {} keys", done.revoked.len()));
             if done.canaries_spared > 0 {
-                eprintln!(
+                say(Level::Info, &format!(
                     "left {} canary key(s) armed: revoking a canary disarms its alarm; revoke one by id if you mean it",
                     done.canaries_spared
-                );
+                ));
             }
             if json {
                 let ids: Vec<&str> = done.revoked.iter().map(|r| r.id.as_str()).collect();
@@ -624,7 +776,10 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
             // What is stored, which is earlier than now + grace when the key expired sooner.
             let until = m.replaced.as_ref().and_then(|old| old.expires_at);
-            eprintln!("{id} keeps working until {}", fmt_time(until));
+            say(
+                Level::Info,
+                &format!("{id} keeps working until {}", fmt_time(until)),
+            );
             Ok(())
         }
         KeysCommand::Expiring { within, json } => {
@@ -667,10 +822,11 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             json,
         } => {
             let text = std::fs::read_to_string(&file)
-                .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
+                .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
             let lines: Vec<String> = text.lines().map(str::to_owned).collect();
             let defaults = grants(name, owner, env, g, false)?;
-            let tty = std::io::stderr().is_terminal();
+            // A progress counter only for a human at a terminal (never inside JSON logs).
+            let tty = std::io::stderr().is_terminal() && log_format() == LogFormat::Human;
             let total = lines.len();
             let report = keys.import(&lines, &defaults, now, |i| {
                 if tty && (i % 1000 == 0 || i == total) {
@@ -681,28 +837,34 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
                 eprintln!();
             }
             for (line, why) in &report.invalid {
-                eprintln!("line {line}: {why}");
+                say(Level::Warn, &format!("line {line}: {why}"));
             }
-            eprintln!(
-                "imported {}, duplicates {}, invalid {}",
-                report.imported,
-                report.duplicates,
-                report.invalid.len()
+            say(
+                Level::Info,
+                &format!(
+                    "imported {}, duplicates {}, invalid {}",
+                    report.imported,
+                    report.duplicates,
+                    report.invalid.len()
+                ),
             );
             if json {
                 out(&serde_json::json!({"imported": report.imported, "duplicates": report.duplicates, "invalid": report.invalid.len()}).to_string())?;
             }
             Ok(())
         }
-        KeysCommand::Compact => {
+        KeysCommand::Compact { json } => {
             let c = keys.compact(now)?;
-            eprintln!(
+            say(Level::Info, &format!(
                 "compacted {}: kept {} keys ({} revoked past the retention kept as tombstones), dropped {} superseded versions",
                 settings.store.display(),
                 c.kept,
                 c.tombstoned,
                 c.dropped
-            );
+            ));
+            if json {
+                out(&serde_json::json!({"store": settings.store, "kept": c.kept, "tombstoned": c.tombstoned, "dropped": c.dropped}).to_string())?;
+            }
             Ok(())
         }
     }
@@ -710,13 +872,51 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
 
 fn warn_corrupt(corrupt: &[crate::store::Corrupt]) {
     for c in corrupt {
-        eprintln!("warning: store line {} skipped: {}", c.line, c.reason);
+        say(
+            Level::Warn,
+            &format!("warning: store line {} skipped: {}", c.line, c.reason),
+        );
     }
 }
 
-impl From<Failure> for ExitCode {
-    fn from(f: Failure) -> ExitCode {
-        eprintln!("keygate: error: {}", f.0);
-        ExitCode::FAILURE
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument and every command says what it is for (`--help`, completions and the
+    /// man page all come from these strings).
+    #[test]
+    fn every_argument_and_command_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub
+                    .get_about()
+                    .is_none_or(|h| h.to_string().trim().is_empty())
+                {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "keygate", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+        // The walk sees the tree (a walk of nothing would pass).
+        assert!(cmd
+            .find_subcommand("keys")
+            .is_some_and(|k| k.get_subcommands().count() >= 10));
     }
 }

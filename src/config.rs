@@ -209,6 +209,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub max_in_flight: usize,
+    /// Lame duck after SIGTERM: `/readyz` answers 503 at once while the listeners keep
+    /// accepting for this long, so load balancers stop routing here before anything is refused.
+    pub shutdown_delay_ms: u64,
     pub drain_timeout_ms: u64,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_header_list_bytes: u32,
@@ -233,6 +236,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             max_in_flight: 5_000,
+            shutdown_delay_ms: 5_000,
             drain_timeout_ms: 30_000,
             h2_max_concurrent_streams: 100,
             h2_max_header_list_bytes: 64 * 1024,

@@ -10,6 +10,7 @@ use crate::hygiene::HygieneError;
 use crate::keys::table::AuthError;
 use crate::limit::Verdict;
 use crate::path::PathError;
+use crate::trace::TraceId;
 use bytes::Bytes;
 use http::header::{
     HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
@@ -294,13 +295,17 @@ impl GatewayError {
 
     /// The problem+json response (RFC 9457). Built only from the closed code and status: no
     /// request data, no key, no internal detail ever reaches the body.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
+    /// The problem+json response. `trace_id` (the request's W3C trace) lets a caller's report
+    /// be found in the logs; it is random or the caller's own, so it tells nothing about why a
+    /// key failed (the 401s stay uniform apart from it).
+    pub fn to_response(&self, trace_id: &TraceId) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = format!(
-            r#"{{"type":"about:blank","title":"{}","status":{},"code":"{}"}}"#,
+            r#"{{"type":"about:blank","title":"{}","status":{},"code":"{}","trace_id":"{}"}}"#,
             self.title(),
             status.as_u16(),
-            self.code()
+            self.code(),
+            trace_id
         );
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
@@ -372,9 +377,9 @@ mod tests {
 
     #[test]
     fn invalid_keys_share_one_response() {
-        let a = GatewayError::KeyInvalid(AuthError::Unknown).to_response();
-        let b =
-            GatewayError::KeyInvalid(AuthError::Malformed(FormatError::BadChecksum)).to_response();
+        let a = GatewayError::KeyInvalid(AuthError::Unknown).to_response(&TraceId([7; 16]));
+        let b = GatewayError::KeyInvalid(AuthError::Malformed(FormatError::BadChecksum))
+            .to_response(&TraceId([7; 16]));
         assert_eq!(a.status(), 401);
         assert_eq!(a.headers(), b.headers());
         assert_eq!(format!("{:?}", a.body()), format!("{:?}", b.body()));
@@ -382,7 +387,7 @@ mod tests {
             a.headers()[WWW_AUTHENTICATE],
             r#"Bearer error="invalid_token""#
         );
-        let m = GatewayError::KeyMissing.to_response();
+        let m = GatewayError::KeyMissing.to_response(&TraceId([7; 16]));
         assert_eq!(m.headers()[WWW_AUTHENTICATE], "Bearer");
     }
 }

@@ -19,6 +19,8 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     table: ArcSwap<KeyTable>,
     loaded: AtomicBool,
+    /// Set on SIGTERM: `/readyz` fails while requests are still served (lame duck).
+    stopping: AtomicBool,
     last_sync_ms: AtomicI64,
     /// Rate limits and quotas: node-local buckets and, with `[redis]`, fleet-wide leases.
     pub limiter: Limiter,
@@ -29,6 +31,8 @@ pub struct Gateway {
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
     boot_id: u32,
+    /// New W3C trace and span ids (no syscall per request).
+    pub trace_ids: crate::trace::IdSource,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -84,6 +88,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             last_sync_ms: AtomicI64::new(0),
             limiter,
             failures,
@@ -93,6 +98,7 @@ impl Gateway {
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
+            trace_ids: crate::trace::IdSource::new(),
             denied_keys: Default::default(),
         })
     }
@@ -132,6 +138,11 @@ impl Gateway {
         self.last_sync_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Unix ms of the last successful sync; 0 before the first.
+    pub fn last_sync_ms(&self) -> i64 {
+        self.last_sync_ms.load(Ordering::Relaxed).max(0)
+    }
+
     pub fn sync_age(&self) -> Option<Duration> {
         let last = self.last_sync_ms.load(Ordering::Relaxed);
         (last > 0).then(|| Duration::from_millis((unix_ms() - last).max(0) as u64))
@@ -141,8 +152,18 @@ impl Gateway {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// Enter the lame-duck phase: readiness fails from now on, serving goes on.
+    pub fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// Ready to serve keyed traffic: a table is loaded and, when configured to fail closed,
-    /// it is not older than `max_staleness`.
+    /// it is not older than `max_staleness`. (Stopping is not part of it: a lame duck still
+    /// serves; only `/readyz` reports it.)
     pub fn ready(&self, snap: &Snapshot) -> bool {
         self.table_loaded()
             && (snap.on_stale == OnStale::Serve

@@ -1,17 +1,44 @@
 //! The `keygate` binary: parse arguments, set up logging, hand over to the library.
 
-use clap::Parser;
-use keygate::cli::{Cli, Command, Failure, LogFormat};
+use clap::{CommandFactory, Parser};
+use keygate::cli::{say, Cli, Command, Failure, Level, LogFormat};
 use keygate::config::Config;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    keygate::cli::set_log_format(cli.log_format);
     init_tracing(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => f.into(),
+        Err(f) => f.exit(),
     }
+}
+
+/// clap's own output (`--help`, `--version`, usage errors). A usage error under
+/// `--log-format json` is one JSON line like every other; the format is read from the raw
+/// arguments, since parsing is what failed.
+fn usage_error(e: clap::Error) -> ExitCode {
+    let json = std::env::args()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| (w[0] == "--log-format" && w[1] == "json") || w[1] == "--log-format=json");
+    if !json || !e.use_stderr() {
+        e.exit()
+    }
+    keygate::cli::set_log_format(LogFormat::Json);
+    say(Level::Error, e.render().to_string().trim_end());
+    ExitCode::from(2)
+}
+
+/// Colours only for a person at a terminal: journald, `kubectl logs` and files get plain text.
+/// `NO_COLOR` (any non-empty value, no-color.org) turns them off even there.
+fn use_ansi() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn init_tracing(format: LogFormat) {
@@ -23,8 +50,14 @@ fn init_tracing(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Human => builder.with_ansi(use_ansi()).init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_ansi(false).init();
+            // A panic's default report is plain multi-line text: as JSON, it stays one line.
+            std::panic::set_hook(Box::new(|info| {
+                say(Level::Error, &format!("panic: {info}"));
+            }));
+        }
     }
 }
 
@@ -40,27 +73,68 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve => Ok(runtime()?.block_on(keygate::server::serve(&cli.config))?),
         Command::Demo { dir, listen, admin } => runtime()?
             .block_on(keygate::demo::run(&dir, &listen, &admin))
-            .map_err(|e| Failure(e.to_string())),
+            .map_err(|e| Failure::Error(e.to_string())),
         Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
         Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
-        Command::Check => {
-            let (problems, notes) = keygate::check::check(&cli.config);
-            for n in &notes {
-                eprintln!("note: {n}");
-            }
-            if problems.is_empty() {
-                println!("{}: ok", cli.config.display());
-                Ok(())
-            } else {
-                for p in &problems {
-                    eprintln!("problem: {p}");
-                }
-                Err(Failure(format!(
-                    "{} problem(s) in {}",
-                    problems.len(),
-                    cli.config.display()
-                )))
-            }
+        Command::Check { json } => check(&cli.config, json),
+        Command::Health { addr, timeout } => health(&cli.config, addr, &timeout),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "keygate", &mut script);
+            keygate::cli::out(String::from_utf8_lossy(&script).trim_end())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            keygate::cli::out(String::from_utf8_lossy(&page).trim_end())
         }
     }
+}
+
+/// `keygate check`: notes and problems on stderr (or one JSON object on stdout with `--json`);
+/// non-zero exit when there are problems.
+fn check(config: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let (problems, notes) = keygate::check::check(config);
+    if json {
+        keygate::cli::out(
+            &serde_json::json!({
+                "config": config,
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "notes": notes,
+            })
+            .to_string(),
+        )?;
+    } else {
+        for n in &notes {
+            say(Level::Info, &format!("note: {n}"));
+        }
+        for p in &problems {
+            say(Level::Error, &format!("problem: {p}"));
+        }
+        if problems.is_empty() {
+            keygate::cli::out(&format!("{}: ok", config.display()))?;
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Error(format!(
+            "{} problem(s) in {}",
+            problems.len(),
+            config.display()
+        )))
+    }
+}
+
+/// `keygate health`: the admin address from `--addr` or the config, then one `/readyz`.
+fn health(config: &std::path::Path, addr: Option<String>, timeout: &str) -> Result<(), Failure> {
+    let timeout = keygate::config::parse_duration(timeout).map_err(Failure::Error)?;
+    let listen = match addr {
+        Some(a) => a,
+        None => Config::load(config)?.admin.listen,
+    };
+    let target = keygate::health::target(&listen)?;
+    let body = keygate::health::check(target, timeout)?;
+    keygate::cli::out(&body)
 }

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub keys: IntGaugeVec,
     pub table_revision: IntGauge,
     pub table_sync_age: Gauge,
+    /// When the table last synced, Unix seconds (0: never). Unlike the age, comparable
+    /// across nodes and usable with `time()` even when scrapes stop.
+    pub table_last_sync: Gauge,
     pub source_errors: IntCounterVec,
     pub propagation: Histogram,
     pub keys_expiring: IntGaugeVec,
@@ -139,6 +142,19 @@ fn histogram_vec(
     )
 }
 
+/// The standard `process_*` series (CPU seconds, resident and virtual memory, open and max
+/// file descriptors, threads, start time) from the prometheus crate's collector: the same
+/// names and semantics as every other exporter, and it reads `/proc` with the kernel's tick
+/// rate, which this crate (`unsafe_code = "forbid"`) cannot ask for itself.
+fn register_process(r: &Registry) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = r.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    )) {
+        tracing::error!(error = %e, "process metrics registration failed");
+    }
+}
+
 /// Collector constructors only fail on invalid names/labels, which are literals here and
 /// exercised by every test; this keeps construction panic-free without `expect`.
 fn unreachable_collector<T>(name: &str) -> T {
@@ -169,7 +185,8 @@ impl Metrics {
             keys: gauge_vec(&r, "keygate_keys", "Keys in the table by state and env.", &["state", "env"]),
             table_revision: gauge(&r, "keygate_table_revision", "Store revision this node enforces."),
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
-            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, io, feed).", &["kind"]),
+            table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
+            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, redis, io, feed).", &["kind"]),
             propagation: reg(
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
@@ -199,8 +216,21 @@ impl Metrics {
             requests,
             registry: r,
         };
+        // Which build is running, for dashboards and rollouts (value always 1).
+        gauge_vec(
+            &m.registry,
+            "keygate_build_info",
+            "The running keygate build (value 1).",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        register_process(&m.registry);
         // Export alarm counters from the start so `increase()` sees the first hit.
         m.canary_hits.inc_by(0);
+        for reason in ["global", "per_ip"] {
+            m.connections_rejected.with_label_values(&[reason]);
+        }
         for kind in [
             "corrupt_line",
             "rollback",
@@ -209,6 +239,7 @@ impl Metrics {
             "unsigned",
             "bad_mac",
             "cache",
+            "redis",
         ] {
             m.source_errors.with_label_values(&[kind]);
         }

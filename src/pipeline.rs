@@ -20,6 +20,7 @@ use crate::limit::Verdict;
 use crate::path;
 use crate::route::{canonical_host, RouteError};
 use crate::snapshot::{Route, Snapshot};
+use crate::trace::TraceContext;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -60,6 +61,7 @@ struct Ctx {
     client_ip: IpAddr,
     verdict: Option<Verdict>,
     cors_origin: Option<HeaderValue>,
+    trace: TraceContext,
 }
 
 pub async fn handle(
@@ -80,6 +82,7 @@ pub async fn handle(
         client_ip: conn.peer.ip(),
         verdict: None,
         cors_origin: None,
+        trace: gw.trace_ids.context(req.headers()),
     };
     let method = req.method().clone();
 
@@ -92,7 +95,10 @@ pub async fn handle(
         Ok(resp) => (Outcome::Ok, resp),
         Err(e) => {
             log_error(&e, &ctx, &request_id, &method);
-            (e.outcome(), e.to_response().map(Either::Right))
+            (
+                e.outcome(),
+                e.to_response(&ctx.trace.trace_id).map(Either::Right),
+            )
         }
     };
     let h = resp.headers_mut();
@@ -116,7 +122,9 @@ pub async fn handle(
         outcome = outcome.as_str(),
         key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
         client_ip = %ctx.client_ip,
+        trace_id = %ctx.trace.trace_id,
         latency_us = started.elapsed().as_micros() as u64,
+        "request",
     );
     Ok(resp)
 }
@@ -270,6 +278,7 @@ async fn pipeline(
         conn,
         ctx.client_ip,
     );
+    ctx.trace.set_upstream_headers(&mut parts.headers);
     let body = GuardedBody::new(
         body,
         route.max_body_bytes,
@@ -518,12 +527,13 @@ fn shadowed(gw: &Gateway, snap: &Snapshot, key: &KeyRecord) {
 fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Method) {
     let key_id = ctx.key.as_ref().map(|k| k.id.as_str()).unwrap_or("-");
     let rid = request_id.to_str().unwrap_or("-");
+    let trace_id = &ctx.trace.trace_id;
     match e.status().as_u16() {
         500.. => {
-            tracing::warn!(request_id = rid, %method, key_id, outcome = e.outcome().as_str(), error = %e, "request failed")
+            tracing::warn!(request_id = rid, %trace_id, %method, key_id, outcome = e.outcome().as_str(), error = %e, "request failed")
         }
         _ => {
-            tracing::debug!(request_id = rid, %method, key_id, outcome = e.outcome().as_str(), "request refused")
+            tracing::debug!(request_id = rid, %trace_id, %method, key_id, outcome = e.outcome().as_str(), "request refused")
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
 //! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
 //! and HTTP/2 on one listener with edge-safe limits, background upkeep (store follower,
-//! usage flush, bucket cleanup, denial summaries), SIGHUP reload and SIGTERM/SIGINT drain.
+//! usage flush, bucket cleanup, denial summaries), reload on SIGHUP and on a config file change
+//! (`reload`), and on SIGTERM/SIGINT a
+//! lame-duck delay (`/readyz` 503, still accepting) followed by the drain.
 
 use crate::admin;
 use crate::audit::Event;
@@ -9,6 +11,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn};
+use crate::reload::ConfigFile;
 use crate::snapshot::Snapshot;
 use dashmap::DashMap;
 use hyper::service::service_fn;
@@ -133,13 +136,21 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
 
 /// Run the gateway until SIGTERM/SIGINT. Prints one JSON line on stdout once listening.
 pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
+    let config_file = ConfigFile::new(config_path);
     let (gw, bound, shutdown) = start(config_path).await?;
+    tokio::spawn(crate::reload::watch(gw.clone(), config_file.clone()));
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
     );
     tracing::info!(http = %bound.http, https = ?bound.https, admin = %bound.admin, "keygate listening");
-    run_signals(gw.clone(), config_path.to_owned()).await;
+    crate::systemd::tell("READY=1");
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        tokio::spawn(crate::systemd::watchdog(every));
+    }
+    let mut signals = Signals::install();
+    signals.until_stop(&gw, &config_file).await;
+    lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
     // After the drain no request can spend a leased token: hand the rest back to the fleet.
     if let Some(f) = gw.limiter.fleet() {
@@ -684,52 +695,77 @@ pub async fn wait_for_stop() {
     }
 }
 
-/// Wait for SIGTERM/SIGINT; reload on SIGHUP meanwhile.
-async fn run_signals(gw: Arc<Gateway>, config_path: PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => reload(&gw, &config_path),
+/// The signals `serve` reacts to. `None` when they cannot be installed: the process then
+/// runs until killed, which is logged.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            _ => {
+                tracing::error!("cannot install signal handlers");
+                Signals(None)
+            }
+        }
+    }
+
+    /// Wait for SIGTERM/SIGINT; reload on SIGHUP meanwhile.
+    async fn until_stop(&mut self, gw: &Gateway, config: &ConfigFile) {
+        let Some((term, int, hup)) = &mut self.0 else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => config.reload(gw, "sighup"),
+            }
+        }
+    }
+
+    /// Wait for a second SIGTERM/SIGINT (an operator who wants it over now); forever when
+    /// there are no handlers.
+    async fn again(&mut self) {
+        match &mut self.0 {
+            Some((term, int, _)) => tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            },
+            None => std::future::pending().await,
         }
     }
 }
 
-/// Build a whole new snapshot from the config file and swap it in, or keep the old one.
-pub fn reload(gw: &Gateway, config_path: &Path) {
-    let built = Config::load(config_path).and_then(|c| Snapshot::build(c, &gw.metrics));
-    match built {
-        Ok(s) => {
-            let routes = s.routes.len();
-            gw.swap_snapshot(s);
-            gw.metrics.config_reloads.with_label_values(&["ok"]).inc();
-            tracing::info!(routes, "config reloaded");
-            gw.audit(
-                Event::new("config.reloaded", "gateway")
-                    .with("result", "ok")
-                    .with("routes", routes),
-            );
-        }
-        Err(e) => {
-            gw.metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            tracing::error!(error = %e, "config reload failed; keeping the running config");
-            gw.audit(
-                Event::new("config.reloaded", "gateway")
-                    .with("result", "error")
-                    .with("error", e.to_string()),
-            );
-        }
+/// The lame-duck phase between SIGTERM and the drain: `/readyz` turns 503 at once, so load
+/// balancers and Kubernetes endpoints stop sending new connections, while the listeners keep
+/// accepting and serving for `[server] shutdown_delay_ms` (traffic already on its way, and
+/// balancers that notice late, get answers instead of refused connections). A second signal
+/// ends the delay early.
+async fn lame_duck(gw: &Gateway, signals: &mut Signals) {
+    gw.begin_stopping();
+    crate::systemd::tell("STOPPING=1");
+    let delay = Duration::from_millis(gw.snapshot().server.shutdown_delay_ms);
+    if delay.is_zero() {
+        return;
+    }
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        "shutting down: readyz now 503, still accepting until the delay ends"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = signals.again() => tracing::info!("second stop signal: ending the shutdown delay"),
     }
 }

@@ -1706,6 +1706,95 @@ fn check_refuses_a_secret_version_in_use_without_a_secret() {
     assert!(r.stderr.contains("secret version 1"), "but says so: {r:?}");
 }
 
+/// A fresh install passes `check` (the gateway creates the missing store empty and comes up
+/// Ready); a missing store directory (a volume not mounted) is a problem, and `check` writes
+/// nothing either way.
+#[test]
+fn check_passes_a_fresh_install_and_refuses_a_missing_store_directory() {
+    let env =
+        Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    let r = env.keygate(&["check"]);
+    assert!(r.status.success(), "fresh install: {r:?}");
+    assert!(r.stderr.contains("creates it empty"), "{r:?}");
+    assert!(!env.store().exists(), "check must not write the store");
+
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        text.replace("store = \"keys.jsonl\"", "store = \"state/keys.jsonl\""),
+    )
+    .unwrap();
+    let r = env.keygate(&["check"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr.contains("directory") && r.stderr.contains("state"),
+        "{r:?}"
+    );
+}
+
+/// Completions and the man page come from the same clap definitions as `--help`.
+#[test]
+fn completions_and_man_page_are_generated() {
+    let env = Env::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let r = env.keygate(&["completions", shell]);
+        assert!(r.status.success(), "{shell}: {r:?}");
+        for word in ["keygate", "revoke", "log-format", "completions"] {
+            assert!(r.stdout.contains(word), "{shell} script lacks {word}");
+        }
+    }
+    // The bash script is valid bash.
+    let script = env.path("keygate.bash");
+    std::fs::write(&script, env.keygate(&["completions", "bash"]).stdout).unwrap();
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(syntax.status.success(), "{syntax:?}");
+    let r = env.keygate(&["completions", "tcsh"]);
+    assert!(!r.status.success(), "unknown shell accepted");
+
+    let man = env.keygate(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    assert!(
+        man.stdout.starts_with(".ie") || man.stdout.contains(".TH keygate"),
+        "{}",
+        man.stdout
+    );
+    assert!(man.stdout.contains("health") && man.stdout.contains("check"));
+}
+
+/// `check --json` and `keys compact --json` print one JSON object on stdout.
+#[test]
+fn check_and_compact_print_json() {
+    let env =
+        Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    env.create_id(&[]);
+    let r = env.keygate(&["check", "--json"]);
+    assert!(r.status.success(), "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["problems"].as_array().unwrap().is_empty());
+    assert!(v["notes"].is_array());
+
+    let broken = env.path("broken.toml");
+    std::fs::write(&broken, "[keys]\nstore = \"keys.jsonl\"\n").unwrap();
+    let mut c = env.keygate_command(&["check", "--json"]);
+    c.args(["--config", broken.to_str().unwrap()]);
+    let r = env.run_cmd(c, "check broken");
+    assert!(!r.status.success(), "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(!v["problems"].as_array().unwrap().is_empty(), "{v}");
+
+    let r = env.keygate(&["keys", "compact", "--json"]);
+    assert!(r.status.success(), "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["kept"], 1, "{v}");
+    assert!(v["dropped"].is_u64() && v["tombstoned"].is_u64(), "{v}");
+}
+
 /// Defect 8: with no `[policy]` the defaults are what config/keygate.toml documents: an owner
 /// is required and lifetimes are capped at 365 days.
 #[test]

@@ -212,7 +212,8 @@ fn raw_request(
     bytes
 }
 
-/// One raw GET; the first response's bytes with the `date` and `x-request-id` lines removed.
+/// One raw GET; the first response's bytes with the `date` and `x-request-id` lines removed and
+/// the body's `trace_id` (random per request, 32 hex digits) zeroed.
 async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
     let out = raw_exchange_n(
         gw.http,
@@ -240,7 +241,15 @@ async fn raw_get_normalised(gw: &Gateway, path: &str, headers: &[(&str, &str)]) 
         .collect::<Vec<_>>()
         .join("\r\n")
         .into_bytes();
-    norm.extend_from_slice(&resps[0].body);
+    let mut body = resps[0].body.clone();
+    let field = b"\"trace_id\":\"";
+    if let Some(at) = body.windows(field.len()).position(|w| w == field) {
+        let start = at + field.len();
+        let id = body.get_mut(start..start + 32).expect("32-digit trace id");
+        assert!(id.iter().all(u8::is_ascii_hexdigit), "trace id is hex");
+        id.fill(b'0');
+    }
+    norm.extend_from_slice(&body);
     (status, norm)
 }
 
@@ -613,10 +622,23 @@ async fn errors_429_auth_failure_budget_is_per_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errors_503_without_a_store_then_recovers() {
+async fn errors_503_without_a_store_directory_then_recovers() {
     let s = Setup::new(Mode::Echo, "", "").await;
-    assert!(!s.store().exists());
+    // A store whose directory is missing (a volume not mounted) is not created: fail closed.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("store = \"keys.jsonl\"", "store = \"state/keys.jsonl\""),
+    )
+    .unwrap();
     let gw = Gateway::spawn(&s.config, SECRET_ENV).await;
+    assert!(!s.path("state").exists());
+    let health = cli(&s.config, &["health", "--addr", &gw.admin.to_string()], &[]);
+    assert!(!health.status.success(), "{health:?}");
+    assert!(
+        stderr_str(&health).contains("not ready (503)"),
+        "{health:?}"
+    );
     // Fail closed: not ready, and every keyed request is a 503 (never allow-all).
     assert_eq!(readyz(&gw).await, 503);
     let r = get(
@@ -632,6 +654,91 @@ async fn errors_503_without_a_store_then_recovers() {
     let k = s.create(&[]);
     wait_ready(&gw, POLL).await;
     wait_status(&gw, "/invoices/1", &k.key, 200, "new key works").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_install_creates_the_missing_store_empty_and_is_ready() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    assert!(!s.store().exists());
+    let gw = s.serve().await;
+    // Ready with zero keys: a key is simply unknown (401), never a 503.
+    let r = get_key(&gw, "/invoices/1", "kg_live_x").await;
+    assert_problem(&r, 401, "invalid_api_key");
+    assert!(gw.stderr_contents().contains("created it empty"));
+    eventually_named("store.created audited", POLL, || async {
+        (audit_events(&s, "store.created").len() == 1).then_some(())
+    })
+    .await;
+    // It is a signed log like any other: the CLI appends to it and the gateway follows.
+    let head = std::fs::read_to_string(s.store()).unwrap();
+    assert!(head.starts_with("{\"header\":\"keygate-log\""), "{head}");
+    let k = s.create(&[]);
+    wait_status(&gw, "/invoices/1", &k.key, 200, "key created after start").await;
+    // A restart finds the store and writes nothing new.
+    drop(gw);
+    let gw = s.serve().await;
+    assert!(!gw.stderr_contents().contains("created it empty"));
+    wait_status(&gw, "/invoices/1", &k.key, 200, "key kept after restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_store_is_a_valid_table_and_an_unreadable_one_fails_closed() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    std::fs::write(s.store(), b"").unwrap();
+    let gw = s.serve().await;
+    assert_problem(
+        &get_key(&gw, "/invoices/1", "kg_live_x").await,
+        401,
+        "invalid_api_key",
+    );
+    drop(gw);
+    // Unreadable (a directory where the file should be: tests run as root, so mode bits
+    // would not stop a read): the gateway refuses to start, naming the store.
+    std::fs::remove_file(s.store()).unwrap();
+    std::fs::create_dir(s.store()).unwrap();
+    let err = Gateway::try_spawn(&s.config, SECRET_ENV)
+        .await
+        .err()
+        .expect("an unreadable store must not start");
+    assert!(err.contains("keys.jsonl: Is a directory"), "{err}");
+}
+
+/// `keygate health` (the Docker HEALTHCHECK): exit 0 while `/readyz` is 200, non-zero when
+/// the gateway is not ready or not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_command_follows_readyz() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let health = |addr: String| {
+        let config = s.config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                cli(
+                    &config,
+                    &["health", "--addr", &addr, "--timeout", "2s"],
+                    &[],
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let mut gw = s.serve().await;
+    let ok = health(gw.admin.to_string()).await;
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(stdout_str(&ok).starts_with("ready"), "{ok:?}");
+    // The address from the config: port 0 there, so this one cannot answer.
+    let from_config = cli(&s.config, &["health", "--timeout", "1s"], &[]);
+    assert!(!from_config.status.success(), "{from_config:?}");
+    let wildcard = health(format!("0.0.0.0:{}", gw.admin.port())).await;
+    assert!(
+        wildcard.status.success(),
+        "wildcard means loopback: {wildcard:?}"
+    );
+    gw.sigterm();
+    gw.wait_exit(POLL).await;
+    let gone = health(gw.admin.to_string()).await;
+    assert!(!gone.status.success(), "{gone:?}");
+    assert!(stderr_str(&gone).contains("cannot reach"), "{gone:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,6 +839,7 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
         [
             "accept",
             "host",
+            "traceparent",
             "x-forwarded-for",
             "x-forwarded-host",
             "x-forwarded-proto",
@@ -780,6 +888,92 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
         }
     }
     gw.assert_not_logged(&k.key);
+}
+
+/// W3C trace context: a valid client `traceparent` is continued (same trace, keygate's span as
+/// the upstream's parent, `tracestate` kept); an absent or invalid one starts a new trace (and
+/// drops the orphaned `tracestate`). The trace id is in the access line and in error bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_continued_or_started_and_forwarded() {
+    const CLIENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = spawn_ready(
+        &s.config,
+        &[("KEYGATE_LOG", "info,keygate::access=info")],
+        POLL,
+    )
+    .await;
+    let auth = bearer(&k.key);
+    let with = |extra: &'static [(&'static str, &'static str)]| {
+        let mut h = vec![("host", HOST), ("authorization", auth.as_str())];
+        h.extend_from_slice(extra);
+        h
+    };
+    // Parse a forwarded traceparent into (trace id, parent id, flags).
+    let fields = |v: &str| -> (String, String, String) {
+        let p: Vec<&str> = v.split('-').collect();
+        assert_eq!((p.len(), p[0], v.len()), (4, "00", 55), "{v}");
+        (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+    };
+
+    // Continued.
+    let h = with(&[("traceparent", CLIENT), ("tracestate", "vendor=a")]);
+    assert_eq!(get(gw.http, "/invoices/1", &h).await.0, 200);
+    let up = s.up.last().unwrap();
+    let (trace, parent, flags) = fields(&up.header("traceparent").unwrap());
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_ne!(
+        parent, "00f067aa0ba902b7",
+        "keygate's own span is the parent"
+    );
+    assert_eq!(up.header("tracestate").as_deref(), Some("vendor=a"));
+
+    // Started: absent, then malformed (uppercase hex is invalid), each a new trace.
+    let mut seen = Vec::new();
+    for extra in [
+        &[][..],
+        &[
+            (
+                "traceparent",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=a"),
+        ][..],
+    ] {
+        assert_eq!(get(gw.http, "/invoices/1", &with(extra)).await.0, 200);
+        let up = s.up.last().unwrap();
+        let (trace, _, flags) = fields(&up.header("traceparent").unwrap());
+        assert_ne!(trace, TRACE.to_lowercase());
+        assert_eq!(flags, "00", "keygate records nothing: not sampled");
+        assert!(
+            up.header("tracestate").is_none(),
+            "orphaned tracestate dropped"
+        );
+        assert_eq!(up.header_all("traceparent").len(), 1);
+        seen.push(trace);
+    }
+    assert_ne!(seen[0], seen[1]);
+
+    // Errors carry the trace id in the problem body; the access line has it too.
+    let r = get(
+        gw.http,
+        "/invoices/1",
+        &[("host", HOST), ("traceparent", CLIENT)],
+    )
+    .await;
+    assert_problem(&r, 401, "missing_api_key");
+    assert_eq!(json(&r.2)["trace_id"], TRACE);
+    let r = get_key(&gw, "/invoices/1", "kg_live_x").await;
+    let started = json(&r.2)["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(started.len(), 32);
+    eventually_named("trace ids in access lines", POLL, || async {
+        let log = gw.stderr_contents();
+        (log.contains(&format!("trace_id={TRACE}")) && log.contains(&format!("trace_id={started}")))
+            .then_some(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1127,24 +1321,88 @@ async fn sighup_reload_applies_good_config_and_keeps_running_on_bad() {
     let with_reports = format!(
         "{original}\n[[routes]]\nname = \"reports\"\npath_prefix = \"/reports\"\nupstream = \"up\"\n"
     );
+    // (The file watch may see these writes too: a reload records the version it read, so
+    // it is one reload or two, never a partial config.)
     std::fs::write(&s.config, &with_reports).unwrap();
     gw.sighup();
     wait_status(&gw, "/reports/1", &k.key, 200, "new route after SIGHUP").await;
-    assert_eq!(
-        metric(&gw, r#"keygate_config_reloads_total{result="ok"}"#).await,
-        1.0
-    );
+    assert!(metric(&gw, r#"keygate_config_reloads_total{result="ok"}"#).await >= 1.0);
 
     std::fs::write(&s.config, "[server\nthis is not toml = = =\n").unwrap();
     gw.sighup();
     wait_metric_at_least(&gw, r#"keygate_config_reloads_total{result="error"}"#, 1.0).await;
-    assert_eq!(
-        metric(&gw, r#"keygate_config_reloads_total{result="error"}"#).await,
-        1.0
-    );
     assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
     assert_eq!(status_with_key(&gw, "/reports/1", &k.key).await, 200);
     assert_eq!(readyz(&gw).await, 200);
+}
+
+/// The config text of `s` plus one route `name` on `prefix`.
+fn with_route(base: &str, name: &str, prefix: &str) -> String {
+    format!(
+        "{base}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"up\"\n"
+    )
+}
+
+/// No SIGHUP: the gateway reloads when its config file changes, as a ConfigMap update does it
+/// (an atomic replace, a symlink replaced, the `..data` directory link swapped), whole or not
+/// at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_change_reloads_on_replace_and_symlink_swap() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    let base = std::fs::read_to_string(&s.config).unwrap();
+    let ok = r#"keygate_config_reloads_total{result="ok"}"#;
+
+    // 1. Atomic replace of the file.
+    replace_atomically(
+        &s.config,
+        with_route(&base, "reports", "/reports").as_bytes(),
+    );
+    wait_status(&gw, "/reports/1", &k.key, 200, "route after replace").await;
+    assert_eq!(metric(&gw, ok).await, 1.0);
+
+    // 2. A broken file is refused whole: the running config stays.
+    replace_atomically(&s.config, b"[server\nthis is not toml = = =\n");
+    wait_metric_at_least(&gw, r#"keygate_config_reloads_total{result="error"}"#, 1.0).await;
+    assert_eq!(status_with_key(&gw, "/reports/1", &k.key).await, 200);
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+    assert_eq!(readyz(&gw).await, 200);
+
+    // 3. The ConfigMap layout: keygate.toml -> ..data/keygate.toml, ..data -> v1.
+    let v1 = s.path("v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(
+        v1.join("keygate.toml"),
+        with_route(&base, "audits", "/audits"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("v1", s.path("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/keygate.toml", s.path("keygate.toml.new")).unwrap();
+    std::fs::rename(s.path("keygate.toml.new"), &s.config).unwrap();
+    wait_status(&gw, "/audits/1", &k.key, 200, "route after symlink replace").await;
+    assert_eq!(status_with_key(&gw, "/reports/1", &k.key).await, 404);
+
+    // 4. What the kubelet does on an update: a new directory, `..data` swapped atomically.
+    let v2 = s.path("v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("keygate.toml"), with_route(&base, "v2", "/v2")).unwrap();
+    std::os::unix::fs::symlink("v2", s.path("..data_tmp")).unwrap();
+    std::fs::rename(s.path("..data_tmp"), s.path("..data")).unwrap();
+    wait_status(&gw, "/v2/1", &k.key, 200, "route after ..data swap").await;
+    assert_eq!(status_with_key(&gw, "/audits/1", &k.key).await, 404);
+    assert_eq!(metric(&gw, ok).await, 3.0);
+    // Three applied and one refused, each audited once as triggered by the file.
+    let triggers = eventually_named("4 reloads audited", POLL, || async {
+        let events = audit_events(&s, "config.reloaded");
+        (events.len() >= 4).then_some(events)
+    })
+    .await;
+    assert_eq!(triggers.len(), 4, "{triggers:?}");
+    assert!(
+        triggers.iter().all(|e| e["trigger"] == "file"),
+        "{triggers:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1179,6 +1437,56 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
         "exit status {status:?}\n{}",
         gw.stderr_contents()
     );
+}
+
+/// `Type=notify` under systemd: READY=1 once listening, WATCHDOG=1 at half of WATCHDOG_USEC,
+/// STOPPING=1 at SIGTERM; both socket forms systemd uses (a path, `@abstract`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_watchdog_and_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let abstract_name = format!("keygate-test-{}", std::process::id());
+    for (socket, env) in [
+        (
+            UnixDatagram::bind(s.path("notify.sock")).unwrap(),
+            s.path("notify.sock").display().to_string(),
+        ),
+        (
+            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+            format!("@{abstract_name}"),
+        ),
+    ] {
+        socket.set_nonblocking(true).unwrap();
+        let socket = tokio::net::UnixDatagram::from_std(socket).unwrap();
+        let mut gw = Gateway::spawn(
+            &s.config,
+            &[
+                (SECRET_VAR, SECRET),
+                ("NOTIFY_SOCKET", &env),
+                ("WATCHDOG_USEC", "200000"),
+            ],
+        )
+        .await;
+        let next = || async {
+            let mut buf = [0u8; 256];
+            let n = within("notification", POLL, socket.recv(&mut buf))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(next().await, "READY=1", "{env}");
+        assert_eq!(next().await, "WATCHDOG=1");
+        assert_eq!(next().await, "WATCHDOG=1");
+        gw.sigterm();
+        let mut seen = next().await;
+        while seen == "WATCHDOG=1" {
+            seen = next().await;
+        }
+        assert_eq!(seen, "STOPPING=1");
+        assert!(gw.wait_exit(POLL).await.success());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1756,6 +1756,85 @@ async fn k2_sigterm_under_load_never_half_answers_and_exits_zero() {
     );
 }
 
+/// Lame duck: after SIGTERM `/readyz` is 503 at once, while a client that keeps opening new
+/// connections is never refused before `shutdown_delay_ms` has passed; only then do the
+/// listeners close and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k2_sigterm_lame_duck_refuses_nothing_before_the_delay() {
+    const DELAY: Duration = Duration::from_millis(1500);
+    let env = Env::new(Mode::Echo, "shutdown_delay_ms = 1500", 20, "").await;
+    let k = env.create(&[]);
+    let mut gw = env.serve().await;
+    let addr = gw.http;
+    let bytes = raw_get(
+        "/invoices/lame",
+        &[("Authorization", &bearer(&k.key))],
+        true,
+    );
+    let signalled: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let client = {
+        let signalled = signalled.clone();
+        tokio::spawn(async move {
+            // (outcome, time since the signal) per connection, until the first refusal.
+            let mut log: Vec<(Got, Option<Duration>)> = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && log.len() < 100_000 {
+                let got = one_request(addr, &bytes).await;
+                let since = signalled.lock().unwrap().map(|t| t.elapsed());
+                let refused = got == Got::Refused;
+                log.push((got, since));
+                if refused {
+                    break;
+                }
+            }
+            log
+        })
+    };
+    eventually_named("client running", POLL, || async {
+        (env.up.count() >= 5).then_some(())
+    })
+    .await;
+    *signalled.lock().unwrap() = Some(Instant::now());
+    gw.sigterm();
+    eventually_named("readyz 503 after SIGTERM", POLL, || async {
+        (get(gw.admin, "/readyz", &[]).await.0 == 503).then_some(())
+    })
+    .await;
+    let served_while_unready = env.up.count();
+    let log = within("client loop", Duration::from_secs(40), client)
+        .await
+        .unwrap();
+    let status = gw.wait_exit(POLL).await;
+    let early: Vec<_> = log
+        .iter()
+        .filter(|(g, since)| *g != Got::Complete(200) && since.is_none_or(|d| d < DELAY))
+        .collect();
+    let after_signal = log.iter().filter(|(_, since)| since.is_some()).count();
+    eprintln!(
+        "lame duck: {} connections, {after_signal} after the signal, last {:?}",
+        log.len(),
+        log.last()
+    );
+    assert!(
+        early.is_empty(),
+        "refused or failed before the delay ended: {early:?}"
+    );
+    assert!(
+        env.up.count() > served_while_unready,
+        "requests were served after readyz turned 503"
+    );
+    assert!(
+        matches!(log.last(), Some((Got::Refused | Got::Nothing, Some(d))) if *d >= DELAY),
+        "listener closed after the delay: {:?}",
+        log.last()
+    );
+    assert!(
+        status.success(),
+        "exit {status:?}\n{}",
+        gw.stderr_contents()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A4–A8, A13. Malformed request framing (not covered in protocol.rs)
 // ---------------------------------------------------------------------------------------------

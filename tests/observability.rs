@@ -202,6 +202,17 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         r#"keygate_upstream_duration_seconds_count{upstream="up"}"#,
         "keygate_tls_handshake_failures_total",
         "keygate_auth_budget_rejections_total",
+        "keygate_audit_events_dropped_total",
+        r#"keygate_connections_rejected_total{reason="global"}"#,
+        r#"keygate_connections_rejected_total{reason="per_ip"}"#,
+        "keygate_table_last_sync_timestamp_seconds",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_start_time_seconds",
+        "process_threads",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(s)),
@@ -216,6 +227,32 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         ) >= 3.0
     );
     assert_eq!(value(&text, "keygate_canary_hits_total"), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                r#"keygate_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    // The last sync is "now" (the follower marks every poll), the process started before it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last_sync = value(&text, "keygate_table_last_sync_timestamp_seconds");
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last_sync),
+        "{last_sync} vs {now}"
+    );
+    let started = value(&text, "process_start_time_seconds");
+    assert!(
+        started <= last_sync + 1.0 && started > now - 600.0,
+        "{started}"
+    );
+    assert!(value(&text, "process_resident_memory_bytes") > 1e6);
     assert_eq!(
         value(&text, r#"keygate_keys{env="live",state="revoked"}"#),
         1.0

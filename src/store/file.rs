@@ -255,6 +255,17 @@ pub enum NewLog {
     Restored,
 }
 
+/// What [`LogFile::create_if_missing`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// The path exists (readable or not: the reader judges it).
+    Existed,
+    /// The file was missing and is now an empty signed log.
+    Created(LogId),
+    /// The directory itself is missing: nothing was written.
+    NoDirectory(PathBuf),
+}
+
 /// What a compaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compacted {
@@ -478,6 +489,27 @@ impl LogFile {
         serde_json::to_writer(&mut out, &meta).map_err(|e| self.io(e.into()))?;
         out.push(b'\n');
         Ok(out)
+    }
+
+    /// Create the store empty (header and log id, via [`LogFile::ensure_signed`]) when the
+    /// file is missing but its directory exists, so a fresh install has a valid zero-key
+    /// table. A missing directory is not created: it usually means a volume that is not
+    /// mounted, and the reader must fail closed rather than serve from a stray empty file.
+    pub fn create_if_missing(&self) -> Result<Missing, StoreError> {
+        match fs::symlink_metadata(&self.path) {
+            Ok(_) => return Ok(Missing::Existed),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io(e)),
+        }
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Ok(Missing::NoDirectory(dir.to_owned()));
+        }
+        self.ensure_signed().map(Missing::Created)
     }
 
     /// Sign a legacy store, give an empty one its log id, or continue a restored one as a new
@@ -1261,5 +1293,30 @@ mod tests {
             .set_len(cut as u64)
             .unwrap();
         assert!(matches!(fol.poll(), Err(StoreError::Rollback { .. })));
+    }
+
+    #[test]
+    fn create_if_missing_creates_an_empty_signed_log_only_in_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_at(dir.path().join("keys.jsonl"));
+        let Missing::Created(id) = log.create_if_missing().unwrap() else {
+            panic!("not created")
+        };
+        let loaded = log.load().unwrap();
+        assert_eq!((loaded.log, loaded.rev, loaded.records.len()), (id, 0, 0));
+        assert!(loaded.corrupt.is_empty());
+        // A second call (a restart) writes nothing.
+        let before = fs::read(log.path()).unwrap();
+        assert_eq!(log.create_if_missing().unwrap(), Missing::Existed);
+        assert_eq!(fs::read(log.path()).unwrap(), before);
+        // Writers append to it as to any signed log.
+        assert_eq!(log.append(vec![rec("key_a", 1)]).unwrap()[0].rev, 1);
+
+        let nested = log_at(dir.path().join("not-mounted/keys.jsonl"));
+        assert_eq!(
+            nested.create_if_missing().unwrap(),
+            Missing::NoDirectory(dir.path().join("not-mounted"))
+        );
+        assert!(!dir.path().join("not-mounted").exists());
     }
 }

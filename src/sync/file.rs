@@ -10,7 +10,7 @@
 use crate::audit::Event;
 use crate::clock::unix_ms;
 use crate::gateway::Gateway;
-use crate::store::file::{Follower, LogFile, Parsed, StoreError, Update};
+use crate::store::file::{Follower, LogFile, Missing, Parsed, StoreError, Update};
 use crate::store::seal::Signer;
 use crate::sync::apply;
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -27,10 +27,12 @@ pub fn spawn(
     signer: Signer,
     poll_interval: Duration,
 ) -> std::io::Result<()> {
+    let file = LogFile::new(&path, signer);
+    create_if_missing(&gw, &file);
     let mut last_error: Option<String> = None;
     watch_file(
         "keygate-store",
-        Follower::new(LogFile::new(&path, signer)),
+        Follower::new(file),
         poll_interval,
         move |result| match result {
             Ok(update) => {
@@ -47,6 +49,33 @@ pub fn spawn(
             }
         },
     )
+}
+
+/// A fresh install has no store yet: create it empty so the gateway comes up Ready with zero
+/// keys (every key answers 401, which is the truth). A missing directory or a failed create
+/// is only logged here: the follower then reports the store as unavailable and `/readyz`
+/// stays 503 (fail closed).
+fn create_if_missing(gw: &Gateway, file: &LogFile) {
+    let path = file.path().display();
+    match file.create_if_missing() {
+        Ok(Missing::Existed) => {}
+        Ok(Missing::Created(log)) => {
+            tracing::info!(path = %path, %log, "key store did not exist: created it empty");
+            gw.audit(
+                Event::new("store.created", "gateway")
+                    .with("path", path.to_string())
+                    .with("log", log.to_string()),
+            );
+        }
+        Ok(Missing::NoDirectory(dir)) => tracing::error!(
+            path = %path,
+            dir = %dir.display(),
+            "key store directory does not exist (volume not mounted?): failing closed (503)"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the missing key store: failing closed (503)")
+        }
+    }
 }
 
 /// Poll `follower` on a named thread whenever its file changes, and at least every

@@ -70,7 +70,8 @@ pub async fn spawn_ready(config: &Path, envs: &[(&str, &str)], deadline: Duratio
 }
 
 /// Gateway config text: store and audit log next to the config (50 ms poll), a default plan
-/// of `rate` per second (burst `rate`), `[server]` and `[admin]` on port 0, and upstream `up`.
+/// of `rate` per second (burst `rate`), `[server]` and `[admin]` on port 0 (no lame-duck delay
+/// unless `server` sets `shutdown_delay_ms`), and upstream `up`.
 ///
 /// `server` goes into `[server]`, `upstream` into upstream `up` (timeouts), and `tail` is
 /// appended, so it starts with a table header (`[limits]`, `[plans.x]`, `[[routes]]`, ...).
@@ -81,6 +82,13 @@ pub fn gateway_config(
     upstream: &str,
     tail: &str,
 ) -> String {
+    // A lame-duck delay would add seconds to every test that stops a gateway: off unless the
+    // test sets its own.
+    let delay = if server.contains("shutdown_delay_ms") {
+        ""
+    } else {
+        "shutdown_delay_ms = 0"
+    };
     format!(
         r#"[keys]
 store = "keys.jsonl"
@@ -93,6 +101,7 @@ burst = {rate}
 
 [server]
 listen = "127.0.0.1:0"
+{delay}
 {server}
 
 [admin]
