@@ -198,10 +198,11 @@ async fn revocation_is_final_against_whoever_writes_redis() {
         &edited,
     ]);
     let admin = gw.admin;
+    // Edited records are skipped like any corrupt line (the file store does the same).
     eventually_named("edited record refused", ENFORCE, || async move {
         let (_, _, body) = get(admin, "/metrics", &[]).await;
         String::from_utf8_lossy(&body)
-            .contains("keygate_source_errors_total{kind=\"bad_mac\"} 1\n")
+            .contains("keygate_source_errors_total{kind=\"corrupt_line\"} 1\n")
             .then_some(())
     })
     .await;
@@ -211,7 +212,7 @@ async fn revocation_is_final_against_whoever_writes_redis() {
     let k3 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     until(&gw, &k3.key, 200).await;
     assert_eq!(
-        metric(&gw, "keygate_source_errors_total{kind=\"bad_mac\"}").await,
+        metric(&gw, "keygate_source_errors_total{kind=\"corrupt_line\"}").await,
         1.0
     );
 
@@ -243,11 +244,7 @@ async fn redis_down_keeps_the_last_table_and_resumes_without_reload() {
     let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
     until(&gw, &k1.key, 200).await;
-    let loads = |gw: &Gateway| {
-        gw.stderr_contents()
-            .matches("key table loaded from redis")
-            .count()
-    };
+    let loads = |gw: &Gateway| gw.stderr_contents().matches("key table loaded").count();
     assert_eq!(loads(&gw), 1);
 
     redis.kill();
@@ -275,4 +272,113 @@ async fn redis_down_keeps_the_last_table_and_resumes_without_reload() {
     cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
     until(&gw, &k1.key, 401).await;
     assert_eq!(loads(&gw), 1, "resumed from its revision, no reload");
+}
+
+/// Two control planes on one Redis store: each serves the REST API and the feed; writes through
+/// either (and the CLI) reach a `source = "redis"` gateway and a feed-mode gateway behind the
+/// other; one control plane killed, the other keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let node0 = nodes.configs[0].parent().unwrap().to_path_buf();
+    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
+    let cp_cfg = write_file(
+        &node0,
+        "control.toml",
+        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n"),
+    );
+    let mint = |role: &str| {
+        let out = cli(
+            &cp_cfg,
+            &["admin-token", "create", "--role", role],
+            SECRET_ENV,
+        );
+        assert!(out.status.success(), "{}", stderr_str(&out));
+        stdout_str(&out).trim().to_owned()
+    };
+    let (write, feed) = (mint("write"), mint("feed"));
+    let mut cp1 = Some(ControlPlane::spawn(&cp_cfg).await);
+    let cp2 = ControlPlane::spawn(&cp_cfg).await;
+    // Gateway A follows Redis; gateway B follows cp2's feed.
+    let gw_a = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    let feed_cfg = base
+        .replace(
+            "source = \"redis\"",
+            &format!(
+                "source = \"feed\"\nfeed_url = \"http://{}/v1/feed\"\nfeed_token_env = \"KEYGATE_FEED_TOKEN\"\nfeed_cache = \"feed-cache.jsonl\"",
+                cp2.addr
+            ),
+        );
+    let node1 = nodes.configs[1].parent().unwrap().to_path_buf();
+    let feed_cfg = write_file(&node1, "feed.toml", &feed_cfg);
+    let gw_b = spawn_ready(&feed_cfg, &[("KEYGATE_FEED_TOKEN", &feed)], ENFORCE).await;
+
+    let api = |addr: std::net::SocketAddr, method: http::Method, path: String, body: String| {
+        let auth = format!("Bearer {write}");
+        async move {
+            let (s, _, b) = request(
+                addr,
+                method,
+                &path,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await;
+            (
+                s,
+                serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
+            )
+        }
+    };
+    let body = r#"{"name":"via-cp1","owner":"o","scopes":["invoices:read"]}"#.to_owned();
+    let (s, v) = api(
+        cp1.as_ref().unwrap().addr,
+        http::Method::POST,
+        "/v1/api-keys".into(),
+        body,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (id, key) = (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    );
+    for gw in [&gw_a, &gw_b] {
+        until(gw, &key, 200).await;
+    }
+    let (s, v) = api(
+        cp2.addr,
+        http::Method::DELETE,
+        format!("/v1/api-keys/{id}"),
+        String::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let started = Instant::now();
+    for gw in [&gw_a, &gw_b] {
+        until(gw, &key, 401).await;
+    }
+    eprintln!(
+        "redis store: REST revoke on cp2 → 401 on a redis and a feed gateway: {:?}",
+        started.elapsed()
+    );
+    let k = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&gw_b, &k.key, 200).await;
+    drop(cp1.take());
+    let (s, v) = api(
+        cp2.addr,
+        http::Method::GET,
+        "/v1/api-keys".into(),
+        String::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+    let (s, _, _) = get(cp2.addr, "/readyz", &[]).await;
+    assert_eq!(s, 200);
 }

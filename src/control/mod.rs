@@ -14,8 +14,8 @@ use crate::config::Config;
 use crate::keys::record::KeyRecord;
 use crate::keys::KeySettings;
 use crate::store::feed::FeedState;
-use crate::store::file::LogFile;
 use crate::store::seal::Signer;
+use crate::store::Store;
 use crate::usage::Used;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -135,22 +135,28 @@ pub async fn start(
     let config = Config::load(config_path)?;
     let settings = KeySettings::from_config(&config)?;
     // The control plane owns the log: a fresh deployment starts from an empty one (gateways,
-    // by contrast, fail closed on a missing store).
-    if let Some(dir) = settings
-        .store
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir)?;
+    // by contrast, fail closed on a missing store). A legacy unsigned file is signed in place,
+    // an empty store gets its log id, and a file restored while the control plane was down
+    // continues as a new log (`store::file`).
+    let store = settings.store_backend();
+    if let Store::File(_) = &store {
+        if let Some(dir) = settings
+            .store
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&settings.store)?;
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&settings.store)?;
-    // A legacy unsigned store is signed in place, an empty one gets its log id, and a store
-    // restored while the control plane was down continues as a new log (`store::file`).
-    let log = LogFile::new(&settings.store, Signer::new(&settings.hasher));
-    log.ensure_signed()
+    // Blocking (file lock or Redis on a private runtime): off the async workers.
+    let init = store.clone();
+    tokio::task::spawn_blocking(move || init.ensure_signed())
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let feed = FeedState::new(config.control.feed_buffer);
     let audit = AuditLog::new(&settings.audit_log);
@@ -164,12 +170,28 @@ pub async fn start(
         }
         None => metrics::ControlMetrics::new(),
     };
-    feed.follow(
-        log,
-        Duration::from_millis(config.keys.poll_interval_ms.max(10)),
-        metrics.store_errors.clone(),
-        move |log, held| revoke_again(log, &audit, held),
-    )?;
+    match (&store, &settings.redis_store) {
+        (Store::File(log), _) => feed.follow(
+            log.clone(),
+            Duration::from_millis(config.keys.poll_interval_ms.max(10)),
+            metrics.store_errors.clone(),
+            move |log, held| revoke_again(&Store::File(log.clone()), &audit, held),
+        )?,
+        (Store::Redis(_), Some(redis_settings)) => {
+            follow_redis(
+                feed.clone(),
+                store.clone(),
+                redis_settings.clone(),
+                Signer::new(&settings.hasher),
+                metrics.store_errors.clone(),
+                audit,
+            )
+            .await
+        }
+        (Store::Redis(_), None) => {
+            return Err(std::io::Error::other("redis store without [redis] settings").into())
+        }
+    }
     let tokens_path = config.resolve(&config.control.tokens);
     let control = Arc::new(Control {
         tokens: ArcSwap::from_pointee((None, Tokens::default())),
@@ -240,7 +262,57 @@ pub async fn start(
 
 /// Revocation is final: the store would un-revoke `held` (replaced or forged behind our back),
 /// so write their revocations again, audited, and the log agrees with what gateways enforce.
-fn revoke_again(log: &LogFile, audit: &AuditLog, held: Vec<KeyRecord>) {
+/// The control plane on the Redis store: its feed follows Redis (the same `Update`s as the
+/// file follower), so any number of control planes can serve the REST API and the feed side by
+/// side; none keeps state of its own beyond the admin token file. The first load happens before
+/// this returns (a control plane that says it is listening can serve the feed).
+async fn follow_redis(
+    feed: Arc<FeedState>,
+    store: Store,
+    settings: crate::redis::Settings,
+    signer: Signer,
+    errors: prometheus::IntCounterVec,
+    audit: AuditLog,
+) {
+    let mut follower = crate::store::redis::Follower::new(&settings, signer.clone(), None);
+    match follower.next().await {
+        Ok(u) => {
+            feed.apply(u);
+        }
+        Err(e) => {
+            errors.with_label_values(&[e.kind()]).inc();
+            tracing::error!(error = %e, "control plane: redis store not loaded yet; retrying");
+        }
+    }
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match follower.next().await {
+                Ok(u) => {
+                    backoff = Duration::from_millis(100);
+                    let held = feed.apply(u);
+                    if !held.is_empty() {
+                        errors.with_label_values(&["unrevoke"]).inc();
+                        let (store, audit) = (store.clone(), audit.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || revoke_again(&store, &audit, held))
+                                .await;
+                    }
+                }
+                Err(e) => {
+                    errors.with_label_values(&[e.kind()]).inc();
+                    tracing::warn!(error = %e, "control plane: redis store follower; serving the last good log");
+                    tokio::time::sleep(backoff).await; // reconnect pacing, not synchronisation
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let held = feed.loaded().then(|| (feed.log_id(), feed.revision()));
+                    follower = crate::store::redis::Follower::new(&settings, signer.clone(), held);
+                }
+            }
+        }
+    });
+}
+
+fn revoke_again(log: &Store, audit: &AuditLog, held: Vec<KeyRecord>) {
     let ids: Vec<String> = held.iter().map(|r| r.id.clone()).collect();
     tracing::error!(keys = ?ids, "control plane: the store would un-revoke keys; writing their revocations again");
     let written = log.transact(|state| {

@@ -107,6 +107,11 @@ impl FeedState {
         self.log.read().map(|l| l.rev).unwrap_or(0)
     }
 
+    /// The log served.
+    pub fn log_id(&self) -> LogId {
+        self.log.read().map(|l| l.log).unwrap_or(LogId::NONE)
+    }
+
     pub fn loaded(&self) -> bool {
         self.log.read().map(|l| l.loaded).unwrap_or(false)
     }

@@ -15,6 +15,13 @@
 //! hashes, all atomically. Records carry the same MAC as in the file store, so write access to
 //! Redis alone cannot add, widen or un-revoke a key: readers verify every record.
 //!
+//! Readers follow it with [`Follower`]: a snapshot read with `HSCAN` in small steps (Redis is
+//! never blocked for long) consistent at the revision R read first (versions newer than R seen
+//! during the scan are dropped: the stream from R brings them), merged with `s:revoked`
+//! (tombstones forever: a version in `s:keys` without a recorded revocation stays revoked),
+//! then a blocking `XREAD` from R. The same `Update`s as the file follower, so gateways and the
+//! control plane apply them the same way.
+//!
 //! Not yet (said in README): compaction/trimming of the stream, `WAIT` for replicas on
 //! revocation, a new log id after a failover that lost writes, migration from a file.
 
@@ -22,7 +29,7 @@ use crate::keys::record::{unrevokes, KeyRecord};
 use crate::redis::resp::Value;
 use crate::redis::script::Script;
 use crate::redis::{Client, RedisError, Settings};
-use crate::store::file::{latest, Parsed, State, StoreError};
+use crate::store::file::{latest, Parsed, State, StoreError, Update};
 use crate::store::seal::{LogId, Signer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -380,4 +387,213 @@ async fn write(
         }
     }
     Ok(Written::Ok)
+}
+
+/// How long one `XREAD` blocks: also how often an idle follower checks the log's head.
+pub const BLOCK: Duration = Duration::from_millis(1000);
+/// Entries per `XREAD` and per `HSCAN` step.
+const COUNT: &[u8] = b"1000";
+
+/// Follows the Redis log and yields `Update`s, as `file::Follower` does for the file.
+#[derive(Debug)]
+pub struct Follower {
+    client: Arc<Client>,
+    names: Names,
+    signer: Signer,
+    /// The log followed and the stream position (entry ids are `<rev>-1`), once loaded.
+    at: Option<(LogId, u64)>,
+    /// A position handed in by the caller is checked against Redis' head before it is used.
+    check_head: bool,
+}
+
+impl Follower {
+    /// A follower with its own client (a blocking read must not hold a connection writers or
+    /// the limiter need, and needs a timeout longer than the block). `held`: the log and
+    /// revision the caller already has, to resume without a reload when Redis still holds
+    /// that log.
+    pub fn new(settings: &Settings, signer: Signer, held: Option<(LogId, u64)>) -> Follower {
+        let mut s = store_settings(settings.clone());
+        s.command_timeout = s.command_timeout.max(BLOCK * 2);
+        Follower {
+            names: Names::new(&settings.prefix),
+            client: Client::new(s, crate::metrics::Metrics::new(0).redis_metrics()),
+            signer,
+            at: held.filter(|(log, _)| !log.is_none()),
+            check_head: true,
+        }
+    }
+
+    /// The next change: a whole table (first call, or a new log), appended records, or
+    /// `Unchanged` after an idle block. Errors leave the position as it was.
+    pub async fn next(&mut self) -> Result<Update, StoreError> {
+        let Some((log, pos)) = self.at else {
+            return self.load(None).await;
+        };
+        if std::mem::take(&mut self.check_head) {
+            let (now_log, now_rev) = head(&self.client, &self.names).await?;
+            if now_log != log || now_rev < pos {
+                // Another log, or this one behind us: a whole table (apply refuses one that
+                // goes backwards within a log).
+                return self.load(Some(log)).await;
+            }
+        }
+        let from = format!("{pos}-1");
+        let block = BLOCK.as_millis().to_string();
+        let v = self
+            .client
+            .call(&[
+                b"XREAD",
+                b"COUNT",
+                COUNT,
+                b"BLOCK",
+                block.as_bytes(),
+                b"STREAMS",
+                self.names.log.as_bytes(),
+                from.as_bytes(),
+            ])
+            .await
+            .map_err(err)?;
+        let entries = match v {
+            // Idle: is the log still the one we follow, and not behind us?
+            Value::Nil => {
+                let (now_log, now_rev) = head(&self.client, &self.names).await?;
+                if now_log != log {
+                    return self.load(Some(log)).await;
+                }
+                if now_rev < pos {
+                    return Err(StoreError::Rollback {
+                        path: "redis".into(),
+                        file_rev: now_rev,
+                        applied_rev: pos,
+                    });
+                }
+                return Ok(Update::Unchanged);
+            }
+            Value::Array(streams) => stream_entries(streams)?,
+            Value::Error(e) => return Err(StoreError::Redis(e)),
+            _ => return Err(StoreError::Redis("unexpected reply to XREAD".into())),
+        };
+        let mut parsed = Parsed {
+            log,
+            ..Parsed::default()
+        };
+        let mut next = pos;
+        for (id, raw) in entries {
+            next = next.max(id);
+            // A record must carry its entry's revision: an old record under a new entry id
+            // is a replay, and is passed over (once: the position moves past it).
+            if let Some(r) = verified(&self.signer, log, &raw, &mut parsed) {
+                if r.rev == id {
+                    parsed.records.push(r);
+                }
+            }
+        }
+        parsed.rev = next;
+        self.at = Some((log, next));
+        Ok(Update::Appended(parsed))
+    }
+
+    /// A whole table consistent at the head revision. `was`: the log followed before, if any
+    /// (an empty Redis after a real log is refused, not loaded as an empty table).
+    async fn load(&mut self, was: Option<LogId>) -> Result<Update, StoreError> {
+        let (log, rev) = head(&self.client, &self.names).await?;
+        if log.is_none() && was.is_some() {
+            return Err(StoreError::Redis(
+                "the store is gone from Redis (wiped, or a new server without its data); keeping the last table".into(),
+            ));
+        }
+        let mut parsed = Parsed {
+            log,
+            rev,
+            ..Parsed::default()
+        };
+        let latest = self.scan(&self.names.keys, log, rev, &mut parsed).await?;
+        let revoked = self
+            .scan(&self.names.revoked, log, rev, &mut parsed)
+            .await?;
+        let mut by_id: std::collections::HashMap<String, KeyRecord> =
+            latest.into_iter().map(|r| (r.id.clone(), r)).collect();
+        for r in revoked {
+            if by_id.get(&r.id).is_none_or(|cur| unrevokes(Some(&r), cur)) {
+                by_id.insert(r.id.clone(), r);
+            }
+        }
+        parsed.records = by_id.into_values().collect();
+        parsed.records.sort_by_key(|r| r.rev);
+        self.at = Some((log, rev));
+        Ok(Update::Replaced(parsed))
+    }
+
+    /// Every verified record of the hash `key` at or below `rev`.
+    async fn scan(
+        &self,
+        key: &str,
+        log: LogId,
+        rev: u64,
+        parsed: &mut Parsed,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut cursor = b"0".to_vec();
+        // Bounded: HSCAN returns cursor 0 after one full pass; cap the steps anyway.
+        for _ in 0..10_000_000u64 {
+            let v = self
+                .client
+                .call(&[b"HSCAN", key.as_bytes(), &cursor, b"COUNT", COUNT])
+                .await
+                .map_err(err)?;
+            let Value::Array(mut parts) = v else {
+                return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
+            };
+            let (Some(Value::Array(pairs)), Some(Value::Bulk(next))) = (parts.pop(), parts.pop())
+            else {
+                return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
+            };
+            for (i, item) in pairs.into_iter().enumerate() {
+                if let (1, Value::Bulk(raw)) = (i % 2, item) {
+                    if let Some(r) = verified(&self.signer, log, &raw, parsed) {
+                        if r.rev <= rev {
+                            out.push(r);
+                        }
+                    }
+                }
+            }
+            if next == b"0" {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(out)
+    }
+}
+
+/// (revision from the entry id, record JSON) of each entry of an `XREAD` reply.
+fn stream_entries(streams: Vec<Value>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let bad = || StoreError::Redis("unexpected reply to XREAD".into());
+    let mut out = Vec::new();
+    for s in streams {
+        let Value::Array(parts) = s else {
+            return Err(bad());
+        };
+        let Some(Value::Array(entries)) = parts.into_iter().nth(1) else {
+            return Err(bad());
+        };
+        for e in entries {
+            let Value::Array(mut id_fields) = e else {
+                return Err(bad());
+            };
+            let Some(Value::Array(fields)) = id_fields.pop() else {
+                return Err(bad());
+            };
+            let rev = id_fields
+                .pop()
+                .and_then(|v| v.as_text())
+                .and_then(|id| id.split_once('-').and_then(|(r, _)| r.parse::<u64>().ok()))
+                .ok_or_else(bad)?;
+            // fields = ["r", json]
+            if let Some(Value::Bulk(json)) = fields.into_iter().nth(1) {
+                out.push((rev, json));
+            }
+        }
+    }
+    Ok(out)
 }

@@ -152,7 +152,8 @@ fn report_corrupt(gw: &Gateway, parsed: &Parsed) {
     }
 }
 
-fn apply(gw: &Gateway, update: Update) {
+/// Apply one `Update` of a store follower (the file here, Redis in `sync::redis`).
+pub fn apply(gw: &Gateway, update: Update) {
     match update {
         Update::Unchanged => gw.mark_synced(),
         Update::Appended(parsed) => {
