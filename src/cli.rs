@@ -93,6 +93,84 @@ pub enum Command {
     /// Mint admin tokens for the control plane.
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// The key store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy the whole log between the file (`[keys] store`) and Redis (`[redis]`), with its
+    /// log id, revisions and signatures intact. Idempotent: run it again after an
+    /// interruption. Then set `[keys] source` to the target.
+    Migrate {
+        /// Where to copy to (from the other one).
+        #[arg(long, value_enum)]
+        to: MigrateTo,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MigrateTo {
+    Redis,
+    File,
+}
+
+pub fn run_store(config: &Config, cmd: StoreCommand) -> Result<(), Failure> {
+    let settings = KeySettings::from_config(config)?;
+    let StoreCommand::Migrate { to } = cmd;
+    let redis_settings = crate::redis::Settings::from_config(config)?.ok_or_else(|| {
+        Failure::Error(
+            "store migrate needs a [redis] section (the other side is [keys] store)".into(),
+        )
+    })?;
+    let signer = crate::store::seal::Signer::new(&settings.hasher);
+    let file = crate::store::file::LogFile::new(&settings.store, signer.clone());
+    let redis = crate::store::redis::RedisLog::new(redis_settings, signer);
+    let store_err = |e: crate::store::StoreError| Failure::Error(e.to_string());
+    let (from, copied) = match to {
+        MigrateTo::Redis => {
+            let src = file.load().map_err(store_err)?;
+            warn_corrupt(&src.corrupt);
+            if src.log.is_none() {
+                return Err(Failure::Error(format!(
+                    "{} is unsigned (or empty): sign it first with `keygate keys compact`",
+                    settings.store.display()
+                )));
+            }
+            let n = redis
+                .import_log(src.log, src.rev, &src.records)
+                .map_err(store_err)?;
+            (
+                settings.store.display().to_string(),
+                (src.records.len(), n, src.log, src.rev),
+            )
+        }
+        MigrateTo::File => {
+            let src = redis.export_log().map_err(store_err)?;
+            warn_corrupt(&src.corrupt);
+            if src.log.is_none() {
+                return Err(Failure::Error("Redis holds no store to copy".into()));
+            }
+            let n = file
+                .import_log(src.log, src.rev, &src.records)
+                .map_err(store_err)?;
+            (
+                "redis".to_owned(),
+                (src.records.len(), n as u64, src.log, src.rev),
+            )
+        }
+    };
+    let (read, held, log, rev) = copied;
+    eprintln!(
+        "copied {read} record versions of log {log} (revision {rev}) from {from}; the target holds {held}. \
+         Set [keys] source = \"{}\" to use it.",
+        match to {
+            MigrateTo::Redis => "redis",
+            MigrateTo::File => "file",
+        }
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]

@@ -512,6 +512,39 @@ impl LogFile {
         self.ensure_signed().map(Missing::Created)
     }
 
+    /// Write a whole signed log copied from another store (`keygate store migrate --to
+    /// file`): the same log id, revisions and MACs, every version. Refuses to overwrite a file
+    /// that already holds records of another log; writing the same log again is harmless.
+    pub fn import_log(
+        &self,
+        log: LogId,
+        rev: u64,
+        records: &[KeyRecord],
+    ) -> Result<usize, StoreError> {
+        let file = self.lock()?;
+        let existing = self.load()?;
+        if !existing.records.is_empty() && existing.log != log {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                source: io::Error::other(format!(
+                    "already holds another store (log {}); refusing to mix two logs",
+                    existing.log
+                )),
+            });
+        }
+        let revoked: Vec<&KeyRecord> = records.iter().filter(|r| r.revoked_at.is_some()).collect();
+        self.ledger
+            .add_revoked(&self.signer, &revoked)
+            .map_err(|e| self.io(e))?;
+        let bytes = self.encode_file(log, records, rev, crate::clock::unix_secs())?;
+        self.ledger
+            .set_hwm(&self.signer, Hwm { log, rev })
+            .map_err(|e| self.io(e))?;
+        write_atomic(&self.path, &bytes).map_err(|e| self.io(e))?;
+        drop(file);
+        Ok(records.len())
+    }
+
     /// Sign a legacy store, give an empty one its log id, or continue a restored one as a new
     /// log (see [`LogFile::start_new_log`]); nothing else is written. Returns the log id.
     pub fn ensure_signed(&self) -> Result<LogId, StoreError> {

@@ -22,8 +22,11 @@
 //! then a blocking `XREAD` from R. The same `Update`s as the file follower, so gateways and the
 //! control plane apply them the same way.
 //!
+//! Migration (`keygate store migrate`) copies a log between the file and Redis with its log
+//! id, revisions and MACs intact (`import_log`, `export_log`).
+//!
 //! Not yet (said in README): compaction/trimming of the stream, `WAIT` for replicas on
-//! revocation, a new log id after a failover that lost writes, migration from a file.
+//! revocation, a new log id after a failover that lost writes.
 
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::redis::resp::Value;
@@ -92,6 +95,35 @@ for i = 3, #ARGV, 3 do
 end
 redis.call('HSET', KEYS[1], 'rev', rev)
 return {'ok', tostring(rev)}
+"#,
+);
+
+/// Copies signed records verbatim (log id and revisions kept: their MACs stay valid) into an
+/// empty store, or continues a copy of the same log that stopped part way (idempotent):
+/// entries at or below the stream's top are skipped. ARGV: log, final rev, then
+/// (rev, id, json, revoked 0|1) quadruples in revision order.
+static IMPORT: Script = Script::new(
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'log', 'rev')
+if m[1] and m[1] ~= ARGV[1] then return {'other_log', m[1]} end
+local top = 0
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if last[1] then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+for i = 3, #ARGV, 4 do
+  local rev = tonumber(ARGV[i])
+  if rev > top then
+    redis.call('XADD', KEYS[2], rev .. '-1', 'r', ARGV[i + 2])
+    redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
+    if ARGV[i + 3] == '1' then redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2]) end
+    top = rev
+  end
+end
+local cur = tonumber(m[2] or '0')
+local want = tonumber(ARGV[2])
+if top > want then want = top end
+if cur > want then want = cur end
+redis.call('HSET', KEYS[1], 'log', ARGV[1], 'rev', want)
+return {'ok', tostring(want)}
 "#,
 );
 
@@ -318,6 +350,110 @@ impl RedisLog {
             Err(StoreError::Redis(
                 "other writers kept changing the store; try again".into(),
             ))
+        })
+    }
+
+    /// Copy a whole signed log (records in revision order, every version) into Redis as it is:
+    /// same log id, revisions and MACs. Refuses a Redis store of another log; resumable.
+    /// Returns how many records Redis holds in its stream afterwards.
+    pub fn import_log(
+        &self,
+        log: LogId,
+        rev: u64,
+        records: &[KeyRecord],
+    ) -> Result<u64, StoreError> {
+        let n = &self.names;
+        self.run(|c| async move {
+            let log_s = log.to_string();
+            let rev_s = rev.to_string();
+            // Even an empty log gets its meta (log id, revision).
+            let chunks: Vec<&[KeyRecord]> = if records.is_empty() {
+                vec![&[]]
+            } else {
+                records.chunks(BATCH).collect()
+            };
+            for chunk in chunks {
+                let mut args: Vec<Vec<u8>> =
+                    vec![log_s.clone().into_bytes(), rev_s.clone().into_bytes()];
+                for r in chunk {
+                    args.push(r.rev.to_string().into_bytes());
+                    args.push(r.id.clone().into_bytes());
+                    args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
+                    args.push(if r.revoked_at.is_some() {
+                        b"1".to_vec()
+                    } else {
+                        b"0".to_vec()
+                    });
+                }
+                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                let keys: [&[u8]; 4] = [
+                    n.meta.as_bytes(),
+                    n.log.as_bytes(),
+                    n.keys.as_bytes(),
+                    n.revoked.as_bytes(),
+                ];
+                let v = c.eval(&IMPORT, &keys, &args).await.map_err(err)?;
+                let Value::Array(reply) = v else {
+                    return Err(StoreError::Redis(
+                        "unexpected reply to the import script".into(),
+                    ));
+                };
+                if text(reply.first()) != "ok" {
+                    return Err(StoreError::Redis(format!(
+                        "Redis already holds another store (log {}); refusing to mix two logs",
+                        text(reply.get(1))
+                    )));
+                }
+            }
+            let v = c.call(&[b"XLEN", n.log.as_bytes()]).await.map_err(err)?;
+            Ok(v.as_int().unwrap_or(0).max(0) as u64)
+        })
+    }
+
+    /// Every version in the stream, verified, in revision order, with the log id and the
+    /// last revision: what `keygate store migrate --to file` writes.
+    pub fn export_log(&self) -> Result<Parsed, StoreError> {
+        let (n, signer) = (&self.names, &self.signer);
+        self.run(|c| async move {
+            let (log, rev) = head(&c, n).await?;
+            let mut out = Parsed {
+                log,
+                rev,
+                ..Parsed::default()
+            };
+            let mut from = "-".to_owned();
+            // Bounded: each step moves past the last id read.
+            for _ in 0..10_000_000u64 {
+                let v = c
+                    .call(&[
+                        b"XRANGE",
+                        n.log.as_bytes(),
+                        from.as_bytes(),
+                        b"+",
+                        b"COUNT",
+                        COUNT,
+                    ])
+                    .await
+                    .map_err(err)?;
+                let Value::Array(entries) = v else {
+                    return Err(StoreError::Redis("unexpected reply to XRANGE".into()));
+                };
+                if entries.is_empty() {
+                    break;
+                }
+                let page =
+                    stream_entries(vec![Value::Array(vec![Value::Nil, Value::Array(entries)])])?;
+                let Some(last) = page.last().map(|e| e.0) else {
+                    break;
+                };
+                for (_, raw) in page {
+                    if let Some(r) = verified(signer, log, &raw, &mut out) {
+                        out.records.push(r);
+                    }
+                }
+                from = format!("({last}-1");
+            }
+            Ok(out)
         })
     }
 
