@@ -48,6 +48,9 @@ url = "{url}"
 rate = "100000/s"
 burst = 100000
 
+[limits]
+auth_failures_per_minute = 1000000
+
 [server]
 listen = "127.0.0.1:0"
 
@@ -275,13 +278,14 @@ async fn redis_down_keeps_the_last_table_and_resumes_without_reload() {
 }
 
 /// Two control planes on one Redis store: each serves the REST API and the feed; writes through
-/// either (and the CLI) reach a `source = "redis"` gateway and a feed-mode gateway behind the
-/// other; one control plane killed, the other keeps serving.
+/// either (and the CLI) reach three `source = "redis"` gateways and a feed-mode gateway behind
+/// one of them (50 revocations timed, p50/p99 printed); one control plane killed, the other
+/// keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
-    let nodes = Nodes::new(2, &redis).await;
+    let nodes = Nodes::new(4, &redis).await;
     let node0 = nodes.configs[0].parent().unwrap().to_path_buf();
     let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
     let cp_cfg = write_file(
@@ -301,8 +305,10 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     let (write, feed) = (mint("write"), mint("feed"));
     let mut cp1 = Some(ControlPlane::spawn(&cp_cfg).await);
     let cp2 = ControlPlane::spawn(&cp_cfg).await;
-    // Gateway A follows Redis; gateway B follows cp2's feed.
+    // Gateways A (three) follow Redis; gateway B follows cp2's feed.
     let gw_a = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    let gw_a1 = spawn_ready(&nodes.configs[1], &[], ENFORCE).await;
+    let gw_a2 = spawn_ready(&nodes.configs[2], &[], ENFORCE).await;
     let feed_cfg = base
         .replace(
             "source = \"redis\"",
@@ -311,7 +317,7 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
                 cp2.addr
             ),
         );
-    let node1 = nodes.configs[1].parent().unwrap().to_path_buf();
+    let node1 = nodes.configs[3].parent().unwrap().to_path_buf();
     let feed_cfg = write_file(&node1, "feed.toml", &feed_cfg);
     let gw_b = spawn_ready(&feed_cfg, &[("KEYGATE_FEED_TOKEN", &feed)], ENFORCE).await;
 
@@ -359,13 +365,75 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    let started = Instant::now();
-    for gw in [&gw_a, &gw_b] {
+    let all = [&gw_a, &gw_a1, &gw_a2, &gw_b];
+    eprintln!(
+        "gateways: {:?}",
+        all.iter().map(|g| g.http).collect::<Vec<_>>()
+    );
+    for gw in all {
         until(gw, &key, 401).await;
     }
+    // 50 revocations through alternating control planes: API response → 401 on all four.
+    let mut keys = Vec::new();
+    for i in 0..50 {
+        let body = format!(r#"{{"name":"k{i}","owner":"o","scopes":["invoices:read"]}}"#);
+        let (s, v) = api(cp2.addr, http::Method::POST, "/v1/api-keys".into(), body).await;
+        assert_eq!(s, 201, "{v}");
+        keys.push((
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (_, key) in &keys {
+        for gw in all {
+            until(gw, key, 200).await;
+        }
+    }
+    let mut delays = Vec::new();
+    for (i, (id, key)) in keys.iter().enumerate() {
+        let cp = if i % 2 == 0 {
+            cp1.as_ref().unwrap().addr
+        } else {
+            cp2.addr
+        };
+        let (s, v) = api(
+            cp,
+            http::Method::DELETE,
+            format!("/v1/api-keys/{id}"),
+            String::new(),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let started = Instant::now();
+        for gw in all {
+            let deadline = Instant::now() + ENFORCE;
+            while status(gw, key).await != 401 {
+                if Instant::now() >= deadline {
+                    let mut others = Vec::new();
+                    for g in all {
+                        others.push(status(g, key).await);
+                    }
+                    panic!(
+                        "revocation {i} never reached {} (all: {others:?}); store: {} meta {} xlen {}\n{}",
+                        gw.http,
+                        redis.cmd(&["HGET", "keygate:s:keys", id]),
+                        redis.cmd(&["HGETALL", "keygate:s:meta"]),
+                        redis.cmd(&["XLEN", "keygate:s:log"]),
+                        gw.stderr_contents()
+                    );
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        delays.push(started.elapsed());
+    }
+    delays.sort();
     eprintln!(
-        "redis store: REST revoke on cp2 → 401 on a redis and a feed gateway: {:?}",
-        started.elapsed()
+        "redis store: REST revoke → 401 on 3 redis + 1 feed gateways: p50 {:?}, p99 {:?}, max {:?} (n = {})",
+        delays[delays.len() / 2],
+        delays[(delays.len() * 99).div_ceil(100) - 1],
+        delays[delays.len() - 1],
+        delays.len()
     );
     let k = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     until(&gw_b, &k.key, 200).await;
@@ -378,7 +446,7 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 52, "{v}");
     let (s, _, _) = get(cp2.addr, "/readyz", &[]).await;
     assert_eq!(s, 200);
 }
