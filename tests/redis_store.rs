@@ -366,10 +366,6 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     .await;
     assert_eq!(s, 200, "{v}");
     let all = [&gw_a, &gw_a1, &gw_a2, &gw_b];
-    eprintln!(
-        "gateways: {:?}",
-        all.iter().map(|g| g.http).collect::<Vec<_>>()
-    );
     for gw in all {
         until(gw, &key, 401).await;
     }
