@@ -14,7 +14,9 @@
 #   the same 403; the gateways' usage reports exercise it.
 #
 # Env: SCHEMATHESIS_VERSION (default pinned below), MAX_EXAMPLES (default 30),
-# CARGO_TARGET_DIR (honoured), KEYGATE_BIN (use this binary instead of building).
+# CARGO_TARGET_DIR (honoured), KEYGATE_BIN (use this binary instead of building),
+# STORE=redis (the control plane on the Redis store: a private redis-server on a free port in
+# the temp dir, started and stopped here; needs `redis-server`, a failure without it).
 set -euo pipefail
 
 SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
@@ -23,11 +25,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 WORK="$(mktemp -d -t keygate-st.XXXXXX)"
 CP_PID=""
+REDIS_PID=""
 cleanup() {
-  if [[ -n "$CP_PID" ]] && kill -0 "$CP_PID" 2>/dev/null; then
-    kill "$CP_PID" 2>/dev/null || true
-    wait "$CP_PID" 2>/dev/null || true
-  fi
+  for pid in "$CP_PID" "$REDIS_PID"; do
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -70,6 +75,19 @@ tokens = "admin-tokens.jsonl"
 TOML
 export API_KEY_HASH_SECRET="schemathesis-only-secret-0123456789abcdefghijklmnop"
 CFG="$WORK/keygate.toml"
+
+if [[ "${STORE:-file}" == redis ]]; then
+  command -v redis-server >/dev/null || { echo "STORE=redis needs redis-server (apt-get install -y redis-server)" >&2; exit 1; }
+  PORT="$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')"
+  redis-server --port "$PORT" --bind 127.0.0.1 --dir "$WORK" --save '' --appendonly no \
+    --daemonize no >"$WORK/redis.log" 2>&1 &
+  REDIS_PID=$!
+  for _ in $(seq 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  redis-cli -p "$PORT" ping >/dev/null || { echo "redis-server did not start" >&2; cat "$WORK/redis.log" >&2; exit 1; }
+  sed -i 's/^\[keys\]$/[keys]\nsource = "redis"/' "$CFG"
+  printf '\n[redis]\nurl = "redis://127.0.0.1:%s/0"\n' "$PORT" >>"$CFG"
+  echo "schemathesis: control plane on the Redis store (port $PORT)" >&2
+fi
 
 TOKEN="$("$BIN" --config "$CFG" admin-token create --role write --name schemathesis 2>/dev/null)"
 [[ "$TOKEN" == kgadm_* ]] || { echo "could not mint an admin token" >&2; exit 1; }
