@@ -327,6 +327,12 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     /// Request-path commands; a slower Redis counts as down.
     pub command_timeout_ms: u64,
+    /// Key store on Redis: a revocation is acknowledged only once this many replicas have it
+    /// (`WAIT`); 0 acknowledges once the primary has it.
+    pub revoke_wait_replicas: u32,
+    /// How long a revocation waits for those replicas; then the API answers 503 saying the
+    /// revocation is written but not yet replicated.
+    pub revoke_wait_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -341,6 +347,8 @@ impl Default for RedisConfig {
             key_prefix: "keygate:".into(),
             connect_timeout_ms: 200,
             command_timeout_ms: 50,
+            revoke_wait_replicas: 0,
+            revoke_wait_timeout_ms: 1000,
         }
     }
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::redis::{RedisOpts, RedisServer, Sentinels};
+use common::redis::{Ha, RedisOpts, RedisServer};
 use common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -625,46 +625,8 @@ async fn wait_lease_on(redis: &RedisServer, lineage: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed_without_restart() {
     let _serial = SERIAL.lock().await;
-    let mut primary = RedisServer::start();
-    let replica = RedisServer::start_with(RedisOpts {
-        replica_of: Some(primary.port),
-        ..RedisOpts::default()
-    });
-    eventually_named("replica in sync", Duration::from_secs(20), || async {
-        replica
-            .cmd(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
-    let sentinels = Sentinels::start("keygate", primary.port, 500);
-    eventually_named(
-        "sentinels see each other and the replica",
-        Duration::from_secs(30),
-        || async {
-            let ok = sentinels.ports.iter().all(|p| {
-                let addr = SocketAddr::from(([127, 0, 0, 1], *p));
-                let info =
-                    common::redis::raw_command(addr, None, &["SENTINEL", "master", "keygate"])
-                        .unwrap_or_default();
-                let fields: Vec<&str> = info.split(' ').collect();
-                let field = |name: &str| {
-                    fields
-                        .iter()
-                        .position(|f| *f == name)
-                        .and_then(|i| fields.get(i + 1).copied())
-                };
-                field("num-other-sentinels") == Some("2") && field("num-slaves") == Some("1")
-            });
-            ok.then_some(())
-        },
-    )
-    .await;
-    let section = format!(
-        "url = \"redis://127.0.0.1:{}/0\"\ncommand_timeout_ms = 200\nsentinels = {:?}\nsentinel_master = \"keygate\"",
-        primary.port,
-        sentinels.addrs()
-    );
+    let mut ha = Ha::start("keygate").await;
+    let section = ha.section("keygate");
     let fleet = Fleet::new(2, &redis_limits("local"), &section).await;
     let before = create_key(fleet.config(), &["--plan", "low"]);
     let after = create_key(fleet.config(), &["--plan", "low"]);
@@ -682,13 +644,8 @@ async fn sentinel_failover_is_followed_without_restart() {
         "fleet-wide through the sentinel-discovered primary: {st:?}"
     );
 
-    primary.kill();
-    eventually_named(
-        "sentinels promote the replica",
-        Duration::from_secs(30),
-        || async { (sentinels.primary_port("keygate") == Some(replica.port)).then_some(()) },
-    )
-    .await;
+    ha.fail_over("keygate").await;
+    let replica = &ha.replica;
     // Traffic makes each node notice the dead primary, ask the sentinels, and move on.
     eventually_named(
         "both nodes write to the new primary",
@@ -702,7 +659,7 @@ async fn sentinel_failover_is_followed_without_restart() {
         },
     )
     .await;
-    wait_lease_on(&replica, &probes[1].id).await;
+    wait_lease_on(replica, &probes[1].id).await;
     let st = round(&[addrs[1], addrs[0], addrs[1], addrs[0]], &after.key).await;
     assert_eq!(ok(&st), 2, "fleet-wide on the new primary: {st:?}");
     for gw in &gws {

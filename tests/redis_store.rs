@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::redis::{RedisOpts, RedisServer};
+use common::redis::{Ha, RedisOpts, RedisServer};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,6 +26,11 @@ struct Nodes {
 
 impl Nodes {
     async fn new(n: usize, redis: &RedisServer) -> Nodes {
+        Nodes::with_redis(n, &format!("url = \"{}\"", redis.url())).await
+    }
+
+    /// `redis`: the `[redis]` body.
+    async fn with_redis(n: usize, redis: &str) -> Nodes {
         let dir = tempdir();
         let up = Upstream::start(Mode::Echo).await;
         let configs = (0..n)
@@ -42,7 +47,7 @@ store = "unused-keys.jsonl"
 audit_log = "audit.jsonl"
 
 [redis]
-url = "{url}"
+{redis}
 
 [plans.default]
 rate = "100000/s"
@@ -68,7 +73,6 @@ methods = ["GET"]
 scopes = ["invoices:read"]
 upstream = "up"
 "#,
-                        url = redis.url(),
                         up = up.addr()
                     ),
                 )
@@ -542,4 +546,82 @@ async fn store_migrate_round_trips_byte_for_byte() {
         "{}",
         stderr_str(&out)
     );
+}
+
+/// Sentinel failover under the store (THREATS L3): with `revoke_wait_replicas = 1` a revocation
+/// is acknowledged only once the replica has it, so the failover loses no acknowledged
+/// revocation; writers and gateways follow the new primary without a restart; with no replica
+/// left, a revocation is still written and enforced but the CLI says it is not replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_loses_no_acknowledged_revocation() {
+    let _serial = SERIAL.lock().await;
+    let mut ha = Ha::start("store").await;
+    let section = format!(
+        "{}\nrevoke_wait_replicas = 1\nrevoke_wait_timeout_ms = 1000",
+        ha.section("store")
+    );
+    let nodes = Nodes::with_redis(2, &section).await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let gws = [
+        spawn_ready(&nodes.configs[0], &[], ENFORCE).await,
+        spawn_ready(&nodes.configs[1], &[], ENFORCE).await,
+    ];
+    for gw in &gws {
+        until(gw, &k1.key, 200).await;
+    }
+    // Acknowledged: the replica has it.
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
+    assert!(ha
+        .replica
+        .cmd(&["HGET", "keygate:s:keys", &k1.id])
+        .contains("revoked_at"));
+
+    ha.fail_over("store").await;
+    // The CLI finds the new primary through the sentinels (a first try may still hit the dead
+    // one); with no replica left, the revocation is written but reported as not replicated.
+    let out = eventually_named("revoke on the new primary", Duration::from_secs(30), || {
+        let cfg = nodes.cli_config().to_path_buf();
+        let id = k2.id.clone();
+        async move {
+            let out = cli(&cfg, &["keys", "revoke", &id], SECRET_ENV);
+            (out.status.success() || stderr_str(&out).contains("replicas")).then_some(out)
+        }
+    })
+    .await;
+    assert!(!out.status.success(), "no replica is left to confirm it");
+    assert!(stderr_str(&out).contains("written"), "{}", stderr_str(&out));
+    let k3 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    for gw in &gws {
+        until(gw, &k3.key, 200).await;
+        until(gw, &k2.key, 401).await;
+        assert_eq!(
+            status(gw, &k1.key).await,
+            401,
+            "acknowledged revocation survived"
+        );
+    }
+}
+
+/// THREATS L4: a control plane refuses a Redis whose `maxmemory-policy` could evict the
+/// store's keys, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_the_store_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let nodes = Nodes::new(1, &redis).await;
+    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
+    let cp_cfg = write_file(
+        nodes.configs[0].parent().unwrap(),
+        "control.toml",
+        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\n"),
+    );
+    let err = match ControlPlane::try_spawn(&cp_cfg).await {
+        Ok(_) => panic!("a control plane started on an evicting Redis"),
+        Err(e) => e,
+    };
+    assert!(err.contains("maxmemory-policy"), "{err}");
+    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    ControlPlane::spawn(&cp_cfg).await;
 }

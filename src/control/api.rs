@@ -76,6 +76,10 @@ impl From<OpsError> for ApiError {
             OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
                 (StatusCode::CONFLICT, "key_revoked")
             }
+            // Written and enforced, but a failover now could lose it: the client must know.
+            OpsError::Store(crate::store::StoreError::NotReplicated { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "revocation_not_replicated")
+            }
             OpsError::Store(_) | OpsError::Random(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }

@@ -57,12 +57,20 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     pub fn new(settings: Settings, metrics: RedisMetrics) -> Arc<Client> {
+        Client::with_pool(settings, metrics, POOL)
+    }
+
+    /// A client of `pool` connections. One connection keeps a sequence of commands on one
+    /// connection (the store's write then `WAIT`, which waits only for that connection's
+    /// writes).
+    pub fn with_pool(settings: Settings, metrics: RedisMetrics, pool: usize) -> Arc<Client> {
+        let pool = pool.max(1);
         let primary = match &settings.target {
             Target::Direct { host, port } => Some(format!("{host}:{port}")),
             Target::Sentinel { .. } => None,
         };
         Arc::new(Client {
-            slots: (0..POOL)
+            slots: (0..pool)
                 .map(|_| {
                     AsyncMutex::new(Slot {
                         conn: None,
@@ -141,8 +149,9 @@ impl Client {
         let timeout = self.settings.command_timeout;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut guard = None;
-        for i in 0..POOL {
-            if let Ok(g) = self.slots[(start + i) % POOL].try_lock() {
+        let pool = self.slots.len();
+        for i in 0..pool {
+            if let Ok(g) = self.slots[(start + i) % pool].try_lock() {
                 guard = Some(g);
                 break;
             }
@@ -150,7 +159,7 @@ impl Client {
         let mut slot = match guard {
             Some(g) => g,
             // All busy: wait for one, but never longer than a command may take.
-            None => tokio::time::timeout(timeout, self.slots[start % POOL].lock())
+            None => tokio::time::timeout(timeout, self.slots[start % pool].lock())
                 .await
                 .map_err(|_| RedisError::Timeout)?,
         };

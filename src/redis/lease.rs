@@ -461,6 +461,8 @@ mod tests {
             prefix: "t:".into(),
             connect_timeout: Duration::from_millis(10),
             command_timeout: Duration::from_millis(10),
+            revoke_wait_replicas: 0,
+            revoke_wait_timeout: Duration::from_millis(10),
         };
         let m = crate::metrics::Metrics::new(0);
         let client = Client::new(settings, m.redis_metrics());

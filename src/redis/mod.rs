@@ -113,6 +113,9 @@ pub struct Settings {
     pub prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// Key store: replicas a revocation waits for (`WAIT`), and for how long.
+    pub revoke_wait_replicas: u32,
+    pub revoke_wait_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -247,6 +250,8 @@ impl Settings {
             prefix: r.key_prefix.clone(),
             connect_timeout: Duration::from_millis(r.connect_timeout_ms),
             command_timeout: Duration::from_millis(r.command_timeout_ms),
+            revoke_wait_replicas: r.revoke_wait_replicas,
+            revoke_wait_timeout: Duration::from_millis(r.revoke_wait_timeout_ms),
         }))
     }
 }

@@ -60,13 +60,18 @@ pub enum StoreError {
     Unrevoke { id: String },
     #[error("redis store: {0}")]
     Redis(String),
+    #[error("the revocation is written but only {acked} of {wanted} replicas confirmed it within the timeout; it is enforced, and a failover now could lose it")]
+    NotReplicated { acked: i64, wanted: u32 },
 }
 
 impl StoreError {
     /// A closed label for metrics (`keygate_source_errors_total{kind}`).
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::Io { .. } | StoreError::Unstable { .. } | StoreError::Redis(_) => "io",
+            StoreError::Io { .. }
+            | StoreError::Unstable { .. }
+            | StoreError::Redis(_)
+            | StoreError::NotReplicated { .. } => "io",
             StoreError::Rollback { .. } | StoreError::Unrevoke { .. } => "rollback",
             StoreError::Downgrade { .. } => "unsigned",
         }

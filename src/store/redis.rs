@@ -157,16 +157,47 @@ fn text(v: Option<&Value>) -> String {
 
 /// The store's settings: `[redis]` with the store's own timeout.
 pub fn store_settings(mut s: Settings) -> Settings {
-    s.command_timeout = s.command_timeout.max(STORE_TIMEOUT);
+    s.command_timeout = s
+        .command_timeout
+        .max(STORE_TIMEOUT)
+        .max(s.revoke_wait_timeout + Duration::from_secs(1));
     s
+}
+
+/// The store's keys must never be evicted (THREATS L4): an evicted revocation is an un-revoked
+/// key. Refuses a server whose `maxmemory-policy` is not `noeviction`; a server that does not
+/// let us ask (an ACL without `CONFIG`) is allowed with a warning, since the policy may be
+/// enforced where we cannot see it.
+async fn refuse_eviction(c: &Client) -> Result<(), StoreError> {
+    match c.call(&[b"CONFIG", b"GET", b"maxmemory-policy"]).await {
+        Ok(Value::Array(v)) => {
+            let policy = text(v.get(1));
+            if policy.is_empty() || policy == "noeviction" {
+                Ok(())
+            } else {
+                Err(StoreError::Redis(format!(
+                    "maxmemory-policy is {policy:?}: the key store's keys could be evicted (an evicted revocation is a live key); set maxmemory-policy noeviction, or give the store its own instance"
+                )))
+            }
+        }
+        Ok(Value::Error(e)) => {
+            tracing::warn!(reply = %e, "cannot read maxmemory-policy; make sure it is noeviction for the key store");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// A client for store work (its own pool and timeouts; a throwaway metrics registry: the
 /// request path's `keygate_redis_*` series describe the limiter's client).
+/// One connection: a write and the `WAIT` after it must share a connection (`WAIT` counts the
+/// replicas that have that connection's writes).
 pub fn client(settings: &Settings) -> Arc<Client> {
-    Client::new(
+    Client::with_pool(
         store_settings(settings.clone()),
         crate::metrics::Metrics::new(0).redis_metrics(),
+        1,
     )
 }
 
@@ -306,10 +337,13 @@ impl RedisLog {
         self.run(|c| async move { state(&c, n, signer).await })
     }
 
-    /// Give a new store its log id. Returns it.
+    /// Give a new store its log id (and refuse a server that may evict it). Returns the id.
     pub fn ensure_signed(&self) -> Result<LogId, StoreError> {
         let n = &self.names;
-        self.run(|c| async move { init(&c, n).await.map(|h| h.0) })
+        self.run(|c| async move {
+            refuse_eviction(&c).await?;
+            init(&c, n).await.map(|h| h.0)
+        })
     }
 
     /// As `LogFile::transact`: `build` sees every key's latest version; the new versions are
@@ -324,6 +358,10 @@ impl RedisLog {
         E: Send,
     {
         let (n, signer) = (&self.names, &self.signer);
+        let (wait_replicas, wait_timeout) = (
+            self.settings.revoke_wait_replicas,
+            self.settings.revoke_wait_timeout,
+        );
         let mut build = build;
         self.run(move |c| async move {
             init(&c, n).await?;
@@ -343,7 +381,12 @@ impl RedisLog {
                     return Err(StoreError::Unrevoke { id: r.id.clone() });
                 }
                 match write(&c, n, signer, log, rev, &mut records).await? {
-                    Written::Ok => return Ok(Ok(records)),
+                    Written::Ok => {
+                        if records.iter().any(|r| r.revoked_at.is_some()) {
+                            replicated(&c, wait_replicas, wait_timeout).await?;
+                        }
+                        return Ok(Ok(records));
+                    }
                     Written::Conflict => continue,
                 }
             }
@@ -460,6 +503,30 @@ impl RedisLog {
     /// New keys (creation, import).
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
         self.transact(move |_| Ok::<_, StoreError>(records.clone()))?
+    }
+}
+
+/// A revocation is acknowledged only once `replicas` replicas have it (`WAIT`, on the
+/// connection that wrote it): an asynchronous replica promoted by a failover would otherwise
+/// lose it. Nothing to wait for when `replicas` is 0.
+async fn replicated(c: &Client, replicas: u32, timeout: Duration) -> Result<(), StoreError> {
+    if replicas == 0 {
+        return Ok(());
+    }
+    let (n, ms) = (replicas.to_string(), timeout.as_millis().to_string());
+    let acked = c
+        .call(&[b"WAIT", n.as_bytes(), ms.as_bytes()])
+        .await
+        .map_err(err)?
+        .as_int()
+        .unwrap_or(0);
+    if acked >= i64::from(replicas) {
+        Ok(())
+    } else {
+        Err(StoreError::NotReplicated {
+            acked,
+            wanted: replicas,
+        })
     }
 }
 

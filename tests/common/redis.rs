@@ -403,3 +403,76 @@ fn read_reply(r: &mut impl BufRead) -> Result<String, String> {
         other => Err(format!("unexpected RESP type {other:?}")),
     }
 }
+
+/// A primary, a replica in sync with it, and three sentinels that see both: what the HA tests
+/// start from. Polls with deadlines until Sentinel is ready to fail over.
+pub struct Ha {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Sentinels,
+}
+
+impl Ha {
+    pub async fn start(name: &str) -> Ha {
+        let primary = RedisServer::start();
+        let replica = RedisServer::start_with(RedisOpts {
+            replica_of: Some(primary.port),
+            ..RedisOpts::default()
+        });
+        crate::common::eventually_named("replica in sync", Duration::from_secs(20), || async {
+            replica
+                .cmd(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                .then_some(())
+        })
+        .await;
+        let sentinels = Sentinels::start(name, primary.port, 500);
+        crate::common::eventually_named(
+            "sentinels see each other and the replica",
+            Duration::from_secs(30),
+            || async {
+                let ok = sentinels.ports.iter().all(|p| {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], *p));
+                    let info =
+                        raw_command(addr, None, &["SENTINEL", "master", name]).unwrap_or_default();
+                    let fields: Vec<&str> = info.split(' ').collect();
+                    let field = |f: &str| {
+                        fields
+                            .iter()
+                            .position(|x| *x == f)
+                            .and_then(|i| fields.get(i + 1).copied())
+                    };
+                    field("num-other-sentinels") == Some("2") && field("num-slaves") == Some("1")
+                });
+                ok.then_some(())
+            },
+        )
+        .await;
+        Ha {
+            primary,
+            replica,
+            sentinels,
+        }
+    }
+
+    /// The `[redis]` body that reaches the primary through the sentinels.
+    pub fn section(&self, name: &str) -> String {
+        format!(
+            "url = \"redis://127.0.0.1:{}/0\"\ncommand_timeout_ms = 200\nsentinels = {:?}\nsentinel_master = \"{name}\"",
+            self.primary.port,
+            self.sentinels.addrs()
+        )
+    }
+
+    /// Kill the primary and wait until the sentinels have promoted the replica.
+    pub async fn fail_over(&mut self, name: &str) {
+        self.primary.kill();
+        let (sentinels, replica) = (&self.sentinels, self.replica.port);
+        crate::common::eventually_named(
+            "sentinels promote the replica",
+            Duration::from_secs(30),
+            || async { (sentinels.primary_port(name) == Some(replica)).then_some(()) },
+        )
+        .await;
+    }
+}
