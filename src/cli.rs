@@ -144,6 +144,10 @@ pub struct GrantArgs {
     /// Lifetime, e.g. 90d.
     #[arg(long)]
     pub expires_in: Option<String>,
+    /// Refuse the key until then: RFC 3339 (2026-12-24T09:00:00Z) or a duration from now
+    /// (10m); the key is `pending` until then (create and import only).
+    #[arg(long)]
+    pub not_before: Option<String>,
     /// Client network allowed to use the key (repeatable CIDR).
     #[arg(long = "allow-ip")]
     pub allow_ips: Vec<IpNet>,
@@ -298,8 +302,14 @@ fn grants(
     env: String,
     g: GrantArgs,
     canary: bool,
+    now: i64,
 ) -> Result<Grants, Failure> {
     Ok(Grants {
+        not_before: g
+            .not_before
+            .as_deref()
+            .map(|s| crate::keys::ops::parse_not_before(s, now))
+            .transpose()?,
         name,
         owner,
         env,
@@ -489,6 +499,13 @@ fn print_minted(
         "{verb} {} ({}, owner {:?}, env {}); the key above is shown once and cannot be recovered",
         record.id, record.name, record.owner, record.env
     );
+    if let Some(nb) = record.not_before {
+        eprintln!(
+            "{} is pending: refused until {}",
+            record.id,
+            fmt_time(Some(nb))
+        );
+    }
     Ok(())
 }
 
@@ -505,7 +522,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             canary,
             json,
         } => {
-            let m = keys.create(&grants(name, owner, env, g, canary)?, now)?;
+            let m = keys.create(&grants(name, owner, env, g, canary, now)?, now)?;
             print_minted(&m.record, &m.key, now, json, "created")
         }
         KeysCommand::List {
@@ -541,6 +558,11 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             no_expiry,
             json,
         } => {
+            if g.not_before.is_some() {
+                return Err(Failure(
+                    "--not-before is set at creation only (a key's validity start is part of what was issued)".into(),
+                ));
+            }
             let changes = Changes {
                 name,
                 owner,
@@ -669,7 +691,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
             let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            let defaults = grants(name, owner, env, g, false)?;
+            let defaults = grants(name, owner, env, g, false, now)?;
             let tty = std::io::stderr().is_terminal();
             let total = lines.len();
             let report = keys.import(&lines, &defaults, now, |i| {

@@ -1880,3 +1880,61 @@ fn compact_keeps_the_store_file_mode() {
     let mode = std::fs::metadata(env.store()).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "{mode:o}");
 }
+
+/// Issue 14 feature "not-before": `--not-before` (duration or RFC 3339) on create and import
+/// makes a pending key; past, unparsable or after-expiry values are refused; update refuses it.
+#[test]
+fn not_before_makes_pending_keys_on_create_and_import() {
+    let env = Env::new();
+    let before = now();
+    let (v, _) = env.create(&["--not-before", "1h", "--expires-in", "2h"]);
+    let nb = v["not_before"].as_i64().unwrap();
+    assert!((before + 3600..=now() + 3600).contains(&nb), "{v}");
+    assert_eq!(v["state"], "pending");
+    assert_eq!(env.show(&id(&v))["state"], "pending");
+    assert!(env.list_ids(&["--state", "pending"]).contains(&id(&v)));
+    // RFC 3339, with an offset: the same instant as in UTC.
+    let (v, _) = env.create(&["--not-before", "2099-01-01T01:00:00+01:00"]);
+    assert_eq!(v["not_before"], 4_070_908_800i64);
+    let human = env.ok(&["show", &id(&v)]).stdout;
+    assert!(human.contains("2099-01-01T00:00:00Z"), "{human}");
+    for bad in [
+        &["--not-before", "soon"][..],
+        &["--not-before", "2000-01-01T00:00:00Z"],
+        &["--not-before", "2h", "--expires-in", "1h"],
+    ] {
+        let r = env.fail(&[&["create", "--name", "x", "--owner", "o"], bad].concat());
+        assert!(r.stderr.contains("not_before"), "{bad:?}: {r:?}");
+    }
+    let r = env.fail(&["update", &id(&v), "--not-before", "1h"]);
+    assert!(r.stderr.contains("creation only"), "{r:?}");
+    // Import: the flag is the default, a line's own `not_before` wins.
+    let file = env.path("import.txt");
+    std::fs::write(
+        &file,
+        "legacy_key_aaaaaaaaaaaaaaaa\n{\"key\":\"legacy_key_bbbbbbbbbbbbbbbb\",\"not_before\":4070908800}\n",
+    )
+    .unwrap();
+    env.ok(&[
+        "import",
+        "--file",
+        file.to_str().unwrap(),
+        "--owner",
+        "o",
+        "--not-before",
+        "30m",
+    ]);
+    let imported: Vec<Value> = env
+        .list(&["--state", "pending"])
+        .into_iter()
+        .filter(|r| r["imported"] == true)
+        .collect();
+    let mut nbs: Vec<i64> = imported
+        .iter()
+        .map(|r| r["not_before"].as_i64().unwrap())
+        .collect();
+    nbs.sort();
+    assert_eq!(nbs.len(), 2, "{imported:?}");
+    assert!((before + 1800..=now() + 1800).contains(&nbs[0]));
+    assert_eq!(nbs[1], 4_070_908_800);
+}

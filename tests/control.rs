@@ -1012,3 +1012,47 @@ async fn mass_revoke_spares_canaries() {
     let r = call(a, Method::DELETE, &path, w, "").await;
     assert_eq!(r.2["state"], "revoked");
 }
+
+/// Issue 14 feature "not-before": `not_before` on POST (duration or RFC 3339) makes a
+/// pending key; past, unparsable and after-expiry values are 400; PATCH cannot set it.
+#[tokio::test]
+async fn not_before_on_create_makes_a_pending_key() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let v = create(&e, json!({"name": "n", "owner": "o", "not_before": "1h"})).await;
+    assert_eq!(v["state"], "pending", "{v}");
+    assert!(v["not_before"].as_i64().unwrap() > v["created_at"].as_i64().unwrap() + 3500);
+    let v = create(
+        &e,
+        json!({"name": "n", "owner": "o", "not_before": "2099-01-01T02:00:00+02:00"}),
+    )
+    .await;
+    assert_eq!(v["not_before"], 4_070_908_800i64, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let listed = call(a, Method::GET, "/v1/api-keys?state=pending", w, "").await;
+    assert_eq!(
+        listed.2["items"].as_array().unwrap().len(),
+        2,
+        "{:?}",
+        listed.2
+    );
+    for bad in [
+        json!({"name": "n", "owner": "o", "not_before": "yesterday"}),
+        json!({"name": "n", "owner": "o", "not_before": "2001-01-01T00:00:00Z"}),
+        json!({"name": "n", "owner": "o", "not_before": 5}),
+        json!({"name": "n", "owner": "o", "not_before": "2h", "expires_in": "1h"}),
+    ] {
+        let r = call(a, Method::POST, "/v1/api-keys", w, bad.to_string()).await;
+        assert_problem(&r, 400, "invalid_request");
+    }
+    let r = call(
+        a,
+        Method::PATCH,
+        &format!("/v1/api-keys/{id}"),
+        w,
+        json!({"not_before": "1h"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "immutable_field");
+}

@@ -477,12 +477,14 @@ async fn create(
             "rate",
             "quota",
             "expires_in",
+            "not_before",
             "allow_ips",
             "allow_origins",
             "labels",
             "canary",
         ],
     )?;
+    let now = crate::clock::unix_secs();
     let name = optional_string(&body, "name")?.ok_or_else(|| {
         err(
             StatusCode::BAD_REQUEST,
@@ -501,6 +503,9 @@ async fn create(
         expires_in_secs: optional_string(&body, "expires_in")?
             .map(|s| secs(&s, "expires_in"))
             .transpose()?,
+        not_before: optional_string(&body, "not_before")?
+            .map(|s| crate::keys::ops::parse_not_before(&s, now))
+            .transpose()?,
         allow_ips: ip_list(&body)?.unwrap_or_default(),
         allow_origins: string_list(&body, "allow_origins")?.unwrap_or_default(),
         labels: labels(&body)?.unwrap_or_default(),
@@ -517,9 +522,7 @@ async fn create(
         },
     };
     let c2 = c.clone();
-    let minted =
-        blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::clock::unix_secs()))
-            .await?;
+    let minted = blocking(move || Keys::new(&c2.settings, actor).create(&grants, now)).await?;
     let mut v = public(c, &minted.record);
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))

@@ -59,6 +59,8 @@ pub struct Grants {
     /// Calendar quota, e.g. "100000/month" (needs `[redis]`).
     pub quota: Option<String>,
     pub expires_in_secs: Option<i64>,
+    /// Unix seconds before which the key is refused (`pending`); see [`parse_not_before`].
+    pub not_before: Option<i64>,
     pub allow_ips: Vec<IpNet>,
     pub allow_origins: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -162,6 +164,66 @@ fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), OpsError> {
     }
 }
 
+/// `--not-before` / `not_before`: an RFC 3339 time (`2026-12-24T09:00:00Z`, or with a
+/// `+01:00` offset) or a duration from `now` (`10m`). One parser for the CLI, the REST API
+/// and import, so every front end accepts the same spellings.
+pub fn parse_not_before(s: &str, now: i64) -> Result<i64, OpsError> {
+    let s = s.trim();
+    if let Ok(d) = crate::config::parse_duration(s) {
+        return i64::try_from(d.as_secs())
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(|| OpsError::Invalid(format!("not_before {s:?} is too far ahead")));
+    }
+    let bad = || {
+        OpsError::Invalid(format!(
+            "bad not_before {s:?}: give an RFC 3339 time (2026-12-24T09:00:00Z) or a duration from now (10m)"
+        ))
+    };
+    // humantime reads UTC (`Z`) only; a numeric offset is applied here. `±HH:MM` ends the text.
+    let (utc, offset_secs) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+        Some((head, tail))
+            if head.len() >= 19
+                && matches!(tail.as_bytes(), [b'+' | b'-', h1, h2, b':', m1, m2]
+                    if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit())) =>
+        {
+            let h =
+                i64::from(tail.as_bytes()[1] - b'0') * 10 + i64::from(tail.as_bytes()[2] - b'0');
+            let m =
+                i64::from(tail.as_bytes()[4] - b'0') * 10 + i64::from(tail.as_bytes()[5] - b'0');
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (format!("{head}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ => (s.to_owned(), 0),
+    };
+    let t = humantime::parse_rfc3339(&utc).map_err(|_| bad())?;
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad())?
+        .as_secs();
+    i64::try_from(secs)
+        .map(|t| t - offset_secs)
+        .map_err(|_| bad())
+}
+
+/// A not-before must lie in the future (else it says nothing: leave it out) and before the
+/// expiry (else the key would never be valid).
+fn check_not_before(
+    not_before: Option<i64>,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<(), OpsError> {
+    match (not_before, expires_at) {
+        (Some(nb), _) if nb <= now => Err(OpsError::Invalid(
+            "not_before must be in the future; leave it out for a key valid at once".into(),
+        )),
+        (Some(nb), Some(exp)) if exp <= nb => Err(OpsError::Invalid(
+            "the key would expire before (or when) it becomes valid: expires_in counts from now, make it longer than the wait for not_before".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Names of the fields that differ between two versions of a key (for `key.updated`).
 fn changed_fields(old: &KeyRecord, new: &KeyRecord) -> Vec<String> {
     let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (
@@ -200,6 +262,8 @@ pub struct ImportLine {
     pub plan: Option<String>,
     pub rate: Option<String>,
     pub expires_at: Option<i64>,
+    /// Unix seconds; overrides `--not-before`.
+    pub not_before: Option<i64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -312,7 +376,7 @@ impl<'a> Keys<'a> {
             hint: hint(&key),
             created_at: now,
             written_at_ms: crate::clock::unix_ms(),
-            not_before: None,
+            not_before: g.not_before,
             expires_at: g.expires_in_secs.map(|s| now + s),
             revoked_at: None,
             revoked_reason: None,
@@ -323,6 +387,7 @@ impl<'a> Keys<'a> {
             mac: None,
         };
         check_expiry(record.expires_at, now)?;
+        check_not_before(record.not_before, record.expires_at, now)?;
         self.validate(&record, now)?;
         Ok(Minted {
             record,
@@ -552,6 +617,8 @@ impl<'a> Keys<'a> {
                 rate: cur.rate.clone(),
                 quota: cur.quota.clone(),
                 expires_in_secs: self.successor_lifetime(cur),
+                // The successor replaces a key in use: it is valid at once.
+                not_before: None,
                 allow_ips: cur.allow_ips.clone(),
                 allow_origins: cur.allow_origins.clone(),
                 labels: cur.labels.clone(),
@@ -632,6 +699,7 @@ impl<'a> Keys<'a> {
                     plan: None,
                     rate: None,
                     expires_at: None,
+                    not_before: None,
                     labels: BTreeMap::new(),
                 }
             };
@@ -682,7 +750,7 @@ impl<'a> Keys<'a> {
                 hint: hint(&parsed.key),
                 created_at: now,
                 written_at_ms: crate::clock::unix_ms(),
-                not_before: None,
+                not_before: parsed.not_before.or(defaults.not_before),
                 expires_at: parsed
                     .expires_at
                     .or(defaults.expires_in_secs.map(|s| now + s)),
@@ -694,8 +762,9 @@ impl<'a> Keys<'a> {
                 rotated_to: None,
                 mac: None,
             };
-            if let Err(e) =
-                check_expiry(record.expires_at, now).and_then(|()| self.validate(&record, now))
+            if let Err(e) = check_expiry(record.expires_at, now)
+                .and_then(|()| check_not_before(record.not_before, record.expires_at, now))
+                .and_then(|()| self.validate(&record, now))
             {
                 report.invalid.push((i + 1, e.to_string()));
                 continue;
@@ -786,6 +855,31 @@ mod tests {
         new.scopes = vec![];
         new.expires_at = Some(9);
         assert_eq!(changed_fields(&old, &new), ["expires_at", "scopes"]);
+    }
+
+    #[test]
+    fn not_before_parses_durations_and_rfc3339_with_offsets() {
+        let now = 1_800_000_000;
+        assert_eq!(parse_not_before("10m", now).unwrap(), now + 600);
+        for same in [
+            "2027-01-15T08:00:00Z",
+            "2027-01-15T09:00:00+01:00",
+            "2027-01-15T03:00:00-05:00",
+        ] {
+            assert_eq!(parse_not_before(same, 0).unwrap(), 1_800_000_000, "{same}");
+        }
+        for bad in ["", "soon", "2027-01-15", "2027-01-15T08:00:00+1:00", "-5m"] {
+            assert!(parse_not_before(bad, now).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn not_before_must_be_future_and_before_expiry() {
+        assert!(check_not_before(None, Some(5), 100).is_ok());
+        assert!(check_not_before(Some(101), None, 100).is_ok());
+        assert!(check_not_before(Some(101), Some(102), 100).is_ok());
+        assert!(check_not_before(Some(100), None, 100).is_err());
+        assert!(check_not_before(Some(150), Some(150), 100).is_err());
     }
 
     #[test]
