@@ -80,6 +80,20 @@ pub enum AdminTokenCommand {
         /// A note on who holds it (e.g. the gateway or CI job).
         #[arg(long)]
         name: Option<String>,
+        /// Lifetime, e.g. 90d; the token is refused from then on (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (id, role, name, times, state; never a digest).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: the control plane refuses it from the next request on.
+    Revoke {
+        id: String,
         #[arg(long)]
         json: bool,
     },
@@ -87,15 +101,34 @@ pub enum AdminTokenCommand {
 
 pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Failure> {
     let settings = KeySettings::from_config(config)?;
+    let path = config.resolve(&config.control.tokens);
+    let now = crate::clock::unix_secs();
     match cmd {
-        AdminTokenCommand::Create { role, name, json } => {
-            let path = config.resolve(&config.control.tokens);
+        AdminTokenCommand::Create {
+            role,
+            name,
+            expires_in,
+            json,
+        } => {
+            let expires_at = expires_in
+                .as_deref()
+                .map(secs)
+                .transpose()?
+                .map(|s| {
+                    if s > 0 {
+                        Ok(now + s)
+                    } else {
+                        Err(Failure("--expires-in must be more than zero".into()))
+                    }
+                })
+                .transpose()?;
             let minted = crate::control::tokens::create(
                 &path,
                 &settings.hasher,
                 role,
                 name,
-                crate::clock::unix_secs(),
+                expires_at,
+                now,
             )
             .map_err(|e| {
                 Failure(format!(
@@ -110,18 +143,54 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                     &crate::audit::os_user(),
                 )
                 .with("token_id", minted.record.id.clone())
-                .with("role", role.as_str())])
+                .with("role", role.as_str())
+                .with("expires_at", expires_at)])
                 .map_err(|e| Failure(format!("audit log {}: {e}", settings.audit_log.display())))?;
             if json {
-                out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "token": minted.token}).to_string())?;
+                out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "expires_at": expires_at, "token": minted.token}).to_string())?;
             } else {
                 out(&minted.token)?;
             }
             eprintln!(
-                "created admin token {} (role {}); shown once",
+                "created admin token {} (role {}, expires {}); shown once",
                 minted.record.id,
-                role.as_str()
+                role.as_str(),
+                fmt_time(expires_at)
             );
+            Ok(())
+        }
+        AdminTokenCommand::List { json } => {
+            let tokens = crate::control::tokens::list(&path);
+            if json {
+                let rows: Vec<serde_json::Value> =
+                    tokens.iter().map(|t| t.public_json(now)).collect();
+                return out(&serde_json::Value::Array(rows).to_string());
+            }
+            let mut text = format!(
+                "{:<30} {:<6} {:<8} {:<21} {:<21} {}\n",
+                "ID", "ROLE", "STATE", "CREATED", "EXPIRES", "NAME"
+            );
+            for t in &tokens {
+                text.push_str(&format!(
+                    "{:<30} {:<6} {:<8} {:<21} {:<21} {}\n",
+                    t.id,
+                    t.role.as_str(),
+                    t.state(now).as_str(),
+                    fmt_time(Some(t.created_at)),
+                    fmt_time(t.expires_at),
+                    t.name.as_deref().unwrap_or("")
+                ));
+            }
+            out(text.trim_end())
+        }
+        AdminTokenCommand::Revoke { id, json } => {
+            let audit = crate::audit::AuditLog::new(&settings.audit_log);
+            let t =
+                crate::control::tokens::revoke(&path, &audit, &crate::audit::os_user(), &id, now)?;
+            eprintln!("revoked admin token {}", t.id);
+            if json {
+                out(&t.public_json(now).to_string())?;
+            }
             Ok(())
         }
     }

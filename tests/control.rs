@@ -1056,3 +1056,164 @@ async fn not_before_on_create_makes_a_pending_key() {
     .await;
     assert_problem(&r, 400, "immutable_field");
 }
+
+/// `admin-token create --expires-in`: the token works until then and is 401 from then on.
+fn mint_args(cfg: &Path, args: &[&str]) -> (String, String) {
+    let mut all = vec!["admin-token", "create", "--json"];
+    all.extend_from_slice(args);
+    let out = cli(cfg, &all, SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    (
+        v["token"].as_str().unwrap().to_owned(),
+        v["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Issue 14 feature "admin tokens": list and revoke through the CLI and REST (write role),
+/// expiry; a revoked token is refused on the very next request, an expired one once its time
+/// has come; revocation is audited with the actor and final.
+#[tokio::test]
+async fn admin_tokens_list_revoke_and_expire() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let keys = "/v1/api-keys";
+    // Listing needs the write role and shows no digest (`call` checks every body).
+    let r = call(a, Method::GET, "/v1/admin-tokens", w, "").await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    let items = r.2["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert!(items
+        .iter()
+        .all(|t| t["state"] == "active" && t.get("digest").is_none()));
+    let r = call(a, Method::GET, "/v1/admin-tokens", Some(&e.t.read), "").await;
+    assert_problem(&r, 403, "forbidden");
+    assert_problem(
+        &call(
+            a,
+            Method::DELETE,
+            "/v1/admin-tokens/adm_x",
+            Some(&e.t.read),
+            "",
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    assert_problem(
+        &call(a, Method::DELETE, "/v1/admin-tokens/adm_nope", w, "").await,
+        404,
+        "not_found",
+    );
+
+    // REST revoke: the revoked token is refused on the next request, no waiting.
+    let (victim, victim_id) = mint_args(&e.cfg, &["--role", "write", "--name", "ci"]);
+    assert_eq!(call(a, Method::GET, keys, Some(&victim), "").await.0, 200);
+    let r = call(
+        a,
+        Method::DELETE,
+        &format!("/v1/admin-tokens/{victim_id}"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["state"], "revoked");
+    assert_problem(
+        &call(a, Method::GET, keys, Some(&victim), "").await,
+        401,
+        "unauthorized",
+    );
+    // Idempotent.
+    let r = call(
+        a,
+        Method::DELETE,
+        &format!("/v1/admin-tokens/{victim_id}"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!((r.0, r.2["state"].as_str()), (200, Some("revoked")));
+
+    // CLI revoke of the read token: refused on the next request too.
+    assert_eq!(call(a, Method::GET, keys, Some(&e.t.read), "").await.0, 200);
+    let read_id = items.iter().find(|t| t["role"] == "read").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = cli(&e.cfg, &["admin-token", "revoke", &read_id], SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_problem(
+        &call(a, Method::GET, keys, Some(&e.t.read), "").await,
+        401,
+        "unauthorized",
+    );
+    let out = cli(&e.cfg, &["admin-token", "revoke", "adm_nope"], SECRET_ENV);
+    assert!(!out.status.success());
+    assert!(stderr_str(&out).contains("no admin token with id adm_nope"));
+
+    // Expiry: works now, 401 once expired (polled with a deadline, no sleep).
+    let (short, short_id) = mint_args(&e.cfg, &["--role", "read", "--expires-in", "2s"]);
+    assert_eq!(call(a, Method::GET, keys, Some(&short), "").await.0, 200);
+    eventually_named(
+        "expired admin token refused",
+        std::time::Duration::from_secs(10),
+        || async { (call(a, Method::GET, keys, Some(&short), "").await.0 == 401).then_some(()) },
+    )
+    .await;
+    let out = cli(
+        &e.cfg,
+        &[
+            "admin-token",
+            "create",
+            "--role",
+            "read",
+            "--expires-in",
+            "0s",
+        ],
+        SECRET_ENV,
+    );
+    assert!(!out.status.success());
+
+    // The CLI list agrees, and never prints a token or digest.
+    let out = cli(&e.cfg, &["admin-token", "list", "--json"], SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_no_digest(&out.stdout);
+    let listed: Vec<Value> = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    let state = |id: &str| {
+        listed.iter().find(|t| t["id"] == id).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(state(&victim_id), "revoked");
+    assert_eq!(state(&read_id), "revoked");
+    assert_eq!(state(&short_id), "expired");
+    assert_eq!(state(&e.t.write_id), "active");
+    let human = stdout_str(&cli(&e.cfg, &["admin-token", "list"], SECRET_ENV));
+    assert!(
+        human.contains(&victim_id) && human.contains("revoked"),
+        "{human}"
+    );
+    assert!(!human.contains("kgadm_"), "{human}");
+
+    // Audited once each, with who did it.
+    let revocations: Vec<Value> = audit_lines(&e.dir)
+        .into_iter()
+        .filter(|l| l["event"] == "admin_token.revoked")
+        .collect();
+    assert_eq!(revocations.len(), 2, "{revocations:?}");
+    assert_eq!(revocations[0]["token_id"], victim_id.as_str());
+    assert_eq!(revocations[0]["actor"], format!("admin:{}", e.t.write_id));
+    assert_eq!(revocations[1]["token_id"], read_id.as_str());
+
+    // A token can revoke itself; it is refused from its next request.
+    let path = format!("/v1/admin-tokens/{}", e.t.write_id);
+    assert_eq!(call(a, Method::DELETE, &path, w, "").await.0, 200);
+    assert_problem(
+        &call(a, Method::GET, keys, w, "").await,
+        401,
+        "unauthorized",
+    );
+}

@@ -1,5 +1,6 @@
-//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/feed` (ndjson
-//! stream), `/v1/usage` (gateway reports) and `/v1/openapi.yaml`. Every error is
+//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
+//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports)
+//! and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -87,6 +88,22 @@ impl From<OpsError> for ApiError {
     }
 }
 
+impl From<super::tokens::TokenError> for ApiError {
+    fn from(e: super::tokens::TokenError) -> ApiError {
+        use super::tokens::TokenError;
+        let (status, code) = match &e {
+            TokenError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            // Fail closed, as for keys: a revocation that cannot be audited is not made.
+            TokenError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            TokenError::Io { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        };
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %e, "admin token change failed");
+        }
+        err(status, code, e.to_string())
+    }
+}
+
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
     *r.status_mut() = status;
@@ -136,6 +153,8 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
         ["v1", "api-keys", _, "rotate"] => Some("POST"),
+        ["v1", "admin-tokens"] => Some("GET"),
+        ["v1", "admin-tokens", _] => Some("DELETE"),
         _ => None,
     }
 }
@@ -164,7 +183,7 @@ fn authorize(c: &Control, req: &Request<Incoming>, needed: Role) -> Result<Strin
     let tokens = c.tokens();
     let record = tokens
         .1
-        .authenticate(token, &c.settings.hasher)
+        .authenticate(token, &c.settings.hasher, crate::clock::unix_secs())
         .ok_or_else(|| {
             err(
                 StatusCode::UNAUTHORIZED,
@@ -291,6 +310,27 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             v["key"] = Value::String(minted.key);
             Ok(json_response(StatusCode::CREATED, &v))
         }
+        (Method::GET, ["v1", "admin-tokens"]) => {
+            authorize(c, &req, Role::Write)?;
+            let now = crate::clock::unix_secs();
+            let items: Vec<Value> = super::tokens::list(&c.tokens_path)
+                .iter()
+                .map(|t| t.public_json(now))
+                .collect();
+            Ok(json_response(StatusCode::OK, &json!({ "items": items })))
+        }
+        (Method::DELETE, ["v1", "admin-tokens", id]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let c2 = c.clone();
+            let now = crate::clock::unix_secs();
+            let revoked = blocking(move || {
+                let audit = crate::audit::AuditLog::new(&c2.settings.audit_log);
+                super::tokens::revoke(&c2.tokens_path, &audit, &actor, &id, now)
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &revoked.public_json(now)))
+        }
         _ => match allowed_methods(&segments) {
             Some(allow) => Err(ApiError {
                 allow: Some(allow),
@@ -305,9 +345,12 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, OpsError> + Send + 'static,
-) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| {
