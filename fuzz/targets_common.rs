@@ -550,6 +550,7 @@ fn record(allow_ips: Vec<IpNet>) -> KeyRecord {
         imported: false,
         rotated_from: None,
         rotated_to: None,
+        rotation: None,
         mac: None,
         lineage: "key_fuzz".into(),
     }

@@ -297,11 +297,21 @@ pub enum KeysCommand {
         json: bool,
     },
     /// New key with the same grants; the old one keeps working for the grace period.
+    /// With --abort SUCCESSOR_ID: roll a rotation back instead.
     Rotate {
-        id: String,
+        #[arg(required_unless_present = "abort")]
+        id: Option<String>,
         /// How long the old key keeps working, e.g. 48h (default: keys.rotate_grace).
         #[arg(long)]
         grace: Option<String>,
+        /// Revoke the old key by itself once the new one has been used and the old one has
+        /// been quiet this long, e.g. 1h (checked by `keygate serve` or `keygate control`).
+        #[arg(long)]
+        complete_when_idle: Option<String>,
+        /// Roll back the rotation that minted SUCCESSOR_ID: it is revoked and the old key's
+        /// expiry restored. Refused once the rotation completed.
+        #[arg(long, value_name = "SUCCESSOR_ID", conflicts_with_all = ["id", "grace", "complete_when_idle"])]
+        abort: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -517,13 +527,13 @@ fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
 fn print_record(
     r: &KeyRecord,
     usage: &Usage,
-    extra: Option<serde_json::Value>,
+    extra: Option<serde_json::Map<String, serde_json::Value>>,
     now: i64,
     json: bool,
 ) -> Result<(), Failure> {
     let mut v = listed_json(r, usage, now);
-    if let Some(q) = extra {
-        v["quota_usage"] = q;
+    if let Some(obj) = v.as_object_mut() {
+        obj.extend(extra.unwrap_or_default());
     }
     if json {
         return out(&v.to_string());
@@ -615,9 +625,29 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
         KeysCommand::Show { id, json } => {
-            let r = keys.show(&id)?;
-            let usage = load_usage(config, &settings, &[r.id.as_str()]);
-            print_record(&r, &usage, quota_used(config, &r), now, json)
+            let latest = crate::store::file::latest(keys.state()?.records);
+            let r = latest
+                .get(&id)
+                .ok_or_else(|| crate::keys::ops::OpsError::NotFound(id.clone()))?;
+            let pair = crate::keys::rotation::of(&latest, r);
+            let mut ids = vec![r.id.as_str()];
+            ids.extend(
+                pair.map(|(o, n)| [o.id.as_str(), n.id.as_str()])
+                    .into_iter()
+                    .flatten(),
+            );
+            let usage = load_usage(config, &settings, &ids);
+            let mut extra = serde_json::Map::new();
+            if let Some(q) = quota_used(config, r) {
+                extra.insert("quota_usage".into(), q);
+            }
+            if let Some((old, new)) = pair {
+                extra.insert(
+                    "rotation_status".into(),
+                    crate::keys::rotation::report(old, new, &usage),
+                );
+            }
+            print_record(r, &usage, Some(extra), now, json)
         }
         KeysCommand::Update {
             id,
@@ -705,13 +735,48 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        KeysCommand::Rotate { id, grace, json } => {
+        KeysCommand::Rotate {
+            abort: Some(successor),
+            json,
+            ..
+        } => {
+            let old = keys.abort_rotation(&successor, now)?;
+            eprintln!(
+                "aborted the rotation of {} to {successor}: {successor} is revoked, {} keeps working until {}",
+                old.id,
+                old.id,
+                fmt_time(old.expires_at)
+            );
+            if json {
+                print_record(&old, &Usage::new(), None, now, true)?;
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate {
+            id: None,
+            abort: None,
+            ..
+        } => Err(Failure("give the id of the key to rotate".into())),
+        KeysCommand::Rotate {
+            id: Some(id),
+            grace,
+            complete_when_idle,
+            json,
+            ..
+        } => {
             let grace = grace
                 .as_deref()
                 .map(secs)
                 .transpose()?
                 .unwrap_or(settings.rotate_grace_secs);
-            let m = keys.rotate(&id, grace, now)?;
+            let opts = crate::keys::ops::RotateOptions {
+                grace_secs: grace,
+                complete_when_idle_secs: complete_when_idle.as_deref().map(secs).transpose()?,
+                old_requests: load_usage(config, &settings, &[id.as_str()])
+                    .get(&id)
+                    .map_or(0, |u| u.requests),
+            };
+            let m = keys.rotate(&id, opts, now)?;
             print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
             // What is stored, which is earlier than now + grace when the key expired sooner.
             let until = m.replaced.as_ref().and_then(|old| old.expires_at);

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod path;
 pub mod pipeline;
 pub mod redis;
+pub mod rotations;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -1639,3 +1639,164 @@ fn unix_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// Issue 14 feature "rotation that finishes itself", on a single node: `keys rotate
+/// --complete-when-idle 2s` leaves the old key working while it is in use, reports traffic on
+/// old and new separately, and revokes the old key by itself once the new one was used and
+/// the old one has been quiet for 2 s (audited, counted, timed); an abort after that is
+/// refused. A second rotation is aborted: its successor is refused, the old key works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_completes_itself_once_the_old_key_is_idle_and_aborts_roll_back() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "poll_interval_ms = 50",
+        "poll_interval_ms = 50\ntouch_interval_seconds = 1\nrotation_check_seconds = 1",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let old = s.create(&[]);
+    let other = s.create(&[]);
+    let gw = s.serve().await;
+    wait_status(&gw, "/invoices/1", &old.key, 200, "old key before rotation").await;
+    let v = json(
+        s.cli_ok(&[
+            "keys",
+            "rotate",
+            &old.id,
+            "--grace",
+            "1h",
+            "--complete-when-idle",
+            "2s",
+            "--json",
+        ])
+        .trim()
+        .as_bytes(),
+    );
+    let new = Key {
+        id: v["id"].as_str().unwrap().to_owned(),
+        key: v["key"].as_str().unwrap().to_owned(),
+    };
+    wait_status(&gw, "/invoices/1", &new.key, 200, "successor works").await;
+    // Both keys in use for longer than the idle window: the old key must keep working. The
+    // interval paces the traffic; nothing waits on it for synchronisation.
+    let busy_until = Instant::now() + Duration::from_secs(3);
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    while Instant::now() < busy_until {
+        pace.tick().await;
+        assert_eq!(
+            status_with_key(&gw, "/invoices/1", &old.key).await,
+            200,
+            "old key revoked while in use"
+        );
+        assert_eq!(status_with_key(&gw, "/invoices/1", &new.key).await, 200);
+    }
+    let last_old_use = Instant::now();
+    // Traffic on old and new, separately, since the rotation (from the flushed usage).
+    let show = eventually_named("rotation traffic in keys show", POLL, || async {
+        let v = json(
+            s.cli_ok(&["keys", "show", &new.id, "--json"])
+                .trim()
+                .as_bytes(),
+        );
+        let r = v["rotation_status"].clone();
+        (r["old"]["requests_since_rotation"].as_u64()? >= 20
+            && r["new"]["requests_since_rotation"].as_u64()? >= 20)
+            .then_some(r)
+    })
+    .await;
+    assert_eq!(show["old"]["id"], old.id.as_str());
+    assert_eq!(show["new"]["id"], new.id.as_str());
+    assert_eq!(show["complete_when_idle_secs"], 2);
+    assert!(show["old"]["last_used"].as_i64().is_some(), "{show}");
+    // Quiet now: revoked by itself, not before 2 s after its last use. Watched through the
+    // CLI: a request with the old key would be a use and keep it busy.
+    eventually_named(
+        "old key revoked after 2 s idle",
+        Duration::from_secs(20),
+        || async {
+            let v = json(
+                s.cli_ok(&["keys", "show", &old.id, "--json"])
+                    .trim()
+                    .as_bytes(),
+            );
+            (v["state"] == "revoked").then_some(())
+        },
+    )
+    .await;
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &old.key,
+        401,
+        "completed: old key refused",
+    )
+    .await;
+    assert!(
+        last_old_use.elapsed() >= Duration::from_secs(2),
+        "completed too early"
+    );
+    assert_eq!(status_with_key(&gw, "/invoices/1", &new.key).await, 200);
+    let done = audit_events(&s, "key.rotation_completed");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0]["key_id"], old.id.as_str());
+    assert_eq!(done[0]["successor_id"], new.id.as_str());
+    let shown = json(
+        s.cli_ok(&["keys", "show", &old.id, "--json"])
+            .trim()
+            .as_bytes(),
+    );
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["rotation_status"]["state"], "completed");
+    let series = r#"keygate_key_rotations_total{event="completed"}"#;
+    wait_metric_at_least(&gw, series, 1.0).await;
+    assert_eq!(
+        metric(&gw, r#"keygate_key_rotations_total{event="started"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&gw, "keygate_key_rotation_completion_seconds_count").await,
+        1.0
+    );
+    // Completed rotations cannot be rolled back: the old key stays revoked.
+    let out = cli(
+        &s.config,
+        &["keys", "rotate", "--abort", &new.id],
+        SECRET_ENV,
+    );
+    assert!(!out.status.success());
+    assert!(stderr_str(&out).contains("final"), "{}", stderr_str(&out));
+
+    // Abort: the successor is refused, the old key keeps working with its old expiry.
+    let v = json(
+        s.cli_ok(&["keys", "rotate", &other.id, "--grace", "1s", "--json"])
+            .trim()
+            .as_bytes(),
+    );
+    let successor = v["key"].as_str().unwrap().to_owned();
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &successor,
+        200,
+        "second successor works",
+    )
+    .await;
+    s.cli_ok(&["keys", "rotate", "--abort", v["id"].as_str().unwrap()]);
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &successor,
+        401,
+        "aborted successor refused",
+    )
+    .await;
+    wait_metric_at_least(&gw, r#"keygate_key_rotations_total{event="aborted"}"#, 1.0).await;
+    // Past the 1 s grace the old key still works: its expiry was restored.
+    let past_grace = Instant::now() + Duration::from_millis(1500);
+    eventually_named("past the grace", POLL, || async {
+        (Instant::now() > past_grace).then_some(())
+    })
+    .await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &other.key).await, 200);
+    assert_eq!(audit_events(&s, "key.rotation_aborted").len(), 1);
+    gw.assert_not_logged(&new.key);
+}

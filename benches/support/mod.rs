@@ -83,6 +83,7 @@ pub fn record(i: u64, digest: Digest, key_hint: String) -> KeyRecord {
         imported: false,
         rotated_from: None,
         rotated_to: None,
+        rotation: None,
         mac: None,
     }
 }

@@ -72,6 +72,7 @@ impl From<OpsError> for ApiError {
             }
             OpsError::Immutable { .. } => (StatusCode::BAD_REQUEST, "immutable_field"),
             OpsError::AlreadyRotated { .. } => (StatusCode::CONFLICT, "already_rotated"),
+            OpsError::RotationFinal { .. } => (StatusCode::CONFLICT, "rotation_final"),
             // Fail closed: a change that cannot be audited is not made (THREATS J6).
             OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
@@ -152,7 +153,7 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "usage"] | ["v1", "api-keys", "revoke"] => Some("POST"),
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
-        ["v1", "api-keys", _, "rotate"] => Some("POST"),
+        ["v1", "api-keys", _, "rotate"] | ["v1", "api-keys", _, "rotate", "abort"] => Some("POST"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
         _ => None,
@@ -266,8 +267,20 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             authorize(c, &req, Role::Read)?;
             let id = id.to_string();
             let c2 = c.clone();
-            let record = blocking(move || Keys::new(&c2.settings, "").show(&id)).await?;
-            Ok(json_response(StatusCode::OK, &public(c, &record)))
+            let latest = blocking(move || {
+                Keys::new(&c2.settings, "")
+                    .state()
+                    .map(|p| crate::store::file::latest(p.records))
+            })
+            .await?;
+            let record = latest
+                .get(&id)
+                .ok_or_else(|| ApiError::from(OpsError::NotFound(id.clone())))?;
+            let mut v = public(c, record);
+            if let Some((old, new)) = crate::keys::rotation::of(&latest, record) {
+                v["rotation_status"] = crate::keys::rotation::report(old, new, &c.merged_usage());
+            }
+            Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -296,19 +309,37 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json_optional(c, req).await?;
-            reject_unknown(&body, &["grace"])?;
-            let grace = match optional_string(&body, "grace")? {
-                Some(g) => secs(&g, "grace")?,
-                None => c.settings.rotate_grace_secs,
+            reject_unknown(&body, &["grace", "complete_when_idle"])?;
+            let opts = crate::keys::ops::RotateOptions {
+                grace_secs: match optional_string(&body, "grace")? {
+                    Some(g) => secs(&g, "grace")?,
+                    None => c.settings.rotate_grace_secs,
+                },
+                complete_when_idle_secs: optional_string(&body, "complete_when_idle")?
+                    .map(|s| secs(&s, "complete_when_idle"))
+                    .transpose()?,
+                old_requests: c.merged_usage().get(&id).map_or(0, |u| u.requests),
             };
             let c2 = c.clone();
             let minted = blocking(move || {
-                Keys::new(&c2.settings, actor).rotate(&id, grace, crate::clock::unix_secs())
+                Keys::new(&c2.settings, actor).rotate(&id, opts, crate::clock::unix_secs())
             })
             .await?;
             let mut v = public(c, &minted.record);
             v["key"] = Value::String(minted.key);
             Ok(json_response(StatusCode::CREATED, &v))
+        }
+        (Method::POST, ["v1", "api-keys", id, "rotate", "abort"]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let body = read_json_optional(c, req).await?;
+            reject_unknown(&body, &[])?;
+            let c2 = c.clone();
+            let old = blocking(move || {
+                Keys::new(&c2.settings, actor).abort_rotation(&id, crate::clock::unix_secs())
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &public(c, &old)))
         }
         (Method::GET, ["v1", "admin-tokens"]) => {
             authorize(c, &req, Role::Write)?;

@@ -180,6 +180,7 @@ pub async fn start(
         }
         None => None,
     };
+    tokio::spawn(crate::rotations::run_on_control(control.clone()));
     let c = control.clone();
     let task = tokio::spawn(async move {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

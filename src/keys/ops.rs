@@ -9,7 +9,7 @@
 use crate::audit::{AuditLog, Event};
 use crate::keys::format::{hint, MAX_KEY_LEN};
 use crate::keys::policy::PolicyError;
-use crate::keys::record::{new_id, KeyRecord, KeyState};
+use crate::keys::record::{new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
 use crate::store::file::{Compacted, LogFile, StoreError};
@@ -43,8 +43,20 @@ pub enum OpsError {
     },
     #[error("key {id} was already rotated to {successor}; rotate {successor} instead (a key is rotated once, so its lineage has one current key)")]
     AlreadyRotated { id: String, successor: String },
+    #[error("the rotation of {old} to {successor} is final: {old} was revoked (completed or revoked by hand), and a revoked key is never un-revoked; keep {successor}, or rotate it")]
+    RotationFinal { old: String, successor: String },
     #[error("the OS random source failed: {0}")]
     Random(String),
+}
+
+/// How to rotate: the grace window, and optionally the self-completion rule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RotateOptions {
+    pub grace_secs: i64,
+    /// Revoke the old key once the successor has been used and the old key quiet this long.
+    pub complete_when_idle_secs: Option<i64>,
+    /// The old key's request count now (usage data), for "requests since rotation".
+    pub old_requests: u64,
 }
 
 /// Everything a new key can carry; shared by `create` and `import`.
@@ -384,6 +396,7 @@ impl<'a> Keys<'a> {
             imported: false,
             rotated_from: rotated_from.map(|r| r.id.clone()),
             rotated_to: None,
+            rotation: None,
             mac: None,
         };
         check_expiry(record.expires_at, now)?;
@@ -582,7 +595,12 @@ impl<'a> Keys<'a> {
     /// `rotated_to` is never overwritten. The successor gets a fresh lifetime as long as the
     /// old key's own (`expires_at - created_at`, capped at `policy.max_ttl`; none if the old
     /// key had none), never the grace window.
-    pub fn rotate(&self, id: &str, grace_secs: i64, now: i64) -> Result<Minted, OpsError> {
+    pub fn rotate(&self, id: &str, opts: RotateOptions, now: i64) -> Result<Minted, OpsError> {
+        if opts.complete_when_idle_secs.is_some_and(|s| s <= 0) {
+            return Err(OpsError::Invalid(
+                "complete_when_idle must be more than zero".into(),
+            ));
+        }
         let mut minted = None;
         let mut replaced = None;
         let record = self.change(id, |cur| {
@@ -626,7 +644,14 @@ impl<'a> Keys<'a> {
             };
             let m = self.mint(&grants, now, Some(cur))?;
             let mut old = cur.clone();
-            let grace_end = now + grace_secs.max(0);
+            let grace_end = now + opts.grace_secs.max(0);
+            old.rotation = Some(Rotation {
+                started_at: now,
+                prior_expires_at: old.expires_at,
+                complete_when_idle_secs: opts.complete_when_idle_secs,
+                requests_at_start: opts.old_requests,
+                completed_at: None,
+            });
             old.expires_at = Some(old.expires_at.map_or(grace_end, |e| e.min(grace_end)));
             old.rotated_to = Some(m.record.id.clone());
             old.written_at_ms = crate::clock::unix_ms();
@@ -636,7 +661,8 @@ impl<'a> Keys<'a> {
                 .key(&old)
                 .with("successor_id", new.id.clone())
                 .with("successor_hint", new.hint.clone())
-                .with("old_expires_at", old.expires_at);
+                .with("old_expires_at", old.expires_at)
+                .with("complete_when_idle_secs", opts.complete_when_idle_secs);
             minted = Some(m.key);
             replaced = Some(old.clone());
             // Successor first: a writer killed between the two lines leaves an orphan key
@@ -652,6 +678,109 @@ impl<'a> Keys<'a> {
             key,
             replaced,
         })
+    }
+
+    /// Roll a rotation back, named by its successor: the successor is revoked and the old key
+    /// gets its expiry from before the rotation back, and can be rotated again. Refused once
+    /// the old key is revoked (the rotation completed, or someone revoked it): revocation is
+    /// final. Audited as `key.rotation_aborted` on the old key.
+    pub fn abort_rotation(&self, successor_id: &str, now: i64) -> Result<KeyRecord, OpsError> {
+        let written = self.log.transact(|state| {
+            let successor = state
+                .keys
+                .get(successor_id)
+                .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
+            let not_current = || {
+                OpsError::Invalid(format!(
+                    "{successor_id} is not the successor of a rotation in progress"
+                ))
+            };
+            let old = successor
+                .rotated_from
+                .as_deref()
+                .and_then(|o| state.keys.get(o))
+                .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
+                .ok_or_else(not_current)?;
+            let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
+            if old.revoked_at.is_some() {
+                return Err(OpsError::RotationFinal {
+                    old: old.id.clone(),
+                    successor: successor_id.to_owned(),
+                });
+            }
+            if let Some(next) = &successor.rotated_to {
+                return Err(OpsError::Invalid(format!(
+                    "{successor_id} was itself rotated to {next}; abort that rotation first"
+                )));
+            }
+            let mut restored = old.clone();
+            restored.expires_at = rotation.prior_expires_at;
+            restored.rotated_to = None;
+            restored.rotation = None;
+            restored.written_at_ms = crate::clock::unix_ms();
+            let event = Event::new("key.rotation_aborted", &self.actor)
+                .key(&restored)
+                .with("successor_id", successor_id)
+                .with("restored_expires_at", restored.expires_at);
+            self.audit(&[event])?;
+            // The old key first: a writer killed between the two lines leaves both keys
+            // working (as during the rotation), never neither.
+            let mut records = vec![restored];
+            if successor.revoked_at.is_none() {
+                records.push(revoked(successor, Some("rotation aborted"), now));
+            }
+            Ok::<_, OpsError>(records)
+        })??;
+        written
+            .into_iter()
+            .next()
+            .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))
+    }
+
+    /// Complete the rotations of `old_ids` that are still ready under the lock (re-checked
+    /// against the latest records and `usage`): each old key is revoked and its rotation
+    /// marked completed, audited as `key.rotation_completed`. Returns the revoked versions.
+    pub fn complete_rotations(
+        &self,
+        old_ids: &[String],
+        usage: &BTreeMap<String, crate::usage::Used>,
+        now: i64,
+    ) -> Result<Vec<KeyRecord>, OpsError> {
+        self.log.transact(|state| {
+            let mut records = Vec::new();
+            let mut events = Vec::new();
+            for id in old_ids {
+                let Some(old) = state.keys.get(id) else {
+                    continue;
+                };
+                let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
+                else {
+                    continue;
+                };
+                if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
+                    continue;
+                }
+                let mut r = revoked(old, Some("rotation completed: old key idle"), now);
+                let Some(rot) = r.rotation.as_mut() else {
+                    continue;
+                };
+                rot.completed_at = Some(now);
+                let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
+                events.push(
+                    Event::new("key.rotation_completed", &self.actor)
+                        .key(&r)
+                        .with("successor_id", successor.id.clone())
+                        .with("started_at", started_at)
+                        .with("complete_when_idle_secs", idle)
+                        .with("seconds_to_complete", now - started_at),
+                );
+                records.push(r);
+            }
+            if !events.is_empty() {
+                self.audit(&events)?;
+            }
+            Ok::<_, OpsError>(records)
+        })?
     }
 
     /// The successor's lifetime in seconds: the old key's own, capped by policy.
@@ -760,6 +889,7 @@ impl<'a> Keys<'a> {
                 imported: true,
                 rotated_from: None,
                 rotated_to: None,
+                rotation: None,
                 mac: None,
             };
             if let Err(e) = check_expiry(record.expires_at, now)
