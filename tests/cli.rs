@@ -1938,3 +1938,69 @@ fn not_before_makes_pending_keys_on_create_and_import() {
     assert!((before + 1800..=now() + 1800).contains(&nbs[0]));
     assert_eq!(nbs[1], 4_070_908_800);
 }
+
+/// Issue 14 feature "rotation that finishes itself": `rotate --abort SUCCESSOR_ID` revokes the
+/// successor and restores the old key's expiry (audited); it is refused for anything but the
+/// successor of an open rotation, and once the old key is revoked (revocation is final).
+#[test]
+fn rotate_abort_restores_the_old_key_and_is_refused_once_final() {
+    let env = Env::new();
+    let (v, _) = env.create(&["--expires-in", "30d"]);
+    let old = id(&v);
+    let exp0 = v["expires_at"].as_i64().unwrap();
+    let r = env
+        .ok(&[
+            "rotate",
+            &old,
+            "--grace",
+            "1h",
+            "--complete-when-idle",
+            "1h",
+            "--json",
+        ])
+        .json();
+    let succ = id(&r);
+    let shown = env.show(&old);
+    assert!(shown["expires_at"].as_i64().unwrap() <= now() + 3600);
+    assert_eq!(shown["rotation"]["prior_expires_at"], exp0);
+    assert_eq!(shown["rotation"]["complete_when_idle_secs"], 3600);
+    assert_eq!(shown["rotation_status"]["state"], "in_progress");
+    assert_eq!(
+        env.show(&succ)["rotation_status"]["old"]["id"],
+        old.as_str()
+    );
+
+    let r = env.ok(&["rotate", "--abort", &succ]);
+    assert!(r.stderr.contains("aborted"), "{r:?}");
+    let restored = env.show(&old);
+    assert_eq!(restored["expires_at"], exp0);
+    assert!(restored.get("rotated_to").is_none() && restored.get("rotation").is_none());
+    let gone = env.show(&succ);
+    assert_eq!(gone["state"], "revoked");
+    assert_eq!(gone["revoked_reason"], "rotation aborted");
+    let aborted = env.audit_events("key.rotation_aborted");
+    assert_eq!(aborted.len(), 1);
+    assert_eq!(aborted[0]["key_id"], old.as_str());
+    assert_eq!(aborted[0]["successor_id"], succ.as_str());
+
+    // Only the successor of an open rotation can be aborted.
+    for bad in [&succ, &old] {
+        let r = env.fail(&["rotate", "--abort", bad]);
+        assert!(
+            r.stderr
+                .contains("not the successor of a rotation in progress"),
+            "{r:?}"
+        );
+    }
+    // The old key rotates again; once it is revoked, that rotation is final.
+    let succ2 = id(&env.ok(&["rotate", &old, "--json"]).json());
+    env.ok(&["revoke", &old]);
+    let r = env.fail(&["rotate", "--abort", &succ2]);
+    assert!(r.stderr.contains("final"), "{r:?}");
+    assert_eq!(env.show(&succ2)["state"], "active");
+    assert_eq!(env.show(&old)["state"], "revoked");
+    let other = env.create_id(&[]);
+    let r = env.fail(&["rotate", &other, "--complete-when-idle", "0s"]);
+    assert!(r.stderr.contains("complete_when_idle"), "{r:?}");
+    env.fail(&["rotate", "--abort", &succ2, "--grace", "1h"]);
+}

@@ -24,6 +24,7 @@ store = "keys.jsonl"
 audit_log = "{audit_log}"
 usage_file = "usage.json"
 poll_interval_ms = 50
+rotation_check_seconds = 1
 
 [policy]
 max_ttl = "30d"
@@ -1216,4 +1217,131 @@ async fn admin_tokens_list_revoke_and_expire() {
         401,
         "unauthorized",
     );
+}
+
+/// Issue 14 feature "rotation that finishes itself", in a fleet: the control plane completes a
+/// rotation from the usage the gateways report (POST /v1/usage, as `keygate serve` in feed
+/// mode does), once the successor was used and the old key quiet for `complete_when_idle`;
+/// GET reports traffic on both; aborting is 409 once completed, and rolls an open rotation
+/// back.
+#[tokio::test]
+async fn rest_rotation_completes_on_the_control_plane_and_aborts() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let old = create(&e, json!({"name": "r", "owner": "o"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{old}/rotate"),
+        w,
+        json!({"grace": "1h", "complete_when_idle": "0s"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{old}/rotate"),
+        w,
+        json!({"grace": "1h", "complete_when_idle": "2s"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+    let new = r.2["id"].as_str().unwrap().to_owned();
+    // Not used yet: the health gate holds the rotation open.
+    let status = get_json(a, &e.t.read, &new).await["rotation_status"].clone();
+    assert_eq!(status["state"], "in_progress", "{status}");
+    assert_eq!(status["old"]["id"], old.as_str());
+    // A gateway reports: the successor served 5 requests, the old key none since the start.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let report = json!({"node": "gw1", "usage": {new.clone(): {"last_used": now, "requests": 5}}});
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/usage",
+        Some(&e.t.feed),
+        report.to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    let done = eventually_named(
+        "rotation completed by the control plane",
+        std::time::Duration::from_secs(15),
+        || async {
+            let v = get_json(a, &e.t.read, &old).await;
+            (v["state"] == "revoked").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(done["rotation_status"]["state"], "completed");
+    assert_eq!(done["rotation_status"]["new"]["requests_since_rotation"], 5);
+    assert!(
+        done["revoked_at"].as_i64().unwrap()
+            >= done["rotation"]["started_at"].as_i64().unwrap() + 2
+    );
+    let completed: Vec<Value> = audit_lines(&e.dir)
+        .into_iter()
+        .filter(|l| l["event"] == "key.rotation_completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!(completed[0]["successor_id"], new.as_str());
+    assert_eq!(completed[0]["actor"], "control-plane");
+    assert_problem(&abort(a, &e.t.write, &new).await, 409, "rotation_final");
+
+    // An open rotation rolls back: successor revoked, the old key's expiry restored.
+    let k = create(&e, json!({"name": "k", "owner": "o", "expires_in": "10d"})).await;
+    let (k_id, exp0) = (
+        k["id"].as_str().unwrap().to_owned(),
+        k["expires_at"].clone(),
+    );
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{k_id}/rotate"),
+        w,
+        "",
+    )
+    .await;
+    let succ = r.2["id"].as_str().unwrap().to_owned();
+    let r = abort(a, &e.t.write, &succ).await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["id"], k_id.as_str());
+    assert_eq!(r.2["expires_at"], exp0);
+    assert!(r.2.get("rotated_to").is_none(), "{:?}", r.2);
+    assert_eq!(get_json(a, &e.t.read, &succ).await["state"], "revoked");
+    assert_problem(&abort(a, &e.t.write, &succ).await, 400, "invalid_request");
+    assert_problem(&abort(a, &e.t.write, "key_nope").await, 404, "not_found");
+    let r = call(
+        a,
+        Method::GET,
+        &format!("/v1/api-keys/{k_id}/rotate/abort"),
+        w,
+        "",
+    )
+    .await;
+    assert_problem(&r, 405, "method_not_allowed");
+}
+
+async fn get_json(a: SocketAddr, token: &str, id: &str) -> Value {
+    call(
+        a,
+        Method::GET,
+        &format!("/v1/api-keys/{id}"),
+        Some(token),
+        "",
+    )
+    .await
+    .2
+}
+
+async fn abort(a: SocketAddr, token: &str, id: &str) -> (u16, http::HeaderMap, Value) {
+    let path = format!("/v1/api-keys/{id}/rotate/abort");
+    call(a, Method::POST, &path, Some(token), "").await
 }
