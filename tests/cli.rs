@@ -2004,3 +2004,102 @@ fn rotate_abort_restores_the_old_key_and_is_refused_once_final() {
     assert!(r.stderr.contains("complete_when_idle"), "{r:?}");
     env.fail(&["rotate", "--abort", &succ2, "--grace", "1h"]);
 }
+
+/// Issue 14 feature "`keygate check` covers the release checklist": origins that are not bare
+/// `scheme://host[:port]` (paths, `null`, wildcards, plain http outside localhost) are refused,
+/// from `[cors]` or `ALLOWED_ORIGINS`; a touch interval of 0 is refused; the store, audit log
+/// and usage file must be writable (or creatable).
+#[test]
+fn check_covers_the_release_checklist() {
+    let base = CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n");
+    let env = Env::with_config(&format!(
+        "{base}\n[cors]\nallowed_origins = [\"https://app.example.com\", \"http://localhost:3000\"]\n"
+    ));
+    env.create_id(&[]);
+    let check = |vars: &[(&str, &str)]| {
+        let mut c = env.keygate_command(&["check"]);
+        c.env_remove("ALLOWED_ORIGINS")
+            .env_remove("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        env.run_cmd(c, "keygate check")
+    };
+    let r = check(&[]);
+    assert!(r.status.success(), "clean config: {r:?}");
+
+    let bad = [
+        "https://app.example.com/",
+        "https://app.example.com/v1",
+        "null",
+        "https://*.example.com",
+        "http://app.example.com",
+    ];
+    let r = check(&[("ALLOWED_ORIGINS", &bad.join(","))]);
+    assert!(!r.status.success(), "{r:?}");
+    for o in bad {
+        assert!(
+            r.stderr.contains(&format!("allowed origin {o:?}")),
+            "{o}: {r:?}"
+        );
+    }
+    assert!(r.stderr.contains("5 problem(s)"), "{r:?}");
+    // The same rule for the config file's list.
+    std::fs::write(
+        &env.config,
+        format!("{base}\n[cors]\nallowed_origins = [\"null\"]\n"),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(
+        !r.status.success() && r.stderr.contains("\"null\""),
+        "{r:?}"
+    );
+    std::fs::write(&env.config, &base).unwrap();
+
+    let r = check(&[("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "0")]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS is 0"),
+        "{r:?}"
+    );
+    std::fs::write(&env.config, base.replace("= 60", "= 0")).unwrap();
+    let r = check(&[]);
+    assert!(
+        r.stderr.contains("keys.touch_interval_seconds is 0"),
+        "{r:?}"
+    );
+
+    // Unwritable paths (a directory; a path under a regular file: refused even for root).
+    std::fs::create_dir(env.path("usage-dir")).unwrap();
+    std::fs::write(
+        &env.config,
+        base.replace(
+            "audit_log = \"audit.jsonl\"",
+            "audit_log = \"keys.jsonl/audit.jsonl\"\nusage_file = \"usage-dir\"",
+        ),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(r.stderr.contains("keys.audit_log"), "{r:?}");
+    assert!(
+        r.stderr.contains("keys.usage_file") && r.stderr.contains("not a regular file"),
+        "{r:?}"
+    );
+    assert!(
+        !r.stderr.contains("keys.store"),
+        "the store is writable: {r:?}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".keygate-check")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "probe files left behind");
+}
