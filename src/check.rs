@@ -95,7 +95,8 @@ pub fn origin_problem(origin: &str, live_keys: bool) -> Option<String> {
     let why = |w: &str| Some(format!("allowed origin {origin:?}: {w}"));
     if origin == "*" {
         return live_keys.then(|| {
-            "allowed origins contain \"*\": list the browser origins explicitly for live keys".to_string()
+            "allowed origins contain \"*\": list the browser origins explicitly for live keys"
+                .to_string()
         });
     }
     if origin == "null" {

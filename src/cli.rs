@@ -69,6 +69,50 @@ pub enum Command {
     /// Mint admin tokens for the control plane.
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// Hash-secret versions: which keys use which, for a secret rotation.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Per secret version: configured, current, live keys under it, last seen, retirable.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
+    let settings = KeySettings::from_config(config)?;
+    let now = crate::clock::unix_secs();
+    match cmd {
+        SecretCommand::Status { json } => {
+            let latest = settings.latest_unverified().map_err(Failure)?;
+            let ids: Vec<&str> = latest.keys().map(String::as_str).collect();
+            let usage = load_usage(config, &settings, &ids);
+            let rows = settings.secret_versions(latest.values(), &usage, now);
+            if json {
+                return out(&serde_json::to_string(&rows)?);
+            }
+            let mut text = format!(
+                "{:<8} {:<10} {:<7} {:<9} {:<21} {}\n",
+                "VERSION", "CONFIGURED", "CURRENT", "LIVE KEYS", "LAST SEEN", "RETIRABLE"
+            );
+            for r in &rows {
+                text.push_str(&format!(
+                    "{:<8} {:<10} {:<7} {:<9} {:<21} {}\n",
+                    r.version,
+                    if r.configured { "yes" } else { "NO" },
+                    if r.current { "yes" } else { "no" },
+                    r.live_keys,
+                    fmt_time(r.last_seen),
+                    if r.retirable { "yes" } else { "no" }
+                ));
+            }
+            out(text.trim_end())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

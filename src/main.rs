@@ -43,6 +43,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(|e| Failure(e.to_string())),
         Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
         Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
+        Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(&cli.config)?, cmd),
         Command::Check => {
             let (problems, notes) = keygate::check::check(&cli.config);
             for n in &notes {

@@ -1937,6 +1937,11 @@ fn not_before_makes_pending_keys_on_create_and_import() {
     assert_eq!(nbs.len(), 2, "{imported:?}");
     assert!((before + 1800..=now() + 1800).contains(&nbs[0]));
     assert_eq!(nbs[1], 4_070_908_800);
+    // Rotating a pending key never brings its not-before forward.
+    let (v, _) = env.create(&["--not-before", "1h"]);
+    let successor = env.ok(&["rotate", &id(&v), "--json"]).json();
+    assert_eq!(successor["not_before"], v["not_before"]);
+    assert_eq!(successor["state"], "pending");
 }
 
 /// Issue 14 feature "rotation that finishes itself": `rotate --abort SUCCESSOR_ID` revokes the
@@ -2102,4 +2107,79 @@ fn check_covers_the_release_checklist() {
         })
         .collect();
     assert!(leftovers.is_empty(), "probe files left behind");
+}
+
+/// Issue 14 feature "hash-secret migration" (the status part): `keygate secret status` counts
+/// live keys per secret version, says when each version was last seen (usage data), which is
+/// current, and which can be retired (not current, no live key).
+#[test]
+fn secret_status_counts_keys_per_version_and_names_retirable_ones() {
+    let env = Env::new();
+    let a = env.create_id(&[]);
+    let b = env.create_id(&[]);
+    let status = |vars: &[(&str, &str)]| -> Vec<Value> {
+        let mut c = env.keygate_command(&["secret", "status", "--json"]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let r = env.run_cmd(c, "secret status");
+        assert!(r.status.success(), "{r:?}");
+        r.json().as_array().unwrap().clone()
+    };
+    let rows = status(&[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["version"], 1);
+    assert_eq!(rows[0]["live_keys"], 2);
+    assert_eq!(
+        (rows[0]["current"].as_bool(), rows[0]["retirable"].as_bool()),
+        (Some(true), Some(false))
+    );
+
+    // Rotate the secret: version 2 is current, version 1 is still accepted.
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n[[keys.previous_secrets]]\nversion = 1\nenv = \"OLD_SECRET\"\n",
+            CONFIG.replace("[keys]\n", "[keys]\nhash_secret_version = 2\n")
+        ),
+    )
+    .unwrap();
+    let new_secret = "zyxwvutsrqponmlkjihgfedcba9876543210ZYXWVUTSRQP";
+    let rotated = [(SECRET_VAR, new_secret), ("OLD_SECRET", SECRET)];
+    let mut c = env.command(&["create", "--name", "v2", "--owner", "o", "--json"]);
+    c.envs(rotated);
+    let v2 = id(&env.run_cmd(c, "create under v2").json());
+    let seen = now() - 60;
+    std::fs::write(
+        env.path("usage.json"),
+        serde_json::json!({ v2.clone(): {"last_used": seen, "requests": 3}, a.clone(): {"last_used": seen - 100, "requests": 1} }).to_string(),
+    )
+    .unwrap();
+    let mut c = env.command(&["revoke", &b]);
+    c.envs(rotated);
+    env.run_cmd(c, "revoke b");
+    let rows = status(&rotated);
+    let by: BTreeMap<u64, &Value> = rows
+        .iter()
+        .map(|r| (r["version"].as_u64().unwrap(), r))
+        .collect();
+    assert_eq!(by[&1]["live_keys"], 1, "{rows:?}");
+    assert_eq!(by[&1]["last_seen"], seen - 100);
+    assert_eq!(by[&1]["retirable"], false);
+    assert_eq!(by[&2]["live_keys"], 1);
+    assert_eq!(by[&2]["last_seen"], seen);
+    assert_eq!(by[&2]["current"], true);
+    // Once no live key uses version 1, it can go.
+    let mut c = env.command(&["revoke", &a]);
+    c.envs(rotated);
+    env.run_cmd(c, "revoke a");
+    let rows = status(&rotated);
+    assert_eq!(rows[0]["retirable"], true, "{rows:?}");
+    let mut c = env.keygate_command(&["secret", "status"]);
+    c.envs(rotated);
+    let human = env.run_cmd(c, "secret status").stdout;
+    assert!(
+        human.contains("RETIRABLE") && human.contains("LIVE KEYS"),
+        "{human}"
+    );
 }

@@ -635,8 +635,9 @@ impl<'a> Keys<'a> {
                 rate: cur.rate.clone(),
                 quota: cur.quota.clone(),
                 expires_in_secs: self.successor_lifetime(cur),
-                // The successor replaces a key in use: it is valid at once.
-                not_before: None,
+                // The successor is valid when the old key is: at once for a key in use, at the
+                // same time for a pending one (rotating must not bring a not-before forward).
+                not_before: cur.not_before.filter(|nb| *nb > now),
                 allow_ips: cur.allow_ips.clone(),
                 allow_origins: cur.allow_origins.clone(),
                 labels: cur.labels.clone(),
