@@ -95,19 +95,29 @@ pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
             if json {
                 return out(&serde_json::to_string(&rows)?);
             }
-            let mut text = format!(
-                "{:<8} {:<10} {:<7} {:<9} {:<21} {}\n",
-                "VERSION", "CONFIGURED", "CURRENT", "LIVE KEYS", "LAST SEEN", "RETIRABLE"
+            const WIDTHS: &[usize] = &[8, 10, 7, 9, 21, 0];
+            let mut text = columns(
+                WIDTHS,
+                &[
+                    "VERSION",
+                    "CONFIGURED",
+                    "CURRENT",
+                    "LIVE KEYS",
+                    "LAST SEEN",
+                    "RETIRABLE",
+                ],
             );
             for r in &rows {
-                text.push_str(&format!(
-                    "{:<8} {:<10} {:<7} {:<9} {:<21} {}\n",
-                    r.version,
-                    if r.configured { "yes" } else { "NO" },
-                    if r.current { "yes" } else { "no" },
-                    r.live_keys,
-                    fmt_time(r.last_seen),
-                    if r.retirable { "yes" } else { "no" }
+                text.push_str(&columns(
+                    WIDTHS,
+                    &[
+                        &r.version.to_string(),
+                        if r.configured { "yes" } else { "NO" },
+                        if r.current { "yes" } else { "no" },
+                        &r.live_keys.to_string(),
+                        &fmt_time(r.last_seen),
+                        if r.retirable { "yes" } else { "no" },
+                    ],
                 ));
             }
             out(text.trim_end())
@@ -210,19 +220,22 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                     tokens.iter().map(|t| t.public_json(now)).collect();
                 return out(&serde_json::Value::Array(rows).to_string());
             }
-            let mut text = format!(
-                "{:<30} {:<6} {:<8} {:<21} {:<21} {}\n",
-                "ID", "ROLE", "STATE", "CREATED", "EXPIRES", "NAME"
+            const WIDTHS: &[usize] = &[30, 6, 8, 21, 21, 0];
+            let mut text = columns(
+                WIDTHS,
+                &["ID", "ROLE", "STATE", "CREATED", "EXPIRES", "NAME"],
             );
             for t in &tokens {
-                text.push_str(&format!(
-                    "{:<30} {:<6} {:<8} {:<21} {:<21} {}\n",
-                    t.id,
-                    t.role.as_str(),
-                    t.state(now).as_str(),
-                    fmt_time(Some(t.created_at)),
-                    fmt_time(t.expires_at),
-                    t.name.as_deref().unwrap_or("")
+                text.push_str(&columns(
+                    WIDTHS,
+                    &[
+                        &t.id,
+                        t.role.as_str(),
+                        t.state(now).as_str(),
+                        &fmt_time(Some(t.created_at)),
+                        &fmt_time(t.expires_at),
+                        t.name.as_deref().unwrap_or(""),
+                    ],
                 ));
             }
             out(text.trim_end())
@@ -453,6 +466,19 @@ fn out(line: &str) -> Result<(), Failure> {
     writeln!(o, "{line}")?;
     o.flush()?;
     Ok(())
+}
+
+/// One line of a plain-text table: each cell left-aligned in its width, one space apart.
+fn columns(widths: &[usize], cells: &[&str]) -> String {
+    let mut line = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| format!("{c:<w$}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.truncate(line.trim_end().len());
+    line.push('\n');
+    line
 }
 
 fn fmt_time(t: Option<i64>) -> String {

@@ -54,17 +54,7 @@ struct Tokens {
 }
 
 fn mint(cfg: &Path, role: &str) -> (String, String) {
-    let out = cli(
-        cfg,
-        &["admin-token", "create", "--role", role, "--json"],
-        SECRET_ENV,
-    );
-    assert!(out.status.success(), "{}", stderr_str(&out));
-    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
-    (
-        v["token"].as_str().unwrap().to_owned(),
-        v["id"].as_str().unwrap().to_owned(),
-    )
+    mint_args(cfg, &["--role", role])
 }
 
 fn tokens(cfg: &Path) -> Tokens {
@@ -1058,7 +1048,7 @@ async fn not_before_on_create_makes_a_pending_key() {
     assert_problem(&r, 400, "immutable_field");
 }
 
-/// `admin-token create --expires-in`: the token works until then and is 401 from then on.
+/// `admin-token create --json <args…>`: (token, id).
 fn mint_args(cfg: &Path, args: &[&str]) -> (String, String) {
     let mut all = vec!["admin-token", "create", "--json"];
     all.extend_from_slice(args);

@@ -91,12 +91,7 @@ impl TokenRecord {
 
     /// What a listing shows: everything but the digest, plus the state.
     pub fn public_json(&self, now: i64) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(o) = v.as_object_mut() {
-            o.remove("digest");
-            o.insert("state".into(), self.state(now).as_str().into());
-        }
-        v
+        crate::keys::record::public_json(self, &["digest"], self.state(now).as_str())
     }
 }
 

@@ -153,16 +153,23 @@ impl KeyRecord {
         }
     }
 
-    /// The JSON a human or API client may see: everything except the digest.
+    /// The JSON a human or API client may see: everything except the digest and MAC.
     pub fn public_json(&self, now: i64) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("digest");
-            obj.remove("mac");
-            obj.insert("state".into(), self.state(now).as_str().into());
-        }
-        v
+        public_json(self, &["digest", "mac"], self.state(now).as_str())
     }
+}
+
+/// `value` as JSON without its `hidden` fields (digests, MACs: never shown) and with its
+/// `state`: what listings of keys and admin tokens print.
+pub fn public_json(value: &impl Serialize, hidden: &[&str], state: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        for field in hidden {
+            obj.remove(*field);
+        }
+        obj.insert("state".into(), state.into());
+    }
+    v
 }
 
 /// Revocation is final: `next` would be a version of a key whose version `held` is revoked,
