@@ -300,6 +300,10 @@ pub enum KeysCommand {
         /// A key that is always rejected and raises an alarm when used.
         #[arg(long)]
         canary: bool,
+        /// Browser-safe key (`kg_pub_live_…`): needs --allow-origin, works only from those
+        /// origins and only on routes with `publishable = true`.
+        #[arg(long, conflicts_with = "canary")]
+        publishable: bool,
         #[arg(long)]
         json: bool,
     },
@@ -437,10 +441,11 @@ fn grants(
     owner: String,
     env: String,
     g: GrantArgs,
-    canary: bool,
+    (canary, publishable): (bool, bool),
     now: i64,
 ) -> Result<Grants, Failure> {
     Ok(Grants {
+        publishable,
         not_before: g
             .not_before
             .as_deref()
@@ -669,9 +674,13 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             env,
             grants: g,
             canary,
+            publishable,
             json,
         } => {
-            let m = keys.create(&grants(name, owner, env, g, canary, now)?, now)?;
+            let m = keys.create(
+                &grants(name, owner, env, g, (canary, publishable), now)?,
+                now,
+            )?;
             print_minted(&m.record, &m.key, now, json, "created")
         }
         KeysCommand::List {
@@ -895,7 +904,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure(format!("cannot read {}: {e}", file.display())))?;
             let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            let defaults = grants(name, owner, env, g, false, now)?;
+            let defaults = grants(name, owner, env, g, (false, false), now)?;
             let tty = std::io::stderr().is_terminal();
             let total = lines.len();
             let report = keys.import(&lines, &defaults, now, |i| {

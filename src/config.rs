@@ -454,6 +454,10 @@ pub struct RouteConfig {
     pub query_key_param: Option<String>,
     /// Request body limit for this route (413); default `server.max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// Accept publishable keys (`kg_pub_…`, browser-safe) here, from the origins they list;
+    /// off by default: every other route refuses them (403 `publishable_key_denied`).
+    #[serde(default)]
+    pub publishable: bool,
 }
 
 impl Config {

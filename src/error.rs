@@ -48,6 +48,8 @@ pub enum GatewayError {
     EnvDenied,
     #[error("browser origin not allowed")]
     OriginDenied,
+    #[error("publishable key on a route that does not accept them")]
+    PublishableDenied,
     #[error("rate limited")]
     RateLimited(Verdict),
     #[error("quota exceeded")]
@@ -84,6 +86,7 @@ pub enum Outcome {
     NetworkDenied,
     EnvDenied,
     OriginDenied,
+    PublishableDenied,
     RateLimited,
     QuotaExceeded,
     AuthBudgetExceeded,
@@ -101,7 +104,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 27] = [
+    pub const ALL: [Outcome; 28] = [
         Outcome::Ok,
         Outcome::KeyMissing,
         Outcome::KeyMalformed,
@@ -115,6 +118,7 @@ impl Outcome {
         Outcome::NetworkDenied,
         Outcome::EnvDenied,
         Outcome::OriginDenied,
+        Outcome::PublishableDenied,
         Outcome::RateLimited,
         Outcome::QuotaExceeded,
         Outcome::AuthBudgetExceeded,
@@ -150,6 +154,7 @@ impl Outcome {
             Outcome::NetworkDenied => "network_denied",
             Outcome::EnvDenied => "env_denied",
             Outcome::OriginDenied => "origin_denied",
+            Outcome::PublishableDenied => "publishable_key_denied",
             Outcome::RateLimited => "rate_limited",
             Outcome::QuotaExceeded => "quota_exceeded",
             Outcome::AuthBudgetExceeded => "auth_budget_exceeded",
@@ -196,7 +201,8 @@ impl GatewayError {
             GatewayError::ScopeDenied
             | GatewayError::NetworkDenied
             | GatewayError::EnvDenied
-            | GatewayError::OriginDenied => StatusCode::FORBIDDEN,
+            | GatewayError::OriginDenied
+            | GatewayError::PublishableDenied => StatusCode::FORBIDDEN,
             GatewayError::RateLimited(_)
             | GatewayError::QuotaExceeded(_)
             | GatewayError::AuthBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -228,6 +234,7 @@ impl GatewayError {
             GatewayError::NetworkDenied => "network_denied",
             GatewayError::EnvDenied => "env_denied",
             GatewayError::OriginDenied => "origin_denied",
+            GatewayError::PublishableDenied => "publishable_key_denied",
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::BodyTooLarge => "body_too_large",
@@ -263,6 +270,7 @@ impl GatewayError {
             GatewayError::NetworkDenied => Outcome::NetworkDenied,
             GatewayError::EnvDenied => Outcome::EnvDenied,
             GatewayError::OriginDenied => Outcome::OriginDenied,
+            GatewayError::PublishableDenied => Outcome::PublishableDenied,
             GatewayError::RateLimited(_) => Outcome::RateLimited,
             GatewayError::QuotaExceeded(_) => Outcome::QuotaExceeded,
             GatewayError::BodyTooLarge => Outcome::BodyTooLarge,
@@ -346,6 +354,7 @@ impl GatewayError {
             | GatewayError::NetworkDenied
             | GatewayError::EnvDenied
             | GatewayError::OriginDenied
+            | GatewayError::PublishableDenied
             | GatewayError::BodyTooLarge
             | GatewayError::BodyTimeout
             | GatewayError::UpstreamUnavailable(_)

@@ -252,6 +252,7 @@ impl Snapshot {
                 requirements: Requirements {
                     scopes: r.scopes.clone(),
                     env: r.env.clone(),
+                    publishable: r.publishable,
                 },
                 upstream,
                 query_key_param: r.query_key_param.clone(),

@@ -2183,3 +2183,31 @@ fn secret_status_counts_keys_per_version_and_names_retirable_ones() {
         "{human}"
     );
 }
+
+/// `pub` marks publishable keys (`kg_pub_live_…`), so it cannot be an env; and a canary cannot
+/// be publishable.
+#[test]
+fn an_env_named_pub_is_refused() {
+    let env = Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\nenvs = [\"live\", \"pub\"]\n"));
+    let r = env.fail(&["create", "--name", "n", "--owner", "o"]);
+    assert!(
+        r.stderr.contains("keys.envs") && r.stderr.contains("pub"),
+        "{r:?}"
+    );
+    let env = Env::new();
+    let r = env.fail(&[
+        "create",
+        "--name",
+        "n",
+        "--owner",
+        "o",
+        "--publishable",
+        "--canary",
+        "--allow-origin",
+        "https://a.example",
+    ]);
+    assert!(
+        r.stderr.contains("publishable") || r.stderr.contains("canary"),
+        "{r:?}"
+    );
+}

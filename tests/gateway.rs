@@ -1800,3 +1800,103 @@ async fn rotation_completes_itself_once_the_old_key_is_idle_and_aborts_roll_back
     assert_eq!(audit_events(&s, "key.rotation_aborted").len(), 1);
     gw.assert_not_logged(&new.key);
 }
+
+/// Issue 14 feature "key types": a publishable key (`kg_pub_live_…`) needs an allowed origin
+/// at creation, works only on routes with `publishable = true` and only with an `Origin` it
+/// lists (none: not a browser page; the global list never applies); secret keys are
+/// unaffected; a rotation keeps the type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishable_keys_work_only_from_their_origins_on_publishable_routes() {
+    let widget = "[[routes]]\nname = \"widget\"\npath_prefix = \"/widget\"\npublishable = true\nupstream = \"up\"\n\n[cors]\nallowed_origins = [\"https://other.example\"]\n";
+    let s = Setup::new(Mode::Echo, "", widget).await;
+    let base = [
+        "keys",
+        "create",
+        "--name",
+        "w",
+        "--owner",
+        "o",
+        "--publishable",
+    ];
+    let out = cli(&s.config, &base, SECRET_ENV);
+    assert!(!out.status.success());
+    assert!(
+        stderr_str(&out).contains("allowed origin"),
+        "{}",
+        stderr_str(&out)
+    );
+    let mut args = base.to_vec();
+    args.extend([
+        "--scope",
+        "invoices:read",
+        "--allow-origin",
+        "https://shop.example",
+        "--json",
+    ]);
+    let v = json(s.cli_ok(&args).trim().as_bytes());
+    let key = v["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kg_pub_live_"), "{key}");
+    assert_eq!(v["publishable"], true);
+    assert!(v["hint"].as_str().unwrap().starts_with("kg_pub_live_…"));
+    let secret = s.create(&[]);
+    let gw = s.serve().await;
+    let call = |path: &'static str, key: String, origin: Option<&'static str>| {
+        let addr = gw.http;
+        async move {
+            let auth = bearer(&key);
+            let mut h = vec![("host", HOST), ("authorization", auth.as_str())];
+            h.extend(origin.map(|o| ("origin", o)));
+            get(addr, path, &h).await
+        }
+    };
+    let ok = eventually_named("publishable key from its origin", POLL, || async {
+        let r = call("/widget/1", key.clone(), Some("https://shop.example")).await;
+        (r.0 == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        header(&ok.1, "access-control-allow-origin"),
+        Some("https://shop.example")
+    );
+    for (path, origin, code) in [
+        ("/widget/1", None, "origin_denied"),
+        ("/widget/1", Some("https://evil.example"), "origin_denied"),
+        ("/widget/1", Some("https://other.example"), "origin_denied"),
+        (
+            "/invoices/1",
+            Some("https://shop.example"),
+            "publishable_key_denied",
+        ),
+        (
+            "/live/1",
+            Some("https://shop.example"),
+            "publishable_key_denied",
+        ),
+    ] {
+        let r = call(path, key.clone(), origin).await;
+        assert_problem(&r, 403, code);
+    }
+    // Secret keys are unaffected by the route flag.
+    assert_eq!(call("/widget/1", secret.key.clone(), None).await.0, 200);
+    let series =
+        r#"keygate_requests_total{outcome="publishable_key_denied",route="invoices-read"}"#;
+    assert!(metric(&gw, series).await >= 1.0);
+    // A rotation keeps the key type.
+    let id = v["id"].as_str().unwrap();
+    let rotated = json(
+        s.cli_ok(&["keys", "rotate", id, "--json"])
+            .trim()
+            .as_bytes(),
+    );
+    let successor = rotated["key"].as_str().unwrap().to_owned();
+    assert!(successor.starts_with("kg_pub_live_"), "{successor}");
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &successor,
+        403,
+        "successor is publishable too",
+    )
+    .await;
+    gw.assert_not_logged(&key);
+}

@@ -556,9 +556,19 @@ async fn create(
             "allow_origins",
             "labels",
             "canary",
+            "publishable",
         ],
     )?;
     let now = crate::clock::unix_secs();
+    let flag = |field: &str| match body.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field} must be a boolean"),
+        )),
+    };
     let name = optional_string(&body, "name")?.ok_or_else(|| {
         err(
             StatusCode::BAD_REQUEST,
@@ -583,17 +593,8 @@ async fn create(
         allow_ips: ip_list(&body)?.unwrap_or_default(),
         allow_origins: string_list(&body, "allow_origins")?.unwrap_or_default(),
         labels: labels(&body)?.unwrap_or_default(),
-        canary: match body.get("canary") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(err(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "canary must be a boolean",
-                ))
-            }
-        },
+        canary: flag("canary")?,
+        publishable: flag("publishable")?,
     };
     let c2 = c.clone();
     let minted = blocking(move || Keys::new(&c2.settings, actor).create(&grants, now)).await?;
@@ -623,6 +624,7 @@ const IMMUTABLE: &[&str] = &[
     "state",
     "key",
     "not_before",
+    "publishable",
 ];
 
 async fn update(

@@ -66,6 +66,12 @@ impl KeySettings {
                 "must list at least one env of lowercase letters",
             ));
         }
+        if k.envs.iter().any(|e| e == format::PUBLISHABLE_MARKER) {
+            return Err(c.invalid(
+                "keys.envs",
+                "\"pub\" marks publishable keys (kg_pub_live_…) and cannot be an env",
+            ));
+        }
         let mut secrets = vec![(
             k.hash_secret_version,
             load_secret(

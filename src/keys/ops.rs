@@ -77,6 +77,8 @@ pub struct Grants {
     pub allow_origins: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub canary: bool,
+    /// Browser-safe key: needs at least one allowed origin, never a canary.
+    pub publishable: bool,
 }
 
 /// A partial update: `None` leaves a field as it is.
@@ -160,6 +162,21 @@ pub fn check_scope(s: &str) -> Result<(), OpsError> {
             "bad scope {s:?}: use segments of letters, digits, _ and - joined by single : or . \
              (at most 128 characters; no *, no .., no %-escapes)"
         )));
+    }
+    Ok(())
+}
+
+/// A publishable key is accepted only from browsers on the origins it lists, so it needs at
+/// least one (the global `[cors]` list would make it usable from any site that list names),
+/// and it cannot be a canary (a canary must look like a secret key that leaked).
+fn check_publishable(r: &KeyRecord) -> Result<(), OpsError> {
+    if r.publishable && r.allow_origins.is_empty() {
+        return Err(OpsError::Invalid(
+            "a publishable key needs at least one allowed origin (--allow-origin https://app.example.com)".into(),
+        ));
+    }
+    if r.publishable && r.canary {
+        return Err(OpsError::Invalid("a canary cannot be publishable".into()));
     }
     Ok(())
 }
@@ -352,6 +369,7 @@ impl<'a> Keys<'a> {
         if r.name.trim().is_empty() {
             return Err(OpsError::Invalid("a key needs a name".into()));
         }
+        check_publishable(r)?;
         self.settings.policy.check(r, now)?;
         Ok(())
     }
@@ -362,11 +380,12 @@ impl<'a> Keys<'a> {
         now: i64,
         rotated_from: Option<&KeyRecord>,
     ) -> Result<Minted, OpsError> {
-        let key = self
-            .settings
-            .format
-            .generate(&g.env)
-            .map_err(|e| OpsError::Random(e.to_string()))?;
+        let key = if g.publishable {
+            self.settings.format.generate_publishable(&g.env)
+        } else {
+            self.settings.format.generate(&g.env)
+        }
+        .map_err(|e| OpsError::Random(e.to_string()))?;
         let (secret_version, digest) = self.settings.hasher.digest(&key);
         let id = new_id("key").map_err(|e| OpsError::Random(e.to_string()))?;
         let record = KeyRecord {
@@ -393,6 +412,7 @@ impl<'a> Keys<'a> {
             revoked_at: None,
             revoked_reason: None,
             canary: g.canary,
+            publishable: g.publishable,
             imported: false,
             rotated_from: rotated_from.map(|r| r.id.clone()),
             rotated_to: None,
@@ -642,6 +662,7 @@ impl<'a> Keys<'a> {
                 allow_origins: cur.allow_origins.clone(),
                 labels: cur.labels.clone(),
                 canary: false,
+                publishable: cur.publishable,
             };
             let m = self.mint(&grants, now, Some(cur))?;
             let mut old = cur.clone();
@@ -887,6 +908,7 @@ impl<'a> Keys<'a> {
                 revoked_at: None,
                 revoked_reason: None,
                 canary: false,
+                publishable: false,
                 imported: true,
                 rotated_from: None,
                 rotated_to: None,

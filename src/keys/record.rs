@@ -89,6 +89,10 @@ pub struct KeyRecord {
     pub revoked_reason: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
+    /// Browser-safe key (`<prefix>_pub_<env>_…`): accepted only with an `Origin` it lists,
+    /// on routes that declare `publishable = true` (`authz::authorize`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publishable: bool,
     /// Migrated from another gateway: not in our format, accepted by digest alone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub imported: bool,
@@ -229,6 +233,7 @@ pub(crate) fn sample(id: &str, digest: Digest) -> KeyRecord {
         revoked_at: None,
         revoked_reason: None,
         canary: false,
+        publishable: false,
         imported: false,
         rotated_from: None,
         rotated_to: None,
