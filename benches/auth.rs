@@ -53,6 +53,7 @@ impl Decider {
             req: Requirements {
                 scopes: vec!["invoices:read".to_owned()],
                 env: None,
+                publishable: false,
             },
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             buckets: Buckets::new(),

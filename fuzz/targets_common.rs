@@ -547,9 +547,11 @@ fn record(allow_ips: Vec<IpNet>) -> KeyRecord {
         revoked_at: None,
         revoked_reason: None,
         canary: false,
+        publishable: false,
         imported: false,
         rotated_from: None,
         rotated_to: None,
+        rotation: None,
         mac: None,
         lineage: "key_fuzz".into(),
     }
@@ -646,6 +648,7 @@ pub fn cidr_authz(data: &[u8]) {
     let req = Requirements {
         scopes: vec!["a:read".into()],
         env: Some("live".into()),
+        publishable: false,
     };
     let got = authz::authorize(&key, &req, client, None, &[]);
     let want = nets.is_empty() || nets.iter().any(|n| ref_contains(n, client));

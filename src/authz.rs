@@ -11,6 +11,8 @@ use std::net::IpAddr;
 pub struct Requirements {
     pub scopes: Vec<String>,
     pub env: Option<String>,
+    /// The route accepts publishable keys (`publishable = true`).
+    pub publishable: bool,
 }
 
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack listener reports) is matched as
@@ -31,6 +33,11 @@ pub fn authorize(
     origin: Option<&[u8]>,
     global_origins: &[String],
 ) -> Result<(), GatewayError> {
+    // The key type first: a publishable key on a secret-key route is refused as such, whatever
+    // scopes it holds.
+    if key.publishable && !req.publishable {
+        return Err(GatewayError::PublishableDenied);
+    }
     if !req.scopes.iter().all(|s| key.scopes.iter().any(|k| k == s)) {
         return Err(GatewayError::ScopeDenied);
     }
@@ -43,12 +50,28 @@ pub fn authorize(
             return Err(GatewayError::NetworkDenied);
         }
     }
+    if key.publishable {
+        return publishable_origin(key, origin);
+    }
     if let Some(origin) = origin {
         if !origin_allowed(origin, key, global_origins) {
             return Err(GatewayError::OriginDenied);
         }
     }
     Ok(())
+}
+
+/// A publishable key sits in web pages, so anyone can copy it: besides being limited to
+/// routes that declare `publishable = true`, it is accepted only with an `Origin` the key
+/// itself lists. A request without `Origin` is not from a browser page, and the global
+/// `[cors]` list never applies. (Outside a browser `Origin` can be forged; what this stops is
+/// other sites using the key from their visitors' browsers.)
+fn publishable_origin(key: &KeyRecord, origin: Option<&[u8]>) -> Result<(), GatewayError> {
+    match origin {
+        // The key's own list only: with none, nothing matches.
+        Some(o) if origin_allowed(o, key, &[]) => Ok(()),
+        _ => Err(GatewayError::OriginDenied),
+    }
 }
 
 /// A browser origin is allowed if the key lists it, or (for keys listing none) if the
@@ -71,6 +94,46 @@ mod tests {
     use crate::keys::record::sample;
 
     #[test]
+    fn publishable_keys_need_a_publishable_route_and_their_own_origin() {
+        let mut key = sample("key_p", Digest([0; 32]));
+        key.publishable = true;
+        key.allow_origins = vec!["https://shop.example".into()];
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let route = |publishable| Requirements {
+            scopes: vec!["invoices:read".into()],
+            env: None,
+            publishable,
+        };
+        let global = vec!["https://other.example".to_string()];
+        let code = |r: Result<(), GatewayError>| r.err().map(|e| e.code());
+        let shop: Option<&[u8]> = Some(b"https://shop.example");
+        assert_eq!(code(authorize(&key, &route(true), ip, shop, &global)), None);
+        assert_eq!(
+            code(authorize(&key, &route(false), ip, shop, &global)),
+            Some("publishable_key_denied")
+        );
+        assert_eq!(
+            code(authorize(&key, &route(true), ip, None, &global)),
+            Some("origin_denied"),
+            "no Origin: not from a browser page"
+        );
+        let other: Option<&[u8]> = Some(b"https://other.example");
+        assert_eq!(
+            code(authorize(&key, &route(true), ip, other, &global)),
+            Some("origin_denied"),
+            "the global list never applies to publishable keys"
+        );
+        key.allow_origins.clear();
+        assert_eq!(
+            code(authorize(&key, &route(true), ip, other, &global)),
+            Some("origin_denied")
+        );
+        // Secret keys are unaffected by the route flag.
+        let secret = sample("key_s", Digest([1; 32]));
+        assert_eq!(code(authorize(&secret, &route(true), ip, None, &[])), None);
+    }
+
+    #[test]
     fn each_check_in_order() {
         let mut key = sample("key_a", Digest([0; 32]));
         key.scopes = vec!["invoices:read".into()];
@@ -78,14 +141,17 @@ mod tests {
         let read = Requirements {
             scopes: vec!["invoices:read".into()],
             env: Some("live".into()),
+            publishable: false,
         };
         let write = Requirements {
             scopes: vec!["invoices:write".into()],
             env: None,
+            publishable: false,
         };
         let test_env = Requirements {
             scopes: vec![],
             env: Some("test".into()),
+            publishable: false,
         };
         let code = |r: Result<(), GatewayError>| r.err().map(|e| e.code());
         assert_eq!(code(authorize(&key, &read, ip, None, &[])), None);

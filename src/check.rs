@@ -1,4 +1,8 @@
 //! `keygate check`: validate the config and the release checklist, listing every problem.
+//!
+//! One function per checklist rule, each returning the problem text (or nothing), so the
+//! README's list of what is checked maps one to one onto this file. What is deliberately not
+//! checked, and why, is in the README ("Release checklist").
 
 use crate::config::Config;
 use crate::keys::KeySettings;
@@ -40,21 +44,14 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
                 .into(),
         );
     }
-    if std::env::var_os("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS").is_none()
-        && config.keys.touch_interval_seconds.is_none()
-    {
-        problems.push("last-use touch interval not set: set API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS or keys.touch_interval_seconds".into());
-    }
-    let origins: Vec<String> = match std::env::var("ALLOWED_ORIGINS") {
-        Ok(v) => v.split(',').map(|s| s.trim().to_owned()).collect(),
-        Err(_) => config.cors.allowed_origins.clone(),
-    };
-    if origins.iter().any(|o| o == "*") && config.keys.envs.iter().any(|e| e == "live") {
-        problems.push(
-            "allowed origins contain \"*\": list the browser origins explicitly for live keys"
-                .into(),
-        );
-    }
+    problems.extend(touch_interval_problem(&config));
+    let live = config.keys.envs.iter().any(|e| e == "live");
+    problems.extend(
+        crate::snapshot::allowed_origins(&config)
+            .iter()
+            .filter_map(|o| origin_problem(o, live)),
+    );
+    problems.extend(writable_problems(&config));
     if let Ok(addr) = config.admin.listen.parse::<std::net::SocketAddr>() {
         if !addr.ip().is_loopback() {
             notes.push(format!("admin listener {addr} is not loopback: make sure only Prometheus and your orchestrator reach it"));
@@ -92,5 +89,197 @@ fn check_store_path(store: &Path, problems: &mut Vec<String>, notes: &mut Vec<St
             "key store directory {} does not exist: the gateway fails closed (503) until it does (volume not mounted?)",
             dir.display()
         ));
+    }
+}
+
+/// The last-use touch interval must be set (so the operator chose it) and be at least one
+/// second: 0 would mean "flush on every tick" to some readers and "never" to others, and
+/// the gateway clamps it to 1 s anyway.
+fn touch_interval_problem(config: &Config) -> Option<String> {
+    let (value, source) = match std::env::var("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS") {
+        Ok(v) => (
+            Some(v.trim().to_owned()),
+            "API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS",
+        ),
+        Err(_) => (
+            config.keys.touch_interval_seconds.map(|s| s.to_string()),
+            "keys.touch_interval_seconds",
+        ),
+    };
+    match value.as_deref().map(str::parse::<u64>) {
+        None => Some("last-use touch interval not set: set API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS or keys.touch_interval_seconds".into()),
+        Some(Ok(0)) => Some(format!("{source} is 0: give the flush interval in seconds, at least 1 (e.g. 60)")),
+        Some(Ok(_)) => None,
+        Some(Err(_)) => Some(format!("{source} must be whole seconds")),
+    }
+}
+
+/// An allowed origin must be exactly what a browser sends in `Origin` (RFC 6454 §6.2):
+/// `https://host[:port]`, lowercase, no path, query, fragment, userinfo or trailing slash,
+/// no wildcard and not `null` (sandboxed documents and `file:` pages send `null`, so allowing
+/// it allows any of them). Plain `http://` only for localhost: elsewhere the key would travel
+/// in clear text. (`*` is refused outright when live keys exist; it never matches anyway.)
+pub fn origin_problem(origin: &str, live_keys: bool) -> Option<String> {
+    let why = |w: &str| Some(format!("allowed origin {origin:?}: {w}"));
+    if origin == "*" {
+        return live_keys.then(|| {
+            "allowed origins contain \"*\": list the browser origins explicitly for live keys"
+                .to_string()
+        });
+    }
+    if origin == "null" {
+        return why(
+            "`null` is what sandboxed frames and file: pages send; allowing it allows all of them",
+        );
+    }
+    if origin.contains('*') {
+        return why("wildcards are not supported: list each origin");
+    }
+    let (scheme, rest) = match origin.split_once("://") {
+        Some((s @ ("https" | "http"), rest)) => (s, rest),
+        _ => return why("give scheme://host[:port] with scheme https (or http for localhost)"),
+    };
+    if rest.contains(['/', '?', '#', '@']) {
+        return why("a browser origin has no path, query, fragment, user or trailing slash: give scheme://host[:port]");
+    }
+    if origin.bytes().any(|b| b.is_ascii_uppercase()) {
+        return why("browsers send origins in lowercase; this one would never match");
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (!h.starts_with('[') || h.ends_with(']')) => {
+            (h, Some(p))
+        }
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    if !host_ok || !port_ok {
+        return why("not a valid host[:port]");
+    }
+    let localhost = matches!(host, "localhost" | "127.0.0.1" | "[::1]");
+    if scheme == "http" && !localhost {
+        return why("plain http outside localhost sends keys in clear text: use https");
+    }
+    None
+}
+
+/// Files the gateway writes must be writable by the user running the check (run it as the
+/// service user): a path that exists must be a writable regular file; one that does not must
+/// be creatable (its nearest existing ancestor a writable directory, probed with a temporary
+/// file that is removed at once). The store is only written by the CLI, the control plane and
+/// rotation completion on a single node; a gateway following a feed writes its feed cache.
+fn writable_problems(config: &Config) -> Vec<String> {
+    let mut paths = vec![
+        ("keys.audit_log", config.resolve(&config.keys.audit_log)),
+        ("keys.usage_file", config.resolve(&config.keys.usage_file)),
+    ];
+    match config.keys.source.as_str() {
+        "file" => paths.push(("keys.store", config.resolve(&config.keys.store))),
+        "feed" => paths.push(("keys.feed_cache", config.resolve(&config.keys.feed_cache))),
+        // The Redis store is not a local file.
+        _ => {}
+    }
+    paths
+        .into_iter()
+        .filter_map(|(field, path)| {
+            not_writable(&path).map(|why| format!("{field} {}: {why}", path.display()))
+        })
+        .collect()
+}
+
+/// Why `path` cannot be written (or created), if it cannot.
+fn not_writable(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Some("is not a regular file".into()),
+        Ok(_) => {
+            return std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .err()
+                .map(|e| format!("not writable ({e})"))
+        }
+        Err(_) => {}
+    }
+    let dir = path
+        .ancestors()
+        .skip(1)
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
+        .find(|d| d.exists())?;
+    if !dir.is_dir() {
+        return Some(format!("{} is not a directory", dir.display()));
+    }
+    let probe = dir.join(format!(".keygate-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(format!("cannot be created in {} ({e})", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_rule_table() {
+        for ok in [
+            "https://app.example.com",
+            "https://app.example.com:8443",
+            "http://localhost:3000",
+            "http://127.0.0.1:8080",
+            "http://[::1]:5173",
+            "https://[2001:db8::1]",
+        ] {
+            assert_eq!(origin_problem(ok, true), None, "{ok}");
+        }
+        for bad in [
+            "null",
+            "https://*.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://app.example.com?x",
+            "https://u@app.example.com",
+            "http://app.example.com",
+            "ftp://app.example.com",
+            "app.example.com",
+            "https://App.Example.com",
+            "https://app.example.com:0",
+            "https://app.example.com:99999",
+            "https://",
+            "*",
+        ] {
+            assert!(origin_problem(bad, true).is_some(), "{bad}");
+        }
+        assert_eq!(origin_problem("*", false), None, "test-only deployments");
+    }
+
+    #[test]
+    fn writability() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(not_writable(&dir.path().join("new/deeper/file")), None);
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        assert_eq!(not_writable(&dir.path().join("f")), None);
+        assert!(not_writable(dir.path()).is_some(), "a directory");
+        assert!(not_writable(&dir.path().join("f/under-a-file")).is_some());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "probe removed"
+        );
     }
 }

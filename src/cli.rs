@@ -96,6 +96,60 @@ pub enum Command {
     /// The key store itself.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Hash-secret versions: which keys use which, for a secret rotation.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Per secret version: configured, current, live keys under it, last seen, retirable.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
+    let settings = KeySettings::from_config(config)?;
+    let now = crate::clock::unix_secs();
+    match cmd {
+        SecretCommand::Status { json } => {
+            let latest = settings.latest_unverified().map_err(Failure::Error)?;
+            let ids: Vec<&str> = latest.keys().map(String::as_str).collect();
+            let usage = load_usage(config, &settings, &ids);
+            let rows = settings.secret_versions(latest.values(), &usage, now);
+            if json {
+                return out(&serde_json::to_string(&rows)?);
+            }
+            const WIDTHS: &[usize] = &[8, 10, 7, 9, 21, 0];
+            let mut text = columns(
+                WIDTHS,
+                &[
+                    "VERSION",
+                    "CONFIGURED",
+                    "CURRENT",
+                    "LIVE KEYS",
+                    "LAST SEEN",
+                    "RETIRABLE",
+                ],
+            );
+            for r in &rows {
+                text.push_str(&columns(
+                    WIDTHS,
+                    &[
+                        &r.version.to_string(),
+                        if r.configured { "yes" } else { "NO" },
+                        if r.current { "yes" } else { "no" },
+                        &r.live_keys.to_string(),
+                        &fmt_time(r.last_seen),
+                        if r.retirable { "yes" } else { "no" },
+                    ],
+                ));
+            }
+            out(text.trim_end())
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,13 +216,16 @@ pub fn run_store(config: &Config, cmd: StoreCommand) -> Result<(), Failure> {
         }
     };
     let (read, held, log, rev) = copied;
-    eprintln!(
-        "copied {read} record versions of log {log} (revision {rev}) from {from}; the target holds {held}. \
-         Set [keys] source = \"{}\" to use it.",
-        match to {
-            MigrateTo::Redis => "redis",
-            MigrateTo::File => "file",
-        }
+    say(
+        Level::Info,
+        &format!(
+            "copied {read} record versions of log {log} (revision {rev}) from {from}; the target holds {held}. \
+             Set [keys] source = \"{}\" to use it.",
+            match to {
+                MigrateTo::Redis => "redis",
+                MigrateTo::File => "file",
+            }
+        ),
     );
     Ok(())
 }
@@ -183,7 +240,24 @@ pub enum AdminTokenCommand {
         /// A note on who holds it (e.g. the gateway or CI job).
         #[arg(long)]
         name: Option<String>,
+        /// Lifetime, e.g. 90d; the token is refused from then on (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
         /// Print one JSON object (id, role, token) instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (id, role, name, times, state; never a digest).
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: the control plane refuses it from the next request on.
+    Revoke {
+        /// The token id (from `admin-token list`).
+        id: String,
+        /// Print the revoked token as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -191,15 +265,34 @@ pub enum AdminTokenCommand {
 
 pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Failure> {
     let settings = KeySettings::from_config(config)?;
+    let path = config.resolve(&config.control.tokens);
+    let now = crate::clock::unix_secs();
     match cmd {
-        AdminTokenCommand::Create { role, name, json } => {
-            let path = config.resolve(&config.control.tokens);
+        AdminTokenCommand::Create {
+            role,
+            name,
+            expires_in,
+            json,
+        } => {
+            let expires_at = expires_in
+                .as_deref()
+                .map(secs)
+                .transpose()?
+                .map(|s| {
+                    if s > 0 {
+                        Ok(now + s)
+                    } else {
+                        Err(Failure::Error("--expires-in must be more than zero".into()))
+                    }
+                })
+                .transpose()?;
             let minted = crate::control::tokens::create(
                 &path,
                 &settings.hasher,
                 role,
                 name,
-                crate::clock::unix_secs(),
+                expires_at,
+                now,
             )
             .map_err(|e| {
                 Failure::Error(format!(
@@ -214,23 +307,62 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
                     &crate::audit::os_user(),
                 )
                 .with("token_id", minted.record.id.clone())
-                .with("role", role.as_str())])
+                .with("role", role.as_str())
+                .with("expires_at", expires_at)])
                 .map_err(|e| {
                     Failure::Error(format!("audit log {}: {e}", settings.audit_log.display()))
                 })?;
             if json {
-                out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "token": minted.token}).to_string())?;
+                out(&serde_json::json!({"id": minted.record.id, "role": role.as_str(), "expires_at": expires_at, "token": minted.token}).to_string())?;
             } else {
                 out(&minted.token)?;
             }
             say(
                 Level::Info,
                 &format!(
-                    "created admin token {} (role {}); shown once",
+                    "created admin token {} (role {}, expires {}); shown once",
                     minted.record.id,
-                    role.as_str()
+                    role.as_str(),
+                    fmt_time(expires_at)
                 ),
             );
+            Ok(())
+        }
+        AdminTokenCommand::List { json } => {
+            let tokens = crate::control::tokens::list(&path);
+            if json {
+                let rows: Vec<serde_json::Value> =
+                    tokens.iter().map(|t| t.public_json(now)).collect();
+                return out(&serde_json::Value::Array(rows).to_string());
+            }
+            const WIDTHS: &[usize] = &[30, 6, 8, 21, 21, 0];
+            let mut text = columns(
+                WIDTHS,
+                &["ID", "ROLE", "STATE", "CREATED", "EXPIRES", "NAME"],
+            );
+            for t in &tokens {
+                text.push_str(&columns(
+                    WIDTHS,
+                    &[
+                        &t.id,
+                        t.role.as_str(),
+                        t.state(now).as_str(),
+                        &fmt_time(Some(t.created_at)),
+                        &fmt_time(t.expires_at),
+                        t.name.as_deref().unwrap_or(""),
+                    ],
+                ));
+            }
+            out(text.trim_end())
+        }
+        AdminTokenCommand::Revoke { id, json } => {
+            let audit = crate::audit::AuditLog::new(&settings.audit_log);
+            let t =
+                crate::control::tokens::revoke(&path, &audit, &crate::audit::os_user(), &id, now)?;
+            say(Level::Info, &format!("revoked admin token {}", t.id));
+            if json {
+                out(&t.public_json(now).to_string())?;
+            }
             Ok(())
         }
     }
@@ -253,6 +385,10 @@ pub struct GrantArgs {
     /// Lifetime, e.g. 90d.
     #[arg(long)]
     pub expires_in: Option<String>,
+    /// Refuse the key until then: RFC 3339 (2026-12-24T09:00:00Z) or a duration from now
+    /// (10m); the key is `pending` until then (create and import only).
+    #[arg(long)]
+    pub not_before: Option<String>,
     /// Client network allowed to use the key (repeatable CIDR).
     #[arg(long = "allow-ip")]
     pub allow_ips: Vec<IpNet>,
@@ -282,6 +418,10 @@ pub enum KeysCommand {
         /// A key that is always rejected and raises an alarm when used.
         #[arg(long)]
         canary: bool,
+        /// Browser-safe key (`kg_pub_live_…`): needs --allow-origin, works only from those
+        /// origins and only on routes with `publishable = true`.
+        #[arg(long, conflicts_with = "canary")]
+        publishable: bool,
         /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
@@ -353,12 +493,22 @@ pub enum KeysCommand {
         json: bool,
     },
     /// New key with the same grants; the old one keeps working for the grace period.
+    /// With --abort SUCCESSOR_ID: roll a rotation back instead.
     Rotate {
         /// Key id (key_…) to rotate.
-        id: String,
+        #[arg(required_unless_present = "abort")]
+        id: Option<String>,
         /// How long the old key keeps working, e.g. 48h (default: keys.rotate_grace).
         #[arg(long)]
         grace: Option<String>,
+        /// Revoke the old key by itself once the new one has been used and the old one has
+        /// been quiet this long, e.g. 1h (checked by `keygate serve` or `keygate control`).
+        #[arg(long)]
+        complete_when_idle: Option<String>,
+        /// Roll back the rotation that minted SUCCESSOR_ID: it is revoked and the old key's
+        /// expiry restored. Refused once the rotation completed.
+        #[arg(long, value_name = "SUCCESSOR_ID", conflicts_with_all = ["id", "grace", "complete_when_idle"])]
+        abort: Option<String>,
         /// Print one JSON object (id, key, record) instead of the bare key.
         #[arg(long)]
         json: bool,
@@ -517,9 +667,16 @@ fn grants(
     owner: String,
     env: String,
     g: GrantArgs,
-    canary: bool,
+    (canary, publishable): (bool, bool),
+    now: i64,
 ) -> Result<Grants, Failure> {
     Ok(Grants {
+        publishable,
+        not_before: g
+            .not_before
+            .as_deref()
+            .map(|s| crate::keys::ops::parse_not_before(s, now))
+            .transpose()?,
         name,
         owner,
         env,
@@ -541,6 +698,19 @@ pub fn out(line: &str) -> Result<(), Failure> {
     writeln!(o, "{line}")
         .and_then(|()| o.flush())
         .map_err(Failure::stdout)
+}
+
+/// One line of a plain-text table: each cell left-aligned in its width, one space apart.
+fn columns(widths: &[usize], cells: &[&str]) -> String {
+    let mut line = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| format!("{c:<w$}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.truncate(line.trim_end().len());
+    line.push('\n');
+    line
 }
 
 fn fmt_time(t: Option<i64>) -> String {
@@ -665,13 +835,13 @@ fn quota_used(config: &Config, r: &KeyRecord) -> Option<serde_json::Value> {
 fn print_record(
     r: &KeyRecord,
     usage: &Usage,
-    extra: Option<serde_json::Value>,
+    extra: Option<serde_json::Map<String, serde_json::Value>>,
     now: i64,
     json: bool,
 ) -> Result<(), Failure> {
     let mut v = listed_json(r, usage, now);
-    if let Some(q) = extra {
-        v["quota_usage"] = q;
+    if let Some(obj) = v.as_object_mut() {
+        obj.extend(extra.unwrap_or_default());
     }
     if json {
         return out(&v.to_string());
@@ -719,6 +889,16 @@ fn print_minted(
         record.id, record.name, record.owner, record.env
     ),
     );
+    if let Some(nb) = record.not_before {
+        say(
+            Level::Info,
+            &format!(
+                "{} is pending: refused until {}",
+                record.id,
+                fmt_time(Some(nb))
+            ),
+        );
+    }
     Ok(())
 }
 
@@ -733,9 +913,13 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             env,
             grants: g,
             canary,
+            publishable,
             json,
         } => {
-            let m = keys.create(&grants(name, owner, env, g, canary)?, now)?;
+            let m = keys.create(
+                &grants(name, owner, env, g, (canary, publishable), now)?,
+                now,
+            )?;
             print_minted(&m.record, &m.key, now, json, "created")
         }
         KeysCommand::List {
@@ -759,9 +943,29 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
         }
         KeysCommand::Show { id, json } => {
-            let r = keys.show(&id)?;
-            let usage = load_usage(config, &settings, &[r.id.as_str()]);
-            print_record(&r, &usage, quota_used(config, &r), now, json)
+            let latest = crate::store::file::latest(keys.state()?.records);
+            let r = latest
+                .get(&id)
+                .ok_or_else(|| crate::keys::ops::OpsError::NotFound(id.clone()))?;
+            let pair = crate::keys::rotation::of(&latest, r);
+            let mut ids = vec![r.id.as_str()];
+            ids.extend(
+                pair.map(|(o, n)| [o.id.as_str(), n.id.as_str()])
+                    .into_iter()
+                    .flatten(),
+            );
+            let usage = load_usage(config, &settings, &ids);
+            let mut extra = serde_json::Map::new();
+            if let Some(q) = quota_used(config, r) {
+                extra.insert("quota_usage".into(), q);
+            }
+            if let Some((old, new)) = pair {
+                extra.insert(
+                    "rotation_status".into(),
+                    crate::keys::rotation::report(old, new, &usage),
+                );
+            }
+            print_record(r, &usage, Some(extra), now, json)
         }
         KeysCommand::Update {
             id,
@@ -771,6 +975,11 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             no_expiry,
             json,
         } => {
+            if g.not_before.is_some() {
+                return Err(Failure::Error(
+                    "--not-before is set at creation only (a key's validity start is part of what was issued)".into(),
+                ));
+            }
             let changes = Changes {
                 name,
                 owner,
@@ -844,13 +1053,51 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             }
             Ok(())
         }
-        KeysCommand::Rotate { id, grace, json } => {
+        KeysCommand::Rotate {
+            abort: Some(successor),
+            json,
+            ..
+        } => {
+            let old = keys.abort_rotation(&successor, now)?;
+            say(
+                Level::Info,
+                &format!(
+                    "aborted the rotation of {} to {successor}: {successor} is revoked, {} keeps working until {}",
+                    old.id,
+                    old.id,
+                    fmt_time(old.expires_at)
+                ),
+            );
+            if json {
+                print_record(&old, &Usage::new(), None, now, true)?;
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate {
+            id: None,
+            abort: None,
+            ..
+        } => Err(Failure::Error("give the id of the key to rotate".into())),
+        KeysCommand::Rotate {
+            id: Some(id),
+            grace,
+            complete_when_idle,
+            json,
+            ..
+        } => {
             let grace = grace
                 .as_deref()
                 .map(secs)
                 .transpose()?
                 .unwrap_or(settings.rotate_grace_secs);
-            let m = keys.rotate(&id, grace, now)?;
+            let opts = crate::keys::ops::RotateOptions {
+                grace_secs: grace,
+                complete_when_idle_secs: complete_when_idle.as_deref().map(secs).transpose()?,
+                old_requests: load_usage(config, &settings, &[id.as_str()])
+                    .get(&id)
+                    .map_or(0, |u| u.requests),
+            };
+            let m = keys.rotate(&id, opts, now)?;
             print_minted(&m.record, &m.key, now, json, &format!("rotated {id} to"))?;
             // What is stored, which is earlier than now + grace when the key expired sooner.
             let until = m.replaced.as_ref().and_then(|old| old.expires_at);
@@ -902,7 +1149,7 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
             let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            let defaults = grants(name, owner, env, g, false)?;
+            let defaults = grants(name, owner, env, g, (false, false), now)?;
             // A progress counter only for a human at a terminal (never inside JSON logs).
             let tty = std::io::stderr().is_terminal() && log_format() == LogFormat::Human;
             let total = lines.len();

@@ -88,6 +88,9 @@ pub struct KeysConfig {
     pub touch_interval_seconds: Option<u64>,
     /// Default grace for `keys rotate`, e.g. "48h".
     pub rotate_grace: String,
+    /// How often rotations started with `--complete-when-idle` are checked for completion,
+    /// seconds (by `keygate serve` with a file store, and by `keygate control`).
+    pub rotation_check_seconds: u64,
     /// Revoked records older than this are dropped by `keys compact`, e.g. "90d".
     pub revoked_retention: String,
     /// Clock-skew allowance for expiry and not-before, e.g. "0s" (exact).
@@ -128,6 +131,7 @@ impl Default for KeysConfig {
             usage_file: "usage.json".into(),
             touch_interval_seconds: None,
             rotate_grace: "48h".into(),
+            rotation_check_seconds: 30,
             revoked_retention: "90d".into(),
             expiry_leeway: "0s".into(),
             poll_interval_ms: 250,
@@ -462,6 +466,10 @@ pub struct RouteConfig {
     pub query_key_param: Option<String>,
     /// Request body limit for this route (413); default `server.max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// Accept publishable keys (`kg_pub_…`, browser-safe) here, from the origins they list;
+    /// off by default: every other route refuses them (403 `publishable_key_denied`).
+    #[serde(default)]
+    pub publishable: bool,
 }
 
 impl Config {

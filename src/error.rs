@@ -49,6 +49,8 @@ pub enum GatewayError {
     EnvDenied,
     #[error("browser origin not allowed")]
     OriginDenied,
+    #[error("publishable key on a route that does not accept them")]
+    PublishableDenied,
     #[error("rate limited")]
     RateLimited(Verdict),
     #[error("quota exceeded")]
@@ -85,6 +87,7 @@ pub enum Outcome {
     NetworkDenied,
     EnvDenied,
     OriginDenied,
+    PublishableDenied,
     RateLimited,
     QuotaExceeded,
     AuthBudgetExceeded,
@@ -102,7 +105,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 27] = [
+    pub const ALL: [Outcome; 28] = [
         Outcome::Ok,
         Outcome::KeyMissing,
         Outcome::KeyMalformed,
@@ -116,6 +119,7 @@ impl Outcome {
         Outcome::NetworkDenied,
         Outcome::EnvDenied,
         Outcome::OriginDenied,
+        Outcome::PublishableDenied,
         Outcome::RateLimited,
         Outcome::QuotaExceeded,
         Outcome::AuthBudgetExceeded,
@@ -151,6 +155,7 @@ impl Outcome {
             Outcome::NetworkDenied => "network_denied",
             Outcome::EnvDenied => "env_denied",
             Outcome::OriginDenied => "origin_denied",
+            Outcome::PublishableDenied => "publishable_key_denied",
             Outcome::RateLimited => "rate_limited",
             Outcome::QuotaExceeded => "quota_exceeded",
             Outcome::AuthBudgetExceeded => "auth_budget_exceeded",
@@ -197,7 +202,8 @@ impl GatewayError {
             GatewayError::ScopeDenied
             | GatewayError::NetworkDenied
             | GatewayError::EnvDenied
-            | GatewayError::OriginDenied => StatusCode::FORBIDDEN,
+            | GatewayError::OriginDenied
+            | GatewayError::PublishableDenied => StatusCode::FORBIDDEN,
             GatewayError::RateLimited(_)
             | GatewayError::QuotaExceeded(_)
             | GatewayError::AuthBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -229,6 +235,7 @@ impl GatewayError {
             GatewayError::NetworkDenied => "network_denied",
             GatewayError::EnvDenied => "env_denied",
             GatewayError::OriginDenied => "origin_denied",
+            GatewayError::PublishableDenied => "publishable_key_denied",
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::QuotaExceeded(_) => "quota_exceeded",
             GatewayError::BodyTooLarge => "body_too_large",
@@ -264,6 +271,7 @@ impl GatewayError {
             GatewayError::NetworkDenied => Outcome::NetworkDenied,
             GatewayError::EnvDenied => Outcome::EnvDenied,
             GatewayError::OriginDenied => Outcome::OriginDenied,
+            GatewayError::PublishableDenied => Outcome::PublishableDenied,
             GatewayError::RateLimited(_) => Outcome::RateLimited,
             GatewayError::QuotaExceeded(_) => Outcome::QuotaExceeded,
             GatewayError::BodyTooLarge => Outcome::BodyTooLarge,
@@ -351,6 +359,7 @@ impl GatewayError {
             | GatewayError::NetworkDenied
             | GatewayError::EnvDenied
             | GatewayError::OriginDenied
+            | GatewayError::PublishableDenied
             | GatewayError::BodyTooLarge
             | GatewayError::BodyTimeout
             | GatewayError::UpstreamUnavailable(_)

@@ -34,6 +34,7 @@ pub mod path;
 pub mod pipeline;
 pub mod redis;
 pub mod reload;
+pub mod rotations;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -19,6 +19,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 const REDIS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
+/// Idle windows are minutes to days: 1 s (tests) up to a week.
+const ROTATION_BUCKETS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 10800.0, 43200.0, 86400.0, 259200.0, 604800.0,
+];
 const PROPAGATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
@@ -44,6 +48,10 @@ pub struct Metrics {
     pub table_last_sync: Gauge,
     pub source_errors: IntCounterVec,
     pub propagation: Histogram,
+    /// Rotation events this node applied (started, completed, aborted).
+    pub rotations: IntCounterVec,
+    /// Seconds from a rotation's start to its completion by itself.
+    pub rotation_completion: Histogram,
     pub keys_expiring: IntGaugeVec,
     pub keys_without_expiry: IntGauge,
     pub keys_ttl_over_policy: IntGauge,
@@ -191,6 +199,12 @@ impl Metrics {
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
                     .unwrap_or_else(|_| unreachable_collector("propagation")),
+            ),
+            rotations: counter_vec(&r, "keygate_key_rotations_total", "Key rotation events applied on this node, by event (started, completed, aborted).", &["event"]),
+            rotation_completion: reg(
+                &r,
+                Histogram::with_opts(HistogramOpts::new("keygate_key_rotation_completion_seconds", "Seconds from a rotation's start to its completion by itself (--complete-when-idle).").buckets(ROTATION_BUCKETS.to_vec()))
+                    .unwrap_or_else(|_| unreachable_collector("rotation_completion")),
             ),
             keys_expiring: gauge_vec(&r, "keygate_keys_expiring", "Active keys expiring within a window (7d, 30d).", &["within"]),
             keys_without_expiry: gauge(&r, "keygate_keys_without_expiry", "Active keys with no expiry."),

@@ -204,6 +204,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
             tracing::warn!("{w}");
         }
     }
+    let file_source = feed.is_none();
     let gw = Gateway::new(snapshot, metrics.clone());
     if let Some(f) = gw.limiter.fleet() {
         f.client().spawn_health();
@@ -307,6 +308,11 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
     let admin_addr = admin_l.local_addr()?;
     tokio::spawn(admin_loop(admin_l, gw.clone(), rx.clone()));
+    if file_source {
+        // A gateway following a feed knows only its own traffic: the control plane completes
+        // rotations in a fleet (`rotations`).
+        tokio::spawn(crate::rotations::run_on_gateway(gw.clone(), rx.clone()));
+    }
     tokio::spawn(upkeep(gw.clone(), rx));
 
     let bound = if main_is_tls {

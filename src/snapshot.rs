@@ -252,6 +252,7 @@ impl Snapshot {
                 requirements: Requirements {
                     scopes: r.scopes.clone(),
                     env: r.env.clone(),
+                    publishable: r.publishable,
                 },
                 upstream,
                 query_key_param: r.query_key_param.clone(),
@@ -279,14 +280,7 @@ impl Snapshot {
         let key_header =
             HeaderName::from_bytes(c.server.key_header.to_ascii_lowercase().as_bytes())
                 .map_err(|_| c.invalid("server.key_header", "not a valid header name"))?;
-        let allowed_origins = match std::env::var("ALLOWED_ORIGINS") {
-            Ok(v) => v
-                .split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            Err(_) => c.cors.allowed_origins.clone(),
-        };
+        let allowed_origins = allowed_origins(&c);
         let max_staleness = parse_duration(&c.keys.max_staleness)
             .map_err(|m| c.invalid("keys.max_staleness", m))?;
         let on_stale = match c.keys.on_stale.as_str() {
@@ -421,5 +415,18 @@ impl Snapshot {
             .get(plan)
             .copied()
             .unwrap_or(self.limits.enforce)
+    }
+}
+
+/// The browser origins allowed for keys without their own: env `ALLOWED_ORIGINS` (comma
+/// separated) wins over `[cors] allowed_origins`. One reading for `serve` and `check`.
+pub fn allowed_origins(c: &Config) -> Vec<String> {
+    match std::env::var("ALLOWED_ORIGINS") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        Err(_) => c.cors.allowed_origins.clone(),
     }
 }

@@ -1969,3 +1969,334 @@ fn compact_keeps_the_store_file_mode() {
     let mode = std::fs::metadata(env.store()).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "{mode:o}");
 }
+
+/// Issue 14 feature "not-before": `--not-before` (duration or RFC 3339) on create and import
+/// makes a pending key; past, unparsable or after-expiry values are refused; update refuses it.
+#[test]
+fn not_before_makes_pending_keys_on_create_and_import() {
+    let env = Env::new();
+    let before = now();
+    let (v, _) = env.create(&["--not-before", "1h", "--expires-in", "2h"]);
+    let nb = v["not_before"].as_i64().unwrap();
+    assert!((before + 3600..=now() + 3600).contains(&nb), "{v}");
+    assert_eq!(v["state"], "pending");
+    assert_eq!(env.show(&id(&v))["state"], "pending");
+    assert!(env.list_ids(&["--state", "pending"]).contains(&id(&v)));
+    // RFC 3339, with an offset: the same instant as in UTC.
+    let (v, _) = env.create(&["--not-before", "2099-01-01T01:00:00+01:00"]);
+    assert_eq!(v["not_before"], 4_070_908_800i64);
+    let human = env.ok(&["show", &id(&v)]).stdout;
+    assert!(human.contains("2099-01-01T00:00:00Z"), "{human}");
+    for bad in [
+        &["--not-before", "soon"][..],
+        &["--not-before", "2000-01-01T00:00:00Z"],
+        &["--not-before", "2h", "--expires-in", "1h"],
+    ] {
+        let r = env.fail(&[&["create", "--name", "x", "--owner", "o"], bad].concat());
+        assert!(r.stderr.contains("not_before"), "{bad:?}: {r:?}");
+    }
+    let r = env.fail(&["update", &id(&v), "--not-before", "1h"]);
+    assert!(r.stderr.contains("creation only"), "{r:?}");
+    // Import: the flag is the default, a line's own `not_before` wins.
+    let file = env.path("import.txt");
+    std::fs::write(
+        &file,
+        "legacy_key_aaaaaaaaaaaaaaaa\n{\"key\":\"legacy_key_bbbbbbbbbbbbbbbb\",\"not_before\":4070908800}\n",
+    )
+    .unwrap();
+    env.ok(&[
+        "import",
+        "--file",
+        file.to_str().unwrap(),
+        "--owner",
+        "o",
+        "--not-before",
+        "30m",
+    ]);
+    let imported: Vec<Value> = env
+        .list(&["--state", "pending"])
+        .into_iter()
+        .filter(|r| r["imported"] == true)
+        .collect();
+    let mut nbs: Vec<i64> = imported
+        .iter()
+        .map(|r| r["not_before"].as_i64().unwrap())
+        .collect();
+    nbs.sort();
+    assert_eq!(nbs.len(), 2, "{imported:?}");
+    assert!((before + 1800..=now() + 1800).contains(&nbs[0]));
+    assert_eq!(nbs[1], 4_070_908_800);
+    // Rotating a pending key never brings its not-before forward.
+    let (v, _) = env.create(&["--not-before", "1h"]);
+    let successor = env.ok(&["rotate", &id(&v), "--json"]).json();
+    assert_eq!(successor["not_before"], v["not_before"]);
+    assert_eq!(successor["state"], "pending");
+}
+
+/// Issue 14 feature "rotation that finishes itself": `rotate --abort SUCCESSOR_ID` revokes the
+/// successor and restores the old key's expiry (audited); it is refused for anything but the
+/// successor of an open rotation, and once the old key is revoked (revocation is final).
+#[test]
+fn rotate_abort_restores_the_old_key_and_is_refused_once_final() {
+    let env = Env::new();
+    let (v, _) = env.create(&["--expires-in", "30d"]);
+    let old = id(&v);
+    let exp0 = v["expires_at"].as_i64().unwrap();
+    let r = env
+        .ok(&[
+            "rotate",
+            &old,
+            "--grace",
+            "1h",
+            "--complete-when-idle",
+            "1h",
+            "--json",
+        ])
+        .json();
+    let succ = id(&r);
+    let shown = env.show(&old);
+    assert!(shown["expires_at"].as_i64().unwrap() <= now() + 3600);
+    assert_eq!(shown["rotation"]["prior_expires_at"], exp0);
+    assert_eq!(shown["rotation"]["complete_when_idle_secs"], 3600);
+    assert_eq!(shown["rotation_status"]["state"], "in_progress");
+    assert_eq!(
+        env.show(&succ)["rotation_status"]["old"]["id"],
+        old.as_str()
+    );
+
+    let r = env.ok(&["rotate", "--abort", &succ]);
+    assert!(r.stderr.contains("aborted"), "{r:?}");
+    let restored = env.show(&old);
+    assert_eq!(restored["expires_at"], exp0);
+    assert!(restored.get("rotated_to").is_none() && restored.get("rotation").is_none());
+    let gone = env.show(&succ);
+    assert_eq!(gone["state"], "revoked");
+    assert_eq!(gone["revoked_reason"], "rotation aborted");
+    let aborted = env.audit_events("key.rotation_aborted");
+    assert_eq!(aborted.len(), 1);
+    assert_eq!(aborted[0]["key_id"], old.as_str());
+    assert_eq!(aborted[0]["successor_id"], succ.as_str());
+
+    // Only the successor of an open rotation can be aborted.
+    for bad in [&succ, &old] {
+        let r = env.fail(&["rotate", "--abort", bad]);
+        assert!(
+            r.stderr
+                .contains("not the successor of a rotation in progress"),
+            "{r:?}"
+        );
+    }
+    // The old key rotates again; once it is revoked, that rotation is final.
+    let succ2 = id(&env.ok(&["rotate", &old, "--json"]).json());
+    env.ok(&["revoke", &old]);
+    let r = env.fail(&["rotate", "--abort", &succ2]);
+    assert!(r.stderr.contains("final"), "{r:?}");
+    assert_eq!(env.show(&succ2)["state"], "active");
+    assert_eq!(env.show(&old)["state"], "revoked");
+    let other = env.create_id(&[]);
+    let r = env.fail(&["rotate", &other, "--complete-when-idle", "0s"]);
+    assert!(r.stderr.contains("complete_when_idle"), "{r:?}");
+    env.fail(&["rotate", "--abort", &succ2, "--grace", "1h"]);
+}
+
+/// Issue 14 feature "`keygate check` covers the release checklist": origins that are not bare
+/// `scheme://host[:port]` (paths, `null`, wildcards, plain http outside localhost) are refused,
+/// from `[cors]` or `ALLOWED_ORIGINS`; a touch interval of 0 is refused; the store, audit log
+/// and usage file must be writable (or creatable).
+#[test]
+fn check_covers_the_release_checklist() {
+    let base = CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n");
+    let env = Env::with_config(&format!(
+        "{base}\n[cors]\nallowed_origins = [\"https://app.example.com\", \"http://localhost:3000\"]\n"
+    ));
+    env.create_id(&[]);
+    let check = |vars: &[(&str, &str)]| {
+        let mut c = env.keygate_command(&["check"]);
+        c.env_remove("ALLOWED_ORIGINS")
+            .env_remove("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        env.run_cmd(c, "keygate check")
+    };
+    let r = check(&[]);
+    assert!(r.status.success(), "clean config: {r:?}");
+
+    let bad = [
+        "https://app.example.com/",
+        "https://app.example.com/v1",
+        "null",
+        "https://*.example.com",
+        "http://app.example.com",
+    ];
+    let r = check(&[("ALLOWED_ORIGINS", &bad.join(","))]);
+    assert!(!r.status.success(), "{r:?}");
+    for o in bad {
+        assert!(
+            r.stderr.contains(&format!("allowed origin {o:?}")),
+            "{o}: {r:?}"
+        );
+    }
+    assert!(r.stderr.contains("5 problem(s)"), "{r:?}");
+    // The same rule for the config file's list.
+    std::fs::write(
+        &env.config,
+        format!("{base}\n[cors]\nallowed_origins = [\"null\"]\n"),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(
+        !r.status.success() && r.stderr.contains("\"null\""),
+        "{r:?}"
+    );
+    std::fs::write(&env.config, &base).unwrap();
+
+    let r = check(&[("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "0")]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS is 0"),
+        "{r:?}"
+    );
+    std::fs::write(&env.config, base.replace("= 60", "= 0")).unwrap();
+    let r = check(&[]);
+    assert!(
+        r.stderr.contains("keys.touch_interval_seconds is 0"),
+        "{r:?}"
+    );
+
+    // Unwritable paths (a directory; a path under a regular file: refused even for root).
+    std::fs::create_dir(env.path("usage-dir")).unwrap();
+    std::fs::write(
+        &env.config,
+        base.replace(
+            "audit_log = \"audit.jsonl\"",
+            "audit_log = \"keys.jsonl/audit.jsonl\"\nusage_file = \"usage-dir\"",
+        ),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(r.stderr.contains("keys.audit_log"), "{r:?}");
+    assert!(
+        r.stderr.contains("keys.usage_file") && r.stderr.contains("not a regular file"),
+        "{r:?}"
+    );
+    assert!(
+        !r.stderr.contains("keys.store"),
+        "the store is writable: {r:?}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".keygate-check")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "probe files left behind");
+}
+
+/// Issue 14 feature "hash-secret migration" (the status part): `keygate secret status` counts
+/// live keys per secret version, says when each version was last seen (usage data), which is
+/// current, and which can be retired (not current, no live key).
+#[test]
+fn secret_status_counts_keys_per_version_and_names_retirable_ones() {
+    let env = Env::new();
+    let a = env.create_id(&[]);
+    let b = env.create_id(&[]);
+    let status = |vars: &[(&str, &str)]| -> Vec<Value> {
+        let mut c = env.keygate_command(&["secret", "status", "--json"]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let r = env.run_cmd(c, "secret status");
+        assert!(r.status.success(), "{r:?}");
+        r.json().as_array().unwrap().clone()
+    };
+    let rows = status(&[]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["version"], 1);
+    assert_eq!(rows[0]["live_keys"], 2);
+    assert_eq!(
+        (rows[0]["current"].as_bool(), rows[0]["retirable"].as_bool()),
+        (Some(true), Some(false))
+    );
+
+    // Rotate the secret: version 2 is current, version 1 is still accepted.
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n[[keys.previous_secrets]]\nversion = 1\nenv = \"OLD_SECRET\"\n",
+            CONFIG.replace("[keys]\n", "[keys]\nhash_secret_version = 2\n")
+        ),
+    )
+    .unwrap();
+    let new_secret = "zyxwvutsrqponmlkjihgfedcba9876543210ZYXWVUTSRQP";
+    let rotated = [(SECRET_VAR, new_secret), ("OLD_SECRET", SECRET)];
+    let mut c = env.command(&["create", "--name", "v2", "--owner", "o", "--json"]);
+    c.envs(rotated);
+    let v2 = id(&env.run_cmd(c, "create under v2").json());
+    let seen = now() - 60;
+    std::fs::write(
+        env.path("usage.json"),
+        serde_json::json!({ v2.clone(): {"last_used": seen, "requests": 3}, a.clone(): {"last_used": seen - 100, "requests": 1} }).to_string(),
+    )
+    .unwrap();
+    let mut c = env.command(&["revoke", &b]);
+    c.envs(rotated);
+    env.run_cmd(c, "revoke b");
+    let rows = status(&rotated);
+    let by: BTreeMap<u64, &Value> = rows
+        .iter()
+        .map(|r| (r["version"].as_u64().unwrap(), r))
+        .collect();
+    assert_eq!(by[&1]["live_keys"], 1, "{rows:?}");
+    assert_eq!(by[&1]["last_seen"], seen - 100);
+    assert_eq!(by[&1]["retirable"], false);
+    assert_eq!(by[&2]["live_keys"], 1);
+    assert_eq!(by[&2]["last_seen"], seen);
+    assert_eq!(by[&2]["current"], true);
+    // Once no live key uses version 1, it can go.
+    let mut c = env.command(&["revoke", &a]);
+    c.envs(rotated);
+    env.run_cmd(c, "revoke a");
+    let rows = status(&rotated);
+    assert_eq!(rows[0]["retirable"], true, "{rows:?}");
+    let mut c = env.keygate_command(&["secret", "status"]);
+    c.envs(rotated);
+    let human = env.run_cmd(c, "secret status").stdout;
+    assert!(
+        human.contains("RETIRABLE") && human.contains("LIVE KEYS"),
+        "{human}"
+    );
+}
+
+/// `pub` marks publishable keys (`kg_pub_live_…`), so it cannot be an env; and a canary cannot
+/// be publishable.
+#[test]
+fn an_env_named_pub_is_refused() {
+    let env = Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\nenvs = [\"live\", \"pub\"]\n"));
+    let r = env.fail(&["create", "--name", "n", "--owner", "o"]);
+    assert!(
+        r.stderr.contains("keys.envs") && r.stderr.contains("pub"),
+        "{r:?}"
+    );
+    let env = Env::new();
+    let r = env.fail(&[
+        "create",
+        "--name",
+        "n",
+        "--owner",
+        "o",
+        "--publishable",
+        "--canary",
+        "--allow-origin",
+        "https://a.example",
+    ]);
+    assert!(
+        r.stderr.contains("publishable") || r.stderr.contains("canary"),
+        "{r:?}"
+    );
+}

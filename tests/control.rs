@@ -24,6 +24,7 @@ store = "keys.jsonl"
 audit_log = "{audit_log}"
 usage_file = "usage.json"
 poll_interval_ms = 50
+rotation_check_seconds = 1
 
 [policy]
 max_ttl = "30d"
@@ -53,17 +54,7 @@ struct Tokens {
 }
 
 fn mint(cfg: &Path, role: &str) -> (String, String) {
-    let out = cli(
-        cfg,
-        &["admin-token", "create", "--role", role, "--json"],
-        SECRET_ENV,
-    );
-    assert!(out.status.success(), "{}", stderr_str(&out));
-    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
-    (
-        v["token"].as_str().unwrap().to_owned(),
-        v["id"].as_str().unwrap().to_owned(),
-    )
+    mint_args(cfg, &["--role", role])
 }
 
 fn tokens(cfg: &Path) -> Tokens {
@@ -1091,4 +1082,336 @@ async fn probes_and_metrics_make_the_control_plane_visible() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue 14 feature "not-before": `not_before` on POST (duration or RFC 3339) makes a
+/// pending key; past, unparsable and after-expiry values are 400; PATCH cannot set it.
+#[tokio::test]
+async fn not_before_on_create_makes_a_pending_key() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let v = create(&e, json!({"name": "n", "owner": "o", "not_before": "1h"})).await;
+    assert_eq!(v["state"], "pending", "{v}");
+    assert!(v["not_before"].as_i64().unwrap() > v["created_at"].as_i64().unwrap() + 3500);
+    let v = create(
+        &e,
+        json!({"name": "n", "owner": "o", "not_before": "2099-01-01T02:00:00+02:00"}),
+    )
+    .await;
+    assert_eq!(v["not_before"], 4_070_908_800i64, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let listed = call(a, Method::GET, "/v1/api-keys?state=pending", w, "").await;
+    assert_eq!(
+        listed.2["items"].as_array().unwrap().len(),
+        2,
+        "{:?}",
+        listed.2
+    );
+    for bad in [
+        json!({"name": "n", "owner": "o", "not_before": "yesterday"}),
+        json!({"name": "n", "owner": "o", "not_before": "2001-01-01T00:00:00Z"}),
+        json!({"name": "n", "owner": "o", "not_before": 5}),
+        json!({"name": "n", "owner": "o", "not_before": "2h", "expires_in": "1h"}),
+    ] {
+        let r = call(a, Method::POST, "/v1/api-keys", w, bad.to_string()).await;
+        assert_problem(&r, 400, "invalid_request");
+    }
+    let r = call(
+        a,
+        Method::PATCH,
+        &format!("/v1/api-keys/{id}"),
+        w,
+        json!({"not_before": "1h"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "immutable_field");
+}
+
+/// `admin-token create --json <args…>`: (token, id).
+fn mint_args(cfg: &Path, args: &[&str]) -> (String, String) {
+    let mut all = vec!["admin-token", "create", "--json"];
+    all.extend_from_slice(args);
+    let out = cli(cfg, &all, SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    (
+        v["token"].as_str().unwrap().to_owned(),
+        v["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Issue 14 feature "admin tokens": list and revoke through the CLI and REST (write role),
+/// expiry; a revoked token is refused on the very next request, an expired one once its time
+/// has come; revocation is audited with the actor and final.
+#[tokio::test]
+async fn admin_tokens_list_revoke_and_expire() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let keys = "/v1/api-keys";
+    // Listing needs the write role and shows no digest (`call` checks every body).
+    let r = call(a, Method::GET, "/v1/admin-tokens", w, "").await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    let items = r.2["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert!(items
+        .iter()
+        .all(|t| t["state"] == "active" && t.get("digest").is_none()));
+    let r = call(a, Method::GET, "/v1/admin-tokens", Some(&e.t.read), "").await;
+    assert_problem(&r, 403, "forbidden");
+    assert_problem(
+        &call(
+            a,
+            Method::DELETE,
+            "/v1/admin-tokens/adm_x",
+            Some(&e.t.read),
+            "",
+        )
+        .await,
+        403,
+        "forbidden",
+    );
+    assert_problem(
+        &call(a, Method::DELETE, "/v1/admin-tokens/adm_nope", w, "").await,
+        404,
+        "not_found",
+    );
+
+    // REST revoke: the revoked token is refused on the next request, no waiting.
+    let (victim, victim_id) = mint_args(&e.cfg, &["--role", "write", "--name", "ci"]);
+    assert_eq!(call(a, Method::GET, keys, Some(&victim), "").await.0, 200);
+    let r = call(
+        a,
+        Method::DELETE,
+        &format!("/v1/admin-tokens/{victim_id}"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["state"], "revoked");
+    assert_problem(
+        &call(a, Method::GET, keys, Some(&victim), "").await,
+        401,
+        "unauthorized",
+    );
+    // Idempotent.
+    let r = call(
+        a,
+        Method::DELETE,
+        &format!("/v1/admin-tokens/{victim_id}"),
+        w,
+        "",
+    )
+    .await;
+    assert_eq!((r.0, r.2["state"].as_str()), (200, Some("revoked")));
+
+    // CLI revoke of the read token: refused on the next request too.
+    assert_eq!(call(a, Method::GET, keys, Some(&e.t.read), "").await.0, 200);
+    let read_id = items.iter().find(|t| t["role"] == "read").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = cli(&e.cfg, &["admin-token", "revoke", &read_id], SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_problem(
+        &call(a, Method::GET, keys, Some(&e.t.read), "").await,
+        401,
+        "unauthorized",
+    );
+    let out = cli(&e.cfg, &["admin-token", "revoke", "adm_nope"], SECRET_ENV);
+    assert!(!out.status.success());
+    assert!(stderr_str(&out).contains("no admin token with id adm_nope"));
+
+    // Expiry: works now, 401 once expired (polled with a deadline, no sleep).
+    let (short, short_id) = mint_args(&e.cfg, &["--role", "read", "--expires-in", "2s"]);
+    assert_eq!(call(a, Method::GET, keys, Some(&short), "").await.0, 200);
+    eventually_named(
+        "expired admin token refused",
+        std::time::Duration::from_secs(10),
+        || async { (call(a, Method::GET, keys, Some(&short), "").await.0 == 401).then_some(()) },
+    )
+    .await;
+    let out = cli(
+        &e.cfg,
+        &[
+            "admin-token",
+            "create",
+            "--role",
+            "read",
+            "--expires-in",
+            "0s",
+        ],
+        SECRET_ENV,
+    );
+    assert!(!out.status.success());
+
+    // The CLI list agrees, and never prints a token or digest.
+    let out = cli(&e.cfg, &["admin-token", "list", "--json"], SECRET_ENV);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    assert_no_digest(&out.stdout);
+    let listed: Vec<Value> = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    let state = |id: &str| {
+        listed.iter().find(|t| t["id"] == id).unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(state(&victim_id), "revoked");
+    assert_eq!(state(&read_id), "revoked");
+    assert_eq!(state(&short_id), "expired");
+    assert_eq!(state(&e.t.write_id), "active");
+    let human = stdout_str(&cli(&e.cfg, &["admin-token", "list"], SECRET_ENV));
+    assert!(
+        human.contains(&victim_id) && human.contains("revoked"),
+        "{human}"
+    );
+    assert!(!human.contains("kgadm_"), "{human}");
+
+    // Audited once each, with who did it.
+    let revocations: Vec<Value> = audit_lines(&e.dir)
+        .into_iter()
+        .filter(|l| l["event"] == "admin_token.revoked")
+        .collect();
+    assert_eq!(revocations.len(), 2, "{revocations:?}");
+    assert_eq!(revocations[0]["token_id"], victim_id.as_str());
+    assert_eq!(revocations[0]["actor"], format!("admin:{}", e.t.write_id));
+    assert_eq!(revocations[1]["token_id"], read_id.as_str());
+
+    // A token can revoke itself; it is refused from its next request.
+    let path = format!("/v1/admin-tokens/{}", e.t.write_id);
+    assert_eq!(call(a, Method::DELETE, &path, w, "").await.0, 200);
+    assert_problem(
+        &call(a, Method::GET, keys, w, "").await,
+        401,
+        "unauthorized",
+    );
+}
+
+/// Issue 14 feature "rotation that finishes itself", in a fleet: the control plane completes a
+/// rotation from the usage the gateways report (POST /v1/usage, as `keygate serve` in feed
+/// mode does), once the successor was used and the old key quiet for `complete_when_idle`;
+/// GET reports traffic on both; aborting is 409 once completed, and rolls an open rotation
+/// back.
+#[tokio::test]
+async fn rest_rotation_completes_on_the_control_plane_and_aborts() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let old = create(&e, json!({"name": "r", "owner": "o"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{old}/rotate"),
+        w,
+        json!({"grace": "1h", "complete_when_idle": "0s"}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_request");
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{old}/rotate"),
+        w,
+        json!({"grace": "1h", "complete_when_idle": "2s"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+    let new = r.2["id"].as_str().unwrap().to_owned();
+    // Not used yet: the health gate holds the rotation open.
+    let status = get_json(a, &e.t.read, &new).await["rotation_status"].clone();
+    assert_eq!(status["state"], "in_progress", "{status}");
+    assert_eq!(status["old"]["id"], old.as_str());
+    // A gateway reports: the successor served 5 requests, the old key none since the start.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let report = json!({"node": "gw1", "usage": {new.clone(): {"last_used": now, "requests": 5}}});
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/usage",
+        Some(&e.t.feed),
+        report.to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    let done = eventually_named(
+        "rotation completed by the control plane",
+        std::time::Duration::from_secs(15),
+        || async {
+            let v = get_json(a, &e.t.read, &old).await;
+            (v["state"] == "revoked").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(done["rotation_status"]["state"], "completed");
+    assert_eq!(done["rotation_status"]["new"]["requests_since_rotation"], 5);
+    assert!(
+        done["revoked_at"].as_i64().unwrap()
+            >= done["rotation"]["started_at"].as_i64().unwrap() + 2
+    );
+    let completed: Vec<Value> = audit_lines(&e.dir)
+        .into_iter()
+        .filter(|l| l["event"] == "key.rotation_completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!(completed[0]["successor_id"], new.as_str());
+    assert_eq!(completed[0]["actor"], "control-plane");
+    assert_problem(&abort(a, &e.t.write, &new).await, 409, "rotation_final");
+
+    // An open rotation rolls back: successor revoked, the old key's expiry restored.
+    let k = create(&e, json!({"name": "k", "owner": "o", "expires_in": "10d"})).await;
+    let (k_id, exp0) = (
+        k["id"].as_str().unwrap().to_owned(),
+        k["expires_at"].clone(),
+    );
+    let r = call(
+        a,
+        Method::POST,
+        &format!("/v1/api-keys/{k_id}/rotate"),
+        w,
+        "",
+    )
+    .await;
+    let succ = r.2["id"].as_str().unwrap().to_owned();
+    let r = abort(a, &e.t.write, &succ).await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    assert_eq!(r.2["id"], k_id.as_str());
+    assert_eq!(r.2["expires_at"], exp0);
+    assert!(r.2.get("rotated_to").is_none(), "{:?}", r.2);
+    assert_eq!(get_json(a, &e.t.read, &succ).await["state"], "revoked");
+    assert_problem(&abort(a, &e.t.write, &succ).await, 400, "invalid_request");
+    assert_problem(&abort(a, &e.t.write, "key_nope").await, 404, "not_found");
+    let r = call(
+        a,
+        Method::GET,
+        &format!("/v1/api-keys/{k_id}/rotate/abort"),
+        w,
+        "",
+    )
+    .await;
+    assert_problem(&r, 405, "method_not_allowed");
+}
+
+async fn get_json(a: SocketAddr, token: &str, id: &str) -> Value {
+    call(
+        a,
+        Method::GET,
+        &format!("/v1/api-keys/{id}"),
+        Some(token),
+        "",
+    )
+    .await
+    .2
+}
+
+async fn abort(a: SocketAddr, token: &str, id: &str) -> (u16, http::HeaderMap, Value) {
+    let path = format!("/v1/api-keys/{id}/rotate/abort");
+    call(a, Method::POST, &path, Some(token), "").await
 }

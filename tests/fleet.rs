@@ -42,6 +42,7 @@ store = "keys.jsonl"
 audit_log = "audit.jsonl"
 usage_file = "usage.json"
 poll_interval_ms = 50
+rotation_check_seconds = 1
 
 [policy]
 max_ttl = "365d"
@@ -982,4 +983,82 @@ async fn a_tampered_feed_cache_is_discarded_and_sync_age_survives_restarts() {
     assert_eq!(key_status(&gw, &k1).await, 401);
     assert_eq!(get(gw.admin, "/readyz", &[]).await.0, 200);
     assert!(source_errors(&gw, "cache").await >= 1.0);
+}
+
+/// Issue 14 feature "rotation that finishes itself", in a real fleet: a feed-mode gateway
+/// reports its usage to the control plane, which completes the rotation once the successor
+/// has served requests and the old key has been quiet for `complete_when_idle`; the gateway
+/// applies the revocation from the feed and counts the completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_completes_a_rotation_from_gateway_reports() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (old_id, old_key) = fleet.create("rot").await;
+    let cfg = fleet.gw_config(0);
+    let gw = Gateway::spawn(
+        &cfg,
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+            ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    until_status_fresh(&gw, &old_key, 200, RECONNECT_BOUND).await;
+    let (s, v) = fleet
+        .api(
+            Method::POST,
+            &format!("/v1/api-keys/{old_id}/rotate"),
+            json!({"grace": "1h", "complete_when_idle": "2s"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let new_key = v["key"].as_str().unwrap().to_owned();
+    let new_id = v["id"].as_str().unwrap().to_owned();
+    // Only the successor is used from now on; its use reaches the control plane in the
+    // gateway's next usage report (every second here).
+    until_status_fresh(&gw, &new_key, 200, ENFORCE_BOUND).await;
+    // Watched through the API: a request with the old key would be a use.
+    let done = eventually_named(
+        "completed by the control plane",
+        Duration::from_secs(20),
+        || async {
+            let (_, v) = fleet
+                .api(Method::GET, &format!("/v1/api-keys/{old_id}"), Value::Null)
+                .await;
+            (v["state"] == "revoked").then_some(v)
+        },
+    )
+    .await;
+    let started = done["rotation"]["started_at"].as_i64().unwrap();
+    assert!(
+        done["revoked_at"].as_i64().unwrap() >= started + 2,
+        "{done}"
+    );
+    assert_eq!(done["rotation_status"]["state"], "completed");
+    assert!(
+        done["rotation_status"]["new"]["requests_since_rotation"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    until_status_fresh(&gw, &old_key, 401, ENFORCE_BOUND).await;
+    assert_eq!(key_status(&gw, &new_key).await, 200);
+    let audit = std::fs::read_to_string(fleet.root.join("cp/audit.jsonl")).unwrap();
+    let completed: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "key.rotation_completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!(completed[0]["actor"], "control-plane");
+    assert_eq!(completed[0]["successor_id"], new_id.as_str());
+    // The gateway applied it from the feed and counted it.
+    let text = scrape(&gw).await;
+    let completions = r#"keygate_key_rotations_total{event="completed"}"#;
+    assert_eq!(metric(&text, completions), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "keygate_key_rotation_completion_seconds_count"),
+        Some(1.0)
+    );
 }

@@ -80,9 +80,11 @@ pub fn record(i: u64, digest: Digest, key_hint: String) -> KeyRecord {
         revoked_at: None,
         revoked_reason: None,
         canary: false,
+        publishable: false,
         imported: false,
         rotated_from: None,
         rotated_to: None,
+        rotation: None,
         mac: None,
     }
 }

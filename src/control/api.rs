@@ -1,5 +1,6 @@
-//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/feed` (ndjson
-//! stream), `/v1/usage` (gateway reports) and `/v1/openapi.yaml`. Every error is
+//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
+//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports)
+//! and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -71,6 +72,7 @@ impl From<OpsError> for ApiError {
             }
             OpsError::Immutable { .. } => (StatusCode::BAD_REQUEST, "immutable_field"),
             OpsError::AlreadyRotated { .. } => (StatusCode::CONFLICT, "already_rotated"),
+            OpsError::RotationFinal { .. } => (StatusCode::CONFLICT, "rotation_final"),
             // Fail closed: a change that cannot be audited is not made (THREATS J6).
             OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
@@ -86,6 +88,22 @@ impl From<OpsError> for ApiError {
         };
         if status == StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %e, "control plane change failed");
+        }
+        err(status, code, e.to_string())
+    }
+}
+
+impl From<super::tokens::TokenError> for ApiError {
+    fn from(e: super::tokens::TokenError) -> ApiError {
+        use super::tokens::TokenError;
+        let (status, code) = match &e {
+            TokenError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            // Fail closed, as for keys: a revocation that cannot be audited is not made.
+            TokenError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            TokenError::Io { .. } => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        };
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %e, "admin token change failed");
         }
         err(status, code, e.to_string())
     }
@@ -139,7 +157,9 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "usage"] | ["v1", "api-keys", "revoke"] => Some("POST"),
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
-        ["v1", "api-keys", _, "rotate"] => Some("POST"),
+        ["v1", "api-keys", _, "rotate"] | ["v1", "api-keys", _, "rotate", "abort"] => Some("POST"),
+        ["v1", "admin-tokens"] => Some("GET"),
+        ["v1", "admin-tokens", _] => Some("DELETE"),
         _ => None,
     }
 }
@@ -223,7 +243,7 @@ fn authorize(c: &Control, req: &Request<Incoming>, needed: Role) -> Result<Strin
     let tokens = c.tokens();
     let record = tokens
         .1
-        .authenticate(token, &c.settings.hasher)
+        .authenticate(token, &c.settings.hasher, crate::clock::unix_secs())
         .ok_or_else(|| {
             err(
                 StatusCode::UNAUTHORIZED,
@@ -309,8 +329,26 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             authorize(c, &req, Role::Read)?;
             let id = id.to_string();
             let c2 = c.clone();
-            let record = blocking(move || Keys::new(&c2.settings, "").show(&id)).await?;
-            Ok(json_response(StatusCode::OK, &shown(c, &record).await))
+            let latest = blocking(move || {
+                Keys::new(&c2.settings, "")
+                    .state()
+                    .map(|p| crate::store::file::latest(p.records))
+            })
+            .await?;
+            let record = latest
+                .get(&id)
+                .ok_or_else(|| ApiError::from(OpsError::NotFound(id.clone())))?;
+            let pair = crate::keys::rotation::of(&latest, record);
+            let mut ids = vec![record.id.as_str()];
+            if let Some((old, new)) = pair {
+                ids.extend([old.id.as_str(), new.id.as_str()]);
+            }
+            let usage = c.usage_of(&ids).await;
+            let mut v = public(record, &usage);
+            if let Some((old, new)) = pair {
+                v["rotation_status"] = crate::keys::rotation::report(old, new, &usage);
+            }
+            Ok(json_response(StatusCode::OK, &v))
         }
         (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -339,19 +377,58 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json_optional(c, req).await?;
-            reject_unknown(&body, &["grace"])?;
-            let grace = match optional_string(&body, "grace")? {
-                Some(g) => secs(&g, "grace")?,
-                None => c.settings.rotate_grace_secs,
+            reject_unknown(&body, &["grace", "complete_when_idle"])?;
+            let opts = crate::keys::ops::RotateOptions {
+                grace_secs: match optional_string(&body, "grace")? {
+                    Some(g) => secs(&g, "grace")?,
+                    None => c.settings.rotate_grace_secs,
+                },
+                complete_when_idle_secs: optional_string(&body, "complete_when_idle")?
+                    .map(|s| secs(&s, "complete_when_idle"))
+                    .transpose()?,
+                old_requests: c.merged_usage().get(&id).map_or(0, |u| u.requests),
             };
             let c2 = c.clone();
             let minted = blocking(move || {
-                Keys::new(&c2.settings, actor).rotate(&id, grace, crate::clock::unix_secs())
+                Keys::new(&c2.settings, actor).rotate(&id, opts, crate::clock::unix_secs())
             })
             .await?;
             let mut v = shown(c, &minted.record).await;
             v["key"] = Value::String(minted.key);
             Ok(json_response(StatusCode::CREATED, &v))
+        }
+        (Method::POST, ["v1", "api-keys", id, "rotate", "abort"]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let body = read_json_optional(c, req).await?;
+            reject_unknown(&body, &[])?;
+            let c2 = c.clone();
+            let old = blocking(move || {
+                Keys::new(&c2.settings, actor).abort_rotation(&id, crate::clock::unix_secs())
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &shown(c, &old).await))
+        }
+        (Method::GET, ["v1", "admin-tokens"]) => {
+            authorize(c, &req, Role::Write)?;
+            let now = crate::clock::unix_secs();
+            let items: Vec<Value> = super::tokens::list(&c.tokens_path)
+                .iter()
+                .map(|t| t.public_json(now))
+                .collect();
+            Ok(json_response(StatusCode::OK, &json!({ "items": items })))
+        }
+        (Method::DELETE, ["v1", "admin-tokens", id]) => {
+            let actor = authorize(c, &req, Role::Write)?;
+            let id = id.to_string();
+            let c2 = c.clone();
+            let now = crate::clock::unix_secs();
+            let revoked = blocking(move || {
+                let audit = crate::audit::AuditLog::new(&c2.settings.audit_log);
+                super::tokens::revoke(&c2.tokens_path, &audit, &actor, &id, now)
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, &revoked.public_json(now)))
         }
         _ => match allowed_methods(&segments) {
             Some(allow) => Err(ApiError {
@@ -367,9 +444,12 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, OpsError> + Send + 'static,
-) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| {
@@ -546,12 +626,24 @@ async fn create(
             "rate",
             "quota",
             "expires_in",
+            "not_before",
             "allow_ips",
             "allow_origins",
             "labels",
             "canary",
+            "publishable",
         ],
     )?;
+    let now = crate::clock::unix_secs();
+    let flag = |field: &str| match body.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field} must be a boolean"),
+        )),
+    };
     let name = optional_string(&body, "name")?.ok_or_else(|| {
         err(
             StatusCode::BAD_REQUEST,
@@ -570,25 +662,17 @@ async fn create(
         expires_in_secs: optional_string(&body, "expires_in")?
             .map(|s| secs(&s, "expires_in"))
             .transpose()?,
+        not_before: optional_string(&body, "not_before")?
+            .map(|s| crate::keys::ops::parse_not_before(&s, now))
+            .transpose()?,
         allow_ips: ip_list(&body)?.unwrap_or_default(),
         allow_origins: string_list(&body, "allow_origins")?.unwrap_or_default(),
         labels: labels(&body)?.unwrap_or_default(),
-        canary: match body.get("canary") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(err(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "canary must be a boolean",
-                ))
-            }
-        },
+        canary: flag("canary")?,
+        publishable: flag("publishable")?,
     };
     let c2 = c.clone();
-    let minted =
-        blocking(move || Keys::new(&c2.settings, actor).create(&grants, crate::clock::unix_secs()))
-            .await?;
+    let minted = blocking(move || Keys::new(&c2.settings, actor).create(&grants, now)).await?;
     let mut v = shown(c, &minted.record).await;
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))
@@ -615,6 +699,7 @@ const IMMUTABLE: &[&str] = &[
     "state",
     "key",
     "not_before",
+    "publishable",
 ];
 
 async fn update(

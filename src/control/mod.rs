@@ -28,13 +28,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokens::Tokens;
 
+/// What identifies one content of the token file without reading it: mtime, length, inode.
+type FileVersion = (SystemTime, u64, u64);
+
 /// Everything the control plane's handlers share.
 pub struct Control {
     pub settings: KeySettings,
     pub config: Config,
     pub feed: Arc<FeedState>,
-    tokens_path: PathBuf,
-    tokens: ArcSwap<(Option<SystemTime>, Tokens)>,
+    pub tokens_path: PathBuf,
+    tokens: ArcSwap<(Option<FileVersion>, Tokens)>,
     /// Latest cumulative usage per reporting gateway node, merged on read.
     usage_reports: DashMap<String, BTreeMap<String, Used>>,
     usage_write: Mutex<()>,
@@ -50,16 +53,25 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    /// The token table, re-read when its file changes (minting needs no restart).
-    pub fn tokens(&self) -> Arc<(Option<SystemTime>, Tokens)> {
-        let mtime = std::fs::metadata(&self.tokens_path)
-            .and_then(|m| m.modified())
+    /// The token table, re-read when its file changes (minting needs no restart, and a
+    /// revocation works on the next request). The file is append-only, so its length changes
+    /// with every write even when two writes fall within one mtime tick; the inode catches a
+    /// file replaced by another of the same size.
+    pub fn tokens(&self) -> Arc<(Option<FileVersion>, Tokens)> {
+        let version = std::fs::metadata(&self.tokens_path)
+            .and_then(|m| {
+                Ok((
+                    m.modified()?,
+                    m.len(),
+                    std::os::unix::fs::MetadataExt::ino(&m),
+                ))
+            })
             .ok();
         let current = self.tokens.load_full();
-        if current.0 == mtime {
+        if current.0 == version {
             return current;
         }
-        let fresh = Arc::new((mtime, Tokens::load(&self.tokens_path)));
+        let fresh = Arc::new((version, Tokens::load(&self.tokens_path)));
         self.tokens.store(fresh.clone());
         fresh
     }
@@ -222,6 +234,7 @@ pub async fn start(
         }
         None => None,
     };
+    tokio::spawn(crate::rotations::run_on_control(control.clone()));
     let c = control.clone();
     let task = tokio::spawn(async move {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

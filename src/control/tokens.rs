@@ -4,13 +4,21 @@
 //! Roles: `read` (GET the API), `write` (read + every mutation), `feed` (the gateway feed and
 //! usage reports). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
 //! nothing about stored tokens through timing (the same argument as for API keys).
+//!
+//! Lifecycle: a token may carry an expiry (checked on every request) and is revoked by
+//! appending a new version of its line with `revoked_at` (the file stays append-only, like
+//! the key store). The latest line of a token wins, except that a revocation is final: a
+//! later unrevoked line for a revoked token (an edit, a restored backup) is ignored. The
+//! control plane re-reads the file whenever it changes, so a revocation works at once.
 
+use crate::audit::{AuditLog, Event};
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::record::new_id;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use thiserror::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -44,6 +52,65 @@ pub struct TokenRecord {
     pub created_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Unix seconds from which the token is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+/// A token's state at an instant; only `Active` tokens authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Active => "active",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+impl TokenRecord {
+    /// Revoked beats expired: an operator who revoked a token sees it as revoked.
+    pub fn state(&self, now: i64) -> TokenState {
+        if self.revoked_at.is_some() {
+            TokenState::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            TokenState::Expired
+        } else {
+            TokenState::Active
+        }
+    }
+
+    /// What a listing shows: everything but the digest, plus the state.
+    pub fn public_json(&self, now: i64) -> serde_json::Value {
+        crate::keys::record::public_json(self, &["digest"], self.state(now).as_str())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("admin tokens file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit log {path}: {source}; the token was not revoked")]
+    Audit {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no admin token with id {0}")]
+    NotFound(String),
 }
 
 /// A token as shown once.
@@ -61,6 +128,7 @@ pub fn create(
     hasher: &Hasher,
     role: Role,
     name: Option<String>,
+    expires_at: Option<i64>,
     now: i64,
 ) -> std::io::Result<MintedToken> {
     let mut bytes = [0u8; 32];
@@ -75,19 +143,73 @@ pub fn create(
         role,
         created_at: now,
         name,
+        expires_at,
+        revoked_at: None,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let mut line = serde_json::to_vec(&record)?;
+    append(path, &record)?;
+    Ok(MintedToken { record, token })
+}
+
+/// Append one line in a single write on an `O_APPEND` file (so concurrent writers never
+/// interleave within a line), fsynced.
+fn append(path: &Path, record: &TokenRecord) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record)?;
     line.push(b'\n');
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
     f.write_all(&line)?;
-    f.sync_data()?;
-    Ok(MintedToken { record, token })
+    f.sync_data()
+}
+
+/// Every token's current version, in the order they were minted (missing file: none).
+pub fn list(path: &Path) -> Vec<TokenRecord> {
+    let mut tokens = Tokens::load(path)
+        .by_digest
+        .into_values()
+        .collect::<Vec<_>>();
+    tokens.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    tokens
+}
+
+/// Revoke token `id`, audited as `admin_token.revoked` by `actor` before the file changes (a
+/// revocation that cannot be audited is refused, as for keys). Revoking a revoked token
+/// writes nothing and returns it as it is. The one implementation behind the CLI and REST.
+pub fn revoke(
+    path: &Path,
+    audit: &AuditLog,
+    actor: &str,
+    id: &str,
+    now: i64,
+) -> Result<TokenRecord, TokenError> {
+    let current = list(path)
+        .into_iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| TokenError::NotFound(id.to_owned()))?;
+    if current.revoked_at.is_some() {
+        return Ok(current);
+    }
+    let revoked = TokenRecord {
+        revoked_at: Some(now),
+        ..current
+    };
+    audit
+        .append(&[Event::new("admin_token.revoked", actor)
+            .with("token_id", revoked.id.clone())
+            .with("role", revoked.role.as_str())])
+        .map_err(|source| TokenError::Audit {
+            path: audit.path().display().to_string(),
+            source,
+        })?;
+    append(path, &revoked).map_err(|source| TokenError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(revoked)
 }
 
 /// The loaded token table.
@@ -97,9 +219,10 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Load `path` (missing file: no tokens). Bad lines are skipped with a warning.
-    pub fn load(path: &PathBuf) -> Tokens {
-        let mut by_digest = HashMap::new();
+    /// Load `path` (missing file: no tokens). Bad lines are skipped with a warning. The
+    /// latest line of a token wins unless it would un-revoke it.
+    pub fn load(path: &Path) -> Tokens {
+        let mut by_digest: HashMap<Digest, TokenRecord> = HashMap::new();
         if let Ok(text) = std::fs::read_to_string(path) {
             for (i, line) in text
                 .lines()
@@ -107,9 +230,16 @@ impl Tokens {
                 .filter(|(_, l)| !l.trim().is_empty())
             {
                 match serde_json::from_str::<TokenRecord>(line) {
-                    Ok(r) => {
-                        by_digest.insert(r.digest, r);
-                    }
+                    Ok(r) => match by_digest.entry(r.digest) {
+                        std::collections::hash_map::Entry::Occupied(held)
+                            if held.get().revoked_at.is_some() => {}
+                        std::collections::hash_map::Entry::Occupied(mut held) => {
+                            held.insert(r);
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(r);
+                        }
+                    },
                     Err(e) => tracing::warn!(line = i + 1, error = %e, "admin token line skipped"),
                 }
             }
@@ -125,14 +255,16 @@ impl Tokens {
         self.by_digest.is_empty()
     }
 
-    /// The token record for a presented bearer token, if any.
-    pub fn authenticate(&self, token: &str, hasher: &Hasher) -> Option<&TokenRecord> {
+    /// The record of a presented bearer token that is active at `now`, if any. A revoked or
+    /// expired token is refused like an unknown one.
+    pub fn authenticate(&self, token: &str, hasher: &Hasher, now: i64) -> Option<&TokenRecord> {
         if !token.starts_with(TOKEN_PREFIX) || token.len() > 128 {
             return None;
         }
         hasher
             .all_digests(token)
             .find_map(|(v, d)| self.by_digest.get(&d).filter(|r| r.secret_version == v))
+            .filter(|r| r.state(now) == TokenState::Active)
     }
 }
 
@@ -145,17 +277,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.jsonl");
         let h = Hasher::new(vec![(1, vec![3; 32])]);
-        let w = create(&path, &h, Role::Write, None, 1).unwrap();
-        let f = create(&path, &h, Role::Feed, Some("gw".into()), 1).unwrap();
+        let w = create(&path, &h, Role::Write, None, None, 1).unwrap();
+        let f = create(&path, &h, Role::Feed, Some("gw".into()), Some(10), 1).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&w.token) && !text.contains(&f.token));
         let t = Tokens::load(&path);
-        assert_eq!(t.authenticate(&w.token, &h).unwrap().role, Role::Write);
-        assert_eq!(t.authenticate(&f.token, &h).unwrap().role, Role::Feed);
-        assert!(t.authenticate("kgadm_nope", &h).is_none());
+        assert_eq!(t.authenticate(&w.token, &h, 1).unwrap().role, Role::Write);
+        assert_eq!(t.authenticate(&f.token, &h, 9).unwrap().role, Role::Feed);
+        assert!(t.authenticate(&f.token, &h, 10).is_none(), "expired");
+        assert!(t.authenticate("kgadm_nope", &h, 1).is_none());
         assert!(Role::Write.allows(Role::Read));
         assert!(!Role::Read.allows(Role::Write));
         assert!(!Role::Feed.allows(Role::Read));
         assert!(!Role::Write.allows(Role::Feed));
+    }
+
+    #[test]
+    fn revocation_is_final_and_audited_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.jsonl");
+        let audit = AuditLog::new(dir.path().join("audit.jsonl"));
+        let h = Hasher::new(vec![(1, vec![3; 32])]);
+        let w = create(&path, &h, Role::Write, None, None, 1).unwrap();
+        let r = revoke(&path, &audit, "me", &w.record.id, 5).unwrap();
+        assert_eq!(r.state(6), TokenState::Revoked);
+        assert!(Tokens::load(&path).authenticate(&w.token, &h, 6).is_none());
+        // Idempotent: a second revoke writes nothing, audits nothing.
+        revoke(&path, &audit, "me", &w.record.id, 7).unwrap();
+        let audit_text = std::fs::read_to_string(audit.path()).unwrap();
+        assert_eq!(audit_text.matches("admin_token.revoked").count(), 1);
+        // A later line without the revocation (an edit, a restore) does not bring it back.
+        append(&path, &w.record).unwrap();
+        assert!(Tokens::load(&path).authenticate(&w.token, &h, 8).is_none());
+        assert_eq!(list(&path).len(), 1);
+        assert!(matches!(
+            revoke(&path, &audit, "me", "adm_nope", 9),
+            Err(TokenError::NotFound(_))
+        ));
     }
 }

@@ -103,6 +103,11 @@ impl Hasher {
         self.versions.first().map(|(v, _)| *v).unwrap_or(0)
     }
 
+    /// The configured versions, newest first.
+    pub fn versions(&self) -> Vec<u32> {
+        self.versions.iter().map(|(v, _)| *v).collect()
+    }
+
     /// Whether a secret of this version is configured (keys hashed under any other version
     /// can never authenticate).
     pub fn has_version(&self, version: u32) -> bool {

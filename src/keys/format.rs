@@ -1,4 +1,6 @@
-//! The API key wire format: `<prefix>_<env>_<secret><check>`.
+//! The API key wire format: `<prefix>_<env>_<secret><check>`, and for publishable keys
+//! (browser-safe, see README "Publishable keys") `<prefix>_pub_<env>_<secret><check>`: the
+//! marker lets people and secret scanners tell the two apart at a glance.
 //!
 //! `secret` is 32 bytes from the OS CSPRNG written as 43 base62 characters (256 bits, well above
 //! RFC 6749 §10.10's 2^-160 guessing bound); `check` is the CRC32 of everything before it, as 6
@@ -38,7 +40,13 @@ pub enum FormatError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parsed<'a> {
     pub env: &'a str,
+    /// The key carries the publishable marker.
+    pub publishable: bool,
 }
+
+/// The marker of publishable keys, between the prefix and the env. `pub` is refused as an env
+/// name (`keys.envs`) so the two can never be confused.
+pub const PUBLISHABLE_MARKER: &str = "pub";
 
 /// The configured shape of keys: a prefix and the environments it may carry.
 #[derive(Debug, Clone)]
@@ -74,12 +82,25 @@ impl KeyFormat {
 
     /// Mint a new key for `env` from the OS CSPRNG.
     pub fn generate(&self, env: &str) -> Result<String, getrandom::Error> {
+        self.mint(env, false)
+    }
+
+    /// Mint a new publishable key (`<prefix>_pub_<env>_…`) for `env`.
+    pub fn generate_publishable(&self, env: &str) -> Result<String, getrandom::Error> {
+        self.mint(env, true)
+    }
+
+    fn mint(&self, env: &str, publishable: bool) -> Result<String, getrandom::Error> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)?;
         let mut key =
-            String::with_capacity(self.prefix.len() + env.len() + 2 + SECRET_LEN + CHECK_LEN);
+            String::with_capacity(self.prefix.len() + env.len() + 6 + SECRET_LEN + CHECK_LEN);
         key.push_str(&self.prefix);
         key.push('_');
+        if publishable {
+            key.push_str(PUBLISHABLE_MARKER);
+            key.push('_');
+        }
         key.push_str(env);
         key.push('_');
         key.push_str(&base62_fixed(&bytes, SECRET_LEN));
@@ -97,6 +118,10 @@ impl KeyFormat {
             return Err(FormatError::WrongPrefix);
         }
         let rest = &key[self.prefix.len() + 1..];
+        let (publishable, rest) = match rest.split_once('_') {
+            Some((PUBLISHABLE_MARKER, after)) => (true, after),
+            _ => (false, rest),
+        };
         let (env, body) = rest.split_once('_').ok_or(FormatError::UnknownEnv)?;
         if !self.envs.iter().any(|e| e == env) {
             return Err(FormatError::UnknownEnv);
@@ -111,7 +136,7 @@ impl KeyFormat {
         if check_chars(crc32fast::hash(&key.as_bytes()[..split])) != key.as_bytes()[split..] {
             return Err(FormatError::BadChecksum);
         }
-        Ok(Parsed { env })
+        Ok(Parsed { env, publishable })
     }
 }
 
@@ -120,9 +145,14 @@ impl KeyFormat {
 pub fn hint(key: &str) -> String {
     let tail_start = key.len().saturating_sub(4);
     let tail = key.get(tail_start..).unwrap_or("");
-    // Our keys: show `<prefix>_<env>_`; imported keys: show nothing of the head.
-    let head = match key.match_indices('_').nth(1) {
-        Some((i, _)) if i < 24 => &key[..=i],
+    // Our keys: show `<prefix>_<env>_` (`<prefix>_pub_<env>_`); imported keys: nothing.
+    let underscores = if key.split('_').nth(1) == Some(PUBLISHABLE_MARKER) {
+        2
+    } else {
+        1
+    };
+    let head = match key.match_indices('_').nth(underscores) {
+        Some((i, _)) if i < 28 => &key[..=i],
         _ => "",
     };
     format!("{head}…{tail}")
@@ -172,7 +202,13 @@ mod tests {
         for i in 0..100_000 {
             let env = if i % 2 == 0 { "live" } else { "test" };
             let key = f.generate(env).unwrap();
-            assert_eq!(f.parse(&key), Ok(Parsed { env }));
+            assert_eq!(
+                f.parse(&key),
+                Ok(Parsed {
+                    env,
+                    publishable: false
+                })
+            );
             // Flip one character of the secret or checksum to another base62 char.
             let pos = key.len() - 1 - (i % (SECRET_LEN + CHECK_LEN));
             let mut bytes = key.clone().into_bytes();
@@ -181,6 +217,34 @@ mod tests {
             assert_eq!(f.parse(&changed), Err(FormatError::BadChecksum), "{i}");
             assert!(seen.insert(key));
         }
+    }
+
+    #[test]
+    fn publishable_keys_carry_the_marker_parse_and_hint() {
+        let f = fmt();
+        let key = f.generate_publishable("live").unwrap();
+        assert!(key.starts_with("kg_pub_live_"), "{key}");
+        assert_eq!(
+            f.parse(&key),
+            Ok(Parsed {
+                env: "live",
+                publishable: true
+            })
+        );
+        assert_eq!(
+            hint(&key),
+            format!("kg_pub_live_…{}", &key[key.len() - 4..])
+        );
+        assert!(hint(&f.generate("test").unwrap()).starts_with("kg_test_…"));
+        // The marker is covered by the checksum: dropping it breaks the key.
+        assert_eq!(
+            f.parse(&key.replacen("kg_pub_", "kg_", 1)),
+            Err(FormatError::BadChecksum)
+        );
+        assert_eq!(
+            f.parse(&key.replacen("_pub_", "_pbu_", 1)),
+            Err(FormatError::UnknownEnv)
+        );
     }
 
     /// `key` with the character at byte `pos` replaced by `c` (ASCII keys only).

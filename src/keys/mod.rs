@@ -7,6 +7,7 @@ pub mod format;
 pub mod ops;
 pub mod policy;
 pub mod record;
+pub mod rotation;
 pub mod table;
 
 use crate::config::{parse_duration, Config, ConfigError};
@@ -65,6 +66,12 @@ impl KeySettings {
             return Err(c.invalid(
                 "keys.envs",
                 "must list at least one env of lowercase letters",
+            ));
+        }
+        if k.envs.iter().any(|e| e == format::PUBLISHABLE_MARKER) {
+            return Err(c.invalid(
+                "keys.envs",
+                "\"pub\" marks publishable keys (kg_pub_live_…) and cannot be an env",
             ));
         }
         let mut secrets = vec![(
@@ -128,6 +135,46 @@ impl KeySettings {
         })
     }
 
+    /// `keygate secret status`: every secret version that is configured or that a live key
+    /// uses, with the live keys under it and when one of them was last seen (from `usage`).
+    /// "Live" is the same rule as [`KeySettings::missing_secret_versions`]. A version is
+    /// retirable when it is not the current one and no live key uses it.
+    pub fn secret_versions<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a record::KeyRecord>,
+        usage: &std::collections::BTreeMap<String, crate::usage::Used>,
+        now: i64,
+    ) -> Vec<SecretVersionUse> {
+        let current = self.hasher.current_version();
+        let mut by_version: std::collections::BTreeMap<u32, SecretVersionUse> = self
+            .hasher
+            .versions()
+            .into_iter()
+            .map(|v| (v, SecretVersionUse::new(v, true, v == current)))
+            .collect();
+        for r in records {
+            if matches!(
+                r.state(now),
+                record::KeyState::Revoked | record::KeyState::Expired
+            ) {
+                continue;
+            }
+            let entry = by_version
+                .entry(r.secret_version)
+                .or_insert_with(|| SecretVersionUse::new(r.secret_version, false, false));
+            entry.live_keys += 1;
+            let seen = usage.get(&r.id).map(|u| u.last_used).filter(|t| *t > 0);
+            entry.last_seen = entry.last_seen.max(seen);
+        }
+        by_version
+            .into_values()
+            .map(|mut u| {
+                u.retirable = !u.current && u.live_keys == 0;
+                u
+            })
+            .collect()
+    }
+
     /// One line per secret version that live keys in `records` (the latest version of each
     /// key) use but no configured secret has: those keys would all fail with 401. Revoked and
     /// expired keys do not count; canaries do (an unverifiable canary never alarms).
@@ -171,22 +218,58 @@ impl KeySettings {
         }
     }
 
-    /// [`KeySettings::missing_secret_versions`] for the file store: `Err` lists them when
-    /// configured to refuse, `Ok` carries them as warnings otherwise. A missing store is fine.
-    pub fn check_secret_versions(&self, now: i64) -> Result<Vec<String>, Vec<String>> {
-        // Counted without verifying MACs: a record signed under a secret version that is no
-        // longer configured cannot be verified, and that is exactly the case to report.
+    /// The latest version of every key in the file store, read without verifying MACs: a
+    /// record signed under a secret version that is no longer configured cannot be verified,
+    /// and that is exactly the case secret-version reports are about. A missing store is empty.
+    pub fn latest_unverified(
+        &self,
+    ) -> Result<std::collections::HashMap<String, record::KeyRecord>, String> {
         let parsed = match std::fs::read(&self.store) {
             Ok(bytes) => crate::store::file::parse_log(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(e) => return Err(vec![format!("{}: {e}", self.store.display())]),
+            Err(e) => return Err(format!("{}: {e}", self.store.display())),
         };
-        let latest = crate::store::file::latest(parsed.records);
+        Ok(crate::store::file::latest(parsed.records))
+    }
+
+    /// [`KeySettings::missing_secret_versions`] for the file store: `Err` lists them when
+    /// configured to refuse, `Ok` carries them as warnings otherwise. A missing store is fine.
+    pub fn check_secret_versions(&self, now: i64) -> Result<Vec<String>, Vec<String>> {
+        let latest = self.latest_unverified().map_err(|e| vec![e])?;
         let found = self.missing_secret_versions(latest.values(), now);
         if found.is_empty() || !self.refuse_missing_secret_version {
             Ok(found)
         } else {
             Err(found)
+        }
+    }
+}
+
+/// One secret version's use (`keygate secret status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SecretVersionUse {
+    pub version: u32,
+    /// A secret for it is configured (else its keys all get 401).
+    pub configured: bool,
+    /// New keys are digested under it.
+    pub current: bool,
+    /// Keys that are neither revoked nor expired.
+    pub live_keys: u64,
+    /// Latest use of any of those keys, Unix seconds (usage data).
+    pub last_seen: Option<i64>,
+    /// Not current and no live key uses it: its secret can be removed from the config.
+    pub retirable: bool,
+}
+
+impl SecretVersionUse {
+    fn new(version: u32, configured: bool, current: bool) -> SecretVersionUse {
+        SecretVersionUse {
+            version,
+            configured,
+            current,
+            live_keys: 0,
+            last_seen: None,
+            retirable: false,
         }
     }
 }

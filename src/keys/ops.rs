@@ -9,7 +9,7 @@
 use crate::audit::{AuditLog, Event};
 use crate::keys::format::{hint, MAX_KEY_LEN};
 use crate::keys::policy::PolicyError;
-use crate::keys::record::{new_id, KeyRecord, KeyState};
+use crate::keys::record::{new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
 use crate::store::file::{Compacted, StoreError};
@@ -43,8 +43,20 @@ pub enum OpsError {
     },
     #[error("key {id} was already rotated to {successor}; rotate {successor} instead (a key is rotated once, so its lineage has one current key)")]
     AlreadyRotated { id: String, successor: String },
+    #[error("the rotation of {old} to {successor} is final: {old} was revoked (completed or revoked by hand), and a revoked key is never un-revoked; keep {successor}, or rotate it")]
+    RotationFinal { old: String, successor: String },
     #[error("the OS random source failed: {0}")]
     Random(String),
+}
+
+/// How to rotate: the grace window, and optionally the self-completion rule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RotateOptions {
+    pub grace_secs: i64,
+    /// Revoke the old key once the successor has been used and the old key quiet this long.
+    pub complete_when_idle_secs: Option<i64>,
+    /// The old key's request count now (usage data), for "requests since rotation".
+    pub old_requests: u64,
 }
 
 /// Everything a new key can carry; shared by `create` and `import`.
@@ -59,10 +71,14 @@ pub struct Grants {
     /// Calendar quota, e.g. "100000/month" (needs `[redis]`).
     pub quota: Option<String>,
     pub expires_in_secs: Option<i64>,
+    /// Unix seconds before which the key is refused (`pending`); see [`parse_not_before`].
+    pub not_before: Option<i64>,
     pub allow_ips: Vec<IpNet>,
     pub allow_origins: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub canary: bool,
+    /// Browser-safe key: needs at least one allowed origin, never a canary.
+    pub publishable: bool,
 }
 
 /// A partial update: `None` leaves a field as it is.
@@ -150,6 +166,21 @@ pub fn check_scope(s: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// A publishable key is accepted only from browsers on the origins it lists, so it needs at
+/// least one (the global `[cors]` list would make it usable from any site that list names),
+/// and it cannot be a canary (a canary must look like a secret key that leaked).
+fn check_publishable(r: &KeyRecord) -> Result<(), OpsError> {
+    if r.publishable && r.allow_origins.is_empty() {
+        return Err(OpsError::Invalid(
+            "a publishable key needs at least one allowed origin (--allow-origin https://app.example.com)".into(),
+        ));
+    }
+    if r.publishable && r.canary {
+        return Err(OpsError::Invalid("a canary cannot be publishable".into()));
+    }
+    Ok(())
+}
+
 /// A new expiry must lie in the future: a zero lifetime (`--expires-in 0s`) or an imported
 /// `expires_at` in the past would mint a key that is already expired.
 fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), OpsError> {
@@ -157,6 +188,66 @@ fn check_expiry(expires_at: Option<i64>, now: i64) -> Result<(), OpsError> {
         Some(e) if e <= now => Err(OpsError::Invalid(
             "expires_in must be positive (expires_at in the future): the key would be born expired"
                 .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `--not-before` / `not_before`: an RFC 3339 time (`2026-12-24T09:00:00Z`, or with a
+/// `+01:00` offset) or a duration from `now` (`10m`). One parser for the CLI, the REST API
+/// and import, so every front end accepts the same spellings.
+pub fn parse_not_before(s: &str, now: i64) -> Result<i64, OpsError> {
+    let s = s.trim();
+    if let Ok(d) = crate::config::parse_duration(s) {
+        return i64::try_from(d.as_secs())
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(|| OpsError::Invalid(format!("not_before {s:?} is too far ahead")));
+    }
+    let bad = || {
+        OpsError::Invalid(format!(
+            "bad not_before {s:?}: give an RFC 3339 time (2026-12-24T09:00:00Z) or a duration from now (10m)"
+        ))
+    };
+    // humantime reads UTC (`Z`) only; a numeric offset is applied here. `±HH:MM` ends the text.
+    let (utc, offset_secs) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+        Some((head, tail))
+            if head.len() >= 19
+                && matches!(tail.as_bytes(), [b'+' | b'-', h1, h2, b':', m1, m2]
+                    if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit())) =>
+        {
+            let h =
+                i64::from(tail.as_bytes()[1] - b'0') * 10 + i64::from(tail.as_bytes()[2] - b'0');
+            let m =
+                i64::from(tail.as_bytes()[4] - b'0') * 10 + i64::from(tail.as_bytes()[5] - b'0');
+            let sign = if tail.starts_with('-') { -1 } else { 1 };
+            (format!("{head}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ => (s.to_owned(), 0),
+    };
+    let t = humantime::parse_rfc3339(&utc).map_err(|_| bad())?;
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad())?
+        .as_secs();
+    i64::try_from(secs)
+        .map(|t| t - offset_secs)
+        .map_err(|_| bad())
+}
+
+/// A not-before must lie in the future (else it says nothing: leave it out) and before the
+/// expiry (else the key would never be valid).
+fn check_not_before(
+    not_before: Option<i64>,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<(), OpsError> {
+    match (not_before, expires_at) {
+        (Some(nb), _) if nb <= now => Err(OpsError::Invalid(
+            "not_before must be in the future; leave it out for a key valid at once".into(),
+        )),
+        (Some(nb), Some(exp)) if exp <= nb => Err(OpsError::Invalid(
+            "the key would expire before (or when) it becomes valid: expires_in counts from now, make it longer than the wait for not_before".into(),
         )),
         _ => Ok(()),
     }
@@ -200,6 +291,8 @@ pub struct ImportLine {
     pub plan: Option<String>,
     pub rate: Option<String>,
     pub expires_at: Option<i64>,
+    /// Unix seconds; overrides `--not-before`.
+    pub not_before: Option<i64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -276,6 +369,7 @@ impl<'a> Keys<'a> {
         if r.name.trim().is_empty() {
             return Err(OpsError::Invalid("a key needs a name".into()));
         }
+        check_publishable(r)?;
         self.settings.policy.check(r, now)?;
         Ok(())
     }
@@ -286,11 +380,12 @@ impl<'a> Keys<'a> {
         now: i64,
         rotated_from: Option<&KeyRecord>,
     ) -> Result<Minted, OpsError> {
-        let key = self
-            .settings
-            .format
-            .generate(&g.env)
-            .map_err(|e| OpsError::Random(e.to_string()))?;
+        let key = if g.publishable {
+            self.settings.format.generate_publishable(&g.env)
+        } else {
+            self.settings.format.generate(&g.env)
+        }
+        .map_err(|e| OpsError::Random(e.to_string()))?;
         let (secret_version, digest) = self.settings.hasher.digest(&key);
         let id = new_id("key").map_err(|e| OpsError::Random(e.to_string()))?;
         let record = KeyRecord {
@@ -312,17 +407,20 @@ impl<'a> Keys<'a> {
             hint: hint(&key),
             created_at: now,
             written_at_ms: crate::clock::unix_ms(),
-            not_before: None,
+            not_before: g.not_before,
             expires_at: g.expires_in_secs.map(|s| now + s),
             revoked_at: None,
             revoked_reason: None,
             canary: g.canary,
+            publishable: g.publishable,
             imported: false,
             rotated_from: rotated_from.map(|r| r.id.clone()),
             rotated_to: None,
+            rotation: None,
             mac: None,
         };
         check_expiry(record.expires_at, now)?;
+        check_not_before(record.not_before, record.expires_at, now)?;
         self.validate(&record, now)?;
         Ok(Minted {
             record,
@@ -519,7 +617,12 @@ impl<'a> Keys<'a> {
     /// `rotated_to` is never overwritten. The successor gets a fresh lifetime as long as the
     /// old key's own (`expires_at - created_at`, capped at `policy.max_ttl`; none if the old
     /// key had none), never the grace window.
-    pub fn rotate(&self, id: &str, grace_secs: i64, now: i64) -> Result<Minted, OpsError> {
+    pub fn rotate(&self, id: &str, opts: RotateOptions, now: i64) -> Result<Minted, OpsError> {
+        if opts.complete_when_idle_secs.is_some_and(|s| s <= 0) {
+            return Err(OpsError::Invalid(
+                "complete_when_idle must be more than zero".into(),
+            ));
+        }
         let mut minted = None;
         let mut replaced = None;
         let record = self.change(id, |cur| {
@@ -554,14 +657,25 @@ impl<'a> Keys<'a> {
                 rate: cur.rate.clone(),
                 quota: cur.quota.clone(),
                 expires_in_secs: self.successor_lifetime(cur),
+                // The successor is valid when the old key is: at once for a key in use, at the
+                // same time for a pending one (rotating must not bring a not-before forward).
+                not_before: cur.not_before.filter(|nb| *nb > now),
                 allow_ips: cur.allow_ips.clone(),
                 allow_origins: cur.allow_origins.clone(),
                 labels: cur.labels.clone(),
                 canary: false,
+                publishable: cur.publishable,
             };
             let m = self.mint(&grants, now, Some(cur))?;
             let mut old = cur.clone();
-            let grace_end = now + grace_secs.max(0);
+            let grace_end = now + opts.grace_secs.max(0);
+            old.rotation = Some(Rotation {
+                started_at: now,
+                prior_expires_at: old.expires_at,
+                complete_when_idle_secs: opts.complete_when_idle_secs,
+                requests_at_start: opts.old_requests,
+                completed_at: None,
+            });
             old.expires_at = Some(old.expires_at.map_or(grace_end, |e| e.min(grace_end)));
             old.rotated_to = Some(m.record.id.clone());
             old.written_at_ms = crate::clock::unix_ms();
@@ -571,7 +685,8 @@ impl<'a> Keys<'a> {
                 .key(&old)
                 .with("successor_id", new.id.clone())
                 .with("successor_hint", new.hint.clone())
-                .with("old_expires_at", old.expires_at);
+                .with("old_expires_at", old.expires_at)
+                .with("complete_when_idle_secs", opts.complete_when_idle_secs);
             minted = Some(m.key);
             replaced = Some(old.clone());
             // Successor first: a writer killed between the two lines leaves an orphan key
@@ -587,6 +702,109 @@ impl<'a> Keys<'a> {
             key,
             replaced,
         })
+    }
+
+    /// Roll a rotation back, named by its successor: the successor is revoked and the old key
+    /// gets its expiry from before the rotation back, and can be rotated again. Refused once
+    /// the old key is revoked (the rotation completed, or someone revoked it): revocation is
+    /// final. Audited as `key.rotation_aborted` on the old key.
+    pub fn abort_rotation(&self, successor_id: &str, now: i64) -> Result<KeyRecord, OpsError> {
+        let written = self.log.transact(|state| {
+            let successor = state
+                .keys
+                .get(successor_id)
+                .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
+            let not_current = || {
+                OpsError::Invalid(format!(
+                    "{successor_id} is not the successor of a rotation in progress"
+                ))
+            };
+            let old = successor
+                .rotated_from
+                .as_deref()
+                .and_then(|o| state.keys.get(o))
+                .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
+                .ok_or_else(not_current)?;
+            let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
+            if old.revoked_at.is_some() {
+                return Err(OpsError::RotationFinal {
+                    old: old.id.clone(),
+                    successor: successor_id.to_owned(),
+                });
+            }
+            if let Some(next) = &successor.rotated_to {
+                return Err(OpsError::Invalid(format!(
+                    "{successor_id} was itself rotated to {next}; abort that rotation first"
+                )));
+            }
+            let mut restored = old.clone();
+            restored.expires_at = rotation.prior_expires_at;
+            restored.rotated_to = None;
+            restored.rotation = None;
+            restored.written_at_ms = crate::clock::unix_ms();
+            let event = Event::new("key.rotation_aborted", &self.actor)
+                .key(&restored)
+                .with("successor_id", successor_id)
+                .with("restored_expires_at", restored.expires_at);
+            self.audit(&[event])?;
+            // The old key first: a writer killed between the two lines leaves both keys
+            // working (as during the rotation), never neither.
+            let mut records = vec![restored];
+            if successor.revoked_at.is_none() {
+                records.push(revoked(successor, Some("rotation aborted"), now));
+            }
+            Ok::<_, OpsError>(records)
+        })??;
+        written
+            .into_iter()
+            .next()
+            .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))
+    }
+
+    /// Complete the rotations of `old_ids` that are still ready under the lock (re-checked
+    /// against the latest records and `usage`): each old key is revoked and its rotation
+    /// marked completed, audited as `key.rotation_completed`. Returns the revoked versions.
+    pub fn complete_rotations(
+        &self,
+        old_ids: &[String],
+        usage: &BTreeMap<String, crate::usage::Used>,
+        now: i64,
+    ) -> Result<Vec<KeyRecord>, OpsError> {
+        self.log.transact(|state| {
+            let mut records = Vec::new();
+            let mut events = Vec::new();
+            for id in old_ids {
+                let Some(old) = state.keys.get(id) else {
+                    continue;
+                };
+                let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
+                else {
+                    continue;
+                };
+                if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
+                    continue;
+                }
+                let mut r = revoked(old, Some("rotation completed: old key idle"), now);
+                let Some(rot) = r.rotation.as_mut() else {
+                    continue;
+                };
+                rot.completed_at = Some(now);
+                let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
+                events.push(
+                    Event::new("key.rotation_completed", &self.actor)
+                        .key(&r)
+                        .with("successor_id", successor.id.clone())
+                        .with("started_at", started_at)
+                        .with("complete_when_idle_secs", idle)
+                        .with("seconds_to_complete", now - started_at),
+                );
+                records.push(r);
+            }
+            if !events.is_empty() {
+                self.audit(&events)?;
+            }
+            Ok::<_, OpsError>(records)
+        })?
     }
 
     /// The successor's lifetime in seconds: the old key's own, capped by policy.
@@ -634,6 +852,7 @@ impl<'a> Keys<'a> {
                     plan: None,
                     rate: None,
                     expires_at: None,
+                    not_before: None,
                     labels: BTreeMap::new(),
                 }
             };
@@ -684,20 +903,23 @@ impl<'a> Keys<'a> {
                 hint: hint(&parsed.key),
                 created_at: now,
                 written_at_ms: crate::clock::unix_ms(),
-                not_before: None,
+                not_before: parsed.not_before.or(defaults.not_before),
                 expires_at: parsed
                     .expires_at
                     .or(defaults.expires_in_secs.map(|s| now + s)),
                 revoked_at: None,
                 revoked_reason: None,
                 canary: false,
+                publishable: false,
                 imported: true,
                 rotated_from: None,
                 rotated_to: None,
+                rotation: None,
                 mac: None,
             };
-            if let Err(e) =
-                check_expiry(record.expires_at, now).and_then(|()| self.validate(&record, now))
+            if let Err(e) = check_expiry(record.expires_at, now)
+                .and_then(|()| check_not_before(record.not_before, record.expires_at, now))
+                .and_then(|()| self.validate(&record, now))
             {
                 report.invalid.push((i + 1, e.to_string()));
                 continue;
@@ -789,6 +1011,31 @@ mod tests {
         new.scopes = vec![];
         new.expires_at = Some(9);
         assert_eq!(changed_fields(&old, &new), ["expires_at", "scopes"]);
+    }
+
+    #[test]
+    fn not_before_parses_durations_and_rfc3339_with_offsets() {
+        let now = 1_800_000_000;
+        assert_eq!(parse_not_before("10m", now).unwrap(), now + 600);
+        for same in [
+            "2027-01-15T08:00:00Z",
+            "2027-01-15T09:00:00+01:00",
+            "2027-01-15T03:00:00-05:00",
+        ] {
+            assert_eq!(parse_not_before(same, 0).unwrap(), 1_800_000_000, "{same}");
+        }
+        for bad in ["", "soon", "2027-01-15", "2027-01-15T08:00:00+1:00", "-5m"] {
+            assert!(parse_not_before(bad, now).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn not_before_must_be_future_and_before_expiry() {
+        assert!(check_not_before(None, Some(5), 100).is_ok());
+        assert!(check_not_before(Some(101), None, 100).is_ok());
+        assert!(check_not_before(Some(101), Some(102), 100).is_ok());
+        assert!(check_not_before(Some(100), None, 100).is_err());
+        assert!(check_not_before(Some(150), Some(150), 100).is_err());
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct KeyRecord {
     pub revoked_reason: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
+    /// Browser-safe key (`<prefix>_pub_<env>_…`): accepted only with an `Origin` it lists,
+    /// on routes that declare `publishable = true` (`authz::authorize`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publishable: bool,
     /// Migrated from another gateway: not in our format, accepted by digest alone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub imported: bool,
@@ -96,6 +100,10 @@ pub struct KeyRecord {
     pub rotated_from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_to: Option<String>,
+    /// On the old key of a rotation: when it started, what an abort restores, and the
+    /// self-completion rule (`keys::rotation`). Cleared by an abort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
     /// The id of the first key in this rotation chain: rate-limit buckets belong to it, so a
     /// rotation does not double a caller's budget during the grace window.
     pub lineage: String,
@@ -103,6 +111,33 @@ pub struct KeyRecord {
     /// legacy store written before records were signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<crate::store::seal::Tag>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A rotation, recorded on the key being replaced (the one with `rotated_to`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// Unix seconds when the successor was minted.
+    pub started_at: i64,
+    /// The old key's expiry before the grace shortened it (`None`: it had none); an abort
+    /// restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_expires_at: Option<i64>,
+    /// Revoke the old key once the successor has been used and the old key has been quiet
+    /// this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_when_idle_secs: Option<i64>,
+    /// The old key's request count (usage data) when the rotation started, so that "requests
+    /// since rotation" can be told apart from its lifetime total.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requests_at_start: u64,
+    /// When the rotation completed by itself (the old key was revoked then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<i64>,
 }
 
 impl KeyRecord {
@@ -122,16 +157,23 @@ impl KeyRecord {
         }
     }
 
-    /// The JSON a human or API client may see: everything except the digest.
+    /// The JSON a human or API client may see: everything except the digest and MAC.
     pub fn public_json(&self, now: i64) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(obj) = v.as_object_mut() {
-            obj.remove("digest");
-            obj.remove("mac");
-            obj.insert("state".into(), self.state(now).as_str().into());
-        }
-        v
+        public_json(self, &["digest", "mac"], self.state(now).as_str())
     }
+}
+
+/// `value` as JSON without its `hidden` fields (digests, MACs: never shown) and with its
+/// `state`: what listings of keys and admin tokens print.
+pub fn public_json(value: &impl Serialize, hidden: &[&str], state: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        for field in hidden {
+            obj.remove(*field);
+        }
+        obj.insert("state".into(), state.into());
+    }
+    v
 }
 
 /// Revocation is final: `next` would be a version of a key whose version `held` is revoked,
@@ -191,9 +233,11 @@ pub(crate) fn sample(id: &str, digest: Digest) -> KeyRecord {
         revoked_at: None,
         revoked_reason: None,
         canary: false,
+        publishable: false,
         imported: false,
         rotated_from: None,
         rotated_to: None,
+        rotation: None,
         lineage: id.to_owned(),
         mac: None,
     }

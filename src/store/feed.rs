@@ -116,6 +116,14 @@ impl FeedState {
         self.log.read().map(|l| l.loaded).unwrap_or(false)
     }
 
+    /// The latest version of every key (for the control plane's periodic rotation check).
+    pub fn latest(&self) -> Vec<Arc<KeyRecord>> {
+        self.log
+            .read()
+            .map(|l| l.latest.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Every revoked key this control plane has served (kept across a replaced log).
     pub fn revoked(&self) -> Vec<KeyRecord> {
         self.log

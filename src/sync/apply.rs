@@ -46,6 +46,9 @@ pub struct Applied {
     pub written_at_ms: Vec<i64>,
     /// Ids whose revocation was kept against what the source said.
     pub kept_revoked: Vec<String>,
+    /// Rotation events among the records applied incrementally (a whole-table load is state,
+    /// not events, and counts none).
+    pub rotations: Vec<crate::keys::rotation::RotationEvent>,
 }
 
 /// The revoked version `table` holds for the key `r` names (by id, or by its digest under any
@@ -99,7 +102,10 @@ pub fn records(
         }
         let written = r.written_at_ms;
         let r = keep_revoked(table, r, &mut out);
+        let held = table.get_by_id(&r.id);
+        let event = crate::keys::rotation::event(held.as_deref(), &r);
         if table.apply(r) {
+            out.rotations.extend(event);
             out.written_at_ms.push(written);
         }
     }

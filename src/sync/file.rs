@@ -205,13 +205,23 @@ pub fn apply(gw: &Gateway, update: Update) {
     }
 }
 
-/// Propagation ages and kept revocations of an incremental apply (shared with the feed).
+/// Propagation ages, rotation events and kept revocations of an incremental apply (shared
+/// with the feed).
 pub fn observe(gw: &Gateway, out: &apply::Applied) {
     let now = unix_ms();
     for written in &out.written_at_ms {
         gw.metrics
             .propagation
             .observe((now - written).max(0) as f64 / 1000.0);
+    }
+    for event in &out.rotations {
+        gw.metrics
+            .rotations
+            .with_label_values(&[event.as_str()])
+            .inc();
+        if let crate::keys::rotation::RotationEvent::Completed(secs) = event {
+            gw.metrics.rotation_completion.observe(*secs as f64);
+        }
     }
     report_kept_revoked(gw, &out.kept_revoked);
 }
