@@ -105,6 +105,7 @@ pub enum Command {
 pub enum SecretCommand {
     /// Per secret version: configured, current, live keys under it, last seen, retirable.
     Status {
+        /// Print a JSON array (one object per version) instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -597,8 +597,11 @@ async fn f5_f6_empty_data_ping_and_settings_floods_are_bounded() {
             // must then still be coherent: finishing the body gets the request answered.
             Flood::EmptyData => {
                 if !ended {
-                    assert!(c.send(&frame(DATA, END_STREAM, 1, b"x"), NET_TIMEOUT).await);
-                    eventually_named("answered after the flood", POLL, || async {
+                    // The server may be closing just now (its GOAWAY not read yet when `ended`
+                    // was sampled), so the last frame may not go through: what must hold is
+                    // that the connection is coherent, answered or ended, never hung.
+                    let _ = c.send(&frame(DATA, END_STREAM, 1, b"x"), NET_TIMEOUT).await;
+                    eventually_named("answered or ended after the flood", POLL, || async {
                         c.with(|e| (e.answered(1) || e.ended()).then_some(()))
                     })
                     .await;
