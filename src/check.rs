@@ -1,6 +1,6 @@
 //! `keygate check`: validate the config and the release checklist, listing every problem.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::keys::KeySettings;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -15,7 +15,9 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
         Err(e) => return (vec![e.to_string()], notes),
     };
     match KeySettings::from_config(&config) {
-        Err(e) => problems.push(format!("hash secret / keys: {e}")),
+        // Config errors already name file, line and field; only secret problems need context.
+        Err(e @ ConfigError::Secret(_)) => problems.push(format!("hash secret: {e}")),
+        Err(e) => problems.push(e.to_string()),
         Ok(settings) => {
             if let Err(e) = Snapshot::build(config.clone(), &Metrics::new(0)) {
                 problems.push(e.to_string());

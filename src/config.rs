@@ -4,9 +4,11 @@
 //! Units are in names (`_ms`, `_bytes`) or in the value (`"90d"`, `"100/s"`). Paths resolve
 //! relative to the config file. This module only parses; `snapshot` validates and indexes.
 
+use crate::locate::{self, LineCol};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -17,16 +19,59 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config {path}: `{field}`: {message}")]
+    /// TOML syntax or a value of the wrong type: where it is, and in which field when the
+    /// error falls inside one.
+    #[error("config {}{}: {}{message}", path.display(), at_line(at), field_prefix(field))]
+    Parse {
+        path: PathBuf,
+        at: Option<LineCol>,
+        field: Option<String>,
+        message: String,
+    },
+    /// A value that parsed but is not acceptable, named by field and by where it came from.
+    #[error("config {}{}: `{field}`{}: {message}", path.display(), origin_line(origin), origin_env(origin))]
     Invalid {
         path: PathBuf,
         field: String,
+        origin: Origin,
         message: String,
     },
     #[error("{0}")]
     Secret(String),
+}
+
+/// Where a config value came from, so an error can point at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in the file at this line (None: not written there, a default).
+    File(Option<LineCol>),
+    /// Set by this environment variable, which wins over the file.
+    Env(&'static str),
+}
+
+fn at_line(at: &Option<LineCol>) -> String {
+    at.map(|lc| format!(":{lc}")).unwrap_or_default()
+}
+
+fn field_prefix(field: &Option<String>) -> String {
+    field
+        .as_ref()
+        .map(|f| format!("`{f}`: "))
+        .unwrap_or_default()
+}
+
+fn origin_line(origin: &Origin) -> String {
+    match origin {
+        Origin::File(at) => at_line(at),
+        Origin::Env(_) => String::new(),
+    }
+}
+
+fn origin_env(origin: &Origin) -> String {
+    match origin {
+        Origin::File(_) => String::new(),
+        Origin::Env(var) => format!(" (from {var})"),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -61,6 +106,9 @@ pub struct Config {
     pub base_dir: PathBuf,
     #[serde(skip)]
     pub path: PathBuf,
+    /// The file's text, kept so a validation error can name the line of the field.
+    #[serde(skip)]
+    pub source: Arc<str>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -467,11 +515,9 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
         config.path = path.to_owned();
+        config.source = text.into();
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(config)
     }
@@ -485,10 +531,13 @@ impl Config {
         }
     }
 
+    /// A validation error naming the file, the field and the line it is written on.
     pub fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let field = field.into();
         ConfigError::Invalid {
             path: self.path.clone(),
-            field: field.into(),
+            origin: Origin::File(locate::field_line(&self.source, &field)),
+            field,
             message: message.into(),
         }
     }
@@ -497,10 +546,40 @@ impl Config {
     pub const EXAMPLE: &'static str = include_str!("../config/keygate.toml");
 }
 
+/// toml's own rendering is several lines with a caret drawing; a log line wants one: file,
+/// line:column, the field the span falls in, and the message.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map(|s| s.start);
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse {
+        path: path.to_owned(),
+        at: start.map(|o| locate::line_col(text, o)),
+        field: start.and_then(|o| locate::field_at(text, o)),
+        message,
+    }
+}
+
 /// Parse a duration like "90d", "48h", "250ms", "0s".
+///
+/// humantime's messages count byte offsets into the value ("expected number at 9"), which read
+/// like a position in the file; ours say what is wrong with the value itself.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("bad duration {s:?}: {e} (examples: 90d, 48h, 30m, 0s)"))
+    use humantime::DurationError as E;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        let why = match e {
+            E::InvalidCharacter(_) | E::NumberExpected(_) => "not a number and a unit".to_owned(),
+            E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+            E::NumberOverflow => "too large".to_owned(),
+            E::Empty => "empty".to_owned(),
+        };
+        format!("bad duration {s:?}: {why} (examples: 90d, 48h, 30m, 0s)")
+    })
 }
 
 #[cfg(test)]

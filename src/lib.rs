@@ -29,6 +29,7 @@ pub mod health;
 pub mod hygiene;
 pub mod keys;
 pub mod limit;
+pub mod locate;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;

@@ -1969,3 +1969,53 @@ fn compact_keeps_the_store_file_mode() {
     let mode = std::fs::metadata(env.store()).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "{mode:o}");
 }
+
+/// Every config error names the file, the line and the field, on one line: syntax errors,
+/// wrong types and unknown fields (from the deserializer's span) as well as values that
+/// parse but fail validation (from the field's path), inside `[keys]` and `[[routes]]` alike.
+#[test]
+fn config_errors_name_file_line_and_field() {
+    let base = "[plans.default]\nrate = \"100/s\"\n\n[keys]\ntouch_interval_seconds = 60\n";
+    let upstream = "\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
+    let cases: [(&str, String, &str, &str); 6] = [
+        ("duration in [keys]", format!("{base}rotate_grace = \"soon\"\n"), ":6:16:", "`keys.rotate_grace`"),
+        ("wrong type", format!("{base}\n[server]\nmax_headers = \"ten\"\n"), ":8:15:", "`server.max_headers`"),
+        ("unknown field", format!("{base}stroe = \"x\"\n"), ":6:1:", "`keys.stroe`"),
+        ("missing field", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\n"), ":11:1:", "`routes[0]`"),
+        ("validation in [[routes]]", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstream = \"nope\"\n"), ":14:12:", "`routes[0].upstream`"),
+        ("syntax", format!("{base}[server\n"), ":6:8:", "invalid table header"),
+    ];
+    for (what, text, line, field) in cases {
+        let env = Env::with_config(&text);
+        for json in [false, true] {
+            let r = if json {
+                env.keygate(&["check", "--json"])
+            } else {
+                env.keygate(&["check"])
+            };
+            assert!(!r.status.success(), "{what}: {r:?}");
+            let problem = if json {
+                r.json()["problems"][0].as_str().unwrap().to_owned()
+            } else {
+                let l = r.stderr.lines().find(|l| l.starts_with("problem:"));
+                l.unwrap_or_else(|| panic!("{what}: {r:?}")).to_owned()
+            };
+            let file = format!("{}{line}", env.config.display());
+            assert!(problem.contains(&file), "{what}: no {file} in {problem:?}");
+            assert!(problem.contains(field), "{what}: no {field} in {problem:?}");
+            assert!(
+                !problem.contains("expected number at"),
+                "{what}: {problem:?}"
+            );
+        }
+        assert_eq!(
+            env.keygate(&["check"])
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("problem:"))
+                .count(),
+            1,
+            "{what}: one problem, on one line"
+        );
+    }
+}
