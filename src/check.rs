@@ -14,6 +14,9 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
         Ok(c) => c,
         Err(e) => return (vec![e.to_string()], notes),
     };
+    for o in &config.overrides {
+        notes.push(format!("{} set by {}", o.field, o.var));
+    }
     match KeySettings::from_config(&config) {
         // Config errors already name file, line and field; only secret problems need context.
         Err(e @ ConfigError::Secret(_)) => problems.push(format!("hash secret: {e}")),

@@ -109,7 +109,38 @@ pub struct Config {
     /// The file's text, kept so a validation error can name the line of the field.
     #[serde(skip)]
     pub source: Arc<str>,
+    /// Fields set by an environment variable (`ENV_OVERRIDES`), so their errors name it.
+    #[serde(skip)]
+    pub overrides: Vec<&'static EnvOverride>,
 }
+
+/// A setting a container sets from its environment rather than by templating the file.
+#[derive(Debug)]
+pub struct EnvOverride {
+    pub var: &'static str,
+    pub field: &'static str,
+    slot: fn(&mut Config) -> &mut String,
+}
+
+/// Applied after the file is parsed, so the variable wins over the file. The config path
+/// (`KEYGATE_CONFIG`) and log format (`KEYGATE_LOG_FORMAT`) are arguments and live in `cli`.
+pub static ENV_OVERRIDES: [EnvOverride; 3] = [
+    EnvOverride {
+        var: "KEYGATE_LISTEN",
+        field: "server.listen",
+        slot: |c| &mut c.server.listen,
+    },
+    EnvOverride {
+        var: "KEYGATE_ADMIN_LISTEN",
+        field: "admin.listen",
+        slot: |c| &mut c.admin.listen,
+    },
+    EnvOverride {
+        var: "KEYGATE_CONTROL_LISTEN",
+        field: "control.listen",
+        slot: |c| &mut c.control.listen,
+    },
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -505,13 +536,39 @@ pub struct RouteConfig {
 }
 
 impl Config {
-    /// Read and parse a config file. A missing file is an error (we never guess a config).
+    /// Read and parse a config file, then apply the `KEYGATE_*` overrides from the process
+    /// environment. A missing file is an error (we never guess a config).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        config.apply_env(|var| std::env::var_os(var))?;
+        Ok(config)
+    }
+
+    /// Set each `ENV_OVERRIDES` field whose variable `get` returns. A listen address must be
+    /// `host:port`: checked here, because a bind error later could not name the variable.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        for o in &ENV_OVERRIDES {
+            let Some(raw) = get(o.var) else { continue };
+            self.overrides.push(o);
+            let value = raw
+                .into_string()
+                .map_err(|_| self.invalid(o.field, "not UTF-8"))?;
+            if !is_host_port(&value) {
+                return Err(self.invalid(
+                    o.field,
+                    format!("{value:?} is not host:port (e.g. 0.0.0.0:8080 or [::]:8080)"),
+                ));
+            }
+            *(o.slot)(self) = value;
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -534,9 +591,13 @@ impl Config {
     /// A validation error naming the file, the field and the line it is written on.
     pub fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let field = field.into();
+        let origin = match self.overrides.iter().find(|o| o.field == field) {
+            Some(o) => Origin::Env(o.var),
+            None => Origin::File(locate::field_line(&self.source, &field)),
+        };
         ConfigError::Invalid {
             path: self.path.clone(),
-            origin: Origin::File(locate::field_line(&self.source, &field)),
+            origin,
             field,
             message: message.into(),
         }
@@ -544,6 +605,12 @@ impl Config {
 
     /// The shipped example, embedded so `keygate demo` and tests can use it anywhere.
     pub const EXAMPLE: &'static str = include_str!("../config/keygate.toml");
+}
+
+/// `host:port` with a non-empty host and a numeric port (names are resolved at bind time).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// toml's own rendering is several lines with a caret drawing; a log line wants one: file,
@@ -604,6 +671,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_headers"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_their_errors_name_the_variable() {
+        let mut c =
+            Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\n", Path::new("k.toml")).unwrap();
+        c.apply_env(|v| (v == "KEYGATE_ADMIN_LISTEN").then(|| "0.0.0.0:9090".into()))
+            .unwrap();
+        assert_eq!(c.admin.listen, "0.0.0.0:9090");
+        assert_eq!(
+            c.server.listen, "127.0.0.1:8080",
+            "unset variables change nothing"
+        );
+        let err = c.invalid("admin.listen", "x").to_string();
+        assert!(err.contains("(from KEYGATE_ADMIN_LISTEN)"), "{err}");
+        for bad in ["", "8080", ":8080", "host:http", "[::]"] {
+            let mut c = Config::default();
+            let err = c
+                .apply_env(|v| (v == "KEYGATE_LISTEN").then(|| bad.into()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("KEYGATE_LISTEN") && err.contains("server.listen"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -2019,3 +2019,68 @@ fn config_errors_name_file_line_and_field() {
         );
     }
 }
+
+/// The `KEYGATE_*` variables a container sets instead of templating the file: applied after
+/// the file is parsed (so they win), noted by `check`, and a bad value is refused naming the
+/// variable, not a flag or a line the operator never wrote.
+#[test]
+fn env_overrides_win_over_the_file_and_errors_name_the_variable() {
+    let env =
+        Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    let check = |vars: &[(&str, &str)]| {
+        let mut c = env.keygate_command(&["check"]);
+        c.envs(vars.iter().copied());
+        env.run_cmd(c, &format!("check {vars:?}"))
+    };
+    let r = check(&[("KEYGATE_ADMIN_LISTEN", "0.0.0.0:9999")]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("admin.listen set by KEYGATE_ADMIN_LISTEN"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("admin listener 0.0.0.0:9999"),
+        "the value is used: {r:?}"
+    );
+
+    for var in [
+        "KEYGATE_LISTEN",
+        "KEYGATE_ADMIN_LISTEN",
+        "KEYGATE_CONTROL_LISTEN",
+    ] {
+        let r = check(&[(var, "8080")]);
+        assert!(!r.status.success(), "{var}: {r:?}");
+        assert!(r.stderr.contains(&format!("(from {var})")), "{r:?}");
+        assert!(r.stderr.contains("is not host:port"), "{r:?}");
+    }
+
+    let r = check(&[("KEYGATE_LOG_FORMAT", "json")]);
+    assert!(r.status.success(), "{r:?}");
+    for line in r.stderr.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v["message"].is_string(), "{line}");
+    }
+    let r = check(&[("KEYGATE_LOG_FORMAT", "xml")]);
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("KEYGATE_LOG_FORMAT") && r.stderr.contains("xml"),
+        "{r:?}"
+    );
+
+    // KEYGATE_CONFIG names the file when --config is not given.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    c.arg("check")
+        .env(SECRET_VAR, SECRET)
+        .env("KEYGATE_CONFIG", &env.config)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let r = env.run_cmd(c, "check via KEYGATE_CONFIG");
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("{}: ok", env.config.display())),
+        "{r:?}"
+    );
+}

@@ -1891,3 +1891,36 @@ async fn refused_known_keys_are_logged_with_their_id() {
     let text = read_lossy(&s.path("audit.jsonl"));
     assert!(!text.contains(&revoked.key) && !text.contains(&expiring.key));
 }
+
+/// `KEYGATE_LISTEN` and `KEYGATE_ADMIN_LISTEN` win over the file: with both file addresses
+/// unbindable (TEST-NET-1, not on this host), the gateway still comes up on the variables'
+/// addresses, and `keygate health` finds the admin listener through the same variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_overrides_move_the_listeners() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replacen("listen = \"127.0.0.1:0\"", "listen = \"192.0.2.1:1\"", 2),
+    )
+    .unwrap();
+    let unbindable = Gateway::try_spawn(&s.config, SECRET_ENV).await;
+    assert!(
+        unbindable.is_err(),
+        "the file's addresses cannot be bound here"
+    );
+
+    let envs = [
+        ("KEYGATE_LISTEN", "127.0.0.1:0"),
+        ("KEYGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+    ];
+    let gw = spawn_ready(&s.config, &envs, POLL).await;
+    assert_eq!(readyz(&gw).await, 200);
+    let admin = gw.admin.to_string();
+    let health = cli(
+        &s.config,
+        &["health", "--timeout", "2s"],
+        &[("KEYGATE_ADMIN_LISTEN", &admin)],
+    );
+    assert!(health.status.success(), "{health:?}");
+}
