@@ -12,6 +12,7 @@
 //!
 //! Keys live in a record log (`store`) that the CLI appends to and the gateway follows.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod authz;

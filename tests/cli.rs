@@ -1196,7 +1196,7 @@ fn every_change_writes_one_audit_line_without_secrets() {
     let check = |env: &Env, expect_event: &str, expect_id: &str, expect_hint: &str| {
         let lines = env.audit_lines();
         let e = lines.last().unwrap();
-        for f in ["time", "event", "actor", "key_id", "owner", "hint"] {
+        for f in ["timestamp", "event", "actor", "key_id", "owner", "hint"] {
             assert!(e.get(f).is_some(), "{f} missing: {e}");
         }
         assert_eq!(e["event"], expect_event);
@@ -1208,7 +1208,7 @@ fn every_change_writes_one_audit_line_without_secrets() {
             "the OS user, not $USER"
         );
         assert_eq!(e["owner"], "team-a");
-        let t = e["time"].as_str().unwrap();
+        let t = e["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
         let h = e["hint"].as_str().unwrap();
         let tail = h.strip_prefix("kg_live_…").unwrap();
