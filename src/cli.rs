@@ -31,7 +31,13 @@ pub struct Cli {
     )]
     pub config: PathBuf,
     /// Log format on stderr: human text, or one JSON object per line.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Human,
+        env = "KEYGATE_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,

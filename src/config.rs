@@ -4,9 +4,11 @@
 //! Units are in names (`_ms`, `_bytes`) or in the value (`"90d"`, `"100/s"`). Paths resolve
 //! relative to the config file. This module only parses; `snapshot` validates and indexes.
 
+use crate::locate::{self, LineCol};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -17,16 +19,59 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config {path}: `{field}`: {message}")]
+    /// TOML syntax or a value of the wrong type: where it is, and in which field when the
+    /// error falls inside one.
+    #[error("config {}{}: {}{message}", path.display(), at_line(at), field_prefix(field))]
+    Parse {
+        path: PathBuf,
+        at: Option<LineCol>,
+        field: Option<String>,
+        message: String,
+    },
+    /// A value that parsed but is not acceptable, named by field and by where it came from.
+    #[error("config {}{}: `{field}`{}: {message}", path.display(), origin_line(origin), origin_env(origin))]
     Invalid {
         path: PathBuf,
         field: String,
+        origin: Origin,
         message: String,
     },
     #[error("{0}")]
     Secret(String),
+}
+
+/// Where a config value came from, so an error can point at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Written in the file at this line (None: not written there, a default).
+    File(Option<LineCol>),
+    /// Set by this environment variable, which wins over the file.
+    Env(&'static str),
+}
+
+fn at_line(at: &Option<LineCol>) -> String {
+    at.map(|lc| format!(":{lc}")).unwrap_or_default()
+}
+
+fn field_prefix(field: &Option<String>) -> String {
+    field
+        .as_ref()
+        .map(|f| format!("`{f}`: "))
+        .unwrap_or_default()
+}
+
+fn origin_line(origin: &Origin) -> String {
+    match origin {
+        Origin::File(at) => at_line(at),
+        Origin::Env(_) => String::new(),
+    }
+}
+
+fn origin_env(origin: &Origin) -> String {
+    match origin {
+        Origin::File(_) => String::new(),
+        Origin::Env(var) => format!(" (from {var})"),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -61,7 +106,41 @@ pub struct Config {
     pub base_dir: PathBuf,
     #[serde(skip)]
     pub path: PathBuf,
+    /// The file's text, kept so a validation error can name the line of the field.
+    #[serde(skip)]
+    pub source: Arc<str>,
+    /// Fields set by an environment variable (`ENV_OVERRIDES`), so their errors name it.
+    #[serde(skip)]
+    pub overrides: Vec<&'static EnvOverride>,
 }
+
+/// A setting a container sets from its environment rather than by templating the file.
+#[derive(Debug)]
+pub struct EnvOverride {
+    pub var: &'static str,
+    pub field: &'static str,
+    slot: fn(&mut Config) -> &mut String,
+}
+
+/// Applied after the file is parsed, so the variable wins over the file. The config path
+/// (`KEYGATE_CONFIG`) and log format (`KEYGATE_LOG_FORMAT`) are arguments and live in `cli`.
+pub static ENV_OVERRIDES: [EnvOverride; 3] = [
+    EnvOverride {
+        var: "KEYGATE_LISTEN",
+        field: "server.listen",
+        slot: |c| &mut c.server.listen,
+    },
+    EnvOverride {
+        var: "KEYGATE_ADMIN_LISTEN",
+        field: "admin.listen",
+        slot: |c| &mut c.admin.listen,
+    },
+    EnvOverride {
+        var: "KEYGATE_CONTROL_LISTEN",
+        field: "control.listen",
+        slot: |c| &mut c.control.listen,
+    },
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -473,21 +552,45 @@ pub struct RouteConfig {
 }
 
 impl Config {
-    /// Read and parse a config file. A missing file is an error (we never guess a config).
+    /// Read and parse a config file, then apply the `KEYGATE_*` overrides from the process
+    /// environment. A missing file is an error (we never guess a config).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        config.apply_env(|var| std::env::var_os(var))?;
+        Ok(config)
+    }
+
+    /// Set each `ENV_OVERRIDES` field whose variable `get` returns. A listen address must be
+    /// `host:port`: checked here, because a bind error later could not name the variable.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        for o in &ENV_OVERRIDES {
+            let Some(raw) = get(o.var) else { continue };
+            self.overrides.push(o);
+            let value = raw
+                .into_string()
+                .map_err(|_| self.invalid(o.field, "not UTF-8"))?;
+            if !is_host_port(&value) {
+                return Err(self.invalid(
+                    o.field,
+                    format!("{value:?} is not host:port (e.g. 0.0.0.0:8080 or [::]:8080)"),
+                ));
+            }
+            *(o.slot)(self) = value;
+        }
+        Ok(())
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
         config.path = path.to_owned();
+        config.source = text.into();
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(config)
     }
@@ -501,10 +604,17 @@ impl Config {
         }
     }
 
+    /// A validation error naming the file, the field and the line it is written on.
     pub fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let field = field.into();
+        let origin = match self.overrides.iter().find(|o| o.field == field) {
+            Some(o) => Origin::Env(o.var),
+            None => Origin::File(locate::field_line(&self.source, &field)),
+        };
         ConfigError::Invalid {
             path: self.path.clone(),
-            field: field.into(),
+            origin,
+            field,
             message: message.into(),
         }
     }
@@ -513,10 +623,46 @@ impl Config {
     pub const EXAMPLE: &'static str = include_str!("../config/keygate.toml");
 }
 
+/// `host:port` with a non-empty host and a numeric port (names are resolved at bind time).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// toml's own rendering is several lines with a caret drawing; a log line wants one: file,
+/// line:column, the field the span falls in, and the message.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map(|s| s.start);
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    ConfigError::Parse {
+        path: path.to_owned(),
+        at: start.map(|o| locate::line_col(text, o)),
+        field: start.and_then(|o| locate::field_at(text, o)),
+        message,
+    }
+}
+
 /// Parse a duration like "90d", "48h", "250ms", "0s".
+///
+/// humantime's messages count byte offsets into the value ("expected number at 9"), which read
+/// like a position in the file; ours say what is wrong with the value itself.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("bad duration {s:?}: {e} (examples: 90d, 48h, 30m, 0s)"))
+    use humantime::DurationError as E;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        let why = match e {
+            E::InvalidCharacter(_) | E::NumberExpected(_) => "not a number and a unit".to_owned(),
+            E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+            E::NumberOverflow => "too large".to_owned(),
+            E::Empty => "empty".to_owned(),
+        };
+        format!("bad duration {s:?}: {why} (examples: 90d, 48h, 30m, 0s)")
+    })
 }
 
 #[cfg(test)]
@@ -541,6 +687,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_headers"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_their_errors_name_the_variable() {
+        let mut c =
+            Config::parse("[admin]\nlisten = \"127.0.0.1:1\"\n", Path::new("k.toml")).unwrap();
+        c.apply_env(|v| (v == "KEYGATE_ADMIN_LISTEN").then(|| "0.0.0.0:9090".into()))
+            .unwrap();
+        assert_eq!(c.admin.listen, "0.0.0.0:9090");
+        assert_eq!(
+            c.server.listen, "127.0.0.1:8080",
+            "unset variables change nothing"
+        );
+        let err = c.invalid("admin.listen", "x").to_string();
+        assert!(err.contains("(from KEYGATE_ADMIN_LISTEN)"), "{err}");
+        for bad in ["", "8080", ":8080", "host:http", "[::]"] {
+            let mut c = Config::default();
+            let err = c
+                .apply_env(|v| (v == "KEYGATE_LISTEN").then(|| bad.into()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("KEYGATE_LISTEN") && err.contains("server.listen"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

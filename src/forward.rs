@@ -96,14 +96,22 @@ pub struct GuardedBody {
     inner: Incoming,
     remaining: u64,
     deadline: Pin<Box<Sleep>>,
+    /// Shared with the access line when one will be written.
+    counted: Option<crate::access::BytesIn>,
 }
 
 impl GuardedBody {
-    pub fn new(inner: Incoming, limit: u64, timeout: Duration) -> GuardedBody {
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        timeout: Duration,
+        counted: Option<crate::access::BytesIn>,
+    ) -> GuardedBody {
         GuardedBody {
             inner,
             remaining: limit,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            counted,
         }
     }
 }
@@ -127,6 +135,9 @@ impl Body for GuardedBody {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
                     self.remaining -= len;
+                    if let Some(c) = &self.counted {
+                        c.add(len);
+                    }
                 }
                 // Trailers are dropped: a key must never ride in a trailer to the upstream (B7).
                 if frame.is_trailers() {

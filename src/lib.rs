@@ -12,6 +12,7 @@
 //!
 //! Keys live in a record log (`store`) that the CLI appends to and the gateway follows.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod authz;
@@ -29,6 +30,7 @@ pub mod health;
 pub mod hygiene;
 pub mod keys;
 pub mod limit;
+pub mod locate;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;

@@ -1,12 +1,15 @@
 //! The `keygate` binary: parse arguments, set up logging, hand over to the library.
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, Parser, ValueEnum};
 use keygate::cli::{say, Cli, Command, Failure, Level, LogFormat};
 use keygate::config::Config;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if let Some(code) = bad_log_format_var() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -19,6 +22,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's message for a bad `KEYGATE_LOG_FORMAT` names only `--log-format`, which the operator
+/// never typed: say which variable it was.
+fn bad_log_format_var() -> Option<ExitCode> {
+    let value = std::env::var_os("KEYGATE_LOG_FORMAT")?;
+    if LogFormat::from_str(&value.to_string_lossy(), false).is_ok() {
+        return None;
+    }
+    say(
+        Level::Error,
+        &format!(
+            "keygate: error: KEYGATE_LOG_FORMAT: {value:?} is not a log format (human or json)"
+        ),
+    );
+    Some(ExitCode::from(2))
+}
+
 /// clap's own output (`--help`, `--version`, usage errors). A usage error under
 /// `--log-format json` is one JSON line like every other; the format is read from the raw
 /// arguments, since parsing is what failed.
@@ -26,7 +45,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let json = std::env::args()
         .collect::<Vec<_>>()
         .windows(2)
-        .any(|w| (w[0] == "--log-format" && w[1] == "json") || w[1] == "--log-format=json");
+        .any(|w| (w[0] == "--log-format" && w[1] == "json") || w[1] == "--log-format=json")
+        || std::env::var_os("KEYGATE_LOG_FORMAT").is_some_and(|v| v == "json");
     if !json || !e.use_stderr() {
         e.exit()
     }

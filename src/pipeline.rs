@@ -6,6 +6,7 @@
 //! bottom: admit → table ready → validate head → canonical path → route → (CORS preflight) →
 //! extract key → failure budget → authenticate → authorize → rate limit → forward.
 
+use crate::access::{self, AccessBody};
 use crate::audit::Event;
 use crate::authz;
 use crate::error::{GatewayError, Outcome};
@@ -62,14 +63,21 @@ struct Ctx {
     verdict: Option<Verdict>,
     cors_origin: Option<HeaderValue>,
     trace: TraceContext,
+    /// The canonical request host, once the head is validated.
+    host: Option<String>,
+    /// Time to the upstream's response head.
+    upstream: Option<std::time::Duration>,
+    /// Counts the request body only when an access line will be written.
+    bytes_in: Option<access::BytesIn>,
 }
 
 pub async fn handle(
     gw: Arc<Gateway>,
     conn: Conn,
     req: Request<Incoming>,
-) -> Result<Response<RespBody>, Infallible> {
+) -> Result<Response<AccessBody>, Infallible> {
     let started = Instant::now();
+    let logged = access::enabled();
     let snap = gw.snapshot();
     let request_id = hygiene::client_request_id(req.headers())
         .and_then(|id| HeaderValue::from_str(id).ok())
@@ -83,6 +91,9 @@ pub async fn handle(
         verdict: None,
         cors_origin: None,
         trace: gw.trace_ids.context(req.headers()),
+        host: None,
+        upstream: None,
+        bytes_in: logged.then(access::BytesIn::default),
     };
     let method = req.method().clone();
 
@@ -111,22 +122,41 @@ pub async fn handle(
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     record(&gw, &snap, &ctx, outcome, resp.status(), started);
-    // One access line per request (target `keygate::access`, off unless enabled: see README).
-    // Allow-listed fields only: never the key, the raw path or client-sent header values.
-    tracing::info!(
-        target: "keygate::access",
-        request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        %method,
-        route = ctx.route.and_then(|i| snap.routes.get(i)).map_or("none", |r| r.name.as_str()),
-        status = resp.status().as_u16(),
-        outcome = outcome.as_str(),
-        key_id = ctx.key.as_ref().map_or("-", |k| k.id.as_str()),
-        client_ip = %ctx.client_ip,
-        trace_id = %ctx.trace.trace_id,
-        latency_us = started.elapsed().as_micros() as u64,
-        "request",
-    );
-    Ok(resp)
+    let line = logged.then(|| access_line(&snap, ctx, &resp, outcome, method, started));
+    Ok(resp.map(|body| AccessBody::new(body, line)))
+}
+
+/// The access line's fields (see `access`): only built when access lines are on.
+fn access_line(
+    snap: &Snapshot,
+    ctx: Ctx,
+    resp: &Response<RespBody>,
+    outcome: Outcome,
+    method: Method,
+    started: Instant,
+) -> Box<access::Line> {
+    Box::new(access::Line {
+        request_id: resp
+            .headers()
+            .get(&X_REQUEST_ID)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("-")),
+        method,
+        host: ctx.host,
+        route: ctx
+            .route
+            .and_then(|i| snap.routes.get(i))
+            .map(|r| r.name.clone()),
+        status: resp.status().as_u16(),
+        outcome: outcome.as_str(),
+        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
+        client_ip: ctx.client_ip,
+        trace_id: ctx.trace.trace_id.to_string(),
+        started,
+        upstream: ctx.upstream,
+        bytes_in: ctx.bytes_in.unwrap_or_default(),
+        bytes_out: 0,
+    })
 }
 
 async fn pipeline(
@@ -142,7 +172,7 @@ async fn pipeline(
         return Err(GatewayError::TableUnavailable);
     }
     let (mut parts, body) = req.into_parts();
-    let host = request_host(&parts)?;
+    ctx.host = request_host(&parts)?;
     if parts.method == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed { allow: vec![] });
     }
@@ -162,7 +192,7 @@ async fn pipeline(
     let route_method = preflight.as_ref().unwrap_or(&parts.method);
     let route_idx = snap
         .router
-        .find(host.as_deref(), &path, route_method)
+        .find(ctx.host.as_deref(), &path, route_method)
         .map_err(|e| match e {
             RouteError::NotFound => GatewayError::RouteNotFound,
             RouteError::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
@@ -274,7 +304,7 @@ async fn pipeline(
         &mut parts.headers,
         &key,
         request_id,
-        host.as_deref(),
+        ctx.host.as_deref(),
         conn,
         ctx.client_ip,
     );
@@ -283,9 +313,12 @@ async fn pipeline(
         body,
         route.max_body_bytes,
         std::time::Duration::from_millis(snap.server.body_timeout_ms),
+        ctx.bytes_in.clone(),
     );
     let upstream_req = Request::from_parts(parts, body);
+    let sent = Instant::now();
     let mut resp = route.upstream.send(upstream_req, &path_and_query).await?;
+    ctx.upstream = Some(sent.elapsed());
     hygiene::sanitize_response(resp.headers_mut());
     Ok(resp.map(Either::Left))
 }

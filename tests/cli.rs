@@ -1196,7 +1196,7 @@ fn every_change_writes_one_audit_line_without_secrets() {
     let check = |env: &Env, expect_event: &str, expect_id: &str, expect_hint: &str| {
         let lines = env.audit_lines();
         let e = lines.last().unwrap();
-        for f in ["time", "event", "actor", "key_id", "owner", "hint"] {
+        for f in ["timestamp", "event", "actor", "key_id", "owner", "hint"] {
             assert!(e.get(f).is_some(), "{f} missing: {e}");
         }
         assert_eq!(e["event"], expect_event);
@@ -1208,7 +1208,7 @@ fn every_change_writes_one_audit_line_without_secrets() {
             "the OS user, not $USER"
         );
         assert_eq!(e["owner"], "team-a");
-        let t = e["time"].as_str().unwrap();
+        let t = e["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(t).is_ok(), "{t}");
         let h = e["hint"].as_str().unwrap();
         let tail = h.strip_prefix("kg_live_…").unwrap();
@@ -2297,6 +2297,121 @@ fn an_env_named_pub_is_refused() {
     ]);
     assert!(
         r.stderr.contains("publishable") || r.stderr.contains("canary"),
+        "{r:?}"
+    );
+}
+
+/// Every config error names the file, the line and the field, on one line: syntax errors,
+/// wrong types and unknown fields (from the deserializer's span) as well as values that
+/// parse but fail validation (from the field's path), inside `[keys]` and `[[routes]]` alike.
+#[test]
+fn config_errors_name_file_line_and_field() {
+    let base = "[plans.default]\nrate = \"100/s\"\n\n[keys]\ntouch_interval_seconds = 60\n";
+    let upstream = "\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
+    let cases: [(&str, String, &str, &str); 6] = [
+        ("duration in [keys]", format!("{base}rotate_grace = \"soon\"\n"), ":6:16:", "`keys.rotate_grace`"),
+        ("wrong type", format!("{base}\n[server]\nmax_headers = \"ten\"\n"), ":8:15:", "`server.max_headers`"),
+        ("unknown field", format!("{base}stroe = \"x\"\n"), ":6:1:", "`keys.stroe`"),
+        ("missing field", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\n"), ":11:1:", "`routes[0]`"),
+        ("validation in [[routes]]", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstream = \"nope\"\n"), ":14:12:", "`routes[0].upstream`"),
+        ("syntax", format!("{base}[server\n"), ":6:8:", "invalid table header"),
+    ];
+    for (what, text, line, field) in cases {
+        let env = Env::with_config(&text);
+        for json in [false, true] {
+            let r = if json {
+                env.keygate(&["check", "--json"])
+            } else {
+                env.keygate(&["check"])
+            };
+            assert!(!r.status.success(), "{what}: {r:?}");
+            let problem = if json {
+                r.json()["problems"][0].as_str().unwrap().to_owned()
+            } else {
+                let l = r.stderr.lines().find(|l| l.starts_with("problem:"));
+                l.unwrap_or_else(|| panic!("{what}: {r:?}")).to_owned()
+            };
+            let file = format!("{}{line}", env.config.display());
+            assert!(problem.contains(&file), "{what}: no {file} in {problem:?}");
+            assert!(problem.contains(field), "{what}: no {field} in {problem:?}");
+            assert!(
+                !problem.contains("expected number at"),
+                "{what}: {problem:?}"
+            );
+        }
+        assert_eq!(
+            env.keygate(&["check"])
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("problem:"))
+                .count(),
+            1,
+            "{what}: one problem, on one line"
+        );
+    }
+}
+
+/// The `KEYGATE_*` variables a container sets instead of templating the file: applied after
+/// the file is parsed (so they win), noted by `check`, and a bad value is refused naming the
+/// variable, not a flag or a line the operator never wrote.
+#[test]
+fn env_overrides_win_over_the_file_and_errors_name_the_variable() {
+    let env =
+        Env::with_config(&CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n"));
+    let check = |vars: &[(&str, &str)]| {
+        let mut c = env.keygate_command(&["check"]);
+        c.envs(vars.iter().copied());
+        env.run_cmd(c, &format!("check {vars:?}"))
+    };
+    let r = check(&[("KEYGATE_ADMIN_LISTEN", "0.0.0.0:9999")]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("admin.listen set by KEYGATE_ADMIN_LISTEN"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("admin listener 0.0.0.0:9999"),
+        "the value is used: {r:?}"
+    );
+
+    for var in [
+        "KEYGATE_LISTEN",
+        "KEYGATE_ADMIN_LISTEN",
+        "KEYGATE_CONTROL_LISTEN",
+    ] {
+        let r = check(&[(var, "8080")]);
+        assert!(!r.status.success(), "{var}: {r:?}");
+        assert!(r.stderr.contains(&format!("(from {var})")), "{r:?}");
+        assert!(r.stderr.contains("is not host:port"), "{r:?}");
+    }
+
+    let r = check(&[("KEYGATE_LOG_FORMAT", "json")]);
+    assert!(r.status.success(), "{r:?}");
+    for line in r.stderr.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v["message"].is_string(), "{line}");
+    }
+    let r = check(&[("KEYGATE_LOG_FORMAT", "xml")]);
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("KEYGATE_LOG_FORMAT") && r.stderr.contains("xml"),
+        "{r:?}"
+    );
+
+    // KEYGATE_CONFIG names the file when --config is not given.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    c.arg("check")
+        .env(SECRET_VAR, SECRET)
+        .env("KEYGATE_CONFIG", &env.config)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let r = env.run_cmd(c, "check via KEYGATE_CONFIG");
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("{}: ok", env.config.display())),
         "{r:?}"
     );
 }

@@ -1864,12 +1864,12 @@ async fn refused_known_keys_are_logged_with_their_id() {
             .filter(|v| v["target"] == "keygate::access")
             .any(|v| v["key_id"] == id && v["outcome"] == outcome)
     };
-    assert!(
-        access(&gw, &revoked.id, "key_revoked"),
-        "{}",
-        gw.stderr_contents()
-    );
-    assert!(access(&gw, &expiring.id, "key_expired"));
+    // The line is written once the response body is done, just after the client has it.
+    eventually_named("access lines of refused keys", POLL, || async {
+        (access(&gw, &revoked.id, "key_revoked") && access(&gw, &expiring.id, "key_expired"))
+            .then_some(())
+    })
+    .await;
 
     gw.sigterm();
     assert!(gw.wait_exit(POLL).await.success());
@@ -2207,4 +2207,103 @@ async fn publishable_keys_work_only_from_their_origins_on_publishable_routes() {
     )
     .await;
     gw.assert_not_logged(&key);
+}
+
+/// `KEYGATE_LISTEN` and `KEYGATE_ADMIN_LISTEN` win over the file: with both file addresses
+/// unbindable (TEST-NET-1, not on this host), the gateway still comes up on the variables'
+/// addresses, and `keygate health` finds the admin listener through the same variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_overrides_move_the_listeners() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replacen("listen = \"127.0.0.1:0\"", "listen = \"192.0.2.1:1\"", 2),
+    )
+    .unwrap();
+    let unbindable = Gateway::try_spawn(&s.config, SECRET_ENV).await;
+    assert!(
+        unbindable.is_err(),
+        "the file's addresses cannot be bound here"
+    );
+
+    let envs = [
+        ("KEYGATE_LISTEN", "127.0.0.1:0"),
+        ("KEYGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+    ];
+    let gw = spawn_ready(&s.config, &envs, POLL).await;
+    assert_eq!(readyz(&gw).await, 200);
+    let admin = gw.admin.to_string();
+    let health = cli(
+        &s.config,
+        &["health", "--timeout", "2s"],
+        &[("KEYGATE_ADMIN_LISTEN", &admin)],
+    );
+    assert!(health.status.success(), "{health:?}");
+}
+
+/// The access line (opt-in) names the canonical host and the route (never the raw path), and
+/// carries the body bytes read from the client and sent back, the upstream's time to the
+/// response head and the whole latency; a request refused before forwarding has no upstream
+/// time. Written as JSON once the response body is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_carry_host_route_bytes_and_upstream_latency() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&["--scope", "invoices:write"]);
+    let mut envs = SECRET_ENV.to_vec();
+    envs.push(("KEYGATE_LOG", "info,keygate::access=info"));
+    let gw = Gateway::try_spawn_args(&s.config, &["--log-format", "json"], &envs)
+        .await
+        .unwrap();
+    wait_ready(&gw, POLL).await;
+    let auth = bearer(&k.key);
+    let headers = [
+        ("host", "API.example.com."),
+        ("authorization", auth.as_str()),
+    ];
+    let body = "0123456789abcdefghij";
+    let (status, _, sent_back) = post(gw.http, "/invoices/4242/pay", &headers, body).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        get(gw.http, "/invoices/4242", &[("host", HOST)]).await.0,
+        401
+    );
+
+    let lines = eventually_named("two access lines", POLL, || async {
+        let lines: Vec<serde_json::Value> = gw
+            .stderr_contents()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "keygate::access")
+            .collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    let (ok, refused) = (&lines[0], &lines[1]);
+    assert_eq!(ok["host"], HOST, "canonical host: {ok}");
+    assert_eq!(ok["route"], "invoices-write", "{ok}");
+    assert_eq!(ok["bytes_in"], body.len(), "{ok}");
+    assert_eq!(ok["bytes_out"], sent_back.len(), "{ok}");
+    let upstream = ok["upstream_us"].as_u64().expect("upstream time");
+    assert!(ok["latency_us"].as_u64().unwrap() >= upstream, "{ok}");
+    assert!(ok["timestamp"].is_string(), "{ok}");
+
+    assert_eq!(refused["route"], "invoices-read", "{refused}");
+    assert_eq!(refused["status"], 401);
+    assert_eq!(refused["bytes_in"], 0);
+    assert!(
+        refused["bytes_out"].as_u64().unwrap() > 0,
+        "the problem body"
+    );
+    assert!(
+        refused.get("upstream_us").is_none_or(|v| v.is_null()),
+        "{refused}"
+    );
+    for l in &lines {
+        assert!(
+            !l.to_string().contains("4242"),
+            "raw path in the access line: {l}"
+        );
+    }
+    gw.assert_not_logged(&k.key);
 }
