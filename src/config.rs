@@ -416,6 +416,9 @@ pub struct RedisConfig {
     /// How long a revocation waits for those replicas; then the API answers 503 saying the
     /// revocation is written but not yet replicated.
     pub revoke_wait_timeout_ms: u64,
+    /// Key store on Redis: stream entries `keys compact` keeps; a follower further behind
+    /// than this reloads the whole table instead of resuming.
+    pub stream_keep_entries: u64,
 }
 
 impl Default for RedisConfig {
@@ -432,6 +435,7 @@ impl Default for RedisConfig {
             command_timeout_ms: 50,
             revoke_wait_replicas: 0,
             revoke_wait_timeout_ms: 1000,
+            stream_keep_entries: 100_000,
         }
     }
 }

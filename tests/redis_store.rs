@@ -625,3 +625,46 @@ async fn a_redis_that_may_evict_the_store_is_refused() {
     redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
     ControlPlane::spawn(&cp_cfg).await;
 }
+
+/// `keys compact` on the Redis store trims the stream (`[redis] stream_keep_entries`); a
+/// gateway that was behind the trimmed history (stopped with SIGSTOP meanwhile) sees the gap
+/// and reloads the whole table instead of missing what was trimmed: the revocation made while
+/// it was stopped is enforced, and the keys created meanwhile work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_trimmed_stream_reloads_whole() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::with_redis(
+        1,
+        &format!("url = \"{}\"\nstream_keep_entries = 1", redis.url()),
+    )
+    .await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &k1.key, 200).await;
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &gw.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    let later: Vec<_> = (0..3)
+        .map(|_| create_key(nodes.cli_config(), &["--scope", "invoices:read"]))
+        .collect();
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
+    cli_ok(nodes.cli_config(), &["keys", "compact"]);
+    assert_eq!(redis.cmd(&["XLEN", "keygate:s:log"]).trim(), "1");
+    signal("-CONT");
+    until(&gw, &k1.key, 401).await;
+    for k in &later {
+        until(&gw, &k.key, 200).await;
+    }
+    assert!(
+        gw.stderr_contents().matches("key table loaded").count() >= 2,
+        "reloaded whole:\n{}",
+        gw.stderr_contents()
+    );
+}

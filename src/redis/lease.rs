@@ -463,6 +463,7 @@ mod tests {
             command_timeout: Duration::from_millis(10),
             revoke_wait_replicas: 0,
             revoke_wait_timeout: Duration::from_millis(10),
+            stream_keep_entries: 1,
         };
         let m = crate::metrics::Metrics::new(0);
         let client = Client::new(settings, m.redis_metrics());

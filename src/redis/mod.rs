@@ -116,6 +116,8 @@ pub struct Settings {
     /// Key store: replicas a revocation waits for (`WAIT`), and for how long.
     pub revoke_wait_replicas: u32,
     pub revoke_wait_timeout: Duration,
+    /// Key store: stream entries a compaction keeps.
+    pub stream_keep_entries: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -252,6 +254,7 @@ impl Settings {
             command_timeout: Duration::from_millis(r.command_timeout_ms),
             revoke_wait_replicas: r.revoke_wait_replicas,
             revoke_wait_timeout: Duration::from_millis(r.revoke_wait_timeout_ms),
+            stream_keep_entries: r.stream_keep_entries.max(1),
         }))
     }
 }

@@ -127,6 +127,19 @@ return {'ok', tostring(want)}
 "#,
 );
 
+/// Trims the stream to its newest ARGV[1] entries and records in `base` the revision below
+/// which history is gone (followers further behind reload whole). Returns {base, kept}.
+static TRIM: Script = Script::new(
+    r#"
+redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[1]))
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local base = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if first[1] then base = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
+redis.call('HSET', KEYS[1], 'base', base)
+return {base, redis.call('XLEN', KEYS[2])}
+"#,
+);
+
 /// The Redis key names of one store.
 #[derive(Debug, Clone)]
 pub struct Names {
@@ -232,15 +245,22 @@ fn head_of(log: &str, rev: &str) -> Result<(LogId, u64), StoreError> {
 
 /// The log id and last revision (`NONE`, 0 before the first write).
 pub async fn head(c: &Client, n: &Names) -> Result<(LogId, u64), StoreError> {
+    head_and_base(c, n).await.map(|(log, rev, _)| (log, rev))
+}
+
+/// The log id, last revision, and the revision below which the stream was trimmed.
+async fn head_and_base(c: &Client, n: &Names) -> Result<(LogId, u64, u64), StoreError> {
     let v = c
-        .call(&[b"HMGET", n.meta.as_bytes(), b"log", b"rev"])
+        .call(&[b"HMGET", n.meta.as_bytes(), b"log", b"rev", b"base"])
         .await
         .map_err(err)?;
     let Value::Array(m) = v else {
         return Err(StoreError::Redis("unexpected reply to HMGET".into()));
     };
     let rev = text(m.get(1));
-    head_of(&text(m.first()), if rev.is_empty() { "0" } else { &rev })
+    let (log, rev) = head_of(&text(m.first()), if rev.is_empty() { "0" } else { &rev })?;
+    let base = text(m.get(2)).parse().unwrap_or(0);
+    Ok((log, rev, base))
 }
 
 /// Parse and verify stored record JSON; what does not verify is reported corrupt, never used.
@@ -500,6 +520,32 @@ impl RedisLog {
         })
     }
 
+    /// Compaction for the Redis store: the latest versions already live in `s:keys` and every
+    /// revocation in `s:revoked`, so only the stream's history is trimmed, to its newest
+    /// `[redis] stream_keep_entries` entries. Returns (entries kept, revision below which
+    /// history is gone).
+    pub fn trim(&self) -> Result<(u64, u64), StoreError> {
+        let (n, keep) = (&self.names, self.settings.stream_keep_entries);
+        self.run(|c| async move {
+            let keep = keep.max(1).to_string();
+            let v = c
+                .eval(
+                    &TRIM,
+                    &[n.meta.as_bytes(), n.log.as_bytes()],
+                    &[keep.as_bytes()],
+                )
+                .await
+                .map_err(err)?;
+            let Value::Array(r) = v else {
+                return Err(StoreError::Redis(
+                    "unexpected reply to the trim script".into(),
+                ));
+            };
+            let int = |i: usize| r.get(i).and_then(Value::as_int).unwrap_or(0).max(0) as u64;
+            Ok((int(1), int(0)))
+        })
+    }
+
     /// New keys (creation, import).
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
         self.transact(move |_| Ok::<_, StoreError>(records.clone()))?
@@ -633,8 +679,9 @@ impl Follower {
             return self.load(None).await;
         };
         if std::mem::take(&mut self.check_head) {
-            let (now_log, now_rev) = head(&self.client, &self.names).await?;
-            if now_log != log || now_rev < pos {
+            let (now_log, now_rev, base) = head_and_base(&self.client, &self.names).await?;
+            // Behind the trimmed history: what we missed is gone from the stream.
+            if now_log != log || now_rev < pos || pos < base {
                 // Another log, or this one behind us: a whole table (apply refuses one that
                 // goes backwards within a log).
                 return self.load(Some(log)).await;
@@ -680,6 +727,14 @@ impl Follower {
             log,
             ..Parsed::default()
         };
+        // Revisions are dense in the stream: a gap after our position means history we had not
+        // read was trimmed away, so read the whole table again.
+        if entries.first().is_some_and(|(id, _)| *id > pos + 1) {
+            let (_, _, base) = head_and_base(&self.client, &self.names).await?;
+            if pos < base {
+                return self.load(Some(log)).await;
+            }
+        }
         let mut next = pos;
         for (id, raw) in entries {
             next = next.max(id);
