@@ -66,14 +66,11 @@ impl Store {
             Store::Redis(r) => {
                 let before = r.load()?.records.len();
                 let (kept, _base) = r.trim()?;
+                tracing::info!(stream_entries = kept, "redis store: stream trimmed");
                 Ok(Compacted {
                     kept: before,
                     dropped: 0,
                     tombstoned: 0,
-                })
-                .map(|c| {
-                    tracing::info!(stream_entries = kept, "redis store: stream trimmed");
-                    c
                 })
             }
         }
