@@ -658,6 +658,13 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 /// like a position in the file; ours say what is wrong with the value itself.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     use humantime::DurationError as E;
+    // Durations are ASCII; humantime slices its input by byte offsets and panics inside a
+    // multi-byte character (found by schemathesis through `not_before` in the REST API).
+    if !s.is_ascii() {
+        return Err(format!(
+            "bad duration {s:?}: not a number and a unit (examples: 90d, 48h, 30m, 0s)"
+        ));
+    }
     humantime::parse_duration(s.trim()).map_err(|e| {
         let why = match e {
             E::InvalidCharacter(_) | E::NumberExpected(_) => "not a number and a unit".to_owned(),
@@ -672,6 +679,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_ascii_durations_are_errors_not_panics() {
+        // What schemathesis sent as `not_before`: humantime panicked slicing inside a char.
+        for s in ["\u{106434}\u{19}\u{f4}", "\u{f4}1d", "1\u{f4}", "é"] {
+            assert!(parse_duration(s).is_err(), "{s:?}");
+            assert!(crate::keys::ops::parse_not_before(s, 0).is_err(), "{s:?}");
+        }
+    }
 
     #[test]
     fn example_parses() {

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::keys::record::KeyRecord;
 use crate::keys::KeySettings;
 use crate::store::feed::FeedState;
+use crate::store::file::StoreError;
 use crate::store::seal::Signer;
 use crate::store::Store;
 use crate::usage::Used;
@@ -315,6 +316,26 @@ async fn follow_redis(
                 Err(e) => {
                     errors.with_label_values(&[e.kind()]).inc();
                     tracing::warn!(error = %e, "control plane: redis store follower; serving the last good log");
+                    // The log went back under us (a failover lost writes acknowledged without
+                    // WAIT, an old dump): revisions we served would be issued again. Continue
+                    // as a new log after them, with every revocation we served.
+                    if let (StoreError::Rollback { .. }, Store::Redis(r)) = (&e, &store) {
+                        let (r, rev, revoked) = ((**r).clone(), feed.revision(), feed.revoked());
+                        let done =
+                            tokio::task::spawn_blocking(move || r.continue_after(rev, &revoked))
+                                .await;
+                        match done {
+                            Ok(Ok(log)) => {
+                                tracing::warn!(%log, "control plane: redis store continues as a new log")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "control plane: could not continue the redis store as a new log")
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "control plane: new-log task failed")
+                            }
+                        }
+                    }
                     tokio::time::sleep(backoff).await; // reconnect pacing, not synchronisation
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     let held = feed.loaded().then(|| (feed.log_id(), feed.revision()));

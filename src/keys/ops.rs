@@ -209,6 +209,10 @@ pub fn parse_not_before(s: &str, now: i64) -> Result<i64, OpsError> {
             "bad not_before {s:?}: give an RFC 3339 time (2026-12-24T09:00:00Z) or a duration from now (10m)"
         ))
     };
+    // Both spellings are ASCII; slicing below is by byte.
+    if !s.is_ascii() {
+        return Err(bad());
+    }
     // humantime reads UTC (`Z`) only; a numeric offset is applied here. `±HH:MM` ends the text.
     let (utc, offset_secs) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
         Some((head, tail))

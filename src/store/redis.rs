@@ -140,6 +140,23 @@ return {base, redis.call('XLEN', KEYS[2])}
 "#,
 );
 
+/// Replaces the store with a new log (ARGV: the log it replaces, the new log, its revision,
+/// then (rev, id, json, revoked 0|1) quadruples signed for the new log), unless someone else already
+/// did. One script, so readers see the old log or the new one, never a mix.
+static NEW_LOG: Script = Script::new(
+    r#"
+if redis.call('HGET', KEYS[1], 'log') ~= ARGV[1] then return {'conflict'} end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+for i = 4, #ARGV, 4 do
+  redis.call('XADD', KEYS[2], ARGV[i] .. '-1', 'r', ARGV[i + 2])
+  redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
+  if ARGV[i + 3] == '1' then redis.call('HSET', KEYS[4], ARGV[i + 1], ARGV[i + 2]) end
+end
+redis.call('HSET', KEYS[1], 'log', ARGV[2], 'rev', ARGV[3], 'base', 0)
+return {'ok'}
+"#,
+);
+
 /// The Redis key names of one store.
 #[derive(Debug, Clone)]
 pub struct Names {
@@ -546,6 +563,70 @@ impl RedisLog {
         })
     }
 
+    /// A writer that knows the log went back (a failover lost writes acknowledged without
+    /// `WAIT`, or an old dump was loaded): continue as a new log whose revisions start after
+    /// `known_rev`, with every revocation Redis still records and every one in
+    /// `known_revoked` (what this writer served) re-applied. Readers see a new log id, reload
+    /// whole, and keep what they had revoked. Returns the new log id.
+    pub fn continue_after(
+        &self,
+        known_rev: u64,
+        known_revoked: &[KeyRecord],
+    ) -> Result<LogId, StoreError> {
+        let (n, signer) = (&self.names, &self.signer);
+        self.run(|c| async move {
+            let current = state(&c, n, signer).await?;
+            let old_log = current.log;
+            let mut keys = latest(current.records);
+            let mut gone = Follower::scan_with(&c, &n.revoked, signer, old_log, u64::MAX).await?;
+            gone.extend(known_revoked.iter().cloned());
+            for r in gone {
+                match keys.get(&r.id) {
+                    Some(cur) if cur.revoked_at.is_some() => {}
+                    _ => {
+                        keys.insert(r.id.clone(), r);
+                    }
+                }
+            }
+            let mut records: Vec<KeyRecord> = keys.into_values().collect();
+            records.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.id.cmp(&b.id)));
+            let log = LogId::new().map_err(|e| StoreError::Redis(e.to_string()))?;
+            let mut rev = current.rev.max(known_rev);
+            let mut args: Vec<Vec<u8>> = vec![
+                old_log.to_string().into_bytes(),
+                log.to_string().into_bytes(),
+                Vec::new(),
+            ];
+            for r in &mut records {
+                rev += 1;
+                r.rev = rev;
+                signer.sign(log, r);
+                args.push(rev.to_string().into_bytes());
+                args.push(r.id.clone().into_bytes());
+                args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
+                args.push(if r.revoked_at.is_some() { b"1".to_vec() } else { b"0".to_vec() });
+            }
+            args[2] = rev.to_string().into_bytes();
+            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let keys4: [&[u8]; 4] = [
+                n.meta.as_bytes(),
+                n.log.as_bytes(),
+                n.keys.as_bytes(),
+                n.revoked.as_bytes(),
+            ];
+            let v = c.eval(&NEW_LOG, &keys4, &args).await.map_err(err)?;
+            let Value::Array(reply) = v else {
+                return Err(StoreError::Redis("unexpected reply to the new-log script".into()));
+            };
+            if text(reply.first()) != "ok" {
+                // Another control plane did it first: follow its log.
+                return head(&c, n).await.map(|h| h.0);
+            }
+            tracing::error!(%log, revision = rev, replaced = %old_log, "redis store went back (lost writes?): continued as a new log with every known revocation");
+            Ok(log)
+        })
+    }
+
     /// New keys (creation, import).
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
         self.transact(move |_| Ok::<_, StoreError>(records.clone()))?
@@ -790,38 +871,61 @@ impl Follower {
         rev: u64,
         parsed: &mut Parsed,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut cursor = b"0".to_vec();
-        // Bounded: HSCAN returns cursor 0 after one full pass; cap the steps anyway.
-        for _ in 0..10_000_000u64 {
-            let v = self
-                .client
-                .call(&[b"HSCAN", key.as_bytes(), &cursor, b"COUNT", COUNT])
-                .await
-                .map_err(err)?;
-            let Value::Array(mut parts) = v else {
-                return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
-            };
-            let (Some(Value::Array(pairs)), Some(Value::Bulk(next))) = (parts.pop(), parts.pop())
-            else {
-                return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
-            };
-            for (i, item) in pairs.into_iter().enumerate() {
-                if let (1, Value::Bulk(raw)) = (i % 2, item) {
-                    if let Some(r) = verified(&self.signer, log, &raw, parsed) {
-                        if r.rev <= rev {
-                            out.push(r);
-                        }
+        scan(&self.client, key, &self.signer, log, rev, parsed).await
+    }
+
+    /// [`Follower::scan`] for a writer (corrupt entries are skipped silently: the writer
+    /// re-signs what it keeps).
+    pub async fn scan_with(
+        c: &Client,
+        key: &str,
+        signer: &Signer,
+        log: LogId,
+        rev: u64,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        scan(c, key, signer, log, rev, &mut Parsed::default()).await
+    }
+}
+
+/// Every verified record of the hash `key` at or below `rev` (HSCAN in small steps).
+async fn scan(
+    c: &Client,
+    key: &str,
+    signer: &Signer,
+    log: LogId,
+    rev: u64,
+    parsed: &mut Parsed,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut out = Vec::new();
+    let mut cursor = b"0".to_vec();
+    // Bounded: HSCAN returns cursor 0 after one full pass; cap the steps anyway.
+    for _ in 0..10_000_000u64 {
+        let v = c
+            .call(&[b"HSCAN", key.as_bytes(), &cursor, b"COUNT", COUNT])
+            .await
+            .map_err(err)?;
+        let Value::Array(mut parts) = v else {
+            return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
+        };
+        let (Some(Value::Array(pairs)), Some(Value::Bulk(next))) = (parts.pop(), parts.pop())
+        else {
+            return Err(StoreError::Redis("unexpected reply to HSCAN".into()));
+        };
+        for (i, item) in pairs.into_iter().enumerate() {
+            if let (1, Value::Bulk(raw)) = (i % 2, item) {
+                if let Some(r) = verified(signer, log, &raw, parsed) {
+                    if r.rev <= rev {
+                        out.push(r);
                     }
                 }
             }
-            if next == b"0" {
-                break;
-            }
-            cursor = next;
         }
-        Ok(out)
+        if next == b"0" {
+            break;
+        }
+        cursor = next;
     }
+    Ok(out)
 }
 
 /// (revision from the entry id, record JSON) of each entry of an `XREAD` reply.
