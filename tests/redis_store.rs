@@ -668,3 +668,62 @@ async fn a_follower_behind_the_trimmed_stream_reloads_whole() {
         gw.stderr_contents()
     );
 }
+
+/// THREATS L3 without `WAIT`: the store goes back under a running control plane (a failover
+/// lost the newest writes, simulated by removing the last revision from Redis). The control
+/// plane continues the store as a new log after the revision it served, with the lost
+/// revocation re-applied from its memory; gateways reload whole and keep the key revoked, a
+/// gateway started afterwards loads it revoked, and new keys work (no revision reused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_goes_back_continues_as_a_new_log() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
+    let cp_cfg = write_file(
+        nodes.configs[0].parent().unwrap(),
+        "control.toml",
+        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n"),
+    );
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let active = redis.cmd(&["HGET", "keygate:s:keys", &k1.id]);
+    let _cp = ControlPlane::spawn(&cp_cfg).await;
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &k1.key, 200).await;
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
+    until(&gw, &k1.key, 401).await;
+    let old_log = redis.cmd(&["HGET", "keygate:s:meta", "log"]);
+
+    // The revocation (revision 3) is lost, as an asynchronous failover would lose it.
+    redis.cmd(&["XDEL", "keygate:s:log", "3-1"]);
+    redis.cmd(&["HSET", "keygate:s:keys", &k1.id, &active]);
+    redis.cmd(&["HDEL", "keygate:s:revoked", &k1.id]);
+    redis.cmd(&["HSET", "keygate:s:meta", "rev", "2"]);
+
+    eventually_named("a new log", Duration::from_secs(20), || {
+        let log = redis.cmd(&["HGET", "keygate:s:meta", "log"]);
+        let old = old_log.clone();
+        async move { (log != old).then_some(()) }
+    })
+    .await;
+    assert!(redis
+        .cmd(&["HGET", "keygate:s:keys", &k1.id])
+        .contains("revoked_at"));
+    let rev: u64 = redis
+        .cmd(&["HGET", "keygate:s:meta", "rev"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        rev > 3,
+        "revisions continue after the highest served: {rev}"
+    );
+    let k3 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&gw, &k3.key, 200).await;
+    assert_eq!(status(&gw, &k1.key).await, 401);
+    assert_eq!(status(&gw, &k2.key).await, 200);
+    let fresh = spawn_ready(&nodes.configs[1], &[], ENFORCE).await;
+    until(&fresh, &k3.key, 200).await;
+    assert_eq!(status(&fresh, &k1.key).await, 401);
+}
