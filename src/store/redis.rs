@@ -167,6 +167,16 @@ pub struct Names {
 }
 
 impl Names {
+    /// KEYS of the write, import and new-log scripts.
+    fn all(&self) -> [&[u8]; 4] {
+        [
+            self.meta.as_bytes(),
+            self.log.as_bytes(),
+            self.keys.as_bytes(),
+            self.revoked.as_bytes(),
+        ]
+    }
+
     pub fn new(prefix: &str) -> Names {
         Names {
             meta: format!("{prefix}s:meta"),
@@ -179,6 +189,37 @@ impl Names {
 
 fn err(e: RedisError) -> StoreError {
     StoreError::Redis(e.to_string())
+}
+
+/// One record as script arguments: (revision,) id, JSON, revoked flag.
+fn push_record(args: &mut Vec<Vec<u8>>, r: &KeyRecord, with_rev: bool) -> Result<(), StoreError> {
+    if with_rev {
+        args.push(r.rev.to_string().into_bytes());
+    }
+    args.push(r.id.clone().into_bytes());
+    args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
+    args.push(if r.revoked_at.is_some() {
+        b"1".to_vec()
+    } else {
+        b"0".to_vec()
+    });
+    Ok(())
+}
+
+/// Run one of the store's scripts (on all four keys) and return its reply array.
+async fn store_script(
+    c: &Client,
+    script: &Script,
+    n: &Names,
+    args: &[Vec<u8>],
+) -> Result<Vec<Value>, StoreError> {
+    let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    match c.eval(script, &n.all(), &args).await.map_err(err)? {
+        Value::Array(reply) => Ok(reply),
+        _ => Err(StoreError::Redis(
+            "unexpected reply from a store script".into(),
+        )),
+    }
 }
 
 fn text(v: Option<&Value>) -> String {
@@ -456,28 +497,9 @@ impl RedisLog {
                 let mut args: Vec<Vec<u8>> =
                     vec![log_s.clone().into_bytes(), rev_s.clone().into_bytes()];
                 for r in chunk {
-                    args.push(r.rev.to_string().into_bytes());
-                    args.push(r.id.clone().into_bytes());
-                    args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
-                    args.push(if r.revoked_at.is_some() {
-                        b"1".to_vec()
-                    } else {
-                        b"0".to_vec()
-                    });
+                    push_record(&mut args, r, true)?;
                 }
-                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                let keys: [&[u8]; 4] = [
-                    n.meta.as_bytes(),
-                    n.log.as_bytes(),
-                    n.keys.as_bytes(),
-                    n.revoked.as_bytes(),
-                ];
-                let v = c.eval(&IMPORT, &keys, &args).await.map_err(err)?;
-                let Value::Array(reply) = v else {
-                    return Err(StoreError::Redis(
-                        "unexpected reply to the import script".into(),
-                    ));
-                };
+                let reply = store_script(&c, &IMPORT, n, &args).await?;
                 if text(reply.first()) != "ok" {
                     return Err(StoreError::Redis(format!(
                         "Redis already holds another store (log {}); refusing to mix two logs",
@@ -601,23 +623,10 @@ impl RedisLog {
                 rev += 1;
                 r.rev = rev;
                 signer.sign(log, r);
-                args.push(rev.to_string().into_bytes());
-                args.push(r.id.clone().into_bytes());
-                args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
-                args.push(if r.revoked_at.is_some() { b"1".to_vec() } else { b"0".to_vec() });
+                push_record(&mut args, r, true)?;
             }
             args[2] = rev.to_string().into_bytes();
-            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-            let keys4: [&[u8]; 4] = [
-                n.meta.as_bytes(),
-                n.log.as_bytes(),
-                n.keys.as_bytes(),
-                n.revoked.as_bytes(),
-            ];
-            let v = c.eval(&NEW_LOG, &keys4, &args).await.map_err(err)?;
-            let Value::Array(reply) = v else {
-                return Err(StoreError::Redis("unexpected reply to the new-log script".into()));
-            };
+            let reply = store_script(&c, &NEW_LOG, n, &args).await?;
             if text(reply.first()) != "ok" {
                 // Another control plane did it first: follow its log.
                 return head(&c, n).await.map(|h| h.0);
@@ -679,27 +688,9 @@ async fn write(
         for (k, r) in chunk.iter_mut().enumerate() {
             r.rev = rev + 1 + k as u64;
             signer.sign(log, r);
-            args.push(r.id.clone().into_bytes());
-            args.push(serde_json::to_vec(r).map_err(|e| StoreError::Redis(e.to_string()))?);
-            args.push(if r.revoked_at.is_some() {
-                b"1".to_vec()
-            } else {
-                b"0".to_vec()
-            });
+            push_record(&mut args, r, false)?;
         }
-        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        let keys: [&[u8]; 4] = [
-            n.meta.as_bytes(),
-            n.log.as_bytes(),
-            n.keys.as_bytes(),
-            n.revoked.as_bytes(),
-        ];
-        let v = c.eval(&WRITE, &keys, &args).await.map_err(err)?;
-        let Value::Array(reply) = v else {
-            return Err(StoreError::Redis(
-                "unexpected reply to the write script".into(),
-            ));
-        };
+        let reply = store_script(c, &WRITE, n, &args).await?;
         match text(reply.first()).as_str() {
             "ok" => rev += chunk.len() as u64,
             "conflict" if i == 0 => return Ok(Written::Conflict),
