@@ -448,6 +448,20 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Leak forensics for one key: requests by status class and route, top source IPs and
+    /// user agents (bounded top-16 sketches, counts are upper bounds), first/last seen and
+    /// attempts after revocation. From the gateways' flushed sketches (`<usage file>.forensics.json`).
+    Usage {
+        /// Key id (key_…).
+        id: String,
+        /// Only sources and routes seen since then: RFC 3339 time, Unix seconds, or a duration
+        /// ago (24h). Status counts cover the whole tracked period (`tracked_since`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one key.
     Show {
         /// Key id (key_…).
@@ -948,6 +962,26 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
             print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
+        }
+        KeysCommand::Usage { id, since, json } => {
+            let latest = crate::store::file::latest(keys.state()?.records);
+            if !latest.contains_key(&id) {
+                return Err(crate::keys::ops::OpsError::NotFound(id).into());
+            }
+            let since = since
+                .map(|s| crate::forensics::parse_since(&s, now))
+                .transpose()?
+                .unwrap_or(0);
+            let nodes = crate::forensics::read(&crate::forensics::path_for(&settings.usage_file));
+            let v = match crate::forensics::merged(&nodes, &id) {
+                Some(stats) => stats.report(&id, since),
+                None => crate::forensics::empty_report(&id, since),
+            };
+            if json {
+                out(&v.to_string())
+            } else {
+                out(crate::forensics::render_text(&v).trim_end())
+            }
         }
         KeysCommand::Show { id, json } => {
             let latest = crate::store::file::latest(keys.state()?.records);
