@@ -485,7 +485,10 @@ impl Forensics {
 
     /// Record one request by key `id`: a map read and a short lock for a tracked key.
     pub fn record(&self, id: &str, hit: Hit) {
-        self.any_dirty.store(true, Ordering::Relaxed);
+        // Read first: a store on every request would bounce the cache line between cores.
+        if !self.any_dirty.load(Ordering::Relaxed) {
+            self.any_dirty.store(true, Ordering::Relaxed);
+        }
         if let Some(t) = self.keys.get(id) {
             let mut t = lock(&t);
             t.stats.add(&hit);
