@@ -485,23 +485,29 @@ impl Forensics {
 
     /// Record one request by key `id`: a map read and a short lock for a tracked key.
     pub fn record(&self, id: &str, hit: Hit) {
-        // Read first: a store on every request would bounce the cache line between cores.
-        if !self.any_dirty.load(Ordering::Relaxed) {
-            self.any_dirty.store(true, Ordering::Relaxed);
-        }
         if let Some(t) = self.keys.get(id) {
             let mut t = lock(&t);
             t.stats.add(&hit);
             t.dirty = true;
-            return;
+        } else {
+            if self.keys.len() >= self.cap {
+                self.evict();
+            }
+            let t = self.keys.entry(id.to_owned()).or_default();
+            let mut t = lock(&t);
+            t.stats.add(&hit);
+            t.dirty = true;
         }
-        if self.keys.len() >= self.cap {
-            self.evict();
+        self.mark_dirty();
+    }
+
+    /// After the entry is marked, so a `take_dirty` that cleared the flag before seeing the
+    /// entry is followed by a set flag (the next flush takes it). Read first: a store on every
+    /// request would bounce the cache line between cores.
+    fn mark_dirty(&self) {
+        if !self.any_dirty.load(Ordering::SeqCst) {
+            self.any_dirty.store(true, Ordering::SeqCst);
         }
-        let t = self.keys.entry(id.to_owned()).or_default();
-        let mut t = lock(&t);
-        t.stats.add(&hit);
-        t.dirty = true;
     }
 
     /// Drop the least recently seen tenth, so eviction runs once per `cap/10` new keys rather
@@ -534,7 +540,7 @@ impl Forensics {
 
     /// The keys changed since the last call (cumulative stats each), marked clean.
     pub fn take_dirty(&self) -> BTreeMap<String, KeyStats> {
-        if !self.any_dirty.swap(false, Ordering::Relaxed) {
+        if !self.any_dirty.swap(false, Ordering::SeqCst) {
             return BTreeMap::new();
         }
         let mut out = BTreeMap::new();
@@ -552,7 +558,7 @@ impl Forensics {
         for id in ids {
             if let Some(t) = self.keys.get(&id) {
                 lock(&t).dirty = true;
-                self.any_dirty.store(true, Ordering::Relaxed);
+                self.mark_dirty();
             }
         }
     }
