@@ -115,13 +115,100 @@ pub enum SecretCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the steps that add a new hash-secret version (N+1) to the config: the current
+    /// secret moves to `[[keys.previous_secrets]]`, a fresh one becomes current. Writes
+    /// nothing and prints no secret; existing keys keep working under their version.
+    Rotate {
+        /// Print a JSON object (new version, previous-secret entry, shell steps) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The config edit of a secret rotation, derived from the current `[keys]` settings.
+fn rotation_plan(k: &crate::config::KeysConfig) -> serde_json::Value {
+    let current = k.hash_secret_version;
+    let next = current.saturating_add(1);
+    // The old secret stays where it is (file) or is kept under a versioned variable (env),
+    // so the current variable can take the new secret.
+    let (previous, shell) = match &k.hash_secret_file {
+        Some(file) => {
+            let new_file = format!("{}.v{next}", file.display());
+            (
+                serde_json::json!({"version": current, "file": file.display().to_string()}),
+                vec![
+                    format!("(umask 077 && openssl rand -base64 48 > {new_file})"),
+                    format!("# then set  hash_secret_file = \"{new_file}\""),
+                ],
+            )
+        }
+        None => {
+            let old_env = format!("{}_V{current}", k.hash_secret_env);
+            (
+                serde_json::json!({"version": current, "env": old_env}),
+                vec![
+                    format!("export {old_env}=\"${}\"", k.hash_secret_env),
+                    format!(
+                        "export {}=\"$(openssl rand -base64 48)\"",
+                        k.hash_secret_env
+                    ),
+                ],
+            )
+        }
+    };
+    let mut toml = format!(
+        "[keys]\nhash_secret_version = {next}\n\n[[keys.previous_secrets]]\nversion = {current}\n"
+    );
+    if let Some(f) = previous["file"].as_str() {
+        toml.push_str(&format!("file = \"{f}\"\n"));
+    }
+    if let Some(e) = previous["env"].as_str() {
+        toml.push_str(&format!("env = \"{e}\"\n"));
+    }
+    serde_json::json!({
+        "current_version": current,
+        "new_version": next,
+        "previous_secret": previous,
+        "shell": shell,
+        "config": toml,
+        "then": [
+            "keygate check (the new and every previous version must have a secret)",
+            "reload every gateway and the control plane (SIGHUP or restart); new keys use the new version, old keys keep working",
+            "keygate secret status: retire the old version once it is retirable (rotate or revoke the keys still on it)"
+        ],
+    })
 }
 
 pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
-    let settings = KeySettings::from_config(config)?;
     let now = crate::clock::unix_secs();
     match cmd {
+        SecretCommand::Rotate { json } => {
+            let plan = rotation_plan(&config.keys);
+            if json {
+                return out(&plan.to_string());
+            }
+            let mut t = format!(
+                "Rotate the hash secret from version {} to {}:\n\n1. Keep the current secret and make a new one:\n",
+                plan["current_version"], plan["new_version"]
+            );
+            for line in plan["shell"].as_array().into_iter().flatten() {
+                t.push_str(&format!("   {}\n", line.as_str().unwrap_or("")));
+            }
+            t.push_str("\n2. In the config (hash_secret_version in the existing [keys]; keep any\n   existing [[keys.previous_secrets]]):\n\n");
+            for line in plan["config"].as_str().unwrap_or("").lines() {
+                if line.is_empty() {
+                    t.push('\n');
+                } else {
+                    t.push_str(&format!("   {line}\n"));
+                }
+            }
+            for (i, step) in plan["then"].as_array().into_iter().flatten().enumerate() {
+                t.push_str(&format!("\n{}. {}", i + 3, step.as_str().unwrap_or("")));
+            }
+            out(&t)
+        }
         SecretCommand::Status { json } => {
+            let settings = KeySettings::from_config(config)?;
             let latest = settings.latest_unverified().map_err(Failure::Error)?;
             let ids: Vec<&str> = latest.keys().map(String::as_str).collect();
             let usage = load_usage(config, &settings, &ids);
@@ -445,6 +532,20 @@ pub enum KeysCommand {
         #[arg(long, value_enum)]
         state: Option<KeyState>,
         /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leak forensics for one key: requests by status class and route, top source IPs and
+    /// user agents (bounded top-16 sketches, counts are upper bounds), first/last seen and
+    /// attempts after revocation. From the gateways' flushed sketches (`<usage file>.forensics.json`).
+    Usage {
+        /// Key id (key_…).
+        id: String,
+        /// Only sources and routes seen since then: RFC 3339 time, Unix seconds, or a duration
+        /// ago (24h). Status counts cover the whole tracked period (`tracked_since`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print a JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -948,6 +1049,26 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
             let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
             print_rows(&rows, &load_usage(config, &settings, &ids), now, json)
+        }
+        KeysCommand::Usage { id, since, json } => {
+            let latest = crate::store::file::latest(keys.state()?.records);
+            if !latest.contains_key(&id) {
+                return Err(crate::keys::ops::OpsError::NotFound(id).into());
+            }
+            let since = since
+                .map(|s| crate::forensics::parse_since(&s, now))
+                .transpose()?
+                .unwrap_or(0);
+            let nodes = crate::forensics::read(&crate::forensics::path_for(&settings.usage_file));
+            let v = match crate::forensics::merged(&nodes, &id) {
+                Some(stats) => stats.report(&id, since),
+                None => crate::forensics::empty_report(&id, since),
+            };
+            if json {
+                out(&v.to_string())
+            } else {
+                out(crate::forensics::render_text(&v).trim_end())
+            }
         }
         KeysCommand::Show { id, json } => {
             let latest = crate::store::file::latest(keys.state()?.records);

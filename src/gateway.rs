@@ -27,6 +27,8 @@ pub struct Gateway {
     pub failures: AuthFailures,
     pub metrics: Arc<Metrics>,
     pub usage: Usage,
+    /// Leak forensics sketches (bounded; see `forensics`).
+    pub forensics: crate::forensics::Forensics,
     audit: SyncSender<Event>,
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
@@ -58,6 +60,20 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// This gateway's section in the forensics file: the fleet node name when it reports to a
+/// control plane, else the host name (gateways sharing a usage directory run on different
+/// hosts or pods).
+fn node_name(s: &Snapshot) -> String {
+    if let Some(f) = &s.feed {
+        return f.node.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    match host.trim() {
+        "" => "local".to_owned(),
+        h => h.to_owned(),
+    }
+}
+
 impl Gateway {
     pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Gateway> {
         let limits = &snapshot.config.limits;
@@ -68,6 +84,8 @@ impl Gateway {
         );
         let audit = spawn_audit_writer(AuditLog::new(&snapshot.keys.audit_log), metrics.clone());
         let usage = Usage::new(snapshot.keys.usage_file.clone());
+        let forensics =
+            crate::forensics::Forensics::new(&snapshot.keys.usage_file, &node_name(&snapshot));
         // The Redis client is built once, from the first config: a reload may switch
         // `limits.backend`, but changing `[redis]` itself needs a restart.
         let fleet = snapshot.redis.clone().map(|settings| {
@@ -94,6 +112,7 @@ impl Gateway {
             failures,
             metrics,
             usage,
+            forensics,
             audit,
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),

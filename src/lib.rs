@@ -24,6 +24,7 @@ pub mod control;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod forensics;
 pub mod forward;
 pub mod gateway;
 pub mod health;

@@ -69,6 +69,8 @@ struct Ctx {
     upstream: Option<std::time::Duration>,
     /// Counts the request body only when an access line will be written.
     bytes_in: Option<access::BytesIn>,
+    /// The User-Agent, cut to a fixed-size label (no allocation) for the key's forensics.
+    user_agent: Option<crate::forensics::Label>,
 }
 
 pub async fn handle(
@@ -94,6 +96,7 @@ pub async fn handle(
         host: None,
         upstream: None,
         bytes_in: logged.then(access::BytesIn::default),
+        user_agent: None,
     };
     let method = req.method().clone();
 
@@ -204,6 +207,11 @@ async fn pipeline(
     }
 
     ctx.client_ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
+    // Read before forwarding consumes the headers; a refused known key is recorded too.
+    ctx.user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .map(|v| crate::forensics::Label::new(v.as_bytes()));
     let presented = extract::extract(
         &parts.headers,
         parts.uri.query(),
@@ -588,6 +596,24 @@ fn record(
     series.duration.observe(started.elapsed().as_secs_f64());
     if let Some(k) = ctx.key.as_ref().filter(|_| !outcome.is_auth_failure()) {
         gw.usage.status(&k.id, status.as_u16());
+    }
+    // Every request naming a known key, refused ones included: a leaked key tried after its
+    // revocation is exactly what an investigation looks for.
+    if let Some(k) = &ctx.key {
+        gw.forensics.record(
+            &k.id,
+            crate::forensics::Hit {
+                now: crate::clock::unix_secs(),
+                status: status.as_u16(),
+                route: ctx
+                    .route
+                    .and_then(|i| snap.routes.get(i))
+                    .map(|r| crate::forensics::Label::new(r.name.as_bytes())),
+                ip: ctx.client_ip,
+                user_agent: ctx.user_agent,
+                revoked: outcome == Outcome::KeyRevoked,
+            },
+        );
     }
     match outcome {
         Outcome::Ok => {

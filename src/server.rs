@@ -666,7 +666,18 @@ fn denials(
 }
 
 /// Usage goes to Redis when `[redis]` is configured (fleet-wide sums), else to the shared file.
+/// Forensics sketches go to the file beside the usage file, unless the gateway reports to a
+/// control plane (then they travel with the usage reports, `sync::feed`).
 async fn flush_usage(gw: &Arc<Gateway>) {
+    if gw.snapshot().feed.is_none() {
+        let gw = gw.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = gw.forensics.flush() {
+                tracing::warn!(error = %e, "forensics flush failed; will retry");
+            }
+        })
+        .await;
+    }
     if let Some(f) = gw.limiter.fleet() {
         let deltas = gw.usage.take_pending();
         if deltas.is_empty() {

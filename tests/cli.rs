@@ -2415,3 +2415,78 @@ fn env_overrides_win_over_the_file_and_errors_name_the_variable() {
         "{r:?}"
     );
 }
+
+/// `secret rotate` prints the config steps for a new hash-secret version (no secret, nothing
+/// written, no secret needed to run it); following them literally gives a config that `check`
+/// accepts, where old keys stay on version 1 (still configured) and new keys use version 2.
+#[test]
+fn secret_rotate_prints_steps_that_work_when_followed() {
+    let env = Env::new();
+    let old = env.create_id(&[]);
+    let before = std::fs::read(&env.config).unwrap();
+    let mut c = env.keygate_command(&["secret", "rotate", "--json"]);
+    c.env_remove(SECRET_VAR);
+    let plan = env.run_cmd(c, "secret rotate").json();
+    assert_eq!(
+        std::fs::read(&env.config).unwrap(),
+        before,
+        "nothing written"
+    );
+    assert_eq!(plan["current_version"], 1);
+    assert_eq!(plan["new_version"], 2);
+    assert_eq!(
+        plan["previous_secret"]["env"], "API_KEY_HASH_SECRET_V1",
+        "{plan}"
+    );
+    assert!(!plan.to_string().contains(SECRET), "no secret printed");
+    let text = env
+        .run_cmd(env.keygate_command(&["secret", "rotate"]), "text")
+        .stdout;
+    assert!(
+        text.contains("hash_secret_version = 2") && text.contains("[[keys.previous_secrets]]"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET));
+
+    // Follow the plan: the version line goes into [keys], the rest is appended; the shell
+    // steps keep the old secret under API_KEY_HASH_SECRET_V1 and make a new current one.
+    let snippet = plan["config"].as_str().unwrap();
+    let (keys_part, previous) = snippet.split_once("\n\n").unwrap();
+    let version_line = keys_part.strip_prefix("[keys]\n").unwrap();
+    std::fs::write(
+        &env.config,
+        format!(
+            "{}\n{previous}",
+            CONFIG.replace(
+                "[keys]\n",
+                &format!("[keys]\ntouch_interval_seconds = 60\n{version_line}\n")
+            )
+        ),
+    )
+    .unwrap();
+    let new_secret = "zyxwvutsrqponmlkjihgfedcba9876543210ZYXWVUTSRQP";
+    let rotated = [(SECRET_VAR, new_secret), ("API_KEY_HASH_SECRET_V1", SECRET)];
+    let mut c = env.keygate_command(&["check"]);
+    c.envs(rotated);
+    let r = env.run_cmd(c, "check after rotation");
+    assert!(r.status.success(), "{r:?}");
+    let mut c = env.command(&["create", "--name", "v2", "--owner", "o", "--json"]);
+    c.envs(rotated);
+    let new = id(&env.run_cmd(c, "create under v2").json());
+    let mut c = env.keygate_command(&["secret", "status", "--json"]);
+    c.envs(rotated);
+    let rows = env.run_cmd(c, "secret status").json();
+    let by: BTreeMap<u64, &Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["version"].as_u64().unwrap(), r))
+        .collect();
+    assert_eq!(by[&1]["configured"], true, "{rows}");
+    assert_eq!(by[&1]["live_keys"], 1, "{rows}");
+    assert_eq!(
+        (by[&2]["current"].as_bool(), by[&2]["live_keys"].as_u64()),
+        (Some(true), Some(1))
+    );
+    assert_ne!(old, new);
+}

@@ -1062,3 +1062,123 @@ async fn the_control_plane_completes_a_rotation_from_gateway_reports() {
         Some(1.0)
     );
 }
+
+/// One GET from `src` with `user_agent` over a fresh connection; the status.
+async fn status_from(gw: &Gateway, src: std::net::IpAddr, key: &str, user_agent: &str) -> u16 {
+    let req = format!(
+        "GET /invoices/1 HTTP/1.1\r\nHost: api.example.com\r\nx-api-key: {key}\r\nUser-Agent: {user_agent}\r\nConnection: close\r\n\r\n"
+    );
+    let out = raw_exchange_from(src, gw.http, req.as_bytes(), NET_TIMEOUT).await;
+    match out.statuses().as_slice() {
+        [s] => *s,
+        other => panic!("from {src}: {other:?}"),
+    }
+}
+
+/// Issue 14 feature "leak forensics" in a fleet: two feed-mode gateways send their sketches
+/// with their usage reports; `GET /v1/api-keys/{id}/usage` on the control plane merges both
+/// nodes (sources, user agents, attempts after revocation on the second one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_merges_forensics_from_every_gateway() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (id, key) = fleet.create("leaky").await;
+    let mut gws = Vec::new();
+    for n in 0..2 {
+        let cfg = fleet.gw_config(n);
+        gws.push(
+            Gateway::spawn(
+                &cfg,
+                &[
+                    (SECRET_VAR, SECRET),
+                    ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+                    ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+                ],
+            )
+            .await,
+        );
+    }
+    let home = std::net::IpAddr::from([127, 0, 0, 1]);
+    let thief = std::net::IpAddr::from([127, 0, 0, 2]);
+    for gw in &gws {
+        until_status_fresh(gw, &key, 200, RECONNECT_BOUND).await;
+    }
+    // The readiness probes above count too: compare with what came after them.
+    for _ in 0..3 {
+        assert_eq!(
+            status_from(&gws[0], home, &key, "billing-app/2.1").await,
+            200
+        );
+    }
+    for _ in 0..4 {
+        assert_eq!(
+            status_from(&gws[1], thief, &key, "evil-scraper/0.1").await,
+            200
+        );
+    }
+    fleet.revoke(&id).await;
+    let deadline = Instant::now() + ENFORCE_BOUND;
+    let mut refused = 0u64;
+    while refused < 2 {
+        assert!(Instant::now() < deadline, "revocation not applied");
+        if status_from(&gws[1], thief, &key, "evil-scraper/0.1").await == 401 {
+            refused += 1;
+        }
+    }
+    let v = eventually_named("forensics reported", Duration::from_secs(20), || async {
+        let (s, v) = fleet
+            .api(
+                Method::GET,
+                &format!("/v1/api-keys/{id}/usage"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        (v["attempts_after_revocation"]["count"].as_u64()? == refused).then_some(v)
+    })
+    .await;
+    let count_of = |list: &Value, value: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["value"] == value)
+            .and_then(|x| x["count"].as_u64())
+    };
+    assert!(count_of(&v["top_ips"], "127.0.0.1").unwrap() >= 3, "{v}");
+    assert!(
+        count_of(&v["top_ips"], "127.0.0.2").unwrap() >= 4 + refused,
+        "{v}"
+    );
+    assert_eq!(
+        count_of(&v["top_user_agents"], "billing-app/2.1"),
+        Some(3),
+        "{v}"
+    );
+    assert!(count_of(&v["top_user_agents"], "evil-scraper/0.1").unwrap() >= 4 + refused);
+    let after = &v["attempts_after_revocation"]["top_ips"];
+    assert_eq!(count_of(after, "127.0.0.2"), Some(refused), "{v}");
+    assert!(v["by_status"]["2xx"].as_u64().unwrap() >= 7, "{v}");
+    assert!(v["by_status"]["4xx"].as_u64().unwrap() >= refused, "{v}");
+    // Both gateways' sections are in the control plane's file.
+    let file: Value = serde_json::from_slice(
+        &std::fs::read(fleet.root.join("cp/usage.json.forensics.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file["nodes"].as_object().unwrap().len(), 2, "{file}");
+    // Unknown keys and bad times are refused.
+    let (s, _) = fleet
+        .api(Method::GET, "/v1/api-keys/key_nope/usage", Value::Null)
+        .await;
+    assert_eq!(s, 404);
+    let (s, v) = fleet
+        .api(
+            Method::GET,
+            &format!("/v1/api-keys/{id}/usage?since=soonish"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    for gw in &gws {
+        gw.assert_not_logged(&key);
+    }
+}

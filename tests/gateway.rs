@@ -2309,3 +2309,168 @@ async fn access_lines_carry_host_route_bytes_and_upstream_latency() {
     }
     gw.assert_not_logged(&k.key);
 }
+
+/// One GET (or other method) from the client address `src` with `user_agent`, over a fresh
+/// connection; the response status.
+async fn status_from(gw: &Gateway, src: IpAddr, method: &str, key: &str, user_agent: &str) -> u16 {
+    let req = format!(
+        "{method} /invoices/1 HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {key}\r\nUser-Agent: {user_agent}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let out = raw_exchange_from(src, gw.http, req.as_bytes(), NET_TIMEOUT).await;
+    match out.statuses().as_slice() {
+        [s] => *s,
+        other => panic!("{method} from {src}: {other:?}"),
+    }
+}
+
+/// Issue 14 feature "leak forensics", single node: traffic from two source addresses with
+/// different user agents, then the key revoked and tried again; `keys usage` shows requests
+/// by status class and route, the top IPs and user agents with their counts, and the attempts
+/// after revocation with their source. The key itself never appears in its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_usage_shows_sources_user_agents_and_attempts_after_revocation() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let text = std::fs::read_to_string(&s.config).unwrap().replace(
+        "poll_interval_ms = 50",
+        "poll_interval_ms = 50\ntouch_interval_seconds = 1",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let k = s.create(&[]);
+    let gw = s.serve().await;
+    let home = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let thief = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    for _ in 0..3 {
+        assert_eq!(
+            status_from(&gw, home, "GET", &k.key, "billing-app/2.1").await,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            status_from(&gw, thief, "GET", &k.key, "evil-scraper/0.1").await,
+            200
+        );
+    }
+    // Out of scope: a 4xx on the write route.
+    assert_eq!(
+        status_from(&gw, thief, "POST", &k.key, "evil-scraper/0.1").await,
+        403
+    );
+    s.revoke(&k.id);
+    // Until the gateway has the revocation, a try may still pass: count what each answer was.
+    let (mut ok_after, mut refused) = (0u64, 0u64);
+    let deadline = Instant::now() + POLL;
+    while refused == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "revocation not applied within {POLL:?}"
+        );
+        match status_from(&gw, thief, "GET", &k.key, "evil-scraper/0.1").await {
+            200 => ok_after += 1,
+            401 => refused += 1,
+            other => panic!("{other}"),
+        }
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            status_from(&gw, thief, "GET", &k.key, "evil-scraper/0.1").await,
+            401
+        );
+        refused += 1;
+    }
+    let thief_total = 2 + 1 + ok_after + refused;
+    let v = eventually_named("forensics flushed", POLL, || async {
+        let v = json(
+            s.cli_ok(&["keys", "usage", &k.id, "--json"])
+                .trim()
+                .as_bytes(),
+        );
+        (v["attempts_after_revocation"]["count"].as_u64()? == refused
+            && v["requests"].as_u64()? == 3 + thief_total)
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(v["id"], k.id.as_str());
+    assert_eq!(
+        v["by_status"]["2xx"].as_u64(),
+        Some(3 + 2 + ok_after),
+        "{v}"
+    );
+    assert_eq!(v["by_status"]["4xx"].as_u64(), Some(1 + refused), "{v}");
+    let count_of = |list: &serde_json::Value, value: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["value"] == value)
+            .and_then(|x| x["count"].as_u64())
+    };
+    assert_eq!(count_of(&v["top_ips"], "127.0.0.1"), Some(3), "{v}");
+    assert_eq!(
+        count_of(&v["top_ips"], "127.0.0.2"),
+        Some(thief_total),
+        "{v}"
+    );
+    // Largest first: the thief sent more.
+    assert_eq!(v["top_ips"][0]["value"], "127.0.0.2", "{v}");
+    assert_eq!(count_of(&v["top_user_agents"], "billing-app/2.1"), Some(3));
+    assert_eq!(
+        count_of(&v["top_user_agents"], "evil-scraper/0.1"),
+        Some(thief_total)
+    );
+    assert_eq!(count_of(&v["by_route"], "invoices-write"), Some(1), "{v}");
+    assert_eq!(
+        count_of(&v["by_route"], "invoices-read"),
+        Some(3 + thief_total - 1)
+    );
+    let after = &v["attempts_after_revocation"];
+    assert_eq!(
+        count_of(&after["top_ips"], "127.0.0.2"),
+        Some(refused),
+        "{v}"
+    );
+    assert_eq!(after["top_ips"].as_array().unwrap().len(), 1, "{v}");
+    let (first, last) = (
+        v["first_seen"].as_i64().unwrap(),
+        v["last_seen"].as_i64().unwrap(),
+    );
+    assert!(first > 0 && first <= last, "{v}");
+    assert!(after["first"].as_i64().unwrap() >= first);
+    assert_eq!(after["last"].as_i64(), Some(last), "{v}");
+
+    // Text form, and `--since` in the future lists no sources.
+    let text = s.cli_ok(&["keys", "usage", &k.id]);
+    for want in [
+        "127.0.0.2",
+        "evil-scraper/0.1",
+        "after revocation",
+        "invoices-write",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    assert!(!text.contains(&k.key));
+    let later = json(
+        s.cli_ok(&[
+            "keys",
+            "usage",
+            &k.id,
+            "--since",
+            &(last + 3600).to_string(),
+            "--json",
+        ])
+        .trim()
+        .as_bytes(),
+    );
+    assert_eq!(later["top_ips"].as_array().unwrap().len(), 0, "{later}");
+    assert_eq!(later["seen_since"], false);
+    // Unknown ids and bad times are refused.
+    let r = cli(&s.config, &["keys", "usage", "key_nope"], SECRET_ENV);
+    assert!(!r.status.success());
+    let r = cli(
+        &s.config,
+        &["keys", "usage", &k.id, "--since", "yesterday-ish"],
+        SECRET_ENV,
+    );
+    assert!(!r.status.success());
+    assert!(stderr_str(&r).contains("bad since"), "{}", stderr_str(&r));
+    gw.assert_not_logged(&k.key);
+}

@@ -158,6 +158,7 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
         ["v1", "api-keys", _, "rotate"] | ["v1", "api-keys", _, "rotate", "abort"] => Some("POST"),
+        ["v1", "api-keys", _, "usage"] => Some("GET"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
         _ => None,
@@ -307,8 +308,38 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                     format!("usage: {e}"),
                 )
             })?;
+            // Optional (older gateways send none): the keys whose sketches changed.
+            let mut forensics: BTreeMap<String, crate::forensics::KeyStats> =
+                match body.get("forensics") {
+                    None | Some(Value::Null) => BTreeMap::new(),
+                    Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                        err(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_request",
+                            format!("forensics: {e}"),
+                        )
+                    })?,
+                };
+            // A gateway never tracks more; a report claiming more is cut, not trusted.
+            while forensics.len() > crate::forensics::MAX_KEYS {
+                forensics.pop_last();
+            }
             let c = c.clone();
-            let _ = tokio::task::spawn_blocking(move || c.report_usage(node, usage)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if !forensics.is_empty() {
+                    let path = crate::forensics::path_for(&c.settings.usage_file);
+                    if let Err(e) = crate::forensics::upsert_file(
+                        &path,
+                        &node,
+                        forensics,
+                        crate::forensics::MAX_KEYS,
+                    ) {
+                        tracing::warn!(error = %e, "cannot write the forensics file");
+                    }
+                }
+                c.report_usage(node, usage)
+            })
+            .await;
             Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
         }
         (Method::GET, ["v1", "api-keys"]) => {
@@ -349,6 +380,10 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                 v["rotation_status"] = crate::keys::rotation::report(old, new, &usage);
             }
             Ok(json_response(StatusCode::OK, &v))
+        }
+        (Method::GET, ["v1", "api-keys", id, "usage"]) => {
+            authorize(c, &req, Role::Read)?;
+            key_usage(c, id.to_string(), req.uri().query()).await
         }
         (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -820,6 +855,45 @@ fn query_params(q: Option<&str>) -> BTreeMap<String, String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_owned(), v.replace("%3D", "=").replace("%3d", "=")))
         .collect()
+}
+
+/// `GET /v1/api-keys/{id}/usage`: leak forensics of one key over every node that reported
+/// (or flushed) it. `since`: RFC 3339, Unix seconds or a duration ago.
+async fn key_usage(
+    c: &Arc<Control>,
+    id: String,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let now = crate::clock::unix_secs();
+    let q = query_params(query);
+    if let Some(k) = q.keys().find(|k| k.as_str() != "since") {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unknown query parameter {k:?}"),
+        ));
+    }
+    let since = match q.get("since") {
+        Some(s) => crate::forensics::parse_since(s, now)?,
+        None => 0,
+    };
+    let c2 = c.clone();
+    let (id, nodes) = blocking(move || {
+        let latest = Keys::new(&c2.settings, "")
+            .state()
+            .map(|p| crate::store::file::latest(p.records))?;
+        if !latest.contains_key(&id) {
+            return Err(OpsError::NotFound(id));
+        }
+        let path = crate::forensics::path_for(&c2.settings.usage_file);
+        Ok((id, crate::forensics::read(&path)))
+    })
+    .await?;
+    let v = match crate::forensics::merged(&nodes, &id) {
+        Some(stats) => stats.report(&id, since),
+        None => crate::forensics::empty_report(&id, since),
+    };
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiError> {

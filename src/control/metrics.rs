@@ -94,6 +94,7 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (&Method::PATCH, ["v1", "api-keys", _]) => "update",
         (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",
         (_, ["v1", "api-keys", _, "rotate"]) => "rotate",
+        (_, ["v1", "api-keys", _, "usage"]) => "key_usage",
         _ => "other",
     }
 }

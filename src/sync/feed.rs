@@ -458,8 +458,12 @@ pub fn spawn_usage_reports(gw: Arc<Gateway>, source: FeedSource) {
         let node = &source.node;
         loop {
             tokio::time::sleep(gw.snapshot().touch_interval).await;
-            let report = serde_json::json!({"node": node, "usage": gw.usage.snapshot()});
+            // Forensics: only the keys that changed since the last report (each with its
+            // cumulative sketch), so a report stays small however many keys are tracked.
+            let forensics = gw.forensics.take_dirty();
+            let report = serde_json::json!({"node": node, "usage": gw.usage.snapshot(), "forensics": &forensics});
             let Ok(body) = serde_json::to_vec(&report) else {
+                gw.forensics.restore(forensics.into_keys());
                 continue;
             };
             match request(
@@ -472,8 +476,14 @@ pub fn spawn_usage_reports(gw: Arc<Gateway>, source: FeedSource) {
             .await
             {
                 Ok(r) if r.status().is_success() => {}
-                Ok(r) => tracing::debug!(status = r.status().as_u16(), "usage report refused"),
-                Err(e) => tracing::debug!(error = %e, "usage report failed"),
+                Ok(r) => {
+                    gw.forensics.restore(forensics.into_keys());
+                    tracing::debug!(status = r.status().as_u16(), "usage report refused")
+                }
+                Err(e) => {
+                    gw.forensics.restore(forensics.into_keys());
+                    tracing::debug!(error = %e, "usage report failed")
+                }
             }
         }
     });
