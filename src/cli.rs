@@ -359,7 +359,7 @@ pub enum AdminTokenCommand {
 
 pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Failure> {
     let settings = KeySettings::from_config(config)?;
-    let path = config.resolve(&config.control.tokens);
+    let path = crate::control::tokens::TokenStore::for_config(config, &settings);
     let now = crate::clock::unix_secs();
     match cmd {
         AdminTokenCommand::Create {
@@ -391,7 +391,7 @@ pub fn run_admin_token(config: &Config, cmd: AdminTokenCommand) -> Result<(), Fa
             .map_err(|e| {
                 Failure::Error(format!(
                     "cannot write admin tokens to {}: {e}",
-                    path.display()
+                    path.describe()
                 ))
             })?;
             let audit = crate::audit::AuditLog::new(&settings.audit_log);

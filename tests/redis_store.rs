@@ -437,16 +437,35 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     );
     let k = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     until(&gw_b, &k.key, 200).await;
-    drop(cp1.take());
+    // cp1 killed while writes go on through cp1 and cp2: every write acknowledged by either
+    // is in the store and enforced; cp2 keeps serving.
+    let mut written = Vec::new();
+    for i in 0..20 {
+        if i == 10 {
+            drop(cp1.take());
+        }
+        let cp = match (&cp1, i % 2) {
+            (Some(c), 0) => c.addr,
+            _ => cp2.addr,
+        };
+        let body = format!(r#"{{"name":"w{i}","owner":"o","scopes":["invoices:read"]}}"#);
+        let (s, v) = api(cp, http::Method::POST, "/v1/api-keys".into(), body).await;
+        assert_eq!(s, 201, "{v}");
+        written.push(v["key"].as_str().unwrap().to_owned());
+    }
+    for key in &written {
+        until(&gw_a, key, 200).await;
+        until(&gw_b, key, 200).await;
+    }
     let (s, v) = api(
         cp2.addr,
         http::Method::GET,
-        "/v1/api-keys".into(),
+        "/v1/api-keys?limit=1000".into(),
         String::new(),
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["items"].as_array().unwrap().len(), 52, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 72, "{v}");
     let (s, _, _) = get(cp2.addr, "/readyz", &[]).await;
     assert_eq!(s, 200);
 }
@@ -726,4 +745,72 @@ async fn a_store_that_goes_back_continues_as_a_new_log() {
     let fresh = spawn_ready(&nodes.configs[1], &[], ENFORCE).await;
     until(&fresh, &k3.key, 200).await;
     assert_eq!(status(&fresh, &k1.key).await, 401);
+}
+
+/// Admin tokens live in the Redis store too: minted by the CLI next to one control plane, they
+/// work on another control plane in another directory; revoked through one, the token stops
+/// working on the other at the next request; no token file is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_are_shared_through_redis() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let cp_cfg = |i: usize| {
+        let base = std::fs::read_to_string(&nodes.configs[i]).unwrap();
+        write_file(
+            nodes.configs[i].parent().unwrap(),
+            "control.toml",
+            &format!(
+                "{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\n"
+            ),
+        )
+    };
+    let (cfg1, cfg2) = (cp_cfg(0), cp_cfg(1));
+    let out = cli(
+        &cfg1,
+        &["admin-token", "create", "--role", "write", "--json"],
+        SECRET_ENV,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let minted: serde_json::Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+    let (token, token_id) = (
+        minted["token"].as_str().unwrap().to_owned(),
+        minted["id"].as_str().unwrap().to_owned(),
+    );
+    let (cp1, cp2) = (
+        ControlPlane::spawn(&cfg1).await,
+        ControlPlane::spawn(&cfg2).await,
+    );
+    let auth = format!("Bearer {token}");
+    let list = |addr| {
+        let auth = auth.clone();
+        async move {
+            get(addr, "/v1/api-keys", &[("authorization", &auth)])
+                .await
+                .0
+        }
+    };
+    assert_eq!(list(cp1.addr).await, 200);
+    assert_eq!(
+        list(cp2.addr).await,
+        200,
+        "a token minted beside cp1 works on cp2"
+    );
+    let (s, _, body) = request(
+        cp2.addr,
+        http::Method::DELETE,
+        &format!("/v1/admin-tokens/{token_id}"),
+        &[("authorization", &auth)],
+        String::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        list(cp1.addr).await,
+        401,
+        "revoked through cp2, refused by cp1 at once"
+    );
+    for cfg in [&cfg1, &cfg2] {
+        assert!(!cfg.with_file_name("admin-tokens.jsonl").exists());
+    }
 }

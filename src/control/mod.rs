@@ -24,20 +24,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokens::Tokens;
 
 /// What identifies one content of the token file without reading it: mtime, length, inode.
-type FileVersion = (SystemTime, u64, u64);
+type FileVersion = tokens::Version;
 
 /// Everything the control plane's handlers share.
 pub struct Control {
     pub settings: KeySettings,
     pub config: Config,
     pub feed: Arc<FeedState>,
-    pub tokens_path: PathBuf,
+    pub tokens_path: tokens::TokenStore,
     tokens: ArcSwap<(Option<FileVersion>, Tokens)>,
     /// Latest cumulative usage per reporting gateway node, merged on read.
     usage_reports: DashMap<String, BTreeMap<String, Used>>,
@@ -59,15 +59,7 @@ impl Control {
     /// with every write even when two writes fall within one mtime tick; the inode catches a
     /// file replaced by another of the same size.
     pub fn tokens(&self) -> Arc<(Option<FileVersion>, Tokens)> {
-        let version = std::fs::metadata(&self.tokens_path)
-            .and_then(|m| {
-                Ok((
-                    m.modified()?,
-                    m.len(),
-                    std::os::unix::fs::MetadataExt::ino(&m),
-                ))
-            })
-            .ok();
+        let version = self.tokens_path.version();
         let current = self.tokens.load_full();
         if current.0 == version {
             return current;
@@ -205,7 +197,7 @@ pub async fn start(
             return Err(std::io::Error::other("redis store without [redis] settings").into())
         }
     }
-    let tokens_path = config.resolve(&config.control.tokens);
+    let tokens_path = tokens::TokenStore::for_config(&config, &settings);
     let control = Arc::new(Control {
         tokens: ArcSwap::from_pointee((None, Tokens::default())),
         tokens_path,

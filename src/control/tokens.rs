@@ -10,6 +10,11 @@
 //! the key store). The latest line of a token wins, except that a revocation is final: a
 //! later unrevoked line for a revoked token (an edit, a restored backup) is ignored. The
 //! control plane re-reads the file whenever it changes, so a revocation works at once.
+//!
+//! With the key store on Redis (`[keys] source = "redis"`) the same lines live in a Redis list
+//! (`<prefix>s:tokens`, appended with `RPUSH`), so every control-plane replica and the CLI
+//! share them: a token minted or revoked anywhere works or stops working on the next request
+//! to any replica (each checks the list's length, which every append changes).
 
 use crate::audit::{AuditLog, Event};
 use crate::keys::digest::{Digest, Hasher};
@@ -17,7 +22,7 @@ use crate::keys::record::new_id;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 use thiserror::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -124,7 +129,7 @@ const TOKEN_PREFIX: &str = "kgadm_";
 
 /// Mint a token and append its record to `path` (fsynced).
 pub fn create(
-    path: &Path,
+    store: &TokenStore,
     hasher: &Hasher,
     role: Role,
     name: Option<String>,
@@ -146,29 +151,114 @@ pub fn create(
         expires_at,
         revoked_at: None,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    append(path, &record)?;
+    store.append(&record)?;
     Ok(MintedToken { record, token })
 }
 
-/// Append one line in a single write on an `O_APPEND` file (so concurrent writers never
-/// interleave within a line), fsynced.
-fn append(path: &Path, record: &TokenRecord) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(record)?;
-    line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(&line)?;
-    f.sync_data()
+/// Where the token lines live: the control plane's file, or the Redis store's list.
+#[derive(Debug, Clone)]
+pub enum TokenStore {
+    File(PathBuf),
+    Redis(crate::redis::Settings),
+}
+
+/// A version of the token lines: changes with every append.
+pub type Version = (std::time::SystemTime, u64, u64);
+
+impl TokenStore {
+    pub fn for_config(config: &crate::config::Config, settings: &crate::keys::KeySettings) -> Self {
+        match &settings.redis_store {
+            Some(r) => TokenStore::Redis(r.clone()),
+            None => TokenStore::File(config.resolve(&config.control.tokens)),
+        }
+    }
+
+    fn list_key(r: &crate::redis::Settings) -> String {
+        format!("{}s:tokens", r.prefix)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TokenStore::File(p) => p.display().to_string(),
+            TokenStore::Redis(r) => format!("redis list {}", Self::list_key(r)),
+        }
+    }
+
+    /// The file's (mtime, length, inode), or the list's length: `None` when unreadable.
+    pub fn version(&self) -> Option<Version> {
+        match self {
+            TokenStore::File(path) => std::fs::metadata(path)
+                .and_then(|m| {
+                    Ok((
+                        m.modified()?,
+                        m.len(),
+                        std::os::unix::fs::MetadataExt::ino(&m),
+                    ))
+                })
+                .ok(),
+            TokenStore::Redis(r) => {
+                let key = Self::list_key(r);
+                let v = crate::store::redis::blocking_call(r, &[b"LLEN", key.as_bytes()]).ok()?;
+                Some((std::time::UNIX_EPOCH, v.as_int()? as u64, 0))
+            }
+        }
+    }
+
+    /// Every line (missing file or list: none).
+    fn lines(&self) -> Vec<String> {
+        match self {
+            TokenStore::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.lines().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            TokenStore::Redis(r) => {
+                let key = Self::list_key(r);
+                match crate::store::redis::blocking_call(
+                    r,
+                    &[b"LRANGE", key.as_bytes(), b"0", b"-1"],
+                ) {
+                    Ok(crate::redis::resp::Value::Array(items)) => {
+                        items.iter().filter_map(|v| v.as_text()).collect()
+                    }
+                    Ok(_) => vec![],
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin tokens unreadable from redis");
+                        vec![]
+                    }
+                }
+            }
+        }
+    }
+
+    /// Append one line: in a single write on an `O_APPEND` file (so concurrent writers never
+    /// interleave within a line), fsynced; or one `RPUSH`.
+    fn append(&self, record: &TokenRecord) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        match self {
+            TokenStore::File(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                line.push(b'\n');
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                f.write_all(&line)?;
+                f.sync_data()
+            }
+            TokenStore::Redis(r) => {
+                let key = Self::list_key(r);
+                crate::store::redis::blocking_call(r, &[b"RPUSH", key.as_bytes(), &line])
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }
+        }
+    }
 }
 
 /// Every token's current version, in the order they were minted (missing file: none).
-pub fn list(path: &Path) -> Vec<TokenRecord> {
-    let mut tokens = Tokens::load(path)
+pub fn list(store: &TokenStore) -> Vec<TokenRecord> {
+    let mut tokens = Tokens::load(store)
         .by_digest
         .into_values()
         .collect::<Vec<_>>();
@@ -180,13 +270,13 @@ pub fn list(path: &Path) -> Vec<TokenRecord> {
 /// revocation that cannot be audited is refused, as for keys). Revoking a revoked token
 /// writes nothing and returns it as it is. The one implementation behind the CLI and REST.
 pub fn revoke(
-    path: &Path,
+    store: &TokenStore,
     audit: &AuditLog,
     actor: &str,
     id: &str,
     now: i64,
 ) -> Result<TokenRecord, TokenError> {
-    let current = list(path)
+    let current = list(store)
         .into_iter()
         .find(|t| t.id == id)
         .ok_or_else(|| TokenError::NotFound(id.to_owned()))?;
@@ -205,8 +295,8 @@ pub fn revoke(
             path: audit.path().display().to_string(),
             source,
         })?;
-    append(path, &revoked).map_err(|source| TokenError::Io {
-        path: path.display().to_string(),
+    store.append(&revoked).map_err(|source| TokenError::Io {
+        path: store.describe(),
         source,
     })?;
     Ok(revoked)
@@ -219,13 +309,14 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Load `path` (missing file: no tokens). Bad lines are skipped with a warning. The
+    /// Load the token lines (none: no tokens). Bad lines are skipped with a warning. The
     /// latest line of a token wins unless it would un-revoke it.
-    pub fn load(path: &Path) -> Tokens {
+    pub fn load(store: &TokenStore) -> Tokens {
         let mut by_digest: HashMap<Digest, TokenRecord> = HashMap::new();
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for (i, line) in text
-                .lines()
+        {
+            let lines = store.lines();
+            for (i, line) in lines
+                .iter()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
             {
@@ -275,11 +366,11 @@ mod tests {
     #[test]
     fn mint_load_authenticate_and_roles() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.jsonl");
+        let path = TokenStore::File(dir.path().join("tokens.jsonl"));
         let h = Hasher::new(vec![(1, vec![3; 32])]);
         let w = create(&path, &h, Role::Write, None, None, 1).unwrap();
         let f = create(&path, &h, Role::Feed, Some("gw".into()), Some(10), 1).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("tokens.jsonl")).unwrap();
         assert!(!text.contains(&w.token) && !text.contains(&f.token));
         let t = Tokens::load(&path);
         assert_eq!(t.authenticate(&w.token, &h, 1).unwrap().role, Role::Write);
@@ -295,7 +386,7 @@ mod tests {
     #[test]
     fn revocation_is_final_and_audited_first() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.jsonl");
+        let path = TokenStore::File(dir.path().join("tokens.jsonl"));
         let audit = AuditLog::new(dir.path().join("audit.jsonl"));
         let h = Hasher::new(vec![(1, vec![3; 32])]);
         let w = create(&path, &h, Role::Write, None, None, 1).unwrap();
@@ -307,7 +398,7 @@ mod tests {
         let audit_text = std::fs::read_to_string(audit.path()).unwrap();
         assert_eq!(audit_text.matches("admin_token.revoked").count(), 1);
         // A later line without the revocation (an edit, a restore) does not bring it back.
-        append(&path, &w.record).unwrap();
+        path.append(&w.record).unwrap();
         assert!(Tokens::load(&path).authenticate(&w.token, &h, 8).is_none());
         assert_eq!(list(&path).len(), 1);
         assert!(matches!(

@@ -226,6 +226,23 @@ fn text(v: Option<&Value>) -> String {
     v.and_then(Value::as_text).unwrap_or_default()
 }
 
+/// One command against the store's Redis from synchronous code (the CLI, a handler's blocking
+/// section): its own thread and runtime, so it works inside or outside a runtime.
+pub fn blocking_call(settings: &Settings, args: &[&[u8]]) -> Result<Value, StoreError> {
+    let c = client(settings);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            rt.block_on(c.call(args)).map_err(err)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(StoreError::Redis("store worker panicked".into())))
+    })
+}
+
 /// The store's settings: `[redis]` with the store's own timeout.
 pub fn store_settings(mut s: Settings) -> Settings {
     s.command_timeout = s
