@@ -213,7 +213,11 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     match feed {
         None if redis_store.is_some() => {
             if let Some(settings) = redis_store {
-                crate::sync::redis::spawn(gw.clone(), settings);
+                let cache = gw
+                    .snapshot()
+                    .config
+                    .resolve(&gw.snapshot().config.keys.feed_cache);
+                crate::sync::redis::spawn(gw.clone(), settings, cache);
             }
         }
         None => crate::sync::file::spawn(

@@ -279,6 +279,23 @@ async fn redis_down_keeps_the_last_table_and_resumes_without_reload() {
     cli_ok(nodes.cli_config(), &["keys", "revoke", &k1.id]);
     until(&gw, &k1.key, 401).await;
     assert_eq!(loads(&gw), 1, "resumed from its revision, no reload");
+
+    // A restart while Redis is down serves the sealed local copy, with its real sync age.
+    let cache = nodes.configs[0].with_file_name("feed-cache.jsonl");
+    eventually_named("revocation in the local copy", ENFORCE, || {
+        let cache = cache.clone();
+        async move { read_lossy(&cache).contains("revoked_at").then_some(()) }
+    })
+    .await;
+    drop(gw);
+    redis.kill();
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &k2.key, 200).await;
+    assert_eq!(status(&gw, &k1.key).await, 401);
+    assert!(metric(&gw, "keygate_table_sync_age_seconds").await >= 0.0);
+    redis.restart();
+    let k3 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&gw, &k3.key, 200).await;
 }
 
 /// Two control planes on one Redis store: each serves the REST API and the feed; writes through

@@ -128,7 +128,7 @@ async fn run(gw: Arc<Gateway>, source: FeedSource) {
 /// Serve from the sealed local copy until the feed answers; its sync age continues from when
 /// it was last synced. A copy that fails its seal is set aside loudly and the gateway fails
 /// closed (no table) until the feed answers.
-async fn load_cache(
+pub(crate) async fn load_cache(
     gw: &Arc<Gateway>,
     path: &std::path::Path,
     signer: &Signer,
