@@ -43,7 +43,7 @@ enum Change {
 async fn persist(
     gw: &Arc<Gateway>,
     cache: &mut Option<CacheWriter>,
-    path: &PathBuf,
+    path: &std::path::Path,
     signer: &Signer,
     change: Change,
     touched_ms: &mut i64,
@@ -56,8 +56,12 @@ async fn persist(
                 let mut records: Vec<KeyRecord> =
                     table.records().iter().map(|r| (**r).clone()).collect();
                 records.sort_by_key(|r| r.rev);
-                let (path, signer, log, rev) =
-                    (path.clone(), signer.clone(), table.log(), table.revision());
+                let (path, signer, log, rev) = (
+                    path.to_path_buf(),
+                    signer.clone(),
+                    table.log(),
+                    table.revision(),
+                );
                 Box::new(move |_| CacheWriter::create(&path, &signer, log, rev, &records, now))
             }
             Change::Records(ids, rev) => {
