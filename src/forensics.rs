@@ -585,18 +585,7 @@ pub fn upsert_file(
     changed: BTreeMap<String, KeyStats>,
     cap: usize,
 ) -> std::io::Result<()> {
-    let lock_path = {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".lock");
-        PathBuf::from(p)
-    };
-    let lockf = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
-    // Held until `lockf` drops: another node's flush waits instead of overwriting ours.
-    lockf.lock()?;
+    let _lock = crate::store::file::lock_beside(path)?;
     let mut body = FileBody { nodes: read(path) };
     let mine = body.nodes.entry(node.to_owned()).or_default();
     mine.extend(changed);

@@ -204,18 +204,7 @@ impl Usage {
 }
 
 fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
-    let lock_path = {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".lock");
-        PathBuf::from(p)
-    };
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
-    // Held until `lock` drops: another node's flush waits instead of overwriting ours.
-    lock.lock()?;
+    let _lock = crate::store::file::lock_beside(path)?;
     let mut all = read(path);
     for d in deltas {
         all.entry(d.id.clone()).or_default().merge(&d.used);

@@ -775,6 +775,27 @@ pub fn encode(records: &[KeyRecord]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// `path` with `suffix` appended to its file name (`keys.jsonl` → `keys.jsonl.hwm`): the
+/// files keygate keeps beside another one.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Take an exclusive lock on `<path>.lock` (created if missing), held until the returned
+/// file drops: writers that read-modify-replace `path` whole (usage and forensics flushes
+/// from several nodes) wait for each other instead of overwriting each other.
+pub fn lock_beside(path: &Path) -> io::Result<File> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(sibling(path, ".lock"))?;
+    lock.lock()?;
+    Ok(lock)
+}
+
 /// Replace `path` with `bytes` atomically: a temp file in the same directory, fsync, rename,
 /// fsync the directory. A crash leaves the old file or the new one, never a mix; the temp file
 /// is removed on failure. Used for every file keygate rewrites whole.

@@ -14,7 +14,7 @@
 //! refused loudly) rather than trusted.
 
 use crate::keys::record::KeyRecord;
-use crate::store::file::write_atomic;
+use crate::store::file::{sibling, write_atomic};
 use crate::store::seal::{LogId, Signer, Tag};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
@@ -64,12 +64,6 @@ pub type BadLine = (u64, String);
 pub struct Ledger {
     hwm: PathBuf,
     revoked: PathBuf,
-}
-
-fn sibling(store: &Path, ext: &str) -> PathBuf {
-    let mut name = store.file_name().map(|n| n.to_owned()).unwrap_or_default();
-    name.push(ext);
-    store.with_file_name(name)
 }
 
 impl Ledger {

@@ -229,14 +229,26 @@ fn text(v: Option<&Value>) -> String {
 /// One command against the store's Redis from synchronous code (the CLI, a handler's blocking
 /// section): its own thread and runtime, so it works inside or outside a runtime.
 pub fn blocking_call(settings: &Settings, args: &[&[u8]]) -> Result<Value, StoreError> {
-    let c = client(settings);
+    on_own_runtime(client(settings), |c| async move {
+        c.call(args).await.map_err(err)
+    })
+}
+
+/// Run `f` with `client` on a thread and runtime of its own: a runtime cannot be blocked on
+/// from inside another one, and the CLI has none.
+fn on_own_runtime<T, F, Fut>(client: Arc<Client>, f: F) -> Result<T, StoreError>
+where
+    T: Send,
+    F: FnOnce(Arc<Client>) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| StoreError::Redis(e.to_string()))?;
-            rt.block_on(c.call(args)).map_err(err)
+            rt.block_on(f(client))
         })
         .join()
         .unwrap_or_else(|_| Err(StoreError::Redis("store worker panicked".into())))
@@ -413,18 +425,7 @@ impl RedisLog {
         F: FnOnce(Arc<Client>) -> Fut + Send,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let client = client(&self.settings);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| StoreError::Redis(e.to_string()))?;
-                rt.block_on(f(client))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(StoreError::Redis("store worker panicked".into())))
-        })
+        on_own_runtime(client(&self.settings), f)
     }
 
     pub fn load(&self) -> Result<Parsed, StoreError> {

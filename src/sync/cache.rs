@@ -161,9 +161,7 @@ pub fn load(path: &Path, signer: &Signer) -> Result<Option<(Cached, CacheWriter)
 
 /// Keep a rejected cache for forensics, out of the way of the next start.
 pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
-    let mut name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
-    name.push(".rejected");
-    let to = path.with_file_name(name);
+    let to = crate::store::file::sibling(path, ".rejected");
     fs::rename(path, &to)?;
     Ok(to)
 }
