@@ -105,6 +105,9 @@ pub enum Command {
     /// Hash-secret versions: which keys use which, for a secret rotation.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Find keygate API keys in files, trees, gzip/tar archives and stdin (prefix and
+    /// checksum: no false positives); exit 0 none exposed, 1 exposed keys found, 2 error.
+    Scan(Box<crate::scan::ScanArgs>),
 }
 
 #[derive(Debug, Subcommand)]
