@@ -45,6 +45,10 @@ pub struct Control {
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
+    /// Plan bucket shapes and this control plane's own buckets, for `POST /v1/api-keys/verify`
+    /// (node-local, like a gateway with `[limits] backend = "local"`).
+    pub plan_shapes: std::collections::HashMap<String, crate::limit::Shape>,
+    pub buckets: crate::limit::Buckets,
 }
 
 impl std::fmt::Debug for Control {
@@ -198,6 +202,7 @@ pub async fn start(
         }
     }
     let tokens_path = tokens::TokenStore::for_config(&config, &settings);
+    let plan_shapes = crate::snapshot::plan_shapes(&config)?;
     let control = Arc::new(Control {
         tokens: ArcSwap::from_pointee((None, Tokens::default())),
         tokens_path,
@@ -207,6 +212,8 @@ pub async fn start(
         usage_write: Mutex::new(()),
         redis,
         metrics,
+        plan_shapes,
+        buckets: crate::limit::Buckets::new(),
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)

@@ -1,8 +1,10 @@
 //! Admin tokens for the control plane: minted once by the CLI, stored only as HMAC digests
 //! (same server secret as keys) in a JSON-lines file, each with a role.
 //!
-//! Roles: `read` (GET the API), `write` (read + every mutation), `feed` (the gateway feed and
-//! usage reports). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
+//! Roles: `read` (GET the API, key lookup), `write` (read + every mutation), `feed` (the
+//! gateway feed and usage reports), `verify` (only `POST /v1/api-keys/verify`: for services
+//! that check keys themselves and must not list or look up anyone's keys; read and write
+//! tokens may verify too). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
 //! nothing about stored tokens through timing (the same argument as for API keys).
 //!
 //! Lifecycle: a token may carry an expiry (checked on every request) and is revoked by
@@ -31,18 +33,22 @@ pub enum Role {
     Read,
     Write,
     Feed,
+    Verify,
 }
 
 impl Role {
     /// Whether a token of this role may do what `needed` requires.
     pub fn allows(self, needed: Role) -> bool {
-        self == needed || (self == Role::Write && needed == Role::Read)
+        self == needed
+            || (self == Role::Write && needed == Role::Read)
+            || (matches!(self, Role::Read | Role::Write) && needed == Role::Verify)
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Read => "read",
             Role::Write => "write",
             Role::Feed => "feed",
+            Role::Verify => "verify",
         }
     }
 }
@@ -381,6 +387,8 @@ mod tests {
         assert!(!Role::Read.allows(Role::Write));
         assert!(!Role::Feed.allows(Role::Read));
         assert!(!Role::Write.allows(Role::Feed));
+        assert!(Role::Read.allows(Role::Verify) && Role::Write.allows(Role::Verify));
+        assert!(!Role::Verify.allows(Role::Read) && !Role::Feed.allows(Role::Verify));
     }
 
     #[test]
