@@ -532,12 +532,8 @@ fn key_field(body: &Map<String, Value>) -> Result<String, ApiError> {
 fn lookup(c: &Control, body: &Map<String, Value>) -> Result<Response<Body>, ApiError> {
     let key = key_field(body)?;
     let table = c.feed.table();
-    let found = crate::keys::lookup::Lookup::find(
-        &table,
-        &c.settings,
-        &key,
-        crate::clock::unix_secs(),
-    );
+    let found =
+        crate::keys::lookup::Lookup::find(&table, &c.settings, &key, crate::clock::unix_secs());
     Ok(json_response(StatusCode::OK, &found.to_json()))
 }
 

@@ -317,9 +317,17 @@ mod tests {
         assert_eq!(f.needle(), "kg_");
         assert_eq!(f.key_at(format!("{key}\"rest").as_bytes()), Some(key.len()));
         assert_eq!(f.key_at(publishable.as_bytes()), Some(publishable.len()));
-        let broken = at(&key, key.len() - 1, if key.ends_with('a') { 'b' } else { 'a' });
+        let broken = at(
+            &key,
+            key.len() - 1,
+            if key.ends_with('a') { 'b' } else { 'a' },
+        );
         assert_eq!(f.key_at(broken.as_bytes()), None, "bad checksum");
-        assert_eq!(f.key_at(&key.as_bytes()[..key.len() - 1]), None, "cut short");
+        assert_eq!(
+            f.key_at(&key.as_bytes()[..key.len() - 1]),
+            None,
+            "cut short"
+        );
         assert_eq!(f.key_at(key.replacen("live", "prod", 1).as_bytes()), None);
         assert_eq!(f.key_at(b"kg_"), None);
         assert_eq!(f.key_at(b"kg_pub_"), None);

@@ -118,13 +118,21 @@ mod tests {
             (Ok(r.clone()), LookupState::Live),
             (Err(AuthError::Unknown), LookupState::Unknown),
             (
-                Err(AuthError::Malformed(crate::keys::format::FormatError::TooLong)),
+                Err(AuthError::Malformed(
+                    crate::keys::format::FormatError::TooLong,
+                )),
                 LookupState::Unknown,
             ),
             (Err(AuthError::Revoked(r.clone())), LookupState::Revoked),
             (Err(AuthError::Expired(r.clone())), LookupState::Expired),
-            (Err(AuthError::NotYetValid(r.clone())), LookupState::NotYetValid),
-            (Err(AuthError::Canary(Arc::new(canary))), LookupState::Canary),
+            (
+                Err(AuthError::NotYetValid(r.clone())),
+                LookupState::NotYetValid,
+            ),
+            (
+                Err(AuthError::Canary(Arc::new(canary))),
+                LookupState::Canary,
+            ),
             (
                 Err(AuthError::Canary(Arc::new(revoked_canary))),
                 LookupState::Revoked,

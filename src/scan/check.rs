@@ -189,9 +189,10 @@ impl Remote {
             .map_err(|_| self.error("not a URL"))?;
         let body = Bytes::from(body.to_string());
         let fut = async {
-            let resp = crate::sync::feed::request(&uri, &self.token, self.tls.as_ref(), method, body)
-                .await
-                .map_err(|e| self.error(&e.to_string()))?;
+            let resp =
+                crate::sync::feed::request(&uri, &self.token, self.tls.as_ref(), method, body)
+                    .await
+                    .map_err(|e| self.error(&e.to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()

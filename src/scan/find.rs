@@ -107,7 +107,8 @@ mod tests {
         let b = f.generate_publishable("test").unwrap();
         let mut bad = a.clone();
         bad.replace_range(20..21, if &a[20..21] == "x" { "y" } else { "x" });
-        let text = format!("first kg_ line kg_live_nope\n\u{e9}t\u{e9} = \"{a}\"\n\n{bad}\nx{b}{a}\n");
+        let text =
+            format!("first kg_ line kg_live_nope\n\u{e9}t\u{e9} = \"{a}\"\n\n{bad}\nx{b}{a}\n");
         let hits = m.find(text.as_bytes());
         let got: Vec<(u64, u64, &str)> = hits
             .iter()

@@ -102,9 +102,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        _ => return Err(format!("bad size {s:?}: use B, KB, MB, GB, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "bad size {s:?}: use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// The config when there is one; without a file, the defaults (`kg` prefix, `live`/`test`):
@@ -149,9 +154,9 @@ fn scan(config_path: &Path, args: &ScanArgs) -> Result<u8, String> {
     // Connect before reading anything: a wrong token or URL fails fast.
     let source = match (&args.control_plane, checking) {
         (_, false) => None,
-        (Some(url), true) => Some(
-            Source::remote(url, token(args)?, args.ca.as_deref()).map_err(|e| e.to_string())?,
-        ),
+        (Some(url), true) => {
+            Some(Source::remote(url, token(args)?, args.ca.as_deref()).map_err(|e| e.to_string())?)
+        }
         (None, true) => Some(Source::local(&config).map_err(|e| e.to_string())?),
     };
     let (mut findings, summary) = collect(&format, &opts, &args.paths);
@@ -160,7 +165,11 @@ fn scan(config_path: &Path, args: &ScanArgs) -> Result<u8, String> {
         if let Err(e) = look_up(source, &mut findings) {
             errors.push(e);
         } else if args.revoke {
-            errors.extend(revoke(source, args.reason.as_deref().unwrap_or(""), &mut findings));
+            errors.extend(revoke(
+                source,
+                args.reason.as_deref().unwrap_or(""),
+                &mut findings,
+            ));
         }
     }
     let summary = Summary { errors, ..summary };
@@ -179,7 +188,11 @@ fn scan(config_path: &Path, args: &ScanArgs) -> Result<u8, String> {
 }
 
 /// Walk every path and match every piece of text.
-fn collect(format: &KeyFormat, opts: &walk::WalkOptions, paths: &[String]) -> (Vec<Finding>, Summary) {
+fn collect(
+    format: &KeyFormat,
+    opts: &walk::WalkOptions,
+    paths: &[String],
+) -> (Vec<Finding>, Summary) {
     let matcher = find::Matcher::new(format.clone());
     let mut findings = Vec::new();
     let mut visit = |name: &str, text: &[u8]| {
@@ -250,7 +263,10 @@ fn revoke(source: &Source, reason: &str, findings: &mut [Finding]) -> Vec<String
                         f.revoked = true;
                     }
                 }
-                say(Level::Info, &format!("revoked {id} (found in {})", found_in.join(", ")));
+                say(
+                    Level::Info,
+                    &format!("revoked {id} (found in {})", found_in.join(", ")),
+                );
             }
             Err(e) => errors.push(e.to_string()),
         }

@@ -24,7 +24,11 @@ pub struct Finding {
 
 impl std::fmt::Debug for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Finding({}:{}:{} {})", self.file, self.line, self.column, self.hint)
+        write!(
+            f,
+            "Finding({}:{}:{} {})",
+            self.file, self.line, self.column, self.hint
+        )
     }
 }
 

@@ -313,7 +313,10 @@ mod tests {
             .iter()
             .map(|(n, r)| (n.as_str(), &t[r.clone()]))
             .collect();
-        assert_eq!(names, vec![("a.txt", &b"abc"[..]), (long.as_str(), &b"xy"[..])]);
+        assert_eq!(
+            names,
+            vec![("a.txt", &b"abc"[..]), (long.as_str(), &b"xy"[..])]
+        );
         assert!(is_tar(&t));
         let cut = &t[..600];
         assert!(tar_entries(cut).is_err());

@@ -130,10 +130,7 @@ impl FeedState {
 
     /// The served keys as a gateway's table (for key lookup and verification).
     pub fn table(&self) -> Arc<KeyTable> {
-        self.log
-            .read()
-            .map(|l| l.table.clone())
-            .unwrap_or_default()
+        self.log.read().map(|l| l.table.clone()).unwrap_or_default()
     }
 
     /// Every revoked key this control plane has served (kept across a replaced log).
