@@ -35,6 +35,8 @@ pub struct Gateway {
     boot_id: u32,
     /// New W3C trace and span ids (no syscall per request).
     pub trace_ids: crate::trace::IdSource,
+    /// Access-log file and span export (built once, at start).
+    pub sinks: Arc<crate::access::Sinks>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -75,7 +77,11 @@ fn node_name(s: &Snapshot) -> String {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Gateway> {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        sinks: crate::access::Sinks,
+    ) -> Arc<Gateway> {
         let limits = &snapshot.config.limits;
         let failures = AuthFailures::new(
             limits.auth_failures_per_minute,
@@ -117,7 +123,8 @@ impl Gateway {
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
-            trace_ids: crate::trace::IdSource::new(),
+            trace_ids: crate::trace::IdSource::new().sampling_new_traces(sinks.records_spans()),
+            sinks: Arc::new(sinks),
             denied_keys: Default::default(),
         })
     }

@@ -33,6 +33,8 @@ pub mod keys;
 pub mod limit;
 pub mod locate;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod path;
 pub mod pipeline;
 pub mod redis;

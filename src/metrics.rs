@@ -273,6 +273,27 @@ impl Metrics {
         }
     }
 
+    /// Register a counter that exists only with an optional feature configured (the access
+    /// log file, OTLP export), exported at 0 from then on.
+    pub fn register_counter(&self, name: &str, help: &str) -> IntCounter {
+        counter(&self.registry, name, help)
+    }
+
+    /// The same for a labelled counter; `values` are created at 0.
+    pub fn register_counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> IntCounterVec {
+        let c = counter_vec(&self.registry, name, help, &[label]);
+        for v in values {
+            c.with_label_values(&[v]);
+        }
+        c
+    }
+
     /// The collectors the Redis client updates.
     pub fn redis_metrics(&self) -> crate::redis::client::RedisMetrics {
         crate::redis::client::RedisMetrics {

@@ -139,6 +139,9 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let config_file = ConfigFile::new(config_path);
     let (gw, bound, shutdown) = start(config_path).await?;
     tokio::spawn(crate::reload::watch(gw.clone(), config_file.clone()));
+    // Installed before "listening" is announced: a SIGUSR1 never meets the default action
+    // (terminate), with or without an access log.
+    reopen_on_sigusr1(gw.sinks.file.clone());
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
@@ -152,6 +155,8 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
+    // Every request is over: write the access lines and spans still queued.
+    gw.sinks.finish(Duration::from_secs(5)).await;
     // After the drain no request can spend a leased token: hand the rest back to the fleet.
     if let Some(f) = gw.limiter.fleet() {
         let returned = f.release_all().await;
@@ -205,7 +210,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
     let file_source = feed.is_none();
-    let gw = Gateway::new(snapshot, metrics.clone());
+    let sinks = crate::access::Sinks::start(&snapshot.config, &metrics)?;
+    let gw = Gateway::new(snapshot, metrics.clone(), sinks);
     if let Some(f) = gw.limiter.fleet() {
         f.client().spawn_health();
     }
@@ -700,6 +706,26 @@ async fn flush_usage(gw: &Arc<Gateway>) {
         }
     })
     .await;
+}
+
+/// `SIGUSR1` reopens the access-log file (rotation: `mv` the file, then signal).
+fn reopen_on_sigusr1(file: Option<crate::access::FileSink>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGUSR1 handler; the access log will not reopen");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match &file {
+                Some(f) => f.reopen(),
+                None => tracing::info!("SIGUSR1: no [access_log] file to reopen"),
+            }
+        }
+    });
 }
 
 /// Wait for SIGTERM/SIGINT (no reload handling; used by the demo).

@@ -99,6 +99,7 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        crate::access::validate(&c)?;
         let mut plans = HashMap::new();
         for (name, p) in &c.plans {
             plans.insert(
