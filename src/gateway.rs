@@ -29,6 +29,8 @@ pub struct Gateway {
     pub usage: Usage,
     /// Leak forensics sketches (bounded; see `forensics`).
     pub forensics: crate::forensics::Forensics,
+    /// Keys seen under an old secret version, queued for re-digesting (`redigest`).
+    pub redigests: crate::redigest::Redigests,
     audit: SyncSender<Event>,
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
@@ -100,6 +102,7 @@ impl Gateway {
             )
         });
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
+        let redigests = crate::redigest::Redigests::new(metrics.keys_redigested.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
         Arc::new(Gateway {
@@ -113,6 +116,7 @@ impl Gateway {
             metrics,
             usage,
             forensics,
+            redigests,
             audit,
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),

@@ -35,6 +35,7 @@ pub mod locate;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;
+pub mod redigest;
 pub mod redis;
 pub mod reload;
 pub mod rotations;
