@@ -1,6 +1,7 @@
 //! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
-//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports)
-//! and `/v1/openapi.yaml`. Every error is
+//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
+//! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`) and
+//! `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
