@@ -605,3 +605,76 @@ async fn fleet_redigests_through_the_control_plane_and_the_endpoint_is_narrow() 
     secrets.extend(tokens.iter().map(|(_, t)| t.as_str()));
     assert_nowhere(root.path(), &logs, &secrets);
 }
+
+/// `keys show --json` of `id` (the public record: versions, never a digest).
+fn show(config: &Path, id: &str) -> Value {
+    serde_json::from_str(&cli_ok(config, &["keys", "show", id, "--json"])).unwrap()
+}
+
+/// Single node on the Redis store: the same migration, written through the Redis store's
+/// atomic script (the same `Keys::redigest` as the file store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_node_redigests_through_the_store() {
+    let _serial = SERIAL.lock().await;
+    let redis = common::redis::RedisServer::start();
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let v1 = gateway_config(
+        up.addr(),
+        1000,
+        "",
+        "",
+        &format!("{ROUTE}\n[redis]\nurl = \"{}\"\n", redis.url()),
+    )
+    .replacen("[keys]\n", "[keys]\nsource = \"redis\"\n", 1);
+    let config = write_file(dir.path(), "keygate.toml", &v1);
+    let a = create_key(&config, &[]);
+    let revoked = create_key(&config, &[]);
+    cli_ok(&config, &["keys", "revoke", &revoked.id]);
+    write_file(dir.path(), "secret.v2", SECRET_V2);
+    std::fs::write(&config, rotated(&v1, false)).unwrap();
+
+    let gw = spawn_ready(&config, &[], WAIT).await;
+    assert_eq!(status_of(&gw, &a.key).await, 200);
+    assert_eq!(status_of(&gw, &revoked.key).await, 401);
+    let cfg = config.clone();
+    let id = a.id.clone();
+    eventually_named("a on version 2 in redis", WAIT, || {
+        let (cfg, id) = (cfg.clone(), id.clone());
+        async move { (show(&cfg, &id)["secret_version"] == 2).then_some(()) }
+    })
+    .await;
+    let events = redigested(&dir.path().join("audit.jsonl"));
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (&events[0]["key_id"], &events[0]["actor"]),
+        (&json!(a.id), &json!("gateway"))
+    );
+    assert_eq!(show(&config, &revoked.id)["secret_version"], 1);
+    assert_eq!(show(&config, &revoked.id)["state"], "revoked");
+    // The gateway follows the new version and the key keeps working.
+    eventually_named("a answers 200 after the table follows", WAIT, || async {
+        (status_of(&gw, &a.key).await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(
+            gw.admin,
+            "keygate_keys_redigested_total{outcome=\"written\"}"
+        )
+        .await,
+        1.0
+    );
+    // Everything in Redis: the store's hashes and stream, usage.
+    let mut all = redis.cmd(&["KEYS", "*"]);
+    for k in ["keygate:s:keys", "keygate:s:meta"] {
+        all.push_str(&redis.cmd(&["HGETALL", k]));
+    }
+    all.push_str(&redis.cmd(&["XRANGE", "keygate:s:log", "-", "+"]));
+    assert!(all.contains(&a.id), "the store was read: {all}");
+    assert_nowhere(
+        dir.path(),
+        &[gw.stderr_contents(), all],
+        &[&a.key, &revoked.key, SECRET, SECRET_V2],
+    );
+}
