@@ -198,6 +198,14 @@ pub struct KeysConfig {
     /// What `serve` and `check` do when live keys use a secret version with no configured
     /// secret (they would all fail with 401): "refuse" (default) or "warn".
     pub on_missing_secret_version: String,
+    /// Re-digest keys seen in traffic under an old secret version under the current one
+    /// (hash-secret migration, `redigest`): true (default) or false.
+    pub redigest: bool,
+    /// Send re-digests to this control plane (`http(s)://host:port`) instead of writing the
+    /// store; default: the feed's control plane in feed mode, the store otherwise.
+    pub redigest_url: Option<String>,
+    /// Env var holding a `redigest`-role admin token, for re-digests sent to a control plane.
+    pub redigest_token_env: String,
 }
 
 impl Default for KeysConfig {
@@ -227,6 +235,9 @@ impl Default for KeysConfig {
             on_stale: "serve".into(),
             stale_after: "90d".into(),
             on_missing_secret_version: "refuse".into(),
+            redigest: true,
+            redigest_url: None,
+            redigest_token_env: "KEYGATE_REDIGEST_TOKEN".into(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Gateway {
     pub usage: Usage,
     /// Leak forensics sketches (bounded; see `forensics`).
     pub forensics: crate::forensics::Forensics,
+    /// Keys seen under an old secret version, queued for re-digesting (`redigest`).
+    pub redigests: crate::redigest::Redigests,
     audit: SyncSender<Event>,
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
@@ -106,6 +108,7 @@ impl Gateway {
             )
         });
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
+        let redigests = crate::redigest::Redigests::new(metrics.keys_redigested.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
         Arc::new(Gateway {
@@ -119,6 +122,7 @@ impl Gateway {
             metrics,
             usage,
             forensics,
+            redigests,
             audit,
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod path;
 pub mod pipeline;
+pub mod redigest;
 pub mod redis;
 pub mod reload;
 pub mod rotations;

@@ -253,6 +253,10 @@ async fn pipeline(
             GatewayError::KeyInvalid(e)
         })?;
     ctx.key = Some(key.clone());
+    // Hash-secret migration: the plaintext is here now, and only now (`redigest`).
+    if snap.redigest.enabled() {
+        gw.redigests.offer(&key, presented, &snap.keys.hasher, now);
+    }
 
     let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
     authz::authorize(

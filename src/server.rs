@@ -323,6 +323,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         // rotations in a fleet (`rotations`).
         tokio::spawn(crate::rotations::run_on_gateway(gw.clone(), rx.clone()));
     }
+    tokio::spawn(crate::redigest::run(gw.clone(), rx.clone()));
     tokio::spawn(upkeep(gw.clone(), rx));
 
     let bound = if main_is_tls {

@@ -85,6 +85,8 @@ pub struct Snapshot {
     pub max_staleness: Duration,
     pub on_stale: OnStale,
     pub touch_interval: Duration,
+    /// Where keys seen under an old secret version are re-digested (`redigest`).
+    pub redigest: crate::redigest::Target,
     pub config: Config,
 }
 
@@ -364,7 +366,9 @@ impl Snapshot {
                 ))
             }
         };
+        let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
         Ok(Snapshot {
+            redigest,
             feed,
             keys,
             router: Router::new(specs),

@@ -13,6 +13,8 @@ pub struct ControlMetrics {
     pub store_errors: IntCounterVec,
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
+    /// Re-digests handed in by gateways, by outcome (written, current, refused).
+    pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
 }
 
@@ -48,11 +50,20 @@ impl ControlMetrics {
                 "keygate_control_feed_subscribers",
                 "Gateways (feed readers) connected now.",
             ),
+            redigested: counter_vec(
+                &r,
+                "keygate_keys_redigested_total",
+                "Keys re-digested under the current secret version through this control plane, by outcome (written; current: already on it; refused).",
+                &["outcome"],
+            ),
             redis_up: None,
             registry: r,
         };
         for kind in ["rollback", "unsigned", "io", "unrevoke"] {
             m.store_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["written", "current", "refused"] {
+            m.redigested.with_label_values(&[outcome]);
         }
         m
     }
@@ -95,6 +106,7 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",
         (_, ["v1", "api-keys", _, "rotate"]) => "rotate",
         (_, ["v1", "api-keys", _, "usage"]) => "key_usage",
+        (_, ["v1", "api-keys", _, "redigest"]) => "redigest",
         _ => "other",
     }
 }
