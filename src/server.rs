@@ -142,6 +142,9 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     // Installed before "listening" is announced: a SIGUSR1 never meets the default action
     // (terminate), with or without an access log.
     reopen_on_sigusr1(gw.sinks.file.clone());
+    // Likewise SIGTERM/SIGINT/SIGHUP: a test or supervisor may signal the moment it reads the
+    // line; before the handlers exist, that signal would kill the process outright.
+    let mut signals = Signals::install();
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
@@ -151,7 +154,6 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     if let Some(every) = crate::systemd::watchdog_interval() {
         tokio::spawn(crate::systemd::watchdog(every));
     }
-    let mut signals = Signals::install();
     signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
@@ -729,16 +731,26 @@ fn reopen_on_sigusr1(file: Option<crate::access::FileSink>) {
     });
 }
 
-/// Wait for SIGTERM/SIGINT (no reload handling; used by the demo).
-pub async fn wait_for_stop() {
+/// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either (no
+/// reload handling; the demo and the control plane). Installed before the caller announces
+/// itself, so a signal sent the moment "listening" is read never meets the default action.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            },
+            (Ok(mut only), Err(_)) | (Err(_), Ok(mut only)) => {
+                only.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot install signal handlers; runs until killed");
+                std::future::pending::<()>().await
+            }
         }
     }
 }
