@@ -99,6 +99,9 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
+        // `serve` and a reload refuse a bad entry the same way.
+        crate::webhooks::endpoints(&c)?;
         let mut plans = HashMap::new();
         for (name, p) in &c.plans {
             plans.insert(
