@@ -88,12 +88,26 @@ pub fn queue_path(store: &Path) -> PathBuf {
     crate::store::file::sibling(store, ".webhooks")
 }
 
-/// Start the sender on its own thread. Errors opening the queue (another process owns it)
-/// are logged and the sender does not run: one sender per queue.
+/// Start the sender on its own thread. The queue is opened (and, on a first start, the
+/// audit cursor set to the log's end) before this returns, so whatever is audited after
+/// start-up is announced. Errors opening the queue (another process owns it) are logged and
+/// the sender does not run: one sender per queue.
 pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: WebhookMetrics) {
     if endpoints.is_empty() {
         return;
     }
+    let mut q = match Queue::open(&queue, crate::clock::unix_ms()) {
+        Ok(q) => q,
+        Err(e) => return tracing::error!(error = %e, "webhook sender not started"),
+    };
+    if q.cursor().is_none() {
+        // First start: history before the sender existed is not announced.
+        let len = std::fs::metadata(host.audit.path()).map_or(0, |m| m.len());
+        if let Err(e) = q.add(vec![], vec![], Some(len)) {
+            return tracing::error!(error = %e, "webhook sender not started");
+        }
+    }
+    tracing::info!(queue = %queue.display(), endpoints = endpoints.len(), pending = q.depth(), "webhook sender started");
     let spawned = std::thread::Builder::new()
         .name("keygate-webhooks".into())
         .spawn(move || {
@@ -101,11 +115,6 @@ pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: Webh
                 Ok(rt) => rt,
                 Err(e) => return tracing::error!(error = %e, "cannot start the webhook sender"),
             };
-            let q = match Queue::open(&queue, crate::clock::unix_ms()) {
-                Ok(q) => q,
-                Err(e) => return tracing::error!(error = %e, "webhook sender not started"),
-            };
-            tracing::info!(queue = %queue.display(), endpoints = endpoints.len(), pending = q.depth(), "webhook sender started");
             let mut s = Sender {
                 endpoints: endpoints.into_iter().map(Arc::new).collect(),
                 queue: q,
@@ -192,7 +201,6 @@ impl Sender {
         let path = self.host.audit.path().to_owned();
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let Some(mut cursor) = self.queue.cursor() else {
-            // First start: history before the sender existed is not announced.
             return self.enqueue(vec![], vec![], Some(len));
         };
         if len < cursor {
