@@ -471,3 +471,78 @@ fn webhook_config_errors_name_the_field() {
     let out = cli(&cfg, &["check"], &[SECRET_ENV[0], (HOOK_VAR, HOOK_SECRET)]);
     assert!(stderr_str(&out).contains("secrte"), "{}", stderr_str(&out));
 }
+
+/// In a fleet the control plane sends: a feed gateway relays its canary event to it
+/// (`POST /v1/events` with the feed token), and the delivery comes from the control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
+    let root = tempdir();
+    let (cp_dir, gw_dir) = (root.path().join("cp"), root.path().join("gw"));
+    std::fs::create_dir_all(&cp_dir).unwrap();
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let cp_cfg = write_file(
+        &cp_dir,
+        "keygate.toml",
+        &format!(
+            "[keys]\nstore = \"keys.jsonl\"\naudit_log = \"audit.jsonl\"\npoll_interval_ms = 50\n\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n\n{}",
+            hook(&rx.url(), &["key.canary_used", "key.created"], "")
+        ),
+    );
+    let feed = cli_ok(&cp_cfg, &["admin-token", "create", "--role", "feed"]).trim().to_owned();
+    let cp = ControlPlane::try_spawn_env(&cp_cfg, &[(HOOK_VAR, HOOK_SECRET)]).await.unwrap();
+    let canary = create_key(&cp_cfg, &["--canary"]);
+    let created = eventually_named("key.created from the control plane", DEADLINE, || async {
+        rx.of("key.created").into_iter().next()
+    })
+    .await;
+    assert_eq!(created.body["key"]["id"], canary.id.as_str());
+
+    let up = Upstream::start(Mode::Echo).await;
+    let gw_cfg = write_file(
+        &gw_dir,
+        "keygate.toml",
+        &format!(
+            "[keys]\nsource = \"feed\"\nfeed_url = \"http://{}/v1/feed\"\nfeed_token_env = \"KEYGATE_FEED_TOKEN\"\nfeed_cache = \"feed-cache.jsonl\"\naudit_log = \"audit.jsonl\"\nstore = \"keys.jsonl\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"up\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\n",
+            cp.addr,
+            up.addr()
+        ),
+    );
+    let gw = spawn_ready(&gw_cfg, &[("KEYGATE_FEED_TOKEN", feed.as_str())], DEADLINE).await;
+    let auth = format!("Bearer {}", canary.key);
+    let sent = Instant::now();
+    assert_eq!(get(gw.http, "/x", &[("authorization", auth.as_str())]).await.0, 401);
+    let g = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(g) = rx.of("key.canary_used").into_iter().next() {
+                return g;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no relayed canary delivery; gateway log:\n{}\ncontrol log:\n{}\ngateway audit:\n{}",
+            gw.stderr_contents(),
+            read_lossy(&cp_dir.join("control.stderr.log")),
+            read_lossy(&gw_dir.join("audit.jsonl"))
+        )
+    });
+    let took = g.at - sent;
+    eprintln!("fleet canary request to delivery: {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(g.verified);
+    assert_eq!(g.body["key"]["id"], canary.id.as_str());
+    assert_eq!(g.body["data"]["route"], "r");
+    assert!(g.body["data"]["actor"].as_str().unwrap().starts_with("gateway:"), "{}", g.body);
+    // Relayed once, delivered once; nothing in any artefact carries the key.
+    assert_eq!(rx.of("key.canary_used").len(), 1);
+    for f in [cp_dir.join("audit.jsonl"), gw_dir.join("audit.jsonl"), cp_dir.join("keys.jsonl.webhooks")] {
+        assert!(!read_lossy(&f).contains(&canary.key), "key in {}", f.display());
+    }
+    for g in rx.got() {
+        assert!(!g.raw.contains(&canary.key));
+    }
+    gw.assert_not_logged(&canary.key);
+}

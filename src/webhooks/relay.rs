@@ -23,8 +23,16 @@ const MAX_BATCH_BYTES: u64 = 256 * 1024;
 
 /// Start relaying from `audit_log` to the control plane of `source`.
 pub fn spawn(audit_log: PathBuf, source: FeedSource) {
+    let cursor_path = sibling(&source.cache, ".relay");
+    // First start: the cursor is set to the log's end before start-up completes, so what is
+    // audited once the gateway serves is relayed.
+    if !cursor_path.exists() {
+        let len = std::fs::metadata(&audit_log).map_or(0, |m| m.len());
+        if let Err(e) = write_atomic(&cursor_path, len.to_string().as_bytes()) {
+            tracing::error!(path = %cursor_path.display(), error = %e, "cannot write the relay cursor; events will be relayed once it can be written");
+        }
+    }
     tokio::spawn(async move {
-        let cursor_path = sibling(&source.cache, ".relay");
         let Some(url) = events_url(&source.usage_url) else {
             return tracing::error!("cannot derive the control plane's /v1/events URL");
         };
