@@ -12,6 +12,8 @@
 #   needs a feed-role token; tests/fleet.rs covers it end to end.
 # - POST /v1/usage: feed-role only, so with this script's write token every case would be
 #   the same 403; the gateways' usage reports exercise it.
+# - POST /v1/events: feed-role only for the same reason; tests/webhooks.rs relays through it
+#   end to end (a feed gateway's canary event delivered by the control plane).
 # - DELETE /v1/admin-tokens/{id} (revokeAdminToken): the stateful phase takes ids from
 #   GET /v1/admin-tokens and revokes this script's own token, after which every operation is
 #   a 401 and nothing else gets fuzzed; tests/control.rs covers it end to end.
@@ -127,6 +129,7 @@ cd "$WORK"
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --exclude-path /v1/feed \
   --exclude-path /v1/usage \
+  --exclude-path /v1/events \
   --exclude-operation-id revokeAdminToken \
   --max-examples "$MAX_EXAMPLES" \
   --workers 2 \
