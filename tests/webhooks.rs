@@ -546,3 +546,39 @@ async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
     }
     gw.assert_not_logged(&canary.key);
 }
+
+/// `keygate report --json` on a history made with the real CLI: one rotation whose grace ran
+/// out, one aborted, one key with a TTL within policy, one without an expiry.
+#[test]
+fn report_counts_a_constructed_history() {
+    let dir = tempdir();
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        "[keys]\nstore = \"keys.jsonl\"\naudit_log = \"audit.jsonl\"\n\n[policy]\nmax_ttl = \"365d\"\n",
+    );
+    let a = create_key(&cfg, &["--expires-in", "30d"]);
+    let b = create_key(&cfg, &["--expires-in", "30d"]);
+    let _no_expiry = create_key(&cfg, &[]);
+    // a: rotated with no grace, so its old key ends at once (a completed rotation).
+    let a2 = json(cli_ok(&cfg, &["keys", "rotate", &a.id, "--grace", "0s", "--json"]).trim().as_bytes());
+    // b: rotated, then aborted.
+    let b2 = json(cli_ok(&cfg, &["keys", "rotate", &b.id, "--grace", "1d", "--json"]).trim().as_bytes());
+    cli_ok(&cfg, &["keys", "rotate", "--abort", b2["id"].as_str().unwrap()]);
+
+    let rep = json(cli_ok(&cfg, &["report", "--json"]).trim().as_bytes());
+    assert_eq!(rep["rotations"]["completed"], 1, "{rep}");
+    assert_eq!(rep["rotations"]["aborted"], 1, "{rep}");
+    assert_eq!(rep["rotations"]["open"], 0, "{rep}");
+    assert_eq!(rep["rotations"]["success_rate"], 0.5, "{rep}");
+    assert!(rep["rotations"]["median_seconds_to_rotate"].as_f64().unwrap() < 5.0, "{rep}");
+    // Active: a's successor, b and the key without expiry; the first two expire in policy.
+    assert!(a2["id"].is_string());
+    assert_eq!(rep["ttl"]["active"], 3, "{rep}");
+    assert_eq!(rep["ttl"]["within_policy"], 2, "{rep}");
+    assert_eq!(rep["stale"]["found"], 0);
+    assert_eq!(rep["canary"]["alarmed"], 0);
+    let text = cli_ok(&cfg, &["report"]);
+    assert!(text.contains("success 50.0%"), "{text}");
+    assert!(text.contains("2 of 3 active keys within policy (66.7%)"), "{text}");
+}
