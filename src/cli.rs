@@ -86,7 +86,9 @@ pub fn run_webhooks(config: &Config, cmd: WebhooksCommand) -> Result<(), Failure
                 secret_env.as_deref(),
                 ca_file.as_deref(),
             )?;
-            out(&format!("delivered {event} sample {id} to {url}: HTTP {status}"))
+            out(&format!(
+                "delivered {event} sample {id} to {url}: HTTP {status}"
+            ))
         }
     }
 }

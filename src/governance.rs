@@ -188,8 +188,17 @@ fn ttl(records: &[Arc<KeyRecord>], policy: &Policy, now: i64) -> Ttl {
     }
 }
 
-fn stale(records: &[Arc<KeyRecord>], usage: &BTreeMap<String, Used>, stale_after: i64, now: i64) -> Stale {
-    let last = |r: &KeyRecord| usage.get(&r.id).map_or(r.created_at, |u| u.last_used.max(r.created_at));
+fn stale(
+    records: &[Arc<KeyRecord>],
+    usage: &BTreeMap<String, Used>,
+    stale_after: i64,
+    now: i64,
+) -> Stale {
+    let last = |r: &KeyRecord| {
+        usage
+            .get(&r.id)
+            .map_or(r.created_at, |u| u.last_used.max(r.created_at))
+    };
     let mut out = Stale::default();
     for r in records {
         match (r.state(now), r.revoked_at) {
@@ -202,7 +211,10 @@ fn stale(records: &[Arc<KeyRecord>], usage: &BTreeMap<String, Used>, stale_after
 }
 
 fn canary(records: &[Arc<KeyRecord>], facts: &AuditFacts) -> Canary {
-    let by_id: BTreeMap<&str, &KeyRecord> = records.iter().map(|r| (r.id.as_str(), r.as_ref())).collect();
+    let by_id: BTreeMap<&str, &KeyRecord> = records
+        .iter()
+        .map(|r| (r.id.as_str(), r.as_ref()))
+        .collect();
     let mut out = Canary::default();
     let mut times = Vec::new();
     for (id, alarm) in &facts.first_canary {
@@ -251,7 +263,10 @@ pub struct Gauges {
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> Gauge {
-    crate::metrics::reg(r, Gauge::new(name, help).unwrap_or_else(|_| std::process::abort()))
+    crate::metrics::reg(
+        r,
+        Gauge::new(name, help).unwrap_or_else(|_| std::process::abort()),
+    )
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> GaugeVec {
@@ -277,17 +292,32 @@ impl Gauges {
     pub fn set(&self, rep: &Report) {
         let nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
         let r = &rep.rotations;
-        self.rotations.with_label_values(&["completed"]).set(r.completed as f64);
-        self.rotations.with_label_values(&["aborted"]).set(r.aborted as f64);
-        self.rotations.with_label_values(&["open"]).set(r.open as f64);
+        self.rotations
+            .with_label_values(&["completed"])
+            .set(r.completed as f64);
+        self.rotations
+            .with_label_values(&["aborted"])
+            .set(r.aborted as f64);
+        self.rotations
+            .with_label_values(&["open"])
+            .set(r.open as f64);
         self.rotation_success.set(nan(r.success_rate));
         self.rotation_median.set(nan(r.median_seconds_to_rotate));
         self.ttl_within.set(nan(rep.ttl.share_within_policy));
-        self.stale.with_label_values(&["found"]).set(rep.stale.found as f64);
-        self.stale.with_label_values(&["removed"]).set(rep.stale.removed as f64);
-        self.canary.with_label_values(&["revoked"]).set(rep.canary.revoked_after_alarm as f64);
-        self.canary.with_label_values(&["open"]).set(rep.canary.open as f64);
-        self.canary_median.set(nan(rep.canary.median_seconds_to_revocation));
+        self.stale
+            .with_label_values(&["found"])
+            .set(rep.stale.found as f64);
+        self.stale
+            .with_label_values(&["removed"])
+            .set(rep.stale.removed as f64);
+        self.canary
+            .with_label_values(&["revoked"])
+            .set(rep.canary.revoked_after_alarm as f64);
+        self.canary
+            .with_label_values(&["open"])
+            .set(rep.canary.open as f64);
+        self.canary_median
+            .set(nan(rep.canary.median_seconds_to_revocation));
     }
 }
 
@@ -305,8 +335,13 @@ pub fn spawn(
     let gauges = Gauges::register(registry);
     tokio::spawn(async move {
         loop {
-            let (records, usage, audit, policy, g) =
-                (records.clone(), usage.clone(), audit_log.clone(), policy.clone(), gauges.clone());
+            let (records, usage, audit, policy, g) = (
+                records.clone(),
+                usage.clone(),
+                audit_log.clone(),
+                policy.clone(),
+                gauges.clone(),
+            );
             let _ = tokio::task::spawn_blocking(move || {
                 let rep = compute(
                     &records(),
@@ -336,7 +371,14 @@ pub fn run_report(config: &Config, json: bool) -> Result<(), crate::cli::Failure
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let usage = crate::cli::load_usage(config, &settings, &ids);
     let facts = audit_facts(&settings.audit_log);
-    let rep = compute(&records, &usage, &facts, &settings.policy, settings.stale_after_secs, now);
+    let rep = compute(
+        &records,
+        &usage,
+        &facts,
+        &settings.policy,
+        settings.stale_after_secs,
+        now,
+    );
     if json {
         return crate::cli::out(&serde_json::to_string_pretty(&rep)?);
     }
@@ -418,8 +460,10 @@ mod tests {
         for r in [&mut a, &mut b, &mut c, &mut canary] {
             r.created_at = now - 2 * day;
         }
-        let records: Vec<Arc<KeyRecord>> =
-            [a, b, c, canary, old, unused, ok].into_iter().map(Arc::new).collect();
+        let records: Vec<Arc<KeyRecord>> = [a, b, c, canary, old, unused, ok]
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let usage = BTreeMap::from([(
             "key_g".to_owned(),
             Used {
@@ -429,32 +473,66 @@ mod tests {
         )]);
         let facts = AuditFacts {
             rotations_aborted: 1,
-            first_canary: BTreeMap::from([("key_d".to_owned(), now - 100), ("key_x".to_owned(), now - 5)]),
+            first_canary: BTreeMap::from([
+                ("key_d".to_owned(), now - 100),
+                ("key_x".to_owned(), now - 5),
+            ]),
         };
         let policy = Policy {
             max_ttl_secs: Some(365 * day),
             ..Policy::default()
         };
         let rep = compute(&records, &usage, &facts, &policy, 90 * day, now);
-        assert_eq!((rep.rotations.completed, rep.rotations.aborted, rep.rotations.open), (2, 1, 1));
+        assert_eq!(
+            (
+                rep.rotations.completed,
+                rep.rotations.aborted,
+                rep.rotations.open
+            ),
+            (2, 1, 1)
+        );
         assert_eq!(rep.rotations.success_rate, Some(2.0 / 3.0));
-        assert_eq!(rep.rotations.median_seconds_to_rotate, Some(200.0), "median of 100 and 300");
+        assert_eq!(
+            rep.rotations.median_seconds_to_rotate,
+            Some(200.0),
+            "median of 100 and 300"
+        );
         // Active: c (no expiry), unused (no expiry), ok (within) → 1 of 3.
         assert_eq!((rep.ttl.within_policy, rep.ttl.active), (1, 3));
         assert_eq!((rep.stale.found, rep.stale.removed), (1, 1));
-        assert_eq!((rep.canary.alarmed, rep.canary.revoked_after_alarm, rep.canary.open), (2, 1, 1));
+        assert_eq!(
+            (
+                rep.canary.alarmed,
+                rep.canary.revoked_after_alarm,
+                rep.canary.open
+            ),
+            (2, 1, 1)
+        );
         assert_eq!(rep.canary.median_seconds_to_revocation, Some(60.0));
         let t = text(&rep);
-        assert!(t.contains("success 66.7%") && t.contains("median time to rotate 3m 20s"), "{t}");
-        assert!(t.contains("1 of 3 active keys within policy (33.3%)"), "{t}");
+        assert!(
+            t.contains("success 66.7%") && t.contains("median time to rotate 3m 20s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("1 of 3 active keys within policy (33.3%)"),
+            "{t}"
+        );
 
         let reg = Registry::new();
         let g = Gauges::register(&reg);
         g.set(&rep);
         let mut out = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &reg.gather(), &mut out).unwrap();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &reg.gather(), &mut out)
+            .unwrap();
         let out = String::from_utf8(out).unwrap();
-        assert!(out.contains("keygate_governance_stale_keys{status=\"removed\"} 1"), "{out}");
-        assert!(out.contains("keygate_governance_canary_to_revocation_median_seconds 60"), "{out}");
+        assert!(
+            out.contains("keygate_governance_stale_keys{status=\"removed\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("keygate_governance_canary_to_revocation_median_seconds 60"),
+            "{out}"
+        );
     }
 }

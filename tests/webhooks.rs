@@ -63,7 +63,12 @@ fn verify(header: &str, body: &[u8]) -> bool {
     mac.update(t.as_bytes());
     mac.update(b".");
     mac.update(body);
-    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     hex == v1
 }
 
@@ -98,7 +103,10 @@ impl Receiver {
     }
 
     fn of(&self, event: &str) -> Vec<Got> {
-        self.got().into_iter().filter(|g| g.event == event).collect()
+        self.got()
+            .into_iter()
+            .filter(|g| g.event == event)
+            .collect()
     }
 
     async fn serve(self, mut s: tokio::net::TcpStream) {
@@ -119,7 +127,9 @@ impl Receiver {
                 .find_map(|l| l.strip_prefix(&format!("{name}: ")))
                 .map(|v| v.trim().to_owned())
         };
-        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         while buf.len() < head_end + len {
             match s.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
@@ -133,7 +143,8 @@ impl Receiver {
             .lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("keygate-signature").then(|| v.trim().to_owned())
+                k.eq_ignore_ascii_case("keygate-signature")
+                    .then(|| v.trim().to_owned())
             })
             .unwrap_or_default();
         let answer = self
@@ -156,7 +167,8 @@ impl Receiver {
             at: Instant::now(),
         });
         if let Some(code) = answered {
-            let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let resp =
+                format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             let _ = s.write_all(resp.as_bytes()).await;
             let _ = s.shutdown().await;
         }
@@ -164,10 +176,13 @@ impl Receiver {
 }
 
 fn config(dir: &Path, up: SocketAddr, hook: &str) -> PathBuf {
-    let routes = format!(
-        "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\n\n{hook}"
-    );
-    write_file(dir, "keygate.toml", &gateway_config(up, 1000, "", "", &routes))
+    let routes =
+        format!("[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\n\n{hook}");
+    write_file(
+        dir,
+        "keygate.toml",
+        &gateway_config(up, 1000, "", "", &routes),
+    )
 }
 
 fn hook(url: &str, events: &[&str], extra: &str) -> String {
@@ -224,16 +239,26 @@ async fn deliveries_are_signed_and_retried_after_500s_and_a_dropped_connection()
         Answer::Status(200),
     )
     .await;
-    let cfg = config(dir.path(), up.addr(), &hook(&rx.url(), &["key.created", "key.revoked"], ""));
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.created", "key.revoked"], ""),
+    );
     let gw = serve(&cfg, &[]).await;
     let key = create_key(&cfg, &[]);
 
     let delivered = eventually_named("key.created answered 200", DEADLINE, || async {
-        rx.of("key.created").into_iter().find(|g| g.answered == Some(200))
+        rx.of("key.created")
+            .into_iter()
+            .find(|g| g.answered == Some(200))
     })
     .await;
     let attempts = rx.of("key.created");
-    assert_eq!(attempts.len(), 4, "500, dropped, 503, then 200: {attempts:?}");
+    assert_eq!(
+        attempts.len(),
+        4,
+        "500, dropped, 503, then 200: {attempts:?}"
+    );
     for a in &attempts {
         assert!(a.verified, "every attempt is signed: {a:?}");
         assert_eq!(a.id, delivered.id, "one delivery id across retries");
@@ -246,11 +271,16 @@ async fn deliveries_are_signed_and_retried_after_500s_and_a_dropped_connection()
     assert_eq!(b["key"]["id"], key.id.as_str());
     assert_eq!(b["key"]["state"], "active");
     assert_eq!(b["key"]["owner"], "o");
-    assert!(b["key"].get("digest").is_none() && b["key"].get("mac").is_none(), "{b}");
+    assert!(
+        b["key"].get("digest").is_none() && b["key"].get("mac").is_none(),
+        "{b}"
+    );
 
     cli_ok(&cfg, &["keys", "revoke", &key.id, "--reason", "leaked"]);
     let revoked = eventually_named("key.revoked delivered", DEADLINE, || async {
-        rx.of("key.revoked").into_iter().find(|g| g.answered == Some(200))
+        rx.of("key.revoked")
+            .into_iter()
+            .find(|g| g.answered == Some(200))
     })
     .await;
     assert!(revoked.verified);
@@ -260,17 +290,49 @@ async fn deliveries_are_signed_and_retried_after_500s_and_a_dropped_connection()
     // Every attempt and its outcome are in the metrics and the audit log.
     let m = eventually_named("delivery metrics", DEADLINE, || async {
         let m = metrics(&gw).await;
-        (series(&m, "keygate_webhook_deliveries_total{event=\"key.revoked\",outcome=\"delivered\"}") == 1.0).then_some(m)
+        (series(
+            &m,
+            "keygate_webhook_deliveries_total{event=\"key.revoked\",outcome=\"delivered\"}",
+        ) == 1.0)
+            .then_some(m)
     })
     .await;
-    assert_eq!(series(&m, "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"retried\"}"), 3.0);
-    assert_eq!(series(&m, "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"delivered\"}"), 1.0);
-    assert_eq!(series(&m, "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"failed\"}"), 0.0);
-    assert!(series(&m, "keygate_webhook_attempt_duration_seconds_count") >= 5.0, "{m}");
+    assert_eq!(
+        series(
+            &m,
+            "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"retried\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        series(
+            &m,
+            "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"delivered\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        series(
+            &m,
+            "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"failed\"}"
+        ),
+        0.0
+    );
+    assert!(
+        series(&m, "keygate_webhook_attempt_duration_seconds_count") >= 5.0,
+        "{m}"
+    );
     let failed = audit_events(dir.path(), "webhook.attempt_failed");
     assert_eq!(failed.len(), 3, "{failed:?}");
-    assert!(failed.iter().all(|e| e["delivery_id"] == delivered.id.as_str()));
-    assert!(failed.iter().any(|e| e["error"].as_str().unwrap().contains("HTTP 500")), "{failed:?}");
+    assert!(failed
+        .iter()
+        .all(|e| e["delivery_id"] == delivered.id.as_str()));
+    assert!(
+        failed
+            .iter()
+            .any(|e| e["error"].as_str().unwrap().contains("HTTP 500")),
+        "{failed:?}"
+    );
     assert_eq!(audit_events(dir.path(), "webhook.delivered").len(), 2);
     assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
 }
@@ -280,7 +342,11 @@ async fn a_delivery_whose_retry_budget_runs_out_fails_loudly() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let rx = Receiver::start(vec![], Answer::Status(500)).await;
-    let cfg = config(dir.path(), up.addr(), &hook(&rx.url(), &["key.created"], "retry_for = \"1s\""));
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.created"], "retry_for = \"1s\""),
+    );
     let gw = serve(&cfg, &[]).await;
     let key = create_key(&cfg, &[]);
     let gave_up = eventually_named("webhook.failed in the audit log", DEADLINE, || async {
@@ -290,7 +356,13 @@ async fn a_delivery_whose_retry_budget_runs_out_fails_loudly() {
     assert_eq!(gave_up["type"], "key.created");
     assert!(gave_up["attempts"].as_u64().unwrap() >= 2, "{gave_up}");
     let m = metrics(&gw).await;
-    assert_eq!(series(&m, "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"failed\"}"), 1.0);
+    assert_eq!(
+        series(
+            &m,
+            "keygate_webhook_deliveries_total{event=\"key.created\",outcome=\"failed\"}"
+        ),
+        1.0
+    );
     assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
 }
 
@@ -299,7 +371,11 @@ async fn a_restart_mid_retry_still_delivers_with_the_same_id() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let rx = Receiver::start(vec![], Answer::Status(500)).await;
-    let cfg = config(dir.path(), up.addr(), &hook(&rx.url(), &["key.created"], ""));
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.created"], ""),
+    );
     let gw = serve(&cfg, &[]).await;
     let key = create_key(&cfg, &[]);
     let first = eventually_named("two failed attempts", DEADLINE, || async {
@@ -311,13 +387,18 @@ async fn a_restart_mid_retry_still_delivers_with_the_same_id() {
     rx.set_default(Answer::Status(200));
     let gw = serve(&cfg, &[]).await;
     let delivered = eventually_named("delivered after the restart", DEADLINE, || async {
-        rx.of("key.created").into_iter().find(|g| g.answered == Some(200))
+        rx.of("key.created")
+            .into_iter()
+            .find(|g| g.answered == Some(200))
     })
     .await;
     assert!(delivered.verified);
     assert_eq!(delivered.id, first.id, "the restart kept the delivery id");
     assert_eq!(delivered.body, first.body);
-    assert!(rx.got().iter().all(|g| g.id == first.id), "no second delivery was made up");
+    assert!(
+        rx.got().iter().all(|g| g.id == first.id),
+        "no second delivery was made up"
+    );
     assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
 }
 
@@ -330,12 +411,20 @@ async fn key_expiring_fires_once_per_lead_time_with_a_controlled_clock() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let rx = Receiver::start(vec![], Answer::Status(200)).await;
-    let cfg = config(dir.path(), up.addr(), &hook(&rx.url(), &["key.expiring", "key.created"], ""));
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.expiring", "key.created"], ""),
+    );
     let clock = dir.path().join("clock");
     let clock_env = clock.to_str().unwrap().to_owned();
     let env = [("KEYGATE_TEST_CLOCK_FILE", clock_env.as_str())];
     let key = create_key(&cfg, &["--expires-in", "30d"]);
-    let shown = json(cli_ok(&cfg, &["keys", "show", &key.id, "--json"]).trim().as_bytes());
+    let shown = json(
+        cli_ok(&cfg, &["keys", "show", &key.id, "--json"])
+            .trim()
+            .as_bytes(),
+    );
     let exp = shown["expires_at"].as_i64().unwrap();
     let day = 86_400;
     set_clock(&clock, exp - 20 * day);
@@ -349,13 +438,19 @@ async fn key_expiring_fires_once_per_lead_time_with_a_controlled_clock() {
         m.id
     };
     let leads = |rx: &Receiver| -> Vec<i64> {
-        rx.of("key.expiring").iter().map(|g| g.body["data"]["lead_seconds"].as_i64().unwrap()).collect()
+        rx.of("key.expiring")
+            .iter()
+            .map(|g| g.body["data"]["lead_seconds"].as_i64().unwrap())
+            .collect()
     };
     let await_marker = |id: String| {
         let rx = rx.clone();
         async move {
             eventually_named("marker delivered", DEADLINE, || async {
-                rx.of("key.created").iter().any(|g| g.body["key"]["id"] == id.as_str()).then_some(())
+                rx.of("key.created")
+                    .iter()
+                    .any(|g| g.body["key"]["id"] == id.as_str())
+                    .then_some(())
             })
             .await
         }
@@ -364,7 +459,10 @@ async fn key_expiring_fires_once_per_lead_time_with_a_controlled_clock() {
     assert!(leads(&rx).is_empty(), "20 days before expiry nothing fires");
 
     set_clock(&clock, exp - 14 * day + 60);
-    eventually_named("14d notice", DEADLINE, || async { (leads(&rx) == [14 * day]).then_some(()) }).await;
+    eventually_named("14d notice", DEADLINE, || async {
+        (leads(&rx) == [14 * day]).then_some(())
+    })
+    .await;
     // Restart inside the same window: the notice is not repeated.
     set_clock(&clock, exp - 13 * day);
     drop(gw);
@@ -373,9 +471,15 @@ async fn key_expiring_fires_once_per_lead_time_with_a_controlled_clock() {
     assert_eq!(leads(&rx), [14 * day]);
 
     set_clock(&clock, exp - 7 * day + 60);
-    eventually_named("7d notice", DEADLINE, || async { (leads(&rx).len() == 2).then_some(()) }).await;
+    eventually_named("7d notice", DEADLINE, || async {
+        (leads(&rx).len() == 2).then_some(())
+    })
+    .await;
     set_clock(&clock, exp - 3600);
-    eventually_named("1d notice", DEADLINE, || async { (leads(&rx).len() == 3).then_some(()) }).await;
+    eventually_named("1d notice", DEADLINE, || async {
+        (leads(&rx).len() == 3).then_some(())
+    })
+    .await;
     await_marker(marker()).await;
     assert_eq!(leads(&rx), [14 * day, 7 * day, day], "once per lead time");
     let got = rx.of("key.expiring");
@@ -395,7 +499,11 @@ async fn canary_use_is_delivered_within_a_second() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
     let rx = Receiver::start(vec![], Answer::Status(200)).await;
-    let cfg = config(dir.path(), up.addr(), &hook(&rx.url(), &["key.canary_used"], ""));
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.canary_used"], ""),
+    );
     let canary = create_key(&cfg, &["--canary"]);
     let gw = serve(&cfg, &[]).await;
     let sent = Instant::now();
@@ -421,10 +529,22 @@ async fn canary_use_is_delivered_within_a_second() {
 async fn webhooks_test_sends_a_signed_sample() {
     let dir = tempdir();
     let rx = Receiver::start(vec![Answer::Status(500)], Answer::Status(204)).await;
-    let cfg = write_file(dir.path(), "keygate.toml", "[keys]\nstore = \"keys.jsonl\"\n");
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        "[keys]\nstore = \"keys.jsonl\"\n",
+    );
     let env = [SECRET_ENV[0], (HOOK_VAR, HOOK_SECRET)];
     let url = rx.url();
-    let args = ["webhooks", "test", url.as_str(), "--secret-env", HOOK_VAR, "--event", "key.expiring"];
+    let args = [
+        "webhooks",
+        "test",
+        url.as_str(),
+        "--secret-env",
+        HOOK_VAR,
+        "--event",
+        "key.expiring",
+    ];
     let (cfg2, args2) = (cfg.clone(), args.map(str::to_owned));
     let run = move || {
         let a: Vec<&str> = args2.iter().map(String::as_str).collect();
@@ -432,7 +552,11 @@ async fn webhooks_test_sends_a_signed_sample() {
     };
     let failed = tokio::task::spawn_blocking(run.clone()).await.unwrap();
     assert!(!failed.status.success(), "a 500 is a failure");
-    assert!(stderr_str(&failed).contains("HTTP 500"), "{}", stderr_str(&failed));
+    assert!(
+        stderr_str(&failed).contains("HTTP 500"),
+        "{}",
+        stderr_str(&failed)
+    );
     let ok = tokio::task::spawn_blocking(run).await.unwrap();
     assert!(ok.status.success(), "{}", stderr_str(&ok));
     assert!(stdout_str(&ok).contains("HTTP 204"), "{}", stdout_str(&ok));
@@ -448,13 +572,37 @@ fn webhook_config_errors_name_the_field() {
     let dir = tempdir();
     let base = "[keys]\nstore = \"keys.jsonl\"\n\n";
     let cases: [(&str, &str, &str, &[&str]); 4] = [
-        ("unknown event", "https://h.example/x", HOOK_SECRET, &["`webhooks[0].events`", "key.exploded", "key.expiring"]),
-        ("plain http off loopback", "http://h.example/x", HOOK_SECRET, &["`webhooks[0].url`", "https://", "loopback"]),
-        ("short secret", "http://127.0.0.1:9/x", "too-short", &["`webhooks[0].secret_env`", "at least 32"]),
-        ("https without a CA", "https://h.example/x", HOOK_SECRET, &["`webhooks[0].ca_file`"]),
+        (
+            "unknown event",
+            "https://h.example/x",
+            HOOK_SECRET,
+            &["`webhooks[0].events`", "key.exploded", "key.expiring"],
+        ),
+        (
+            "plain http off loopback",
+            "http://h.example/x",
+            HOOK_SECRET,
+            &["`webhooks[0].url`", "https://", "loopback"],
+        ),
+        (
+            "short secret",
+            "http://127.0.0.1:9/x",
+            "too-short",
+            &["`webhooks[0].secret_env`", "at least 32"],
+        ),
+        (
+            "https without a CA",
+            "https://h.example/x",
+            HOOK_SECRET,
+            &["`webhooks[0].ca_file`"],
+        ),
     ];
     for (what, url, secret, wanted) in cases {
-        let events = if what == "unknown event" { "\"key.revoked\", \"key.exploded\"" } else { "\"key.revoked\"" };
+        let events = if what == "unknown event" {
+            "\"key.revoked\", \"key.exploded\""
+        } else {
+            "\"key.revoked\""
+        };
         let text = format!("{base}[[webhooks]]\nurl = \"{url}\"\nevents = [{events}]\nsecret_env = \"{HOOK_VAR}\"\n");
         let cfg = write_file(dir.path(), "keygate.toml", &text);
         let out = cli(&cfg, &["check"], &[SECRET_ENV[0], (HOOK_VAR, secret)]);
@@ -489,8 +637,12 @@ async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
             hook(&rx.url(), &["key.canary_used", "key.created"], "")
         ),
     );
-    let feed = cli_ok(&cp_cfg, &["admin-token", "create", "--role", "feed"]).trim().to_owned();
-    let cp = ControlPlane::try_spawn_env(&cp_cfg, &[(HOOK_VAR, HOOK_SECRET)]).await.unwrap();
+    let feed = cli_ok(&cp_cfg, &["admin-token", "create", "--role", "feed"])
+        .trim()
+        .to_owned();
+    let cp = ControlPlane::try_spawn_env(&cp_cfg, &[(HOOK_VAR, HOOK_SECRET)])
+        .await
+        .unwrap();
     let canary = create_key(&cp_cfg, &["--canary"]);
     let created = eventually_named("key.created from the control plane", DEADLINE, || async {
         rx.of("key.created").into_iter().next()
@@ -511,7 +663,12 @@ async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
     let gw = spawn_ready(&gw_cfg, &[("KEYGATE_FEED_TOKEN", feed.as_str())], DEADLINE).await;
     let auth = format!("Bearer {}", canary.key);
     let sent = Instant::now();
-    assert_eq!(get(gw.http, "/x", &[("authorization", auth.as_str())]).await.0, 401);
+    assert_eq!(
+        get(gw.http, "/x", &[("authorization", auth.as_str())])
+            .await
+            .0,
+        401
+    );
     let g = tokio::time::timeout(DEADLINE, async {
         loop {
             if let Some(g) = rx.of("key.canary_used").into_iter().next() {
@@ -535,11 +692,26 @@ async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
     assert!(g.verified);
     assert_eq!(g.body["key"]["id"], canary.id.as_str());
     assert_eq!(g.body["data"]["route"], "r");
-    assert!(g.body["data"]["actor"].as_str().unwrap().starts_with("gateway:"), "{}", g.body);
+    assert!(
+        g.body["data"]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("gateway:"),
+        "{}",
+        g.body
+    );
     // Relayed once, delivered once; nothing in any artefact carries the key.
     assert_eq!(rx.of("key.canary_used").len(), 1);
-    for f in [cp_dir.join("audit.jsonl"), gw_dir.join("audit.jsonl"), cp_dir.join("keys.jsonl.webhooks")] {
-        assert!(!read_lossy(&f).contains(&canary.key), "key in {}", f.display());
+    for f in [
+        cp_dir.join("audit.jsonl"),
+        gw_dir.join("audit.jsonl"),
+        cp_dir.join("keys.jsonl.webhooks"),
+    ] {
+        assert!(
+            !read_lossy(&f).contains(&canary.key),
+            "key in {}",
+            f.display()
+        );
     }
     for g in rx.got() {
         assert!(!g.raw.contains(&canary.key));
@@ -561,17 +733,34 @@ fn report_counts_a_constructed_history() {
     let b = create_key(&cfg, &["--expires-in", "30d"]);
     let _no_expiry = create_key(&cfg, &[]);
     // a: rotated with no grace, so its old key ends at once (a completed rotation).
-    let a2 = json(cli_ok(&cfg, &["keys", "rotate", &a.id, "--grace", "0s", "--json"]).trim().as_bytes());
+    let a2 = json(
+        cli_ok(&cfg, &["keys", "rotate", &a.id, "--grace", "0s", "--json"])
+            .trim()
+            .as_bytes(),
+    );
     // b: rotated, then aborted.
-    let b2 = json(cli_ok(&cfg, &["keys", "rotate", &b.id, "--grace", "1d", "--json"]).trim().as_bytes());
-    cli_ok(&cfg, &["keys", "rotate", "--abort", b2["id"].as_str().unwrap()]);
+    let b2 = json(
+        cli_ok(&cfg, &["keys", "rotate", &b.id, "--grace", "1d", "--json"])
+            .trim()
+            .as_bytes(),
+    );
+    cli_ok(
+        &cfg,
+        &["keys", "rotate", "--abort", b2["id"].as_str().unwrap()],
+    );
 
     let rep = json(cli_ok(&cfg, &["report", "--json"]).trim().as_bytes());
     assert_eq!(rep["rotations"]["completed"], 1, "{rep}");
     assert_eq!(rep["rotations"]["aborted"], 1, "{rep}");
     assert_eq!(rep["rotations"]["open"], 0, "{rep}");
     assert_eq!(rep["rotations"]["success_rate"], 0.5, "{rep}");
-    assert!(rep["rotations"]["median_seconds_to_rotate"].as_f64().unwrap() < 5.0, "{rep}");
+    assert!(
+        rep["rotations"]["median_seconds_to_rotate"]
+            .as_f64()
+            .unwrap()
+            < 5.0,
+        "{rep}"
+    );
     // Active: a's successor, b and the key without expiry; the first two expire in policy.
     assert!(a2["id"].is_string());
     assert_eq!(rep["ttl"]["active"], 3, "{rep}");
@@ -580,5 +769,8 @@ fn report_counts_a_constructed_history() {
     assert_eq!(rep["canary"]["alarmed"], 0);
     let text = cli_ok(&cfg, &["report"]);
     assert!(text.contains("success 50.0%"), "{text}");
-    assert!(text.contains("2 of 3 active keys within policy (66.7%)"), "{text}");
+    assert!(
+        text.contains("2 of 3 active keys within policy (66.7%)"),
+        "{text}"
+    );
 }

@@ -503,7 +503,10 @@ where
 
 /// `POST /v1/events`: events a gateway relays (`webhooks::relay`), written to the control
 /// plane's audit log, from which its webhook sender delivers them.
-async fn relayed_events(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn relayed_events(
+    c: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let body = read_json(c, req).await?;
     reject_unknown(&body, &["node", "events"])?;
     let node: String = optional_string(&body, "node")?

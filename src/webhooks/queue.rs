@@ -117,7 +117,9 @@ impl Queue {
             }
             match serde_json::from_slice::<Line>(raw) {
                 Ok(line) => q.apply(line),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable webhook queue line"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable webhook queue line")
+                }
             }
         }
         q.compact(now_ms).map_err(io)?;
@@ -144,7 +146,10 @@ impl Queue {
                 }
             }
             Line::Done {
-                id, endpoint, at_ms, ..
+                id,
+                endpoint,
+                at_ms,
+                ..
             } => {
                 let s = slot(&id, &endpoint);
                 self.pending.remove(&s);
@@ -209,7 +214,13 @@ impl Queue {
     }
 
     /// A failed attempt: the next one is due at `next_ms`.
-    pub fn retry_at(&mut self, id: &str, endpoint: &str, attempts: u32, next_ms: i64) -> io::Result<()> {
+    pub fn retry_at(
+        &mut self,
+        id: &str,
+        endpoint: &str,
+        attempts: u32,
+        next_ms: i64,
+    ) -> io::Result<()> {
         self.write(vec![Line::Try {
             id: id.to_owned(),
             endpoint: endpoint.to_owned(),
@@ -219,14 +230,22 @@ impl Queue {
     }
 
     /// Settled: `delivered`, or `failed` (retry budget spent, or the endpoint is gone).
-    pub fn settle(&mut self, id: &str, endpoint: &str, outcome: &str, now_ms: i64) -> io::Result<()> {
+    pub fn settle(
+        &mut self,
+        id: &str,
+        endpoint: &str,
+        outcome: &str,
+        now_ms: i64,
+    ) -> io::Result<()> {
         self.write(vec![Line::Done {
             id: id.to_owned(),
             endpoint: endpoint.to_owned(),
             outcome: outcome.to_owned(),
             at_ms: now_ms,
         }])?;
-        if self.lines > COMPACT_LINES && self.lines > 4 * (self.pending.len() + self.marks.len() + 1) {
+        if self.lines > COMPACT_LINES
+            && self.lines > 4 * (self.pending.len() + self.marks.len() + 1)
+        {
             self.compact(now_ms)?;
         }
         Ok(())
@@ -317,13 +336,22 @@ mod tests {
             let mut q = Queue::open(&path, 0).unwrap();
             assert!(matches!(Queue::open(&path, 0), Err(QueueError::Busy(_))));
             assert_eq!(
-                q.add(vec![pending("a", 0), pending("b", 0)], vec!["m1".into()], Some(42))
-                    .unwrap(),
+                q.add(
+                    vec![pending("a", 0), pending("b", 0)],
+                    vec!["m1".into()],
+                    Some(42)
+                )
+                .unwrap(),
                 2
             );
             q.retry_at("a", "http://127.0.0.1:1/h", 1, 500).unwrap();
-            q.settle("b", "http://127.0.0.1:1/h", "delivered", 10).unwrap();
-            assert_eq!(q.add(vec![pending("b", 0)], vec![], None).unwrap(), 0, "settled ids stay out");
+            q.settle("b", "http://127.0.0.1:1/h", "delivered", 10)
+                .unwrap();
+            assert_eq!(
+                q.add(vec![pending("b", 0)], vec![], None).unwrap(),
+                0,
+                "settled ids stay out"
+            );
         }
         // A crash mid-append leaves half a line.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();

@@ -17,7 +17,14 @@ use std::time::Duration;
 /// The events a gateway relays.
 pub const RELAYED: [&str; 2] = ["key.canary_used", "key.quota_exceeded"];
 /// Fields of an audit line a relayed event may carry (the rest stays on the gateway).
-pub const RELAYED_FIELDS: [&str; 6] = ["client_ip", "route", "limit", "window_secs", "reset_secs", "timestamp"];
+pub const RELAYED_FIELDS: [&str; 6] = [
+    "client_ip",
+    "route",
+    "limit",
+    "window_secs",
+    "reset_secs",
+    "timestamp",
+];
 const TICK: Duration = Duration::from_millis(200);
 const MAX_BATCH_BYTES: u64 = 256 * 1024;
 
@@ -41,7 +48,8 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
             let wait = TICK * 2u32.pow(failures.min(5));
             tokio::time::sleep(wait).await;
             let (a, c) = (audit_log.clone(), cursor_path.clone());
-            let Ok(Ok(batch)) = tokio::task::spawn_blocking(move || next_batch(&a, &c)).await else {
+            let Ok(Ok(batch)) = tokio::task::spawn_blocking(move || next_batch(&a, &c)).await
+            else {
                 continue;
             };
             let Some((events, end)) = batch else { continue };
@@ -59,7 +67,10 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
                     Ok(r) if r.status().is_success() => failures = 0,
                     Ok(r) => {
                         failures += 1;
-                        tracing::warn!(status = r.status().as_u16(), "control plane refused relayed events; retrying");
+                        tracing::warn!(
+                            status = r.status().as_u16(),
+                            "control plane refused relayed events; retrying"
+                        );
                         continue;
                     }
                     Err(e) => {
@@ -70,7 +81,9 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
                 }
             }
             let c = cursor_path.clone();
-            let _ = tokio::task::spawn_blocking(move || write_atomic(&c, end.to_string().as_bytes())).await;
+            let _ =
+                tokio::task::spawn_blocking(move || write_atomic(&c, end.to_string().as_bytes()))
+                    .await;
         }
     });
 }
@@ -104,7 +117,7 @@ fn next_batch(audit: &Path, cursor_path: &Path) -> std::io::Result<Option<(Vec<V
     let complete = complete_prefix(&buf);
     let events = complete
         .split(|b| *b == b'\n')
-        .filter_map(|raw| relayable(raw))
+        .filter_map(relayable)
         .collect();
     Ok(Some((events, cursor + complete.len() as u64)))
 }
@@ -156,7 +169,9 @@ pub fn audit_events(
     let mut out = Vec::new();
     let mut unknown = 0;
     for (i, e) in events.iter().enumerate() {
-        let obj = e.as_object().ok_or(format!("events[{i}]: must be an object"))?;
+        let obj = e
+            .as_object()
+            .ok_or(format!("events[{i}]: must be an object"))?;
         let name = obj.get("event").and_then(Value::as_str).unwrap_or_default();
         let event = RELAYED
             .iter()
@@ -181,9 +196,15 @@ pub fn audit_events(
             }
             let ok = v.as_str().is_some_and(|s| s.len() <= 256) || v.is_u64();
             if !ok {
-                return Err(format!("events[{i}].{field}: a string (≤ 256 bytes) or a non-negative integer"));
+                return Err(format!(
+                    "events[{i}].{field}: a string (≤ 256 bytes) or a non-negative integer"
+                ));
             }
-            let name = if field == "timestamp" { "gateway_timestamp" } else { field.as_str() };
+            let name = if field == "timestamp" {
+                "gateway_timestamp"
+            } else {
+                field.as_str()
+            };
             audit = audit.with(name, v.clone());
         }
         match key(key_id) {
@@ -204,9 +225,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let audit = dir.path().join("audit.jsonl");
         let cursor = dir.path().join("cache.relay");
-        std::fs::write(&audit, "{\"event\":\"key.canary_used\",\"key_id\":\"key_old\"}\n").unwrap();
+        std::fs::write(
+            &audit,
+            "{\"event\":\"key.canary_used\",\"key_id\":\"key_old\"}\n",
+        )
+        .unwrap();
         let (events, end) = next_batch(&audit, &cursor).unwrap().unwrap();
-        assert!(events.is_empty(), "history before the first start is skipped");
+        assert!(
+            events.is_empty(),
+            "history before the first start is skipped"
+        );
         std::fs::write(&cursor, end.to_string()).unwrap();
         let mut text = std::fs::read_to_string(&audit).unwrap();
         text.push_str("{\"event\":\"table.applied\"}\n{\"event\":\"key.canary_used\",\"key_id\":\"key_a\",\"route\":\"r\",\"hint\":\"h\",\"timestamp\":\"t\"}\n{\"event\":\"key.ca");
@@ -217,6 +245,10 @@ mod tests {
         assert_eq!(events[0]["route"], "r");
         assert!(events[0].get("hint").is_none());
         assert!(events[0]["relay_id"].as_str().unwrap().starts_with("whd_"));
-        assert_eq!(end2 as usize, text.rfind('\n').unwrap() + 1, "the torn line waits");
+        assert_eq!(
+            end2 as usize,
+            text.rfind('\n').unwrap() + 1,
+            "the torn line waits"
+        );
     }
 }

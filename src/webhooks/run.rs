@@ -33,7 +33,9 @@ const READ_CHUNK: u64 = 1 << 20;
 /// How long an audit event may wait for its record to reach this node's table (writers audit
 /// before they write the store) before it is sent with what the audit line says.
 const SETTLE_WAIT_SECS: i64 = 10;
-const ATTEMPT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const ATTEMPT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Audit events that become webhook events of the same name.
 const FROM_AUDIT: [&str; 5] = [
@@ -111,7 +113,10 @@ pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: Webh
     let spawned = std::thread::Builder::new()
         .name("keygate-webhooks".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => return tracing::error!(error = %e, "cannot start the webhook sender"),
             };
@@ -214,8 +219,10 @@ impl Sender {
             return;
         };
         let records = (self.host.records)();
-        let by_id: BTreeMap<&str, &KeyRecord> =
-            records.iter().map(|r| (r.id.as_str(), r.as_ref())).collect();
+        let by_id: BTreeMap<&str, &KeyRecord> = records
+            .iter()
+            .map(|r| (r.id.as_str(), r.as_ref()))
+            .collect();
         let now = crate::clock::unix_secs();
         let mut deliveries = Vec::new();
         let mut at = cursor;
@@ -238,7 +245,10 @@ impl Sender {
     /// nearest fires and the longer ones are marked spent.
     fn expiring(&mut self) {
         let eps = self.wanting("key.expiring");
-        let leads: BTreeSet<i64> = eps.iter().flat_map(|e| e.lead_times.iter().copied()).collect();
+        let leads: BTreeSet<i64> = eps
+            .iter()
+            .flat_map(|e| e.lead_times.iter().copied())
+            .collect();
         if leads.is_empty() {
             return;
         }
@@ -249,7 +259,11 @@ impl Sender {
             let Some(exp) = r.expires_at.filter(|_| r.state(now) == KeyState::Active) else {
                 continue;
             };
-            let crossed: Vec<i64> = leads.iter().copied().filter(|l| now >= exp - l && now < exp).collect();
+            let crossed: Vec<i64> = leads
+                .iter()
+                .copied()
+                .filter(|l| now >= exp - l && now < exp)
+                .collect();
             let Some(&nearest) = crossed.first() else {
                 continue;
             };
@@ -259,11 +273,21 @@ impl Sender {
             }
             marks.extend(crossed.iter().map(|l| mark(*l)));
             let mut data = Map::new();
-            data.insert("lead".into(), humantime::format_duration(Duration::from_secs(nearest as u64)).to_string().into());
+            data.insert(
+                "lead".into(),
+                humantime::format_duration(Duration::from_secs(nearest as u64))
+                    .to_string()
+                    .into(),
+            );
             data.insert("lead_seconds".into(), nearest.into());
             data.insert("expires_at".into(), exp.into());
             deliveries.push(Delivery {
-                id: delivery_id(&["key.expiring", &r.id, &exp.to_string(), &nearest.to_string()]),
+                id: delivery_id(&[
+                    "key.expiring",
+                    &r.id,
+                    &exp.to_string(),
+                    &nearest.to_string(),
+                ]),
                 kind: "key.expiring".into(),
                 time: rfc3339(now),
                 key: r.public_json(now),
@@ -279,7 +303,11 @@ impl Sender {
         let items = per_lead
             .into_iter()
             .flat_map(|d| {
-                let lead = d.data.get("lead_seconds").and_then(Value::as_i64).unwrap_or(0);
+                let lead = d
+                    .data
+                    .get("lead_seconds")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 eps.iter()
                     .filter(|e| e.lead_times.contains(&lead))
                     .map(|ep| Pending {
@@ -311,7 +339,9 @@ impl Sender {
                 continue;
             }
             // Never used counts from creation, as `keys stale` does.
-            let last = usage.get(&r.id).map_or(r.created_at, |u| u.last_used.max(r.created_at));
+            let last = usage
+                .get(&r.id)
+                .map_or(r.created_at, |u| u.last_used.max(r.created_at));
             if now - last < self.host.stale_after_secs {
                 continue;
             }
@@ -320,8 +350,14 @@ impl Sender {
                 continue;
             }
             let mut data = Map::new();
-            data.insert("last_used".into(), usage.get(&r.id).map(|u| u.last_used).into());
-            data.insert("stale_after_seconds".into(), self.host.stale_after_secs.into());
+            data.insert(
+                "last_used".into(),
+                usage.get(&r.id).map(|u| u.last_used).into(),
+            );
+            data.insert(
+                "stale_after_seconds".into(),
+                self.host.stale_after_secs.into(),
+            );
             deliveries.push(Delivery {
                 id: delivery_id(&["key.stale", &r.id, &last.to_string()]),
                 kind: "key.stale".into(),
@@ -344,7 +380,12 @@ impl Sender {
             if self.in_flight.contains(&slot) {
                 continue;
             }
-            let Some(ep) = self.endpoints.iter().find(|e| e.name == p.endpoint).cloned() else {
+            let Some(ep) = self
+                .endpoints
+                .iter()
+                .find(|e| e.name == p.endpoint)
+                .cloned()
+            else {
                 // The endpoint left the config: nothing to send it to.
                 self.give_up(&p, "endpoint no longer configured");
                 continue;
@@ -354,7 +395,14 @@ impl Sender {
             tokio::spawn(async move {
                 let started = Instant::now();
                 let body = bytes::Bytes::from(p.delivery.body());
-                let result = attempt(&ep, &p.delivery.id, &p.delivery.kind, body, crate::clock::unix_secs()).await;
+                let result = attempt(
+                    &ep,
+                    &p.delivery.id,
+                    &p.delivery.kind,
+                    body,
+                    crate::clock::unix_secs(),
+                )
+                .await;
                 let _ = tx.send(Done {
                     pending: p,
                     result,
@@ -366,8 +414,11 @@ impl Sender {
 
     fn settle(&mut self, done: Done) {
         let p = done.pending;
-        self.in_flight.remove(&(p.delivery.id.clone(), p.endpoint.clone()));
-        self.metrics.attempt_seconds.observe(done.elapsed.as_secs_f64());
+        self.in_flight
+            .remove(&(p.delivery.id.clone(), p.endpoint.clone()));
+        self.metrics
+            .attempt_seconds
+            .observe(done.elapsed.as_secs_f64());
         let attempts = p.attempts + 1;
         let now_ms = crate::clock::unix_ms();
         let event = |name: &'static str| {
@@ -375,12 +426,18 @@ impl Sender {
                 .with("delivery_id", p.delivery.id.as_str())
                 .with("type", p.delivery.kind.as_str())
                 .with("endpoint", p.endpoint.as_str())
-                .with("key_id", p.delivery.key.get("id").cloned().unwrap_or(Value::Null))
+                .with(
+                    "key_id",
+                    p.delivery.key.get("id").cloned().unwrap_or(Value::Null),
+                )
                 .with("attempt", attempts)
         };
         match done.result {
             Ok(status) => {
-                if let Err(e) = self.queue.settle(&p.delivery.id, &p.endpoint, "delivered", now_ms) {
+                if let Err(e) = self
+                    .queue
+                    .settle(&p.delivery.id, &p.endpoint, "delivered", now_ms)
+                {
                     tracing::error!(error = %e, "cannot record a delivered webhook; it may be sent again");
                 }
                 self.count(&p.delivery.kind, "delivered");
@@ -388,7 +445,12 @@ impl Sender {
                 self.audit(event("webhook.delivered").with("status", status));
             }
             Err(err) => {
-                let Some(ep) = self.endpoints.iter().find(|e| e.name == p.endpoint).cloned() else {
+                let Some(ep) = self
+                    .endpoints
+                    .iter()
+                    .find(|e| e.name == p.endpoint)
+                    .cloned()
+                else {
                     return self.give_up(&p, "endpoint no longer configured");
                 };
                 let wait = backoff(ep.retry_base, attempts, random_u32());
@@ -399,7 +461,10 @@ impl Sender {
                     self.audit(event("webhook.attempt_failed").with("error", err.to_string()));
                     return self.give_up(&Pending { attempts, ..p }, &err.to_string());
                 }
-                if let Err(e) = self.queue.retry_at(&p.delivery.id, &p.endpoint, attempts, next_ms) {
+                if let Err(e) = self
+                    .queue
+                    .retry_at(&p.delivery.id, &p.endpoint, attempts, next_ms)
+                {
                     tracing::error!(error = %e, "cannot record a webhook retry");
                 }
                 self.count(&p.delivery.kind, "retried");
@@ -415,7 +480,12 @@ impl Sender {
 
     /// The retry budget is spent (or the endpoint is gone): settle as failed, loudly.
     fn give_up(&mut self, p: &Pending, why: &str) {
-        if let Err(e) = self.queue.settle(&p.delivery.id, &p.endpoint, "failed", crate::clock::unix_ms()) {
+        if let Err(e) = self.queue.settle(
+            &p.delivery.id,
+            &p.endpoint,
+            "failed",
+            crate::clock::unix_ms(),
+        ) {
             tracing::error!(error = %e, "cannot record a failed webhook");
         }
         self.count(&p.delivery.kind, "failed");
@@ -432,7 +502,10 @@ impl Sender {
 
     fn count(&self, event: &str, outcome: &str) {
         if EVENTS.contains(&event) {
-            self.metrics.deliveries.with_label_values(&[event, outcome]).inc();
+            self.metrics
+                .deliveries
+                .with_label_values(&[event, outcome])
+                .inc();
         }
     }
 
@@ -456,13 +529,22 @@ fn from_audit(line: &str, by_id: &BTreeMap<&str, &KeyRecord>, now: i64) -> Deriv
     let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(line) else {
         return Derived::Skip;
     };
-    let Some(kind) = obj.get("event").and_then(Value::as_str).filter(|e| FROM_AUDIT.contains(e)).map(str::to_owned) else {
+    let Some(kind) = obj
+        .get("event")
+        .and_then(Value::as_str)
+        .filter(|e| FROM_AUDIT.contains(e))
+        .map(str::to_owned)
+    else {
         return Derived::Skip;
     };
     let Some(key_id) = obj.get("key_id").and_then(Value::as_str).map(str::to_owned) else {
         return Derived::Skip;
     };
-    let time = obj.get("timestamp").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let time = obj
+        .get("timestamp")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let record = by_id.get(key_id.as_str()).copied();
     let settled = record.is_some_and(|r| match kind.as_str() {
         "key.revoked" | "key.rotation_completed" => r.revoked_at.is_some(),
@@ -478,7 +560,9 @@ fn from_audit(line: &str, by_id: &BTreeMap<&str, &KeyRecord>, now: i64) -> Deriv
     let key = match record {
         Some(r) => r.public_json(now),
         // Gone from the table (or never reached it): what the audit line says.
-        None => serde_json::json!({"id": key_id, "owner": obj.get("owner"), "hint": obj.get("hint")}),
+        None => {
+            serde_json::json!({"id": key_id, "owner": obj.get("owner"), "hint": obj.get("hint")})
+        }
     };
     for f in ["timestamp", "event", "key_id", "owner", "hint"] {
         obj.remove(f);
@@ -521,11 +605,16 @@ mod tests {
         let mut r = crate::keys::record::sample("key_a", Digest([1; 32]));
         let now = crate::clock::unix_secs();
         let line = serde_json::to_string(
-            &Event::new("key.revoked", "me").key(&r).with("reason", "leaked"),
+            &Event::new("key.revoked", "me")
+                .key(&r)
+                .with("reason", "leaked"),
         )
         .unwrap();
         let by_id = BTreeMap::from([("key_a", &r)]);
-        assert!(matches!(from_audit(&line, &by_id, now), Derived::Wait), "not revoked in the table yet");
+        assert!(
+            matches!(from_audit(&line, &by_id, now), Derived::Wait),
+            "not revoked in the table yet"
+        );
         r.revoked_at = Some(now);
         let by_id = BTreeMap::from([("key_a", &r)]);
         let Derived::Send(d) = from_audit(&line, &by_id, now) else {
@@ -536,7 +625,9 @@ mod tests {
         assert_eq!(d.key["state"], "revoked");
         assert!(d.key.get("digest").is_none() && d.key.get("mac").is_none());
         assert_eq!(d.data["reason"], "leaked");
-        let Derived::Send(again) = from_audit(&line, &by_id, now) else { panic!() };
+        let Derived::Send(again) = from_audit(&line, &by_id, now) else {
+            panic!()
+        };
         assert_eq!(d.id, again.id, "ids are derived, not random");
         let other = serde_json::to_string(&Event::new("table.applied", "gw")).unwrap();
         assert!(matches!(from_audit(&other, &by_id, now), Derived::Skip));

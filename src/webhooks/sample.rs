@@ -10,7 +10,9 @@ pub enum SampleError {
     Config(#[from] crate::config::ConfigError),
     #[error("unknown event {0:?}; known: {known}", known = EVENTS.join(", "))]
     Event(String),
-    #[error("{0} is not a configured [[webhooks]] url: pass --secret-env (and --ca-file for https://)")]
+    #[error(
+        "{0} is not a configured [[webhooks]] url: pass --secret-env (and --ca-file for https://)"
+    )]
     NoSecret(String),
     #[error("{0}")]
     Setup(String),

@@ -68,7 +68,10 @@ async fn exchange(
     let req = Request::post(ep.url.path_and_query().map_or("/", |p| p.as_str()))
         .header(header::HOST, authority.as_str())
         .header(header::CONTENT_TYPE, "application/json")
-        .header(header::USER_AGENT, concat!("keygate-webhooks/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("keygate-webhooks/", env!("CARGO_PKG_VERSION")),
+        )
         .header("keygate-delivery", id)
         .header("keygate-event", kind)
         .header(SIGNATURE_HEADER, signature(&ep.secret, t, &body))
