@@ -226,7 +226,7 @@ fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError
         actor: "gateway",
     };
     let queue = crate::webhooks::run::queue_path(&snap.keys.store);
-    crate::webhooks::run::spawn(endpoints, queue, host, metrics);
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, None);
     Ok(())
 }
 

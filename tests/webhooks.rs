@@ -774,3 +774,69 @@ fn report_counts_a_constructed_history() {
         "{text}"
     );
 }
+
+/// Two control planes on one Redis store both see a key cross a lead time; the `SET NX` mark
+/// in Redis lets one of them announce it: one `key.expiring` fleet-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_sharing_redis_announce_a_lead_time_once() {
+    let redis = common::redis::RedisServer::start();
+    let root = tempdir();
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let clock = root.path().join("clock");
+    let clock_env = clock.to_str().unwrap().to_owned();
+    let dirs: Vec<PathBuf> = (0..2).map(|i| root.path().join(format!("cp{i}"))).collect();
+    let cfgs: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| {
+            std::fs::create_dir_all(d).unwrap();
+            write_file(
+                d,
+                "keygate.toml",
+                &format!(
+                    "[keys]\nsource = \"redis\"\nstore = \"unused-keys.jsonl\"\naudit_log = \"audit.jsonl\"\n\n[redis]\nurl = \"{}\"\n\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n\n{}",
+                    redis.url(),
+                    hook(&rx.url(), &["key.expiring"], "")
+                ),
+            )
+        })
+        .collect();
+    let key = create_key(&cfgs[0], &["--expires-in", "30d"]);
+    let shown = json(
+        cli_ok(&cfgs[0], &["keys", "show", &key.id, "--json"])
+            .trim()
+            .as_bytes(),
+    );
+    let exp = shown["expires_at"].as_i64().unwrap();
+    set_clock(&clock, exp - 20 * 86_400);
+    let env = [
+        (HOOK_VAR, HOOK_SECRET),
+        ("KEYGATE_TEST_CLOCK_FILE", clock_env.as_str()),
+    ];
+    let _cp0 = ControlPlane::try_spawn_env(&cfgs[0], &env).await.unwrap();
+    let _cp1 = ControlPlane::try_spawn_env(&cfgs[1], &env).await.unwrap();
+    set_clock(&clock, exp - 14 * 86_400 + 60);
+    // Both have decided once the mark is in both queues (the loser records it too).
+    let mark = format!("expiring:{}:{exp}:{}", key.id, 14 * 86_400);
+    eventually_named("both control planes decided", DEADLINE, || async {
+        dirs.iter()
+            .all(|d| read_lossy(&d.join("unused-keys.jsonl.webhooks")).contains(&mark))
+            .then_some(())
+    })
+    .await;
+    // The mark and any delivery are written together: exactly one queue holds the notice.
+    let queued: Vec<bool> = dirs
+        .iter()
+        .map(|d| {
+            read_lossy(&d.join("unused-keys.jsonl.webhooks")).contains("\"type\":\"key.expiring\"")
+        })
+        .collect();
+    assert_eq!(queued.iter().filter(|q| **q).count(), 1, "{queued:?}");
+    eventually_named("the notice", DEADLINE, || async {
+        (!rx.of("key.expiring").is_empty()).then_some(())
+    })
+    .await;
+    let got = rx.of("key.expiring");
+    assert_eq!(got.len(), 1, "one notice fleet-wide: {got:?}");
+    assert!(got[0].verified);
+    assert_eq!(got[0].body["key"]["id"], key.id.as_str());
+}

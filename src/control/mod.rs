@@ -143,7 +143,9 @@ fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoi
         actor: "control-plane",
     };
     let queue = crate::webhooks::run::queue_path(&control.settings.store);
-    crate::webhooks::run::spawn(endpoints, queue, host, metrics);
+    // Control planes sharing Redis announce `key.expiring`/`key.stale` once between them.
+    let fleet_marks = control.redis.as_ref().map(|c| c.settings().clone());
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, fleet_marks);
 }
 
 #[derive(Debug, thiserror::Error)]

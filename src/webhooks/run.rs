@@ -33,6 +33,9 @@ const READ_CHUNK: u64 = 1 << 20;
 /// How long an audit event may wait for its record to reach this node's table (writers audit
 /// before they write the store) before it is sent with what the audit line says.
 const SETTLE_WAIT_SECS: i64 = 10;
+/// How long a fleet-wide mark lives in Redis (marks name the expiry or last use, so a later
+/// episode has a different mark).
+const MARK_TTL_SECS: i64 = 400 * 86_400;
 const ATTEMPT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -94,7 +97,13 @@ pub fn queue_path(store: &Path) -> PathBuf {
 /// audit cursor set to the log's end) before this returns, so whatever is audited after
 /// start-up is announced. Errors opening the queue (another process owns it) are logged and
 /// the sender does not run: one sender per queue.
-pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: WebhookMetrics) {
+pub fn spawn(
+    endpoints: Vec<Endpoint>,
+    queue: PathBuf,
+    host: Host,
+    metrics: WebhookMetrics,
+    fleet_marks: Option<crate::redis::Settings>,
+) {
     if endpoints.is_empty() {
         return;
     }
@@ -120,7 +129,12 @@ pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: Webh
                 Ok(rt) => rt,
                 Err(e) => return tracing::error!(error = %e, "cannot start the webhook sender"),
             };
+            // Its own client: connections belong to the runtime that opens them.
+            let fleet = fleet_marks.map(|settings| {
+                crate::redis::Client::new(settings, crate::metrics::Metrics::new(0).redis_metrics())
+            });
             let mut s = Sender {
+                fleet,
                 endpoints: endpoints.into_iter().map(Arc::new).collect(),
                 queue: q,
                 host,
@@ -135,6 +149,8 @@ pub fn spawn(endpoints: Vec<Endpoint>, queue: PathBuf, host: Host, metrics: Webh
 }
 
 struct Sender {
+    /// Marks shared by the fleet's control planes (`claim`), when they share Redis.
+    fleet: Option<Arc<crate::redis::Client>>,
     endpoints: Vec<Arc<Endpoint>>,
     queue: Queue,
     host: Host,
@@ -164,11 +180,11 @@ impl Sender {
             self.tail();
             if last_expiry.is_none_or(|t| t.elapsed() >= EXPIRY_EVERY) {
                 last_expiry = Some(Instant::now());
-                self.expiring();
+                self.expiring().await;
             }
             if last_stale.is_none_or(|t| t.elapsed() >= STALE_EVERY) {
                 last_stale = Some(Instant::now());
-                self.stale();
+                self.stale().await;
             }
             self.dispatch(&tx);
             self.metrics.queue_depth.set(self.queue.depth() as i64);
@@ -243,7 +259,7 @@ impl Sender {
     /// Keys that crossed a lead time: one `key.expiring` per key and lead time. When several
     /// lead times are crossed at once (a key created 3 days before its expiry), only the
     /// nearest fires and the longer ones are marked spent.
-    fn expiring(&mut self) {
+    async fn expiring(&mut self) {
         let eps = self.wanting("key.expiring");
         let leads: BTreeSet<i64> = eps
             .iter()
@@ -272,6 +288,9 @@ impl Sender {
                 continue;
             }
             marks.extend(crossed.iter().map(|l| mark(*l)));
+            if !self.claim(&mark(nearest)).await {
+                continue;
+            }
             let mut data = Map::new();
             data.insert(
                 "lead".into(),
@@ -326,7 +345,7 @@ impl Sender {
     }
 
     /// Active keys unused for `keys.stale_after`: one `key.stale` per key and last use.
-    fn stale(&mut self) {
+    async fn stale(&mut self) {
         if self.wanting("key.stale").is_empty() {
             return;
         }
@@ -349,6 +368,11 @@ impl Sender {
             if self.queue.marked(&mark) {
                 continue;
             }
+            let claimed = self.claim(&mark).await;
+            marks.push(mark);
+            if !claimed {
+                continue;
+            }
             let mut data = Map::new();
             data.insert(
                 "last_used".into(),
@@ -365,10 +389,33 @@ impl Sender {
                 key: r.public_json(now),
                 data,
             });
-            marks.push(mark);
         }
-        if !deliveries.is_empty() {
+        if !marks.is_empty() {
             self.enqueue(deliveries, marks, None);
+        }
+    }
+
+    /// Whether this node announces the event behind `mark`: always on its own; with fleet
+    /// marks (control planes sharing Redis), only the one whose `SET NX` wins. Redis down:
+    /// announce anyway (the derived id lets receivers drop a second copy) and say so.
+    async fn claim(&self, mark: &str) -> bool {
+        let Some(client) = &self.fleet else {
+            return true;
+        };
+        let key = format!("{}whm:{mark}", client.prefix());
+        let ttl = MARK_TTL_SECS.to_string();
+        let args: [&[u8]; 6] = [b"SET", key.as_bytes(), b"1", b"NX", b"EX", ttl.as_bytes()];
+        match client.call(&args).await {
+            Ok(crate::redis::resp::Value::Simple(ok)) if ok == "OK" => true,
+            Ok(crate::redis::resp::Value::Nil) => false,
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "unexpected reply claiming a webhook mark; announcing");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim a webhook mark in redis; announcing without fleet-wide dedupe");
+                true
+            }
         }
     }
 
