@@ -840,3 +840,101 @@ async fn control_planes_sharing_redis_announce_a_lead_time_once() {
     assert!(got[0].verified);
     assert_eq!(got[0].body["key"]["id"], key.id.as_str());
 }
+
+/// A key out of its calendar quota is announced once per quota window, not per refusal
+/// (needs `redis-server`: quotas live in Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_is_announced_once_per_window() {
+    let redis = common::redis::RedisServer::start();
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let tail = format!(
+        "{}\n[redis]\nurl = \"{}\"\n",
+        hook(&rx.url(), &["key.quota_exceeded", "key.canary_used"], ""),
+        redis.url()
+    );
+    let cfg = config(dir.path(), up.addr(), &tail);
+    let key = create_key(&cfg, &["--quota", "2/hour"]);
+    let canary = create_key(&cfg, &["--canary"]);
+    let gw = serve(&cfg, &[]).await;
+    let auth = format!("Bearer {}", key.key);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            get(gw.http, "/x", &[("authorization", auth.as_str())])
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+    // The canary's event is audited after any the refusals caused: once it is delivered,
+    // everything before it has been read.
+    let c = format!("Bearer {}", canary.key);
+    assert_eq!(
+        get(gw.http, "/x", &[("authorization", c.as_str())]).await.0,
+        401
+    );
+    eventually_named("canary marker", DEADLINE, || async {
+        (!rx.of("key.canary_used").is_empty()).then_some(())
+    })
+    .await;
+    let got = rx.of("key.quota_exceeded");
+    assert_eq!(got.len(), 1, "one per window: {got:?}");
+    assert!(got[0].verified);
+    assert_eq!(got[0].body["key"]["id"], key.id.as_str());
+    assert_eq!(got[0].body["data"]["limit"], 2);
+    assert_eq!(got[0].body["data"]["window_secs"], 3600);
+    assert_eq!(audit_events(dir.path(), "key.quota_exceeded").len(), 1);
+    assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
+}
+
+/// An unused key past `keys.stale_after` (controlled clock) is announced once, also across
+/// a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_stale_is_announced_once() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let cfg = config(
+        dir.path(),
+        up.addr(),
+        &hook(&rx.url(), &["key.stale", "key.created"], ""),
+    );
+    let clock = dir.path().join("clock");
+    let clock_env = clock.to_str().unwrap().to_owned();
+    let env = [("KEYGATE_TEST_CLOCK_FILE", clock_env.as_str())];
+    let key = create_key(&cfg, &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    set_clock(&clock, now + 91 * 86_400);
+    let stale_of = |rx: &Receiver| -> Vec<Got> {
+        rx.of("key.stale")
+            .into_iter()
+            .filter(|g| g.body["key"]["id"] == key.id.as_str())
+            .collect()
+    };
+    let gw = serve(&cfg, &env).await;
+    let g = eventually_named("key.stale", DEADLINE, || async {
+        stale_of(&rx).into_iter().next()
+    })
+    .await;
+    assert!(g.verified);
+    assert_eq!(g.body["data"]["stale_after_seconds"], 90 * 86_400);
+    assert_eq!(g.body["data"]["last_used"], Value::Null);
+    drop(gw);
+    let gw = serve(&cfg, &env).await;
+    // Delivered after the restart: the first loop, stale scan included, has run.
+    let marker = create_key(&cfg, &["--label", "marker=1"]);
+    eventually_named("marker", DEADLINE, || async {
+        rx.of("key.created")
+            .iter()
+            .any(|g| g.body["key"]["id"] == marker.id.as_str())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(stale_of(&rx).len(), 1, "not repeated after the restart");
+    assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
+}
