@@ -938,3 +938,69 @@ async fn key_stale_is_announced_once() {
     assert_eq!(stale_of(&rx).len(), 1, "not repeated after the restart");
     assert_no_plaintext(dir.path(), &rx, &gw, &key.key);
 }
+
+/// A rotation that completes by itself (`--complete-when-idle`) is announced with the old
+/// key's record, revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_completing_by_itself_is_announced() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(
+            up.addr(),
+            1000,
+            "",
+            "",
+            &format!(
+                "[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\n\n{}",
+                hook(&rx.url(), &["key.rotation_completed"], "")
+            ),
+        )
+        .replace(
+            "poll_interval_ms = 50",
+            "poll_interval_ms = 50\nrotation_check_seconds = 1",
+        ),
+    );
+    let old = create_key(&cfg, &[]);
+    let gw = serve(&cfg, &[]).await;
+    let new = json(
+        cli_ok(
+            &cfg,
+            &[
+                "keys",
+                "rotate",
+                &old.id,
+                "--grace",
+                "1d",
+                "--complete-when-idle",
+                "1s",
+                "--json",
+            ],
+        )
+        .trim()
+        .as_bytes(),
+    );
+    let new_key = new["key"].as_str().unwrap().to_owned();
+    let auth = format!("Bearer {new_key}");
+    eventually_named("successor served", DEADLINE, || async {
+        (get(gw.http, "/x", &[("authorization", auth.as_str())])
+            .await
+            .0
+            == 200)
+            .then_some(())
+    })
+    .await;
+    let g = eventually_named("key.rotation_completed", DEADLINE, || async {
+        rx.of("key.rotation_completed").into_iter().next()
+    })
+    .await;
+    assert!(g.verified);
+    assert_eq!(g.body["key"]["id"], old.id.as_str());
+    assert_eq!(g.body["key"]["state"], "revoked", "{}", g.body);
+    assert_eq!(g.body["data"]["successor_id"], new["id"]);
+    assert_no_plaintext(dir.path(), &rx, &gw, &old.key);
+    assert_no_plaintext(dir.path(), &rx, &gw, &new_key);
+}
