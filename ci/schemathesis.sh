@@ -14,6 +14,8 @@
 #   the same 403; the gateways' usage reports exercise it.
 # - POST /v1/api-keys/{id}/redigest (redigestKey) is redigest-role only: the main run (write
 #   token) leaves it out and a second, short run fuzzes it with a redigest token.
+# - POST /v1/events: feed-role only for the same reason; tests/webhooks.rs relays through it
+#   end to end (a feed gateway's canary event delivered by the control plane).
 # - DELETE /v1/admin-tokens/{id} (revokeAdminToken): the stateful phase takes ids from
 #   GET /v1/admin-tokens and revokes this script's own token, after which every operation is
 #   a 401 and nothing else gets fuzzed; tests/control.rs covers it end to end.
@@ -131,6 +133,7 @@ cd "$WORK"
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --exclude-path /v1/feed \
   --exclude-path /v1/usage \
+  --exclude-path /v1/events \
   --exclude-operation-id revokeAdminToken \
   --exclude-operation-id redigestKey \
   --max-examples "$MAX_EXAMPLES" \

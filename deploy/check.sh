@@ -69,9 +69,18 @@ KNOWN = {
     # keygate control (its own registry, src/control/metrics.rs)
     "keygate_control_requests_total", "keygate_control_store_errors_total",
     "keygate_control_store_revision", "keygate_control_feed_subscribers",
+    # governance figures and webhooks (src/governance.rs, src/webhooks/run.rs)
+    "keygate_governance_rotations", "keygate_governance_rotation_success_ratio",
+    "keygate_governance_rotation_median_seconds",
+    "keygate_governance_keys_ttl_within_policy_ratio", "keygate_governance_stale_keys",
+    "keygate_governance_canary_alarms",
+    "keygate_governance_canary_to_revocation_median_seconds",
+    "keygate_webhook_deliveries_total", "keygate_webhook_attempt_duration_seconds",
+    "keygate_webhook_queue_depth",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
-        "keygate_propagation_seconds", "keygate_redis_command_seconds")
+        "keygate_propagation_seconds", "keygate_redis_command_seconds",
+        "keygate_webhook_attempt_duration_seconds")
 errors = []
 
 def metric_names(expr):
@@ -110,7 +119,7 @@ if len(ids) != len(set(ids)):
     errors.append("duplicate panel ids")
 rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
 want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops", "Fleet (Redis)",
-        "Control plane"]
+        "Control plane", "Governance & webhooks"]
 if rows != want:
     errors.append(f"rows {rows} != {want}")
 

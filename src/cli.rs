@@ -52,6 +52,48 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Send one signed sample delivery to URL now (not queued); exit 1 unless it answers 2xx.
+    Test {
+        /// The receiver: a configured [[webhooks]] url (its secret and CA are used), or any
+        /// URL with --secret-env.
+        url: String,
+        /// Event type of the sample.
+        #[arg(long, default_value = "key.revoked")]
+        event: String,
+        /// Env var holding the signing secret (≥ 32 bytes), for a URL not in the config.
+        #[arg(long)]
+        secret_env: Option<String>,
+        /// PEM CA bundle for an https:// URL not in the config.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// `keygate webhooks …`.
+pub fn run_webhooks(config: &Config, cmd: WebhooksCommand) -> Result<(), Failure> {
+    match cmd {
+        WebhooksCommand::Test {
+            url,
+            event,
+            secret_env,
+            ca_file,
+        } => {
+            let (id, status) = crate::webhooks::sample::run(
+                config,
+                &url,
+                &event,
+                secret_env.as_deref(),
+                ca_file.as_deref(),
+            )?;
+            out(&format!(
+                "delivered {event} sample {id} to {url}: HTTP {status}"
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
     Serve,
@@ -90,6 +132,16 @@ pub enum Command {
         /// Admin (metrics, health) listen address.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: String,
+    },
+    /// Webhook receivers: send a signed sample delivery.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// Governance figures from the store and the audit log: rotation success and time, TTL
+    /// within policy, stale keys found and removed, canary alarm to revocation.
+    Report {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]
@@ -891,7 +943,7 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 /// Usage of `ids`: fleet-wide from Redis when `[redis]` is configured, else the usage file.
-fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
+pub fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
     let Ok(Some(redis)) = crate::redis::Settings::from_config(config) else {
         return crate::usage::read(&settings.usage_file);
     };

@@ -105,6 +105,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Signed notifications of key events (`webhooks`).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
     /// The directory the config file lives in; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -145,6 +148,49 @@ pub static ENV_OVERRIDES: [EnvOverride; 3] = [
         slot: |c| &mut c.control.listen,
     },
 ];
+
+/// One `[[webhooks]]` receiver (validated by `webhooks::Endpoint::from_config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `https://` URL (`http://` only to a loopback address).
+    pub url: String,
+    /// Event types delivered, e.g. `["key.revoked", "key.expiring"]`.
+    pub events: Vec<String>,
+    /// Env var holding the signing secret (≥ 32 bytes).
+    pub secret_env: String,
+    /// When `key.expiring` fires before expiry, e.g. `["14d", "7d", "1d"]` (the default).
+    #[serde(default = "default_lead_times")]
+    pub lead_times: Vec<String>,
+    /// How long a delivery is retried before it is given up, e.g. "24h" (the default).
+    #[serde(default = "default_retry_for")]
+    pub retry_for: String,
+    /// First retry delay, ms; doubles per attempt (with jitter), capped at 10 minutes.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Per attempt: connect, TLS and response within this, ms.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// PEM CA bundle that signs the receiver's certificate (needed for `https://`: keygate
+    /// ships no public root store).
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_lead_times() -> Vec<String> {
+    vec!["14d".into(), "7d".into(), "1d".into()]
+}
+
+fn default_retry_for() -> String {
+    "24h".into()
+}
+
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    5000
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

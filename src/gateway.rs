@@ -41,6 +41,9 @@ pub struct Gateway {
     pub sinks: Arc<crate::access::Sinks>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Per key lineage, until when its `key.quota_exceeded` has been announced (the quota
+    /// window's end): one event per key and window, not one per refused request.
+    quota_alarms: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// Most key ids one `auth.denied` summary names; beyond it attempts still count by reason.
@@ -130,6 +133,7 @@ impl Gateway {
             trace_ids: crate::trace::IdSource::new().sampling_new_traces(sinks.records_spans()),
             sinks: Arc::new(sinks),
             denied_keys: Default::default(),
+            quota_alarms: Default::default(),
         })
     }
 
@@ -237,6 +241,23 @@ impl Gateway {
             .lock()
             .map(|mut m| std::mem::take(&mut *m))
             .unwrap_or_default()
+    }
+
+    /// True the first time `lineage` exceeds its quota in the window ending `reset_secs` from
+    /// `now` (then `key.quota_exceeded` is audited). Bounded: past `MAX_DENIED_KEYS` lineages
+    /// the map starts over, which at worst repeats an event.
+    pub fn quota_alarm(&self, lineage: &str, now: i64, reset_secs: u64) -> bool {
+        let Ok(mut m) = self.quota_alarms.lock() else {
+            return false;
+        };
+        if m.get(lineage).is_some_and(|until| now < *until) {
+            return false;
+        }
+        if m.len() >= MAX_DENIED_KEYS {
+            m.clear();
+        }
+        m.insert(lineage.to_owned(), now + reset_secs.max(1) as i64);
+        true
     }
 
     /// Queue an audit event; never blocks the caller. A full queue drops and counts.

@@ -99,6 +99,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(&cli.config)?, cmd),
         Command::Store(cmd) => keygate::cli::run_store(&Config::load(&cli.config)?, cmd),
         Command::Check { json } => check(&cli.config, json),
+        Command::Webhooks(cmd) => keygate::cli::run_webhooks(&Config::load(&cli.config)?, cmd),
+        Command::Report { json } => {
+            keygate::governance::run_report(&Config::load(&cli.config)?, json)
+        }
         Command::Health { addr, timeout } => health(&cli.config, addr, &timeout),
         Command::Completions { shell } => {
             let mut script = Vec::new();

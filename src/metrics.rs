@@ -338,6 +338,11 @@ impl Metrics {
     }
 
     /// The text exposition of every collector.
+    /// For series registered by other modules (webhooks, governance).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

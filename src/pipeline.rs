@@ -659,8 +659,28 @@ fn record(
         Outcome::RateLimited | Outcome::QuotaExceeded => {
             let plan = plan_label(snap, ctx.key.as_deref());
             gw.metrics.rate_limited.with_label_values(&[plan]).inc();
+            if outcome == Outcome::QuotaExceeded {
+                quota_exceeded(gw, ctx);
+            }
         }
         _ => {}
+    }
+}
+
+/// A key ran out of quota: audited once per key and quota window (webhook
+/// `key.quota_exceeded`), not once per refused request.
+fn quota_exceeded(gw: &Gateway, ctx: &Ctx) {
+    let (Some(k), Some(v)) = (&ctx.key, &ctx.verdict) else {
+        return;
+    };
+    if gw.quota_alarm(&k.lineage, crate::clock::unix_secs(), v.reset_secs) {
+        gw.audit(
+            Event::new("key.quota_exceeded", "gateway")
+                .key(k)
+                .with("limit", v.limit)
+                .with("window_secs", v.window_secs)
+                .with("reset_secs", v.reset_secs),
+        );
     }
 }
 

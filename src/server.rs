@@ -191,6 +191,52 @@ impl Shutdown {
     }
 }
 
+/// The webhook sender and governance gauges of a single node (file store). Gateways of a fleet (feed or Redis
+/// store) leave sending to the control plane, which sees every change once.
+fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError> {
+    let snap = gw.snapshot();
+    let endpoints = crate::webhooks::endpoints(&snap.config)?;
+    if !single_node {
+        if !endpoints.is_empty() {
+            tracing::warn!("[[webhooks]] ignored: in a fleet the control plane sends webhooks");
+        }
+        return Ok(());
+    }
+    let (table, local) = (gw.clone(), gw.clone());
+    let usage_file = snap.keys.usage_file.clone();
+    let records: crate::webhooks::run::Records = Arc::new(move || table.table().records());
+    let usage: crate::webhooks::run::UsageFn = Arc::new(move || {
+        let mut u = crate::usage::read(&usage_file);
+        for (id, mine) in local.usage.snapshot() {
+            u.entry(id).or_default().merge(&mine);
+        }
+        u
+    });
+    // The governance figures come from the same place as the events: the node's audit log.
+    crate::governance::spawn(
+        gw.metrics.registry(),
+        records.clone(),
+        usage.clone(),
+        snap.keys.audit_log.clone(),
+        snap.keys.policy.clone(),
+        snap.keys.stale_after_secs,
+    );
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    let metrics = crate::webhooks::run::WebhookMetrics::register(gw.metrics.registry());
+    let host = crate::webhooks::run::Host {
+        records,
+        usage,
+        audit: crate::audit::AuditLog::new(snap.keys.audit_log.clone()),
+        stale_after_secs: snap.keys.stale_after_secs,
+        actor: "gateway",
+    };
+    let queue = crate::webhooks::run::queue_path(&snap.keys.store);
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, None);
+    Ok(())
+}
+
 /// Load config, start every listener and background task. Used by `serve` and `demo`.
 pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown), ServeError> {
     let config = Config::load(config_path)?;
@@ -218,6 +264,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         f.client().spawn_health();
     }
     let redis_store = gw.snapshot().keys.redis_store.clone();
+    let single_node = file_source && redis_store.is_none();
     match feed {
         None if redis_store.is_some() => {
             if let Some(settings) = redis_store {
@@ -236,6 +283,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         )?,
         Some(f) => {
             crate::sync::feed::spawn(gw.clone(), f.clone());
+            crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f.clone());
             crate::sync::feed::spawn_usage_reports(gw.clone(), f);
         }
     }
@@ -320,6 +368,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
     let admin_addr = admin_l.local_addr()?;
     tokio::spawn(admin_loop(admin_l, gw.clone(), rx.clone()));
+    start_webhooks(&gw, single_node)?;
     if file_source {
         // A gateway following a feed knows only its own traffic: the control plane completes
         // rotations in a fleet (`rotations`).

@@ -102,6 +102,9 @@ impl Snapshot {
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
         crate::access::validate(&c)?;
+        // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
+        // `serve` and a reload refuse a bad entry the same way.
+        crate::webhooks::endpoints(&c)?;
         let mut plans = HashMap::new();
         for (name, p) in &c.plans {
             plans.insert(

@@ -155,7 +155,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["v1", "openapi.yaml"] | ["v1", "feed"] => Some("GET"),
-        ["v1", "usage"] | ["v1", "api-keys", "revoke"] => Some("POST"),
+        ["v1", "usage"] | ["v1", "events"] | ["v1", "api-keys", "revoke"] => Some("POST"),
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
         ["v1", "api-keys", _, "rotate"]
@@ -345,6 +345,10 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             .await;
             Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
         }
+        (Method::POST, ["v1", "events"]) => {
+            authorize(c, &req, Role::Feed)?;
+            relayed_events(c, req).await
+        }
         (Method::GET, ["v1", "api-keys"]) => {
             authorize(c, &req, Role::Read)?;
             list(c, req.uri().query()).await
@@ -504,6 +508,42 @@ where
             )
         })?
         .map_err(ApiError::from)
+}
+
+/// `POST /v1/events`: events a gateway relays (`webhooks::relay`), written to the control
+/// plane's audit log, from which its webhook sender delivers them.
+async fn relayed_events(
+    c: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_json(c, req).await?;
+    reject_unknown(&body, &["node", "events"])?;
+    let node: String = optional_string(&body, "node")?
+        .unwrap_or_else(|| "unknown".into())
+        .chars()
+        .take(128)
+        .collect();
+    let records = c.feed.latest();
+    let (events, ignored) = crate::webhooks::relay::audit_events(&body, &node, |id| {
+        records.iter().find(|r| r.id == id).cloned()
+    })
+    .map_err(|m| err(StatusCode::BAD_REQUEST, "invalid_request", m))?;
+    let accepted = events.len();
+    let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
+    match tokio::task::spawn_blocking(move || audit.append(&events)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            return Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot write the audit log",
+            ))
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"accepted": accepted, "ignored": ignored}),
+    ))
 }
 
 /// A record as the API shows it, with its fleet-wide usage (`Control::usage_of`).

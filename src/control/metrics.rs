@@ -75,6 +75,11 @@ impl ControlMetrics {
         self
     }
 
+    /// For series registered by other modules (webhooks, governance).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(4096);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -98,6 +103,7 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (_, ["v1", "openapi.yaml"]) => "openapi",
         (_, ["v1", "feed"]) => "feed",
         (_, ["v1", "usage"]) => "usage",
+        (_, ["v1", "events"]) => "events",
         (&Method::GET, ["v1", "api-keys"]) => "list",
         (&Method::POST, ["v1", "api-keys"]) => "create",
         (_, ["v1", "api-keys", "revoke"]) => "mass_revoke",

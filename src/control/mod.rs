@@ -117,6 +117,37 @@ impl Control {
     }
 }
 
+/// The governance gauges and the fleet's one webhook sender: the control plane sees every change (its API, the CLI on
+/// its store, rotation completions) and the events gateways relay (`webhooks::relay`).
+fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoint>) {
+    let (table, merged) = (control.clone(), control.clone());
+    let records: crate::webhooks::run::Records = Arc::new(move || table.feed.latest());
+    let usage: crate::webhooks::run::UsageFn = Arc::new(move || merged.merged_usage());
+    crate::governance::spawn(
+        control.metrics.registry(),
+        records.clone(),
+        usage.clone(),
+        control.settings.audit_log.clone(),
+        control.settings.policy.clone(),
+        control.settings.stale_after_secs,
+    );
+    if endpoints.is_empty() {
+        return;
+    }
+    let metrics = crate::webhooks::run::WebhookMetrics::register(control.metrics.registry());
+    let host = crate::webhooks::run::Host {
+        records,
+        usage,
+        audit: AuditLog::new(&control.settings.audit_log),
+        stale_after_secs: control.settings.stale_after_secs,
+        actor: "control-plane",
+    };
+    let queue = crate::webhooks::run::queue_path(&control.settings.store);
+    // Control planes sharing Redis announce `key.expiring`/`key.stale` once between them.
+    let fleet_marks = control.redis.as_ref().map(|c| c.settings().clone());
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, fleet_marks);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(transparent)]
@@ -139,6 +170,7 @@ pub async fn start(
 ) -> Result<(SocketAddr, Arc<Control>, tokio::task::JoinHandle<()>), ControlError> {
     let config = Config::load(config_path)?;
     let settings = KeySettings::from_config(&config)?;
+    let webhooks = crate::webhooks::endpoints(&config)?;
     // The control plane owns the log: a fresh deployment starts from an empty one (gateways,
     // by contrast, fail closed on a missing store). A legacy unsigned file is signed in place,
     // an empty store gets its log id, and a file restored while the control plane was down
@@ -228,6 +260,7 @@ pub async fn start(
         None => None,
     };
     tokio::spawn(crate::rotations::run_on_control(control.clone()));
+    start_webhooks(&control, webhooks);
     let c = control.clone();
     let task = tokio::spawn(async move {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -807,6 +807,21 @@ pub fn lock_beside(path: &Path) -> io::Result<File> {
     Ok(lock)
 }
 
+/// Like `lock_beside`, but without waiting: `None` when another process holds the lock (a
+/// file only one process may own, such as the webhook queue).
+pub fn lock_beside_nowait(path: &Path) -> io::Result<Option<File>> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(sibling(path, ".lock"))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some(lock)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Replace `path` with `bytes` atomically: a temp file in the same directory, fsync, rename,
 /// fsync the directory. A crash leaves the old file or the new one, never a mix; the temp file
 /// is removed on failure. Used for every file keygate rewrites whole.
