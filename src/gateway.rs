@@ -35,6 +35,8 @@ pub struct Gateway {
     boot_id: u32,
     /// New W3C trace and span ids (no syscall per request).
     pub trace_ids: crate::trace::IdSource,
+    /// Public keys of short-lived tokens (built once, from the first config, like Redis).
+    pub tokens: Arc<crate::tokens::verifier::Verifier>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -102,7 +104,11 @@ impl Gateway {
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
+        let tokens = Arc::new(crate::tokens::verifier::Verifier::new(
+            snapshot.tokens.jwks.clone(),
+        ));
         Arc::new(Gateway {
+            tokens,
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),

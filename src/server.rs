@@ -232,6 +232,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
 
+    crate::tokens::verifier::spawn_refresh(gw.tokens.clone(), gw.snapshot().tokens.jwks_refresh);
+
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));
     let caps = Arc::new(ConnCaps {

@@ -29,6 +29,8 @@ pub struct Route {
     pub max_body_bytes: u64,
     pub methods: Vec<Method>,
     pub series: RouteSeries,
+    /// The token audience this route accepts (`accept_tokens`); None: tokens are refused.
+    pub accept_tokens: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub struct Snapshot {
     pub max_staleness: Duration,
     pub on_stale: OnStale,
     pub touch_interval: Duration,
+    /// `[tokens]`: how this gateway gets the public keys of short-lived tokens.
+    pub tokens: crate::tokens::TokenSettings,
     pub config: Config,
 }
 
@@ -259,6 +263,7 @@ impl Snapshot {
                 max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
                 methods,
                 series: metrics.route_series(&r.name),
+                accept_tokens: r.accept_tokens.as_ref().map(|a| a.audience.clone()),
             });
         }
 
@@ -363,7 +368,9 @@ impl Snapshot {
                 ))
             }
         };
+        let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
         Ok(Snapshot {
+            tokens,
             feed,
             keys,
             router: Router::new(specs),

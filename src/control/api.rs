@@ -1,6 +1,6 @@
 //! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
-//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports)
-//! and `/v1/openapi.yaml`. Every error is
+//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
+//! `/v1/tokens` and `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -53,7 +53,7 @@ pub struct ApiError {
     allow: Option<&'static str>,
 }
 
-fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
     ApiError {
         status,
         code,
@@ -109,7 +109,7 @@ impl From<super::tokens::TokenError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -161,6 +161,8 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "api-keys", _, "usage"] => Some("GET"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
+        ["v1", "tokens"] => Some("POST"),
+        ["v1", "jwks"] => Some("GET"),
         _ => None,
     }
 }
@@ -284,6 +286,8 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             );
             Ok(r)
         }
+        (Method::POST, ["v1", "tokens"]) => super::exchange::exchange(c, req).await,
+        (Method::GET | Method::HEAD, ["v1", "jwks"]) => super::exchange::jwks(c),
         (Method::GET, ["v1", "feed"]) => {
             authorize(c, &req, Role::Feed)?;
             feed(c, req.uri().query())
@@ -524,7 +528,10 @@ async fn read_json_optional(
     parse_object(&bytes)
 }
 
-async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+pub(super) async fn read_json(
+    c: &Control,
+    req: Request<Incoming>,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = read_body(c, req).await?;
     parse_object(&bytes)
 }
@@ -557,7 +564,7 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+pub(super) fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
     match body.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(err(
             StatusCode::BAD_REQUEST,
@@ -568,7 +575,10 @@ fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), Api
     }
 }
 
-fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn optional_string(
+    body: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -580,7 +590,10 @@ fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<Stri
     }
 }
 
-fn string_list(body: &Map<String, Value>, field: &str) -> Result<Option<Vec<String>>, ApiError> {
+pub(super) fn string_list(
+    body: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<Vec<String>>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| {
@@ -627,7 +640,7 @@ fn labels(body: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>,
 /// Longest duration the API accepts (1000 years): beyond it `now + secs` could overflow.
 const MAX_DURATION_SECS: u64 = 1000 * 366 * 86_400;
 
-fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
+pub(super) fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
     let d = crate::config::parse_duration(s).map_err(|m| {
         err(
             StatusCode::BAD_REQUEST,
