@@ -35,8 +35,8 @@ pub enum JwksError {
 pub struct Verifier {
     source: Option<JwksSource>,
     keys: ArcSwap<HashMap<String, [u8; 32]>>,
-    /// When keys were last fetched (or tried); the lock makes refreshes single-flight.
-    last: tokio::sync::Mutex<Option<Instant>>,
+    /// When an unknown kid last caused a fetch; the lock makes refreshes single-flight.
+    last_on_demand: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -52,7 +52,7 @@ impl Verifier {
         Verifier {
             source,
             keys: ArcSwap::from_pointee(HashMap::new()),
-            last: tokio::sync::Mutex::new(None),
+            last_on_demand: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -67,8 +67,7 @@ impl Verifier {
 
     /// Fetch the keys and replace the held set; a failure keeps it.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
-        let mut last = self.last.lock().await;
-        *last = Some(Instant::now());
+        let _single = self.last_on_demand.lock().await;
         self.fetch_and_swap().await
     }
 
@@ -85,10 +84,11 @@ impl Verifier {
         Ok(n)
     }
 
-    /// A refresh for a token naming `kid` we do not hold: skipped when another request just
-    /// refreshed (its result is what we would get) or when the last try is under a second old.
+    /// A refresh for a token naming `kid` we do not hold: skipped when another refresh just
+    /// brought it, or when an unknown kid already caused one less than a second ago (random
+    /// kids cannot turn traffic into JWKS fetches).
     async fn refresh_for(&self, kid: &str) {
-        let mut last = self.last.lock().await;
+        let mut last = self.last_on_demand.lock().await;
         if self.keys.load().contains_key(kid) || last.is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP)
         {
             return;
