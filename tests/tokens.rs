@@ -644,3 +644,38 @@ targets = ["{up}"]
         gw.assert_not_logged(secret);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_share_their_keys_rate_limit() {
+    let n = Node::start().await;
+    // One request an hour (a bucket of one): whoever spends it, key or token, the other waits.
+    let key = create_key(&n.cp_cfg, &["--scope", "invoices:read", "--rate", "1/h"]);
+    until_mintable(n.cp.addr, &key.key).await;
+    let token = n.token(&key.key, json!({"audience": "billing"})).await;
+    let second = n.token(&key.key, json!({"audience": "billing"})).await;
+    // The first answer that is not 401 (the gateway has the key) spends the bucket.
+    let first = eventually_named("gateway knows the key", READY, || {
+        let t = token.clone();
+        let addr = n.gw.http;
+        async move {
+            let s = call(addr, "/invoices/1", &t).await.0;
+            (s != 401).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(first, 200);
+    let (s, h, _) = get(
+        n.gw.http,
+        "/invoices/1",
+        &[("authorization", &format!("Bearer {}", key.key))],
+    )
+    .await;
+    assert_eq!(s, 429, "the key pays for its token's request");
+    assert_eq!(h.get("ratelimit-remaining").unwrap(), "0");
+    assert_eq!(call(n.gw.http, "/invoices/1", &second).await.0, 429);
+    // Another key's tokens are not affected.
+    let other = n.key(&["invoices:read"]);
+    n.until_known(&other.key).await;
+    let t = n.token(&other.key, json!({"audience": "billing"})).await;
+    assert_eq!(call(n.gw.http, "/invoices/1", &t).await.0, 200);
+}
