@@ -504,8 +504,12 @@ pub struct TokensConfig {
     /// Lifetime when the request names none, e.g. "5m".
     pub default_ttl: String,
     /// Ed25519 signing keys (private), written by `keygate tokens keygen` / `rotate`; read
-    /// only by the control plane, which mints (gateways hold public keys only).
+    /// by whoever mints: the control plane, or a gateway with `issue = true`.
     pub signing_keys: PathBuf,
+    /// This gateway mints tokens itself (`POST /v1/tokens` on its own listener) and verifies
+    /// them with its own signing keys: for a single node without a control plane. Off by
+    /// default: gateways hold public keys only.
+    pub issue: bool,
     /// JWKS a gateway verifies with; default: `/v1/jwks` of the control plane in `keys.feed_url`.
     pub jwks_url: Option<String>,
     /// Or a JWKS file (`keygate tokens jwks > FILE`), re-read on every refresh.
@@ -521,6 +525,7 @@ impl Default for TokensConfig {
             max_ttl: "15m".into(),
             default_ttl: "5m".into(),
             signing_keys: "token-signing-keys.json".into(),
+            issue: false,
             jwks_url: None,
             jwks_file: None,
             jwks_refresh: "60s".into(),

@@ -37,6 +37,9 @@ pub struct Gateway {
     pub trace_ids: crate::trace::IdSource,
     /// Public keys of short-lived tokens (built once, from the first config, like Redis).
     pub tokens: Arc<crate::tokens::verifier::Verifier>,
+    /// Signing keys when this gateway mints tokens (`[tokens] issue = true`), from the first
+    /// config like `tokens`.
+    pub broker: Option<Arc<crate::tokens::broker::Broker>>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -107,8 +110,13 @@ impl Gateway {
         let tokens = Arc::new(crate::tokens::verifier::Verifier::new(
             snapshot.tokens.jwks.clone(),
         ));
+        let broker = snapshot
+            .tokens
+            .issue
+            .then(|| Arc::new(crate::tokens::broker::Broker::new(snapshot.tokens.clone())));
         Arc::new(Gateway {
             tokens,
+            broker,
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),

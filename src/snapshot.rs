@@ -369,6 +369,7 @@ impl Snapshot {
             }
         };
         let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
+        tokens.check_issuer(&c)?;
         Ok(Snapshot {
             tokens,
             feed,

@@ -679,3 +679,106 @@ async fn tokens_share_their_keys_rate_limit() {
     let t = n.token(&other.key, json!({"audience": "billing"})).await;
     assert_eq!(call(n.gw.http, "/invoices/1", &t).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_configured_to_issue_mints_and_verifies_alone() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let tail = format!(
+        "[tokens]\nissue = true\nmax_ttl = \"10m\"\n\n[limits]\nauth_failures_per_minute = 100000\n{}",
+        routes()
+    );
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(up.addr(), 100_000, "", "", &tail),
+    );
+    // Without its signing keys a gateway configured to issue does not start.
+    let err = Gateway::try_spawn(&cfg, SECRET_ENV).await.err().unwrap();
+    assert!(err.contains("tokens.signing_keys"), "{err}");
+    cli_ok(&cfg, &["tokens", "keygen"]);
+    let key = create_key(&cfg, &["--scope", "invoices:read"]);
+    let gw = spawn_ready(&cfg, &[DEBUG_LOG], READY).await;
+    until_status(gw.http, "/plain/1", &key.key, 200).await;
+
+    let (s, v) = exchange(
+        gw.http,
+        &key.key,
+        json!({"audience": "billing", "ttl": "5m"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(call(gw.http, "/invoices/1", &token).await.0, 200);
+    assert_eq!(call(gw.http, "/plain/1", &token).await.0, 401);
+    let (s, v) = exchange(
+        gw.http,
+        &key.key,
+        json!({"audience": "billing", "ttl": "11m"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
+    let (s, v) = exchange(
+        gw.http,
+        &key.key,
+        json!({"audience": "billing", "scopes": ["x:y"]}),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("scope_denied")), "{v}");
+    let (s, v) = exchange(gw.http, &token, json!({"audience": "billing"})).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{v}"
+    );
+    let (s, h, _) = get(gw.http, "/v1/tokens", &[]).await;
+    assert_eq!(
+        (s, h.get("allow").unwrap().to_str().unwrap()),
+        (405, "POST")
+    );
+
+    // Rotation on the node itself: the new kid is read from its own key file on first use.
+    let new_kid = cli_ok(&cfg, &["tokens", "rotate"]).trim().to_owned();
+    let (s, v) = exchange(gw.http, &key.key, json!({"audience": "billing"})).await;
+    assert_eq!(s, 201, "{v}");
+    let newer = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(header_of(&newer)["kid"], new_kid.as_str());
+    assert_eq!(call(gw.http, "/invoices/1", &newer).await.0, 200);
+    assert_eq!(call(gw.http, "/invoices/1", &token).await.0, 200);
+
+    cli_ok(&cfg, &["keys", "revoke", &key.id, "--reason", "leaked"]);
+    until_status(gw.http, "/invoices/1", &token, 401).await;
+    assert_eq!(call(gw.http, "/invoices/1", &newer).await.0, 401);
+    let (s, _) = exchange(gw.http, &key.key, json!({"audience": "billing"})).await;
+    assert_eq!(s, 401);
+
+    // The audit writer is asynchronous on a gateway: poll for both mints.
+    let audit_path = dir.path().join("audit.jsonl");
+    eventually_named("two token.issued lines", READY, || {
+        let p = audit_path.clone();
+        async move { (read_lossy(&p).matches("\"token.issued\"").count() == 2).then_some(()) }
+    })
+    .await;
+    for secret in [&key.key, &token, &newer] {
+        assert_nowhere(dir.path(), &up, secret);
+        gw.assert_not_logged(secret);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_does_not_issue_has_no_exchange() {
+    let n = Node::start().await;
+    let key = n.key(&["invoices:read"]);
+    n.until_known(&key.key).await;
+    // /v1/tokens is not special on a gateway without `issue`: no route matches it.
+    let (s, v) = exchange(n.gw.http, &key.key, json!({"audience": "billing"})).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("route_not_found")),
+        "{v}"
+    );
+}

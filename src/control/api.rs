@@ -528,15 +528,12 @@ async fn read_json_optional(
     parse_object(&bytes)
 }
 
-pub(super) async fn read_json(
-    c: &Control,
-    req: Request<Incoming>,
-) -> Result<Map<String, Value>, ApiError> {
+async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
     let bytes = read_body(c, req).await?;
     parse_object(&bytes)
 }
 
-async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = c.config.control.max_body_bytes;
     Limited::new(req.into_body(), limit)
         .collect()
@@ -564,7 +561,7 @@ fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-pub(super) fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
     match body.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(err(
             StatusCode::BAD_REQUEST,
@@ -575,10 +572,7 @@ pub(super) fn reject_unknown(body: &Map<String, Value>, allowed: &[&str]) -> Res
     }
 }
 
-pub(super) fn optional_string(
-    body: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<String>, ApiError> {
+fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -590,10 +584,7 @@ pub(super) fn optional_string(
     }
 }
 
-pub(super) fn string_list(
-    body: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<Vec<String>>, ApiError> {
+fn string_list(body: &Map<String, Value>, field: &str) -> Result<Option<Vec<String>>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|_| {
@@ -640,7 +631,7 @@ fn labels(body: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>,
 /// Longest duration the API accepts (1000 years): beyond it `now + secs` could overflow.
 const MAX_DURATION_SECS: u64 = 1000 * 366 * 86_400;
 
-pub(super) fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
+fn secs(s: &str, field: &str) -> Result<i64, ApiError> {
     let d = crate::config::parse_duration(s).map_err(|m| {
         err(
             StatusCode::BAD_REQUEST,

@@ -10,21 +10,15 @@
 use super::api::{self, ApiError, Body};
 use super::Control;
 use crate::keys::table::AuthError;
-use crate::tokens::broker::{self, MintError, MintRequest};
+use crate::tokens::broker::{self, MintError};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{json, Value};
 use std::sync::Arc;
 
 impl From<MintError> for ApiError {
     fn from(e: MintError) -> ApiError {
-        let (status, code) = match &e {
-            MintError::Audience | MintError::TtlTooLong { .. } | MintError::TtlTooShort => {
-                (StatusCode::BAD_REQUEST, "invalid_request")
-            }
-            MintError::ScopeNotHeld(_) => (StatusCode::FORBIDDEN, "scope_denied"),
-            MintError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "tokens_unavailable"),
-        };
+        let (status, code) = e.status_code();
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
         api::err(status, code, e.to_string())
     }
 }
@@ -90,30 +84,10 @@ pub async fn exchange(
                 unauthorized()
             })?
     };
-    let body = api::read_json(c, req).await?;
-    api::reject_unknown(&body, &["audience", "scopes", "ttl"])?;
-    let request = MintRequest {
-        audience: api::optional_string(&body, "audience")?.ok_or_else(|| {
-            api::err(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "audience is required",
-            )
-        })?,
-        scopes: api::string_list(&body, "scopes")?,
-        ttl_secs: api::optional_string(&body, "ttl")?
-            .map(|t| api::secs(&t, "ttl"))
-            .transpose()?,
-    };
+    let request = broker::parse_request(&api::read_body(c, req).await?)?;
     let keys = c.broker.signing_keys()?;
     let minted = broker::mint(&keys, &parent, &request, &c.broker.settings, now)?;
-    let event = crate::audit::Event::new("token.issued", &format!("key:{}", parent.id))
-        .key(&parent)
-        .with("jti", minted.claims.jti.clone())
-        .with("audience", minted.claims.aud.clone())
-        .with("scopes", minted.claims.scopes.clone())
-        .with("kid", minted.kid.clone())
-        .with("expires_at", minted.claims.exp);
+    let event = broker::issued_event(&parent, &minted);
     let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
     tokio::task::spawn_blocking(move || audit.append(&[event]))
         .await
@@ -128,15 +102,6 @@ pub async fn exchange(
             )
         })?;
     c.metrics.tokens_issued.inc();
-    let v: Value = json!({
-        "token": minted.token,
-        "token_type": "Bearer",
-        "expires_at": minted.claims.exp,
-        "expires_in": minted.claims.exp - now,
-        "key_id": parent.id,
-        "audience": minted.claims.aud,
-        "scopes": minted.claims.scopes,
-        "jti": minted.claims.jti,
-    });
+    let v = broker::response_body(&minted, now);
     Ok(api::json_response(StatusCode::CREATED, &v))
 }

@@ -28,6 +28,101 @@ pub enum MintError {
     TtlTooShort,
     #[error("token signing is not available: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl MintError {
+    /// HTTP status and the stable problem `code`, the same wherever tokens are minted.
+    pub fn status_code(&self) -> (u16, &'static str) {
+        match self {
+            MintError::Audience
+            | MintError::TtlTooLong { .. }
+            | MintError::TtlTooShort
+            | MintError::Invalid(_) => (400, "invalid_request"),
+            MintError::BadJson(_) => (400, "invalid_json"),
+            MintError::UnknownField(_) => (400, "unknown_field"),
+            MintError::ScopeNotHeld(_) => (403, "scope_denied"),
+            MintError::Unavailable(_) => (503, "tokens_unavailable"),
+        }
+    }
+}
+
+/// The request body: a JSON object with `audience` (required), `scopes` (a list of strings)
+/// and `ttl` (a duration such as "5m"); nothing else.
+pub fn parse_request(body: &[u8]) -> Result<MintRequest, MintError> {
+    use serde_json::Value;
+    // serde_json bounds nesting depth (128), so deeply nested input is a clean 400.
+    let Value::Object(m) =
+        serde_json::from_slice::<Value>(body).map_err(|e| MintError::BadJson(e.to_string()))?
+    else {
+        return Err(MintError::BadJson("body must be a JSON object".into()));
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["audience", "scopes", "ttl"].contains(&k.as_str()))
+    {
+        return Err(MintError::UnknownField(k.clone()));
+    }
+    let audience = match m.get("audience") {
+        Some(Value::String(a)) => a.clone(),
+        None | Some(Value::Null) => return Err(MintError::Invalid("audience is required".into())),
+        Some(_) => return Err(MintError::Invalid("audience must be a string".into())),
+    };
+    let scopes = match m.get("scopes") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value::<Vec<String>>(v.clone())
+                .map_err(|_| MintError::Invalid("scopes must be a list of strings".into()))?,
+        ),
+    };
+    let ttl_secs = match m.get("ttl") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => {
+            let d = crate::config::parse_duration(t)
+                .map_err(|e| MintError::Invalid(format!("ttl: {e}")))?;
+            Some(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        }
+        Some(_) => {
+            return Err(MintError::Invalid(
+                "ttl must be a string such as \"5m\"".into(),
+            ))
+        }
+    };
+    Ok(MintRequest {
+        audience,
+        scopes,
+        ttl_secs,
+    })
+}
+
+/// The `201` body of a mint: the token (shown once) and what it allows.
+pub fn response_body(minted: &Minted, now: i64) -> serde_json::Value {
+    serde_json::json!({
+        "token": minted.token,
+        "token_type": "Bearer",
+        "expires_at": minted.claims.exp,
+        "expires_in": minted.claims.exp - now,
+        "key_id": minted.claims.sub,
+        "audience": minted.claims.aud,
+        "scopes": minted.claims.scopes,
+        "jti": minted.claims.jti,
+    })
+}
+
+/// The `token.issued` audit event: the parent key and the token's id, never the token.
+pub fn issued_event(parent: &KeyRecord, minted: &Minted) -> crate::audit::Event {
+    crate::audit::Event::new("token.issued", &format!("key:{}", parent.id))
+        .key(parent)
+        .with("jti", minted.claims.jti.clone())
+        .with("audience", minted.claims.aud.clone())
+        .with("scopes", minted.claims.scopes.clone())
+        .with("kid", minted.kid.clone())
+        .with("expires_at", minted.claims.exp)
 }
 
 /// What a client asked for.
@@ -202,6 +297,7 @@ mod tests {
             max_ttl_secs: 900,
             default_ttl_secs: 300,
             signing_keys: "unused".into(),
+            issue: false,
             jwks: None,
             jwks_refresh: std::time::Duration::from_secs(60),
         }
@@ -237,6 +333,26 @@ mod tests {
             Err(MintError::TtlTooShort)
         ));
         assert!(check_audience("billing").is_ok());
+        let r = parse_request(br#"{"audience":"a","scopes":["x"],"ttl":"5m"}"#).unwrap();
+        assert_eq!((r.audience.as_str(), r.ttl_secs), ("a", Some(300)));
+        assert!(matches!(parse_request(b"[]"), Err(MintError::BadJson(_))));
+        assert!(matches!(
+            parse_request(br#"{"audience":"a","x":1}"#),
+            Err(MintError::UnknownField(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"scopes":[]}"#),
+            Err(MintError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"audience":"a","ttl":5}"#),
+            Err(MintError::Invalid(_))
+        ));
+        let huge = parse_request(br#"{"audience":"a","ttl":"600000000000000000s"}"#).unwrap();
+        assert!(matches!(
+            check_ttl(huge.ttl_secs, &s),
+            Err(MintError::TtlTooLong { .. })
+        ));
         for bad in ["", "a b", "é", &"x".repeat(129)] {
             assert!(check_audience(bad).is_err(), "{bad:?}");
         }

@@ -4,7 +4,8 @@
 //! - `jwt`: the wire form (`kgt_` + an Ed25519-signed compact JWS) and its strict checks;
 //! - `cli`: `keygate tokens keygen|rotate|list|jwks`;
 //! - `signing`: the signing-key file (private, control plane only), rotation, the JWKS;
-//! - `broker`: minting (`POST /v1/tokens` on the control plane): the exchange's rules;
+//! - `broker`: minting (`POST /v1/tokens` on the control plane, `control::exchange`, or on a
+//!   gateway with `issue = true`, `issue`): the exchange's rules;
 //! - `verifier`: a gateway's public keys (JWKS fetched and cached) and the token half of the
 //!   request path's credential step (`credential`).
 //!
@@ -14,6 +15,7 @@
 
 pub mod broker;
 pub mod cli;
+pub mod issue;
 pub mod jwt;
 pub mod signing;
 pub mod verifier;
@@ -41,6 +43,8 @@ pub enum JwksSource {
     },
     /// A JWKS file, re-read on every refresh.
     File(PathBuf),
+    /// The public halves of this node's own signing keys (`issue = true`), re-read likewise.
+    Signing(PathBuf),
 }
 
 /// `[tokens]`, validated.
@@ -49,6 +53,8 @@ pub struct TokenSettings {
     pub max_ttl_secs: i64,
     pub default_ttl_secs: i64,
     pub signing_keys: PathBuf,
+    /// A gateway mints at `POST /v1/tokens` (`[tokens] issue`).
+    pub issue: bool,
     pub jwks: Option<JwksSource>,
     pub jwks_refresh: Duration,
 }
@@ -87,7 +93,15 @@ impl TokenSettings {
         let jwks_refresh = parse_duration(&t.jwks_refresh)
             .map_err(|m| c.invalid("tokens.jwks_refresh", m))?
             .max(Duration::from_secs(1));
+        let signing_keys = c.resolve(&t.signing_keys);
         let jwks = match (&t.jwks_url, &t.jwks_file, feed) {
+            (Some(_), _, _) | (_, Some(_), _) if t.issue => {
+                return Err(c.invalid(
+                    "tokens.issue",
+                    "a gateway that issues tokens verifies them with its own signing keys: remove jwks_url / jwks_file",
+                ))
+            }
+            _ if t.issue => Some(JwksSource::Signing(signing_keys.clone())),
             (Some(_), Some(_), _) => {
                 return Err(c.invalid("tokens.jwks_file", "set jwks_url or jwks_file, not both"))
             }
@@ -126,10 +140,24 @@ impl TokenSettings {
         Ok(TokenSettings {
             max_ttl_secs,
             default_ttl_secs,
-            signing_keys: c.resolve(&t.signing_keys),
+            signing_keys,
+            issue: t.issue,
             jwks,
             jwks_refresh,
         })
+    }
+}
+
+impl TokenSettings {
+    /// A gateway that issues must be able to sign: checked when its snapshot is built, so it
+    /// does not start (or reload) as an issuer without keys. (The CLI, which creates the
+    /// file, does not check.)
+    pub fn check_issuer(&self, c: &Config) -> Result<(), ConfigError> {
+        if self.issue {
+            signing::SigningKeys::load(&self.signing_keys)
+                .map_err(|e| c.invalid("tokens.signing_keys", e.to_string()))?;
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,17 @@ impl Verifier {
                 .await
                 .map_err(|e| JwksError::Fetch(format!("{}: {e}", path.display())))?,
             JwksSource::Url { url, tls, token } => fetch(url, tls.as_ref(), token).await?,
+            JwksSource::Signing(path) => {
+                let path = path.clone();
+                let keys =
+                    tokio::task::spawn_blocking(move || super::signing::SigningKeys::load(&path))
+                        .await
+                        .map_err(|e| JwksError::Fetch(e.to_string()))?
+                        .map_err(|e| JwksError::Fetch(e.to_string()))?;
+                let n = keys.public_keys().len();
+                self.keys.store(Arc::new(keys.public_keys()));
+                return Ok(n);
+            }
         };
         let keys = super::signing::parse_jwks(&bytes).map_err(JwksError::Invalid)?;
         let n = keys.len();
