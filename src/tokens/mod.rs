@@ -35,11 +35,11 @@ pub const MAX_AUDIENCE_LEN: usize = 128;
 #[derive(Debug, Clone)]
 pub enum JwksSource {
     /// `GET` a JWKS over HTTP(S) (the control plane's `/v1/jwks`, or `tokens.jwks_url`).
+    /// The JWKS is public: no credential is sent (the feed token never leaves for a
+    /// `jwks_url` that may be another host).
     Url {
         url: http::Uri,
         tls: Option<Arc<rustls::ClientConfig>>,
-        /// Sent as a bearer token (the feed token, for the control plane's own URL).
-        token: String,
     },
     /// A JWKS file, re-read on every refresh.
     File(PathBuf),
@@ -106,7 +106,7 @@ impl TokenSettings {
                 return Err(c.invalid("tokens.jwks_file", "set jwks_url or jwks_file, not both"))
             }
             (None, Some(file), _) => Some(JwksSource::File(c.resolve(file))),
-            (Some(url), None, _) => Some(jwks_url(c, url, feed)?),
+            (Some(url), None, _) => Some(jwks_url(c, url)?),
             (None, None, Some(f)) => {
                 let base: http::Uri = f
                     .url
@@ -122,7 +122,6 @@ impl TokenSettings {
                 Some(JwksSource::Url {
                     url,
                     tls: f.tls.clone(),
-                    token: f.token.clone(),
                 })
             }
             (None, None, None) => None,
@@ -162,7 +161,7 @@ impl TokenSettings {
 }
 
 /// `tokens.jwks_url`: http(s); https trusts `keys.feed_ca` (the CA of the control plane).
-fn jwks_url(c: &Config, url: &str, feed: Option<&FeedSource>) -> Result<JwksSource, ConfigError> {
+fn jwks_url(c: &Config, url: &str) -> Result<JwksSource, ConfigError> {
     let uri: http::Uri = url
         .parse()
         .map_err(|_| c.invalid("tokens.jwks_url", "not a URL"))?;
@@ -183,9 +182,5 @@ fn jwks_url(c: &Config, url: &str, feed: Option<&FeedSource>) -> Result<JwksSour
     if uri.authority().is_none() {
         return Err(c.invalid("tokens.jwks_url", "use http(s)://host:port/v1/jwks"));
     }
-    Ok(JwksSource::Url {
-        url: uri,
-        tls,
-        token: feed.map(|f| f.token.clone()).unwrap_or_default(),
-    })
+    Ok(JwksSource::Url { url: uri, tls })
 }

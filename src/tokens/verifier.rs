@@ -76,7 +76,7 @@ impl Verifier {
             JwksSource::File(path) => tokio::fs::read(path)
                 .await
                 .map_err(|e| JwksError::Fetch(format!("{}: {e}", path.display())))?,
-            JwksSource::Url { url, tls, token } => fetch(url, tls.as_ref(), token).await?,
+            JwksSource::Url { url, tls } => fetch(url, tls.as_ref()).await?,
             JwksSource::Signing(path) => {
                 let path = path.clone();
                 let keys =
@@ -129,9 +129,8 @@ impl Verifier {
 async fn fetch(
     url: &http::Uri,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    token: &str,
 ) -> Result<Vec<u8>, JwksError> {
-    let fut = crate::sync::feed::request(url, token, tls, http::Method::GET, bytes::Bytes::new());
+    let fut = crate::sync::feed::request(url, "", tls, http::Method::GET, bytes::Bytes::new());
     let resp = tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .map_err(|_| JwksError::Fetch("timed out".into()))?
@@ -220,4 +219,106 @@ fn narrowed(parent: &KeyRecord, scopes: &[String]) -> KeyRecord {
         .cloned()
         .collect();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::keys::digest::Digest;
+    use crate::keys::record::sample;
+
+    fn claims() -> Claims {
+        Claims {
+            iss: jwt::ISSUER.into(),
+            sub: "key_a".into(),
+            lineage: "lin_a".into(),
+            scopes: vec!["invoices:read".into(), "gone".into()],
+            aud: "billing".into(),
+            iat: 100,
+            exp: 400,
+            jti: "tok_1".into(),
+        }
+    }
+
+    fn table(edit: impl FnOnce(&mut KeyRecord)) -> KeyTable {
+        let mut r = sample("key_a", Digest([3; 32]));
+        r.lineage = "lin_a".into();
+        r.rev = 1;
+        edit(&mut r);
+        KeyTable::from_records([r], crate::store::seal::LogId::NONE, 1)
+    }
+
+    fn reason(r: Result<Arc<KeyRecord>, AuthError>) -> &'static str {
+        r.err().map_or("ok", |e| e.reason())
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_outcome() {
+        let live = table(|_| {});
+        let ok = admit(claims(), "billing", &live, 200, 0).unwrap();
+        assert_eq!(ok.id, "key_a");
+        assert_eq!(
+            ok.scopes,
+            vec!["invoices:read".to_owned()],
+            "narrowed to what the key still holds"
+        );
+        assert_eq!(
+            reason(admit(claims(), "reports", &live, 200, 0)),
+            "token_not_accepted"
+        );
+        assert_eq!(
+            reason(admit(claims(), "billing", &live, 400, 0)),
+            "token_expired"
+        );
+        assert_eq!(
+            reason(admit(claims(), "billing", &live, 400, 1)),
+            "ok",
+            "leeway"
+        );
+        assert_eq!(
+            reason(admit(claims(), "billing", &live, 401, 1)),
+            "token_expired"
+        );
+        assert_eq!(
+            reason(admit(claims(), "billing", &live, 50, 0)),
+            "token_invalid"
+        );
+        let mut other = claims();
+        other.lineage = "lin_b".into();
+        assert_eq!(
+            reason(admit(other, "billing", &live, 200, 0)),
+            "token_invalid"
+        );
+        let mut iss = claims();
+        iss.iss = "someone".into();
+        assert_eq!(
+            reason(admit(iss, "billing", &live, 200, 0)),
+            "token_not_accepted"
+        );
+        assert_eq!(
+            reason(admit(claims(), "billing", &KeyTable::new(), 200, 0)),
+            "key_unknown"
+        );
+        let revoked = table(|r| r.revoked_at = Some(150));
+        assert_eq!(
+            reason(admit(claims(), "billing", &revoked, 200, 0)),
+            "key_revoked"
+        );
+        let expired = table(|r| r.expires_at = Some(150));
+        assert_eq!(
+            reason(admit(claims(), "billing", &expired, 200, 0)),
+            "key_expired"
+        );
+        let canary = table(|r| r.canary = true);
+        assert_eq!(
+            reason(admit(claims(), "billing", &canary, 200, 0)),
+            "key_canary"
+        );
+        let later = table(|r| r.not_before = Some(300));
+        assert_eq!(
+            reason(admit(claims(), "billing", &later, 200, 0)),
+            "key_not_yet_valid"
+        );
+    }
 }
