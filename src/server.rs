@@ -232,7 +232,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
 
-    crate::tokens::verifier::spawn_refresh(gw.tokens.clone(), gw.snapshot().tokens.jwks_refresh);
+    crate::tokens::verifier::spawn_refresh(gw.clone());
 
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));

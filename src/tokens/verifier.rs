@@ -148,17 +148,26 @@ async fn fetch(
     Ok(body.to_bytes().to_vec())
 }
 
-/// Refresh the keys every `every`, for the life of the process (the first fetch at once).
-pub fn spawn_refresh(verifier: Arc<Verifier>, every: Duration) {
-    if !verifier.configured() {
+/// Refresh the keys every `[tokens] jwks_refresh`, for the life of the process (the first
+/// fetch at once), while some route accepts tokens: a gateway whose routes take none never
+/// asks for keys it would not use (a route added by a reload starts the fetching).
+pub fn spawn_refresh(gw: Arc<crate::gateway::Gateway>) {
+    if !gw.tokens.configured() {
         return;
     }
     tokio::spawn(async move {
         loop {
-            match verifier.refresh().await {
-                Ok(n) => tracing::debug!(kids = n, "token keys refreshed"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "token keys: refresh failed; keeping the held keys")
+            let (wanted, every) = {
+                let snap = gw.snapshot();
+                let wanted = snap.routes.iter().any(|r| r.accept_tokens.is_some());
+                (wanted, snap.tokens.jwks_refresh)
+            };
+            if wanted {
+                match gw.tokens.refresh().await {
+                    Ok(n) => tracing::debug!(kids = n, "token keys refreshed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token keys: refresh failed; keeping the held keys")
+                    }
                 }
             }
             tokio::time::sleep(every).await;
