@@ -331,7 +331,8 @@ pub fn run_store(config: &Config, cmd: StoreCommand) -> Result<(), Failure> {
 pub enum AdminTokenCommand {
     /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
     Create {
-        /// What the token may do: read, write (read + changes) or feed (gateways).
+        /// What the token may do: read, write (read + changes), feed (gateways) or redigest
+        /// (gateways handing in keys re-digested under the current secret version).
         #[arg(long, value_enum)]
         role: crate::control::tokens::Role,
         /// A note on who holds it (e.g. the gateway or CI job).

@@ -99,6 +99,10 @@ pub struct Config {
     pub tokens: TokensConfig,
     /// Shared Redis for fleet-wide limits, quotas and usage. None: everything stays per node.
     pub redis: Option<RedisConfig>,
+    /// `[access_log]`: one JSON line per request into a file, reopened on SIGUSR1.
+    pub access_log: Option<AccessLogConfig>,
+    /// `[otlp]`: one span per request over OTLP/HTTP (needs the `otlp` cargo feature).
+    pub otlp: Option<OtlpConfig>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
@@ -196,6 +200,14 @@ pub struct KeysConfig {
     /// What `serve` and `check` do when live keys use a secret version with no configured
     /// secret (they would all fail with 401): "refuse" (default) or "warn".
     pub on_missing_secret_version: String,
+    /// Re-digest keys seen in traffic under an old secret version under the current one
+    /// (hash-secret migration, `redigest`): true (default) or false.
+    pub redigest: bool,
+    /// Send re-digests to this control plane (`http(s)://host:port`) instead of writing the
+    /// store; default: the feed's control plane in feed mode, the store otherwise.
+    pub redigest_url: Option<String>,
+    /// Env var holding a `redigest`-role admin token, for re-digests sent to a control plane.
+    pub redigest_token_env: String,
 }
 
 impl Default for KeysConfig {
@@ -225,6 +237,9 @@ impl Default for KeysConfig {
             on_stale: "serve".into(),
             stale_after: "90d".into(),
             on_missing_secret_version: "refuse".into(),
+            redigest: true,
+            redigest_url: None,
+            redigest_token_env: "KEYGATE_REDIGEST_TOKEN".into(),
         }
     }
 }
@@ -440,6 +455,63 @@ impl Default for RedisConfig {
             stream_keep_entries: 100_000,
         }
     }
+}
+
+/// `[access_log]`: the access-log file sink (see `access`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file (JSON lines), relative to the config file. Appended to; `SIGUSR1` reopens it,
+    /// so rotation is `mv` then `SIGUSR1` (no copytruncate).
+    pub path: PathBuf,
+    /// Lines waiting for the writer; beyond this lines are dropped and counted
+    /// (`keygate_access_log_lines_dropped_total`), never waited for.
+    #[serde(default = "default_access_log_queue")]
+    pub queue_lines: usize,
+}
+
+fn default_access_log_queue() -> usize {
+    16_384
+}
+
+/// `[otlp]`: spans exported over OTLP/HTTP with the JSON encoding (see `otlp`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's traces URL, `http://host:port/v1/traces` (plain HTTP: run a local
+    /// collector or agent for TLS).
+    pub endpoint: String,
+    /// `service.name` of the exported resource.
+    #[serde(default = "default_otlp_service")]
+    pub service_name: String,
+    /// Spans waiting for export; beyond this spans are dropped and counted, never waited for.
+    #[serde(default = "default_otlp_queue")]
+    pub queue_spans: usize,
+    /// Most spans in one export request.
+    #[serde(default = "default_otlp_batch")]
+    pub batch_spans: usize,
+    /// A partial batch is sent after this long.
+    #[serde(default = "default_otlp_flush")]
+    pub flush_interval_ms: u64,
+    /// One export request may take this long (then its spans count as failed).
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_otlp_service() -> String {
+    "keygate".into()
+}
+fn default_otlp_queue() -> usize {
+    4096
+}
+fn default_otlp_batch() -> usize {
+    512
+}
+fn default_otlp_flush() -> u64 {
+    1000
+}
+fn default_otlp_timeout() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

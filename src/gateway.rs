@@ -29,6 +29,8 @@ pub struct Gateway {
     pub usage: Usage,
     /// Leak forensics sketches (bounded; see `forensics`).
     pub forensics: crate::forensics::Forensics,
+    /// Keys seen under an old secret version, queued for re-digesting (`redigest`).
+    pub redigests: crate::redigest::Redigests,
     audit: SyncSender<Event>,
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
@@ -40,6 +42,8 @@ pub struct Gateway {
     /// Signing keys when this gateway mints tokens (`[tokens] issue = true`), from the first
     /// config like `tokens`.
     pub broker: Option<Arc<crate::tokens::broker::Broker>>,
+    /// Access-log file and span export (built once, at start).
+    pub sinks: Arc<crate::access::Sinks>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -80,7 +84,11 @@ fn node_name(s: &Snapshot) -> String {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Gateway> {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        sinks: crate::access::Sinks,
+    ) -> Arc<Gateway> {
         let limits = &snapshot.config.limits;
         let failures = AuthFailures::new(
             limits.auth_failures_per_minute,
@@ -105,6 +113,7 @@ impl Gateway {
             )
         });
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
+        let redigests = crate::redigest::Redigests::new(metrics.keys_redigested.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
         let tokens = Arc::new(crate::tokens::verifier::Verifier::new(
@@ -127,11 +136,13 @@ impl Gateway {
             metrics,
             usage,
             forensics,
+            redigests,
             audit,
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
-            trace_ids: crate::trace::IdSource::new(),
+            trace_ids: crate::trace::IdSource::new().sampling_new_traces(sinks.records_spans()),
+            sinks: Arc::new(sinks),
             denied_keys: Default::default(),
         })
     }

@@ -35,8 +35,11 @@ pub mod keys;
 pub mod limit;
 pub mod locate;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod path;
 pub mod pipeline;
+pub mod redigest;
 pub mod redis;
 pub mod reload;
 pub mod rotations;

@@ -79,7 +79,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<AccessBody>, Infallible> {
     let started = Instant::now();
-    let logged = access::enabled();
+    let logged = access::enabled() || gw.sinks.wanted();
     let snap = gw.snapshot();
     let request_id = hygiene::client_request_id(req.headers())
         .and_then(|id| HeaderValue::from_str(id).ok())
@@ -125,12 +125,13 @@ pub async fn handle(
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     record(&gw, &snap, &ctx, outcome, resp.status(), started);
-    let line = logged.then(|| access_line(&snap, ctx, &resp, outcome, method, started));
+    let line = logged.then(|| access_line(&gw, &snap, ctx, &resp, outcome, method, started));
     Ok(resp.map(|body| AccessBody::new(body, line)))
 }
 
 /// The access line's fields (see `access`): only built when access lines are on.
 fn access_line(
+    gw: &Gateway,
     snap: &Snapshot,
     ctx: Ctx,
     resp: &Response<RespBody>,
@@ -155,10 +156,12 @@ fn access_line(
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         client_ip: ctx.client_ip,
         trace_id: ctx.trace.trace_id.to_string(),
+        trace: ctx.trace,
         started,
         upstream: ctx.upstream,
         bytes_in: ctx.bytes_in.unwrap_or_default(),
         bytes_out: 0,
+        sinks: gw.sinks.clone(),
     })
 }
 
@@ -245,6 +248,10 @@ async fn pipeline(
             GatewayError::KeyInvalid(e)
         })?;
     ctx.key = Some(key.clone());
+    // Hash-secret migration: the plaintext is here now, and only now (`redigest`).
+    if snap.redigest.enabled() {
+        gw.redigests.offer(&key, presented, &snap.keys.hasher, now);
+    }
 
     let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
     authz::authorize(

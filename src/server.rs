@@ -139,6 +139,12 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let config_file = ConfigFile::new(config_path);
     let (gw, bound, shutdown) = start(config_path).await?;
     tokio::spawn(crate::reload::watch(gw.clone(), config_file.clone()));
+    // Installed before "listening" is announced: a SIGUSR1 never meets the default action
+    // (terminate), with or without an access log.
+    reopen_on_sigusr1(gw.sinks.file.clone());
+    // Likewise SIGTERM/SIGINT/SIGHUP: a test or supervisor may signal the moment it reads the
+    // line; before the handlers exist, that signal would kill the process outright.
+    let mut signals = Signals::install();
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
@@ -148,10 +154,11 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     if let Some(every) = crate::systemd::watchdog_interval() {
         tokio::spawn(crate::systemd::watchdog(every));
     }
-    let mut signals = Signals::install();
     signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
+    // Every request is over: write the access lines and spans still queued.
+    gw.sinks.finish(Duration::from_secs(5)).await;
     // After the drain no request can spend a leased token: hand the rest back to the fleet.
     if let Some(f) = gw.limiter.fleet() {
         let returned = f.release_all().await;
@@ -205,7 +212,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
     let file_source = feed.is_none();
-    let gw = Gateway::new(snapshot, metrics.clone());
+    let sinks = crate::access::Sinks::start(&snapshot.config, &metrics)?;
+    let gw = Gateway::new(snapshot, metrics.clone(), sinks);
     if let Some(f) = gw.limiter.fleet() {
         f.client().spawn_health();
     }
@@ -319,6 +327,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         // rotations in a fleet (`rotations`).
         tokio::spawn(crate::rotations::run_on_gateway(gw.clone(), rx.clone()));
     }
+    tokio::spawn(crate::redigest::run(gw.clone(), rx.clone()));
     tokio::spawn(upkeep(gw.clone(), rx));
 
     let bound = if main_is_tls {
@@ -714,16 +723,46 @@ async fn flush_usage(gw: &Arc<Gateway>) {
     .await;
 }
 
-/// Wait for SIGTERM/SIGINT (no reload handling; used by the demo).
-pub async fn wait_for_stop() {
+/// `SIGUSR1` reopens the access-log file (rotation: `mv` the file, then signal).
+fn reopen_on_sigusr1(file: Option<crate::access::FileSink>) {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGUSR1 handler; the access log will not reopen");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match &file {
+                Some(f) => f.reopen(),
+                None => tracing::info!("SIGUSR1: no [access_log] file to reopen"),
+            }
+        }
+    });
+}
+
+/// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either (no
+/// reload handling; the demo and the control plane). Installed before the caller announces
+/// itself, so a signal sent the moment "listening" is read never meets the default action.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            },
+            (Ok(mut only), Err(_)) | (Err(_), Ok(mut only)) => {
+                only.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot install signal handlers; runs until killed");
+                std::future::pending::<()>().await
+            }
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Snapshot {
     pub touch_interval: Duration,
     /// `[tokens]`: how this gateway gets the public keys of short-lived tokens.
     pub tokens: crate::tokens::TokenSettings,
+    /// Where keys seen under an old secret version are re-digested (`redigest`).
+    pub redigest: crate::redigest::Target,
     pub config: Config,
 }
 
@@ -103,6 +105,7 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        crate::access::validate(&c)?;
         let mut plans = HashMap::new();
         for (name, p) in &c.plans {
             plans.insert(
@@ -370,8 +373,10 @@ impl Snapshot {
         };
         let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
         tokens.check_issuer(&c)?;
+        let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
         Ok(Snapshot {
             tokens,
+            redigest,
             feed,
             keys,
             router: Router::new(specs),

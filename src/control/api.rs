@@ -1,6 +1,7 @@
 //! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
 //! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
-//! `/v1/tokens` and `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
+//! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`), `/v1/tokens` and
+//! `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -157,7 +158,9 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "usage"] | ["v1", "api-keys", "revoke"] => Some("POST"),
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
-        ["v1", "api-keys", _, "rotate"] | ["v1", "api-keys", _, "rotate", "abort"] => Some("POST"),
+        ["v1", "api-keys", _, "rotate"]
+        | ["v1", "api-keys", _, "rotate", "abort"]
+        | ["v1", "api-keys", _, "redigest"] => Some("POST"),
         ["v1", "api-keys", _, "usage"] => Some("GET"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
@@ -448,6 +451,12 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             .await?;
             Ok(json_response(StatusCode::OK, &shown(c, &old).await))
         }
+        (Method::POST, ["v1", "api-keys", id, "redigest"]) => {
+            let actor = authorize(c, &req, Role::Redigest)?;
+            let id = id.to_string();
+            let body = read_json(c, req).await?;
+            redigest(c, actor, id, body).await
+        }
         (Method::GET, ["v1", "admin-tokens"]) => {
             authorize(c, &req, Role::Write)?;
             let now = crate::clock::unix_secs();
@@ -715,6 +724,87 @@ async fn create(
     let mut v = shown(c, &minted.record).await;
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))
+}
+
+impl From<crate::keys::redigest::Refused> for ApiError {
+    fn from(e: crate::keys::redigest::Refused) -> ApiError {
+        use crate::keys::redigest::Refused;
+        let (status, code) = match &e {
+            Refused::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Refused::Revoked(_) => (StatusCode::CONFLICT, "key_revoked"),
+            Refused::Canary(_) => (StatusCode::CONFLICT, "not_redigestable"),
+            Refused::AlreadyCurrent { .. } => (StatusCode::CONFLICT, "already_current"),
+            Refused::VersionMismatch { .. } => (StatusCode::CONFLICT, "version_mismatch"),
+            Refused::NotCurrent { .. } => (StatusCode::CONFLICT, "version_not_current"),
+            Refused::Stale(_) => (StatusCode::CONFLICT, "proof_mismatch"),
+            Refused::DigestInUse(_) => (StatusCode::CONFLICT, "digest_in_use"),
+        };
+        err(status, code, e.to_string())
+    }
+}
+
+/// A 64-hex-digit field (a digest or a proof).
+fn hex32(body: &Map<String, Value>, field: &str) -> Result<[u8; 32], ApiError> {
+    optional_string(body, field)?
+        .and_then(|s| crate::keys::digest::Digest::from_hex(&s))
+        .map(|d| d.0)
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} is required: 64 lowercase hex digits"),
+            )
+        })
+}
+
+fn version(body: &Map<String, Value>, field: &str) -> Result<u32, ApiError> {
+    body.get(field)
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} is required: a secret version (0..=4294967295)"),
+            )
+        })
+}
+
+/// `POST /v1/api-keys/{id}/redigest` (role redigest): a gateway hands in a key's digest under
+/// the current secret version, with a proof keyed by that secret over the request and the
+/// digest stored now. Only `digest` and `secret_version` change (`keys::redigest` holds the
+/// rule); audited as `key.redigested` with the token as actor.
+async fn redigest(
+    c: &Arc<Control>,
+    actor: String,
+    id: String,
+    body: Map<String, Value>,
+) -> Result<Response<Body>, ApiError> {
+    use crate::keys::redigest::{Evidence, Redigest, Refused};
+    reject_unknown(&body, &["from_version", "to_version", "digest", "proof"])?;
+    let r = Redigest {
+        id,
+        from_version: version(&body, "from_version")?,
+        to_version: version(&body, "to_version")?,
+        new: crate::keys::digest::Digest(hex32(&body, "digest")?),
+        evidence: Evidence::Proof(hex32(&body, "proof")?),
+    };
+    let c2 = c.clone();
+    let verdict = blocking(move || {
+        Keys::new(&c2.settings, actor)
+            .redigest(std::slice::from_ref(&r))
+            .map(|mut v| v.pop())
+    })
+    .await?
+    .unwrap_or_else(|| Err(Refused::NotFound(String::new())));
+    let outcome = match &verdict {
+        Ok(_) => "written",
+        Err(Refused::AlreadyCurrent { .. }) => "current",
+        Err(_) => "refused",
+    };
+    c.metrics.redigested.with_label_values(&[outcome]).inc();
+    let record = verdict?;
+    Ok(json_response(StatusCode::OK, &shown(c, &record).await))
 }
 
 /// Fields a PATCH may never set (mass assignment, OWASP API3): identity, secrets, lineage

@@ -14,6 +14,8 @@ pub struct ControlMetrics {
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
     pub tokens_issued: prometheus::IntCounter,
+    /// Re-digests handed in by gateways, by outcome (written, current, refused).
+    pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
 }
 
@@ -54,11 +56,20 @@ impl ControlMetrics {
                 "keygate_control_tokens_issued_total",
                 "Short-lived tokens minted (POST /v1/tokens).",
             ),
+            redigested: counter_vec(
+                &r,
+                "keygate_keys_redigested_total",
+                "Keys re-digested under the current secret version through this control plane, by outcome (written; current: already on it; refused).",
+                &["outcome"],
+            ),
             redis_up: None,
             registry: r,
         };
         for kind in ["rollback", "unsigned", "io", "unrevoke"] {
             m.store_errors.with_label_values(&[kind]);
+        }
+        for outcome in ["written", "current", "refused"] {
+            m.redigested.with_label_values(&[outcome]);
         }
         m
     }
@@ -103,6 +114,7 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",
         (_, ["v1", "api-keys", _, "rotate"]) => "rotate",
         (_, ["v1", "api-keys", _, "usage"]) => "key_usage",
+        (_, ["v1", "api-keys", _, "redigest"]) => "redigest",
         _ => "other",
     }
 }

@@ -383,12 +383,13 @@ fn revoke_again(log: &Store, audit: &AuditLog, held: Vec<KeyRecord>) {
 /// `keygate control`: serve until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), ControlError> {
     let (addr, control, task) = start(config_path).await?;
+    let stop = crate::server::stop_signal();
     println!(
         "{}",
         serde_json::json!({"event": "listening", "control": addr.to_string()})
     );
     tracing::info!(%addr, tokens = control.tokens().1.len(), "control plane listening");
-    crate::server::wait_for_stop().await;
+    stop.await;
     task.abort();
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! (same server secret as keys) in a JSON-lines file, each with a role.
 //!
 //! Roles: `read` (GET the API), `write` (read + every mutation), `feed` (the gateway feed and
-//! usage reports). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
+//! usage reports), `redigest` (only `POST /v1/api-keys/{id}/redigest`: a fleet gateway
+//! handing in a key's digest under the current secret version, `keys::redigest`). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
 //! nothing about stored tokens through timing (the same argument as for API keys).
 //!
 //! Lifecycle: a token may carry an expiry (checked on every request) and is revoked by
@@ -31,6 +32,8 @@ pub enum Role {
     Read,
     Write,
     Feed,
+    /// Re-digests from gateways, nothing else (not even reads).
+    Redigest,
 }
 
 impl Role {
@@ -43,6 +46,7 @@ impl Role {
             Role::Read => "read",
             Role::Write => "write",
             Role::Feed => "feed",
+            Role::Redigest => "redigest",
         }
     }
 }
@@ -381,6 +385,14 @@ mod tests {
         assert!(!Role::Read.allows(Role::Write));
         assert!(!Role::Feed.allows(Role::Read));
         assert!(!Role::Write.allows(Role::Feed));
+        assert!(!Role::Write.allows(Role::Redigest));
+        for needed in [Role::Read, Role::Write, Role::Feed] {
+            assert!(
+                !Role::Redigest.allows(needed),
+                "redigest can do nothing else"
+            );
+        }
+        assert!(Role::Redigest.allows(Role::Redigest));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod format;
 pub mod ops;
 pub mod policy;
 pub mod record;
+pub mod redigest;
 pub mod rotation;
 pub mod table;
 
