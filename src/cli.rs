@@ -157,6 +157,9 @@ pub enum Command {
     /// Hash-secret versions: which keys use which, for a secret rotation.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Signing keys of short-lived tokens (`POST /v1/tokens`): keygen, rotate, list, jwks.
+    #[command(subcommand)]
+    Tokens(crate::tokens::cli::TokensCommand),
 }
 
 #[derive(Debug, Subcommand)]

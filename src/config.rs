@@ -95,6 +95,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub tokens: TokensConfig,
     /// Shared Redis for fleet-wide limits, quotas and usage. None: everything stays per node.
     pub redis: Option<RedisConfig>,
     /// `[access_log]`: one JSON line per request into a file, reopened on SIGUSR1.
@@ -611,6 +613,52 @@ impl Default for ControlConfig {
     }
 }
 
+/// `[tokens]`: short-lived tokens exchanged for an API key (`POST /v1/tokens`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// Longest lifetime a client may ask for, e.g. "15m" (the default).
+    pub max_ttl: String,
+    /// Lifetime when the request names none, e.g. "5m".
+    pub default_ttl: String,
+    /// Ed25519 signing keys (private), written by `keygate tokens keygen` / `rotate`; read
+    /// by whoever mints: the control plane, or a gateway with `issue = true`.
+    pub signing_keys: PathBuf,
+    /// This gateway mints tokens itself (`POST /v1/tokens` on its own listener) and verifies
+    /// them with its own signing keys: for a single node without a control plane. Off by
+    /// default: gateways hold public keys only.
+    pub issue: bool,
+    /// JWKS a gateway verifies with; default: `/v1/jwks` of the control plane in `keys.feed_url`.
+    pub jwks_url: Option<String>,
+    /// Or a JWKS file (`keygate tokens jwks > FILE`), re-read on every refresh.
+    pub jwks_file: Option<PathBuf>,
+    /// How often a gateway refreshes the JWKS, e.g. "60s" (an unknown kid also refreshes it,
+    /// at most once a second).
+    pub jwks_refresh: String,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            max_ttl: "15m".into(),
+            default_ttl: "5m".into(),
+            signing_keys: "token-signing-keys.json".into(),
+            issue: false,
+            jwks_url: None,
+            jwks_file: None,
+            jwks_refresh: "60s".into(),
+        }
+    }
+}
+
+/// `accept_tokens = { audience = "…" }` on a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptTokens {
+    /// A token is accepted only when its `aud` is exactly this.
+    pub audience: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -671,6 +719,9 @@ pub struct RouteConfig {
     /// off by default: every other route refuses them (403 `publishable_key_denied`).
     #[serde(default)]
     pub publishable: bool,
+    /// Accept short-lived tokens (`kgt_…`) minted for this audience; every other route
+    /// refuses tokens with the same 401 as a bad key.
+    pub accept_tokens: Option<AcceptTokens>,
 }
 
 impl Config {

@@ -37,6 +37,11 @@ pub struct Gateway {
     boot_id: u32,
     /// New W3C trace and span ids (no syscall per request).
     pub trace_ids: crate::trace::IdSource,
+    /// Public keys of short-lived tokens (built once, from the first config, like Redis).
+    pub tokens: Arc<crate::tokens::verifier::Verifier>,
+    /// Signing keys when this gateway mints tokens (`[tokens] issue = true`), from the first
+    /// config like `tokens`.
+    pub broker: Option<Arc<crate::tokens::broker::Broker>>,
     /// Access-log file and span export (built once, at start).
     pub sinks: Arc<crate::access::Sinks>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
@@ -114,7 +119,16 @@ impl Gateway {
         let redigests = crate::redigest::Redigests::new(metrics.keys_redigested.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
+        let tokens = Arc::new(crate::tokens::verifier::Verifier::new(
+            snapshot.tokens.jwks.clone(),
+        ));
+        let broker = snapshot
+            .tokens
+            .issue
+            .then(|| Arc::new(crate::tokens::broker::Broker::new(snapshot.tokens.clone())));
         Arc::new(Gateway {
+            tokens,
+            broker,
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),

@@ -97,6 +97,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
         Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
         Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(&cli.config)?, cmd),
+        Command::Tokens(cmd) => keygate::tokens::cli::run(&Config::load(&cli.config)?, cmd),
         Command::Store(cmd) => keygate::cli::run_store(&Config::load(&cli.config)?, cmd),
         Command::Check { json } => check(&cli.config, json),
         Command::Webhooks(cmd) => keygate::cli::run_webhooks(&Config::load(&cli.config)?, cmd),

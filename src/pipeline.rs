@@ -4,7 +4,7 @@
 //! `Result<_, GatewayError>`), turns an error into its problem+json response, and records
 //! metrics, the failed-auth budget, usage and audit exactly once. `pipeline` reads top to
 //! bottom: admit → table ready → validate head → canonical path → route → (CORS preflight) →
-//! extract key → failure budget → authenticate → authorize → rate limit → forward.
+//! extract credential → failure budget → authenticate (key or token) → authorize → rate limit → forward.
 
 use crate::access::{self, AccessBody};
 use crate::audit::Event;
@@ -220,7 +220,7 @@ async fn pipeline(
         parts.uri.query(),
         &snap.key_header,
         route.query_key_param.as_deref(),
-        MAX_KEY_LEN,
+        MAX_KEY_LEN.max(crate::tokens::jwt::MAX_TOKEN_LEN),
     )
     .map_err(|e| match e {
         ExtractError::Missing => GatewayError::KeyMissing,
@@ -236,19 +236,14 @@ async fn pipeline(
         });
     }
     let now = crate::clock::unix_secs();
-    let key = gw
-        .table()
-        .authenticate(
-            presented,
-            &snap.keys.format,
-            &snap.keys.hasher,
-            now,
-            snap.keys.leeway_secs,
-        )
+    // One credential step for API keys and short-lived tokens (`credential`).
+    let key = crate::credential::authenticate(gw, snap, route, presented, now)
+        .await
         .map_err(|e| {
             // A refused key that exists (revoked, expired, not yet valid, canary) is named in
             // the access log, the denial audit and the canary alarm (`record`), so attempts
-            // after a leak are attributable; the response stays the uniform 401.
+            // after a leak are attributable; the response stays the uniform 401. A token
+            // refused for its parent's state names the parent.
             ctx.key = e.record().cloned();
             GatewayError::KeyInvalid(e)
         })?;

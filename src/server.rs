@@ -288,6 +288,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
 
+    crate::tokens::verifier::spawn_refresh(gw.clone());
+
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));
     let caps = Arc::new(ConnCaps {
@@ -458,7 +460,17 @@ async fn accept_loop(
                 tls: tls.is_some(),
             };
             let svc_gw = gw.clone();
-            let service = service_fn(move |req| pipeline::handle(svc_gw.clone(), conn, req));
+            // The token exchange of a gateway that issues sits beside the request path.
+            let service = service_fn(move |req| {
+                let gw = svc_gw.clone();
+                async move {
+                    if crate::tokens::issue::is_exchange(&gw, &req) {
+                        crate::tokens::issue::handle(gw, conn, req).await
+                    } else {
+                        pipeline::handle(gw, conn, req).await
+                    }
+                }
+            });
             match tls {
                 Some(acceptor) => {
                     // hyper's timeouts do not cover the TLS handshake (THREATS E4).

@@ -29,6 +29,8 @@ pub struct Route {
     pub max_body_bytes: u64,
     pub methods: Vec<Method>,
     pub series: RouteSeries,
+    /// The token audience this route accepts (`accept_tokens`); None: tokens are refused.
+    pub accept_tokens: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub struct Snapshot {
     pub max_staleness: Duration,
     pub on_stale: OnStale,
     pub touch_interval: Duration,
+    /// `[tokens]`: how this gateway gets the public keys of short-lived tokens.
+    pub tokens: crate::tokens::TokenSettings,
     /// Where keys seen under an old secret version are re-digested (`redigest`).
     pub redigest: crate::redigest::Target,
     pub config: Config,
@@ -265,6 +269,7 @@ impl Snapshot {
                 max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
                 methods,
                 series: metrics.route_series(&r.name),
+                accept_tokens: r.accept_tokens.as_ref().map(|a| a.audience.clone()),
             });
         }
 
@@ -369,8 +374,11 @@ impl Snapshot {
                 ))
             }
         };
+        let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
+        tokens.check_issuer(&c)?;
         let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
         Ok(Snapshot {
+            tokens,
             redigest,
             feed,
             keys,

@@ -1,7 +1,7 @@
 //! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
 //! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
-//! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`) and
-//! `/v1/openapi.yaml`. Every error is
+//! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`), `/v1/tokens` and
+//! `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -54,7 +54,7 @@ pub struct ApiError {
     allow: Option<&'static str>,
 }
 
-fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
     ApiError {
         status,
         code,
@@ -110,7 +110,7 @@ impl From<super::tokens::TokenError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -164,6 +164,8 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         ["v1", "api-keys", _, "usage"] => Some("GET"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
+        ["v1", "tokens"] => Some("POST"),
+        ["v1", "jwks"] => Some("GET"),
         _ => None,
     }
 }
@@ -287,6 +289,8 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             );
             Ok(r)
         }
+        (Method::POST, ["v1", "tokens"]) => super::exchange::exchange(c, req).await,
+        (Method::GET | Method::HEAD, ["v1", "jwks"]) => super::exchange::jwks(c),
         (Method::GET, ["v1", "feed"]) => {
             authorize(c, &req, Role::Feed)?;
             feed(c, req.uri().query())
@@ -578,7 +582,7 @@ async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Va
     parse_object(&bytes)
 }
 
-async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = c.config.control.max_body_bytes;
     Limited::new(req.into_body(), limit)
         .collect()

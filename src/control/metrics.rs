@@ -13,6 +13,7 @@ pub struct ControlMetrics {
     pub store_errors: IntCounterVec,
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
+    pub tokens_issued: prometheus::IntCounter,
     /// Re-digests handed in by gateways, by outcome (written, current, refused).
     pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
@@ -49,6 +50,11 @@ impl ControlMetrics {
                 &r,
                 "keygate_control_feed_subscribers",
                 "Gateways (feed readers) connected now.",
+            ),
+            tokens_issued: crate::metrics::counter(
+                &r,
+                "keygate_control_tokens_issued_total",
+                "Short-lived tokens minted (POST /v1/tokens).",
             ),
             redigested: counter_vec(
                 &r,
@@ -104,6 +110,8 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (_, ["v1", "feed"]) => "feed",
         (_, ["v1", "usage"]) => "usage",
         (_, ["v1", "events"]) => "events",
+        (_, ["v1", "tokens"]) => "token_exchange",
+        (_, ["v1", "jwks"]) => "jwks",
         (&Method::GET, ["v1", "api-keys"]) => "list",
         (&Method::POST, ["v1", "api-keys"]) => "create",
         (_, ["v1", "api-keys", "revoke"]) => "mass_revoke",

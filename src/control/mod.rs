@@ -6,6 +6,7 @@
 //! a token of the wrong role 403. Tokens are looked up by HMAC digest (see `tokens`).
 
 pub mod api;
+pub mod exchange;
 pub mod metrics;
 pub mod tokens;
 
@@ -45,6 +46,8 @@ pub struct Control {
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
+    /// Short-lived tokens: signing keys and the table the exchange authenticates against.
+    pub broker: crate::tokens::broker::Broker,
 }
 
 impl std::fmt::Debug for Control {
@@ -230,7 +233,11 @@ pub async fn start(
         }
     }
     let tokens_path = tokens::TokenStore::for_config(&config, &settings);
+    let broker = crate::tokens::broker::Broker::new(crate::tokens::TokenSettings::from_config(
+        &config, None,
+    )?);
     let control = Arc::new(Control {
+        broker,
         tokens: ArcSwap::from_pointee((None, Tokens::default())),
         tokens_path,
         settings,
