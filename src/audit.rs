@@ -17,8 +17,9 @@ pub struct Event {
     /// reads both streams.
     pub timestamp: String,
     /// `key.created`, `key.updated`, `key.rotated`, `key.revoked`, `key.imported`,
-    /// `key.canary_used`, `table.applied`, `store.created`, `source.error`, `config.reloaded`,
-    /// `auth.denied`.
+    /// `key.canary_used`, `key.quota_exceeded`, `key.redigested`, `table.applied`,
+    /// `store.created`, `source.error`, `config.reloaded`, `auth.denied`, `webhook.delivered`,
+    /// `webhook.attempt_failed`, `webhook.failed`.
     pub event: &'static str,
     pub actor: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -187,6 +187,9 @@ fn writable_problems(config: &Config) -> Vec<String> {
         // The Redis store is not a local file.
         _ => {}
     }
+    if let Some(a) = &config.access_log {
+        paths.push(("access_log.path", config.resolve(&a.path)));
+    }
     paths
         .into_iter()
         .filter_map(|(field, path)| {
@@ -286,5 +289,16 @@ mod tests {
             1,
             "probe removed"
         );
+    }
+
+    #[test]
+    fn the_access_log_file_must_be_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        let text = "[keys]\naudit_log = \"a.jsonl\"\n[access_log]\npath = \"f/access.jsonl\"\n";
+        let config = Config::parse(text, &dir.path().join("k.toml")).unwrap();
+        let problems = writable_problems(&config);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("access_log.path "), "{problems:?}");
     }
 }

@@ -52,6 +52,48 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Send one signed sample delivery to URL now (not queued); exit 1 unless it answers 2xx.
+    Test {
+        /// The receiver: a configured [[webhooks]] url (its secret and CA are used), or any
+        /// URL with --secret-env.
+        url: String,
+        /// Event type of the sample.
+        #[arg(long, default_value = "key.revoked")]
+        event: String,
+        /// Env var holding the signing secret (≥ 32 bytes), for a URL not in the config.
+        #[arg(long)]
+        secret_env: Option<String>,
+        /// PEM CA bundle for an https:// URL not in the config.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// `keygate webhooks …`.
+pub fn run_webhooks(config: &Config, cmd: WebhooksCommand) -> Result<(), Failure> {
+    match cmd {
+        WebhooksCommand::Test {
+            url,
+            event,
+            secret_env,
+            ca_file,
+        } => {
+            let (id, status) = crate::webhooks::sample::run(
+                config,
+                &url,
+                &event,
+                secret_env.as_deref(),
+                ca_file.as_deref(),
+            )?;
+            out(&format!(
+                "delivered {event} sample {id} to {url}: HTTP {status}"
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
     Serve,
@@ -91,6 +133,16 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: String,
     },
+    /// Webhook receivers: send a signed sample delivery.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+    /// Governance figures from the store and the audit log: rotation success and time, TTL
+    /// within policy, stale keys found and removed, canary alarm to revocation.
+    Report {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list, rotate and revoke API keys.
     #[command(subcommand)]
     Keys(Box<KeysCommand>),
@@ -108,6 +160,9 @@ pub enum Command {
     /// Find keygate API keys in files, trees, gzip/tar archives and stdin (prefix and
     /// checksum: no false positives); exit 0 none exposed, 1 exposed keys found, 2 error.
     Scan(Box<crate::scan::ScanArgs>),
+    /// Signing keys of short-lived tokens (`POST /v1/tokens`): keygen, rotate, list, jwks.
+    #[command(subcommand)]
+    Tokens(crate::tokens::cli::TokensCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,7 +386,8 @@ pub fn run_store(config: &Config, cmd: StoreCommand) -> Result<(), Failure> {
 pub enum AdminTokenCommand {
     /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
     Create {
-        /// What the token may do: read, write (read + changes), feed (gateways) or verify
+        /// What the token may do: read, write (read + changes), feed (gateways), redigest
+        /// (gateways handing in keys re-digested under the current secret version) or verify
         /// (only POST /v1/api-keys/verify, for services outside the proxy).
         #[arg(long, value_enum)]
         role: crate::control::tokens::Role,
@@ -894,7 +950,7 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 /// Usage of `ids`: fleet-wide from Redis when `[redis]` is configured, else the usage file.
-fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
+pub fn load_usage(config: &Config, settings: &KeySettings, ids: &[&str]) -> Usage {
     let Ok(Some(redis)) = crate::redis::Settings::from_config(config) else {
         return crate::usage::read(&settings.usage_file);
     };

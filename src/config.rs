@@ -95,12 +95,21 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub tokens: TokensConfig,
     /// Shared Redis for fleet-wide limits, quotas and usage. None: everything stays per node.
     pub redis: Option<RedisConfig>,
+    /// `[access_log]`: one JSON line per request into a file, reopened on SIGUSR1.
+    pub access_log: Option<AccessLogConfig>,
+    /// `[otlp]`: one span per request over OTLP/HTTP (needs the `otlp` cargo feature).
+    pub otlp: Option<OtlpConfig>,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Signed notifications of key events (`webhooks`).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
     /// The directory the config file lives in; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -141,6 +150,49 @@ pub static ENV_OVERRIDES: [EnvOverride; 3] = [
         slot: |c| &mut c.control.listen,
     },
 ];
+
+/// One `[[webhooks]]` receiver (validated by `webhooks::Endpoint::from_config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `https://` URL (`http://` only to a loopback address).
+    pub url: String,
+    /// Event types delivered, e.g. `["key.revoked", "key.expiring"]`.
+    pub events: Vec<String>,
+    /// Env var holding the signing secret (≥ 32 bytes).
+    pub secret_env: String,
+    /// When `key.expiring` fires before expiry, e.g. `["14d", "7d", "1d"]` (the default).
+    #[serde(default = "default_lead_times")]
+    pub lead_times: Vec<String>,
+    /// How long a delivery is retried before it is given up, e.g. "24h" (the default).
+    #[serde(default = "default_retry_for")]
+    pub retry_for: String,
+    /// First retry delay, ms; doubles per attempt (with jitter), capped at 10 minutes.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Per attempt: connect, TLS and response within this, ms.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// PEM CA bundle that signs the receiver's certificate (needed for `https://`: keygate
+    /// ships no public root store).
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_lead_times() -> Vec<String> {
+    vec!["14d".into(), "7d".into(), "1d".into()]
+}
+
+fn default_retry_for() -> String {
+    "24h".into()
+}
+
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    5000
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -194,6 +246,14 @@ pub struct KeysConfig {
     /// What `serve` and `check` do when live keys use a secret version with no configured
     /// secret (they would all fail with 401): "refuse" (default) or "warn".
     pub on_missing_secret_version: String,
+    /// Re-digest keys seen in traffic under an old secret version under the current one
+    /// (hash-secret migration, `redigest`): true (default) or false.
+    pub redigest: bool,
+    /// Send re-digests to this control plane (`http(s)://host:port`) instead of writing the
+    /// store; default: the feed's control plane in feed mode, the store otherwise.
+    pub redigest_url: Option<String>,
+    /// Env var holding a `redigest`-role admin token, for re-digests sent to a control plane.
+    pub redigest_token_env: String,
 }
 
 impl Default for KeysConfig {
@@ -223,6 +283,9 @@ impl Default for KeysConfig {
             on_stale: "serve".into(),
             stale_after: "90d".into(),
             on_missing_secret_version: "refuse".into(),
+            redigest: true,
+            redigest_url: None,
+            redigest_token_env: "KEYGATE_REDIGEST_TOKEN".into(),
         }
     }
 }
@@ -440,6 +503,63 @@ impl Default for RedisConfig {
     }
 }
 
+/// `[access_log]`: the access-log file sink (see `access`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file (JSON lines), relative to the config file. Appended to; `SIGUSR1` reopens it,
+    /// so rotation is `mv` then `SIGUSR1` (no copytruncate).
+    pub path: PathBuf,
+    /// Lines waiting for the writer; beyond this lines are dropped and counted
+    /// (`keygate_access_log_lines_dropped_total`), never waited for.
+    #[serde(default = "default_access_log_queue")]
+    pub queue_lines: usize,
+}
+
+fn default_access_log_queue() -> usize {
+    16_384
+}
+
+/// `[otlp]`: spans exported over OTLP/HTTP with the JSON encoding (see `otlp`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's traces URL, `http://host:port/v1/traces` (plain HTTP: run a local
+    /// collector or agent for TLS).
+    pub endpoint: String,
+    /// `service.name` of the exported resource.
+    #[serde(default = "default_otlp_service")]
+    pub service_name: String,
+    /// Spans waiting for export; beyond this spans are dropped and counted, never waited for.
+    #[serde(default = "default_otlp_queue")]
+    pub queue_spans: usize,
+    /// Most spans in one export request.
+    #[serde(default = "default_otlp_batch")]
+    pub batch_spans: usize,
+    /// A partial batch is sent after this long.
+    #[serde(default = "default_otlp_flush")]
+    pub flush_interval_ms: u64,
+    /// One export request may take this long (then its spans count as failed).
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_otlp_service() -> String {
+    "keygate".into()
+}
+fn default_otlp_queue() -> usize {
+    4096
+}
+fn default_otlp_batch() -> usize {
+    512
+}
+fn default_otlp_flush() -> u64 {
+    1000
+}
+fn default_otlp_timeout() -> u64 {
+    5000
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorsConfig {
@@ -491,6 +611,52 @@ impl Default for ControlConfig {
             feed_buffer: 4096,
         }
     }
+}
+
+/// `[tokens]`: short-lived tokens exchanged for an API key (`POST /v1/tokens`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// Longest lifetime a client may ask for, e.g. "15m" (the default).
+    pub max_ttl: String,
+    /// Lifetime when the request names none, e.g. "5m".
+    pub default_ttl: String,
+    /// Ed25519 signing keys (private), written by `keygate tokens keygen` / `rotate`; read
+    /// by whoever mints: the control plane, or a gateway with `issue = true`.
+    pub signing_keys: PathBuf,
+    /// This gateway mints tokens itself (`POST /v1/tokens` on its own listener) and verifies
+    /// them with its own signing keys: for a single node without a control plane. Off by
+    /// default: gateways hold public keys only.
+    pub issue: bool,
+    /// JWKS a gateway verifies with; default: `/v1/jwks` of the control plane in `keys.feed_url`.
+    pub jwks_url: Option<String>,
+    /// Or a JWKS file (`keygate tokens jwks > FILE`), re-read on every refresh.
+    pub jwks_file: Option<PathBuf>,
+    /// How often a gateway refreshes the JWKS, e.g. "60s" (an unknown kid also refreshes it,
+    /// at most once a second).
+    pub jwks_refresh: String,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            max_ttl: "15m".into(),
+            default_ttl: "5m".into(),
+            signing_keys: "token-signing-keys.json".into(),
+            issue: false,
+            jwks_url: None,
+            jwks_file: None,
+            jwks_refresh: "60s".into(),
+        }
+    }
+}
+
+/// `accept_tokens = { audience = "…" }` on a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptTokens {
+    /// A token is accepted only when its `aud` is exactly this.
+    pub audience: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -553,6 +719,9 @@ pub struct RouteConfig {
     /// off by default: every other route refuses them (403 `publishable_key_denied`).
     #[serde(default)]
     pub publishable: bool,
+    /// Accept short-lived tokens (`kgt_…`) minted for this audience; every other route
+    /// refuses tokens with the same 401 as a bad key.
+    pub accept_tokens: Option<AcceptTokens>,
 }
 
 impl Config {

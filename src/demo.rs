@@ -138,6 +138,7 @@ pub async fn run(dir: &Path, listen: &str, admin: &str) -> Result<(), Box<dyn st
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let stop = crate::server::stop_signal();
     let base = format!("http://{}", bound.http);
     println!(
         "keygate demo: gateway {base}, admin http://{}, upstream http://{up}, files in {}",
@@ -152,7 +153,7 @@ pub async fn run(dir: &Path, listen: &str, admin: &str) -> Result<(), Box<dyn st
     println!("try (401): curl -i {base}/invoices/42");
     println!("metrics:   curl http://{}/metrics", bound.admin);
     println!("Ctrl-C to stop.");
-    crate::server::wait_for_stop().await;
+    stop.await;
     shutdown.shutdown().await;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! OWASP API2); only `outcome()` tells metrics and logs.
 
 use crate::hygiene::HygieneError;
-use crate::keys::table::AuthError;
+use crate::keys::table::{AuthError, TokenRefusal};
 use crate::limit::Verdict;
 use crate::path::PathError;
 use crate::trace::TraceId;
@@ -82,6 +82,9 @@ pub enum Outcome {
     KeyExpired,
     KeyNotYetValid,
     KeyCanary,
+    TokenInvalid,
+    TokenExpired,
+    TokenNotAccepted,
     KeyAmbiguous,
     ScopeDenied,
     NetworkDenied,
@@ -105,7 +108,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 28] = [
+    pub const ALL: [Outcome; 31] = [
         Outcome::Ok,
         Outcome::KeyMissing,
         Outcome::KeyMalformed,
@@ -114,6 +117,9 @@ impl Outcome {
         Outcome::KeyExpired,
         Outcome::KeyNotYetValid,
         Outcome::KeyCanary,
+        Outcome::TokenInvalid,
+        Outcome::TokenExpired,
+        Outcome::TokenNotAccepted,
         Outcome::KeyAmbiguous,
         Outcome::ScopeDenied,
         Outcome::NetworkDenied,
@@ -150,6 +156,9 @@ impl Outcome {
             Outcome::KeyExpired => "key_expired",
             Outcome::KeyNotYetValid => "key_not_yet_valid",
             Outcome::KeyCanary => "key_canary",
+            Outcome::TokenInvalid => "token_invalid",
+            Outcome::TokenExpired => "token_expired",
+            Outcome::TokenNotAccepted => "token_not_accepted",
             Outcome::KeyAmbiguous => "key_ambiguous",
             Outcome::ScopeDenied => "scope_denied",
             Outcome::NetworkDenied => "network_denied",
@@ -184,6 +193,9 @@ impl Outcome {
                 | Outcome::KeyExpired
                 | Outcome::KeyNotYetValid
                 | Outcome::KeyCanary
+                | Outcome::TokenInvalid
+                | Outcome::TokenExpired
+                | Outcome::TokenNotAccepted
         )
     }
 }
@@ -265,6 +277,9 @@ impl GatewayError {
                 AuthError::Expired(_) => Outcome::KeyExpired,
                 AuthError::NotYetValid(_) => Outcome::KeyNotYetValid,
                 AuthError::Canary(_) => Outcome::KeyCanary,
+                AuthError::Token(TokenRefusal::Invalid) => Outcome::TokenInvalid,
+                AuthError::Token(TokenRefusal::Expired) => Outcome::TokenExpired,
+                AuthError::Token(TokenRefusal::NotAccepted) => Outcome::TokenNotAccepted,
             },
             GatewayError::AuthBudgetExceeded { .. } => Outcome::AuthBudgetExceeded,
             GatewayError::ScopeDenied => Outcome::ScopeDenied,

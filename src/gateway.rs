@@ -29,14 +29,26 @@ pub struct Gateway {
     pub usage: Usage,
     /// Leak forensics sketches (bounded; see `forensics`).
     pub forensics: crate::forensics::Forensics,
+    /// Keys seen under an old secret version, queued for re-digesting (`redigest`).
+    pub redigests: crate::redigest::Redigests,
     audit: SyncSender<Event>,
     in_flight: AtomicUsize,
     request_seq: AtomicU64,
     boot_id: u32,
     /// New W3C trace and span ids (no syscall per request).
     pub trace_ids: crate::trace::IdSource,
+    /// Public keys of short-lived tokens (built once, from the first config, like Redis).
+    pub tokens: Arc<crate::tokens::verifier::Verifier>,
+    /// Signing keys when this gateway mints tokens (`[tokens] issue = true`), from the first
+    /// config like `tokens`.
+    pub broker: Option<Arc<crate::tokens::broker::Broker>>,
+    /// Access-log file and span export (built once, at start).
+    pub sinks: Arc<crate::access::Sinks>,
     /// Refused attempts per known key id since the last `auth.denied` summary (bounded).
     denied_keys: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Per key lineage, until when its `key.quota_exceeded` has been announced (the quota
+    /// window's end): one event per key and window, not one per refused request.
+    quota_alarms: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// Most key ids one `auth.denied` summary names; beyond it attempts still count by reason.
@@ -75,7 +87,11 @@ fn node_name(s: &Snapshot) -> String {
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Arc<Gateway> {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        sinks: crate::access::Sinks,
+    ) -> Arc<Gateway> {
         let limits = &snapshot.config.limits;
         let failures = AuthFailures::new(
             limits.auth_failures_per_minute,
@@ -100,9 +116,19 @@ impl Gateway {
             )
         });
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());
+        let redigests = crate::redigest::Redigests::new(metrics.keys_redigested.clone());
         let mut boot = [0u8; 4];
         let _ = getrandom::fill(&mut boot);
+        let tokens = Arc::new(crate::tokens::verifier::Verifier::new(
+            snapshot.tokens.jwks.clone(),
+        ));
+        let broker = snapshot
+            .tokens
+            .issue
+            .then(|| Arc::new(crate::tokens::broker::Broker::new(snapshot.tokens.clone())));
         Arc::new(Gateway {
+            tokens,
+            broker,
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),
@@ -113,12 +139,15 @@ impl Gateway {
             metrics,
             usage,
             forensics,
+            redigests,
             audit,
             in_flight: AtomicUsize::new(0),
             request_seq: AtomicU64::new(0),
             boot_id: u32::from_le_bytes(boot),
-            trace_ids: crate::trace::IdSource::new(),
+            trace_ids: crate::trace::IdSource::new().sampling_new_traces(sinks.records_spans()),
+            sinks: Arc::new(sinks),
             denied_keys: Default::default(),
+            quota_alarms: Default::default(),
         })
     }
 
@@ -226,6 +255,23 @@ impl Gateway {
             .lock()
             .map(|mut m| std::mem::take(&mut *m))
             .unwrap_or_default()
+    }
+
+    /// True the first time `lineage` exceeds its quota in the window ending `reset_secs` from
+    /// `now` (then `key.quota_exceeded` is audited). Bounded: past `MAX_DENIED_KEYS` lineages
+    /// the map starts over, which at worst repeats an event.
+    pub fn quota_alarm(&self, lineage: &str, now: i64, reset_secs: u64) -> bool {
+        let Ok(mut m) = self.quota_alarms.lock() else {
+            return false;
+        };
+        if m.get(lineage).is_some_and(|until| now < *until) {
+            return false;
+        }
+        if m.len() >= MAX_DENIED_KEYS {
+            m.clear();
+        }
+        m.insert(lineage.to_owned(), now + reset_secs.max(1) as i64);
+        true
     }
 
     /// Queue an audit event; never blocks the caller. A full queue drops and counts.

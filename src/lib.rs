@@ -4,7 +4,8 @@
 //!
 //! 1. `route`     — host + longest path prefix + method, on the canonical path (`path`)
 //! 2. `extract`   — the key from `Authorization: Bearer` or the configured header
-//! 3. authenticate — format check, HMAC-SHA256 digest, table lookup (`keys::table`)
+//! 3. authenticate — format check, HMAC-SHA256 digest, table lookup (`keys::table`); or,
+//!    for a short-lived token, signature and parent key by id (`credential`, `tokens`)
 //! 4. `authz`     — scopes, client network, env, browser origin
 //! 5. `limit`     — the key lineage's token bucket
 //! 6. `forward`   — header hygiene (`hygiene`), identity headers, pooled upstream client
@@ -21,20 +22,25 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod credential;
 pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod forensics;
 pub mod forward;
 pub mod gateway;
+pub mod governance;
 pub mod health;
 pub mod hygiene;
 pub mod keys;
 pub mod limit;
 pub mod locate;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod path;
 pub mod pipeline;
+pub mod redigest;
 pub mod redis;
 pub mod reload;
 pub mod rotations;
@@ -46,5 +52,7 @@ pub mod store;
 pub mod sync;
 pub mod systemd;
 pub mod tls;
+pub mod tokens;
 pub mod trace;
 pub mod usage;
+pub mod webhooks;

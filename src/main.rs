@@ -109,6 +109,9 @@ fn run(config: &std::path::Path, command: Command) -> Result<(), Failure> {
             _ => Err(Failure::Error("scan failed".into())),
         },
         Command::Health { addr, timeout } => health(config, addr, &timeout),
+        Command::Tokens(cmd) => keygate::tokens::cli::run(&Config::load(config)?, cmd),
+        Command::Webhooks(cmd) => keygate::cli::run_webhooks(&Config::load(config)?, cmd),
+        Command::Report { json } => keygate::governance::run_report(&Config::load(config)?, json),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "keygate", &mut script);

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub redis_command_seconds: Histogram,
     pub limiter_fallback: IntCounterVec,
+    /// Keys seen under an old secret version, by what became of their re-digest.
+    pub keys_redigested: IntCounterVec,
     key_requests: IntCounterVec,
     key_series: DashMap<String, IntCounter>,
     key_series_cap: usize,
@@ -224,6 +226,7 @@ impl Metrics {
             redis_up: IntGauge::new("keygate_redis_up", "1 while Redis answers (circuit closed), 0 while the limiter treats it as down.").unwrap_or_else(|_| unreachable_collector("redis_up")),
             redis_command_seconds: Histogram::with_opts(HistogramOpts::new("keygate_redis_command_seconds", "Redis command round trips (connect included when one was needed).").buckets(REDIS_BUCKETS.to_vec())).unwrap_or_else(|_| unreachable_collector("redis_command_seconds")),
             limiter_fallback: IntCounterVec::new(Opts::new("keygate_limiter_fallback_total", "Limit decisions taken without Redis (limits.on_redis_down applied), by reason (circuit_open, timeout, error)."), &["reason"]).unwrap_or_else(|_| unreachable_collector("limiter_fallback")),
+            keys_redigested: counter_vec(&r, "keygate_keys_redigested_total", "Keys seen under an old hash-secret version, by what became of their re-digest under the current one (written, current: already on it, refused, dropped: queue full, failed: store or control plane unreachable).", &["outcome"]),
             key_requests: counter_vec(&r, "keygate_key_requests_total", "Authenticated requests per key (opt-in, capped; overflow counts as key_id=\"other\").", &["key_id"]),
             key_series: DashMap::new(),
             key_series_cap: per_key_series,
@@ -260,6 +263,9 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.config_reloads.with_label_values(&[result]);
         }
+        for o in crate::redigest::Outcome::ALL {
+            m.keys_redigested.with_label_values(&[o.as_str()]);
+        }
         m
     }
 
@@ -271,6 +277,27 @@ impl Metrics {
         for reason in ["circuit_open", "timeout", "error"] {
             self.limiter_fallback.with_label_values(&[reason]);
         }
+    }
+
+    /// Register a counter that exists only with an optional feature configured (the access
+    /// log file, OTLP export), exported at 0 from then on.
+    pub fn register_counter(&self, name: &str, help: &str) -> IntCounter {
+        counter(&self.registry, name, help)
+    }
+
+    /// The same for a labelled counter; `values` are created at 0.
+    pub fn register_counter_vec(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> IntCounterVec {
+        let c = counter_vec(&self.registry, name, help, &[label]);
+        for v in values {
+            c.with_label_values(&[v]);
+        }
+        c
     }
 
     /// The collectors the Redis client updates.
@@ -311,6 +338,11 @@ impl Metrics {
     }
 
     /// The text exposition of every collector.
+    /// For series registered by other modules (webhooks, governance).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

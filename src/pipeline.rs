@@ -4,7 +4,7 @@
 //! `Result<_, GatewayError>`), turns an error into its problem+json response, and records
 //! metrics, the failed-auth budget, usage and audit exactly once. `pipeline` reads top to
 //! bottom: admit → table ready → validate head → canonical path → route → (CORS preflight) →
-//! extract key → failure budget → authenticate → authorize → rate limit → forward.
+//! extract credential → failure budget → authenticate (key or token) → authorize → rate limit → forward.
 
 use crate::access::{self, AccessBody};
 use crate::audit::Event;
@@ -79,7 +79,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<AccessBody>, Infallible> {
     let started = Instant::now();
-    let logged = access::enabled();
+    let logged = access::enabled() || gw.sinks.wanted();
     let snap = gw.snapshot();
     let request_id = hygiene::client_request_id(req.headers())
         .and_then(|id| HeaderValue::from_str(id).ok())
@@ -125,12 +125,13 @@ pub async fn handle(
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     record(&gw, &snap, &ctx, outcome, resp.status(), started);
-    let line = logged.then(|| access_line(&snap, ctx, &resp, outcome, method, started));
+    let line = logged.then(|| access_line(&gw, &snap, ctx, &resp, outcome, method, started));
     Ok(resp.map(|body| AccessBody::new(body, line)))
 }
 
 /// The access line's fields (see `access`): only built when access lines are on.
 fn access_line(
+    gw: &Gateway,
     snap: &Snapshot,
     ctx: Ctx,
     resp: &Response<RespBody>,
@@ -155,10 +156,12 @@ fn access_line(
         key_id: ctx.key.as_ref().map(|k| k.id.clone()),
         client_ip: ctx.client_ip,
         trace_id: ctx.trace.trace_id.to_string(),
+        trace: ctx.trace,
         started,
         upstream: ctx.upstream,
         bytes_in: ctx.bytes_in.unwrap_or_default(),
         bytes_out: 0,
+        sinks: gw.sinks.clone(),
     })
 }
 
@@ -217,7 +220,7 @@ async fn pipeline(
         parts.uri.query(),
         &snap.key_header,
         route.query_key_param.as_deref(),
-        MAX_KEY_LEN,
+        MAX_KEY_LEN.max(crate::tokens::jwt::MAX_TOKEN_LEN),
     )
     .map_err(|e| match e {
         ExtractError::Missing => GatewayError::KeyMissing,
@@ -233,23 +236,22 @@ async fn pipeline(
         });
     }
     let now = crate::clock::unix_secs();
-    let key = gw
-        .table()
-        .authenticate(
-            presented,
-            &snap.keys.format,
-            &snap.keys.hasher,
-            now,
-            snap.keys.leeway_secs,
-        )
+    // One credential step for API keys and short-lived tokens (`credential`).
+    let key = crate::credential::authenticate(gw, snap, route, presented, now)
+        .await
         .map_err(|e| {
             // A refused key that exists (revoked, expired, not yet valid, canary) is named in
             // the access log, the denial audit and the canary alarm (`record`), so attempts
-            // after a leak are attributable; the response stays the uniform 401.
+            // after a leak are attributable; the response stays the uniform 401. A token
+            // refused for its parent's state names the parent.
             ctx.key = e.record().cloned();
             GatewayError::KeyInvalid(e)
         })?;
     ctx.key = Some(key.clone());
+    // Hash-secret migration: the plaintext is here now, and only now (`redigest`).
+    if snap.redigest.enabled() {
+        gw.redigests.offer(&key, presented, &snap.keys.hasher, now);
+    }
 
     let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
     authz::authorize(
@@ -652,8 +654,28 @@ fn record(
         Outcome::RateLimited | Outcome::QuotaExceeded => {
             let plan = plan_label(snap, ctx.key.as_deref());
             gw.metrics.rate_limited.with_label_values(&[plan]).inc();
+            if outcome == Outcome::QuotaExceeded {
+                quota_exceeded(gw, ctx);
+            }
         }
         _ => {}
+    }
+}
+
+/// A key ran out of quota: audited once per key and quota window (webhook
+/// `key.quota_exceeded`), not once per refused request.
+fn quota_exceeded(gw: &Gateway, ctx: &Ctx) {
+    let (Some(k), Some(v)) = (&ctx.key, &ctx.verdict) else {
+        return;
+    };
+    if gw.quota_alarm(&k.lineage, crate::clock::unix_secs(), v.reset_secs) {
+        gw.audit(
+            Event::new("key.quota_exceeded", "gateway")
+                .key(k)
+                .with("limit", v.limit)
+                .with("window_secs", v.window_secs)
+                .with("reset_secs", v.reset_secs),
+        );
     }
 }
 

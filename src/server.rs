@@ -139,6 +139,12 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     let config_file = ConfigFile::new(config_path);
     let (gw, bound, shutdown) = start(config_path).await?;
     tokio::spawn(crate::reload::watch(gw.clone(), config_file.clone()));
+    // Installed before "listening" is announced: a SIGUSR1 never meets the default action
+    // (terminate), with or without an access log.
+    reopen_on_sigusr1(gw.sinks.file.clone());
+    // Likewise SIGTERM/SIGINT/SIGHUP: a test or supervisor may signal the moment it reads the
+    // line; before the handlers exist, that signal would kill the process outright.
+    let mut signals = Signals::install();
     println!(
         "{}",
         serde_json::json!({"event": "listening", "http": bound.http.to_string(), "https": bound.https.map(|a| a.to_string()), "admin": bound.admin.to_string()})
@@ -148,10 +154,11 @@ pub async fn serve(config_path: &Path) -> Result<(), ServeError> {
     if let Some(every) = crate::systemd::watchdog_interval() {
         tokio::spawn(crate::systemd::watchdog(every));
     }
-    let mut signals = Signals::install();
     signals.until_stop(&gw, &config_file).await;
     lame_duck(&gw, &mut signals).await;
     shutdown.shutdown().await;
+    // Every request is over: write the access lines and spans still queued.
+    gw.sinks.finish(Duration::from_secs(5)).await;
     // After the drain no request can spend a leased token: hand the rest back to the fleet.
     if let Some(f) = gw.limiter.fleet() {
         let returned = f.release_all().await;
@@ -184,6 +191,52 @@ impl Shutdown {
     }
 }
 
+/// The webhook sender and governance gauges of a single node (file store). Gateways of a fleet (feed or Redis
+/// store) leave sending to the control plane, which sees every change once.
+fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError> {
+    let snap = gw.snapshot();
+    let endpoints = crate::webhooks::endpoints(&snap.config)?;
+    if !single_node {
+        if !endpoints.is_empty() {
+            tracing::warn!("[[webhooks]] ignored: in a fleet the control plane sends webhooks");
+        }
+        return Ok(());
+    }
+    let (table, local) = (gw.clone(), gw.clone());
+    let usage_file = snap.keys.usage_file.clone();
+    let records: crate::webhooks::run::Records = Arc::new(move || table.table().records());
+    let usage: crate::webhooks::run::UsageFn = Arc::new(move || {
+        let mut u = crate::usage::read(&usage_file);
+        for (id, mine) in local.usage.snapshot() {
+            u.entry(id).or_default().merge(&mine);
+        }
+        u
+    });
+    // The governance figures come from the same place as the events: the node's audit log.
+    crate::governance::spawn(
+        gw.metrics.registry(),
+        records.clone(),
+        usage.clone(),
+        snap.keys.audit_log.clone(),
+        snap.keys.policy.clone(),
+        snap.keys.stale_after_secs,
+    );
+    if endpoints.is_empty() {
+        return Ok(());
+    }
+    let metrics = crate::webhooks::run::WebhookMetrics::register(gw.metrics.registry());
+    let host = crate::webhooks::run::Host {
+        records,
+        usage,
+        audit: crate::audit::AuditLog::new(snap.keys.audit_log.clone()),
+        stale_after_secs: snap.keys.stale_after_secs,
+        actor: "gateway",
+    };
+    let queue = crate::webhooks::run::queue_path(&snap.keys.store);
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, None);
+    Ok(())
+}
+
 /// Load config, start every listener and background task. Used by `serve` and `demo`.
 pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown), ServeError> {
     let config = Config::load(config_path)?;
@@ -205,11 +258,13 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
     }
     let file_source = feed.is_none();
-    let gw = Gateway::new(snapshot, metrics.clone());
+    let sinks = crate::access::Sinks::start(&snapshot.config, &metrics)?;
+    let gw = Gateway::new(snapshot, metrics.clone(), sinks);
     if let Some(f) = gw.limiter.fleet() {
         f.client().spawn_health();
     }
     let redis_store = gw.snapshot().keys.redis_store.clone();
+    let single_node = file_source && redis_store.is_none();
     match feed {
         None if redis_store.is_some() => {
             if let Some(settings) = redis_store {
@@ -228,9 +283,12 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         )?,
         Some(f) => {
             crate::sync::feed::spawn(gw.clone(), f.clone());
+            crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f.clone());
             crate::sync::feed::spawn_usage_reports(gw.clone(), f);
         }
     }
+
+    crate::tokens::verifier::spawn_refresh(gw.clone());
 
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));
@@ -312,11 +370,13 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
     let admin_addr = admin_l.local_addr()?;
     tokio::spawn(admin_loop(admin_l, gw.clone(), rx.clone()));
+    start_webhooks(&gw, single_node)?;
     if file_source {
         // A gateway following a feed knows only its own traffic: the control plane completes
         // rotations in a fleet (`rotations`).
         tokio::spawn(crate::rotations::run_on_gateway(gw.clone(), rx.clone()));
     }
+    tokio::spawn(crate::redigest::run(gw.clone(), rx.clone()));
     tokio::spawn(upkeep(gw.clone(), rx));
 
     let bound = if main_is_tls {
@@ -400,7 +460,17 @@ async fn accept_loop(
                 tls: tls.is_some(),
             };
             let svc_gw = gw.clone();
-            let service = service_fn(move |req| pipeline::handle(svc_gw.clone(), conn, req));
+            // The token exchange of a gateway that issues sits beside the request path.
+            let service = service_fn(move |req| {
+                let gw = svc_gw.clone();
+                async move {
+                    if crate::tokens::issue::is_exchange(&gw, &req) {
+                        crate::tokens::issue::handle(gw, conn, req).await
+                    } else {
+                        pipeline::handle(gw, conn, req).await
+                    }
+                }
+            });
             match tls {
                 Some(acceptor) => {
                     // hyper's timeouts do not cover the TLS handshake (THREATS E4).
@@ -702,16 +772,46 @@ async fn flush_usage(gw: &Arc<Gateway>) {
     .await;
 }
 
-/// Wait for SIGTERM/SIGINT (no reload handling; used by the demo).
-pub async fn wait_for_stop() {
+/// `SIGUSR1` reopens the access-log file (rotation: `mv` the file, then signal).
+fn reopen_on_sigusr1(file: Option<crate::access::FileSink>) {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGUSR1 handler; the access log will not reopen");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match &file {
+                Some(f) => f.reopen(),
+                None => tracing::info!("SIGUSR1: no [access_log] file to reopen"),
+            }
+        }
+    });
+}
+
+/// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either (no
+/// reload handling; the demo and the control plane). Installed before the caller announces
+/// itself, so a signal sent the moment "listening" is read never meets the default action.
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            },
+            (Ok(mut only), Err(_)) | (Err(_), Ok(mut only)) => {
+                only.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot install signal handlers; runs until killed");
+                std::future::pending::<()>().await
+            }
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Route {
     pub max_body_bytes: u64,
     pub methods: Vec<Method>,
     pub series: RouteSeries,
+    /// The token audience this route accepts (`accept_tokens`); None: tokens are refused.
+    pub accept_tokens: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,10 @@ pub struct Snapshot {
     pub max_staleness: Duration,
     pub on_stale: OnStale,
     pub touch_interval: Duration,
+    /// `[tokens]`: how this gateway gets the public keys of short-lived tokens.
+    pub tokens: crate::tokens::TokenSettings,
+    /// Where keys seen under an old secret version are re-digested (`redigest`).
+    pub redigest: crate::redigest::Target,
     pub config: Config,
 }
 
@@ -132,6 +138,10 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        crate::access::validate(&c)?;
+        // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
+        // `serve` and a reload refuse a bad entry the same way.
+        crate::webhooks::endpoints(&c)?;
         let plans = plan_shapes(&c)?;
         let default_shape = plans.get("default").copied();
         let redis = crate::redis::Settings::from_config(&c)?;
@@ -279,6 +289,7 @@ impl Snapshot {
                 max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
                 methods,
                 series: metrics.route_series(&r.name),
+                accept_tokens: r.accept_tokens.as_ref().map(|a| a.audience.clone()),
             });
         }
 
@@ -383,7 +394,12 @@ impl Snapshot {
                 ))
             }
         };
+        let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
+        tokens.check_issuer(&c)?;
+        let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
         Ok(Snapshot {
+            tokens,
+            redigest,
             feed,
             keys,
             router: Router::new(specs),

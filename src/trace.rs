@@ -38,6 +38,8 @@ pub struct TraceContext {
     pub flags: u8,
     /// The client's trace was continued (its `tracestate` belongs to it and is kept).
     pub continued: bool,
+    /// The client's span, parent of keygate's (None for a new trace).
+    pub parent: Option<[u8; 8]>,
 }
 
 /// Makes ids for new traces and spans: unique per process (a bijective mix of a counter) and
@@ -46,6 +48,8 @@ pub struct TraceContext {
 pub struct IdSource {
     seeds: [u64; 3],
     seq: AtomicU64,
+    /// New traces are marked sampled: keygate exports spans (the `otlp` feature, configured).
+    sample_new: bool,
 }
 
 impl IdSource {
@@ -61,7 +65,14 @@ impl IdSource {
         IdSource {
             seeds: [seed(0), seed(1), seed(2)],
             seq: AtomicU64::new(0),
+            sample_new: false,
         }
+    }
+
+    /// Mark the traces keygate starts as sampled (it records their spans itself).
+    pub fn sampling_new_traces(mut self, on: bool) -> IdSource {
+        self.sample_new = on;
+        self
     }
 
     /// The context for a request with these headers.
@@ -69,11 +80,12 @@ impl IdSource {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let span_id = nonzero(splitmix(self.seeds[2] ^ n)).to_be_bytes();
         match incoming(headers) {
-            Some((trace_id, flags)) => TraceContext {
+            Some((trace_id, parent, flags)) => TraceContext {
                 trace_id,
                 span_id,
                 flags,
                 continued: true,
+                parent: Some(parent),
             },
             None => {
                 let mut id = [0u8; 16];
@@ -82,9 +94,10 @@ impl IdSource {
                 TraceContext {
                     trace_id: TraceId(id),
                     span_id,
-                    // Not sampled: keygate records no spans of its own.
-                    flags: 0,
+                    // Sampled only when keygate records spans itself (`otlp`).
+                    flags: u8::from(self.sample_new),
                     continued: false,
+                    parent: None,
                 }
             }
         }
@@ -98,6 +111,11 @@ impl Default for IdSource {
 }
 
 impl TraceContext {
+    /// The W3C `sampled` flag: the caller (or keygate, for a trace it started) records it.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
     /// `traceparent` for the upstream: version 00, this trace, keygate's span as the parent.
     pub fn header_value(&self) -> Option<HeaderValue> {
         let mut buf = [0u8; LEN];
@@ -125,19 +143,24 @@ impl TraceContext {
 
 /// The trace id and flags of the request's one valid `traceparent`. Several values are
 /// ambiguous and start a new trace, as does anything malformed (spec §3.2, §4.3).
-fn incoming(headers: &HeaderMap) -> Option<(TraceId, u8)> {
+fn incoming(headers: &HeaderMap) -> Option<(TraceId, [u8; 8], u8)> {
     let mut all = headers.get_all(&TRACEPARENT).iter();
     let value = all.next()?;
     if all.next().is_some() {
         return None;
     }
-    parse(value.as_bytes())
+    parse_with_parent(value.as_bytes())
 }
 
 /// `version-traceid-parentid-flags`, lowercase hex. Version 00 is exactly 55 bytes; a later
 /// version may append `-…` fields (read as 00, spec §4.3); version ff is invalid. All-zero
 /// trace or parent ids are invalid.
 pub fn parse(v: &[u8]) -> Option<(TraceId, u8)> {
+    parse_with_parent(v).map(|(trace, _, flags)| (trace, flags))
+}
+
+/// `parse`, keeping the parent span id too.
+fn parse_with_parent(v: &[u8]) -> Option<(TraceId, [u8; 8], u8)> {
     if v.len() < LEN || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
@@ -151,7 +174,14 @@ pub fn parse(v: &[u8]) -> Option<(TraceId, u8)> {
     if trace == [0; 16] || parent == [0; 8] {
         return None;
     }
-    Some((TraceId(trace), flags))
+    Some((TraceId(trace), parent, flags))
+}
+
+/// Lowercase hex of `bytes` (ids in OTLP's JSON encoding).
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex(bytes, &mut out);
+    out.into_iter().map(char::from).collect()
 }
 
 fn hex(bytes: &[u8], out: &mut [u8]) {

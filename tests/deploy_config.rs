@@ -1,6 +1,6 @@
 //! The configs we ship parse and validate with the real config code: the annotated example
-//! and the Kubernetes ConfigMap's embedded keygate.toml (a typo there would only surface in
-//! a cluster otherwise).
+//! and the Kubernetes ConfigMaps' embedded keygate.toml (the base's, and the fleet overlay's
+//! gateway and control-plane configs); a typo there would only surface in a cluster otherwise.
 // Test-only crate: helpers outside #[test] fns unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,25 +19,80 @@ fn validate(text: &str, name: &str) {
     Snapshot::build(config, &Metrics::new(0)).unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
-#[test]
-fn shipped_configs_validate() {
-    validate(Config::EXAMPLE, "config/keygate.toml");
-    let cm = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/configmap.yaml"),
-    )
-    .unwrap();
+/// The keygate.toml embedded in a ConfigMap file of the repository.
+fn embedded_toml(file: &str) -> String {
+    let cm = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
     let start = cm
         .find("keygate.toml: |")
         .expect("configmap embeds keygate.toml")
         + "keygate.toml: |".len();
-    let toml: String = cm[start..]
+    cm[start..]
         .lines()
         .skip(1)
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+#[test]
+fn shipped_configs_validate() {
+    validate(Config::EXAMPLE, "config/keygate.toml");
+    let toml = embedded_toml("deploy/kubernetes/base/configmap.yaml");
     validate(&toml, "deploy/kubernetes/base/configmap.yaml");
+}
+
+/// The fleet overlay's gateway and control-plane configs: the Redis key store, the hash
+/// secret read from the mounted file (here a real file with a test secret, at the path the
+/// config names swapped for a temporary one), state on the pod's emptyDir, and fleet-wide
+/// limits on the gateways.
+#[test]
+fn fleet_configs_validate_on_the_redis_store_with_the_secret_as_a_file() {
+    const MOUNTED: &str = "/run/secrets/keygate/hash-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hash-secret");
+    std::fs::write(&secret, "fleet-config-test-secret-0123456789abcdef\n").unwrap();
+    std::env::set_var("KEYGATE_REDIS_PASSWORD", "test-password");
+    for (file, gateway) in [
+        ("deploy/kubernetes/overlays/fleet/gateway-config.yaml", true),
+        ("deploy/kubernetes/overlays/fleet/control-plane.yaml", false),
+    ] {
+        let toml = embedded_toml(file);
+        let config = Config::parse(&toml, Path::new("/etc/keygate/keygate.toml"))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(config.keys.source, "redis", "{file}");
+        assert_eq!(
+            config.keys.hash_secret_file.as_deref(),
+            Some(Path::new(MOUNTED)),
+            "{file}"
+        );
+        let redis = config.redis.as_ref().expect("[redis]");
+        assert_eq!(redis.username.as_deref(), Some("keygate"), "{file}");
+        assert_eq!(
+            redis.password_env.as_deref(),
+            Some("KEYGATE_REDIS_PASSWORD"),
+            "{file}"
+        );
+        let mut state = vec![&config.keys.audit_log, &config.keys.usage_file];
+        if gateway {
+            state.push(&config.keys.feed_cache);
+            assert_eq!(config.limits.backend, "redis", "{file}: fleet-wide limits");
+            assert_eq!(config.server.listen, "0.0.0.0:8080");
+        } else {
+            assert_eq!(config.control.listen, "0.0.0.0:7070");
+        }
+        for p in state {
+            assert!(
+                config.resolve(p).starts_with("/var/lib/keygate/"),
+                "{file}: {} is not on the state emptyDir",
+                p.display()
+            );
+        }
+        let mut snapshot_config = config.clone();
+        snapshot_config.keys.hash_secret_file = Some(secret.clone());
+        Snapshot::build(snapshot_config, &Metrics::new(0))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
 }
 
 /// The image's version label follows the crate version.

@@ -1,7 +1,8 @@
 //! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON; `lookup` and `verify` take
 //! a key in the body and never echo or log it), `/v1/admin-tokens…` (list and revoke, write
-//! role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports)
-//! and `/v1/openapi.yaml`. Every error is
+//! role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
+//! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`), `/v1/tokens` and
+//! `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
 //! in the responses to create and rotate.
 
@@ -54,7 +55,7 @@ pub struct ApiError {
     allow: Option<&'static str>,
 }
 
-fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
     ApiError {
         status,
         code,
@@ -110,7 +111,7 @@ impl From<super::tokens::TokenError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -155,13 +156,19 @@ fn bearer_token(value: &str) -> Option<&str> {
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["v1", "openapi.yaml"] | ["v1", "feed"] => Some("GET"),
-        ["v1", "usage"] | ["v1", "api-keys", "revoke" | "lookup" | "verify"] => Some("POST"),
+        ["v1", "usage"] | ["v1", "events"] | ["v1", "api-keys", "revoke" | "lookup" | "verify"] => {
+            Some("POST")
+        }
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
-        ["v1", "api-keys", _, "rotate"] | ["v1", "api-keys", _, "rotate", "abort"] => Some("POST"),
+        ["v1", "api-keys", _, "rotate"]
+        | ["v1", "api-keys", _, "rotate", "abort"]
+        | ["v1", "api-keys", _, "redigest"] => Some("POST"),
         ["v1", "api-keys", _, "usage"] => Some("GET"),
         ["v1", "admin-tokens"] => Some("GET"),
         ["v1", "admin-tokens", _] => Some("DELETE"),
+        ["v1", "tokens"] => Some("POST"),
+        ["v1", "jwks"] => Some("GET"),
         _ => None,
     }
 }
@@ -285,6 +292,8 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             );
             Ok(r)
         }
+        (Method::POST, ["v1", "tokens"]) => super::exchange::exchange(c, req).await,
+        (Method::GET | Method::HEAD, ["v1", "jwks"]) => super::exchange::jwks(c),
         (Method::GET, ["v1", "feed"]) => {
             authorize(c, &req, Role::Feed)?;
             feed(c, req.uri().query())
@@ -342,6 +351,10 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             })
             .await;
             Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
+        }
+        (Method::POST, ["v1", "events"]) => {
+            authorize(c, &req, Role::Feed)?;
+            relayed_events(c, req).await
         }
         (Method::GET, ["v1", "api-keys"]) => {
             authorize(c, &req, Role::Read)?;
@@ -456,6 +469,12 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             })
             .await?;
             Ok(json_response(StatusCode::OK, &shown(c, &old).await))
+        }
+        (Method::POST, ["v1", "api-keys", id, "redigest"]) => {
+            let actor = authorize(c, &req, Role::Redigest)?;
+            let id = id.to_string();
+            let body = read_json(c, req).await?;
+            redigest(c, actor, id, body).await
         }
         (Method::GET, ["v1", "admin-tokens"]) => {
             authorize(c, &req, Role::Write)?;
@@ -645,6 +664,42 @@ where
         .map_err(ApiError::from)
 }
 
+/// `POST /v1/events`: events a gateway relays (`webhooks::relay`), written to the control
+/// plane's audit log, from which its webhook sender delivers them.
+async fn relayed_events(
+    c: &Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_json(c, req).await?;
+    reject_unknown(&body, &["node", "events"])?;
+    let node: String = optional_string(&body, "node")?
+        .unwrap_or_else(|| "unknown".into())
+        .chars()
+        .take(128)
+        .collect();
+    let records = c.feed.latest();
+    let (events, ignored) = crate::webhooks::relay::audit_events(&body, &node, |id| {
+        records.iter().find(|r| r.id == id).cloned()
+    })
+    .map_err(|m| err(StatusCode::BAD_REQUEST, "invalid_request", m))?;
+    let accepted = events.len();
+    let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
+    match tokio::task::spawn_blocking(move || audit.append(&events)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            return Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot write the audit log",
+            ))
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"accepted": accepted, "ignored": ignored}),
+    ))
+}
+
 /// A record as the API shows it, with its fleet-wide usage (`Control::usage_of`).
 fn public(r: &KeyRecord, usage: &BTreeMap<String, Used>) -> Value {
     let mut v = r.public_json(crate::clock::unix_secs());
@@ -677,7 +732,7 @@ async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Va
     parse_object(&bytes)
 }
 
-async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let limit = c.config.control.max_body_bytes;
     Limited::new(req.into_body(), limit)
         .collect()
@@ -859,6 +914,87 @@ async fn create(
     let mut v = shown(c, &minted.record).await;
     v["key"] = Value::String(minted.key);
     Ok(json_response(StatusCode::CREATED, &v))
+}
+
+impl From<crate::keys::redigest::Refused> for ApiError {
+    fn from(e: crate::keys::redigest::Refused) -> ApiError {
+        use crate::keys::redigest::Refused;
+        let (status, code) = match &e {
+            Refused::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Refused::Revoked(_) => (StatusCode::CONFLICT, "key_revoked"),
+            Refused::Canary(_) => (StatusCode::CONFLICT, "not_redigestable"),
+            Refused::AlreadyCurrent { .. } => (StatusCode::CONFLICT, "already_current"),
+            Refused::VersionMismatch { .. } => (StatusCode::CONFLICT, "version_mismatch"),
+            Refused::NotCurrent { .. } => (StatusCode::CONFLICT, "version_not_current"),
+            Refused::Stale(_) => (StatusCode::CONFLICT, "proof_mismatch"),
+            Refused::DigestInUse(_) => (StatusCode::CONFLICT, "digest_in_use"),
+        };
+        err(status, code, e.to_string())
+    }
+}
+
+/// A 64-hex-digit field (a digest or a proof).
+fn hex32(body: &Map<String, Value>, field: &str) -> Result<[u8; 32], ApiError> {
+    optional_string(body, field)?
+        .and_then(|s| crate::keys::digest::Digest::from_hex(&s))
+        .map(|d| d.0)
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} is required: 64 lowercase hex digits"),
+            )
+        })
+}
+
+fn version(body: &Map<String, Value>, field: &str) -> Result<u32, ApiError> {
+    body.get(field)
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            err(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("{field} is required: a secret version (0..=4294967295)"),
+            )
+        })
+}
+
+/// `POST /v1/api-keys/{id}/redigest` (role redigest): a gateway hands in a key's digest under
+/// the current secret version, with a proof keyed by that secret over the request and the
+/// digest stored now. Only `digest` and `secret_version` change (`keys::redigest` holds the
+/// rule); audited as `key.redigested` with the token as actor.
+async fn redigest(
+    c: &Arc<Control>,
+    actor: String,
+    id: String,
+    body: Map<String, Value>,
+) -> Result<Response<Body>, ApiError> {
+    use crate::keys::redigest::{Evidence, Redigest, Refused};
+    reject_unknown(&body, &["from_version", "to_version", "digest", "proof"])?;
+    let r = Redigest {
+        id,
+        from_version: version(&body, "from_version")?,
+        to_version: version(&body, "to_version")?,
+        new: crate::keys::digest::Digest(hex32(&body, "digest")?),
+        evidence: Evidence::Proof(hex32(&body, "proof")?),
+    };
+    let c2 = c.clone();
+    let verdict = blocking(move || {
+        Keys::new(&c2.settings, actor)
+            .redigest(std::slice::from_ref(&r))
+            .map(|mut v| v.pop())
+    })
+    .await?
+    .unwrap_or_else(|| Err(Refused::NotFound(String::new())));
+    let outcome = match &verdict {
+        Ok(_) => "written",
+        Err(Refused::AlreadyCurrent { .. }) => "current",
+        Err(_) => "refused",
+    };
+    c.metrics.redigested.with_label_values(&[outcome]).inc();
+    let record = verdict?;
+    Ok(json_response(StatusCode::OK, &shown(c, &record).await))
 }
 
 /// Fields a PATCH may never set (mass assignment, OWASP API3): identity, secrets, lineage

@@ -15,6 +15,9 @@ pub struct ControlMetrics {
     pub verify: IntCounterVec,
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
+    pub tokens_issued: prometheus::IntCounter,
+    /// Re-digests handed in by gateways, by outcome (written, current, refused).
+    pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
 }
 
@@ -56,6 +59,17 @@ impl ControlMetrics {
                 "keygate_control_feed_subscribers",
                 "Gateways (feed readers) connected now.",
             ),
+            tokens_issued: crate::metrics::counter(
+                &r,
+                "keygate_control_tokens_issued_total",
+                "Short-lived tokens minted (POST /v1/tokens).",
+            ),
+            redigested: counter_vec(
+                &r,
+                "keygate_keys_redigested_total",
+                "Keys re-digested under the current secret version through this control plane, by outcome (written; current: already on it; refused).",
+                &["outcome"],
+            ),
             redis_up: None,
             registry: r,
         };
@@ -65,6 +79,9 @@ impl ControlMetrics {
         for outcome in VERIFY_OUTCOMES {
             m.verify.with_label_values(&[outcome]);
         }
+        for outcome in ["written", "current", "refused"] {
+            m.redigested.with_label_values(&[outcome]);
+        }
         m
     }
 
@@ -73,6 +90,11 @@ impl ControlMetrics {
         crate::metrics::reg(&self.registry, up.clone());
         self.redis_up = Some(up);
         self
+    }
+
+    /// For series registered by other modules (webhooks, governance).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     pub fn render(&self) -> Vec<u8> {
@@ -110,6 +132,9 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (_, ["v1", "openapi.yaml"]) => "openapi",
         (_, ["v1", "feed"]) => "feed",
         (_, ["v1", "usage"]) => "usage",
+        (_, ["v1", "events"]) => "events",
+        (_, ["v1", "tokens"]) => "token_exchange",
+        (_, ["v1", "jwks"]) => "jwks",
         (&Method::GET, ["v1", "api-keys"]) => "list",
         (&Method::POST, ["v1", "api-keys"]) => "create",
         (_, ["v1", "api-keys", "revoke"]) => "mass_revoke",
@@ -120,6 +145,7 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",
         (_, ["v1", "api-keys", _, "rotate"]) => "rotate",
         (_, ["v1", "api-keys", _, "usage"]) => "key_usage",
+        (_, ["v1", "api-keys", _, "redigest"]) => "redigest",
         _ => "other",
     }
 }

@@ -6,6 +6,7 @@
 //! a token of the wrong role 403. Tokens are looked up by HMAC digest (see `tokens`).
 
 pub mod api;
+pub mod exchange;
 pub mod metrics;
 pub mod tokens;
 
@@ -49,6 +50,8 @@ pub struct Control {
     /// (node-local, like a gateway with `[limits] backend = "local"`).
     pub plan_shapes: std::collections::HashMap<String, crate::limit::Shape>,
     pub buckets: crate::limit::Buckets,
+    /// Short-lived tokens: signing keys and the table the exchange authenticates against.
+    pub broker: crate::tokens::broker::Broker,
 }
 
 impl std::fmt::Debug for Control {
@@ -121,6 +124,37 @@ impl Control {
     }
 }
 
+/// The governance gauges and the fleet's one webhook sender: the control plane sees every change (its API, the CLI on
+/// its store, rotation completions) and the events gateways relay (`webhooks::relay`).
+fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoint>) {
+    let (table, merged) = (control.clone(), control.clone());
+    let records: crate::webhooks::run::Records = Arc::new(move || table.feed.latest());
+    let usage: crate::webhooks::run::UsageFn = Arc::new(move || merged.merged_usage());
+    crate::governance::spawn(
+        control.metrics.registry(),
+        records.clone(),
+        usage.clone(),
+        control.settings.audit_log.clone(),
+        control.settings.policy.clone(),
+        control.settings.stale_after_secs,
+    );
+    if endpoints.is_empty() {
+        return;
+    }
+    let metrics = crate::webhooks::run::WebhookMetrics::register(control.metrics.registry());
+    let host = crate::webhooks::run::Host {
+        records,
+        usage,
+        audit: AuditLog::new(&control.settings.audit_log),
+        stale_after_secs: control.settings.stale_after_secs,
+        actor: "control-plane",
+    };
+    let queue = crate::webhooks::run::queue_path(&control.settings.store);
+    // Control planes sharing Redis announce `key.expiring`/`key.stale` once between them.
+    let fleet_marks = control.redis.as_ref().map(|c| c.settings().clone());
+    crate::webhooks::run::spawn(endpoints, queue, host, metrics, fleet_marks);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(transparent)]
@@ -143,6 +177,7 @@ pub async fn start(
 ) -> Result<(SocketAddr, Arc<Control>, tokio::task::JoinHandle<()>), ControlError> {
     let config = Config::load(config_path)?;
     let settings = KeySettings::from_config(&config)?;
+    let webhooks = crate::webhooks::endpoints(&config)?;
     // The control plane owns the log: a fresh deployment starts from an empty one (gateways,
     // by contrast, fail closed on a missing store). A legacy unsigned file is signed in place,
     // an empty store gets its log id, and a file restored while the control plane was down
@@ -203,7 +238,11 @@ pub async fn start(
     }
     let tokens_path = tokens::TokenStore::for_config(&config, &settings);
     let plan_shapes = crate::snapshot::plan_shapes(&config)?;
+    let broker = crate::tokens::broker::Broker::new(crate::tokens::TokenSettings::from_config(
+        &config, None,
+    )?);
     let control = Arc::new(Control {
+        broker,
         tokens: ArcSwap::from_pointee((None, Tokens::default())),
         tokens_path,
         settings,
@@ -235,6 +274,7 @@ pub async fn start(
         None => None,
     };
     tokio::spawn(crate::rotations::run_on_control(control.clone()));
+    start_webhooks(&control, webhooks);
     let c = control.clone();
     let task = tokio::spawn(async move {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -383,12 +423,13 @@ fn revoke_again(log: &Store, audit: &AuditLog, held: Vec<KeyRecord>) {
 /// `keygate control`: serve until SIGTERM/SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), ControlError> {
     let (addr, control, task) = start(config_path).await?;
+    let stop = crate::server::stop_signal();
     println!(
         "{}",
         serde_json::json!({"event": "listening", "control": addr.to_string()})
     );
     tracing::info!(%addr, tokens = control.tokens().1.len(), "control plane listening");
-    crate::server::wait_for_stop().await;
+    stop.await;
     task.abort();
     Ok(())
 }

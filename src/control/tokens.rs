@@ -2,9 +2,11 @@
 //! (same server secret as keys) in a JSON-lines file, each with a role.
 //!
 //! Roles: `read` (GET the API, key lookup), `write` (read + every mutation), `feed` (the
-//! gateway feed and usage reports), `verify` (only `POST /v1/api-keys/verify`: for services
-//! that check keys themselves and must not list or look up anyone's keys; read and write
-//! tokens may verify too). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
+//! gateway feed and usage reports), `redigest` (only `POST /v1/api-keys/{id}/redigest`: a
+//! fleet gateway handing in a key's digest under the current secret version,
+//! `keys::redigest`), `verify` (only `POST /v1/api-keys/verify`: for services that check keys
+//! themselves and must not list or look up anyone's keys; read and write tokens may verify
+//! too). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
 //! nothing about stored tokens through timing (the same argument as for API keys).
 //!
 //! Lifecycle: a token may carry an expiry (checked on every request) and is revoked by
@@ -34,6 +36,8 @@ pub enum Role {
     Write,
     Feed,
     Verify,
+    /// Re-digests from gateways, nothing else (not even reads).
+    Redigest,
 }
 
 impl Role {
@@ -49,6 +53,7 @@ impl Role {
             Role::Write => "write",
             Role::Feed => "feed",
             Role::Verify => "verify",
+            Role::Redigest => "redigest",
         }
     }
 }
@@ -389,6 +394,14 @@ mod tests {
         assert!(!Role::Write.allows(Role::Feed));
         assert!(Role::Read.allows(Role::Verify) && Role::Write.allows(Role::Verify));
         assert!(!Role::Verify.allows(Role::Read) && !Role::Feed.allows(Role::Verify));
+        assert!(!Role::Write.allows(Role::Redigest));
+        for needed in [Role::Read, Role::Write, Role::Feed] {
+            assert!(
+                !Role::Redigest.allows(needed),
+                "redigest can do nothing else"
+            );
+        }
+        assert!(Role::Redigest.allows(Role::Redigest));
     }
 
     #[test]

@@ -70,7 +70,9 @@ impl Lookup {
     pub fn from_auth(result: Result<Arc<KeyRecord>, AuthError>) -> Lookup {
         let (state, record) = match result {
             Ok(r) => (LookupState::Live, Some(r)),
-            Err(AuthError::Malformed(_) | AuthError::Unknown) => (LookupState::Unknown, None),
+            Err(AuthError::Malformed(_) | AuthError::Unknown | AuthError::Token(_)) => {
+                (LookupState::Unknown, None)
+            }
             Err(AuthError::Revoked(r)) => (LookupState::Revoked, Some(r)),
             Err(AuthError::Expired(r)) => (LookupState::Expired, Some(r)),
             Err(AuthError::NotYetValid(r)) => (LookupState::NotYetValid, Some(r)),

@@ -8,6 +8,7 @@ pub mod lookup;
 pub mod ops;
 pub mod policy;
 pub mod record;
+pub mod redigest;
 pub mod rotation;
 pub mod table;
 

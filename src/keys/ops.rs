@@ -827,6 +827,73 @@ impl<'a> Keys<'a> {
         })?
     }
 
+    /// Re-digest keys under the current secret version (`keys::redigest`): under the store's
+    /// lock, each request that passes the rule writes one new version of its key with only
+    /// `digest` and `secret_version` changed, audited as `key.redigested` (id, versions; never
+    /// a digest). One transaction for the batch (one fsync). Returns, per request in order,
+    /// the version written or why none was.
+    pub fn redigest(
+        &self,
+        batch: &[crate::keys::redigest::Redigest],
+    ) -> Result<Vec<Result<KeyRecord, crate::keys::redigest::Refused>>, OpsError> {
+        use crate::keys::redigest::{apply, check, Refused};
+        let hasher = &self.settings.hasher;
+        let mut verdicts: Vec<Result<(), Refused>> = Vec::new();
+        let written = self.log.transact(|state| {
+            // `transact` may run this again on a newer state (Redis): start over each time.
+            verdicts.clear();
+            let held: std::collections::HashSet<_> =
+                state.keys.values().map(|r| r.digest).collect();
+            let mut taken = std::collections::HashSet::new();
+            let mut records = Vec::new();
+            let mut events = Vec::new();
+            for r in batch {
+                // A second request for a key in this batch sees the key as re-digested.
+                let done = records.iter().any(|w: &KeyRecord| w.id == r.id);
+                let verdict = if done {
+                    Err(Refused::AlreadyCurrent {
+                        id: r.id.clone(),
+                        current: hasher.current_version(),
+                    })
+                } else {
+                    check(state.keys.get(&r.id), r, hasher, |d| {
+                        held.contains(d) || taken.contains(d)
+                    })
+                    .map(|cur| apply(cur, r))
+                };
+                match verdict {
+                    Ok(next) => {
+                        taken.insert(next.digest);
+                        events.push(
+                            Event::new("key.redigested", &self.actor)
+                                .key(&next)
+                                .with("from_version", r.from_version)
+                                .with("to_version", r.to_version),
+                        );
+                        records.push(next);
+                        verdicts.push(Ok(()));
+                    }
+                    Err(e) => verdicts.push(Err(e)),
+                }
+            }
+            if !events.is_empty() {
+                self.audit(&events)?;
+            }
+            Ok::<_, OpsError>(records)
+        })??;
+        let mut written = written.into_iter();
+        Ok(verdicts
+            .into_iter()
+            .map(|v| {
+                v.and_then(|()| {
+                    written
+                        .next()
+                        .ok_or_else(|| Refused::NotFound(String::new()))
+                })
+            })
+            .collect())
+    }
+
     /// The successor's lifetime in seconds: the old key's own, capped by policy.
     fn successor_lifetime(&self, old: &KeyRecord) -> Option<i64> {
         let own = old.expires_at.map(|e| (e - old.created_at).max(1));

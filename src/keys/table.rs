@@ -32,6 +32,23 @@ pub enum AuthError {
     NotYetValid(Arc<KeyRecord>),
     #[error("canary key {} was used", .0.id)]
     Canary(Arc<KeyRecord>),
+    /// A short-lived token refused before its parent key decided (`tokens::verifier`).
+    #[error("token refused: {0}")]
+    Token(TokenRefusal),
+}
+
+/// Why a short-lived token was refused on its own account (a refused parent key uses the
+/// key's variants). Closed, for the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum TokenRefusal {
+    /// Malformed, bad signature, unknown signing key, wrong algorithm, wrong lineage.
+    #[error("invalid")]
+    Invalid,
+    #[error("expired")]
+    Expired,
+    /// The route does not accept tokens, or not for this audience.
+    #[error("not accepted on this route")]
+    NotAccepted,
 }
 
 impl AuthError {
@@ -44,13 +61,16 @@ impl AuthError {
             AuthError::Expired(_) => "key_expired",
             AuthError::NotYetValid(_) => "key_not_yet_valid",
             AuthError::Canary(_) => "key_canary",
+            AuthError::Token(TokenRefusal::Invalid) => "token_invalid",
+            AuthError::Token(TokenRefusal::Expired) => "token_expired",
+            AuthError::Token(TokenRefusal::NotAccepted) => "token_not_accepted",
         }
     }
 
     /// The record behind the failure, when the key was found.
     pub fn record(&self) -> Option<&Arc<KeyRecord>> {
         match self {
-            AuthError::Malformed(_) | AuthError::Unknown => None,
+            AuthError::Malformed(_) | AuthError::Unknown | AuthError::Token(_) => None,
             AuthError::Revoked(r)
             | AuthError::Expired(r)
             | AuthError::NotYetValid(r)

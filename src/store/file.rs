@@ -714,6 +714,17 @@ impl LogFile {
                 tombstoned += 1;
             }
         }
+        // Records MAC'd under an older secret version (they verified above) are signed again
+        // under the newest: after a compaction no kept record needs an old secret, so a version
+        // that no live key uses any more can be retired (`keygate secret status`) without its
+        // records (revoked keys, say) turning into unverifiable lines.
+        for r in &mut keep {
+            if r.mac
+                .is_some_and(|t| Some(t.version) != self.signer.version())
+            {
+                self.signer.sign(log, r);
+            }
+        }
         keep.sort_by_key(|r| r.rev);
         let out = self.encode_file(log, &keep, rev, now)?;
         write_atomic(&self.path, &out).map_err(|e| self.io(e))?;
@@ -794,6 +805,21 @@ pub fn lock_beside(path: &Path) -> io::Result<File> {
         .open(sibling(path, ".lock"))?;
     lock.lock()?;
     Ok(lock)
+}
+
+/// Like `lock_beside`, but without waiting: `None` when another process holds the lock (a
+/// file only one process may own, such as the webhook queue).
+pub fn lock_beside_nowait(path: &Path) -> io::Result<Option<File>> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(sibling(path, ".lock"))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some(lock)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Replace `path` with `bytes` atomically: a temp file in the same directory, fsync, rename,
@@ -1121,6 +1147,33 @@ mod tests {
         assert_eq!(loaded.corrupt[0].line, 3, "line 1 is the header");
         let text = fs::read_to_string(&path).unwrap();
         assert!(!text.contains("trunc"), "partial tail removed");
+    }
+
+    #[test]
+    fn compaction_signs_old_secret_versions_again_so_the_old_secret_can_retire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.jsonl");
+        log_at(&path).append(vec![rec("key_a", 1)]).unwrap();
+        revoke(&log_at(&path), "key_a");
+        let both = Signer::new(&crate::keys::digest::Hasher::new(vec![
+            (1, vec![7; 32]),
+            (2, vec![8; 32]),
+        ]));
+        let v2_only = Signer::new(&crate::keys::digest::Hasher::new(vec![(2, vec![8; 32])]));
+        assert_eq!(
+            LogFile::new(&path, v2_only.clone())
+                .load()
+                .unwrap()
+                .records
+                .len(),
+            0
+        );
+        LogFile::new(&path, both).compact(10, 0).unwrap();
+        let loaded = LogFile::new(&path, v2_only).load().unwrap();
+        assert!(loaded.corrupt.is_empty(), "{:?}", loaded.corrupt);
+        assert_eq!(loaded.records.len(), 1);
+        assert_eq!(loaded.records[0].mac.map(|t| t.version), Some(2));
+        assert!(loaded.records[0].revoked_at.is_some(), "still revoked");
     }
 
     #[test]

@@ -215,6 +215,11 @@ impl Signer {
         }
     }
 
+    /// The version new MACs are made with (the newest secret).
+    pub fn version(&self) -> Option<u32> {
+        self.record.first().map(|(v, _)| *v)
+    }
+
     /// Check a record's MAC against `log`.
     pub fn verify(&self, log: LogId, record: &KeyRecord) -> Result<(), SealError> {
         let Some(tag) = record.mac else {

@@ -168,7 +168,8 @@ pub(crate) async fn load_cache(
     }
 }
 
-/// Connect with a bearer token and return the response (used for the feed and usage reports).
+/// Connect with a bearer token (none when empty) and return the response (used for the feed,
+/// usage reports and the JWKS of short-lived tokens).
 pub async fn request(
     url: &Uri,
     token: &str,
@@ -198,11 +199,15 @@ pub async fn request(
     .map_err(|_| FeedError::Connect(format!("{addr}: connect timed out")))?
     .map_err(|e| FeedError::Connect(format!("{addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(url.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(http::header::HOST, authority.as_str());
+    // An empty token sends no credential (public resources such as the JWKS).
+    if !token.is_empty() {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(body))
         .map_err(|e| FeedError::Url(e.to_string()))?;

@@ -128,12 +128,21 @@ impl ControlPlane {
     /// Starts `keygate --config <config> control` and waits for its listening line; on
     /// failure returns its stderr log (`control.stderr.log` next to the config).
     pub async fn try_spawn(config: &Path) -> Result<ControlPlane, String> {
+        Self::try_spawn_env(config, &[]).await
+    }
+
+    /// Like [`ControlPlane::try_spawn`] with extra environment variables.
+    pub async fn try_spawn_env(
+        config: &Path,
+        envs: &[(&str, &str)],
+    ) -> Result<ControlPlane, String> {
         let log = config.with_file_name("control.stderr.log");
         let mut child = Command::new(keygate_bin())
             .arg("--config")
             .arg(config)
             .arg("control")
             .env(SECRET_VAR, SECRET)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

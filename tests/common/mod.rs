@@ -351,6 +351,11 @@ impl Gateway {
         self.signal("-HUP");
     }
 
+    /// Sends SIGUSR1 (reopen the access-log file).
+    pub fn sigusr1(&self) {
+        self.signal("-USR1");
+    }
+
     fn signal(&self, sig: &str) {
         // Once reaped, the pid may be reused by an unrelated process.
         assert!(
