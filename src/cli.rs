@@ -157,6 +157,9 @@ pub enum Command {
     /// Hash-secret versions: which keys use which, for a secret rotation.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Find keygate API keys in files, trees, gzip/tar archives and stdin (prefix and
+    /// checksum: no false positives); exit 0 none exposed, 1 exposed keys found, 2 error.
+    Scan(Box<crate::scan::ScanArgs>),
     /// Signing keys of short-lived tokens (`POST /v1/tokens`): keygen, rotate, list, jwks.
     #[command(subcommand)]
     Tokens(crate::tokens::cli::TokensCommand),
@@ -383,8 +386,9 @@ pub fn run_store(config: &Config, cmd: StoreCommand) -> Result<(), Failure> {
 pub enum AdminTokenCommand {
     /// Mint a token; printed once (alone on stdout, or in one JSON object with --json).
     Create {
-        /// What the token may do: read, write (read + changes), feed (gateways) or redigest
-        /// (gateways handing in keys re-digested under the current secret version).
+        /// What the token may do: read, write (read + changes), feed (gateways), redigest
+        /// (gateways handing in keys re-digested under the current secret version) or verify
+        /// (only POST /v1/api-keys/verify, for services outside the proxy).
         #[arg(long, value_enum)]
         role: crate::control::tokens::Role,
         /// A note on who holds it (e.g. the gateway or CI job).

@@ -45,6 +45,7 @@ pub mod redis;
 pub mod reload;
 pub mod rotations;
 pub mod route;
+pub mod scan;
 pub mod server;
 pub mod snapshot;
 pub mod store;

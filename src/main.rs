@@ -16,9 +16,13 @@ fn main() -> ExitCode {
     };
     keygate::cli::set_log_format(cli.log_format);
     init_tracing(cli.log_format);
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => f.exit(),
+    match cli.command {
+        // Scan has its own exit statuses (0 nothing exposed, 1 exposed keys, 2 error).
+        Command::Scan(args) => keygate::scan::run(&cli.config, *args),
+        command => match run(&cli.config, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => f.exit(),
+        },
     }
 }
 
@@ -87,24 +91,27 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .build()?)
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
-    match cli.command {
-        Command::Keys(cmd) => keygate::cli::run_keys(&Config::load(&cli.config)?, *cmd),
-        Command::Serve => Ok(runtime()?.block_on(keygate::server::serve(&cli.config))?),
+fn run(config: &std::path::Path, command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Keys(cmd) => keygate::cli::run_keys(&Config::load(config)?, *cmd),
+        Command::Serve => Ok(runtime()?.block_on(keygate::server::serve(config))?),
         Command::Demo { dir, listen, admin } => runtime()?
             .block_on(keygate::demo::run(&dir, &listen, &admin))
             .map_err(|e| Failure::Error(e.to_string())),
-        Command::Control => Ok(runtime()?.block_on(keygate::control::run(&cli.config))?),
-        Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(&cli.config)?, cmd),
-        Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(&cli.config)?, cmd),
-        Command::Tokens(cmd) => keygate::tokens::cli::run(&Config::load(&cli.config)?, cmd),
-        Command::Store(cmd) => keygate::cli::run_store(&Config::load(&cli.config)?, cmd),
-        Command::Check { json } => check(&cli.config, json),
-        Command::Webhooks(cmd) => keygate::cli::run_webhooks(&Config::load(&cli.config)?, cmd),
-        Command::Report { json } => {
-            keygate::governance::run_report(&Config::load(&cli.config)?, json)
-        }
-        Command::Health { addr, timeout } => health(&cli.config, addr, &timeout),
+        Command::Control => Ok(runtime()?.block_on(keygate::control::run(config))?),
+        Command::AdminToken(cmd) => keygate::cli::run_admin_token(&Config::load(config)?, cmd),
+        Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(config)?, cmd),
+        Command::Store(cmd) => keygate::cli::run_store(&Config::load(config)?, cmd),
+        Command::Check { json } => check(config, json),
+        // Handled in `main`, before this: it has exit statuses of its own.
+        Command::Scan(args) => match keygate::scan::run(config, *args) {
+            code if code == ExitCode::SUCCESS => Ok(()),
+            _ => Err(Failure::Error("scan failed".into())),
+        },
+        Command::Health { addr, timeout } => health(config, addr, &timeout),
+        Command::Tokens(cmd) => keygate::tokens::cli::run(&Config::load(config)?, cmd),
+        Command::Webhooks(cmd) => keygate::cli::run_webhooks(&Config::load(config)?, cmd),
+        Command::Report { json } => keygate::governance::run_report(&Config::load(config)?, json),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "keygate", &mut script);

@@ -101,6 +101,39 @@ fn shape(c: &Config, field: &str, rate: &str, burst: Option<u32>) -> Result<Shap
     ))
 }
 
+/// Every plan's bucket shape (plus `API_KEY_DEFAULT_RATE_LIMIT` as plan "default"): what the
+/// gateway limits with, and the control plane's verify endpoint too.
+pub fn plan_shapes(c: &Config) -> Result<HashMap<String, Shape>, ConfigError> {
+    let mut plans = HashMap::new();
+    for (name, p) in &c.plans {
+        plans.insert(
+            name.clone(),
+            shape(c, &format!("plans.{name}.rate"), &p.rate, p.burst)?,
+        );
+    }
+    if let Ok(rate) = std::env::var("API_KEY_DEFAULT_RATE_LIMIT") {
+        let burst = c.plans.get("default").and_then(|p| p.burst);
+        plans.insert(
+            "default".into(),
+            shape(c, "API_KEY_DEFAULT_RATE_LIMIT (env)", &rate, burst)?,
+        );
+    }
+    Ok(plans)
+}
+
+/// The bucket shape for a key: its own rate, else its plan, else the default plan.
+pub fn shape_in(
+    plans: &HashMap<String, Shape>,
+    rate: Option<&str>,
+    plan: Option<&str>,
+) -> Option<Shape> {
+    if let Some(r) = rate.and_then(|r| Rate::parse(r).ok()) {
+        return Some(Shape::new(r, None));
+    }
+    plan.and_then(|p| plans.get(p).copied())
+        .or_else(|| plans.get("default").copied())
+}
+
 impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
@@ -109,20 +142,7 @@ impl Snapshot {
         // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
         // `serve` and a reload refuse a bad entry the same way.
         crate::webhooks::endpoints(&c)?;
-        let mut plans = HashMap::new();
-        for (name, p) in &c.plans {
-            plans.insert(
-                name.clone(),
-                shape(&c, &format!("plans.{name}.rate"), &p.rate, p.burst)?,
-            );
-        }
-        if let Ok(rate) = std::env::var("API_KEY_DEFAULT_RATE_LIMIT") {
-            let burst = c.plans.get("default").and_then(|p| p.burst);
-            plans.insert(
-                "default".into(),
-                shape(&c, "API_KEY_DEFAULT_RATE_LIMIT (env)", &rate, burst)?,
-            );
-        }
+        let plans = plan_shapes(&c)?;
         let default_shape = plans.get("default").copied();
         let redis = crate::redis::Settings::from_config(&c)?;
         let mut plan_quotas = HashMap::new();
@@ -404,11 +424,7 @@ impl Snapshot {
 
     /// The bucket shape for a key: its own rate, else its plan, else the default plan.
     pub fn shape_for(&self, rate: Option<&str>, plan: Option<&str>) -> Option<Shape> {
-        if let Some(r) = rate.and_then(|r| Rate::parse(r).ok()) {
-            return Some(Shape::new(r, None));
-        }
-        plan.and_then(|p| self.plans.get(p).copied())
-            .or(self.default_shape)
+        shape_in(&self.plans, rate, plan).or(self.default_shape)
     }
 
     /// The quota for a key: its own, else its plan's (or the default plan's).

@@ -1,5 +1,6 @@
-//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON), `/v1/admin-tokens…`
-//! (list and revoke, write role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
+//! The control plane's HTTP surface: `/v1/api-keys…` (REST, JSON; `lookup` and `verify` take
+//! a key in the body and never echo or log it), `/v1/admin-tokens…` (list and revoke, write
+//! role), `/v1/feed` (ndjson stream), `/v1/usage` (gateway reports),
 //! `/v1/api-keys/{id}/redigest` (gateways, redigest role: `keys::redigest`), `/v1/tokens` and
 //! `/v1/jwks` (short-lived tokens, `exchange`) and `/v1/openapi.yaml`. Every error is
 //! problem+json with a stable `code`. No response ever carries a digest; a plaintext key only
@@ -151,11 +152,13 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// The methods a known endpoint supports (its `Allow`), or `None` for an unknown path (404).
-/// `revoke` is an endpoint, never a key id (ids start with `key_`).
+/// `revoke`, `lookup` and `verify` are endpoints, never key ids (ids start with `key_`).
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
         ["v1", "openapi.yaml"] | ["v1", "feed"] => Some("GET"),
-        ["v1", "usage"] | ["v1", "events"] | ["v1", "api-keys", "revoke"] => Some("POST"),
+        ["v1", "usage"] | ["v1", "events"] | ["v1", "api-keys", "revoke" | "lookup" | "verify"] => {
+            Some("POST")
+        }
         ["v1", "api-keys"] => Some("GET, POST"),
         ["v1", "api-keys", _] => Some("GET, PATCH, DELETE"),
         ["v1", "api-keys", _, "rotate"]
@@ -362,12 +365,22 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             let body = read_json(c, req).await?;
             create(c, actor, body).await
         }
+        (Method::POST, ["v1", "api-keys", "lookup"]) => {
+            authorize(c, &req, Role::Read)?;
+            let body = read_json(c, req).await?;
+            lookup(c, &body)
+        }
+        (Method::POST, ["v1", "api-keys", "verify"]) => {
+            authorize(c, &req, Role::Verify)?;
+            let body = read_json(c, req).await?;
+            verify(c, &body).await
+        }
         (Method::POST, ["v1", "api-keys", "revoke"]) => {
             let actor = authorize(c, &req, Role::Write)?;
             let body = read_json(c, req).await?;
             mass_revoke(c, actor, body).await
         }
-        (Method::GET, ["v1", "api-keys", id]) if *id != "revoke" => {
+        (Method::GET, ["v1", "api-keys", id]) if !is_endpoint(id) => {
             authorize(c, &req, Role::Read)?;
             let id = id.to_string();
             let c2 = c.clone();
@@ -396,23 +409,25 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             authorize(c, &req, Role::Read)?;
             key_usage(c, id.to_string(), req.uri().query()).await
         }
-        (Method::PATCH, ["v1", "api-keys", id]) if *id != "revoke" => {
+        (Method::PATCH, ["v1", "api-keys", id]) if !is_endpoint(id) => {
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json(c, req).await?;
             update(c, actor, id, body).await
         }
-        (Method::DELETE, ["v1", "api-keys", id]) if *id != "revoke" => {
+        (Method::DELETE, ["v1", "api-keys", id]) if !is_endpoint(id) => {
             let actor = authorize(c, &req, Role::Write)?;
             let id = id.to_string();
             let body = read_json_optional(c, req).await?;
-            reject_unknown(&body, &["reason"])?;
+            reject_unknown(&body, &["reason", "found_in"])?;
             let reason = optional_string(&body, "reason")?;
+            let found_in = found_in(&body)?;
             let c2 = c.clone();
             let record = blocking(move || {
-                Keys::new(&c2.settings, actor).revoke(
+                Keys::new(&c2.settings, actor).revoke_found(
                     &id,
                     reason.as_deref(),
+                    &found_in,
                     crate::clock::unix_secs(),
                 )
             })
@@ -493,6 +508,141 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
             }),
             None => Err(err(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
         },
+    }
+}
+
+fn is_endpoint(segment: &str) -> bool {
+    matches!(segment, "revoke" | "lookup" | "verify")
+}
+
+/// At most this many places, each at most `MAX_PLACE` bytes, in a revocation's `found_in`.
+const MAX_PLACES: usize = 100;
+const MAX_PLACE: usize = 1024;
+
+/// `found_in` of a revocation (`keygate scan --revoke`): where the key was found, for the
+/// audit event. Bounded, so a client cannot grow the audit log without limit.
+fn found_in(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    let places = string_list(body, "found_in")?.unwrap_or_default();
+    if places.len() > MAX_PLACES || places.iter().any(|p| p.len() > MAX_PLACE) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("found_in: at most {MAX_PLACES} places of at most {MAX_PLACE} bytes"),
+        ));
+    }
+    Ok(places)
+}
+
+/// The `key` of a lookup or verify body. Errors never quote the body: it holds a key.
+fn key_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+    reject_unknown(body, &["key"])?;
+    match body.get("key") {
+        Some(Value::String(k)) => Ok(k.clone()),
+        _ => Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "key is required and must be a string",
+        )),
+    }
+}
+
+/// `POST /v1/api-keys/lookup` (read role): what a found key is (`keys::lookup`), with its
+/// id and owner. For `keygate scan --check` on machines without the hash secret.
+fn lookup(c: &Control, body: &Map<String, Value>) -> Result<Response<Body>, ApiError> {
+    let key = key_field(body)?;
+    let table = c.feed.table();
+    let found =
+        crate::keys::lookup::Lookup::find(&table, &c.settings, &key, crate::clock::unix_secs());
+    Ok(json_response(StatusCode::OK, &found.to_json()))
+}
+
+/// `POST /v1/api-keys/verify` (verify role, or read/write): would a gateway accept this key
+/// now? `{"valid": false}` never says why (the reason goes to metrics only). A valid key
+/// takes one token from its lineage's bucket (its own rate, its plan's, or the default plan's;
+/// this control plane's buckets), and a key over its limit gets the gateway's 429. A canary
+/// raises the same alarm as at a gateway (`key.canary_used`, audited).
+async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<Body>, ApiError> {
+    let key = key_field(body)?;
+    let table = c.feed.table();
+    let now = crate::clock::unix_secs();
+    let record = match table.authenticate(
+        &key,
+        &c.settings.format,
+        &c.settings.hasher,
+        now,
+        c.settings.leeway_secs,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            c.metrics.verify.with_label_values(&[e.reason()]).inc();
+            if let crate::keys::table::AuthError::Canary(r) = &e {
+                canary_alarm(c, r.clone()).await;
+            }
+            return Ok(json_response(StatusCode::OK, &json!({"valid": false})));
+        }
+    };
+    let shape = crate::snapshot::shape_in(
+        &c.plan_shapes,
+        record.rate.as_deref(),
+        record.plan.as_deref(),
+    );
+    let verdict = shape.map(|s| c.buckets.check(s, &record.lineage));
+    let plan = record.plan.as_deref().unwrap_or("default");
+    let enforce = c
+        .config
+        .plans
+        .get(plan)
+        .and_then(|p| p.enforce)
+        .unwrap_or(c.config.limits.enforce);
+    if let Some(v) = verdict.filter(|v| !v.allowed && enforce) {
+        c.metrics.verify.with_label_values(&["rate_limited"]).inc();
+        let mut r = problem(&err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "this key is over its rate limit",
+        ));
+        let h = r.headers_mut();
+        for (name, value) in [
+            ("retry-after", v.reset_secs.to_string()),
+            ("ratelimit-limit", v.limit.to_string()),
+            ("ratelimit-remaining", "0".to_owned()),
+            ("ratelimit-reset", v.reset_secs.to_string()),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                h.insert(name, value);
+            }
+        }
+        return Ok(r);
+    }
+    c.metrics.verify.with_label_values(&["valid"]).inc();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "valid": true,
+            "id": record.id,
+            "name": record.name,
+            "owner": record.owner,
+            "env": record.env,
+            "scopes": record.scopes,
+            "plan": record.plan,
+            "expires_at": record.expires_at,
+            "limit": verdict.map(|v| v.limit),
+            "remaining": verdict.map(|v| v.remaining),
+            "reset": verdict.map(|v| v.reset_secs),
+        }),
+    ))
+}
+
+/// A canary presented to the verify endpoint: the alarm a gateway raises, named as ours.
+async fn canary_alarm(c: &Arc<Control>, r: Arc<KeyRecord>) {
+    tracing::warn!(key_id = %r.id, "canary key presented to POST /v1/api-keys/verify");
+    let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
+    let event = crate::audit::Event::new("key.canary_used", "control-plane")
+        .key(&r)
+        .with("route", "verify");
+    let written = tokio::task::spawn_blocking(move || audit.append(&[event])).await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::error!(key_id = %r.id, "canary alarm could not be audited");
     }
 }
 

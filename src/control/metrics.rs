@@ -11,6 +11,8 @@ pub struct ControlMetrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub store_errors: IntCounterVec,
+    /// `POST /v1/api-keys/verify` outcomes: `valid`, `rate_limited`, or the refusal reason.
+    pub verify: IntCounterVec,
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
     pub tokens_issued: prometheus::IntCounter,
@@ -41,6 +43,12 @@ impl ControlMetrics {
                 "Store problems the control plane met, by kind (rollback, unsigned, io, unrevoke).",
                 &["kind"],
             ),
+            verify: counter_vec(
+                &r,
+                "keygate_control_verify_total",
+                "Keys checked through POST /v1/api-keys/verify, by outcome (valid, rate_limited, key_malformed, key_unknown, key_revoked, key_expired, key_not_yet_valid, key_canary).",
+                &["outcome"],
+            ),
             store_revision: gauge(
                 &r,
                 "keygate_control_store_revision",
@@ -67,6 +75,9 @@ impl ControlMetrics {
         };
         for kind in ["rollback", "unsigned", "io", "unrevoke"] {
             m.store_errors.with_label_values(&[kind]);
+        }
+        for outcome in VERIFY_OUTCOMES {
+            m.verify.with_label_values(&[outcome]);
         }
         for outcome in ["written", "current", "refused"] {
             m.redigested.with_label_values(&[outcome]);
@@ -101,6 +112,18 @@ impl Default for ControlMetrics {
     }
 }
 
+/// Every `outcome` of `keygate_control_verify_total` (the refusals are `AuthError::reason`s).
+pub const VERIFY_OUTCOMES: [&str; 8] = [
+    "valid",
+    "rate_limited",
+    "key_malformed",
+    "key_unknown",
+    "key_revoked",
+    "key_expired",
+    "key_not_yet_valid",
+    "key_canary",
+];
+
 /// The closed operation label for a request (method + path segments).
 pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
     use http::Method;
@@ -115,6 +138,8 @@ pub fn operation(method: &http::Method, segments: &[&str]) -> &'static str {
         (&Method::GET, ["v1", "api-keys"]) => "list",
         (&Method::POST, ["v1", "api-keys"]) => "create",
         (_, ["v1", "api-keys", "revoke"]) => "mass_revoke",
+        (_, ["v1", "api-keys", "lookup"]) => "lookup",
+        (_, ["v1", "api-keys", "verify"]) => "verify",
         (&Method::GET, ["v1", "api-keys", _]) => "get",
         (&Method::PATCH, ["v1", "api-keys", _]) => "update",
         (&Method::DELETE, ["v1", "api-keys", _]) => "revoke",

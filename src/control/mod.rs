@@ -46,6 +46,10 @@ pub struct Control {
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
+    /// Plan bucket shapes and this control plane's own buckets, for `POST /v1/api-keys/verify`
+    /// (node-local, like a gateway with `[limits] backend = "local"`).
+    pub plan_shapes: std::collections::HashMap<String, crate::limit::Shape>,
+    pub buckets: crate::limit::Buckets,
     /// Short-lived tokens: signing keys and the table the exchange authenticates against.
     pub broker: crate::tokens::broker::Broker,
 }
@@ -233,6 +237,7 @@ pub async fn start(
         }
     }
     let tokens_path = tokens::TokenStore::for_config(&config, &settings);
+    let plan_shapes = crate::snapshot::plan_shapes(&config)?;
     let broker = crate::tokens::broker::Broker::new(crate::tokens::TokenSettings::from_config(
         &config, None,
     )?);
@@ -246,6 +251,8 @@ pub async fn start(
         usage_write: Mutex::new(()),
         redis,
         metrics,
+        plan_shapes,
+        buckets: crate::limit::Buckets::new(),
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)

@@ -1,9 +1,12 @@
 //! Admin tokens for the control plane: minted once by the CLI, stored only as HMAC digests
 //! (same server secret as keys) in a JSON-lines file, each with a role.
 //!
-//! Roles: `read` (GET the API), `write` (read + every mutation), `feed` (the gateway feed and
-//! usage reports), `redigest` (only `POST /v1/api-keys/{id}/redigest`: a fleet gateway
-//! handing in a key's digest under the current secret version, `keys::redigest`). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
+//! Roles: `read` (GET the API, key lookup), `write` (read + every mutation), `feed` (the
+//! gateway feed and usage reports), `redigest` (only `POST /v1/api-keys/{id}/redigest`: a
+//! fleet gateway handing in a key's digest under the current secret version,
+//! `keys::redigest`), `verify` (only `POST /v1/api-keys/verify`: for services that check keys
+//! themselves and must not list or look up anyone's keys; read and write tokens may verify
+//! too). Lookup is by digest, which a caller cannot steer, so a map lookup leaks
 //! nothing about stored tokens through timing (the same argument as for API keys).
 //!
 //! Lifecycle: a token may carry an expiry (checked on every request) and is revoked by
@@ -32,6 +35,7 @@ pub enum Role {
     Read,
     Write,
     Feed,
+    Verify,
     /// Re-digests from gateways, nothing else (not even reads).
     Redigest,
 }
@@ -39,13 +43,16 @@ pub enum Role {
 impl Role {
     /// Whether a token of this role may do what `needed` requires.
     pub fn allows(self, needed: Role) -> bool {
-        self == needed || (self == Role::Write && needed == Role::Read)
+        self == needed
+            || (self == Role::Write && needed == Role::Read)
+            || (matches!(self, Role::Read | Role::Write) && needed == Role::Verify)
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Read => "read",
             Role::Write => "write",
             Role::Feed => "feed",
+            Role::Verify => "verify",
             Role::Redigest => "redigest",
         }
     }
@@ -385,6 +392,8 @@ mod tests {
         assert!(!Role::Read.allows(Role::Write));
         assert!(!Role::Feed.allows(Role::Read));
         assert!(!Role::Write.allows(Role::Feed));
+        assert!(Role::Read.allows(Role::Verify) && Role::Write.allows(Role::Verify));
+        assert!(!Role::Verify.allows(Role::Read) && !Role::Feed.allows(Role::Verify));
         assert!(!Role::Write.allows(Role::Redigest));
         for needed in [Role::Read, Role::Write, Role::Feed] {
             assert!(

@@ -109,6 +109,33 @@ impl KeyFormat {
         Ok(key)
     }
 
+    /// What every key of ours starts with (`<prefix>_`): the needle secret scanners search
+    /// for before [`KeyFormat::key_at`] decides.
+    pub fn needle(&self) -> String {
+        format!("{}_", self.prefix)
+    }
+
+    /// The length of the valid key (checksum included) that starts at `text[0]`, if one does.
+    /// The layout is the one `mint` writes and `parse` checks, and `parse` has the last word,
+    /// so a scanner built on this reports only real keys (a random 49-character tail matches
+    /// the CRC32 with probability 2^-32). Bytes after the key do not matter.
+    pub fn key_at(&self, text: &[u8]) -> Option<usize> {
+        let mut at = self.prefix.len() + 1;
+        if !text.starts_with(self.prefix.as_bytes()) || text.get(at - 1) != Some(&b'_') {
+            return None;
+        }
+        let marker = PUBLISHABLE_MARKER.as_bytes();
+        if text[at..].starts_with(marker) && text.get(at + marker.len()) == Some(&b'_') {
+            at += marker.len() + 1;
+        }
+        let env = self.envs.iter().find(|e| {
+            text[at..].starts_with(e.as_bytes()) && text.get(at + e.len()) == Some(&b'_')
+        })?;
+        let len = at + env.len() + 1 + SECRET_LEN + CHECK_LEN;
+        let candidate = std::str::from_utf8(text.get(..len)?).ok()?;
+        self.parse(candidate).ok().map(|_| len)
+    }
+
     /// Validate `key` without hashing it. Length first, so oversized input costs nothing.
     pub fn parse<'a>(&self, key: &'a str) -> Result<Parsed<'a>, FormatError> {
         if key.len() > MAX_KEY_LEN {
@@ -280,6 +307,31 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(f.parse(&input), Err(want), "{input:?}");
         }
+    }
+
+    #[test]
+    fn key_at_finds_exactly_valid_keys_in_surrounding_text() {
+        let f = fmt();
+        let key = f.generate("live").unwrap();
+        let publishable = f.generate_publishable("test").unwrap();
+        assert_eq!(f.needle(), "kg_");
+        assert_eq!(f.key_at(format!("{key}\"rest").as_bytes()), Some(key.len()));
+        assert_eq!(f.key_at(publishable.as_bytes()), Some(publishable.len()));
+        let broken = at(
+            &key,
+            key.len() - 1,
+            if key.ends_with('a') { 'b' } else { 'a' },
+        );
+        assert_eq!(f.key_at(broken.as_bytes()), None, "bad checksum");
+        assert_eq!(
+            f.key_at(&key.as_bytes()[..key.len() - 1]),
+            None,
+            "cut short"
+        );
+        assert_eq!(f.key_at(key.replacen("live", "prod", 1).as_bytes()), None);
+        assert_eq!(f.key_at(b"kg_"), None);
+        assert_eq!(f.key_at(b"kg_pub_"), None);
+        assert_eq!(f.key_at("kg_live_\u{e9}".as_bytes()), None);
     }
 
     #[test]

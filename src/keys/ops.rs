@@ -557,13 +557,29 @@ impl<'a> Keys<'a> {
 
     /// Revoke one key. Revoking a revoked key is not an error and writes nothing.
     pub fn revoke(&self, id: &str, reason: Option<&str>, now: i64) -> Result<KeyRecord, OpsError> {
+        self.revoke_found(id, reason, &[], now)
+    }
+
+    /// [`Keys::revoke`] of a key found leaked (`keygate scan --revoke`): the audit event
+    /// carries `found_in`, the places it was found (file paths, `archive!entry`), never the key.
+    pub fn revoke_found(
+        &self,
+        id: &str,
+        reason: Option<&str>,
+        found_in: &[String],
+        now: i64,
+    ) -> Result<KeyRecord, OpsError> {
         self.change(id, |cur| {
             if cur.revoked_at.is_some() {
                 return Ok(None);
             }
             let r = revoked(cur, reason, now);
+            let mut event = self.revoked_event(&r);
+            if !found_in.is_empty() {
+                event = event.with("found_in", found_in.to_vec());
+            }
             Ok(Some(Written {
-                event: self.revoked_event(&r),
+                event,
                 records: vec![r],
             }))
         })

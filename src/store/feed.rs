@@ -19,6 +19,7 @@
 //! other readers.
 
 use crate::keys::record::{unrevokes, KeyRecord};
+use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, StoreError, Update};
 use crate::store::seal::LogId;
 use bytes::Bytes;
@@ -56,6 +57,9 @@ pub enum Event {
 
 #[derive(Debug, Default)]
 struct Log {
+    /// The latest versions indexed by digest, for `POST /v1/api-keys/lookup` and `/verify`:
+    /// the same table and lookup a gateway authenticates with. Replaced whole on a new log.
+    table: Arc<KeyTable>,
     /// Every record with `rev > base` is in `entries`, in order; older history is gone
     /// (compacted), so a client behind `base` needs a snapshot.
     base: u64,
@@ -122,6 +126,11 @@ impl FeedState {
             .read()
             .map(|l| l.latest.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The served keys as a gateway's table (for key lookup and verification).
+    pub fn table(&self) -> Arc<KeyTable> {
+        self.log.read().map(|l| l.table.clone()).unwrap_or_default()
     }
 
     /// Every revoked key this control plane has served (kept across a replaced log).
@@ -193,6 +202,7 @@ impl FeedState {
                         unrevoked.push((**held).clone());
                         continue;
                     }
+                    log.table.apply(r.clone());
                     let r = Arc::new(r);
                     log.rev = log.rev.max(r.rev);
                     log.latest.insert(r.id.clone(), r.clone());
@@ -221,7 +231,13 @@ impl FeedState {
                         entries.push(r);
                     }
                 }
+                let table = KeyTable::from_records(
+                    latest.values().map(|r| (**r).clone()),
+                    parsed.log,
+                    parsed.rev,
+                );
                 *log = Log {
+                    table: Arc::new(table),
                     base,
                     entries,
                     latest,
