@@ -735,6 +735,9 @@ pub enum Failure {
     /// Whoever reads our stdout went away (`keygate keys list | head -1`): not an error of
     /// ours, so exit 0 quietly, as Unix tools do.
     ClosedPipe,
+    /// Already reported by the command itself, which has exit statuses of its own
+    /// (`keygate scan`: 1 exposed keys, 2 error).
+    Status(ExitCode),
 }
 
 impl<E: std::fmt::Display> From<E> for Failure {
@@ -757,6 +760,7 @@ impl Failure {
     pub fn exit(self) -> ExitCode {
         match self {
             Failure::ClosedPipe => ExitCode::SUCCESS,
+            Failure::Status(code) => code,
             Failure::Error(message) => {
                 say(Level::Error, &format!("keygate: error: {message}"));
                 ExitCode::FAILURE

@@ -16,13 +16,9 @@ fn main() -> ExitCode {
     };
     keygate::cli::set_log_format(cli.log_format);
     init_tracing(cli.log_format);
-    match cli.command {
-        // Scan has its own exit statuses (0 nothing exposed, 1 exposed keys, 2 error).
-        Command::Scan(args) => keygate::scan::run(&cli.config, *args),
-        command => match run(&cli.config, command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(f) => f.exit(),
-        },
+    match run(&cli.config, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
     }
 }
 
@@ -103,10 +99,10 @@ fn run(config: &std::path::Path, command: Command) -> Result<(), Failure> {
         Command::Secret(cmd) => keygate::cli::run_secret(&Config::load(config)?, cmd),
         Command::Store(cmd) => keygate::cli::run_store(&Config::load(config)?, cmd),
         Command::Check { json } => check(config, json),
-        // Handled in `main`, before this: it has exit statuses of its own.
+        // Exit statuses of its own: 0 nothing exposed, 1 exposed keys, 2 error.
         Command::Scan(args) => match keygate::scan::run(config, *args) {
             code if code == ExitCode::SUCCESS => Ok(()),
-            _ => Err(Failure::Error("scan failed".into())),
+            code => Err(Failure::Status(code)),
         },
         Command::Health { addr, timeout } => health(config, addr, &timeout),
         Command::Tokens(cmd) => keygate::tokens::cli::run(&Config::load(config)?, cmd),
