@@ -13,6 +13,7 @@ pub mod seal;
 
 pub use file::{Corrupt, Follower, LogFile, StoreError, Update};
 
+use crate::keys::digest::Digest;
 use crate::keys::record::KeyRecord;
 use file::{Compacted, Parsed, State};
 use seal::LogId;
@@ -31,6 +32,14 @@ impl Store {
         match self {
             Store::File(f) => f.load(),
             Store::Redis(r) => r.load(),
+        }
+    }
+
+    /// Every digest the store holds (what an import skips).
+    pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
+        match self {
+            Store::File(f) => f.digests(),
+            Store::Redis(r) => Ok(r.load()?.records.iter().map(|r| r.digest).collect()),
         }
     }
 
