@@ -23,9 +23,10 @@ use crate::store::file::{Follower, LogFile, StoreError, Update};
 use crate::store::seal::LogId;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// A line of the feed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,7 +61,9 @@ struct Log {
     /// (compacted), so a client behind `base` needs a snapshot.
     base: u64,
     entries: Vec<Arc<KeyRecord>>,
-    latest: HashMap<String, Arc<KeyRecord>>,
+    /// The latest version of every key, in id order: the control plane's listings page
+    /// through it by id (`FeedState::page`), so a page costs its own size, not the log's.
+    latest: BTreeMap<String, Arc<KeyRecord>>,
     log: LogId,
     rev: u64,
     loaded: bool,
@@ -83,6 +86,8 @@ pub enum Catchup {
 pub struct FeedState {
     log: RwLock<Log>,
     tx: broadcast::Sender<Event>,
+    /// The revision applied, for readers waiting to see a write (`caught_up`).
+    applied: watch::Sender<u64>,
 }
 
 impl FeedState {
@@ -91,6 +96,7 @@ impl FeedState {
         Arc::new(FeedState {
             log: RwLock::new(Log::default()),
             tx,
+            applied: watch::Sender::new(0),
         })
     }
 
@@ -122,6 +128,47 @@ impl FeedState {
             .read()
             .map(|l| l.latest.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The latest version of one key.
+    pub fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        self.log.read().ok()?.latest.get(id).cloned()
+    }
+
+    /// One page of the latest versions in id order: up to `limit` records with an id after
+    /// `after` that `keep` accepts, and whether more follow. Ids are fixed at creation, so a
+    /// cursor (the last id of a page) stays valid while keys are added: a new key lands on a
+    /// later page or before the cursor, never shifting a page already served.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&KeyRecord) -> bool,
+    ) -> (Vec<Arc<KeyRecord>>, bool) {
+        let Ok(log) = self.log.read() else {
+            return (vec![], false);
+        };
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rows: Vec<Arc<KeyRecord>> = log
+            .latest
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| keep(r))
+            .take(limit.saturating_add(1))
+            .cloned()
+            .collect();
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        (rows, more)
+    }
+
+    /// Wait (at most `within`) until revision `rev` is applied; false on timeout.
+    pub async fn caught_up(&self, rev: u64, within: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        let reached = tokio::time::timeout(within, rx.wait_for(|r| *r >= rev))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
     }
 
     /// Every revoked key this control plane has served (kept across a replaced log).
@@ -209,7 +256,7 @@ impl FeedState {
                     parsed.rev
                 };
                 let mut entries = Vec::new();
-                let mut latest = HashMap::new();
+                let mut latest = BTreeMap::new();
                 for r in parsed.records {
                     if let Some(held) = log.latest.get(&r.id).filter(|h| unrevokes(Some(h), &r)) {
                         unrevoked.push((**held).clone());
@@ -234,6 +281,7 @@ impl FeedState {
                 }
             }
         }
+        self.applied.send_replace(log.rev);
         unrevoked
     }
 

@@ -321,6 +321,20 @@ impl LogFile {
         parse_lines(buf, first_line, after, log, Some(&self.signer))
     }
 
+    /// The log's last revision, from its tail alone (no lock, no parse of the whole file):
+    /// what a reader holding the log in memory waits for to see every write made so far.
+    pub fn head_revision(&self) -> Result<u64, StoreError> {
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io(e)),
+        };
+        let len = file.metadata().map_err(|e| self.io(e))?.len();
+        tail_revision(&mut file, len)
+            .map(|(_, rev)| rev)
+            .map_err(|e| self.io(e))
+    }
+
     /// The digest of every key the log holds, read in bounded chunks (an import's one look at
     /// the store: 32 bytes a key instead of whole parsed records). Lines that do not verify
     /// are left out, as every reader leaves them out.

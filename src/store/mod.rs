@@ -35,6 +35,14 @@ impl Store {
         }
     }
 
+    /// The last revision written, read cheaply (the file's tail, Redis's head).
+    pub fn head_revision(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::File(f) => f.head_revision(),
+            Store::Redis(r) => r.head_revision(),
+        }
+    }
+
     /// Every digest the store holds (what an import skips).
     pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
         match self {

@@ -433,6 +433,12 @@ impl RedisLog {
         self.run(|c| async move { state(&c, n, signer).await })
     }
 
+    /// The log's last revision (one `HMGET`).
+    pub fn head_revision(&self) -> Result<u64, StoreError> {
+        let n = &self.names;
+        self.run(|c| async move { head(&c, n).await.map(|h| h.1) })
+    }
+
     /// Give a new store its log id (and refuse a server that may evict it). Returns the id.
     pub fn ensure_signed(&self) -> Result<LogId, StoreError> {
         let n = &self.names;
