@@ -9,12 +9,13 @@
 //! the 7-day window, becomes pending→active, goes stale) is known in advance from the record, so
 //! each key also files its future changes as aggregated deltas in a time-ordered map; `tick`
 //! applies the deltas that fell due. The map holds counts per instant, never keys, and its
-//! instants are rounded: state and expiry changes to the next minute ([`STEP`]), last use to
+//! instants are rounded: state and expiry changes to their minute ([`STEP`]), last use to
 //! its UTC day (`keys.stale_after` is days to months), so the map is bounded by the calendar,
 //! not by the number of keys.
 //!
-//! The price of the rounding: a gauge moves at the first tick at or after the minute its change
-//! falls in (the state a request sees is exact: `KeyTable::authenticate`), and a key counts as
+//! The price of the rounding: a gauge counts a change from the start of the minute it falls in
+//! (up to 59 s early for a change ahead in time; a revocation, stamped when written, shows at
+//! once; the state a request sees stays exact: `KeyTable::authenticate`), and a key counts as
 //! stale once `stale_after` has passed since the end of the UTC day of its last use.
 //!
 //! The one rule for what a key contributes is [`contribution`]; a full recount
@@ -105,9 +106,10 @@ impl Contribution {
     }
 }
 
-/// `t` rounded up to a multiple of `step`.
-fn ceil_to(t: i64, step: i64) -> i64 {
-    t.div_euclid(step).saturating_add(i64::from(t.rem_euclid(step) != 0)) * step
+/// `t` rounded down to a multiple of `step`: a change counts from the start of its minute, so
+/// a revocation (stamped with the time it is written) shows at once.
+fn floor_to(t: i64, step: i64) -> i64 {
+    t.div_euclid(step).saturating_mul(step)
 }
 
 /// When a key last used at `last` (or created then) counts as stale.
@@ -121,10 +123,10 @@ fn state_index(s: KeyState) -> u8 {
     STATES.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
 
-/// The state of `r` at `at` with its instants rounded up to [`STEP`] (as `KeyRecord::state`
+/// The state of `r` at `at` with its instants rounded down to [`STEP`] (as `KeyRecord::state`
 /// otherwise: revoked beats canary beats expired beats pending).
 fn rounded_state(r: &KeyRecord, at: i64) -> KeyState {
-    let due = |t: Option<i64>| t.is_some_and(|t| ceil_to(t, STEP) <= at);
+    let due = |t: Option<i64>| t.is_some_and(|t| floor_to(t, STEP) <= at);
     if due(r.revoked_at) {
         KeyState::Revoked
     } else if r.canary {
@@ -146,8 +148,8 @@ fn contribution(r: &KeyRecord, env: u16, last: i64, at: i64, rules: &Rules) -> C
     if state == KeyState::Active {
         flags[0] = match r.expires_at {
             None => Some(Flag::NoExpiry),
-            Some(e) if ceil_to(e - WEEK, STEP) <= at => Some(Flag::Expiring7d),
-            Some(e) if ceil_to(e - MONTH, STEP) <= at => Some(Flag::Expiring30d),
+            Some(e) if floor_to(e - WEEK, STEP) <= at => Some(Flag::Expiring7d),
+            Some(e) if floor_to(e - MONTH, STEP) <= at => Some(Flag::Expiring30d),
             Some(_) => None,
         };
         flags[1] = rules.over_policy(r).then_some(Flag::OverPolicy);
@@ -166,7 +168,7 @@ fn breakpoints(r: &KeyRecord, last: i64, rules: &Rules) -> Vec<i64> {
         .flatten()
         .chain(r.expires_at.map(|e| e - WEEK))
         .chain(r.expires_at.map(|e| e - MONTH))
-        .map(|t| ceil_to(t, STEP))
+        .map(|t| floor_to(t, STEP))
         .chain([stale_at(last, rules)])
         .collect();
     out.sort_unstable();
@@ -512,10 +514,10 @@ mod tests {
     }
 
     #[test]
-    fn ceil_rounds_up_only_off_the_grid() {
-        assert_eq!(ceil_to(120, 60), 120);
-        assert_eq!(ceil_to(121, 60), 180);
-        assert_eq!(ceil_to(-59, 60), 0);
-        assert_eq!(ceil_to(-60, 60), -60);
+    fn floor_rounds_down_to_the_minute() {
+        assert_eq!(floor_to(120, 60), 120);
+        assert_eq!(floor_to(179, 60), 120);
+        assert_eq!(floor_to(-59, 60), -60);
+        assert_eq!(floor_to(-60, 60), -60);
     }
 }
