@@ -104,7 +104,9 @@ pub fn refresh_gauges(gw: &Gateway) {
     for ((state, env), n) in &counts.states {
         m.keys.with_label_values(&[state.as_str(), env]).set(*n);
     }
-    m.keys_expiring.with_label_values(&["7d"]).set(counts.expiring_7d);
+    m.keys_expiring
+        .with_label_values(&["7d"])
+        .set(counts.expiring_7d);
     m.keys_expiring
         .with_label_values(&["30d"])
         .set(counts.expiring_30d);

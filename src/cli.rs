@@ -1328,8 +1328,13 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             // The good lines are imported; a refused line is still a failed migration step
             // for a script (`set -e`), so the exit status says so.
             if report.refused > 0 {
-                let lines: Vec<String> = report.invalid.iter().map(|(l, _)| l.to_string()).collect();
-                let more = if report.refused > report.invalid.len() { ", …" } else { "" };
+                let lines: Vec<String> =
+                    report.invalid.iter().map(|(l, _)| l.to_string()).collect();
+                let more = if report.refused > report.invalid.len() {
+                    ", …"
+                } else {
+                    ""
+                };
                 return Err(Failure::Error(format!(
                     "{} lines refused (lines {}{more}); the other lines were imported",
                     report.refused,

@@ -125,10 +125,7 @@ impl Gateway {
         let _ = getrandom::fill(&mut boot);
         let rules = Rules::new(&snapshot.keys.policy, snapshot.keys.stale_after_secs);
         Arc::new(Gateway {
-            key_gauges: std::sync::Mutex::new(KeyGauges::new(
-                rules,
-                crate::clock::unix_secs(),
-            )),
+            key_gauges: std::sync::Mutex::new(KeyGauges::new(rules, crate::clock::unix_secs())),
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),

@@ -1157,7 +1157,10 @@ fn import_streams_in_batches_and_names_refused_lines() {
     let r = env.fail(&["import", "--file", f, "--owner", "mixed", "--json"]);
     assert_eq!(r.status.code(), Some(1), "{r:?}");
     assert!(r.stderr.contains("lines 30001, 44999"), "{r:?}");
-    assert!(!r.stderr.contains("importing:"), "no progress off a terminal: {r:?}");
+    assert!(
+        !r.stderr.contains("importing:"),
+        "no progress off a terminal: {r:?}"
+    );
     assert_eq!(
         r.json(),
         serde_json::json!({"imported": 44_998, "duplicates": 0, "invalid": 2})

@@ -1433,7 +1433,14 @@ async fn pagination_is_consistent_under_concurrent_writes() {
     std::fs::write(&seed, text).unwrap();
     let out = cli(
         &e.cfg,
-        &["keys", "import", "--file", seed.to_str().unwrap(), "--owner", "seed"],
+        &[
+            "keys",
+            "import",
+            "--file",
+            seed.to_str().unwrap(),
+            "--owner",
+            "seed",
+        ],
         SECRET_ENV,
     );
     assert!(out.status.success(), "{}", stderr_str(&out));
@@ -1445,7 +1452,14 @@ async fn pagination_is_consistent_under_concurrent_writes() {
             .map(|i| i["id"].as_str().unwrap().to_owned())
             .collect()
     };
-    let r = call(a, Method::GET, "/v1/api-keys?limit=1000", Some(&e.t.read), "").await;
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?limit=1000",
+        Some(&e.t.read),
+        "",
+    )
+    .await;
     assert_eq!(r.0, 200);
     let before = ids(&r.2);
     assert_eq!(before.len(), 300, "the import is visible at once");
@@ -1486,10 +1500,14 @@ async fn pagination_is_consistent_under_concurrent_writes() {
     let mut seen: Vec<String> = Vec::new();
     let mut cursor: Option<String> = None;
     for page in 0..500 {
-        eventually_named("the writer made another key", std::time::Duration::from_secs(60), || {
-            let created = created.clone();
-            async move { (created.load(Ordering::Relaxed) >= page.min(199)).then_some(()) }
-        })
+        eventually_named(
+            "the writer made another key",
+            std::time::Duration::from_secs(60),
+            || {
+                let created = created.clone();
+                async move { (created.load(Ordering::Relaxed) >= page.min(199)).then_some(()) }
+            },
+        )
         .await;
         let path = match &cursor {
             Some(c) => format!("/v1/api-keys?limit=7&cursor={c}"),
@@ -1522,7 +1540,14 @@ async fn pagination_is_consistent_under_concurrent_writes() {
     }
     // Keys made during the walk are listed at most once (those after the cursor), and each
     // one is listed by a walk that starts after the writer stopped.
-    let r = call(a, Method::GET, "/v1/api-keys?limit=1000", Some(&e.t.read), "").await;
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?limit=1000",
+        Some(&e.t.read),
+        "",
+    )
+    .await;
     let after = ids(&r.2);
     for id in &new_ids {
         assert!(after.contains(id), "{id} created during the walk is listed");

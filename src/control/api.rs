@@ -369,10 +369,11 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                 .into_iter()
                 .flatten()
                 .filter_map(|p| c.feed.get(p));
-            let latest: std::collections::HashMap<String, KeyRecord> = std::iter::once(held.clone())
-                .chain(partner)
-                .map(|r| (r.id.clone(), (*r).clone()))
-                .collect();
+            let latest: std::collections::HashMap<String, KeyRecord> =
+                std::iter::once(held.clone())
+                    .chain(partner)
+                    .map(|r| (r.id.clone(), (*r).clone()))
+                    .collect();
             let record = latest
                 .get(&id)
                 .ok_or_else(|| ApiError::from(OpsError::NotFound(id.clone())))?;

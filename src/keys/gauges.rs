@@ -268,11 +268,7 @@ impl KeyGauges {
 
     /// A key changed: `old` (the version replaced, if any) out, `new` (if any) in. `last` is
     /// when the key was last used or created, as `build` takes it.
-    pub fn replace(
-        &mut self,
-        old: Option<(&KeyRecord, i64)>,
-        new: Option<(&KeyRecord, i64)>,
-    ) {
+    pub fn replace(&mut self, old: Option<(&KeyRecord, i64)>, new: Option<(&KeyRecord, i64)>) {
         if let Some((r, last)) = old {
             self.add(r, last, -1);
         }
@@ -307,9 +303,10 @@ impl KeyGauges {
         for (slot, n) in &self.counts {
             match slot {
                 Slot::State(s, env) => {
-                    let (Some(state), Some(env)) =
-                        (STATES.get(usize::from(*s)), self.envs.get(usize::from(*env)))
-                    else {
+                    let (Some(state), Some(env)) = (
+                        STATES.get(usize::from(*s)),
+                        self.envs.get(usize::from(*env)),
+                    ) else {
                         continue;
                     };
                     *out.states.entry((*state, env.clone())).or_insert(0) += n;
@@ -370,16 +367,25 @@ mod tests {
         r.expires_at = rng
             .chance(70)
             .then(|| now + rng.below(90 * DAY as u64) as i64 - 5 * DAY);
-        r.not_before = rng.chance(15).then(|| now + rng.below(3 * DAY as u64) as i64);
+        r.not_before = rng
+            .chance(15)
+            .then(|| now + rng.below(3 * DAY as u64) as i64);
         r.canary = rng.chance(5);
         r
     }
 
     /// The counts of a full recount of `table` at `now`.
-    fn recount(table: &HashMap<String, KeyRecord>, last: &HashMap<String, i64>, now: i64) -> Counts {
+    fn recount(
+        table: &HashMap<String, KeyRecord>,
+        last: &HashMap<String, i64>,
+        now: i64,
+    ) -> Counts {
         let envs = ["live".to_owned(), "test".to_owned()];
         KeyGauges::build(rules(), now, table.values(), |r| {
-            last.get(&r.id).copied().unwrap_or(r.created_at).max(r.created_at)
+            last.get(&r.id)
+                .copied()
+                .unwrap_or(r.created_at)
+                .max(r.created_at)
         })
         .counts(&envs)
     }
@@ -394,7 +400,10 @@ mod tests {
             let mut table: HashMap<String, KeyRecord> = HashMap::new();
             let mut last: HashMap<String, i64> = HashMap::new();
             let lu = |last: &HashMap<String, i64>, r: &KeyRecord| {
-                last.get(&r.id).copied().unwrap_or(r.created_at).max(r.created_at)
+                last.get(&r.id)
+                    .copied()
+                    .unwrap_or(r.created_at)
+                    .max(r.created_at)
             };
             for step in 0..600u32 {
                 let ids: Vec<String> = table.keys().cloned().collect();
@@ -510,7 +519,10 @@ mod tests {
         g.tick(T0 + 11 * DAY);
         let c = g.counts(&["live".into()]);
         assert_eq!(c.expiring_30d, 40_000);
-        assert_eq!(c.stale, 40_000, "unused for 10 days after the day of creation");
+        assert_eq!(
+            c.stale, 40_000,
+            "unused for 10 days after the day of creation"
+        );
     }
 
     #[test]

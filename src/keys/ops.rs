@@ -985,7 +985,8 @@ impl<'a> Keys<'a> {
             ));
         }
         let (secret_version, digest) = self.settings.hasher.digest(&parsed.key);
-        let id = new_id("key").map_err(|e| ImportRefusal::Fatal(OpsError::Random(e.to_string())))?;
+        let id =
+            new_id("key").map_err(|e| ImportRefusal::Fatal(OpsError::Random(e.to_string())))?;
         let record = KeyRecord {
             rev: 0,
             lineage: id.clone(),

@@ -27,11 +27,11 @@
 //!   skipped; it never stops a reader and never blocks a writer (revocation must always be
 //!   possible).
 
+use crate::keys::digest::Digest;
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::store::ledger::{Hwm, Ledger};
 use crate::store::seal::{LogId, Signer, Tag};
 use serde::{Deserialize, Serialize};
-use crate::keys::digest::Digest;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
@@ -352,7 +352,11 @@ impl LogFile {
         loop {
             chunk.clear();
             while chunk.len() < CHUNK {
-                if reader.read_until(b'\n', &mut chunk).map_err(|e| self.io(e))? == 0 {
+                if reader
+                    .read_until(b'\n', &mut chunk)
+                    .map_err(|e| self.io(e))?
+                    == 0
+                {
                     break;
                 }
             }

@@ -280,7 +280,9 @@ mod tests {
             },
             Case {
                 name: "records of another log cannot extend this table",
-                run: |t| records(t, L2, vec![rec("key_a", 1, 10, false)], 10, &mut ()).map(|_| copy(t)),
+                run: |t| {
+                    records(t, L2, vec![rec("key_a", 1, 10, false)], 10, &mut ()).map(|_| copy(t))
+                },
                 expect_revoked_a: true,
                 refused: true,
             },
@@ -312,7 +314,13 @@ mod tests {
     #[test]
     fn revocations_and_new_keys_still_apply() {
         let t = base();
-        let out = records(&t, L1, vec![rec("key_b", 2, 4, true), rec("key_c", 3, 5, false)], 6, &mut ())
+        let out = records(
+            &t,
+            L1,
+            vec![rec("key_b", 2, 4, true), rec("key_c", 3, 5, false)],
+            6,
+            &mut (),
+        )
         .unwrap();
         assert_eq!(out.written_at_ms.len(), 2);
         assert!(out.kept_revoked.is_empty());
