@@ -988,14 +988,10 @@ async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, A
     let cursor = q.get("cursor").cloned();
     caught_up(c).await?;
     let now = crate::clock::unix_secs();
-    let (rows, more) = c.feed.page(cursor.as_deref(), limit, |r| {
+    let (rows, next) = c.feed.page(cursor.as_deref(), limit, |r| {
         selector.matches(r) && state.is_none_or(|s| r.state(now) == s)
     });
-    let next = if more {
-        rows.last().map(|r| Value::String(r.id.clone()))
-    } else {
-        None
-    };
+    let next = next.map(Value::String);
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let usage = c.usage_of(&ids).await;
     let items: Vec<Value> = rows.iter().map(|r| public(r, &usage)).collect();

@@ -82,6 +82,9 @@ pub enum Catchup {
     },
 }
 
+/// Most keys one listing page looks at (`FeedState::page`): ~10-25 ms at 1M keys.
+pub const PAGE_SCAN: usize = 100_000;
+
 #[derive(Debug)]
 pub struct FeedState {
     log: RwLock<Log>,
@@ -136,30 +139,39 @@ impl FeedState {
     }
 
     /// One page of the latest versions in id order: up to `limit` records with an id after
-    /// `after` that `keep` accepts, and whether more follow. Ids are fixed at creation, so a
-    /// cursor (the last id of a page) stays valid while keys are added: a new key lands on a
-    /// later page or before the cursor, never shifting a page already served.
+    /// `after` that `keep` accepts, and the cursor to continue from (`None`: nothing follows).
+    /// Ids are fixed at creation, so a cursor (an id) stays valid while keys are added: a new
+    /// key lands on a later page or before the cursor, never shifting a page already served.
+    /// A page looks at no more than [`PAGE_SCAN`] keys, so a filter that matches few keys
+    /// costs bounded time per page: such a page may be short, even empty, with a cursor.
     pub fn page(
         &self,
         after: Option<&str>,
         limit: usize,
         keep: impl Fn(&KeyRecord) -> bool,
-    ) -> (Vec<Arc<KeyRecord>>, bool) {
+    ) -> (Vec<Arc<KeyRecord>>, Option<String>) {
         let Ok(log) = self.log.read() else {
-            return (vec![], false);
+            return (vec![], None);
         };
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut rows: Vec<Arc<KeyRecord>> = log
-            .latest
-            .range::<str, _>((from, Bound::Unbounded))
-            .map(|(_, r)| r)
-            .filter(|r| keep(r))
-            .take(limit.saturating_add(1))
-            .cloned()
-            .collect();
-        let more = rows.len() > limit;
-        rows.truncate(limit);
-        (rows, more)
+        let mut rows: Vec<Arc<KeyRecord>> = Vec::with_capacity(limit.min(1024));
+        let mut looked: Option<&String> = None;
+        for (n, (id, r)) in log.latest.range::<str, _>((from, Bound::Unbounded)).enumerate() {
+            if n == PAGE_SCAN {
+                // Out of budget: continue after the last key looked at.
+                return (rows, looked.cloned());
+            }
+            looked = Some(id);
+            if !keep(r) {
+                continue;
+            }
+            if rows.len() == limit {
+                let next = rows.last().map(|r| r.id.clone());
+                return (rows, next);
+            }
+            rows.push(r.clone());
+        }
+        (rows, None)
     }
 
     /// Wait (at most `within`) until revision `rev` is applied; false on timeout.
@@ -420,5 +432,46 @@ mod tests {
         }));
         assert_eq!(back.len(), 1);
         assert!(back[0].revoked_at.is_some());
+    }
+
+    #[test]
+    fn pages_walk_every_match_once_in_bounded_steps() {
+        let s = FeedState::new(16);
+        let n = PAGE_SCAN as u64 * 2 + 10;
+        // Three owners "few" among many keys, far apart in id order.
+        let records: Vec<KeyRecord> = (1..=n)
+            .map(|i| KeyRecord {
+                owner: if i % 90_001 == 0 { "few" } else { "many" }.into(),
+                ..rec(&format!("key_{i:08}"), i)
+            })
+            .collect();
+        s.apply(Update::Replaced(Parsed {
+            records,
+            rev: n,
+            log: L,
+            ..Parsed::default()
+        }));
+        let (mut seen, mut cursor, mut pages, mut empty) = (vec![], None::<String>, 0, 0);
+        loop {
+            let (rows, next) = s.page(cursor.as_deref(), 2, |r| r.owner == "few");
+            assert!(rows.len() <= 2);
+            empty += usize::from(rows.is_empty());
+            seen.extend(rows.iter().map(|r| r.id.clone()));
+            pages += 1;
+            assert!(pages < 10, "the walk ends");
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["key_00090001", "key_00180002"]);
+        assert!(empty >= 1, "a page that found nothing within its budget still moves on");
+        // Without a filter: full pages, the cursor is the page's last id.
+        let (rows, next) = s.page(Some("key_00000010"), 3, |_| true);
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["key_00000011", "key_00000012", "key_00000013"]);
+        assert_eq!(next.as_deref(), Some("key_00000013"));
+        let last = format!("key_{n:08}");
+        assert_eq!(s.page(Some(&last), 3, |_| true), (vec![], None));
     }
 }
