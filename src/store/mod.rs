@@ -47,7 +47,7 @@ impl Store {
     pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
         match self {
             Store::File(f) => f.digests(),
-            Store::Redis(r) => Ok(r.load()?.records.iter().map(|r| r.digest).collect()),
+            Store::Redis(r) => r.digests(),
         }
     }
 

@@ -28,6 +28,7 @@
 //! Not yet (said in README): compaction/trimming of the stream, `WAIT` for replicas on
 //! revocation, a new log id after a failover that lost writes.
 
+use crate::keys::digest::Digest;
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::redis::resp::Value;
 use crate::redis::script::Script;
@@ -431,6 +432,17 @@ impl RedisLog {
     pub fn load(&self) -> Result<Parsed, StoreError> {
         let (n, signer) = (&self.names, &self.signer);
         self.run(|c| async move { state(&c, n, signer).await })
+    }
+
+    /// The digest of every key the store holds (what an import skips), read with `HSCAN` in
+    /// small steps rather than one `HVALS` reply (which times out on a large store).
+    pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
+        let (n, signer) = (&self.names, &self.signer);
+        self.run(move |c| async move {
+            let (log, rev) = head(&c, n).await?;
+            let records = Follower::scan_with(&c, &n.keys, signer, log, rev).await?;
+            Ok(records.iter().map(|r| r.digest).collect())
+        })
     }
 
     /// The log's last revision (one `HMGET`).
