@@ -3,7 +3,6 @@
 //! loopback by default, so metrics never leak to API clients (THREATS J2).
 
 use crate::gateway::Gateway;
-use crate::keys::record::KeyState;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -67,7 +66,7 @@ pub async fn handle(
         }
         "/metrics" => {
             let gw2 = gw.clone();
-            // Gauges over the whole table are O(keys): compute them off the async workers.
+            // Off the async workers: the gauges' lock may be held by a table load.
             let body = tokio::task::spawn_blocking(move || {
                 refresh_gauges(&gw2);
                 gw2.metrics.render()
@@ -88,12 +87,10 @@ pub async fn handle(
     })
 }
 
-/// Gauges derived from the table, computed at scrape time.
+/// Gauges derived from the table and the node's state, set at scrape time.
 pub fn refresh_gauges(gw: &Gateway) {
     let m = &gw.metrics;
-    let snap = gw.snapshot();
     let table = gw.table();
-    let now = crate::clock::unix_secs();
     m.table_revision.set(table.revision() as i64);
     m.table_sync_age
         .set(gw.sync_age().map_or(-1.0, |a| a.as_secs_f64()));
@@ -101,49 +98,19 @@ pub fn refresh_gauges(gw: &Gateway) {
     m.buckets
         .set((gw.limiter.buckets.len() + gw.limiter.fleet().map_or(0, |f| f.len())) as i64);
     m.auth_failure_clients.set(gw.failures.tracked() as i64);
+    // Counts kept on every change (`keys::gauges`): no pass over the table here.
+    let counts = gw.key_counts();
     m.keys.reset();
-    for env in snap.keys.format.envs() {
-        for state in [
-            KeyState::Active,
-            KeyState::Expired,
-            KeyState::Revoked,
-            KeyState::Canary,
-            KeyState::Pending,
-        ] {
-            m.keys.with_label_values(&[state.as_str(), env]).set(0);
-        }
+    for ((state, env), n) in &counts.states {
+        m.keys.with_label_values(&[state.as_str(), env]).set(*n);
     }
-    let (mut exp7, mut exp30, mut no_expiry, mut over, mut stale) = (0, 0, 0, 0, 0);
-    let stale_before = now - snap.keys.stale_after_secs;
-    for r in table.records() {
-        let state = r.state(now);
-        m.keys.with_label_values(&[state.as_str(), &r.env]).inc();
-        if state != KeyState::Active {
-            continue;
-        }
-        match r.expires_at {
-            Some(e) if e - now <= 7 * 86_400 => {
-                exp7 += 1;
-                exp30 += 1;
-            }
-            Some(e) if e - now <= 30 * 86_400 => exp30 += 1,
-            Some(_) => {}
-            None => no_expiry += 1,
-        }
-        if snap.keys.policy.ttl_exceeded(&r) {
-            over += 1;
-        }
-        let last = gw
-            .usage
-            .get(&r.id)
-            .map_or(r.created_at, |u| u.last_used.max(r.created_at));
-        if last < stale_before {
-            stale += 1;
-        }
-    }
-    m.keys_expiring.with_label_values(&["7d"]).set(exp7);
-    m.keys_expiring.with_label_values(&["30d"]).set(exp30);
-    m.keys_without_expiry.set(no_expiry);
-    m.keys_ttl_over_policy.set(over);
-    m.keys_stale.set(stale);
+    m.keys_expiring
+        .with_label_values(&["7d"])
+        .set(counts.expiring_7d);
+    m.keys_expiring
+        .with_label_values(&["30d"])
+        .set(counts.expiring_30d);
+    m.keys_without_expiry.set(counts.without_expiry);
+    m.keys_ttl_over_policy.set(counts.over_policy);
+    m.keys_stale.set(counts.stale);
 }

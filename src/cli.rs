@@ -699,7 +699,8 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Store digests of keys issued elsewhere (one key or JSON object per line).
+    /// Store digests of keys issued elsewhere (one key or JSON object per line), streamed in
+    /// batches; refused lines are named and skipped, and make the exit status 1.
     Import {
         /// File of keys: one plaintext key or JSON object per line (only digests are stored).
         #[arg(long)]
@@ -1338,35 +1339,71 @@ pub fn run_keys(config: &Config, cmd: KeysCommand) -> Result<(), Failure> {
             grants: g,
             json,
         } => {
-            let text = std::fs::read_to_string(&file)
+            let input = std::fs::File::open(&file)
                 .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
-            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            let size = input.metadata().map_or(0, |m| m.len()).max(1);
             let defaults = grants(name, owner, env, g, (false, false), now)?;
             // A progress counter only for a human at a terminal (never inside JSON logs).
             let tty = std::io::stderr().is_terminal() && log_format() == LogFormat::Human;
-            let total = lines.len();
-            let report = keys.import(&lines, &defaults, now, |i| {
-                if tty && (i % 1000 == 0 || i == total) {
-                    eprint!("\rimporting {i}/{total}");
-                }
-            })?;
+            let started = std::time::Instant::now();
+            let report = keys.import_from(
+                std::io::BufReader::with_capacity(1 << 20, input),
+                &defaults,
+                now,
+                |p| {
+                    if tty {
+                        eprint!(
+                            "\rimporting: line {}, {}% of {}",
+                            p.lines,
+                            p.bytes * 100 / size,
+                            file.display()
+                        );
+                    }
+                },
+            )?;
             if tty {
                 eprintln!();
             }
             for (line, why) in &report.invalid {
                 say(Level::Warn, &format!("line {line}: {why}"));
             }
+            if report.refused > report.invalid.len() {
+                say(
+                    Level::Warn,
+                    &format!(
+                        "… and {} more refused lines",
+                        report.refused - report.invalid.len()
+                    ),
+                );
+            }
             say(
                 Level::Info,
                 &format!(
-                    "imported {}, duplicates {}, invalid {}",
+                    "imported {}, duplicates {}, invalid {} ({:.1} s)",
                     report.imported,
                     report.duplicates,
-                    report.invalid.len()
+                    report.refused,
+                    started.elapsed().as_secs_f64()
                 ),
             );
             if json {
-                out(&serde_json::json!({"imported": report.imported, "duplicates": report.duplicates, "invalid": report.invalid.len()}).to_string())?;
+                out(&serde_json::json!({"imported": report.imported, "duplicates": report.duplicates, "invalid": report.refused}).to_string())?;
+            }
+            // The good lines are imported; a refused line is still a failed migration step
+            // for a script (`set -e`), so the exit status says so.
+            if report.refused > 0 {
+                let lines: Vec<String> =
+                    report.invalid.iter().map(|(l, _)| l.to_string()).collect();
+                let more = if report.refused > report.invalid.len() {
+                    ", …"
+                } else {
+                    ""
+                };
+                return Err(Failure::Error(format!(
+                    "{} lines refused (lines {}{more}); the other lines were imported",
+                    report.refused,
+                    lines.join(", ")
+                )));
             }
             Ok(())
         }

@@ -4,6 +4,8 @@
 
 use crate::audit::{AuditLog, Event};
 use crate::clock::unix_ms;
+use crate::keys::gauges::{KeyGauges, Rules};
+use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::limit::{AuthFailures, Limiter};
 use crate::metrics::Metrics;
@@ -18,6 +20,9 @@ use std::time::Duration;
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     table: ArcSwap<KeyTable>,
+    /// The key gauges' counts, changed with the table under this lock (`counting`,
+    /// `install_table`, `touch`), read by a scrape.
+    key_gauges: std::sync::Mutex<KeyGauges>,
     loaded: AtomicBool,
     /// Set on SIGTERM: `/readyz` fails while requests are still served (lame duck).
     stopping: AtomicBool,
@@ -59,6 +64,22 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("revision", &self.table().revision())
             .finish()
+    }
+}
+
+/// The key gauges' lock held through an incremental apply (`Gateway::counting`).
+pub struct Counting<'a> {
+    gauges: std::sync::MutexGuard<'a, KeyGauges>,
+    gw: &'a Gateway,
+}
+
+impl crate::sync::apply::Observer for Counting<'_> {
+    fn changed(&mut self, old: Option<&KeyRecord>, new: Option<&KeyRecord>) {
+        let gw = self.gw;
+        self.gauges.replace(
+            old.map(|r| (r, gw.last_use(r))),
+            new.map(|r| (r, gw.last_use(r))),
+        );
     }
 }
 
@@ -126,9 +147,11 @@ impl Gateway {
             .tokens
             .issue
             .then(|| Arc::new(crate::tokens::broker::Broker::new(snapshot.tokens.clone())));
+        let rules = Rules::new(&snapshot.keys.policy, snapshot.keys.stale_after_secs);
         Arc::new(Gateway {
             tokens,
             broker,
+            key_gauges: std::sync::Mutex::new(KeyGauges::new(rules, crate::clock::unix_secs())),
             snapshot: ArcSwap::from_pointee(snapshot),
             table: ArcSwap::from_pointee(KeyTable::new()),
             loaded: AtomicBool::new(false),
@@ -168,12 +191,85 @@ impl Gateway {
         self.install_table(table, true);
     }
 
-    /// Install a table; `synced` is false for a local copy of unknown age.
+    /// Install a table; `synced` is false for a local copy of unknown age. The key gauges
+    /// are counted afresh with it (one pass, as the load itself), under their lock.
     pub fn install_table(&self, table: KeyTable, synced: bool) {
+        let mut gauges = self.gauges();
+        *gauges = self.count_all(&table, self.gauge_rules());
         self.table.store(Arc::new(table));
+        drop(gauges);
         self.loaded.store(true, Ordering::Release);
         if synced {
             self.mark_synced();
+        }
+    }
+
+    fn gauges(&self) -> std::sync::MutexGuard<'_, KeyGauges> {
+        // The counts stay consistent across a panic elsewhere (every change is one call).
+        self.key_gauges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the key gauges depend on in the running config.
+    fn gauge_rules(&self) -> Rules {
+        let snap = self.snapshot();
+        Rules::new(&snap.keys.policy, snap.keys.stale_after_secs)
+    }
+
+    /// When `r` was last used on this node's view, or created.
+    fn last_use(&self, r: &KeyRecord) -> i64 {
+        self.usage
+            .last_used(&r.id)
+            .map_or(r.created_at, |u| u.max(r.created_at))
+    }
+
+    fn count_all(&self, table: &KeyTable, rules: Rules) -> KeyGauges {
+        let records = table.records();
+        KeyGauges::build(
+            rules,
+            crate::clock::unix_secs(),
+            records.iter().map(|r| &**r),
+            |r| self.last_use(r),
+        )
+    }
+
+    /// The observer an incremental apply tells of its changes (`sync::apply::records`): it
+    /// holds the gauges' lock for the apply, so counts and table change together.
+    pub fn counting(&self) -> Counting<'_> {
+        Counting {
+            gauges: self.gauges(),
+            gw: self,
+        }
+    }
+
+    /// The key gauges now: due changes applied, and counted afresh when a reload changed
+    /// what they depend on. Costs the changes due since the last call, not the table.
+    pub fn key_counts(&self) -> crate::keys::gauges::Counts {
+        let rules = self.gauge_rules();
+        let mut gauges = self.gauges();
+        if *gauges.rules() != rules {
+            *gauges = self.count_all(&self.table(), rules);
+        }
+        gauges.tick(crate::clock::unix_secs());
+        gauges.counts(self.snapshot().keys.format.envs())
+    }
+
+    /// A forwarded request by key `id` at `now` (usage). The first use of a key on a UTC day
+    /// moves its stale-gauge contribution, so that one update is made under the gauges' lock;
+    /// every other use is lock-free.
+    pub fn touch(&self, id: &str, now: i64) {
+        let day = |t: i64| t.div_euclid(86_400);
+        if self.usage.last_used(id).is_some_and(|l| day(l) >= day(now)) {
+            return self.usage.touch(id, now);
+        }
+        let mut gauges = self.gauges();
+        let table = self.table();
+        let held = table.get_by_id(id);
+        let before = held.as_deref().map(|r| self.last_use(r));
+        self.usage.touch(id, now);
+        if let (Some(r), Some(before)) = (held.as_deref(), before) {
+            gauges.replace(Some((r, before)), Some((r, self.last_use(r))));
         }
     }
 

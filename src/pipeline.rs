@@ -620,7 +620,7 @@ fn record(
     match outcome {
         Outcome::Ok => {
             if let Some(k) = &ctx.key {
-                gw.usage.touch(&k.id, crate::clock::unix_secs());
+                gw.touch(&k.id, crate::clock::unix_secs());
                 gw.metrics.count_key(&k.id);
             }
         }

@@ -140,6 +140,13 @@ impl Usage {
         }
     }
 
+    /// When `id` was last used (Unix seconds), if ever on this node's view.
+    pub fn last_used(&self, id: &str) -> Option<i64> {
+        self.entries
+            .get(id)
+            .map(|e| e.last_used.load(Ordering::Relaxed))
+    }
+
     pub fn get(&self, id: &str) -> Option<Used> {
         self.entries.get(id).map(|e| Self::used(&e))
     }

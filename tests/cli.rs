@@ -1039,12 +1039,18 @@ fn import_counts_imported_duplicates_and_invalid_lines() {
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let f = file.to_str().unwrap();
 
-    let r = env.ok(&["import", "--file", f, "--owner", "migration", "--json"]);
+    // The good lines are imported; the refused one is named and fails the exit status.
+    let r = env.fail(&["import", "--file", f, "--owner", "migration", "--json"]);
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
     assert!(
         r.stderr.contains("imported 4, duplicates 1, invalid 1"),
         "{r:?}"
     );
     assert!(r.stderr.contains("line 8"), "names the invalid line: {r:?}");
+    assert!(
+        r.stderr.contains("1 lines refused (lines 8)"),
+        "the failure names the lines: {r:?}"
+    );
     assert_eq!(
         r.json(),
         serde_json::json!({"imported": 4, "duplicates": 1, "invalid": 1})
@@ -1082,7 +1088,7 @@ fn import_counts_imported_duplicates_and_invalid_lines() {
     );
 
     // Importing the same file again imports nothing.
-    let r = env.ok(&["import", "--file", f, "--owner", "migration"]);
+    let r = env.fail(&["import", "--file", f, "--owner", "migration"]);
     assert!(r.stderr.contains("imported 0,"), "{r:?}");
     assert!(r.stderr.contains("duplicates 5, invalid 1"), "{r:?}");
     assert_eq!(env.list(&[]).len(), 4);
@@ -1090,7 +1096,7 @@ fn import_counts_imported_duplicates_and_invalid_lines() {
     // Without an owner, policy (require_owner) marks the bare lines invalid.
     let other = env.path("other.txt");
     std::fs::write(&other, "another-legacy-key-0000000005\n").unwrap();
-    let r = env.ok(&["import", "--file", other.to_str().unwrap()]);
+    let r = env.fail(&["import", "--file", other.to_str().unwrap()]);
     assert!(
         r.stderr.contains("imported 0, duplicates 0, invalid 1"),
         "{r:?}"
@@ -1129,6 +1135,43 @@ fn import_of_100k_keys_completes() {
     // The store stays usable: a create after it gets the next revision.
     let (v, _) = env.create(&[]);
     assert_eq!(v["rev"], 100_001);
+}
+
+/// A refused line past the first batch is named with its line number, the good lines around
+/// it (several batches) are imported, the exit status is 1; a re-run finds them all stored.
+/// Progress goes to a terminal only: none here (stderr is a pipe).
+#[test]
+fn import_streams_in_batches_and_names_refused_lines() {
+    let env = Env::new();
+    let file = env.path("mixed.txt");
+    let mut text = String::new();
+    for i in 1..=45_000u32 {
+        if i == 30_001 || i == 44_999 {
+            text.push_str("too-short\n");
+        } else {
+            text.push_str(&format!("legacy-mixed-key-{i:010}-abcdefgh\n"));
+        }
+    }
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap();
+    let r = env.fail(&["import", "--file", f, "--owner", "mixed", "--json"]);
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+    assert!(r.stderr.contains("lines 30001, 44999"), "{r:?}");
+    assert!(
+        !r.stderr.contains("importing:"),
+        "no progress off a terminal: {r:?}"
+    );
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"imported": 44_998, "duplicates": 0, "invalid": 2})
+    );
+    assert_eq!(env.store_lines().len(), 44_998);
+    let r = env.fail(&["import", "--file", f, "--owner", "mixed", "--json"]);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"imported": 0, "duplicates": 44_998, "invalid": 2})
+    );
+    assert_eq!(env.store_lines().len(), 44_998);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1901,7 +1944,7 @@ fn bad_scopes_are_refused_everywhere() {
         let line =
             serde_json::json!({"key": "legacy-0123456789abcdef", "owner": "o", "scopes": [s]});
         std::fs::write(&import, format!("{line}\n")).unwrap();
-        let r = env.ok(&["import", "--file", import.to_str().unwrap(), "--json"]);
+        let r = env.fail(&["import", "--file", import.to_str().unwrap(), "--json"]);
         assert_eq!(r.json()["invalid"], 1, "import {s:?}: {r:?}");
     }
     assert_eq!(env.list(&[]).len(), 1);

@@ -1415,3 +1415,142 @@ async fn abort(a: SocketAddr, token: &str, id: &str) -> (u16, http::HeaderMap, V
     let path = format!("/v1/api-keys/{id}/rotate/abort");
     call(a, Method::POST, &path, Some(token), "").await
 }
+
+/// Issue 13 "listings from memory": a walk through every page while another task creates keys
+/// (and revokes some) through the API sees every key that existed when it started exactly
+/// once, in id order, with no duplicates: cursors stay valid while keys are added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_is_consistent_under_concurrent_writes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    // 300 keys to start with, through the real import path.
+    let seed = e.dir.join("seed.txt");
+    let text: String = (0..300)
+        .map(|i| format!("legacy-page-seed-{i:06}-abcdefgh\n"))
+        .collect();
+    std::fs::write(&seed, text).unwrap();
+    let out = cli(
+        &e.cfg,
+        &[
+            "keys",
+            "import",
+            "--file",
+            seed.to_str().unwrap(),
+            "--owner",
+            "seed",
+        ],
+        SECRET_ENV,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let ids = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?limit=1000",
+        Some(&e.t.read),
+        "",
+    )
+    .await;
+    assert_eq!(r.0, 200);
+    let before = ids(&r.2);
+    assert_eq!(before.len(), 300, "the import is visible at once");
+
+    // The writer: creates keys, and revokes every third seed key it passes, until told to stop.
+    let created = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (created, stop, token, victims) = (
+            created.clone(),
+            stop.clone(),
+            e.t.write.clone(),
+            before.clone(),
+        );
+        async move {
+            let mut new_ids = Vec::new();
+            for i in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let body = json!({"name": format!("during-{i}"), "owner": "writer"}).to_string();
+                let r = call(a, Method::POST, "/v1/api-keys", Some(&token), body).await;
+                assert_eq!(r.0, 201, "{:?}", r.2);
+                new_ids.push(r.2["id"].as_str().unwrap().to_owned());
+                if i % 3 == 0 {
+                    let path = format!("/v1/api-keys/{}", victims[i * 7 % victims.len()]);
+                    let r = call(a, Method::DELETE, &path, Some(&token), "").await;
+                    assert_eq!(r.0, 200, "{:?}", r.2);
+                }
+                created.fetch_add(1, Ordering::Relaxed);
+            }
+            new_ids
+        }
+    });
+
+    // The walk: before each page, wait until the writer has made one more key, so writes
+    // land between every two pages.
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0..500 {
+        eventually_named(
+            "the writer made another key",
+            std::time::Duration::from_secs(60),
+            || {
+                let created = created.clone();
+                async move { (created.load(Ordering::Relaxed) >= page.min(199)).then_some(()) }
+            },
+        )
+        .await;
+        let path = match &cursor {
+            Some(c) => format!("/v1/api-keys?limit=7&cursor={c}"),
+            None => "/v1/api-keys?limit=7".into(),
+        };
+        let r = call(a, Method::GET, &path, Some(&e.t.read), "").await;
+        assert_eq!(r.0, 200, "{:?}", r.2);
+        seen.extend(ids(&r.2));
+        match r.2["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let new_ids = writer.await.unwrap();
+    assert!(
+        created.load(Ordering::Relaxed) >= 40,
+        "writes happened during the walk"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "pages come in id order, without duplicates");
+    for id in &before {
+        assert_eq!(
+            seen.iter().filter(|s| *s == id).count(),
+            1,
+            "{id} existed at the start: listed exactly once"
+        );
+    }
+    // Keys made during the walk are listed at most once (those after the cursor), and each
+    // one is listed by a walk that starts after the writer stopped.
+    let r = call(
+        a,
+        Method::GET,
+        "/v1/api-keys?limit=1000",
+        Some(&e.t.read),
+        "",
+    )
+    .await;
+    let after = ids(&r.2);
+    for id in &new_ids {
+        assert!(after.contains(id), "{id} created during the walk is listed");
+    }
+    assert_eq!(after.len(), before.len() + new_ids.len());
+}

@@ -383,13 +383,21 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
         (Method::GET, ["v1", "api-keys", id]) if !is_endpoint(id) => {
             authorize(c, &req, Role::Read)?;
             let id = id.to_string();
-            let c2 = c.clone();
-            let latest = blocking(move || {
-                Keys::new(&c2.settings, "")
-                    .state()
-                    .map(|p| crate::store::file::latest(p.records))
-            })
-            .await?;
+            caught_up(c).await?;
+            let held = c
+                .feed
+                .get(&id)
+                .ok_or_else(|| ApiError::from(OpsError::NotFound(id.clone())))?;
+            // The key and its rotation partner, if any (`rotation::of` reads them by id).
+            let partner = [held.rotated_to.as_deref(), held.rotated_from.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|p| c.feed.get(p));
+            let latest: std::collections::HashMap<String, KeyRecord> =
+                std::iter::once(held.clone())
+                    .chain(partner)
+                    .map(|r| (r.id.clone(), (*r).clone()))
+                    .collect();
             let record = latest
                 .get(&id)
                 .ok_or_else(|| ApiError::from(OpsError::NotFound(id.clone())))?;
@@ -1180,6 +1188,27 @@ async fn key_usage(
     Ok(json_response(StatusCode::OK, &v))
 }
 
+/// Reads are served from the log the control plane holds in memory (`FeedState`, which
+/// follows the store). So that a read sees every write made before it (by this API, another
+/// control plane or the CLI), it first waits for that log to reach the store's last revision,
+/// read cheaply (the file's tail, one Redis `HMGET`). A follower that does not get there in
+/// time (a store problem it is reporting) leaves the read served from what it holds.
+async fn caught_up(c: &Arc<Control>) -> Result<(), ApiError> {
+    let store = c.settings.store_backend();
+    let head = blocking(move || store.head_revision().map_err(OpsError::from)).await?;
+    if !c.feed.caught_up(head, READ_CATCH_UP).await {
+        tracing::warn!(
+            store_revision = head,
+            held = c.feed.revision(),
+            "control plane: serving a read from a log behind the store"
+        );
+    }
+    Ok(())
+}
+
+/// How long a read waits for the in-memory log to reach the store.
+const READ_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let q = query_params(query);
     if let Some(k) = q
@@ -1241,26 +1270,12 @@ async fn list(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, A
         label,
     };
     let cursor = q.get("cursor").cloned();
-    let c2 = c.clone();
-    let parsed = blocking(move || Keys::new(&c2.settings, "").state()).await?;
+    caught_up(c).await?;
     let now = crate::clock::unix_secs();
-    let mut rows: Vec<KeyRecord> = crate::store::file::latest(parsed.records)
-        .into_values()
-        .filter(|r| selector.matches(r) && state.is_none_or(|s| r.state(now) == s))
-        .filter(|r| {
-            cursor
-                .as_ref()
-                .is_none_or(|cur| r.id.as_str() > cur.as_str())
-        })
-        .collect();
-    rows.sort_by(|a, b| a.id.cmp(&b.id));
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next = if more {
-        rows.last().map(|r| Value::String(r.id.clone()))
-    } else {
-        None
-    };
+    let (rows, next) = c.feed.page(cursor.as_deref(), limit, |r| {
+        selector.matches(r) && state.is_none_or(|s| r.state(now) == s)
+    });
+    let next = next.map(Value::String);
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let usage = c.usage_of(&ids).await;
     let items: Vec<Value> = rows.iter().map(|r| public(r, &usage)).collect();

@@ -4,6 +4,7 @@
 
 pub mod digest;
 pub mod format;
+pub mod gauges;
 pub mod lookup;
 pub mod ops;
 pub mod policy;

@@ -274,12 +274,66 @@ fn changed_fields(old: &KeyRecord, new: &KeyRecord) -> Vec<String> {
         .collect()
 }
 
+/// Records an import writes per store append (and audits per append): large enough that
+/// the per-append costs (lock, tail read, fsync) vanish, small enough to bound memory.
+pub const IMPORT_BATCH: usize = 20_000;
+
+/// Refused lines an import reports by number; beyond it they are only counted (bounded
+/// memory even when every line of a huge file is refused).
+pub const IMPORT_REPORTED: usize = 1_000;
+
 /// Result of an import.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ImportReport {
     pub imported: usize,
     pub duplicates: usize,
+    /// The first [`IMPORT_REPORTED`] refused lines: (line number from 1, why).
     pub invalid: Vec<(usize, String)>,
+    /// Every refused line, reported or not.
+    pub refused: usize,
+}
+
+impl ImportReport {
+    fn refuse(&mut self, line: usize, why: String) {
+        self.refused += 1;
+        if self.invalid.len() < IMPORT_REPORTED {
+            self.invalid.push((line, why));
+        }
+    }
+}
+
+/// How far an import has read (for a progress display).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ImportProgress {
+    pub lines: usize,
+    pub bytes: u64,
+}
+
+/// Hashes a digest by its first 8 bytes: digests are HMAC outputs nobody can steer, so those
+/// are as uniform as SipHash's output, at a fraction of its cost (an import hashes every line).
+#[derive(Default)]
+struct DigestPrefix(u64);
+
+impl std::hash::Hasher for DigestPrefix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+    fn write_usize(&mut self, _: usize) {
+        // The array's length prefix carries nothing.
+    }
+}
+
+/// Why one import line is not imported: the line is bad (reported, the import goes on), or
+/// something is wrong beyond the line (the import stops).
+enum ImportRefusal {
+    Line(String),
+    Fatal(OpsError),
 }
 
 /// One line of an import file: a bare key, or JSON with metadata.
@@ -905,7 +959,8 @@ impl<'a> Keys<'a> {
     }
 
     /// Store digests of keys minted elsewhere, without re-issuing them. `lines` are bare keys
-    /// or JSON objects; `defaults` fill what a line does not say.
+    /// or JSON objects; `defaults` fill what a line does not say. (In-memory input; the CLI
+    /// streams with [`Keys::import_from`].)
     pub fn import(
         &self,
         lines: &[String],
@@ -913,131 +968,183 @@ impl<'a> Keys<'a> {
         now: i64,
         mut progress: impl FnMut(usize),
     ) -> Result<ImportReport, OpsError> {
+        let text = lines.join("\n");
+        self.import_from(text.as_bytes(), defaults, now, |p| progress(p.lines))
+    }
+
+    /// Import from a stream, in bounded memory: the input is read line by line, the store's
+    /// digests are read once (to skip keys it holds), and new records are written in batches
+    /// of [`IMPORT_BATCH`] with the store's append (header and tail only, never the whole log),
+    /// each batch audited before it is written. Refused lines are reported and skipped; the
+    /// good lines are imported. A failed or killed import leaves whole batches behind, and
+    /// running it again imports the rest (what is stored counts as a duplicate).
+    pub fn import_from(
+        &self,
+        mut input: impl std::io::BufRead,
+        defaults: &Grants,
+        now: i64,
+        mut progress: impl FnMut(ImportProgress),
+    ) -> Result<ImportReport, OpsError> {
         let mut report = ImportReport::default();
-        let mut candidates = Vec::with_capacity(lines.len());
-        for (i, line) in lines.iter().enumerate() {
-            progress(i);
-            let line = line.trim();
+        // One read of the store: every digest it holds (32 bytes a key, not whole records).
+        let mut taken: std::collections::HashSet<
+            crate::keys::digest::Digest,
+            std::hash::BuildHasherDefault<DigestPrefix>,
+        > = std::collections::HashSet::default();
+        taken.extend(self.log.digests()?);
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut buf = Vec::with_capacity(512);
+        let mut at = ImportProgress::default();
+        loop {
+            buf.clear();
+            let n = input.read_until(b'\n', &mut buf).map_err(|e| {
+                OpsError::Invalid(format!("reading the input at line {}: {e}", at.lines + 1))
+            })?;
+            if n == 0 {
+                break;
+            }
+            at.lines += 1;
+            at.bytes += n as u64;
+            if at.lines % 10_000 == 0 {
+                progress(at);
+            }
+            let line = match std::str::from_utf8(&buf) {
+                Ok(l) => l.trim(),
+                Err(_) => {
+                    report.refuse(at.lines, "not UTF-8".into());
+                    continue;
+                }
+            };
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let parsed = if line.starts_with('{') {
-                match serde_json::from_str::<ImportLine>(line) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        report.invalid.push((i + 1, format!("bad JSON: {e}")));
-                        continue;
-                    }
+            let record = match self.import_line(line, defaults, now) {
+                Ok(r) => r,
+                Err(ImportRefusal::Line(why)) => {
+                    report.refuse(at.lines, why);
+                    continue;
                 }
-            } else {
-                ImportLine {
-                    key: line.to_owned(),
-                    name: None,
-                    owner: None,
-                    env: None,
-                    scopes: vec![],
-                    plan: None,
-                    rate: None,
-                    expires_at: None,
-                    not_before: None,
-                    labels: BTreeMap::new(),
-                }
+                Err(ImportRefusal::Fatal(e)) => return Err(e),
             };
-            // The same bound the gateway applies before hashing, so every imported key can be presented.
-            if parsed.key.len() > MAX_KEY_LEN
-                || parsed.key.len() < 16
-                || !parsed.key.bytes().all(|b| (0x21..=0x7e).contains(&b))
-                || parsed.key.contains(',')
-            {
-                report.invalid.push((
-                    i + 1,
-                    "key must be 16-256 visible ASCII characters without commas".into(),
-                ));
+            if !taken.insert(record.digest) {
+                report.duplicates += 1;
                 continue;
             }
-            let (secret_version, digest) = self.settings.hasher.digest(&parsed.key);
-            let id = new_id("key").map_err(|e| OpsError::Random(e.to_string()))?;
-            let record = KeyRecord {
-                rev: 0,
-                lineage: id.clone(),
-                id,
-                digest,
-                secret_version,
-                name: parsed.name.unwrap_or_else(|| {
-                    if defaults.name.is_empty() {
-                        "imported".into()
-                    } else {
-                        defaults.name.clone()
-                    }
-                }),
-                owner: parsed.owner.unwrap_or_else(|| defaults.owner.clone()),
-                env: parsed.env.unwrap_or_else(|| defaults.env.clone()),
-                scopes: if parsed.scopes.is_empty() {
-                    defaults.scopes.clone()
-                } else {
-                    parsed.scopes
-                },
-                plan: parsed.plan.or_else(|| defaults.plan.clone()),
-                rate: parsed.rate.or_else(|| defaults.rate.clone()),
-                quota: defaults.quota.clone(),
-                allow_ips: defaults.allow_ips.clone(),
-                allow_origins: defaults.allow_origins.clone(),
-                labels: if parsed.labels.is_empty() {
-                    defaults.labels.clone()
-                } else {
-                    parsed.labels
-                },
-                hint: hint(&parsed.key),
-                created_at: now,
-                written_at_ms: crate::clock::unix_ms(),
-                not_before: parsed.not_before.or(defaults.not_before),
-                expires_at: parsed
-                    .expires_at
-                    .or(defaults.expires_in_secs.map(|s| now + s)),
-                revoked_at: None,
-                revoked_reason: None,
-                canary: false,
-                publishable: false,
-                imported: true,
-                rotated_from: None,
-                rotated_to: None,
-                rotation: None,
-                mac: None,
-            };
-            if let Err(e) = check_expiry(record.expires_at, now)
-                .and_then(|()| check_not_before(record.not_before, record.expires_at, now))
-                .and_then(|()| self.validate(&record, now))
-            {
-                report.invalid.push((i + 1, e.to_string()));
-                continue;
+            batch.push(record);
+            if batch.len() >= IMPORT_BATCH {
+                report.imported += self.import_batch(std::mem::take(&mut batch))?;
+                batch.reserve(IMPORT_BATCH);
             }
-            candidates.push(record);
         }
-        progress(lines.len());
-        let written = self.log.transact(|state| {
-            let known: std::collections::HashSet<_> =
-                state.keys.values().map(|r| r.digest).collect();
-            let mut seen = std::collections::HashSet::new();
-            let fresh: Vec<KeyRecord> = candidates
-                .iter()
-                .filter(|r| !known.contains(&r.digest) && seen.insert(r.digest))
-                .cloned()
-                .collect();
-            let events: Vec<Event> = fresh
-                .iter()
-                .map(|r| Event::new("key.imported", &self.actor).key(r))
-                .collect();
-            self.audit(&events)?;
-            Ok::<_, OpsError>(fresh)
-        })??;
-        report.imported = written.len();
-        report.duplicates = lines
-            .iter()
-            .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
-            .count()
-            - report.imported
-            - report.invalid.len();
+        report.imported += self.import_batch(batch)?;
+        progress(at);
         Ok(report)
+    }
+
+    /// Write one batch of new keys: audit events first (a failed audit write refuses the
+    /// batch, as for every change), then one append.
+    fn import_batch(&self, batch: Vec<KeyRecord>) -> Result<usize, OpsError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let events: Vec<Event> = batch
+            .iter()
+            .map(|r| Event::new("key.imported", &self.actor).key(r))
+            .collect();
+        self.audit(&events)?;
+        drop(events);
+        Ok(self.log.append(batch)?.len())
+    }
+
+    /// One non-empty, non-comment line as a record, or why it is refused.
+    fn import_line(
+        &self,
+        line: &str,
+        defaults: &Grants,
+        now: i64,
+    ) -> Result<KeyRecord, ImportRefusal> {
+        let parsed = if line.starts_with('{') {
+            serde_json::from_str::<ImportLine>(line)
+                .map_err(|e| ImportRefusal::Line(format!("bad JSON: {e}")))?
+        } else {
+            ImportLine {
+                key: line.to_owned(),
+                name: None,
+                owner: None,
+                env: None,
+                scopes: vec![],
+                plan: None,
+                rate: None,
+                expires_at: None,
+                not_before: None,
+                labels: BTreeMap::new(),
+            }
+        };
+        // The same bound the gateway applies before hashing, so every imported key can be presented.
+        if parsed.key.len() > MAX_KEY_LEN
+            || parsed.key.len() < 16
+            || !parsed.key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+            || parsed.key.contains(',')
+        {
+            return Err(ImportRefusal::Line(
+                "key must be 16-256 visible ASCII characters without commas".into(),
+            ));
+        }
+        let (secret_version, digest) = self.settings.hasher.digest(&parsed.key);
+        let id =
+            new_id("key").map_err(|e| ImportRefusal::Fatal(OpsError::Random(e.to_string())))?;
+        let record = KeyRecord {
+            rev: 0,
+            lineage: id.clone(),
+            id,
+            digest,
+            secret_version,
+            name: parsed.name.unwrap_or_else(|| {
+                if defaults.name.is_empty() {
+                    "imported".into()
+                } else {
+                    defaults.name.clone()
+                }
+            }),
+            owner: parsed.owner.unwrap_or_else(|| defaults.owner.clone()),
+            env: parsed.env.unwrap_or_else(|| defaults.env.clone()),
+            scopes: if parsed.scopes.is_empty() {
+                defaults.scopes.clone()
+            } else {
+                parsed.scopes
+            },
+            plan: parsed.plan.or_else(|| defaults.plan.clone()),
+            rate: parsed.rate.or_else(|| defaults.rate.clone()),
+            quota: defaults.quota.clone(),
+            allow_ips: defaults.allow_ips.clone(),
+            allow_origins: defaults.allow_origins.clone(),
+            labels: if parsed.labels.is_empty() {
+                defaults.labels.clone()
+            } else {
+                parsed.labels
+            },
+            hint: hint(&parsed.key),
+            created_at: now,
+            written_at_ms: crate::clock::unix_ms(),
+            not_before: parsed.not_before.or(defaults.not_before),
+            expires_at: parsed
+                .expires_at
+                .or(defaults.expires_in_secs.map(|s| now + s)),
+            revoked_at: None,
+            revoked_reason: None,
+            canary: false,
+            publishable: false,
+            imported: true,
+            rotated_from: None,
+            rotated_to: None,
+            rotation: None,
+            mac: None,
+        };
+        check_expiry(record.expires_at, now)
+            .and_then(|()| check_not_before(record.not_before, record.expires_at, now))
+            .and_then(|()| self.validate(&record, now))
+            .map_err(|e| ImportRefusal::Line(e.to_string()))?;
+        Ok(record)
     }
 
     pub fn compact(&self, now: i64) -> Result<Compacted, OpsError> {

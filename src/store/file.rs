@@ -27,13 +27,14 @@
 //!   skipped; it never stops a reader and never blocks a writer (revocation must always be
 //!   possible).
 
+use crate::keys::digest::Digest;
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::store::ledger::{Hwm, Ledger};
 use crate::store::seal::{LogId, Signer, Tag};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -318,6 +319,59 @@ impl LogFile {
     /// Parse (and verify) complete lines of a byte range of this log.
     pub fn parse(&self, buf: &[u8], first_line: u64, after: u64, log: LogId) -> Parsed {
         parse_lines(buf, first_line, after, log, Some(&self.signer))
+    }
+
+    /// The log's last revision, from its tail alone (no lock, no parse of the whole file):
+    /// what a reader holding the log in memory waits for to see every write made so far.
+    pub fn head_revision(&self) -> Result<u64, StoreError> {
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io(e)),
+        };
+        let len = file.metadata().map_err(|e| self.io(e))?.len();
+        tail_revision(&mut file, len)
+            .map(|(_, rev)| rev)
+            .map_err(|e| self.io(e))
+    }
+
+    /// The digest of every key the log holds, read in bounded chunks (an import's one look at
+    /// the store: 32 bytes a key instead of whole parsed records). Lines that do not verify
+    /// are left out, as every reader leaves them out.
+    pub fn digests(&self) -> Result<HashSet<Digest>, StoreError> {
+        const CHUNK: usize = 4 << 20;
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut reader = io::BufReader::with_capacity(1 << 20, file);
+        let mut out = HashSet::new();
+        let (mut log, mut after, mut line) = (LogId::NONE, 0, 1);
+        let mut chunk = Vec::with_capacity(CHUNK + 4096);
+        loop {
+            chunk.clear();
+            while chunk.len() < CHUNK {
+                if reader
+                    .read_until(b'\n', &mut chunk)
+                    .map_err(|e| self.io(e))?
+                    == 0
+                {
+                    break;
+                }
+            }
+            let complete = complete_prefix(&chunk);
+            if complete.is_empty() {
+                return Ok(out);
+            }
+            let parsed = self.parse(complete, line, after, log);
+            line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
+            log = parsed.log;
+            // Records order against records only (a compaction meta line may precede older
+            // revisions), as in one parse of the whole file.
+            after = parsed.records.last().map_or(after, |r| r.rev);
+            out.extend(parsed.records.iter().map(|r| r.digest));
+        }
     }
 
     /// Read the whole log (no lock: appends are whole lines and replacement is a rename, so a

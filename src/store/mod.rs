@@ -13,6 +13,7 @@ pub mod seal;
 
 pub use file::{Corrupt, Follower, LogFile, StoreError, Update};
 
+use crate::keys::digest::Digest;
 use crate::keys::record::KeyRecord;
 use file::{Compacted, Parsed, State};
 use seal::LogId;
@@ -31,6 +32,22 @@ impl Store {
         match self {
             Store::File(f) => f.load(),
             Store::Redis(r) => r.load(),
+        }
+    }
+
+    /// The last revision written, read cheaply (the file's tail, Redis's head).
+    pub fn head_revision(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::File(f) => f.head_revision(),
+            Store::Redis(r) => r.head_revision(),
+        }
+    }
+
+    /// Every digest the store holds (what an import skips).
+    pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, StoreError> {
+        match self {
+            Store::File(f) => f.digests(),
+            Store::Redis(r) => r.digests(),
         }
     }
 

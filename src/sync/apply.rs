@@ -51,6 +51,20 @@ pub struct Applied {
     pub rotations: Vec<crate::keys::rotation::RotationEvent>,
 }
 
+/// Told of each change an incremental apply makes to a table, so what is derived from the
+/// table (the key gauges, `keys::gauges`) follows it without a scan. Whole-table loads are
+/// counted afresh where they are installed (`Gateway::install_table`).
+pub trait Observer {
+    /// `old` (the version the table held, if any) was replaced by `new`; `new` is `None` when
+    /// `old` left the table (displaced by another id with its digest).
+    fn changed(&mut self, old: Option<&KeyRecord>, new: Option<&KeyRecord>);
+}
+
+/// Nobody to tell (tests, tools).
+impl Observer for () {
+    fn changed(&mut self, _: Option<&KeyRecord>, _: Option<&KeyRecord>) {}
+}
+
 /// The revoked version `table` holds for the key `r` names (by id, or by its digest under any
 /// id), if any.
 fn held_revoked(table: &KeyTable, r: &KeyRecord) -> Option<Arc<KeyRecord>> {
@@ -87,6 +101,7 @@ pub fn records(
     log: LogId,
     records: Vec<KeyRecord>,
     rev: u64,
+    observer: &mut impl Observer,
 ) -> Result<Applied, Refusal> {
     if log != table.log() {
         return Err(Refusal::OtherLog {
@@ -103,8 +118,14 @@ pub fn records(
         let written = r.written_at_ms;
         let r = keep_revoked(table, r, &mut out);
         let held = table.get_by_id(&r.id);
+        let displaced = table.get_by_digest(&r.digest).filter(|d| d.id != r.id);
         let event = crate::keys::rotation::event(held.as_deref(), &r);
+        let id = r.id.clone();
         if table.apply(r) {
+            if let Some(d) = &displaced {
+                observer.changed(Some(d), None);
+            }
+            observer.changed(held.as_deref(), table.get_by_id(&id).as_deref());
             out.rotations.extend(event);
             out.written_at_ms.push(written);
         }
@@ -202,7 +223,7 @@ mod tests {
             Case {
                 name: "newer record without the revocation",
                 run: |t| {
-                    let out = records(t, L1, vec![rec("key_a", 1, 4, false)], 4)?;
+                    let out = records(t, L1, vec![rec("key_a", 1, 4, false)], 4, &mut ())?;
                     assert_eq!(out.kept_revoked, ["key_a"]);
                     Ok(copy(t))
                 },
@@ -212,7 +233,7 @@ mod tests {
             Case {
                 name: "replay of an older active version",
                 run: |t| {
-                    let out = records(t, L1, vec![rec("key_a", 1, 1, false)], 3)?;
+                    let out = records(t, L1, vec![rec("key_a", 1, 1, false)], 3, &mut ())?;
                     assert!(out.written_at_ms.is_empty(), "replay ignored");
                     Ok(copy(t))
                 },
@@ -222,7 +243,7 @@ mod tests {
             Case {
                 name: "another id with the revoked key's digest",
                 run: |t| {
-                    let out = records(t, L1, vec![rec("key_evil", 1, 5, false)], 5)?;
+                    let out = records(t, L1, vec![rec("key_evil", 1, 5, false)], 5, &mut ())?;
                     assert_eq!(out.kept_revoked, ["key_evil"]);
                     assert!(revoked(t, "key_evil"));
                     Ok(copy(t))
@@ -259,7 +280,9 @@ mod tests {
             },
             Case {
                 name: "records of another log cannot extend this table",
-                run: |t| records(t, L2, vec![rec("key_a", 1, 10, false)], 10).map(|_| copy(t)),
+                run: |t| {
+                    records(t, L2, vec![rec("key_a", 1, 10, false)], 10, &mut ()).map(|_| copy(t))
+                },
                 expect_revoked_a: true,
                 refused: true,
             },
@@ -296,6 +319,7 @@ mod tests {
             L1,
             vec![rec("key_b", 2, 4, true), rec("key_c", 3, 5, false)],
             6,
+            &mut (),
         )
         .unwrap();
         assert_eq!(out.written_at_ms.len(), 2);

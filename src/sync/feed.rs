@@ -418,7 +418,7 @@ impl Session<'_> {
             return Ok(()); // a replay of something we have
         }
         let (rev, id) = (record.rev, record.id.clone());
-        let out = apply::records(&table, log, vec![record], rev)?;
+        let out = apply::records(&table, log, vec![record], rev, &mut gw.counting())?;
         follow::observe(gw, &out);
         gw.mark_synced();
         gw.metrics.table_revision.set(rev as i64);

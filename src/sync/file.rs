@@ -160,7 +160,14 @@ pub fn apply(gw: &Gateway, update: Update) {
             report_corrupt(gw, &parsed);
             let table = gw.table();
             let n = parsed.records.len();
-            match apply::records(&table, parsed.log, parsed.records, parsed.rev) {
+            let applied = apply::records(
+                &table,
+                parsed.log,
+                parsed.records,
+                parsed.rev,
+                &mut gw.counting(),
+            );
+            match applied {
                 Ok(out) => {
                     observe(gw, &out);
                     gw.mark_synced();
