@@ -115,11 +115,11 @@ pub fn refresh_gauges(gw: &Gateway) {
     }
     let (mut exp7, mut exp30, mut no_expiry, mut over, mut stale) = (0, 0, 0, 0, 0);
     let stale_before = now - snap.keys.stale_after_secs;
-    for r in table.records() {
+    table.for_each_view(|r| {
         let state = r.state(now);
         m.keys.with_label_values(&[state.as_str(), &r.env]).inc();
         if state != KeyState::Active {
-            continue;
+            return;
         }
         match r.expires_at {
             Some(e) if e - now <= 7 * 86_400 => {
@@ -130,7 +130,11 @@ pub fn refresh_gauges(gw: &Gateway) {
             Some(_) => {}
             None => no_expiry += 1,
         }
-        if snap.keys.policy.ttl_exceeded(&r) {
+        if snap
+            .keys
+            .policy
+            .lifetime_exceeded(r.expires_at, r.created_at, r.canary)
+        {
             over += 1;
         }
         let last = gw
@@ -140,7 +144,7 @@ pub fn refresh_gauges(gw: &Gateway) {
         if last < stale_before {
             stale += 1;
         }
-    }
+    });
     m.keys_expiring.with_label_values(&["7d"]).set(exp7);
     m.keys_expiring.with_label_values(&["30d"]).set(exp30);
     m.keys_without_expiry.set(no_expiry);

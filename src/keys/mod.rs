@@ -2,6 +2,7 @@
 //! lifecycle operations (create, update, revoke, rotate, import) shared by the CLI and the
 //! control plane.
 
+pub mod compact;
 pub mod digest;
 pub mod format;
 pub mod ops;
