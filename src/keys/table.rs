@@ -388,11 +388,15 @@ impl KeyTable {
         self.push(|i| &i.entries, |i| &mut i.entries, slot, entry);
         w.next_entry += 1;
         let inner = self.inner.load_full();
-        if let Some((at, _, old)) = held {
-            // The old version becomes garbage; its digest leaves the index if it changed.
+        if let Some((at, old_slot, old)) = held {
+            // The old version becomes garbage; its digest leaves the index if it changed (and
+            // still points at this key: another id may have taken the digest since).
             w.garbage += 1;
             if old.digest != entry.digest {
-                if let Ok(Some((dat, _, _))) = inner.find_digest(&old.digest) {
+                if let Ok(Some((dat, _, _))) = inner
+                    .find_digest(&old.digest)
+                    .map(|f| f.filter(|(_, s, _)| *s == old_slot))
+                {
                     inner.by_digest.remove(dat);
                     self.live.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -787,5 +791,99 @@ mod tests {
             .table
             .authenticate(&key, &f.format, &only_new, 10, 0)
             .is_err());
+    }
+
+    #[test]
+    fn random_applies_match_a_model_through_rebuilds() {
+        // Updates, digest changes and revocations over enough versions to force several
+        // rebuilds (garbage and index growth); the table must answer like a plain map.
+        let table = KeyTable::new();
+        let mut model: std::collections::HashMap<String, KeyRecord> = Default::default();
+        let mut owners: std::collections::HashMap<Digest, String> = Default::default();
+        let mut x: u64 = 7;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for rev in 1..=30_000u64 {
+            let n = next();
+            let id = if n % 3 == 0 {
+                format!("legacy-{}", n % 500)
+            } else {
+                crate::keys::record::format_id("key", &u128::from(n % 3000).to_be_bytes())
+            };
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(n % 3000 + (n >> 40) % 2 * 10_000).to_le_bytes());
+            d[8] = (n % 3) as u8;
+            let mut r = sample(&id, Digest(d));
+            r.rev = rev;
+            r.owner = format!("team-{}", n % 7);
+            r.revoked_at = (n % 11 == 0).then_some(5);
+            // One digest, one id: a digest another id holds is taken off it in the model.
+            if let Some(other) = owners.insert(r.digest, id.clone()) {
+                if other != id {
+                    model.remove(&other);
+                }
+            }
+            if let Some(old) = model.insert(id.clone(), r.clone()) {
+                if old.digest != r.digest && owners.get(&old.digest) == Some(&id) {
+                    owners.remove(&old.digest);
+                }
+            }
+            table.apply(r);
+        }
+        assert_eq!(table.len(), model.len());
+        for (id, r) in &model {
+            let got = table.get_by_id(id).unwrap();
+            assert_eq!(
+                (got.rev, got.digest, &got.owner),
+                (r.rev, r.digest, &r.owner),
+                "{id}"
+            );
+            assert_eq!(got.revoked_at, r.revoked_at);
+            assert_eq!(table.get_by_digest(&r.digest).unwrap().id, *id);
+        }
+        assert_eq!(table.records().len(), model.len());
+        assert_eq!(
+            table.revoked().len(),
+            model.values().filter(|r| r.revoked_at.is_some()).count()
+        );
+    }
+
+    #[test]
+    fn readers_see_whole_versions_while_a_writer_applies() {
+        let f = fixture();
+        let key = f.add("key_a", 1, |r| {
+            r.owner = "0".into();
+            r.scopes = vec!["s0".into()];
+        });
+        let table = std::sync::Arc::new(f.table);
+        let (format, hasher) = (f.format, f.hasher);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (table, stop, key) = (table.clone(), stop.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let v = table.authenticate(&key, &format, &hasher, 10, 0).unwrap();
+                    // Scopes and owner change together in every version the writer applies.
+                    assert_eq!(v.scopes[0], format!("s{}", v.owner));
+                    seen += 1;
+                }
+                seen
+            })
+        };
+        let mut r = table.get_by_id("key_a").map(|r| (*r).clone()).unwrap();
+        for rev in 2..20_000u64 {
+            r.rev = rev;
+            r.owner = (rev % 97).to_string();
+            r.scopes = vec![format!("s{}", r.owner)];
+            table.apply(r.clone());
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(table.len(), 1);
     }
 }
