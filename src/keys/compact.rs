@@ -29,7 +29,8 @@ use std::sync::{Arc, OnceLock};
 pub const CHUNK: usize = 4096;
 
 /// What many keys share, interned once per distinct value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Profile {
     pub owner: String,
     pub env: String,
@@ -85,6 +86,9 @@ pub struct Entry {
     pub flags: u8,
 }
 
+/// Bytes of one entry in a checkpoint (`store::checkpoint`): fixed offsets, little-endian.
+pub const ENTRY_BYTES: usize = 88;
+
 fn t32(t: i64) -> u32 {
     t.clamp(0, i64::from(u32::MAX)) as u32
 }
@@ -130,6 +134,53 @@ impl Entry {
             profile,
             secret_version: r.secret_version,
             flags,
+        }
+    }
+
+    /// The checkpoint form: the fields at fixed offsets, so a load is slicing, not parsing.
+    pub fn to_bytes(&self) -> [u8; ENTRY_BYTES] {
+        let mut b = [0u8; ENTRY_BYTES];
+        b[..32].copy_from_slice(&self.digest.0);
+        b[32..48].copy_from_slice(&self.id);
+        b[48..56].copy_from_slice(&self.rev.to_le_bytes());
+        let words = [
+            self.not_before,
+            self.expires_at,
+            self.revoked_at,
+            self.created_at,
+            self.lineage,
+            self.profile,
+            self.secret_version,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            b[56 + 4 * i..60 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        b[84] = self.flags;
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; ENTRY_BYTES]) -> Entry {
+        let word = |i: usize| {
+            u32::from_le_bytes([b[56 + 4 * i], b[57 + 4 * i], b[58 + 4 * i], b[59 + 4 * i]])
+        };
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&b[..32]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[32..48]);
+        let mut rev = [0u8; 8];
+        rev.copy_from_slice(&b[48..56]);
+        Entry {
+            digest: Digest(digest),
+            id,
+            rev: u64::from_le_bytes(rev),
+            not_before: word(0),
+            expires_at: word(1),
+            revoked_at: word(2),
+            created_at: word(3),
+            lineage: word(4),
+            profile: word(5),
+            secret_version: word(6),
+            flags: b[84],
         }
     }
 
@@ -442,6 +493,16 @@ mod tests {
             Entry::new(&r, [0; 16], 0, 0, 7).expires_at(),
             Some(i64::from(u32::MAX))
         );
+    }
+
+    #[test]
+    fn entry_bytes_round_trip() {
+        let mut r = crate::keys::record::sample("key_a", Digest([9; 32]));
+        r.rev = 77;
+        r.not_before = Some(12);
+        r.publishable = true;
+        let e = Entry::new(&r, [5; 16], ID_INTERNED, 3, 4);
+        assert_eq!(Entry::from_bytes(&e.to_bytes()), e);
     }
 
     #[test]

@@ -481,6 +481,99 @@ impl KeyTable {
         self.live.store(n, Ordering::Relaxed);
     }
 
+    /// What a checkpoint stores besides the entries (`store::checkpoint`): the interned
+    /// strings and profiles, in index order, and the full records of open rotations.
+    pub fn parts(&self) -> (Vec<Arc<str>>, Vec<Arc<Profile>>, Vec<KeyRecord>) {
+        let w = lock(&self.writer);
+        let inner = self.inner.load();
+        let strings = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
+        let profiles = (0..w.next_profile)
+            .filter_map(|n| cell(&inner.profiles, n).cloned())
+            .collect();
+        let rotations = lock(&self.rotations)
+            .values()
+            .map(|r| (**r).clone())
+            .collect();
+        (strings, profiles, rotations)
+    }
+
+    /// Call `f` with every live entry (a checkpoint's body).
+    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
+        let inner = self.inner.load();
+        for e in inner.live() {
+            f(e);
+        }
+    }
+
+    /// A table from a checkpoint's parts, without a record in sight. Refuses entries that
+    /// point past the strings or profiles given (a checkpoint from another build).
+    pub fn from_parts(
+        log: LogId,
+        rev: u64,
+        strings: Vec<Arc<str>>,
+        profiles: Vec<Profile>,
+        rotations: Vec<KeyRecord>,
+        entries: impl ExactSizeIterator<Item = Entry>,
+    ) -> Result<KeyTable, String> {
+        let n = entries.len();
+        let table = KeyTable::sized(log, n);
+        let mut w = lock(&table.writer);
+        let mut next = Inner::sized(n);
+        for (i, value) in strings.into_iter().enumerate() {
+            if i % CHUNK == 0 {
+                next.strings.push(new_chunk());
+            }
+            if let Some(c) = next.strings.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.strings.insert(value, i as u32);
+        }
+        w.next_string = w.strings.len() as u32;
+        for (i, value) in profiles.into_iter().enumerate() {
+            let value = Arc::new(value);
+            if i % CHUNK == 0 {
+                next.profiles.push(new_chunk());
+            }
+            if let Some(c) = next.profiles.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.profiles.insert(value, i as u32);
+        }
+        w.next_profile = w.profiles.len() as u32;
+        let mut imported = 0;
+        for (slot, e) in entries.enumerate() {
+            let interned_id = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
+            if e.profile >= w.next_profile
+                || e.lineage > w.next_string
+                || (e.has(ID_INTERNED) && interned_id >= w.next_string)
+            {
+                return Err(format!("entry {slot} refers past the interned values"));
+            }
+            if slot % CHUNK == 0 {
+                next.entries.push(new_chunk());
+            }
+            if let Some(c) = next.entries.last() {
+                let _ = c[slot % CHUNK].set(e);
+            }
+            next.by_digest.insert(digest_hash(&e.digest), slot as u32);
+            next.by_id.insert(next.id_hash_of(&e), slot as u32);
+            imported += usize::from(e.has(IMPORTED));
+        }
+        w.next_entry = n as u32;
+        w.digest_used = n;
+        w.id_used = n;
+        drop(w);
+        table.inner.store(Arc::new(next));
+        table.live.store(n, Ordering::Relaxed);
+        table.imported.store(imported, Ordering::Relaxed);
+        *lock(&table.rotations) = rotations
+            .into_iter()
+            .map(|r| (r.id.clone(), Arc::new(r)))
+            .collect();
+        table.rev.store(rev, Ordering::Release);
+        Ok(table)
+    }
+
     /// Raise the table's revision without a record (e.g. a compaction meta line).
     pub fn advance(&self, rev: u64) {
         self.rev.fetch_max(rev, Ordering::Release);
