@@ -81,6 +81,9 @@ async fn serve(s: &Setup, logged: &str) -> Gateway {
     gw
 }
 
+/// A way to spoil the checkpoint file at a path.
+type Spoil<'a> = Box<dyn Fn(&Path) + 'a>;
+
 fn flip_byte(path: &Path, at: usize) {
     let mut b = std::fs::read(path).unwrap();
     let at = at.min(b.len() - 1);
@@ -160,7 +163,7 @@ async fn a_cut_edited_or_forged_checkpoint_falls_back_to_the_log_loudly() {
     }
     let forged = std::fs::read(other.checkpoint()).unwrap();
 
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Spoil)> = vec![
         (
             "cut",
             Box::new(|p| std::fs::write(p, &good[..good.len() / 2]).unwrap()),
