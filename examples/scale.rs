@@ -253,6 +253,8 @@ fn human(d: Duration) -> String {
         format!("{s:.2} s")
     } else if s >= 1e-3 {
         format!("{:.1} ms", s * 1e3)
+    } else if s >= 1e-6 {
+        format!("{:.1} µs", s * 1e6)
     } else {
         format!("{:.0} ns", s * 1e9)
     }

@@ -220,3 +220,41 @@ async fn an_old_checkpoint_never_brings_a_revoked_key_back() {
         gw.stderr_contents()
     );
 }
+
+/// A gateway refuses to start while keys use a secret version it has no secret for; from a
+/// checkpoint that is judged on the loaded table (no log parse), with the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_version_in_use_without_a_secret_is_refused_from_the_checkpoint_too() {
+    let s = Setup::new().await;
+    s.create();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let v2 = text.replace("[keys]\n", "[keys]\nhash_secret_version = 2\n");
+    std::fs::write(
+        &s.config,
+        format!("{v2}\n[[keys.previous_secrets]]\nversion = 1\nenv = \"OLD_SECRET\"\n"),
+    )
+    .unwrap();
+    let new_secret = "zyxwvutsrqponmlkjihgfedcba9876543210ZYXWVUTSRQP";
+    let rotated = [(SECRET_VAR, new_secret), ("OLD_SECRET", SECRET)];
+    let out = cli(&s.config, &["keys", "compact"], &rotated);
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    // Version 1 dropped from the config: the checkpoint (sealed under version 2) still loads.
+    std::fs::write(&s.config, &v2).unwrap();
+    let err = match Gateway::try_spawn(
+        &s.config,
+        &[(SECRET_VAR, new_secret), ("KEYGATE_LOG", "info")],
+    )
+    .await
+    {
+        Ok(_) => panic!("gateway started with keys it cannot verify"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("key table loaded from the checkpoint"),
+        "{err}"
+    );
+    assert!(
+        err.contains("secret version 1") && err.contains("1 key"),
+        "{err}"
+    );
+}
