@@ -273,7 +273,16 @@ fn main() -> Result<(), Fail> {
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo)
-        .args(["build", "--release", "--bin", "keygate"])
+        // The same targets `cargo run --example scale` builds, so features unify the same
+        // way and nothing is rebuilt.
+        .args([
+            "build",
+            "--release",
+            "--bin",
+            "keygate",
+            "--example",
+            "scale",
+        ])
         .status()?;
     if !built.success() {
         return Err("cargo build --release --bin keygate failed".into());
@@ -409,7 +418,19 @@ fn main() -> Result<(), Fail> {
     }
     let returned = Instant::now();
     let deadline = returned + Duration::from_secs(60);
-    while get(&mut p, "/invoices/1", Some(&probe_key))? != 401 {
+    // The CLI reads the whole log at a million keys: the gateway may have closed the idle
+    // probe connection meanwhile (header_read_timeout_ms), so a failed probe reconnects.
+    loop {
+        let status = match get(&mut p, "/invoices/1", Some(&probe_key)) {
+            Ok(s) => s,
+            Err(_) => {
+                p = connect(&gw.http)?;
+                get(&mut p, "/invoices/1", Some(&probe_key))?
+            }
+        };
+        if status == 401 {
+            break;
+        }
         if Instant::now() > deadline {
             return Err("revoked key still admitted after 60 s".into());
         }
