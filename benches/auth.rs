@@ -84,7 +84,9 @@ impl Decider {
         if authorize(&record, &self.req, self.ip, None, &[]).is_err() {
             return false;
         }
-        self.buckets.check(self.shape, &record.lineage).allowed
+        self.buckets
+            .check(self.shape, &record.lineage().to_owned())
+            .allowed
     }
 
     /// Run `iters` decisions rotating over the probe keys from `start`.

@@ -650,7 +650,13 @@ pub fn cidr_authz(data: &[u8]) {
         env: Some("live".into()),
         publishable: false,
     };
-    let got = authz::authorize(&key, &req, client, None, &[]);
+    let got = authz::authorize(
+        &keygate::keys::compact::KeyView::of(&key),
+        &req,
+        client,
+        None,
+        &[],
+    );
     let want = nets.is_empty() || nets.iter().any(|n| ref_contains(n, client));
     assert_eq!(got.is_ok(), want, "client {client} nets {nets:?}: {got:?}");
     if !want {

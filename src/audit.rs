@@ -53,6 +53,15 @@ impl Event {
         self
     }
 
+    /// The key fields of a view from the gateway's table, which keeps no hint: the caller
+    /// passes the hint of the key it was presented, when it has one.
+    pub fn key_view(mut self, k: &crate::keys::compact::KeyView, hint: Option<String>) -> Event {
+        self.key_id = Some(k.id.to_string());
+        self.owner = Some(k.owner.clone());
+        self.hint = hint;
+        self
+    }
+
     pub fn with(mut self, field: &str, value: impl Into<serde_json::Value>) -> Event {
         self.details.insert(field.to_owned(), value.into());
         self

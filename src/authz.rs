@@ -2,7 +2,7 @@
 //! Scopes, client network, env and browser origin; each failure is its own 403 code.
 
 use crate::error::GatewayError;
-use crate::keys::record::KeyRecord;
+use crate::keys::compact::KeyView;
 use ipnet::IpNet;
 use std::net::IpAddr;
 
@@ -27,7 +27,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 /// Check scopes, env, network and origin, in that order. `origin` is the browser `Origin`
 /// header if present; `global_origins` applies to keys that list no origins of their own.
 pub fn authorize(
-    key: &KeyRecord,
+    key: &KeyView,
     req: &Requirements,
     client: IpAddr,
     origin: Option<&[u8]>,
@@ -66,7 +66,7 @@ pub fn authorize(
 /// itself lists. A request without `Origin` is not from a browser page, and the global
 /// `[cors]` list never applies. (Outside a browser `Origin` can be forged; what this stops is
 /// other sites using the key from their visitors' browsers.)
-fn publishable_origin(key: &KeyRecord, origin: Option<&[u8]>) -> Result<(), GatewayError> {
+fn publishable_origin(key: &KeyView, origin: Option<&[u8]>) -> Result<(), GatewayError> {
     match origin {
         // The key's own list only: with none, nothing matches.
         Some(o) if origin_allowed(o, key, &[]) => Ok(()),
@@ -77,7 +77,7 @@ fn publishable_origin(key: &KeyRecord, origin: Option<&[u8]>) -> Result<(), Gate
 /// A browser origin is allowed if the key lists it, or (for keys listing none) if the
 /// configured global list does. Comparison is exact and ASCII case-insensitive (RFC 6454
 /// serialises scheme and host lowercase).
-pub fn origin_allowed(origin: &[u8], key: &KeyRecord, global: &[String]) -> bool {
+pub fn origin_allowed(origin: &[u8], key: &KeyView, global: &[String]) -> bool {
     let list = if key.allow_origins.is_empty() {
         global
     } else {
@@ -107,30 +107,72 @@ mod tests {
         let global = vec!["https://other.example".to_string()];
         let code = |r: Result<(), GatewayError>| r.err().map(|e| e.code());
         let shop: Option<&[u8]> = Some(b"https://shop.example");
-        assert_eq!(code(authorize(&key, &route(true), ip, shop, &global)), None);
         assert_eq!(
-            code(authorize(&key, &route(false), ip, shop, &global)),
+            code(authorize(
+                &KeyView::of(&key),
+                &route(true),
+                ip,
+                shop,
+                &global
+            )),
+            None
+        );
+        assert_eq!(
+            code(authorize(
+                &KeyView::of(&key),
+                &route(false),
+                ip,
+                shop,
+                &global
+            )),
             Some("publishable_key_denied")
         );
         assert_eq!(
-            code(authorize(&key, &route(true), ip, None, &global)),
+            code(authorize(
+                &KeyView::of(&key),
+                &route(true),
+                ip,
+                None,
+                &global
+            )),
             Some("origin_denied"),
             "no Origin: not from a browser page"
         );
         let other: Option<&[u8]> = Some(b"https://other.example");
         assert_eq!(
-            code(authorize(&key, &route(true), ip, other, &global)),
+            code(authorize(
+                &KeyView::of(&key),
+                &route(true),
+                ip,
+                other,
+                &global
+            )),
             Some("origin_denied"),
             "the global list never applies to publishable keys"
         );
         key.allow_origins.clear();
         assert_eq!(
-            code(authorize(&key, &route(true), ip, other, &global)),
+            code(authorize(
+                &KeyView::of(&key),
+                &route(true),
+                ip,
+                other,
+                &global
+            )),
             Some("origin_denied")
         );
         // Secret keys are unaffected by the route flag.
         let secret = sample("key_s", Digest([1; 32]));
-        assert_eq!(code(authorize(&secret, &route(true), ip, None, &[])), None);
+        assert_eq!(
+            code(authorize(
+                &KeyView::of(&secret),
+                &route(true),
+                ip,
+                None,
+                &[]
+            )),
+            None
+        );
     }
 
     #[test]
@@ -154,30 +196,39 @@ mod tests {
             publishable: false,
         };
         let code = |r: Result<(), GatewayError>| r.err().map(|e| e.code());
-        assert_eq!(code(authorize(&key, &read, ip, None, &[])), None);
         assert_eq!(
-            code(authorize(&key, &write, ip, None, &[])),
+            code(authorize(&KeyView::of(&key), &read, ip, None, &[])),
+            None
+        );
+        assert_eq!(
+            code(authorize(&KeyView::of(&key), &write, ip, None, &[])),
             Some("scope_denied")
         );
         assert_eq!(
-            code(authorize(&key, &test_env, ip, None, &[])),
+            code(authorize(&KeyView::of(&key), &test_env, ip, None, &[])),
             Some("env_denied")
         );
 
         key.allow_ips = vec!["10.0.0.0/8".parse().unwrap()];
-        assert_eq!(code(authorize(&key, &read, ip, None, &[])), None);
+        assert_eq!(
+            code(authorize(&KeyView::of(&key), &read, ip, None, &[])),
+            None
+        );
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
-        assert_eq!(code(authorize(&key, &read, mapped, None, &[])), None);
+        assert_eq!(
+            code(authorize(&KeyView::of(&key), &read, mapped, None, &[])),
+            None
+        );
         let outside: IpAddr = "192.168.1.1".parse().unwrap();
         assert_eq!(
-            code(authorize(&key, &read, outside, None, &[])),
+            code(authorize(&KeyView::of(&key), &read, outside, None, &[])),
             Some("network_denied")
         );
 
         let global = vec!["https://app.example".to_string()];
         assert_eq!(
             code(authorize(
-                &key,
+                &KeyView::of(&key),
                 &read,
                 ip,
                 Some(b"https://app.example"),
@@ -187,7 +238,7 @@ mod tests {
         );
         assert_eq!(
             code(authorize(
-                &key,
+                &KeyView::of(&key),
                 &read,
                 ip,
                 Some(b"https://evil.example"),
@@ -197,7 +248,7 @@ mod tests {
         );
         assert_eq!(
             code(authorize(
-                &key,
+                &KeyView::of(&key),
                 &read,
                 ip,
                 Some(b"https://app.example"),
@@ -208,7 +259,7 @@ mod tests {
         key.allow_origins = vec!["https://own.example".into()];
         assert_eq!(
             code(authorize(
-                &key,
+                &KeyView::of(&key),
                 &read,
                 ip,
                 Some(b"https://own.example"),
@@ -218,7 +269,7 @@ mod tests {
         );
         assert_eq!(
             code(authorize(
-                &key,
+                &KeyView::of(&key),
                 &read,
                 ip,
                 Some(b"https://app.example"),

@@ -6,11 +6,10 @@
 //! this step (authorization, limits, forwarding, audit) is one path for both.
 
 use crate::gateway::Gateway;
-use crate::keys::record::KeyRecord;
+use crate::keys::compact::KeyView;
 use crate::keys::table::{AuthError, TokenRefusal};
 use crate::snapshot::{Route, Snapshot};
 use crate::tokens::{jwt, verifier};
-use std::sync::Arc;
 
 pub async fn authenticate(
     gw: &Gateway,
@@ -18,7 +17,7 @@ pub async fn authenticate(
     route: &Route,
     presented: &str,
     now: i64,
-) -> Result<Arc<KeyRecord>, AuthError> {
+) -> Result<KeyView, AuthError> {
     let leeway = snap.keys.leeway_secs;
     let Some(compact) = jwt::strip_prefix(presented) else {
         return gw.table().authenticate(

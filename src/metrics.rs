@@ -196,7 +196,7 @@ impl Metrics {
             table_revision: gauge(&r, "keygate_table_revision", "Store revision this node enforces."),
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
             table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
-            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, redis, io, feed).", &["kind"]),
+            source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, checkpoint, redis, io, feed).", &["kind"]),
             propagation: reg(
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
@@ -257,6 +257,7 @@ impl Metrics {
             "bad_mac",
             "cache",
             "redis",
+            "checkpoint",
         ] {
             m.source_errors.with_label_values(&[kind]);
         }

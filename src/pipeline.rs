@@ -14,8 +14,8 @@ use crate::extract::{self, ExtractError};
 use crate::forward::{GuardedBody, UpstreamBody};
 use crate::gateway::Gateway;
 use crate::hygiene;
+use crate::keys::compact::KeyView;
 use crate::keys::format::{FormatError, MAX_KEY_LEN};
-use crate::keys::record::KeyRecord;
 use crate::keys::table::AuthError;
 use crate::limit::Verdict;
 use crate::path;
@@ -58,7 +58,10 @@ static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy"
 /// Per-request facts gathered along the way, for recording after the response is decided.
 struct Ctx {
     route: Option<usize>,
-    key: Option<Arc<KeyRecord>>,
+    key: Option<KeyView>,
+    /// The presented key's hint (`format::hint`), kept only for a canary's alarm: the table
+    /// holds no hints.
+    canary_hint: Option<String>,
     client_ip: IpAddr,
     verdict: Option<Verdict>,
     cors_origin: Option<HeaderValue>,
@@ -89,6 +92,7 @@ pub async fn handle(
     let mut ctx = Ctx {
         route: None,
         key: None,
+        canary_hint: None,
         client_ip: conn.peer.ip(),
         verdict: None,
         cors_origin: None,
@@ -153,7 +157,7 @@ fn access_line(
             .map(|r| r.name.clone()),
         status: resp.status().as_u16(),
         outcome: outcome.as_str(),
-        key_id: ctx.key.as_ref().map(|k| k.id.clone()),
+        key_id: ctx.key.as_ref().map(|k| k.id.to_string()),
         client_ip: ctx.client_ip,
         trace_id: ctx.trace.trace_id.to_string(),
         trace: ctx.trace,
@@ -245,6 +249,9 @@ async fn pipeline(
             // after a leak are attributable; the response stays the uniform 401. A token
             // refused for its parent's state names the parent.
             ctx.key = e.record().cloned();
+            if matches!(e, AuthError::Canary(_)) {
+                ctx.canary_hint = Some(crate::keys::format::hint(presented));
+            }
             GatewayError::KeyInvalid(e)
         })?;
     ctx.key = Some(key.clone());
@@ -270,7 +277,12 @@ async fn pipeline(
     if let Some(shape) = snap.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
         let verdict = gw
             .limiter
-            .rate(limits.backend, limits.on_redis_down, shape, &key.lineage)
+            .rate(
+                limits.backend,
+                limits.on_redis_down,
+                shape,
+                &key.lineage().to_owned(),
+            )
             .await;
         if let Some(v) = verdict {
             if !v.allowed {
@@ -285,7 +297,7 @@ async fn pipeline(
     if let Some(q) = snap.quota_for(key.quota.as_deref(), key.plan.as_deref()) {
         if let Some(v) = gw
             .limiter
-            .quota(limits.on_redis_down, q, &key.lineage)
+            .quota(limits.on_redis_down, q, key.lineage())
             .await
         {
             if !v.allowed {
@@ -497,7 +509,7 @@ fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> S
 
 fn set_forwarding_headers(
     h: &mut HeaderMap,
-    key: &KeyRecord,
+    key: &KeyView,
     request_id: &HeaderValue,
     host: Option<&str>,
     conn: Conn,
@@ -549,7 +561,7 @@ pub fn rate_limit_headers(h: &mut HeaderMap, v: &Verdict) {
 }
 
 /// The plan label of a key for metrics: a configured plan, "own" (own rate) or "default".
-fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyRecord>) -> &'a str {
+fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyView>) -> &'a str {
     key.and_then(|k| k.plan.as_deref())
         .filter(|p| snap.plans.contains_key(*p))
         .unwrap_or(if key.is_some_and(|k| k.rate.is_some()) {
@@ -560,7 +572,7 @@ fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyRecord>) -> &'a str {
 }
 
 /// Count a refusal that shadow mode turned into an admission.
-fn shadowed(gw: &Gateway, snap: &Snapshot, key: &KeyRecord) {
+fn shadowed(gw: &Gateway, snap: &Snapshot, key: &KeyView) {
     gw.metrics
         .limit_shadowed
         .with_label_values(&[plan_label(snap, Some(key))])
@@ -568,7 +580,7 @@ fn shadowed(gw: &Gateway, snap: &Snapshot, key: &KeyRecord) {
 }
 
 fn log_error(e: &GatewayError, ctx: &Ctx, request_id: &HeaderValue, method: &Method) {
-    let key_id = ctx.key.as_ref().map(|k| k.id.as_str()).unwrap_or("-");
+    let key_id = ctx.key.as_ref().map_or("-", |k| &*k.id);
     let rid = request_id.to_str().unwrap_or("-");
     let trace_id = &ctx.trace.trace_id;
     match e.status().as_u16() {
@@ -643,7 +655,7 @@ fn record(
                     tracing::warn!(key_id = %k.id, client_ip = %ctx.client_ip, route, "canary key used");
                     gw.audit(
                         Event::new("key.canary_used", "gateway")
-                            .key(k)
+                            .key_view(k, ctx.canary_hint.clone())
                             .with("client_ip", ctx.client_ip.to_string())
                             .with("route", route),
                     );
@@ -652,7 +664,7 @@ fn record(
         }
         Outcome::AuthBudgetExceeded => gw.metrics.auth_budget_rejections.inc(),
         Outcome::RateLimited | Outcome::QuotaExceeded => {
-            let plan = plan_label(snap, ctx.key.as_deref());
+            let plan = plan_label(snap, ctx.key.as_ref());
             gw.metrics.rate_limited.with_label_values(&[plan]).inc();
             if outcome == Outcome::QuotaExceeded {
                 quota_exceeded(gw, ctx);
@@ -668,10 +680,10 @@ fn quota_exceeded(gw: &Gateway, ctx: &Ctx) {
     let (Some(k), Some(v)) = (&ctx.key, &ctx.verdict) else {
         return;
     };
-    if gw.quota_alarm(&k.lineage, crate::clock::unix_secs(), v.reset_secs) {
+    if gw.quota_alarm(k.lineage(), crate::clock::unix_secs(), v.reset_secs) {
         gw.audit(
             Event::new("key.quota_exceeded", "gateway")
-                .key(k)
+                .key_view(k, None)
                 .with("limit", v.limit)
                 .with("window_secs", v.window_secs)
                 .with("reset_secs", v.reset_secs),

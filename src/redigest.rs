@@ -33,6 +33,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::gateway::Gateway;
+use crate::keys::compact::KeyView;
 use crate::keys::digest::Hasher;
 use crate::keys::ops::Keys;
 use crate::keys::record::KeyRecord;
@@ -233,21 +234,21 @@ impl Redigests {
     /// On the request path, after `key` authenticated with `presented`: if its digest is
     /// under an old secret version, queue its digest under the current one. Never blocks;
     /// the plaintext stays here.
-    pub fn offer(&self, key: &KeyRecord, presented: &str, hasher: &Hasher, now: i64) {
+    pub fn offer(&self, key: &KeyView, presented: &str, hasher: &Hasher, now: i64) {
         if key.secret_version == hasher.current_version() {
             return;
         }
-        if self.tracked.get(&key.id).is_some_and(|until| *until > now) {
+        if self.tracked.get(&*key.id).is_some_and(|until| *until > now) {
             return;
         }
-        if self.tracked.len() >= MAX_TRACKED && !self.tracked.contains_key(&key.id) {
+        if self.tracked.len() >= MAX_TRACKED && !self.tracked.contains_key(&*key.id) {
             self.count(Outcome::Dropped);
             return;
         }
         // Claim the id first, so two requests with one key queue one job.
         let mut claimed = false;
         self.tracked
-            .entry(key.id.clone())
+            .entry(key.id.to_string())
             .and_modify(|until| {
                 if *until <= now {
                     *until = i64::MAX;
@@ -262,15 +263,24 @@ impl Redigests {
             return;
         }
         let (to_version, new) = hasher.digest(presented);
+        // The table keeps no digest in a view: the stored one is the presented key's digest
+        // under the key's own version (it just matched). One more HMAC, once per key.
+        let Some((_, old)) = hasher
+            .all_digests(presented)
+            .find(|(v, _)| *v == key.secret_version)
+        else {
+            self.tracked.remove(&*key.id);
+            return;
+        };
         let job = Redigest {
-            id: key.id.clone(),
+            id: key.id.to_string(),
             from_version: key.secret_version,
             to_version,
             new,
-            evidence: Evidence::Matched(key.digest),
+            evidence: Evidence::Matched(old),
         };
         if self.tx.try_send(job).is_err() {
-            self.tracked.remove(&key.id);
+            self.tracked.remove(&*key.id);
             self.count(Outcome::Dropped);
         }
     }
@@ -476,8 +486,9 @@ mod tests {
         let key = "kg_live_example";
         let mut rec = crate::keys::record::sample("key_a", old.digest(key).1);
         rec.secret_version = 1;
-        r.offer(&rec, key, &h, 100);
-        r.offer(&rec, key, &h, 100);
+        let view = crate::keys::compact::KeyView::of(&rec);
+        r.offer(&view, key, &h, 100);
+        r.offer(&view, key, &h, 100);
         let mut rx = r.rx.lock().unwrap().take().unwrap();
         let job = rx.try_recv().unwrap();
         assert!(rx.try_recv().is_err(), "one job per key");
@@ -486,9 +497,9 @@ mod tests {
         assert_eq!(job.evidence, Evidence::Matched(rec.digest));
         // Settled: not offered again until the pause is over.
         r.settle("key_a", Outcome::Failed, 100);
-        r.offer(&rec, key, &h, 100 + RETRY_SECS - 1);
+        r.offer(&view, key, &h, 100 + RETRY_SECS - 1);
         assert!(rx.try_recv().is_err());
-        r.offer(&rec, key, &h, 100 + RETRY_SECS);
+        r.offer(&view, key, &h, 100 + RETRY_SECS);
         assert!(
             rx.try_recv().is_ok(),
             "offered again after a failure's pause"

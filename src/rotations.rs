@@ -106,6 +106,17 @@ async fn gateway_usage(gw: &Arc<Gateway>, pairs: &Pairs) -> Option<BTreeMap<Stri
     Some(usage)
 }
 
+/// The keys with an open rotation and their successors: what `open_idle_rotations` needs, read
+/// from the table without rebuilding every record.
+fn rotation_candidates(table: &crate::keys::table::KeyTable) -> Vec<Arc<KeyRecord>> {
+    let open = table.open_rotations();
+    let successors: Vec<Arc<KeyRecord>> = open
+        .iter()
+        .filter_map(|old| table.get_by_id(old.rotated_to.as_deref()?))
+        .collect();
+    open.into_iter().chain(successors).collect()
+}
+
 /// The periodic task of `keygate serve` with a file store.
 pub async fn run_on_gateway(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -114,7 +125,7 @@ pub async fn run_on_gateway(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(every)) => {}
             _ = stop.changed() => return,
         }
-        let pairs = open_idle_rotations(&gw.table().records());
+        let pairs = open_idle_rotations(&rotation_candidates(&gw.table()));
         if pairs.is_empty() {
             continue;
         }

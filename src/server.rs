@@ -237,6 +237,26 @@ fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError
     Ok(())
 }
 
+/// The missing-secret-version check for a file store: over the table when the store's
+/// checkpoint already put one in (`sync::file::spawn` loads it before returning), else over
+/// the store read whole, as before.
+fn secret_versions_of_table(gw: &Gateway) -> Result<(), ServeError> {
+    let snap = gw.snapshot();
+    let now = crate::clock::unix_secs();
+    let found = if gw.table_loaded() {
+        let mut live = Vec::with_capacity(gw.table().len());
+        gw.table()
+            .each_entry(|e| live.push((e.secret_version, e.state(now))));
+        snap.keys.judge_missing(snap.keys.missing_versions_of(live))
+    } else {
+        snap.keys.check_secret_versions(now)
+    };
+    for w in found.map_err(ServeError::MissingSecretVersion)? {
+        tracing::warn!("{w}");
+    }
+    Ok(())
+}
+
 /// Load config, start every listener and background task. Used by `serve` and `demo`.
 pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown), ServeError> {
     let config = Config::load(config_path)?;
@@ -247,8 +267,10 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let store = snapshot.keys.store.clone();
     let feed = snapshot.feed.clone();
     // Keys under a secret version we have no secret for would all answer 401: refuse to
-    // start (or warn loudly, if configured) rather than serve a silent outage.
-    if feed.is_none() {
+    // start (or warn loudly, if configured) rather than serve a silent outage. With a file
+    // store this is judged once the first table is in (`secret_versions_of_table`): from a
+    // checkpoint that costs no log parse.
+    if feed.is_none() && snapshot.keys.redis_store.is_some() {
         let warnings = snapshot
             .keys
             .check_secret_versions(crate::clock::unix_secs())
@@ -275,12 +297,15 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
                 crate::sync::redis::spawn(gw.clone(), settings, cache);
             }
         }
-        None => crate::sync::file::spawn(
-            gw.clone(),
-            store,
-            crate::store::seal::Signer::new(&gw.snapshot().keys.hasher),
-            poll,
-        )?,
+        None => {
+            crate::sync::file::spawn(
+                gw.clone(),
+                store,
+                crate::store::seal::Signer::new(&gw.snapshot().keys.hasher),
+                poll,
+            )?;
+            secret_versions_of_table(&gw)?;
+        }
         Some(f) => {
             crate::sync::feed::spawn(gw.clone(), f.clone());
             crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f.clone());

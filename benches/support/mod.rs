@@ -40,17 +40,11 @@ pub fn synthetic_digest(i: u64) -> Digest {
     Digest(out)
 }
 
-/// A deterministic public id shaped like `new_id("key")`: `key_` + 26 base32 chars.
+/// A deterministic public id as `new_id("key")` makes them: `key_` + 26 base32 chars of
+/// 128 bits.
 pub fn id_for(i: u64) -> String {
-    const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut out = String::with_capacity(30);
-    out.push_str("key_");
-    let mut x = u128::from(splitmix(i)) << 64 | u128::from(i);
-    for _ in 0..26 {
-        out.push(char::from(B32[(x & 31) as usize]));
-        x >>= 5;
-    }
-    out
+    let x = u128::from(splitmix(i)) << 64 | u128::from(i);
+    keygate::keys::record::format_id("key", &x.to_be_bytes())
 }
 
 /// A record as `keys create --name … --owner … --scope invoices:read` would write it.

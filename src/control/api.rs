@@ -561,7 +561,8 @@ fn lookup(c: &Control, body: &Map<String, Value>) -> Result<Response<Body>, ApiE
     let table = c.feed.table();
     let found =
         crate::keys::lookup::Lookup::find(&table, &c.settings, &key, crate::clock::unix_secs());
-    Ok(json_response(StatusCode::OK, &found.to_json()))
+    let full = found.record.as_ref().and_then(|r| c.feed.get(&r.id));
+    Ok(json_response(StatusCode::OK, &found.to_json(full.as_deref())))
 }
 
 /// `POST /v1/api-keys/verify` (verify role, or read/write): would a gateway accept this key
@@ -594,7 +595,7 @@ async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<
         record.rate.as_deref(),
         record.plan.as_deref(),
     );
-    let verdict = shape.map(|s| c.buckets.check(s, &record.lineage));
+    let verdict = shape.map(|s| c.buckets.check(s, &record.lineage().to_owned()));
     let plan = record.plan.as_deref().unwrap_or("default");
     let enforce = c
         .config
@@ -627,8 +628,8 @@ async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<
         StatusCode::OK,
         &json!({
             "valid": true,
-            "id": record.id,
-            "name": record.name,
+            "id": &*record.id,
+            "name": c.feed.get(&record.id).map(|f| f.name.clone()).unwrap_or_default(),
             "owner": record.owner,
             "env": record.env,
             "scopes": record.scopes,
@@ -642,11 +643,11 @@ async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<
 }
 
 /// A canary presented to the verify endpoint: the alarm a gateway raises, named as ours.
-async fn canary_alarm(c: &Arc<Control>, r: Arc<KeyRecord>) {
+async fn canary_alarm(c: &Arc<Control>, r: crate::keys::compact::KeyView) {
     tracing::warn!(key_id = %r.id, "canary key presented to POST /v1/api-keys/verify");
     let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
     let event = crate::audit::Event::new("key.canary_used", "control-plane")
-        .key(&r)
+        .key_view(&r, None)
         .with("route", "verify");
     let written = tokio::task::spawn_blocking(move || audit.append(&[event])).await;
     if !matches!(written, Ok(Ok(()))) {

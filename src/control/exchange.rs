@@ -78,7 +78,7 @@ pub async fn exchange(
             .map_err(|e: AuthError| {
                 tracing::debug!(
                     reason = e.reason(),
-                    key_id = e.record().map(|r| r.id.as_str()).unwrap_or("-"),
+                    key_id = e.record().map(|r| &*r.id).unwrap_or("-"),
                     "token exchange refused"
                 );
                 unauthorized()

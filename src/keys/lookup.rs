@@ -4,11 +4,11 @@
 //! `POST /v1/api-keys/lookup`, so both answer the same for the same key. Never the key, never
 //! its digest, never why a malformed string failed (it is simply `unknown`).
 
+use crate::keys::compact::KeyView;
 use crate::keys::record::KeyRecord;
 use crate::keys::table::{AuthError, KeyTable};
 use crate::keys::KeySettings;
 use serde_json::{json, Value};
-use std::sync::Arc;
 
 /// The public state of a presented key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,14 +60,14 @@ impl LookupState {
 #[derive(Debug, Clone)]
 pub struct Lookup {
     pub state: LookupState,
-    pub record: Option<Arc<KeyRecord>>,
+    pub record: Option<KeyView>,
 }
 
 impl Lookup {
     /// Map an authentication result. A revoked canary reads as revoked here (the table
     /// reports it as a canary so that it still alarms; someone asking what a found key is
     /// wants to know it no longer works).
-    pub fn from_auth(result: Result<Arc<KeyRecord>, AuthError>) -> Lookup {
+    pub fn from_auth(result: Result<KeyView, AuthError>) -> Lookup {
         let (state, record) = match result {
             Ok(r) => (LookupState::Live, Some(r)),
             Err(AuthError::Malformed(_) | AuthError::Unknown | AuthError::Token(_)) => {
@@ -89,15 +89,16 @@ impl Lookup {
     }
 
     /// The answer of `POST /v1/api-keys/lookup`: state, plus id, owner, name, env and hint
-    /// when the key is known.
-    pub fn to_json(&self) -> Value {
+    /// when the key is known. The table keeps no names or hints: `full` is the key's whole
+    /// record where the caller holds one (the control plane's log).
+    pub fn to_json(&self, full: Option<&KeyRecord>) -> Value {
         let mut v = json!({ "state": self.state.as_str() });
         if let Some(r) = &self.record {
-            v["id"] = r.id.clone().into();
+            v["id"] = r.id.to_string().into();
             v["owner"] = r.owner.clone().into();
-            v["name"] = r.name.clone().into();
+            v["name"] = full.map_or("", |f| f.name.as_str()).into();
             v["env"] = r.env.clone().into();
-            v["hint"] = r.hint.clone().into();
+            v["hint"] = full.map_or("", |f| f.hint.as_str()).into();
         }
         v
     }
@@ -111,7 +112,7 @@ mod tests {
 
     #[test]
     fn every_auth_outcome_maps_to_one_state() {
-        let r = Arc::new(sample("key_a", Digest([1; 32])));
+        let r = KeyView::of(&sample("key_a", Digest([1; 32])));
         let mut canary = sample("key_c", Digest([2; 32]));
         canary.canary = true;
         let mut revoked_canary = canary.clone();
@@ -132,11 +133,11 @@ mod tests {
                 LookupState::NotYetValid,
             ),
             (
-                Err(AuthError::Canary(Arc::new(canary))),
+                Err(AuthError::Canary(KeyView::of(&canary))),
                 LookupState::Canary,
             ),
             (
-                Err(AuthError::Canary(Arc::new(revoked_canary))),
+                Err(AuthError::Canary(KeyView::of(&revoked_canary))),
                 LookupState::Revoked,
             ),
         ];
@@ -144,7 +145,7 @@ mod tests {
             let l = Lookup::from_auth(result);
             assert_eq!(l.state, want);
             assert_eq!(LookupState::parse(want.as_str()), Some(want));
-            let v = l.to_json();
+            let v = l.to_json(None);
             assert_eq!(v["state"], want.as_str());
             assert!(v.get("digest").is_none());
         }

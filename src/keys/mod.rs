@@ -2,6 +2,7 @@
 //! lifecycle operations (create, update, revoke, rotate, import) shared by the CLI and the
 //! control plane.
 
+pub mod compact;
 pub mod digest;
 pub mod format;
 pub mod gauges;
@@ -186,14 +187,24 @@ impl KeySettings {
         records: impl IntoIterator<Item = &'a record::KeyRecord>,
         now: i64,
     ) -> Vec<String> {
+        self.missing_versions_of(
+            records
+                .into_iter()
+                .map(|r| (r.secret_version, r.state(now))),
+        )
+    }
+
+    /// [`KeySettings::missing_secret_versions`] over (secret version, state) pairs: what the
+    /// gateway's compact table has (`KeyTable::each_entry`) without a record.
+    pub fn missing_versions_of(
+        &self,
+        keys: impl IntoIterator<Item = (u32, record::KeyState)>,
+    ) -> Vec<String> {
         let mut missing: std::collections::BTreeMap<u32, usize> = Default::default();
-        for r in records {
-            let live = !matches!(
-                r.state(now),
-                record::KeyState::Revoked | record::KeyState::Expired
-            );
-            if live && !self.hasher.has_version(r.secret_version) {
-                *missing.entry(r.secret_version).or_default() += 1;
+        for (version, state) in keys {
+            let live = !matches!(state, record::KeyState::Revoked | record::KeyState::Expired);
+            if live && !self.hasher.has_version(version) {
+                *missing.entry(version).or_default() += 1;
             }
         }
         missing
@@ -239,7 +250,11 @@ impl KeySettings {
     /// configured to refuse, `Ok` carries them as warnings otherwise. A missing store is fine.
     pub fn check_secret_versions(&self, now: i64) -> Result<Vec<String>, Vec<String>> {
         let latest = self.latest_unverified().map_err(|e| vec![e])?;
-        let found = self.missing_secret_versions(latest.values(), now);
+        self.judge_missing(self.missing_secret_versions(latest.values(), now))
+    }
+
+    /// `Err` with the missing versions when configured to refuse, `Ok` (warnings) otherwise.
+    pub fn judge_missing(&self, found: Vec<String>) -> Result<Vec<String>, Vec<String>> {
         if found.is_empty() || !self.refuse_missing_secret_version {
             Ok(found)
         } else {

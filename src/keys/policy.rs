@@ -90,9 +90,19 @@ impl Policy {
 
     /// Whether an existing record's lifetime exceeds policy (governance gauge).
     pub fn ttl_exceeded(&self, r: &KeyRecord) -> bool {
-        match (self.max_ttl_secs, r.expires_at) {
-            (Some(max), Some(exp)) => exp - r.created_at > max,
-            (Some(_), None) => !r.canary,
+        self.lifetime_exceeded(r.expires_at, r.created_at, r.canary)
+    }
+
+    /// The same rule over the fields the gateway's compact table keeps.
+    pub fn lifetime_exceeded(
+        &self,
+        expires_at: Option<i64>,
+        created_at: i64,
+        canary: bool,
+    ) -> bool {
+        match (self.max_ttl_secs, expires_at) {
+            (Some(max), Some(exp)) => exp - created_at > max,
+            (Some(_), None) => !canary,
             _ => false,
         }
     }

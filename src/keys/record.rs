@@ -144,22 +144,39 @@ impl KeyRecord {
     /// State at `now`. Revoked beats canary beats time-based states: a revoked canary is
     /// reported as revoked, which is what an operator who revoked it expects to see.
     pub fn state(&self, now: i64) -> KeyState {
-        if self.revoked_at.is_some_and(|t| t <= now) {
-            KeyState::Revoked
-        } else if self.canary {
-            KeyState::Canary
-        } else if self.expires_at.is_some_and(|t| t <= now) {
-            KeyState::Expired
-        } else if self.not_before.is_some_and(|t| t > now) {
-            KeyState::Pending
-        } else {
-            KeyState::Active
-        }
+        state_at(
+            self.revoked_at,
+            self.canary,
+            self.expires_at,
+            self.not_before,
+            now,
+        )
     }
 
     /// The JSON a human or API client may see: everything except the digest and MAC.
     pub fn public_json(&self, now: i64) -> serde_json::Value {
         public_json(self, &["digest", "mac"], self.state(now).as_str())
+    }
+}
+
+/// The state rule, shared by records and the gateway's compact entries (`keys::compact`).
+pub fn state_at(
+    revoked_at: Option<i64>,
+    canary: bool,
+    expires_at: Option<i64>,
+    not_before: Option<i64>,
+    now: i64,
+) -> KeyState {
+    if revoked_at.is_some_and(|t| t <= now) {
+        KeyState::Revoked
+    } else if canary {
+        KeyState::Canary
+    } else if expires_at.is_some_and(|t| t <= now) {
+        KeyState::Expired
+    } else if not_before.is_some_and(|t| t > now) {
+        KeyState::Pending
+    } else {
+        KeyState::Active
     }
 }
 
@@ -186,15 +203,21 @@ pub fn unrevokes(held: Option<&KeyRecord>, next: &KeyRecord) -> bool {
 
 /// A fresh public id: `key_` + 26 chars of Crockford-free lowercase base32 (130 bits).
 pub fn new_id(prefix: &str) -> Result<String, getrandom::Error> {
-    const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)?;
+    Ok(format_id(prefix, &bytes))
+}
+
+/// `prefix` + `_` + the 26-character base32 form of 16 bytes (the binary form the gateway's
+/// table keeps, `keys::compact::id_bytes`, is its inverse).
+pub fn format_id(prefix: &str, bytes: &[u8; 16]) -> String {
+    const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut out = String::with_capacity(prefix.len() + 27);
     out.push_str(prefix);
     out.push('_');
     let mut acc: u32 = 0;
     let mut bits = 0;
-    for b in bytes {
+    for &b in bytes {
         acc = (acc << 8) | u32::from(b);
         bits += 8;
         while bits >= 5 {
@@ -205,7 +228,7 @@ pub fn new_id(prefix: &str) -> Result<String, getrandom::Error> {
     if bits > 0 {
         out.push(char::from(B32[((acc << (5 - bits)) & 31) as usize]));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -1,19 +1,33 @@
-//! The in-memory key table: every record, by digest, plus an index by id.
+//! The in-memory key table: every key the gateway enforces, in compact form
+//! (`keys::compact`), by digest and by id.
 //!
-//! Requests never wait on disk or network: authentication is one HMAC per configured secret
-//! version and one concurrent-map lookup. Applying one record version is O(1) and holds one
-//! shard lock for the duration of an insert. A whole new table (first load, compaction) is
-//! built aside and swapped in by the owner (`ArcSwap`), so readers see the old table or the
-//! new one, never a half.
+//! Requests never wait on disk, network or a lock: authentication is one HMAC per configured
+//! secret version, one `ArcSwap` load and a probe of atomic index slots. Writers (the sync
+//! task applying records; there is one per table in practice) take the writer lock; applying
+//! one record is O(1) amortised: a new version is appended to the slab and the index slots are
+//! repointed with one atomic store each, so a reader sees the old version or the new one,
+//! whole. Growing a slab chunk or an index, or dropping superseded versions once they are a
+//! third of the slab, builds a new inner state aside and swaps it in (readers of the old one
+//! finish undisturbed). A whole new table (first load, compaction, another log) is built aside
+//! and swapped in by the owner (`Gateway::install_table`).
+//!
+//! Names, labels, hints and MACs are not kept: `get_by_id`, `records` and friends return
+//! records rebuilt from what is kept (enough for `sync::apply` and the local copies), and the
+//! full record of a key with an open rotation (few) is kept beside the table for the
+//! rotation rules.
 
+use crate::keys::compact::{
+    cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_chunk, Chunk, Entry, Index,
+    KeyView, Profile, CANARY, CHUNK, ID_INTERNED, IMPORTED, PUBLISHABLE, ROTATION_CLOSED,
+};
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
-use crate::keys::record::{KeyRecord, KeyState};
+use crate::keys::record::{KeyRecord, KeyState, Rotation};
 use crate::store::seal::LogId;
-use dashmap::DashMap;
-use std::hash::BuildHasher;
+use arc_swap::{ArcSwap, Guard};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use thiserror::Error;
 
 /// Why a presented key was refused. The caller shows all of these as the same 401; the
@@ -25,13 +39,13 @@ pub enum AuthError {
     #[error("key is unknown")]
     Unknown,
     #[error("key {} is revoked", .0.id)]
-    Revoked(Arc<KeyRecord>),
+    Revoked(KeyView),
     #[error("key {} is expired", .0.id)]
-    Expired(Arc<KeyRecord>),
+    Expired(KeyView),
     #[error("key {} is not yet valid", .0.id)]
-    NotYetValid(Arc<KeyRecord>),
+    NotYetValid(KeyView),
     #[error("canary key {} was used", .0.id)]
-    Canary(Arc<KeyRecord>),
+    Canary(KeyView),
     /// A short-lived token refused before its parent key decided (`tokens::verifier`).
     #[error("token refused: {0}")]
     Token(TokenRefusal),
@@ -67,8 +81,8 @@ impl AuthError {
         }
     }
 
-    /// The record behind the failure, when the key was found.
-    pub fn record(&self) -> Option<&Arc<KeyRecord>> {
+    /// The key behind the failure, when it was found.
+    pub fn record(&self) -> Option<&KeyView> {
         match self {
             AuthError::Malformed(_) | AuthError::Unknown | AuthError::Token(_) => None,
             AuthError::Revoked(r)
@@ -79,45 +93,138 @@ impl AuthError {
     }
 }
 
-/// Digests are HMAC outputs the caller cannot steer, so their first 8 bytes are already a
-/// uniform hash: skipping SipHash saves ~20 ns per lookup with no flooding risk.
-#[derive(Clone, Default)]
-pub struct DigestHash;
+/// What readers load: the slabs and both indexes, swapped whole when one of them grows.
+#[derive(Clone)]
+struct Inner {
+    entries: Vec<Chunk<Entry>>,
+    profiles: Vec<Chunk<Arc<Profile>>>,
+    strings: Vec<Chunk<Arc<str>>>,
+    by_digest: Arc<Index>,
+    by_id: Arc<Index>,
+}
 
-#[derive(Default)]
-pub struct DigestHasher(u64);
+/// A probe met a slot this inner state does not have yet (a writer grew the slab after it
+/// was loaded): load again.
+struct Stale;
 
-impl std::hash::Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Digest's derived Hash writes the 32-byte array once; fold anything else in too.
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-            if bytes.len() >= 8 {
-                break;
-            }
+impl Inner {
+    fn sized(n: usize) -> Inner {
+        Inner {
+            entries: Vec::with_capacity(n / CHUNK + 1),
+            profiles: Vec::new(),
+            strings: Vec::new(),
+            by_digest: Arc::new(Index::for_keys(n)),
+            by_id: Arc::new(Index::for_keys(n)),
         }
     }
-    fn write_usize(&mut self, _: usize) {
-        // The array length prefix carries no entropy.
+
+    fn entry(&self, slot: u32) -> Option<&Entry> {
+        cell(&self.entries, slot)
+    }
+
+    fn string(&self, n: u32) -> Option<Arc<str>> {
+        cell(&self.strings, n).cloned()
+    }
+
+    /// Position in `by_digest`, slot and entry of `d`.
+    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, Entry)>, Stale> {
+        let mut stale = false;
+        let found = self
+            .by_digest
+            .find(digest_hash(d), |s| match self.entry(s) {
+                Some(e) => e.digest == *d,
+                None => {
+                    stale = true;
+                    false
+                }
+            });
+        match found.and_then(|(at, s)| Some((at, s, *self.entry(s)?))) {
+            Some(f) => Ok(Some(f)),
+            None if stale => Err(Stale),
+            None => Ok(None),
+        }
+    }
+
+    fn id_is(&self, e: &Entry, id: &str, binary: Option<&[u8; 16]>) -> bool {
+        match binary {
+            Some(b) => !e.has(ID_INTERNED) && e.id == *b,
+            None => e.has(ID_INTERNED) && self.id_of(e).as_deref() == Some(id),
+        }
+    }
+
+    /// Position in `by_id`, slot and entry of `id`.
+    fn find_id(&self, id: &str) -> Result<Option<(usize, u32, Entry)>, Stale> {
+        let binary = id_bytes(id);
+        let mut stale = false;
+        let found = self.by_id.find(id_hash(id), |s| match self.entry(s) {
+            Some(e) => self.id_is(e, id, binary.as_ref()),
+            None => {
+                stale = true;
+                false
+            }
+        });
+        match found.and_then(|(at, s)| Some((at, s, *self.entry(s)?))) {
+            Some(f) => Ok(Some(f)),
+            None if stale => Err(Stale),
+            None => Ok(None),
+        }
+    }
+
+    fn id_of(&self, e: &Entry) -> Option<Arc<str>> {
+        if e.has(ID_INTERNED) {
+            let n = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
+            self.string(n)
+        } else {
+            Some(id_string(&e.id).into())
+        }
+    }
+
+    fn id_hash_of(&self, e: &Entry) -> u64 {
+        if e.has(ID_INTERNED) {
+            self.id_of(e).map_or(0, |id| id_hash(&id))
+        } else {
+            u64::from_le_bytes([
+                e.id[8], e.id[9], e.id[10], e.id[11], e.id[12], e.id[13], e.id[14], e.id[15],
+            ])
+        }
+    }
+
+    fn view(&self, e: &Entry) -> Option<KeyView> {
+        let id = self.id_of(e)?;
+        let lineage = match e.lineage {
+            0 => None,
+            n => Some(self.string(n - 1)?),
+        };
+        let profile = cell(&self.profiles, e.profile)?.clone();
+        Some(KeyView::new(e, id, lineage, profile))
+    }
+
+    /// The slots of every live entry (the ones the digest index points at).
+    fn live(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.by_digest.targets().filter_map(|s| self.entry(s))
     }
 }
 
-impl BuildHasher for DigestHash {
-    type Hasher = DigestHasher;
-    fn build_hasher(&self) -> DigestHasher {
-        DigestHasher(0)
-    }
+/// The writer's bookkeeping (under the writer lock; readers never look at it).
+#[derive(Default)]
+struct Writer {
+    next_entry: u32,
+    next_profile: u32,
+    next_string: u32,
+    digest_used: usize,
+    id_used: usize,
+    /// Slab slots no index points at any more (superseded versions).
+    garbage: usize,
+    profiles: HashMap<Arc<Profile>, u32>,
+    strings: HashMap<Arc<str>, u32>,
 }
 
-#[derive(Debug, Default)]
 pub struct KeyTable {
-    by_digest: DashMap<Digest, Arc<KeyRecord>, DigestHash>,
-    by_id: DashMap<String, Digest>,
+    inner: ArcSwap<Inner>,
+    writer: Mutex<Writer>,
+    /// Full records of keys with an open rotation (the rotation rules need its details).
+    rotations: Mutex<HashMap<String, Arc<KeyRecord>>>,
+    live: AtomicUsize,
     /// The log whose revisions `rev` counts; fixed for the table's life (a new log means a new
     /// table, built aside by `sync::apply`).
     log: LogId,
@@ -127,10 +234,41 @@ pub struct KeyTable {
     imported: AtomicUsize,
 }
 
-impl std::fmt::Debug for DigestHash {
+impl std::fmt::Debug for KeyTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DigestHash")
+        f.debug_struct("KeyTable")
+            .field("log", &self.log)
+            .field("rev", &self.revision())
+            .field("keys", &self.len())
+            .finish()
     }
+}
+
+impl Default for KeyTable {
+    fn default() -> KeyTable {
+        KeyTable::sized(LogId::default(), 0)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a closed rotation is rebuilt as: `rotation::event` only asks whether one was open.
+fn closed_rotation() -> Rotation {
+    Rotation {
+        started_at: 0,
+        prior_expires_at: None,
+        complete_when_idle_secs: None,
+        requests_at_start: 0,
+        completed_at: Some(0),
+    }
+}
+
+fn rotation_open(r: &KeyRecord) -> bool {
+    r.rotation
+        .as_ref()
+        .is_some_and(|x| x.completed_at.is_none())
 }
 
 impl KeyTable {
@@ -140,9 +278,19 @@ impl KeyTable {
 
     /// An empty table positioned in `log`.
     pub fn for_log(log: LogId) -> KeyTable {
+        KeyTable::sized(log, 0)
+    }
+
+    /// An empty table positioned in `log`, with room for `n` keys (a whole-table load).
+    pub fn sized(log: LogId, n: usize) -> KeyTable {
         KeyTable {
+            inner: ArcSwap::from_pointee(Inner::sized(n)),
+            writer: Mutex::new(Writer::default()),
+            rotations: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
             log,
-            ..KeyTable::default()
+            rev: AtomicU64::new(0),
+            imported: AtomicUsize::new(0),
         }
     }
 
@@ -153,7 +301,8 @@ impl KeyTable {
         log: LogId,
         rev: u64,
     ) -> KeyTable {
-        let table = KeyTable::for_log(log);
+        let records = records.into_iter();
+        let table = KeyTable::sized(log, records.size_hint().0);
         for r in records {
             table.apply(r);
         }
@@ -161,32 +310,288 @@ impl KeyTable {
         table
     }
 
+    /// The current inner state, loaded again if a probe met a slot it does not have yet.
+    fn probe<T>(&self, f: impl Fn(&Inner) -> Result<T, Stale>) -> Option<(Guard<Arc<Inner>>, T)> {
+        let inner = self.inner.load();
+        match f(&inner) {
+            Ok(t) => Some((inner, t)),
+            Err(Stale) => {
+                drop(inner);
+                let inner = self.inner.load();
+                let t = f(&inner).ok()?;
+                Some((inner, t))
+            }
+        }
+    }
+
+    fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, Entry)> {
+        let (inner, found) = self.probe(|i| i.find_digest(d))?;
+        found.map(|(_, _, e)| (inner, e))
+    }
+
+    fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, Entry)> {
+        let (inner, found) = self.probe(|i| i.find_id(id))?;
+        found.map(|(_, _, e)| (inner, e))
+    }
+
+    fn intern_string(&self, w: &mut Writer, s: &str) -> u32 {
+        if let Some(n) = w.strings.get(s) {
+            return *n;
+        }
+        let n = w.next_string;
+        let value: Arc<str> = s.into();
+        self.push(|i| &i.strings, |i| &mut i.strings, n, value.clone());
+        w.strings.insert(value, n);
+        w.next_string += 1;
+        n
+    }
+
+    fn intern_profile(&self, w: &mut Writer, p: Profile) -> u32 {
+        if let Some(n) = w.profiles.get(&p) {
+            return *n;
+        }
+        let n = w.next_profile;
+        let value = Arc::new(p);
+        self.push(|i| &i.profiles, |i| &mut i.profiles, n, value.clone());
+        w.profiles.insert(value, n);
+        w.next_profile += 1;
+        n
+    }
+
+    /// Write cell `n` of one slab, adding a chunk (a new inner state) when it is full.
+    fn push<T>(
+        &self,
+        get: fn(&Inner) -> &Vec<Chunk<T>>,
+        get_mut: fn(&mut Inner) -> &mut Vec<Chunk<T>>,
+        n: u32,
+        value: T,
+    ) {
+        let (chunk, at) = (n as usize / CHUNK, n as usize % CHUNK);
+        let mut inner = self.inner.load_full();
+        if chunk >= get(&inner).len() {
+            let mut next = (*inner).clone();
+            get_mut(&mut next).push(new_chunk());
+            inner = Arc::new(next);
+            self.inner.store(inner.clone());
+        }
+        if let Some(c) = get(&inner).get(chunk) {
+            // Each cell is written once, by the one writer, before any index points at it.
+            let _ = c[at].set(value);
+        }
+    }
+
     /// Apply one record version. Older or equal revisions of an id already applied are
     /// ignored, so replays are harmless. Returns whether it changed the table.
     pub fn apply(&self, record: KeyRecord) -> bool {
-        let rev = record.rev;
-        if let Some(old) = self
-            .by_id
-            .get(&record.id)
-            .and_then(|d| self.by_digest.get(&*d).map(|r| r.clone()))
-        {
-            if old.rev >= rev {
-                return false;
+        let mut w = lock(&self.writer);
+        let held = self.probe(|i| i.find_id(&record.id)).and_then(|(_, f)| f);
+        if held.is_some_and(|(_, _, old)| old.rev >= record.rev) {
+            return false;
+        }
+        let (id, id_flag) = match id_bytes(&record.id) {
+            Some(b) => (b, 0),
+            None => {
+                let n = self.intern_string(&mut w, &record.id);
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&n.to_le_bytes());
+                (b, ID_INTERNED)
             }
-            if old.digest != record.digest {
-                self.by_digest.remove(&old.digest);
+        };
+        let lineage = if record.lineage == record.id {
+            0
+        } else {
+            self.intern_string(&mut w, &record.lineage) + 1
+        };
+        let profile = self.intern_profile(&mut w, Profile::of(&record));
+        let entry = Entry::new(&record, id, id_flag, lineage, profile);
+        let slot = w.next_entry;
+        self.push(|i| &i.entries, |i| &mut i.entries, slot, entry);
+        w.next_entry += 1;
+        let inner = self.inner.load_full();
+        if let Some((at, old_slot, old)) = held {
+            // The old version becomes garbage; its digest leaves the index if it changed (and
+            // still points at this key: another id may have taken the digest since).
+            w.garbage += 1;
+            if old.digest != entry.digest {
+                if let Ok(Some((dat, _, _))) = inner
+                    .find_digest(&old.digest)
+                    .map(|f| f.filter(|(_, s, _)| *s == old_slot))
+                {
+                    inner.by_digest.remove(dat);
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                }
             }
-            if old.imported {
+            inner.by_id.repoint(at, inner.id_hash_of(&entry), slot);
+            if old.has(IMPORTED) {
                 self.imported.fetch_sub(1, Ordering::Relaxed);
+            }
+        } else if inner.by_id.insert(inner.id_hash_of(&entry), slot) {
+            w.id_used += 1;
+        }
+        match inner.find_digest(&entry.digest) {
+            Ok(Some((at, s, _))) if s != slot => {
+                inner
+                    .by_digest
+                    .repoint(at, digest_hash(&entry.digest), slot);
+                if held.is_none_or(|(_, _, old)| old.digest != entry.digest) {
+                    // Another id held this digest: its entry is no longer reachable by it.
+                    w.garbage += 1;
+                }
+            }
+            _ => {
+                if inner.by_digest.insert(digest_hash(&entry.digest), slot) {
+                    w.digest_used += 1;
+                }
+                self.live.fetch_add(1, Ordering::Relaxed);
             }
         }
         if record.imported {
             self.imported.fetch_add(1, Ordering::Relaxed);
         }
-        self.by_id.insert(record.id.clone(), record.digest);
-        self.by_digest.insert(record.digest, Arc::new(record));
-        self.rev.fetch_max(rev, Ordering::Release);
+        {
+            let mut rot = lock(&self.rotations);
+            if rotation_open(&record) {
+                rot.insert(record.id.clone(), Arc::new(record));
+            } else {
+                rot.remove(&record.id);
+            }
+        }
+        self.rev.fetch_max(entry.rev, Ordering::Release);
+        self.maybe_rebuild(&mut w);
         true
+    }
+
+    /// Drop superseded versions and regrow the indexes when they are due (amortised O(1):
+    /// each rebuild is paid for by the applies since the last one).
+    fn maybe_rebuild(&self, w: &mut Writer) {
+        let inner = self.inner.load_full();
+        let live = self.live.load(Ordering::Relaxed);
+        let due = w.garbage > live / 2 + CHUNK
+            || index_full(w.digest_used, inner.by_digest.capacity())
+            || index_full(w.id_used, inner.by_id.capacity());
+        if !due {
+            return;
+        }
+        let entries: Vec<Entry> = inner.live().copied().collect();
+        let n = entries.len();
+        let room = n + n / 2 + 64;
+        let mut next = Inner {
+            entries: Vec::with_capacity(n / CHUNK + 1),
+            profiles: inner.profiles.clone(),
+            strings: inner.strings.clone(),
+            by_digest: Arc::new(Index::for_keys(room)),
+            by_id: Arc::new(Index::for_keys(room)),
+        };
+        for (slot, e) in entries.iter().enumerate() {
+            if slot % CHUNK == 0 {
+                next.entries.push(new_chunk());
+            }
+            if let Some(c) = next.entries.last() {
+                let _ = c[slot % CHUNK].set(*e);
+            }
+            let slot = slot as u32;
+            next.by_digest.insert(digest_hash(&e.digest), slot);
+            next.by_id.insert(next.id_hash_of(e), slot);
+        }
+        self.inner.store(Arc::new(next));
+        w.next_entry = n as u32;
+        w.garbage = 0;
+        w.digest_used = n;
+        w.id_used = n;
+        self.live.store(n, Ordering::Relaxed);
+    }
+
+    /// What a checkpoint stores besides the entries (`store::checkpoint`): the interned
+    /// strings and profiles, in index order, and the full records of open rotations.
+    pub fn parts(&self) -> (Vec<Arc<str>>, Vec<Arc<Profile>>, Vec<KeyRecord>) {
+        let w = lock(&self.writer);
+        let inner = self.inner.load();
+        let strings = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
+        let profiles = (0..w.next_profile)
+            .filter_map(|n| cell(&inner.profiles, n).cloned())
+            .collect();
+        let rotations = lock(&self.rotations)
+            .values()
+            .map(|r| (**r).clone())
+            .collect();
+        (strings, profiles, rotations)
+    }
+
+    /// Call `f` with every live entry (a checkpoint's body).
+    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
+        let inner = self.inner.load();
+        for e in inner.live() {
+            f(e);
+        }
+    }
+
+    /// A table from a checkpoint's parts, without a record in sight. Refuses entries that
+    /// point past the strings or profiles given (a checkpoint from another build).
+    pub fn from_parts(
+        log: LogId,
+        rev: u64,
+        strings: Vec<Arc<str>>,
+        profiles: Vec<Profile>,
+        rotations: Vec<KeyRecord>,
+        entries: impl ExactSizeIterator<Item = Entry>,
+    ) -> Result<KeyTable, String> {
+        let n = entries.len();
+        let table = KeyTable::sized(log, n);
+        let mut w = lock(&table.writer);
+        let mut next = Inner::sized(n);
+        for (i, value) in strings.into_iter().enumerate() {
+            if i % CHUNK == 0 {
+                next.strings.push(new_chunk());
+            }
+            if let Some(c) = next.strings.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.strings.insert(value, i as u32);
+        }
+        w.next_string = w.strings.len() as u32;
+        for (i, value) in profiles.into_iter().enumerate() {
+            let value = Arc::new(value);
+            if i % CHUNK == 0 {
+                next.profiles.push(new_chunk());
+            }
+            if let Some(c) = next.profiles.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.profiles.insert(value, i as u32);
+        }
+        w.next_profile = w.profiles.len() as u32;
+        let mut imported = 0;
+        for (slot, e) in entries.enumerate() {
+            let interned_id = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
+            if e.profile >= w.next_profile
+                || e.lineage > w.next_string
+                || (e.has(ID_INTERNED) && interned_id >= w.next_string)
+            {
+                return Err(format!("entry {slot} refers past the interned values"));
+            }
+            if slot % CHUNK == 0 {
+                next.entries.push(new_chunk());
+            }
+            if let Some(c) = next.entries.last() {
+                let _ = c[slot % CHUNK].set(e);
+            }
+            next.by_digest.insert(digest_hash(&e.digest), slot as u32);
+            next.by_id.insert(next.id_hash_of(&e), slot as u32);
+            imported += usize::from(e.has(IMPORTED));
+        }
+        w.next_entry = n as u32;
+        w.digest_used = n;
+        w.id_used = n;
+        drop(w);
+        table.inner.store(Arc::new(next));
+        table.live.store(n, Ordering::Relaxed);
+        table.imported.store(imported, Ordering::Relaxed);
+        *lock(&table.rotations) = rotations
+            .into_iter()
+            .map(|r| (r.id.clone(), Arc::new(r)))
+            .collect();
+        table.rev.store(rev, Ordering::Release);
+        Ok(table)
     }
 
     /// Raise the table's revision without a record (e.g. a compaction meta line).
@@ -202,42 +607,120 @@ impl KeyTable {
         self.log
     }
 
+    /// The record of `e` as far as the table keeps it (see the module header).
+    fn rebuilt(
+        &self,
+        inner: &Inner,
+        e: &Entry,
+        rotations: &HashMap<String, Arc<KeyRecord>>,
+    ) -> Option<KeyRecord> {
+        let v = inner.view(e)?;
+        if let Some(full) = rotations.get(&*v.id).filter(|r| r.rev == e.rev) {
+            return Some((**full).clone());
+        }
+        let p = &v.profile;
+        Some(KeyRecord {
+            rev: e.rev,
+            id: v.id.to_string(),
+            digest: e.digest,
+            secret_version: e.secret_version,
+            name: String::new(),
+            owner: p.owner.clone(),
+            env: p.env.clone(),
+            scopes: p.scopes.clone(),
+            plan: p.plan.clone(),
+            rate: p.rate.clone(),
+            quota: p.quota.clone(),
+            allow_ips: p.allow_ips.clone(),
+            allow_origins: p.allow_origins.clone(),
+            labels: Default::default(),
+            hint: String::new(),
+            created_at: e.created_at(),
+            written_at_ms: 0,
+            not_before: e.not_before(),
+            expires_at: e.expires_at(),
+            revoked_at: e.revoked_at(),
+            revoked_reason: None,
+            canary: e.has(CANARY),
+            publishable: e.has(PUBLISHABLE),
+            imported: e.has(IMPORTED),
+            rotated_from: None,
+            rotated_to: None,
+            rotation: e.has(ROTATION_CLOSED).then(closed_rotation),
+            lineage: v.lineage().to_owned(),
+            mac: None,
+        })
+    }
+
     pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
-        self.by_digest.get(digest).map(|r| r.clone())
+        let (inner, e) = self.by_digest(digest)?;
+        self.rebuilt(&inner, &e, &lock(&self.rotations))
+            .map(Arc::new)
+    }
+
+    pub fn get_by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        let (inner, e) = self.by_id(id)?;
+        self.rebuilt(&inner, &e, &lock(&self.rotations))
+            .map(Arc::new)
+    }
+
+    /// The request path's view of the key with `id`.
+    pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
+        let (inner, e) = self.by_id(id)?;
+        inner.view(&e)
     }
 
     /// Every revoked record (carried into a new table so revocations survive a new log).
     pub fn revoked(&self) -> Vec<Arc<KeyRecord>> {
-        self.by_digest
-            .iter()
-            .filter(|e| e.revoked_at.is_some())
-            .map(|e| e.value().clone())
+        let inner = self.inner.load();
+        let rotations = lock(&self.rotations);
+        inner
+            .live()
+            .filter(|e| e.revoked_at().is_some())
+            .filter_map(|e| self.rebuilt(&inner, e, &rotations).map(Arc::new))
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.by_digest.len()
+        self.live.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
+        self.len() == 0
     }
 
-    pub fn get_by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
-        let digest = *self.by_id.get(id)?;
-        self.by_digest.get(&digest).map(|r| r.clone())
-    }
-
-    /// Every record (for gauges and reports; not for the request path).
+    /// Every record, rebuilt (for reports and local copies; not for the request path).
     pub fn records(&self) -> Vec<Arc<KeyRecord>> {
-        self.by_digest.iter().map(|e| e.value().clone()).collect()
+        let inner = self.inner.load();
+        let rotations = lock(&self.rotations);
+        inner
+            .live()
+            .filter_map(|e| self.rebuilt(&inner, e, &rotations).map(Arc::new))
+            .collect()
+    }
+
+    /// Call `f` with every key's view (gauges; no record is rebuilt).
+    pub fn for_each_view(&self, mut f: impl FnMut(&KeyView)) {
+        let inner = self.inner.load();
+        for e in inner.live() {
+            if let Some(v) = inner.view(e) {
+                f(&v);
+            }
+        }
+    }
+
+    /// Full records of keys with an open rotation (the rotation rules' input).
+    pub fn open_rotations(&self) -> Vec<Arc<KeyRecord>> {
+        lock(&self.rotations).values().cloned().collect()
     }
 
     /// Count by (state, env) at `now`.
     pub fn count_states(&self, now: i64) -> std::collections::BTreeMap<(KeyState, String), u64> {
         let mut out = std::collections::BTreeMap::new();
-        for e in self.by_digest.iter() {
-            *out.entry((e.state(now), e.env.clone())).or_insert(0) += 1;
+        let inner = self.inner.load();
+        for e in inner.live() {
+            let env = cell(&inner.profiles, e.profile).map_or("", |p| p.env.as_str());
+            *out.entry((e.state(now), env.to_owned())).or_insert(0) += 1;
         }
         out
     }
@@ -251,7 +734,7 @@ impl KeyTable {
         hasher: &Hasher,
         now: i64,
         leeway: i64,
-    ) -> Result<Arc<KeyRecord>, AuthError> {
+    ) -> Result<KeyView, AuthError> {
         if key.len() > MAX_KEY_LEN {
             return Err(AuthError::Malformed(FormatError::TooLong));
         }
@@ -263,10 +746,8 @@ impl KeyTable {
         let record = hasher
             .all_digests(key)
             .find_map(|(version, d)| {
-                self.by_digest
-                    .get(&d)
-                    .filter(|r| r.secret_version == version)
-                    .map(|r| r.clone())
+                let (inner, e) = self.by_digest(&d)?;
+                (e.secret_version == version).then(|| inner.view(&e))?
             })
             .ok_or(AuthError::Unknown)?;
         // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
@@ -315,7 +796,7 @@ mod tests {
             self.table.apply(r);
             key
         }
-        fn auth(&self, key: &str, now: i64) -> Result<Arc<KeyRecord>, AuthError> {
+        fn auth(&self, key: &str, now: i64) -> Result<KeyView, AuthError> {
             self.table
                 .authenticate(key, &self.format, &self.hasher, now, 0)
         }
@@ -331,7 +812,7 @@ mod tests {
         let canary = f.add("key_can", 5, |r| r.canary = true);
         let unknown = f.format.generate("live").unwrap();
         let reason = |k: &str, now| f.auth(k, now).err().map(|e| e.reason());
-        assert_eq!(f.auth(&ok, 200).unwrap().id, "key_ok");
+        assert_eq!(&*f.auth(&ok, 200).unwrap().id, "key_ok");
         assert_eq!(reason(&revoked, 200), Some("key_revoked"));
         assert_eq!(
             reason(&revoked, 50),
@@ -368,7 +849,8 @@ mod tests {
             f.table
                 .authenticate(&expired, &f.format, &f.hasher, 105, 10)
                 .unwrap()
-                .id,
+                .id
+                .to_string(),
             "key_exp"
         );
     }
@@ -383,7 +865,7 @@ mod tests {
         r.rev = 1;
         r.imported = true;
         f.table.apply(r);
-        assert_eq!(f.auth(legacy, 10).unwrap().id, "key_imp");
+        assert_eq!(&*f.auth(legacy, 10).unwrap().id, "key_imp");
         assert_eq!(f.auth("sk-other", 10).unwrap_err().reason(), "key_unknown");
     }
 
@@ -413,7 +895,8 @@ mod tests {
             f.table
                 .authenticate(&key, &f.format, &rotated, 10, 0)
                 .unwrap()
-                .id,
+                .id
+                .to_string(),
             "key_a"
         );
         let only_new = Hasher::new(vec![(2, vec![9; 32])]);
@@ -421,5 +904,99 @@ mod tests {
             .table
             .authenticate(&key, &f.format, &only_new, 10, 0)
             .is_err());
+    }
+
+    #[test]
+    fn random_applies_match_a_model_through_rebuilds() {
+        // Updates, digest changes and revocations over enough versions to force several
+        // rebuilds (garbage and index growth); the table must answer like a plain map.
+        let table = KeyTable::new();
+        let mut model: std::collections::HashMap<String, KeyRecord> = Default::default();
+        let mut owners: std::collections::HashMap<Digest, String> = Default::default();
+        let mut x: u64 = 7;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for rev in 1..=30_000u64 {
+            let n = next();
+            let id = if n % 3 == 0 {
+                format!("legacy-{}", n % 500)
+            } else {
+                crate::keys::record::format_id("key", &u128::from(n % 3000).to_be_bytes())
+            };
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(n % 3000 + (n >> 40) % 2 * 10_000).to_le_bytes());
+            d[8] = (n % 3) as u8;
+            let mut r = sample(&id, Digest(d));
+            r.rev = rev;
+            r.owner = format!("team-{}", n % 7);
+            r.revoked_at = (n % 11 == 0).then_some(5);
+            // One digest, one id: a digest another id holds is taken off it in the model.
+            if let Some(other) = owners.insert(r.digest, id.clone()) {
+                if other != id {
+                    model.remove(&other);
+                }
+            }
+            if let Some(old) = model.insert(id.clone(), r.clone()) {
+                if old.digest != r.digest && owners.get(&old.digest) == Some(&id) {
+                    owners.remove(&old.digest);
+                }
+            }
+            table.apply(r);
+        }
+        assert_eq!(table.len(), model.len());
+        for (id, r) in &model {
+            let got = table.get_by_id(id).unwrap();
+            assert_eq!(
+                (got.rev, got.digest, &got.owner),
+                (r.rev, r.digest, &r.owner),
+                "{id}"
+            );
+            assert_eq!(got.revoked_at, r.revoked_at);
+            assert_eq!(table.get_by_digest(&r.digest).unwrap().id, *id);
+        }
+        assert_eq!(table.records().len(), model.len());
+        assert_eq!(
+            table.revoked().len(),
+            model.values().filter(|r| r.revoked_at.is_some()).count()
+        );
+    }
+
+    #[test]
+    fn readers_see_whole_versions_while_a_writer_applies() {
+        let f = fixture();
+        let key = f.add("key_a", 1, |r| {
+            r.owner = "0".into();
+            r.scopes = vec!["s0".into()];
+        });
+        let table = std::sync::Arc::new(f.table);
+        let (format, hasher) = (f.format, f.hasher);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (table, stop, key) = (table.clone(), stop.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let v = table.authenticate(&key, &format, &hasher, 10, 0).unwrap();
+                    // Scopes and owner change together in every version the writer applies.
+                    assert_eq!(v.scopes[0], format!("s{}", v.owner));
+                    seen += 1;
+                }
+                seen
+            })
+        };
+        let mut r = table.get_by_id("key_a").map(|r| (*r).clone()).unwrap();
+        for rev in 2..20_000u64 {
+            r.rev = rev;
+            r.owner = (rev % 97).to_string();
+            r.scopes = vec![format!("s{}", r.owner)];
+            table.apply(r.clone());
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(table.len(), 1);
     }
 }

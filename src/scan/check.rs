@@ -51,7 +51,7 @@ impl Status {
     fn from_lookup(l: &Lookup) -> Status {
         Status {
             state: l.state,
-            id: l.record.as_ref().map(|r| r.id.clone()),
+            id: l.record.as_ref().map(|r| r.id.to_string()),
             owner: l.record.as_ref().map(|r| r.owner.clone()),
         }
     }

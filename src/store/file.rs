@@ -781,6 +781,8 @@ impl LogFile {
         }
         keep.sort_by_key(|r| r.rev);
         let out = self.encode_file(log, &keep, rev, now)?;
+        // The checkpoint first: a gateway that sees the new log finds the checkpoint for it.
+        self.write_checkpoint(log, rev, &keep, &out);
         write_atomic(&self.path, &out).map_err(|e| self.io(e))?;
         // The old inode's lock is released on drop; waiting writers see the new inode and retry.
         drop(file);
@@ -789,6 +791,23 @@ impl LogFile {
             dropped: total - keep.len(),
             tombstoned,
         })
+    }
+}
+
+impl LogFile {
+    /// Write the binary checkpoint of the table `records` make, standing for `log_bytes`
+    /// (`store::checkpoint`). Best effort: the log is the record, so a checkpoint that cannot be
+    /// written is removed (an old one would no longer match anyway) and the gateway reads the
+    /// log whole.
+    fn write_checkpoint(&self, log: LogId, rev: u64, records: &[KeyRecord], log_bytes: &[u8]) {
+        let path = crate::store::checkpoint::path_for(&self.path);
+        let table = crate::keys::table::KeyTable::from_records(records.iter().cloned(), log, rev);
+        let written = crate::store::checkpoint::encode(&table, log_bytes, &self.signer)
+            .and_then(|bytes| write_atomic(&path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the key table checkpoint; gateways will read the log whole");
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 
@@ -1035,6 +1054,59 @@ impl Follower {
     /// The log being followed (`NONE` before the first read or for a legacy file).
     pub fn log(&self) -> LogId {
         self.log
+    }
+
+    /// Start from the checkpoint beside the log (`store::checkpoint`) instead of reading the
+    /// log whole: the checkpoint's table plus the log lines after it, parsed and verified like
+    /// any append. `Ok(None)`: no checkpoint, or one that stands for another log or other
+    /// bytes than the log in place (a newer compaction, a restored backup); the first poll
+    /// then reads the log whole. `Err`: a checkpoint that is unreadable or fails its seal.
+    pub fn resume_from_checkpoint(
+        &mut self,
+    ) -> Result<Option<(crate::keys::table::KeyTable, Parsed)>, String> {
+        use crate::store::checkpoint;
+        let bytes = match fs::read(checkpoint::path_for(self.file.path())) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let loaded = checkpoint::decode(&bytes, self.file.signer())?;
+        drop(bytes);
+        let seal = loaded.seal;
+        let Ok(mut f) = File::open(self.file.path()) else {
+            return Ok(None);
+        };
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        let fp = &loaded.fingerprint;
+        if meta.len() < seal.log_bytes
+            || (fp.len() as u64) > seal.log_bytes
+            || read_header(&mut f).ok() != Some(seal.log)
+        {
+            tracing::info!(log = %seal.log, "key table checkpoint is for another log; reading the log");
+            return Ok(None);
+        }
+        let start = seal.log_bytes - fp.len() as u64;
+        let mut buf = Vec::with_capacity((meta.len() - start) as usize);
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.read_to_end(&mut buf))
+            .map_err(|e| e.to_string())?;
+        if !buf.starts_with(fp) {
+            tracing::info!(log = %seal.log, "key table checkpoint does not match the log in place; reading the log");
+            return Ok(None);
+        }
+        let complete = complete_prefix(&buf[fp.len()..]);
+        let parsed = self
+            .file
+            .parse(complete, seal.log_lines + 1, seal.rev, seal.log);
+        let end = fp.len() + complete.len();
+        self.ino = Some((meta.dev(), meta.ino()));
+        self.offset = seal.log_bytes + complete.len() as u64;
+        self.next_line =
+            seal.log_lines + 1 + complete.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.rev = parsed.rev.max(seal.rev);
+        self.log = seal.log;
+        self.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
+        Ok(Some((loaded.table, parsed)))
     }
 
     pub fn poll(&mut self) -> Result<Update, StoreError> {

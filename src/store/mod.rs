@@ -5,6 +5,7 @@
 //! apart from it (high-water mark, every revocation), `seal` the log ids and MACs that make
 //! records and files authenticated, `feed` the control plane's side of the feed.
 
+pub mod checkpoint;
 pub mod feed;
 pub mod file;
 pub mod ledger;

@@ -152,7 +152,7 @@ pub fn snapshot(
         });
     }
     let mut out = Applied::default();
-    let table = KeyTable::for_log(log);
+    let table = KeyTable::sized(log, records.len());
     for r in records {
         let r = keep_revoked(current, r, &mut out);
         table.apply(r);

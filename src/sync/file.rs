@@ -29,10 +29,12 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     let file = LogFile::new(&path, signer);
     create_if_missing(&gw, &file);
+    let mut follower = Follower::new(file);
+    resume(&gw, &mut follower);
     let mut last_error: Option<String> = None;
     watch_file(
         "keygate-store",
-        Follower::new(file),
+        follower,
         poll_interval,
         move |result| match result {
             Ok(update) => {
@@ -49,6 +51,49 @@ pub fn spawn(
             }
         },
     )
+}
+
+/// The first table from the store's checkpoint and the log lines after it, when there is a
+/// checkpoint for the log in place (`store::checkpoint`). A refused checkpoint is reported
+/// loudly (error log, `keygate_source_errors_total{kind="checkpoint"}`, audit), set aside, and
+/// the first poll reads the log whole.
+fn resume(gw: &Gateway, follower: &mut Follower) {
+    let started = std::time::Instant::now();
+    match follower.resume_from_checkpoint() {
+        Ok(None) => {}
+        Ok(Some((table, tail))) => {
+            report_corrupt(gw, &tail);
+            let after = tail.records.len();
+            if let Err(refusal) = apply::records(&table, tail.log, tail.records, tail.rev, &mut ()) {
+                return report_refusal(gw, &refusal);
+            }
+            let (rev, keys, log) = (table.revision(), table.len(), table.log());
+            gw.replace_table(table);
+            gw.metrics.table_revision.set(rev as i64);
+            tracing::info!(keys, revision = rev, %log, records_after = after, took_ms = started.elapsed().as_millis() as u64, "key table loaded from the checkpoint");
+            gw.audit(
+                Event::new("table.applied", "gateway")
+                    .with("mode", "checkpoint")
+                    .with("log", log.to_string())
+                    .with("revision", rev)
+                    .with("keys", keys),
+            );
+        }
+        Err(why) => {
+            let path = crate::store::checkpoint::path_for(follower.path());
+            gw.metrics
+                .source_errors
+                .with_label_values(&["checkpoint"])
+                .inc();
+            let aside = crate::sync::cache::set_aside(&path);
+            tracing::error!(error = %why, path = %path.display(), set_aside = ?aside.as_ref().ok(), "key table checkpoint refused; loading the log instead");
+            gw.audit(
+                Event::new("source.error", "gateway")
+                    .with("kind", "checkpoint")
+                    .with("error", why),
+            );
+        }
+    }
 }
 
 /// A fresh install has no store yet: create it empty so the gateway comes up Ready with zero

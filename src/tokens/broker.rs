@@ -8,7 +8,7 @@
 use super::jwt::{self, Claims};
 use super::signing::SigningKeys;
 use super::TokenSettings;
-use crate::keys::record::KeyRecord;
+use crate::keys::compact::KeyView;
 use crate::keys::table::KeyTable;
 use crate::store::feed::FeedState;
 use crate::store::seal::LogId;
@@ -115,9 +115,9 @@ pub fn response_body(minted: &Minted, now: i64) -> serde_json::Value {
 }
 
 /// The `token.issued` audit event: the parent key and the token's id, never the token.
-pub fn issued_event(parent: &KeyRecord, minted: &Minted) -> crate::audit::Event {
+pub fn issued_event(parent: &KeyView, minted: &Minted) -> crate::audit::Event {
     crate::audit::Event::new("token.issued", &format!("key:{}", parent.id))
-        .key(parent)
+        .key_view(parent, None)
         .with("jti", minted.claims.jti.clone())
         .with("audience", minted.claims.aud.clone())
         .with("scopes", minted.claims.scopes.clone())
@@ -148,7 +148,7 @@ fn check_audience(a: &str) -> Result<(), MintError> {
 }
 
 /// The token's scopes: a subset of the key's, never more.
-fn check_scopes(parent: &KeyRecord, asked: Option<&[String]>) -> Result<Vec<String>, MintError> {
+fn check_scopes(parent: &KeyView, asked: Option<&[String]>) -> Result<Vec<String>, MintError> {
     let Some(asked) = asked else {
         return Ok(parent.scopes.clone());
     };
@@ -182,7 +182,7 @@ fn check_ttl(asked: Option<i64>, settings: &TokenSettings) -> Result<i64, MintEr
 /// never outlives its parent key's expiry.
 pub fn mint(
     keys: &SigningKeys,
-    parent: &KeyRecord,
+    parent: &KeyView,
     req: &MintRequest,
     settings: &TokenSettings,
     now: i64,
@@ -196,8 +196,8 @@ pub fn mint(
     let exp = parent.expires_at.map_or(now + ttl, |e| e.min(now + ttl));
     let claims = Claims {
         iss: jwt::ISSUER.into(),
-        sub: parent.id.clone(),
-        lineage: parent.lineage.clone(),
+        sub: parent.id.to_string(),
+        lineage: parent.lineage().to_owned(),
         scopes,
         aud: req.audience.clone(),
         iat: now,

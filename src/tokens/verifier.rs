@@ -9,7 +9,7 @@
 
 use super::jwt::{self, Claims, JwtError};
 use super::JwksSource;
-use crate::keys::record::KeyRecord;
+use crate::keys::compact::KeyView;
 use crate::keys::table::{AuthError, KeyTable, TokenRefusal};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Limited};
@@ -184,7 +184,7 @@ pub fn admit(
     table: &KeyTable,
     now: i64,
     leeway: i64,
-) -> Result<Arc<KeyRecord>, AuthError> {
+) -> Result<KeyView, AuthError> {
     if claims.aud != audience || claims.iss != jwt::ISSUER {
         return Err(AuthError::Token(TokenRefusal::NotAccepted));
     }
@@ -194,17 +194,17 @@ pub fn admit(
     if claims.iat - leeway > now {
         return Err(AuthError::Token(TokenRefusal::Invalid));
     }
-    let parent = table.get_by_id(&claims.sub).ok_or(AuthError::Unknown)?;
+    let parent = table.view_by_id(&claims.sub).ok_or(AuthError::Unknown)?;
     parent_is_live(&parent, now, leeway)?;
-    if parent.lineage != claims.lineage {
+    if parent.lineage() != claims.lineage {
         return Err(AuthError::Token(TokenRefusal::Invalid));
     }
-    Ok(Arc::new(narrowed(&parent, &claims.scopes)))
+    Ok(narrowed(parent, &claims.scopes))
 }
 
 /// The parent's state decides, as for the key itself: a revoked, expired, not-yet-valid or
 /// canary parent refuses its tokens with the parent's own outcome.
-fn parent_is_live(parent: &Arc<KeyRecord>, now: i64, leeway: i64) -> Result<(), AuthError> {
+fn parent_is_live(parent: &KeyView, now: i64, leeway: i64) -> Result<(), AuthError> {
     if parent.canary {
         Err(AuthError::Canary(parent.clone()))
     } else if parent.revoked_at.is_some_and(|t| t <= now) {
@@ -220,14 +220,15 @@ fn parent_is_live(parent: &Arc<KeyRecord>, now: i64, leeway: i64) -> Result<(), 
 
 /// The parent with only the token's scopes that the parent still holds (a key narrowed after
 /// minting narrows its tokens too).
-fn narrowed(parent: &KeyRecord, scopes: &[String]) -> KeyRecord {
-    let mut r = parent.clone();
-    r.scopes = scopes
+fn narrowed(mut parent: KeyView, scopes: &[String]) -> KeyView {
+    let mut profile = (*parent.profile).clone();
+    profile.scopes = scopes
         .iter()
         .filter(|s| parent.scopes.contains(s))
         .cloned()
         .collect();
-    r
+    parent.profile = Arc::new(profile);
+    parent
 }
 
 #[cfg(test)]
