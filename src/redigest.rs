@@ -507,13 +507,13 @@ mod tests {
         // A key on the current version is never offered.
         let mut cur = crate::keys::record::sample("key_b", h.digest("kg_live_other").1);
         cur.secret_version = 2;
-        r.offer(&cur, "kg_live_other", &h, 100);
+        r.offer(&KeyView::of(&cur), "kg_live_other", &h, 100);
         assert!(rx.try_recv().is_err());
         // A full queue drops and forgets the id (offered again next time).
         for i in 0..QUEUE + 1 {
             let mut k = rec.clone();
             k.id = format!("key_{i}");
-            r.offer(&k, key, &h, 100);
+            r.offer(&KeyView::of(&k), key, &h, 100);
         }
         assert_eq!(r.outcomes.with_label_values(&["dropped"]).get(), 1);
         assert_eq!(

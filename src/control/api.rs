@@ -562,7 +562,10 @@ fn lookup(c: &Control, body: &Map<String, Value>) -> Result<Response<Body>, ApiE
     let found =
         crate::keys::lookup::Lookup::find(&table, &c.settings, &key, crate::clock::unix_secs());
     let full = found.record.as_ref().and_then(|r| c.feed.get(&r.id));
-    Ok(json_response(StatusCode::OK, &found.to_json(full.as_deref())))
+    Ok(json_response(
+        StatusCode::OK,
+        &found.to_json(full.as_deref()),
+    ))
 }
 
 /// `POST /v1/api-keys/verify` (verify role, or read/write): would a gateway accept this key

@@ -64,7 +64,8 @@ fn resume(gw: &Gateway, follower: &mut Follower) {
         Ok(Some((table, tail))) => {
             report_corrupt(gw, &tail);
             let after = tail.records.len();
-            if let Err(refusal) = apply::records(&table, tail.log, tail.records, tail.rev, &mut ()) {
+            if let Err(refusal) = apply::records(&table, tail.log, tail.records, tail.rev, &mut ())
+            {
                 return report_refusal(gw, &refusal);
             }
             let (rev, keys, log) = (table.revision(), table.len(), table.log());

@@ -303,10 +303,10 @@ mod tests {
         }
     }
 
-    fn parent() -> KeyRecord {
+    fn parent() -> KeyView {
         let mut r = sample("key_a", crate::keys::digest::Digest([1; 32]));
         r.scopes = vec!["invoices:read".into(), "invoices:write".into()];
-        r
+        KeyView::of(&r)
     }
 
     #[test]

@@ -236,7 +236,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::keys::digest::Digest;
-    use crate::keys::record::sample;
+    use crate::keys::record::{sample, KeyRecord};
 
     fn claims() -> Claims {
         Claims {
@@ -259,7 +259,7 @@ mod tests {
         KeyTable::from_records([r], crate::store::seal::LogId::NONE, 1)
     }
 
-    fn reason(r: Result<Arc<KeyRecord>, AuthError>) -> &'static str {
+    fn reason(r: Result<KeyView, AuthError>) -> &'static str {
         r.err().map_or("ok", |e| e.reason())
     }
 
@@ -267,7 +267,7 @@ mod tests {
     fn each_rule_refuses_with_its_outcome() {
         let live = table(|_| {});
         let ok = admit(claims(), "billing", &live, 200, 0).unwrap();
-        assert_eq!(ok.id, "key_a");
+        assert_eq!(&*ok.id, "key_a");
         assert_eq!(
             ok.scopes,
             vec!["invoices:read".to_owned()],
