@@ -633,6 +633,13 @@ async fn redis_store_node_redigests_through_the_store() {
     cli_ok(&config, &["keys", "revoke", &revoked.id]);
     write_file(dir.path(), "secret.v2", SECRET_V2);
     std::fs::write(&config, rotated(&v1, false)).unwrap();
+    // `secret status` reads the Redis store (it used to read the absent file: no keys).
+    let before = secret_status(&config);
+    assert_eq!(
+        (live_on(&before, 1), live_on(&before, 2)),
+        (1, 0),
+        "{before:?}"
+    );
 
     let gw = spawn_ready(&config, &[], WAIT).await;
     assert_eq!(status_of(&gw, &a.key).await, 200);
@@ -652,6 +659,12 @@ async fn redis_store_node_redigests_through_the_store() {
     );
     assert_eq!(show(&config, &revoked.id)["secret_version"], 1);
     assert_eq!(show(&config, &revoked.id)["state"], "revoked");
+    let after = secret_status(&config);
+    assert_eq!(
+        (live_on(&after, 1), live_on(&after, 2)),
+        (0, 1),
+        "{after:?}"
+    );
     // The gateway follows the new version and the key keeps working.
     eventually_named("a answers 200 after the table follows", WAIT, || async {
         (status_of(&gw, &a.key).await == 200).then_some(())

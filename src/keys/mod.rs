@@ -232,12 +232,19 @@ impl KeySettings {
         }
     }
 
-    /// The latest version of every key in the file store, read without verifying MACs: a
-    /// record signed under a secret version that is no longer configured cannot be verified,
-    /// and that is exactly the case secret-version reports are about. A missing store is empty.
+    /// The latest version of every key in the store (file or Redis), read without verifying
+    /// MACs: a record signed under a secret version that is no longer configured cannot be
+    /// verified, and that is exactly the case secret-version reports are about. A missing
+    /// store is empty.
     pub fn latest_unverified(
         &self,
     ) -> Result<std::collections::HashMap<String, record::KeyRecord>, String> {
+        if let crate::store::Store::Redis(r) = self.store_backend() {
+            let records = r
+                .latest_unverified()
+                .map_err(|e| format!("redis store: {e}"))?;
+            return Ok(records.into_iter().map(|r| (r.id.clone(), r)).collect());
+        }
         let parsed = match std::fs::read(&self.store) {
             Ok(bytes) => crate::store::file::parse_log(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),

@@ -445,6 +445,24 @@ impl RedisLog {
         })
     }
 
+    /// The latest version of every key, parsed but not verified (as
+    /// `KeySettings::latest_unverified` reads the file): a record signed under a secret
+    /// version no longer configured cannot be verified, and secret-version reports are about
+    /// exactly those. Unparsable values are skipped.
+    pub fn latest_unverified(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let n = &self.names;
+        self.run(move |c| async move {
+            let mut out = Vec::new();
+            hscan_values(&c, &n.keys, |raw| {
+                if let Ok(r) = serde_json::from_slice::<KeyRecord>(&raw) {
+                    out.push(r);
+                }
+            })
+            .await?;
+            Ok(out)
+        })
+    }
+
     /// The log's last revision (one `HMGET`).
     pub fn head_revision(&self) -> Result<u64, StoreError> {
         let n = &self.names;
@@ -940,6 +958,24 @@ async fn scan(
     parsed: &mut Parsed,
 ) -> Result<Vec<KeyRecord>, StoreError> {
     let mut out = Vec::new();
+    hscan_values(c, key, |raw| {
+        if let Some(r) = verified(signer, log, &raw, parsed) {
+            if r.rev <= rev {
+                out.push(r);
+            }
+        }
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Each value of the hash `key`, read with `HSCAN` in small steps (one `HVALS` reply times
+/// out on a large store).
+async fn hscan_values(
+    c: &Client,
+    key: &str,
+    mut each: impl FnMut(Vec<u8>),
+) -> Result<(), StoreError> {
     let mut cursor = b"0".to_vec();
     // Bounded: HSCAN returns cursor 0 after one full pass; cap the steps anyway.
     for _ in 0..10_000_000u64 {
@@ -956,11 +992,7 @@ async fn scan(
         };
         for (i, item) in pairs.into_iter().enumerate() {
             if let (1, Value::Bulk(raw)) = (i % 2, item) {
-                if let Some(r) = verified(signer, log, &raw, parsed) {
-                    if r.rev <= rev {
-                        out.push(r);
-                    }
-                }
+                each(raw);
             }
         }
         if next == b"0" {
@@ -968,7 +1000,7 @@ async fn scan(
         }
         cursor = next;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// (revision from the entry id, record JSON) of each entry of an `XREAD` reply.
