@@ -270,13 +270,24 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     // start (or warn loudly, if configured) rather than serve a silent outage. With a file
     // store this is judged once the first table is in (`secret_versions_of_table`): from a
     // checkpoint that costs no log parse.
+    // With the Redis store, a Redis that is down is judged later: the gateway starts from its
+    // sealed local copy (as it must), so it cannot refuse over what it cannot read now.
     if feed.is_none() && snapshot.keys.redis_store.is_some() {
-        let warnings = snapshot
-            .keys
-            .check_secret_versions(crate::clock::unix_secs())
-            .map_err(ServeError::MissingSecretVersion)?;
-        for w in warnings {
-            tracing::warn!("{w}");
+        let keys = &snapshot.keys;
+        match keys.latest_unverified() {
+            Ok(latest) => {
+                let now = crate::clock::unix_secs();
+                let found = keys.missing_secret_versions(latest.values(), now);
+                for w in keys
+                    .judge_missing(found)
+                    .map_err(ServeError::MissingSecretVersion)?
+                {
+                    tracing::warn!("{w}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "secret versions not checked at start: the Redis store is unreachable")
+            }
         }
     }
     let file_source = feed.is_none();
