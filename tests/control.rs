@@ -1018,10 +1018,19 @@ async fn probes_and_metrics_make_the_control_plane_visible() {
         json!({"name": "n", "owner": "o", "scopes": ["invoices:read"]}),
     )
     .await;
-    let (s, _, body) = get(a, "/readyz", &[]).await;
-    let text = String::from_utf8_lossy(&body).into_owned();
-    assert_eq!(s, 200, "{text}");
-    assert!(text.contains("revision=1"), "{text}");
+    // `/readyz` reports the revision the in-memory log holds, which follows the store
+    // (it does not wait for it as reads do), so the create shows there within a deadline.
+    eventually_named(
+        "readyz at revision 1",
+        std::time::Duration::from_secs(5),
+        || async {
+            let (s, _, body) = get(a, "/readyz", &[]).await;
+            let text = String::from_utf8_lossy(&body).into_owned();
+            assert_eq!(s, 200, "{text}");
+            text.contains("revision=1").then_some(())
+        },
+    )
+    .await;
     let r = call(
         a,
         Method::GET,
