@@ -365,6 +365,19 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Request body must arrive within this long in total.
     pub body_timeout_ms: u64,
+    /// Data-plane threads, each with its own listener (`SO_REUSEPORT`) and runtime. 0 (the
+    /// default): one per CPU this process may run on.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// `workers`, with 0 resolved to the CPUs available (affinity and cgroup quota counted).
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -388,6 +401,7 @@ impl Default for ServerConfig {
             h2_max_header_list_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             body_timeout_ms: 60_000,
+            workers: 0,
         }
     }
 }

@@ -6,10 +6,13 @@
 //! variant and one byte-identical response: the caller must not learn *why* (RFC 6750 §3,
 //! OWASP API2); only `outcome()` tells metrics and logs.
 
+use crate::extract::ExtractError;
 use crate::hygiene::HygieneError;
+use crate::keys::format::FormatError;
 use crate::keys::table::{AuthError, TokenRefusal};
 use crate::limit::Verdict;
 use crate::path::PathError;
+use crate::route::RouteError;
 use crate::trace::TraceId;
 use bytes::Bytes;
 use http::header::{
@@ -69,6 +72,28 @@ pub enum GatewayError {
     Overloaded,
     #[error("no key table loaded")]
     TableUnavailable,
+}
+
+impl From<RouteError> for GatewayError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NotFound => GatewayError::RouteNotFound,
+            RouteError::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
+        }
+    }
+}
+
+impl From<ExtractError> for GatewayError {
+    fn from(e: ExtractError) -> Self {
+        match e {
+            ExtractError::Missing => GatewayError::KeyMissing,
+            ExtractError::Ambiguous => GatewayError::KeyAmbiguous,
+            // A credential that is not even well-formed is refused like a malformed key.
+            ExtractError::Malformed => {
+                GatewayError::KeyInvalid(AuthError::Malformed(FormatError::BadCharacter))
+            }
+        }
+    }
 }
 
 /// The closed set of request outcomes: the `outcome` label of `keygate_requests_total`.
@@ -355,7 +380,7 @@ impl GatewayError {
                 }
             }
             GatewayError::RateLimited(v) | GatewayError::QuotaExceeded(v) => {
-                crate::pipeline::rate_limit_headers(h, v);
+                v.headers(h);
                 h.insert(RETRY_AFTER, HeaderValue::from(v.reset_secs.max(1)));
             }
             GatewayError::AuthBudgetExceeded { retry_after_secs } => {

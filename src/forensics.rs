@@ -15,7 +15,6 @@
 //! send the keys that changed since the last report with their usage reports; the control
 //! plane keeps them per node and writes the same file.
 
-use dashmap::DashMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -392,7 +391,7 @@ struct Tracked {
 pub struct Forensics {
     path: PathBuf,
     node: String,
-    keys: DashMap<String, Mutex<Tracked>>,
+    keys: crate::fastmap::FastMap<String, Mutex<Tracked>>,
     cap: usize,
     any_dirty: AtomicBool,
 }
@@ -462,7 +461,7 @@ impl Forensics {
 
     pub fn with_cap(usage_file: &Path, node: &str, cap: usize) -> Forensics {
         let path = path_for(usage_file);
-        let keys = DashMap::new();
+        let keys = crate::fastmap::new();
         let mut mine = read(&path).remove(node).unwrap_or_default();
         trim(&mut mine, cap);
         for (id, stats) in mine {

@@ -255,14 +255,14 @@ impl Gateway {
         gauges.counts(self.snapshot().keys.format.envs())
     }
 
-    /// A forwarded request by key `id` at `now` (usage). The first use of a key on a UTC day
-    /// moves its stale-gauge contribution, so that one update is made under the gauges' lock;
-    /// every other use is lock-free.
-    pub fn touch(&self, id: &str, now: i64) {
-        let day = |t: i64| t.div_euclid(86_400);
-        if self.usage.last_used(id).is_some_and(|l| day(l) >= day(now)) {
-            return self.usage.touch(id, now);
+    /// A forwarded request by key `id` at `now` with its final `status` (usage). The first
+    /// use of a key on a UTC day moves its stale-gauge contribution, so that one update is
+    /// made under the gauges' lock; every other use is one lock-free map lookup.
+    pub fn forwarded(&self, id: &str, now: i64, status: u16) {
+        if self.usage.same_day_use(id, now, status) {
+            return;
         }
+        self.usage.status(id, status);
         let mut gauges = self.gauges();
         let table = self.table();
         let held = table.get_by_id(id);
@@ -325,9 +325,16 @@ impl Gateway {
     }
 
     /// A request id unique to this process run: boot id + sequence, no syscall per request.
-    pub fn request_id(&self) -> String {
+    /// A new request id: this process's boot id, then a sequence number (20 hex digits).
+    pub fn request_id(&self) -> http::HeaderValue {
         let n = self.request_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}{:012x}", self.boot_id, n)
+        // 32 + 48 bits, written into a stack buffer: no allocation but the header's own.
+        let wide = (u128::from(self.boot_id) << 48) | u128::from(n & 0xffff_ffff_ffff);
+        let mut id = [0u8; 20];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((wide >> (4 * (19 - i))) & 0xf) as usize];
+        }
+        http::HeaderValue::from_bytes(&id).unwrap_or(http::HeaderValue::from_static("0"))
     }
 
     /// Count a refused attempt with a known key (revoked, expired, …) for the next

@@ -1,5 +1,8 @@
 //! Header hygiene for forwarding: owns deciding which client request headers
-//! reach the upstream and which upstream response headers reach the client.
+//! reach the upstream and which upstream response headers reach the client, and
+//! the headers the gateway itself sets on the way up (`to_upstream`: remove,
+//! then set, in one place, so nothing a client sends survives under a name the
+//! gateway sets).
 //!
 //! Requests: hop-by-hop headers (RFC 9110 §7.6.1) and everything the client
 //! could use to impersonate the gateway (credentials, forwarding metadata,
@@ -9,8 +12,20 @@
 //! header the gateway relies on. Responses: hop-by-hop headers are removed
 //! before relaying (RFC 9110 §7.6.1), never failing.
 
+use crate::keys::compact::KeyView;
+use crate::trace::TraceContext;
 use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+pub static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+pub static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+pub static X_KEYGATE_ENV: HeaderName = HeaderName::from_static("x-keygate-env");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Why a request's headers cannot be forwarded. Both map to a 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -26,33 +41,109 @@ pub enum HygieneError {
 /// credentials, `trailer` (the trailer section is not relayed) and
 /// `http2-settings`, which only ever describes the client's own connection
 /// (RFC 7540 §3.2.1) even when the client forgot to nominate it in `Connection`.
-const HOP_BY_HOP: &[&str] = &[
-    "http2-settings",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+/// `connection` itself goes too.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "http2-settings"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// Request-only removals: the client's credentials (the upstream gets the
 /// gateway's identity headers instead), forwarding metadata the gateway
 /// regenerates (THREATS B5), and method overrides that would let a client
-/// run a method the route did not allow (THREATS B4).
-const REQUEST_STRIP: &[&str] = &[
-    "authorization",
-    "forwarded",
-    "x-real-ip",
-    "x-http-method-override",
-    "x-method-override",
-    "x-http-method",
-];
+/// run a method the route did not allow (THREATS B4). Underscore names are
+/// dropped wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable,
+/// so `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
+fn is_request_only(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-http-method-override"
+            | "x-method-override"
+            | "x-http-method"
+    ) || name.starts_with(X_FORWARDED)
+        || name.starts_with(X_KEYGATE)
+        || name.contains('_')
+}
 
 const X_FORWARDED: &str = "x-forwarded-";
 const X_KEYGATE: &str = "x-keygate-";
+
+/// What the gateway tells the upstream about a request it forwards.
+pub struct Forwarding<'a> {
+    pub key: &'a KeyView,
+    pub request_id: &'a HeaderValue,
+    /// The canonical request host.
+    pub host: Option<&'a str>,
+    /// The client connection is TLS.
+    pub tls: bool,
+    pub client: IpAddr,
+    pub trace: &'a TraceContext,
+}
+
+/// The request headers the upstream gets: the client's, stripped (`sanitize_request`), then
+/// the gateway's own: the key's identity, `X-Forwarded-*`, the request id, the trace context.
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    key_header: &HeaderName,
+    f: &Forwarding<'_>,
+) -> Result<(), HygieneError> {
+    sanitize_request(headers, key_header)?;
+    let mut set = |name: &HeaderName, value: &[u8]| {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            headers.insert(name.clone(), v);
+        }
+    };
+    set(&X_KEYGATE_KEY_ID, f.key.id.as_bytes());
+    set(&X_KEYGATE_OWNER, f.key.owner.as_bytes());
+    set(&X_KEYGATE_SCOPES, f.key.scopes.join(",").as_bytes());
+    set(&X_KEYGATE_ENV, f.key.env.as_bytes());
+    let mut ip = [0u8; 64];
+    let n = {
+        let mut w = &mut ip[..];
+        // An IPv6 address is at most 45 characters.
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{}", f.client));
+        64 - w.len()
+    };
+    set(&X_FORWARDED_FOR, &ip[..n]);
+    if let Some(host) = f.host {
+        set(&X_FORWARDED_HOST, host.as_bytes());
+    }
+    let proto = if f.tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+    // HTTP/2 clients send no Host header; an HTTP/1.1 upstream needs one (RFC 9112 §3.2).
+    if !headers.contains_key(HOST) {
+        if let Some(v) = f.host.and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(HOST, v);
+        }
+    }
+    // HTTP/2 may split cookies into crumbs (RFC 9113 §8.2.3); HTTP/1.1 wants one header.
+    if headers.get_all(COOKIE).iter().nth(1).is_some() {
+        let joined: Vec<&[u8]> = headers
+            .get_all(COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(COOKIE, v);
+        }
+    }
+    f.trace.set_upstream_headers(headers);
+    Ok(())
+}
 
 /// Strip everything the upstream must not see from a client request, in place.
 /// On error nothing has been removed; the request must be refused.
@@ -72,28 +163,16 @@ pub fn sanitize_request(
             nominated.push(name);
         }
     }
-
-    for name in &nominated {
-        headers.remove(name);
-    }
-    headers.remove(CONNECTION);
+    // One pass over the names present (a handful) rather than one lookup per name that
+    // might be; the key header is always there and removed by name.
     headers.remove(key_header);
-    for name in HOP_BY_HOP.iter().chain(REQUEST_STRIP) {
-        headers.remove(*name);
-    }
-    // Prefix and underscore matches need a scan; collect first because the
-    // map cannot be mutated while borrowed. Underscore names are dropped
-    // wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable, so
-    // `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
-    let dynamic: Vec<HeaderName> = headers
+    let dropped: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| {
-            let s = n.as_str();
-            s.starts_with(X_FORWARDED) || s.starts_with(X_KEYGATE) || s.contains('_')
-        })
+        .filter(|n| is_hop_by_hop(n.as_str()) || is_request_only(n.as_str()))
+        .chain(&nominated)
         .cloned()
         .collect();
-    for name in &dynamic {
+    for name in &dropped {
         headers.remove(name);
     }
     Ok(())
@@ -103,25 +182,31 @@ pub fn sanitize_request(
 /// Lenient: list elements that are not header names are skipped, and
 /// `connection` itself is always removed.
 pub fn sanitize_response(headers: &mut HeaderMap) {
-    let nominated: Vec<HeaderName> = headers
+    // The common response has none: one pass over its names, no allocation.
+    if !headers.keys().any(|n| is_hop_by_hop(n.as_str())) {
+        return;
+    }
+    let dropped: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|v| connection_tokens(v.as_bytes()))
         .filter_map(|t| HeaderName::from_bytes(t?).ok())
+        .chain(
+            headers
+                .keys()
+                .filter(|n| is_hop_by_hop(n.as_str()))
+                .cloned(),
+        )
         .collect();
-    for name in &nominated {
+    for name in &dropped {
         headers.remove(name);
-    }
-    headers.remove(CONNECTION);
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
     }
 }
 
 /// Keep a client X-Request-Id only if it is 1..=128 chars of `[A-Za-z0-9._-]`.
 /// Several values are refused too: which one would the logs correlate on?
 pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
-    let mut values = headers.get_all("x-request-id").iter();
+    let mut values = headers.get_all(&X_REQUEST_ID).iter();
     let value = values.next()?.as_bytes();
     if values.next().is_some() || value.is_empty() || value.len() > 128 {
         return None;

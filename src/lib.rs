@@ -26,6 +26,7 @@ pub mod credential;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod fastmap;
 pub mod forensics;
 pub mod forward;
 pub mod gateway;

@@ -24,6 +24,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -88,8 +89,12 @@ impl Shape {
     }
 }
 
-type Keyed =
-    RateLimiter<String, DashMapStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Keyed = RateLimiter<
+    String,
+    DashMapStateStore<String, foldhash::fast::RandomState>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
 
 /// What the bucket said, for the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +107,37 @@ pub struct Verdict {
     /// The policy window for `RateLimit-Policy: <limit>;w=<window>`: seconds to refill the
     /// whole burst, or the quota period.
     pub window_secs: u64,
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+impl Verdict {
+    /// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's (or, when it
+    /// refused, the quota's) verdict; `RateLimit-Policy: <limit>;w=<seconds>` names the window.
+    pub fn headers(&self, h: &mut HeaderMap) {
+        h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        h.insert(
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.remaining),
+        );
+        h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset_secs));
+        let mut policy = [0u8; 48];
+        let n = {
+            let mut w = &mut policy[..];
+            // Two integers and `;w=` always fit in 48 bytes.
+            let _ = std::io::Write::write_fmt(
+                &mut w,
+                format_args!("{};w={}", self.limit, self.window_secs),
+            );
+            48 - w.len()
+        };
+        if let Ok(p) = HeaderValue::from_bytes(&policy[..n]) {
+            h.insert(RATELIMIT_POLICY.clone(), p);
+        }
+    }
 }
 
 /// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.
@@ -132,8 +168,12 @@ impl Buckets {
             .entry(shape)
             .or_insert_with(|| {
                 Arc::new(
-                    RateLimiter::dashmap_with_clock(shape.quota(), DefaultClock::default())
-                        .with_middleware::<StateInformationMiddleware>(),
+                    RateLimiter::dashmap_with_clock_and_hasher(
+                        shape.quota(),
+                        DefaultClock::default(),
+                        foldhash::fast::RandomState::default(),
+                    )
+                    .with_middleware::<StateInformationMiddleware>(),
                 )
             })
             .clone()

@@ -7,7 +7,6 @@
 //! label hash lookup.
 
 use crate::error::Outcome;
-use dashmap::DashMap;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -72,8 +71,10 @@ pub struct Metrics {
     /// Keys seen under an old secret version, by what became of their re-digest.
     pub keys_redigested: IntCounterVec,
     key_requests: IntCounterVec,
-    key_series: DashMap<String, IntCounter>,
+    key_series: crate::fastmap::FastMap<String, IntCounter>,
     key_series_cap: usize,
+    /// `key_id="other"`, resolved once: past the cap most requests land here.
+    key_other: std::sync::OnceLock<IntCounter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,7 +229,8 @@ impl Metrics {
             limiter_fallback: IntCounterVec::new(Opts::new("keygate_limiter_fallback_total", "Limit decisions taken without Redis (limits.on_redis_down applied), by reason (circuit_open, timeout, error)."), &["reason"]).unwrap_or_else(|_| unreachable_collector("limiter_fallback")),
             keys_redigested: counter_vec(&r, "keygate_keys_redigested_total", "Keys seen under an old hash-secret version, by what became of their re-digest under the current one (written, current: already on it, refused, dropped: queue full, failed: store or control plane unreachable).", &["outcome"]),
             key_requests: counter_vec(&r, "keygate_key_requests_total", "Authenticated requests per key (opt-in, capped; overflow counts as key_id=\"other\").", &["key_id"]),
-            key_series: DashMap::new(),
+            key_series: crate::fastmap::new(),
+            key_other: std::sync::OnceLock::new(),
             key_series_cap: per_key_series,
             requests,
             registry: r,
@@ -334,7 +336,9 @@ impl Metrics {
             c.inc();
             self.key_series.insert(key_id.to_owned(), c);
         } else {
-            self.key_requests.with_label_values(&["other"]).inc();
+            self.key_other
+                .get_or_init(|| self.key_requests.with_label_values(&["other"]))
+                .inc();
         }
     }
 

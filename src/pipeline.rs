@@ -10,20 +10,22 @@ use crate::access::{self, AccessBody};
 use crate::audit::Event;
 use crate::authz;
 use crate::error::{GatewayError, Outcome};
-use crate::extract::{self, ExtractError};
+use crate::extract;
+use crate::forensics::Label;
 use crate::forward::{GuardedBody, UpstreamBody};
 use crate::gateway::Gateway;
 use crate::hygiene;
+use crate::hygiene::{X_FORWARDED_FOR, X_REQUEST_ID};
 use crate::keys::compact::KeyView;
-use crate::keys::format::{FormatError, MAX_KEY_LEN};
+use crate::keys::format::MAX_KEY_LEN;
 use crate::keys::table::AuthError;
 use crate::limit::Verdict;
 use crate::path;
-use crate::route::{canonical_host, RouteError};
+use crate::route::canonical_host;
 use crate::snapshot::{Route, Snapshot};
 use crate::trace::TraceContext;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -41,19 +43,6 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
 }
-
-static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
-static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
-static X_KEYGATE_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
-static X_KEYGATE_ENV: HeaderName = HeaderName::from_static("x-keygate-env");
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
 /// Per-request facts gathered along the way, for recording after the response is decided.
 struct Ctx {
@@ -86,9 +75,7 @@ pub async fn handle(
     let snap = gw.snapshot();
     let request_id = hygiene::client_request_id(req.headers())
         .and_then(|id| HeaderValue::from_str(id).ok())
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&gw.request_id()).unwrap_or(HeaderValue::from_static("0"))
-        });
+        .unwrap_or_else(|| gw.request_id());
     let mut ctx = Ctx {
         route: None,
         key: None,
@@ -122,7 +109,7 @@ pub async fn handle(
     let h = resp.headers_mut();
     h.insert(X_REQUEST_ID.clone(), request_id);
     if let Some(v) = &ctx.verdict {
-        rate_limit_headers(h, v);
+        v.headers(h);
     }
     if let Some(origin) = ctx.cors_origin.take() {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -182,7 +169,85 @@ async fn pipeline(
         return Err(GatewayError::TableUnavailable);
     }
     let (mut parts, body) = req.into_parts();
-    ctx.host = request_host(&parts)?;
+    ctx.host = validate_head(&parts, snap)?;
+    // Canonicalise once; routing, scopes and the forwarded path all use this one string.
+    let path = path::canonicalize(parts.uri.path())?;
+    let preflight = preflight_method(&parts);
+    let route_method = preflight.as_ref().unwrap_or(&parts.method);
+    let route_idx = snap.router.find(ctx.host.as_deref(), &path, route_method)?;
+    ctx.route = Some(route_idx);
+    let route = &snap.routes[route_idx];
+    if preflight.is_some() {
+        return preflight_response(snap, route, &parts.headers, ctx);
+    }
+    ctx.client_ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
+    // Read before forwarding consumes the headers; a refused known key is recorded too.
+    ctx.user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .map(|v| Label::new(v.as_bytes()));
+    let key_param = route.query_key_param.as_deref();
+    let presented = extract::extract(
+        &parts.headers,
+        parts.uri.query(),
+        &snap.key_header,
+        key_param,
+        MAX_PRESENTED,
+    )?;
+    // A client over its failure budget is refused before we spend an HMAC on it (C7).
+    if let Some(wait) = gw.failures.blocked(ctx.client_ip, Instant::now()) {
+        return Err(GatewayError::AuthBudgetExceeded {
+            retry_after_secs: wait.as_secs().max(1),
+        });
+    }
+    let key = authenticate(gw, snap, route, presented, ctx).await?;
+    let origin = parts.headers.get(header::ORIGIN);
+    authz::authorize(
+        &key,
+        &route.requirements,
+        ctx.client_ip,
+        origin.map(HeaderValue::as_bytes),
+        &snap.allowed_origins,
+    )?;
+    ctx.cors_origin = origin.cloned();
+    limits(gw, snap, &key, &mut ctx.verdict).await?;
+    // Forward: a declared body over the limit is refused before any byte is read.
+    if declared_length(&parts.headers).is_some_and(|n| n > route.max_body_bytes) {
+        return Err(GatewayError::BodyTooLarge);
+    }
+    let path_and_query = forwarded_path(&path, parts.uri.query(), key_param);
+    let upstream = hygiene::Forwarding {
+        key: &key,
+        request_id,
+        host: ctx.host.as_deref(),
+        tls: conn.tls,
+        client: ctx.client_ip,
+        trace: &ctx.trace,
+    };
+    hygiene::to_upstream(&mut parts.headers, &snap.key_header, &upstream)?;
+    let timeout = std::time::Duration::from_millis(snap.server.body_timeout_ms);
+    let body = GuardedBody::new(body, route.max_body_bytes, timeout, ctx.bytes_in.clone());
+    let sent = Instant::now();
+    let mut resp = route
+        .upstream
+        .send(Request::from_parts(parts, body), &path_and_query)
+        .await?;
+    ctx.upstream = Some(sent.elapsed());
+    hygiene::sanitize_response(resp.headers_mut());
+    Ok(resp.map(Either::Left))
+}
+
+/// Longest credential `extract` hands on: an API key or a short-lived token.
+const MAX_PRESENTED: usize = if MAX_KEY_LEN > crate::tokens::jwt::MAX_TOKEN_LEN {
+    MAX_KEY_LEN
+} else {
+    crate::tokens::jwt::MAX_TOKEN_LEN
+};
+
+/// The request head's framing rules: one host (`request_host`), no CONNECT, only `chunked`
+/// as a transfer coding, the header count cap. Returns the canonical host.
+fn validate_head(parts: &Parts, snap: &Snapshot) -> Result<Option<String>, GatewayError> {
+    let host = request_host(parts)?;
     if parts.method == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed { allow: vec![] });
     }
@@ -196,153 +261,90 @@ async fn pipeline(
     if parts.headers.len() > snap.server.max_headers {
         return Err(GatewayError::HeadersTooLarge);
     }
-    // Canonicalise once; routing, scopes and the forwarded path all use this one string.
-    let path = path::canonicalize(parts.uri.path())?;
-    let preflight = preflight_method(&parts);
-    let route_method = preflight.as_ref().unwrap_or(&parts.method);
-    let route_idx = snap
-        .router
-        .find(ctx.host.as_deref(), &path, route_method)
-        .map_err(|e| match e {
-            RouteError::NotFound => GatewayError::RouteNotFound,
-            RouteError::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
-        })?;
-    ctx.route = Some(route_idx);
-    let route = &snap.routes[route_idx];
-    if preflight.is_some() {
-        return preflight_response(snap, route, &parts.headers, ctx);
-    }
+    Ok(host)
+}
 
-    ctx.client_ip = client_ip(conn.peer.ip(), &parts.headers, &snap.trusted_proxies);
-    // Read before forwarding consumes the headers; a refused known key is recorded too.
-    ctx.user_agent = parts
-        .headers
-        .get(header::USER_AGENT)
-        .map(|v| crate::forensics::Label::new(v.as_bytes()));
-    let presented = extract::extract(
-        &parts.headers,
-        parts.uri.query(),
-        &snap.key_header,
-        route.query_key_param.as_deref(),
-        MAX_KEY_LEN.max(crate::tokens::jwt::MAX_TOKEN_LEN),
-    )
-    .map_err(|e| match e {
-        ExtractError::Missing => GatewayError::KeyMissing,
-        ExtractError::Ambiguous => GatewayError::KeyAmbiguous,
-        ExtractError::Malformed => {
-            GatewayError::KeyInvalid(AuthError::Malformed(FormatError::BadCharacter))
-        }
-    })?;
-    // A client over its failure budget is refused before we spend an HMAC on it (C7).
-    if let Some(wait) = gw.failures.blocked(ctx.client_ip, Instant::now()) {
-        return Err(GatewayError::AuthBudgetExceeded {
-            retry_after_secs: wait.as_secs().max(1),
-        });
-    }
+/// The credential step (`credential::authenticate`), with what a refusal leaves for the
+/// record: a refused key that exists (revoked, expired, not yet valid, canary) is named in
+/// the access log, the denial audit and the canary alarm (`record`), so attempts after a leak
+/// are attributable; the response stays the uniform 401. A token refused for its parent's
+/// state names the parent. An accepted key under an old hash secret is offered for
+/// re-digest: the plaintext is here now, and only now (`redigest`).
+async fn authenticate(
+    gw: &Gateway,
+    snap: &Snapshot,
+    route: &Route,
+    presented: &str,
+    ctx: &mut Ctx,
+) -> Result<KeyView, GatewayError> {
     let now = crate::clock::unix_secs();
-    // One credential step for API keys and short-lived tokens (`credential`).
-    let key = crate::credential::authenticate(gw, snap, route, presented, now)
-        .await
-        .map_err(|e| {
-            // A refused key that exists (revoked, expired, not yet valid, canary) is named in
-            // the access log, the denial audit and the canary alarm (`record`), so attempts
-            // after a leak are attributable; the response stays the uniform 401. A token
-            // refused for its parent's state names the parent.
+    match crate::credential::authenticate(gw, snap, route, presented, now).await {
+        Ok(key) => {
+            if snap.redigest.enabled() {
+                gw.redigests.offer(&key, presented, &snap.keys.hasher, now);
+            }
+            ctx.key = Some(key.clone());
+            Ok(key)
+        }
+        Err(e) => {
             ctx.key = e.record().cloned();
             if matches!(e, AuthError::Canary(_)) {
                 ctx.canary_hint = Some(crate::keys::format::hint(presented));
             }
-            GatewayError::KeyInvalid(e)
-        })?;
-    ctx.key = Some(key.clone());
-    // Hash-secret migration: the plaintext is here now, and only now (`redigest`).
-    if snap.redigest.enabled() {
-        gw.redigests.offer(&key, presented, &snap.keys.hasher, now);
+            Err(GatewayError::KeyInvalid(e))
+        }
     }
+}
 
-    let origin = parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes);
-    authz::authorize(
-        &key,
-        &route.requirements,
-        ctx.client_ip,
-        origin,
-        &snap.allowed_origins,
-    )?;
-    ctx.cors_origin = parts.headers.get(header::ORIGIN).cloned();
-
-    // Rate first, then quota: a request the bucket refuses never spends quota. In shadow
-    // mode (`enforce = false`) a refusal is counted and announced in the headers, not made.
+/// Rate first, then quota: a request the bucket refuses never spends quota. In shadow
+/// mode (`enforce = false`) a refusal is counted and announced in the headers, not made.
+/// `verdict` is what the `RateLimit-*` headers announce (the quota's when it refused).
+async fn limits(
+    gw: &Gateway,
+    snap: &Snapshot,
+    key: &KeyView,
+    verdict: &mut Option<Verdict>,
+) -> Result<(), GatewayError> {
     let enforce = snap.enforce_for(key.plan.as_deref());
     let limits = snap.limits;
     if let Some(shape) = snap.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
-        let verdict = gw
+        let lineage = key.lineage().to_owned();
+        let v = gw
             .limiter
-            .rate(
-                limits.backend,
-                limits.on_redis_down,
-                shape,
-                &key.lineage().to_owned(),
-            )
-            .await;
-        if let Some(v) = verdict {
+            .rate(limits.backend, limits.on_redis_down, shape, &lineage);
+        if let Some(v) = v.await {
             if !v.allowed {
                 if enforce {
                     return Err(GatewayError::RateLimited(v));
                 }
-                shadowed(gw, snap, &key);
+                shadowed(gw, snap, key);
             }
-            ctx.verdict = Some(v);
+            *verdict = Some(v);
         }
     }
     if let Some(q) = snap.quota_for(key.quota.as_deref(), key.plan.as_deref()) {
-        if let Some(v) = gw
+        let v = gw
             .limiter
             .quota(limits.on_redis_down, q, key.lineage())
-            .await
-        {
-            if !v.allowed {
-                // The quota's window, not the bucket's, is what the caller must wait for.
-                ctx.verdict = Some(v);
-                if enforce {
-                    return Err(GatewayError::QuotaExceeded(v));
-                }
-                shadowed(gw, snap, &key);
+            .await;
+        if let Some(v) = v.filter(|v| !v.allowed) {
+            // The quota's window, not the bucket's, is what the caller must wait for.
+            *verdict = Some(v);
+            if enforce {
+                return Err(GatewayError::QuotaExceeded(v));
             }
+            shadowed(gw, snap, key);
         }
     }
+    Ok(())
+}
 
-    // Forward: a declared body over the limit is refused before any byte is read.
-    let declared = parts
-        .headers
+/// The body length a request declares, if it declares a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > route.max_body_bytes) {
-        return Err(GatewayError::BodyTooLarge);
-    }
-    let path_and_query = forwarded_path(&path, parts.uri.query(), route.query_key_param.as_deref());
-    hygiene::sanitize_request(&mut parts.headers, &snap.key_header)?;
-    set_forwarding_headers(
-        &mut parts.headers,
-        &key,
-        request_id,
-        ctx.host.as_deref(),
-        conn,
-        ctx.client_ip,
-    );
-    ctx.trace.set_upstream_headers(&mut parts.headers);
-    let body = GuardedBody::new(
-        body,
-        route.max_body_bytes,
-        std::time::Duration::from_millis(snap.server.body_timeout_ms),
-        ctx.bytes_in.clone(),
-    );
-    let upstream_req = Request::from_parts(parts, body);
-    let sent = Instant::now();
-    let mut resp = route.upstream.send(upstream_req, &path_and_query).await?;
-    ctx.upstream = Some(sent.elapsed());
-    hygiene::sanitize_response(resp.headers_mut());
-    Ok(resp.map(Either::Left))
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// The request's host: `:authority` / absolute-form authority, or the single Host header.
@@ -507,59 +509,6 @@ fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> S
     }
 }
 
-fn set_forwarding_headers(
-    h: &mut HeaderMap,
-    key: &KeyView,
-    request_id: &HeaderValue,
-    host: Option<&str>,
-    conn: Conn,
-    client: IpAddr,
-) {
-    let mut set = |name: &HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name.clone(), v);
-        }
-    };
-    set(&X_KEYGATE_KEY_ID, &key.id);
-    set(&X_KEYGATE_OWNER, &key.owner);
-    set(&X_KEYGATE_SCOPES, &key.scopes.join(","));
-    set(&X_KEYGATE_ENV, &key.env);
-    set(&X_FORWARDED_FOR, &client.to_string());
-    set(&X_FORWARDED_PROTO, if conn.tls { "https" } else { "http" });
-    if let Some(host) = host {
-        set(&X_FORWARDED_HOST, host);
-    }
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    // HTTP/2 clients send no Host header; an HTTP/1.1 upstream needs one (RFC 9112 §3.2).
-    if !h.contains_key(header::HOST) {
-        if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
-            h.insert(header::HOST, v);
-        }
-    }
-    // HTTP/2 may split cookies into crumbs (RFC 9113 §8.2.3); HTTP/1.1 wants one header.
-    if h.get_all(header::COOKIE).iter().nth(1).is_some() {
-        let joined: Vec<&[u8]> = h
-            .get_all(header::COOKIE)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
-            h.insert(header::COOKIE, v);
-        }
-    }
-}
-
-/// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's (or, when it
-/// refused, the quota's) verdict; `RateLimit-Policy: <limit>;w=<seconds>` names the window.
-pub fn rate_limit_headers(h: &mut HeaderMap, v: &Verdict) {
-    h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(v.limit));
-    h.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(v.remaining));
-    h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(v.reset_secs));
-    if let Ok(p) = HeaderValue::from_str(&format!("{};w={}", v.limit, v.window_secs)) {
-        h.insert(RATELIMIT_POLICY.clone(), p);
-    }
-}
-
 /// The plan label of a key for metrics: a configured plan, "own" (own rate) or "default".
 fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyView>) -> &'a str {
     key.and_then(|k| k.plan.as_deref())
@@ -608,7 +557,12 @@ fn record(
         .map_or(&snap.unrouted, |r| &r.series);
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
-    if let Some(k) = ctx.key.as_ref().filter(|_| !outcome.is_auth_failure()) {
+    // Forwarded requests count their status with their use (`Gateway::forwarded`).
+    if let Some(k) = ctx
+        .key
+        .as_ref()
+        .filter(|_| outcome != Outcome::Ok && !outcome.is_auth_failure())
+    {
         gw.usage.status(&k.id, status.as_u16());
     }
     // Every request naming a known key, refused ones included: a leaked key tried after its
@@ -632,7 +586,7 @@ fn record(
     match outcome {
         Outcome::Ok => {
             if let Some(k) = &ctx.key {
-                gw.touch(&k.id, crate::clock::unix_secs());
+                gw.forwarded(&k.id, crate::clock::unix_secs(), status.as_u16());
                 gw.metrics.count_key(&k.id);
             }
         }

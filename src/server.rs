@@ -125,6 +125,96 @@ fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor>
     b
 }
 
+/// `n` listening sockets on one address (`SO_REUSEPORT` when `n` > 1: the kernel spreads new
+/// connections over them), returned as std listeners for the workers' runtimes to adopt. Port
+/// 0 resolves once: the others bind the port the first one got.
+async fn bind_shared(addr: &str, n: usize) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    let err = |source| ServeError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let mut at = tokio::net::lookup_host(addr)
+        .await
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("resolves to no address")))?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let socket = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(err)?;
+        socket.set_reuseaddr(true).map_err(err)?;
+        if n > 1 {
+            socket.set_reuseport(true).map_err(err)?;
+        }
+        socket.bind(at).map_err(err)?;
+        let listener = socket.listen(1024).map_err(err)?;
+        at = listener.local_addr().map_err(err)?;
+        out.push(listener.into_std().map_err(err)?);
+    }
+    Ok(out)
+}
+
+/// What every data-plane accept loop shares.
+#[derive(Clone)]
+struct Plane {
+    gw: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    caps: Arc<ConnCaps>,
+    stop: watch::Receiver<bool>,
+    handshake_ms: u64,
+    header_ms: u64,
+}
+
+/// One data-plane worker: a thread running a current-thread runtime that accepts on its own
+/// listeners and serves their connections to the end. A connection, its requests and what
+/// they spawn stay on one thread: no work stealing, no cross-core wake-ups per request
+/// (measured in the README's Performance section). The runtime is built here so that a
+/// failure stops the start; the thread outlives its accept loops, because draining
+/// connections are tasks of its runtime (the process exits once `Shutdown` has drained).
+fn spawn_worker(
+    i: usize,
+    listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    plane: Plane,
+) -> Result<(), ServeError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("keygate-worker-{i}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut loops = tokio::task::JoinSet::new();
+                for (l, tls) in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            let p = plane.clone();
+                            loops.spawn(accept_loop(
+                                l,
+                                tls,
+                                p.gw,
+                                p.builder,
+                                p.caps,
+                                p.stop,
+                                p.handshake_ms,
+                                p.header_ms,
+                            ));
+                        }
+                        Err(e) => tracing::error!(error = %e, worker = i, "listener not adopted"),
+                    }
+                }
+                // Its stop receiver would keep `Shutdown` waiting for the drain deadline.
+                drop(plane);
+                while loops.join_next().await.is_some() {}
+                std::future::pending::<()>().await
+            })
+        })?;
+    Ok(())
+}
+
 async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
@@ -371,37 +461,33 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         Some((acc, Some(addr))) => (None, Some((acc, addr))),
         None => (None, None),
     };
-    let main = bind(&server_cfg.listen).await?;
-    let http_addr = main.local_addr()?;
-    let https_addr = match extra_tls {
+    // The data plane: `workers` threads, each accepting on its own listeners for the same
+    // addresses (`bind_shared`) and serving what it accepts on its own runtime.
+    let workers = server_cfg.worker_count();
+    let main = bind_shared(&server_cfg.listen, workers).await?;
+    let http_addr = main[0].local_addr()?;
+    let (https_addr, extra) = match extra_tls {
         Some((acc, addr)) => {
-            let l = bind(&addr).await?;
-            let a = l.local_addr()?;
-            tokio::spawn(accept_loop(
-                l,
-                Some(acc),
-                gw.clone(),
-                builder.clone(),
-                caps.clone(),
-                rx.clone(),
-                server_cfg.tls_handshake_timeout_ms,
-                server_cfg.header_read_timeout_ms,
-            ));
-            Some(a)
+            let ls = bind_shared(&addr, workers).await?;
+            (Some(ls[0].local_addr()?), Some((acc, ls)))
         }
-        None => None,
+        None => (None, None),
     };
     let main_is_tls = plain_tls.is_some();
-    tokio::spawn(accept_loop(
-        main,
-        plain_tls,
-        gw.clone(),
+    let plane = Plane {
+        gw: gw.clone(),
         builder,
         caps,
-        rx.clone(),
-        server_cfg.tls_handshake_timeout_ms,
-        server_cfg.header_read_timeout_ms,
-    ));
+        stop: rx.clone(),
+        handshake_ms: server_cfg.tls_handshake_timeout_ms,
+        header_ms: server_cfg.header_read_timeout_ms,
+    };
+    let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
+    for (i, l) in main.into_iter().enumerate() {
+        let mut listeners = vec![(l, plain_tls.clone())];
+        listeners.extend(extra.as_mut().and_then(Iterator::next));
+        spawn_worker(i, listeners, plane.clone())?;
+    }
 
     let admin_l = bind(&gw.snapshot().config.admin.listen).await?;
     let admin_addr = admin_l.local_addr()?;

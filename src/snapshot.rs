@@ -424,6 +424,10 @@ impl Snapshot {
 
     /// The bucket shape for a key: its own rate, else its plan, else the default plan.
     pub fn shape_for(&self, rate: Option<&str>, plan: Option<&str>) -> Option<Shape> {
+        // Most keys have neither: no map lookup then.
+        if rate.is_none() && plan.is_none() {
+            return self.default_shape;
+        }
         shape_in(&self.plans, rate, plan).or(self.default_shape)
     }
 
@@ -431,6 +435,9 @@ impl Snapshot {
     pub fn quota_for(&self, own: Option<&str>, plan: Option<&str>) -> Option<Quota> {
         if let Some(q) = own.and_then(|q| Quota::parse(q).ok()) {
             return Some(q);
+        }
+        if self.plan_quotas.is_empty() {
+            return None;
         }
         let plan = plan
             .filter(|p| self.plans.contains_key(*p))

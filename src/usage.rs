@@ -11,7 +11,7 @@
 //! `requests` counts forwarded requests; `s2xx`/`s4xx`/`s5xx` count every authenticated
 //! request by its final status (gateway refusals such as 429 included).
 
-use dashmap::DashMap;
+use crate::fastmap::FastMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,7 @@ pub struct Delta {
 #[derive(Debug)]
 pub struct Usage {
     path: PathBuf,
-    entries: DashMap<String, Entry>,
+    entries: FastMap<String, Entry>,
 }
 
 /// Read a usage file; a missing or unreadable one is empty (usage is advisory).
@@ -89,7 +89,7 @@ fn class(status: u16) -> Option<usize> {
 
 impl Usage {
     pub fn new(path: PathBuf) -> Usage {
-        let entries = DashMap::new();
+        let entries = crate::fastmap::new();
         for (id, u) in read(&path) {
             let e = Entry::default();
             e.last_used.store(u.last_used, Ordering::Relaxed);
@@ -102,11 +102,11 @@ impl Usage {
         Usage { path, entries }
     }
 
-    fn with(&self, id: &str, f: impl Fn(&Entry)) {
+    fn with<R>(&self, id: &str, f: impl Fn(&Entry) -> R) -> R {
         if let Some(e) = self.entries.get(id) {
             return f(&e);
         }
-        f(&self.entries.entry(id.to_owned()).or_default());
+        f(&self.entries.entry(id.to_owned()).or_default())
     }
 
     /// Record one forwarded request by `id` at `now` (Unix seconds).
@@ -121,12 +121,32 @@ impl Usage {
 
     /// Record the final status of an authenticated request by `id`.
     pub fn status(&self, id: &str, status: u16) {
+        self.with(id, |e| Self::count_status(e, status));
+    }
+
+    fn count_status(e: &Entry, status: u16) {
         let Some(c) = class(status) else { return };
-        self.with(id, |e| {
-            e.classes[c].fetch_add(1, Ordering::Relaxed);
-            e.pending[1 + c].fetch_add(1, Ordering::Relaxed);
-            e.dirty.store(true, Ordering::Relaxed);
-        });
+        e.classes[c].fetch_add(1, Ordering::Relaxed);
+        e.pending[1 + c].fetch_add(1, Ordering::Relaxed);
+        e.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// A forwarded request by `id` at `now` with its final `status`, in one map lookup, when
+    /// it is not the key's first use on a later UTC day than its last: then nothing is
+    /// recorded and false returned, for the caller to record it with the gauges it moves
+    /// (`Gateway::forwarded`).
+    pub fn same_day_use(&self, id: &str, now: i64, status: u16) -> bool {
+        let day = |t: i64| t.div_euclid(86_400);
+        self.entries.get(id).is_some_and(|e| {
+            if day(e.last_used.load(Ordering::Relaxed)) < day(now) {
+                return false;
+            }
+            e.last_used.fetch_max(now, Ordering::Relaxed);
+            e.count.fetch_add(1, Ordering::Relaxed);
+            e.pending[0].fetch_add(1, Ordering::Relaxed);
+            Self::count_status(&e, status);
+            true
+        })
     }
 
     fn used(e: &Entry) -> Used {

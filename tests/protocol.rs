@@ -874,6 +874,16 @@ async fn e6_per_ip_connection_cap() {
     for _ in 0..5 {
         held.push(connect(Some(a), env.gw.http, EXCHANGE).await);
     }
+    // A connect returns once the kernel queued the connection. Each worker accepts from its own
+    // listener (`[server] workers`), so wait until all five are accepted: otherwise the sixth
+    // may be accepted first on another worker, and one of the five is the one refused.
+    eventually_named("five connections accepted", EXCHANGE, || async {
+        let (_, _, m) = get(env.gw.admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&m)
+            .contains("keygate_connections_open{listener=\"http\"} 5")
+            .then_some(())
+    })
+    .await;
     // The sixth from the same source is closed at once, with no response.
     let started = Instant::now();
     let sixth = raw_exchange_with(
