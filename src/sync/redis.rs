@@ -10,6 +10,12 @@
 //! revision without a reload. Like a feed gateway it keeps a sealed local copy
 //! (`keys.feed_cache`, `sync::cache`), so a restart while Redis is down serves the last table
 //! with its real sync age.
+//!
+//! Start ([`start`], awaited by `server.rs`): the local copy when there is one; else the
+//! store's checkpoint (`s:checkpoint`, one sealed binary read, `store::checkpoint`) plus the
+//! stream entries after it; else, or when the checkpoint is refused (loudly: error log,
+//! `keygate_source_errors_total{kind="checkpoint"}`, audit), every record. That first read is
+//! the only one: the start-up secret-version check judges the table it loaded.
 
 use crate::audit::Event;
 use crate::clock::unix_ms;
@@ -17,7 +23,7 @@ use crate::gateway::Gateway;
 use crate::keys::record::KeyRecord;
 use crate::redis::Settings;
 use crate::store::file::Update;
-use crate::store::redis::Follower;
+use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
 use crate::sync::cache::CacheWriter;
 use std::path::PathBuf;
@@ -27,8 +33,87 @@ use std::time::Duration;
 /// How often an idle follower refreshes the copy's sync time (each costs an fsync).
 const CACHE_TOUCH_EVERY_MS: i64 = 10_000;
 
-pub fn spawn(gw: Arc<Gateway>, settings: Settings, cache: PathBuf) {
-    tokio::spawn(run(gw, settings, cache));
+/// What a Redis-store gateway's start loaded, for the secret-version check (`server.rs`).
+#[derive(Debug, Default)]
+pub struct FirstLoad {
+    /// Records read from Redis that could not be verified because their MAC names a secret
+    /// version not configured (never in the table; the check counts them).
+    pub unverifiable: Unverifiable,
+    /// Redis did not answer and there was no local copy: no table to judge yet.
+    pub unreachable: Option<String>,
+}
+
+/// Load the first table (local copy, else checkpoint, else every record), then follow the
+/// store on a task of its own. Returns once the first table is in, or Redis did not answer.
+pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) -> FirstLoad {
+    let signer = Signer::new(&gw.snapshot().keys.hasher);
+    let cache = crate::sync::feed::load_cache(&gw, &cache_path, &signer).await;
+    let mut first = FirstLoad::default();
+    let mut follower = Follower::new(&settings, signer.clone(), held(&gw));
+    let mut pending = None;
+    if !gw.table_loaded() {
+        let started = std::time::Instant::now();
+        match follower.resume_from_checkpoint().await {
+            Ok(resumed) => {
+                let loaded = crate::sync::file::apply_checkpoint(&gw, resumed, started, |why| {
+                    tracing::error!(error = %why, "redis store checkpoint refused; reading every key instead");
+                });
+                if loaded {
+                    pending = Some(Change::Whole);
+                } else {
+                    // Not used: read every key from the start, not from its position.
+                    follower = Follower::new(&settings, signer.clone(), None);
+                }
+            }
+            Err(e) => first.unreachable = Some(e.to_string()),
+        }
+    }
+    if !gw.table_loaded() && first.unreachable.is_none() {
+        match follower.next().await {
+            Ok(update) => {
+                let change = change_of(&update);
+                crate::sync::file::apply(&gw, update);
+                pending = Some(change);
+            }
+            Err(e) => first.unreachable = Some(e.to_string()),
+        }
+    }
+    first.unverifiable = follower.take_unverifiable();
+    let state = Following {
+        signer,
+        cache,
+        cache_path,
+        pending,
+    };
+    tokio::spawn(run(gw, settings, follower, state));
+    first
+}
+
+/// The log and revision a gateway holds, to resume from without a reload.
+fn held(gw: &Gateway) -> Option<(crate::store::seal::LogId, u64)> {
+    gw.table_loaded().then(|| {
+        let t = gw.table();
+        (t.log(), t.revision())
+    })
+}
+
+fn change_of(update: &Update) -> Change {
+    match update {
+        Update::Replaced(_) => Change::Whole,
+        Update::Appended(p) => {
+            Change::Records(p.records.iter().map(|r| r.id.clone()).collect(), p.rev)
+        }
+        Update::Unchanged => Change::Idle,
+    }
+}
+
+/// The follower task's own state: the local copy and what start left for it to write.
+struct Following {
+    signer: Signer,
+    cache: Option<CacheWriter>,
+    cache_path: PathBuf,
+    /// The first table, loaded by `start`, still to be written to the local copy.
+    pending: Option<Change>,
 }
 
 /// What an update did to the table, for the local copy.
@@ -96,30 +181,38 @@ async fn persist(
     }
 }
 
-async fn run(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) {
-    let signer = Signer::new(&gw.snapshot().keys.hasher);
-    let mut cache = crate::sync::feed::load_cache(&gw, &cache_path, &signer).await;
+async fn run(gw: Arc<Gateway>, settings: Settings, first: Follower, state: Following) {
+    let Following {
+        signer,
+        mut cache,
+        cache_path,
+        pending,
+    } = state;
     let mut touched_ms = unix_ms();
+    if let Some(change) = pending {
+        persist(
+            &gw,
+            &mut cache,
+            &cache_path,
+            &signer,
+            change,
+            &mut touched_ms,
+        )
+        .await;
+    }
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
+    let mut first = Some(first);
     loop {
-        let held = gw.table_loaded().then(|| {
-            let t = gw.table();
-            (t.log(), t.revision())
-        });
-        let mut follower = Follower::new(&settings, signer.clone(), held);
+        let mut follower = first
+            .take()
+            .unwrap_or_else(|| Follower::new(&settings, signer.clone(), held(&gw)));
         let error = loop {
             match follower.next().await {
                 Ok(update) => {
                     last_error.clear();
                     backoff = Duration::from_millis(100);
-                    let change = match &update {
-                        Update::Replaced(_) => Change::Whole,
-                        Update::Appended(p) => {
-                            Change::Records(p.records.iter().map(|r| r.id.clone()).collect(), p.rev)
-                        }
-                        Update::Unchanged => Change::Idle,
-                    };
+                    let change = change_of(&update);
                     crate::sync::file::apply(&gw, update);
                     persist(
                         &gw,
