@@ -31,7 +31,7 @@
 //! one script that re-checks the log id and that R is not behind the head or an existing
 //! checkpoint (so the checkpoint and the revision it names change together). The trim keeps
 //! every stream entry after the checkpoint's revision, so a gateway that loads the checkpoint
-//! (chunked `GETRANGE`, each chunk read with the checkpoint's generation: a checkpoint replaced
+//! (chunked `GETRANGE` between reads of the checkpoint's generation: a checkpoint replaced
 //! mid-read is read again, never spliced) finds the records after it in the stream and applies
 //! them through `sync::apply`. A checkpoint that fails its seal, names another log, or a
 //! revision the store does not have is refused loudly, and the whole snapshot is read.
@@ -204,15 +204,6 @@ redis.call('PERSIST', KEYS[2])
 redis.call('HSET', KEYS[1], 'ckpt', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'ckpt_gen', 1)
 return {'ok'}
-"#,
-);
-
-/// One chunk of the checkpoint (bytes ARGV[1]..=ARGV[2]) with its generation and length, read
-/// together: chunks of different generations are never spliced. KEYS: meta, checkpoint.
-static CHECKPOINT_GET: Script = Script::new(
-    r#"
-local g = redis.call('HGET', KEYS[1], 'ckpt_gen') or '0'
-return {g, redis.call('STRLEN', KEYS[2]), redis.call('GETRANGE', KEYS[2], ARGV[1], ARGV[2])}
 "#,
 );
 
@@ -1240,36 +1231,30 @@ async fn xrange_page(c: &Client, log: &str, from: &str) -> Result<Vec<(u64, Vec<
     stream_entries(vec![Value::Array(vec![Value::Nil, Value::Array(entries)])])
 }
 
-/// The checkpoint's bytes, read in chunks of one generation (a checkpoint replaced while it
-/// is read is read again, bounded). `None`: there is none, or it is larger than
-/// `CHECKPOINT_MAX` (said in the log: the table is then read record by record).
+/// The checkpoint's bytes, read in chunks (`GETRANGE`) of one generation: the generation
+/// (meta `ckpt_gen`) changes in the same script as the bytes and only goes up, so the same
+/// generation read before and after every chunk means no chunk is from another checkpoint
+/// (one replaced mid-read is read again, bounded). Read-only commands, no script: a gateway's
+/// Redis user needs no more than it reads the store with. `None`: there is none, or it is
+/// larger than `CHECKPOINT_MAX` (said in the log: the table is then read record by record).
 async fn read_checkpoint(c: &Client, n: &Names) -> Result<Option<Vec<u8>>, StoreError> {
-    let keys = [n.meta.as_bytes(), n.checkpoint.as_bytes()];
-    let chunk = |from: usize| {
-        let (a, b) = (from.to_string(), (from + CHECKPOINT_CHUNK - 1).to_string());
-        async move {
-            let v = c
-                .eval(&CHECKPOINT_GET, &keys, &[a.as_bytes(), b.as_bytes()])
-                .await
-                .map_err(err)?;
-            let bad = || StoreError::Redis("unexpected reply to the checkpoint read".into());
-            let Value::Array(mut parts) = v else {
-                return Err(bad());
-            };
-            let bytes = match parts.pop() {
-                Some(Value::Bulk(b)) => b,
-                _ => return Err(bad()),
-            };
-            let len = parts.pop().and_then(|v| v.as_int()).ok_or_else(bad)?;
-            Ok((
-                text(parts.first()),
-                usize::try_from(len).unwrap_or(0),
-                bytes,
-            ))
-        }
+    let generation = || async {
+        let v = c
+            .call(&[b"HGET", n.meta.as_bytes(), b"ckpt_gen"])
+            .await
+            .map_err(err)?;
+        Ok::<_, StoreError>(text(Some(&v)))
     };
+    let bad = |what: &str| StoreError::Redis(format!("unexpected reply to {what}"));
     for _ in 0..3 {
-        let (generation, len, first) = chunk(0).await?;
+        let before = generation().await?;
+        let len = c
+            .call(&[b"STRLEN", n.checkpoint.as_bytes()])
+            .await
+            .map_err(err)?
+            .as_int()
+            .ok_or_else(|| bad("STRLEN"))?;
+        let len = usize::try_from(len).unwrap_or(0);
         if len == 0 {
             return Ok(None);
         }
@@ -1278,17 +1263,28 @@ async fn read_checkpoint(c: &Client, n: &Names) -> Result<Option<Vec<u8>>, Store
             return Ok(None);
         }
         let mut out = Vec::with_capacity(len);
-        out.extend(first);
         let mut same = true;
-        while out.len() < len {
-            let (g, l, more) = chunk(out.len()).await?;
-            if g != generation || l != len || more.is_empty() {
-                same = false;
-                break;
-            }
-            out.extend(more);
+        while same && out.len() < len {
+            let (a, b) = (
+                out.len().to_string(),
+                (out.len() + CHECKPOINT_CHUNK - 1).to_string(),
+            );
+            let chunk = c
+                .call(&[
+                    b"GETRANGE",
+                    n.checkpoint.as_bytes(),
+                    a.as_bytes(),
+                    b.as_bytes(),
+                ])
+                .await
+                .map_err(err)?;
+            let Value::Bulk(chunk) = chunk else {
+                return Err(bad("GETRANGE"));
+            };
+            same = !chunk.is_empty() && generation().await? == before;
+            out.extend(chunk);
         }
-        if same {
+        if same && out.len() == len {
             return Ok(Some(out));
         }
     }
