@@ -990,6 +990,14 @@ impl Follower {
                 break;
             };
             for (id, raw) in page {
+                // Revisions are dense: a missing one is a change (a revocation, say) this
+                // gateway would never see. The whole read has `s:revoked` for that.
+                if id != parsed.rev + 1 {
+                    return Ok(Err(format!(
+                        "the stream after it has a gap (revision {} missing: trimmed or deleted)",
+                        parsed.rev + 1
+                    )));
+                }
                 // As in `next`: a record must carry its entry's revision (else a replay).
                 if let Some(r) = checked(&self.signer, log, &raw, &mut parsed, &mut unknown) {
                     if r.rev == id {
@@ -999,6 +1007,12 @@ impl Follower {
                 parsed.rev = parsed.rev.max(id);
             }
             from = format!("({last}-1");
+        }
+        if parsed.rev < head_rev {
+            return Ok(Err(format!(
+                "the stream after it stops at revision {}, before the store's head {head_rev}",
+                parsed.rev
+            )));
         }
         self.unverifiable = unknown;
         self.at = Some((log, parsed.rev));

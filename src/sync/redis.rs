@@ -79,13 +79,13 @@ pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) ->
         }
     }
     first.unverifiable = follower.take_unverifiable();
-    let state = Following {
+    let copy = LocalCopy {
         signer,
         cache,
         cache_path,
-        pending,
+        touched_ms: unix_ms(),
     };
-    tokio::spawn(run(gw, settings, follower, state));
+    tokio::spawn(run(gw, settings, follower, copy, pending));
     first
 }
 
@@ -107,13 +107,26 @@ fn change_of(update: &Update) -> Change {
     }
 }
 
-/// The follower task's own state: the local copy and what start left for it to write.
-struct Following {
+/// The sealed local copy the follower task keeps in step with the table.
+struct LocalCopy {
     signer: Signer,
     cache: Option<CacheWriter>,
     cache_path: PathBuf,
-    /// The first table, loaded by `start`, still to be written to the local copy.
-    pending: Option<Change>,
+    touched_ms: i64,
+}
+
+impl LocalCopy {
+    async fn save(&mut self, gw: &Arc<Gateway>, change: Change) {
+        persist(
+            gw,
+            &mut self.cache,
+            &self.cache_path,
+            &self.signer,
+            change,
+            &mut self.touched_ms,
+        )
+        .await;
+    }
 }
 
 /// What an update did to the table, for the local copy.
@@ -181,24 +194,17 @@ async fn persist(
     }
 }
 
-async fn run(gw: Arc<Gateway>, settings: Settings, first: Follower, state: Following) {
-    let Following {
-        signer,
-        mut cache,
-        cache_path,
-        pending,
-    } = state;
-    let mut touched_ms = unix_ms();
+/// Follow the store from `first` (the follower `start` loaded the first table with; `pending`:
+/// that table, still to be written to the local copy), with a new follower after each error.
+async fn run(
+    gw: Arc<Gateway>,
+    settings: Settings,
+    first: Follower,
+    mut copy: LocalCopy,
+    pending: Option<Change>,
+) {
     if let Some(change) = pending {
-        persist(
-            &gw,
-            &mut cache,
-            &cache_path,
-            &signer,
-            change,
-            &mut touched_ms,
-        )
-        .await;
+        copy.save(&gw, change).await;
     }
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
@@ -206,7 +212,7 @@ async fn run(gw: Arc<Gateway>, settings: Settings, first: Follower, state: Follo
     loop {
         let mut follower = first
             .take()
-            .unwrap_or_else(|| Follower::new(&settings, signer.clone(), held(&gw)));
+            .unwrap_or_else(|| Follower::new(&settings, copy.signer.clone(), held(&gw)));
         let error = loop {
             match follower.next().await {
                 Ok(update) => {
@@ -214,15 +220,7 @@ async fn run(gw: Arc<Gateway>, settings: Settings, first: Follower, state: Follo
                     backoff = Duration::from_millis(100);
                     let change = change_of(&update);
                     crate::sync::file::apply(&gw, update);
-                    persist(
-                        &gw,
-                        &mut cache,
-                        &cache_path,
-                        &signer,
-                        change,
-                        &mut touched_ms,
-                    )
-                    .await;
+                    copy.save(&gw, change).await;
                 }
                 Err(e) => break e,
             }
