@@ -965,14 +965,17 @@ impl Follower {
         if log.is_none() {
             return Ok(Ok(None));
         }
+        let started = std::time::Instant::now();
         let Some(bytes) = read_checkpoint(c, n).await? else {
             return Ok(Ok(None));
         };
+        let (read, size) = (started.elapsed(), bytes.len());
         let loaded = match checkpoint::decode(&bytes, &self.signer) {
             Ok(l) => l,
             Err(why) => return Ok(Err(why)),
         };
         drop(bytes);
+        let decoded = started.elapsed();
         if let Err(why) = fits(&loaded, log, head_rev, base) {
             return Ok(Err(why));
         }
@@ -1014,6 +1017,14 @@ impl Follower {
                 parsed.rev
             )));
         }
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            bytes = size,
+            read_ms = ms(read),
+            verify_decode_ms = ms(decoded - read),
+            stream_after_ms = ms(started.elapsed() - decoded),
+            "redis store checkpoint read"
+        );
         self.unverifiable = unknown;
         self.at = Some((log, parsed.rev));
         self.check_head = false;

@@ -151,16 +151,17 @@ async fn persist(
     let job: Box<dyn FnOnce(Option<CacheWriter>) -> std::io::Result<CacheWriter> + Send> =
         match change {
             Change::Whole => {
-                let mut records: Vec<KeyRecord> =
-                    table.records().iter().map(|r| (**r).clone()).collect();
-                records.sort_by_key(|r| r.rev);
-                let (path, signer, log, rev) = (
-                    path.to_path_buf(),
-                    signer.clone(),
-                    table.log(),
-                    table.revision(),
-                );
-                Box::new(move |_| CacheWriter::create(&path, &signer, log, rev, &records, now))
+                // Every record rebuilt on the blocking pool: at a million keys that takes
+                // seconds an async worker (serving `/readyz`, say) must not spend.
+                let whole: Arc<crate::keys::table::KeyTable> = Arc::clone(&table);
+                let (path, signer) = (path.to_path_buf(), signer.clone());
+                Box::new(move |_| {
+                    let mut records: Vec<KeyRecord> =
+                        whole.records().iter().map(|r| (**r).clone()).collect();
+                    records.sort_by_key(|r| r.rev);
+                    let (log, rev) = (whole.log(), whole.revision());
+                    CacheWriter::create(&path, &signer, log, rev, &records, now)
+                })
             }
             Change::Records(ids, rev) => {
                 let records: Vec<KeyRecord> = ids
