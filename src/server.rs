@@ -334,13 +334,52 @@ fn secret_versions_of_table(gw: &Gateway) -> Result<(), ServeError> {
     let snap = gw.snapshot();
     let now = crate::clock::unix_secs();
     let found = if gw.table_loaded() {
-        let mut live = Vec::with_capacity(gw.table().len());
-        gw.table()
-            .each_entry(|e| live.push((e.secret_version, e.state(now))));
-        snap.keys.judge_missing(snap.keys.missing_versions_of(live))
+        judge_table(gw, Vec::new(), now)
     } else {
         snap.keys.check_secret_versions(now)
     };
+    for w in found.map_err(ServeError::MissingSecretVersion)? {
+        tracing::warn!("{w}");
+    }
+    Ok(())
+}
+
+/// Missing secret versions among the table's keys and `more` (secret version, state) pairs.
+fn judge_table(
+    gw: &Gateway,
+    mut more: Vec<(u32, crate::keys::record::KeyState)>,
+    now: i64,
+) -> Result<Vec<String>, Vec<String>> {
+    let snap = gw.snapshot();
+    let table = gw.table();
+    more.reserve(table.len());
+    table.each_entry(|e| more.push((e.secret_version, e.state(now))));
+    snap.keys.judge_missing(snap.keys.missing_versions_of(more))
+}
+
+/// The missing-secret-version check for a Redis store, over the first table (the local copy,
+/// or what the checkpoint or a whole read put in) plus the records that read could not verify
+/// for want of their secret version. With Redis down and no local copy there is nothing to
+/// judge: the gateway fails closed until Redis answers, and says the check was not made.
+fn redis_secret_versions(
+    gw: &Gateway,
+    first: crate::sync::redis::FirstLoad,
+) -> Result<(), ServeError> {
+    if !gw.table_loaded() {
+        let why = first.unreachable.unwrap_or_default();
+        tracing::warn!(error = %why, "secret versions not checked at start: the Redis store is unreachable");
+        return Ok(());
+    }
+    let table = gw.table();
+    // A record the table holds a newer version of is not the key's latest.
+    let unverifiable: Vec<_> = first
+        .unverifiable
+        .into_iter()
+        .filter(|(id, rev, _, _)| table.get_by_id(id).is_none_or(|r| r.rev < *rev))
+        .map(|(_, _, version, state)| (version, state))
+        .collect();
+    drop(table);
+    let found = judge_table(gw, unverifiable, crate::clock::unix_secs());
     for w in found.map_err(ServeError::MissingSecretVersion)? {
         tracing::warn!("{w}");
     }
@@ -360,26 +399,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     // start (or warn loudly, if configured) rather than serve a silent outage. With a file
     // store this is judged once the first table is in (`secret_versions_of_table`): from a
     // checkpoint that costs no log parse.
-    // With the Redis store, a Redis that is down is judged later: the gateway starts from its
-    // sealed local copy (as it must), so it cannot refuse over what it cannot read now.
-    if feed.is_none() && snapshot.keys.redis_store.is_some() {
-        let keys = &snapshot.keys;
-        match keys.latest_unverified() {
-            Ok(latest) => {
-                let now = crate::clock::unix_secs();
-                let found = keys.missing_secret_versions(latest.values(), now);
-                for w in keys
-                    .judge_missing(found)
-                    .map_err(ServeError::MissingSecretVersion)?
-                {
-                    tracing::warn!("{w}");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "secret versions not checked at start: the Redis store is unreachable")
-            }
-        }
-    }
+    // With the Redis store it is judged on the first table too (`redis_secret_versions`):
+    // Redis is read once at start.
     let file_source = feed.is_none();
     let sinks = crate::access::Sinks::start(&snapshot.config, &metrics)?;
     let gw = Gateway::new(snapshot, metrics.clone(), sinks);
@@ -395,7 +416,8 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
                     .snapshot()
                     .config
                     .resolve(&gw.snapshot().config.keys.feed_cache);
-                crate::sync::redis::spawn(gw.clone(), settings, cache);
+                let first = crate::sync::redis::start(gw.clone(), settings, cache).await;
+                redis_secret_versions(&gw, first)?;
             }
         }
         None => {

@@ -14,6 +14,11 @@
 //! `log_bytes` of the log it was cut from, and only while that log (same id, same bytes at the
 //! end of that prefix) is still in place. The lines after it are applied on top through
 //! `sync::apply`, so revocation stays final however old the checkpoint is.
+//!
+//! The Redis store (`store::redis`) keeps the same bytes in one Redis string. There is no byte
+//! prefix to stand for: its log is a stream of dense revisions, so a Redis checkpoint stands
+//! for a log id and a revision ([`encode_at_revision`]: no fingerprint, `log_bytes` 0), and
+//! the stream entries after that revision are applied on top.
 
 use crate::keys::compact::{Entry, Profile, ENTRY_BYTES};
 use crate::keys::record::KeyRecord;
@@ -94,6 +99,12 @@ pub fn encode(table: &KeyTable, log_prefix: &[u8], signer: &Signer) -> std::io::
     Ok(out)
 }
 
+/// The checkpoint of `table` for a log that is a sequence of revisions (the Redis store): it
+/// stands for `table`'s log id and revision, not for bytes of a file.
+pub fn encode_at_revision(table: &KeyTable, signer: &Signer) -> std::io::Result<Vec<u8>> {
+    encode(table, b"", signer)
+}
+
 /// A verified checkpoint.
 #[derive(Debug)]
 pub struct Loaded {
@@ -101,6 +112,13 @@ pub struct Loaded {
     pub seal: Seal,
     /// The last bytes of the log prefix it stands for.
     pub fingerprint: Vec<u8>,
+}
+
+impl Loaded {
+    /// Made by [`encode_at_revision`] (stands for a log id and revision), not cut from a file.
+    pub fn stands_for_a_revision(&self) -> bool {
+        self.seal.log_bytes == 0 && self.fingerprint.is_empty()
+    }
 }
 
 struct Reader<'a> {
@@ -277,5 +295,17 @@ mod tests {
         for (what, b) in cases {
             assert!(decode(&b, &s).is_err(), "{what} checkpoint accepted");
         }
+    }
+
+    #[test]
+    fn a_revision_checkpoint_says_so_and_a_file_one_does_not() {
+        let t = table();
+        let s = signer(1);
+        let at_rev = decode(&encode_at_revision(&t, &s).unwrap(), &s).unwrap();
+        assert!(at_rev.stands_for_a_revision());
+        assert_eq!((at_rev.seal.log, at_rev.seal.rev), (LogId(42), 305));
+        assert_eq!(at_rev.table.len(), t.len());
+        let of_file = decode(&encode(&t, b"header\nline\n", &s).unwrap(), &s).unwrap();
+        assert!(!of_file.stands_for_a_revision());
     }
 }

@@ -80,17 +80,13 @@ impl Store {
         match self {
             Store::File(f) => f.compact(now, retain_revoked_until),
             // Latest versions and revocations are kept in their hashes already: compaction
-            // trims the stream's history (tombstoning stays a file-store feature).
-            Store::Redis(r) => {
-                let before = r.load()?.records.len();
-                let (kept, _base) = r.trim()?;
-                tracing::info!(stream_entries = kept, "redis store: stream trimmed");
-                Ok(Compacted {
-                    kept: before,
-                    dropped: 0,
-                    tombstoned: 0,
-                })
-            }
+            // writes the table's checkpoint and trims the stream's history (tombstoning stays
+            // a file-store feature).
+            Store::Redis(r) => Ok(Compacted {
+                kept: r.compact()?,
+                dropped: 0,
+                tombstoned: 0,
+            }),
         }
     }
 }

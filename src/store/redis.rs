@@ -7,7 +7,10 @@
 //! - `s:log` — stream, one entry per record version, id `<rev>-1`, field `r` = the record's
 //!   JSON: followers read it with a blocking `XREAD` from the revision they hold;
 //! - `s:keys` — hash, key id → latest version (what writers and snapshots read);
-//! - `s:revoked` — hash, key id → its revoked version, never deleted (tombstones forever).
+//! - `s:revoked` — hash, key id → its revoked version, never deleted (tombstones forever);
+//! - `s:checkpoint` — string, the binary checkpoint of the table (`store::checkpoint`, sealed
+//!   like the file store's) at the revision `s:meta` field `ckpt` names; written by compaction
+//!   (`keygate keys compact`) and read by a starting gateway instead of every record.
 //!
 //! Every write is one Lua script (`WRITE`) that checks the log and the revision the writer
 //! signed against (optimistic: another writer in between makes it retry), refuses a version
@@ -22,19 +25,30 @@
 //! then a blocking `XREAD` from R. The same `Update`s as the file follower, so gateways and the
 //! control plane apply them the same way.
 //!
+//! Checkpoint: compaction builds the table at the head revision R from the same consistent
+//! snapshot a follower reads, seals it (`checkpoint::encode_at_revision`: it stands for the log
+//! id and R), writes it in chunks to a key of its own and renames it into `s:checkpoint` with
+//! one script that re-checks the log id and that R is not behind the head or an existing
+//! checkpoint (so the checkpoint and the revision it names change together). The trim keeps
+//! every stream entry after the checkpoint's revision, so a gateway that loads the checkpoint
+//! (chunked `GETRANGE` between reads of the checkpoint's generation: a checkpoint replaced
+//! mid-read is read again, never spliced) finds the records after it in the stream and applies
+//! them through `sync::apply`. A checkpoint that fails its seal, names another log, or a
+//! revision the store does not have is refused loudly, and the whole snapshot is read.
+//!
 //! Migration (`keygate store migrate`) copies a log between the file and Redis with its log
 //! id, revisions and MACs intact (`import_log`, `export_log`).
 //!
-//! Not yet (said in README): compaction/trimming of the stream, `WAIT` for replicas on
-//! revocation, a new log id after a failover that lost writes.
 
 use crate::keys::digest::Digest;
-use crate::keys::record::{unrevokes, KeyRecord};
+use crate::keys::record::{unrevokes, KeyRecord, KeyState};
+use crate::keys::table::KeyTable;
 use crate::redis::resp::Value;
 use crate::redis::script::Script;
 use crate::redis::{Client, RedisError, Settings};
+use crate::store::checkpoint;
 use crate::store::file::{latest, Parsed, State, StoreError, Update};
-use crate::store::seal::{LogId, Signer};
+use crate::store::seal::{LogId, SealError, Signer};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,11 +142,19 @@ return {'ok', tostring(want)}
 "#,
 );
 
-/// Trims the stream to its newest ARGV[1] entries and records in `base` the revision below
-/// which history is gone (followers further behind reload whole). Returns {base, kept}.
+/// Trims the stream to its newest ARGV[1] entries, but never an entry after the checkpoint's
+/// revision (a gateway loading the checkpoint reads them: revisions are dense, so that is the
+/// newest `rev - ckpt`), and records in `base` the revision below which history is gone
+/// (followers further behind reload whole). KEYS: meta, log, checkpoint. Returns {base, kept}.
 static TRIM: Script = Script::new(
     r#"
-redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[1]))
+local keep = tonumber(ARGV[1])
+local m = redis.call('HMGET', KEYS[1], 'rev', 'ckpt')
+if m[2] and redis.call('EXISTS', KEYS[3]) == 1 then
+  local since = tonumber(m[1] or '0') - tonumber(m[2])
+  if since > keep then keep = since end
+end
+redis.call('XTRIM', KEYS[2], 'MAXLEN', keep)
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local base = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if first[1] then base = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
@@ -147,7 +169,8 @@ return {base, redis.call('XLEN', KEYS[2])}
 static NEW_LOG: Script = Script::new(
     r#"
 if redis.call('HGET', KEYS[1], 'log') ~= ARGV[1] then return {'conflict'} end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('HDEL', KEYS[1], 'ckpt')
 for i = 4, #ARGV, 4 do
   redis.call('XADD', KEYS[2], ARGV[i] .. '-1', 'r', ARGV[i + 2])
   redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 2])
@@ -158,6 +181,41 @@ return {'ok'}
 "#,
 );
 
+/// Puts a checkpoint written to its own key (KEYS[3], ARGV[3] bytes) in place as
+/// `s:checkpoint` (KEYS[2]) for the log ARGV[1] at revision ARGV[2], with the revision in
+/// meta (KEYS[1]) `ckpt` and a new generation, all at once. Refused (and the new key dropped)
+/// when the log is another, the revision is ahead of the head, an existing checkpoint is
+/// newer, or the written key is not the length written (two writers interleaved).
+static CHECKPOINT_PUT: Script = Script::new(
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'log', 'rev', 'ckpt')
+local why = nil
+if m[1] ~= ARGV[1] then why = 'other_log'
+elseif tonumber(m[2] or '0') < tonumber(ARGV[2]) then why = 'ahead'
+elseif m[3] and tonumber(m[3]) > tonumber(ARGV[2]) and redis.call('EXISTS', KEYS[2]) == 1 then why = 'older'
+elseif redis.call('STRLEN', KEYS[3]) ~= tonumber(ARGV[3]) then why = 'torn'
+end
+if why then
+  redis.call('DEL', KEYS[3])
+  return {why}
+end
+redis.call('RENAME', KEYS[3], KEYS[2])
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[1], 'ckpt', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'ckpt_gen', 1)
+return {'ok'}
+"#,
+);
+
+/// Bytes per checkpoint write and read command: well under the reply bound (`resp`), and a
+/// few milliseconds of Redis time each.
+const CHECKPOINT_CHUNK: usize = 4 << 20;
+/// The largest checkpoint written or read (Redis strings stop at 512 MiB): ~4M keys at 88
+/// bytes an entry plus their strings. A larger table is read record by record.
+pub const CHECKPOINT_MAX: usize = 384 << 20;
+/// A half-written checkpoint key (a writer that died) expires on its own.
+const CHECKPOINT_TMP_TTL_SECS: &[u8] = b"600";
+
 /// The Redis key names of one store.
 #[derive(Debug, Clone)]
 pub struct Names {
@@ -165,16 +223,18 @@ pub struct Names {
     pub log: String,
     pub keys: String,
     pub revoked: String,
+    pub checkpoint: String,
 }
 
 impl Names {
     /// KEYS of the write, import and new-log scripts.
-    fn all(&self) -> [&[u8]; 4] {
+    fn all(&self) -> [&[u8]; 5] {
         [
             self.meta.as_bytes(),
             self.log.as_bytes(),
             self.keys.as_bytes(),
             self.revoked.as_bytes(),
+            self.checkpoint.as_bytes(),
         ]
     }
 
@@ -184,6 +244,7 @@ impl Names {
             log: format!("{prefix}s:log"),
             keys: format!("{prefix}s:keys"),
             revoked: format!("{prefix}s:revoked"),
+            checkpoint: format!("{prefix}s:checkpoint"),
         }
     }
 }
@@ -351,13 +412,37 @@ async fn head_and_base(c: &Client, n: &Names) -> Result<(LogId, u64, u64), Store
     Ok((log, rev, base))
 }
 
+/// Records a read could not verify because their MAC names a secret version that is not
+/// configured: never used, but what the start-up secret-version check is about (`server.rs`).
+/// (id, revision, the key's digest secret version, its state when read.)
+pub type Unverifiable = Vec<(String, u64, u32, KeyState)>;
+
+/// What starting from the checkpoint gave: its table and the records after it, none, or why
+/// the checkpoint in Redis was refused.
+pub type Resumed = Result<Option<(KeyTable, Parsed)>, String>;
+
 /// Parse and verify stored record JSON; what does not verify is reported corrupt, never used.
 pub fn verified(signer: &Signer, log: LogId, raw: &[u8], out: &mut Parsed) -> Option<KeyRecord> {
+    checked(signer, log, raw, out, &mut Vec::new())
+}
+
+/// [`verified`], noting in `unknown` the records under a secret version not configured.
+fn checked(
+    signer: &Signer,
+    log: LogId,
+    raw: &[u8],
+    out: &mut Parsed,
+    unknown: &mut Unverifiable,
+) -> Option<KeyRecord> {
     let corrupt = |reason: String| crate::store::file::Corrupt { line: 0, reason };
     match serde_json::from_slice::<KeyRecord>(raw) {
         Ok(r) => match signer.verify(log, &r) {
             Ok(()) => Some(r),
             Err(e) => {
+                if let SealError::UnknownVersion(_) = e {
+                    let state = r.state(crate::clock::unix_secs());
+                    unknown.push((r.id.clone(), r.rev, r.secret_version, state));
+                }
                 out.corrupt.push(corrupt(e.to_string()));
                 None
             }
@@ -580,25 +665,7 @@ impl RedisLog {
             let mut from = "-".to_owned();
             // Bounded: each step moves past the last id read.
             for _ in 0..10_000_000u64 {
-                let v = c
-                    .call(&[
-                        b"XRANGE",
-                        n.log.as_bytes(),
-                        from.as_bytes(),
-                        b"+",
-                        b"COUNT",
-                        COUNT,
-                    ])
-                    .await
-                    .map_err(err)?;
-                let Value::Array(entries) = v else {
-                    return Err(StoreError::Redis("unexpected reply to XRANGE".into()));
-                };
-                if entries.is_empty() {
-                    break;
-                }
-                let page =
-                    stream_entries(vec![Value::Array(vec![Value::Nil, Value::Array(entries)])])?;
+                let page = xrange_page(&c, &n.log, &from).await?;
                 let Some(last) = page.last().map(|e| e.0) else {
                     break;
                 };
@@ -614,8 +681,70 @@ impl RedisLog {
     }
 
     /// Compaction for the Redis store: the latest versions already live in `s:keys` and every
-    /// revocation in `s:revoked`, so only the stream's history is trimmed, to its newest
-    /// `[redis] stream_keep_entries` entries. Returns (entries kept, revision below which
+    /// revocation in `s:revoked`, so it writes the table's checkpoint (what gateways start
+    /// from) and then trims the stream's history (`trim`). Returns the keys in the table.
+    /// A checkpoint that cannot be written is only warned about: gateways then read the
+    /// keys record by record, as before.
+    pub fn compact(&self) -> Result<usize, StoreError> {
+        let keys = match self.write_checkpoint() {
+            Ok((keys, Ok(bytes))) => {
+                tracing::info!(keys, bytes, "redis store: table checkpoint written");
+                keys
+            }
+            Ok((keys, Err(why))) => {
+                tracing::warn!(keys, reason = %why, "redis store: table checkpoint not written; gateways will read the keys record by record");
+                keys
+            }
+            Err(e) => return Err(e),
+        };
+        let (kept, _base) = self.trim()?;
+        tracing::info!(stream_entries = kept, "redis store: stream trimmed");
+        Ok(keys)
+    }
+
+    /// Write the checkpoint of the table at the head revision (`s:checkpoint`): the same
+    /// snapshot a follower reads, sealed (`checkpoint::encode_at_revision`), put in place with
+    /// the revision it stands for. Returns the keys in the table and the bytes written, or why
+    /// nothing was written (too large: the old checkpoint is removed too, so it holds no
+    /// stream history back; or another writer's was newer).
+    pub fn write_checkpoint(&self) -> Result<(usize, Result<usize, String>), StoreError> {
+        let (n, signer) = (&self.names, &self.signer);
+        self.run(|c| async move {
+            let (log, rev) = head(&c, n).await?;
+            if log.is_none() {
+                return Ok((0, Err("the store has no log yet".into())));
+            }
+            let mut parsed = Parsed::default();
+            let records =
+                snapshot(&c, n, signer, (log, rev), &mut parsed, &mut Vec::new()).await?;
+            if !parsed.corrupt.is_empty() {
+                tracing::warn!(records = parsed.corrupt.len(), "redis store: records that do not verify are left out of the checkpoint (gateways skip them too)");
+            }
+            let table = KeyTable::from_records(records, log, rev);
+            let keys = table.len();
+            let bytes = checkpoint::encode_at_revision(&table, signer)
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            drop(table);
+            if bytes.len() > CHECKPOINT_MAX {
+                c.call(&[b"DEL", n.checkpoint.as_bytes()]).await.map_err(err)?;
+                c.call(&[b"HDEL", n.meta.as_bytes(), b"ckpt"]).await.map_err(err)?;
+                return Ok((
+                    keys,
+                    Err(format!(
+                        "{} bytes, above the {CHECKPOINT_MAX} a checkpoint may hold",
+                        bytes.len()
+                    )),
+                ));
+            }
+            Ok(match put_checkpoint(&c, n, log, rev, &bytes).await? {
+                None => (keys, Ok(bytes.len())),
+                Some(why) => (keys, Err(format!("refused by the store ({why})"))),
+            })
+        })
+    }
+
+    /// Trims the stream's history to its newest `[redis] stream_keep_entries` entries (never
+    /// an entry after the checkpoint's revision). Returns (entries kept, revision below which
     /// history is gone).
     pub fn trim(&self) -> Result<(u64, u64), StoreError> {
         let (n, keep) = (&self.names, self.settings.stream_keep_entries);
@@ -624,7 +753,7 @@ impl RedisLog {
             let v = c
                 .eval(
                     &TRIM,
-                    &[n.meta.as_bytes(), n.log.as_bytes()],
+                    &[n.meta.as_bytes(), n.log.as_bytes(), n.checkpoint.as_bytes()],
                     &[keep.as_bytes()],
                 )
                 .await
@@ -795,6 +924,8 @@ pub struct Follower {
     at: Option<(LogId, u64)>,
     /// A position handed in by the caller is checked against Redis' head before it is used.
     check_head: bool,
+    /// Records of the last whole read (or checkpoint tail) under a secret version not configured.
+    unverifiable: Unverifiable,
 }
 
 impl Follower {
@@ -811,7 +942,93 @@ impl Follower {
             signer,
             at: held.filter(|(log, _)| !log.is_none()),
             check_head: true,
+            unverifiable: Vec::new(),
         }
+    }
+
+    /// What the last whole read (or checkpoint resume) could not verify because its MAC names
+    /// a secret version not configured (`Unverifiable`); taken once.
+    pub fn take_unverifiable(&mut self) -> Unverifiable {
+        std::mem::take(&mut self.unverifiable)
+    }
+
+    /// Start from the store's checkpoint (`s:checkpoint`) instead of reading every record:
+    /// its table, plus the stream entries after its revision, verified like any append.
+    /// `Ok(Ok(None))`: the store has no checkpoint (or none that fits under
+    /// `CHECKPOINT_MAX`); the next call to [`Follower::next`] reads the whole table.
+    /// `Ok(Err)`: a checkpoint that fails its seal, was cut from a file, names another log, or
+    /// a revision this store is not at (ahead of its head, or behind its trimmed stream): not
+    /// used, say so loudly. `Err`: Redis did not answer.
+    pub async fn resume_from_checkpoint(&mut self) -> Result<Resumed, StoreError> {
+        let (c, n) = (&self.client, &self.names);
+        let (log, head_rev, base) = head_and_base(c, n).await?;
+        if log.is_none() {
+            return Ok(Ok(None));
+        }
+        let started = std::time::Instant::now();
+        let Some(bytes) = read_checkpoint(c, n).await? else {
+            return Ok(Ok(None));
+        };
+        let (read, size) = (started.elapsed(), bytes.len());
+        let loaded = match checkpoint::decode(&bytes, &self.signer) {
+            Ok(l) => l,
+            Err(why) => return Ok(Err(why)),
+        };
+        drop(bytes);
+        let decoded = started.elapsed();
+        if let Err(why) = fits(&loaded, log, head_rev, base) {
+            return Ok(Err(why));
+        }
+        let mut parsed = Parsed {
+            log,
+            rev: loaded.seal.rev,
+            ..Parsed::default()
+        };
+        let mut unknown = Vec::new();
+        let mut from = format!("({}-1", loaded.seal.rev);
+        // Bounded: each step moves past the last id read.
+        for _ in 0..10_000_000u64 {
+            let page = xrange_page(c, &n.log, &from).await?;
+            let Some(last) = page.last().map(|e| e.0) else {
+                break;
+            };
+            for (id, raw) in page {
+                // Revisions are dense: a missing one is a change (a revocation, say) this
+                // gateway would never see. The whole read has `s:revoked` for that.
+                if id != parsed.rev + 1 {
+                    return Ok(Err(format!(
+                        "the stream after it has a gap (revision {} missing: trimmed or deleted)",
+                        parsed.rev + 1
+                    )));
+                }
+                // As in `next`: a record must carry its entry's revision (else a replay).
+                if let Some(r) = checked(&self.signer, log, &raw, &mut parsed, &mut unknown) {
+                    if r.rev == id {
+                        parsed.records.push(r);
+                    }
+                }
+                parsed.rev = parsed.rev.max(id);
+            }
+            from = format!("({last}-1");
+        }
+        if parsed.rev < head_rev {
+            return Ok(Err(format!(
+                "the stream after it stops at revision {}, before the store's head {head_rev}",
+                parsed.rev
+            )));
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            bytes = size,
+            read_ms = ms(read),
+            verify_decode_ms = ms(decoded - read),
+            stream_after_ms = ms(started.elapsed() - decoded),
+            "redis store checkpoint read"
+        );
+        self.unverifiable = unknown;
+        self.at = Some((log, parsed.rev));
+        self.check_head = false;
+        Ok(Ok(Some((loaded.table, parsed))))
     }
 
     /// The next change: a whole table (first call, or a new log), appended records, or
@@ -907,32 +1124,19 @@ impl Follower {
             rev,
             ..Parsed::default()
         };
-        let latest = self.scan(&self.names.keys, log, rev, &mut parsed).await?;
-        let revoked = self
-            .scan(&self.names.revoked, log, rev, &mut parsed)
-            .await?;
-        let mut by_id: std::collections::HashMap<String, KeyRecord> =
-            latest.into_iter().map(|r| (r.id.clone(), r)).collect();
-        for r in revoked {
-            if by_id.get(&r.id).is_none_or(|cur| unrevokes(Some(&r), cur)) {
-                by_id.insert(r.id.clone(), r);
-            }
-        }
-        parsed.records = by_id.into_values().collect();
-        parsed.records.sort_by_key(|r| r.rev);
+        let mut unknown = Vec::new();
+        parsed.records = snapshot(
+            &self.client,
+            &self.names,
+            &self.signer,
+            (log, rev),
+            &mut parsed,
+            &mut unknown,
+        )
+        .await?;
+        self.unverifiable = unknown;
         self.at = Some((log, rev));
         Ok(Update::Replaced(parsed))
-    }
-
-    /// Every verified record of the hash `key` at or below `rev`.
-    async fn scan(
-        &self,
-        key: &str,
-        log: LogId,
-        rev: u64,
-        parsed: &mut Parsed,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        scan(&self.client, key, &self.signer, log, rev, parsed).await
     }
 
     /// [`Follower::scan`] for a writer (corrupt entries are skipped silently: the writer
@@ -944,22 +1148,85 @@ impl Follower {
         log: LogId,
         rev: u64,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        scan(c, key, signer, log, rev, &mut Parsed::default()).await
+        scan(
+            c,
+            key,
+            signer,
+            (log, rev),
+            &mut Parsed::default(),
+            &mut Vec::new(),
+        )
+        .await
     }
 }
 
-/// Every verified record of the hash `key` at or below `rev` (HSCAN in small steps).
+/// The table at `at` (log, revision), read record by record: every latest version at or below
+/// the revision (`s:keys`, HSCAN in small steps: versions newer than it are dropped, the
+/// stream after it brings them), merged with every revocation (`s:revoked`: a version without
+/// its recorded revocation stays revoked). In revision order.
+async fn snapshot(
+    c: &Client,
+    n: &Names,
+    signer: &Signer,
+    at: (LogId, u64),
+    parsed: &mut Parsed,
+    unknown: &mut Unverifiable,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    let latest = scan(c, &n.keys, signer, at, parsed, unknown).await?;
+    let revoked = scan(c, &n.revoked, signer, at, parsed, unknown).await?;
+    let mut by_id: std::collections::HashMap<String, KeyRecord> =
+        latest.into_iter().map(|r| (r.id.clone(), r)).collect();
+    for r in revoked {
+        if by_id.get(&r.id).is_none_or(|cur| unrevokes(Some(&r), cur)) {
+            by_id.insert(r.id.clone(), r);
+        }
+    }
+    let mut records: Vec<KeyRecord> = by_id.into_values().collect();
+    records.sort_by_key(|r| r.rev);
+    Ok(records)
+}
+
+/// Whether a verified checkpoint can stand in for the store at (`log`, `head`) whose stream
+/// holds the history after `base`; why not, if not. A sealed checkpoint can still be the
+/// wrong one: cut from a store file, from a log the store replaced, or for a revision the
+/// store does not have (it went back), and one whose following records were trimmed away.
+fn fits(loaded: &checkpoint::Loaded, log: LogId, head: u64, base: u64) -> Result<(), String> {
+    let seal = loaded.seal;
+    if !loaded.stands_for_a_revision() {
+        Err("it was cut from a store file, not written for the Redis store".into())
+    } else if seal.log != log {
+        Err(format!(
+            "it stands for log {}, the store holds log {log} (stale: the store became a new log since)",
+            seal.log
+        ))
+    } else if seal.rev > head {
+        Err(format!(
+            "it stands for revision {}, ahead of the store's head {head} (the store went back?)",
+            seal.rev
+        ))
+    } else if seal.rev < base {
+        Err(format!(
+            "it stands for revision {}, but the stream after it was trimmed (history from {base} on)",
+            seal.rev
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Every verified record of the hash `key` at or below the revision of `at` (HSCAN in small
+/// steps).
 async fn scan(
     c: &Client,
     key: &str,
     signer: &Signer,
-    log: LogId,
-    rev: u64,
+    (log, rev): (LogId, u64),
     parsed: &mut Parsed,
+    unknown: &mut Unverifiable,
 ) -> Result<Vec<KeyRecord>, StoreError> {
     let mut out = Vec::new();
     hscan_values(c, key, |raw| {
-        if let Some(r) = verified(signer, log, &raw, parsed) {
+        if let Some(r) = checked(signer, log, &raw, parsed, unknown) {
             if r.rev <= rev {
                 out.push(r);
             }
@@ -967,6 +1234,136 @@ async fn scan(
     })
     .await?;
     Ok(out)
+}
+
+/// One page (`COUNT` entries) of the stream from `from` (an `XRANGE` start: `-` or an
+/// exclusive `(<rev>-1`): (revision, record JSON) each.
+async fn xrange_page(c: &Client, log: &str, from: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let v = c
+        .call(&[
+            b"XRANGE",
+            log.as_bytes(),
+            from.as_bytes(),
+            b"+",
+            b"COUNT",
+            COUNT,
+        ])
+        .await
+        .map_err(err)?;
+    let Value::Array(entries) = v else {
+        return Err(StoreError::Redis("unexpected reply to XRANGE".into()));
+    };
+    stream_entries(vec![Value::Array(vec![Value::Nil, Value::Array(entries)])])
+}
+
+/// The checkpoint's bytes, read in chunks (`GETRANGE`) of one generation: the generation
+/// (meta `ckpt_gen`) changes in the same script as the bytes and only goes up, so the same
+/// generation read before and after every chunk means no chunk is from another checkpoint
+/// (one replaced mid-read is read again, bounded). Read-only commands, no script: a gateway's
+/// Redis user needs no more than it reads the store with. `None`: there is none, or it is
+/// larger than `CHECKPOINT_MAX` (said in the log: the table is then read record by record).
+async fn read_checkpoint(c: &Client, n: &Names) -> Result<Option<Vec<u8>>, StoreError> {
+    let generation = || async {
+        let v = c
+            .call(&[b"HGET", n.meta.as_bytes(), b"ckpt_gen"])
+            .await
+            .map_err(err)?;
+        Ok::<_, StoreError>(text(Some(&v)))
+    };
+    let bad = |what: &str| StoreError::Redis(format!("unexpected reply to {what}"));
+    for _ in 0..3 {
+        let before = generation().await?;
+        let len = c
+            .call(&[b"STRLEN", n.checkpoint.as_bytes()])
+            .await
+            .map_err(err)?
+            .as_int()
+            .ok_or_else(|| bad("STRLEN"))?;
+        let len = usize::try_from(len).unwrap_or(0);
+        if len == 0 {
+            return Ok(None);
+        }
+        if len > CHECKPOINT_MAX {
+            tracing::warn!(bytes = len, max = CHECKPOINT_MAX, "redis store checkpoint larger than a gateway reads; reading the keys record by record");
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(len);
+        let mut same = true;
+        while same && out.len() < len {
+            let (a, b) = (
+                out.len().to_string(),
+                (out.len() + CHECKPOINT_CHUNK - 1).to_string(),
+            );
+            let chunk = c
+                .call(&[
+                    b"GETRANGE",
+                    n.checkpoint.as_bytes(),
+                    a.as_bytes(),
+                    b.as_bytes(),
+                ])
+                .await
+                .map_err(err)?;
+            let Value::Bulk(chunk) = chunk else {
+                return Err(bad("GETRANGE"));
+            };
+            same = !chunk.is_empty() && generation().await? == before;
+            out.extend(chunk);
+        }
+        if same && out.len() == len {
+            return Ok(Some(out));
+        }
+    }
+    tracing::warn!(
+        "redis store checkpoint kept changing while read; reading the keys record by record"
+    );
+    Ok(None)
+}
+
+/// Write `bytes` as the checkpoint for (`log`, `rev`): in chunks to a key of its own (which
+/// expires if this writer dies), then renamed into place by one script with the revision it
+/// stands for. Returns the script's refusal, if any (`other_log`, `ahead`, `older`, `torn`).
+async fn put_checkpoint(
+    c: &Client,
+    n: &Names,
+    log: LogId,
+    rev: u64,
+    bytes: &[u8],
+) -> Result<Option<String>, StoreError> {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| StoreError::Redis(e.to_string()))?;
+    // A key name from our own random bytes only (THREATS L6: nothing a client sent).
+    let tmp = format!("{}:new:{:016x}", n.checkpoint, u64::from_le_bytes(nonce));
+    for (i, part) in bytes.chunks(CHECKPOINT_CHUNK).enumerate() {
+        let reply = if i == 0 {
+            c.call(&[b"SET", tmp.as_bytes(), part, b"EX", CHECKPOINT_TMP_TTL_SECS])
+                .await
+        } else {
+            c.call(&[b"APPEND", tmp.as_bytes(), part]).await
+        }
+        .map_err(err)?;
+        if let Value::Error(e) = reply {
+            let _ = c.call(&[b"DEL", tmp.as_bytes()]).await;
+            return Err(StoreError::Redis(e));
+        }
+    }
+    let (log_s, rev_s, len_s) = (log.to_string(), rev.to_string(), bytes.len().to_string());
+    let v = c
+        .eval(
+            &CHECKPOINT_PUT,
+            &[n.meta.as_bytes(), n.checkpoint.as_bytes(), tmp.as_bytes()],
+            &[log_s.as_bytes(), rev_s.as_bytes(), len_s.as_bytes()],
+        )
+        .await
+        .map_err(err)?;
+    let Value::Array(reply) = v else {
+        return Err(StoreError::Redis(
+            "unexpected reply to the checkpoint script".into(),
+        ));
+    };
+    Ok(match text(reply.first()).as_str() {
+        "ok" => None,
+        other => Some(other.to_owned()),
+    })
 }
 
 /// Each value of the hash `key`, read with `HSCAN` in small steps (one `HVALS` reply times

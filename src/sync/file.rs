@@ -59,14 +59,33 @@ pub fn spawn(
 /// the first poll reads the log whole.
 fn resume(gw: &Gateway, follower: &mut Follower) {
     let started = std::time::Instant::now();
-    match follower.resume_from_checkpoint() {
-        Ok(None) => {}
+    let path = crate::store::checkpoint::path_for(follower.path());
+    apply_checkpoint(gw, follower.resume_from_checkpoint(), started, |why| {
+        let aside = crate::sync::cache::set_aside(&path);
+        tracing::error!(error = %why, path = %path.display(), set_aside = ?aside.as_ref().ok(), "key table checkpoint refused; loading the log instead");
+    });
+}
+
+/// Put a checkpoint's table, with the records after it applied on top (`sync::apply`: the
+/// same rules as any append), in as the gateway's table; or count (`source_errors{kind=
+/// "checkpoint"}`) and audit a refused checkpoint, which `say_refused` logs with what its
+/// source knows. Shared by the file store and the Redis store (`sync::redis`). Returns
+/// whether a table was put in.
+pub fn apply_checkpoint(
+    gw: &Gateway,
+    loaded: Result<Option<(crate::keys::table::KeyTable, Parsed)>, String>,
+    started: std::time::Instant,
+    say_refused: impl FnOnce(&str),
+) -> bool {
+    match loaded {
+        Ok(None) => false,
         Ok(Some((table, tail))) => {
             report_corrupt(gw, &tail);
             let after = tail.records.len();
             if let Err(refusal) = apply::records(&table, tail.log, tail.records, tail.rev, &mut ())
             {
-                return report_refusal(gw, &refusal);
+                report_refusal(gw, &refusal);
+                return false;
             }
             let (rev, keys, log) = (table.revision(), table.len(), table.log());
             gw.replace_table(table);
@@ -79,20 +98,20 @@ fn resume(gw: &Gateway, follower: &mut Follower) {
                     .with("revision", rev)
                     .with("keys", keys),
             );
+            true
         }
         Err(why) => {
-            let path = crate::store::checkpoint::path_for(follower.path());
             gw.metrics
                 .source_errors
                 .with_label_values(&["checkpoint"])
                 .inc();
-            let aside = crate::sync::cache::set_aside(&path);
-            tracing::error!(error = %why, path = %path.display(), set_aside = ?aside.as_ref().ok(), "key table checkpoint refused; loading the log instead");
+            say_refused(&why);
             gw.audit(
                 Event::new("source.error", "gateway")
                     .with("kind", "checkpoint")
                     .with("error", why),
             );
+            false
         }
     }
 }

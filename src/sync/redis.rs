@@ -10,6 +10,12 @@
 //! revision without a reload. Like a feed gateway it keeps a sealed local copy
 //! (`keys.feed_cache`, `sync::cache`), so a restart while Redis is down serves the last table
 //! with its real sync age.
+//!
+//! Start ([`start`], awaited by `server.rs`): the local copy when there is one; else the
+//! store's checkpoint (`s:checkpoint`, one sealed binary read, `store::checkpoint`) plus the
+//! stream entries after it; else, or when the checkpoint is refused (loudly: error log,
+//! `keygate_source_errors_total{kind="checkpoint"}`, audit), every record. That first read is
+//! the only one: the start-up secret-version check judges the table it loaded.
 
 use crate::audit::Event;
 use crate::clock::unix_ms;
@@ -17,7 +23,7 @@ use crate::gateway::Gateway;
 use crate::keys::record::KeyRecord;
 use crate::redis::Settings;
 use crate::store::file::Update;
-use crate::store::redis::Follower;
+use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
 use crate::sync::cache::CacheWriter;
 use std::path::PathBuf;
@@ -27,8 +33,100 @@ use std::time::Duration;
 /// How often an idle follower refreshes the copy's sync time (each costs an fsync).
 const CACHE_TOUCH_EVERY_MS: i64 = 10_000;
 
-pub fn spawn(gw: Arc<Gateway>, settings: Settings, cache: PathBuf) {
-    tokio::spawn(run(gw, settings, cache));
+/// What a Redis-store gateway's start loaded, for the secret-version check (`server.rs`).
+#[derive(Debug, Default)]
+pub struct FirstLoad {
+    /// Records read from Redis that could not be verified because their MAC names a secret
+    /// version not configured (never in the table; the check counts them).
+    pub unverifiable: Unverifiable,
+    /// Redis did not answer and there was no local copy: no table to judge yet.
+    pub unreachable: Option<String>,
+}
+
+/// Load the first table (local copy, else checkpoint, else every record), then follow the
+/// store on a task of its own. Returns once the first table is in, or Redis did not answer.
+pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) -> FirstLoad {
+    let signer = Signer::new(&gw.snapshot().keys.hasher);
+    let cache = crate::sync::feed::load_cache(&gw, &cache_path, &signer).await;
+    let mut first = FirstLoad::default();
+    let mut follower = Follower::new(&settings, signer.clone(), held(&gw));
+    let mut pending = None;
+    if !gw.table_loaded() {
+        let started = std::time::Instant::now();
+        match follower.resume_from_checkpoint().await {
+            Ok(resumed) => {
+                let loaded = crate::sync::file::apply_checkpoint(&gw, resumed, started, |why| {
+                    tracing::error!(error = %why, "redis store checkpoint refused; reading every key instead");
+                });
+                if loaded {
+                    pending = Some(Change::Whole);
+                } else {
+                    // Not used: read every key from the start, not from its position.
+                    follower = Follower::new(&settings, signer.clone(), None);
+                }
+            }
+            Err(e) => first.unreachable = Some(e.to_string()),
+        }
+    }
+    if !gw.table_loaded() && first.unreachable.is_none() {
+        match follower.next().await {
+            Ok(update) => {
+                let change = change_of(&update);
+                crate::sync::file::apply(&gw, update);
+                pending = Some(change);
+            }
+            Err(e) => first.unreachable = Some(e.to_string()),
+        }
+    }
+    first.unverifiable = follower.take_unverifiable();
+    let copy = LocalCopy {
+        signer,
+        cache,
+        cache_path,
+        touched_ms: unix_ms(),
+    };
+    tokio::spawn(run(gw, settings, follower, copy, pending));
+    first
+}
+
+/// The log and revision a gateway holds, to resume from without a reload.
+fn held(gw: &Gateway) -> Option<(crate::store::seal::LogId, u64)> {
+    gw.table_loaded().then(|| {
+        let t = gw.table();
+        (t.log(), t.revision())
+    })
+}
+
+fn change_of(update: &Update) -> Change {
+    match update {
+        Update::Replaced(_) => Change::Whole,
+        Update::Appended(p) => {
+            Change::Records(p.records.iter().map(|r| r.id.clone()).collect(), p.rev)
+        }
+        Update::Unchanged => Change::Idle,
+    }
+}
+
+/// The sealed local copy the follower task keeps in step with the table.
+struct LocalCopy {
+    signer: Signer,
+    cache: Option<CacheWriter>,
+    cache_path: PathBuf,
+    touched_ms: i64,
+}
+
+impl LocalCopy {
+    async fn save(&mut self, gw: &Arc<Gateway>, change: Change) {
+        persist(
+            gw,
+            &mut self.cache,
+            &self.cache_path,
+            &self.signer,
+            change,
+            &mut self.touched_ms,
+        )
+        .await;
+    }
 }
 
 /// What an update did to the table, for the local copy.
@@ -53,16 +151,17 @@ async fn persist(
     let job: Box<dyn FnOnce(Option<CacheWriter>) -> std::io::Result<CacheWriter> + Send> =
         match change {
             Change::Whole => {
-                let mut records: Vec<KeyRecord> =
-                    table.records().iter().map(|r| (**r).clone()).collect();
-                records.sort_by_key(|r| r.rev);
-                let (path, signer, log, rev) = (
-                    path.to_path_buf(),
-                    signer.clone(),
-                    table.log(),
-                    table.revision(),
-                );
-                Box::new(move |_| CacheWriter::create(&path, &signer, log, rev, &records, now))
+                // Every record rebuilt on the blocking pool: at a million keys that takes
+                // seconds an async worker (serving `/readyz`, say) must not spend.
+                let whole: Arc<crate::keys::table::KeyTable> = Arc::clone(&table);
+                let (path, signer) = (path.to_path_buf(), signer.clone());
+                Box::new(move |_| {
+                    let mut records: Vec<KeyRecord> =
+                        whole.records().iter().map(|r| (**r).clone()).collect();
+                    records.sort_by_key(|r| r.rev);
+                    let (log, rev) = (whole.log(), whole.revision());
+                    CacheWriter::create(&path, &signer, log, rev, &records, now)
+                })
             }
             Change::Records(ids, rev) => {
                 let records: Vec<KeyRecord> = ids
@@ -96,40 +195,33 @@ async fn persist(
     }
 }
 
-async fn run(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) {
-    let signer = Signer::new(&gw.snapshot().keys.hasher);
-    let mut cache = crate::sync::feed::load_cache(&gw, &cache_path, &signer).await;
-    let mut touched_ms = unix_ms();
+/// Follow the store from `first` (the follower `start` loaded the first table with; `pending`:
+/// that table, still to be written to the local copy), with a new follower after each error.
+async fn run(
+    gw: Arc<Gateway>,
+    settings: Settings,
+    first: Follower,
+    mut copy: LocalCopy,
+    pending: Option<Change>,
+) {
+    if let Some(change) = pending {
+        copy.save(&gw, change).await;
+    }
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
+    let mut first = Some(first);
     loop {
-        let held = gw.table_loaded().then(|| {
-            let t = gw.table();
-            (t.log(), t.revision())
-        });
-        let mut follower = Follower::new(&settings, signer.clone(), held);
+        let mut follower = first
+            .take()
+            .unwrap_or_else(|| Follower::new(&settings, copy.signer.clone(), held(&gw)));
         let error = loop {
             match follower.next().await {
                 Ok(update) => {
                     last_error.clear();
                     backoff = Duration::from_millis(100);
-                    let change = match &update {
-                        Update::Replaced(_) => Change::Whole,
-                        Update::Appended(p) => {
-                            Change::Records(p.records.iter().map(|r| r.id.clone()).collect(), p.rev)
-                        }
-                        Update::Unchanged => Change::Idle,
-                    };
+                    let change = change_of(&update);
                     crate::sync::file::apply(&gw, update);
-                    persist(
-                        &gw,
-                        &mut cache,
-                        &cache_path,
-                        &signer,
-                        change,
-                        &mut touched_ms,
-                    )
-                    .await;
+                    copy.save(&gw, change).await;
                 }
                 Err(e) => break e,
             }
