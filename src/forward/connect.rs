@@ -70,11 +70,14 @@ impl Address {
         if authority.as_str() != rest || authority.host().is_empty() {
             return None;
         }
-        // Without a port, the scheme's (a bare `host` has always meant port 80).
-        let port = match (authority.port_u16(), https) {
-            (Some(p), _) => p,
-            (None, true) => 443,
-            (None, false) => 80,
+        // Without a port, the scheme's (a bare `host` has always meant port 80); anything
+        // after the host must be a numeric port.
+        let has_port = rest.len() > authority.host().len();
+        let port = match (authority.port_u16(), has_port, https) {
+            (Some(p), _, _) => p,
+            (None, true, _) => return None,
+            (None, false, true) => 443,
+            (None, false, false) => 80,
         };
         Some(Address {
             text: text.into(),
