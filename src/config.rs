@@ -677,7 +677,8 @@ pub struct AcceptTokens {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// host:port targets; several are used round robin, a failed one is ejected for a while.
+    /// `host:port` (or `http://host:port`) and `https://host:port` targets; several are used
+    /// round robin, a failed one is ejected for a while.
     pub targets: Vec<String>,
     /// TCP connect timeout; a failure is a 502 and ejects the target.
     #[serde(default = "default_connect_timeout_ms")]
@@ -691,6 +692,16 @@ pub struct UpstreamConfig {
     /// How long a target that refused a connection is skipped.
     #[serde(default = "default_eject_ms")]
     pub eject_ms: u64,
+    /// PEM CA bundle that signs the `https://` targets' certificates (required for them:
+    /// keygate ships no public root store).
+    pub ca: Option<PathBuf>,
+    /// Name the `https://` targets' certificates must carry, sent as SNI; default: each
+    /// target's host.
+    pub server_name: Option<String>,
+    /// Client certificate chain (PEM) presented to `https://` targets that require mTLS.
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `client_cert`.
+    pub client_key: Option<PathBuf>,
 }
 
 fn default_connect_timeout_ms() -> u64 {

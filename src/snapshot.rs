@@ -182,20 +182,6 @@ impl Snapshot {
 
         let mut upstreams = HashMap::new();
         for (i, u) in c.upstreams.iter().enumerate() {
-            if u.targets.is_empty() {
-                return Err(c.invalid(
-                    format!("upstreams[{i}].targets"),
-                    "needs at least one host:port",
-                ));
-            }
-            for t in &u.targets {
-                if t.parse::<http::uri::Authority>().is_err() || t.contains('@') {
-                    return Err(c.invalid(
-                        format!("upstreams[{i}].targets"),
-                        format!("{t:?} is not host:port"),
-                    ));
-                }
-            }
             let series = UpstreamSeries {
                 duration: metrics.upstream_duration.with_label_values(&[&u.name]),
                 connect_errors: metrics
@@ -209,7 +195,10 @@ impl Snapshot {
                     .with_label_values(&[&u.name, "protocol"]),
             };
             if upstreams
-                .insert(u.name.clone(), Arc::new(Upstream::new(u, series)))
+                .insert(
+                    u.name.clone(),
+                    Arc::new(Upstream::from_config(&c, i, series)?),
+                )
                 .is_some()
             {
                 return Err(c.invalid(
