@@ -338,6 +338,14 @@ impl KeyId {
         }
     }
 
+    /// The id of an interned string, sharing it when it is not a generated id.
+    pub fn shared(id: Arc<str>) -> KeyId {
+        match id_bytes(&id) {
+            Some(b) => KeyId::generated(&b),
+            None => KeyId::Other(id),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             // Always ASCII (written above from the base32 alphabet).
@@ -552,15 +560,14 @@ pub fn id_hash(id: &str) -> u64 {
 }
 
 /// A key as the request path sees it: the entry's fields decoded, its profile shared.
-/// Made without allocating (the id is inline, `KeyId`); cheap to clone (one `Arc`, two for a
-/// rotated key's lineage).
+/// Made without allocating (the id is inline, `KeyId`; only a rotated key's lineage is boxed,
+/// which keeps the view, and every `AuthError` carrying one, small); cheap to clone.
 #[derive(Debug, Clone)]
 pub struct KeyView {
     pub id: KeyId,
     /// `None`: the key is its own lineage.
-    lineage: Option<Arc<str>>,
+    lineage: Option<Box<KeyId>>,
     pub profile: Arc<Profile>,
-    pub rev: u64,
     pub secret_version: u32,
     pub created_at: i64,
     pub not_before: Option<i64>,
@@ -579,12 +586,11 @@ impl std::ops::Deref for KeyView {
 }
 
 impl KeyView {
-    pub fn new(e: &Packed, id: KeyId, lineage: Option<Arc<str>>) -> Self {
+    pub fn new(e: &Packed, id: KeyId, lineage: Option<Box<KeyId>>) -> Self {
         KeyView {
             id,
             lineage,
             profile: e.profile.clone(),
-            rev: e.rev(),
             secret_version: e.secret_version,
             created_at: e.created_at(),
             not_before: e.not_before(),
@@ -600,9 +606,8 @@ impl KeyView {
     pub fn of(r: &KeyRecord) -> KeyView {
         KeyView {
             id: KeyId::of(&r.id),
-            lineage: (r.lineage != r.id).then(|| r.lineage.as_str().into()),
+            lineage: (r.lineage != r.id).then(|| Box::new(KeyId::of(&r.lineage))),
             profile: Arc::new(Profile::of(r)),
-            rev: r.rev,
             secret_version: r.secret_version,
             created_at: r.created_at,
             not_before: r.not_before,
@@ -616,7 +621,7 @@ impl KeyView {
 
     /// The id rate-limit buckets and quotas belong to (the first key of a rotation chain).
     pub fn lineage(&self) -> &str {
-        self.lineage.as_deref().unwrap_or(&self.id)
+        self.lineage.as_deref().unwrap_or(&self.id).as_str()
     }
 
     pub fn state(&self, now: i64) -> KeyState {
@@ -657,6 +662,10 @@ mod tests {
         assert!(std::mem::size_of::<Entry>() <= 88);
         assert!(std::mem::size_of::<Packed>() <= 88);
         assert!(std::mem::size_of::<OnceLock<Packed>>() <= 96);
+        assert!(
+            std::mem::size_of::<KeyView>() < 128,
+            "AuthError carries one"
+        );
         let mut r = crate::keys::record::sample("key_a", Digest([3; 32]));
         r.expires_at = Some(5_000);
         r.revoked_at = Some(0);

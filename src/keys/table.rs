@@ -203,7 +203,7 @@ impl Inner {
         let id = self.key_id(e)?;
         let lineage = match e.lineage {
             0 => None,
-            n => Some(self.string(n - 1)?),
+            n => Some(Box::new(KeyId::shared(self.string(n - 1)?))),
         };
         Some(KeyView::new(e, id, lineage))
     }
