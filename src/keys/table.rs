@@ -274,6 +274,41 @@ fn closed_rotation() -> Rotation {
     }
 }
 
+/// A record with nothing in it, for `KeyTable::fill` to write into.
+fn blank() -> KeyRecord {
+    KeyRecord {
+        rev: 0,
+        id: String::new(),
+        digest: Digest([0; 32]),
+        secret_version: 0,
+        name: String::new(),
+        owner: String::new(),
+        env: String::new(),
+        scopes: Vec::new(),
+        plan: None,
+        rate: None,
+        quota: None,
+        allow_ips: Vec::new(),
+        allow_origins: Vec::new(),
+        labels: Default::default(),
+        hint: String::new(),
+        created_at: 0,
+        written_at_ms: 0,
+        not_before: None,
+        expires_at: None,
+        revoked_at: None,
+        revoked_reason: None,
+        canary: false,
+        publishable: false,
+        imported: false,
+        rotated_from: None,
+        rotated_to: None,
+        rotation: None,
+        lineage: String::new(),
+        mac: None,
+    }
+}
+
 fn rotation_open(r: &KeyRecord) -> bool {
     r.rotation
         .as_ref()
@@ -652,45 +687,94 @@ impl KeyTable {
         e: &Packed,
         rotations: &HashMap<String, Arc<KeyRecord>>,
     ) -> Option<KeyRecord> {
-        let v = inner.view(e)?;
+        let mut r = blank();
+        self.fill(inner, e, rotations, &mut r).then_some(r)
+    }
+
+    /// Write the record of `e` into `out`, reusing its allocations (a pass over every key
+    /// allocates almost nothing). False when `e` names a string this state lacks.
+    fn fill(
+        &self,
+        inner: &Inner,
+        e: &Packed,
+        rotations: &HashMap<String, Arc<KeyRecord>>,
+        out: &mut KeyRecord,
+    ) -> bool {
+        let Some(v) = inner.view(e) else {
+            return false;
+        };
         if let Some(full) = rotations
             .get(&*v.id)
             .filter(|r| r.rev.min(MAX_REV) == e.rev())
         {
-            return Some((**full).clone());
+            out.clone_from(full);
+            return true;
         }
         let p = &v.profile;
-        Some(KeyRecord {
-            rev: e.rev(),
-            id: v.id.to_string(),
-            digest: e.digest,
-            secret_version: e.secret_version,
-            name: String::new(),
-            owner: p.owner.clone(),
-            env: p.env.clone(),
-            scopes: p.scopes.clone(),
-            plan: p.plan.clone(),
-            rate: p.rate.clone(),
-            quota: p.quota.clone(),
-            allow_ips: p.allow_ips.clone(),
-            allow_origins: p.allow_origins.clone(),
-            labels: Default::default(),
-            hint: String::new(),
-            created_at: e.created_at(),
-            written_at_ms: 0,
-            not_before: e.not_before(),
-            expires_at: e.expires_at(),
-            revoked_at: e.revoked_at(),
-            revoked_reason: None,
-            canary: e.has(CANARY),
-            publishable: e.has(PUBLISHABLE),
-            imported: e.has(IMPORTED),
-            rotated_from: None,
-            rotated_to: None,
-            rotation: e.has(ROTATION_CLOSED).then(closed_rotation),
-            lineage: v.lineage().to_owned(),
-            mac: None,
-        })
+        // Every field named (no `..`): a field added to the record must be decided here.
+        let KeyRecord {
+            rev,
+            id,
+            digest,
+            secret_version,
+            name,
+            owner,
+            env,
+            scopes,
+            plan,
+            rate,
+            quota,
+            allow_ips,
+            allow_origins,
+            labels,
+            hint,
+            created_at,
+            written_at_ms,
+            not_before,
+            expires_at,
+            revoked_at,
+            revoked_reason,
+            canary,
+            publishable,
+            imported,
+            rotated_from,
+            rotated_to,
+            rotation,
+            lineage,
+            mac,
+        } = out;
+        *rev = e.rev();
+        id.clear();
+        id.push_str(&v.id);
+        *digest = e.digest;
+        *secret_version = e.secret_version;
+        name.clear();
+        owner.clone_from(&p.owner);
+        env.clone_from(&p.env);
+        scopes.clone_from(&p.scopes);
+        plan.clone_from(&p.plan);
+        rate.clone_from(&p.rate);
+        quota.clone_from(&p.quota);
+        allow_ips.clone_from(&p.allow_ips);
+        allow_origins.clone_from(&p.allow_origins);
+        labels.clear();
+        hint.clear();
+        *created_at = e.created_at();
+        *written_at_ms = 0;
+        *not_before = e.not_before();
+        *expires_at = e.expires_at();
+        *revoked_at = e.revoked_at();
+        *revoked_reason = None;
+        *canary = e.has(CANARY);
+        *publishable = e.has(PUBLISHABLE);
+        *imported = e.has(IMPORTED);
+        *rotated_from = None;
+        *rotated_to = None;
+        *rotation = e.has(ROTATION_CLOSED).then(closed_rotation);
+        lineage.clear();
+        lineage.push_str(v.lineage());
+        *mac = None;
+        true
     }
 
     pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
@@ -736,9 +820,10 @@ impl KeyTable {
         let inner = self.inner.load();
         // A copy of the few open rotations, so applies do not wait for the whole pass.
         let rotations = lock(&self.rotations).clone();
+        let mut scratch = blank();
         for e in inner.live() {
-            if let Some(r) = self.rebuilt(&inner, e, &rotations) {
-                f(&r);
+            if self.fill(&inner, e, &rotations, &mut scratch) {
+                f(&scratch);
             }
         }
     }
@@ -1017,6 +1102,14 @@ mod tests {
             assert_eq!(table.get_by_digest(&r.digest).unwrap().id, *id);
         }
         assert_eq!(table.records().len(), model.len());
+        // The one-at-a-time pass writes each record into one reused allocation: it must hand
+        // out exactly what `records` rebuilds, nothing left over from the previous key.
+        let mut each = Vec::new();
+        table.each_record(|r| each.push(r.clone()));
+        let mut all: Vec<KeyRecord> = table.records().iter().map(|r| (**r).clone()).collect();
+        each.sort_by(|a, b| a.id.cmp(&b.id));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(each, all);
         assert_eq!(
             table.revoked().len(),
             model.values().filter(|r| r.revoked_at.is_some()).count()
