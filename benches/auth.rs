@@ -1,5 +1,7 @@
 //! The full auth decision, as the request path runs it (`pipeline::pipeline`):
 //! extract → parse + checksum → HMAC digest → table lookup → scope check → token bucket.
+//! The credential step is the request path's own (`credential::authenticate` on a real
+//! `Gateway` built from a config, with the route's requirements), not a copy of it.
 //!
 //! - `auth/single_thread_1k` and `auth/two_threads_1k`: a 1K-key table.
 //! - `auth_scale/{1K,100K,1M,10M}`: the same decision against bigger tables. Probes rotate
@@ -10,15 +12,23 @@
 //! Two-thread figures are per-thread time per decision with both threads deciding at once;
 //! aggregate throughput is 2 / time (criterion prints it as elements/s).
 
+// Setup failures (config, runtime) must stop a bench loudly.
+#![allow(clippy::expect_used)]
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keygate::authz::{authorize, Requirements};
+use keygate::authz::authorize;
+use keygate::config::Config;
 use keygate::extract::extract;
-use keygate::keys::digest::Hasher;
+use keygate::gateway::Gateway;
 use keygate::keys::format::{KeyFormat, MAX_KEY_LEN};
-use keygate::keys::table::KeyTable;
 use keygate::limit::{Buckets, Rate, Shape};
+use keygate::metrics::Metrics;
+use keygate::snapshot::Snapshot;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 #[path = "support/mod.rs"]
@@ -26,16 +36,60 @@ mod support;
 
 const PROBES: u64 = 65_536;
 
+/// The gateway's config for the bench: the support hasher's secret, one route that needs
+/// the scope the support records carry.
+const CONFIG: &str = r#"[keys]
+store = "keys.jsonl"
+hash_secret_env = "KEYGATE_BENCH_HASH_SECRET"
+prefix = "kg"
+envs = ["live", "test"]
+
+[server]
+listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "up"
+targets = ["127.0.0.1:9"]
+
+[[routes]]
+name = "invoices"
+path_prefix = "/invoices"
+scopes = ["invoices:read"]
+upstream = "up"
+"#;
+
 struct Decider {
-    table: KeyTable,
+    gw: Arc<Gateway>,
+    snap: Arc<Snapshot>,
     format: KeyFormat,
-    hasher: Hasher,
     key_header: HeaderName,
-    req: Requirements,
     ip: IpAddr,
     buckets: Buckets,
     shape: Shape,
     requests: Vec<HeaderMap>,
+    /// Gateway::new starts its background tasks on this runtime.
+    _rt: tokio::runtime::Runtime,
+}
+
+/// A gateway as `serve` builds one (config → snapshot → gateway), holding `table`.
+fn gateway(table: keygate::keys::table::KeyTable) -> (tokio::runtime::Runtime, Arc<Gateway>) {
+    let secret = String::from_utf8(support::SECRET.to_vec()).expect("the bench secret is ASCII");
+    std::env::set_var("KEYGATE_BENCH_HASH_SECRET", secret);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let gw = rt.block_on(async {
+        let config = Config::parse(CONFIG, &std::env::temp_dir().join("keygate-bench.toml"))
+            .expect("bench config");
+        let metrics = Arc::new(Metrics::new(0));
+        let sinks = keygate::access::Sinks::start(&config, &metrics).expect("sinks");
+        let snapshot = Snapshot::build(config, &metrics).expect("bench snapshot");
+        let gw = Gateway::new(snapshot, metrics, sinks);
+        gw.replace_table(table);
+        gw
+    });
+    (rt, gw)
 }
 
 impl Decider {
@@ -45,16 +99,13 @@ impl Decider {
             .iter()
             .map(|k| request(&format!("Bearer {k}")))
             .collect();
+        let (rt, gw) = gateway(table);
+        let snap = gw.snapshot().clone();
         Decider {
-            table,
+            gw,
+            snap,
             format: support::format(),
-            hasher: support::hasher(),
             key_header: HeaderName::from_static("x-api-key"),
-            req: Requirements {
-                scopes: vec!["invoices:read".to_owned()],
-                env: None,
-                publishable: false,
-            },
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             buckets: Buckets::new(),
             // High enough never to refuse: we measure the admitted path.
@@ -66,6 +117,7 @@ impl Decider {
                 None,
             ),
             requests,
+            _rt: rt,
         }
     }
 
@@ -75,13 +127,17 @@ impl Decider {
         let Ok(key) = extract(headers, None, &self.key_header, None, MAX_KEY_LEN) else {
             return false;
         };
-        let Ok(record) = self
-            .table
-            .authenticate(key, &self.format, &self.hasher, support::NOW, 0)
+        let route = &self.snap.routes[0];
+        // The request path's credential step. A key (not a token) never waits, so one poll
+        // decides it.
+        let step =
+            keygate::credential::authenticate(&self.gw, &self.snap, route, key, support::NOW);
+        let Poll::Ready(Ok(record)) =
+            std::pin::pin!(step).poll(&mut Context::from_waker(Waker::noop()))
         else {
             return false;
         };
-        if authorize(&record, &self.req, self.ip, None, &[]).is_err() {
+        if authorize(&record, &route.requirements, self.ip, None, &[]).is_err() {
             return false;
         }
         self.buckets

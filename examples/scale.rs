@@ -26,7 +26,7 @@
 use keygate::config::Config;
 use keygate::keys::table::KeyTable;
 use keygate::keys::KeySettings;
-use keygate::store::file::LogFile;
+use keygate::store::file::{Follower, LogFile};
 use keygate::store::seal::Signer;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -260,6 +260,52 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// `rounds` auth decisions in process (`KeyTable::authenticate`, the step the request path
+/// runs for a key), on a table loaded from the store by the gateway's own loading code (the
+/// checkpoint and the log after it, as a starting gateway does; the whole log when there is
+/// no checkpoint), rotating over up to 65,536 of the imported keys; each decision timed,
+/// sorted.
+fn auth_decisions(cfg: &Path, n: u64, rounds: usize) -> Result<Vec<Duration>, Fail> {
+    std::env::set_var("SCALE_HASH_SECRET", SECRET);
+    let config = Config::load(cfg)?;
+    let settings = KeySettings::from_config(&config)?;
+    let file = LogFile::new(&settings.store, Signer::new(&settings.hasher));
+    let table = match Follower::new(file.clone()).resume_from_checkpoint()? {
+        Some((table, tail)) => {
+            keygate::sync::apply::records(&table, tail.log, tail.records, tail.rev, &mut ())?;
+            table
+        }
+        None => {
+            let parsed = file.load()?;
+            keygate::sync::apply::snapshot(
+                &KeyTable::new(),
+                parsed.log,
+                parsed.rev,
+                parsed.records,
+            )?
+            .0
+        }
+    };
+    let probes: Vec<String> = (0..65_536u64.min(n))
+        .map(|i| key(splitmix(i) % n))
+        .collect();
+    let now = keygate::clock::unix_secs();
+    let mut decisions = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let k = &probes[i % probes.len()];
+        let t = Instant::now();
+        let ok = table
+            .authenticate(k, &settings.format, &settings.hasher, now, 0)
+            .is_ok();
+        decisions.push(t.elapsed());
+        if !ok {
+            return Err("imported key refused in-process".into());
+        }
+    }
+    decisions.sort();
+    Ok(decisions)
+}
+
 fn main() -> Result<(), Fail> {
     let args: Vec<String> = std::env::args().collect();
     let n: u64 = args
@@ -270,6 +316,28 @@ fn main() -> Result<(), Fail> {
         .transpose()?
         .unwrap_or(10_000);
     let keep = args.iter().any(|a| a == "--keep");
+    // `--auth-only DIR`: only the in-process auth decision, on a store kept by `--keep`
+    // (for repeats and profiling).
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--auth-only")
+        .and_then(|i| args.get(i + 1))
+    {
+        let rounds = args
+            .iter()
+            .position(|a| a == "--rounds")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(200_000);
+        let d = auth_decisions(&Path::new(dir).join("keygate.toml"), n, rounds)?;
+        println!(
+            "auth decision p50 / p99       {} / {}",
+            human(pct(&d, 0.5)),
+            human(pct(&d, 0.99))
+        );
+        return Ok(());
+    }
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(cargo)
@@ -363,10 +431,14 @@ fn main() -> Result<(), Fail> {
 
     // Start on the log as imported (parse and verify every line), then compact (which
     // writes the binary checkpoint) and start again: the figures below are from that start.
-    let from_log = serve(&bin, &cfg)?;
-    let log_ready = from_log.ready_after;
-    let log_rss = status_kb(from_log.child.0.id(), "VmRSS:") * 1024;
-    drop(from_log);
+    // `--no-log-start` skips it (at 10M keys the whole-log parse needs many GB).
+    let (log_ready, log_rss) = if args.iter().any(|a| a == "--no-log-start") {
+        (Duration::ZERO, 0)
+    } else {
+        let from_log = serve(&bin, &cfg)?;
+        let rss = status_kb(from_log.child.0.id(), "VmRSS:") * 1024;
+        (from_log.ready_after, rss)
+    };
     let t = Instant::now();
     let compacted = keygate(&bin, &cfg)
         .args(["keys", "compact"])
@@ -440,29 +512,7 @@ fn main() -> Result<(), Fail> {
     drop(gw);
 
     // The auth decision in-process, on a table loaded by the gateway's own code.
-    std::env::set_var("SCALE_HASH_SECRET", SECRET);
-    let config = Config::load(&cfg)?;
-    let settings = KeySettings::from_config(&config)?;
-    let parsed = LogFile::new(&settings.store, Signer::new(&settings.hasher)).load()?;
-    let (table, _) =
-        keygate::sync::apply::snapshot(&KeyTable::new(), parsed.log, parsed.rev, parsed.records)?;
-    let probes: Vec<String> = (0..65_536u64.min(n))
-        .map(|i| key(splitmix(i) % n))
-        .collect();
-    let now = keygate::clock::unix_secs();
-    let mut decisions = Vec::with_capacity(200_000);
-    for i in 0..200_000usize {
-        let k = &probes[i % probes.len()];
-        let t = Instant::now();
-        let ok = table
-            .authenticate(k, &settings.format, &settings.hasher, now, 0)
-            .is_ok();
-        decisions.push(t.elapsed());
-        if !ok {
-            return Err("imported key refused in-process".into());
-        }
-    }
-    decisions.sort();
+    let decisions = auth_decisions(&cfg, n, 200_000)?;
 
     println!("keys                          {n}");
     println!(

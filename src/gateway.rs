@@ -225,13 +225,10 @@ impl Gateway {
     }
 
     fn count_all(&self, table: &KeyTable, rules: Rules) -> KeyGauges {
-        let records = table.records();
-        KeyGauges::build(
-            rules,
-            crate::clock::unix_secs(),
-            records.iter().map(|r| &**r),
-            |r| self.last_use(r),
-        )
+        // One record at a time: no million rebuilt records in memory at once.
+        let mut gauges = KeyGauges::new(rules, crate::clock::unix_secs());
+        table.each_record(|r| gauges.replace(None, Some((r, self.last_use(r)))));
+        gauges
     }
 
     /// The observer an incremental apply tells of its changes (`sync::apply::records`): it

@@ -151,85 +151,97 @@ fn rotation_done(r: &KeyRecord, now: i64) -> Option<i64> {
     }
 }
 
-fn rotations(records: &[Arc<KeyRecord>], facts: &AuditFacts, now: i64) -> Rotations {
-    let mut out = Rotations {
-        aborted: facts.rotations_aborted,
-        ..Rotations::default()
-    };
-    let mut times = Vec::new();
-    for r in records {
-        let Some(rot) = &r.rotation else { continue };
-        match rotation_done(r, now) {
-            Some(t) => {
-                out.completed += 1;
-                times.push((t - rot.started_at).max(0) as f64);
-            }
-            None => out.open += 1,
-        }
-    }
-    out.success_rate = ratio(out.completed, out.completed + out.aborted);
-    out.median_seconds_to_rotate = median(times);
-    out
-}
-
-fn ttl(records: &[Arc<KeyRecord>], policy: &Policy, now: i64) -> Ttl {
-    let active: Vec<&Arc<KeyRecord>> = records
-        .iter()
-        .filter(|r| r.state(now) == KeyState::Active)
-        .collect();
-    let within = active
-        .iter()
-        .filter(|r| r.expires_at.is_some() && !policy.ttl_exceeded(r))
-        .count() as u64;
-    Ttl {
-        active: active.len() as u64,
-        within_policy: within,
-        share_within_policy: ratio(within, active.len() as u64),
-    }
-}
-
-fn stale(
-    records: &[Arc<KeyRecord>],
-    usage: &BTreeMap<String, Used>,
+/// The figures accumulated over the records one at a time (`compute_each`): a gateway with
+/// a million keys streams them from its table instead of holding a million records.
+struct Tally<'a> {
+    usage: &'a BTreeMap<String, Used>,
+    facts: &'a AuditFacts,
+    policy: &'a Policy,
     stale_after: i64,
     now: i64,
-) -> Stale {
-    let last = |r: &KeyRecord| {
-        usage
+    rotations: Rotations,
+    rotation_times: Vec<f64>,
+    ttl: Ttl,
+    stale: Stale,
+    /// Revocation time of each key with a canary alarm (the few the audit log names).
+    alarmed_revoked: BTreeMap<String, Option<i64>>,
+}
+
+impl<'a> Tally<'a> {
+    fn add(&mut self, r: &KeyRecord) {
+        self.rotation(r);
+        self.ttl(r);
+        self.stale(r);
+        if self.facts.first_canary.contains_key(&r.id) {
+            self.alarmed_revoked.insert(r.id.clone(), r.revoked_at);
+        }
+    }
+
+    fn rotation(&mut self, r: &KeyRecord) {
+        let Some(rot) = &r.rotation else { return };
+        match rotation_done(r, self.now) {
+            Some(t) => {
+                self.rotations.completed += 1;
+                self.rotation_times.push((t - rot.started_at).max(0) as f64);
+            }
+            None => self.rotations.open += 1,
+        }
+    }
+
+    fn ttl(&mut self, r: &KeyRecord) {
+        if r.state(self.now) != KeyState::Active {
+            return;
+        }
+        self.ttl.active += 1;
+        if r.expires_at.is_some() && !self.policy.ttl_exceeded(r) {
+            self.ttl.within_policy += 1;
+        }
+    }
+
+    fn stale(&mut self, r: &KeyRecord) {
+        let last = self
+            .usage
             .get(&r.id)
-            .map_or(r.created_at, |u| u.last_used.max(r.created_at))
-    };
-    let mut out = Stale::default();
-    for r in records {
-        match (r.state(now), r.revoked_at) {
-            (KeyState::Active, _) if now - last(r) >= stale_after => out.found += 1,
-            (KeyState::Revoked, Some(at)) if at - last(r) >= stale_after => out.removed += 1,
+            .map_or(r.created_at, |u| u.last_used.max(r.created_at));
+        match (r.state(self.now), r.revoked_at) {
+            (KeyState::Active, _) if self.now - last >= self.stale_after => self.stale.found += 1,
+            (KeyState::Revoked, Some(at)) if at - last >= self.stale_after => {
+                self.stale.removed += 1
+            }
             _ => {}
         }
     }
-    out
-}
 
-fn canary(records: &[Arc<KeyRecord>], facts: &AuditFacts) -> Canary {
-    let by_id: BTreeMap<&str, &KeyRecord> = records
-        .iter()
-        .map(|r| (r.id.as_str(), r.as_ref()))
-        .collect();
-    let mut out = Canary::default();
-    let mut times = Vec::new();
-    for (id, alarm) in &facts.first_canary {
-        out.alarmed += 1;
-        match by_id.get(id.as_str()).and_then(|r| r.revoked_at) {
-            Some(at) => {
-                out.revoked_after_alarm += 1;
-                times.push((at - alarm).max(0) as f64);
+    fn finish(mut self) -> Report {
+        self.rotations.aborted = self.facts.rotations_aborted;
+        self.rotations.success_rate = ratio(
+            self.rotations.completed,
+            self.rotations.completed + self.rotations.aborted,
+        );
+        self.rotations.median_seconds_to_rotate = median(self.rotation_times);
+        self.ttl.share_within_policy = ratio(self.ttl.within_policy, self.ttl.active);
+        let mut canary = Canary::default();
+        let mut times = Vec::new();
+        for (id, alarm) in &self.facts.first_canary {
+            canary.alarmed += 1;
+            match self.alarmed_revoked.get(id).copied().flatten() {
+                Some(at) => {
+                    canary.revoked_after_alarm += 1;
+                    times.push((at - alarm).max(0) as f64);
+                }
+                None => canary.open += 1,
             }
-            None => out.open += 1,
+        }
+        canary.max_seconds_to_revocation = times.iter().copied().reduce(f64::max);
+        canary.median_seconds_to_revocation = median(times);
+        Report {
+            generated_at: self.now,
+            rotations: self.rotations,
+            ttl: self.ttl,
+            stale: self.stale,
+            canary,
         }
     }
-    out.max_seconds_to_revocation = times.iter().copied().reduce(f64::max);
-    out.median_seconds_to_revocation = median(times);
-    out
 }
 
 /// Every figure at `now`.
@@ -241,13 +253,39 @@ pub fn compute(
     stale_after_secs: i64,
     now: i64,
 ) -> Report {
-    Report {
-        generated_at: now,
-        rotations: rotations(records, facts, now),
-        ttl: ttl(records, policy, now),
-        stale: stale(records, usage, stale_after_secs, now),
-        canary: canary(records, facts),
-    }
+    compute_each(
+        |f| records.iter().for_each(|r| f(r)),
+        usage,
+        facts,
+        policy,
+        stale_after_secs,
+        now,
+    )
+}
+
+/// Every figure at `now`, over the records `each` hands out one at a time.
+pub fn compute_each(
+    each: impl FnOnce(&mut dyn FnMut(&KeyRecord)),
+    usage: &BTreeMap<String, Used>,
+    facts: &AuditFacts,
+    policy: &Policy,
+    stale_after_secs: i64,
+    now: i64,
+) -> Report {
+    let mut tally = Tally {
+        usage,
+        facts,
+        policy,
+        stale_after: stale_after_secs,
+        now,
+        rotations: Rotations::default(),
+        rotation_times: Vec::new(),
+        ttl: Ttl::default(),
+        stale: Stale::default(),
+        alarmed_revoked: BTreeMap::new(),
+    };
+    each(&mut |r| tally.add(r));
+    tally.finish()
 }
 
 /// The `keygate_governance_*` gauges (NaN where a figure is undefined, e.g. no rotation yet).
@@ -321,12 +359,16 @@ impl Gauges {
     }
 }
 
-use crate::webhooks::run::{Records, UsageFn};
+use crate::webhooks::run::UsageFn;
+
+/// Hands every key record to the callback, one at a time (the gateway rebuilds them from its
+/// compact table as it goes; the control plane has them in memory).
+pub type EachRecord = Arc<dyn Fn(&mut dyn FnMut(&KeyRecord)) + Send + Sync>;
 
 /// Register the gauges and refresh them every minute, off the async workers.
 pub fn spawn(
     registry: &Registry,
-    records: Records,
+    records: EachRecord,
     usage: UsageFn,
     audit_log: std::path::PathBuf,
     policy: Policy,
@@ -343,8 +385,8 @@ pub fn spawn(
                 gauges.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                let rep = compute(
-                    &records(),
+                let rep = compute_each(
+                    |f| records(f),
                     &usage(),
                     &audit_facts(&audit),
                     &policy,

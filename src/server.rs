@@ -303,9 +303,10 @@ fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError
         u
     });
     // The governance figures come from the same place as the events: the node's audit log.
+    let each = gw.clone();
     crate::governance::spawn(
         gw.metrics.registry(),
-        records.clone(),
+        Arc::new(move |f| each.table().each_record(f)),
         usage.clone(),
         snap.keys.audit_log.clone(),
         snap.keys.policy.clone(),

@@ -130,9 +130,10 @@ fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoi
     let (table, merged) = (control.clone(), control.clone());
     let records: crate::webhooks::run::Records = Arc::new(move || table.feed.latest());
     let usage: crate::webhooks::run::UsageFn = Arc::new(move || merged.merged_usage());
+    let each = records.clone();
     crate::governance::spawn(
         control.metrics.registry(),
-        records.clone(),
+        Arc::new(move |f| each().iter().for_each(|r| f(r))),
         usage.clone(),
         control.settings.audit_log.clone(),
         control.settings.policy.clone(),

@@ -213,6 +213,191 @@ impl Entry {
     }
 }
 
+/// The revisions a cell holds: 40 bits (a trillion records; a log never gets there). A larger
+/// revision is held as this, which only matters past it.
+pub const MAX_REV: u64 = (1 << 40) - 1;
+
+/// One key version as a slab cell holds it (see the module header): 88 bytes, so its
+/// write-once cell is 96.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub digest: Digest,
+    pub id: [u8; 16],
+    pub profile: Arc<Profile>,
+    rev_lo: u32,
+    not_before: u32,
+    expires_at: u32,
+    revoked_at: u32,
+    created_at: u32,
+    /// As `Entry::lineage`.
+    pub lineage: u32,
+    pub secret_version: u32,
+    rev_hi: u8,
+    pub flags: u8,
+}
+
+impl Packed {
+    /// The cell form of `e`, given the profile its number stands for.
+    pub fn new(e: &Entry, profile: Arc<Profile>) -> Packed {
+        let rev = e.rev.min(MAX_REV);
+        Packed {
+            digest: e.digest,
+            id: e.id,
+            profile,
+            rev_lo: rev as u32,
+            not_before: e.not_before,
+            expires_at: e.expires_at,
+            revoked_at: e.revoked_at,
+            created_at: e.created_at,
+            lineage: e.lineage,
+            secret_version: e.secret_version,
+            rev_hi: (rev >> 32) as u8,
+            flags: e.flags,
+        }
+    }
+
+    /// The entry form, given the number the table knows the profile by.
+    pub fn entry(&self, profile: u32) -> Entry {
+        Entry {
+            digest: self.digest,
+            id: self.id,
+            rev: self.rev(),
+            not_before: self.not_before,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            created_at: self.created_at,
+            lineage: self.lineage,
+            profile,
+            secret_version: self.secret_version,
+            flags: self.flags,
+        }
+    }
+
+    pub fn rev(&self) -> u64 {
+        (u64::from(self.rev_hi) << 32) | u64::from(self.rev_lo)
+    }
+    fn time(&self, v: u32, bit: u8) -> Option<i64> {
+        (self.flags & bit != 0).then_some(i64::from(v))
+    }
+    pub fn not_before(&self) -> Option<i64> {
+        self.time(self.not_before, HAS_NOT_BEFORE)
+    }
+    pub fn expires_at(&self) -> Option<i64> {
+        self.time(self.expires_at, HAS_EXPIRES)
+    }
+    pub fn revoked_at(&self) -> Option<i64> {
+        self.time(self.revoked_at, HAS_REVOKED)
+    }
+    pub fn created_at(&self) -> i64 {
+        i64::from(self.created_at)
+    }
+    pub fn has(&self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+    pub fn state(&self, now: i64) -> KeyState {
+        state_at(
+            self.revoked_at(),
+            self.has(CANARY),
+            self.expires_at(),
+            self.not_before(),
+            now,
+        )
+    }
+}
+
+/// A key's id as the request path carries it: a generated id is held as its 30 characters
+/// inline (no allocation when a view is made), any other id as the interned string.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeyId {
+    Generated([u8; ID_LEN]),
+    Other(Arc<str>),
+}
+
+/// `key_` + 26 base32 characters.
+pub const ID_LEN: usize = 30;
+
+impl KeyId {
+    /// The id of a binary id (`id_bytes`), written without allocating.
+    pub fn generated(bytes: &[u8; 16]) -> KeyId {
+        const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+        let mut out = [0u8; ID_LEN];
+        out[..4].copy_from_slice(b"key_");
+        let v = u128::from_be_bytes(*bytes);
+        // 25 characters of 5 bits, then the last 3 bits shifted up by 2 (as `format_id` pads).
+        for (i, c) in out[4..29].iter_mut().enumerate() {
+            *c = B32[((v >> (123 - 5 * i)) & 31) as usize];
+        }
+        out[29] = B32[((v & 7) << 2) as usize];
+        KeyId::Generated(out)
+    }
+
+    pub fn of(id: &str) -> KeyId {
+        match id_bytes(id) {
+            Some(b) => KeyId::generated(&b),
+            None => KeyId::Other(id.into()),
+        }
+    }
+
+    /// The id of an interned string, sharing it when it is not a generated id.
+    pub fn shared(id: Arc<str>) -> KeyId {
+        match id_bytes(&id) {
+            Some(b) => KeyId::generated(&b),
+            None => KeyId::Other(id),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Always ASCII (written above from the base32 alphabet).
+            KeyId::Generated(b) => std::str::from_utf8(b).unwrap_or(""),
+            KeyId::Other(s) => s,
+        }
+    }
+}
+
+impl std::ops::Deref for KeyId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for KeyId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for KeyId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<str> for KeyId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for KeyId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A generated id (`key_` + 26 base32 characters of 128 bits) in binary; `None` for any other
 /// shape, which the table interns as a string instead.
 pub fn id_bytes(id: &str) -> Option<[u8; 16]> {
@@ -375,14 +560,14 @@ pub fn id_hash(id: &str) -> u64 {
 }
 
 /// A key as the request path sees it: the entry's fields decoded, its profile shared.
-/// Cheap to clone (two `Arc`s).
+/// Made without allocating (the id is inline, `KeyId`; only a rotated key's lineage is boxed,
+/// which keeps the view, and every `AuthError` carrying one, small); cheap to clone.
 #[derive(Debug, Clone)]
 pub struct KeyView {
-    pub id: Arc<str>,
+    pub id: KeyId,
     /// `None`: the key is its own lineage.
-    lineage: Option<Arc<str>>,
+    lineage: Option<Box<KeyId>>,
     pub profile: Arc<Profile>,
-    pub rev: u64,
     pub secret_version: u32,
     pub created_at: i64,
     pub not_before: Option<i64>,
@@ -401,12 +586,11 @@ impl std::ops::Deref for KeyView {
 }
 
 impl KeyView {
-    pub fn new(e: &Entry, id: Arc<str>, lineage: Option<Arc<str>>, profile: Arc<Profile>) -> Self {
+    pub fn new(e: &Packed, id: KeyId, lineage: Option<Box<KeyId>>) -> Self {
         KeyView {
             id,
             lineage,
-            profile,
-            rev: e.rev,
+            profile: e.profile.clone(),
             secret_version: e.secret_version,
             created_at: e.created_at(),
             not_before: e.not_before(),
@@ -421,10 +605,9 @@ impl KeyView {
     /// The view of a whole record (tests, benches, and tools that hold records).
     pub fn of(r: &KeyRecord) -> KeyView {
         KeyView {
-            id: r.id.as_str().into(),
-            lineage: (r.lineage != r.id).then(|| r.lineage.as_str().into()),
+            id: KeyId::of(&r.id),
+            lineage: (r.lineage != r.id).then(|| Box::new(KeyId::of(&r.lineage))),
             profile: Arc::new(Profile::of(r)),
-            rev: r.rev,
             secret_version: r.secret_version,
             created_at: r.created_at,
             not_before: r.not_before,
@@ -438,7 +621,7 @@ impl KeyView {
 
     /// The id rate-limit buckets and quotas belong to (the first key of a rotation chain).
     pub fn lineage(&self) -> &str {
-        self.lineage.as_deref().unwrap_or(&self.id)
+        self.lineage.as_deref().unwrap_or(&self.id).as_str()
     }
 
     pub fn state(&self, now: i64) -> KeyState {
@@ -477,7 +660,12 @@ mod tests {
     #[test]
     fn entry_is_small_and_keeps_what_is_enforced() {
         assert!(std::mem::size_of::<Entry>() <= 88);
-        assert!(std::mem::size_of::<OnceLock<Entry>>() <= 96);
+        assert!(std::mem::size_of::<Packed>() <= 88);
+        assert!(std::mem::size_of::<OnceLock<Packed>>() <= 96);
+        assert!(
+            std::mem::size_of::<KeyView>() < 128,
+            "AuthError carries one"
+        );
         let mut r = crate::keys::record::sample("key_a", Digest([3; 32]));
         r.expires_at = Some(5_000);
         r.revoked_at = Some(0);
@@ -493,6 +681,38 @@ mod tests {
             Entry::new(&r, [0; 16], 0, 0, 7).expires_at(),
             Some(i64::from(u32::MAX))
         );
+    }
+
+    #[test]
+    fn key_ids_are_written_inline_as_format_id_writes_them() {
+        for _ in 0..200 {
+            let id = new_id("key").unwrap();
+            let b = id_bytes(&id).unwrap();
+            assert_eq!(KeyId::generated(&b).as_str(), id);
+            assert_eq!(KeyId::of(&id), KeyId::generated(&b));
+        }
+        for b in [[0u8; 16], [0xff; 16]] {
+            assert_eq!(KeyId::generated(&b).as_str(), id_string(&b));
+        }
+        assert_eq!(KeyId::of("legacy-1").as_str(), "legacy-1");
+        assert_eq!(KeyId::of("legacy-1").to_string(), "legacy-1");
+    }
+
+    #[test]
+    fn packed_keeps_the_entry() {
+        let mut r = crate::keys::record::sample("key_a", Digest([9; 32]));
+        r.rev = (1 << 36) + 5;
+        r.not_before = Some(12);
+        r.expires_at = Some(99);
+        r.canary = true;
+        let e = Entry::new(&r, [5; 16], ID_INTERNED, 3, 4);
+        let p = Packed::new(&e, Arc::new(Profile::of(&r)));
+        assert_eq!(p.entry(4), e);
+        assert_eq!(p.state(50), e.state(50));
+        assert_eq!(*p.profile, Profile::of(&r));
+        r.rev = u64::MAX;
+        let e = Entry::new(&r, [5; 16], 0, 0, 0);
+        assert_eq!(Packed::new(&e, p.profile.clone()).rev(), MAX_REV);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 
 use crate::keys::compact::{
     cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_chunk, Chunk, Entry, Index,
-    KeyView, Profile, CANARY, CHUNK, ID_INTERNED, IMPORTED, PUBLISHABLE, ROTATION_CLOSED,
+    KeyId, KeyView, Packed, Profile, CANARY, CHUNK, ID_INTERNED, IMPORTED, MAX_REV, PUBLISHABLE,
+    ROTATION_CLOSED,
 };
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
@@ -96,7 +97,7 @@ impl AuthError {
 /// What readers load: the slabs and both indexes, swapped whole when one of them grows.
 #[derive(Clone)]
 struct Inner {
-    entries: Vec<Chunk<Entry>>,
+    entries: Vec<Chunk<Packed>>,
     profiles: Vec<Chunk<Arc<Profile>>>,
     strings: Vec<Chunk<Arc<str>>>,
     by_digest: Arc<Index>,
@@ -118,7 +119,7 @@ impl Inner {
         }
     }
 
-    fn entry(&self, slot: u32) -> Option<&Entry> {
+    fn entry(&self, slot: u32) -> Option<&Packed> {
         cell(&self.entries, slot)
     }
 
@@ -127,7 +128,7 @@ impl Inner {
     }
 
     /// Position in `by_digest`, slot and entry of `d`.
-    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, Entry)>, Stale> {
+    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, &Packed)>, Stale> {
         let mut stale = false;
         let found = self
             .by_digest
@@ -138,14 +139,14 @@ impl Inner {
                     false
                 }
             });
-        match found.and_then(|(at, s)| Some((at, s, *self.entry(s)?))) {
+        match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
             Some(f) => Ok(Some(f)),
             None if stale => Err(Stale),
             None => Ok(None),
         }
     }
 
-    fn id_is(&self, e: &Entry, id: &str, binary: Option<&[u8; 16]>) -> bool {
+    fn id_is(&self, e: &Packed, id: &str, binary: Option<&[u8; 16]>) -> bool {
         match binary {
             Some(b) => !e.has(ID_INTERNED) && e.id == *b,
             None => e.has(ID_INTERNED) && self.id_of(e).as_deref() == Some(id),
@@ -153,7 +154,7 @@ impl Inner {
     }
 
     /// Position in `by_id`, slot and entry of `id`.
-    fn find_id(&self, id: &str) -> Result<Option<(usize, u32, Entry)>, Stale> {
+    fn find_id(&self, id: &str) -> Result<Option<(usize, u32, &Packed)>, Stale> {
         let binary = id_bytes(id);
         let mut stale = false;
         let found = self.by_id.find(id_hash(id), |s| match self.entry(s) {
@@ -163,14 +164,14 @@ impl Inner {
                 false
             }
         });
-        match found.and_then(|(at, s)| Some((at, s, *self.entry(s)?))) {
+        match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
             Some(f) => Ok(Some(f)),
             None if stale => Err(Stale),
             None => Ok(None),
         }
     }
 
-    fn id_of(&self, e: &Entry) -> Option<Arc<str>> {
+    fn id_of(&self, e: &Packed) -> Option<Arc<str>> {
         if e.has(ID_INTERNED) {
             let n = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
             self.string(n)
@@ -179,7 +180,16 @@ impl Inner {
         }
     }
 
-    fn id_hash_of(&self, e: &Entry) -> u64 {
+    /// The id of `e` as the request path carries it: inline for a generated id.
+    fn key_id(&self, e: &Packed) -> Option<KeyId> {
+        if e.has(ID_INTERNED) {
+            self.id_of(e).map(KeyId::Other)
+        } else {
+            Some(KeyId::generated(&e.id))
+        }
+    }
+
+    fn id_hash_of(&self, e: &Packed) -> u64 {
         if e.has(ID_INTERNED) {
             self.id_of(e).map_or(0, |id| id_hash(&id))
         } else {
@@ -189,18 +199,17 @@ impl Inner {
         }
     }
 
-    fn view(&self, e: &Entry) -> Option<KeyView> {
-        let id = self.id_of(e)?;
+    fn view(&self, e: &Packed) -> Option<KeyView> {
+        let id = self.key_id(e)?;
         let lineage = match e.lineage {
             0 => None,
-            n => Some(self.string(n - 1)?),
+            n => Some(Box::new(KeyId::shared(self.string(n - 1)?))),
         };
-        let profile = cell(&self.profiles, e.profile)?.clone();
-        Some(KeyView::new(e, id, lineage, profile))
+        Some(KeyView::new(e, id, lineage))
     }
 
     /// The slots of every live entry (the ones the digest index points at).
-    fn live(&self) -> impl Iterator<Item = &Entry> + '_ {
+    fn live(&self) -> impl Iterator<Item = &Packed> + '_ {
         self.by_digest.targets().filter_map(|s| self.entry(s))
     }
 }
@@ -265,6 +274,41 @@ fn closed_rotation() -> Rotation {
     }
 }
 
+/// A record with nothing in it, for `KeyTable::fill` to write into.
+fn blank() -> KeyRecord {
+    KeyRecord {
+        rev: 0,
+        id: String::new(),
+        digest: Digest([0; 32]),
+        secret_version: 0,
+        name: String::new(),
+        owner: String::new(),
+        env: String::new(),
+        scopes: Vec::new(),
+        plan: None,
+        rate: None,
+        quota: None,
+        allow_ips: Vec::new(),
+        allow_origins: Vec::new(),
+        labels: Default::default(),
+        hint: String::new(),
+        created_at: 0,
+        written_at_ms: 0,
+        not_before: None,
+        expires_at: None,
+        revoked_at: None,
+        revoked_reason: None,
+        canary: false,
+        publishable: false,
+        imported: false,
+        rotated_from: None,
+        rotated_to: None,
+        rotation: None,
+        lineage: String::new(),
+        mac: None,
+    }
+}
+
 fn rotation_open(r: &KeyRecord) -> bool {
     r.rotation
         .as_ref()
@@ -324,14 +368,15 @@ impl KeyTable {
         }
     }
 
-    fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, Entry)> {
-        let (inner, found) = self.probe(|i| i.find_digest(d))?;
-        found.map(|(_, _, e)| (inner, e))
+    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`).
+    fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, u32)> {
+        let (inner, found) = self.probe(|i| Ok(i.find_digest(d)?.map(|(_, s, _)| s)))?;
+        found.map(|s| (inner, s))
     }
 
-    fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, Entry)> {
-        let (inner, found) = self.probe(|i| i.find_id(id))?;
-        found.map(|(_, _, e)| (inner, e))
+    fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, u32)> {
+        let (inner, found) = self.probe(|i| Ok(i.find_id(id)?.map(|(_, s, _)| s)))?;
+        found.map(|s| (inner, s))
     }
 
     fn intern_string(&self, w: &mut Writer, s: &str) -> u32 {
@@ -346,16 +391,17 @@ impl KeyTable {
         n
     }
 
-    fn intern_profile(&self, w: &mut Writer, p: Profile) -> u32 {
-        if let Some(n) = w.profiles.get(&p) {
-            return *n;
+    /// The shared copy of `p` and its number (the checkpoint's reference to it).
+    fn intern_profile(&self, w: &mut Writer, p: Profile) -> (Arc<Profile>, u32) {
+        if let Some((shared, n)) = w.profiles.get_key_value(&p) {
+            return (shared.clone(), *n);
         }
         let n = w.next_profile;
         let value = Arc::new(p);
         self.push(|i| &i.profiles, |i| &mut i.profiles, n, value.clone());
-        w.profiles.insert(value, n);
+        w.profiles.insert(value.clone(), n);
         w.next_profile += 1;
-        n
+        (value, n)
     }
 
     /// Write cell `n` of one slab, adding a chunk (a new inner state) when it is full.
@@ -384,10 +430,17 @@ impl KeyTable {
     /// ignored, so replays are harmless. Returns whether it changed the table.
     pub fn apply(&self, record: KeyRecord) -> bool {
         let mut w = lock(&self.writer);
-        let held = self.probe(|i| i.find_id(&record.id)).and_then(|(_, f)| f);
-        if held.is_some_and(|(_, _, old)| old.rev >= record.rev) {
+        // Position, slot, revision, digest and flags of the version held.
+        let held = self
+            .probe(|i| {
+                Ok(i.find_id(&record.id)?
+                    .map(|(at, s, e)| (at, s, e.rev(), e.digest, e.flags)))
+            })
+            .and_then(|(_, f)| f);
+        if held.is_some_and(|(_, _, rev, _, _)| rev >= record.rev.min(MAX_REV)) {
             return false;
         }
+        let record_rev = record.rev;
         let (id, id_flag) = match id_bytes(&record.id) {
             Some(b) => (b, 0),
             None => {
@@ -402,44 +455,43 @@ impl KeyTable {
         } else {
             self.intern_string(&mut w, &record.lineage) + 1
         };
-        let profile = self.intern_profile(&mut w, Profile::of(&record));
-        let entry = Entry::new(&record, id, id_flag, lineage, profile);
+        let (profile, number) = self.intern_profile(&mut w, Profile::of(&record));
+        let entry = Packed::new(&Entry::new(&record, id, id_flag, lineage, number), profile);
+        let (digest, id_hash) = (entry.digest, self.inner.load().id_hash_of(&entry));
         let slot = w.next_entry;
         self.push(|i| &i.entries, |i| &mut i.entries, slot, entry);
         w.next_entry += 1;
         let inner = self.inner.load_full();
-        if let Some((at, old_slot, old)) = held {
+        if let Some((at, old_slot, _, old_digest, old_flags)) = held {
             // The old version becomes garbage; its digest leaves the index if it changed (and
             // still points at this key: another id may have taken the digest since).
             w.garbage += 1;
-            if old.digest != entry.digest {
+            if old_digest != digest {
                 if let Ok(Some((dat, _, _))) = inner
-                    .find_digest(&old.digest)
+                    .find_digest(&old_digest)
                     .map(|f| f.filter(|(_, s, _)| *s == old_slot))
                 {
                     inner.by_digest.remove(dat);
                     self.live.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            inner.by_id.repoint(at, inner.id_hash_of(&entry), slot);
-            if old.has(IMPORTED) {
+            inner.by_id.repoint(at, id_hash, slot);
+            if old_flags & IMPORTED != 0 {
                 self.imported.fetch_sub(1, Ordering::Relaxed);
             }
-        } else if inner.by_id.insert(inner.id_hash_of(&entry), slot) {
+        } else if inner.by_id.insert(id_hash, slot) {
             w.id_used += 1;
         }
-        match inner.find_digest(&entry.digest) {
+        match inner.find_digest(&digest) {
             Ok(Some((at, s, _))) if s != slot => {
-                inner
-                    .by_digest
-                    .repoint(at, digest_hash(&entry.digest), slot);
-                if held.is_none_or(|(_, _, old)| old.digest != entry.digest) {
+                inner.by_digest.repoint(at, digest_hash(&digest), slot);
+                if held.is_none_or(|(_, _, _, old_digest, _)| old_digest != digest) {
                     // Another id held this digest: its entry is no longer reachable by it.
                     w.garbage += 1;
                 }
             }
             _ => {
-                if inner.by_digest.insert(digest_hash(&entry.digest), slot) {
+                if inner.by_digest.insert(digest_hash(&digest), slot) {
                     w.digest_used += 1;
                 }
                 self.live.fetch_add(1, Ordering::Relaxed);
@@ -456,7 +508,7 @@ impl KeyTable {
                 rot.remove(&record.id);
             }
         }
-        self.rev.fetch_max(entry.rev, Ordering::Release);
+        self.rev.fetch_max(record_rev, Ordering::Release);
         self.maybe_rebuild(&mut w);
         true
     }
@@ -472,7 +524,7 @@ impl KeyTable {
         if !due {
             return;
         }
-        let entries: Vec<Entry> = inner.live().copied().collect();
+        let entries: Vec<Packed> = inner.live().cloned().collect();
         let n = entries.len();
         let room = n + n / 2 + 64;
         let mut next = Inner {
@@ -486,12 +538,12 @@ impl KeyTable {
             if slot % CHUNK == 0 {
                 next.entries.push(new_chunk());
             }
+            let slot32 = slot as u32;
+            next.by_digest.insert(digest_hash(&e.digest), slot32);
+            next.by_id.insert(next.id_hash_of(e), slot32);
             if let Some(c) = next.entries.last() {
-                let _ = c[slot % CHUNK].set(*e);
+                let _ = c[slot % CHUNK].set(e.clone());
             }
-            let slot = slot as u32;
-            next.by_digest.insert(digest_hash(&e.digest), slot);
-            next.by_id.insert(next.id_hash_of(e), slot);
         }
         self.inner.store(Arc::new(next));
         w.next_entry = n as u32;
@@ -517,12 +569,26 @@ impl KeyTable {
         (strings, profiles, rotations)
     }
 
-    /// Call `f` with every live entry (a checkpoint's body).
+    /// Call `f` with every live entry (a checkpoint's body), its profile by the number
+    /// `parts` lists it at. Holds the writer lock, so no profile is added meanwhile.
     pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
+        let w = lock(&self.writer);
+        let numbers: HashMap<*const Profile, u32> = w
+            .profiles
+            .iter()
+            .map(|(p, n)| (Arc::as_ptr(p), *n))
+            .collect();
         let inner = self.inner.load();
         for e in inner.live() {
-            f(e);
+            // Every cell's profile was interned by this writer (u32::MAX would be refused by
+            // `from_parts` as pointing past the profiles).
+            let n = numbers
+                .get(&Arc::as_ptr(&e.profile))
+                .copied()
+                .unwrap_or(u32::MAX);
+            f(&e.entry(n));
         }
+        drop(w);
     }
 
     /// A table from a checkpoint's parts, without a record in sight. Refuses entries that
@@ -549,7 +615,12 @@ impl KeyTable {
             w.strings.insert(value, i as u32);
         }
         w.next_string = w.strings.len() as u32;
-        for (i, value) in profiles.into_iter().enumerate() {
+        let mut shared = Vec::with_capacity(profiles.len());
+        for (i, mut value) in profiles.into_iter().enumerate() {
+            // Parsed lists may hold spare capacity; these live as long as the table.
+            value.scopes.shrink_to_fit();
+            value.allow_ips.shrink_to_fit();
+            value.allow_origins.shrink_to_fit();
             let value = Arc::new(value);
             if i % CHUNK == 0 {
                 next.profiles.push(new_chunk());
@@ -557,27 +628,29 @@ impl KeyTable {
             if let Some(c) = next.profiles.last() {
                 let _ = c[i % CHUNK].set(value.clone());
             }
-            w.profiles.insert(value, i as u32);
+            w.profiles.insert(value.clone(), i as u32);
+            shared.push(value);
         }
         w.next_profile = w.profiles.len() as u32;
         let mut imported = 0;
         for (slot, e) in entries.enumerate() {
             let interned_id = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
-            if e.profile >= w.next_profile
-                || e.lineage > w.next_string
-                || (e.has(ID_INTERNED) && interned_id >= w.next_string)
-            {
+            let Some(profile) = shared.get(e.profile as usize) else {
+                return Err(format!("entry {slot} refers past the interned values"));
+            };
+            if e.lineage > w.next_string || (e.has(ID_INTERNED) && interned_id >= w.next_string) {
                 return Err(format!("entry {slot} refers past the interned values"));
             }
+            let e = Packed::new(&e, profile.clone());
             if slot % CHUNK == 0 {
                 next.entries.push(new_chunk());
-            }
-            if let Some(c) = next.entries.last() {
-                let _ = c[slot % CHUNK].set(e);
             }
             next.by_digest.insert(digest_hash(&e.digest), slot as u32);
             next.by_id.insert(next.id_hash_of(&e), slot as u32);
             imported += usize::from(e.has(IMPORTED));
+            if let Some(c) = next.entries.last() {
+                let _ = c[slot % CHUNK].set(e);
+            }
         }
         w.next_entry = n as u32;
         w.digest_used = n;
@@ -611,63 +684,115 @@ impl KeyTable {
     fn rebuilt(
         &self,
         inner: &Inner,
-        e: &Entry,
+        e: &Packed,
         rotations: &HashMap<String, Arc<KeyRecord>>,
     ) -> Option<KeyRecord> {
-        let v = inner.view(e)?;
-        if let Some(full) = rotations.get(&*v.id).filter(|r| r.rev == e.rev) {
-            return Some((**full).clone());
+        let mut r = blank();
+        self.fill(inner, e, rotations, &mut r).then_some(r)
+    }
+
+    /// Write the record of `e` into `out`, reusing its allocations (a pass over every key
+    /// allocates almost nothing). False when `e` names a string this state lacks.
+    fn fill(
+        &self,
+        inner: &Inner,
+        e: &Packed,
+        rotations: &HashMap<String, Arc<KeyRecord>>,
+        out: &mut KeyRecord,
+    ) -> bool {
+        let Some(v) = inner.view(e) else {
+            return false;
+        };
+        if let Some(full) = rotations
+            .get(&*v.id)
+            .filter(|r| r.rev.min(MAX_REV) == e.rev())
+        {
+            out.clone_from(full);
+            return true;
         }
         let p = &v.profile;
-        Some(KeyRecord {
-            rev: e.rev,
-            id: v.id.to_string(),
-            digest: e.digest,
-            secret_version: e.secret_version,
-            name: String::new(),
-            owner: p.owner.clone(),
-            env: p.env.clone(),
-            scopes: p.scopes.clone(),
-            plan: p.plan.clone(),
-            rate: p.rate.clone(),
-            quota: p.quota.clone(),
-            allow_ips: p.allow_ips.clone(),
-            allow_origins: p.allow_origins.clone(),
-            labels: Default::default(),
-            hint: String::new(),
-            created_at: e.created_at(),
-            written_at_ms: 0,
-            not_before: e.not_before(),
-            expires_at: e.expires_at(),
-            revoked_at: e.revoked_at(),
-            revoked_reason: None,
-            canary: e.has(CANARY),
-            publishable: e.has(PUBLISHABLE),
-            imported: e.has(IMPORTED),
-            rotated_from: None,
-            rotated_to: None,
-            rotation: e.has(ROTATION_CLOSED).then(closed_rotation),
-            lineage: v.lineage().to_owned(),
-            mac: None,
-        })
+        // Every field named (no `..`): a field added to the record must be decided here.
+        let KeyRecord {
+            rev,
+            id,
+            digest,
+            secret_version,
+            name,
+            owner,
+            env,
+            scopes,
+            plan,
+            rate,
+            quota,
+            allow_ips,
+            allow_origins,
+            labels,
+            hint,
+            created_at,
+            written_at_ms,
+            not_before,
+            expires_at,
+            revoked_at,
+            revoked_reason,
+            canary,
+            publishable,
+            imported,
+            rotated_from,
+            rotated_to,
+            rotation,
+            lineage,
+            mac,
+        } = out;
+        *rev = e.rev();
+        id.clear();
+        id.push_str(&v.id);
+        *digest = e.digest;
+        *secret_version = e.secret_version;
+        name.clear();
+        owner.clone_from(&p.owner);
+        env.clone_from(&p.env);
+        scopes.clone_from(&p.scopes);
+        plan.clone_from(&p.plan);
+        rate.clone_from(&p.rate);
+        quota.clone_from(&p.quota);
+        allow_ips.clone_from(&p.allow_ips);
+        allow_origins.clone_from(&p.allow_origins);
+        labels.clear();
+        hint.clear();
+        *created_at = e.created_at();
+        *written_at_ms = 0;
+        *not_before = e.not_before();
+        *expires_at = e.expires_at();
+        *revoked_at = e.revoked_at();
+        *revoked_reason = None;
+        *canary = e.has(CANARY);
+        *publishable = e.has(PUBLISHABLE);
+        *imported = e.has(IMPORTED);
+        *rotated_from = None;
+        *rotated_to = None;
+        *rotation = e.has(ROTATION_CLOSED).then(closed_rotation);
+        lineage.clear();
+        lineage.push_str(v.lineage());
+        *mac = None;
+        true
     }
 
     pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
-        let (inner, e) = self.by_digest(digest)?;
-        self.rebuilt(&inner, &e, &lock(&self.rotations))
+        let (inner, slot) = self.by_digest(digest)?;
+        self.rebuilt(&inner, inner.entry(slot)?, &lock(&self.rotations))
             .map(Arc::new)
     }
 
     pub fn get_by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
-        let (inner, e) = self.by_id(id)?;
-        self.rebuilt(&inner, &e, &lock(&self.rotations))
+        let (inner, slot) = self.by_id(id)?;
+        self.rebuilt(&inner, inner.entry(slot)?, &lock(&self.rotations))
             .map(Arc::new)
     }
 
     /// The request path's view of the key with `id`.
     pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
-        let (inner, e) = self.by_id(id)?;
-        inner.view(&e)
+        let (inner, slot) = self.by_id(id)?;
+        inner.view(inner.entry(slot)?)
     }
 
     /// Every revoked record (carried into a new table so revocations survive a new log).
@@ -687,6 +812,20 @@ impl KeyTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Call `f` with every key's record, rebuilt one at a time (whole counts at load, such as
+    /// the key gauges': a million keys never become a million records in memory at once).
+    pub fn each_record(&self, mut f: impl FnMut(&KeyRecord)) {
+        let inner = self.inner.load();
+        // A copy of the few open rotations, so applies do not wait for the whole pass.
+        let rotations = lock(&self.rotations).clone();
+        let mut scratch = blank();
+        for e in inner.live() {
+            if self.fill(&inner, e, &rotations, &mut scratch) {
+                f(&scratch);
+            }
+        }
     }
 
     /// Every record, rebuilt (for reports and local copies; not for the request path).
@@ -719,8 +858,8 @@ impl KeyTable {
         let mut out = std::collections::BTreeMap::new();
         let inner = self.inner.load();
         for e in inner.live() {
-            let env = cell(&inner.profiles, e.profile).map_or("", |p| p.env.as_str());
-            *out.entry((e.state(now), env.to_owned())).or_insert(0) += 1;
+            *out.entry((e.state(now), e.profile.env.clone()))
+                .or_insert(0) += 1;
         }
         out
     }
@@ -746,8 +885,12 @@ impl KeyTable {
         let record = hasher
             .all_digests(key)
             .find_map(|(version, d)| {
-                let (inner, e) = self.by_digest(&d)?;
-                (e.secret_version == version).then(|| inner.view(&e))?
+                let (_, view) = self.probe(|i| {
+                    Ok(i.find_digest(&d)?
+                        .filter(|(_, _, e)| e.secret_version == version)
+                        .and_then(|(_, _, e)| i.view(e)))
+                })?;
+                view
             })
             .ok_or(AuthError::Unknown)?;
         // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
@@ -959,6 +1102,14 @@ mod tests {
             assert_eq!(table.get_by_digest(&r.digest).unwrap().id, *id);
         }
         assert_eq!(table.records().len(), model.len());
+        // The one-at-a-time pass writes each record into one reused allocation: it must hand
+        // out exactly what `records` rebuilds, nothing left over from the previous key.
+        let mut each = Vec::new();
+        table.each_record(|r| each.push(r.clone()));
+        let mut all: Vec<KeyRecord> = table.records().iter().map(|r| (**r).clone()).collect();
+        each.sort_by(|a, b| a.id.cmp(&b.id));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(each, all);
         assert_eq!(
             table.revoked().len(),
             model.values().filter(|r| r.revoked_at.is_some()).count()
