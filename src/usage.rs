@@ -102,21 +102,23 @@ impl Usage {
         Usage { path, entries }
     }
 
-    fn with<R>(&self, id: &str, f: impl Fn(&Entry) -> R) -> R {
+    fn with(&self, id: &str, f: impl Fn(&Entry)) {
         if let Some(e) = self.entries.get(id) {
             return f(&e);
         }
-        f(&self.entries.entry(id.to_owned()).or_default())
+        f(&self.entries.entry(id.to_owned()).or_default());
     }
 
     /// Record one forwarded request by `id` at `now` (Unix seconds).
     pub fn touch(&self, id: &str, now: i64) {
-        self.with(id, |e| {
-            e.last_used.fetch_max(now, Ordering::Relaxed);
-            e.count.fetch_add(1, Ordering::Relaxed);
-            e.pending[0].fetch_add(1, Ordering::Relaxed);
-            e.dirty.store(true, Ordering::Relaxed);
-        });
+        self.with(id, |e| Self::count_use(e, now));
+    }
+
+    fn count_use(e: &Entry, now: i64) {
+        e.last_used.fetch_max(now, Ordering::Relaxed);
+        e.count.fetch_add(1, Ordering::Relaxed);
+        e.pending[0].fetch_add(1, Ordering::Relaxed);
+        e.dirty.store(true, Ordering::Relaxed);
     }
 
     /// Record the final status of an authenticated request by `id`.
@@ -141,9 +143,7 @@ impl Usage {
             if day(e.last_used.load(Ordering::Relaxed)) < day(now) {
                 return false;
             }
-            e.last_used.fetch_max(now, Ordering::Relaxed);
-            e.count.fetch_add(1, Ordering::Relaxed);
-            e.pending[0].fetch_add(1, Ordering::Relaxed);
+            Self::count_use(&e, now);
             Self::count_status(&e, status);
             true
         })
