@@ -127,23 +127,32 @@ impl Inner {
         cell(&self.strings, n).cloned()
     }
 
-    /// Position in `by_digest`, slot and entry of `d`.
-    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, &Packed)>, Stale> {
+    /// Position in `index`, slot and entry of the first entry under `hash` that `is` accepts.
+    /// A slot whose cell cannot be read yet is `Stale`: the caller retries on a newer table.
+    fn find_in(
+        &self,
+        index: &Index,
+        hash: u64,
+        is: impl Fn(&Packed) -> bool,
+    ) -> Result<Option<(usize, u32, &Packed)>, Stale> {
         let mut stale = false;
-        let found = self
-            .by_digest
-            .find(digest_hash(d), |s| match self.entry(s) {
-                Some(e) => e.digest == *d,
-                None => {
-                    stale = true;
-                    false
-                }
-            });
+        let found = index.find(hash, |s| match self.entry(s) {
+            Some(e) => is(e),
+            None => {
+                stale = true;
+                false
+            }
+        });
         match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
             Some(f) => Ok(Some(f)),
             None if stale => Err(Stale),
             None => Ok(None),
         }
+    }
+
+    /// Position in `by_digest`, slot and entry of `d`.
+    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, &Packed)>, Stale> {
+        self.find_in(&self.by_digest, digest_hash(d), |e| e.digest == *d)
     }
 
     fn id_is(&self, e: &Packed, id: &str, binary: Option<&[u8; 16]>) -> bool {
@@ -156,19 +165,9 @@ impl Inner {
     /// Position in `by_id`, slot and entry of `id`.
     fn find_id(&self, id: &str) -> Result<Option<(usize, u32, &Packed)>, Stale> {
         let binary = id_bytes(id);
-        let mut stale = false;
-        let found = self.by_id.find(id_hash(id), |s| match self.entry(s) {
-            Some(e) => self.id_is(e, id, binary.as_ref()),
-            None => {
-                stale = true;
-                false
-            }
-        });
-        match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
-            Some(f) => Ok(Some(f)),
-            None if stale => Err(Stale),
-            None => Ok(None),
-        }
+        self.find_in(&self.by_id, id_hash(id), |e| {
+            self.id_is(e, id, binary.as_ref())
+        })
     }
 
     fn id_of(&self, e: &Packed) -> Option<Arc<str>> {
