@@ -9,6 +9,7 @@ use crate::admin;
 use crate::audit::Event;
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::keys::compact::Validity as _;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn};
 use crate::reload::ConfigFile;

@@ -183,26 +183,37 @@ impl Entry {
             flags: b[84],
         }
     }
+}
 
-    fn time(&self, v: u32, bit: u8) -> Option<i64> {
-        (self.flags & bit != 0).then_some(i64::from(v))
+/// The revisions a cell holds: 40 bits (a trillion records; a log never gets there). A larger
+/// revision is held as this, which only matters past it.
+pub const MAX_REV: u64 = (1 << 40) - 1;
+
+/// The flags and 32-bit times of a key version, read the same way from both of its forms
+/// (`Entry` in a checkpoint, `Packed` in a slab cell).
+pub trait Validity {
+    /// The flag bits.
+    fn flag_bits(&self) -> u8;
+    /// `[not_before, expires_at, revoked_at, created_at]` as stored.
+    fn times(&self) -> [u32; 4];
+
+    fn has(&self, bit: u8) -> bool {
+        self.flag_bits() & bit != 0
     }
-    pub fn not_before(&self) -> Option<i64> {
-        self.time(self.not_before, HAS_NOT_BEFORE)
+    fn not_before(&self) -> Option<i64> {
+        self.has(HAS_NOT_BEFORE)
+            .then_some(i64::from(self.times()[0]))
     }
-    pub fn expires_at(&self) -> Option<i64> {
-        self.time(self.expires_at, HAS_EXPIRES)
+    fn expires_at(&self) -> Option<i64> {
+        self.has(HAS_EXPIRES).then_some(i64::from(self.times()[1]))
     }
-    pub fn revoked_at(&self) -> Option<i64> {
-        self.time(self.revoked_at, HAS_REVOKED)
+    fn revoked_at(&self) -> Option<i64> {
+        self.has(HAS_REVOKED).then_some(i64::from(self.times()[2]))
     }
-    pub fn created_at(&self) -> i64 {
-        i64::from(self.created_at)
+    fn created_at(&self) -> i64 {
+        i64::from(self.times()[3])
     }
-    pub fn has(&self, bit: u8) -> bool {
-        self.flags & bit != 0
-    }
-    pub fn state(&self, now: i64) -> KeyState {
+    fn state(&self, now: i64) -> KeyState {
         state_at(
             self.revoked_at(),
             self.has(CANARY),
@@ -213,9 +224,33 @@ impl Entry {
     }
 }
 
-/// The revisions a cell holds: 40 bits (a trillion records; a log never gets there). A larger
-/// revision is held as this, which only matters past it.
-pub const MAX_REV: u64 = (1 << 40) - 1;
+impl Validity for Entry {
+    fn flag_bits(&self) -> u8 {
+        self.flags
+    }
+    fn times(&self) -> [u32; 4] {
+        [
+            self.not_before,
+            self.expires_at,
+            self.revoked_at,
+            self.created_at,
+        ]
+    }
+}
+
+impl Validity for Packed {
+    fn flag_bits(&self) -> u8 {
+        self.flags
+    }
+    fn times(&self) -> [u32; 4] {
+        [
+            self.not_before,
+            self.expires_at,
+            self.revoked_at,
+            self.created_at,
+        ]
+    }
+}
 
 /// One key version as a slab cell holds it (see the module header): 88 bytes, so its
 /// write-once cell is 96.
@@ -275,33 +310,6 @@ impl Packed {
 
     pub fn rev(&self) -> u64 {
         (u64::from(self.rev_hi) << 32) | u64::from(self.rev_lo)
-    }
-    fn time(&self, v: u32, bit: u8) -> Option<i64> {
-        (self.flags & bit != 0).then_some(i64::from(v))
-    }
-    pub fn not_before(&self) -> Option<i64> {
-        self.time(self.not_before, HAS_NOT_BEFORE)
-    }
-    pub fn expires_at(&self) -> Option<i64> {
-        self.time(self.expires_at, HAS_EXPIRES)
-    }
-    pub fn revoked_at(&self) -> Option<i64> {
-        self.time(self.revoked_at, HAS_REVOKED)
-    }
-    pub fn created_at(&self) -> i64 {
-        i64::from(self.created_at)
-    }
-    pub fn has(&self, bit: u8) -> bool {
-        self.flags & bit != 0
-    }
-    pub fn state(&self, now: i64) -> KeyState {
-        state_at(
-            self.revoked_at(),
-            self.has(CANARY),
-            self.expires_at(),
-            self.not_before(),
-            now,
-        )
     }
 }
 

@@ -18,8 +18,8 @@
 
 use crate::keys::compact::{
     cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_chunk, Chunk, Entry, Index,
-    KeyId, KeyView, Packed, Profile, CANARY, CHUNK, ID_INTERNED, IMPORTED, MAX_REV, PUBLISHABLE,
-    ROTATION_CLOSED,
+    KeyId, KeyView, Packed, Profile, Validity, CANARY, CHUNK, ID_INTERNED, IMPORTED, MAX_REV,
+    PUBLISHABLE, ROTATION_CLOSED,
 };
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
