@@ -12,11 +12,14 @@
 //! header the gateway relies on. Responses: hop-by-hop headers are removed
 //! before relaying (RFC 9110 §7.6.1), never failing.
 
-use crate::keys::compact::KeyView;
+use crate::keys::compact::{KeyView, Profile};
 use crate::trace::TraceContext;
 use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
 pub static X_KEYGATE_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
@@ -101,15 +104,19 @@ pub fn to_upstream(
     f: &Forwarding<'_>,
 ) -> Result<(), HygieneError> {
     sanitize_request(headers, key_header)?;
-    let mut set = |name: &HeaderName, value: &[u8]| {
-        if let Ok(v) = HeaderValue::from_bytes(value) {
+    // Room for every header set below at once, not a regrow (and rehash) per few inserts.
+    // Failing only past the map's hard cap, which the head's header count check keeps far.
+    let _ = headers.try_reserve(ADDED_HEADERS);
+    let mut set = |name: &HeaderName, value: Option<HeaderValue>| {
+        if let Some(v) = value {
             headers.insert(name.clone(), v);
         }
     };
-    set(&X_KEYGATE_KEY_ID, f.key.id.as_bytes());
-    set(&X_KEYGATE_OWNER, f.key.owner.as_bytes());
-    set(&X_KEYGATE_SCOPES, f.key.scopes.join(",").as_bytes());
-    set(&X_KEYGATE_ENV, f.key.env.as_bytes());
+    let (scopes, env) = profile_values(&f.key.profile);
+    set(&X_KEYGATE_KEY_ID, value(f.key.id.as_bytes()));
+    set(&X_KEYGATE_OWNER, value(f.key.owner.as_bytes()));
+    set(&X_KEYGATE_SCOPES, scopes);
+    set(&X_KEYGATE_ENV, env);
     let mut ip = [0u8; 64];
     let n = {
         let mut w = &mut ip[..];
@@ -117,9 +124,9 @@ pub fn to_upstream(
         let _ = std::io::Write::write_fmt(&mut w, format_args!("{}", f.client));
         64 - w.len()
     };
-    set(&X_FORWARDED_FOR, &ip[..n]);
+    set(&X_FORWARDED_FOR, value(&ip[..n]));
     if let Some(host) = f.host {
-        set(&X_FORWARDED_HOST, host.as_bytes());
+        set(&X_FORWARDED_HOST, value(host.as_bytes()));
     }
     let proto = if f.tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -143,6 +150,60 @@ pub fn to_upstream(
     }
     f.trace.set_upstream_headers(headers);
     Ok(())
+}
+
+/// A header value of bytes the gateway took from a record or the request; `None` (the
+/// header is left out) for bytes a header value cannot hold.
+fn value(bytes: &[u8]) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(bytes).ok()
+}
+
+/// How many headers `to_upstream` may add: the four identity headers, three
+/// `X-Forwarded-*`, the request id, `traceparent` and `Host`.
+const ADDED_HEADERS: usize = 10;
+
+/// Past this many profiles a thread's cache of profile values starts over (reloads leave
+/// replaced profiles behind; a table of many distinct profiles must not grow it unbounded).
+const PROFILE_CACHE_MAX: usize = 1024;
+
+/// The identity header values that depend only on a key's profile, built once.
+struct ProfileValues {
+    /// Held so the address this entry is keyed by cannot be reused by another profile while
+    /// the entry lives.
+    _profile: Arc<Profile>,
+    scopes: Option<HeaderValue>,
+    env: Option<HeaderValue>,
+}
+
+thread_local! {
+    /// Per worker thread (each serves its connections to the end), so no lock: profile
+    /// address → its values.
+    static PROFILE_VALUES: RefCell<HashMap<usize, ProfileValues, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+/// `X-Keygate-Scopes` and `X-Keygate-Env` for a profile: many keys share one profile, so
+/// the values are built (scopes joined, bytes checked and copied) once per profile and
+/// thread, and each request clones a reference to them instead of allocating them anew.
+fn profile_values(profile: &Arc<Profile>) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    let key = Arc::as_ptr(profile) as usize;
+    PROFILE_VALUES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(v) = cache.get(&key) {
+            return (v.scopes.clone(), v.env.clone());
+        }
+        if cache.len() >= PROFILE_CACHE_MAX {
+            cache.clear();
+        }
+        let v = ProfileValues {
+            _profile: Arc::clone(profile),
+            scopes: value(profile.scopes.join(",").as_bytes()),
+            env: value(profile.env.as_bytes()),
+        };
+        let out = (v.scopes.clone(), v.env.clone());
+        cache.insert(key, v);
+        out
+    })
 }
 
 /// Strip everything the upstream must not see from a client request, in place.
@@ -537,6 +598,50 @@ mod tests {
             sanitize_response(&mut headers);
             assert_eq!(names(&headers), want.to_vec(), "case {name}");
         }
+    }
+
+    fn profile(env: &str, scopes: &[&str]) -> Arc<Profile> {
+        Arc::new(Profile {
+            env: env.into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            ..Profile::default()
+        })
+    }
+
+    /// The cached values are each profile's own, on a hit, on a miss and after the cache
+    /// started over; equal profiles at different addresses are separate entries.
+    #[test]
+    fn profile_values_are_each_profiles_own() {
+        let live = profile("live", &["read", "write"]);
+        let test = profile("test", &[]);
+        let live_copy = profile("live", &["read", "write"]);
+        for _ in 0..2 {
+            for (p, scopes, env) in [
+                (&live, "read,write", "live"),
+                (&test, "", "test"),
+                (&live_copy, "read,write", "live"),
+            ] {
+                let (s, e) = profile_values(p);
+                assert_eq!(
+                    s.as_ref().map(HeaderValue::as_bytes),
+                    Some(scopes.as_bytes())
+                );
+                assert_eq!(e.as_ref().map(HeaderValue::as_bytes), Some(env.as_bytes()));
+            }
+        }
+        let others: Vec<_> = (0..PROFILE_CACHE_MAX)
+            .map(|i| profile(&format!("env{i}"), &["x"]))
+            .collect();
+        for p in &others {
+            profile_values(p);
+        }
+        assert!(PROFILE_VALUES.with(|c| c.borrow().len()) <= PROFILE_CACHE_MAX);
+        let (s, e) = profile_values(&test);
+        assert_eq!(s.as_ref().map(HeaderValue::as_bytes), Some(&b""[..]));
+        assert_eq!(e.as_ref().map(HeaderValue::as_bytes), Some(&b"test"[..]));
+        // A value a header cannot hold is left out, not sent mangled.
+        let (_, bad) = profile_values(&profile("a\nb", &[]));
+        assert!(bad.is_none());
     }
 
     #[test]
