@@ -860,6 +860,30 @@ impl KeyTable {
         }
     }
 
+    /// Group the keys by `key` (given each one's entry and id) and call `f` once per group
+    /// with the record of one of them and the group's size: a whole count where most keys
+    /// count alike (the key gauges at load) rebuilds a record per group, not per key.
+    pub fn each_group<K: std::hash::Hash + Eq>(
+        &self,
+        key: impl Fn(&Entry, &str) -> K,
+        mut f: impl FnMut(&KeyRecord, u64),
+    ) {
+        let inner = self.inner.load();
+        let rotations = lock(&self.rotations).clone();
+        let mut groups: HashMap<K, (Entry, u64)> = HashMap::new();
+        for e in inner.live() {
+            if let Some(id) = inner.key_id(&e) {
+                groups.entry(key(&e, &id)).or_insert((e, 0)).1 += 1;
+            }
+        }
+        let mut scratch = blank();
+        for (e, n) in groups.into_values() {
+            if self.fill(&inner, &e, &rotations, &mut scratch) {
+                f(&scratch, n);
+            }
+        }
+    }
+
     /// Every record, rebuilt (for reports and local copies; not for the request path).
     pub fn records(&self) -> Vec<Arc<KeyRecord>> {
         let inner = self.inner.load();
