@@ -4,8 +4,11 @@
 //! - **`Entry`** (`Copy`): the digest, the id in binary (ids are `key_` + 26 base32
 //!   characters of 128 random bits; any other id is interned), the revision, the validity
 //!   window and revocation as 32-bit Unix seconds, the secret version, flags, and three small
-//!   numbers: the key's owner (an interned string), its `Profile` and its lineage (0: the key
-//!   is its own lineage).
+//!   numbers: the key's owner, its `Profile` and its lineage (0: the key is its own lineage;
+//!   else an interned string).
+//! - **Owners**: interned, numbered, each held as the `Name` a view carries (inline up to 22
+//!   bytes), in a dense slab: a view copies its owner from one cell, with no pointer to
+//!   follow and no reference count to bump.
 //! - **`Profile`**: env, scopes, plan/rate/quota, allowed networks and origins: what many
 //!   keys share, interned once (`Arc`). The owner is not in it (a platform has an owner per
 //!   few keys, but a handful of plans and scope sets), so a million keys of a hundred thousand
@@ -87,7 +90,7 @@ pub struct Entry {
     created_at: u32,
     /// 0: the key is its own lineage; else 1 + an index into the table's strings.
     pub lineage: u32,
-    /// An index into the table's strings.
+    /// An index into the table's owners.
     pub owner: u32,
     pub profile: u32,
     pub secret_version: u32,
@@ -422,6 +425,19 @@ impl From<&str> for Name {
 impl std::ops::Deref for Name {
     type Target = str;
     fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `str` hashes: `Borrow<str>` lets a map keyed by names be asked with a `&str`.
+        self.as_str().hash(h)
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
         self.as_str()
     }
 }

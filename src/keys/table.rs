@@ -99,6 +99,8 @@ impl AuthError {
 struct Inner {
     entries: Vec<Cells>,
     profiles: Vec<Chunk<Arc<Profile>>>,
+    /// Owners by number, as the views carry them (inline when short): one dense read.
+    owners: Vec<Chunk<Name>>,
     strings: Vec<Chunk<Arc<str>>>,
     by_digest: Arc<Index>,
     by_id: Arc<Index>,
@@ -113,6 +115,7 @@ impl Inner {
         Inner {
             entries: Vec::with_capacity(n / CHUNK + 1),
             profiles: Vec::new(),
+            owners: Vec::new(),
             strings: Vec::new(),
             by_digest: Arc::new(Index::for_keys(n)),
             by_id: Arc::new(Index::for_keys(n)),
@@ -199,10 +202,9 @@ impl Inner {
         }
     }
 
-    /// The owner of `e`, copied inline when short (no reference count touched).
+    /// The owner of `e`, copied (inline when short: no reference count touched).
     fn owner(&self, e: &Entry) -> Option<Name> {
-        let s = cell(&self.strings, e.owner)?;
-        Some(Name::of(s, || s.clone()))
+        cell(&self.owners, e.owner).cloned()
     }
 
     fn view(&self, e: &Entry) -> Option<KeyView> {
@@ -228,12 +230,14 @@ struct Writer {
     next_entry: u32,
     next_profile: u32,
     next_string: u32,
+    next_owner: u32,
     digest_used: usize,
     id_used: usize,
     /// Slab slots no index points at any more (superseded versions).
     garbage: usize,
     profiles: HashMap<Arc<Profile>, u32>,
     strings: HashMap<Arc<str>, u32>,
+    owners: HashMap<Name, u32>,
 }
 
 pub struct KeyTable {
@@ -280,6 +284,17 @@ fn closed_rotation() -> Rotation {
         requests_at_start: 0,
         completed_at: Some(0),
     }
+}
+
+/// What a checkpoint stores besides the entries (`KeyTable::each_part`), numbered as the
+/// entries refer to them.
+pub struct Parts<'a> {
+    pub strings: &'a [Arc<str>],
+    pub owners: &'a [Name],
+    pub profiles: &'a [Arc<Profile>],
+    pub rotations: &'a [KeyRecord],
+    /// How many entries follow.
+    pub entries: usize,
 }
 
 /// A record with nothing in it, for `KeyTable::fill` to write into.
@@ -399,6 +414,18 @@ impl KeyTable {
         n
     }
 
+    fn intern_owner(&self, w: &mut Writer, s: &str) -> u32 {
+        if let Some(n) = w.owners.get(s) {
+            return *n;
+        }
+        let n = w.next_owner;
+        let value = Name::from(s);
+        self.push(|i| &i.owners, |i| &mut i.owners, n, value.clone());
+        w.owners.insert(value, n);
+        w.next_owner += 1;
+        n
+    }
+
     /// The number of `p`, interned (the entry's and the checkpoint's reference to it).
     fn intern_profile(&self, w: &mut Writer, p: Profile) -> u32 {
         if let Some(n) = w.profiles.get(&p) {
@@ -479,7 +506,7 @@ impl KeyTable {
         } else {
             self.intern_string(&mut w, &record.lineage) + 1
         };
-        let owner = self.intern_string(&mut w, &record.owner);
+        let owner = self.intern_owner(&mut w, &record.owner);
         let profile = self.intern_profile(&mut w, Profile::of(&record));
         let entry = Entry::new(
             &record,
@@ -564,6 +591,7 @@ impl KeyTable {
         let mut next = Inner {
             entries: Vec::with_capacity(n / CHUNK + 1),
             profiles: inner.profiles.clone(),
+            owners: inner.owners.clone(),
             strings: inner.strings.clone(),
             by_digest: Arc::new(Index::for_keys(room)),
             by_id: Arc::new(Index::for_keys(room)),
@@ -588,18 +616,21 @@ impl KeyTable {
     }
 
     /// What a checkpoint stores (`store::checkpoint`), written into `out`: `head` gets the
-    /// interned strings and profiles in number order, the full records of open rotations and
-    /// the entry count; then `entry` gets every live entry. Under the writer lock, so the
+    /// interned strings, owners and profiles in number order, the full records of open
+    /// rotations and the entry count; then `entry` gets every live entry. Under the writer lock, so the
     /// entries name only strings and profiles `head` was given.
     pub fn each_part<S>(
         &self,
         out: &mut S,
-        head: impl FnOnce(&mut S, &[Arc<str>], &[Arc<Profile>], &[KeyRecord], usize),
+        head: impl FnOnce(&mut S, Parts<'_>),
         mut entry: impl FnMut(&mut S, &Entry),
     ) {
         let w = lock(&self.writer);
         let inner = self.inner.load();
         let strings: Vec<Arc<str>> = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
+        let owners: Vec<Name> = (0..w.next_owner)
+            .filter_map(|n| cell(&inner.owners, n).cloned())
+            .collect();
         let profiles: Vec<Arc<Profile>> = (0..w.next_profile)
             .filter_map(|n| inner.profile(n).cloned())
             .collect();
@@ -607,7 +638,14 @@ impl KeyTable {
             .values()
             .map(|r| (**r).clone())
             .collect();
-        head(out, &strings, &profiles, &rotations, self.len());
+        let parts = Parts {
+            strings: &strings,
+            owners: &owners,
+            profiles: &profiles,
+            rotations: &rotations,
+            entries: self.len(),
+        };
+        head(out, parts);
         for e in inner.live() {
             entry(out, &e);
         }
@@ -630,6 +668,7 @@ impl KeyTable {
         log: LogId,
         rev: u64,
         strings: Vec<Arc<str>>,
+        owners: Vec<&str>,
         profiles: Vec<Profile>,
         rotations: Vec<KeyRecord>,
         entries: impl ExactSizeIterator<Item = Entry>,
@@ -649,6 +688,18 @@ impl KeyTable {
             w.strings.insert(value, i as u32);
         }
         w.next_string = w.strings.len() as u32;
+        w.owners.reserve(owners.len());
+        for (i, s) in owners.into_iter().enumerate() {
+            let value = Name::from(s);
+            if i % CHUNK == 0 {
+                next.owners.push(new_chunk());
+            }
+            if let Some(c) = next.owners.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.owners.insert(value, i as u32);
+        }
+        w.next_owner = w.owners.len() as u32;
         for (i, mut value) in profiles.into_iter().enumerate() {
             // Parsed lists may hold spare capacity; these live as long as the table.
             value.scopes.shrink_to_fit();
@@ -667,7 +718,7 @@ impl KeyTable {
         let mut imported = 0;
         for (slot, e) in entries.enumerate() {
             let past = e.profile >= w.next_profile
-                || e.owner >= w.next_string
+                || e.owner >= w.next_owner
                 || e.lineage > w.next_string
                 || (e.has(ID_INTERNED) && e.interned_id() >= w.next_string);
             if past {

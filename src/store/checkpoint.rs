@@ -3,7 +3,7 @@
 //! second, where parsing and verifying the JSON log takes seconds.
 //!
 //! Layout: a magic line, the last bytes of the log prefix it covers (its fingerprint), the
-//! table's interned strings (length-prefixed), its profiles and open rotations (one JSON
+//! table's interned strings and owners (length-prefixed), its profiles and open rotations (one JSON
 //! array each: there are few), then every entry at 92 fixed bytes (`compact::Entry`), and a
 //! seal: `{"seal":{"log","rev","keys","log_bytes","log_lines"},"mac":"<v>:<hex>"}` followed by
 //! its length (4 bytes LE). The MAC (the feed cache's file chain, keyed from the hash secret)
@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Version 2: entries of 92 bytes with the owner's string number; profiles without owner.
+/// Version 2: an owners section; entries of 92 bytes with the owner's number; profiles
+/// without owner.
 const MAGIC: &[u8; 8] = b"KGCKPT2\n";
 /// Earlier formats, refused by name (the log is read instead, and the next compaction
 /// writes the current format).
@@ -77,18 +78,23 @@ pub fn encode(table: &KeyTable, log_prefix: &[u8], signer: &Signer) -> std::io::
     let mut keys = 0u64;
     table.each_part(
         &mut out,
-        |out, strings, profiles, rotations, n| {
-            out.extend((strings.len() as u64).to_le_bytes());
-            for s in strings {
-                put(out, s.as_bytes());
+        |out, parts| {
+            for list in [
+                parts.strings.iter().map(|s| &**s).collect::<Vec<&str>>(),
+                parts.owners.iter().map(|s| &**s).collect(),
+            ] {
+                out.extend((list.len() as u64).to_le_bytes());
+                for s in list {
+                    put(out, s.as_bytes());
+                }
             }
-            let profiles: Vec<&Profile> = profiles.iter().map(|p| &**p).collect();
+            let profiles: Vec<&Profile> = parts.profiles.iter().map(|p| &**p).collect();
             head = serde_json::to_vec(&profiles)
-                .and_then(|p| Ok((p, serde_json::to_vec(&rotations)?)))
+                .and_then(|p| Ok((p, serde_json::to_vec(&parts.rotations)?)))
                 .map(|(p, r)| {
                     put(out, &p);
                     put(out, &r);
-                    out.extend((n as u64).to_le_bytes());
+                    out.extend((parts.entries as u64).to_le_bytes());
                 });
         },
         |out, e| {
@@ -168,6 +174,16 @@ impl<'a> Reader<'a> {
         let n = self.count(1)?;
         self.take(n)
     }
+
+    /// A count, then that many length-prefixed UTF-8 strings.
+    fn strs(&mut self) -> Result<Vec<&'a str>, String> {
+        let n = self.count(8)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(std::str::from_utf8(self.bytes()?).map_err(|e| e.to_string())?);
+        }
+        Ok(out)
+    }
 }
 
 /// Verify and load a checkpoint's bytes. Any error means: do not use it.
@@ -207,12 +223,8 @@ pub fn decode(bytes: &[u8], signer: &Signer) -> Result<Loaded, String> {
         buf: &bytes[MAGIC.len()..seal_at],
     };
     let fingerprint = r.bytes()?.to_vec();
-    let n = r.count(8)?;
-    let mut strings: Vec<Arc<str>> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let s = std::str::from_utf8(r.bytes()?).map_err(|e| e.to_string())?;
-        strings.push(s.into());
-    }
+    let strings: Vec<Arc<str>> = r.strs()?.into_iter().map(Arc::from).collect();
+    let owners = r.strs()?;
     let profiles: Vec<Profile> =
         serde_json::from_slice(r.bytes()?).map_err(|e| format!("profiles: {e}"))?;
     let rotations: Vec<KeyRecord> =
@@ -227,7 +239,9 @@ pub fn decode(bytes: &[u8], signer: &Signer) -> Result<Loaded, String> {
         b.copy_from_slice(c);
         Entry::from_bytes(&b)
     });
-    let table = KeyTable::from_parts(seal.log, seal.rev, strings, profiles, rotations, entries)?;
+    let table = KeyTable::from_parts(
+        seal.log, seal.rev, strings, owners, profiles, rotations, entries,
+    )?;
     Ok(Loaded {
         table,
         seal,
