@@ -366,16 +366,6 @@ impl Cell {
             flags: (last >> 40) as u8,
         })
     }
-
-    /// Whether the cell holds `d` (the probe's test: four loads, no copy of the entry).
-    pub fn holds(&self, d: &Digest) -> bool {
-        let want: [u64; 4] = le_words(&d.0);
-        self.0[CELL_WORDS - 1].load(Ordering::Acquire) & WRITTEN != 0
-            && want
-                .iter()
-                .enumerate()
-                .all(|(i, w)| self.0[i].load(Ordering::Relaxed) == *w)
-    }
 }
 
 /// A name the request path carries (a key's owner): short ones, nearly all, inline (making a
@@ -931,11 +921,8 @@ mod tests {
         let e = Entry::new(&r, at([5; 16], ID_INTERNED, 3, u32::MAX, 4));
         let c = Cell::default();
         assert_eq!(c.read(), None, "an unwritten cell reads as nothing");
-        assert!(!c.holds(&e.digest));
         c.write(&e);
         assert_eq!(c.read(), Some(e));
-        assert!(c.holds(&e.digest));
-        assert!(!c.holds(&Digest([9; 32])));
         r.rev = u64::MAX;
         let e = Entry::new(&r, at([5; 16], 0, 0, 0, 0));
         assert_eq!(e.rev, MAX_REV);
