@@ -218,6 +218,24 @@ impl Inner {
         Some(KeyView::new(e, id, lineage, owner, profile))
     }
 
+    /// The view of a found entry, or `Stale` when this state lacks the owner, profile or
+    /// string it names (the writer interned it into a chunk added after this state was
+    /// loaded, then published the entry): the caller loads again.
+    fn fresh_view(&self, e: &Entry) -> Result<KeyView, Stale> {
+        self.view(e).ok_or(Stale)
+    }
+
+    /// `Ok` when this state has the owner, profile and strings `e` names (else as
+    /// `fresh_view`).
+    fn complete(&self, e: &Entry) -> Result<(), Stale> {
+        let has_string = |n: u32| cell(&self.strings, n).is_some();
+        let ok = cell(&self.owners, e.owner).is_some()
+            && self.profile(e.profile).is_some()
+            && (e.lineage == 0 || has_string(e.lineage - 1))
+            && (!e.has(ID_INTERNED) || has_string(e.interned_id()));
+        ok.then_some(()).ok_or(Stale)
+    }
+
     /// Every live entry (the ones the digest index points at).
     fn live(&self) -> impl Iterator<Item = Entry> + '_ {
         self.by_digest.targets().filter_map(|s| self.entry(s))
@@ -391,14 +409,21 @@ impl KeyTable {
         }
     }
 
-    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`).
+    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`), in a
+    /// state that has everything the entry names (`Inner::complete`).
     fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| Ok(i.find_digest(d)?.map(|(_, s, _)| s)))?;
+        let (inner, found) = self.probe(|i| match i.find_digest(d)? {
+            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
+            None => Ok(None),
+        })?;
         found.map(|s| (inner, s))
     }
 
     fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| Ok(i.find_id(id)?.map(|(_, s, _)| s)))?;
+        let (inner, found) = self.probe(|i| match i.find_id(id)? {
+            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
+            None => Ok(None),
+        })?;
         found.map(|s| (inner, s))
     }
 
@@ -874,8 +899,11 @@ impl KeyTable {
 
     /// The request path's view of the key with `id`.
     pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
-        let (inner, slot) = self.by_id(id)?;
-        inner.view(&inner.entry(slot)?)
+        let (_, view) = self.probe(|i| match i.find_id(id)? {
+            Some((_, _, e)) => i.fresh_view(&e).map(Some),
+            None => Ok(None),
+        })?;
+        view
     }
 
     /// Every revoked record (carried into a new table so revocations survive a new log).
@@ -994,9 +1022,13 @@ impl KeyTable {
             .all_digests(key)
             .find_map(|(version, d)| {
                 let (_, view) = self.probe(|i| {
-                    Ok(i.find_digest(&d)?
+                    match i
+                        .find_digest(&d)?
                         .filter(|(_, _, e)| e.secret_version == version)
-                        .and_then(|(_, _, e)| i.view(&e)))
+                    {
+                        Some((_, _, e)) => i.fresh_view(&e).map(Some),
+                        None => Ok(None),
+                    }
                 })?;
                 view
             })
@@ -1238,6 +1270,40 @@ mod tests {
     }
 
     #[test]
+    fn a_state_older_than_an_entrys_owner_is_stale_not_unknown() {
+        // The writer interns a new owner into a new chunk (a new inner state), writes the
+        // entry into an existing entry chunk and repoints the index, which every state
+        // shares: a reader holding the older state finds the entry but not its owner, and
+        // must load again (`Stale`), never answer "unknown" for a valid key.
+        let f = fixture();
+        let key = f.add("key_a", 1, |r| r.owner = "o0".into());
+        {
+            let mut w = lock(&f.table.writer);
+            for i in 1..CHUNK {
+                f.table.intern_owner(&mut w, &format!("o{i}"));
+            }
+        }
+        let old = f.table.inner.load_full();
+        let mut r = (*f.table.get_by_id("key_a").unwrap()).clone();
+        r.rev = 2;
+        r.owner = "a-new-owner".into();
+        assert!(f.table.apply(r));
+        let (_, slot, e) = old.find_id("key_a").ok().flatten().unwrap();
+        assert_eq!(
+            slot, 1,
+            "the new version is in the entry chunk the old state has"
+        );
+        assert!(
+            old.fresh_view(&e).is_err(),
+            "the old state lacks the owner: stale"
+        );
+        assert_eq!(&*f.auth(&key, 10).unwrap().owner, "a-new-owner");
+        assert_eq!(&*f.table.view_by_id("key_a").unwrap().owner, "a-new-owner");
+        assert!(old.complete(&e).is_err());
+        assert_eq!(f.table.get_by_id("key_a").unwrap().owner, "a-new-owner");
+    }
+
+    #[test]
     fn readers_see_whole_versions_while_a_writer_applies() {
         let f = fixture();
         let key = f.add("key_a", 1, |r| {
@@ -1261,9 +1327,12 @@ mod tests {
             })
         };
         let mut r = table.get_by_id("key_a").map(|r| (*r).clone()).unwrap();
+        // A new owner and profile with every version: their slabs gain chunks (a new inner
+        // state) while the reader probes, so the reader meets entries naming an owner or
+        // profile its loaded state lacks, and must load again rather than answer unknown.
         for rev in 2..20_000u64 {
             r.rev = rev;
-            r.owner = (rev % 97).to_string();
+            r.owner = rev.to_string();
             r.scopes = vec![format!("s{}", r.owner)];
             table.apply(r.clone());
         }
