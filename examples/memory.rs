@@ -5,7 +5,7 @@
 //!
 //!   cargo run --release --example memory [-- N]
 
-use keygate::keys::compact::Entry;
+use keygate::keys::compact::{Cell, Entry};
 use keygate::keys::table::KeyTable;
 use std::time::Instant;
 
@@ -42,13 +42,14 @@ fn main() {
         after as f64 / 1e6
     );
     println!("resident bytes per key   {per_key:.0}");
-    let entry = std::mem::size_of::<std::sync::OnceLock<Entry>>();
+    let cell = std::mem::size_of::<Cell>();
     println!("parts per key:");
     println!(
-        "  slab cell              {entry} (Entry {} in a write-once cell)",
+        "  slab cell              {cell} (an Entry, {} B in registers, as 11 atomic words)",
         std::mem::size_of::<Entry>()
     );
     println!("  index slots            2 x 8 B at 53-85% load (digest and id)");
-    println!("  profiles               shared (owner, env, scopes, limits, networks, origins)");
+    println!("  owner                  an interned string (shared by the owner's keys)");
+    println!("  profiles               shared (env, scopes, limits, networks, origins)");
     drop(table);
 }

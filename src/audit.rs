@@ -57,7 +57,7 @@ impl Event {
     /// passes the hint of the key it was presented, when it has one.
     pub fn key_view(mut self, k: &crate::keys::compact::KeyView, hint: Option<String>) -> Event {
         self.key_id = Some(k.id.to_string());
-        self.owner = Some(k.owner.clone());
+        self.owner = Some(k.owner.to_string());
         self.hint = hint;
         self
     }

@@ -169,7 +169,7 @@ async fn compact_writes_a_checkpoint_in_redis_and_a_gateway_starts_from_it() {
         "the checkpoint stands for the head revision"
     );
     assert!(
-        s.cmd(&["GET", CKPT]).starts_with("KGCKPT1"),
+        s.cmd(&["GET", CKPT]).starts_with("KGCKPT2"),
         "the sealed format"
     );
     // After the checkpoint: a revocation and a new key, in the stream only.

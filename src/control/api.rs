@@ -8,6 +8,7 @@
 
 use super::tokens::Role;
 use super::Control;
+use crate::keys::compact::Validity as _;
 use crate::keys::ops::{Changes, Grants, Keys, OpsError, Selector};
 use crate::keys::record::{KeyRecord, KeyState};
 use crate::store::feed::{Catchup, Event, FeedLine};
@@ -637,7 +638,7 @@ async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<
             "env": record.env,
             "scopes": record.scopes,
             "plan": record.plan,
-            "expires_at": record.expires_at,
+            "expires_at": record.expires_at(),
             "limit": verdict.map(|v| v.limit),
             "remaining": verdict.map(|v| v.remaining),
             "reset": verdict.map(|v| v.reset_secs),

@@ -1,15 +1,25 @@
 //! The compact form of a key the gateway enforces, and the storage primitives of the key
 //! table (`keys::table`): what makes a million keys cost about a hundred bytes each.
 //!
-//! - **`Entry`** (88 bytes, `Copy`): the digest, the id in binary (ids are `key_` + 26 base32
+//! - **`Entry`** (`Copy`): the digest, the id in binary (ids are `key_` + 26 base32
 //!   characters of 128 random bits; any other id is interned), the revision, the validity
-//!   window and revocation as 32-bit Unix seconds, the secret version, flags, and two small
-//!   indexes: the key's `Profile` and its lineage (0: the key is its own lineage).
-//! - **`Profile`**: owner, env, scopes, plan/rate/quota, allowed networks and origins: what
-//!   many keys share, interned once (`Arc`), so a customer's thousand keys hold one copy.
-//! - **`Slab`**: append-only chunks of write-once cells. A reader takes no lock: a slot, once
-//!   written, never changes. A new version of a key is a new slot (the old one becomes garbage
-//!   that the table's rebuild drops), so a reader sees one version whole, never a mix.
+//!   window and revocation as 32-bit Unix seconds, the secret version, flags, and three small
+//!   numbers: the key's owner, its `Profile` and its lineage (0: the key is its own lineage;
+//!   else an interned string).
+//! - **Owners**: interned, numbered, each held as the `Name` a view carries (inline up to 22
+//!   bytes), in a dense slab: a view copies its owner from one cell, with no pointer to
+//!   follow and no reference count to bump.
+//! - **`Profile`**: env, scopes, plan/rate/quota, allowed networks and origins: what many
+//!   keys share, interned once (`Arc`). The owner is not in it (a platform has an owner per
+//!   few keys, but a handful of plans and scope sets), so a million keys of a hundred thousand
+//!   customers hold a few profiles, which stay in cache.
+//! - **`Cell`**: an entry as 11 atomic words (88 bytes), written once by the one writer
+//!   before any index points at it (the last word, which carries a written bit, with Release)
+//!   and read after the index load (that word first, with Acquire): no lock, no `OnceLock`
+//!   state, no pointer, and no torn read, since a cell never changes once published.
+//! - **`Slab`**: append-only chunks of cells. A new version of a key is a new cell (the old
+//!   one becomes garbage that the table's rebuild drops), so a reader sees one version whole,
+//!   never a mix.
 //! - **`Index`**: open addressing over atomic 64-bit slots (a 32-bit tag of the hash and the
 //!   slot number), sized to the key count, not a power of two. Readers probe with atomic
 //!   loads; the one writer (the table's writer lock) stores whole slots.
@@ -24,15 +34,15 @@ use ipnet::IpNet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Slots per slab chunk: big enough that the chunk list stays short, small enough that the
+/// Cells per slab chunk: big enough that the chunk list stays short, small enough that the
 /// last, partly used chunk costs little.
 pub const CHUNK: usize = 4096;
 
-/// What many keys share, interned once per distinct value.
+/// What many keys share, interned once per distinct value (the owner is not here: see the
+/// module header).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
-    pub owner: String,
     pub env: String,
     pub scopes: Vec<String>,
     pub plan: Option<String>,
@@ -45,7 +55,6 @@ pub struct Profile {
 impl Profile {
     pub fn of(r: &KeyRecord) -> Profile {
         Profile {
-            owner: r.owner.clone(),
             env: r.env.clone(),
             scopes: r.scopes.clone(),
             plan: r.plan.clone(),
@@ -81,13 +90,15 @@ pub struct Entry {
     created_at: u32,
     /// 0: the key is its own lineage; else 1 + an index into the table's strings.
     pub lineage: u32,
+    /// An index into the table's owners.
+    pub owner: u32,
     pub profile: u32,
     pub secret_version: u32,
     pub flags: u8,
 }
 
 /// Bytes of one entry in a checkpoint (`store::checkpoint`): fixed offsets, little-endian.
-pub const ENTRY_BYTES: usize = 88;
+pub const ENTRY_BYTES: usize = 92;
 
 fn t32(t: i64) -> u32 {
     t.clamp(0, i64::from(u32::MAX)) as u32
@@ -103,10 +114,21 @@ fn opt32(t: Option<i64>, flags: &mut u8, bit: u8) -> u32 {
     }
 }
 
+/// Where `Entry::new` finds the interned parts of a record.
+#[derive(Debug, Clone, Copy)]
+pub struct Interned {
+    /// The binary id, or the interned id's number in its first 4 bytes (with `ID_INTERNED`).
+    pub id: [u8; 16],
+    pub id_flag: u8,
+    pub lineage: u32,
+    pub owner: u32,
+    pub profile: u32,
+}
+
 impl Entry {
-    /// The compact form of `r`, given where its id, lineage and profile were interned.
-    pub fn new(r: &KeyRecord, id: [u8; 16], id_flag: u8, lineage: u32, profile: u32) -> Entry {
-        let mut flags = id_flag;
+    /// The compact form of `r`, given where its id, lineage, owner and profile were interned.
+    pub fn new(r: &KeyRecord, at: Interned) -> Entry {
+        let mut flags = at.id_flag;
         for (on, bit) in [
             (r.canary, CANARY),
             (r.publishable, PUBLISHABLE),
@@ -124,17 +146,31 @@ impl Entry {
         }
         Entry {
             digest: r.digest,
-            id,
-            rev: r.rev,
+            id: at.id,
+            rev: r.rev.min(MAX_REV),
             not_before: opt32(r.not_before, &mut flags, HAS_NOT_BEFORE),
             expires_at: opt32(r.expires_at, &mut flags, HAS_EXPIRES),
             revoked_at: opt32(r.revoked_at, &mut flags, HAS_REVOKED),
             created_at: t32(r.created_at),
-            lineage,
-            profile,
+            lineage: at.lineage,
+            owner: at.owner,
+            profile: at.profile,
             secret_version: r.secret_version,
             flags,
         }
+    }
+
+    fn words(&self) -> [u32; 8] {
+        [
+            self.not_before,
+            self.expires_at,
+            self.revoked_at,
+            self.created_at,
+            self.lineage,
+            self.owner,
+            self.profile,
+            self.secret_version,
+        ]
     }
 
     /// The checkpoint form: the fields at fixed offsets, so a load is slicing, not parsing.
@@ -143,19 +179,10 @@ impl Entry {
         b[..32].copy_from_slice(&self.digest.0);
         b[32..48].copy_from_slice(&self.id);
         b[48..56].copy_from_slice(&self.rev.to_le_bytes());
-        let words = [
-            self.not_before,
-            self.expires_at,
-            self.revoked_at,
-            self.created_at,
-            self.lineage,
-            self.profile,
-            self.secret_version,
-        ];
-        for (i, w) in words.iter().enumerate() {
+        for (i, w) in self.words().iter().enumerate() {
             b[56 + 4 * i..60 + 4 * i].copy_from_slice(&w.to_le_bytes());
         }
-        b[84] = self.flags;
+        b[88] = self.flags;
         b
     }
 
@@ -172,16 +199,29 @@ impl Entry {
         Entry {
             digest: Digest(digest),
             id,
-            rev: u64::from_le_bytes(rev),
+            rev: u64::from_le_bytes(rev).min(MAX_REV),
             not_before: word(0),
             expires_at: word(1),
             revoked_at: word(2),
             created_at: word(3),
             lineage: word(4),
-            profile: word(5),
-            secret_version: word(6),
-            flags: b[84],
+            owner: word(5),
+            profile: word(6),
+            secret_version: word(7),
+            flags: b[88],
         }
+    }
+
+    /// The interned id's string number (meaningful with `ID_INTERNED`).
+    pub fn interned_id(&self) -> u32 {
+        u32::from_le_bytes([self.id[0], self.id[1], self.id[2], self.id[3]])
+    }
+
+    /// The hash `by_id` indexes a binary id by (its last 8 random bytes; as `id_hash`).
+    pub fn binary_id_hash(&self) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&self.id[8..]);
+        u64::from_le_bytes(w)
     }
 }
 
@@ -189,8 +229,8 @@ impl Entry {
 /// revision is held as this, which only matters past it.
 pub const MAX_REV: u64 = (1 << 40) - 1;
 
-/// The flags and 32-bit times of a key version, read the same way from both of its forms
-/// (`Entry` in a checkpoint, `Packed` in a slab cell).
+/// The flags and 32-bit times of a key version, read the same way from an `Entry` and a
+/// `KeyView`.
 pub trait Validity {
     /// The flag bits.
     fn flag_bits(&self) -> u8;
@@ -238,78 +278,195 @@ impl Validity for Entry {
     }
 }
 
-impl Validity for Packed {
-    fn flag_bits(&self) -> u8 {
-        self.flags
+/// Words of a cell.
+const CELL_WORDS: usize = 11;
+/// Set in a cell's last word once the cell is written.
+const WRITTEN: u64 = 1 << 63;
+
+/// One key version in a slab: an `Entry` as 11 atomic words (see the module header).
+/// Words 0-3: digest; 4-5: id; 6: not_before, expires_at; 7: revoked_at, created_at;
+/// 8: lineage, owner; 9: profile, secret_version; 10: rev (40 bits), flags, written.
+#[derive(Debug, Default)]
+pub struct Cell([AtomicU64; CELL_WORDS]);
+
+fn pair(lo: u32, hi: u32) -> u64 {
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
+fn halves(w: u64) -> (u32, u32) {
+    (w as u32, (w >> 32) as u32)
+}
+
+fn le_words<const N: usize>(bytes: &[u8]) -> [u64; N] {
+    let mut out = [0u64; N];
+    for (w, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        *w = u64::from_le_bytes(b);
     }
-    fn times(&self) -> [u32; 4] {
-        [
-            self.not_before,
-            self.expires_at,
-            self.revoked_at,
-            self.created_at,
-        ]
+    out
+}
+
+impl Cell {
+    /// Write `e` into this unwritten cell. The one writer calls this before any index points
+    /// at the cell; the last word goes last, with Release, so a reader that sees it written
+    /// sees every word.
+    pub fn write(&self, e: &Entry) {
+        let d: [u64; 4] = le_words(&e.digest.0);
+        let id: [u64; 2] = le_words(&e.id);
+        let words = [
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            id[0],
+            id[1],
+            pair(e.not_before, e.expires_at),
+            pair(e.revoked_at, e.created_at),
+            pair(e.lineage, e.owner),
+            pair(e.profile, e.secret_version),
+        ];
+        for (cell, w) in self.0.iter().zip(words) {
+            cell.store(w, Ordering::Relaxed);
+        }
+        let last = e.rev.min(MAX_REV) | (u64::from(e.flags) << 40) | WRITTEN;
+        self.0[CELL_WORDS - 1].store(last, Ordering::Release);
+    }
+
+    /// The entry, once written.
+    pub fn read(&self) -> Option<Entry> {
+        let last = self.0[CELL_WORDS - 1].load(Ordering::Acquire);
+        if last & WRITTEN == 0 {
+            return None;
+        }
+        let w = |i: usize| self.0[i].load(Ordering::Relaxed);
+        let mut digest = [0u8; 32];
+        for (i, c) in digest.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&w(i).to_le_bytes());
+        }
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&w(4).to_le_bytes());
+        id[8..].copy_from_slice(&w(5).to_le_bytes());
+        let (not_before, expires_at) = halves(w(6));
+        let (revoked_at, created_at) = halves(w(7));
+        let (lineage, owner) = halves(w(8));
+        let (profile, secret_version) = halves(w(9));
+        Some(Entry {
+            digest: Digest(digest),
+            id,
+            rev: last & MAX_REV,
+            not_before,
+            expires_at,
+            revoked_at,
+            created_at,
+            lineage,
+            owner,
+            profile,
+            secret_version,
+            flags: (last >> 40) as u8,
+        })
     }
 }
 
-/// One key version as a slab cell holds it (see the module header): 88 bytes, so its
-/// write-once cell is 96.
-#[derive(Debug, Clone)]
-pub struct Packed {
-    pub digest: Digest,
-    pub id: [u8; 16],
-    pub profile: Arc<Profile>,
-    rev_lo: u32,
-    not_before: u32,
-    expires_at: u32,
-    revoked_at: u32,
-    created_at: u32,
-    /// As `Entry::lineage`.
-    pub lineage: u32,
-    pub secret_version: u32,
-    rev_hi: u8,
-    pub flags: u8,
+/// A name the request path carries (a key's owner): short ones, nearly all, inline (making a
+/// view copies a few bytes, with no reference count to bump on a line of its own), longer
+/// ones shared.
+#[derive(Clone)]
+pub enum Name {
+    Inline { len: u8, bytes: [u8; NAME_INLINE] },
+    Shared(Arc<str>),
 }
 
-impl Packed {
-    /// The cell form of `e`, given the profile its number stands for.
-    pub fn new(e: &Entry, profile: Arc<Profile>) -> Packed {
-        let rev = e.rev.min(MAX_REV);
-        Packed {
-            digest: e.digest,
-            id: e.id,
-            profile,
-            rev_lo: rev as u32,
-            not_before: e.not_before,
-            expires_at: e.expires_at,
-            revoked_at: e.revoked_at,
-            created_at: e.created_at,
-            lineage: e.lineage,
-            secret_version: e.secret_version,
-            rev_hi: (rev >> 32) as u8,
-            flags: e.flags,
+/// Bytes a `Name` holds inline.
+pub const NAME_INLINE: usize = 22;
+
+impl Name {
+    /// The name of `s`, copied inline when it fits; `shared` makes the shared form otherwise.
+    pub fn of(s: &str, shared: impl FnOnce() -> Arc<str>) -> Name {
+        if s.len() <= NAME_INLINE {
+            let mut bytes = [0u8; NAME_INLINE];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Name::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            Name::Shared(shared())
         }
     }
 
-    /// The entry form, given the number the table knows the profile by.
-    pub fn entry(&self, profile: u32) -> Entry {
-        Entry {
-            digest: self.digest,
-            id: self.id,
-            rev: self.rev(),
-            not_before: self.not_before,
-            expires_at: self.expires_at,
-            revoked_at: self.revoked_at,
-            created_at: self.created_at,
-            lineage: self.lineage,
-            profile,
-            secret_version: self.secret_version,
-            flags: self.flags,
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Copied whole from a `str` (see `of`): always UTF-8.
+            Name::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or("")
+            }
+            Name::Shared(s) => s,
         }
     }
+}
 
-    pub fn rev(&self) -> u64 {
-        (u64::from(self.rev_hi) << 32) | u64::from(self.rev_lo)
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name::of(s, || s.into())
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `str` hashes: `Borrow<str>` lets a map keyed by names be asked with a `&str`.
+        self.as_str().hash(h)
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Name {}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl serde::Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -438,18 +595,31 @@ pub fn id_string(bytes: &[u8; 16]) -> String {
     crate::keys::record::format_id("key", bytes)
 }
 
-/// Append-only storage of write-once cells, shared by every version of the table's inner
-/// state that has the chunk.
+/// Append-only storage of write-once values (interned strings and profiles), shared by
+/// every version of the table's inner state that has the chunk.
 pub type Chunk<T> = Arc<[OnceLock<T>]>;
 
 pub fn new_chunk<T>() -> Chunk<T> {
     (0..CHUNK).map(|_| OnceLock::new()).collect()
 }
 
-/// The cell `i` of `chunks`, if written.
+/// The value `i` of `chunks`, if written.
 pub fn cell<T>(chunks: &[Chunk<T>], i: u32) -> Option<&T> {
     let i = i as usize;
     chunks.get(i / CHUNK)?.get(i % CHUNK)?.get()
+}
+
+/// A chunk of the entry slab (`Cell`s, shared like `Chunk`).
+pub type Cells = Arc<[Cell]>;
+
+pub fn new_cells() -> Cells {
+    (0..CHUNK).map(|_| Cell::default()).collect()
+}
+
+/// The cell `i` of `chunks` (written or not: `Cell::read` says).
+pub fn slab_cell(chunks: &[Cells], i: u32) -> Option<&Cell> {
+    let i = i as usize;
+    chunks.get(i / CHUNK)?.get(i % CHUNK)
 }
 
 const EMPTY: u64 = 0;
@@ -568,19 +738,20 @@ pub fn id_hash(id: &str) -> u64 {
 }
 
 /// A key as the request path sees it: the entry's fields decoded, its profile shared.
-/// Made without allocating (the id is inline, `KeyId`; only a rotated key's lineage is boxed,
-/// which keeps the view, and every `AuthError` carrying one, small); cheap to clone.
+/// Made without allocating and without touching a per-key or per-owner reference count (the
+/// id and, nearly always, the owner are inline; the profile is one of a few, hot; only a
+/// rotated key's lineage is boxed, which keeps the view, and every `AuthError` carrying one,
+/// small); cheap to clone. Times as the entry holds them (`Validity`: `revoked_at()`, …).
 #[derive(Debug, Clone)]
 pub struct KeyView {
     pub id: KeyId,
     /// `None`: the key is its own lineage.
     lineage: Option<Box<KeyId>>,
+    pub owner: Name,
     pub profile: Arc<Profile>,
     pub secret_version: u32,
-    pub created_at: i64,
-    pub not_before: Option<i64>,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
+    times: [u32; 4],
+    flags: u8,
     pub canary: bool,
     pub publishable: bool,
     pub imported: bool,
@@ -593,17 +764,31 @@ impl std::ops::Deref for KeyView {
     }
 }
 
+impl Validity for KeyView {
+    fn flag_bits(&self) -> u8 {
+        self.flags
+    }
+    fn times(&self) -> [u32; 4] {
+        self.times
+    }
+}
+
 impl KeyView {
-    pub fn new(e: &Packed, id: KeyId, lineage: Option<Box<KeyId>>) -> Self {
+    pub fn new(
+        e: &Entry,
+        id: KeyId,
+        lineage: Option<Box<KeyId>>,
+        owner: Name,
+        profile: Arc<Profile>,
+    ) -> Self {
         KeyView {
             id,
             lineage,
-            profile: e.profile.clone(),
+            owner,
+            profile,
             secret_version: e.secret_version,
-            created_at: e.created_at(),
-            not_before: e.not_before(),
-            expires_at: e.expires_at(),
-            revoked_at: e.revoked_at(),
+            times: e.times(),
+            flags: e.flags,
             canary: e.has(CANARY),
             publishable: e.has(PUBLISHABLE),
             imported: e.has(IMPORTED),
@@ -612,34 +797,25 @@ impl KeyView {
 
     /// The view of a whole record (tests, benches, and tools that hold records).
     pub fn of(r: &KeyRecord) -> KeyView {
-        KeyView {
-            id: KeyId::of(&r.id),
-            lineage: (r.lineage != r.id).then(|| Box::new(KeyId::of(&r.lineage))),
-            profile: Arc::new(Profile::of(r)),
-            secret_version: r.secret_version,
-            created_at: r.created_at,
-            not_before: r.not_before,
-            expires_at: r.expires_at,
-            revoked_at: r.revoked_at,
-            canary: r.canary,
-            publishable: r.publishable,
-            imported: r.imported,
-        }
+        let at = Interned {
+            id: [0; 16],
+            id_flag: 0,
+            lineage: 0,
+            owner: 0,
+            profile: 0,
+        };
+        KeyView::new(
+            &Entry::new(r, at),
+            KeyId::of(&r.id),
+            (r.lineage != r.id).then(|| Box::new(KeyId::of(&r.lineage))),
+            Name::from(r.owner.as_str()),
+            Arc::new(Profile::of(r)),
+        )
     }
 
     /// The id rate-limit buckets and quotas belong to (the first key of a rotation chain).
     pub fn lineage(&self) -> &str {
         self.lineage.as_deref().unwrap_or(&self.id).as_str()
-    }
-
-    pub fn state(&self, now: i64) -> KeyState {
-        state_at(
-            self.revoked_at,
-            self.canary,
-            self.expires_at,
-            self.not_before,
-            now,
-        )
     }
 }
 
@@ -665,11 +841,20 @@ mod tests {
         }
     }
 
+    fn at(id: [u8; 16], id_flag: u8, lineage: u32, owner: u32, profile: u32) -> Interned {
+        Interned {
+            id,
+            id_flag,
+            lineage,
+            owner,
+            profile,
+        }
+    }
+
     #[test]
     fn entry_is_small_and_keeps_what_is_enforced() {
-        assert!(std::mem::size_of::<Entry>() <= 88);
-        assert!(std::mem::size_of::<Packed>() <= 88);
-        assert!(std::mem::size_of::<OnceLock<Packed>>() <= 96);
+        assert!(std::mem::size_of::<Entry>() <= 96);
+        assert_eq!(std::mem::size_of::<Cell>(), 88, "the slab's bytes per key");
         assert!(
             std::mem::size_of::<KeyView>() < 128,
             "AuthError carries one"
@@ -678,7 +863,7 @@ mod tests {
         r.expires_at = Some(5_000);
         r.revoked_at = Some(0);
         r.canary = true;
-        let e = Entry::new(&r, [0; 16], 0, 0, 7);
+        let e = Entry::new(&r, at([0; 16], 0, 0, 0, 7));
         assert_eq!(e.expires_at(), Some(5_000));
         assert_eq!(e.revoked_at(), Some(0), "zero is a time, not absence");
         assert_eq!(e.not_before(), None);
@@ -686,7 +871,7 @@ mod tests {
         assert_eq!(e.state(10), r.state(10));
         r.expires_at = Some(i64::MAX);
         assert_eq!(
-            Entry::new(&r, [0; 16], 0, 0, 7).expires_at(),
+            Entry::new(&r, at([0; 16], 0, 0, 0, 7)).expires_at(),
             Some(i64::from(u32::MAX))
         );
     }
@@ -707,20 +892,66 @@ mod tests {
     }
 
     #[test]
-    fn packed_keeps_the_entry() {
+    fn names_are_inline_when_short_and_shared_when_long() {
+        let short = Name::from("customer-123456");
+        assert!(matches!(short, Name::Inline { .. }));
+        assert_eq!(short.as_str(), "customer-123456");
+        let edge = "é".repeat(NAME_INLINE / 2);
+        assert!(matches!(Name::from(edge.as_str()), Name::Inline { .. }));
+        assert_eq!(Name::from(edge.as_str()).as_str(), edge);
+        let long = "an-owner-name-longer-than-the-inline-room";
+        assert!(matches!(Name::from(long), Name::Shared(_)));
+        assert_eq!(Name::from(long).as_str(), long);
+        assert_eq!(Name::from(""), "");
+        assert_eq!(
+            serde_json::to_string(&short).unwrap(),
+            "\"customer-123456\""
+        );
+    }
+
+    #[test]
+    fn a_cell_keeps_the_entry() {
         let mut r = crate::keys::record::sample("key_a", Digest([9; 32]));
         r.rev = (1 << 36) + 5;
         r.not_before = Some(12);
         r.expires_at = Some(99);
         r.canary = true;
-        let e = Entry::new(&r, [5; 16], ID_INTERNED, 3, 4);
-        let p = Packed::new(&e, Arc::new(Profile::of(&r)));
-        assert_eq!(p.entry(4), e);
-        assert_eq!(p.state(50), e.state(50));
-        assert_eq!(*p.profile, Profile::of(&r));
+        r.digest.0[31] = 0xff;
+        r.secret_version = u32::MAX;
+        let e = Entry::new(&r, at([5; 16], ID_INTERNED, 3, u32::MAX, 4));
+        let c = Cell::default();
+        assert_eq!(c.read(), None, "an unwritten cell reads as nothing");
+        c.write(&e);
+        assert_eq!(c.read(), Some(e));
         r.rev = u64::MAX;
-        let e = Entry::new(&r, [5; 16], 0, 0, 0);
-        assert_eq!(Packed::new(&e, p.profile.clone()).rev(), MAX_REV);
+        let e = Entry::new(&r, at([5; 16], 0, 0, 0, 0));
+        assert_eq!(e.rev, MAX_REV);
+        let c = Cell::default();
+        c.write(&e);
+        assert_eq!(c.read().map(|e| e.rev), Some(MAX_REV));
+    }
+
+    #[test]
+    fn a_view_decodes_what_the_entry_holds() {
+        let mut r = crate::keys::record::sample("key_a", Digest([9; 32]));
+        r.owner = "team-7".into();
+        r.lineage = "key_first".into();
+        r.expires_at = Some(500);
+        r.revoked_at = Some(400);
+        r.publishable = true;
+        let v = KeyView::of(&r);
+        assert_eq!(
+            (&*v.id, v.lineage(), &*v.owner),
+            ("key_a", "key_first", "team-7")
+        );
+        assert_eq!(
+            (v.expires_at(), v.revoked_at(), v.not_before()),
+            (Some(500), Some(400), None)
+        );
+        assert_eq!(v.created_at(), r.created_at);
+        assert!(v.publishable && !v.canary && !v.imported);
+        assert_eq!(v.state(450), r.state(450));
+        assert_eq!(v.env, r.env);
     }
 
     #[test]
@@ -729,7 +960,7 @@ mod tests {
         r.rev = 77;
         r.not_before = Some(12);
         r.publishable = true;
-        let e = Entry::new(&r, [5; 16], ID_INTERNED, 3, 4);
+        let e = Entry::new(&r, at([5; 16], ID_INTERNED, 3, 9, 4));
         assert_eq!(Entry::from_bytes(&e.to_bytes()), e);
     }
 

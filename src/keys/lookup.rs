@@ -4,7 +4,7 @@
 //! `POST /v1/api-keys/lookup`, so both answer the same for the same key. Never the key, never
 //! its digest, never why a malformed string failed (it is simply `unknown`).
 
-use crate::keys::compact::KeyView;
+use crate::keys::compact::{KeyView, Validity as _};
 use crate::keys::record::KeyRecord;
 use crate::keys::table::{AuthError, KeyTable};
 use crate::keys::KeySettings;
@@ -76,7 +76,9 @@ impl Lookup {
             Err(AuthError::Revoked(r)) => (LookupState::Revoked, Some(r)),
             Err(AuthError::Expired(r)) => (LookupState::Expired, Some(r)),
             Err(AuthError::NotYetValid(r)) => (LookupState::NotYetValid, Some(r)),
-            Err(AuthError::Canary(r)) if r.revoked_at.is_some() => (LookupState::Revoked, Some(r)),
+            Err(AuthError::Canary(r)) if r.revoked_at().is_some() => {
+                (LookupState::Revoked, Some(r))
+            }
             Err(AuthError::Canary(r)) => (LookupState::Canary, Some(r)),
         };
         Lookup { state, record }
@@ -95,7 +97,7 @@ impl Lookup {
         let mut v = json!({ "state": self.state.as_str() });
         if let Some(r) = &self.record {
             v["id"] = r.id.to_string().into();
-            v["owner"] = r.owner.clone().into();
+            v["owner"] = r.owner.to_string().into();
             v["name"] = full.map_or("", |f| f.name.as_str()).into();
             v["env"] = r.env.clone().into();
             v["hint"] = full.map_or("", |f| f.hint.as_str()).into();

@@ -17,9 +17,9 @@
 //! rotation rules.
 
 use crate::keys::compact::{
-    cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_chunk, Chunk, Entry, Index,
-    KeyId, KeyView, Packed, Profile, Validity, CANARY, CHUNK, ID_INTERNED, IMPORTED, MAX_REV,
-    PUBLISHABLE, ROTATION_CLOSED,
+    cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_cells, new_chunk, slab_cell,
+    Cells, Chunk, Entry, Index, Interned, KeyId, KeyView, Name, Profile, Validity, CANARY, CHUNK,
+    ID_INTERNED, IMPORTED, MAX_REV, PUBLISHABLE, ROTATION_CLOSED,
 };
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
@@ -97,8 +97,10 @@ impl AuthError {
 /// What readers load: the slabs and both indexes, swapped whole when one of them grows.
 #[derive(Clone)]
 struct Inner {
-    entries: Vec<Chunk<Packed>>,
+    entries: Vec<Cells>,
     profiles: Vec<Chunk<Arc<Profile>>>,
+    /// Owners by number, as the views carry them (inline when short): one dense read.
+    owners: Vec<Chunk<Name>>,
     strings: Vec<Chunk<Arc<str>>>,
     by_digest: Arc<Index>,
     by_id: Arc<Index>,
@@ -113,18 +115,23 @@ impl Inner {
         Inner {
             entries: Vec::with_capacity(n / CHUNK + 1),
             profiles: Vec::new(),
+            owners: Vec::new(),
             strings: Vec::new(),
             by_digest: Arc::new(Index::for_keys(n)),
             by_id: Arc::new(Index::for_keys(n)),
         }
     }
 
-    fn entry(&self, slot: u32) -> Option<&Packed> {
-        cell(&self.entries, slot)
+    fn entry(&self, slot: u32) -> Option<Entry> {
+        slab_cell(&self.entries, slot)?.read()
     }
 
     fn string(&self, n: u32) -> Option<Arc<str>> {
         cell(&self.strings, n).cloned()
+    }
+
+    fn profile(&self, n: u32) -> Option<&Arc<Profile>> {
+        cell(&self.profiles, n)
     }
 
     /// Position in `index`, slot and entry of the first entry under `hash` that `is` accepts.
@@ -133,11 +140,11 @@ impl Inner {
         &self,
         index: &Index,
         hash: u64,
-        is: impl Fn(&Packed) -> bool,
-    ) -> Result<Option<(usize, u32, &Packed)>, Stale> {
+        is: impl Fn(&Entry) -> bool,
+    ) -> Result<Option<(usize, u32, Entry)>, Stale> {
         let mut stale = false;
         let found = index.find(hash, |s| match self.entry(s) {
-            Some(e) => is(e),
+            Some(e) => is(&e),
             None => {
                 stale = true;
                 false
@@ -151,11 +158,11 @@ impl Inner {
     }
 
     /// Position in `by_digest`, slot and entry of `d`.
-    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, &Packed)>, Stale> {
+    fn find_digest(&self, d: &Digest) -> Result<Option<(usize, u32, Entry)>, Stale> {
         self.find_in(&self.by_digest, digest_hash(d), |e| e.digest == *d)
     }
 
-    fn id_is(&self, e: &Packed, id: &str, binary: Option<&[u8; 16]>) -> bool {
+    fn id_is(&self, e: &Entry, id: &str, binary: Option<&[u8; 16]>) -> bool {
         match binary {
             Some(b) => !e.has(ID_INTERNED) && e.id == *b,
             None => e.has(ID_INTERNED) && self.id_of(e).as_deref() == Some(id),
@@ -163,24 +170,23 @@ impl Inner {
     }
 
     /// Position in `by_id`, slot and entry of `id`.
-    fn find_id(&self, id: &str) -> Result<Option<(usize, u32, &Packed)>, Stale> {
+    fn find_id(&self, id: &str) -> Result<Option<(usize, u32, Entry)>, Stale> {
         let binary = id_bytes(id);
         self.find_in(&self.by_id, id_hash(id), |e| {
             self.id_is(e, id, binary.as_ref())
         })
     }
 
-    fn id_of(&self, e: &Packed) -> Option<Arc<str>> {
+    fn id_of(&self, e: &Entry) -> Option<Arc<str>> {
         if e.has(ID_INTERNED) {
-            let n = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
-            self.string(n)
+            self.string(e.interned_id())
         } else {
             Some(id_string(&e.id).into())
         }
     }
 
     /// The id of `e` as the request path carries it: inline for a generated id.
-    fn key_id(&self, e: &Packed) -> Option<KeyId> {
+    fn key_id(&self, e: &Entry) -> Option<KeyId> {
         if e.has(ID_INTERNED) {
             self.id_of(e).map(KeyId::Other)
         } else {
@@ -188,27 +194,50 @@ impl Inner {
         }
     }
 
-    fn id_hash_of(&self, e: &Packed) -> u64 {
+    fn id_hash_of(&self, e: &Entry) -> u64 {
         if e.has(ID_INTERNED) {
             self.id_of(e).map_or(0, |id| id_hash(&id))
         } else {
-            u64::from_le_bytes([
-                e.id[8], e.id[9], e.id[10], e.id[11], e.id[12], e.id[13], e.id[14], e.id[15],
-            ])
+            e.binary_id_hash()
         }
     }
 
-    fn view(&self, e: &Packed) -> Option<KeyView> {
+    /// The owner of `e`, copied (inline when short: no reference count touched).
+    fn owner(&self, e: &Entry) -> Option<Name> {
+        cell(&self.owners, e.owner).cloned()
+    }
+
+    fn view(&self, e: &Entry) -> Option<KeyView> {
         let id = self.key_id(e)?;
         let lineage = match e.lineage {
             0 => None,
             n => Some(Box::new(KeyId::shared(self.string(n - 1)?))),
         };
-        Some(KeyView::new(e, id, lineage))
+        let owner = self.owner(e)?;
+        let profile = self.profile(e.profile)?.clone();
+        Some(KeyView::new(e, id, lineage, owner, profile))
     }
 
-    /// The slots of every live entry (the ones the digest index points at).
-    fn live(&self) -> impl Iterator<Item = &Packed> + '_ {
+    /// The view of a found entry, or `Stale` when this state lacks the owner, profile or
+    /// string it names (the writer interned it into a chunk added after this state was
+    /// loaded, then published the entry): the caller loads again.
+    fn fresh_view(&self, e: &Entry) -> Result<KeyView, Stale> {
+        self.view(e).ok_or(Stale)
+    }
+
+    /// `Ok` when this state has the owner, profile and strings `e` names (else as
+    /// `fresh_view`).
+    fn complete(&self, e: &Entry) -> Result<(), Stale> {
+        let has_string = |n: u32| cell(&self.strings, n).is_some();
+        let ok = cell(&self.owners, e.owner).is_some()
+            && self.profile(e.profile).is_some()
+            && (e.lineage == 0 || has_string(e.lineage - 1))
+            && (!e.has(ID_INTERNED) || has_string(e.interned_id()));
+        ok.then_some(()).ok_or(Stale)
+    }
+
+    /// Every live entry (the ones the digest index points at).
+    fn live(&self) -> impl Iterator<Item = Entry> + '_ {
         self.by_digest.targets().filter_map(|s| self.entry(s))
     }
 }
@@ -219,12 +248,14 @@ struct Writer {
     next_entry: u32,
     next_profile: u32,
     next_string: u32,
+    next_owner: u32,
     digest_used: usize,
     id_used: usize,
     /// Slab slots no index points at any more (superseded versions).
     garbage: usize,
     profiles: HashMap<Arc<Profile>, u32>,
     strings: HashMap<Arc<str>, u32>,
+    owners: HashMap<Name, u32>,
 }
 
 pub struct KeyTable {
@@ -271,6 +302,17 @@ fn closed_rotation() -> Rotation {
         requests_at_start: 0,
         completed_at: Some(0),
     }
+}
+
+/// What a checkpoint stores besides the entries (`KeyTable::each_part`), numbered as the
+/// entries refer to them.
+pub struct Parts<'a> {
+    pub strings: &'a [Arc<str>],
+    pub owners: &'a [Name],
+    pub profiles: &'a [Arc<Profile>],
+    pub rotations: &'a [KeyRecord],
+    /// How many entries follow.
+    pub entries: usize,
 }
 
 /// A record with nothing in it, for `KeyTable::fill` to write into.
@@ -367,14 +409,21 @@ impl KeyTable {
         }
     }
 
-    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`).
+    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`), in a
+    /// state that has everything the entry names (`Inner::complete`).
     fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| Ok(i.find_digest(d)?.map(|(_, s, _)| s)))?;
+        let (inner, found) = self.probe(|i| match i.find_digest(d)? {
+            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
+            None => Ok(None),
+        })?;
         found.map(|s| (inner, s))
     }
 
     fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| Ok(i.find_id(id)?.map(|(_, s, _)| s)))?;
+        let (inner, found) = self.probe(|i| match i.find_id(id)? {
+            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
+            None => Ok(None),
+        })?;
         found.map(|s| (inner, s))
     }
 
@@ -390,17 +439,45 @@ impl KeyTable {
         n
     }
 
-    /// The shared copy of `p` and its number (the checkpoint's reference to it).
-    fn intern_profile(&self, w: &mut Writer, p: Profile) -> (Arc<Profile>, u32) {
-        if let Some((shared, n)) = w.profiles.get_key_value(&p) {
-            return (shared.clone(), *n);
+    fn intern_owner(&self, w: &mut Writer, s: &str) -> u32 {
+        if let Some(n) = w.owners.get(s) {
+            return *n;
+        }
+        let n = w.next_owner;
+        let value = Name::from(s);
+        self.push(|i| &i.owners, |i| &mut i.owners, n, value.clone());
+        w.owners.insert(value, n);
+        w.next_owner += 1;
+        n
+    }
+
+    /// The number of `p`, interned (the entry's and the checkpoint's reference to it).
+    fn intern_profile(&self, w: &mut Writer, p: Profile) -> u32 {
+        if let Some(n) = w.profiles.get(&p) {
+            return *n;
         }
         let n = w.next_profile;
         let value = Arc::new(p);
         self.push(|i| &i.profiles, |i| &mut i.profiles, n, value.clone());
-        w.profiles.insert(value.clone(), n);
+        w.profiles.insert(value, n);
         w.next_profile += 1;
-        (value, n)
+        n
+    }
+
+    /// Write slab cell `n`, adding a chunk (a new inner state) when it is full.
+    fn push_entry(&self, n: u32, e: &Entry) {
+        let (chunk, at) = (n as usize / CHUNK, n as usize % CHUNK);
+        let mut inner = self.inner.load_full();
+        if chunk >= inner.entries.len() {
+            let mut next = (*inner).clone();
+            next.entries.push(new_cells());
+            inner = Arc::new(next);
+            self.inner.store(inner.clone());
+        }
+        if let Some(c) = inner.entries.get(chunk) {
+            // Each cell is written once, by the one writer, before any index points at it.
+            c[at].write(e);
+        }
     }
 
     /// Write cell `n` of one slab, adding a chunk (a new inner state) when it is full.
@@ -433,7 +510,7 @@ impl KeyTable {
         let held = self
             .probe(|i| {
                 Ok(i.find_id(&record.id)?
-                    .map(|(at, s, e)| (at, s, e.rev(), e.digest, e.flags)))
+                    .map(|(at, s, e)| (at, s, e.rev, e.digest, e.flags)))
             })
             .and_then(|(_, f)| f);
         if held.is_some_and(|(_, _, rev, _, _)| rev >= record.rev.min(MAX_REV)) {
@@ -454,11 +531,21 @@ impl KeyTable {
         } else {
             self.intern_string(&mut w, &record.lineage) + 1
         };
-        let (profile, number) = self.intern_profile(&mut w, Profile::of(&record));
-        let entry = Packed::new(&Entry::new(&record, id, id_flag, lineage, number), profile);
+        let owner = self.intern_owner(&mut w, &record.owner);
+        let profile = self.intern_profile(&mut w, Profile::of(&record));
+        let entry = Entry::new(
+            &record,
+            Interned {
+                id,
+                id_flag,
+                lineage,
+                owner,
+                profile,
+            },
+        );
         let (digest, id_hash) = (entry.digest, self.inner.load().id_hash_of(&entry));
         let slot = w.next_entry;
-        self.push(|i| &i.entries, |i| &mut i.entries, slot, entry);
+        self.push_entry(slot, &entry);
         w.next_entry += 1;
         let inner = self.inner.load_full();
         if let Some((at, old_slot, _, old_digest, old_flags)) = held {
@@ -523,25 +610,26 @@ impl KeyTable {
         if !due {
             return;
         }
-        let entries: Vec<Packed> = inner.live().cloned().collect();
+        let entries: Vec<Entry> = inner.live().collect();
         let n = entries.len();
         let room = n + n / 2 + 64;
         let mut next = Inner {
             entries: Vec::with_capacity(n / CHUNK + 1),
             profiles: inner.profiles.clone(),
+            owners: inner.owners.clone(),
             strings: inner.strings.clone(),
             by_digest: Arc::new(Index::for_keys(room)),
             by_id: Arc::new(Index::for_keys(room)),
         };
         for (slot, e) in entries.iter().enumerate() {
             if slot % CHUNK == 0 {
-                next.entries.push(new_chunk());
+                next.entries.push(new_cells());
             }
             let slot32 = slot as u32;
             next.by_digest.insert(digest_hash(&e.digest), slot32);
             next.by_id.insert(next.id_hash_of(e), slot32);
             if let Some(c) = next.entries.last() {
-                let _ = c[slot % CHUNK].set(e.clone());
+                c[slot % CHUNK].write(e);
             }
         }
         self.inner.store(Arc::new(next));
@@ -552,58 +640,69 @@ impl KeyTable {
         self.live.store(n, Ordering::Relaxed);
     }
 
-    /// What a checkpoint stores besides the entries (`store::checkpoint`): the interned
-    /// strings and profiles, in index order, and the full records of open rotations.
-    pub fn parts(&self) -> (Vec<Arc<str>>, Vec<Arc<Profile>>, Vec<KeyRecord>) {
+    /// What a checkpoint stores (`store::checkpoint`), written into `out`: `head` gets the
+    /// interned strings, owners and profiles in number order, the full records of open
+    /// rotations and the entry count; then `entry` gets every live entry. Under the writer lock, so the
+    /// entries name only strings and profiles `head` was given.
+    pub fn each_part<S>(
+        &self,
+        out: &mut S,
+        head: impl FnOnce(&mut S, Parts<'_>),
+        mut entry: impl FnMut(&mut S, &Entry),
+    ) {
         let w = lock(&self.writer);
         let inner = self.inner.load();
-        let strings = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
-        let profiles = (0..w.next_profile)
-            .filter_map(|n| cell(&inner.profiles, n).cloned())
+        let strings: Vec<Arc<str>> = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
+        let owners: Vec<Name> = (0..w.next_owner)
+            .filter_map(|n| cell(&inner.owners, n).cloned())
             .collect();
-        let rotations = lock(&self.rotations)
+        let profiles: Vec<Arc<Profile>> = (0..w.next_profile)
+            .filter_map(|n| inner.profile(n).cloned())
+            .collect();
+        let rotations: Vec<KeyRecord> = lock(&self.rotations)
             .values()
             .map(|r| (**r).clone())
             .collect();
-        (strings, profiles, rotations)
-    }
-
-    /// Call `f` with every live entry (a checkpoint's body), its profile by the number
-    /// `parts` lists it at. Holds the writer lock, so no profile is added meanwhile.
-    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
-        let w = lock(&self.writer);
-        let numbers: HashMap<*const Profile, u32> = w
-            .profiles
-            .iter()
-            .map(|(p, n)| (Arc::as_ptr(p), *n))
-            .collect();
-        let inner = self.inner.load();
+        let parts = Parts {
+            strings: &strings,
+            owners: &owners,
+            profiles: &profiles,
+            rotations: &rotations,
+            entries: self.len(),
+        };
+        head(out, parts);
         for e in inner.live() {
-            // Every cell's profile was interned by this writer (u32::MAX would be refused by
-            // `from_parts` as pointing past the profiles).
-            let n = numbers
-                .get(&Arc::as_ptr(&e.profile))
-                .copied()
-                .unwrap_or(u32::MAX);
-            f(&e.entry(n));
+            entry(out, &e);
         }
         drop(w);
     }
 
+    /// Call `f` with every live entry (counts by secret version and state, without a record).
+    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
+        let inner = self.inner.load();
+        for e in inner.live() {
+            f(&e);
+        }
+    }
+
     /// A table from a checkpoint's parts, without a record in sight. Refuses entries that
-    /// point past the strings or profiles given (a checkpoint from another build).
+    /// point past the strings or profiles given (a checkpoint from another build). One pass
+    /// over the entries: each is written to its cell and indexed, nothing hashed but the
+    /// interned strings and profiles (few per key).
     pub fn from_parts(
         log: LogId,
         rev: u64,
         strings: Vec<Arc<str>>,
+        owners: Vec<&str>,
         profiles: Vec<Profile>,
         rotations: Vec<KeyRecord>,
         entries: impl ExactSizeIterator<Item = Entry>,
     ) -> Result<KeyTable, String> {
         let n = entries.len();
-        let table = KeyTable::sized(log, n);
+        let table = KeyTable::sized(log, 0);
         let mut w = lock(&table.writer);
         let mut next = Inner::sized(n);
+        w.strings.reserve(strings.len());
         for (i, value) in strings.into_iter().enumerate() {
             if i % CHUNK == 0 {
                 next.strings.push(new_chunk());
@@ -614,7 +713,18 @@ impl KeyTable {
             w.strings.insert(value, i as u32);
         }
         w.next_string = w.strings.len() as u32;
-        let mut shared = Vec::with_capacity(profiles.len());
+        w.owners.reserve(owners.len());
+        for (i, s) in owners.into_iter().enumerate() {
+            let value = Name::from(s);
+            if i % CHUNK == 0 {
+                next.owners.push(new_chunk());
+            }
+            if let Some(c) = next.owners.last() {
+                let _ = c[i % CHUNK].set(value.clone());
+            }
+            w.owners.insert(value, i as u32);
+        }
+        w.next_owner = w.owners.len() as u32;
         for (i, mut value) in profiles.into_iter().enumerate() {
             // Parsed lists may hold spare capacity; these live as long as the table.
             value.scopes.shrink_to_fit();
@@ -627,28 +737,26 @@ impl KeyTable {
             if let Some(c) = next.profiles.last() {
                 let _ = c[i % CHUNK].set(value.clone());
             }
-            w.profiles.insert(value.clone(), i as u32);
-            shared.push(value);
+            w.profiles.insert(value, i as u32);
         }
         w.next_profile = w.profiles.len() as u32;
         let mut imported = 0;
         for (slot, e) in entries.enumerate() {
-            let interned_id = u32::from_le_bytes([e.id[0], e.id[1], e.id[2], e.id[3]]);
-            let Some(profile) = shared.get(e.profile as usize) else {
-                return Err(format!("entry {slot} refers past the interned values"));
-            };
-            if e.lineage > w.next_string || (e.has(ID_INTERNED) && interned_id >= w.next_string) {
+            let past = e.profile >= w.next_profile
+                || e.owner >= w.next_owner
+                || e.lineage > w.next_string
+                || (e.has(ID_INTERNED) && e.interned_id() >= w.next_string);
+            if past {
                 return Err(format!("entry {slot} refers past the interned values"));
             }
-            let e = Packed::new(&e, profile.clone());
             if slot % CHUNK == 0 {
-                next.entries.push(new_chunk());
+                next.entries.push(new_cells());
             }
             next.by_digest.insert(digest_hash(&e.digest), slot as u32);
             next.by_id.insert(next.id_hash_of(&e), slot as u32);
             imported += usize::from(e.has(IMPORTED));
             if let Some(c) = next.entries.last() {
-                let _ = c[slot % CHUNK].set(e);
+                c[slot % CHUNK].write(&e);
             }
         }
         w.next_entry = n as u32;
@@ -683,7 +791,7 @@ impl KeyTable {
     fn rebuilt(
         &self,
         inner: &Inner,
-        e: &Packed,
+        e: &Entry,
         rotations: &HashMap<String, Arc<KeyRecord>>,
     ) -> Option<KeyRecord> {
         let mut r = blank();
@@ -695,7 +803,7 @@ impl KeyTable {
     fn fill(
         &self,
         inner: &Inner,
-        e: &Packed,
+        e: &Entry,
         rotations: &HashMap<String, Arc<KeyRecord>>,
         out: &mut KeyRecord,
     ) -> bool {
@@ -704,7 +812,7 @@ impl KeyTable {
         };
         if let Some(full) = rotations
             .get(&*v.id)
-            .filter(|r| r.rev.min(MAX_REV) == e.rev())
+            .filter(|r| r.rev.min(MAX_REV) == e.rev)
         {
             out.clone_from(full);
             return true;
@@ -742,13 +850,14 @@ impl KeyTable {
             lineage,
             mac,
         } = out;
-        *rev = e.rev();
+        *rev = e.rev;
         id.clear();
         id.push_str(&v.id);
         *digest = e.digest;
         *secret_version = e.secret_version;
         name.clear();
-        owner.clone_from(&p.owner);
+        owner.clear();
+        owner.push_str(&v.owner);
         env.clone_from(&p.env);
         scopes.clone_from(&p.scopes);
         plan.clone_from(&p.plan);
@@ -778,20 +887,23 @@ impl KeyTable {
 
     pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
         let (inner, slot) = self.by_digest(digest)?;
-        self.rebuilt(&inner, inner.entry(slot)?, &lock(&self.rotations))
+        self.rebuilt(&inner, &inner.entry(slot)?, &lock(&self.rotations))
             .map(Arc::new)
     }
 
     pub fn get_by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
         let (inner, slot) = self.by_id(id)?;
-        self.rebuilt(&inner, inner.entry(slot)?, &lock(&self.rotations))
+        self.rebuilt(&inner, &inner.entry(slot)?, &lock(&self.rotations))
             .map(Arc::new)
     }
 
     /// The request path's view of the key with `id`.
     pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
-        let (inner, slot) = self.by_id(id)?;
-        inner.view(inner.entry(slot)?)
+        let (_, view) = self.probe(|i| match i.find_id(id)? {
+            Some((_, _, e)) => i.fresh_view(&e).map(Some),
+            None => Ok(None),
+        })?;
+        view
     }
 
     /// Every revoked record (carried into a new table so revocations survive a new log).
@@ -801,7 +913,7 @@ impl KeyTable {
         inner
             .live()
             .filter(|e| e.revoked_at().is_some())
-            .filter_map(|e| self.rebuilt(&inner, e, &rotations).map(Arc::new))
+            .filter_map(|e| self.rebuilt(&inner, &e, &rotations).map(Arc::new))
             .collect()
     }
 
@@ -821,8 +933,32 @@ impl KeyTable {
         let rotations = lock(&self.rotations).clone();
         let mut scratch = blank();
         for e in inner.live() {
-            if self.fill(&inner, e, &rotations, &mut scratch) {
+            if self.fill(&inner, &e, &rotations, &mut scratch) {
                 f(&scratch);
+            }
+        }
+    }
+
+    /// Group the keys by `key` (given each one's entry and id) and call `f` once per group
+    /// with the record of one of them and the group's size: a whole count where most keys
+    /// count alike (the key gauges at load) rebuilds a record per group, not per key.
+    pub fn each_group<K: std::hash::Hash + Eq>(
+        &self,
+        key: impl Fn(&Entry, &str) -> K,
+        mut f: impl FnMut(&KeyRecord, u64),
+    ) {
+        let inner = self.inner.load();
+        let rotations = lock(&self.rotations).clone();
+        let mut groups: HashMap<K, (Entry, u64)> = HashMap::new();
+        for e in inner.live() {
+            if let Some(id) = inner.key_id(&e) {
+                groups.entry(key(&e, &id)).or_insert((e, 0)).1 += 1;
+            }
+        }
+        let mut scratch = blank();
+        for (e, n) in groups.into_values() {
+            if self.fill(&inner, &e, &rotations, &mut scratch) {
+                f(&scratch, n);
             }
         }
     }
@@ -833,7 +969,7 @@ impl KeyTable {
         let rotations = lock(&self.rotations);
         inner
             .live()
-            .filter_map(|e| self.rebuilt(&inner, e, &rotations).map(Arc::new))
+            .filter_map(|e| self.rebuilt(&inner, &e, &rotations).map(Arc::new))
             .collect()
     }
 
@@ -841,7 +977,7 @@ impl KeyTable {
     pub fn for_each_view(&self, mut f: impl FnMut(&KeyView)) {
         let inner = self.inner.load();
         for e in inner.live() {
-            if let Some(v) = inner.view(e) {
+            if let Some(v) = inner.view(&e) {
                 f(&v);
             }
         }
@@ -857,7 +993,8 @@ impl KeyTable {
         let mut out = std::collections::BTreeMap::new();
         let inner = self.inner.load();
         for e in inner.live() {
-            *out.entry((e.state(now), e.profile.env.clone()))
+            let env = inner.profile(e.profile).map(|p| p.env.clone());
+            *out.entry((e.state(now), env.unwrap_or_default()))
                 .or_insert(0) += 1;
         }
         out
@@ -885,9 +1022,13 @@ impl KeyTable {
             .all_digests(key)
             .find_map(|(version, d)| {
                 let (_, view) = self.probe(|i| {
-                    Ok(i.find_digest(&d)?
+                    match i
+                        .find_digest(&d)?
                         .filter(|(_, _, e)| e.secret_version == version)
-                        .and_then(|(_, _, e)| i.view(e)))
+                    {
+                        Some((_, _, e)) => i.fresh_view(&e).map(Some),
+                        None => Ok(None),
+                    }
                 })?;
                 view
             })
@@ -896,11 +1037,11 @@ impl KeyTable {
         // mass revoke, would otherwise disarm it silently). Both answer the same 401.
         if record.canary {
             Err(AuthError::Canary(record))
-        } else if record.revoked_at.is_some_and(|t| t <= now) {
+        } else if record.revoked_at().is_some_and(|t| t <= now) {
             Err(AuthError::Revoked(record))
-        } else if record.expires_at.is_some_and(|t| t + leeway <= now) {
+        } else if record.expires_at().is_some_and(|t| t + leeway <= now) {
             Err(AuthError::Expired(record))
-        } else if record.not_before.is_some_and(|t| t - leeway > now) {
+        } else if record.not_before().is_some_and(|t| t - leeway > now) {
             Err(AuthError::NotYetValid(record))
         } else {
             Ok(record)
@@ -1074,7 +1215,14 @@ mod tests {
             d[8] = (n % 3) as u8;
             let mut r = sample(&id, Digest(d));
             r.rev = rev;
-            r.owner = format!("team-{}", n % 7);
+            // Owners and profiles vary apart (each is interned on its own); some owners are
+            // too long to be carried inline.
+            r.owner = if n % 13 == 0 {
+                format!("a-team-with-a-name-longer-than-a-view-holds-{}", n % 5)
+            } else {
+                format!("team-{}", n % 7)
+            };
+            r.scopes = vec![format!("s{}", (n >> 8) % 5)];
             r.revoked_at = (n % 11 == 0).then_some(5);
             // One digest, one id: a digest another id holds is taken off it in the model.
             if let Some(other) = owners.insert(r.digest, id.clone()) {
@@ -1093,8 +1241,14 @@ mod tests {
         for (id, r) in &model {
             let got = table.get_by_id(id).unwrap();
             assert_eq!(
-                (got.rev, got.digest, &got.owner),
-                (r.rev, r.digest, &r.owner),
+                (got.rev, got.digest, &got.owner, &got.scopes),
+                (r.rev, r.digest, &r.owner, &r.scopes),
+                "{id}"
+            );
+            let v = table.view_by_id(id).unwrap();
+            assert_eq!(
+                (&*v.owner, &v.scopes),
+                (r.owner.as_str(), &r.scopes),
                 "{id}"
             );
             assert_eq!(got.revoked_at, r.revoked_at);
@@ -1113,6 +1267,40 @@ mod tests {
             table.revoked().len(),
             model.values().filter(|r| r.revoked_at.is_some()).count()
         );
+    }
+
+    #[test]
+    fn a_state_older_than_an_entrys_owner_is_stale_not_unknown() {
+        // The writer interns a new owner into a new chunk (a new inner state), writes the
+        // entry into an existing entry chunk and repoints the index, which every state
+        // shares: a reader holding the older state finds the entry but not its owner, and
+        // must load again (`Stale`), never answer "unknown" for a valid key.
+        let f = fixture();
+        let key = f.add("key_a", 1, |r| r.owner = "o0".into());
+        {
+            let mut w = lock(&f.table.writer);
+            for i in 1..CHUNK {
+                f.table.intern_owner(&mut w, &format!("o{i}"));
+            }
+        }
+        let old = f.table.inner.load_full();
+        let mut r = (*f.table.get_by_id("key_a").unwrap()).clone();
+        r.rev = 2;
+        r.owner = "a-new-owner".into();
+        assert!(f.table.apply(r));
+        let (_, slot, e) = old.find_id("key_a").ok().flatten().unwrap();
+        assert_eq!(
+            slot, 1,
+            "the new version is in the entry chunk the old state has"
+        );
+        assert!(
+            old.fresh_view(&e).is_err(),
+            "the old state lacks the owner: stale"
+        );
+        assert_eq!(&*f.auth(&key, 10).unwrap().owner, "a-new-owner");
+        assert_eq!(&*f.table.view_by_id("key_a").unwrap().owner, "a-new-owner");
+        assert!(old.complete(&e).is_err());
+        assert_eq!(f.table.get_by_id("key_a").unwrap().owner, "a-new-owner");
     }
 
     #[test]
@@ -1139,9 +1327,12 @@ mod tests {
             })
         };
         let mut r = table.get_by_id("key_a").map(|r| (*r).clone()).unwrap();
+        // A new owner and profile with every version: their slabs gain chunks (a new inner
+        // state) while the reader probes, so the reader meets entries naming an owner or
+        // profile its loaded state lacks, and must load again rather than answer unknown.
         for rev in 2..20_000u64 {
             r.rev = rev;
-            r.owner = (rev % 97).to_string();
+            r.owner = rev.to_string();
             r.scopes = vec![format!("s{}", r.owner)];
             table.apply(r.clone());
         }

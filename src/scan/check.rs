@@ -52,7 +52,7 @@ impl Status {
         Status {
             state: l.state,
             id: l.record.as_ref().map(|r| r.id.to_string()),
-            owner: l.record.as_ref().map(|r| r.owner.clone()),
+            owner: l.record.as_ref().map(|r| r.owner.to_string()),
         }
     }
 }

@@ -3,8 +3,8 @@
 //! second, where parsing and verifying the JSON log takes seconds.
 //!
 //! Layout: a magic line, the last bytes of the log prefix it covers (its fingerprint), the
-//! table's interned strings (length-prefixed), its profiles and open rotations (one JSON
-//! array each: there are few), then every entry at 88 fixed bytes (`compact::Entry`), and a
+//! table's interned strings and owners (length-prefixed), its profiles and open rotations (one JSON
+//! array each: there are few), then every entry at 92 fixed bytes (`compact::Entry`), and a
 //! seal: `{"seal":{"log","rev","keys","log_bytes","log_lines"},"mac":"<v>:<hex>"}` followed by
 //! its length (4 bytes LE). The MAC (the feed cache's file chain, keyed from the hash secret)
 //! covers every byte before the seal and the seal itself: an edited, cut, extended or forged
@@ -28,7 +28,12 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MAGIC: &[u8; 8] = b"KGCKPT1\n";
+/// Version 2: an owners section; entries of 92 bytes with the owner's number; profiles
+/// without owner.
+const MAGIC: &[u8; 8] = b"KGCKPT2\n";
+/// Earlier formats, refused by name (the log is read instead, and the next compaction
+/// writes the current format).
+const OLD_MAGICS: [&[u8; 8]; 1] = [b"KGCKPT1\n"];
 /// Log bytes kept as the fingerprint of the prefix (its last line's MAC is among them).
 pub const FINGERPRINT: usize = 64;
 
@@ -63,26 +68,41 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
 /// The checkpoint of `table`, which stands for `log_prefix` (the log's bytes up to and
 /// including its last line at `table`'s revision).
 pub fn encode(table: &KeyTable, log_prefix: &[u8], signer: &Signer) -> std::io::Result<Vec<u8>> {
-    let (strings, profiles, rotations) = table.parts();
     let mut out = Vec::with_capacity(MAGIC.len() + table.len() * ENTRY_BYTES + 4096);
     out.extend(MAGIC);
     put(
         &mut out,
         &log_prefix[log_prefix.len().saturating_sub(FINGERPRINT)..],
     );
-    out.extend((strings.len() as u64).to_le_bytes());
-    for s in &strings {
-        put(&mut out, s.as_bytes());
-    }
-    let profiles: Vec<&Profile> = profiles.iter().map(|p| &**p).collect();
-    put(&mut out, &serde_json::to_vec(&profiles)?);
-    put(&mut out, &serde_json::to_vec(&rotations)?);
-    out.extend((table.len() as u64).to_le_bytes());
+    let mut head = Ok(());
     let mut keys = 0u64;
-    table.each_entry(|e| {
-        out.extend(e.to_bytes());
-        keys += 1;
-    });
+    table.each_part(
+        &mut out,
+        |out, parts| {
+            for list in [
+                parts.strings.iter().map(|s| &**s).collect::<Vec<&str>>(),
+                parts.owners.iter().map(|s| &**s).collect(),
+            ] {
+                out.extend((list.len() as u64).to_le_bytes());
+                for s in list {
+                    put(out, s.as_bytes());
+                }
+            }
+            let profiles: Vec<&Profile> = parts.profiles.iter().map(|p| &**p).collect();
+            head = serde_json::to_vec(&profiles)
+                .and_then(|p| Ok((p, serde_json::to_vec(&parts.rotations)?)))
+                .map(|(p, r)| {
+                    put(out, &p);
+                    put(out, &r);
+                    out.extend((parts.entries as u64).to_le_bytes());
+                });
+        },
+        |out, e| {
+            out.extend(e.to_bytes());
+            keys += 1;
+        },
+    );
+    head?;
     let seal = Seal {
         log: table.log(),
         rev: table.revision(),
@@ -154,10 +174,27 @@ impl<'a> Reader<'a> {
         let n = self.count(1)?;
         self.take(n)
     }
+
+    /// A count, then that many length-prefixed UTF-8 strings.
+    fn strs(&mut self) -> Result<Vec<&'a str>, String> {
+        let n = self.count(8)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(std::str::from_utf8(self.bytes()?).map_err(|e| e.to_string())?);
+        }
+        Ok(out)
+    }
 }
 
 /// Verify and load a checkpoint's bytes. Any error means: do not use it.
 pub fn decode(bytes: &[u8], signer: &Signer) -> Result<Loaded, String> {
+    if OLD_MAGICS.iter().any(|m| bytes.starts_with(*m)) {
+        return Err(
+            "a checkpoint of an older format (written before keygate's compact table v2): \
+             the log is read instead; `keygate keys compact` writes the current format"
+                .into(),
+        );
+    }
     if !bytes.starts_with(MAGIC) || bytes.len() < MAGIC.len() + 4 {
         return Err("not a keygate checkpoint (wrong magic, or cut)".into());
     }
@@ -186,12 +223,8 @@ pub fn decode(bytes: &[u8], signer: &Signer) -> Result<Loaded, String> {
         buf: &bytes[MAGIC.len()..seal_at],
     };
     let fingerprint = r.bytes()?.to_vec();
-    let n = r.count(8)?;
-    let mut strings: Vec<Arc<str>> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let s = std::str::from_utf8(r.bytes()?).map_err(|e| e.to_string())?;
-        strings.push(s.into());
-    }
+    let strings: Vec<Arc<str>> = r.strs()?.into_iter().map(Arc::from).collect();
+    let owners = r.strs()?;
     let profiles: Vec<Profile> =
         serde_json::from_slice(r.bytes()?).map_err(|e| format!("profiles: {e}"))?;
     let rotations: Vec<KeyRecord> =
@@ -206,7 +239,9 @@ pub fn decode(bytes: &[u8], signer: &Signer) -> Result<Loaded, String> {
         b.copy_from_slice(c);
         Entry::from_bytes(&b)
     });
-    let table = KeyTable::from_parts(seal.log, seal.rev, strings, profiles, rotations, entries)?;
+    let table = KeyTable::from_parts(
+        seal.log, seal.rev, strings, owners, profiles, rotations, entries,
+    )?;
     Ok(Loaded {
         table,
         seal,
@@ -295,6 +330,16 @@ mod tests {
         for (what, b) in cases {
             assert!(decode(&b, &s).is_err(), "{what} checkpoint accepted");
         }
+    }
+
+    #[test]
+    fn an_older_format_is_refused_by_name() {
+        let t = table();
+        let s = signer(1);
+        let mut bytes = encode(&t, b"prefix\n", &s).unwrap();
+        bytes[..8].copy_from_slice(OLD_MAGICS[0]);
+        let err = decode(&bytes, &s).unwrap_err();
+        assert!(err.contains("older format"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use super::jwt::{self, Claims};
 use super::signing::SigningKeys;
 use super::TokenSettings;
-use crate::keys::compact::KeyView;
+use crate::keys::compact::{KeyView, Validity as _};
 use crate::keys::table::KeyTable;
 use crate::store::feed::FeedState;
 use crate::store::seal::LogId;
@@ -193,7 +193,7 @@ pub fn mint(
     let (kid, pair) = keys
         .current()
         .ok_or_else(|| MintError::Unavailable("no current signing key".into()))?;
-    let exp = parent.expires_at.map_or(now + ttl, |e| e.min(now + ttl));
+    let exp = parent.expires_at().map_or(now + ttl, |e| e.min(now + ttl));
     let claims = Claims {
         iss: jwt::ISSUER.into(),
         sub: parent.id.to_string(),

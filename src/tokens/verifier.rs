@@ -9,7 +9,7 @@
 
 use super::jwt::{self, Claims, JwtError};
 use super::JwksSource;
-use crate::keys::compact::KeyView;
+use crate::keys::compact::{KeyView, Validity as _};
 use crate::keys::table::{AuthError, KeyTable, TokenRefusal};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Limited};
@@ -207,11 +207,11 @@ pub fn admit(
 fn parent_is_live(parent: &KeyView, now: i64, leeway: i64) -> Result<(), AuthError> {
     if parent.canary {
         Err(AuthError::Canary(parent.clone()))
-    } else if parent.revoked_at.is_some_and(|t| t <= now) {
+    } else if parent.revoked_at().is_some_and(|t| t <= now) {
         Err(AuthError::Revoked(parent.clone()))
-    } else if parent.expires_at.is_some_and(|t| t + leeway <= now) {
+    } else if parent.expires_at().is_some_and(|t| t + leeway <= now) {
         Err(AuthError::Expired(parent.clone()))
-    } else if parent.not_before.is_some_and(|t| t - leeway > now) {
+    } else if parent.not_before().is_some_and(|t| t - leeway > now) {
         Err(AuthError::NotYetValid(parent.clone()))
     } else {
         Ok(())
