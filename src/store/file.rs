@@ -682,6 +682,75 @@ impl LogFile {
         .map(Ok)
     }
 
+    /// [`LogFile::transact`] for a change to one key (revoke, update): `build` sees that key's
+    /// latest version (`None`: not in the log) instead of every key's, so the log is scanned,
+    /// not parsed. Under the same lock, with the same checks: the log and its next revision
+    /// come from the header and tail, checked against the high-water mark as
+    /// [`LogFile::append`] does (anything unusual takes the careful path, `transact`), and the
+    /// written versions must not un-revoke the key. The key's versions are found by
+    /// [`key_lines`] and parsed and verified like any line.
+    pub fn transact_key<E>(
+        &self,
+        id: &str,
+        build: impl FnOnce(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E>,
+    ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
+        let mut file = self.lock()?;
+        let len = file.metadata().map_err(|e| self.io(e))?.len();
+        let log = read_header(&mut file).map_err(|e| self.io(e))?;
+        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
+        let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
+        let consistent = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
+        if !consistent {
+            // Fresh, legacy, restored or missing ledger: the careful path sorts it out.
+            drop(file);
+            return self.transact(|state| build(state.keys.get(id)));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(|e| self.io(e))?;
+        let lines = key_lines(
+            io::BufReader::with_capacity(1 << 20, (&mut file).take(complete)),
+            id.as_bytes(),
+        )
+        .map_err(|e| self.io(e))?;
+        // Records order against records, as in a parse of the whole file; a key's versions
+        // are all among the lines found, so their order is checked whole.
+        let mut current: Option<KeyRecord> = None;
+        for (number, line) in lines {
+            let after = current.as_ref().map_or(0, |r| r.rev);
+            let parsed = self.parse(&line, number, after, log);
+            for c in &parsed.corrupt {
+                tracing::warn!(path = %self.path.display(), line = c.line, reason = %c.reason, "store line skipped");
+            }
+            if let Some(r) = parsed.records.into_iter().rfind(|r| r.id == id) {
+                current = Some(r);
+            }
+        }
+        let records = match build(current.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        // The checks below know this key's state only.
+        if let Some(r) = records.iter().find(|r| r.id != id) {
+            return Err(self.io(io::Error::other(format!(
+                "a change to key {id} wrote key {}",
+                r.id
+            ))));
+        }
+        if let Some(r) = records.iter().find(|r| unrevokes(current.as_ref(), r)) {
+            return Err(StoreError::Unrevoke { id: r.id.clone() });
+        }
+        let newly_revoked: Vec<&KeyRecord> = records
+            .iter()
+            .filter(|r| {
+                r.revoked_at.is_some() && current.as_ref().is_none_or(|c| c.revoked_at.is_none())
+            })
+            .collect();
+        self.ledger
+            .add_revoked(&self.signer, &newly_revoked)
+            .map_err(|e| self.io(e))?;
+        self.write_locked(&mut file, complete, len, log, rev, records)
+            .map(Ok)
+    }
+
     /// Append records without reading the whole log (creation, import): only the header and
     /// the tail are read, to learn the log and the last revision. New keys only: a record
     /// for a key already in the log goes through [`LogFile::transact`].
@@ -721,12 +790,15 @@ impl LogFile {
         if complete < len {
             file.set_len(complete).map_err(|e| self.io(e))?;
         }
-        let mut out = Vec::with_capacity(records.len() * 400);
+        // Room for a typical signed line (~450 bytes): a buffer that has to grow copies
+        // megabytes on a bulk write.
+        let mut out = Vec::with_capacity(records.len() * 512);
         for r in &mut records {
             rev += 1;
             r.rev = rev;
-            self.signer.sign(log, r);
-            serde_json::to_writer(&mut out, r).map_err(|e| self.io(e.into()))?;
+            self.signer
+                .sign_into(log, r, &mut out)
+                .map_err(|e| self.io(e.into()))?;
             out.push(b'\n');
         }
         file.seek(SeekFrom::Start(complete))
@@ -847,6 +919,49 @@ fn read_header(file: &mut File) -> io::Result<LogId> {
         Ok(Line::Header(log)) if n > line.len() => log,
         _ => LogId::NONE,
     })
+}
+
+/// The lines (number from 1, bytes) of a log that may hold a version of key `id`: every line
+/// containing `id`'s bytes, and every line with a backslash. A JSON string equal to `id` is
+/// either its bytes or has an escape in it, so no version of the key is missed however the
+/// line was written (a re-encoded line still verifies: the MAC covers the record, not the
+/// bytes); the caller parses each line found and keeps the records whose id is `id`. Read in
+/// bounded chunks: memory is the chunk and the lines found, not the log.
+pub fn key_lines(mut input: impl BufRead, id: &[u8]) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    const CHUNK: usize = 4 << 20;
+    let finder = memchr::memmem::Finder::new(id);
+    let mut found = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK + 4096);
+    let mut first = 1u64;
+    loop {
+        chunk.clear();
+        while chunk.len() < CHUNK {
+            if input.read_until(b'\n', &mut chunk)? == 0 {
+                break;
+            }
+        }
+        let complete = complete_prefix(&chunk);
+        if complete.is_empty() {
+            return Ok(found);
+        }
+        // Starts of candidate lines, in order, each once.
+        let mut starts: Vec<usize> = finder
+            .find_iter(complete)
+            .chain(memchr::memchr_iter(b'\\', complete))
+            .map(|at| memchr::memrchr(b'\n', &complete[..at]).map_or(0, |nl| nl + 1))
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        let (mut line, mut counted) = (first, 0);
+        for start in starts {
+            line += memchr::memchr_iter(b'\n', &complete[counted..start]).count() as u64;
+            counted = start;
+            let end =
+                memchr::memchr(b'\n', &complete[start..]).map_or(complete.len(), |i| start + i);
+            found.push((line, complete[start..end].to_vec()));
+        }
+        first += memchr::memchr_iter(b'\n', complete).count() as u64;
+    }
 }
 
 /// Records as JSON lines, in the order given (revisions as they are).
