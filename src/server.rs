@@ -295,7 +295,7 @@ fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError
     }
     let (table, local) = (gw.clone(), gw.clone());
     let usage_file = snap.keys.usage_file.clone();
-    let records: crate::webhooks::run::Records = Arc::new(move || table.table().records());
+    let records: crate::webhooks::run::Records = Arc::new(move |f| table.table().each_record(f));
     let usage: crate::webhooks::run::UsageFn = Arc::new(move || {
         let mut u = crate::usage::read(&usage_file);
         for (id, mine) in local.usage.snapshot() {

@@ -1224,6 +1224,43 @@ fn compact_keeps_one_line_per_key_and_the_revision() {
     assert_eq!(env.list(&[]).len(), 8);
 }
 
+/// A one-key change (revoke, update) reads only that key's lines, not the whole log: on a
+/// compacted store with writes after the compaction it still acts on the key's latest
+/// version, touches no other key, and the revocation stays final.
+#[test]
+fn revoke_after_compaction_and_later_writes_hits_the_right_key_and_is_final() {
+    let env = Env::new();
+    let ids_: Vec<String> = (0..4).map(|_| env.create_id(&[])).collect();
+    env.ok(&["update", &ids_[1], "--label", "stage=one"]);
+    env.ok(&["compact"]);
+    env.ok(&["update", &ids_[1], "--label", "stage=two"]);
+    let later = env.create_id(&[]);
+    env.ok(&["revoke", &ids_[1], "--reason", "leaked"]);
+
+    let shown = env.show(&ids_[1]);
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["revoked_reason"], "leaked");
+    assert_eq!(
+        shown["labels"],
+        serde_json::json!({"stage": "two"}),
+        "the revocation is written on the latest version"
+    );
+    for other in [&ids_[0], &ids_[2], &ids_[3], &later] {
+        assert_eq!(env.show(other)["state"], "active", "{other}");
+    }
+    // Final: no update brings it back, a second revoke writes nothing.
+    let lines = env.store_lines().len();
+    let r = env.fail(&["update", &ids_[1], "--label", "stage=three"]);
+    assert!(r.stderr.contains("revoked"), "{r:?}");
+    env.ok(&["revoke", &ids_[1], "--reason", "again"]);
+    assert_eq!(env.store_lines().len(), lines);
+    assert_eq!(env.show(&ids_[1])["revoked_reason"], "leaked");
+    // And it survives the next compaction.
+    env.ok(&["compact"]);
+    assert_eq!(env.show(&ids_[1])["state"], "revoked");
+    assert_eq!(env.list(&["--state", "active"]).len(), 4);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11. audit
 // ---------------------------------------------------------------------------------------------

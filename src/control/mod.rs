@@ -128,12 +128,12 @@ impl Control {
 /// its store, rotation completions) and the events gateways relay (`webhooks::relay`).
 fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoint>) {
     let (table, merged) = (control.clone(), control.clone());
-    let records: crate::webhooks::run::Records = Arc::new(move || table.feed.latest());
+    let records: crate::webhooks::run::Records =
+        Arc::new(move |f| table.feed.latest().iter().for_each(|r| f(r)));
     let usage: crate::webhooks::run::UsageFn = Arc::new(move || merged.merged_usage());
-    let each = records.clone();
     crate::governance::spawn(
         control.metrics.registry(),
-        Arc::new(move |f| each().iter().for_each(|r| f(r))),
+        records.clone(),
         usage.clone(),
         control.settings.audit_log.clone(),
         control.settings.policy.clone(),

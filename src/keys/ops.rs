@@ -9,7 +9,7 @@
 use crate::audit::{AuditLog, Event};
 use crate::keys::format::{hint, MAX_KEY_LEN};
 use crate::keys::policy::PolicyError;
-use crate::keys::record::{new_id, KeyRecord, KeyState, Rotation};
+use crate::keys::record::{format_id, new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
 use crate::store::file::{Compacted, StoreError};
@@ -329,6 +329,37 @@ impl std::hash::Hasher for DigestPrefix {
     }
 }
 
+/// Random ids for an import, drawn from the OS 1,024 at a time: one `getrandom` call per id
+/// was the largest system cost of importing a million keys. The bytes are the same OS random
+/// bytes [`new_id`] takes, only fetched in bulk; ids are not secrets.
+struct IdPool {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Default for IdPool {
+    fn default() -> IdPool {
+        let bytes = vec![0; 16 * 1024];
+        IdPool {
+            at: bytes.len(),
+            bytes,
+        }
+    }
+}
+
+impl IdPool {
+    fn next(&mut self, prefix: &str) -> Result<String, getrandom::Error> {
+        if self.at + 16 > self.bytes.len() {
+            getrandom::fill(&mut self.bytes)?;
+            self.at = 0;
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.bytes[self.at..self.at + 16]);
+        self.at += 16;
+        Ok(format_id(prefix, &id))
+    }
+}
+
 /// Why one import line is not imported: the line is bad (reported, the import goes on), or
 /// something is wrong beyond the line (the import stops).
 enum ImportRefusal {
@@ -522,11 +553,10 @@ impl<'a> Keys<'a> {
         mut change: impl FnMut(&KeyRecord) -> Result<Option<Written>, OpsError> + Send,
     ) -> Result<KeyRecord, OpsError> {
         let mut unchanged = None;
-        let written = self.log.transact(|state| {
-            let current = state
-                .keys
-                .get(id)
-                .ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
+        // Only this key's state is read (not every key's): a revoke at a million keys costs
+        // a scan of the log, not a parse of it.
+        let written = self.log.transact_key(id, |current| {
+            let current = current.ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
             let Some(w) = change(current)? else {
                 unchanged = Some(current.clone());
                 return Ok(vec![]);
@@ -978,12 +1008,19 @@ impl<'a> Keys<'a> {
     /// each batch audited before it is written. Refused lines are reported and skipped; the
     /// good lines are imported. A failed or killed import leaves whole batches behind, and
     /// running it again imports the rest (what is stored counts as a duplicate).
+    ///
+    /// A pipeline of three threads, batches passed hand to hand in order: this one reads,
+    /// checks and hashes lines; an auditor writes each batch's events; an appender writes the
+    /// batch to the store after its events. A batch's fsyncs and serialisation overlap the
+    /// next batch's hashing instead of adding to it. Hand-offs wait for the receiver, so at
+    /// most four batches are alive (filling, auditing, appending, one waiting). An error in a
+    /// later stage stops the earlier ones at their next hand-off.
     pub fn import_from(
         &self,
-        mut input: impl std::io::BufRead,
+        input: impl std::io::BufRead,
         defaults: &Grants,
         now: i64,
-        mut progress: impl FnMut(ImportProgress),
+        progress: impl FnMut(ImportProgress),
     ) -> Result<ImportReport, OpsError> {
         let mut report = ImportReport::default();
         // One read of the store: every digest it holds (32 bytes a key, not whole records).
@@ -992,6 +1029,59 @@ impl<'a> Keys<'a> {
             std::hash::BuildHasherDefault<DigestPrefix>,
         > = std::collections::HashSet::default();
         taken.extend(self.log.digests()?);
+        let (to_audit, audit_in) = std::sync::mpsc::sync_channel::<Vec<KeyRecord>>(0);
+        let (to_append, append_in) = std::sync::mpsc::sync_channel::<Vec<KeyRecord>>(0);
+        let (read, audited, appended) = std::thread::scope(|s| {
+            let auditor = s.spawn(move || {
+                // Returning drops `audit_in`: the reader's next hand-off fails and it stops.
+                for batch in audit_in {
+                    self.audit_import(&batch)?;
+                    if to_append.send(batch).is_err() {
+                        break;
+                    }
+                }
+                Ok::<_, OpsError>(())
+            });
+            let appender = s.spawn(move || {
+                let mut imported = 0;
+                for batch in append_in {
+                    imported += self.log.append(batch)?.len();
+                }
+                Ok::<_, OpsError>(imported)
+            });
+            let read = self.import_lines(
+                input,
+                defaults,
+                now,
+                &mut taken,
+                &mut report,
+                progress,
+                |batch| to_audit.send(batch).is_ok(),
+            );
+            drop(to_audit);
+            (read, joined(auditor.join()), joined(appender.join()))
+        });
+        // Later stages first: their error is why the earlier ones stopped, if they did.
+        report.imported = appended?;
+        audited?;
+        read?;
+        Ok(report)
+    }
+
+    /// The reading half of [`Keys::import_from`]: lines into records, refused lines into
+    /// `report`, full batches to `send` (false: the writer has stopped, so stop reading).
+    #[allow(clippy::too_many_arguments)]
+    fn import_lines<S: std::hash::BuildHasher>(
+        &self,
+        mut input: impl std::io::BufRead,
+        defaults: &Grants,
+        now: i64,
+        taken: &mut std::collections::HashSet<crate::keys::digest::Digest, S>,
+        report: &mut ImportReport,
+        mut progress: impl FnMut(ImportProgress),
+        mut send: impl FnMut(Vec<KeyRecord>) -> bool,
+    ) -> Result<(), OpsError> {
+        let mut ids = IdPool::default();
         let mut batch = Vec::with_capacity(IMPORT_BATCH);
         let mut buf = Vec::with_capacity(512);
         let mut at = ImportProgress::default();
@@ -1018,7 +1108,7 @@ impl<'a> Keys<'a> {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let record = match self.import_line(line, defaults, now) {
+            let record = match self.import_line(line, defaults, now, &mut ids) {
                 Ok(r) => r,
                 Err(ImportRefusal::Line(why)) => {
                     report.refuse(at.lines, why);
@@ -1031,29 +1121,32 @@ impl<'a> Keys<'a> {
                 continue;
             }
             batch.push(record);
-            if batch.len() >= IMPORT_BATCH {
-                report.imported += self.import_batch(std::mem::take(&mut batch))?;
-                batch.reserve(IMPORT_BATCH);
+            if batch.len() >= IMPORT_BATCH
+                && !send(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(IMPORT_BATCH),
+                ))
+            {
+                return Ok(());
             }
         }
-        report.imported += self.import_batch(batch)?;
+        if !batch.is_empty() {
+            send(batch);
+        }
         progress(at);
-        Ok(report)
+        Ok(())
     }
 
-    /// Write one batch of new keys: audit events first (a failed audit write refuses the
-    /// batch, as for every change), then one append.
-    fn import_batch(&self, batch: Vec<KeyRecord>) -> Result<usize, OpsError> {
+    /// Audit one batch of new keys, before it is written (a failed audit write refuses the
+    /// batch, as for every change). The events share one timestamp (the batch is one write),
+    /// taken once rather than formatted a million times.
+    fn audit_import(&self, batch: &[KeyRecord]) -> Result<(), OpsError> {
         if batch.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
-        let events: Vec<Event> = batch
-            .iter()
-            .map(|r| Event::new("key.imported", &self.actor).key(r))
-            .collect();
-        self.audit(&events)?;
-        drop(events);
-        Ok(self.log.append(batch)?.len())
+        let event = Event::new("key.imported", &self.actor);
+        let events: Vec<Event> = batch.iter().map(|r| event.clone().key(r)).collect();
+        self.audit(&events)
     }
 
     /// One non-empty, non-comment line as a record, or why it is refused.
@@ -1062,6 +1155,7 @@ impl<'a> Keys<'a> {
         line: &str,
         defaults: &Grants,
         now: i64,
+        ids: &mut IdPool,
     ) -> Result<KeyRecord, ImportRefusal> {
         let parsed = if line.starts_with('{') {
             serde_json::from_str::<ImportLine>(line)
@@ -1091,8 +1185,9 @@ impl<'a> Keys<'a> {
             ));
         }
         let (secret_version, digest) = self.settings.hasher.digest(&parsed.key);
-        let id =
-            new_id("key").map_err(|e| ImportRefusal::Fatal(OpsError::Random(e.to_string())))?;
+        let id = ids
+            .next("key")
+            .map_err(|e| ImportRefusal::Fatal(OpsError::Random(e.to_string())))?;
         let record = KeyRecord {
             rev: 0,
             lineage: id.clone(),
@@ -1152,6 +1247,11 @@ impl<'a> Keys<'a> {
             .log
             .compact(now, now - self.settings.revoked_retention_secs)?)
     }
+}
+
+/// A scoped thread's result; its panic, if it panicked, goes on in the caller.
+fn joined<T>(r: std::thread::Result<T>) -> T {
+    r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn revoked(cur: &KeyRecord, reason: Option<&str>, now: i64) -> KeyRecord {

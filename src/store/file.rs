@@ -682,6 +682,91 @@ impl LogFile {
         .map(Ok)
     }
 
+    /// [`LogFile::transact`] for a change to one key (revoke, update): `build` sees that key's
+    /// latest version (`None`: not in the log) instead of every key's, so the log is scanned,
+    /// not parsed. Under the same lock, with the same checks: the log and its next revision
+    /// come from the header and tail, checked against the high-water mark as
+    /// [`LogFile::append`] does (anything unusual takes the careful path, `transact`), and the
+    /// written versions must not un-revoke a key (each checked against its own current
+    /// version, found by [`LogFile::key_version`] like the changed key's).
+    pub fn transact_key<E>(
+        &self,
+        id: &str,
+        build: impl FnOnce(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E>,
+    ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
+        let mut file = self.lock()?;
+        let len = file.metadata().map_err(|e| self.io(e))?.len();
+        let log = read_header(&mut file).map_err(|e| self.io(e))?;
+        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
+        let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
+        let consistent = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
+        if !consistent {
+            // Fresh, legacy, restored or missing ledger: the careful path sorts it out.
+            drop(file);
+            return self.transact(|state| build(state.keys.get(id)));
+        }
+        let current = self.key_version(&mut file, complete, log, id)?;
+        let records = match build(current.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        // The checks below need the current version of every key written: a rotation also
+        // writes its successor (a new id: one more scan finds nothing).
+        let mut currents = HashMap::from([(id.to_owned(), current)]);
+        for r in &records {
+            if !currents.contains_key(&r.id) {
+                let found = self.key_version(&mut file, complete, log, &r.id)?;
+                currents.insert(r.id.clone(), found);
+            }
+        }
+        let current_of = |r: &KeyRecord| currents.get(&r.id).and_then(Option::as_ref);
+        if let Some(r) = records.iter().find(|r| unrevokes(current_of(r), r)) {
+            return Err(StoreError::Unrevoke { id: r.id.clone() });
+        }
+        let newly_revoked: Vec<&KeyRecord> = records
+            .iter()
+            .filter(|r| {
+                r.revoked_at.is_some() && current_of(r).is_none_or(|c| c.revoked_at.is_none())
+            })
+            .collect();
+        self.ledger
+            .add_revoked(&self.signer, &newly_revoked)
+            .map_err(|e| self.io(e))?;
+        self.write_locked(&mut file, complete, len, log, rev, records)
+            .map(Ok)
+    }
+
+    /// The latest version of key `id` in the first `complete` bytes of the locked log, found
+    /// by [`key_lines`] and parsed and verified like any line. Records order against records,
+    /// as in a parse of the whole file; all of a key's versions are among the lines found, so
+    /// their order is checked whole.
+    fn key_version(
+        &self,
+        file: &mut File,
+        complete: u64,
+        log: LogId,
+        id: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        file.seek(SeekFrom::Start(0)).map_err(|e| self.io(e))?;
+        let lines = key_lines(
+            io::BufReader::with_capacity(1 << 20, file.take(complete)),
+            id.as_bytes(),
+        )
+        .map_err(|e| self.io(e))?;
+        let mut current: Option<KeyRecord> = None;
+        for (number, line) in lines {
+            let after = current.as_ref().map_or(0, |r| r.rev);
+            let parsed = self.parse(&line, number, after, log);
+            for c in &parsed.corrupt {
+                tracing::warn!(path = %self.path.display(), line = c.line, reason = %c.reason, "store line skipped");
+            }
+            if let Some(r) = parsed.records.into_iter().rfind(|r| r.id == id) {
+                current = Some(r);
+            }
+        }
+        Ok(current)
+    }
+
     /// Append records without reading the whole log (creation, import): only the header and
     /// the tail are read, to learn the log and the last revision. New keys only: a record
     /// for a key already in the log goes through [`LogFile::transact`].
@@ -721,12 +806,15 @@ impl LogFile {
         if complete < len {
             file.set_len(complete).map_err(|e| self.io(e))?;
         }
-        let mut out = Vec::with_capacity(records.len() * 400);
+        // Room for a typical signed line (~450 bytes): a buffer that has to grow copies
+        // megabytes on a bulk write.
+        let mut out = Vec::with_capacity(records.len() * 512);
         for r in &mut records {
             rev += 1;
             r.rev = rev;
-            self.signer.sign(log, r);
-            serde_json::to_writer(&mut out, r).map_err(|e| self.io(e.into()))?;
+            self.signer
+                .sign_into(log, r, &mut out)
+                .map_err(|e| self.io(e.into()))?;
             out.push(b'\n');
         }
         file.seek(SeekFrom::Start(complete))
@@ -847,6 +935,49 @@ fn read_header(file: &mut File) -> io::Result<LogId> {
         Ok(Line::Header(log)) if n > line.len() => log,
         _ => LogId::NONE,
     })
+}
+
+/// The lines (number from 1, bytes) of a log that may hold a version of key `id`: every line
+/// containing `id`'s bytes, and every line with a backslash. A JSON string equal to `id` is
+/// either its bytes or has an escape in it, so no version of the key is missed however the
+/// line was written (a re-encoded line still verifies: the MAC covers the record, not the
+/// bytes); the caller parses each line found and keeps the records whose id is `id`. Read in
+/// bounded chunks: memory is the chunk and the lines found, not the log.
+pub fn key_lines(mut input: impl BufRead, id: &[u8]) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    const CHUNK: usize = 4 << 20;
+    let finder = memchr::memmem::Finder::new(id);
+    let mut found = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK + 4096);
+    let mut first = 1u64;
+    loop {
+        chunk.clear();
+        while chunk.len() < CHUNK {
+            if input.read_until(b'\n', &mut chunk)? == 0 {
+                break;
+            }
+        }
+        let complete = complete_prefix(&chunk);
+        if complete.is_empty() {
+            return Ok(found);
+        }
+        // Starts of candidate lines, in order, each once.
+        let mut starts: Vec<usize> = finder
+            .find_iter(complete)
+            .chain(memchr::memchr_iter(b'\\', complete))
+            .map(|at| memchr::memrchr(b'\n', &complete[..at]).map_or(0, |nl| nl + 1))
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        let (mut line, mut counted) = (first, 0);
+        for start in starts {
+            line += memchr::memchr_iter(b'\n', &complete[counted..start]).count() as u64;
+            counted = start;
+            let end =
+                memchr::memchr(b'\n', &complete[start..]).map_or(complete.len(), |i| start + i);
+            found.push((line, complete[start..end].to_vec()));
+        }
+        first += memchr::memchr_iter(b'\n', complete).count() as u64;
+    }
 }
 
 /// Records as JSON lines, in the order given (revisions as they are).
@@ -1416,6 +1547,94 @@ mod tests {
         assert!(b.revoked_at.is_some() && b.scopes.is_empty() && b.name.is_empty());
         assert_eq!(b.digest, Digest([2; 32]), "a tombstone keeps the digest");
         assert_eq!(log.append(vec![rec("key_c", 3)]).unwrap()[0].rev, 5);
+    }
+
+    /// What `transact_key` hands its builder must be what a parse of the whole log says the
+    /// key is, on a compacted log with writes after the compaction and a line of the key
+    /// re-encoded with escapes (it still verifies: the MAC covers the record, not the bytes).
+    #[test]
+    fn transact_key_sees_the_keys_latest_version_and_keeps_revocation_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.jsonl");
+        let log = log_at(&path);
+        log.append(vec![rec("key_a", 1), rec("key_ab", 2), rec("key_b", 3)])
+            .unwrap();
+        log.compact(100, 0).unwrap();
+        // After the compaction: key_ab renamed, key_a's id only inside another key's label.
+        log.transact_key("key_ab", |cur| {
+            let mut r = cur.unwrap().clone();
+            r.name = "renamed".into();
+            Ok::<_, ()>(vec![r])
+        })
+        .unwrap()
+        .unwrap();
+        let mut b = rec("key_c", 4);
+        b.labels.insert("id".into(), "key_a".into());
+        log.append(vec![b]).unwrap();
+        let seen = |id: &str| {
+            let mut got = None;
+            log.transact_key(id, |cur| {
+                got = cur.cloned();
+                Ok::<_, ()>(vec![])
+            })
+            .unwrap()
+            .unwrap();
+            got
+        };
+        let whole = latest(log.load().unwrap().records);
+        for id in ["key_a", "key_ab", "key_b", "key_c"] {
+            assert_eq!(seen(id).as_ref(), whole.get(id), "{id}");
+        }
+        assert_eq!(seen("key_ab").unwrap().name, "renamed");
+        assert_eq!(seen("key_zz"), None);
+
+        // Revoke key_b through the one-key path; it is final for both paths.
+        let revoked = log
+            .transact_key("key_b", |cur| {
+                let mut r = cur.unwrap().clone();
+                r.revoked_at = Some(7);
+                Ok::<_, ()>(vec![r])
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked[0].id, "key_b");
+        assert!(seen("key_b").unwrap().revoked_at.is_some());
+        assert!(latest(log.load().unwrap().records)["key_b"]
+            .revoked_at
+            .is_some());
+        let unrevoke = log.transact_key("key_b", |cur| {
+            let mut r = cur.unwrap().clone();
+            r.revoked_at = None;
+            Ok::<_, ()>(vec![r])
+        });
+        assert!(matches!(unrevoke, Err(StoreError::Unrevoke { .. })));
+        // Another key written alongside (a rotation's successor) is checked against its own
+        // versions: key_b cannot be un-revoked through a change to key_a either.
+        let mut b = seen("key_b").unwrap();
+        b.revoked_at = None;
+        let other = log.transact_key("key_a", |_| Ok::<_, ()>(vec![b]));
+        assert!(matches!(other, Err(StoreError::Unrevoke { .. })));
+
+        // key_b's revocation line with its id escaped: still key_b, still revoked.
+        let text = fs::read_to_string(&path).unwrap();
+        let line = text.lines().find(|l| l.contains("\"revoked_at\"")).unwrap();
+        let escaped = line.replace("\"id\":\"key_b\"", "\"id\":\"key\\u005fb\"");
+        assert_ne!(escaped, line);
+        fs::write(&path, text.replace(line, &escaped)).unwrap();
+        assert!(log.load().unwrap().corrupt.is_empty());
+        assert!(seen("key_b").unwrap().revoked_at.is_some());
+    }
+
+    #[test]
+    fn key_lines_finds_every_line_naming_the_id_or_escaped() {
+        let log = b"{\"header\":1}\n{\"id\":\"key_a\"}\n{\"id\":\"key_b\"}\n{\"id\":\"k\\u0065y_a\"}\n{\"id\":\"key_a\",\"x\":\"key_a\"}\n";
+        let found = key_lines(&log[..], b"key_a").unwrap();
+        let numbers: Vec<u64> = found.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [2, 4, 5]);
+        assert_eq!(found[0].1, b"{\"id\":\"key_a\"}");
+        // Lines across chunk boundaries are numbered the same (small reader buffer).
+        let reader = io::BufReader::with_capacity(3, &log[..]);
+        assert_eq!(key_lines(reader, b"key_a").unwrap(), found);
     }
 
     #[test]

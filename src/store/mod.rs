@@ -69,6 +69,20 @@ impl Store {
         }
     }
 
+    /// [`Store::transact`] for a change to one key: `build` sees that key's latest version
+    /// (the file store scans for it instead of parsing every key; see
+    /// [`LogFile::transact_key`]).
+    pub fn transact_key<E: Send>(
+        &self,
+        id: &str,
+        mut build: impl FnMut(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E> + Send,
+    ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
+        match self {
+            Store::File(f) => f.transact_key(id, build),
+            Store::Redis(r) => r.transact(|state| build(state.keys.get(id))),
+        }
+    }
+
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
         match self {
             Store::File(f) => f.append(records),

@@ -73,7 +73,10 @@ impl WebhookMetrics {
     }
 }
 
-pub type Records = Arc<dyn Fn() -> Vec<Arc<KeyRecord>> + Send + Sync>;
+/// Every key record, handed to a callback one at a time (`governance::EachRecord`): a pass
+/// keeps only the few records it acts on, never the whole table at once (a million keys
+/// rebuilt as full records would be a memory spike on every pass).
+pub type Records = crate::governance::EachRecord;
 pub type UsageFn = Arc<dyn Fn() -> BTreeMap<String, Used> + Send + Sync>;
 
 /// What the sender reads from the node it runs on.
@@ -234,11 +237,22 @@ impl Sender {
         let Ok(chunk) = read_from(&path, cursor, READ_CHUNK) else {
             return;
         };
-        let records = (self.host.records)();
-        let by_id: BTreeMap<&str, &KeyRecord> = records
-            .iter()
-            .map(|r| (r.id.as_str(), r.as_ref()))
+        // Only the keys this chunk's events name are kept (one pass over the table).
+        let named: BTreeSet<String> = complete_prefix(&chunk)
+            .split(|b| *b == b'\n')
+            .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
+            .filter_map(|v| v.get("key_id")?.as_str().map(str::to_owned))
             .collect();
+        let mut records: Vec<KeyRecord> = Vec::new();
+        if !named.is_empty() {
+            (self.host.records)(&mut |r| {
+                if named.contains(&r.id) {
+                    records.push(r.clone());
+                }
+            });
+        }
+        let by_id: BTreeMap<&str, &KeyRecord> =
+            records.iter().map(|r| (r.id.as_str(), r)).collect();
         let now = crate::clock::unix_secs();
         let mut deliveries = Vec::new();
         let mut at = cursor;
@@ -271,7 +285,17 @@ impl Sender {
         let now = now_secs();
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
-        for r in (self.host.records)() {
+        // The keys inside the longest lead time, collected first (the sends below await).
+        let longest = leads.iter().next_back().copied().unwrap_or(0);
+        let mut near: Vec<KeyRecord> = Vec::new();
+        (self.host.records)(&mut |r| {
+            if r.expires_at.is_some_and(|exp| now >= exp - longest && now < exp)
+                && r.state(now) == KeyState::Active
+            {
+                near.push(r.clone());
+            }
+        });
+        for r in near {
             let Some(exp) = r.expires_at.filter(|_| r.state(now) == KeyState::Active) else {
                 continue;
             };
@@ -353,21 +377,23 @@ impl Sender {
         let usage = (self.host.usage)();
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
-        for r in (self.host.records)() {
+        // The stale keys, collected first (the sends below await).
+        let mut stale: Vec<(KeyRecord, i64)> = Vec::new();
+        (self.host.records)(&mut |r| {
             if r.state(now) != KeyState::Active {
-                continue;
+                return;
             }
             // Never used counts from creation, as `keys stale` does.
             let last = usage
                 .get(&r.id)
                 .map_or(r.created_at, |u| u.last_used.max(r.created_at));
-            if now - last < self.host.stale_after_secs {
-                continue;
-            }
             let mark = format!("stale:{}:{last}", r.id);
-            if self.queue.marked(&mark) {
-                continue;
+            if now - last >= self.host.stale_after_secs && !self.queue.marked(&mark) {
+                stale.push((r.clone(), last));
             }
+        });
+        for (r, last) in stale {
+            let mark = format!("stale:{}:{last}", r.id);
             let claimed = self.claim(&mark).await;
             marks.push(mark);
             if !claimed {
