@@ -289,7 +289,8 @@ impl Sender {
         let longest = leads.iter().next_back().copied().unwrap_or(0);
         let mut near: Vec<KeyRecord> = Vec::new();
         (self.host.records)(&mut |r| {
-            if r.expires_at.is_some_and(|exp| now >= exp - longest && now < exp)
+            if r.expires_at
+                .is_some_and(|exp| now >= exp - longest && now < exp)
                 && r.state(now) == KeyState::Active
             {
                 near.push(r.clone());
