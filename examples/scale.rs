@@ -340,7 +340,17 @@ fn main() -> Result<(), Fail> {
     }
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // `cargo run` gives this process the `CARGO_*` variables of the example's own crate;
+    // passed on, build scripts that watch such variables (ring's) would see a change and
+    // rebuild everything once more.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            build.env_remove(k);
+        }
+    }
+    let built = build
         // The same targets `cargo run --example scale` builds, so features unify the same
         // way and nothing is rebuilt.
         .args([

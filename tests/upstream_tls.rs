@@ -477,6 +477,80 @@ targets = ["http://{}"]
     assert_eq!(after_idle.accepted.load(Ordering::SeqCst), 3);
 }
 
+/// An upstream that answers the first request on each connection (keep-alive 200), then reads
+/// the next request whole and closes without answering: the race of an upstream's idle close
+/// with a reused connection, made certain. Counts connections and request heads.
+async fn drop_second_request_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, h) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let h = h.clone();
+            tokio::spawn(async move {
+                if !read_head(&mut tcp).await {
+                    return;
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+                if tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if read_head(&mut tcp).await {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, accepted, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_safe_bodiless_request_is_sent_again_when_its_pooled_connection_was_closed() {
+    let dir = tempdir();
+    let (addr, accepted, heads) = drop_second_request_upstream().await;
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[[upstreams]]\nname = \"up\"\ntargets = [\"{addr}\"]\n\n{}",
+            route("all", "/", "up"),
+        ),
+    );
+    let k = create_key(&cfg, &[]);
+    let gw = spawn_ready(&cfg, &[], Duration::from_secs(30)).await;
+    let auth = format!("Bearer {}", k.key);
+    let ok = |r: Resp| (r.0, r.2);
+    assert_eq!(
+        ok(get(gw.http, "/a", &[("authorization", &auth)]).await),
+        (200, Bytes::from_static(b"ok"))
+    );
+    // Written on the pooled connection, which the upstream closes unanswered: a GET with no
+    // body is sent again on a new connection and the client never sees the close.
+    assert_eq!(
+        ok(get(gw.http, "/a", &[("authorization", &auth)]).await),
+        (200, Bytes::from_static(b"ok"))
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(heads.load(Ordering::SeqCst), 3, "the GET went out twice");
+    // A POST with a body on the pooled connection (the one the retry opened): not safe to
+    // repeat, so the client gets the 502 and the upstream saw it once.
+    let (status, _, body) = post(
+        gw.http,
+        "/a",
+        &[("authorization", &auth), ("content-type", "text/plain")],
+        "abc",
+    )
+    .await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no second attempt");
+    assert_eq!(heads.load(Ordering::SeqCst), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_idle_past_the_timeout_are_closed() {
     let dir = tempdir();

@@ -131,7 +131,8 @@ impl Body for UpstreamBody {
 
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
-    inner: Incoming,
+    /// `None`: no body (a request sent once more, `GuardedBody::empty`).
+    inner: Option<Incoming>,
     remaining: u64,
     deadline: Pin<Box<Sleep>>,
     /// Shared with the access line when one will be written.
@@ -146,10 +147,21 @@ impl GuardedBody {
         counted: Option<crate::access::BytesIn>,
     ) -> GuardedBody {
         GuardedBody {
-            inner,
+            inner: Some(inner),
             remaining: limit,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             counted,
+        }
+    }
+
+    /// No body: what a bodiless request goes out with when it is sent once more
+    /// (`forward::replayable`).
+    pub fn empty() -> GuardedBody {
+        GuardedBody {
+            inner: None,
+            remaining: 0,
+            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            counted: None,
         }
     }
 }
@@ -162,18 +174,23 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        let this = &mut *self;
+        // No body (`empty`): nothing to wait for, so no deadline either.
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if this.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
-                    if len > self.remaining {
+                    if len > this.remaining {
                         return Poll::Ready(Some(Err(BodyError::TooLarge)));
                     }
-                    self.remaining -= len;
-                    if let Some(c) = &self.counted {
+                    this.remaining -= len;
+                    if let Some(c) = &this.counted {
                         c.add(len);
                     }
                 }
@@ -190,10 +207,12 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }

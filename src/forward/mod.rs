@@ -267,32 +267,43 @@ impl Upstream {
         }
     }
 
-    /// One request on an idle pooled connection, or a new one. A request that never left
-    /// (the pooled connection was closed by the upstream before it was written: hyper hands
-    /// it back) is sent once more on a new connection; one that was written is not retried
-    /// (it may not be idempotent).
+    /// One request on an idle pooled connection, or a new one, sent once more on a new
+    /// connection when a pooled one turns out to have been closed by the upstream:
+    /// - a request that never left (hyper hands it back) always;
+    /// - one that was written, only if it is safe to repeat and has no body
+    ///   (`replayable`), and only when its connection came from the pool and ended before a
+    ///   response (`closed_under_us`). An upstream that closes idle connections (a short
+    ///   keep-alive timeout) races every reuse: the close can be on the wire while the
+    ///   request goes out. Any other request that was written is not retried (it may not be
+    ///   idempotent): the client gets the 502.
     async fn exchange(
         &self,
         target: &Target,
         req: Request<GuardedBody>,
     ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
-        let mut lease = match target.pool.take() {
-            Some(lease) => lease,
-            None => self.connect(target).await?,
+        let (mut lease, replay) = match target.pool.take() {
+            Some(lease) => (lease, replayable(&req)),
+            None => (self.connect(target).await?, None),
         };
-        match lease.sender().try_send_request(req).await {
-            Ok(resp) => Ok((resp, lease)),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    drop(lease);
-                    let mut fresh = self.connect(target).await?;
-                    match fresh.sender().send_request(req).await {
-                        Ok(resp) => Ok((resp, fresh)),
-                        Err(e) => Err(ExchangeError::Send(e)),
+        let again = match lease.sender().try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease)),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(req), _) => req,
+                (None, Some(req)) => {
+                    let e = e.into_error();
+                    if !closed_under_us(&e) {
+                        return Err(ExchangeError::Send(e));
                     }
+                    req
                 }
-                None => Err(ExchangeError::Send(e.into_error())),
+                (None, None) => return Err(ExchangeError::Send(e.into_error())),
             },
+        };
+        drop(lease);
+        let mut fresh = self.connect(target).await?;
+        match fresh.sender().send_request(again).await {
+            Ok(resp) => Ok((resp, fresh)),
+            Err(e) => Err(ExchangeError::Send(e)),
         }
     }
 
@@ -332,4 +343,45 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A copy of `req` to send again should its pooled connection prove closed: only for a method
+/// that is safe to repeat (RFC 9110 §9.2.1: GET, HEAD, OPTIONS, TRACE) with no body, which
+/// is all a copy needs (method, target, headers). `None` for anything else.
+fn replayable(req: &Request<GuardedBody>) -> Option<Request<GuardedBody>> {
+    use http::Method;
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if !safe || !hyper::body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(GuardedBody::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The upstream closed (or reset) the connection before any response came: what a pooled
+/// connection the upstream had already let go of looks like once the request is written.
+fn closed_under_us(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
 }
