@@ -258,6 +258,26 @@ struct Writer {
     owners: HashMap<Name, u32>,
 }
 
+/// Write `values` into new chunks after `chunks` and number them from 0 in `numbers` (a
+/// table being built from its parts: strings, owners, profiles); the count written.
+fn fill_numbered<T: Clone + Eq + std::hash::Hash>(
+    chunks: &mut Vec<Chunk<T>>,
+    numbers: &mut HashMap<T, u32>,
+    values: impl ExactSizeIterator<Item = T>,
+) -> u32 {
+    numbers.reserve(values.len());
+    for (i, value) in values.enumerate() {
+        if i % CHUNK == 0 {
+            chunks.push(new_chunk());
+        }
+        if let Some(c) = chunks.last() {
+            let _ = c[i % CHUNK].set(value.clone());
+        }
+        numbers.insert(value, i as u32);
+    }
+    numbers.len() as u32
+}
+
 pub struct KeyTable {
     inner: ArcSwap<Inner>,
     writer: Mutex<Writer>,
@@ -702,44 +722,23 @@ impl KeyTable {
         let table = KeyTable::sized(log, 0);
         let mut w = lock(&table.writer);
         let mut next = Inner::sized(n);
-        w.strings.reserve(strings.len());
-        for (i, value) in strings.into_iter().enumerate() {
-            if i % CHUNK == 0 {
-                next.strings.push(new_chunk());
-            }
-            if let Some(c) = next.strings.last() {
-                let _ = c[i % CHUNK].set(value.clone());
-            }
-            w.strings.insert(value, i as u32);
-        }
-        w.next_string = w.strings.len() as u32;
-        w.owners.reserve(owners.len());
-        for (i, s) in owners.into_iter().enumerate() {
-            let value = Name::from(s);
-            if i % CHUNK == 0 {
-                next.owners.push(new_chunk());
-            }
-            if let Some(c) = next.owners.last() {
-                let _ = c[i % CHUNK].set(value.clone());
-            }
-            w.owners.insert(value, i as u32);
-        }
-        w.next_owner = w.owners.len() as u32;
-        for (i, mut value) in profiles.into_iter().enumerate() {
-            // Parsed lists may hold spare capacity; these live as long as the table.
-            value.scopes.shrink_to_fit();
-            value.allow_ips.shrink_to_fit();
-            value.allow_origins.shrink_to_fit();
-            let value = Arc::new(value);
-            if i % CHUNK == 0 {
-                next.profiles.push(new_chunk());
-            }
-            if let Some(c) = next.profiles.last() {
-                let _ = c[i % CHUNK].set(value.clone());
-            }
-            w.profiles.insert(value, i as u32);
-        }
-        w.next_profile = w.profiles.len() as u32;
+        w.next_string = fill_numbered(&mut next.strings, &mut w.strings, strings.into_iter());
+        w.next_owner = fill_numbered(
+            &mut next.owners,
+            &mut w.owners,
+            owners.into_iter().map(Name::from),
+        );
+        w.next_profile = fill_numbered(
+            &mut next.profiles,
+            &mut w.profiles,
+            profiles.into_iter().map(|mut value| {
+                // Parsed lists may hold spare capacity; these live as long as the table.
+                value.scopes.shrink_to_fit();
+                value.allow_ips.shrink_to_fit();
+                value.allow_origins.shrink_to_fit();
+                Arc::new(value)
+            }),
+        );
         let mut imported = 0;
         for (slot, e) in entries.enumerate() {
             let past = e.profile >= w.next_profile

@@ -694,17 +694,16 @@ impl LogFile {
         id: &str,
         build: impl FnOnce(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E>,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
-        let mut file = self.lock()?;
-        let len = file.metadata().map_err(|e| self.io(e))?.len();
-        let log = read_header(&mut file).map_err(|e| self.io(e))?;
-        let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
-        let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
-        let consistent = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
-        if !consistent {
-            // Fresh, legacy, restored or missing ledger: the careful path sorts it out.
-            drop(file);
+        let Some(Tail {
+            mut file,
+            len,
+            complete,
+            log,
+            rev,
+        }) = self.vouched_tail()?
+        else {
             return self.transact(|state| build(state.keys.get(id)));
-        }
+        };
         let current = self.key_version(&mut file, complete, log, id)?;
         let records = match build(current.as_ref()) {
             Ok(r) => r,
@@ -767,21 +766,40 @@ impl LogFile {
         Ok(current)
     }
 
-    /// Append records without reading the whole log (creation, import): only the header and
-    /// the tail are read, to learn the log and the last revision. New keys only: a record
-    /// for a key already in the log goes through [`LogFile::transact`].
-    pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
+    /// The locked log with its id and the revision of its last whole line, when the ledger
+    /// vouches for them: the precondition of the paths that read only the header and the tail
+    /// (`append`, `transact_key`). `None` (the lock released) for a fresh, legacy, restored
+    /// or ledger-less log, which the careful path (`transact`, the whole log) sorts out.
+    fn vouched_tail(&self) -> Result<Option<Tail>, StoreError> {
         let mut file = self.lock()?;
         let len = file.metadata().map_err(|e| self.io(e))?.len();
         let log = read_header(&mut file).map_err(|e| self.io(e))?;
         let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
         let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
-        let consistent = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
-        if !consistent {
-            // Fresh, legacy, restored or missing ledger: the careful path sorts it out.
-            drop(file);
+        let vouched = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
+        Ok(vouched.then_some(Tail {
+            file,
+            len,
+            complete,
+            log,
+            rev,
+        }))
+    }
+
+    /// Append records without reading the whole log (creation, import): only the header and
+    /// the tail are read, to learn the log and the last revision. New keys only: a record
+    /// for a key already in the log goes through [`LogFile::transact`].
+    pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
+        let Some(Tail {
+            mut file,
+            len,
+            complete,
+            log,
+            rev,
+        }) = self.vouched_tail()?
+        else {
             return self.transact(|_| Ok::<_, StoreError>(records))?;
-        }
+        };
         let revoked: Vec<&KeyRecord> = records.iter().filter(|r| r.revoked_at.is_some()).collect();
         self.ledger
             .add_revoked(&self.signer, &revoked)
@@ -1313,6 +1331,16 @@ impl Follower {
 #[cfg(test)]
 pub(crate) fn test_signer() -> Signer {
     Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![7; 32])]))
+}
+
+/// What `LogFile::vouched_tail` hands over: the locked file, its length, the end of its last
+/// whole line, its log id and that line's revision.
+struct Tail {
+    file: File,
+    len: u64,
+    complete: u64,
+    log: LogId,
+    rev: u64,
 }
 
 #[cfg(test)]
