@@ -642,7 +642,7 @@ impl LogFile {
                 break;
             }
         }
-        let Some((mut file, buf, parsed)) = locked else {
+        let Some((file, buf, parsed)) = locked else {
             return Err(StoreError::Unstable {
                 path: self.path.clone(),
             });
@@ -671,15 +671,14 @@ impl LogFile {
         self.ledger
             .add_revoked(&self.signer, &newly_revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(
-            &mut file,
-            complete as u64,
-            buf.len() as u64,
+        let tail = Tail {
+            file,
+            len: buf.len() as u64,
+            complete: complete as u64,
             log,
             rev,
-            records,
-        )
-        .map(Ok)
+        };
+        self.write_locked(tail, records).map(Ok)
     }
 
     /// [`LogFile::transact`] for a change to one key (revoke, update): `build` sees that key's
@@ -694,17 +693,10 @@ impl LogFile {
         id: &str,
         build: impl FnOnce(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E>,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
-        let Some(Tail {
-            mut file,
-            len,
-            complete,
-            log,
-            rev,
-        }) = self.vouched_tail()?
-        else {
+        let Some(mut tail) = self.vouched_tail()? else {
             return self.transact(|state| build(state.keys.get(id)));
         };
-        let current = self.key_version(&mut file, complete, log, id)?;
+        let current = self.key_version(&mut tail.file, tail.complete, tail.log, id)?;
         let records = match build(current.as_ref()) {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
@@ -714,7 +706,7 @@ impl LogFile {
         let mut currents = HashMap::from([(id.to_owned(), current)]);
         for r in &records {
             if !currents.contains_key(&r.id) {
-                let found = self.key_version(&mut file, complete, log, &r.id)?;
+                let found = self.key_version(&mut tail.file, tail.complete, tail.log, &r.id)?;
                 currents.insert(r.id.clone(), found);
             }
         }
@@ -731,8 +723,7 @@ impl LogFile {
         self.ledger
             .add_revoked(&self.signer, &newly_revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(&mut file, complete, len, log, rev, records)
-            .map(Ok)
+        self.write_locked(tail, records).map(Ok)
     }
 
     /// The latest version of key `id` in the first `complete` bytes of the locked log, found
@@ -790,30 +781,21 @@ impl LogFile {
     /// the tail are read, to learn the log and the last revision. New keys only: a record
     /// for a key already in the log goes through [`LogFile::transact`].
     pub fn append(&self, records: Vec<KeyRecord>) -> Result<Vec<KeyRecord>, StoreError> {
-        let Some(Tail {
-            mut file,
-            len,
-            complete,
-            log,
-            rev,
-        }) = self.vouched_tail()?
-        else {
+        let Some(tail) = self.vouched_tail()? else {
             return self.transact(|_| Ok::<_, StoreError>(records))?;
         };
         let revoked: Vec<&KeyRecord> = records.iter().filter(|r| r.revoked_at.is_some()).collect();
         self.ledger
             .add_revoked(&self.signer, &revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(&mut file, complete, len, log, rev, records)
+        self.write_locked(tail, records)
     }
 
+    /// Write `records` after the last whole line of the locked log `t` (signed, numbered
+    /// from its revision on), fsync, and move the high-water mark.
     fn write_locked(
         &self,
-        file: &mut File,
-        complete: u64,
-        len: u64,
-        log: LogId,
-        mut rev: u64,
+        mut t: Tail,
         mut records: Vec<KeyRecord>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         if records.is_empty() {
@@ -821,26 +803,33 @@ impl LogFile {
         }
         // A partial last line is a write whose writer died before finishing it: nobody was
         // told it succeeded, so dropping it loses nothing and keeps the next line parseable.
-        if complete < len {
-            file.set_len(complete).map_err(|e| self.io(e))?;
+        if t.complete < t.len {
+            t.file.set_len(t.complete).map_err(|e| self.io(e))?;
         }
         // Room for a typical signed line (~450 bytes): a buffer that has to grow copies
         // megabytes on a bulk write.
         let mut out = Vec::with_capacity(records.len() * 512);
         for r in &mut records {
-            rev += 1;
-            r.rev = rev;
+            t.rev += 1;
+            r.rev = t.rev;
             self.signer
-                .sign_into(log, r, &mut out)
+                .sign_into(t.log, r, &mut out)
                 .map_err(|e| self.io(e.into()))?;
             out.push(b'\n');
         }
-        file.seek(SeekFrom::Start(complete))
+        t.file
+            .seek(SeekFrom::Start(t.complete))
             .map_err(|e| self.io(e))?;
-        file.write_all(&out).map_err(|e| self.io(e))?;
-        file.sync_data().map_err(|e| self.io(e))?;
+        t.file.write_all(&out).map_err(|e| self.io(e))?;
+        t.file.sync_data().map_err(|e| self.io(e))?;
         self.ledger
-            .set_hwm(&self.signer, Hwm { log, rev })
+            .set_hwm(
+                &self.signer,
+                Hwm {
+                    log: t.log,
+                    rev: t.rev,
+                },
+            )
             .map_err(|e| self.io(e))?;
         Ok(records)
     }
