@@ -607,15 +607,20 @@ async fn accept_loop(
             };
             let svc_gw = gw.clone();
             // The token exchange of a gateway that issues sits beside the request path.
+            // Boxed per request: hyper keeps a slot the size of the service's future for the
+            // connection's whole life (`in_flight`, allocated at the start), so an unboxed
+            // request path (several KiB of state) would cost every idle keep-alive connection
+            // that much; boxed, the slot is a pointer and the state lives only while a request
+            // is in flight.
             let service = service_fn(move |req| {
                 let gw = svc_gw.clone();
-                async move {
+                Box::pin(async move {
                     if crate::tokens::issue::is_exchange(&gw, &req) {
                         crate::tokens::issue::handle(gw, conn, req).await
                     } else {
                         pipeline::handle(gw, conn, req).await
                     }
-                }
+                })
             });
             match tls {
                 Some(acceptor) => {
