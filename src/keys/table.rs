@@ -246,13 +246,11 @@ impl Inner {
 #[derive(Default)]
 struct Writer {
     next_entry: u32,
-    next_profile: u32,
-    next_string: u32,
-    next_owner: u32,
     digest_used: usize,
     id_used: usize,
     /// Slab slots no index points at any more (superseded versions).
     garbage: usize,
+    /// The interned values and their numbers, which run from 0 (so the next is the length).
     profiles: HashMap<Arc<Profile>, u32>,
     strings: HashMap<Arc<str>, u32>,
     owners: HashMap<Name, u32>,
@@ -447,41 +445,60 @@ impl KeyTable {
         found.map(|s| (inner, s))
     }
 
-    fn intern_string(&self, w: &mut Writer, s: &str) -> u32 {
-        if let Some(n) = w.strings.get(s) {
+    /// The number of `key` among `numbers`, interned on first sight: the next number (one
+    /// past the last, so the count is the map's length), its value (`make`) written to the
+    /// slab `get` picks out of the inner state.
+    fn intern<T, Q>(
+        &self,
+        numbers: &mut HashMap<T, u32>,
+        get: fn(&Inner) -> &Vec<Chunk<T>>,
+        get_mut: fn(&mut Inner) -> &mut Vec<Chunk<T>>,
+        key: &Q,
+        make: impl FnOnce(&Q) -> T,
+    ) -> u32
+    where
+        T: Clone + Eq + std::hash::Hash + std::borrow::Borrow<Q>,
+        Q: Eq + std::hash::Hash + ?Sized,
+    {
+        if let Some(n) = numbers.get(key) {
             return *n;
         }
-        let n = w.next_string;
-        let value: Arc<str> = s.into();
-        self.push(|i| &i.strings, |i| &mut i.strings, n, value.clone());
-        w.strings.insert(value, n);
-        w.next_string += 1;
+        let n = numbers.len() as u32;
+        let value = make(key);
+        self.push(get, get_mut, n, value.clone());
+        numbers.insert(value, n);
         n
     }
 
+    fn intern_string(&self, w: &mut Writer, s: &str) -> u32 {
+        self.intern(
+            &mut w.strings,
+            |i| &i.strings,
+            |i| &mut i.strings,
+            s,
+            |s| Arc::from(s),
+        )
+    }
+
     fn intern_owner(&self, w: &mut Writer, s: &str) -> u32 {
-        if let Some(n) = w.owners.get(s) {
-            return *n;
-        }
-        let n = w.next_owner;
-        let value = Name::from(s);
-        self.push(|i| &i.owners, |i| &mut i.owners, n, value.clone());
-        w.owners.insert(value, n);
-        w.next_owner += 1;
-        n
+        self.intern(
+            &mut w.owners,
+            |i| &i.owners,
+            |i| &mut i.owners,
+            s,
+            |s| Name::from(s),
+        )
     }
 
     /// The number of `p`, interned (the entry's and the checkpoint's reference to it).
     fn intern_profile(&self, w: &mut Writer, p: Profile) -> u32 {
-        if let Some(n) = w.profiles.get(&p) {
-            return *n;
-        }
-        let n = w.next_profile;
-        let value = Arc::new(p);
-        self.push(|i| &i.profiles, |i| &mut i.profiles, n, value.clone());
-        w.profiles.insert(value, n);
-        w.next_profile += 1;
-        n
+        self.intern(
+            &mut w.profiles,
+            |i| &i.profiles,
+            |i| &mut i.profiles,
+            &p,
+            |p| Arc::new(p.clone()),
+        )
     }
 
     /// Write slab cell `n`, adding a chunk (a new inner state) when it is full.
@@ -672,11 +689,13 @@ impl KeyTable {
     ) {
         let w = lock(&self.writer);
         let inner = self.inner.load();
-        let strings: Vec<Arc<str>> = (0..w.next_string).filter_map(|n| inner.string(n)).collect();
-        let owners: Vec<Name> = (0..w.next_owner)
+        let strings: Vec<Arc<str>> = (0..w.strings.len() as u32)
+            .filter_map(|n| inner.string(n))
+            .collect();
+        let owners: Vec<Name> = (0..w.owners.len() as u32)
             .filter_map(|n| cell(&inner.owners, n).cloned())
             .collect();
-        let profiles: Vec<Arc<Profile>> = (0..w.next_profile)
+        let profiles: Vec<Arc<Profile>> = (0..w.profiles.len() as u32)
             .filter_map(|n| inner.profile(n).cloned())
             .collect();
         let rotations: Vec<KeyRecord> = lock(&self.rotations)
@@ -722,13 +741,13 @@ impl KeyTable {
         let table = KeyTable::sized(log, 0);
         let mut w = lock(&table.writer);
         let mut next = Inner::sized(n);
-        w.next_string = fill_numbered(&mut next.strings, &mut w.strings, strings.into_iter());
-        w.next_owner = fill_numbered(
+        let strings = fill_numbered(&mut next.strings, &mut w.strings, strings.into_iter());
+        let owners = fill_numbered(
             &mut next.owners,
             &mut w.owners,
             owners.into_iter().map(Name::from),
         );
-        w.next_profile = fill_numbered(
+        let profiles = fill_numbered(
             &mut next.profiles,
             &mut w.profiles,
             profiles.into_iter().map(|mut value| {
@@ -741,10 +760,10 @@ impl KeyTable {
         );
         let mut imported = 0;
         for (slot, e) in entries.enumerate() {
-            let past = e.profile >= w.next_profile
-                || e.owner >= w.next_owner
-                || e.lineage > w.next_string
-                || (e.has(ID_INTERNED) && e.interned_id() >= w.next_string);
+            let past = e.profile >= profiles
+                || e.owner >= owners
+                || e.lineage > strings
+                || (e.has(ID_INTERNED) && e.interned_id() >= strings);
             if past {
                 return Err(format!("entry {slot} refers past the interned values"));
             }
