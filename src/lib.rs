@@ -23,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod credential;
+pub mod deadline;
 pub mod demo;
 pub mod error;
 pub mod extract;

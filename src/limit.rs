@@ -305,7 +305,9 @@ impl Limiter {
             (Backend::Redis, Some(f)) if crate::redis::safe_id(lineage) => f,
             _ => return Some(self.buckets.check(shape, lineage)),
         };
-        match fleet.check(Budget::Rate(shape), lineage).await {
+        // Boxed here and below: the Redis round trip's state (~2.5 KiB) would otherwise be
+        // part of, and copied with, every request's future, Redis or not.
+        match Box::pin(fleet.check(Budget::Rate(shape), lineage)).await {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fallback.with_label_values(&[e.reason()]).inc();
@@ -334,7 +336,7 @@ impl Limiter {
             limit: quota.limit,
             period: quota.period,
         };
-        match fleet.check(budget, lineage).await {
+        match Box::pin(fleet.check(budget, lineage)).await {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fallback.with_label_values(&[e.reason()]).inc();

@@ -107,14 +107,14 @@ impl Drop for ConnGuard {
 fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(crate::deadline::HyperTimer)
         // Without a timer hyper's header timeout is off; this is what stops slowloris (E1).
         .header_read_timeout(Duration::from_millis(s.header_read_timeout_ms))
         .max_buf_size(s.max_header_bytes)
         .max_headers(s.max_headers)
         .keep_alive(true);
     b.http2()
-        .timer(TokioTimer::new())
+        .timer(crate::deadline::HyperTimer)
         .max_concurrent_streams(s.h2_max_concurrent_streams)
         .max_header_list_size(s.h2_max_header_list_bytes)
         .max_pending_accept_reset_streams(20)
@@ -188,6 +188,8 @@ fn spawn_worker(
         .name(format!("keygate-worker-{i}"))
         .spawn(move || {
             rt.block_on(async move {
+                // The worker's deadlines (header reads, upstream responses, bodies) on one timer.
+                tokio::spawn(crate::deadline::install());
                 let mut loops = tokio::task::JoinSet::new();
                 for (l, tls) in listeners {
                     match TcpListener::from_std(l) {
@@ -669,7 +671,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 struct SniffDeadline<T> {
     inner: T,
     matched: usize,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<crate::deadline::Deadline>,
 }
 
 impl<T> SniffDeadline<T> {
@@ -677,7 +679,7 @@ impl<T> SniffDeadline<T> {
         SniffDeadline {
             inner,
             matched: 0,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            deadline: Some(crate::deadline::Deadline::after(timeout)),
         }
     }
 }
@@ -716,7 +718,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffDeadline<T> {
             Poll::Ready(Err(_)) => {}
             Poll::Pending => {
                 if let Some(d) = this.deadline.as_mut() {
-                    if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                    if std::future::Future::poll(Pin::new(d), cx).is_ready() {
                         return Poll::Ready(Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "no request within the header read timeout",

@@ -13,13 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const POLL: Duration = Duration::from_secs(10);
-const ROUTES: &str = r#"[[routes]]
-name = "invoices-read"
-path_prefix = "/invoices"
-methods = ["GET"]
-scopes = ["invoices:read"]
-upstream = "up"
-"#;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -34,7 +27,7 @@ impl Setup {
         let config = write_file(
             dir.path(),
             "keygate.toml",
-            &gateway_config(up.addr(), 1000, "", "", ROUTES),
+            &gateway_config(up.addr(), 1000, "", "", INVOICES_READ),
         );
         Setup {
             dir,

@@ -63,25 +63,9 @@ audit_log = "audit.jsonl"
 url = "{url}"
 key_prefix = "{prefix}"
 
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[upstreams]]
-name = "up"
-targets = ["{up}"]
-
-[[routes]]
-name = "invoices-read"
-path_prefix = "/invoices"
-methods = ["GET"]
-scopes = ["invoices:read"]
-upstream = "up"
-"#,
+{rest}"#,
                 url = self.redis.url(),
-                up = self.up_addr,
+                rest = one_route(self.up_addr),
             ),
         )
     }

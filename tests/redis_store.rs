@@ -56,24 +56,8 @@ burst = 100000
 [limits]
 auth_failures_per_minute = 1000000
 
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[upstreams]]
-name = "up"
-targets = ["{up}"]
-
-[[routes]]
-name = "invoices-read"
-path_prefix = "/invoices"
-methods = ["GET"]
-scopes = ["invoices:read"]
-upstream = "up"
-"#,
-                        up = up.addr()
+{rest}"#,
+                        rest = one_route(up.addr())
                     ),
                 )
             })

@@ -4,6 +4,7 @@
 //! read to its end).
 
 use super::pool::Lease;
+use crate::deadline::Deadline;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -13,7 +14,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::time::Sleep;
 
 /// Why the client's request body could not be sent.
 #[derive(Debug, Error)]
@@ -38,7 +38,7 @@ pub enum BodyError {
 pub struct UpstreamBody {
     inner: Incoming,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Deadline,
     timeouts: IntCounter,
     lease: Option<Lease>,
 }
@@ -53,7 +53,7 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: Deadline::after(idle),
             timeouts,
             lease: Some(lease),
         }
@@ -96,8 +96,8 @@ impl Body for UpstreamBody {
                 if self.inner.is_end_stream() {
                     self.release();
                 } else {
-                    let next = tokio::time::Instant::now() + self.idle;
-                    self.deadline.as_mut().reset(next);
+                    let next = std::time::Instant::now() + self.idle;
+                    self.deadline.reset(next);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -110,7 +110,7 @@ impl Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
+                if Pin::new(&mut self.deadline).poll(cx).is_ready() {
                     self.timeouts.inc();
                     self.lease = None;
                     return Poll::Ready(Some(Err(BodyStalled.into())));
@@ -134,7 +134,7 @@ pub struct GuardedBody {
     /// `None`: no body (a request sent once more, `GuardedBody::empty`).
     inner: Option<Incoming>,
     remaining: u64,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Deadline,
     /// Shared with the access line when one will be written.
     counted: Option<crate::access::BytesIn>,
 }
@@ -149,7 +149,7 @@ impl GuardedBody {
         GuardedBody {
             inner: Some(inner),
             remaining: limit,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            deadline: Deadline::after(timeout),
             counted,
         }
     }
@@ -160,7 +160,7 @@ impl GuardedBody {
         GuardedBody {
             inner: None,
             remaining: 0,
-            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            deadline: Deadline::after(Duration::ZERO),
             counted: None,
         }
     }
@@ -179,7 +179,7 @@ impl Body for GuardedBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        if this.deadline.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }
         match Pin::new(inner).poll_frame(cx) {

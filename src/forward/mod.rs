@@ -225,7 +225,8 @@ impl Upstream {
         *req.uri_mut() = Uri::from(path);
         *req.version_mut() = http::Version::HTTP_11;
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.exchange(target, req)).await;
+        let result =
+            crate::deadline::timeout(self.response_timeout, self.exchange(target, req)).await;
         self.series
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -307,9 +308,10 @@ impl Upstream {
         }
     }
 
+    /// Boxed: a new connection's state (~2.5 KiB, TLS included) would otherwise be part of,
+    /// and copied with, every exchange's future, pooled or not.
     async fn connect(&self, target: &Target) -> Result<Lease, ExchangeError> {
-        target
-            .connect(&self.http, self.connect_timeout)
+        Box::pin(target.connect(&self.http, self.connect_timeout))
             .await
             .map_err(ExchangeError::Connect)
     }

@@ -117,6 +117,33 @@ targets = ["{up}"]
     )
 }
 
+/// The `invoices-read` route: GET under `/invoices` with scope `invoices:read`, to upstream `up`.
+pub const INVOICES_READ: &str = r#"[[routes]]
+name = "invoices-read"
+path_prefix = "/invoices"
+methods = ["GET"]
+scopes = ["invoices:read"]
+upstream = "up"
+"#;
+
+/// What follows `[keys]` (and `[redis]`, plans, limits) in a one-route gateway's config:
+/// `[server]` and `[admin]` on port 0, upstream `up` at `up`, and [`INVOICES_READ`].
+pub fn one_route(up: SocketAddr) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[upstreams]]
+name = "up"
+targets = ["{up}"]
+
+{INVOICES_READ}"#
+    )
+}
+
 /// A running `keygate control` (with the secret); SIGKILLed and reaped on drop.
 pub struct ControlPlane {
     child: Child,

@@ -1,0 +1,414 @@
+//! Deadlines on the data plane: one tokio timer per worker thread instead of one per deadline.
+//!
+//! Every forwarded request arms several deadlines (hyper's header read timeout for the next
+//! request, the upstream response timeout, the two body deadlines) and nearly all of them are
+//! cancelled long before they fire. As tokio timers each one is a boxed entry in the shared
+//! timer wheel, taken and put back under its lock, and re-arming the header read timeout after
+//! each response wakes the worker's own driver through its eventfd (the new deadline is
+//! earlier than the one the driver last slept towards): one `write` and one extra
+//! `epoll_wait` per request on an unloaded connection (README, Performance).
+//!
+//! Here a worker keeps its deadlines in a thread-local ordered map, and one task (`drive`)
+//! sleeps on a single tokio timer towards the earliest of them. Arming a deadline later than
+//! the one `drive` sleeps towards costs a map insert and nothing else; a cancelled deadline
+//! is a map remove. Resolution is tokio's (1 ms): deadlines fire no earlier than asked.
+//!
+//! A `Deadline` polled on a thread without a wheel (the admin and control listeners, tests on
+//! the multi-thread runtime) is a plain tokio sleep, so the same types serve every listener.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// One worker's deadlines: (instant, sequence) → the waker of the task waiting on it.
+struct Wheel {
+    /// Identifies this wheel, so a deadline never touches another thread's entries.
+    id: u64,
+    entries: BTreeMap<(Instant, u64), Waker>,
+    next_seq: u64,
+    /// What `drive` sleeps towards (`None`: nothing, it waits to be woken).
+    armed: Option<Instant>,
+    driver: Option<Waker>,
+}
+
+impl Wheel {
+    fn insert(&mut self, at: Instant, waker: Waker) -> (Instant, u64) {
+        let key = (at, self.next_seq);
+        self.next_seq += 1;
+        self.entries.insert(key, waker);
+        // Earlier than what `drive` sleeps towards (or it sleeps on nothing): it re-arms.
+        if self.armed.is_none_or(|armed| at < armed) {
+            self.armed = Some(at);
+            if let Some(d) = &self.driver {
+                d.wake_by_ref();
+            }
+        }
+        key
+    }
+}
+
+thread_local! {
+    static WHEEL: RefCell<Option<Wheel>> = const { RefCell::new(None) };
+}
+
+/// Wheels ever installed, for their ids.
+static WHEELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Give the current thread a wheel and return the task that fires its deadlines; spawn it on
+/// the thread's current-thread runtime. Deadlines first polled on this thread use the wheel.
+pub fn install() -> impl Future<Output = ()> {
+    let id = WHEELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    WHEEL.with_borrow_mut(|w| {
+        *w = Some(Wheel {
+            id,
+            entries: BTreeMap::new(),
+            next_seq: 0,
+            armed: None,
+            driver: None,
+        })
+    });
+    drive()
+}
+
+/// Sleeps on one tokio timer towards the wheel's earliest deadline and wakes every deadline
+/// that has passed. Runs for the life of the worker.
+async fn drive() {
+    let mut sleep = Box::pin(tokio::time::sleep(Duration::ZERO));
+    let mut sleeps_to: Option<Instant> = None;
+    std::future::poll_fn(|cx| loop {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let earliest = WHEEL.with_borrow_mut(|w| {
+            let w = w.as_mut()?;
+            while let Some(entry) = w.entries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                due.push(entry.remove());
+            }
+            if !w.driver.as_ref().is_some_and(|d| d.will_wake(cx.waker())) {
+                w.driver = Some(cx.waker().clone());
+            }
+            w.armed = w.entries.first_key_value().map(|(k, _)| k.0);
+            w.armed
+        });
+        // Woken outside the borrow: a waker may run code that arms another deadline.
+        due.into_iter().for_each(Waker::wake);
+        match earliest {
+            None => return Poll::Pending,
+            Some(at) => {
+                if sleeps_to != Some(at) {
+                    sleep.as_mut().reset(at.into());
+                    sleeps_to = Some(at);
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A point in time a task waits for (`Future` that completes at or after it). Cheap to arm,
+/// reset and drop on a worker thread; see the module header.
+#[derive(Debug)]
+pub struct Deadline {
+    at: Instant,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Not polled yet, or polled and not registered anywhere.
+    Idle,
+    /// In the wheel `wheel` under `key`.
+    Wheel { wheel: u64, key: (Instant, u64) },
+    /// No wheel on the polling thread: a tokio timer.
+    Tokio(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Deadline {
+    pub fn at(at: Instant) -> Deadline {
+        Deadline {
+            at,
+            state: State::Idle,
+        }
+    }
+
+    pub fn after(d: Duration) -> Deadline {
+        Deadline::at(Instant::now() + d)
+    }
+
+    /// Move the deadline; a task already waiting on it is woken at the new time.
+    pub fn reset(&mut self, at: Instant) {
+        self.at = at;
+        match &mut self.state {
+            State::Tokio(sleep) => sleep.as_mut().reset(at.into()),
+            State::Wheel { wheel, key } => {
+                let moved = WHEEL.with_borrow_mut(|w| {
+                    let w = w.as_mut().filter(|w| w.id == *wheel)?;
+                    let waker = w.entries.remove(key)?;
+                    Some(w.insert(at, waker))
+                });
+                match moved {
+                    Some(k) => *key = k,
+                    None => self.state = State::Idle,
+                }
+            }
+            State::Idle => {}
+        }
+    }
+
+    fn unregister(&mut self) {
+        if let State::Wheel { wheel, key } = std::mem::replace(&mut self.state, State::Idle) {
+            // `try_with`: a deadline dropped while the thread's locals are torn down.
+            let _ = WHEEL.try_with(|w| {
+                if let Some(w) = w.borrow_mut().as_mut().filter(|w| w.id == wheel) {
+                    w.entries.remove(&key);
+                }
+            });
+        }
+    }
+
+    /// Register (or refresh) the waker in this thread's wheel; false when there is none.
+    fn register(&mut self, cx: &Context<'_>) -> bool {
+        WHEEL.with_borrow_mut(|w| {
+            let Some(w) = w.as_mut() else {
+                return false;
+            };
+            if let State::Wheel { wheel, key } = &self.state {
+                if *wheel == w.id {
+                    if let Some(waker) = w.entries.get_mut(key) {
+                        if !waker.will_wake(cx.waker()) {
+                            *waker = cx.waker().clone();
+                        }
+                        return true;
+                    }
+                }
+            }
+            let key = w.insert(self.at, cx.waker().clone());
+            self.state = State::Wheel { wheel: w.id, key };
+            true
+        })
+    }
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if let State::Tokio(sleep) = &mut this.state {
+            return sleep.as_mut().poll(cx);
+        }
+        if Instant::now() >= this.at {
+            this.unregister();
+            return Poll::Ready(());
+        }
+        if this.register(cx) {
+            return Poll::Pending;
+        }
+        let mut sleep = Box::pin(tokio::time::sleep_until(this.at.into()));
+        let poll = sleep.as_mut().poll(cx);
+        this.state = State::Tokio(sleep);
+        poll
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+impl hyper::rt::Sleep for Deadline {}
+
+/// hyper's timer (header read timeout, HTTP/2 keep-alive) on `Deadline`s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HyperTimer;
+
+impl hyper::rt::Timer for HyperTimer {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Deadline::after(d))
+    }
+
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Deadline::at(at))
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, at: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<Deadline>() {
+            Some(mut d) => d.reset(at),
+            None => *sleep = self.sleep_until(at),
+        }
+    }
+}
+
+/// `fut` given until `d` has passed: `Err(Elapsed)` if it had not finished by then.
+pub fn timeout<F: Future>(d: Duration, fut: F) -> Timeout<F> {
+    Timeout {
+        fut,
+        deadline: Deadline::after(d),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What `timeout` returns. A struct, not an `async fn`: the wrapped future (the upstream
+    /// exchange, several KiB) is moved into it once and polled in place.
+    #[derive(Debug)]
+    pub struct Timeout<F> {
+        #[pin]
+        fut: F,
+        deadline: Deadline,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        Pin::new(this.deadline).poll(cx).map(|()| Err(Elapsed))
+    }
+}
+
+/// The time given to `timeout` ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("deadline has elapsed")]
+pub struct Elapsed;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_worker<F: Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::spawn(install());
+            f.await
+        })
+    }
+
+    fn entries() -> usize {
+        WHEEL.with_borrow(|w| w.as_ref().map_or(0, |w| w.entries.len()))
+    }
+
+    #[test]
+    fn deadlines_fire_in_order_and_never_early() {
+        on_worker(async {
+            let start = Instant::now();
+            // The later one first: the driver then has to re-arm for the earlier one.
+            let late = tokio::spawn(async move {
+                Deadline::after(Duration::from_millis(60)).await;
+                start.elapsed()
+            });
+            tokio::task::yield_now().await;
+            let armed = || WHEEL.with_borrow(|w| w.as_ref().and_then(|w| w.armed));
+            let late_at = armed().expect("the later deadline is armed");
+            let mut early = Deadline::after(Duration::from_millis(20));
+            assert!(futures_poll_once(Pin::new(&mut early)).await.is_pending());
+            assert_eq!(
+                armed(),
+                Some(early.at),
+                "the driver re-arms for the earlier one"
+            );
+            assert!(early.at < late_at);
+            early.await;
+            let first = start.elapsed();
+            assert!(first >= Duration::from_millis(20), "{first:?}");
+            let second = late.await.unwrap();
+            assert!(second >= Duration::from_millis(60), "{second:?}");
+            assert_eq!(entries(), 0);
+        });
+    }
+
+    #[test]
+    fn dropped_and_reset_deadlines_leave_the_wheel() {
+        on_worker(async {
+            let far = Deadline::after(Duration::from_secs(3600));
+            let mut polled = Box::pin(far);
+            assert!(futures_poll_once(polled.as_mut()).await.is_pending());
+            assert_eq!(entries(), 1);
+            drop(polled);
+            assert_eq!(entries(), 0, "a dropped deadline is removed");
+
+            let mut d = Deadline::after(Duration::from_secs(3600));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            let keyed = |d: &Deadline| match d.state {
+                State::Wheel { key, .. } => Some(key),
+                _ => None,
+            };
+            let old = keyed(&d);
+            d.reset(Instant::now() + Duration::from_millis(10));
+            assert_eq!(
+                entries(),
+                1,
+                "a reset deadline moves, it is not added twice"
+            );
+            assert_ne!(keyed(&d), old);
+            d.await;
+            assert_eq!(entries(), 0);
+        });
+    }
+
+    #[test]
+    fn timeout_elapses_or_passes_the_output_through() {
+        on_worker(async {
+            let slow = timeout(Duration::from_millis(10), std::future::pending::<()>()).await;
+            assert_eq!(slow, Err(Elapsed));
+            let quick = timeout(Duration::from_secs(60), async { 7 }).await;
+            assert_eq!(quick, Ok(7));
+            assert_eq!(entries(), 0);
+        });
+    }
+
+    #[test]
+    fn without_a_wheel_it_is_a_tokio_timer() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let start = Instant::now();
+            Deadline::after(Duration::from_millis(15)).await;
+            assert!(start.elapsed() >= Duration::from_millis(15));
+            let mut d = Deadline::after(Duration::from_secs(3600));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            assert!(matches!(d.state, State::Tokio(_)));
+            d.reset(Instant::now());
+            d.await;
+        });
+    }
+
+    #[test]
+    fn hyper_resets_the_same_deadline_in_place() {
+        use hyper::rt::Timer;
+        on_worker(async {
+            let t = HyperTimer;
+            let mut s = t.sleep(Duration::from_secs(3600));
+            assert!(futures_poll_once(s.as_mut()).await.is_pending());
+            let before: *const () = (&*s as *const dyn hyper::rt::Sleep).cast();
+            t.reset(&mut s, Instant::now() + Duration::from_millis(5));
+            let after: *const () = (&*s as *const dyn hyper::rt::Sleep).cast();
+            assert_eq!(before, after, "reset reuses the box");
+            s.await;
+            assert_eq!(entries(), 0);
+        });
+    }
+
+    /// Poll `f` once with the task's own waker.
+    async fn futures_poll_once<F: Future + ?Sized>(mut f: Pin<&mut F>) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+    }
+}
