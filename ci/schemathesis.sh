@@ -126,6 +126,11 @@ URL="http://$ADDR"
 echo "control plane at $URL (pid $CP_PID)" >&2
 
 # --- the run ----------------------------------------------------------------------------
+# One worker: with two, hypothesis parses lambda sources from two threads at once, and
+# CPython 3.11 can then fail `ast.parse` with a spurious "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905 and the reports around it: rare, in
+# threaded programs; seen once in CI here, on 3.11.7). A crash of the tool is not a finding
+# about the API, and one worker costs a few seconds.
 status=0
 # Run from the temp dir: schemathesis keeps a cache directory (.schemathesis/) in the cwd.
 cd "$WORK"
@@ -139,7 +144,7 @@ cd "$WORK"
   --exclude-operation-id revokeAdminToken \
   --exclude-operation-id redigestKey \
   --max-examples "$MAX_EXAMPLES" \
-  --workers 2 \
+  --workers 1 \
   --seed 42 \
   --request-timeout 10 \
   --no-color || status=$?
@@ -149,7 +154,7 @@ cd "$WORK"
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --include-operation-id redigestKey \
   --max-examples "$MAX_EXAMPLES" \
-  --workers 2 \
+  --workers 1 \
   --seed 42 \
   --request-timeout 10 \
   --no-color || status=$?
@@ -162,7 +167,7 @@ cd "$WORK"
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --include-path /v1/tokens \
   --max-examples "$MAX_EXAMPLES" \
-  --workers 2 \
+  --workers 1 \
   --seed 42 \
   --request-timeout 10 \
   --no-color || status=$?
