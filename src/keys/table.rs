@@ -218,24 +218,6 @@ impl Inner {
         Some(KeyView::new(e, id, lineage, owner, profile))
     }
 
-    /// The view of a found entry, or `Stale` when this state lacks the owner, profile or
-    /// string it names (the writer interned it into a chunk added after this state was
-    /// loaded, then published the entry): the caller loads again.
-    fn fresh_view(&self, e: &Entry) -> Result<KeyView, Stale> {
-        self.view(e).ok_or(Stale)
-    }
-
-    /// `Ok` when this state has the owner, profile and strings `e` names (else as
-    /// `fresh_view`).
-    fn complete(&self, e: &Entry) -> Result<(), Stale> {
-        let has_string = |n: u32| cell(&self.strings, n).is_some();
-        let ok = cell(&self.owners, e.owner).is_some()
-            && self.profile(e.profile).is_some()
-            && (e.lineage == 0 || has_string(e.lineage - 1))
-            && (!e.has(ID_INTERNED) || has_string(e.interned_id()));
-        ok.then_some(()).ok_or(Stale)
-    }
-
     /// Every live entry (the ones the digest index points at).
     fn live(&self) -> impl Iterator<Item = Entry> + '_ {
         self.by_digest.targets().filter_map(|s| self.entry(s))
@@ -427,22 +409,20 @@ impl KeyTable {
         }
     }
 
-    /// The inner state and the slot holding `d` (the entry is `inner.entry(slot)`), in a
-    /// state that has everything the entry names (`Inner::complete`).
-    fn by_digest(&self, d: &Digest) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| match i.find_digest(d)? {
-            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
+    /// What `make` builds from the entry `find` picks (a view, a record). `make` answers
+    /// `None` only when this state lacks an owner, profile or string the entry names: the
+    /// writer interned it into a chunk added after this state was loaded, then published the
+    /// entry. That is `Stale`: the state is loaded again, never "unknown" for a valid key.
+    fn found<T>(
+        &self,
+        find: impl Fn(&Inner) -> Result<Option<(usize, u32, Entry)>, Stale>,
+        make: impl Fn(&Inner, &Entry) -> Option<T>,
+    ) -> Option<T> {
+        let (_, found) = self.probe(|i| match find(i)? {
+            Some((_, _, e)) => make(i, &e).ok_or(Stale).map(Some),
             None => Ok(None),
         })?;
-        found.map(|s| (inner, s))
-    }
-
-    fn by_id(&self, id: &str) -> Option<(Guard<Arc<Inner>>, u32)> {
-        let (inner, found) = self.probe(|i| match i.find_id(id)? {
-            Some((_, s, e)) => i.complete(&e).map(|_| Some(s)),
-            None => Ok(None),
-        })?;
-        found.map(|s| (inner, s))
+        found
     }
 
     /// The number of `key` among `numbers`, interned on first sight: the next number (one
@@ -904,24 +884,23 @@ impl KeyTable {
     }
 
     pub fn get_by_digest(&self, digest: &Digest) -> Option<Arc<KeyRecord>> {
-        let (inner, slot) = self.by_digest(digest)?;
-        self.rebuilt(&inner, &inner.entry(slot)?, &lock(&self.rotations))
-            .map(Arc::new)
+        let rotations = lock(&self.rotations);
+        self.found(
+            |i| i.find_digest(digest),
+            |i, e| self.rebuilt(i, e, &rotations),
+        )
+        .map(Arc::new)
     }
 
     pub fn get_by_id(&self, id: &str) -> Option<Arc<KeyRecord>> {
-        let (inner, slot) = self.by_id(id)?;
-        self.rebuilt(&inner, &inner.entry(slot)?, &lock(&self.rotations))
+        let rotations = lock(&self.rotations);
+        self.found(|i| i.find_id(id), |i, e| self.rebuilt(i, e, &rotations))
             .map(Arc::new)
     }
 
     /// The request path's view of the key with `id`.
     pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
-        let (_, view) = self.probe(|i| match i.find_id(id)? {
-            Some((_, _, e)) => i.fresh_view(&e).map(Some),
-            None => Ok(None),
-        })?;
-        view
+        self.found(|i| i.find_id(id), Inner::view)
     }
 
     /// Every revoked record (carried into a new table so revocations survive a new log).
@@ -1039,16 +1018,13 @@ impl KeyTable {
         let record = hasher
             .all_digests(key)
             .find_map(|(version, d)| {
-                let (_, view) = self.probe(|i| {
-                    match i
-                        .find_digest(&d)?
-                        .filter(|(_, _, e)| e.secret_version == version)
-                    {
-                        Some((_, _, e)) => i.fresh_view(&e).map(Some),
-                        None => Ok(None),
-                    }
-                })?;
-                view
+                self.found(
+                    |i| {
+                        Ok(i.find_digest(&d)?
+                            .filter(|(_, _, e)| e.secret_version == version))
+                    },
+                    Inner::view,
+                )
             })
             .ok_or(AuthError::Unknown)?;
         // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
@@ -1312,12 +1288,11 @@ mod tests {
             "the new version is in the entry chunk the old state has"
         );
         assert!(
-            old.fresh_view(&e).is_err(),
+            old.view(&e).is_none(),
             "the old state lacks the owner: stale"
         );
         assert_eq!(&*f.auth(&key, 10).unwrap().owner, "a-new-owner");
         assert_eq!(&*f.table.view_by_id("key_a").unwrap().owner, "a-new-owner");
-        assert!(old.complete(&e).is_err());
         assert_eq!(f.table.get_by_id("key_a").unwrap().owner, "a-new-owner");
     }
 
