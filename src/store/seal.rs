@@ -191,9 +191,6 @@ impl Signer {
     }
 
     fn record_mac(key: &HmacSha256, log: LogId, record: &KeyRecord) -> [u8; 32] {
-        let mut m = key.clone();
-        m.update(&log.0.to_be_bytes());
-        m.update(&record.rev.to_be_bytes());
         // The record's own JSON without its MAC: serialisation of the struct is deterministic
         // (fixed field order, BTreeMap labels), so a reader re-serialising what it parsed gets
         // the bytes that were signed.
@@ -204,7 +201,15 @@ impl Signer {
         } else {
             serde_json::to_vec(record)
         };
-        m.update(&body.unwrap_or_default());
+        Self::mac_over(key, log, record.rev, &body.unwrap_or_default())
+    }
+
+    /// What a record's MAC covers: its log, its revision and its JSON without the MAC.
+    fn mac_over(key: &HmacSha256, log: LogId, rev: u64, unsigned_json: &[u8]) -> [u8; 32] {
+        let mut m = key.clone();
+        m.update(&log.0.to_be_bytes());
+        m.update(&rev.to_be_bytes());
+        m.update(unsigned_json);
         m.finalize().into_bytes().into()
     }
 
@@ -237,13 +242,9 @@ impl Signer {
         let Some((version, key)) = self.record.first() else {
             return Ok(());
         };
-        let mut m = key.clone();
-        m.update(&log.0.to_be_bytes());
-        m.update(&record.rev.to_be_bytes());
-        m.update(&out[start..]);
         let tag = Tag {
             version: *version,
-            mac: m.finalize().into_bytes().into(),
+            mac: Self::mac_over(key, log, record.rev, &out[start..]),
         };
         record.mac = Some(tag);
         // `{…}` → `{…,"mac":"<tag>"}`: a record always has fields, so the comma is right.
