@@ -658,19 +658,6 @@ impl LogFile {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(r) = records.iter().find(|r| unrevokes(state.keys.get(&r.id), r)) {
-            return Err(StoreError::Unrevoke { id: r.id.clone() });
-        }
-        let newly_revoked: Vec<&KeyRecord> = records
-            .iter()
-            .filter(|r| {
-                r.revoked_at.is_some()
-                    && state.keys.get(&r.id).is_none_or(|c| c.revoked_at.is_none())
-            })
-            .collect();
-        self.ledger
-            .add_revoked(&self.signer, &newly_revoked)
-            .map_err(|e| self.io(e))?;
         let tail = Tail {
             file,
             len: buf.len() as u64,
@@ -678,7 +665,8 @@ impl LogFile {
             log,
             rev,
         };
-        self.write_locked(tail, records).map(Ok)
+        self.write_changes(tail, records, |id| state.keys.get(id))
+            .map(Ok)
     }
 
     /// [`LogFile::transact`] for a change to one key (revoke, update): `build` sees that key's
@@ -710,20 +698,34 @@ impl LogFile {
                 currents.insert(r.id.clone(), found);
             }
         }
-        let current_of = |r: &KeyRecord| currents.get(&r.id).and_then(Option::as_ref);
-        if let Some(r) = records.iter().find(|r| unrevokes(current_of(r), r)) {
+        self.write_changes(tail, records, |id| {
+            currents.get(id).and_then(Option::as_ref)
+        })
+        .map(Ok)
+    }
+
+    /// Write `records` into the locked log `tail`, `current` giving each key's version in it
+    /// (`None`: a new key): refused whole if one would un-revoke its key; the ones that newly
+    /// revoke a key go into the ledger before the lines are written.
+    fn write_changes<'c>(
+        &self,
+        tail: Tail,
+        records: Vec<KeyRecord>,
+        current: impl Fn(&str) -> Option<&'c KeyRecord>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        if let Some(r) = records.iter().find(|r| unrevokes(current(&r.id), r)) {
             return Err(StoreError::Unrevoke { id: r.id.clone() });
         }
         let newly_revoked: Vec<&KeyRecord> = records
             .iter()
             .filter(|r| {
-                r.revoked_at.is_some() && current_of(r).is_none_or(|c| c.revoked_at.is_none())
+                r.revoked_at.is_some() && current(&r.id).is_none_or(|c| c.revoked_at.is_none())
             })
             .collect();
         self.ledger
             .add_revoked(&self.signer, &newly_revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(tail, records).map(Ok)
+        self.write_locked(tail, records)
     }
 
     /// The latest version of key `id` in the first `complete` bytes of the locked log, found
@@ -784,11 +786,8 @@ impl LogFile {
         let Some(tail) = self.vouched_tail()? else {
             return self.transact(|_| Ok::<_, StoreError>(records))?;
         };
-        let revoked: Vec<&KeyRecord> = records.iter().filter(|r| r.revoked_at.is_some()).collect();
-        self.ledger
-            .add_revoked(&self.signer, &revoked)
-            .map_err(|e| self.io(e))?;
-        self.write_locked(tail, records)
+        // New keys: nothing to un-revoke, every revoked one newly revoked.
+        self.write_changes(tail, records, |_| None)
     }
 
     /// Write `records` after the last whole line of the locked log `t` (signed, numbered
