@@ -131,10 +131,10 @@ impl Body for UpstreamBody {
 
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
-    /// `None`: no body (a request sent once more, `GuardedBody::empty`).
-    inner: Option<Incoming>,
+    /// The body and its deadline; `None`: no body, so nothing to wait for (a request sent
+    /// once more, `GuardedBody::empty`).
+    inner: Option<(Incoming, Deadline)>,
     remaining: u64,
-    deadline: Deadline,
     /// Shared with the access line when one will be written.
     counted: Option<crate::access::BytesIn>,
 }
@@ -147,9 +147,8 @@ impl GuardedBody {
         counted: Option<crate::access::BytesIn>,
     ) -> GuardedBody {
         GuardedBody {
-            inner: Some(inner),
+            inner: Some((inner, Deadline::after(timeout))),
             remaining: limit,
-            deadline: Deadline::after(timeout),
             counted,
         }
     }
@@ -160,7 +159,6 @@ impl GuardedBody {
         GuardedBody {
             inner: None,
             remaining: 0,
-            deadline: Deadline::after(Duration::ZERO),
             counted: None,
         }
     }
@@ -175,11 +173,10 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        // No body (`empty`): nothing to wait for, so no deadline either.
-        let Some(inner) = this.inner.as_mut() else {
+        let Some((inner, deadline)) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
+        if Pin::new(deadline).poll(cx).is_ready() {
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }
         match Pin::new(inner).poll_frame(cx) {
@@ -207,12 +204,12 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.as_ref().is_none_or(|(b, _)| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), |(b, _)| b.size_hint())
     }
 }
