@@ -287,19 +287,15 @@ impl Sender {
         let mut marks = Vec::new();
         // The keys inside the longest lead time, collected first (the sends below await).
         let longest = leads.iter().next_back().copied().unwrap_or(0);
-        let mut near: Vec<KeyRecord> = Vec::new();
+        let mut near: Vec<(KeyRecord, i64)> = Vec::new();
         (self.host.records)(&mut |r| {
-            if r.expires_at
-                .is_some_and(|exp| now >= exp - longest && now < exp)
-                && r.state(now) == KeyState::Active
-            {
-                near.push(r.clone());
+            if let Some(exp) = r.expires_at.filter(|exp| {
+                now >= exp - longest && now < *exp && r.state(now) == KeyState::Active
+            }) {
+                near.push((r.clone(), exp));
             }
         });
-        for r in near {
-            let Some(exp) = r.expires_at.filter(|_| r.state(now) == KeyState::Active) else {
-                continue;
-            };
+        for (r, exp) in near {
             let crossed: Vec<i64> = leads
                 .iter()
                 .copied()
@@ -379,7 +375,7 @@ impl Sender {
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
         // The stale keys, collected first (the sends below await).
-        let mut stale: Vec<(KeyRecord, i64)> = Vec::new();
+        let mut stale: Vec<(KeyRecord, i64, String)> = Vec::new();
         (self.host.records)(&mut |r| {
             if r.state(now) != KeyState::Active {
                 return;
@@ -390,11 +386,10 @@ impl Sender {
                 .map_or(r.created_at, |u| u.last_used.max(r.created_at));
             let mark = format!("stale:{}:{last}", r.id);
             if now - last >= self.host.stale_after_secs && !self.queue.marked(&mark) {
-                stale.push((r.clone(), last));
+                stale.push((r.clone(), last, mark));
             }
         });
-        for (r, last) in stale {
-            let mark = format!("stale:{}:{last}", r.id);
+        for (r, last, mark) in stale {
             let claimed = self.claim(&mark).await;
             marks.push(mark);
             if !claimed {
