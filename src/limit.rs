@@ -400,6 +400,15 @@ pub fn client_key(ip: IpAddr) -> u64 {
 }
 
 impl AuthFailures {
+    /// The budget `[limits]` sets: every place a client presents a key counts against it.
+    pub fn from_config(l: &crate::config::LimitsConfig) -> AuthFailures {
+        AuthFailures::new(
+            l.auth_failures_per_minute,
+            Duration::from_secs(l.auth_failure_block_seconds),
+            l.auth_failure_max_tracked,
+        )
+    }
+
     pub fn new(per_minute: u32, block: Duration, max_tracked: usize) -> AuthFailures {
         AuthFailures {
             per_minute,

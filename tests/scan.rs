@@ -474,6 +474,32 @@ async fn finds_exactly_the_valid_keys_in_text_json_gzip_and_tar() {
     let missing = scan(&t.cfg, &t.root, &["clean", "no-such-file"], &[]);
     assert_eq!(code(&missing, &t.keys), 2);
     assert!(stderr_str(&missing).contains("no-such-file"));
+    // Content over --max-size is not read, and the scan says so: exit 2, naming the file,
+    // for a plain file and for a decompressed entry (a key inside must not pass unseen).
+    let big = scan(&t.cfg, &t.root, &["--max-size", "16", "clean"], &[]);
+    assert_eq!(code(&big, &t.keys), 2, "{}", stderr_str(&big));
+    assert!(
+        stderr_str(&big).contains("clean/a.txt: not scanned"),
+        "{}",
+        stderr_str(&big)
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&vec![b'a'; 1 << 20]).unwrap();
+    gz.write_all(t.keys.live.key.as_bytes()).unwrap();
+    std::fs::write(t.root.join("bomb.txt.gz"), gz.finish().unwrap()).unwrap();
+    let out = scan(
+        &t.cfg,
+        &t.root,
+        &["--max-size", "64KiB", "bomb.txt.gz"],
+        &[],
+    );
+    assert_eq!(code(&out, &t.keys), 2, "{}", stderr_str(&out));
+    assert!(
+        stderr_str(&out).contains("bomb.txt.gz: not scanned"),
+        "{}",
+        stderr_str(&out)
+    );
+    std::fs::remove_file(t.root.join("bomb.txt.gz")).unwrap();
     // An unreadable path beats found keys: the scan is incomplete, exit 2.
     assert_eq!(
         code(&scan(&t.cfg, &t.root, &[".", "nope"], &[]), &t.keys),

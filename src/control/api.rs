@@ -58,6 +58,15 @@ pub struct ApiError {
     detail: String,
     /// The `Allow` header of a 405 (RFC 9110 §15.5.6).
     allow: Option<&'static str>,
+    /// The `Retry-After` header of a 429, in seconds.
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub(super) fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
 }
 
 pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -66,6 +75,7 @@ pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<Stri
         code,
         detail: detail.into(),
         allow: None,
+        retry_after: None,
     }
 }
 
@@ -142,6 +152,10 @@ pub(super) fn problem(e: &ApiError) -> Response<Body> {
     if let Some(allow) = e.allow {
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if let Some(secs) = e.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }

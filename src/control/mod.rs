@@ -49,6 +49,9 @@ pub struct Control {
     pub metrics: metrics::ControlMetrics,
     /// `POST /v1/api-keys/verify`: limits charged as at a gateway, checks counted as uses.
     pub verifier: verify::Verifier,
+    /// The failed-auth budget of clients exchanging keys for tokens (`POST /v1/tokens`), as a
+    /// gateway keeps for its requests.
+    pub failures: crate::limit::AuthFailures,
     /// Short-lived tokens: signing keys and the table the exchange authenticates against.
     pub broker: crate::tokens::broker::Broker,
 }
@@ -269,6 +272,7 @@ pub async fn start(
         redis,
         metrics,
         verifier,
+        failures: crate::limit::AuthFailures::from_config(&config.limits),
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)
@@ -291,6 +295,7 @@ pub async fn start(
     };
     tokio::spawn(crate::rotations::run_on_control(control.clone()));
     tokio::spawn(verify::flush_every_touch(control.clone()));
+    tokio::spawn(sweep_every_minute(control.clone()));
     start_webhooks(&control, webhooks);
     let c = control.clone();
     let task = tokio::spawn(async move {
@@ -331,6 +336,17 @@ pub async fn start(
         }
     });
     Ok((addr, control, task))
+}
+
+/// Idle rate-limit buckets (verify) and failed-auth windows (token exchange) are dropped once
+/// a minute, as a gateway does, so neither map grows with clients long gone.
+async fn sweep_every_minute(c: Arc<Control>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        c.verifier.limiter.shrink();
+        c.failures.sweep(std::time::Instant::now());
+    }
 }
 
 /// Revocation is final: the store would un-revoke `held` (replaced or forged behind our back),
