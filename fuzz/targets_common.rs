@@ -788,5 +788,5 @@ pub fn config(data: &[u8]) {
     }
     assert!(snap.server.max_header_bytes >= 8192);
     assert!(snap.server.max_headers >= 1);
-    let _ = snap.shape_for(Some("1/s"), Some("default"));
+    let _ = snap.policy.shape_for(Some("1/s"), Some("default"));
 }

@@ -601,8 +601,10 @@ pub enum KeysCommand {
     Usage {
         /// Key id (key_…).
         id: String,
-        /// Only sources and routes seen since then: RFC 3339 time, Unix seconds, or a duration
-        /// ago (24h). Status counts cover the whole tracked period (`tracked_since`).
+        /// Count requests from then on (RFC 3339 time, Unix seconds, or a duration ago: 24h):
+        /// status classes and attempts after revocation from the hour that holds it (the day,
+        /// past two days; `counted_from` says which), and only sources, user agents and routes
+        /// seen since then.
         #[arg(long)]
         since: Option<String>,
         /// Print a JSON object instead of text.

@@ -7,7 +7,9 @@
 //! known error), and sketches are kept for at most `MAX_KEYS` recently active keys, outside
 //! the key table (the least recently seen tenth is dropped when full). User agents and route
 //! names are copied into a fixed 64-byte label, so recording into an existing key's sketch
-//! allocates nothing.
+//! allocates nothing. Status classes and attempts after revocation are also kept in time
+//! buckets (`Buckets`: hours for two days, days for five weeks), so a report "since" a time
+//! counts that window, not the whole tracked period.
 //!
 //! Persistence: single node, `<usage file>.forensics.json` beside the usage file, with one
 //! section per node (several gateways may share the directory; each replaces only its own
@@ -166,6 +168,135 @@ impl<T: Copy + Eq> TopK<T> {
     }
 }
 
+const HOUR: i64 = 3_600;
+const DAY: i64 = 86_400;
+/// Hour buckets for this long back from the newest request; older hours are summed by day.
+const HOURLY: i64 = 48 * HOUR;
+/// Day buckets for this long; older ones are dropped (their counts stay in the totals).
+const KEPT: i64 = 35 * DAY;
+
+/// `[start, start + span)` in Unix seconds, and the 2xx, 3xx, 4xx, 5xx and after-revocation
+/// counts in it. A tuple, so the file and the usage reports stay small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket(i64, u32, [u32; 5]);
+
+impl Bucket {
+    fn end(&self) -> i64 {
+        self.0 + i64::from(self.1)
+    }
+}
+
+/// Where the counts of one key's requests fall in time: at most `HOURLY/HOUR` hour buckets
+/// and `KEPT/DAY + 1` day buckets (about 2.7 KiB at most, only for keys used every hour).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buckets {
+    /// Every request of these stats at or after this time is in `list`: 0 from the start,
+    /// else from the first request bucketed (stats written before buckets existed) or the
+    /// end of the last bucket dropped as too old.
+    from: i64,
+    /// By `(start, span)`.
+    list: Vec<Bucket>,
+}
+
+/// A counter index in `Bucket`: the status class of `status`. A 1xx never reaches a client
+/// (an upstream's 101 is refused as a desync), so it has no class.
+fn class(status: u16) -> Option<usize> {
+    match status {
+        200..=299 => Some(0),
+        300..=399 => Some(1),
+        400..=499 => Some(2),
+        500..=599 => Some(3),
+        _ => None,
+    }
+}
+const REVOKED: usize = 4;
+
+impl Buckets {
+    /// Stats read from a file written before buckets existed: nothing bucketed yet.
+    fn none_yet() -> Buckets {
+        Buckets {
+            from: i64::MAX,
+            list: Vec::new(),
+        }
+    }
+
+    /// Count one request at `now`: its status class, and an attempt after revocation.
+    /// Requests arrive nearly in time order, so the bucket is searched from the newest back;
+    /// a new hour rolls the old ones.
+    fn add(&mut self, now: i64, class: Option<usize>, revoked: bool) {
+        if class.is_none() && !revoked {
+            return;
+        }
+        if self.from == i64::MAX {
+            self.from = now.div_euclid(HOUR) * HOUR;
+        }
+        let (i, new) = match self.list.iter().rposition(|b| b.0 <= now) {
+            Some(i) if now < self.list[i].end() => (i, false),
+            newest_before => {
+                let i = newest_before.map_or(0, |i| i + 1);
+                let hour = Bucket(now.div_euclid(HOUR) * HOUR, HOUR as u32, [0; 5]);
+                self.list.insert(i, hour);
+                (i, true)
+            }
+        };
+        let counts = &mut self.list[i].2;
+        for c in class.into_iter().chain(revoked.then_some(REVOKED)) {
+            counts[c] = counts[c].saturating_add(1);
+        }
+        if new {
+            self.roll(now);
+        }
+    }
+
+    /// Hours older than `HOURLY` before `now` into their day, days older than `KEPT` out;
+    /// equal buckets (after a merge) summed.
+    fn roll(&mut self, now: i64) {
+        let hourly_from = now.div_euclid(HOUR) * HOUR - HOURLY;
+        let kept_from = now.div_euclid(DAY) * DAY - KEPT;
+        let mut out: Vec<Bucket> = Vec::with_capacity(self.list.len());
+        for mut b in self.list.drain(..) {
+            if i64::from(b.1) == HOUR && b.0 < hourly_from {
+                b = Bucket(b.0.div_euclid(DAY) * DAY, DAY as u32, b.2);
+            }
+            if b.end() <= kept_from {
+                self.from = self.from.max(b.end());
+                continue;
+            }
+            match out.iter_mut().find(|o| (o.0, o.1) == (b.0, b.1)) {
+                Some(o) => {
+                    for (x, y) in o.2.iter_mut().zip(b.2) {
+                        *x = x.saturating_add(y);
+                    }
+                }
+                None => out.push(b),
+            }
+        }
+        out.sort_by_key(|b| (b.0, b.1));
+        self.list = out;
+    }
+
+    /// Another node's buckets for the same key, rolled at `now` (the newer last request).
+    fn merge(&mut self, other: &Buckets, now: i64) {
+        self.from = self.from.max(other.from);
+        self.list.extend_from_slice(&other.list);
+        self.roll(now);
+    }
+
+    /// The counts of every bucket reaching past `since`, and the start of the earliest of
+    /// them (before `since` when `since` falls inside a bucket).
+    fn since(&self, since: i64) -> (Option<i64>, [u64; 5]) {
+        let mut counts = [0u64; 5];
+        let mut from: Option<i64> = None;
+        for b in self.list.iter().filter(|b| b.end() > since) {
+            from = Some(from.map_or(b.0, |f| f.min(b.0)));
+            for (t, n) in counts.iter_mut().zip(b.2) {
+                *t += u64::from(n);
+            }
+        }
+        (from, counts)
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -181,6 +312,8 @@ pub struct KeyStats {
     pub last_seen: i64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub s2xx: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub s3xx: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub s4xx: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -200,6 +333,9 @@ pub struct KeyStats {
     pub last_revoked_attempt: i64,
     #[serde(default)]
     pub revoked_ips: TopK<IpAddr>,
+    /// The status classes and after-revocation attempts above, in time (for `since`).
+    #[serde(default = "Buckets::none_yet")]
+    pub recent: Buckets,
 }
 
 impl KeyStats {
@@ -208,12 +344,15 @@ impl KeyStats {
             self.first_seen = h.now;
         }
         self.last_seen = self.last_seen.max(h.now);
-        match h.status {
-            200..=299 => self.s2xx += 1,
-            400..=499 => self.s4xx += 1,
-            500..=599 => self.s5xx += 1,
+        let class = class(h.status);
+        match class {
+            Some(0) => self.s2xx += 1,
+            Some(1) => self.s3xx += 1,
+            Some(2) => self.s4xx += 1,
+            Some(3) => self.s5xx += 1,
             _ => {}
         }
+        self.recent.add(h.now, class, h.revoked);
         if let Some(r) = h.route {
             self.routes.add(r, 1, h.now);
         }
@@ -239,6 +378,7 @@ impl KeyStats {
         self.first_seen = min_nonzero(self.first_seen, o.first_seen);
         self.last_seen = self.last_seen.max(o.last_seen);
         self.s2xx += o.s2xx;
+        self.s3xx += o.s3xx;
         self.s4xx += o.s4xx;
         self.s5xx += o.s5xx;
         self.routes.merge(&o.routes);
@@ -249,6 +389,28 @@ impl KeyStats {
             min_nonzero(self.first_revoked_attempt, o.first_revoked_attempt);
         self.last_revoked_attempt = self.last_revoked_attempt.max(o.last_revoked_attempt);
         self.revoked_ips.merge(&o.revoked_ips);
+        self.recent.merge(&o.recent, self.last_seen);
+    }
+
+    /// The 2xx, 3xx, 4xx, 5xx and after-revocation counts from `since` on, and the time they are
+    /// counted from. A window inside what the buckets hold is counted from them, from the
+    /// start of the hour (or day, past two days) that holds `since`; one reaching before them
+    /// (past five weeks, or before the stats had buckets) gets every count since tracking
+    /// began, from `first_seen`: more than asked, never less.
+    pub fn counts_since(&self, since: i64) -> (i64, [u64; 5]) {
+        if since > self.first_seen && since >= self.recent.from {
+            let (from, counts) = self.recent.since(since);
+            (from.unwrap_or(since).max(self.first_seen), counts)
+        } else {
+            let all = [
+                self.s2xx,
+                self.s3xx,
+                self.s4xx,
+                self.s5xx,
+                self.revoked_attempts,
+            ];
+            (self.first_seen, all)
+        }
     }
 
     /// The report of `keys usage` and the API (`since`: Unix seconds, 0 for everything).
@@ -263,20 +425,22 @@ impl KeyStats {
                 .map(|s| serde_json::json!({"value": s.value.to_string(), "count": s.count, "error": s.error, "last_seen": s.last_seen}))
                 .collect()
         };
+        let (counted_from, [s2xx, s3xx, s4xx, s5xx, revoked]) = self.counts_since(since);
         serde_json::json!({
             "id": id,
             "since": since,
+            "counted_from": counted_from,
             "tracked_since": self.first_seen,
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "seen_since": self.last_seen >= since,
-            "requests": self.s2xx + self.s4xx + self.s5xx,
-            "by_status": {"2xx": self.s2xx, "4xx": self.s4xx, "5xx": self.s5xx},
+            "requests": s2xx + s3xx + s4xx + s5xx,
+            "by_status": {"2xx": s2xx, "3xx": s3xx, "4xx": s4xx, "5xx": s5xx},
             "by_route": slots(self.routes.top(since)),
             "top_ips": ips(self.ips.top(since)),
             "top_user_agents": slots(self.user_agents.top(since)),
             "attempts_after_revocation": {
-                "count": self.revoked_attempts,
+                "count": revoked,
                 "first": (self.first_revoked_attempt != 0).then_some(self.first_revoked_attempt),
                 "last": (self.last_revoked_attempt != 0).then_some(self.last_revoked_attempt),
                 "top_ips": ips(self.revoked_ips.top(since)),
@@ -291,6 +455,7 @@ pub fn empty_report(id: &str, since: i64) -> serde_json::Value {
     v["first_seen"] = serde_json::Value::Null;
     v["last_seen"] = serde_json::Value::Null;
     v["tracked_since"] = serde_json::Value::Null;
+    v["counted_from"] = serde_json::Value::Null;
     v["seen_since"] = false.into();
     v
 }
@@ -333,9 +498,12 @@ pub fn render_text(v: &serde_json::Value) -> String {
     let b = &v["by_status"];
     let _ = writeln!(
         t,
-        "requests:    {} (2xx {}, 4xx {}, 5xx {})",
-        v["requests"], b["2xx"], b["4xx"], b["5xx"]
+        "requests:    {} (2xx {}, 3xx {}, 4xx {}, 5xx {})",
+        v["requests"], b["2xx"], b["3xx"], b["4xx"], b["5xx"]
     );
+    if v["since"].as_i64().is_some_and(|t| t > 0) {
+        let _ = writeln!(t, "counted from: {}", when(&v["counted_from"]));
+    }
     let a = &v["attempts_after_revocation"];
     let _ = writeln!(
         t,
@@ -643,6 +811,101 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.len(), TOP_K);
         assert_eq!(a.top(0)[0].value, 5);
+    }
+
+    /// A day boundary, so the test knows where hours and days start.
+    const T0: i64 = 1_796_083_200;
+
+    fn stats_of(hits: &[(i64, u16, bool)]) -> KeyStats {
+        let mut s = KeyStats::default();
+        for &(now, status, revoked) in hits {
+            let mut h = hit([10, 0, 0, 1], "ua", now);
+            h.status = status;
+            h.revoked = revoked;
+            s.add(&h);
+        }
+        s
+    }
+
+    #[test]
+    fn since_counts_the_window_by_hour_then_by_day() {
+        let mut s = stats_of(&[
+            (T0 + 600, 200, false),
+            (T0 + 700, 404, false),
+            (T0 + 3 * HOUR + 5, 200, false),
+            (T0 + 3 * HOUR + 9, 401, true),
+        ]);
+        // The whole period, and from before it: every count, from the first request.
+        assert_eq!(s.counts_since(0), (T0 + 600, [2, 0, 2, 0, 1]));
+        assert_eq!(s.counts_since(T0 - DAY), (T0 + 600, [2, 0, 2, 0, 1]));
+        // From inside hour 3: that hour only, counted from its start.
+        assert_eq!(
+            s.counts_since(T0 + 3 * HOUR + 7),
+            (T0 + 3 * HOUR, [1, 0, 1, 0, 1])
+        );
+        assert_eq!(s.counts_since(T0 + HOUR), (T0 + 3 * HOUR, [1, 0, 1, 0, 1]));
+        // After the last request: nothing, counted from the time asked.
+        assert_eq!(s.counts_since(T0 + 5 * HOUR), (T0 + 5 * HOUR, [0; 5]));
+        // Three days on: the first day's hours are one day bucket now.
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 3 * DAY));
+        assert_eq!(s.counts_since(T0 + HOUR), (T0 + 600, [3, 0, 2, 0, 1]));
+        assert_eq!(s.counts_since(T0 + DAY), (T0 + 3 * DAY, [1, 0, 0, 0, 0]));
+        // Forty days on: the first day is dropped, so a window reaching into it gets every
+        // count since tracking began (more than asked, never less).
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 40 * DAY));
+        assert_eq!(s.counts_since(T0 + HOUR), (T0 + 600, [4, 0, 2, 0, 1]));
+        assert_eq!(
+            s.counts_since(T0 + 39 * DAY),
+            (T0 + 40 * DAY, [1, 0, 0, 0, 0])
+        );
+    }
+
+    #[test]
+    fn redirects_count_as_requests() {
+        let s = stats_of(&[(T0, 302, false), (T0 + 1, 200, false)]);
+        assert_eq!(s.counts_since(0), (T0, [1, 1, 0, 0, 0]));
+        let v = s.report("key_x", T0 + 1);
+        assert_eq!(
+            (v["requests"].as_u64(), v["by_status"]["3xx"].as_u64()),
+            (Some(2), Some(1))
+        );
+    }
+
+    #[test]
+    fn buckets_stay_bounded_and_merge_across_nodes() {
+        // A request every hour for 60 days: 48 hours and at most 36 days kept.
+        let hourly: Vec<(i64, u16, bool)> =
+            (0..60 * 24).map(|h| (T0 + h * HOUR, 200, false)).collect();
+        let a = stats_of(&hourly);
+        assert!(a.recent.list.len() <= 48 + 36, "{}", a.recent.list.len());
+        let last = T0 + (60 * 24 - 1) * HOUR;
+        // Ten days back falls in day 49's bucket: counted from its start (hours 1176..=1439).
+        assert_eq!(
+            a.counts_since(last - 10 * DAY),
+            (T0 + 49 * DAY, [264, 0, 0, 0, 0])
+        );
+        // Another node's requests in the same hours add up; the window still holds.
+        let b = stats_of(&[(last - 5, 500, false), (last - 2 * HOUR, 200, false)]);
+        let mut m = a.clone();
+        m.merge(&b);
+        assert_eq!(m.counts_since(last - HOUR), (last - HOUR, [2, 0, 0, 1, 0]));
+        assert_eq!(m.counts_since(last - 10 * DAY).1, [265, 0, 0, 1, 0]);
+        assert_eq!(m.s2xx, 60 * 24 + 1);
+    }
+
+    #[test]
+    fn stats_from_before_buckets_count_the_whole_period_until_they_have_them() {
+        // A file written before buckets existed: totals and no `recent`.
+        let old = r#"{"first_seen":100,"last_seen":200,"s2xx":7,"s4xx":1}"#;
+        let mut s: KeyStats = serde_json::from_str(old).expect("old stats");
+        assert_eq!(s.counts_since(150), (100, [7, 0, 1, 0, 0]));
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 30));
+        assert_eq!(s.counts_since(T0), (T0, [1, 0, 0, 0, 0]));
+        assert_eq!(s.counts_since(T0 - 1), (100, [8, 0, 1, 0, 0]));
+        // And a merge with such stats stays conservative.
+        let mut fresh = stats_of(&[(T0 - DAY, 200, false)]);
+        fresh.merge(&serde_json::from_str::<KeyStats>(old).expect("old stats"));
+        assert_eq!(fresh.counts_since(T0 - DAY), (100, [8, 0, 1, 0, 0]));
     }
 
     #[test]

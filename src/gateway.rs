@@ -115,11 +115,7 @@ impl Gateway {
         sinks: crate::access::Sinks,
     ) -> Arc<Gateway> {
         let limits = &snapshot.config.limits;
-        let failures = AuthFailures::new(
-            limits.auth_failures_per_minute,
-            Duration::from_secs(limits.auth_failure_block_seconds),
-            limits.auth_failure_max_tracked,
-        );
+        let failures = AuthFailures::from_config(limits);
         let audit = spawn_audit_writer(AuditLog::new(&snapshot.keys.audit_log), metrics.clone());
         let usage = Usage::new(snapshot.keys.usage_file.clone());
         let forensics =

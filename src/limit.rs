@@ -400,6 +400,15 @@ pub fn client_key(ip: IpAddr) -> u64 {
 }
 
 impl AuthFailures {
+    /// The budget `[limits]` sets: every place a client presents a key counts against it.
+    pub fn from_config(l: &crate::config::LimitsConfig) -> AuthFailures {
+        AuthFailures::new(
+            l.auth_failures_per_minute,
+            Duration::from_secs(l.auth_failure_block_seconds),
+            l.auth_failure_max_tracked,
+        )
+    }
+
     pub fn new(per_minute: u32, block: Duration, max_tracked: usize) -> AuthFailures {
         AuthFailures {
             per_minute,
@@ -471,6 +480,54 @@ impl AuthFailures {
                 || now.duration_since(w.start) < Duration::from_secs(60)
         });
     }
+}
+
+/// Why `charge` refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    Rate(Verdict),
+    Quota(Verdict),
+}
+
+/// Charge one request of `key`: rate first, then quota, so a request the bucket refuses
+/// never spends quota. In shadow mode (`enforce = false`) a refusal is counted (`shadowed`)
+/// and announced, not made. `verdict` is what the `RateLimit-*` headers announce (the
+/// quota's when it refused). The gateway's request path and the control plane's verify
+/// endpoint both charge through here, so a key pays the same wherever it is checked.
+pub async fn charge(
+    limiter: &Limiter,
+    policy: &crate::snapshot::LimitPolicy,
+    key: &crate::keys::compact::KeyView,
+    verdict: &mut Option<Verdict>,
+    mut shadowed: impl FnMut(),
+) -> Result<(), Refused> {
+    let enforce = policy.enforce_for(key.plan.as_deref());
+    let limits = policy.limits;
+    if let Some(shape) = policy.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
+        let lineage = key.lineage().to_owned();
+        let v = limiter.rate(limits.backend, limits.on_redis_down, shape, &lineage);
+        if let Some(v) = v.await {
+            if !v.allowed {
+                if enforce {
+                    return Err(Refused::Rate(v));
+                }
+                shadowed();
+            }
+            *verdict = Some(v);
+        }
+    }
+    if let Some(q) = policy.quota_for(key.quota.as_deref(), key.plan.as_deref()) {
+        let v = limiter.quota(limits.on_redis_down, q, key.lineage()).await;
+        if let Some(v) = v.filter(|v| !v.allowed) {
+            // The quota's window, not the bucket's, is what the caller must wait for.
+            *verdict = Some(v);
+            if enforce {
+                return Err(Refused::Quota(v));
+            }
+            shadowed();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ fn register_process(r: &Registry) {
 
 /// Collector constructors only fail on invalid names/labels, which are literals here and
 /// exercised by every test; this keeps construction panic-free without `expect`.
-fn unreachable_collector<T>(name: &str) -> T {
+pub(crate) fn unreachable_collector<T>(name: &str) -> T {
     tracing::error!(metric = name, "invalid metric definition");
     std::process::abort()
 }

@@ -19,7 +19,7 @@ use crate::hygiene::{X_FORWARDED_FOR, X_REQUEST_ID};
 use crate::keys::compact::KeyView;
 use crate::keys::format::MAX_KEY_LEN;
 use crate::keys::table::AuthError;
-use crate::limit::Verdict;
+use crate::limit::{Refused, Verdict};
 use crate::path;
 use crate::route::canonical_host;
 use crate::snapshot::{Route, Snapshot};
@@ -296,47 +296,19 @@ async fn authenticate(
     }
 }
 
-/// Rate first, then quota: a request the bucket refuses never spends quota. In shadow
-/// mode (`enforce = false`) a refusal is counted and announced in the headers, not made.
-/// `verdict` is what the `RateLimit-*` headers announce (the quota's when it refused).
+/// The key's rate limit and quota (`limit::charge`), refusals as the gateway answers them.
 async fn limits(
     gw: &Gateway,
     snap: &Snapshot,
     key: &KeyView,
     verdict: &mut Option<Verdict>,
 ) -> Result<(), GatewayError> {
-    let enforce = snap.enforce_for(key.plan.as_deref());
-    let limits = snap.limits;
-    if let Some(shape) = snap.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
-        let lineage = key.lineage().to_owned();
-        let v = gw
-            .limiter
-            .rate(limits.backend, limits.on_redis_down, shape, &lineage);
-        if let Some(v) = v.await {
-            if !v.allowed {
-                if enforce {
-                    return Err(GatewayError::RateLimited(v));
-                }
-                shadowed(gw, snap, key);
-            }
-            *verdict = Some(v);
-        }
+    let shadow = || shadowed(gw, snap, key);
+    match crate::limit::charge(&gw.limiter, &snap.policy, key, verdict, shadow).await {
+        Ok(()) => Ok(()),
+        Err(Refused::Rate(v)) => Err(GatewayError::RateLimited(v)),
+        Err(Refused::Quota(v)) => Err(GatewayError::QuotaExceeded(v)),
     }
-    if let Some(q) = snap.quota_for(key.quota.as_deref(), key.plan.as_deref()) {
-        let v = gw
-            .limiter
-            .quota(limits.on_redis_down, q, key.lineage())
-            .await;
-        if let Some(v) = v.filter(|v| !v.allowed) {
-            // The quota's window, not the bucket's, is what the caller must wait for.
-            *verdict = Some(v);
-            if enforce {
-                return Err(GatewayError::QuotaExceeded(v));
-            }
-            shadowed(gw, snap, key);
-        }
-    }
-    Ok(())
 }
 
 /// The body length a request declares, if it declares a valid one.
@@ -512,7 +484,7 @@ fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> S
 /// The plan label of a key for metrics: a configured plan, "own" (own rate) or "default".
 fn plan_label<'a>(snap: &'a Snapshot, key: Option<&'a KeyView>) -> &'a str {
     key.and_then(|k| k.plan.as_deref())
-        .filter(|p| snap.plans.contains_key(*p))
+        .filter(|p| snap.policy.plans.contains_key(*p))
         .unwrap_or(if key.is_some_and(|k| k.rate.is_some()) {
             "own"
         } else {

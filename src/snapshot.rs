@@ -61,6 +61,113 @@ pub struct LimitSettings {
     pub enforce: bool,
 }
 
+/// How often usage is flushed: `API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS`, else
+/// `[keys] touch_interval_seconds` (60 s), at least a second.
+pub fn touch_interval(c: &Config) -> Result<Duration, ConfigError> {
+    let secs = match std::env::var("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS") {
+        Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+            c.invalid(
+                "API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS (env)",
+                "must be whole seconds",
+            )
+        })?,
+        Err(_) => c.keys.touch_interval_seconds.unwrap_or(60),
+    };
+    Ok(Duration::from_secs(secs.max(1)))
+}
+
+/// Plans, quotas and shadow mode: what one key's request is charged against, for the
+/// gateway's request path and the control plane's verify endpoint alike (`limit::charge`).
+#[derive(Debug, Clone)]
+pub struct LimitPolicy {
+    pub plans: HashMap<String, Shape>,
+    /// Shape for keys naming no plan and no rate (plan "default" / API_KEY_DEFAULT_RATE_LIMIT).
+    pub default_shape: Option<Shape>,
+    /// Plans' calendar quotas.
+    pub plan_quotas: HashMap<String, Quota>,
+    /// Plans' `enforce` overrides.
+    pub plan_enforce: HashMap<String, bool>,
+    pub limits: LimitSettings,
+}
+
+impl LimitPolicy {
+    /// `[plans.*]` and `[limits]` of `c`, validated; quotas and the Redis backend need
+    /// `[redis]` (`has_redis`).
+    pub fn from_config(c: &Config, has_redis: bool) -> Result<LimitPolicy, ConfigError> {
+        let plans = plan_shapes(c)?;
+        let default_shape = plans.get("default").copied();
+        let mut plan_quotas = HashMap::new();
+        let mut plan_enforce = HashMap::new();
+        for (name, p) in &c.plans {
+            if let Some(q) = &p.quota {
+                let field = format!("plans.{name}.quota");
+                let q = Quota::parse(q).map_err(|m| c.invalid(&field, m))?;
+                if !has_redis {
+                    return Err(c.invalid(
+                        field,
+                        "a quota is counted fleet-wide in Redis: add a [redis] section",
+                    ));
+                }
+                plan_quotas.insert(name.clone(), q);
+            }
+            if let Some(e) = p.enforce {
+                plan_enforce.insert(name.clone(), e);
+            }
+        }
+        let limits = LimitSettings {
+            backend: Backend::parse(&c.limits.backend)
+                .map_err(|m| c.invalid("limits.backend", m))?,
+            on_redis_down: OnRedisDown::parse(&c.limits.on_redis_down)
+                .map_err(|m| c.invalid("limits.on_redis_down", m))?,
+            enforce: c.limits.enforce,
+        };
+        if limits.backend == Backend::Redis && !has_redis {
+            return Err(c.invalid("limits.backend", "\"redis\" needs a [redis] section"));
+        }
+        Ok(LimitPolicy {
+            plans,
+            default_shape,
+            plan_quotas,
+            plan_enforce,
+            limits,
+        })
+    }
+
+    /// The bucket shape for a key: its own rate, else its plan, else the default plan.
+    pub fn shape_for(&self, rate: Option<&str>, plan: Option<&str>) -> Option<Shape> {
+        // Most keys have neither: no map lookup then.
+        if rate.is_none() && plan.is_none() {
+            return self.default_shape;
+        }
+        shape_in(&self.plans, rate, plan).or(self.default_shape)
+    }
+
+    /// The quota for a key: its own, else its plan's (or the default plan's).
+    pub fn quota_for(&self, own: Option<&str>, plan: Option<&str>) -> Option<Quota> {
+        if let Some(q) = own.and_then(|q| Quota::parse(q).ok()) {
+            return Some(q);
+        }
+        if self.plan_quotas.is_empty() {
+            return None;
+        }
+        let plan = plan
+            .filter(|p| self.plans.contains_key(*p))
+            .unwrap_or("default");
+        self.plan_quotas.get(plan).copied()
+    }
+
+    /// Whether refusals are enforced for a key of `plan` (false: shadow mode).
+    pub fn enforce_for(&self, plan: Option<&str>) -> bool {
+        let plan = plan
+            .filter(|p| self.plans.contains_key(*p))
+            .unwrap_or("default");
+        self.plan_enforce
+            .get(plan)
+            .copied()
+            .unwrap_or(self.limits.enforce)
+    }
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     /// `None`: follow the store file (the default).
@@ -70,14 +177,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     /// Series for requests that matched no route.
     pub unrouted: RouteSeries,
-    pub plans: HashMap<String, Shape>,
-    /// Shape for keys naming no plan and no rate (plan "default" / API_KEY_DEFAULT_RATE_LIMIT).
-    pub default_shape: Option<Shape>,
-    /// Plans' calendar quotas.
-    pub plan_quotas: HashMap<String, Quota>,
-    /// Plans' `enforce` overrides.
-    pub plan_enforce: HashMap<String, bool>,
-    pub limits: LimitSettings,
+    /// Plans, quotas and shadow mode: what a key's requests are charged against.
+    pub policy: LimitPolicy,
     /// `[redis]`, validated (the client itself is built once, at start).
     pub redis: Option<crate::redis::Settings>,
     pub trusted_proxies: Vec<IpNet>,
@@ -142,37 +243,8 @@ impl Snapshot {
         // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
         // `serve` and a reload refuse a bad entry the same way.
         crate::webhooks::endpoints(&c)?;
-        let plans = plan_shapes(&c)?;
-        let default_shape = plans.get("default").copied();
         let redis = crate::redis::Settings::from_config(&c)?;
-        let mut plan_quotas = HashMap::new();
-        let mut plan_enforce = HashMap::new();
-        for (name, p) in &c.plans {
-            if let Some(q) = &p.quota {
-                let field = format!("plans.{name}.quota");
-                let q = Quota::parse(q).map_err(|m| c.invalid(&field, m))?;
-                if redis.is_none() {
-                    return Err(c.invalid(
-                        field,
-                        "a quota is counted fleet-wide in Redis: add a [redis] section",
-                    ));
-                }
-                plan_quotas.insert(name.clone(), q);
-            }
-            if let Some(e) = p.enforce {
-                plan_enforce.insert(name.clone(), e);
-            }
-        }
-        let limits = LimitSettings {
-            backend: Backend::parse(&c.limits.backend)
-                .map_err(|m| c.invalid("limits.backend", m))?,
-            on_redis_down: OnRedisDown::parse(&c.limits.on_redis_down)
-                .map_err(|m| c.invalid("limits.on_redis_down", m))?,
-            enforce: c.limits.enforce,
-        };
-        if limits.backend == Backend::Redis && redis.is_none() {
-            return Err(c.invalid("limits.backend", "\"redis\" needs a [redis] section"));
-        }
+        let policy = LimitPolicy::from_config(&c, redis.is_some())?;
         if c.limits.lease_window_ms == 0 || c.limits.lease_max == 0 {
             return Err(c.invalid(
                 "limits.lease_window_ms",
@@ -313,15 +385,7 @@ impl Snapshot {
                 ))
             }
         };
-        let touch_secs = match std::env::var("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS") {
-            Ok(v) => v.trim().parse::<u64>().map_err(|_| {
-                c.invalid(
-                    "API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS (env)",
-                    "must be whole seconds",
-                )
-            })?,
-            Err(_) => c.keys.touch_interval_seconds.unwrap_or(60),
-        };
+        let touch_interval = touch_interval(&c)?;
         for (field, v) in [
             ("server.max_headers", c.server.max_headers),
             ("server.max_connections", c.server.max_connections),
@@ -394,11 +458,7 @@ impl Snapshot {
             router: Router::new(specs),
             routes,
             unrouted: metrics.route_series("none"),
-            plans,
-            default_shape,
-            plan_quotas,
-            plan_enforce,
-            limits,
+            policy,
             redis,
             trusted_proxies,
             key_header,
@@ -406,43 +466,9 @@ impl Snapshot {
             server: c.server.clone(),
             max_staleness,
             on_stale,
-            touch_interval: Duration::from_secs(touch_secs.max(1)),
+            touch_interval,
             config: c,
         })
-    }
-
-    /// The bucket shape for a key: its own rate, else its plan, else the default plan.
-    pub fn shape_for(&self, rate: Option<&str>, plan: Option<&str>) -> Option<Shape> {
-        // Most keys have neither: no map lookup then.
-        if rate.is_none() && plan.is_none() {
-            return self.default_shape;
-        }
-        shape_in(&self.plans, rate, plan).or(self.default_shape)
-    }
-
-    /// The quota for a key: its own, else its plan's (or the default plan's).
-    pub fn quota_for(&self, own: Option<&str>, plan: Option<&str>) -> Option<Quota> {
-        if let Some(q) = own.and_then(|q| Quota::parse(q).ok()) {
-            return Some(q);
-        }
-        if self.plan_quotas.is_empty() {
-            return None;
-        }
-        let plan = plan
-            .filter(|p| self.plans.contains_key(*p))
-            .unwrap_or("default");
-        self.plan_quotas.get(plan).copied()
-    }
-
-    /// Whether refusals are enforced for a key of `plan` (false: shadow mode).
-    pub fn enforce_for(&self, plan: Option<&str>) -> bool {
-        let plan = plan
-            .filter(|p| self.plans.contains_key(*p))
-            .unwrap_or("default");
-        self.plan_enforce
-            .get(plan)
-            .copied()
-            .unwrap_or(self.limits.enforce)
     }
 }
 

@@ -1159,6 +1159,48 @@ async fn the_control_plane_merges_forensics_from_every_gateway() {
     assert_eq!(count_of(after, "127.0.0.2"), Some(refused), "{v}");
     assert!(v["by_status"]["2xx"].as_u64().unwrap() >= 7, "{v}");
     assert!(v["by_status"]["4xx"].as_u64().unwrap() >= refused, "{v}");
+    // `since` counts its window over both gateways: from just after the first request, all
+    // of them (the hour holding it; unless that second starts the next hour); from after the
+    // last, none.
+    let first = v["first_seen"].as_i64().unwrap();
+    let after_first = if (first + 1) % 3600 == 0 {
+        first
+    } else {
+        first + 1
+    };
+    let last = v["last_seen"].as_i64().unwrap();
+    let usage = |since: i64| {
+        let (fleet, id) = (&fleet, &id);
+        async move {
+            let (s, w) = fleet
+                .api(
+                    Method::GET,
+                    &format!("/v1/api-keys/{id}/usage?since={since}"),
+                    Value::Null,
+                )
+                .await;
+            assert_eq!(s, 200, "{w}");
+            w
+        }
+    };
+    // Reports keep arriving: compare two reads that agree with each other.
+    eventually_named(
+        "a window holding every request",
+        Duration::from_secs(20),
+        || async {
+            let (all, window) = (usage(0).await, usage(after_first).await);
+            let count = |v: &Value| v["attempts_after_revocation"]["count"].clone();
+            (all["requests"] == window["requests"]
+                && all["by_status"] == window["by_status"]
+                && count(&all) == count(&window)
+                && window["counted_from"].as_i64()? > first - 3600)
+                .then_some(())
+        },
+    )
+    .await;
+    let w = usage(last + 3600).await;
+    assert_eq!(w["requests"], 0, "{w}");
+    assert_eq!(w["attempts_after_revocation"]["count"], 0, "{w}");
     // Both gateways' sections are in the control plane's file.
     let file: Value = serde_json::from_slice(
         &std::fs::read(fleet.root.join("cp/usage.json.forensics.json")).unwrap(),

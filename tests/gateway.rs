@@ -2462,6 +2462,39 @@ async fn keys_usage_shows_sources_user_agents_and_attempts_after_revocation() {
     );
     assert_eq!(later["top_ips"].as_array().unwrap().len(), 0, "{later}");
     assert_eq!(later["seen_since"], false);
+    // The counts are of that window too (they were the whole tracked period).
+    assert_eq!(later["requests"], 0, "{later}");
+    assert_eq!(later["by_status"]["2xx"], 0, "{later}");
+    assert_eq!(later["attempts_after_revocation"]["count"], 0, "{later}");
+    assert_eq!(later["counted_from"].as_i64(), Some(last + 3600), "{later}");
+    // A window from just after the first request counts all of them (from the start of the
+    // hour holding it; unless that second starts the next hour).
+    let after_first = if (first + 1) % 3600 == 0 {
+        first
+    } else {
+        first + 1
+    };
+    let hour = json(
+        s.cli_ok(&[
+            "keys",
+            "usage",
+            &k.id,
+            "--since",
+            &after_first.to_string(),
+            "--json",
+        ])
+        .trim()
+        .as_bytes(),
+    );
+    assert_eq!(hour["requests"], v["requests"], "{hour}");
+    assert_eq!(
+        hour["attempts_after_revocation"]["count"], refused,
+        "{hour}"
+    );
+    assert!(
+        hour["counted_from"].as_i64().unwrap() > first - 3600,
+        "{hour}"
+    );
     // Unknown ids and bad times are refused.
     let r = cli(&s.config, &["keys", "usage", "key_nope"], SECRET_ENV);
     assert!(!r.status.success());

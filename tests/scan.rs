@@ -30,6 +30,7 @@ store = "keys.jsonl"
 audit_log = "audit.jsonl"
 usage_file = "usage.json"
 poll_interval_ms = 50
+touch_interval_seconds = 1
 
 [plans.default]
 rate = "100/s"
@@ -473,6 +474,32 @@ async fn finds_exactly_the_valid_keys_in_text_json_gzip_and_tar() {
     let missing = scan(&t.cfg, &t.root, &["clean", "no-such-file"], &[]);
     assert_eq!(code(&missing, &t.keys), 2);
     assert!(stderr_str(&missing).contains("no-such-file"));
+    // Content over --max-size is not read, and the scan says so: exit 2, naming the file,
+    // for a plain file and for a decompressed entry (a key inside must not pass unseen).
+    let big = scan(&t.cfg, &t.root, &["--max-size", "16", "clean"], &[]);
+    assert_eq!(code(&big, &t.keys), 2, "{}", stderr_str(&big));
+    assert!(
+        stderr_str(&big).contains("clean/a.txt: not scanned"),
+        "{}",
+        stderr_str(&big)
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&vec![b'a'; 1 << 20]).unwrap();
+    gz.write_all(t.keys.live.key.as_bytes()).unwrap();
+    std::fs::write(t.root.join("bomb.txt.gz"), gz.finish().unwrap()).unwrap();
+    let out = scan(
+        &t.cfg,
+        &t.root,
+        &["--max-size", "64KiB", "bomb.txt.gz"],
+        &[],
+    );
+    assert_eq!(code(&out, &t.keys), 2, "{}", stderr_str(&out));
+    assert!(
+        stderr_str(&out).contains("bomb.txt.gz: not scanned"),
+        "{}",
+        stderr_str(&out)
+    );
+    std::fs::remove_file(t.root.join("bomb.txt.gz")).unwrap();
     // An unreadable path beats found keys: the scan is incomplete, exit 2.
     assert_eq!(
         code(&scan(&t.cfg, &t.root, &[".", "nope"], &[]), &t.keys),
@@ -1007,6 +1034,54 @@ async fn lookup_and_verify_endpoints() {
     ] {
         assert!(m.contains(line), "{line} missing:\n{m}");
     }
+    // Counted like proxied requests: each check is a use of its key (last use, requests and
+    // status classes in the API, as gateways report theirs), and leak forensics see it with
+    // its source, refused checks included.
+    let api_key = |id: String| {
+        let auth = read_auth.clone();
+        async move {
+            let r = request(
+                a,
+                Method::GET,
+                &format!("/v1/api-keys/{id}"),
+                &[("authorization", auth.as_str())],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(r.0, 200, "{:?}", r.2);
+            serde_json::from_slice::<Value>(&r.2).unwrap()
+        }
+    };
+    let v = eventually_named("verify usage flushed", Duration::from_secs(10), || async {
+        let v = api_key(limited.id.clone()).await;
+        (v["requests"] == 2 && v["status_classes"]["4xx"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(v["status_classes"]["2xx"], 2, "{v}");
+    assert!(v["last_used"].as_i64().unwrap() > 0, "{v}");
+    assert_eq!(api_key(live.id.clone()).await["requests"], 2);
+    let forensics = |id: &str| {
+        let out = cli_ok(&cfg, &["keys", "usage", id, "--json"]);
+        serde_json::from_str::<Value>(out.trim()).unwrap()
+    };
+    let f = eventually_named(
+        "verify forensics flushed",
+        Duration::from_secs(10),
+        || async {
+            let f = forensics(&limited.id);
+            (f["requests"] == 3).then_some(f)
+        },
+    )
+    .await;
+    assert_eq!(
+        f["by_status"],
+        json!({"2xx": 2, "3xx": 0, "4xx": 1, "5xx": 0}),
+        "{f}"
+    );
+    assert_eq!(f["by_route"][0]["value"], "verify", "{f}");
+    assert_eq!(f["top_ips"][0]["value"], "127.0.0.1", "{f}");
+    let f = forensics(&revoked.id);
+    assert_eq!(f["attempts_after_revocation"]["count"], 1, "{f}");
     // The canary raised the alarm, audited without the key.
     let audit_path = cfg.with_file_name("audit.jsonl");
     let canary_id = canary.id.clone();
@@ -1041,4 +1116,85 @@ async fn lookup_and_verify_endpoints() {
             "a key logged"
         );
     }
+}
+
+/// Verify charges a key where gateways do: with `[limits] backend = "redis"` its rate limit
+/// and calendar quota are counted in Redis (a restarted control plane, with nothing in
+/// memory, still refuses), and its checks are added to the fleet's usage in Redis, which the
+/// API reads.
+#[tokio::test]
+async fn verify_charges_limits_and_usage_in_redis() {
+    let redis = RedisServer::start();
+    let dir = tempdir();
+    let config = format!(
+        "{CONFIG}\n[redis]\nurl = \"{}\"\n\n[limits]\nbackend = \"redis\"\n",
+        redis.url()
+    );
+    let cfg = write_file(dir.path(), "keygate.toml", &config);
+    let rated = create_key(&cfg, &["--rate", "2/m"]);
+    let quota = create_key(&cfg, &["--quota", "3/day"]);
+    let verify = mint(&cfg, "verify");
+    let read_auth = format!("Bearer {}", mint(&cfg, "read"));
+    let check = |a: SocketAddr, k: &Key| {
+        let (token, key) = (verify.clone(), k.key.clone());
+        async move {
+            let (s, _, v) = post(
+                a,
+                "/v1/api-keys/verify",
+                Some(&token),
+                json!({ "key": key }),
+                &key,
+            )
+            .await;
+            (
+                s,
+                v["valid"].as_bool(),
+                v["code"].as_str().map(str::to_owned),
+            )
+        }
+    };
+    let requests = |a: SocketAddr, id: String| {
+        let auth = read_auth.clone();
+        async move {
+            let path = format!("/v1/api-keys/{id}");
+            let (s, _, v) = request(
+                a,
+                Method::GET,
+                &path,
+                &[("authorization", &auth)],
+                Bytes::new(),
+            )
+            .await;
+            assert_eq!(s, 200);
+            let v: Value = serde_json::from_slice(&v).unwrap();
+            (v["requests"].as_u64(), v["status_classes"]["4xx"].as_u64())
+        }
+    };
+    let cp = ControlPlane::spawn(&cfg).await;
+    for _ in 0..2 {
+        assert_eq!(check(cp.addr, &rated).await, (200, Some(true), None));
+    }
+    for _ in 0..3 {
+        assert_eq!(check(cp.addr, &quota).await, (200, Some(true), None));
+    }
+    let refused = (429, None, Some("quota_exceeded".to_owned()));
+    assert_eq!(check(cp.addr, &quota).await, refused);
+    // The uses reach Redis (flushed every touch interval), before this control plane goes.
+    let id = rated.id.clone();
+    eventually_named("verify usage in redis", Duration::from_secs(10), || async {
+        (requests(cp.addr, id.clone()).await == (Some(2), Some(0))).then_some(())
+    })
+    .await;
+    drop(cp);
+    let cp = ControlPlane::spawn(&cfg).await;
+    let limited = (429, None, Some("rate_limited".to_owned()));
+    assert_eq!(check(cp.addr, &rated).await, limited);
+    assert_eq!(check(cp.addr, &quota).await, refused);
+    let id = rated.id.clone();
+    eventually_named(
+        "refusal counted in redis",
+        Duration::from_secs(10),
+        || async { (requests(cp.addr, id.clone()).await == (Some(2), Some(1))).then_some(()) },
+    )
+    .await;
 }

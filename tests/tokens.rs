@@ -42,6 +42,11 @@ heartbeat_ms = 200
 [tokens]
 max_ttl = "15m"
 default_ttl = "5m"
+
+# Tests poll the exchange with keys the control plane may not have read yet: each such try is
+# a failed authentication (`the_exchange_has_a_failed_auth_budget` tests the budget itself).
+[limits]
+auth_failures_per_minute = 100000
 "#
     .to_owned()
 }
@@ -389,6 +394,15 @@ async fn exchange_use_refusals_and_forgeries() {
         .collect();
     assert_eq!(issued.len(), 2, "{audit}");
     assert!(issued.iter().all(|e| e["key_id"] == key.id.as_str()));
+    // The access log names the parent key for a request made with its token.
+    let log = n.gw.stderr_contents();
+    assert!(
+        log.lines().any(|l| l.contains("keygate::access")
+            && l.contains(key.id.as_str())
+            && l.contains("invoices")
+            && l.contains("200")),
+        "no access line naming the parent key:\n{log}"
+    );
     for secret in [&key.key, &token, &all] {
         assert_nowhere(&n.dir, &n.up, secret);
         n.gw.assert_not_logged(secret);
@@ -798,4 +812,53 @@ async fn a_gateway_that_does_not_issue_has_no_exchange() {
         (404, Some("route_not_found")),
         "{v}"
     );
+}
+
+/// `POST /v1/tokens` on the control plane keeps a failed-auth budget per client, as a gateway
+/// does: after `auth_failures_per_minute` refused keys, the client is answered 429
+/// `too_many_auth_failures` with `Retry-After` before any key is checked, a good key included.
+#[tokio::test]
+async fn the_exchange_has_a_failed_auth_budget() {
+    let dir = tempdir();
+    let cfg = cp_config().replace(
+        "auth_failures_per_minute = 100000",
+        "auth_failures_per_minute = 3\nauth_failure_block_seconds = 60",
+    );
+    let cp_cfg = write_file(dir.path(), "control.toml", &cfg);
+    cli_ok(&cp_cfg, &["tokens", "keygen"]);
+    // Created before the control plane starts, so it is known from the first request.
+    let key = create_key(&cp_cfg, &["--scope", "invoices:read"]);
+    let cp = ControlPlane::spawn(&cp_cfg).await;
+    let body = json!({"audience": "billing"});
+    assert_eq!(exchange(cp.addr, &key.key, body.clone()).await.0, 201);
+    let wrong = format!("{}x", key.key);
+    for _ in 0..3 {
+        let (s, v) = exchange(cp.addr, &wrong, body.clone()).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (401, Some("invalid_api_key")),
+            "{v}"
+        );
+    }
+    let auth = format!("Bearer {}", key.key);
+    let (s, h, b) = post(
+        cp.addr,
+        "/v1/tokens",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(s, 429, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["code"], "too_many_auth_failures");
+    let wait: u64 = h
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
 }

@@ -8,7 +8,6 @@
 
 use super::tokens::Role;
 use super::Control;
-use crate::keys::compact::Validity as _;
 use crate::keys::ops::{Changes, Grants, Keys, OpsError, Selector};
 use crate::keys::record::{KeyRecord, KeyState};
 use crate::store::feed::{Catchup, Event, FeedLine};
@@ -22,6 +21,7 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,6 +29,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub type Body = Either<Full<Bytes>, FeedBody>;
+
+/// The connection's peer address, put on each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub IpAddr);
 
 pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
 
@@ -54,6 +58,15 @@ pub struct ApiError {
     detail: String,
     /// The `Allow` header of a 405 (RFC 9110 §15.5.6).
     allow: Option<&'static str>,
+    /// The `Retry-After` header of a 429, in seconds.
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub(super) fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
 }
 
 pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
@@ -62,6 +75,7 @@ pub(super) fn err(status: StatusCode, code: &'static str, detail: impl Into<Stri
         code,
         detail: detail.into(),
         allow: None,
+        retry_after: None,
     }
 }
 
@@ -124,7 +138,7 @@ pub(super) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
-fn problem(e: &ApiError) -> Response<Body> {
+pub(super) fn problem(e: &ApiError) -> Response<Body> {
     let body = json!({"type": "about:blank", "title": e.status.canonical_reason().unwrap_or("Error"), "status": e.status.as_u16(), "code": e.code, "detail": e.detail});
     let mut r = json_response(e.status, &body);
     r.headers_mut().insert(
@@ -138,6 +152,10 @@ fn problem(e: &ApiError) -> Response<Body> {
     if let Some(allow) = e.allow {
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if let Some(secs) = e.retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     r
 }
@@ -373,8 +391,18 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
         }
         (Method::POST, ["v1", "api-keys", "verify"]) => {
             authorize(c, &req, Role::Verify)?;
+            let caller = super::verify::Caller {
+                ip: req
+                    .extensions()
+                    .get::<Peer>()
+                    .map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0),
+                user_agent: req
+                    .headers()
+                    .get(header::USER_AGENT)
+                    .map(|v| crate::forensics::Label::new(v.as_bytes())),
+            };
             let body = read_json(c, req).await?;
-            verify(c, &body).await
+            super::verify::verify(c, caller, &body).await
         }
         (Method::POST, ["v1", "api-keys", "revoke"]) => {
             let actor = authorize(c, &req, Role::Write)?;
@@ -543,7 +571,7 @@ fn found_in(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// The `key` of a lookup or verify body. Errors never quote the body: it holds a key.
-fn key_field(body: &Map<String, Value>) -> Result<String, ApiError> {
+pub(super) fn key_field(body: &Map<String, Value>) -> Result<String, ApiError> {
     reject_unknown(body, &["key"])?;
     match body.get("key") {
         Some(Value::String(k)) => Ok(k.clone()),
@@ -567,96 +595,6 @@ fn lookup(c: &Control, body: &Map<String, Value>) -> Result<Response<Body>, ApiE
         StatusCode::OK,
         &found.to_json(full.as_deref()),
     ))
-}
-
-/// `POST /v1/api-keys/verify` (verify role, or read/write): would a gateway accept this key
-/// now? `{"valid": false}` never says why (the reason goes to metrics only). A valid key
-/// takes one token from its lineage's bucket (its own rate, its plan's, or the default plan's;
-/// this control plane's buckets), and a key over its limit gets the gateway's 429. A canary
-/// raises the same alarm as at a gateway (`key.canary_used`, audited).
-async fn verify(c: &Arc<Control>, body: &Map<String, Value>) -> Result<Response<Body>, ApiError> {
-    let key = key_field(body)?;
-    let table = c.feed.table();
-    let now = crate::clock::unix_secs();
-    let record = match table.authenticate(
-        &key,
-        &c.settings.format,
-        &c.settings.hasher,
-        now,
-        c.settings.leeway_secs,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            c.metrics.verify.with_label_values(&[e.reason()]).inc();
-            if let crate::keys::table::AuthError::Canary(r) = &e {
-                canary_alarm(c, r.clone()).await;
-            }
-            return Ok(json_response(StatusCode::OK, &json!({"valid": false})));
-        }
-    };
-    let shape = crate::snapshot::shape_in(
-        &c.plan_shapes,
-        record.rate.as_deref(),
-        record.plan.as_deref(),
-    );
-    let verdict = shape.map(|s| c.buckets.check(s, &record.lineage().to_owned()));
-    let plan = record.plan.as_deref().unwrap_or("default");
-    let enforce = c
-        .config
-        .plans
-        .get(plan)
-        .and_then(|p| p.enforce)
-        .unwrap_or(c.config.limits.enforce);
-    if let Some(v) = verdict.filter(|v| !v.allowed && enforce) {
-        c.metrics.verify.with_label_values(&["rate_limited"]).inc();
-        let mut r = problem(&err(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "this key is over its rate limit",
-        ));
-        let h = r.headers_mut();
-        for (name, value) in [
-            ("retry-after", v.reset_secs.to_string()),
-            ("ratelimit-limit", v.limit.to_string()),
-            ("ratelimit-remaining", "0".to_owned()),
-            ("ratelimit-reset", v.reset_secs.to_string()),
-        ] {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                h.insert(name, value);
-            }
-        }
-        return Ok(r);
-    }
-    c.metrics.verify.with_label_values(&["valid"]).inc();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "valid": true,
-            "id": &*record.id,
-            "name": c.feed.get(&record.id).map(|f| f.name.clone()).unwrap_or_default(),
-            "owner": record.owner,
-            "env": record.env,
-            "scopes": record.scopes,
-            "plan": record.plan,
-            "expires_at": record.expires_at(),
-            "limit": verdict.map(|v| v.limit),
-            "remaining": verdict.map(|v| v.remaining),
-            "reset": verdict.map(|v| v.reset_secs),
-        }),
-    ))
-}
-
-/// A canary presented to the verify endpoint: the alarm a gateway raises, named as ours.
-async fn canary_alarm(c: &Arc<Control>, r: crate::keys::compact::KeyView) {
-    tracing::warn!(key_id = %r.id, "canary key presented to POST /v1/api-keys/verify");
-    let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
-    let event = crate::audit::Event::new("key.canary_used", "control-plane")
-        .key_view(&r, None)
-        .with("route", "verify");
-    let written = tokio::task::spawn_blocking(move || audit.append(&[event])).await;
-    if !matches!(written, Ok(Ok(()))) {
-        tracing::error!(key_id = %r.id, "canary alarm could not be audited");
-    }
 }
 
 async fn blocking<T: Send + 'static, E: Send + 'static>(

@@ -5,7 +5,9 @@
 //! key may be, the key table's `authenticate` for whether it is live), against the log this
 //! control plane serves; a token is never accepted as the credential (no token from a token).
 //! Every mint is audited (`token.issued`, naming the parent key, never the token) before the
-//! token is returned; a mint that cannot be audited is refused.
+//! token is returned; a mint that cannot be audited is refused. A refused key counts against
+//! the client's failed-auth budget (`[limits] auth_failures_per_minute`), as on a gateway, and
+//! a client over it is answered 429 `too_many_auth_failures` before any key is hashed.
 
 use super::api::{self, ApiError, Body};
 use super::Control;
@@ -14,6 +16,7 @@ use crate::tokens::broker::{self, MintError};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::sync::Arc;
+use std::time::Instant;
 
 impl From<MintError> for ApiError {
     fn from(e: MintError) -> ApiError {
@@ -50,6 +53,16 @@ pub async fn exchange(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let now = crate::clock::unix_secs();
+    let ip = req.extensions().get::<api::Peer>().map(|p| p.0);
+    if let Some(wait) = ip.and_then(|ip| c.failures.blocked(ip, Instant::now())) {
+        let secs = wait.as_secs().max(1);
+        let e = api::err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_auth_failures",
+            format!("retry in {secs}s"),
+        );
+        return Err(e.retry_after(secs));
+    }
     let parent = {
         let key_header = http::HeaderName::from_bytes(
             c.config.server.key_header.to_ascii_lowercase().as_bytes(),
@@ -81,6 +94,9 @@ pub async fn exchange(
                     key_id = e.record().map(|r| &*r.id).unwrap_or("-"),
                     "token exchange refused"
                 );
+                if let Some(ip) = ip {
+                    c.failures.record(ip, Instant::now());
+                }
                 unauthorized()
             })?
     };

@@ -19,6 +19,8 @@ pub struct ControlMetrics {
     /// Re-digests handed in by gateways, by outcome (written, current, refused).
     pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
+    /// Verify's limit decisions taken without Redis (registered with `[redis]`).
+    pub limiter_fallback: IntCounterVec,
 }
 
 impl std::fmt::Debug for ControlMetrics {
@@ -46,7 +48,7 @@ impl ControlMetrics {
             verify: counter_vec(
                 &r,
                 "keygate_control_verify_total",
-                "Keys checked through POST /v1/api-keys/verify, by outcome (valid, rate_limited, key_malformed, key_unknown, key_revoked, key_expired, key_not_yet_valid, key_canary).",
+                "Keys checked through POST /v1/api-keys/verify, by outcome (valid; shadowed: over a limit in shadow mode, answered valid; rate_limited; quota_exceeded; key_malformed, key_unknown, key_revoked, key_expired, key_not_yet_valid, key_canary).",
                 &["outcome"],
             ),
             store_revision: gauge(
@@ -71,6 +73,14 @@ impl ControlMetrics {
                 &["outcome"],
             ),
             redis_up: None,
+            limiter_fallback: IntCounterVec::new(
+                prometheus::Opts::new(
+                    "keygate_limiter_fallback_total",
+                    "Verify's limit decisions taken without Redis (limits.on_redis_down applied), by reason (circuit_open, timeout, error).",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|_| crate::metrics::unreachable_collector("limiter_fallback")),
             registry: r,
         };
         for kind in ["rollback", "unsigned", "io", "unrevoke"] {
@@ -89,6 +99,10 @@ impl ControlMetrics {
     pub fn with_redis(mut self, up: IntGauge) -> ControlMetrics {
         crate::metrics::reg(&self.registry, up.clone());
         self.redis_up = Some(up);
+        crate::metrics::reg(&self.registry, self.limiter_fallback.clone());
+        for reason in ["circuit_open", "timeout", "error"] {
+            self.limiter_fallback.with_label_values(&[reason]);
+        }
         self
     }
 
@@ -113,9 +127,11 @@ impl Default for ControlMetrics {
 }
 
 /// Every `outcome` of `keygate_control_verify_total` (the refusals are `AuthError::reason`s).
-pub const VERIFY_OUTCOMES: [&str; 8] = [
+pub const VERIFY_OUTCOMES: [&str; 10] = [
     "valid",
+    "shadowed",
     "rate_limited",
+    "quota_exceeded",
     "key_malformed",
     "key_unknown",
     "key_revoked",

@@ -9,6 +9,7 @@ pub mod api;
 pub mod exchange;
 pub mod metrics;
 pub mod tokens;
+pub mod verify;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::Config;
@@ -46,10 +47,11 @@ pub struct Control {
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
-    /// Plan bucket shapes and this control plane's own buckets, for `POST /v1/api-keys/verify`
-    /// (node-local, like a gateway with `[limits] backend = "local"`).
-    pub plan_shapes: std::collections::HashMap<String, crate::limit::Shape>,
-    pub buckets: crate::limit::Buckets,
+    /// `POST /v1/api-keys/verify`: limits charged as at a gateway, checks counted as uses.
+    pub verifier: verify::Verifier,
+    /// The failed-auth budget of clients exchanging keys for tokens (`POST /v1/tokens`), as a
+    /// gateway keeps for its requests.
+    pub failures: crate::limit::AuthFailures,
     /// Short-lived tokens: signing keys and the table the exchange authenticates against.
     pub broker: crate::tokens::broker::Broker,
 }
@@ -238,7 +240,24 @@ pub async fn start(
         }
     }
     let tokens_path = tokens::TokenStore::for_config(&config, &settings);
-    let plan_shapes = crate::snapshot::plan_shapes(&config)?;
+    // Verify charges keys as a gateway does: node-local buckets, or fleet-wide leases in
+    // Redis with `[limits] backend = "redis"` (the client built above, shared).
+    let policy = crate::snapshot::LimitPolicy::from_config(&config, redis.is_some())?;
+    let fleet = redis.clone().map(|client| {
+        crate::redis::lease::Fleet::new(
+            client,
+            crate::redis::lease::LeaseTuning {
+                window: Duration::from_millis(config.limits.lease_window_ms),
+                max: config.limits.lease_max,
+            },
+        )
+    });
+    let verifier = verify::Verifier::new(
+        policy,
+        crate::limit::Limiter::new(fleet, metrics.limiter_fallback.clone()),
+        &settings.usage_file,
+        crate::snapshot::touch_interval(&config)?,
+    );
     let broker = crate::tokens::broker::Broker::new(crate::tokens::TokenSettings::from_config(
         &config, None,
     )?);
@@ -252,8 +271,8 @@ pub async fn start(
         usage_write: Mutex::new(()),
         redis,
         metrics,
-        plan_shapes,
-        buckets: crate::limit::Buckets::new(),
+        verifier,
+        failures: crate::limit::AuthFailures::from_config(&config.limits),
         config,
     });
     let listener = tokio::net::TcpListener::bind(&control.config.control.listen)
@@ -275,6 +294,8 @@ pub async fn start(
         None => None,
     };
     tokio::spawn(crate::rotations::run_on_control(control.clone()));
+    tokio::spawn(verify::flush_every_touch(control.clone()));
+    tokio::spawn(sweep_every_minute(control.clone()));
     start_webhooks(&control, webhooks);
     let c = control.clone();
     let task = tokio::spawn(async move {
@@ -285,14 +306,17 @@ pub async fn start(
             .header_read_timeout(Duration::from_secs(10));
         let builder = Arc::new(builder);
         loop {
-            let Ok((stream, _peer)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let (c, builder, tls) = (c.clone(), builder.clone(), tls.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |req| api::handle(c.clone(), req));
+                let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(api::Peer(peer.ip()));
+                    api::handle(c.clone(), req)
+                });
                 match tls {
                     Some(acceptor) => {
                         if let Ok(Ok(s)) =
@@ -312,6 +336,17 @@ pub async fn start(
         }
     });
     Ok((addr, control, task))
+}
+
+/// Idle rate-limit buckets (verify) and failed-auth windows (token exchange) are dropped once
+/// a minute, as a gateway does, so neither map grows with clients long gone.
+async fn sweep_every_minute(c: Arc<Control>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        c.verifier.limiter.shrink();
+        c.failures.sweep(std::time::Instant::now());
+    }
 }
 
 /// Revocation is final: the store would un-revoke `held` (replaced or forged behind our back),

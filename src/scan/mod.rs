@@ -67,7 +67,8 @@ pub struct ScanArgs {
     /// Do not open gzip and tar files (by default their content and entries are scanned).
     #[arg(long)]
     pub no_archives: bool,
-    /// Skip files and decompressed entries larger than this (e.g. 256MiB, 1GiB, 5000000).
+    /// Largest file or decompressed entry read (e.g. 256MiB, 1GiB, 5000000); a larger one is
+    /// not read and makes the scan incomplete (exit 2).
     #[arg(long, default_value = "256MiB")]
     pub max_size: String,
 }

@@ -23,7 +23,8 @@ pub struct WalkOptions {
     pub binary: bool,
     /// Open gzip and tar content.
     pub archives: bool,
-    /// Larger files and decompressed entries are skipped (reported).
+    /// Larger files and decompressed entries are not read: an error, since a key in them
+    /// would go unseen (the scan is incomplete, exit 2).
     pub max_bytes: u64,
 }
 
@@ -114,9 +115,7 @@ impl<'a> Walker<'a> {
     fn file(&mut self, path: &Path) {
         let name = display(path);
         match std::fs::metadata(path) {
-            Ok(m) if m.len() > self.opts.max_bytes => {
-                return self.skip(&name, "larger than --max-size");
-            }
+            Ok(m) if m.len() > self.opts.max_bytes => return self.too_large(&name),
             Ok(_) => {}
             Err(e) => return self.walked.errors.push(format!("{name}: {e}")),
         }
@@ -126,6 +125,16 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// Content over `--max-size` is not read (memory stays bounded), and the scan says it is
+    /// incomplete rather than passing over it: a pre-commit hook must not pass a file it did
+    /// not read.
+    fn too_large(&mut self, name: &str) {
+        self.walked.errors.push(format!(
+            "{name}: not scanned, larger than --max-size ({} bytes); raise --max-size to scan it",
+            self.opts.max_bytes
+        ));
+    }
+
     fn skip(&mut self, name: &str, why: &str) {
         self.walked.skipped.push((name.to_owned(), why.to_owned()));
     }
@@ -133,7 +142,7 @@ impl<'a> Walker<'a> {
     /// Dispatch one piece of content by what it is: gzip, tar, binary or text.
     fn content(&mut self, name: &str, bytes: Vec<u8>, depth: usize) {
         if bytes.len() as u64 > self.opts.max_bytes {
-            return self.skip(name, "larger than --max-size");
+            return self.too_large(name);
         }
         let archive = is_gzip(&bytes) || is_tar(&bytes);
         if archive && self.opts.archives {

@@ -54,6 +54,15 @@ fn endpoint(
         .ok_or_else(|| SampleError::Setup("no endpoint".into()))
 }
 
+/// The state the key of a real `kind` event is in, so a receiver's handling can be tried on
+/// a sample that looks like the real thing.
+fn sample_state(kind: &str) -> &'static str {
+    match kind {
+        "key.revoked" | "key.rotation_completed" => "revoked",
+        _ => "active",
+    }
+}
+
 /// A sample delivery of `kind` for a made-up key (`data.sample = true`).
 pub fn sample(kind: &str, now: i64) -> Delivery {
     let mut nonce = [0u8; 8];
@@ -70,7 +79,8 @@ pub fn sample(kind: &str, now: i64) -> Delivery {
         .to_string(),
         key: serde_json::json!({
             "id": "key_sample", "name": "sample", "owner": "keygate-sample", "env": "test",
-            "hint": "kg_test_…0000", "created_at": now, "state": "active", "lineage": "key_sample"
+            "hint": "kg_test_…0000", "created_at": now, "state": sample_state(kind),
+            "lineage": "key_sample"
         }),
         data,
     }
@@ -102,5 +112,18 @@ pub fn run(
             url: url.to_owned(),
             error,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_key_is_in_the_state_its_event_leaves_it() {
+        assert_eq!(sample("key.revoked", 1).key["state"], "revoked");
+        assert_eq!(sample("key.expiring", 1).key["state"], "active");
+        let (a, b) = (sample("key.created", 1), sample("key.created", 1));
+        assert_ne!(a.id, b.id, "every sample is a new delivery");
     }
 }
