@@ -7,6 +7,7 @@
 
 use crate::authz::Requirements;
 use crate::config::{parse_duration, Config, ConfigError, ServerConfig};
+use crate::error::RouteTraits;
 use crate::forward::{Upstream, UpstreamSeries};
 use crate::keys::KeySettings;
 use crate::limit::{Backend, OnRedisDown, Rate, Shape};
@@ -138,6 +139,7 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        c.check_listen()?;
         crate::access::validate(&c)?;
         // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
         // `serve` and a reload refuse a bad entry the same way.
@@ -277,7 +279,15 @@ impl Snapshot {
                 query_key_param: r.query_key_param.clone(),
                 max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
                 methods,
-                series: metrics.route_series(&r.name),
+                series: metrics.route_series(&r.name, |o| {
+                    o.reachable(Some(&RouteTraits {
+                        tokens: r.accept_tokens.is_some(),
+                        scopes: !r.scopes.is_empty(),
+                        env: r.env.is_some(),
+                        publishable: r.publishable,
+                        quota: redis.is_some(),
+                    }))
+                }),
                 accept_tokens: r.accept_tokens.as_ref().map(|a| a.audience.clone()),
             });
         }
@@ -386,6 +396,11 @@ impl Snapshot {
         let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
         tokens.check_issuer(&c)?;
         let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
+        // Last, so a config refused above exports nothing for its plans.
+        metrics.plan_series(plans.keys().map(|p| {
+            let enforced = plan_enforce.get(p).copied().unwrap_or(limits.enforce);
+            (p.as_str(), enforced)
+        }));
         Ok(Snapshot {
             tokens,
             redigest,
@@ -393,7 +408,7 @@ impl Snapshot {
             keys,
             router: Router::new(specs),
             routes,
-            unrouted: metrics.route_series("none"),
+            unrouted: metrics.route_series("none", |o| o.reachable(None)),
             plans,
             default_shape,
             plan_quotas,
