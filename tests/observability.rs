@@ -602,62 +602,32 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
 
 /// A fresh scrape, before any request: `keygate_requests_total` holds exactly the outcome ×
 /// route pairs the config can produce (a plain route cannot see a token's signature fail or
-/// a scope refused; `route="none"` only what is decided before routing), and the limit
-/// counters are there at 0 for every configured plan (the shadow counter for the plan in
-/// shadow mode only).
+/// a scope refused, a route with scopes can; `route="none"` only what is decided before
+/// routing), and the limit counters are there at 0 for every configured plan (the shadow
+/// counter for the plan in shadow mode only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_scrape_has_only_reachable_series_and_every_plan_at_zero() {
     let dir = tempdir();
     let up = Upstream::start(Mode::Echo).await;
-    let text = format!(
-        r#"
-[keys]
-store = "keys.jsonl"
-audit_log = "audit.jsonl"
-usage_file = "usage.json"
-poll_interval_ms = 50
-touch_interval_seconds = 1
-
-[plans.default]
-rate = "1000/s"
-
-[plans.tiny]
-rate = "1/h"
-
-[plans.trial]
-rate = "1/h"
-enforce = false
-
-[tokens]
-jwks_file = "jwks.json"
-
-[server]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[upstreams]]
-name = "up"
-targets = ["{}"]
-
-[[routes]]
-name = "plain"
-path_prefix = "/plain"
-upstream = "up"
-
+    // The file's config (routes `read`, with a scope, and `broken`, plain; plans `default`
+    // and `tiny`) plus a token route and a plan in shadow mode. No signing key is held: every
+    // token is refused as `token_invalid`, which is all the token route needs here.
+    let extra = r#"
 [[routes]]
 name = "tok"
 path_prefix = "/tok"
 upstream = "up"
-accept_tokens = {{ audience = "billing" }}
-"#,
-        up.addr()
-    );
-    // No signing key is held: every token is refused as `token_invalid`, which is all the
-    // token route needs here.
+accept_tokens = { audience = "billing" }
+
+[tokens]
+jwks_file = "jwks.json"
+
+[plans.trial]
+rate = "1/h"
+enforce = false
+"#;
     write_file(dir.path(), "jwks.json", r#"{"keys":[]}"#);
-    let cfg = write_file(dir.path(), "keygate.toml", &text);
+    let cfg = config(dir.path(), &up.addr().to_string(), extra);
     let gw = spawn_ready(&cfg, &[], READY).await;
     let fresh = scrape(&gw).await;
 
@@ -693,14 +663,14 @@ accept_tokens = {{ audience = "billing" }}
         "route_not_found",
     ];
     let mut want = BTreeSet::new();
-    for o in every_route {
-        want.insert(format!(
-            r#"keygate_requests_total{{outcome="{o}",route="plain"}}"#
-        ));
-        want.insert(format!(
-            r#"keygate_requests_total{{outcome="{o}",route="tok"}}"#
-        ));
+    for route in ["read", "broken", "tok"] {
+        for o in every_route {
+            want.insert(format!(
+                r#"keygate_requests_total{{outcome="{o}",route="{route}"}}"#
+            ));
+        }
     }
+    want.insert(r#"keygate_requests_total{outcome="scope_denied",route="read"}"#.to_owned());
     for o in ["token_invalid", "token_expired"] {
         want.insert(format!(
             r#"keygate_requests_total{{outcome="{o}",route="tok"}}"#
@@ -751,7 +721,7 @@ accept_tokens = {{ audience = "billing" }}
     // The pre-created series are the ones requests land on (the fallback that creates a
     // series on first use is covered by metrics::tests).
     let addr = gw.http;
-    assert_eq!(get(addr, "/plain/x", &[]).await.0, 401);
+    assert_eq!(get(addr, "/broken/x", &[]).await.0, 401);
     assert_eq!(
         get(addr, "/tok/x", &[("authorization", "Bearer kgt_a.b.c")])
             .await
@@ -762,7 +732,7 @@ accept_tokens = {{ audience = "billing" }}
     assert_eq!(
         value(
             &after,
-            r#"keygate_requests_total{outcome="key_missing",route="plain"}"#
+            r#"keygate_requests_total{outcome="key_missing",route="broken"}"#
         ),
         1.0
     );
