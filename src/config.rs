@@ -802,6 +802,31 @@ impl Config {
         }
     }
 
+    /// Every listen address (`server.listen`, `server.tls.listen`, `admin.listen`,
+    /// `control.listen`) is `host:port`. Checked with the rest of the config so `check` refuses
+    /// a bad one naming its file, line and field; at bind time it could only be "cannot listen
+    /// on nohost" with no idea where that came from. Names are resolved at bind time.
+    pub fn check_listen(&self) -> Result<(), ConfigError> {
+        let tls = self.server.tls.as_ref().and_then(|t| t.listen.as_deref());
+        for (field, value) in [
+            ("server.listen", Some(self.server.listen.as_str())),
+            ("server.tls.listen", tls),
+            ("admin.listen", Some(self.admin.listen.as_str())),
+            ("control.listen", Some(self.control.listen.as_str())),
+        ] {
+            match value {
+                Some(v) if !is_host_port(v) => {
+                    return Err(self.invalid(
+                        field,
+                        format!("{v:?} is not host:port (e.g. 0.0.0.0:8080 or [::]:8080)"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// A validation error naming the file, the field and the line it is written on.
     pub fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let field = field.into();

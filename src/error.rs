@@ -96,6 +96,21 @@ impl From<ExtractError> for GatewayError {
     }
 }
 
+/// What a route's settings allow to happen under its name (`Outcome::reachable`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteTraits {
+    /// `accept_tokens` is set.
+    pub tokens: bool,
+    /// The route demands scopes.
+    pub scopes: bool,
+    /// The route demands an env.
+    pub env: bool,
+    /// `publishable = true`.
+    pub publishable: bool,
+    /// `[redis]` is configured, so a plan's or key's quota is checked.
+    pub quota: bool,
+}
+
 /// The closed set of request outcomes: the `outcome` label of `keygate_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -205,6 +220,72 @@ impl Outcome {
             Outcome::Overloaded => "overloaded",
             Outcome::TableUnavailable => "table_unavailable",
         }
+    }
+
+    /// Can this outcome be counted under a route with these settings (`Some`), or under
+    /// `route="none"` (`None`: decided before a route matched)? The answer follows the
+    /// order of `pipeline`: admission, the table, the request head, the path and the router
+    /// run before a route is known; everything from the credential on runs under one. Only
+    /// reachable pairs are pre-created (`Metrics::route_series`); an outcome answered `false`
+    /// here is still counted if it happens, its series created then.
+    pub fn reachable(self, route: Option<&RouteTraits>) -> bool {
+        let Some(r) = route else {
+            return self.before_route();
+        };
+        match self {
+            // Decided before routing: never under a route's name.
+            Outcome::RouteNotFound
+            | Outcome::MethodNotAllowed
+            | Outcome::HeadersTooLarge
+            | Outcome::Overloaded
+            | Outcome::TableUnavailable => false,
+            // Only a route with `accept_tokens` checks a token's signature and lifetime;
+            // every other route refuses any token as `token_not_accepted`.
+            Outcome::TokenInvalid | Outcome::TokenExpired => r.tokens,
+            Outcome::ScopeDenied => r.scopes,
+            Outcome::EnvDenied => r.env,
+            // A publishable key is refused only where publishable keys are not accepted.
+            Outcome::PublishableDenied => !r.publishable,
+            // Quotas are counted in Redis; without `[redis]` none is ever checked.
+            Outcome::QuotaExceeded => r.quota,
+            // Any key may carry its own rate and allowlist; a preflight may carry any origin;
+            // the body, the forwarding headers and the upstream can fail on every route.
+            Outcome::Ok
+            | Outcome::KeyMissing
+            | Outcome::KeyMalformed
+            | Outcome::KeyUnknown
+            | Outcome::KeyRevoked
+            | Outcome::KeyExpired
+            | Outcome::KeyNotYetValid
+            | Outcome::KeyCanary
+            | Outcome::TokenNotAccepted
+            | Outcome::KeyAmbiguous
+            | Outcome::NetworkDenied
+            | Outcome::OriginDenied
+            | Outcome::RateLimited
+            | Outcome::AuthBudgetExceeded
+            | Outcome::BadRequest
+            | Outcome::BodyTooLarge
+            | Outcome::BodyTimeout
+            | Outcome::UpstreamUnavailable
+            | Outcome::UpstreamTimeout
+            | Outcome::UpstreamError => true,
+        }
+    }
+
+    /// The outcomes `pipeline` decides before `ctx.route` is set: admission (`overloaded`),
+    /// the table, the head's framing and Host (`bad_request`, CONNECT as
+    /// `method_not_allowed`, `headers_too_large`), the path (`bad_request`) and the router.
+    fn before_route(self) -> bool {
+        matches!(
+            self,
+            Outcome::Overloaded
+                | Outcome::TableUnavailable
+                | Outcome::BadRequest
+                | Outcome::MethodNotAllowed
+                | Outcome::HeadersTooLarge
+                | Outcome::RouteNotFound
+        )
     }
 
     /// Is this a failed authentication of a presented key (counted against the client's

@@ -83,17 +83,34 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// Counters for one route, resolved once per snapshot.
-#[derive(Debug, Clone)]
+/// Counters for one route, resolved once per snapshot: the outcomes the route can produce
+/// are created (at 0) when the snapshot is built; any other is created the first time it
+/// happens. Either way a request pays one atomic load to find its counter, never a label
+/// hash (the slow path runs once per series and snapshot).
+#[derive(Clone)]
 pub struct RouteSeries {
-    requests: Vec<IntCounter>,
+    requests: Vec<std::sync::OnceLock<IntCounter>>,
+    family: IntCounterVec,
+    route: std::sync::Arc<str>,
     pub duration: Histogram,
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSeries")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RouteSeries {
     pub fn count(&self, outcome: Outcome) {
-        if let Some(c) = self.requests.get(outcome.index()) {
-            c.inc();
+        if let Some(slot) = self.requests.get(outcome.index()) {
+            slot.get_or_init(|| {
+                self.family
+                    .with_label_values(&[&self.route, outcome.as_str()])
+            })
+            .inc();
         }
     }
 }
@@ -311,14 +328,35 @@ impl Metrics {
         }
     }
 
-    /// Resolve the per-outcome counters and duration histogram for a route name.
-    pub fn route_series(&self, route: &str) -> RouteSeries {
+    /// Resolve the duration histogram and the per-outcome counters for a route name,
+    /// creating (exporting at 0) only the outcomes `reachable` says the route can produce.
+    pub fn route_series(&self, route: &str, reachable: impl Fn(Outcome) -> bool) -> RouteSeries {
         RouteSeries {
             requests: Outcome::ALL
                 .iter()
-                .map(|o| self.requests.with_label_values(&[route, o.as_str()]))
+                .map(|&o| {
+                    let slot = std::sync::OnceLock::new();
+                    if reachable(o) {
+                        let _ = slot.set(self.requests.with_label_values(&[route, o.as_str()]));
+                    }
+                    slot
+                })
                 .collect(),
+            family: self.requests.clone(),
+            route: route.into(),
             duration: self.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Export the limit counters at 0 for every configured plan, and the shadow counter for
+    /// each plan in shadow mode (`enforced` false), so dashboards list every plan and
+    /// `increase()` sees the first refusal. Called on every snapshot build (reloads add plans).
+    pub fn plan_series<'a>(&self, plans: impl IntoIterator<Item = (&'a str, bool)>) {
+        for (plan, enforced) in plans {
+            self.rate_limited.with_label_values(&[plan]);
+            if !enforced {
+                self.limit_shadowed.with_label_values(&[plan]);
+            }
         }
     }
 
@@ -364,7 +402,7 @@ mod tests {
     #[test]
     fn renders_and_caps_per_key_series() {
         let m = Metrics::new(2);
-        let s = m.route_series("r1");
+        let s = m.route_series("r1", |_| true);
         s.count(Outcome::Ok);
         for id in ["key_a", "key_b", "key_c", "key_d"] {
             m.count_key(id);
@@ -376,5 +414,26 @@ mod tests {
         );
         assert!(text.contains(r#"keygate_key_requests_total{key_id="other"} 2"#));
         assert!(text.contains("keygate_canary_hits_total 0"));
+    }
+
+    /// Only the reachable outcomes exist before traffic; one that was not pre-created is
+    /// still counted when it happens, and counted again on the same series.
+    #[test]
+    fn unreachable_outcomes_are_created_on_first_use() {
+        let m = Metrics::new(0);
+        let s = m.route_series("r1", |o| o == Outcome::Ok);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"keygate_requests_total{outcome="ok",route="r1"} 0"#));
+        assert!(!text.contains(r#"outcome="token_invalid""#), "{text}");
+        s.count(Outcome::TokenInvalid);
+        s.count(Outcome::TokenInvalid);
+        s.count(Outcome::Ok);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"keygate_requests_total{outcome="token_invalid",route="r1"} 2"#));
+        assert!(text.contains(r#"keygate_requests_total{outcome="ok",route="r1"} 1"#));
+        // A reload's new snapshot finds the series the old one created.
+        m.route_series("r1", |_| false).count(Outcome::TokenInvalid);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"keygate_requests_total{outcome="token_invalid",route="r1"} 3"#));
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::authz::Requirements;
 use crate::config::{parse_duration, Config, ConfigError, ServerConfig};
+use crate::error::RouteTraits;
 use crate::forward::{Upstream, UpstreamSeries};
 use crate::keys::KeySettings;
 use crate::limit::{Backend, OnRedisDown, Rate, Shape};
@@ -239,6 +240,7 @@ impl Snapshot {
     /// Validate `c` and build a snapshot. `metrics` resolves the hot-path series.
     pub fn build(c: Config, metrics: &Metrics) -> Result<Snapshot, ConfigError> {
         let keys = KeySettings::from_config(&c)?;
+        c.check_listen()?;
         crate::access::validate(&c)?;
         // Webhook settings are used by the sender (`webhooks::run`); checked here so `check`,
         // `serve` and a reload refuse a bad entry the same way.
@@ -349,7 +351,15 @@ impl Snapshot {
                 query_key_param: r.query_key_param.clone(),
                 max_body_bytes: r.max_body_bytes.unwrap_or(c.server.max_body_bytes),
                 methods,
-                series: metrics.route_series(&r.name),
+                series: metrics.route_series(&r.name, |o| {
+                    o.reachable(Some(&RouteTraits {
+                        tokens: r.accept_tokens.is_some(),
+                        scopes: !r.scopes.is_empty(),
+                        env: r.env.is_some(),
+                        publishable: r.publishable,
+                        quota: redis.is_some(),
+                    }))
+                }),
                 accept_tokens: r.accept_tokens.as_ref().map(|a| a.audience.clone()),
             });
         }
@@ -450,6 +460,13 @@ impl Snapshot {
         let tokens = crate::tokens::TokenSettings::from_config(&c, feed.as_ref())?;
         tokens.check_issuer(&c)?;
         let redigest = crate::redigest::Target::from_config(&c, feed.as_ref())?;
+        // Last, so a config refused above exports nothing for its plans.
+        metrics.plan_series(
+            policy
+                .plans
+                .keys()
+                .map(|p| (p.as_str(), policy.enforce_for(Some(p)))),
+        );
         Ok(Snapshot {
             tokens,
             redigest,
@@ -457,7 +474,7 @@ impl Snapshot {
             keys,
             router: Router::new(specs),
             routes,
-            unrouted: metrics.route_series("none"),
+            unrouted: metrics.route_series("none", |o| o.reachable(None)),
             policy,
             redis,
             trusted_proxies,

@@ -2388,13 +2388,15 @@ fn an_env_named_pub_is_refused() {
 fn config_errors_name_file_line_and_field() {
     let base = "[plans.default]\nrate = \"100/s\"\n\n[keys]\ntouch_interval_seconds = 60\n";
     let upstream = "\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
-    let cases: [(&str, String, &str, &str); 6] = [
+    let cases: [(&str, String, &str, &str); 8] = [
         ("duration in [keys]", format!("{base}rotate_grace = \"soon\"\n"), ":6:16:", "`keys.rotate_grace`"),
         ("wrong type", format!("{base}\n[server]\nmax_headers = \"ten\"\n"), ":8:15:", "`server.max_headers`"),
         ("unknown field", format!("{base}stroe = \"x\"\n"), ":6:1:", "`keys.stroe`"),
         ("missing field", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\n"), ":11:1:", "`routes[0]`"),
         ("validation in [[routes]]", format!("{base}{upstream}\n[[routes]]\nname = \"a\"\npath_prefix = \"/\"\nupstream = \"nope\"\n"), ":14:12:", "`routes[0].upstream`"),
         ("syntax", format!("{base}[server\n"), ":6:8:", "invalid table header"),
+        ("listen address", format!("{base}\n[server]\nlisten = \"nohost\"\n"), ":8:10:", "`server.listen`"),
+        ("admin listen address", format!("{base}\n[admin]\nlisten = \"127.0.0.1\"\n"), ":8:10:", "`admin.listen`"),
     ];
     for (what, text, line, field) in cases {
         let env = Env::with_config(&text);

@@ -136,3 +136,127 @@ fn systemd_config_validates_with_absolute_state_paths() {
     assert!(unit.contains("StateDirectory=keygate"));
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
 }
+
+/// Every base image is pinned by digest (`tag@sha256:<64 hex>`): a re-pushed tag must not
+/// change what gets built. The same for the images the fleet overlay runs (Redis).
+#[test]
+fn base_images_are_pinned_by_digest() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap();
+    let froms: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+        .collect();
+    assert_eq!(froms.len(), 2, "builder and runtime stages: {froms:?}");
+    for from in froms {
+        // `FROM [--platform=…] image[:tag]@sha256:<digest> [AS name]`
+        let image = from
+            .split_whitespace()
+            .skip(1)
+            .find(|w| !w.starts_with("--"))
+            .unwrap_or("");
+        assert!(pinned(image), "not pinned by digest: {from:?}");
+    }
+    let redis =
+        std::fs::read_to_string(root.join("deploy/kubernetes/overlays/fleet/redis.yaml")).unwrap();
+    let images: Vec<&str> = redis
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image:"))
+        .map(|v| v.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert!(!images.is_empty(), "the fleet overlay runs Redis");
+    for image in images {
+        assert!(pinned(image), "not pinned by digest: {image:?}");
+    }
+}
+
+/// `name:tag@sha256:` followed by exactly 64 lowercase hex digits.
+fn pinned(image: &str) -> bool {
+    image.split_once("@sha256:").is_some_and(|(name, digest)| {
+        name.contains(':')
+            && digest.len() == 64
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The unit's `ExecStartPre=keygate check` passes on a fresh install: the shipped config
+/// with its state directory (here a temporary one standing for `/var/lib/keygate`, which
+/// `StateDirectory=` creates empty), the secret file the install steps write, read the way
+/// `EnvironmentFile=` does, and the unit's `Environment=` lines. Run with the real binary
+/// and nothing else from this process's environment.
+#[test]
+fn systemd_exec_start_pre_check_passes_on_a_fresh_install() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/keygate.service")).unwrap();
+    let directive = |name: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("var/lib/keygate");
+    let etc = dir.path().join("etc/keygate");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = std::fs::read_to_string(root.join("deploy/systemd/keygate.toml")).unwrap();
+    assert!(config.contains("\"/var/lib/keygate/"), "{config}");
+    std::fs::write(
+        etc.join("keygate.toml"),
+        config.replace("/var/lib/keygate", state.to_str().unwrap()),
+    )
+    .unwrap();
+    // The install step: printf 'API_KEY_HASH_SECRET=%s\n' "$(openssl rand -base64 48)".
+    let secret_line = "API_KEY_HASH_SECRET=q3VhXb0yU2VjcmV0LWZvci10aGUtc3lzdGVtZC10ZXN0LTAxMjM0NTY3ODlhYmNkZWY=\n";
+    assert!(
+        unit.contains("printf 'API_KEY_HASH_SECRET=%s\\n'"),
+        "install step changed"
+    );
+    std::fs::write(etc.join("secret.env"), secret_line).unwrap();
+    assert_eq!(
+        directive("EnvironmentFile"),
+        ["/etc/keygate/secret.env"],
+        "the unit reads its secret from the file the install writes"
+    );
+    let mut env: Vec<(String, String)> = Vec::new();
+    let env_file = std::fs::read_to_string(etc.join("secret.env")).unwrap();
+    for assignment in env_file
+        .lines()
+        .chain(directive("Environment").iter().map(String::as_str))
+    {
+        let (k, v) = assignment.split_once('=').unwrap();
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let pre = directive("ExecStartPre");
+    assert_eq!(pre.len(), 1, "{pre:?}");
+    let mut words = pre[0].split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/keygate"));
+    let args: Vec<String> = words
+        .map(|w| w.replace("/etc/keygate", etc.to_str().unwrap()))
+        .collect();
+    assert_eq!(args[0], "check", "{args:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(&args)
+        .env_clear()
+        .envs(env)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ExecStartPre failed on a fresh install: {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+    // The only thing a fresh install lacks is the store, which `serve` creates empty.
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            line.contains("creates it empty"),
+            "check said more than the store note: {line:?}\n{stderr}"
+        );
+    }
+}

@@ -599,3 +599,148 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
         }
     }
 }
+
+/// A fresh scrape, before any request: `keygate_requests_total` holds exactly the outcome ×
+/// route pairs the config can produce (a plain route cannot see a token's signature fail or
+/// a scope refused, a route with scopes can; `route="none"` only what is decided before
+/// routing), and the limit counters are there at 0 for every configured plan (the shadow
+/// counter for the plan in shadow mode only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_scrape_has_only_reachable_series_and_every_plan_at_zero() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    // The file's config (routes `read`, with a scope, and `broken`, plain; plans `default`
+    // and `tiny`) plus a token route and a plan in shadow mode. No signing key is held: every
+    // token is refused as `token_invalid`, which is all the token route needs here.
+    let extra = r#"
+[[routes]]
+name = "tok"
+path_prefix = "/tok"
+upstream = "up"
+accept_tokens = { audience = "billing" }
+
+[tokens]
+jwks_file = "jwks.json"
+
+[plans.trial]
+rate = "1/h"
+enforce = false
+"#;
+    write_file(dir.path(), "jwks.json", r#"{"keys":[]}"#);
+    let cfg = config(dir.path(), &up.addr().to_string(), extra);
+    let gw = spawn_ready(&cfg, &[], READY).await;
+    let fresh = scrape(&gw).await;
+
+    let every_route = [
+        "ok",
+        "key_missing",
+        "key_malformed",
+        "key_unknown",
+        "key_revoked",
+        "key_expired",
+        "key_not_yet_valid",
+        "key_canary",
+        "token_not_accepted",
+        "key_ambiguous",
+        "network_denied",
+        "origin_denied",
+        "publishable_key_denied",
+        "rate_limited",
+        "auth_budget_exceeded",
+        "bad_request",
+        "body_too_large",
+        "body_timeout",
+        "upstream_unavailable",
+        "upstream_timeout",
+        "upstream_error",
+    ];
+    let before_routing = [
+        "overloaded",
+        "table_unavailable",
+        "bad_request",
+        "method_not_allowed",
+        "headers_too_large",
+        "route_not_found",
+    ];
+    let mut want = BTreeSet::new();
+    for route in ["read", "broken", "tok"] {
+        for o in every_route {
+            want.insert(format!(
+                r#"keygate_requests_total{{outcome="{o}",route="{route}"}}"#
+            ));
+        }
+    }
+    want.insert(r#"keygate_requests_total{outcome="scope_denied",route="read"}"#.to_owned());
+    for o in ["token_invalid", "token_expired"] {
+        want.insert(format!(
+            r#"keygate_requests_total{{outcome="{o}",route="tok"}}"#
+        ));
+    }
+    for o in before_routing {
+        want.insert(format!(
+            r#"keygate_requests_total{{outcome="{o}",route="none"}}"#
+        ));
+    }
+    let got: BTreeSet<String> = series(&fresh)
+        .into_iter()
+        .filter(|s| s.starts_with("keygate_requests_total{"))
+        .collect();
+    assert_eq!(
+        got,
+        want,
+        "missing: {:?}\nunexpected: {:?}",
+        want.difference(&got).collect::<Vec<_>>(),
+        got.difference(&want).collect::<Vec<_>>()
+    );
+    for s in &want {
+        assert_eq!(value(&fresh, s), 0.0, "{s}");
+    }
+
+    // Every configured plan at 0 before the first refusal; shadow counts only for `trial`.
+    let limited: BTreeSet<String> = series(&fresh)
+        .into_iter()
+        .filter(|s| {
+            s.starts_with("keygate_rate_limited_total{")
+                || s.starts_with("keygate_rate_limit_shadowed_total{")
+        })
+        .collect();
+    let want_limited: BTreeSet<String> = [
+        r#"keygate_rate_limited_total{plan="default"}"#,
+        r#"keygate_rate_limited_total{plan="tiny"}"#,
+        r#"keygate_rate_limited_total{plan="trial"}"#,
+        r#"keygate_rate_limit_shadowed_total{plan="trial"}"#,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(limited, want_limited);
+    for s in &want_limited {
+        assert_eq!(value(&fresh, s), 0.0, "{s}");
+    }
+
+    // The pre-created series are the ones requests land on (the fallback that creates a
+    // series on first use is covered by metrics::tests).
+    let addr = gw.http;
+    assert_eq!(get(addr, "/broken/x", &[]).await.0, 401);
+    assert_eq!(
+        get(addr, "/tok/x", &[("authorization", "Bearer kgt_a.b.c")])
+            .await
+            .0,
+        401
+    );
+    let after = scrape(&gw).await;
+    assert_eq!(
+        value(
+            &after,
+            r#"keygate_requests_total{outcome="key_missing",route="broken"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"keygate_requests_total{outcome="token_invalid",route="tok"}"#
+        ),
+        1.0
+    );
+}

@@ -179,6 +179,7 @@ pub async fn start(
     config_path: &Path,
 ) -> Result<(SocketAddr, Arc<Control>, tokio::task::JoinHandle<()>), ControlError> {
     let config = Config::load(config_path)?;
+    config.check_listen()?;
     let settings = KeySettings::from_config(&config)?;
     let webhooks = crate::webhooks::endpoints(&config)?;
     // The control plane owns the log: a fresh deployment starts from an empty one (gateways,
