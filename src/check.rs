@@ -164,6 +164,9 @@ pub fn origin_problem(origin: &str, live_keys: bool) -> Option<String> {
     if !host_ok || !port_ok {
         return why("not a valid host[:port]");
     }
+    if let Some(w) = unsent_form(scheme, host, port) {
+        return why(&w);
+    }
     let localhost = matches!(host, "localhost" | "127.0.0.1" | "[::1]");
     if scheme == "http" && !localhost {
         return why("plain http outside localhost sends keys in clear text: use https");
@@ -171,31 +174,113 @@ pub fn origin_problem(origin: &str, live_keys: bool) -> Option<String> {
     None
 }
 
+/// A valid origin in a form no browser sends (it serialises the page's origin: no default
+/// port, no leading zeros in the port, the host as served, which is without a trailing dot),
+/// so it would never match: what to give instead.
+fn unsent_form(scheme: &str, host: &str, port: Option<&str>) -> Option<String> {
+    let default = if scheme == "https" { 443 } else { 80 };
+    let port = match port.map(|p| (p, p.parse::<u16>())) {
+        Some((p, Ok(n))) if n == default => {
+            return Some(format!(
+                "browsers omit the default port {p}, so the origin they send is: {scheme}://{}",
+                host.trim_end_matches('.')
+            ))
+        }
+        Some((p, Ok(n))) if p.starts_with('0') => {
+            return Some(format!(
+                "browsers send the port without leading zeros: {scheme}://{}:{n}",
+                host.trim_end_matches('.')
+            ))
+        }
+        Some((_, Ok(n))) => format!(":{n}"),
+        _ => String::new(),
+    };
+    host.ends_with('.').then(|| {
+        format!(
+            "browsers send the host without the trailing dot (as pages are served): {scheme}://{}{port}",
+            host.trim_end_matches('.')
+        )
+    })
+}
+
 /// Files the gateway writes must be writable by the user running the check (run it as the
 /// service user): a path that exists must be a writable regular file; one that does not must
 /// be creatable (its nearest existing ancestor a writable directory, probed with a temporary
 /// file that is removed at once). The store is only written by the CLI, the control plane and
 /// rotation completion on a single node; a gateway following a feed writes its feed cache.
+///
+/// Files replaced whole (`store::file::write_atomic`: a temp file renamed over them) under a
+/// `<file>.lock` (`store::file::lock_beside`) need more: a writable directory, and a lock file
+/// that can be opened. The usage file, its forensics file (`forensics::path_for`), the store
+/// (compaction, its checkpoint beside it) and the feed cache are written that way; the audit
+/// and access logs are only appended to.
 fn writable_problems(config: &Config) -> Vec<String> {
+    let usage = config.resolve(&config.keys.usage_file);
     let mut paths = vec![
-        ("keys.audit_log", config.resolve(&config.keys.audit_log)),
-        ("keys.usage_file", config.resolve(&config.keys.usage_file)),
+        (
+            "keys.audit_log",
+            config.resolve(&config.keys.audit_log),
+            false,
+        ),
+        ("keys.usage_file", usage.clone(), true),
+        (
+            "keys.usage_file (forensics)",
+            crate::forensics::path_for(&usage),
+            true,
+        ),
     ];
     match config.keys.source.as_str() {
-        "file" => paths.push(("keys.store", config.resolve(&config.keys.store))),
-        "feed" => paths.push(("keys.feed_cache", config.resolve(&config.keys.feed_cache))),
+        "file" => paths.push(("keys.store", config.resolve(&config.keys.store), true)),
+        "feed" => paths.push((
+            "keys.feed_cache",
+            config.resolve(&config.keys.feed_cache),
+            true,
+        )),
         // The Redis store is not a local file.
         _ => {}
     }
     if let Some(a) = &config.access_log {
-        paths.push(("access_log.path", config.resolve(&a.path)));
+        paths.push(("access_log.path", config.resolve(&a.path), false));
     }
-    paths
-        .into_iter()
-        .filter_map(|(field, path)| {
-            not_writable(&path).map(|why| format!("{field} {}: {why}", path.display()))
-        })
-        .collect()
+    let mut problems = Vec::new();
+    // One probe and one problem per directory, naming every file that needs it.
+    let mut dirs: Vec<(std::path::PathBuf, Vec<&str>)> = Vec::new();
+    for (field, path, atomic) in paths {
+        if let Some(why) = not_writable(&path) {
+            problems.push(format!("{field} {}: {why}", path.display()));
+            continue;
+        }
+        if !atomic {
+            continue;
+        }
+        let lock = crate::store::file::sibling(&path, ".lock");
+        if let Some(why) = lock.exists().then(|| not_writable(&lock)).flatten() {
+            problems.push(format!("{field} lock file {}: {why}", lock.display()));
+        }
+        let dir = dir_of(&path).to_path_buf();
+        match dirs.iter_mut().find(|(d, _)| *d == dir) {
+            Some((_, fields)) => fields.push(field),
+            None => dirs.push((dir, vec![field])),
+        }
+    }
+    for (dir, fields) in dirs {
+        // A missing directory was judged above (its nearest existing ancestor was probed).
+        if let Some(why) = dir.is_dir().then(|| not_creatable_in(&dir)).flatten() {
+            problems.push(format!(
+                "directory {} ({}): not writable ({why}); these files are replaced whole (a temporary file renamed over them, beside a .lock file), which needs a writable directory",
+                dir.display(),
+                fields.join(", ")
+            ));
+        }
+    }
+    problems
+}
+
+/// The directory `path` is in (`.` for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Why `path` cannot be written (or created), if it cannot.
@@ -225,6 +310,12 @@ fn not_writable(path: &Path) -> Option<String> {
     if !dir.is_dir() {
         return Some(format!("{} is not a directory", dir.display()));
     }
+    not_creatable_in(dir).map(|why| format!("cannot be created in {} ({why})", dir.display()))
+}
+
+/// Why a file cannot be created in the directory `dir`, probed with a temporary file that is
+/// removed at once.
+fn not_creatable_in(dir: &Path) -> Option<String> {
     let probe = dir.join(format!(".keygate-check-{}", std::process::id()));
     match std::fs::OpenOptions::new()
         .write(true)
@@ -235,7 +326,7 @@ fn not_writable(path: &Path) -> Option<String> {
             let _ = std::fs::remove_file(&probe);
             None
         }
-        Err(e) => Some(format!("cannot be created in {} ({e})", dir.display())),
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -273,6 +364,28 @@ mod tests {
         ] {
             assert!(origin_problem(bad, true).is_some(), "{bad}");
         }
+        // Valid, but never what a browser sends: refused, naming the form it does send.
+        for (unsent, sent) in [
+            ("https://app.example.com:443", "https://app.example.com"),
+            ("http://localhost:80", "http://localhost"),
+            ("http://[::1]:80", "http://[::1]"),
+            (
+                "https://app.example.com:08443",
+                "https://app.example.com:8443",
+            ),
+            ("https://app.example.com:0443", "https://app.example.com"),
+            ("https://app.example.com.", "https://app.example.com"),
+            (
+                "https://app.example.com.:8443",
+                "https://app.example.com:8443",
+            ),
+        ] {
+            let why = origin_problem(unsent, true).unwrap_or_default();
+            assert!(why.ends_with(&format!(": {sent}")), "{unsent}: {why}");
+        }
+        // A non-default port is sent as given.
+        assert_eq!(origin_problem("http://localhost:443", true), None);
+        assert_eq!(origin_problem("https://app.example.com:80", true), None);
         assert_eq!(origin_problem("*", false), None, "test-only deployments");
     }
 
@@ -288,6 +401,31 @@ mod tests {
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,
             "probe removed"
+        );
+    }
+
+    /// Files replaced whole need their directory and their lock file, not only the file: a
+    /// directory where the forensics file or a lock file should be is refused even for root.
+    #[test]
+    fn files_replaced_whole_need_their_lock_and_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[keys]\nusage_file = \"u/usage.json\"\n";
+        let config = Config::parse(text, &dir.path().join("k.toml")).unwrap();
+        std::fs::create_dir(dir.path().join("u")).unwrap();
+        assert_eq!(writable_problems(&config), Vec::<String>::new());
+        std::fs::create_dir(dir.path().join("u/usage.json.forensics.json")).unwrap();
+        std::fs::create_dir(dir.path().join("u/usage.json.lock")).unwrap();
+        let problems = writable_problems(&config);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("keys.usage_file lock file ")
+                && problems[0].contains("not a regular file"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("keys.usage_file (forensics) ")
+                && problems[1].contains("not a regular file"),
+            "{problems:?}"
         );
     }
 

@@ -167,9 +167,12 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
-    /// Per secret version: configured, current, live keys under it, last seen, retirable.
+    /// Per secret version: configured, current, live keys under it, last seen, retirable;
+    /// under a version that is not current, the ids of the keys still on it (the first 20,
+    /// then "and N more").
     Status {
-        /// Print a JSON array (one object per version) instead of a table.
+        /// Print a JSON array (one object per version, with its `ids`: the first 20 live
+        /// keys' ids) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -298,6 +301,15 @@ pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
                         if r.retirable { "yes" } else { "no" },
                     ],
                 ));
+                // Which keys hold the version (ids only, bounded): what to rotate or revoke
+                // before it can retire.
+                if !r.current && !r.ids.is_empty() {
+                    let sample = crate::keys::IdSample {
+                        count: r.live_keys,
+                        ids: r.ids.clone(),
+                    };
+                    text.push_str(&format!("  {}\n", sample.listed()));
+                }
             }
             out(text.trim_end())
         }

@@ -243,8 +243,9 @@ pub struct KeysConfig {
     pub on_stale: String,
     /// Keys unused for this long count as stale, e.g. "90d".
     pub stale_after: String,
-    /// What `serve` and `check` do when live keys use a secret version with no configured
-    /// secret (they would all fail with 401): "refuse" (default) or "warn".
+    /// What `serve` (at start and on a reload) and `check` do when live keys use a secret
+    /// version with no configured secret (they would all fail with 401): "refuse" (default:
+    /// no start, the reload refused whole) or "warn".
     pub on_missing_secret_version: String,
     /// Re-digest keys seen in traffic under an old secret version under the current one
     /// (hash-secret migration, `redigest`): true (default) or false.

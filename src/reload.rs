@@ -1,4 +1,7 @@
 //! Config reload: one whole-or-nothing `reload` for SIGHUP and for a changed config file.
+//! A new config is judged as at start where keys are concerned: one that drops a hash-secret
+//! version keys in the table still use is refused whole (or applied with a warning, with
+//! `keys.on_missing_secret_version = "warn"`), through the same rule (`server::judge_table`).
 //!
 //! Why a file watch: on Kubernetes a ConfigMap update reaches the pod as a symlink swap
 //! (`keygate.toml -> ..data/keygate.toml`, `..data` renamed to a new directory), and nobody
@@ -66,9 +69,15 @@ impl ConfigFile {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *applied = fingerprint(&self.path);
-        let built = Config::load(&self.path).and_then(|c| Snapshot::build(c, &gw.metrics));
+        let built = Config::load(&self.path)
+            .and_then(|c| Snapshot::build(c, &gw.metrics))
+            .map_err(|e| e.to_string())
+            .and_then(|s| secret_versions(gw, &s).map(|warnings| (s, warnings)));
         match built {
-            Ok(s) => {
+            Ok((s, warnings)) => {
+                for w in warnings {
+                    tracing::warn!(trigger, "config reloaded anyway: {w}");
+                }
                 let routes = s.routes.len();
                 gw.swap_snapshot(s);
                 gw.metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -90,7 +99,7 @@ impl ConfigFile {
                     Event::new("config.reloaded", "gateway")
                         .with("result", "error")
                         .with("trigger", trigger)
-                        .with("error", e.to_string()),
+                        .with("error", e),
                 );
             }
         }
@@ -102,6 +111,14 @@ impl ConfigFile {
         let applied = self.applied.lock().map(|a| *a).unwrap_or(now);
         now != applied && now == previous && now.is_some()
     }
+}
+
+/// The rule `keygate serve` applies at start (`server::judge_table`), under the candidate's
+/// secrets and setting: a reload must not drop a secret version that keys in the table still
+/// use (they would all get 401 behind a "config reloaded"). `Err` refuses the whole reload.
+fn secret_versions(gw: &Gateway, candidate: &Snapshot) -> Result<Vec<String>, String> {
+    crate::server::judge_table(&candidate.keys, gw, Vec::new(), crate::clock::unix_secs())
+        .map_err(|found| format!("refusing the reload: {}", found.join("; ")))
 }
 
 /// Reload whenever the config file changes (see the module docs); runs until the runtime ends.

@@ -338,7 +338,7 @@ fn secret_versions_of_table(gw: &Gateway) -> Result<(), ServeError> {
     let snap = gw.snapshot();
     let now = crate::clock::unix_secs();
     let found = if gw.table_loaded() {
-        judge_table(gw, Vec::new(), now)
+        judge_table(&snap.keys, gw, Vec::new(), now)
     } else {
         snap.keys.check_secret_versions(now)
     };
@@ -348,17 +348,22 @@ fn secret_versions_of_table(gw: &Gateway) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Missing secret versions among the table's keys and `more` (secret version, state) pairs.
-fn judge_table(
+/// Missing secret versions under `keys` (the running settings at start, a candidate's on a
+/// reload) among the table's keys and `more` (id, secret version, state): `Err` when
+/// `keys.on_missing_secret_version = "refuse"`, else `Ok` with the warnings.
+pub(crate) fn judge_table(
+    keys: &crate::keys::KeySettings,
     gw: &Gateway,
-    mut more: Vec<(u32, crate::keys::record::KeyState)>,
+    more: Vec<(String, u32, crate::keys::record::KeyState)>,
     now: i64,
 ) -> Result<Vec<String>, Vec<String>> {
-    let snap = gw.snapshot();
-    let table = gw.table();
-    more.reserve(table.len());
-    table.each_entry(|e| more.push((e.secret_version, e.state(now))));
-    snap.keys.judge_missing(snap.keys.missing_versions_of(more))
+    let mut missing = keys.missing_versions();
+    gw.table()
+        .each_entry(|e, id| missing.add(e.secret_version, e.state(now), id));
+    for (id, version, state) in more {
+        missing.add(version, state, || Some(id));
+    }
+    keys.judge_missing(missing.lines())
 }
 
 /// The missing-secret-version check for a Redis store, over the first table (the local copy,
@@ -380,10 +385,15 @@ fn redis_secret_versions(
         .unverifiable
         .into_iter()
         .filter(|(id, rev, _, _)| table.get_by_id(id).is_none_or(|r| r.rev < *rev))
-        .map(|(_, _, version, state)| (version, state))
+        .map(|(id, _, version, state)| (id, version, state))
         .collect();
     drop(table);
-    let found = judge_table(gw, unverifiable, crate::clock::unix_secs());
+    let found = judge_table(
+        &gw.snapshot().keys,
+        gw,
+        unverifiable,
+        crate::clock::unix_secs(),
+    );
     for w in found.map_err(ServeError::MissingSecretVersion)? {
         tracing::warn!("{w}");
     }

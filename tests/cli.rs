@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod common;
+
 /// 48 characters: well above the 32-byte minimum.
 const SECRET: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL";
 const SECRET_VAR: &str = "API_KEY_HASH_SECRET";
@@ -126,7 +128,21 @@ impl Env {
 
     /// `keygate --config <config> <args…>` (any subcommand), with the test environment.
     fn keygate_command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        self.wrapped_command(&[], args)
+    }
+
+    /// [`Env::keygate_command`] run through `wrapper` (a program and its arguments, such as
+    /// `setpriv --reuid …`), or directly when it is empty.
+    fn wrapped_command(&self, wrapper: &[&std::ffi::OsStr], args: &[&str]) -> Command {
+        let bin = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_keygate"));
+        let mut c = match wrapper {
+            [program, rest @ ..] => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            [] => Command::new(bin),
+        };
         c.arg("--config")
             .arg(&self.config)
             .args(args)
@@ -261,6 +277,18 @@ impl Env {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// The real uid of the test process (the first number of `Uid:` in `/proc/self/status`).
+fn real_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn id(v: &Value) -> String {
@@ -1786,6 +1814,175 @@ fn check_refuses_a_secret_version_in_use_without_a_secret() {
     assert!(r.stderr.contains("secret version 1"), "but says so: {r:?}");
 }
 
+/// Issue 14 "retiring the old version is refused while keys still use it unless forced (those
+/// keys are listed)": `check` names the keys on a version that has no secret by id (the first
+/// 20 in id order, then "and N more"; revoked keys do not count), and `secret status` lists
+/// them too (`ids` in JSON, a line under the version in text). Never a key or a digest.
+#[test]
+fn the_keys_on_a_secret_version_without_a_secret_are_listed_by_id() {
+    let base = CONFIG.replace("[keys]\n", "[keys]\ntouch_interval_seconds = 60\n");
+    let env = Env::with_config(&base);
+    let made: Vec<(String, String)> = (0..23)
+        .map(|_| {
+            let (v, key) = env.create(&[]);
+            (id(&v), key)
+        })
+        .collect();
+    let revoked = &made[0].0;
+    env.ok(&["revoke", revoked, "--reason", "gone"]);
+    let live: Vec<&String> = made[1..]
+        .iter()
+        .map(|(id, _)| id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(live.len(), 22);
+    let (listed, unlisted) = live.split_at(20);
+    let secrets: Vec<String> = env
+        .store_lines()
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_owned))
+        .chain(made.iter().map(|(_, key)| key.clone()))
+        .collect();
+    let assert_listed = |text: &str| {
+        for id in listed {
+            assert!(text.contains(id.as_str()), "{id} not listed: {text}");
+        }
+        for id in unlisted.iter().chain([&revoked]) {
+            assert!(!text.contains(id.as_str()), "{id} listed: {text}");
+        }
+        assert!(text.contains("and 2 more"), "{text}");
+        for s in &secrets {
+            assert!(
+                !text.contains(s.as_str()),
+                "a key or digest printed: {text}"
+            );
+        }
+    };
+
+    std::fs::write(
+        &env.config,
+        base.replace("[keys]\n", "[keys]\nhash_secret_version = 2\n"),
+    )
+    .unwrap();
+    let r = env.keygate(&["check"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        r.stderr.contains("secret version 1") && r.stderr.contains("22 key(s)"),
+        "{r:?}"
+    );
+    assert_listed(&r.stderr);
+
+    let r = env.keygate(&["secret", "status", "--json"]);
+    assert!(r.status.success(), "{r:?}");
+    let rows = r.json();
+    let v1 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == 1)
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(v1["live_keys"], 22, "{v1}");
+    let ids: Vec<&str> = v1["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap())
+        .collect();
+    assert_eq!(ids, listed.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    for s in &secrets {
+        assert!(!r.stdout.contains(s.as_str()), "{r:?}");
+    }
+    let r = env.keygate(&["secret", "status"]);
+    assert!(r.status.success(), "{r:?}");
+    assert_listed(&r.stdout);
+}
+
+/// The files the gateway replaces whole (temp file + rename beside a `.lock`: the usage file
+/// and its forensics file, the store, the feed cache) need a writable directory, not only a
+/// writable file: a writable usage file in a read-only directory is a problem for `check`
+/// (the gateway would log "usage flush failed").
+///
+/// Permission bits bind only an unprivileged user, so `check` runs as uid 65534 through
+/// `setpriv` (util-linux) when the tests run as root; otherwise as the test's own user. Either
+/// way the same directory first passes (writable) and then fails (read-only): a run that cannot
+/// make the directory read-only for `check` fails the test instead of passing it.
+#[test]
+fn check_refuses_a_read_only_directory_for_files_replaced_whole() {
+    let env = Env::with_config(&CONFIG.replace(
+        "[keys]\n",
+        "[keys]\ntouch_interval_seconds = 60\nusage_file = \"ro/usage.json\"\n",
+    ));
+    env.create_id(&[]);
+    let ro = env.path("ro");
+    std::fs::create_dir(&ro).unwrap();
+    // Both files it replaces there exist and are writable: only the directory is wrong.
+    std::fs::write(ro.join("usage.json"), "{}").unwrap();
+    std::fs::write(ro.join("usage.json.forensics.json"), "{}").unwrap();
+    let setpriv;
+    let wrapper: Vec<&std::ffi::OsStr> = if real_uid() == 0 {
+        setpriv = common::require_tool("setpriv", "util-linux");
+        // Hand the whole tree to the unprivileged user (the temp dir is 0700 root).
+        for path in walk(env.dir.path()) {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        }
+        [
+            setpriv.as_os_str(),
+            "--reuid=65534".as_ref(),
+            "--regid=65534".as_ref(),
+            "--clear-groups".as_ref(),
+        ]
+        .to_vec()
+    } else {
+        Vec::new()
+    };
+    let check = || {
+        let mut c = env.wrapped_command(&wrapper, &["check"]);
+        c.env_remove("ALLOWED_ORIGINS")
+            .env_remove("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS");
+        env.run_cmd(c, "keygate check (unprivileged)")
+    };
+    let r = check();
+    assert!(r.status.success(), "writable directory: {r:?}");
+
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o555);
+    let r = check();
+    mode(0o755);
+    assert!(!r.status.success(), "read-only directory passed: {r:?}");
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains(&format!("directory {}", ro.display())))
+        .unwrap_or_else(|| panic!("the directory is not named: {r:?}"));
+    assert!(
+        line.contains("keys.usage_file, keys.usage_file (forensics)")
+            && line.contains("not writable"),
+        "{line}"
+    );
+    assert!(
+        r.stderr.contains("1 problem(s)"),
+        "only the directory: {r:?}"
+    );
+}
+
+/// Every path under `dir` (itself included), depth first.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// A fresh install passes `check` (the gateway creates the missing store empty and comes up
 /// Ready); a missing store directory (a volume not mounted) is a problem, and `check` writes
 /// nothing either way.
@@ -1944,13 +2141,7 @@ fn audit_actor_is_the_os_user_not_the_user_variable() {
         actor, "cli-tester",
         "$USER is set by the test; it must not be trusted"
     );
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap();
-    assert!(actor.contains(&format!("uid {uid}")), "{actor}");
+    assert!(actor.contains(&format!("uid {}", real_uid())), "{actor}");
     assert_eq!(actor, keygate::audit::os_user());
 }
 

@@ -157,6 +157,14 @@ async fn create(e: &Env, body: Value) -> Value {
     r.2
 }
 
+/// A key named `name` (owner "o") made through the API; its id.
+async fn create_id(e: &Env, name: &str) -> String {
+    create(e, json!({"name": name, "owner": "o"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn every_endpoint_happy_path() {
     let e = setup(64 * 1024).await;
@@ -864,10 +872,7 @@ async fn unknown_api_paths_are_404_and_wrong_methods_405_with_allow() {
     let e = setup(64 * 1024).await;
     let a = e.cp.addr;
     let w = Some(e.t.write.as_str());
-    let id = create(&e, json!({"name": "x", "owner": "o"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&e, "x").await;
     for path in [
         format!("/v1/api-keys/{id}/nope"),
         format!("/v1/api-keys/{id}/rotate/more"),
@@ -1308,10 +1313,7 @@ async fn rest_rotation_completes_on_the_control_plane_and_aborts() {
     let e = setup(64 * 1024).await;
     let a = e.cp.addr;
     let w = Some(e.t.write.as_str());
-    let old = create(&e, json!({"name": "r", "owner": "o"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let old = create_id(&e, "r").await;
     let r = call(
         a,
         Method::POST,
@@ -1406,6 +1408,39 @@ async fn rest_rotation_completes_on_the_control_plane_and_aborts() {
     )
     .await;
     assert_problem(&r, 405, "method_not_allowed");
+}
+
+/// Defect 1 through the API: rotating a key that was already rotated is a 409
+/// `already_rotated` naming the successor to rotate instead, and changes nothing.
+#[tokio::test]
+async fn rotating_an_already_rotated_key_is_409_already_rotated() {
+    let e = setup(64 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let old = create_id(&e, "r").await;
+    let rotate = format!("/v1/api-keys/{old}/rotate");
+    let rotate_old = || call(a, Method::POST, &rotate, w, r#"{"grace": "1h"}"#);
+    let r = rotate_old().await;
+    assert_eq!(r.0, 201, "{:?}", r.2);
+    let successor = r.2["id"].as_str().unwrap().to_owned();
+    let before = get_json(a, &e.t.read, &old).await;
+    let r = rotate_old().await;
+    assert_problem(&r, 409, "already_rotated");
+    assert!(
+        r.2["detail"].as_str().unwrap_or("").contains(&successor),
+        "names the successor: {:?}",
+        r.2
+    );
+    let after = get_json(a, &e.t.read, &old).await;
+    for field in ["rev", "state", "expires_at", "rotated_to"] {
+        assert_eq!(after[field], before[field], "{field} changed: {after}");
+    }
+    assert_eq!(get_json(a, &e.t.read, &successor).await["state"], "active");
+    let rotated: Vec<Value> = audit_lines(&e.dir)
+        .into_iter()
+        .filter(|l| l["event"] == "key.rotated")
+        .collect();
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
 }
 
 async fn get_json(a: SocketAddr, token: &str, id: &str) -> Value {

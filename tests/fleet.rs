@@ -6,7 +6,9 @@
 //! - the control plane going away: gateways keep serving, report the sync age, restart from
 //!   their local copy, and resume without a snapshot when it comes back on its port;
 //! - a gateway that missed 1,000 changes and a compaction catches up through a snapshot;
-//! - many feed readers at once, and one that never reads stalls nobody.
+//! - many feed readers at once, and one that never reads stalls nobody;
+//! - a publishable key made through the REST API works through a feed gateway only from its
+//!   origin, on a publishable route.
 //!
 //! No fixed ports (except re-binding the control plane's own previous port), no sleeps for
 //! synchronisation (polling with deadlines), bounded loops. The tests run one at a time (a
@@ -1223,4 +1225,79 @@ async fn the_control_plane_merges_forensics_from_every_gateway() {
     for gw in &gws {
         gw.assert_not_logged(&key);
     }
+}
+
+/// Issue 14 "key types" through the REST API: `POST /v1/api-keys` with `publishable: true` is
+/// a 400 without `allow_origins`; with one it makes a `kg_pub_live_…` key, which a gateway on
+/// the feed accepts only with that `Origin` and only on a route with `publishable = true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishable_keys_made_through_the_api_work_only_from_their_origin() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let app = "https://shop.example";
+    let mut body = json!({"name": "widget", "owner": "fleet", "scopes": ["invoices:read"], "publishable": true});
+    let (s, v) = fleet.api(Method::POST, "/v1/api-keys", body.clone()).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("allowed origin"),
+        "{v}"
+    );
+    body["allow_origins"] = json!([app]);
+    let (s, v) = fleet.api(Method::POST, "/v1/api-keys", body).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["publishable"], true, "{v}");
+    let key = v["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kg_pub_live_"), "{v}");
+    let (_, secret_key) = fleet.create("secret").await;
+
+    let cfg = fleet.gw_config(0);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[[routes]]\nname = \"widget\"\npath_prefix = \"/widget\"\npublishable = true\nupstream = \"up\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let gw = Gateway::spawn(
+        &cfg,
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+        ],
+    )
+    .await;
+    let call = |path: &'static str, key: String, origin: Option<&'static str>| {
+        let addr = gw.http;
+        async move {
+            let mut h = vec![("x-api-key", key.as_str())];
+            h.extend(origin.map(|o| ("origin", o)));
+            let (s, _, b) = get(addr, path, &h).await;
+            (
+                s,
+                serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+            )
+        }
+    };
+    // Once the feed delivered the key: from its origin, on the publishable route.
+    until_status_fresh(&gw, &secret_key, 200, RECONNECT_BOUND).await;
+    eventually_named("publishable key from its origin", ENFORCE_BOUND, || async {
+        (call("/widget/1", key.clone(), Some(app)).await.0 == 200).then_some(())
+    })
+    .await;
+    for (path, origin, code) in [
+        ("/widget/1", None, "origin_denied"),
+        ("/widget/1", Some("https://evil.example"), "origin_denied"),
+        ("/invoices/1", Some(app), "publishable_key_denied"),
+    ] {
+        let (s, v) = call(path, key.clone(), origin).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (403, Some(code)),
+            "{path} {origin:?}: {v}"
+        );
+    }
+    gw.assert_not_logged(&key);
 }

@@ -1729,7 +1729,7 @@ async fn revoked_canary_still_alarms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_a_secret_version_in_use_without_a_secret() {
     let s = Setup::new(Mode::Echo, "", "").await;
-    s.create(&[]);
+    let k = s.create(&[]);
     let text = std::fs::read_to_string(&s.config).unwrap();
     let bumped = text.replace("[keys]\n", "[keys]\nhash_secret_version = 2\n");
     std::fs::write(&s.config, &bumped).unwrap();
@@ -1738,8 +1738,8 @@ async fn serve_refuses_a_secret_version_in_use_without_a_secret() {
         Err(e) => e,
     };
     assert!(
-        err.contains("secret version 1") && err.contains("1 key"),
-        "{err}"
+        err.contains("secret version 1") && err.contains("1 key") && err.contains(&k.id),
+        "names the version, the count and the key: {err}"
     );
 
     std::fs::write(
@@ -1756,6 +1756,79 @@ async fn serve_refuses_a_secret_version_in_use_without_a_secret() {
         "{}",
         gw.stderr_contents()
     );
+}
+
+/// Defect 5 on a reload: a new config that drops a secret version keys in the table still use
+/// is refused whole, as at start (the key keeps working, the failure is counted and logged
+/// naming the version, how many keys and which); with `on_missing_secret_version = "warn"` it
+/// is applied with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_to_drop_a_secret_version_in_use() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let k = s.create(&[]);
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    write_file(
+        s.dir.path(),
+        "secret.v2",
+        "version-two-secret-0123456789abcdefghijklmnopqrstuv",
+    );
+    // v2 current, v1 still accepted. (No re-digest in traffic: the key must stay on v1.)
+    let v2 =
+        "[keys]\nhash_secret_version = 2\nhash_secret_file = \"secret.v2\"\nredigest = false\n";
+    let both = text.replacen(
+        "[keys]\n",
+        &format!("{v2}previous_secrets = [{{ version = 1, env = \"API_KEY_HASH_SECRET\" }}]\n"),
+        1,
+    );
+    std::fs::write(&s.config, &both).unwrap();
+    let gw = s.serve().await;
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+
+    let error = r#"keygate_config_reloads_total{result="error"}"#;
+    let ok = r#"keygate_config_reloads_total{result="ok"}"#;
+    replace_atomically(&s.config, text.replacen("[keys]\n", v2, 1).as_bytes());
+    gw.sighup();
+    wait_metric_at_least(&gw, error, 1.0).await;
+    assert_eq!(metric(&gw, ok).await, 0.0, "nothing was applied");
+    assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+    let log = gw.stderr_contents();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("config reload failed"))
+        .unwrap_or_else(|| panic!("no refusal logged: {log}"));
+    assert!(
+        refused.contains("secret version 1")
+            && refused.contains("1 key(s)")
+            && refused.contains(&k.id),
+        "{refused}"
+    );
+    assert!(!log.contains("config reloaded"), "{log}");
+
+    let warn = "on_missing_secret_version = \"warn\"\n";
+    replace_atomically(
+        &s.config,
+        text.replacen("[keys]\n", &format!("{v2}{warn}"), 1)
+            .as_bytes(),
+    );
+    gw.sighup();
+    wait_metric_at_least(&gw, ok, 1.0).await;
+    let log = gw.stderr_contents();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("secret version 1"))
+        .unwrap_or_else(|| panic!("no warning logged: {log}"));
+    assert!(warned.contains(&k.id), "{warned}");
+    // Applied: the key is now refused, as the warning said.
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &k.key,
+        401,
+        "v1 key after the warned reload",
+    )
+    .await;
+    assert_eq!(metric(&gw, error).await, 1.0);
+    gw.assert_not_logged(&k.key);
 }
 
 /// Defect 6: a CORS preflight passes for an origin only a key lists. A preflight carries no

@@ -140,9 +140,10 @@ impl KeySettings {
     }
 
     /// `keygate secret status`: every secret version that is configured or that a live key
-    /// uses, with the live keys under it and when one of them was last seen (from `usage`).
-    /// "Live" is the same rule as [`KeySettings::missing_secret_versions`]. A version is
-    /// retirable when it is not the current one and no live key uses it.
+    /// uses, with the live keys under it (counted, and the first [`IdSample::MAX`] ids) and
+    /// when one of them was last seen (from `usage`). "Live" is the rule of
+    /// [`MissingVersions::add`]. A version is retirable when it is not the current one and no
+    /// live key uses it.
     pub fn secret_versions<'a>(
         &self,
         records: impl IntoIterator<Item = &'a record::KeyRecord>,
@@ -157,22 +158,21 @@ impl KeySettings {
             .map(|v| (v, SecretVersionUse::new(v, true, v == current)))
             .collect();
         for r in records {
-            if matches!(
-                r.state(now),
-                record::KeyState::Revoked | record::KeyState::Expired
-            ) {
+            if !live(r.state(now)) {
                 continue;
             }
             let entry = by_version
                 .entry(r.secret_version)
                 .or_insert_with(|| SecretVersionUse::new(r.secret_version, false, false));
-            entry.live_keys += 1;
+            entry.keys.add(&r.id);
             let seen = usage.get(&r.id).map(|u| u.last_used).filter(|t| *t > 0);
             entry.last_seen = entry.last_seen.max(seen);
         }
         by_version
             .into_values()
             .map(|mut u| {
+                u.live_keys = u.keys.count;
+                u.ids = std::mem::take(&mut u.keys.ids);
                 u.retirable = !u.current && u.live_keys == 0;
                 u
             })
@@ -187,35 +187,20 @@ impl KeySettings {
         records: impl IntoIterator<Item = &'a record::KeyRecord>,
         now: i64,
     ) -> Vec<String> {
-        self.missing_versions_of(
-            records
-                .into_iter()
-                .map(|r| (r.secret_version, r.state(now))),
-        )
+        let mut missing = self.missing_versions();
+        for r in records {
+            missing.add(r.secret_version, r.state(now), || Some(r.id.clone()));
+        }
+        missing.lines()
     }
 
-    /// [`KeySettings::missing_secret_versions`] over (secret version, state) pairs: what the
-    /// gateway's compact table has (`KeyTable::each_entry`) without a record.
-    pub fn missing_versions_of(
-        &self,
-        keys: impl IntoIterator<Item = (u32, record::KeyState)>,
-    ) -> Vec<String> {
-        let mut missing: std::collections::BTreeMap<u32, usize> = Default::default();
-        for (version, state) in keys {
-            let live = !matches!(state, record::KeyState::Revoked | record::KeyState::Expired);
-            if live && !self.hasher.has_version(version) {
-                *missing.entry(version).or_default() += 1;
-            }
+    /// An empty [`MissingVersions`] against these settings' secrets: fed key by key from
+    /// records, the gateway's compact table (`KeyTable::each_entry`) or both.
+    pub fn missing_versions(&self) -> MissingVersions<'_> {
+        MissingVersions {
+            settings: self,
+            found: Default::default(),
         }
-        missing
-            .into_iter()
-            .map(|(v, n)| {
-                format!(
-                    "secret version {v} has no configured secret, but {n} key(s) still use it and would all be refused (401): \
-                     list it in keys.previous_secrets (or set keys.on_missing_secret_version = \"warn\")"
-                )
-            })
-            .collect()
     }
 
     /// The store writers use: Redis when `source = "redis"`, else the file.
@@ -270,6 +255,93 @@ impl KeySettings {
     }
 }
 
+/// Neither revoked nor expired: a key that can still be presented, so its secret version
+/// must have a secret.
+fn live(state: record::KeyState) -> bool {
+    !matches!(state, record::KeyState::Revoked | record::KeyState::Expired)
+}
+
+/// Secret versions that live keys use but no configured secret has, counted, with the ids of
+/// some of those keys: the rule behind `keygate check`, the start of `keygate serve` and a
+/// config reload (`KeySettings::missing_versions`).
+#[derive(Debug)]
+pub struct MissingVersions<'a> {
+    settings: &'a KeySettings,
+    found: std::collections::BTreeMap<u32, IdSample>,
+}
+
+impl MissingVersions<'_> {
+    /// Count one key (its secret version and state); `id` is called only for a key that
+    /// counts, so a table walk formats no id for the keys that are fine.
+    pub fn add(
+        &mut self,
+        version: u32,
+        state: record::KeyState,
+        id: impl FnOnce() -> Option<String>,
+    ) {
+        if live(state) && !self.settings.hasher.has_version(version) {
+            let sample = self.found.entry(version).or_default();
+            match id() {
+                Some(id) => sample.add(&id),
+                None => sample.count += 1,
+            }
+        }
+    }
+
+    /// One line per version found, naming it, how many keys use it and which (bounded).
+    pub fn lines(self) -> Vec<String> {
+        self.found
+            .into_iter()
+            .map(|(v, keys)| {
+                format!(
+                    "secret version {v} has no configured secret, but {} key(s) still use it and would all be refused with 401 ({}): \
+                     list it in keys.previous_secrets (or set keys.on_missing_secret_version = \"warn\")",
+                    keys.count,
+                    keys.listed()
+                )
+            })
+            .collect()
+    }
+}
+
+/// How many keys, and the ids of the first [`IdSample::MAX`] of them in id order: enough to
+/// act on, bounded however many keys there are. Ids only, never a key or a digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdSample {
+    pub count: u64,
+    /// Sorted, at most [`IdSample::MAX`].
+    pub ids: Vec<String>,
+}
+
+impl IdSample {
+    pub const MAX: usize = 20;
+
+    /// Count `id`, keeping it if it is among the first [`IdSample::MAX`] ids seen so far.
+    pub fn add(&mut self, id: &str) {
+        self.count += 1;
+        if self.ids.len() == IdSample::MAX && self.ids.last().is_some_and(|l| l.as_str() <= id) {
+            return;
+        }
+        let at = self.ids.partition_point(|x| x.as_str() < id);
+        self.ids.insert(at, id.to_owned());
+        self.ids.truncate(IdSample::MAX);
+    }
+
+    /// `keys: a, b, c` or `keys: a, …, t and 5 more`.
+    pub fn listed(&self) -> String {
+        let more = self.count.saturating_sub(self.ids.len() as u64);
+        let mut s = format!("keys: {}", self.ids.join(", "));
+        if more > 0 {
+            if self.ids.is_empty() {
+                s = format!("{more} key(s) without an id");
+            } else {
+                s.push_str(&format!(" and {more} more"));
+            }
+        }
+        s
+    }
+}
+
 /// One secret version's use (`keygate secret status`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SecretVersionUse {
@@ -280,10 +352,15 @@ pub struct SecretVersionUse {
     pub current: bool,
     /// Keys that are neither revoked nor expired.
     pub live_keys: u64,
+    /// The ids of the first [`IdSample::MAX`] of those keys, in id order (`live_keys` says
+    /// how many there are in all).
+    pub ids: Vec<String>,
     /// Latest use of any of those keys, Unix seconds (usage data).
     pub last_seen: Option<i64>,
     /// Not current and no live key uses it: its secret can be removed from the config.
     pub retirable: bool,
+    #[serde(skip)]
+    keys: IdSample,
 }
 
 impl SecretVersionUse {
@@ -293,8 +370,10 @@ impl SecretVersionUse {
             configured,
             current,
             live_keys: 0,
+            ids: Vec::new(),
             last_seen: None,
             retirable: false,
+            keys: IdSample::default(),
         }
     }
 }

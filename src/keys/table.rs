@@ -696,11 +696,12 @@ impl KeyTable {
         drop(w);
     }
 
-    /// Call `f` with every live entry (counts by secret version and state, without a record).
-    pub fn each_entry(&self, mut f: impl FnMut(&Entry)) {
+    /// Call `f` with every live entry (counts by secret version and state, without a record)
+    /// and a way to its id, formatted only when asked for.
+    pub fn each_entry(&self, mut f: impl FnMut(&Entry, &dyn Fn() -> Option<String>)) {
         let inner = self.inner.load();
         for e in inner.live() {
-            f(&e);
+            f(&e, &|| inner.id_of(&e).map(|id| id.to_string()));
         }
     }
 
