@@ -1,7 +1,7 @@
 //! Config reload: one whole-or-nothing `reload` for SIGHUP and for a changed config file.
 //! A new config is judged as at start where keys are concerned: one that drops a hash-secret
 //! version keys in the table still use is refused whole (or applied with a warning, with
-//! `keys.on_missing_secret_version = "warn"`), through the same rule (`server::judge_table`).
+//! `keys.on_missing_secret_version = "warn"`), through the same rule (`server::missing_in_table`).
 //!
 //! Why a file watch: on Kubernetes a ConfigMap update reaches the pod as a symlink swap
 //! (`keygate.toml -> ..data/keygate.toml`, `..data` renamed to a new directory), and nobody
@@ -113,11 +113,20 @@ impl ConfigFile {
     }
 }
 
-/// The rule `keygate serve` applies at start (`server::judge_table`), under the candidate's
-/// secrets and setting: a reload must not drop a secret version that keys in the table still
-/// use (they would all get 401 behind a "config reloaded"). `Err` refuses the whole reload.
+/// The rule `keygate serve` applies at start (`server::missing_in_table`), under the
+/// candidate's secrets and setting: a reload must not drop a secret version that keys in the
+/// table still use (they would all get 401 behind a "config reloaded"). `Err` refuses the
+/// whole reload. Only versions the running config has a secret for count: keys on a version
+/// it already lacks are refused today too (said when that config was applied), and refusing
+/// every later reload for them would block unrelated changes, the fix among them.
 fn secret_versions(gw: &Gateway, candidate: &Snapshot) -> Result<Vec<String>, String> {
-    crate::server::judge_table(&candidate.keys, gw, Vec::new(), crate::clock::unix_secs())
+    let running = gw.snapshot();
+    let now = crate::clock::unix_secs();
+    let dropped = crate::server::missing_in_table(&candidate.keys, gw, Vec::new(), now)
+        .dropped_from(&running.keys);
+    candidate
+        .keys
+        .judge_missing(dropped.lines())
         .map_err(|found| format!("refusing the reload: {}", found.join("; ")))
 }
 

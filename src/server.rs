@@ -348,22 +348,33 @@ fn secret_versions_of_table(gw: &Gateway) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Missing secret versions under `keys` (the running settings at start, a candidate's on a
-/// reload) among the table's keys and `more` (id, secret version, state): `Err` when
-/// `keys.on_missing_secret_version = "refuse"`, else `Ok` with the warnings.
-pub(crate) fn judge_table(
+/// Missing secret versions under `keys` among the table's keys and `more` (id, secret
+/// version, state): `Err` when `keys.on_missing_secret_version = "refuse"`, else `Ok` with
+/// the warnings.
+fn judge_table(
     keys: &crate::keys::KeySettings,
     gw: &Gateway,
     more: Vec<(String, u32, crate::keys::record::KeyState)>,
     now: i64,
 ) -> Result<Vec<String>, Vec<String>> {
+    keys.judge_missing(missing_in_table(keys, gw, more, now).lines())
+}
+
+/// The secret versions `keys` has no secret for that keys in the table (and `more`) still
+/// use: at start under the running settings, on a reload under the candidate's.
+pub(crate) fn missing_in_table<'a>(
+    keys: &'a crate::keys::KeySettings,
+    gw: &Gateway,
+    more: Vec<(String, u32, crate::keys::record::KeyState)>,
+    now: i64,
+) -> crate::keys::MissingVersions<'a> {
     let mut missing = keys.missing_versions();
     gw.table()
         .each_entry(|e, id| missing.add(e.secret_version, e.state(now), id));
     for (id, version, state) in more {
         missing.add(version, state, || Some(id));
     }
-    keys.judge_missing(missing.lines())
+    missing
 }
 
 /// The missing-secret-version check for a Redis store, over the first table (the local copy,

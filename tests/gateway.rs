@@ -1828,6 +1828,17 @@ async fn reload_refuses_to_drop_a_secret_version_in_use() {
     )
     .await;
     assert_eq!(metric(&gw, error).await, 1.0);
+    // Back to `refuse` with v1 still missing: this reload takes nothing away (the running
+    // config already lacks v1), so it is applied; only a reload that drops a version is
+    // refused, and the fix (v1 listed again) is never blocked.
+    replace_atomically(&s.config, text.replacen("[keys]\n", v2, 1).as_bytes());
+    gw.sighup();
+    wait_metric_at_least(&gw, ok, 2.0).await;
+    replace_atomically(&s.config, both.as_bytes());
+    gw.sighup();
+    wait_metric_at_least(&gw, ok, 3.0).await;
+    wait_status(&gw, "/invoices/1", &k.key, 200, "v1 listed again").await;
+    assert_eq!(metric(&gw, error).await, 1.0);
     gw.assert_not_logged(&k.key);
 }
 

@@ -288,6 +288,13 @@ impl MissingVersions<'_> {
         }
     }
 
+    /// Only the versions `running` has a secret for: what a change from `running` to these
+    /// settings takes away (a version already missing under `running` is refused there too).
+    pub fn dropped_from(mut self, running: &KeySettings) -> Self {
+        self.found.retain(|v, _| running.hasher.has_version(*v));
+        self
+    }
+
     /// One line per version found, naming it, how many keys use it and which (bounded).
     pub fn lines(self) -> Vec<String> {
         self.found
