@@ -109,13 +109,16 @@ impl Control {
         self.merged_usage()
     }
 
-    /// Fleet-wide usage: latest use anywhere, requests summed over nodes; plus what the file
-    /// held from before (a restarted control plane has no reports yet).
+    /// Fleet-wide usage: latest use anywhere, requests summed over nodes. Without gateway
+    /// reports (a restarted control plane, or gateways that follow the store file and add
+    /// their counts to the usage file themselves) the file is the view, verify's counts
+    /// included (`verify::flush` adds them there); with reports, the reports plus verify's own
+    /// counts, which then go to the file only through `report_usage`.
     pub fn merged_usage(&self) -> BTreeMap<String, Used> {
         let mut out = if self.usage_reports.is_empty() {
             crate::usage::read(&self.settings.usage_file)
         } else {
-            BTreeMap::new()
+            self.verifier.usage.snapshot()
         };
         for node in self.usage_reports.iter() {
             for (id, u) in node.value() {

@@ -5,9 +5,11 @@
 //! forensics, so a key used only through verify is never "stale", never looks idle to a
 //! rotation that completes when the old key is quiet, and shows in `keys usage`.
 //!
-//! Usage goes where gateways put theirs: Redis when configured, else this control plane's
-//! merged usage file, as the node `verify`; forensics into `<usage file>.forensics.json`,
-//! section `verify`. Both are flushed every touch interval, never per check.
+//! Usage goes where gateways put theirs, every touch interval, never per check: Redis when
+//! configured; else the usage file, added under its lock as a file-following gateway adds
+//! its counts; in a fleet (gateways reporting here) into the fleet view this control plane
+//! writes from their reports (`Control::merged_usage`). Forensics go into
+//! `<usage file>.forensics.json`, section `verify`.
 
 use super::api::{err, json_response, ApiError, Body};
 use super::Control;
@@ -30,7 +32,8 @@ pub const NODE: &str = "verify";
 pub struct Verifier {
     pub policy: LimitPolicy,
     pub limiter: Limiter,
-    usage: Usage,
+    /// Verify's own counts, cumulative since this control plane started.
+    pub usage: Usage,
     forensics: Forensics,
     touch_interval: Duration,
 }
@@ -203,23 +206,28 @@ pub async fn flush_every_touch(c: Arc<Control>) {
 
 async fn flush(c: &Arc<Control>) {
     let v = &c.verifier;
-    let deltas = v.usage.take_pending();
-    if !deltas.is_empty() {
-        match &c.redis {
-            Some(client) => {
+    match &c.redis {
+        Some(client) => {
+            let deltas = v.usage.take_pending();
+            if !deltas.is_empty() {
                 if let Err(e) = crate::redis::usage::add(client, &deltas).await {
                     v.usage.restore(deltas);
                     tracing::warn!(error = %e, "verify usage flush to redis failed; will retry");
                 }
             }
-            None => {
-                let c = c.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    c.report_usage(NODE.to_owned(), c.verifier.usage.snapshot())
-                })
-                .await;
+        }
+        // Beside gateways that follow the store file, the usage file is where every node adds
+        // its counts, under its lock. With gateways reporting here this control plane writes
+        // the file whole from their reports, and `merged_usage` adds verify's counts to them:
+        // adding them to the file as well would count them twice.
+        None if c.usage_reports.is_empty() => {
+            let c = c.clone();
+            let flushed = tokio::task::spawn_blocking(move || c.verifier.usage.flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "verify usage flush failed; will retry");
             }
         }
+        None => {}
     }
     let c = c.clone();
     let flushed = tokio::task::spawn_blocking(move || c.verifier.forensics.flush()).await;
