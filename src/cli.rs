@@ -296,19 +296,15 @@ pub fn run_secret(config: &Config, cmd: SecretCommand) -> Result<(), Failure> {
                         &r.version.to_string(),
                         if r.configured { "yes" } else { "NO" },
                         if r.current { "yes" } else { "no" },
-                        &r.live_keys.to_string(),
+                        &r.keys.count.to_string(),
                         &fmt_time(r.last_seen),
                         if r.retirable { "yes" } else { "no" },
                     ],
                 ));
                 // Which keys hold the version (ids only, bounded): what to rotate or revoke
                 // before it can retire.
-                if !r.current && !r.ids.is_empty() {
-                    let sample = crate::keys::IdSample {
-                        count: r.live_keys,
-                        ids: r.ids.clone(),
-                    };
-                    text.push_str(&format!("  {}\n", sample.listed()));
+                if !r.current && !r.keys.ids.is_empty() {
+                    text.push_str(&format!("  {}\n", r.keys.listed()));
                 }
             }
             out(text.trim_end())

@@ -461,8 +461,7 @@ impl GatewayError {
                 }
             }
             GatewayError::RateLimited(v) | GatewayError::QuotaExceeded(v) => {
-                v.headers(h);
-                h.insert(RETRY_AFTER, HeaderValue::from(v.reset_secs.max(1)));
+                v.refusal_headers(h);
             }
             GatewayError::AuthBudgetExceeded { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from((*retry_after_secs).max(1)));

@@ -127,10 +127,7 @@ impl Gateway {
             let client = crate::redis::Client::new(settings, metrics.redis_metrics());
             crate::redis::lease::Fleet::new(
                 client,
-                crate::redis::lease::LeaseTuning {
-                    window: Duration::from_millis(limits.lease_window_ms),
-                    max: limits.lease_max,
-                },
+                crate::redis::lease::LeaseTuning::from_config(limits),
             )
         });
         let limiter = Limiter::new(fleet, metrics.limiter_fallback.clone());

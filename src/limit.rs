@@ -24,7 +24,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -137,6 +137,13 @@ impl Verdict {
         if let Ok(p) = HeaderValue::from_bytes(&policy[..n]) {
             h.insert(RATELIMIT_POLICY.clone(), p);
         }
+    }
+
+    /// A refusal's headers (a 429 from a gateway or from verify): the `RateLimit-*` above
+    /// and `Retry-After`, at least a second.
+    pub fn refusal_headers(&self, h: &mut HeaderMap) {
+        self.headers(h);
+        h.insert(RETRY_AFTER, HeaderValue::from(self.reset_secs.max(1)));
     }
 }
 

@@ -935,12 +935,7 @@ async fn flush_usage(gw: &Arc<Gateway>) {
         .await;
     }
     if let Some(f) = gw.limiter.fleet() {
-        let deltas = gw.usage.take_pending();
-        if deltas.is_empty() {
-            return;
-        }
-        if let Err(e) = crate::redis::usage::add(f.client(), &deltas).await {
-            gw.usage.restore(deltas);
+        if let Err(e) = crate::redis::usage::flush(f.client(), &gw.usage).await {
             tracing::warn!(error = %e, "usage flush to redis failed; will retry");
         }
         return;

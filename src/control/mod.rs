@@ -248,13 +248,8 @@ pub async fn start(
     // Redis with `[limits] backend = "redis"` (the client built above, shared).
     let policy = crate::snapshot::LimitPolicy::from_config(&config, redis.is_some())?;
     let fleet = redis.clone().map(|client| {
-        crate::redis::lease::Fleet::new(
-            client,
-            crate::redis::lease::LeaseTuning {
-                window: Duration::from_millis(config.limits.lease_window_ms),
-                max: config.limits.lease_max,
-            },
-        )
+        let tuning = crate::redis::lease::LeaseTuning::from_config(&config.limits);
+        crate::redis::lease::Fleet::new(client, tuning)
     });
     let verifier = verify::Verifier::new(
         policy,

@@ -19,13 +19,13 @@ use crate::keys::table::AuthError;
 use crate::limit::{Limiter, Refused};
 use crate::snapshot::LimitPolicy;
 use crate::usage::Usage;
-use http::{HeaderValue, Response, StatusCode};
+use http::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The node name verify's usage and forensics are kept under.
+/// The section verify's forensics are kept under in the forensics file.
 pub const NODE: &str = "verify";
 
 /// What verify charges keys against and records their checks in.
@@ -120,17 +120,7 @@ pub async fn verify(
     c.metrics.verify.with_label_values(&[code]).inc();
     record(c, &key, caller, StatusCode::TOO_MANY_REQUESTS, false, now);
     let mut r = super::api::problem(&err(StatusCode::TOO_MANY_REQUESTS, code, detail));
-    let h = r.headers_mut();
-    for (name, value) in [
-        ("retry-after", refused.reset_secs.to_string()),
-        ("ratelimit-limit", refused.limit.to_string()),
-        ("ratelimit-remaining", "0".to_owned()),
-        ("ratelimit-reset", refused.reset_secs.to_string()),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            h.insert(name, value);
-        }
-    }
+    refused.refusal_headers(r.headers_mut());
     Ok(r)
 }
 
@@ -192,9 +182,8 @@ async fn canary_alarm(c: &Arc<Control>, r: KeyView) {
     }
 }
 
-/// Every touch interval: verify's usage to Redis (as gateways add theirs) or into the merged
-/// usage file as node `verify`, its forensics into the forensics file. A failed flush keeps
-/// its counts for the next one.
+/// Every touch interval: verify's usage where gateways put theirs (see the module docs), its
+/// forensics into the forensics file. A failed flush keeps its counts for the next one.
 pub async fn flush_every_touch(c: Arc<Control>) {
     let mut tick = tokio::time::interval(c.verifier.touch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -208,12 +197,8 @@ async fn flush(c: &Arc<Control>) {
     let v = &c.verifier;
     match &c.redis {
         Some(client) => {
-            let deltas = v.usage.take_pending();
-            if !deltas.is_empty() {
-                if let Err(e) = crate::redis::usage::add(client, &deltas).await {
-                    v.usage.restore(deltas);
-                    tracing::warn!(error = %e, "verify usage flush to redis failed; will retry");
-                }
+            if let Err(e) = crate::redis::usage::flush(client, &v.usage).await {
+                tracing::warn!(error = %e, "verify usage flush to redis failed; will retry");
             }
         }
         // Beside gateways that follow the store file, the usage file is where every node adds

@@ -171,9 +171,7 @@ impl KeySettings {
         by_version
             .into_values()
             .map(|mut u| {
-                u.live_keys = u.keys.count;
-                u.ids = std::mem::take(&mut u.keys.ids);
-                u.retirable = !u.current && u.live_keys == 0;
+                u.retirable = !u.current && u.keys.count == 0;
                 u
             })
             .collect()
@@ -313,8 +311,10 @@ impl MissingVersions<'_> {
 
 /// How many keys, and the ids of the first [`IdSample::MAX`] of them in id order: enough to
 /// act on, bounded however many keys there are. Ids only, never a key or a digest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IdSample {
+    /// Named for `keygate secret status --json`, the one place it is printed as JSON.
+    #[serde(rename = "live_keys")]
     pub count: u64,
     /// Sorted, at most [`IdSample::MAX`].
     pub ids: Vec<String>,
@@ -357,17 +357,14 @@ pub struct SecretVersionUse {
     pub configured: bool,
     /// New keys are digested under it.
     pub current: bool,
-    /// Keys that are neither revoked nor expired.
-    pub live_keys: u64,
-    /// The ids of the first [`IdSample::MAX`] of those keys, in id order (`live_keys` says
-    /// how many there are in all).
-    pub ids: Vec<String>,
+    /// Keys that are neither revoked nor expired: `live_keys` (how many) and `ids` (the first
+    /// [`IdSample::MAX`], in id order).
+    #[serde(flatten)]
+    pub keys: IdSample,
     /// Latest use of any of those keys, Unix seconds (usage data).
     pub last_seen: Option<i64>,
     /// Not current and no live key uses it: its secret can be removed from the config.
     pub retirable: bool,
-    #[serde(skip)]
-    keys: IdSample,
 }
 
 impl SecretVersionUse {
@@ -376,11 +373,9 @@ impl SecretVersionUse {
             version,
             configured,
             current,
-            live_keys: 0,
-            ids: Vec::new(),
+            keys: IdSample::default(),
             last_seen: None,
             retirable: false,
-            keys: IdSample::default(),
         }
     }
 }

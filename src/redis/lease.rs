@@ -132,6 +132,16 @@ pub struct LeaseTuning {
     pub max: u32,
 }
 
+impl LeaseTuning {
+    /// `[limits] lease_window_ms` and `lease_max`.
+    pub fn from_config(l: &crate::config::LimitsConfig) -> LeaseTuning {
+        LeaseTuning {
+            window: Duration::from_millis(l.lease_window_ms),
+            max: l.lease_max,
+        }
+    }
+}
+
 type Entry = Arc<AsyncMutex<Lease>>;
 
 /// How many lease windows a lease may be held at least (see the module docs).
