@@ -34,6 +34,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The gateway's allocator (`src/main.rs`), so the in-process auth decision runs on the same
+/// memory layout as in the gateway.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type Fail = Box<dyn std::error::Error>;
 
 const SECRET: &str = "c2NhbGUtZXhhbXBsZS1zZWNyZXQtMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3";

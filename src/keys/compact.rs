@@ -17,7 +17,7 @@
 //!   before any index points at it (the last word, which carries a written bit, with Release)
 //!   and read after the index load (that word first, with Acquire): no lock, no `OnceLock`
 //!   state, no pointer, and no torn read, since a cell never changes once published.
-//! - **`Slab`**: append-only chunks of cells. A new version of a key is a new cell (the old
+//! - **`Slab`**: append-only chunks of cells, each chunk one huge page (`keys::pages`). A new version of a key is a new cell (the old
 //!   one becomes garbage that the table's rebuild drops), so a reader sees one version whole,
 //!   never a mix.
 //! - **`Index`**: open addressing over atomic 64-bit slots (a 32-bit tag of the hash and the
@@ -33,9 +33,11 @@ use crate::keys::record::{state_at, KeyRecord, KeyState};
 use ipnet::IpNet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use zerocopy::{FromBytes, IntoBytes, KnownLayout};
 
-/// Cells per slab chunk: big enough that the chunk list stays short, small enough that the
-/// last, partly used chunk costs little.
+/// Values per chunk of the interned slabs (owners, profiles, strings): big enough that the
+/// chunk list stays short, small enough that the last, partly used chunk costs little. (The
+/// entry slab's chunks are `SLAB_CHUNK`.)
 pub const CHUNK: usize = 4096;
 
 /// What many keys share, interned once per distinct value (the owner is not here: see the
@@ -286,7 +288,11 @@ const WRITTEN: u64 = 1 << 63;
 /// One key version in a slab: an `Entry` as 11 atomic words (see the module header).
 /// Words 0-3: digest; 4-5: id; 6: not_before, expires_at; 7: revoked_at, created_at;
 /// 8: lineage, owner; 9: profile, secret_version; 10: rev (40 bits), flags, written.
-#[derive(Debug, Default)]
+///
+/// `repr(transparent)` and the zerocopy traits let a slab chunk be a zeroed mapping viewed as
+/// cells (`keys::pages`): all-zero words are an unwritten cell.
+#[derive(Debug, Default, FromBytes, IntoBytes, KnownLayout)]
+#[repr(transparent)]
 pub struct Cell([AtomicU64; CELL_WORDS]);
 
 fn pair(lo: u32, hi: u32) -> u64 {
@@ -609,17 +615,28 @@ pub fn cell<T>(chunks: &[Chunk<T>], i: u32) -> Option<&T> {
     chunks.get(i / CHUNK)?.get(i % CHUNK)?.get()
 }
 
-/// A chunk of the entry slab (`Cell`s, shared like `Chunk`).
-pub type Cells = Arc<[Cell]>;
+/// Cells per chunk of the entry slab: as many as fill one huge page (`keys::pages`), so every
+/// chunk after the first sits on one.
+pub const SLAB_CHUNK: usize = crate::keys::pages::HUGE_PAGE / std::mem::size_of::<Cell>();
 
-pub fn new_cells() -> Cells {
-    (0..CHUNK).map(|_| Cell::default()).collect()
+/// A chunk of the entry slab (`Cell`s in their own mapping, shared like `Chunk`).
+pub type Cells = Arc<crate::keys::pages::CellPage>;
+
+/// Chunk `nth` of a slab: the first on small pages (a small table stays small), the rest on
+/// a huge page each.
+pub fn new_cells(nth: usize) -> Cells {
+    Arc::new(crate::keys::pages::cells(SLAB_CHUNK, nth > 0))
+}
+
+/// Where slab slot `i` lives: (chunk, cell in the chunk).
+pub fn slab_at(i: usize) -> (usize, usize) {
+    (i / SLAB_CHUNK, i % SLAB_CHUNK)
 }
 
 /// The cell `i` of `chunks` (written or not: `Cell::read` says).
 pub fn slab_cell(chunks: &[Cells], i: u32) -> Option<&Cell> {
-    let i = i as usize;
-    chunks.get(i / CHUNK)?.get(i % CHUNK)
+    let (chunk, at) = slab_at(i as usize);
+    chunks.get(chunk)?.get(at)
 }
 
 const EMPTY: u64 = 0;
@@ -629,7 +646,7 @@ const TOMB: u64 = 1;
 /// 0 is empty, 1 a removed slot that probes pass over.
 #[derive(Debug)]
 pub struct Index {
-    slots: Box<[AtomicU64]>,
+    slots: crate::keys::pages::Slots,
 }
 
 /// Most slots in use (including removed ones) before the writer rebuilds: 85%.
@@ -641,8 +658,9 @@ impl Index {
     /// An index for `n` keys at 80% load (and never fewer than 64 slots).
     pub fn for_keys(n: usize) -> Index {
         let cap = (n + n / 4).max(64);
+        // EMPTY is 0: the zeroed mapping is an empty index.
         Index {
-            slots: (0..cap).map(|_| AtomicU64::new(EMPTY)).collect(),
+            slots: crate::keys::pages::slots(cap),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod format;
 pub mod gauges;
 pub mod lookup;
 pub mod ops;
+pub mod pages;
 pub mod policy;
 pub mod record;
 pub mod redigest;

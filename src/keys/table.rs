@@ -17,9 +17,9 @@
 //! rotation rules.
 
 use crate::keys::compact::{
-    cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_cells, new_chunk, slab_cell,
-    Cells, Chunk, Entry, Index, Interned, KeyId, KeyView, Name, Profile, Validity, CANARY, CHUNK,
-    ID_INTERNED, IMPORTED, MAX_REV, PUBLISHABLE, ROTATION_CLOSED,
+    cell, digest_hash, id_bytes, id_hash, id_string, index_full, new_cells, new_chunk, slab_at,
+    slab_cell, Cells, Chunk, Entry, Index, Interned, KeyId, KeyView, Name, Profile, Validity,
+    CANARY, CHUNK, ID_INTERNED, IMPORTED, MAX_REV, PUBLISHABLE, ROTATION_CLOSED, SLAB_CHUNK,
 };
 use crate::keys::digest::{Digest, Hasher};
 use crate::keys::format::{FormatError, KeyFormat, MAX_KEY_LEN};
@@ -113,7 +113,7 @@ struct Stale;
 impl Inner {
     fn sized(n: usize) -> Inner {
         Inner {
-            entries: Vec::with_capacity(n / CHUNK + 1),
+            entries: Vec::with_capacity(n / SLAB_CHUNK + 1),
             profiles: Vec::new(),
             owners: Vec::new(),
             strings: Vec::new(),
@@ -124,6 +124,18 @@ impl Inner {
 
     fn entry(&self, slot: u32) -> Option<Entry> {
         slab_cell(&self.entries, slot)?.read()
+    }
+
+    /// Write slot `slot` of a state being built aside (no reader sees it yet), the slots in
+    /// order: a chunk is added when the slot starts one.
+    fn write_entry(&mut self, slot: usize, e: &Entry) {
+        let (chunk, at) = slab_at(slot);
+        if chunk == self.entries.len() {
+            self.entries.push(new_cells(chunk));
+        }
+        if let Some(c) = self.entries.get(chunk) {
+            c[at].write(e);
+        }
     }
 
     fn string(&self, n: u32) -> Option<Arc<str>> {
@@ -483,11 +495,11 @@ impl KeyTable {
 
     /// Write slab cell `n`, adding a chunk (a new inner state) when it is full.
     fn push_entry(&self, n: u32, e: &Entry) {
-        let (chunk, at) = (n as usize / CHUNK, n as usize % CHUNK);
+        let (chunk, at) = slab_at(n as usize);
         let mut inner = self.inner.load_full();
         if chunk >= inner.entries.len() {
             let mut next = (*inner).clone();
-            next.entries.push(new_cells());
+            next.entries.push(new_cells(chunk));
             inner = Arc::new(next);
             self.inner.store(inner.clone());
         }
@@ -631,7 +643,7 @@ impl KeyTable {
         let n = entries.len();
         let room = n + n / 2 + 64;
         let mut next = Inner {
-            entries: Vec::with_capacity(n / CHUNK + 1),
+            entries: Vec::with_capacity(n / SLAB_CHUNK + 1),
             profiles: inner.profiles.clone(),
             owners: inner.owners.clone(),
             strings: inner.strings.clone(),
@@ -639,15 +651,10 @@ impl KeyTable {
             by_id: Arc::new(Index::for_keys(room)),
         };
         for (slot, e) in entries.iter().enumerate() {
-            if slot % CHUNK == 0 {
-                next.entries.push(new_cells());
-            }
             let slot32 = slot as u32;
             next.by_digest.insert(digest_hash(&e.digest), slot32);
             next.by_id.insert(next.id_hash_of(e), slot32);
-            if let Some(c) = next.entries.last() {
-                c[slot % CHUNK].write(e);
-            }
+            next.write_entry(slot, e);
         }
         self.inner.store(Arc::new(next));
         w.next_entry = n as u32;
@@ -748,15 +755,10 @@ impl KeyTable {
             if past {
                 return Err(format!("entry {slot} refers past the interned values"));
             }
-            if slot % CHUNK == 0 {
-                next.entries.push(new_cells());
-            }
             next.by_digest.insert(digest_hash(&e.digest), slot as u32);
             next.by_id.insert(next.id_hash_of(&e), slot as u32);
             imported += usize::from(e.has(IMPORTED));
-            if let Some(c) = next.entries.last() {
-                c[slot % CHUNK].write(&e);
-            }
+            next.write_entry(slot, &e);
         }
         w.next_entry = n as u32;
         w.digest_used = n;
