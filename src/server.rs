@@ -632,6 +632,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             stop.clone(),
         );
         let sniff = Duration::from_millis(header_ms);
+        let accepted_at = std::time::Instant::now();
         tokio::spawn(async move {
             let _guard = guard;
             open.inc();
@@ -684,7 +685,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
                 }
                 None => match crate::keepalive::is_http1(&stream, sniff).await {
                     // Plain HTTP/1: served in cycles that give hyper's buffers back while
-                    // the connection idles (`keepalive`).
+                    // the connection idles (`keepalive`); boxed like the TLS arm.
                     Some(true) => {
                         Box::pin(crate::keepalive::serve(
                             stream,
@@ -698,7 +699,9 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
                         .await
                     }
                     Some(false) => {
-                        let io = SniffDeadline::new(stream, sniff);
+                        // What is left of the sniffing time the peek used.
+                        let left = sniff.saturating_sub(accepted_at.elapsed());
+                        let io = SniffDeadline::new(stream, left);
                         drive(
                             Box::pin(builder.serve_connection(TokioIo::new(io), service)),
                             conn_stop,
@@ -786,35 +789,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffDeadline<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+crate::keepalive::forward_write!([T: AsyncWrite + Unpin] SniffDeadline<T>, inner);
 
 /// Serve one connection; on shutdown ask it to finish gracefully (HTTP/1: close after the
 /// in-flight response; HTTP/2: GOAWAY) and wait for that.

@@ -874,7 +874,7 @@ async fn released(env: &Env) -> u64 {
 /// connection, a request, a pipelined pair and a head over `max_header_bytes` (431) are
 /// answered as on a fresh connection.
 #[tokio::test]
-async fn e2_idle_keep_alive_connections_release_their_buffers_and_keep_serving() {
+async fn idle_keep_alive_connections_release_their_buffers_and_keep_serving() {
     let env = start_with("header_read_timeout_ms = 20000", ROUTES).await;
     let k = env.key.clone();
     let one = RawOpts {
