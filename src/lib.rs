@@ -34,6 +34,7 @@ pub mod gateway;
 pub mod governance;
 pub mod health;
 pub mod hygiene;
+pub mod keepalive;
 pub mod keys;
 pub mod limit;
 pub mod locate;

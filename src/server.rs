@@ -104,15 +104,23 @@ impl Drop for ConnGuard {
     }
 }
 
+/// hyper's HTTP/1 limits, the same for the `auto` builder (TLS, and plain connections that
+/// start like HTTP/2) and the plain HTTP/1 builder (`keepalive`): one list, two builder types
+/// with the same methods and no shared trait.
+macro_rules! http1_limits {
+    ($b:expr, $s:expr) => {
+        $b.timer(crate::deadline::HyperTimer)
+            // Without a timer hyper's header timeout is off; this is what stops slowloris (E1).
+            .header_read_timeout(Duration::from_millis($s.header_read_timeout_ms))
+            .max_buf_size($s.max_header_bytes)
+            .max_headers($s.max_headers)
+            .keep_alive(true)
+    };
+}
+
 fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(crate::deadline::HyperTimer)
-        // Without a timer hyper's header timeout is off; this is what stops slowloris (E1).
-        .header_read_timeout(Duration::from_millis(s.header_read_timeout_ms))
-        .max_buf_size(s.max_header_bytes)
-        .max_headers(s.max_headers)
-        .keep_alive(true);
+    http1_limits!(b.http1(), s);
     b.http2()
         .timer(crate::deadline::HyperTimer)
         .max_concurrent_streams(s.h2_max_concurrent_streams)
@@ -123,6 +131,13 @@ fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor>
         .initial_connection_window_size(1024 * 1024)
         .keep_alive_interval(Duration::from_millis(s.keepalive_idle_ms))
         .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// The builder of plain HTTP/1 connections served in cycles (`keepalive`).
+fn http1_builder(s: &crate::config::ServerConfig) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    http1_limits!(b, s);
     b
 }
 
@@ -164,10 +179,12 @@ async fn bind_shared(addr: &str, n: usize) -> Result<Vec<std::net::TcpListener>,
 struct Plane {
     gw: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    h1: Arc<hyper::server::conn::http1::Builder>,
     caps: Arc<ConnCaps>,
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
     header_ms: u64,
+    max_head: usize,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -194,17 +211,7 @@ fn spawn_worker(
                 for (l, tls) in listeners {
                     match TcpListener::from_std(l) {
                         Ok(l) => {
-                            let p = plane.clone();
-                            loops.spawn(accept_loop(
-                                l,
-                                tls,
-                                p.gw,
-                                p.builder,
-                                p.caps,
-                                p.stop,
-                                p.handshake_ms,
-                                p.header_ms,
-                            ));
+                            loops.spawn(accept_loop(l, tls, plane.clone()));
                         }
                         Err(e) => tracing::error!(error = %e, worker = i, "listener not adopted"),
                     }
@@ -465,6 +472,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
 
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));
+    let h1 = Arc::new(http1_builder(&server_cfg));
     let caps = Arc::new(ConnCaps {
         total: AtomicUsize::new(0),
         per_ip: DashMap::new(),
@@ -524,10 +532,12 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let plane = Plane {
         gw: gw.clone(),
         builder,
+        h1,
         caps,
         stop: rx.clone(),
         handshake_ms: server_cfg.tls_handshake_timeout_ms,
         header_ms: server_cfg.header_read_timeout_ms,
+        max_head: server_cfg.max_header_bytes,
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
     for (i, l) in main.into_iter().enumerate() {
@@ -571,17 +581,17 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     ))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    gw: Arc<Gateway>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    caps: Arc<ConnCaps>,
-    mut stop: watch::Receiver<bool>,
-    handshake_ms: u64,
-    header_ms: u64,
-) {
+async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, plane: Plane) {
+    let Plane {
+        gw,
+        builder,
+        h1,
+        caps,
+        mut stop,
+        handshake_ms,
+        header_ms,
+        max_head,
+    } = plane;
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
         .metrics
@@ -613,14 +623,16 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (gw, builder, tls, open, conn_stop) = (
+        let (gw, builder, h1, tls, open, conn_stop) = (
             gw.clone(),
             builder.clone(),
+            h1.clone(),
             tls.clone(),
             open.clone(),
             stop.clone(),
         );
         let sniff = Duration::from_millis(header_ms);
+        let accepted_at = std::time::Instant::now();
         tokio::spawn(async move {
             let _guard = guard;
             open.inc();
@@ -671,14 +683,33 @@ async fn accept_loop(
                     })
                     .await
                 }
-                None => {
-                    let io = SniffDeadline::new(stream, sniff);
-                    drive(
-                        Box::pin(builder.serve_connection(TokioIo::new(io), service)),
-                        conn_stop,
-                    )
-                    .await
-                }
+                None => match crate::keepalive::is_http1(&stream, sniff).await {
+                    // Plain HTTP/1: served in cycles that give hyper's buffers back while
+                    // the connection idles (`keepalive`); boxed like the TLS arm.
+                    Some(true) => {
+                        Box::pin(crate::keepalive::serve(
+                            stream,
+                            service,
+                            &h1,
+                            max_head,
+                            sniff,
+                            gw.metrics.connections_released.clone(),
+                            conn_stop,
+                        ))
+                        .await
+                    }
+                    Some(false) => {
+                        // What is left of the sniffing time the peek used.
+                        let left = sniff.saturating_sub(accepted_at.elapsed());
+                        let io = SniffDeadline::new(stream, left);
+                        drive(
+                            Box::pin(builder.serve_connection(TokioIo::new(io), service)),
+                            conn_stop,
+                        )
+                        .await
+                    }
+                    None => {}
+                },
             }
             open.dec();
         });
@@ -686,7 +717,7 @@ async fn accept_loop(
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bounds the protocol-sniffing phase of a connection (THREATS E1). hyper-util's `auto`
 /// builder reads the first bytes to choose HTTP/1 or HTTP/2 with no timeout of its own, and
@@ -758,35 +789,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffDeadline<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+crate::keepalive::forward_write!([T: AsyncWrite + Unpin] SniffDeadline<T>, inner);
 
 /// Serve one connection; on shutdown ask it to finish gracefully (HTTP/1: close after the
 /// in-flight response; HTTP/2: GOAWAY) and wait for that.

@@ -859,6 +859,92 @@ async fn e1_slowloris_is_cut_at_the_header_timeout() {
     );
 }
 
+/// The value of the counter `keygate_connections_released_total`.
+async fn released(env: &Env) -> u64 {
+    let (_, _, m) = get(env.gw.admin, "/metrics", &[]).await;
+    String::from_utf8_lossy(&m)
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_connections_released_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Idle plain HTTP/1 keep-alive connections give hyper's buffers back between requests
+/// (`src/keepalive.rs`) and go on serving as before: after each release, on the same
+/// connection, a request, a pipelined pair and a head over `max_header_bytes` (431) are
+/// answered as on a fresh connection.
+#[tokio::test]
+async fn idle_keep_alive_connections_release_their_buffers_and_keep_serving() {
+    let env = start_with("header_read_timeout_ms = 20000", ROUTES).await;
+    let k = env.key.clone();
+    let one = RawOpts {
+        stop_after: Some(1),
+        ..RawOpts::default()
+    };
+    let mut s = connect(None, env.gw.http, EXCHANGE).await;
+    let out = exchange_on(
+        &mut s,
+        get_req("/v1/public/e2a", Some(&k), "").as_bytes(),
+        &one,
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{}", out.text());
+    let mut seen = 0;
+    for round in 1..=2u64 {
+        eventually_named("an idle connection released", EXCHANGE, || async {
+            (released(&env).await >= round).then_some(())
+        })
+        .await;
+        seen = released(&env).await;
+        // One request, then a pipelined pair in one write.
+        let out = exchange_on(
+            &mut s,
+            get_req("/v1/public/e2b", Some(&k), "").as_bytes(),
+            &one,
+        )
+        .await;
+        assert_eq!(statuses(&out), [200], "round {round}: {}", out.text());
+        assert!(!out.closed());
+        let pair = format!(
+            "{}{}",
+            get_req("/v1/public/e2c", Some(&k), ""),
+            get_req("/v1/public/e2d", Some(&k), "")
+        );
+        let two = RawOpts {
+            stop_after: Some(2),
+            ..RawOpts::default()
+        };
+        let out = exchange_on(&mut s, pair.as_bytes(), &two).await;
+        assert_eq!(statuses(&out), [200, 200], "round {round}: {}", out.text());
+    }
+    assert!(seen >= 2);
+    // A released connection's next head is held to the limit too (64 KiB by default).
+    eventually_named("released again", EXCHANGE, || async {
+        (released(&env).await > seen).then_some(())
+    })
+    .await;
+    let big = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
+    let out = exchange_on(
+        &mut s,
+        get_req("/v1/public/e2e", Some(&k), &big).as_bytes(),
+        &RawOpts::default(),
+    )
+    .await;
+    assert_eq!(statuses(&out), [431], "{}", out.text());
+    assert!(out.closed());
+    let paths = env.paths();
+    for p in [
+        "/v1/public/e2a",
+        "/v1/public/e2b",
+        "/v1/public/e2c",
+        "/v1/public/e2d",
+    ] {
+        assert!(paths.iter().any(|x| x == p), "{p} not forwarded: {paths:?}");
+    }
+    assert!(!paths.iter().any(|x| x == "/v1/public/e2e"), "{paths:?}");
+    env.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn e6_per_ip_connection_cap() {
     // Idle connections must outlive the test's checks: use a long header timeout here.
