@@ -41,8 +41,9 @@ use tokio::net::TcpStream;
 
 /// How long a connection idles between requests before hyper's state is dropped: long
 /// enough that a busy connection (the next request within milliseconds) keeps its hyper
-/// connection and pays nothing, short against keep-alive idle times.
-pub const RELEASE_AFTER: Duration = Duration::from_millis(200);
+/// connection and pays nothing, short against keep-alive idle times (and the shorter, the
+/// fewer hyper states are alive at once when many connections go idle together).
+pub const RELEASE_AFTER: Duration = Duration::from_millis(50);
 
 /// What one cycle has seen, shared by the socket wrapper and the service wrapper.
 #[derive(Debug, Default)]
@@ -398,7 +399,9 @@ pub async fn serve<S, B>(
     let mut prefix = Bytes::new();
     loop {
         let io = Cycled::new(stream, max_head, prefix, cycle.clone());
-        let mut conn = h1.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        // Boxed: this future lives as long as the connection, idle or not, and hyper's
+        // connection (~1 KiB inline) would otherwise keep its place in it while idle.
+        let mut conn = Box::new(h1.serve_connection(hyper_util::rt::TokioIo::new(io), service));
         let done = if *stop.borrow() {
             None
         } else {
@@ -411,19 +414,17 @@ pub async fn serve<S, B>(
             Some(Ok(())) => {}
             Some(Err(_)) => return,
             None => {
-                Pin::new(&mut conn).graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
                 let _ = conn.await;
                 return;
             }
         }
-        let parts = conn.into_parts();
-        let io = parts.io.into_inner();
-        if !io.released {
+        match release(conn.into_parts()) {
+            Some(kept) => (stream, prefix, service) = kept,
             // The client closed its side: dropping the socket closes ours.
-            return;
+            None => return,
         }
         released.inc();
-        (stream, prefix, service) = (io.stream, parts.read_buf, parts.service);
         let next = tokio::select! {
             r = crate::deadline::timeout(idle.saturating_sub(RELEASE_AFTER), stream.readable()) => {
                 matches!(r, Ok(Ok(())))
@@ -434,6 +435,25 @@ pub async fn serve<S, B>(
             return;
         }
     }
+}
+
+/// What an idle connection keeps of a finished cycle: the socket, a copy of any bytes hyper
+/// had read past the last request (normally none) and the service; `None` when the cycle
+/// ended because the client closed. Everything else of hyper's connection is dropped on
+/// return, its read buffer too: `read_buf` is a view of it, so keeping that view (or any
+/// part of `parts`) through the idle wait would keep the buffer's touched pages (measured:
+/// 4.2 KiB per idle connection).
+fn release<S>(
+    parts: hyper::server::conn::http1::Parts<hyper_util::rt::TokioIo<Cycled>, S>,
+) -> Option<(TcpStream, Bytes, S)> {
+    let io = parts.io.into_inner();
+    io.released.then(|| {
+        (
+            io.stream,
+            Bytes::copy_from_slice(&parts.read_buf),
+            parts.service,
+        )
+    })
 }
 
 #[cfg(test)]
