@@ -1,6 +1,7 @@
 //! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
 //! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
-//! and HTTP/2 on one listener with edge-safe limits, background upkeep (store follower,
+//! and HTTP/2 on one listener with edge-safe limits (plain HTTP/1 served in keep-alive cycles
+//! that give hyper's buffers back while idle: `keepalive`), background upkeep (store follower,
 //! usage flush, bucket cleanup, denial summaries), reload on SIGHUP and on a config file change
 //! (`reload`), and on SIGTERM/SIGINT a
 //! lame-duck delay (`/readyz` 503, still accepting) followed by the drain.
