@@ -17,9 +17,9 @@
 //!   before any index points at it (the last word, which carries a written bit, with Release)
 //!   and read after the index load (that word first, with Acquire): no lock, no `OnceLock`
 //!   state, no pointer, and no torn read, since a cell never changes once published.
-//! - **`Slab`**: append-only chunks of cells, each chunk one huge page (`keys::pages`). A new version of a key is a new cell (the old
-//!   one becomes garbage that the table's rebuild drops), so a reader sees one version whole,
-//!   never a mix.
+//! - **`Slab`**: append-only chunks of cells, each chunk one huge page (`keys::pages`). A new
+//!   version of a key is a new cell (the old one becomes garbage that the table's rebuild
+//!   drops), so a reader sees one version whole, never a mix.
 //! - **`Index`**: open addressing over atomic 64-bit slots (a 32-bit tag of the hash and the
 //!   slot number), sized to the key count, not a power of two. Readers probe with atomic
 //!   loads; the one writer (the table's writer lock) stores whole slots.

@@ -126,9 +126,13 @@ impl Inner {
         slab_cell(&self.entries, slot)?.read()
     }
 
-    /// Write slot `slot` of a state being built aside (no reader sees it yet), the slots in
-    /// order: a chunk is added when the slot starts one.
-    fn write_entry(&mut self, slot: usize, e: &Entry) {
+    /// Place `e` in slot `slot` of a state being built aside (no reader sees it yet), the
+    /// slots in order: indexed by digest and by id, and written to its cell (a chunk is added
+    /// when the slot starts one).
+    fn place(&mut self, slot: usize, e: &Entry) {
+        let slot32 = slot as u32;
+        self.by_digest.insert(digest_hash(&e.digest), slot32);
+        self.by_id.insert(self.id_hash_of(e), slot32);
         let (chunk, at) = slab_at(slot);
         if chunk == self.entries.len() {
             self.entries.push(new_cells(chunk));
@@ -651,10 +655,7 @@ impl KeyTable {
             by_id: Arc::new(Index::for_keys(room)),
         };
         for (slot, e) in entries.iter().enumerate() {
-            let slot32 = slot as u32;
-            next.by_digest.insert(digest_hash(&e.digest), slot32);
-            next.by_id.insert(next.id_hash_of(e), slot32);
-            next.write_entry(slot, e);
+            next.place(slot, e);
         }
         self.inner.store(Arc::new(next));
         w.next_entry = n as u32;
@@ -755,10 +756,8 @@ impl KeyTable {
             if past {
                 return Err(format!("entry {slot} refers past the interned values"));
             }
-            next.by_digest.insert(digest_hash(&e.digest), slot as u32);
-            next.by_id.insert(next.id_hash_of(&e), slot as u32);
             imported += usize::from(e.has(IMPORTED));
-            next.write_entry(slot, &e);
+            next.place(slot, &e);
         }
         w.next_entry = n as u32;
         w.digest_used = n;
