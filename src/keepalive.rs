@@ -13,24 +13,25 @@
 //!
 //! When the end of input is safe to report (`Cycle::releasable`): hyper must be between
 //! messages with nothing of a next one buffered, or it would answer a half-read request with
-//! an error. Three facts make it so:
-//! - every request of the cycle came without a body (hyper reads a body while its request is
-//!   in flight; a cycle that had one is never released and runs as before);
+//! an error. Two facts make it so:
 //! - every response of the cycle has ended (its body returned its end, `Tracked`): hyper
 //!   reads for the next head only after that, never mid-message with no body to read;
-//! - the bytes hyper was given end exactly at the end of a request head (an empty line), and
-//!   they held as many head ends as requests were called: no pipelined request, whole or in
-//!   part, sits in hyper's buffer.
+//! - the bytes hyper was given end exactly where the last request called ends, and nothing
+//!   of another request follows it (`Framing`): each head ends at an empty line, and its body
+//!   (`Content-Length`, as the call's request reports it) follows, stepped over by length,
+//!   so an empty line or a whole request inside a body is not taken for a head end.
 //!
-//! Leading empty lines or line endings this count does not see make the counts differ, and
-//! such a cycle is simply not released. TLS and HTTP/2 connections are not cycled (rustls
-//! keeps its own buffers; HTTP/2 multiplexes).
+//! A body whose end only its chunked coding tells, a burst of more pipelined requests or
+//! empty lines than `Framing` holds before their calls are known, or an empty line after a
+//! head (a line ending this count does not see) make the cycle simply not released. TLS and
+//! HTTP/2 connections are not cycled (rustls keeps its own buffers; HTTP/2 multiplexes).
 //!
 //! Two more things this file owns, both found while building the cycles: hyper checks its
 //! header limit only while a head is incomplete, so `Cycled` cuts reads to keep a head within
-//! `max_header_bytes` (`poll_read`); and `release` keeps nothing of hyper's connection (its
-//! `read_buf` is a view that would pin hyper's read buffer). Measured with the peer harness: an
-//! idle keep-alive connection 1.1–1.2 KiB (3.2–3.4 after throughput runs), from 20.5.
+//! `max_header_bytes` (`Framing::room`; after a body of known length too); and `release`
+//! keeps nothing of hyper's connection (its `read_buf` is a view that would pin hyper's read
+//! buffer). Measured with the peer harness: an idle keep-alive connection 1.1–1.2 KiB
+//! (3.2–3.4 after throughput runs), from 20.5; after a POST 2.1 KiB, from 8.5 (README).
 
 use crate::deadline::Deadline;
 use bytes::Bytes;
@@ -38,7 +39,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -51,56 +52,82 @@ use tokio::net::TcpStream;
 /// fewer hyper states are alive at once when many connections go idle together).
 pub const RELEASE_AFTER: Duration = Duration::from_millis(50);
 
+/// Calls whose body lengths a cycle keeps until the framing (`Framing`) has matched them to
+/// their heads: more pipelined requests than this in one read, and the cycle is not released.
+const RING: usize = 16;
+/// Head ends the framing holds unmatched (a pipelined burst, or body bytes that look like an
+/// empty line before their head's call is known); more, and the cycle is not released.
+const PENDING: usize = 8;
+/// The length of a body whose end only its own coding tells (chunked): the framing cannot
+/// follow it, and the cycle is not released.
+const UNFRAMED: u64 = u64::MAX;
+
 /// What one cycle has seen, shared by the socket wrapper and the service wrapper.
 #[derive(Debug, Default)]
 pub struct Cycle {
     /// Requests the service was called with.
     calls: AtomicU32,
+    /// Body length of call `n` at `n % RING` (0: none; `UNFRAMED`).
+    lengths: [AtomicU64; RING],
     /// Responses whose body has ended.
     ended: AtomicU32,
-    /// A request of this cycle had a body.
+    /// A request of this cycle had a body (sticky for the cycle).
     bodied: AtomicBool,
 }
 
 impl Cycle {
-    /// A request of this cycle had a body (sticky for the cycle).
-    fn bodied(&self) -> bool {
-        self.bodied.load(Ordering::Relaxed)
-    }
-
     fn reset(&self) {
         self.calls.store(0, Ordering::Relaxed);
         self.ended.store(0, Ordering::Relaxed);
         self.bodied.store(false, Ordering::Relaxed);
     }
 
+    /// The service was called with a request whose body is `len` bytes (`UNFRAMED`).
+    fn called(&self, len: u64) {
+        // One caller at a time (hyper's HTTP/1 dispatcher): a load and a store suffice.
+        let n = self.calls.load(Ordering::Relaxed);
+        if len != 0 {
+            self.bodied.store(true, Ordering::Relaxed);
+        }
+        self.lengths[n as usize % RING].store(len, Ordering::Relaxed);
+        self.calls.store(n.wrapping_add(1), Ordering::Release);
+    }
+
     /// The rule of this file: hyper may be told the input ended (module header).
-    fn releasable(&self, heads: u32, at_head_end: bool) -> bool {
-        let calls = self.calls.load(Ordering::Relaxed);
-        calls > 0
-            && at_head_end
-            && heads == calls
-            && self.ended.load(Ordering::Relaxed) == calls
-            && !self.bodied()
+    fn releasable(&self, framing: &mut Framing) -> bool {
+        framing.match_calls(self);
+        let calls = self.calls.load(Ordering::Acquire);
+        calls > 0 && framing.between_messages(calls) && self.ended.load(Ordering::Relaxed) == calls
     }
 }
 
-/// Counts the ends of request heads (an empty line: LF, optional CR, LF) in the bytes given
-/// to hyper.
+/// Where the messages in the bytes given to hyper end. A head ends at an empty line (LF,
+/// optional CR, LF); its body, of the length the service's call reported, follows. Empty
+/// lines are found as the bytes pass (`see`), before hyper has parsed anything, so they are
+/// held (`ends`) until the call of their head tells how many body bytes to step over
+/// (`match_calls`); an empty line inside a body is then dropped.
 #[derive(Debug, Default)]
-struct Heads {
-    count: u32,
+struct Framing {
+    /// Bytes given to hyper in this cycle.
+    delivered: u64,
     /// The last two bytes seen.
     last: [u8; 2],
-    /// The last byte seen ended a head.
-    at_end: bool,
-    /// Bytes seen since the last head end.
+    /// Unmatched empty lines: (offset of the line feed that opens it, offset just past it).
+    ends: [(u64, u64); PENDING],
+    pending: usize,
+    /// Calls matched to their head ends.
+    matched: u32,
+    /// Where the last matched message ends: its head end plus its body length.
+    boundary: u64,
+    /// Bytes seen since the last empty line (`room`).
     since_end: usize,
+    /// Seen what the framing cannot follow (module header): this cycle is not released.
+    lost: bool,
 }
 
-impl Heads {
-    /// Count the head ends in `bytes`, which follow everything seen before. Only line feeds
-    /// can end a head, so the scan jumps from one to the next (memchr) instead of looking at
+impl Framing {
+    /// Note the empty lines in `bytes`, which follow everything seen before. Only line feeds
+    /// can end one, so the scan jumps from one to the next (memchr) instead of looking at
     /// every byte.
     fn see(&mut self, bytes: &[u8]) {
         let Some(&lastb) = bytes.last() else {
@@ -116,21 +143,96 @@ impl Heads {
                     self.last[2 + i - k]
                 }
             };
-            let ends = back(1) == b'\n' || (back(1) == b'\r' && back(2) == b'\n');
-            if ends {
-                self.count = self.count.wrapping_add(1);
-                after = Some(i + 1);
-            }
+            let opens = if back(1) == b'\n' {
+                1
+            } else if back(1) == b'\r' && back(2) == b'\n' {
+                2
+            } else {
+                continue;
+            };
+            after = Some(i + 1);
+            let end = self.delivered + i as u64 + 1;
+            self.note(end - 1 - opens, end);
         }
         self.since_end = match after {
             Some(a) => bytes.len() - a,
-            None => self.since_end + bytes.len(),
+            None => self.since_end.saturating_add(bytes.len()),
         };
-        self.at_end = after == Some(bytes.len());
+        self.delivered += bytes.len() as u64;
         self.last = match bytes.len() {
             1 => [self.last[1], lastb],
             _ => [bytes[bytes.len() - 2], lastb],
         };
+    }
+
+    /// Hold an empty line from `lf` to `end`, unless it lies in a body already stepped over.
+    fn note(&mut self, lf: u64, end: u64) {
+        if lf < self.boundary {
+            return;
+        }
+        match self.ends.get_mut(self.pending) {
+            Some(slot) => {
+                *slot = (lf, end);
+                self.pending += 1;
+            }
+            None => self.lost = true,
+        }
+    }
+
+    /// Match the calls made since last time to the empty lines that end their heads, in
+    /// order, and step over their bodies.
+    fn match_calls(&mut self, cycle: &Cycle) {
+        let calls = cycle.calls.load(Ordering::Acquire);
+        while !self.lost && self.matched != calls {
+            let len = cycle.lengths[self.matched as usize % RING].load(Ordering::Relaxed);
+            let unmatched = calls.wrapping_sub(self.matched) as usize;
+            // Not seen yet cannot happen (hyper parses only bytes it was given): lost too.
+            if unmatched > RING || len == UNFRAMED || self.pending == 0 {
+                self.lost = true;
+                return;
+            }
+            let (_, end) = self.ends[0];
+            self.boundary = end.saturating_add(len);
+            self.matched = self.matched.wrapping_add(1);
+            // Drop the matched end and every one inside the body just stepped over.
+            let keep = self.ends[..self.pending]
+                .iter()
+                .position(|&(lf, _)| lf >= self.boundary)
+                .unwrap_or(self.pending);
+            self.ends.copy_within(keep..self.pending, 0);
+            self.pending -= keep;
+        }
+    }
+
+    /// The most the next read may give hyper so that the head being read stays within
+    /// `max_head` (at least 1), or `None` for no limit. Inside a body of known length: the
+    /// rest of the body and `max_head` more; otherwise the head began at the last empty line
+    /// or the last message's end, whichever came later. Once the framing is lost, the head
+    /// is taken to begin at the last empty line while no request of the cycle had a body
+    /// (`bodied`), and reads are not cut after one had (inside a body of unknown place, a
+    /// cut would read it a byte at a time).
+    fn room(&self, max_head: usize, bodied: bool) -> Option<usize> {
+        let head = if self.lost {
+            if bodied {
+                return None;
+            }
+            self.since_end
+        } else {
+            match self.boundary.checked_sub(self.delivered) {
+                Some(body) if body > 0 => {
+                    let body = usize::try_from(body).unwrap_or(usize::MAX);
+                    return Some(body.saturating_add(max_head));
+                }
+                _ => (self.delivered - self.boundary).min(self.since_end as u64) as usize,
+            }
+        };
+        Some(max_head.saturating_sub(head).max(1))
+    }
+
+    /// Every one of `calls` messages has been given to hyper whole, and nothing after them:
+    /// hyper is between messages with nothing of a next one in its buffer.
+    fn between_messages(&self, calls: u32) -> bool {
+        !self.lost && self.matched == calls && self.pending == 0 && self.delivered == self.boundary
     }
 }
 
@@ -142,7 +244,7 @@ pub struct Cycled {
     max_head: usize,
     prefix: Bytes,
     cycle: Arc<Cycle>,
-    heads: Heads,
+    framing: Framing,
     /// When the socket was first found idle with the cycle releasable.
     idle_since: Option<Instant>,
     wake: Option<Deadline>,
@@ -157,7 +259,7 @@ impl Cycled {
             max_head,
             prefix,
             cycle,
-            heads: Heads::default(),
+            framing: Framing::default(),
             idle_since: None,
             wake: None,
             released: false,
@@ -175,18 +277,20 @@ impl AsyncRead for Cycled {
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             let chunk = this.prefix.split_to(n);
-            this.heads.see(&chunk);
+            this.framing.see(&chunk);
             buf.put_slice(&chunk);
             return Poll::Ready(Ok(()));
         }
         // hyper checks its header limit (`max_buf_size`) only while a head is incomplete, so
-        // a head that arrives whole in one large read passes it. While no request body can
-        // be in the bytes (none in this cycle), a read is cut so that the head being read
-        // never exceeds `max_head`: hyper then sees an incomplete head at the limit and
-        // answers 431.
-        let room = this.max_head.saturating_sub(this.heads.since_end).max(1);
+        // a head that arrives whole in one large read passes it. A read is cut so that the
+        // head being read never exceeds `max_head` (`Framing::room`): hyper then sees an
+        // incomplete head at the limit and answers 431.
+        this.framing.match_calls(&this.cycle);
+        let room = this
+            .framing
+            .room(this.max_head, this.cycle.bodied.load(Ordering::Relaxed));
         let before = buf.filled().len();
-        let read = if !this.cycle.bodied() && room < buf.remaining() {
+        let read = if let Some(room) = room.filter(|r| *r < buf.remaining()) {
             let mut cut = ReadBuf::new(buf.initialize_unfilled_to(room));
             match Pin::new(&mut this.stream).poll_read(cx, &mut cut) {
                 Poll::Ready(Ok(())) => {
@@ -201,11 +305,11 @@ impl AsyncRead for Cycled {
         };
         match read {
             Poll::Ready(Ok(())) => {
-                this.heads.see(&buf.filled()[before..]);
+                this.framing.see(&buf.filled()[before..]);
                 this.idle_since = None;
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.cycle.releasable(this.heads.count, this.heads.at_end) => {
+            Poll::Pending if this.cycle.releasable(&mut this.framing) => {
                 let now = Instant::now();
                 let since = *this.idle_since.get_or_insert(now);
                 let at = since + RELEASE_AFTER;
@@ -284,10 +388,13 @@ where
     type Future = CountedFuture<S::Future>;
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        self.cycle.calls.fetch_add(1, Ordering::Relaxed);
-        if !req.body().is_end_stream() {
-            self.cycle.bodied.store(true, Ordering::Relaxed);
-        }
+        let body = req.body();
+        let len = if body.is_end_stream() {
+            0
+        } else {
+            body.size_hint().exact().unwrap_or(UNFRAMED)
+        };
+        self.cycle.called(len);
         CountedFuture {
             inner: self.inner.call(req),
             cycle: Some(self.cycle.clone()),
@@ -466,28 +573,120 @@ fn release<S>(
 mod tests {
     use super::*;
 
-    fn seen(chunks: &[&[u8]]) -> (u32, bool, usize) {
-        let mut h = Heads::default();
+    /// Give `chunks` to a framing, then report calls with body lengths `lens`: whether the
+    /// cycle is between messages, and the bytes since the last empty line.
+    fn framed(chunks: &[&[u8]], lens: &[u64]) -> (bool, usize) {
+        let (mut f, cycle) = (Framing::default(), Cycle::default());
         for c in chunks {
-            h.see(c);
+            f.see(c);
         }
-        (h.count, h.at_end, h.since_end)
+        for &len in lens {
+            cycle.called(len);
+        }
+        f.match_calls(&cycle);
+        (f.between_messages(lens.len() as u32), f.since_end)
+    }
+
+    /// `framed` for every split of `bytes` into three chunks, which must all agree.
+    fn split_anyhow(bytes: &[u8], lens: &[u64]) -> (bool, usize) {
+        let whole = framed(&[bytes], lens);
+        for i in 0..=bytes.len() {
+            for j in i..=bytes.len() {
+                let parts: [&[u8]; 3] = [&bytes[..i], &bytes[i..j], &bytes[j..]];
+                assert_eq!(framed(&parts, lens), whole, "{i} {j}");
+            }
+        }
+        whole
     }
 
     #[test]
-    fn head_ends_are_counted_however_the_bytes_are_split() {
-        let two: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\nHost: a\n\nGET /c";
-        let whole = seen(&[two]);
-        assert_eq!(whole, (2, false, 6));
-        for i in 0..=two.len() {
-            for j in i..=two.len() {
-                assert_eq!(seen(&[&two[..i], &two[i..j], &two[j..]]), whole, "{i} {j}");
-            }
-        }
-        assert_eq!(seen(&[b"GET / HTTP/1.1\r\n\r\n"]), (1, true, 0));
-        assert_eq!(seen(&[b"GET / HTTP/1.1\r\n\r", b"\n"]), (1, true, 0));
-        // A leading empty line after a head counts as one more end: such a cycle is never
-        // released (the counts differ).
-        assert_eq!(seen(&[b"GET / HTTP/1.1\r\n\r\n\r\n"]).0, 2);
+    fn messages_are_framed_however_the_bytes_are_split() {
+        let two: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\nHost: a\n\n";
+        assert_eq!(split_anyhow(two, &[0, 0]), (true, 0));
+        // Only one of the two called yet: the second head is still in hyper's buffer.
+        assert!(!framed(&[two], &[0]).0);
+        let partial = [two, b"GET /c".as_slice()].concat();
+        assert_eq!(split_anyhow(&partial, &[0, 0]), (false, 6));
+        // A body, with empty lines in it, is stepped over by its length; so is a head after.
+        let post: &[u8] = b"POST / HTTP/1.1\r\nContent-Length: 8\r\n\r\nab\r\n\r\ncd";
+        assert!(split_anyhow(post, &[8]).0);
+        let post_get = [post, b"GET / HTTP/1.1\r\n\r\n".as_slice()].concat();
+        assert!(split_anyhow(&post_get, &[8, 0]).0);
+        assert!(
+            !framed(&[&post[..post.len() - 1]], &[8]).0,
+            "body not all given"
+        );
+        assert!(!framed(&[post], &[6]).0, "bytes past the body");
+        // A body as long as hyper's read, all of it empty lines: more than `PENDING` held
+        // before the call is known, so the cycle is not released.
+        let blank = [b"POST / HTTP/1.1\r\n\r\n".as_slice(), &[b'\n'; 40]].concat();
+        assert!(!framed(&[&blank], &[40]).0);
+        // Once the call is known, later body bytes are stepped over as they come.
+        let (mut f, cycle) = (Framing::default(), Cycle::default());
+        f.see(b"POST / HTTP/1.1\r\n\r\n");
+        cycle.called(40);
+        f.match_calls(&cycle);
+        f.see(&[b'\n'; 40]);
+        assert!(f.between_messages(1));
+        // A chunked body (no length) is never followed.
+        assert!(
+            !framed(
+                &[b"POST / HTTP/1.1\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+                &[UNFRAMED]
+            )
+            .0
+        );
+        // An empty line after a head is a byte hyper holds: not between messages. One before
+        // the first head is none (it opens no empty line of its own).
+        assert!(!framed(&[b"GET / HTTP/1.1\r\n\r\n\r\n"], &[0]).0);
+        assert!(framed(&[b"\r\nGET / HTTP/1.1\r\n\r\n"], &[0]).0);
+        // Too many empty lines held, or calls past the ring, before a match: lost.
+        let many: Vec<u8> = b"GET / HTTP/1.1\r\n\r\n".repeat(RING + 1);
+        assert!(!framed(&[&many], &[0; RING + 1]).0);
+    }
+
+    #[test]
+    fn reads_are_cut_to_keep_the_head_being_read_within_the_limit() {
+        let mut f = Framing::default();
+        f.see(b"GET / HTTP/1.1\r\nX-A: 1234");
+        assert_eq!(f.room(100, false), Some(100 - 25));
+        f.see(&[b'a'; 200]);
+        assert_eq!(
+            f.room(100, false),
+            Some(1),
+            "past the limit: hyper sees it incomplete"
+        );
+        // A body of known length: its rest and a whole head more, however long the body's
+        // last stretch without an empty line.
+        let (mut f, cycle) = (Framing::default(), Cycle::default());
+        f.see(b"POST / HTTP/1.1\r\n\r\nab");
+        cycle.called(1000);
+        f.match_calls(&cycle);
+        assert_eq!(f.room(100, false), Some(998 + 100));
+        f.see(&[b'b'; 998]);
+        assert_eq!(
+            f.room(100, false),
+            Some(100),
+            "the next head starts at the body's end"
+        );
+        f.see(b"GET /x");
+        assert_eq!(f.room(100, false), Some(94));
+        // A chunked body: its end unknown, reads are not cut.
+        let (mut g, cycle) = (Framing::default(), Cycle::default());
+        g.see(b"GET / HTTP/1.1\r\n\r\n");
+        cycle.called(0);
+        g.match_calls(&cycle);
+        assert_eq!(g.room(100, false), Some(100));
+        cycle.called(UNFRAMED);
+        g.see(b"POST / HTTP/1.1\r\n\r\n");
+        g.match_calls(&cycle);
+        assert_eq!(g.room(100, cycle.bodied.load(Ordering::Relaxed)), None);
+        // Lost without a body (here: more empty lines than held), the cut goes on from the
+        // last empty line.
+        let mut h = Framing::default();
+        h.see(&b"GET / HTTP/1.1\r\n\r\n".repeat(PENDING + 1));
+        h.see(b"GET / HTTP/1.1\r\nX-A: 1");
+        assert!(h.lost);
+        assert_eq!(h.room(100, false), Some(100 - 22));
     }
 }

@@ -945,6 +945,64 @@ async fn idle_keep_alive_connections_release_their_buffers_and_keep_serving() {
     env.assert_healthy().await;
 }
 
+/// A connection whose requests carry bodies (`Content-Length`) is released between requests
+/// too, once each body has been given to hyper whole (`keepalive::Framing` steps over it by
+/// its length, empty lines and request-like lines in it included); the body reaches the
+/// upstream intact and the connection goes on serving; a head after a body is held to
+/// `max_header_bytes` like any other.
+#[tokio::test]
+async fn idle_connections_are_released_after_requests_with_bodies() {
+    let env = start_with("header_read_timeout_ms = 20000", ROUTES).await;
+    let k = env.key.clone();
+    let one = RawOpts {
+        stop_after: Some(1),
+        ..RawOpts::default()
+    };
+    let body = "a=1\r\n\r\nGET /v1/public/inside HTTP/1.1\r\nHost: a\r\n\r\n";
+    let post = format!(
+        "POST /v1/public/post HTTP/1.1\r\nHost: a\r\nX-API-Key: {k}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = connect(None, env.gw.http, EXCHANGE).await;
+    for round in 1..=2 {
+        for (what, bytes) in [
+            ("POST", post.clone()),
+            ("GET", get_req("/v1/public/get", Some(&k), "")),
+        ] {
+            let before = released(&env).await;
+            let out = exchange_on(&mut s, bytes.as_bytes(), &one).await;
+            assert_eq!(
+                statuses(&out),
+                [200],
+                "round {round} {what}: {}",
+                out.text()
+            );
+            assert!(!out.closed(), "round {round} {what}");
+            eventually_named("released after the exchange", EXCHANGE, || async {
+                (released(&env).await > before).then_some(())
+            })
+            .await;
+        }
+    }
+    // A head after a body in the same cycle is held to the limit too (64 KiB by default).
+    let big = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
+    let then_big = format!("{post}{}", get_req("/v1/public/big", Some(&k), &big));
+    let out = exchange_on(&mut s, then_big.as_bytes(), &RawOpts::default()).await;
+    assert_eq!(statuses(&out), [200, 431], "{}", out.text());
+    assert!(out.closed());
+    assert!(!env.paths().iter().any(|p| p == "/v1/public/big"));
+    let posts: Vec<_> = env
+        .up
+        .records()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/v1/public/post")
+        .collect();
+    assert_eq!(posts.len(), 3);
+    assert!(posts.iter().all(|r| r.body == body.as_bytes()));
+    assert!(!env.paths().iter().any(|p| p.contains("inside")));
+    env.assert_healthy().await;
+}
+
 #[tokio::test]
 async fn e6_per_ip_connection_cap() {
     // Idle connections must outlive the test's checks: use a long header timeout here.

@@ -401,3 +401,40 @@ async fn certificate_expiry_metric_is_exported() {
         "expiry {expiry} not in the future (now {now})"
     );
 }
+
+/// `max_header_bytes` holds over TLS too (THREATS B1). hyper checks its limit only on an
+/// incomplete head; a plain connection's reads are cut to keep it so (`keepalive`), and a
+/// TLS connection's reads never exceed one TLS record (16 KiB), so a head past the limit is
+/// always seen incomplete at it: 431 and close. One just under the limit is served.
+#[tokio::test]
+async fn a_head_over_the_header_limit_is_refused_over_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start().await;
+    for (kib, want) in [
+        (63usize, "HTTP/1.1 200 "),
+        (65, "HTTP/1.1 431 "),
+        (200, "HTTP/1.1 431 "),
+    ] {
+        let mut tls = tls_connect(
+            env.gw.http,
+            client_config(&[&env.cert], &[b"http/1.1"], Versions::Default),
+        )
+        .await
+        .expect("tls");
+        let req = format!(
+            "GET /v1/public/big HTTP/1.1\r\nhost: localhost\r\nx-api-key: {}\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+            env.key,
+            "a".repeat(kib * 1024)
+        );
+        // One write: the whole head is there for the gateway's first reads.
+        within("write", NET_TIMEOUT, tls.write_all(req.as_bytes()))
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        let _ = within("response", NET_TIMEOUT, tls.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(want), "{kib} KiB: {got}");
+    }
+    let forwarded = env.up.records().len();
+    assert_eq!(forwarded, 1, "only the head under the limit is forwarded");
+}
