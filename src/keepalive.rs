@@ -1,15 +1,15 @@
-//! Plain HTTP/1 keep-alive connections give their memory back between requests, as nginx's
-//! do.
+//! HTTP/1 keep-alive connections, plain or TLS, give their memory back between requests, as
+//! nginx's do.
 //!
-//! hyper keeps an 8 KiB read buffer, an 8 KiB write buffer and its connection state for as
-//! long as a connection lives. Measured here: an idle keep-alive connection cost 19.3 KiB, a
-//! connection that had not sent a byte yet 1.2 KiB. So a plain HTTP/1 connection is served
-//! in cycles (`serve`): one hyper connection serves requests until the socket has been idle
-//! between requests for `RELEASE_AFTER`; then `Cycled` reports end of input to hyper, which
-//! finishes as if the client had closed, without shutting the socket down
-//! (`without_shutdown`); hyper's state is dropped, and the socket waits for readiness alone,
-//! within the idle limit (the header read timeout, which hyper applies to idle connections
-//! too). The next request's first bytes start the next cycle.
+//! hyper keeps an 8 KiB read buffer, an 8 KiB write buffer and its connection state for as long as
+//! a connection lives. Measured here: an idle keep-alive connection cost 19.3 KiB, a connection
+//! that had not sent a byte yet 1.2 KiB. So an HTTP/1 connection (plain, or TLS with `http/1.1`
+//! chosen by ALPN: `Socket`) is served in cycles (`serve`): one hyper connection serves requests
+//! until the socket has been idle between requests for `RELEASE_AFTER`; then `Cycled` reports end
+//! of input to hyper, which finishes as if the client had closed, without shutting the socket down
+//! (`without_shutdown`); hyper's state is dropped, and the socket waits for readiness alone, within
+//! the idle limit (the header read timeout, which hyper applies to idle connections too). The next
+//! request's first bytes start the next cycle, and a connection's first bytes its first.
 //!
 //! When the end of input is safe to report (`Cycle::releasable`): hyper must be between
 //! messages with nothing of a next one buffered, or it would answer a half-read request with
@@ -23,8 +23,9 @@
 //!
 //! A body whose end only its chunked coding tells, a burst of more pipelined requests or
 //! empty lines than `Framing` holds before their calls are known, or an empty line after a
-//! head (a line ending this count does not see) make the cycle simply not released. TLS and
-//! HTTP/2 connections are not cycled (rustls keeps its own buffers; HTTP/2 multiplexes).
+//! head (a line ending this count does not see) make the cycle simply not released. HTTP/2
+//! connections are not cycled (they multiplex), nor TLS ones without ALPN `http/1.1`; a TLS
+//! connection keeps rustls' session state and buffers through the idle wait.
 //!
 //! Two more things this file owns, both found while building the cycles: hyper checks its
 //! header limit only while a head is incomplete, so `Cycled` cuts reads to keep a head within
@@ -43,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How long a connection idles between requests before hyper's state is dropped: long
@@ -58,6 +59,8 @@ const RING: usize = 16;
 /// Head ends the framing holds unmatched (a pipelined burst, or body bytes that look like an
 /// empty line before their head's call is known); more, and the cycle is not released.
 const PENDING: usize = 8;
+/// Bytes of a connection's first read, before its first cycle (`serve`).
+const FIRST_READ: usize = 1024;
 /// The length of a body whose end only its own coding tells (chunked): the framing cannot
 /// follow it, and the cycle is not released.
 const UNFRAMED: u64 = u64::MAX;
@@ -236,10 +239,31 @@ impl Framing {
     }
 }
 
+/// A connection served in cycles: a plain TCP stream or a TLS stream over one. Between cycles
+/// it waits for the client's next bytes with nothing of hyper's held.
+pub trait Socket: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// Ready once the client has sent more (or closed). Called only after a read has found
+    /// nothing buffered above the TCP socket (hyper was given all it had), so the socket's
+    /// readiness is the stream's.
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Socket for TcpStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.get_ref().0.readable()
+    }
+}
+
 /// The socket as one cycle's hyper connection sees it: bytes left over from the last cycle
 /// first, then the stream; end of input once the cycle is releasable and idle.
-pub struct Cycled {
-    stream: TcpStream,
+pub struct Cycled<T> {
+    stream: T,
     /// `[server] max_header_bytes`: see `poll_read`.
     max_head: usize,
     prefix: Bytes,
@@ -251,8 +275,8 @@ pub struct Cycled {
     released: bool,
 }
 
-impl Cycled {
-    fn new(stream: TcpStream, max_head: usize, prefix: Bytes, cycle: Arc<Cycle>) -> Cycled {
+impl<T> Cycled<T> {
+    fn new(stream: T, max_head: usize, prefix: Bytes, cycle: Arc<Cycle>) -> Cycled<T> {
         cycle.reset();
         Cycled {
             stream,
@@ -267,7 +291,7 @@ impl Cycled {
     }
 }
 
-impl AsyncRead for Cycled {
+impl<T: AsyncRead + Unpin> AsyncRead for Cycled<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -370,7 +394,7 @@ macro_rules! forward_write {
 }
 pub(crate) use forward_write;
 
-forward_write!([] Cycled, stream);
+forward_write!([T: tokio::io::AsyncWrite + Unpin] Cycled<T>, stream);
 
 /// The request path's service, counting for the cycle: calls, bodies, ended responses.
 pub struct Counted<S> {
@@ -485,16 +509,27 @@ pub async fn is_http1(stream: &TcpStream, limit: Duration) -> Option<bool> {
     }
 }
 
-/// Serve one plain HTTP/1 connection in cycles (module header) until it closes, fails, idles
-/// past `idle` or `stop` asks (then: close after the in-flight response, as `server::drive`
-/// does).
-pub async fn serve<S, B>(
-    mut stream: TcpStream,
+/// What every connection served in cycles shares.
+#[derive(Debug)]
+pub struct Cycles {
+    /// hyper's HTTP/1 builder, with the listener's limits (`server::http1_builder`).
+    pub h1: hyper::server::conn::http1::Builder,
+    /// `[server] max_header_bytes` (`Framing::room`).
+    pub max_head: usize,
+    /// How long a connection may idle before its next request (`[server]
+    /// header_read_timeout_ms`, which hyper applies to idle connections too).
+    pub idle: Duration,
+    /// `keygate_connections_released_total`.
+    pub released: prometheus::IntCounter,
+}
+
+/// Serve one HTTP/1 connection (plain, or TLS with HTTP/1.1 chosen by ALPN) in cycles (module
+/// header) until it closes, fails, idles past `idle` or `stop` asks (then: close after the
+/// in-flight response, as `server::drive` does).
+pub async fn serve<T, S, B>(
+    mut stream: T,
     service: S,
-    h1: &hyper::server::conn::http1::Builder,
-    max_head: usize,
-    idle: Duration,
-    released: prometheus::IntCounter,
+    cycles: &Cycles,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>> + Unpin,
@@ -503,18 +538,36 @@ pub async fn serve<S, B>(
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: Socket,
 {
     let cycle = Arc::new(Cycle::default());
     let mut service = Counted {
         inner: service,
         cycle: cycle.clone(),
     };
-    let mut prefix = Bytes::new();
+    // The first cycle, like every later one, starts on the client's first bytes: a connection
+    // that has sent nothing yet holds no hyper state (a TLS one comes here right after its
+    // handshake). Waited for within the idle limit, as hyper's header timeout would.
+    let mut first = bytes::BytesMut::with_capacity(FIRST_READ);
+    let started = tokio::select! {
+        r = crate::deadline::timeout(cycles.idle, stream.read_buf(&mut first)) => {
+            matches!(r, Ok(Ok(n)) if n > 0)
+        }
+        _ = stop.changed() => false,
+    };
+    if !started {
+        return;
+    }
+    let mut prefix = first.freeze();
     loop {
-        let io = Cycled::new(stream, max_head, prefix, cycle.clone());
+        let io = Cycled::new(stream, cycles.max_head, prefix, cycle.clone());
         // Boxed: this future lives as long as the connection, idle or not, and hyper's
         // connection (~1 KiB inline) would otherwise keep its place in it while idle.
-        let mut conn = Box::new(h1.serve_connection(hyper_util::rt::TokioIo::new(io), service));
+        let mut conn = Box::new(
+            cycles
+                .h1
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service),
+        );
         let done = if *stop.borrow() {
             None
         } else {
@@ -537,9 +590,9 @@ pub async fn serve<S, B>(
             // The client closed its side: dropping the socket closes ours.
             None => return,
         }
-        released.inc();
+        cycles.released.inc();
         let next = tokio::select! {
-            r = crate::deadline::timeout(idle.saturating_sub(RELEASE_AFTER), stream.readable()) => {
+            r = crate::deadline::timeout(cycles.idle.saturating_sub(RELEASE_AFTER), stream.readable()) => {
                 matches!(r, Ok(Ok(())))
             }
             _ = stop.changed() => false,
@@ -556,9 +609,9 @@ pub async fn serve<S, B>(
 /// return, its read buffer too: `read_buf` is a view of it, so keeping that view (or any
 /// part of `parts`) through the idle wait would keep the buffer's touched pages (measured:
 /// 4.2 KiB per idle connection).
-fn release<S>(
-    parts: hyper::server::conn::http1::Parts<hyper_util::rt::TokioIo<Cycled>, S>,
-) -> Option<(TcpStream, Bytes, S)> {
+fn release<T, S>(
+    parts: hyper::server::conn::http1::Parts<hyper_util::rt::TokioIo<Cycled<T>>, S>,
+) -> Option<(T, Bytes, S)> {
     let io = parts.io.into_inner();
     io.released.then(|| {
         (

@@ -1,10 +1,10 @@
 //! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
 //! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
-//! and HTTP/2 on one listener with edge-safe limits (plain HTTP/1 served in keep-alive cycles
-//! that give hyper's buffers back while idle: `keepalive`), background upkeep (store follower,
-//! usage flush, bucket cleanup, denial summaries), reload on SIGHUP and on a config file change
-//! (`reload`), and on SIGTERM/SIGINT a
-//! lame-duck delay (`/readyz` 503, still accepting) followed by the drain.
+//! and HTTP/2 on one listener with edge-safe limits (HTTP/1, plain or chosen by ALPN over TLS,
+//! served in keep-alive cycles that give hyper's buffers back while idle: `keepalive`),
+//! background upkeep (store follower, usage flush, bucket cleanup, denial summaries), reload on
+//! SIGHUP and on a config file change (`reload`), and on SIGTERM/SIGINT a lame-duck delay
+//! (`/readyz` 503, still accepting) followed by the drain.
 
 use crate::admin;
 use crate::audit::Event;
@@ -105,9 +105,9 @@ impl Drop for ConnGuard {
     }
 }
 
-/// hyper's HTTP/1 limits, the same for the `auto` builder (TLS, and plain connections that
-/// start like HTTP/2) and the plain HTTP/1 builder (`keepalive`): one list, two builder types
-/// with the same methods and no shared trait.
+/// hyper's HTTP/1 limits, the same for the `auto` builder (TLS without ALPN `http/1.1`, and
+/// plain connections that start like HTTP/2) and the HTTP/1 builder (`keepalive`): one list,
+/// two builder types with the same methods and no shared trait.
 macro_rules! http1_limits {
     ($b:expr, $s:expr) => {
         $b.timer(crate::deadline::HyperTimer)
@@ -135,7 +135,7 @@ fn http_builder(s: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor>
     b
 }
 
-/// The builder of plain HTTP/1 connections served in cycles (`keepalive`).
+/// The builder of HTTP/1 connections served in cycles (`keepalive`).
 fn http1_builder(s: &crate::config::ServerConfig) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     http1_limits!(b, s);
@@ -180,12 +180,11 @@ async fn bind_shared(addr: &str, n: usize) -> Result<Vec<std::net::TcpListener>,
 struct Plane {
     gw: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    h1: Arc<hyper::server::conn::http1::Builder>,
+    cycles: Arc<crate::keepalive::Cycles>,
     caps: Arc<ConnCaps>,
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
     header_ms: u64,
-    max_head: usize,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -473,7 +472,12 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
 
     let (tx, rx) = watch::channel(false);
     let builder = Arc::new(http_builder(&server_cfg));
-    let h1 = Arc::new(http1_builder(&server_cfg));
+    let cycles = Arc::new(crate::keepalive::Cycles {
+        h1: http1_builder(&server_cfg),
+        max_head: server_cfg.max_header_bytes,
+        idle: Duration::from_millis(server_cfg.header_read_timeout_ms),
+        released: gw.metrics.connections_released.clone(),
+    });
     let caps = Arc::new(ConnCaps {
         total: AtomicUsize::new(0),
         per_ip: DashMap::new(),
@@ -533,12 +537,11 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let plane = Plane {
         gw: gw.clone(),
         builder,
-        h1,
+        cycles,
         caps,
         stop: rx.clone(),
         handshake_ms: server_cfg.tls_handshake_timeout_ms,
         header_ms: server_cfg.header_read_timeout_ms,
-        max_head: server_cfg.max_header_bytes,
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
     for (i, l) in main.into_iter().enumerate() {
@@ -586,12 +589,11 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
     let Plane {
         gw,
         builder,
-        h1,
+        cycles,
         caps,
         mut stop,
         handshake_ms,
         header_ms,
-        max_head,
     } = plane;
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
@@ -624,10 +626,10 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             }
         };
         let _ = stream.set_nodelay(true);
-        let (gw, builder, h1, tls, open, conn_stop) = (
+        let (gw, builder, cycles, tls, open, conn_stop) = (
             gw.clone(),
             builder.clone(),
-            h1.clone(),
+            cycles.clone(),
             tls.clone(),
             open.clone(),
             stop.clone(),
@@ -671,6 +673,15 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
                         )
                         .await
                         {
+                            // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1
+                            // is (hyper's buffers given back while it idles; rustls keeps
+                            // its own state).
+                            Ok(Ok(tls_stream))
+                                if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") =>
+                            {
+                                crate::keepalive::serve(tls_stream, service, &cycles, conn_stop)
+                                    .await
+                            }
                             Ok(Ok(tls_stream)) => {
                                 let io = SniffDeadline::new(tls_stream, sniff);
                                 drive(
@@ -688,16 +699,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
                     // Plain HTTP/1: served in cycles that give hyper's buffers back while
                     // the connection idles (`keepalive`); boxed like the TLS arm.
                     Some(true) => {
-                        Box::pin(crate::keepalive::serve(
-                            stream,
-                            service,
-                            &h1,
-                            max_head,
-                            sniff,
-                            gw.metrics.connections_released.clone(),
-                            conn_stop,
-                        ))
-                        .await
+                        Box::pin(crate::keepalive::serve(stream, service, &cycles, conn_stop)).await
                     }
                     Some(false) => {
                         // What is left of the sniffing time the peek used.

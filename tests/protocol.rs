@@ -869,7 +869,7 @@ async fn released(env: &Env) -> u64 {
         .unwrap_or(0)
 }
 
-/// Idle plain HTTP/1 keep-alive connections give hyper's buffers back between requests
+/// Idle plain HTTP/1 keep-alive connections (TLS ones: `tests/tls.rs`) give hyper's buffers back between requests
 /// (`src/keepalive.rs`) and go on serving as before: after each release, on the same
 /// connection, a request, a pipelined pair and a head over `max_header_bytes` (431) are
 /// answered as on a fresh connection.
