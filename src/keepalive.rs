@@ -96,9 +96,9 @@ impl Cycle {
         self.calls.store(n.wrapping_add(1), Ordering::Release);
     }
 
-    /// The rule of this file: hyper may be told the input ended (module header).
-    fn releasable(&self, framing: &mut Framing) -> bool {
-        framing.match_calls(self);
+    /// The rule of this file: hyper may be told the input ended (module header). `framing`
+    /// has matched every call made so far (`Cycled::poll_read` does that before it reads).
+    fn releasable(&self, framing: &Framing) -> bool {
         let calls = self.calls.load(Ordering::Acquire);
         calls > 0 && framing.between_messages(calls) && self.ended.load(Ordering::Relaxed) == calls
     }
@@ -333,7 +333,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Cycled<T> {
                 this.idle_since = None;
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if this.cycle.releasable(&mut this.framing) => {
+            Poll::Pending if this.cycle.releasable(&this.framing) => {
                 let now = Instant::now();
                 let since = *this.idle_since.get_or_insert(now);
                 let at = since + RELEASE_AFTER;
@@ -517,7 +517,8 @@ pub struct Cycles {
     /// `[server] max_header_bytes` (`Framing::room`).
     pub max_head: usize,
     /// How long a connection may idle before its next request (`[server]
-    /// header_read_timeout_ms`, which hyper applies to idle connections too).
+    /// header_read_timeout_ms`, which hyper applies to idle connections too; the server's
+    /// protocol sniffing is bounded by it as well).
     pub idle: Duration,
     /// `keygate_connections_released_total`.
     pub released: prometheus::IntCounter,
@@ -549,13 +550,8 @@ pub async fn serve<T, S, B>(
     // that has sent nothing yet holds no hyper state (a TLS one comes here right after its
     // handshake). Waited for within the idle limit, as hyper's header timeout would.
     let mut first = bytes::BytesMut::with_capacity(FIRST_READ);
-    let started = tokio::select! {
-        r = crate::deadline::timeout(cycles.idle, stream.read_buf(&mut first)) => {
-            matches!(r, Ok(Ok(n)) if n > 0)
-        }
-        _ = stop.changed() => false,
-    };
-    if !started {
+    let read = unless_stopped(&mut stop, cycles.idle, stream.read_buf(&mut first)).await;
+    if !matches!(read, Some(Ok(n)) if n > 0) {
         return;
     }
     let mut prefix = first.freeze();
@@ -591,15 +587,26 @@ pub async fn serve<T, S, B>(
             None => return,
         }
         cycles.released.inc();
-        let next = tokio::select! {
-            r = crate::deadline::timeout(cycles.idle.saturating_sub(RELEASE_AFTER), stream.readable()) => {
-                matches!(r, Ok(Ok(())))
-            }
-            _ = stop.changed() => false,
-        };
-        if !next {
+        let idle = cycles.idle.saturating_sub(RELEASE_AFTER);
+        if !matches!(
+            unless_stopped(&mut stop, idle, stream.readable()).await,
+            Some(Ok(()))
+        ) {
             return;
         }
+    }
+}
+
+/// What `fut` gives within `limit`; `None` when the limit passes or `stop` asks first (the
+/// waits for a client's next bytes, before the first cycle and between cycles).
+async fn unless_stopped<F: Future>(
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    limit: Duration,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        r = crate::deadline::timeout(limit, fut) => r.ok(),
+        _ = stop.changed() => None,
     }
 }
 

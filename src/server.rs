@@ -184,7 +184,6 @@ struct Plane {
     caps: Arc<ConnCaps>,
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
-    header_ms: u64,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -541,7 +540,6 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         caps,
         stop: rx.clone(),
         handshake_ms: server_cfg.tls_handshake_timeout_ms,
-        header_ms: server_cfg.header_read_timeout_ms,
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
     for (i, l) in main.into_iter().enumerate() {
@@ -593,7 +591,6 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
         caps,
         mut stop,
         handshake_ms,
-        header_ms,
     } = plane;
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
@@ -634,7 +631,8 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             open.clone(),
             stop.clone(),
         );
-        let sniff = Duration::from_millis(header_ms);
+        // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
+        let sniff = cycles.idle;
         let accepted_at = std::time::Instant::now();
         tokio::spawn(async move {
             let _guard = guard;
