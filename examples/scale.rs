@@ -296,11 +296,13 @@ fn auth_decisions(cfg: &Path, n: u64, rounds: usize) -> Result<Vec<Duration>, Fa
         .collect();
     let now = keygate::clock::unix_secs();
     let mut decisions = Vec::with_capacity(rounds);
+    let mut k = String::with_capacity(probes.iter().map(String::len).max().unwrap_or(0));
     for i in 0..rounds {
-        let k = &probes[i % probes.len()];
+        k.clear();
+        k.push_str(&probes[i % probes.len()]);
         let t = Instant::now();
         let ok = table
-            .authenticate(k, &settings.format, &settings.hasher, now, 0)
+            .authenticate(&k, &settings.format, &settings.hasher, now, 0)
             .is_ok();
         decisions.push(t.elapsed());
         if !ok {

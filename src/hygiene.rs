@@ -117,14 +117,10 @@ pub fn to_upstream(
     set(&X_KEYGATE_OWNER, value(f.key.owner.as_bytes()));
     set(&X_KEYGATE_SCOPES, scopes);
     set(&X_KEYGATE_ENV, env);
-    let mut ip = [0u8; 64];
-    let n = {
-        let mut w = &mut ip[..];
-        // An IPv6 address is at most 45 characters.
-        let _ = std::io::Write::write_fmt(&mut w, format_args!("{}", f.client));
-        64 - w.len()
-    };
-    set(&X_FORWARDED_FOR, value(&ip[..n]));
+    set(
+        &X_FORWARDED_FOR,
+        value(crate::ascii::IpText::default().ip(f.client).as_bytes()),
+    );
     if let Some(host) = f.host {
         set(&X_FORWARDED_HOST, value(host.as_bytes()));
     }
@@ -243,9 +239,25 @@ pub fn sanitize_request(
 /// Lenient: list elements that are not header names are skipped, and
 /// `connection` itself is always removed.
 pub fn sanitize_response(headers: &mut HeaderMap) {
+    let any_left = |h: &HeaderMap| h.keys().any(|n| is_hop_by_hop(n.as_str()));
     // The common response has none: one pass over its names, no allocation.
-    if !headers.keys().any(|n| is_hop_by_hop(n.as_str())) {
+    if !any_left(headers) {
         return;
+    }
+    // The next commonest has one `Connection` (`keep-alive` from an HTTP/1.1 upstream): it
+    // goes, with the names it lists, still without allocating (a `&str` name is looked up
+    // as it is, where a `HeaderName` of a non-standard name would be a copy).
+    if headers.get_all(CONNECTION).iter().nth(1).is_none() {
+        if let Some(value) = headers.remove(CONNECTION) {
+            for token in connection_tokens(value.as_bytes()).flatten() {
+                if let Ok(name) = std::str::from_utf8(token) {
+                    headers.remove(name);
+                }
+            }
+            if !any_left(headers) {
+                return;
+            }
+        }
     }
     let dropped: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -581,6 +593,34 @@ mod tests {
                     ("content-type", b"text/plain"),
                 ],
                 &["content-type"],
+            ),
+            (
+                "one Connection, as an HTTP/1.1 upstream sends it",
+                &[
+                    ("connection", b"keep-alive"),
+                    ("content-type", b"text/plain"),
+                ],
+                &["content-type"],
+            ),
+            (
+                "one Connection naming a header in another case",
+                &[
+                    ("connection", b"X-Secret"),
+                    ("x-secret", b"1"),
+                    ("x-a", b"2"),
+                ],
+                &["x-a"],
+            ),
+            (
+                "two Connection values",
+                &[
+                    ("connection", b"x-a"),
+                    ("connection", b"x-b"),
+                    ("x-a", b"1"),
+                    ("x-b", b"2"),
+                    ("x-c", b"3"),
+                ],
+                &["x-c"],
             ),
             (
                 "unparseable Connection",

@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod ascii;
 pub mod audit;
 pub mod authz;
 pub mod check;

@@ -124,17 +124,13 @@ impl Verdict {
             HeaderValue::from(self.remaining),
         );
         h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset_secs));
-        let mut policy = [0u8; 48];
-        let n = {
-            let mut w = &mut policy[..];
-            // Two integers and `;w=` always fit in 48 bytes.
-            let _ = std::io::Write::write_fmt(
-                &mut w,
-                format_args!("{};w={}", self.limit, self.window_secs),
-            );
-            48 - w.len()
-        };
-        if let Ok(p) = HeaderValue::from_bytes(&policy[..n]) {
+        // Two integers and `;w=` always fit in 48 bytes.
+        let mut policy = crate::ascii::Text::<48>::default();
+        policy
+            .decimal(self.limit.into())
+            .push(b";w=")
+            .decimal(self.window_secs);
+        if let Ok(p) = HeaderValue::from_bytes(policy.as_bytes()) {
             h.insert(RATELIMIT_POLICY.clone(), p);
         }
     }

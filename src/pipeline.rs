@@ -27,7 +27,7 @@ use crate::trace::TraceContext;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -215,7 +215,7 @@ async fn pipeline(
     if declared_length(&parts.headers).is_some_and(|n| n > route.max_body_bytes) {
         return Err(GatewayError::BodyTooLarge);
     }
-    let path_and_query = forwarded_path(&path, parts.uri.query(), key_param);
+    let target = forwarded_target(&parts.uri, &path, key_param);
     let upstream = hygiene::Forwarding {
         key: &key,
         request_id,
@@ -230,7 +230,7 @@ async fn pipeline(
     let sent = Instant::now();
     let mut resp = route
         .upstream
-        .send(Request::from_parts(parts, body), &path_and_query)
+        .send(Request::from_parts(parts, body), target.as_deref())
         .await?;
     ctx.upstream = Some(sent.elapsed());
     hygiene::sanitize_response(resp.headers_mut());
@@ -459,17 +459,37 @@ fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpA
         .unwrap_or(peer)
 }
 
-/// The origin-form target sent upstream: the canonical path, plus the query without the
-/// key parameter when the route takes keys from the query.
+/// The origin-form target sent upstream, when it is not the request's own: the canonical
+/// path, plus the query without the key parameter when the route takes keys from the query.
+/// `None` when `uri` is already that target (origin-form, its path canonical, nothing
+/// stripped from its query), as it nearly always is: then it goes upstream as it came, with
+/// no target built and parsed again.
+fn forwarded_target(uri: &Uri, path: &str, key_param: Option<&str>) -> Option<String> {
+    let as_is = uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri.path() == path
+        && uri
+            .query()
+            .is_none_or(|q| !q.is_empty() && key_param.is_none_or(|p| !query_has(q, p)));
+    (!as_is).then(|| forwarded_path(path, uri.query(), key_param))
+}
+
+/// `query` has a parameter named `param` (as `extract` matches names).
+fn query_has(query: &str, param: &str) -> bool {
+    query.split('&').any(|pair| {
+        let name = pair.split('=').next().unwrap_or("");
+        crate::extract::name_matches(name.as_bytes(), param.as_bytes())
+    })
+}
+
+/// The canonical path, plus the query without the key parameter when the route takes keys
+/// from the query.
 fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> String {
     let query = match (query, key_param) {
         (Some(q), Some(param)) => {
             let kept: Vec<&str> = q
                 .split('&')
-                .filter(|pair| {
-                    let name = pair.split('=').next().unwrap_or("");
-                    !crate::extract::name_matches(name.as_bytes(), param.as_bytes())
-                })
+                .filter(|pair| !query_has(pair, param))
                 .collect();
             (!kept.is_empty()).then(|| kept.join("&"))
         }
@@ -529,21 +549,20 @@ fn record(
         .map_or(&snap.unrouted, |r| &r.series);
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
+    // The key's id, checked as text once for all the bookkeeping below, and the time once.
+    let key_id = ctx.key.as_ref().map(|k| k.id.as_str());
+    let now = crate::clock::unix_secs();
     // Forwarded requests count their status with their use (`Gateway::forwarded`).
-    if let Some(k) = ctx
-        .key
-        .as_ref()
-        .filter(|_| outcome != Outcome::Ok && !outcome.is_auth_failure())
-    {
-        gw.usage.status(&k.id, status.as_u16());
+    if let Some(id) = key_id.filter(|_| outcome != Outcome::Ok && !outcome.is_auth_failure()) {
+        gw.usage.status(id, status.as_u16());
     }
     // Every request naming a known key, refused ones included: a leaked key tried after its
     // revocation is exactly what an investigation looks for.
-    if let Some(k) = &ctx.key {
+    if let Some(id) = key_id {
         gw.forensics.record(
-            &k.id,
+            id,
             crate::forensics::Hit {
-                now: crate::clock::unix_secs(),
+                now,
                 status: status.as_u16(),
                 route: ctx
                     .route
@@ -557,9 +576,9 @@ fn record(
     }
     match outcome {
         Outcome::Ok => {
-            if let Some(k) = &ctx.key {
-                gw.forwarded(&k.id, crate::clock::unix_secs(), status.as_u16());
-                gw.metrics.count_key(&k.id);
+            if let Some(id) = key_id {
+                gw.forwarded(id, now, status.as_u16());
+                gw.metrics.count_key(id);
             }
         }
         o if o.is_auth_failure() => {
@@ -568,8 +587,8 @@ fn record(
                 .with_label_values(&[o.as_str()])
                 .inc();
             gw.failures.record(ctx.client_ip, Instant::now());
-            if let Some(k) = &ctx.key {
-                gw.denied_key(&k.id);
+            if let Some(id) = key_id {
+                gw.denied_key(id);
             }
             if o == Outcome::KeyCanary {
                 gw.metrics.canary_hits.inc();
@@ -620,6 +639,26 @@ fn quota_exceeded(gw: &Gateway, ctx: &Ctx) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_target_goes_upstream_as_is_unless_something_changed() {
+        let target = |uri: &str, path: &str, param: Option<&str>| {
+            forwarded_target(&uri.parse::<Uri>().unwrap(), path, param)
+        };
+        assert_eq!(target("/a?x=1", "/a", None), None);
+        assert_eq!(target("/a?x=1&y=2", "/a", Some("api_key")), None);
+        assert_eq!(target("/a", "/a", Some("api_key")), None);
+        assert_eq!(target("/a?", "/a", None).as_deref(), Some("/a"));
+        assert_eq!(target("/a/./b?x", "/a/b", None).as_deref(), Some("/a/b?x"));
+        assert_eq!(
+            target("/a?x=1&api_key=k", "/a", Some("api_key")).as_deref(),
+            Some("/a?x=1")
+        );
+        assert_eq!(
+            target("https://h/a?x=1", "/a", None).as_deref(),
+            Some("/a?x=1")
+        );
+    }
 
     #[test]
     fn forwarded_path_strips_only_the_key_param() {

@@ -210,19 +210,21 @@ impl Upstream {
             .or_else(|| self.targets.get(start % n.max(1)))
     }
 
-    /// Send `req` to a target with `path_and_query` as its origin-form target, and wait for
-    /// the response head.
+    /// Send `req` to a target, with `path_and_query` as its origin-form target (`None`: the
+    /// request's URI already is), and wait for the response head.
     pub async fn send(
         &self,
         mut req: Request<GuardedBody>,
-        path_and_query: &str,
+        path_and_query: Option<&str>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
             "upstream has no targets".into(),
         ))?;
-        let path = PathAndQuery::try_from(path_and_query)
-            .map_err(|_| GatewayError::BadRequest("path cannot be forwarded"))?;
-        *req.uri_mut() = Uri::from(path);
+        if let Some(path_and_query) = path_and_query {
+            let path = PathAndQuery::try_from(path_and_query)
+                .map_err(|_| GatewayError::BadRequest("path cannot be forwarded"))?;
+            *req.uri_mut() = Uri::from(path);
+        }
         *req.version_mut() = http::Version::HTTP_11;
         let started = Instant::now();
         let result =

@@ -131,8 +131,9 @@ impl Inner {
     /// when the slot starts one).
     fn place(&mut self, slot: usize, e: &Entry) {
         let slot32 = slot as u32;
-        self.by_digest.insert(digest_hash(&e.digest), slot32);
-        self.by_id.insert(self.id_hash_of(e), slot32);
+        self.by_digest
+            .insert(digest_hash(&e.digest), slot32, e.owner);
+        self.by_id.insert(self.id_hash_of(e), slot32, e.owner);
         let (chunk, at) = slab_at(slot);
         if chunk == self.entries.len() {
             self.entries.push(new_cells(chunk));
@@ -159,11 +160,16 @@ impl Inner {
         is: impl Fn(&Entry) -> bool,
     ) -> Result<Option<(usize, u32, Entry)>, Stale> {
         let mut stale = false;
-        let found = index.find(hash, |s| match self.entry(s) {
-            Some(e) => is(&e),
-            None => {
-                stale = true;
-                false
+        let found = index.find(hash, |s, owner| {
+            if let Some(o) = owner {
+                self.fetch_owner(o);
+            }
+            match self.entry(s) {
+                Some(e) => is(&e),
+                None => {
+                    stale = true;
+                    false
+                }
             }
         });
         match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
@@ -221,6 +227,14 @@ impl Inner {
     /// The owner of `e`, copied (inline when short: no reference count touched).
     fn owner(&self, e: &Entry) -> Option<Name> {
         cell(&self.owners, e.owner).cloned()
+    }
+
+    /// Start reading owner `n` from memory while the entry's cell is read (see `Index`): a
+    /// load whose result is only kept (`black_box`), so the CPU issues it and goes on to the
+    /// cell without waiting; `owner` then finds the name in cache. (A prefetch instruction
+    /// would say the same, but needs `unsafe`, which this crate forbids.)
+    fn fetch_owner(&self, n: u32) {
+        std::hint::black_box(cell(&self.owners, n).is_some());
     }
 
     fn view(&self, e: &Entry) -> Option<KeyView> {
@@ -594,23 +608,28 @@ impl KeyTable {
                     self.live.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            inner.by_id.repoint(at, id_hash, slot);
+            inner.by_id.repoint(at, id_hash, slot, entry.owner);
             if old_flags & IMPORTED != 0 {
                 self.imported.fetch_sub(1, Ordering::Relaxed);
             }
-        } else if inner.by_id.insert(id_hash, slot) {
+        } else if inner.by_id.insert(id_hash, slot, entry.owner) {
             w.id_used += 1;
         }
         match inner.find_digest(&digest) {
             Ok(Some((at, s, _))) if s != slot => {
-                inner.by_digest.repoint(at, digest_hash(&digest), slot);
+                inner
+                    .by_digest
+                    .repoint(at, digest_hash(&digest), slot, entry.owner);
                 if held.is_none_or(|(_, _, _, old_digest, _)| old_digest != digest) {
                     // Another id held this digest: its entry is no longer reachable by it.
                     w.garbage += 1;
                 }
             }
             _ => {
-                if inner.by_digest.insert(digest_hash(&digest), slot) {
+                if inner
+                    .by_digest
+                    .insert(digest_hash(&digest), slot, entry.owner)
+                {
                     w.digest_used += 1;
                 }
                 self.live.fetch_add(1, Ordering::Relaxed);
