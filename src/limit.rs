@@ -146,7 +146,9 @@ impl Verdict {
 /// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.
 #[derive(Default)]
 pub struct Buckets {
-    limiters: DashMap<Shape, Arc<Keyed>>,
+    /// Keyed by shapes from the config, never by anything a client sends: a fast hash, not
+    /// SipHash, per request.
+    limiters: DashMap<Shape, Arc<Keyed>, foldhash::fast::RandomState>,
     clock: DefaultClock,
 }
 

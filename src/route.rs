@@ -153,13 +153,16 @@ pub fn canonical_host(raw: &str) -> Option<String> {
     } else {
         // reg-name restricted to what DNS and IPv4 literals actually use;
         // percent-escapes and sub-delims are refused. Empty labels (`a..b`,
-        // `.a`) are malformed.
-        host.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+        // `.a`) are malformed. One pass over the bytes (this runs per request).
+        let mut label = 0usize;
+        host.bytes().all(|b| {
+            if b == b'.' {
+                std::mem::take(&mut label) > 0
+            } else {
+                label += 1;
+                b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+            }
+        }) && label > 0
     };
     ok.then(|| host.to_ascii_lowercase())
 }
