@@ -468,18 +468,17 @@ fn forwarded_target(uri: &Uri, path: &str, key_param: Option<&str>) -> Option<St
     let as_is = uri.scheme().is_none()
         && uri.authority().is_none()
         && uri.path() == path
-        && uri
-            .query()
-            .is_none_or(|q| !q.is_empty() && key_param.is_none_or(|p| !query_has(q, p)));
+        && uri.query().is_none_or(|q| {
+            !q.is_empty() && key_param.is_none_or(|p| !q.split('&').any(|kv| named(kv, p)))
+        });
     (!as_is).then(|| forwarded_path(path, uri.query(), key_param))
 }
 
-/// `query` has a parameter named `param` (as `extract` matches names).
-fn query_has(query: &str, param: &str) -> bool {
-    query.split('&').any(|pair| {
-        let name = pair.split('=').next().unwrap_or("");
-        crate::extract::name_matches(name.as_bytes(), param.as_bytes())
-    })
+/// A query pair (`name=value`, or a bare name) whose name is `param`, as `extract` matches
+/// names (escapes decoded).
+fn named(pair: &str, param: &str) -> bool {
+    let name = pair.split('=').next().unwrap_or("");
+    crate::extract::name_matches(name.as_bytes(), param.as_bytes())
 }
 
 /// The canonical path, plus the query without the key parameter when the route takes keys
@@ -487,10 +486,7 @@ fn query_has(query: &str, param: &str) -> bool {
 fn forwarded_path(path: &str, query: Option<&str>, key_param: Option<&str>) -> String {
     let query = match (query, key_param) {
         (Some(q), Some(param)) => {
-            let kept: Vec<&str> = q
-                .split('&')
-                .filter(|pair| !query_has(pair, param))
-                .collect();
+            let kept: Vec<&str> = q.split('&').filter(|pair| !named(pair, param)).collect();
             (!kept.is_empty()).then(|| kept.join("&"))
         }
         (q, _) => q.map(str::to_owned),
