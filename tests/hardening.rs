@@ -284,11 +284,20 @@ async fn h_upstream_framings_are_relayed_with_exactly_their_bodies() {
         )
         .await;
         let resps = out.responses();
-        let r = resps.first().unwrap_or_else(|| panic!("{name}: {}", out.text()));
-        assert_eq!((r.status, r.complete), (*status, true), "{name}: {}", out.text());
+        let r = resps
+            .first()
+            .unwrap_or_else(|| panic!("{name}: {}", out.text()));
+        assert_eq!(
+            (r.status, r.complete),
+            (*status, true),
+            "{name}: {}",
+            out.text()
+        );
         assert_eq!(r.body_str(), *body, "{name}");
         assert!(
-            !r.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("x-trailer")),
+            !r.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("x-trailer")),
             "{name}: trailer fields are not relayed"
         );
     }
@@ -299,7 +308,11 @@ async fn h_upstream_framings_are_relayed_with_exactly_their_bodies() {
     head.splice(0..3, b"HEAD".iter().copied());
     let out = raw_exchange(gw.http, &head, Duration::from_secs(8)).await;
     assert!(out.text().starts_with("HTTP/1.1 200"), "{}", out.text());
-    assert!(out.text().ends_with("\r\n\r\n"), "no body after a HEAD: {}", out.text());
+    assert!(
+        out.text().ends_with("\r\n\r\n"),
+        "no body after a HEAD: {}",
+        out.text()
+    );
     assert_eq!(head_stub.hits.load(Ordering::SeqCst), before + 1);
 }
 

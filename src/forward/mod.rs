@@ -204,12 +204,14 @@ impl Upstream {
             .or_else(|| self.targets.get(start % n.max(1)))
     }
 
-    /// Send `req` to a target, with `path_and_query` as its origin-form target (`None`: the
-    /// request's URI already is), and wait for the response head.
+    /// Send `req` with the gateway's own `fields` after its headers to a target, with
+    /// `path_and_query` as its origin-form target (`None`: the request's URI already is),
+    /// and wait for the response head.
     pub async fn send(
         &self,
         req: Request<GuardedBody>,
         path_and_query: Option<&str>,
+        fields: &crate::hygiene::Fields,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
             "upstream has no targets".into(),
@@ -226,7 +228,13 @@ impl Upstream {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
         let framing = wire::RequestFraming::of(body.is_end_stream(), body.size_hint().exact());
-        let head = wire::request_head(&parts.method, path.as_str(), &parts.headers, framing);
+        let head = wire::request_head(
+            &parts.method,
+            path.as_str(),
+            &parts.headers,
+            fields.as_bytes(),
+            framing,
+        );
         let started = Instant::now();
         let result = crate::deadline::timeout(
             self.response_timeout,

@@ -74,13 +74,15 @@ impl RequestFraming {
     }
 }
 
-/// The request line and fields, in origin-form with HTTP/1.1, and the framing header for
-/// `framing` (any the client sent is dropped: the body decides). `target` is an origin-form
-/// request target, `headers` values are `HeaderValue`s: neither can hold CR or LF.
+/// The request line and fields, in origin-form with HTTP/1.1: `headers`, then `more` (fields
+/// already in wire form), then the framing header for `framing` (any the client sent is
+/// dropped: the body decides). `target` is an origin-form request target and `headers`
+/// values are `HeaderValue`s: neither can hold CR or LF.
 pub fn request_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    more: &[u8],
     framing: RequestFraming,
 ) -> Bytes {
     // Room for a typical head at once; a larger one grows.
@@ -98,6 +100,7 @@ pub fn request_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(more);
     match framing {
         RequestFraming::Empty => {
             // A client's own `Content-Length: 0` is kept: some upstreams want it on a POST.
@@ -498,14 +501,20 @@ mod tests {
         ];
         for (f, want) in cases {
             assert_eq!(
-                request_head(&Method::GET, "/a?b", &headers, f),
+                request_head(&Method::GET, "/a?b", &headers, b"", f),
                 want.as_bytes()
             );
         }
         headers.remove(CONTENT_LENGTH);
         assert_eq!(
-            request_head(&Method::GET, "/", &headers, RequestFraming::Empty),
-            &b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n"[..]
+            request_head(
+                &Method::GET,
+                "/",
+                &headers,
+                b"x-more: 1\r\n",
+                RequestFraming::Empty
+            ),
+            &b"GET / HTTP/1.1\r\nhost: svc\r\nx-more: 1\r\n\r\n"[..]
         );
         assert_eq!(
             chunk(b"hello world, 17 b"),
