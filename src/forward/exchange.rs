@@ -59,8 +59,10 @@ pub(super) struct Exchange {
     wrote: bool,
     /// The request was not sent in full (the write side failed or was abandoned).
     broken: bool,
-    /// `out` holds the last bytes of the request: once written (and flushed), it is sent.
+    /// `out` holds the last bytes of the request: once written and flushed, it is sent.
     last: bool,
+    /// The whole request is written and flushed.
+    sent: bool,
 }
 
 impl Exchange {
@@ -83,6 +85,7 @@ impl Exchange {
             wrote: false,
             broken: false,
             last: framing == RequestFraming::Empty,
+            sent: false,
         }
     }
 
@@ -101,12 +104,12 @@ impl Exchange {
 
     /// The request is still going out.
     pub(super) fn sending(&self) -> bool {
-        !self.broken && (!self.out.is_empty() || !self.last)
+        !self.broken && !self.sent
     }
 
     /// Both directions ended cleanly: the connection can carry the next request.
     pub(super) fn reusable(&self) -> bool {
-        !self.broken && !self.sending()
+        self.sent
     }
 
     /// Stop sending (the response is over, or the body failed): the connection cannot be
@@ -121,8 +124,7 @@ impl Exchange {
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         loop {
             while !self.out.is_empty() {
-                let out = self.out.clone();
-                let n = ready!(self.conn().poll_write(cx, &out)).map_err(SendError::Io)?;
+                let n = ready!(self.lease.conn.poll_write(cx, &self.out)).map_err(SendError::Io)?;
                 if n == 0 {
                     return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into())));
                 }
@@ -131,10 +133,12 @@ impl Exchange {
             }
             if self.last {
                 ready!(self.conn().poll_flush(cx)).map_err(SendError::Io)?;
+                self.sent = true;
                 return Poll::Ready(Ok(()));
             }
             let Some(body) = self.body.as_mut() else {
-                return Poll::Ready(Ok(()));
+                self.last = true;
+                continue;
             };
             self.body_polled = true;
             let frame = ready!(Pin::new(body).poll_frame(cx));
