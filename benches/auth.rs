@@ -141,7 +141,7 @@ impl Decider {
             return false;
         }
         self.buckets
-            .check(self.shape, &record.lineage().to_owned())
+            .check(self.shape, record.lineage_id())
             .allowed
     }
 

@@ -3,6 +3,7 @@
 //! Two-thread figures are per-thread time per check with both threads checking at once.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use keygate::keys::compact::KeyId;
 use keygate::limit::{Buckets, Rate, Shape};
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,11 @@ fn bench(c: &mut Criterion) {
     let open = shape(1_000_000_000);
     // Refuses almost everything once the burst is spent: the denied path.
     let tight = shape(1);
-    let hot = "key_hotaaaaaaaaaaaaaaaaaaaaaaaaa".to_owned();
-    let lineages: Vec<String> = (0..MANY).map(|i| format!("key_{i:026}")).collect();
+    // Generated ids, as the table hands lineages to the limiter.
+    let hot = KeyId::generated(&u128::MAX.to_be_bytes());
+    let lineages: Vec<KeyId> = (0..MANY)
+        .map(|i| KeyId::generated(&(i as u128).to_be_bytes()))
+        .collect();
 
     let buckets = Buckets::new();
     for l in &lineages {

@@ -133,7 +133,7 @@ fn bench(c: &mut Criterion) {
                 client: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
                 trace: &trace,
             };
-            let ok = to_upstream(&mut up, &key_header, &f).is_ok();
+            let ok = to_upstream(&mut up, &key_header, &f).map(|f| f.as_bytes().len());
             let mut down = upstream_response_headers();
             sanitize_response(&mut down);
             verdict.headers(&mut down);

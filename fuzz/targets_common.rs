@@ -291,6 +291,7 @@ const REF_REQUEST_STRIP: &[&str] = &[
     "authorization",
     "forwarded",
     "x-real-ip",
+    "x-request-id",
     "x-http-method-override",
     "x-method-override",
     "x-http-method",

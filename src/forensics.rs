@@ -17,6 +17,7 @@
 //! send the keys that changed since the last report with their usage reports; the control
 //! plane keeps them per node and writes the same file.
 
+use crate::keys::compact::KeyId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -559,7 +560,9 @@ struct Tracked {
 pub struct Forensics {
     path: PathBuf,
     node: String,
-    keys: crate::fastmap::FastMap<String, Mutex<Tracked>>,
+    /// Keyed by `KeyId` (inline for a generated id): a lookup compares bytes in the map's slot
+    /// rather than following a `String`'s pointer.
+    keys: crate::fastmap::FastMap<KeyId, Mutex<Tracked>>,
     cap: usize,
     any_dirty: AtomicBool,
 }
@@ -634,7 +637,7 @@ impl Forensics {
         trim(&mut mine, cap);
         for (id, stats) in mine {
             keys.insert(
-                id,
+                KeyId::of(&id),
                 Mutex::new(Tracked {
                     stats,
                     dirty: false,
@@ -660,7 +663,7 @@ impl Forensics {
             if self.keys.len() >= self.cap {
                 self.evict();
             }
-            let t = self.keys.entry(id.to_owned()).or_default();
+            let t = self.keys.entry(KeyId::of(id)).or_default();
             let mut t = lock(&t);
             t.stats.add(&hit);
             t.dirty = true;
@@ -681,12 +684,12 @@ impl Forensics {
     /// than on every one. No map reference is held while removing (DashMap shards would
     /// deadlock).
     fn evict(&self) {
-        let mut seen: Vec<(i64, String)> = self
+        let mut seen: Vec<(i64, KeyId)> = self
             .keys
             .iter()
             .map(|e| (lock(e.value()).stats.last_seen, e.key().clone()))
             .collect();
-        seen.sort();
+        seen.sort_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
         let n = (self.cap / 10).max(1).min(seen.len());
         for (_, id) in seen.into_iter().take(n) {
             self.keys.remove(&id);
@@ -714,7 +717,7 @@ impl Forensics {
         for e in self.keys.iter() {
             let mut t = lock(e.value());
             if std::mem::take(&mut t.dirty) {
-                out.insert(e.key().clone(), t.stats.clone());
+                out.insert(e.key().to_string(), t.stats.clone());
             }
         }
         out
@@ -723,7 +726,7 @@ impl Forensics {
     /// A failed flush or report: mark those keys changed again.
     pub fn restore(&self, ids: impl IntoIterator<Item = String>) {
         for id in ids {
-            if let Some(t) = self.keys.get(&id) {
+            if let Some(t) = self.keys.get(id.as_str()) {
                 lock(&t).dirty = true;
                 self.mark_dirty();
             }

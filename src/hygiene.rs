@@ -13,7 +13,7 @@
 //! before relaying (RFC 9110 §7.6.1), never failing.
 
 use crate::keys::compact::{KeyView, Profile};
-use crate::trace::TraceContext;
+use crate::trace::{TraceContext, TRACEPARENT};
 use http::header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::cell::RefCell;
@@ -62,8 +62,9 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 /// Request-only removals: the client's credentials (the upstream gets the
-/// gateway's identity headers instead), forwarding metadata the gateway
-/// regenerates (THREATS B5), and method overrides that would let a client
+/// gateway's identity headers instead), forwarding metadata and the request id
+/// the gateway regenerates (THREATS B5; a client's valid id was taken as the
+/// request id before), and method overrides that would let a client
 /// run a method the route did not allow (THREATS B4). Underscore names are
 /// dropped wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable,
 /// so `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
@@ -73,6 +74,7 @@ fn is_request_only(name: &str) -> bool {
         "authorization"
             | "forwarded"
             | "x-real-ip"
+            | "x-request-id"
             | "x-http-method-override"
             | "x-method-override"
             | "x-http-method"
@@ -98,39 +100,38 @@ pub struct Forwarding<'a> {
 
 /// The request headers the upstream gets: the client's, stripped (`sanitize_request`), then
 /// the gateway's own: the key's identity, `X-Forwarded-*`, the request id, the trace context.
+/// The gateway's own are returned in wire form (`Fields`), for the request head, rather than
+/// inserted into the map: each would otherwise be hashed into it only to be written out.
 pub fn to_upstream(
     headers: &mut HeaderMap,
     key_header: &HeaderName,
     f: &Forwarding<'_>,
-) -> Result<(), HygieneError> {
+) -> Result<Fields, HygieneError> {
     sanitize_request(headers, key_header)?;
-    // Room for every header set below at once, not a regrow (and rehash) per few inserts.
-    // Failing only past the map's hard cap, which the head's header count check keeps far.
-    let _ = headers.try_reserve(ADDED_HEADERS);
-    let mut set = |name: &HeaderName, value: Option<HeaderValue>| {
-        if let Some(v) = value {
-            headers.insert(name.clone(), v);
-        }
-    };
+    let mut out = Fields::default();
     let (scopes, env) = profile_values(&f.key.profile);
-    set(&X_KEYGATE_KEY_ID, value(f.key.id.as_bytes()));
-    set(&X_KEYGATE_OWNER, value(f.key.owner.as_bytes()));
-    set(&X_KEYGATE_SCOPES, scopes);
-    set(&X_KEYGATE_ENV, env);
-    set(
+    out.set(&X_KEYGATE_KEY_ID, f.key.id.as_bytes());
+    out.set(&X_KEYGATE_OWNER, f.key.owner.as_bytes());
+    if let Some(v) = &scopes {
+        out.set_value(&X_KEYGATE_SCOPES, v);
+    }
+    if let Some(v) = &env {
+        out.set_value(&X_KEYGATE_ENV, v);
+    }
+    out.set(
         &X_FORWARDED_FOR,
-        value(crate::ascii::IpText::default().ip(f.client).as_bytes()),
+        crate::ascii::IpText::default().ip(f.client).as_bytes(),
     );
     if let Some(host) = f.host {
-        set(&X_FORWARDED_HOST, value(host.as_bytes()));
+        out.set(&X_FORWARDED_HOST, host.as_bytes());
     }
-    let proto = if f.tls { "https" } else { "http" };
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+    let proto: &[u8] = if f.tls { b"https" } else { b"http" };
+    out.set(&X_FORWARDED_PROTO, proto);
+    out.set_value(&X_REQUEST_ID, f.request_id);
     // HTTP/2 clients send no Host header; an HTTP/1.1 upstream needs one (RFC 9112 §3.2).
     if !headers.contains_key(HOST) {
-        if let Some(v) = f.host.and_then(|v| HeaderValue::from_str(v).ok()) {
-            headers.insert(HOST, v);
+        if let Some(host) = f.host {
+            out.set(&HOST, host.as_bytes());
         }
     }
     // HTTP/2 may split cookies into crumbs (RFC 9113 §8.2.3); HTTP/1.1 wants one header.
@@ -144,19 +145,67 @@ pub fn to_upstream(
             headers.insert(COOKIE, v);
         }
     }
-    f.trace.set_upstream_headers(headers);
-    Ok(())
+    out.set(&TRACEPARENT, &f.trace.for_upstream(headers));
+    Ok(out)
 }
 
-/// A header value of bytes the gateway took from a record or the request; `None` (the
-/// header is left out) for bytes a header value cannot hold.
+/// Request header fields in wire form (`name: value` and CRLF each), as the request head
+/// carries them after the client's (`forward::wire::request_head`).
+#[derive(Debug, Default)]
+pub struct Fields(Vec<u8>);
+
+impl Fields {
+    /// A field whose value is bytes the gateway took from a record or the request; left out
+    /// when a field value cannot hold them (a control character: what `HeaderValue` refuses).
+    pub fn set(&mut self, name: &HeaderName, value: &[u8]) {
+        if value
+            .iter()
+            .all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t')
+        {
+            self.push(name, value);
+        }
+    }
+
+    /// A field whose value is already a `HeaderValue` (checked when it was made).
+    pub fn set_value(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.push(name, value.as_bytes());
+    }
+
+    fn push(&mut self, name: &HeaderName, value: &[u8]) {
+        if self.0.is_empty() {
+            self.0.reserve(FIELDS_ROOM);
+        }
+        self.0.extend_from_slice(name.as_str().as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value);
+        self.0.extend_from_slice(b"\r\n");
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The fields as (name, value) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_suffix(b"\r"))
+            .filter_map(|line| {
+                let colon = line.iter().position(|&b| b == b':')?;
+                Some((&line[..colon], &line[colon + 2..]))
+            })
+    }
+}
+
+/// A header value of bytes the gateway took from a record; `None` (the header is left out)
+/// for bytes a header value cannot hold.
 fn value(bytes: &[u8]) -> Option<HeaderValue> {
     HeaderValue::from_bytes(bytes).ok()
 }
 
-/// How many headers `to_upstream` may add: the four identity headers, three
-/// `X-Forwarded-*`, the request id, `traceparent` and `Host`.
-const ADDED_HEADERS: usize = 10;
+/// Room for the fields `to_upstream` adds (the four identity fields, three `X-Forwarded-*`,
+/// the request id, `traceparent`, `Host`) in one allocation.
+const FIELDS_ROOM: usize = 512;
 
 /// Past this many profiles a thread's cache of profile values starts over (reloads leave
 /// replaced profiles behind; a table of many distinct profiles must not grow it unbounded).
@@ -390,14 +439,8 @@ mod tests {
         ("x-request-id", b"abc-123"),
         ("cookie", b"a=b"),
     ];
-    const BASE_NAMES: &[&str] = &[
-        "accept",
-        "content-length",
-        "content-type",
-        "cookie",
-        "host",
-        "x-request-id",
-    ];
+    /// `BASE` as the upstream gets it: the client's request id is replaced by the gateway's.
+    const BASE_NAMES: &[&str] = &["accept", "content-length", "content-type", "cookie", "host"];
 
     #[test]
     fn sanitize_request_table() {
@@ -638,6 +681,30 @@ mod tests {
             sanitize_response(&mut headers);
             assert_eq!(names(&headers), want.to_vec(), "case {name}");
         }
+    }
+
+    /// Fields go out in wire form, in order; a value a field cannot hold (CR, LF, NUL, DEL)
+    /// leaves its field out rather than split the head.
+    #[test]
+    fn fields_are_wire_lines_and_refuse_control_bytes() {
+        let mut f = Fields::default();
+        f.set(&X_KEYGATE_OWNER, b"acme\tcorp \xc3\xa9");
+        f.set(&X_KEYGATE_ENV, b"live\r\nx-injected: 1");
+        f.set(&X_KEYGATE_KEY_ID, b"key\0");
+        f.set(&X_FORWARDED_PROTO, b"bad\x7f");
+        f.set_value(&X_REQUEST_ID, &HeaderValue::from_static("r-1"));
+        assert_eq!(
+            f.as_bytes(),
+            &b"x-keygate-owner: acme\tcorp \xc3\xa9\r\nx-request-id: r-1\r\n"[..]
+        );
+        let pairs: Vec<_> = f.iter().collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (&b"x-keygate-owner"[..], &b"acme\tcorp \xc3\xa9"[..]),
+                (&b"x-request-id"[..], &b"r-1"[..])
+            ]
+        );
     }
 
     fn profile(env: &str, scopes: &[&str]) -> Arc<Profile> {

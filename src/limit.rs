@@ -17,6 +17,7 @@
 //! keys cannot grow the map. All timing uses governor's monotonic clock: a wall-clock jump
 //! changes nothing.
 
+use crate::keys::compact::KeyId;
 use crate::redis::lease::{Budget, Fleet};
 use crate::redis::quota::Quota as CalendarQuota;
 use dashmap::DashMap;
@@ -89,9 +90,11 @@ impl Shape {
     }
 }
 
+/// Keyed by lineage id: a generated id is held inline, so a lookup compares bytes in the map's
+/// own slot instead of following a `String`'s pointer (a cache miss per request with many keys).
 type Keyed = RateLimiter<
-    String,
-    DashMapStateStore<String, foldhash::fast::RandomState>,
+    KeyId,
+    DashMapStateStore<KeyId, foldhash::fast::RandomState>,
     DefaultClock,
     StateInformationMiddleware,
 >;
@@ -185,7 +188,7 @@ impl Buckets {
     }
 
     /// Take one token from `lineage`'s bucket of `shape`.
-    pub fn check(&self, shape: Shape, lineage: &String) -> Verdict {
+    pub fn check(&self, shape: Shape, lineage: &KeyId) -> Verdict {
         let limiter = self.limiter(shape);
         let per_token = shape.quota().replenish_interval();
         match limiter.check_key(lineage) {
@@ -304,7 +307,7 @@ impl Limiter {
         backend: Backend,
         on_down: OnRedisDown,
         shape: Shape,
-        lineage: &String,
+        lineage: &KeyId,
     ) -> Option<Verdict> {
         let fleet = match (backend, &self.fleet) {
             (Backend::Redis, Some(f)) if crate::redis::safe_id(lineage) => f,
@@ -509,8 +512,7 @@ pub async fn charge(
     let enforce = policy.enforce_for(key.plan.as_deref());
     let limits = policy.limits;
     if let Some(shape) = policy.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
-        let lineage = key.lineage().to_owned();
-        let v = limiter.rate(limits.backend, limits.on_redis_down, shape, &lineage);
+        let v = limiter.rate(limits.backend, limits.on_redis_down, shape, key.lineage_id());
         if let Some(v) = v.await {
             if !v.allowed {
                 if enforce {
@@ -561,14 +563,14 @@ mod tests {
     fn bucket_allows_burst_then_denies_and_is_per_lineage() {
         let b = Buckets::new();
         let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(3));
-        let a = "key_a".to_string();
+        let a = KeyId::of("key_a");
         let v: Vec<Verdict> = (0..4).map(|_| b.check(shape, &a)).collect();
         assert_eq!(v.iter().filter(|v| v.allowed).count(), 3);
         assert_eq!(v[0].remaining, 2);
         assert_eq!(v[2].remaining, 0);
         assert!(!v[3].allowed);
         assert!(v[3].reset_secs > 0 && v[3].reset_secs <= 3600);
-        assert!(b.check(shape, &"key_b".to_string()).allowed);
+        assert!(b.check(shape, &KeyId::of("key_b")).allowed);
         assert_eq!(b.len(), 2);
     }
 
@@ -576,7 +578,7 @@ mod tests {
     fn contention_from_threads_never_over_admits() {
         let b = Arc::new(Buckets::new());
         let shape = Shape::new(Rate::parse("1/h").unwrap(), Some(100));
-        let lineage = "key_hot".to_string();
+        let lineage = KeyId::of("key_hot");
         let allowed: usize = std::thread::scope(|s| {
             let hs: Vec<_> = (0..4)
                 .map(|_| {

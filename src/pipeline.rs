@@ -224,13 +224,13 @@ async fn pipeline(
         client: ctx.client_ip,
         trace: &ctx.trace,
     };
-    hygiene::to_upstream(&mut parts.headers, &snap.key_header, &upstream)?;
+    let fields = hygiene::to_upstream(&mut parts.headers, &snap.key_header, &upstream)?;
     let timeout = std::time::Duration::from_millis(snap.server.body_timeout_ms);
     let body = GuardedBody::new(body, route.max_body_bytes, timeout, ctx.bytes_in.clone());
     let sent = Instant::now();
     let mut resp = route
         .upstream
-        .send(Request::from_parts(parts, body), target.as_deref())
+        .send(Request::from_parts(parts, body), target.as_deref(), &fields)
         .await?;
     ctx.upstream = Some(sent.elapsed());
     hygiene::sanitize_response(resp.headers_mut());

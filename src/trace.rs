@@ -118,6 +118,10 @@ impl TraceContext {
 
     /// `traceparent` for the upstream: version 00, this trace, keygate's span as the parent.
     pub fn header_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_bytes(&self.traceparent()).ok()
+    }
+
+    fn traceparent(&self) -> [u8; LEN] {
         let mut buf = [0u8; LEN];
         buf[..3].copy_from_slice(b"00-");
         hex(&self.trace_id.0, &mut buf[3..35]);
@@ -125,19 +129,18 @@ impl TraceContext {
         hex(&self.span_id, &mut buf[36..52]);
         buf[52] = b'-';
         hex(&[self.flags], &mut buf[53..55]);
-        HeaderValue::from_bytes(&buf).ok()
+        buf
     }
 
-    /// Remove the client's trace headers, then set ours: `traceparent` always, the client's
-    /// `tracestate` only when its trace is continued (the spec drops it with an invalid parent).
-    pub fn set_upstream_headers(&self, h: &mut HeaderMap) {
+    /// Remove the client's trace headers and return our `traceparent` for the upstream
+    /// (`hygiene::to_upstream` sets it); the client's `tracestate` stays only when its trace
+    /// is continued (the spec drops it with an invalid parent).
+    pub fn for_upstream(&self, h: &mut HeaderMap) -> [u8; LEN] {
         h.remove(&TRACEPARENT);
         if !self.continued {
             h.remove(&TRACESTATE);
         }
-        if let Some(v) = self.header_value() {
-            h.insert(TRACEPARENT.clone(), v);
-        }
+        self.traceparent()
     }
 }
 
@@ -298,14 +301,20 @@ mod tests {
         let ids = IdSource::new();
         let mut h = headers(&["garbage"]);
         h.insert(TRACESTATE.clone(), HeaderValue::from_static("a=b"));
-        ids.context(&h).set_upstream_headers(&mut h);
-        assert_eq!(h.get_all(&TRACEPARENT).iter().count(), 1);
-        assert!(!h.contains_key(&TRACESTATE));
+        let ours = ids.context(&h).for_upstream(&mut h);
+        assert!(!h.contains_key(&TRACEPARENT) && !h.contains_key(&TRACESTATE));
+        assert!(parse(&ours).is_some(), "our own traceparent is valid");
 
         let mut h = headers(&[VALID]);
         h.insert(TRACESTATE.clone(), HeaderValue::from_static("a=b"));
-        ids.context(&h).set_upstream_headers(&mut h);
+        let ours = ids.context(&h).for_upstream(&mut h);
         assert_eq!(h[&TRACESTATE], "a=b");
-        assert_ne!(h[&TRACEPARENT], VALID);
+        assert!(!h.contains_key(&TRACEPARENT));
+        assert_eq!(
+            &ours[3..35],
+            &VALID.as_bytes()[3..35],
+            "the trace continues"
+        );
+        assert_ne!(&ours[..], VALID.as_bytes());
     }
 }

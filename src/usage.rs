@@ -12,6 +12,7 @@
 //! request by its final status (gateway refusals such as 429 included).
 
 use crate::fastmap::FastMap;
+use crate::keys::compact::KeyId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +67,10 @@ pub struct Delta {
 #[derive(Debug)]
 pub struct Usage {
     path: PathBuf,
-    entries: FastMap<String, Entry>,
+    /// Keyed by `KeyId`: a generated id is inline, so a lookup compares bytes in the map's
+    /// slot rather than following a `String`'s pointer (a cache miss per request across many
+    /// keys).
+    entries: FastMap<KeyId, Entry>,
 }
 
 /// Read a usage file; a missing or unreadable one is empty (usage is advisory).
@@ -97,7 +101,7 @@ impl Usage {
             for (c, n) in e.classes.iter().zip([u.s2xx, u.s4xx, u.s5xx]) {
                 c.store(n, Ordering::Relaxed);
             }
-            entries.insert(id, e);
+            entries.insert(KeyId::of(&id), e);
         }
         Usage { path, entries }
     }
@@ -106,7 +110,7 @@ impl Usage {
         if let Some(e) = self.entries.get(id) {
             return f(&e);
         }
-        f(&self.entries.entry(id.to_owned()).or_default());
+        f(&self.entries.entry(KeyId::of(id)).or_default());
     }
 
     /// Record one forwarded request by `id` at `now` (Unix seconds).
@@ -175,7 +179,7 @@ impl Usage {
     pub fn snapshot(&self) -> BTreeMap<String, Used> {
         self.entries
             .iter()
-            .map(|e| (e.key().clone(), Self::used(e.value())))
+            .map(|e| (e.key().to_string(), Self::used(e.value())))
             .collect()
     }
 
@@ -189,7 +193,7 @@ impl Usage {
             let [requests, s2xx, s4xx, s5xx] =
                 [0, 1, 2, 3].map(|i| e.pending[i].swap(0, Ordering::Relaxed));
             out.push(Delta {
-                id: e.key().clone(),
+                id: e.key().to_string(),
                 used: Used {
                     last_used: e.last_used.load(Ordering::Relaxed),
                     requests,

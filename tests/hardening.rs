@@ -231,6 +231,91 @@ enum Want {
     Aborted,
 }
 
+/// The response framings an upstream may use, each relayed with exactly its body: interim
+/// 1xx heads skipped, chunks (with extensions and a trailer section) decoded, a body delimited
+/// by the upstream's close read to the end, no body after a 204 or for a HEAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_upstream_framings_are_relayed_with_exactly_their_bodies() {
+    let raws: Vec<(&str, &[u8], u16, &str)> = vec![
+        (
+            "interim",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            200,
+            "ok",
+        ),
+        (
+            "chunks",
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            201,
+            "hello, world",
+        ),
+        (
+            "untilclose",
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nread until the upstream closes",
+            200,
+            "read until the upstream closes",
+        ),
+        (
+            "nocontent",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            204,
+            "",
+        ),
+    ];
+    let mut stubs = Vec::new();
+    let mut tail = String::new();
+    for (name, reply, _, _) in &raws {
+        let stub = RawStub::start(reply.to_vec(), true).await;
+        tail.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"{name}\"\n\n",
+            stub.addr
+        ));
+        stubs.push(stub);
+    }
+    let env = Env::new(Mode::Echo, "", 100_000, &tail).await;
+    let k = env.create(&[]);
+    let gw = env.serve().await;
+    let auth = bearer(&k.key);
+    for (name, _, status, body) in &raws {
+        let out = raw_exchange(
+            gw.http,
+            &raw_get(&format!("/{name}/x"), &[("Authorization", &auth)], true),
+            Duration::from_secs(8),
+        )
+        .await;
+        let resps = out.responses();
+        let r = resps
+            .first()
+            .unwrap_or_else(|| panic!("{name}: {}", out.text()));
+        assert_eq!(
+            (r.status, r.complete),
+            (*status, true),
+            "{name}: {}",
+            out.text()
+        );
+        assert_eq!(r.body_str(), *body, "{name}");
+        assert!(
+            !r.headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("x-trailer")),
+            "{name}: trailer fields are not relayed"
+        );
+    }
+    // HEAD: the upstream's Content-Length describes a body that is not there.
+    let head_stub = &stubs[0];
+    let before = head_stub.hits.load(Ordering::SeqCst);
+    let mut head = raw_get("/interim/x", &[("Authorization", &auth)], true);
+    head.splice(0..3, b"HEAD".iter().copied());
+    let out = raw_exchange(gw.http, &head, Duration::from_secs(8)).await;
+    assert!(out.text().starts_with("HTTP/1.1 200"), "{}", out.text());
+    assert!(
+        out.text().ends_with("\r\n\r\n"),
+        "no body after a HEAD: {}",
+        out.text()
+    );
+    assert_eq!(head_stub.hits.load(Ordering::SeqCst), before + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
     // One upstream (and route) per fault. Harness modes first, then raw replies.

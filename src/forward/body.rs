@@ -1,9 +1,10 @@
 //! The two bodies that cross the gateway: the client's request body on its way up (size limit,
-//! total deadline, trailers dropped) and the upstream's response body on its way down (idle
-//! deadline between frames, and the connection handed back to the pool once the body has been
-//! read to its end).
+//! total deadline, trailers dropped) and the upstream's response body on its way down (decoded
+//! from its framing, an idle deadline between reads, and the connection handed back to the
+//! pool once the exchange is complete).
 
-use super::pool::Lease;
+use super::exchange::Exchange;
+use super::wire::{BodyFraming, Chunked, Decoded, WireError};
 use crate::deadline::Deadline;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -24,57 +25,99 @@ pub enum BodyError {
     Timeout,
     #[error("client body: {0}")]
     Client(#[from] hyper::Error),
+    #[error("request body length differs from its Content-Length")]
+    Length,
 }
 
-/// The upstream's response body, relayed with an idle deadline between frames (THREATS H3).
-/// hyper's client has no body timeout: an upstream that sends its head and then stalls would
+/// The upstream's response body, decoded from its framing and relayed with an idle deadline
+/// between reads (THREATS H3): an upstream that sends its head and then stalls would
 /// otherwise hold the client connection (and the upstream one) forever. After
-/// `response_timeout` without a frame the body fails, so hyper aborts the client response
+/// `response_timeout` without a byte the body fails, so hyper aborts the client response
 /// (HTTP/1: close with a Content-Length shortfall or no terminal chunk; HTTP/2: RST_STREAM).
 ///
-/// It also holds the upstream connection it came on: the connection goes back to the idle
-/// pool when the body has been read to its end (never earlier: HTTP/1.1 has one response at a
-/// time), and is closed when the body is dropped unfinished or fails.
+/// It holds the exchange it came on: the rest of a request body still going out is sent as
+/// the response is read, and the connection goes back to the idle pool when both are
+/// complete (never earlier: HTTP/1.1 has one response at a time); it is closed when the body
+/// is dropped unfinished, fails, or the exchange cannot be reused.
 pub struct UpstreamBody {
-    inner: Incoming,
+    /// `None` once the body has ended (and the connection was released or closed).
+    exchange: Option<Exchange>,
+    decoder: Decoder,
+    keep_alive: bool,
     idle: Duration,
     deadline: Deadline,
     timeouts: IntCounter,
-    lease: Option<Lease>,
+}
+
+enum Decoder {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
 }
 
 impl UpstreamBody {
     pub(super) fn new(
-        inner: Incoming,
+        exchange: Exchange,
+        framing: BodyFraming,
+        keep_alive: bool,
         idle: Duration,
         timeouts: IntCounter,
-        lease: Lease,
     ) -> UpstreamBody {
-        UpstreamBody {
-            inner,
+        let mut body = UpstreamBody {
+            exchange: Some(exchange),
+            decoder: match framing {
+                BodyFraming::Empty => Decoder::Length(0),
+                BodyFraming::Length(n) => Decoder::Length(n),
+                BodyFraming::Chunked => Decoder::Chunked(Chunked::default()),
+                BodyFraming::Close => Decoder::Close,
+            },
+            keep_alive,
             idle,
             deadline: Deadline::after(idle),
             timeouts,
-            lease: Some(lease),
+        };
+        if framing == BodyFraming::Empty {
+            body.end();
+        }
+        body
+    }
+
+    /// The response is complete: the connection is free for the next request if the
+    /// request went out whole and nothing more came after the response.
+    fn end(&mut self) {
+        if let Some(mut exchange) = self.exchange.take() {
+            exchange.abandon_send();
+            let clean = matches!(self.decoder, Decoder::Length(_) | Decoder::Chunked(_))
+                && exchange.lease.conn.buf.is_empty();
+            if self.keep_alive && clean && exchange.reusable() {
+                exchange.lease.release();
+            }
         }
     }
 
-    /// The response is complete: the connection is free for the next request.
-    fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
+    /// The next frame from what is buffered; `None`: read more (or the body has ended).
+    fn decode(&mut self) -> Result<Option<Frame<Bytes>>, WireError> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return Ok(None);
+        };
+        let buf = &mut exchange.lease.conn.buf;
+        let (data, ended) = match &mut self.decoder {
+            Decoder::Length(left) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                ((n > 0).then(|| buf.split_to(n).freeze()), *left == 0)
+            }
+            Decoder::Chunked(chunked) => match chunked.decode(buf)? {
+                Decoded::Data(data) => (Some(data), false),
+                Decoded::More => (None, false),
+                Decoded::End => (None, true),
+            },
+            Decoder::Close => ((!buf.is_empty()).then(|| buf.split().freeze()), false),
+        };
+        if ended {
+            self.end();
         }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // hyper stops polling once `is_end_stream` says so (Content-Length reached): that is
-        // a finished body too. Anything else unfinished closes the connection (dropping the
-        // lease drops the sender; hyper closes a connection whose body was abandoned).
-        if self.inner.is_end_stream() {
-            self.release();
-        }
+        Ok(data.map(Frame::data))
     }
 }
 
@@ -91,49 +134,69 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if self.inner.is_end_stream() {
-                    self.release();
-                } else {
-                    let next = std::time::Instant::now() + self.idle;
-                    self.deadline.reset(next);
+        let this = &mut *self;
+        loop {
+            match this.decode() {
+                Ok(Some(frame)) => {
+                    if this.exchange.is_some() {
+                        let next = std::time::Instant::now() + this.idle;
+                        this.deadline.reset(next);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.lease = None;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                self.release();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if Pin::new(&mut self.deadline).poll(cx).is_ready() {
-                    self.timeouts.inc();
-                    self.lease = None;
-                    return Poll::Ready(Some(Err(BodyStalled.into())));
+                Ok(None) => {}
+                Err(e) => {
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(e.into())));
                 }
-                Poll::Pending
+            }
+            let Some(exchange) = this.exchange.as_mut() else {
+                return Poll::Ready(None);
+            };
+            exchange.progress_send(cx);
+            match exchange.lease.conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.decoder, Decoder::Close) {
+                        this.end();
+                        return Poll::Ready(None);
+                    }
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(WireError::Truncated.into())));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => {
+                    if Pin::new(&mut this.deadline).poll(cx).is_ready() {
+                        this.timeouts.inc();
+                        this.exchange = None;
+                        return Poll::Ready(Some(Err(BodyStalled.into())));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.exchange.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match (&self.exchange, &self.decoder) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Decoder::Length(left)) => SizeHint::with_exact(*left),
+            _ => SizeHint::default(),
+        }
     }
 }
 
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
-    /// The body and its deadline; `None`: no body, so nothing to wait for (a request sent
-    /// once more, `GuardedBody::empty`).
-    inner: Option<(Incoming, Deadline)>,
+    inner: Incoming,
+    deadline: Deadline,
     remaining: u64,
     /// Shared with the access line when one will be written.
     counted: Option<crate::access::BytesIn>,
@@ -147,19 +210,10 @@ impl GuardedBody {
         counted: Option<crate::access::BytesIn>,
     ) -> GuardedBody {
         GuardedBody {
-            inner: Some((inner, Deadline::after(timeout))),
+            inner,
+            deadline: Deadline::after(timeout),
             remaining: limit,
             counted,
-        }
-    }
-
-    /// No body: what a bodiless request goes out with when it is sent once more
-    /// (`forward::replayable`).
-    pub fn empty() -> GuardedBody {
-        GuardedBody {
-            inner: None,
-            remaining: 0,
-            counted: None,
         }
     }
 }
@@ -173,13 +227,10 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let Some((inner, deadline)) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        if Pin::new(deadline).poll(cx).is_ready() {
+        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -204,12 +255,10 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|(b, _)| b.is_end_stream())
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |(b, _)| b.size_hint())
+        self.inner.size_hint()
     }
 }

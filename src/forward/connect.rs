@@ -1,11 +1,10 @@
 //! One upstream target: its address as parsed from the config (`host:port`, `http://host:port`
 //! or `https://host:port`), and opening a new connection to it: resolve (skipped for an IP
-//! literal), TCP with TCP_NODELAY, TLS for https, then the HTTP/1.1 handshake, all within the
-//! upstream's connect timeout.
+//! literal), TCP with TCP_NODELAY, then TLS for https, all within the upstream's connect
+//! timeout.
 
-use super::body::GuardedBody;
+use super::conn::{Conn, Stream};
 use super::pool::{IdlePool, Lease};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicI64;
@@ -34,11 +33,6 @@ pub enum ConnectError {
     Tls {
         target: Box<str>,
         source: std::io::Error,
-    },
-    #[error("{target}: HTTP/1.1 handshake: {source}")]
-    Http {
-        target: Box<str>,
-        source: hyper::Error,
     },
 }
 
@@ -130,30 +124,26 @@ impl Target {
     }
 
     /// A new connection, leased to the caller.
-    pub(super) async fn connect(
-        &self,
-        http: &hyper::client::conn::http1::Builder,
-        timeout: Duration,
-    ) -> Result<Lease, ConnectError> {
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<Lease, ConnectError> {
         let target = || self.text.clone();
-        let opened =
-            tokio::time::timeout(timeout, async {
-                let tcp = self.tcp().await?;
-                match &self.tls {
-                    None => self.handshake(http, tcp).await,
-                    Some(tls) => {
-                        let stream = tls.connector.connect(tls.name.clone(), tcp).await.map_err(
-                            |source| ConnectError::Tls {
-                                target: target(),
-                                source,
-                            },
-                        )?;
-                        self.handshake(http, stream).await
-                    }
-                }
+        let opened = tokio::time::timeout(timeout, async {
+            let tcp = self.tcp().await?;
+            Ok(match &self.tls {
+                None => Stream::Plain(tcp),
+                Some(tls) => Stream::Tls(Box::new(
+                    tls.connector
+                        .connect(tls.name.clone(), tcp)
+                        .await
+                        .map_err(|source| ConnectError::Tls {
+                            target: target(),
+                            source,
+                        })?,
+                )),
             })
-            .await;
-        opened.unwrap_or_else(|_| Err(ConnectError::Timeout { target: target() }))
+        })
+        .await;
+        let stream = opened.unwrap_or_else(|_| Err(ConnectError::Timeout { target: target() }))?;
+        Ok(self.pool.lease(Conn::new(stream)))
     }
 
     /// TCP to the target: its IP, or each address its name resolves to in turn.
@@ -191,24 +181,6 @@ impl Target {
         // Small request heads must not wait for Nagle's delayed ACK round trip.
         stream.set_nodelay(true).map_err(tcp_error)?;
         Ok(stream)
-    }
-
-    async fn handshake<IO>(
-        &self,
-        http: &hyper::client::conn::http1::Builder,
-        io: IO,
-    ) -> Result<Lease, ConnectError>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = http
-            .handshake::<_, GuardedBody>(TokioIo::new(io))
-            .await
-            .map_err(|source| ConnectError::Http {
-                target: self.text.clone(),
-                source,
-            })?;
-        Ok(self.pool.adopt(sender, connection))
     }
 }
 

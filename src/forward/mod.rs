@@ -1,6 +1,7 @@
 //! Forwarding: an upstream's targets (round robin, ejection of failed ones), the exchange of
 //! one request with a target over a pooled HTTP/1.1 connection (plain or TLS) with connect and
-//! response timeouts, and the classification of what can go wrong.
+//! response timeouts, the one resend a request gets when its pooled connection proves closed,
+//! and the classification of what can go wrong.
 //!
 //! Upstream addresses come only from static config, never from the request (no SSRF through
 //! Host or an absolute URI); requests go out in origin-form with the client's Host. Errors
@@ -8,40 +9,38 @@
 //! response-head timeout (504), protocol errors including an unrequested 101 (502), and the
 //! client's own body being too large (413) or too slow (408).
 //!
-//! Sub-modules: `body` (the request and response bodies), `pool` (idle connections and their
-//! driver tasks), `connect` (target addresses and dialing), `tls` (the https client config).
+//! The HTTP/1.1 client is keygate's own (`wire`, `exchange`, `conn`): the request's task
+//! writes the head and body and reads the response itself, with no task per connection and
+//! no channel between the two (hyper's client connection cost ~20 % of the instructions of a
+//! forwarded request, most of it handing each request to the connection's task and back).
+//!
+//! Sub-modules: `wire` (the HTTP/1.1 format: heads, framing, chunks), `exchange` (one request
+//! and its response on a connection), `body` (the request and response bodies), `conn` (an
+//! open connection and its buffer), `pool` (idle connections), `connect` (target addresses
+//! and dialing), `tls` (the https client config).
 
 mod body;
+mod conn;
 mod connect;
+mod exchange;
 mod pool;
 mod tls;
+mod wire;
 
 pub use body::{BodyError, BodyStalled, GuardedBody, UpstreamBody};
 pub use connect::ConnectError;
+pub use wire::WireError;
 
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
 use connect::{Address, Target, TargetTls};
+use exchange::{Exchange, ExchangeError};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use pool::Lease;
+use http::{Method, Request, Response};
+use http_body::Body as _;
 use prometheus::{Histogram, IntCounter};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// Largest upstream response head we relay; bigger is a broken or hostile upstream (502).
-const MAX_UPSTREAM_HEAD_BYTES: usize = 64 * 1024;
-
-/// Response headers accepted from an upstream (hyper's default, kept explicit).
-const MAX_UPSTREAM_HEADERS: usize = 100;
-
-/// Why an exchange with a target failed, before classification.
-#[derive(Debug)]
-enum ExchangeError {
-    Connect(ConnectError),
-    Send(hyper::Error),
-}
 
 /// Series for one upstream, resolved once.
 #[derive(Clone)]
@@ -57,7 +56,6 @@ pub struct Upstream {
     pub name: String,
     targets: Vec<Target>,
     next: AtomicUsize,
-    http: hyper::client::conn::http1::Builder,
     connect_timeout: Duration,
     response_timeout: Duration,
     eject: Duration,
@@ -128,14 +126,10 @@ impl Upstream {
             };
             targets.push(Target::new(address, target_tls, idle_timeout));
         }
-        let mut http = hyper::client::conn::http1::Builder::new();
-        http.max_buf_size(MAX_UPSTREAM_HEAD_BYTES.max(8192))
-            .max_headers(MAX_UPSTREAM_HEADERS);
         Ok(Upstream {
             name: u.name.clone(),
             targets,
             next: AtomicUsize::new(0),
-            http,
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
             response_timeout: Duration::from_millis(u.response_timeout_ms),
             eject: Duration::from_millis(u.eject_ms),
@@ -210,25 +204,43 @@ impl Upstream {
             .or_else(|| self.targets.get(start % n.max(1)))
     }
 
-    /// Send `req` to a target, with `path_and_query` as its origin-form target (`None`: the
-    /// request's URI already is), and wait for the response head.
+    /// Send `req` with the gateway's own `fields` after its headers to a target, with
+    /// `path_and_query` as its origin-form target (`None`: the request's URI already is),
+    /// and wait for the response head.
     pub async fn send(
         &self,
-        mut req: Request<GuardedBody>,
+        req: Request<GuardedBody>,
         path_and_query: Option<&str>,
+        fields: &crate::hygiene::Fields,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
             "upstream has no targets".into(),
         ))?;
-        if let Some(path_and_query) = path_and_query {
-            let path = PathAndQuery::try_from(path_and_query)
-                .map_err(|_| GatewayError::BadRequest("path cannot be forwarded"))?;
-            *req.uri_mut() = Uri::from(path);
-        }
-        *req.version_mut() = http::Version::HTTP_11;
+        let (parts, body) = req.into_parts();
+        // The target is written to the wire as it is: only what parses as one goes.
+        let path = match path_and_query {
+            Some(p) => PathAndQuery::try_from(p)
+                .map_err(|_| GatewayError::BadRequest("path cannot be forwarded"))?,
+            None => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        let framing = wire::RequestFraming::of(body.is_end_stream(), body.size_hint().exact());
+        let head = wire::request_head(
+            &parts.method,
+            path.as_str(),
+            &parts.headers,
+            fields.as_bytes(),
+            framing,
+        );
         let started = Instant::now();
-        let result =
-            crate::deadline::timeout(self.response_timeout, self.exchange(target, req)).await;
+        let result = crate::deadline::timeout(
+            self.response_timeout,
+            self.exchange(target, &parts.method, head, body, framing),
+        )
+        .await;
         self.series
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -238,82 +250,64 @@ impl Upstream {
                 Err(GatewayError::UpstreamTimeout)
             }
             Ok(Err(e)) => Err(self.classify(e, target)),
-            Ok(Ok((resp, _))) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                // We never ask for an upgrade, so a 101 is a desync or an attack (THREATS H9).
-                // Dropping the lease closes the connection.
-                self.series.protocol_errors.inc();
-                Err(GatewayError::UpstreamError(
-                    "unrequested 101 from upstream".into(),
-                ))
-            }
-            Ok(Ok((resp, _)))
-                if resp.headers().contains_key(http::header::TRANSFER_ENCODING)
-                    && resp.headers().contains_key(http::header::CONTENT_LENGTH) =>
-            {
-                // Two framings on one response: a desync attempt or a broken upstream
-                // (THREATS A15/H5). Dropping the unread body discards the connection.
-                self.series.protocol_errors.inc();
-                Err(GatewayError::UpstreamError(
-                    "upstream response has both Content-Length and Transfer-Encoding".into(),
-                ))
-            }
-            Ok(Ok((resp, lease))) => {
-                let (parts, body) = resp.into_parts();
+            Ok(Ok((head, exchange))) => {
                 let body = UpstreamBody::new(
-                    body,
+                    exchange,
+                    head.framing,
+                    head.keep_alive,
                     self.response_timeout,
                     self.series.timeouts.clone(),
-                    lease,
                 );
-                Ok(Response::from_parts(parts, body))
+                Ok(Response::from_parts(head.parts, body))
             }
         }
     }
 
     /// One request on an idle pooled connection, or a new one, sent once more on a new
-    /// connection when a pooled one turns out to have been closed by the upstream:
-    /// - a request that never left (hyper hands it back) always;
-    /// - one that was written, only if it is safe to repeat and has no body
-    ///   (`replayable`), and only when its connection came from the pool and ended before a
-    ///   response (`closed_under_us`). An upstream that closes idle connections (a short
-    ///   keep-alive timeout) races every reuse: the close can be on the wire while the
-    ///   request goes out. Any other request that was written is not retried (it may not be
-    ///   idempotent): the client gets the 502.
+    /// connection when a pooled one turns out to have been closed by the upstream
+    /// (`ExchangeError::Closed`: an end of stream or reset before any byte of a response):
+    /// - a request nothing of which was written, always;
+    /// - one that was written, only if it is safe to repeat and has no body (RFC 9110
+    ///   §9.2.1: GET, HEAD, OPTIONS, TRACE). An upstream that closes idle connections (a
+    ///   short keep-alive timeout) races every reuse: the close can be on the wire while the
+    ///   request goes out. Any other request that was written is not sent again (it may not
+    ///   be idempotent): the client gets the 502.
     async fn exchange(
         &self,
         target: &Target,
-        req: Request<GuardedBody>,
-    ) -> Result<(Response<Incoming>, Lease), ExchangeError> {
-        let (mut lease, replay) = match target.pool.take() {
-            Some(lease) => (lease, replayable(&req)),
-            None => (self.connect(target).await?, None),
+        method: &Method,
+        head: bytes::Bytes,
+        body: GuardedBody,
+        framing: wire::RequestFraming,
+    ) -> Result<(wire::Head, Exchange), ExchangeError> {
+        let Some(lease) = target.pool.take() else {
+            let lease = self.connect(target).await?;
+            return Exchange::new(lease, head, body, framing).head(method).await;
         };
-        let again = match lease.sender().try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease)),
-            Err(mut e) => match (e.take_message(), replay) {
-                (Some(req), _) => req,
-                (None, Some(req)) => {
-                    let e = e.into_error();
-                    if !closed_under_us(&e) {
-                        return Err(ExchangeError::Send(e));
-                    }
-                    req
-                }
-                (None, None) => return Err(ExchangeError::Send(e.into_error())),
-            },
+        let mut pooled = Exchange::new(lease, head.clone(), body, framing);
+        let e = match std::future::poll_fn(|cx| pooled.poll_head(cx, method)).await {
+            Ok(h) => return Ok((h, pooled)),
+            Err(e) => e,
         };
-        drop(lease);
-        let mut fresh = self.connect(target).await?;
-        match fresh.sender().send_request(again).await {
-            Ok(resp) => Ok((resp, fresh)),
-            Err(e) => Err(ExchangeError::Send(e)),
+        let repeatable = framing == wire::RequestFraming::Empty
+            && matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            );
+        if !matches!(e, ExchangeError::Closed) || (pooled.wrote() && !repeatable) {
+            return Err(e);
         }
+        let Some(body) = pooled.into_unsent() else {
+            return Err(e);
+        };
+        let lease = self.connect(target).await?;
+        Exchange::new(lease, head, body, framing).head(method).await
     }
 
-    /// Boxed: a new connection's state (~2.5 KiB, TLS included) would otherwise be part of,
-    /// and copied with, every exchange's future, pooled or not.
-    async fn connect(&self, target: &Target) -> Result<Lease, ExchangeError> {
-        Box::pin(target.connect(&self.http, self.connect_timeout))
+    /// Boxed: a new connection's state (TLS included) would otherwise be part of, and copied
+    /// with, every exchange's future, pooled or not.
+    async fn connect(&self, target: &Target) -> Result<pool::Lease, ExchangeError> {
+        Box::pin(target.connect(self.connect_timeout))
             .await
             .map_err(ExchangeError::Connect)
     }
@@ -328,64 +322,19 @@ impl Upstream {
                 );
                 GatewayError::UpstreamUnavailable(Box::new(e))
             }
-            ExchangeError::Send(e) => {
-                // The client's own body failing is not the upstream's fault.
-                let mut source: Option<&(dyn std::error::Error + 'static)> =
-                    std::error::Error::source(&e);
-                while let Some(s) = source {
-                    if let Some(b) = s.downcast_ref::<BodyError>() {
-                        return match b {
-                            BodyError::TooLarge => GatewayError::BodyTooLarge,
-                            BodyError::Timeout => GatewayError::BodyTimeout,
-                            BodyError::Client(_) => GatewayError::BadRequest("client body aborted"),
-                        };
-                    }
-                    source = s.source();
+            // The client's own body failing is not the upstream's fault.
+            ExchangeError::Body(b) => match b {
+                BodyError::TooLarge => GatewayError::BodyTooLarge,
+                BodyError::Timeout => GatewayError::BodyTimeout,
+                BodyError::Client(_) => GatewayError::BadRequest("client body aborted"),
+                BodyError::Length => {
+                    GatewayError::BadRequest("body length differs from Content-Length")
                 }
+            },
+            e @ (ExchangeError::Wire(_) | ExchangeError::Io(_) | ExchangeError::Closed) => {
                 self.series.protocol_errors.inc();
                 GatewayError::UpstreamError(Box::new(e))
             }
         }
     }
-}
-
-/// A copy of `req` to send again should its pooled connection prove closed: only for a method
-/// that is safe to repeat (RFC 9110 §9.2.1: GET, HEAD, OPTIONS, TRACE) with no body, which
-/// is all a copy needs (method, target, headers). `None` for anything else.
-fn replayable(req: &Request<GuardedBody>) -> Option<Request<GuardedBody>> {
-    use http::Method;
-    let safe = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    );
-    if !safe || !hyper::body::Body::is_end_stream(req.body()) {
-        return None;
-    }
-    let mut copy = Request::new(GuardedBody::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
-}
-
-/// The upstream closed (or reset) the connection before any response came: what a pooled
-/// connection the upstream had already let go of looks like once the request is written.
-fn closed_under_us(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-            );
-        }
-        source = s.source();
-    }
-    false
 }

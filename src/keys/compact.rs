@@ -542,6 +542,14 @@ impl KeyId {
     }
 }
 
+/// Hashes as its text, as `Borrow<str>` requires: a map keyed by `KeyId` is looked up with a
+/// `&str`, and compares inline bytes, not a pointer to follow.
+impl std::hash::Hash for KeyId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
 impl std::ops::Deref for KeyId {
     type Target = str;
     fn deref(&self) -> &str {
@@ -868,7 +876,12 @@ impl KeyView {
 
     /// The id rate-limit buckets and quotas belong to (the first key of a rotation chain).
     pub fn lineage(&self) -> &str {
-        self.lineage.as_deref().unwrap_or(&self.id).as_str()
+        self.lineage_id().as_str()
+    }
+
+    /// The lineage as an id: what per-lineage state (the rate limiter's buckets) is keyed by.
+    pub fn lineage_id(&self) -> &KeyId {
+        self.lineage.as_deref().unwrap_or(&self.id)
     }
 }
 
