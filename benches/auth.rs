@@ -140,9 +140,7 @@ impl Decider {
         if authorize(&record, &route.requirements, self.ip, None, &[]).is_err() {
             return false;
         }
-        self.buckets
-            .check(self.shape, record.lineage_id())
-            .allowed
+        self.buckets.check(self.shape, record.lineage_id()).allowed
     }
 
     /// Run `iters` decisions rotating over the probe keys from `start`.

@@ -512,7 +512,12 @@ pub async fn charge(
     let enforce = policy.enforce_for(key.plan.as_deref());
     let limits = policy.limits;
     if let Some(shape) = policy.shape_for(key.rate.as_deref(), key.plan.as_deref()) {
-        let v = limiter.rate(limits.backend, limits.on_redis_down, shape, key.lineage_id());
+        let v = limiter.rate(
+            limits.backend,
+            limits.on_redis_down,
+            shape,
+            key.lineage_id(),
+        );
         if let Some(v) = v.await {
             if !v.allowed {
                 if enforce {
