@@ -808,6 +808,10 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
         ("Proxy-Authorization", "Basic eDp5"),
         ("X-HTTP-Method-Override", "DELETE"),
         ("Accept", "application/json"),
+        // Both replaced by the gateway's own, written once: a valid id is adopted as the
+        // request id, a malformed traceparent starts a new trace.
+        ("X-Request-Id", "client-chosen-id"),
+        ("traceparent", "00-not-a-trace-parent"),
     ];
     let out = raw_exchange(
         gw.http,
@@ -867,6 +871,8 @@ async fn upstream_sees_only_gateway_identity_and_never_the_key() {
     assert_eq!(one("x-forwarded-proto"), "http");
     assert_eq!(one("x-forwarded-host"), HOST);
     assert_eq!(one("x-request-id"), resp_rid);
+    assert_eq!(resp_rid, "client-chosen-id");
+    assert_ne!(one("traceparent"), "00-not-a-trace-parent");
     assert_eq!(one("accept"), "application/json");
 
     let p = &recs[1];
