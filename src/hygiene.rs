@@ -185,8 +185,9 @@ impl Fields {
         &self.0
     }
 
-    /// The fields as (name, value) pairs.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    /// The fields as (name, value) pairs (the tests read them back).
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.0
             .split(|&b| b == b'\n')
             .filter_map(|line| line.strip_suffix(b"\r"))

@@ -7,7 +7,7 @@
 //! a new id costs no syscall (a per-process random seed mixed with a counter, as for request
 //! ids). The only allocation is the `HeaderValue` sent upstream.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -117,10 +117,6 @@ impl TraceContext {
     }
 
     /// `traceparent` for the upstream: version 00, this trace, keygate's span as the parent.
-    pub fn header_value(&self) -> Option<HeaderValue> {
-        HeaderValue::from_bytes(&self.traceparent()).ok()
-    }
-
     fn traceparent(&self) -> [u8; LEN] {
         let mut buf = [0u8; LEN];
         buf[..3].copy_from_slice(b"00-");
@@ -230,6 +226,7 @@ fn nonzero(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -271,7 +268,7 @@ mod tests {
         let c = ids.context(&headers(&[VALID]));
         assert!(c.continued);
         assert_eq!(c.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        let v = c.header_value().unwrap();
+        let v = HeaderValue::from_bytes(&c.traceparent()).unwrap();
         let v = v.to_str().unwrap();
         assert!(v.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{v}");
         assert!(v.ends_with("-01") && !v.contains("00f067aa0ba902b7"), "{v}");
@@ -287,7 +284,7 @@ mod tests {
             assert!(!a.continued);
             assert_ne!(a.trace_id, b.trace_id, "new traces are distinct");
             assert_ne!(a.span_id, b.span_id);
-            let v = a.header_value().unwrap();
+            let v = HeaderValue::from_bytes(&a.traceparent()).unwrap();
             assert_eq!(
                 parse(v.as_bytes()).map(|p| p.0),
                 Some(a.trace_id),
