@@ -1994,12 +1994,26 @@ async fn a4_a8_a13_malformed_request_framing_is_refused() {
             Frame::RefusedOrIgnored,
         ),
     ];
+    // Each row's request carries its own query tag, and only records with that tag count
+    // for it: a row whose head was forwarded before its body was refused is recorded by
+    // the upstream when that connection ends, which can be after the next row has begun.
+    let tag = |row: usize| format!("?row={row}");
+    let tagged = |row: usize, bytes: &[u8]| -> Vec<u8> {
+        let text = String::from_utf8_lossy(bytes);
+        let (line, rest) = text.split_once(" HTTP/").expect("request line");
+        format!("{line}{} HTTP/{rest}", tag(row)).into_bytes()
+    };
     let mut failures = Vec::new();
-    for (name, bytes, want) in &cases {
-        env.up.clear();
-        let out = raw_exchange_opts(gw.http, bytes, Duration::from_secs(5), false).await;
+    for (row, (name, bytes, want)) in cases.iter().enumerate() {
+        let out =
+            raw_exchange_opts(gw.http, &tagged(row, bytes), Duration::from_secs(5), false).await;
         let st = out.statuses();
-        let recs = env.up.records();
+        let recs: Vec<_> = env
+            .up
+            .records()
+            .into_iter()
+            .filter(|r| r.path_and_query.ends_with(&tag(row)))
+            .collect();
         let first = st.first().copied();
         let exact = recs.len() == 1
             && recs[0].body == b"hello"
@@ -2041,5 +2055,22 @@ async fn a4_a8_a13_malformed_request_framing_is_refused() {
         .await
         .0,
         200
+    );
+    // Records that arrived after their row was judged: none may belong to a row refused
+    // before forwarding.
+    let late: Vec<_> = env
+        .up
+        .records()
+        .into_iter()
+        .filter(|r| {
+            cases.iter().enumerate().any(|(row, (_, _, want))| {
+                matches!(want, Frame::Refused) && r.path_and_query.ends_with(&tag(row))
+            })
+        })
+        .map(|r| r.path_and_query)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "refused rows reached the upstream: {late:?}"
     );
 }
