@@ -5,7 +5,8 @@
 //!
 //! On the request path, so: ids are fixed-size arrays, hex is written into stack buffers, and
 //! a new id costs no syscall (a per-process random seed mixed with a counter, as for request
-//! ids). The only allocation is the `HeaderValue` sent upstream.
+//! ids). Nothing is allocated: the upstream's `traceparent` is returned as bytes and written
+//! straight into the request head (`hygiene::to_upstream`).
 
 use http::{HeaderMap, HeaderName};
 use std::sync::atomic::{AtomicU64, Ordering};
