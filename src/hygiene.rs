@@ -158,10 +158,12 @@ impl Fields {
     /// A field whose value is bytes the gateway took from a record or the request; left out
     /// when a field value cannot hold them (a control character: what `HeaderValue` refuses).
     pub fn set(&mut self, name: &HeaderName, value: &[u8]) {
-        if value
-            .iter()
-            .all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t')
-        {
+        // A fold, not `all`: without the early exit the check vectorises (these values are
+        // short and nearly always clean; `all` went byte by byte, ~700 instructions a request).
+        let clean = value.iter().fold(true, |ok, &b| {
+            ok & ((b >= b' ' && b != 0x7f) | (b == b'\t'))
+        });
+        if clean {
             self.push(name, value);
         }
     }
