@@ -14,7 +14,9 @@
 //! is a map remove. The map is keyed by one `u64` (the millisecond, rounded up, and a
 //! sequence number), not by an `Instant` and a sequence: a third of the bytes its nodes move
 //! and one comparison per step (a quarter fewer instructions per insert and remove, callgrind).
-//! Resolution is tokio's (1 ms): deadlines fire no earlier than asked.
+//! Resolution is tokio's (1 ms): deadlines fire no earlier than asked. Polling a deadline reads
+//! no clock: `drive` reads it once per wake-up and takes what is due out of the map, and a
+//! deadline whose entry is gone has fired (every poll read it before: three times a request).
 //!
 //! A `Deadline` polled on a thread without a wheel (the admin and control listeners, tests on
 //! the multi-thread runtime) is a plain tokio sleep, so the same types serve every listener.
