@@ -14,7 +14,9 @@
 //! is a map remove. The map is keyed by one `u64` (the millisecond, rounded up, and a
 //! sequence number), not by an `Instant` and a sequence: a third of the bytes its nodes move
 //! and one comparison per step (a quarter fewer instructions per insert and remove, callgrind).
-//! Resolution is tokio's (1 ms): deadlines fire no earlier than asked.
+//! Resolution is tokio's (1 ms): deadlines fire no earlier than asked. Polling a deadline reads
+//! no clock: `drive` reads it once per wake-up and takes what is due out of the map, and a
+//! deadline whose entry is gone has fired (every poll read it before: three times a request).
 //!
 //! A `Deadline` polled on a thread without a wheel (the admin and control listeners, tests on
 //! the multi-thread runtime) is a plain tokio sleep, so the same types serve every listener.
@@ -159,6 +161,8 @@ enum State {
     Idle,
     /// In the wheel `wheel` under `key`.
     Wheel { wheel: u64, key: u64 },
+    /// Taken out of its wheel by `drive`: due.
+    Fired,
     /// No wheel on the polling thread: a tokio timer.
     Tokio(Pin<Box<tokio::time::Sleep>>),
 }
@@ -175,23 +179,27 @@ impl Deadline {
         Deadline::at(Instant::now() + d)
     }
 
-    /// Move the deadline; a task already waiting on it is woken at the new time.
+    /// Move the deadline; a task already waiting on it is woken at the new time. A deadline
+    /// that has fired stays fired unless it moves later (then it is armed again).
     pub fn reset(&mut self, at: Instant) {
+        let later = at > self.at;
         self.at = at;
         match &mut self.state {
             State::Tokio(sleep) => sleep.as_mut().reset(at.into()),
             State::Wheel { wheel, key } => {
+                // `None`: not this thread's wheel; `Some(None)`: `drive` took it (fired).
                 let moved = WHEEL.with_borrow_mut(|w| {
                     let w = w.as_mut().filter(|w| w.id == *wheel)?;
-                    let waker = w.entries.remove(key)?;
-                    Some(w.insert(at, waker))
+                    Some(w.entries.remove(key).map(|waker| w.insert(at, waker)))
                 });
                 match moved {
-                    Some(k) => *key = k,
-                    None => self.state = State::Idle,
+                    Some(Some(k)) => *key = k,
+                    Some(None) if !later => self.state = State::Fired,
+                    _ => self.state = State::Idle,
                 }
             }
-            State::Idle => {}
+            State::Fired if later => self.state = State::Idle,
+            State::Fired | State::Idle => {}
         }
     }
 
@@ -206,27 +214,45 @@ impl Deadline {
         }
     }
 
-    /// Register (or refresh) the waker in this thread's wheel; false when there is none.
-    fn register(&mut self, cx: &Context<'_>) -> bool {
+    /// Register (or refresh) the waker in this thread's wheel. No clock is read: a deadline
+    /// already due when it is first polled is inserted like any other, and `drive` (woken by
+    /// the insert, since it is earlier than anything it sleeps towards) fires it; one that
+    /// left the wheel since it was registered was fired (`unregister` and `reset` change the
+    /// state when they take an entry out).
+    fn register(&mut self, cx: &Context<'_>) -> Registered {
+        if let State::Fired = self.state {
+            return Registered::Fired;
+        }
         WHEEL.with_borrow_mut(|w| {
             let Some(w) = w.as_mut() else {
-                return false;
+                return Registered::NoWheel;
             };
             if let State::Wheel { wheel, key } = &self.state {
                 if *wheel == w.id {
-                    if let Some(waker) = w.entries.get_mut(key) {
-                        if !waker.will_wake(cx.waker()) {
-                            *waker = cx.waker().clone();
-                        }
-                        return true;
+                    let Some(waker) = w.entries.get_mut(key) else {
+                        return Registered::Fired;
+                    };
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
                     }
+                    return Registered::Waiting;
                 }
             }
             let key = w.insert(self.at, cx.waker().clone());
             self.state = State::Wheel { wheel: w.id, key };
-            true
+            Registered::Waiting
         })
     }
+}
+
+/// What `Deadline::register` found.
+enum Registered {
+    /// In this thread's wheel, not due yet.
+    Waiting,
+    /// Taken out of the wheel by `drive`: due.
+    Fired,
+    /// The thread has no wheel.
+    NoWheel,
 }
 
 impl Future for Deadline {
@@ -237,12 +263,13 @@ impl Future for Deadline {
         if let State::Tokio(sleep) = &mut this.state {
             return sleep.as_mut().poll(cx);
         }
-        if Instant::now() >= this.at {
-            this.unregister();
-            return Poll::Ready(());
-        }
-        if this.register(cx) {
-            return Poll::Pending;
+        match this.register(cx) {
+            Registered::Waiting => return Poll::Pending,
+            Registered::Fired => {
+                this.state = State::Fired;
+                return Poll::Ready(());
+            }
+            Registered::NoWheel => {}
         }
         let mut sleep = Box::pin(tokio::time::sleep_until(this.at.into()));
         let poll = sleep.as_mut().poll(cx);
@@ -282,9 +309,15 @@ impl hyper::rt::Timer for HyperTimer {
 
 /// `fut` given until `d` has passed: `Err(Elapsed)` if it had not finished by then.
 pub fn timeout<F: Future>(d: Duration, fut: F) -> Timeout<F> {
+    timeout_at(Instant::now() + d, fut)
+}
+
+/// `fut` given until `at`: `Err(Elapsed)` if it had not finished by then. (An instant, not
+/// a duration: the caller has read the clock already, for its own timing.)
+pub fn timeout_at<F: Future>(at: Instant, fut: F) -> Timeout<F> {
     Timeout {
         fut,
-        deadline: Deadline::after(d),
+        deadline: Deadline::at(at),
     }
 }
 
@@ -362,6 +395,36 @@ mod tests {
             let second = late.await.unwrap();
             assert!(second >= Duration::from_millis(60), "{second:?}");
             assert_eq!(entries(), 0);
+        });
+    }
+
+    /// What an idle connection does (`keepalive::Cycled`): on every wake-up it resets its
+    /// deadline to the same instant and polls it. Once fired it must stay fired, not be put
+    /// back in the wheel to fire again for ever; moved later, it waits again.
+    #[test]
+    fn a_fired_deadline_reset_to_the_same_instant_stays_fired() {
+        on_worker(async {
+            let at = Instant::now() + Duration::from_millis(5);
+            let mut d = Deadline::at(at);
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            // Until `drive` has fired it (taken it out of the wheel), polled with a bound.
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while entries() > 0 && Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(entries(), 0, "drive fired it");
+            assert!(Instant::now() >= at);
+            d.reset(at);
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_ready());
+            assert_eq!(entries(), 0);
+            // Already due when first polled: pending until `drive` fires it, never early.
+            let mut past = Deadline::at(Instant::now());
+            (&mut past).await;
+            assert!(futures_poll_once(Pin::new(&mut past)).await.is_ready());
+            let later = Instant::now() + Duration::from_secs(3600);
+            d.reset(later);
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            assert_eq!(entries(), 1, "moved later, it waits in the wheel again");
         });
     }
 

@@ -654,7 +654,7 @@ impl Forensics {
     }
 
     /// Record one request by key `id`: a map read and a short lock for a tracked key.
-    pub fn record(&self, id: &str, hit: Hit) {
+    pub fn record(&self, id: &KeyId, hit: Hit) {
         if let Some(t) = self.keys.get(id) {
             let mut t = lock(&t);
             t.stats.add(&hit);
@@ -663,7 +663,7 @@ impl Forensics {
             if self.keys.len() >= self.cap {
                 self.evict();
             }
-            let t = self.keys.entry(KeyId::of(id)).or_default();
+            let t = self.keys.entry(id.clone()).or_default();
             let mut t = lock(&t);
             t.stats.add(&hit);
             t.dirty = true;
@@ -923,7 +923,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = Forensics::with_cap(&dir.path().join("usage.json"), "n1", 100);
         for i in 0..1000i64 {
-            f.record(&format!("key_{i}"), hit([10, 0, 0, 1], "ua", 1000 + i));
+            f.record(
+                &KeyId::of(&format!("key_{i}")),
+                hit([10, 0, 0, 1], "ua", 1000 + i),
+            );
         }
         assert!(f.len() <= 100, "{}", f.len());
         assert!(f.get("key_999").is_some(), "the most recent key is kept");
@@ -936,12 +939,12 @@ mod tests {
         let usage = dir.path().join("usage.json");
         let a = Forensics::new(&usage, "a");
         let b = Forensics::new(&usage, "b");
-        a.record("key_x", hit([10, 0, 0, 1], "curl/8", 100));
-        a.record("key_x", hit([10, 0, 0, 1], "curl/8", 101));
+        a.record(&KeyId::of("key_x"), hit([10, 0, 0, 1], "curl/8", 100));
+        a.record(&KeyId::of("key_x"), hit([10, 0, 0, 1], "curl/8", 101));
         let mut revoked = hit([10, 0, 0, 2], "python", 200);
         revoked.revoked = true;
         revoked.status = 401;
-        b.record("key_x", revoked);
+        b.record(&KeyId::of("key_x"), revoked);
         assert!(a.flush().expect("flush a"));
         assert!(b.flush().expect("flush b"));
         assert!(!a.flush().expect("nothing new"));

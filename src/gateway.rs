@@ -257,7 +257,7 @@ impl Gateway {
     /// A forwarded request by key `id` at `now` with its final `status` (usage). The first
     /// use of a key on a UTC day moves its stale-gauge contribution, so that one update is
     /// made under the gauges' lock; every other use is one lock-free map lookup.
-    pub fn forwarded(&self, id: &str, now: i64, status: u16) {
+    pub fn forwarded(&self, id: &crate::keys::compact::KeyId, now: i64, status: u16) {
         if self.usage.same_day_use(id, now, status) {
             return;
         }

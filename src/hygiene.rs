@@ -61,6 +61,19 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// `is_hop_by_hop` for a token as a `Connection` header lists it (any case), without
+/// allocating: lowered into a stack buffer as long as the longest such name.
+fn names_hop_by_hop(token: &[u8]) -> bool {
+    let mut lower = [0u8; 20];
+    let Some(buf) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    for (l, t) in buf.iter_mut().zip(token) {
+        *l = t.to_ascii_lowercase();
+    }
+    std::str::from_utf8(buf).is_ok_and(is_hop_by_hop)
+}
+
 /// Request-only removals: the client's credentials (the upstream gets the
 /// gateway's identity headers instead), forwarding metadata and the request id
 /// the gateway regenerates (THREATS B5; a client's valid id was taken as the
@@ -158,10 +171,12 @@ impl Fields {
     /// A field whose value is bytes the gateway took from a record or the request; left out
     /// when a field value cannot hold them (a control character: what `HeaderValue` refuses).
     pub fn set(&mut self, name: &HeaderName, value: &[u8]) {
-        if value
-            .iter()
-            .all(|&b| (b >= b' ' && b != 0x7f) || b == b'\t')
-        {
+        // A fold, not `all`: without the early exit the check vectorises (these values are
+        // short and nearly always clean; `all` went byte by byte, ~700 instructions a request).
+        let clean = value.iter().fold(true, |ok, &b| {
+            ok & ((b >= b' ' && b != 0x7f) | (b == b'\t'))
+        });
+        if clean {
             self.push(name, value);
         }
     }
@@ -300,6 +315,11 @@ pub fn sanitize_response(headers: &mut HeaderMap) {
     if headers.get_all(CONNECTION).iter().nth(1).is_none() {
         if let Some(value) = headers.remove(CONNECTION) {
             for token in connection_tokens(value.as_bytes()).flatten() {
+                // A hop-by-hop name (nginx's `keep-alive`) is not looked up here: if such a
+                // field is present, `any_left` below finds it and the general pass drops it.
+                if names_hop_by_hop(token) {
+                    continue;
+                }
                 if let Ok(name) = std::str::from_utf8(token) {
                     headers.remove(name);
                 }
@@ -642,6 +662,16 @@ mod tests {
                 "one Connection, as an HTTP/1.1 upstream sends it",
                 &[
                     ("connection", b"keep-alive"),
+                    ("content-type", b"text/plain"),
+                ],
+                &["content-type"],
+            ),
+            (
+                "one Connection naming a hop-by-hop field that is present, in another case",
+                &[
+                    ("connection", b"Keep-Alive, Upgrade"),
+                    ("keep-alive", b"timeout=5"),
+                    ("upgrade", b"h2c"),
                     ("content-type", b"text/plain"),
                 ],
                 &["content-type"],

@@ -121,19 +121,19 @@ impl Verdict {
     /// `RateLimit-*` (draft-ietf-httpapi-ratelimit-headers) from the bucket's (or, when it
     /// refused, the quota's) verdict; `RateLimit-Policy: <limit>;w=<seconds>` names the window.
     pub fn headers(&self, h: &mut HeaderMap) {
-        h.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        h.insert(
+            RATELIMIT_LIMIT.clone(),
+            crate::ascii::number_value(self.limit.into()),
+        );
         h.insert(
             RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
+            crate::ascii::number_value(self.remaining.into()),
         );
-        h.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset_secs));
-        // Two integers and `;w=` always fit in 48 bytes.
-        let mut policy = crate::ascii::Text::<48>::default();
-        policy
-            .decimal(self.limit.into())
-            .push(b";w=")
-            .decimal(self.window_secs);
-        if let Ok(p) = HeaderValue::from_bytes(policy.as_bytes()) {
+        h.insert(
+            RATELIMIT_RESET.clone(),
+            crate::ascii::number_value(self.reset_secs),
+        );
+        if let Some(p) = policy_value(self.limit, self.window_secs) {
             h.insert(RATELIMIT_POLICY.clone(), p);
         }
     }
@@ -142,8 +142,37 @@ impl Verdict {
     /// and `Retry-After`, at least a second.
     pub fn refusal_headers(&self, h: &mut HeaderMap) {
         self.headers(h);
-        h.insert(RETRY_AFTER, HeaderValue::from(self.reset_secs.max(1)));
+        h.insert(
+            RETRY_AFTER,
+            crate::ascii::number_value(self.reset_secs.max(1)),
+        );
     }
+}
+
+/// `RateLimit-Policy: <limit>;w=<window>`. The last one made on this thread is kept: a
+/// worker answers mostly for one or a few plans, and a clone of it shares its bytes where a
+/// new one formats and allocates per response.
+fn policy_value(limit: u32, window_secs: u64) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u32, u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((l, w, v)) = last.as_ref() {
+            if (*l, *w) == (limit, window_secs) {
+                return Some(v.clone());
+            }
+        }
+        // Two integers and `;w=` always fit in 48 bytes.
+        let mut policy = crate::ascii::Text::<48>::default();
+        policy
+            .decimal(limit.into())
+            .push(b";w=")
+            .decimal(window_secs);
+        let v = HeaderValue::from_bytes(policy.as_bytes()).ok()?;
+        *last = Some((limit, window_secs, v.clone()));
+        Some(v)
+    })
 }
 
 /// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.

@@ -72,7 +72,7 @@ pub struct Metrics {
     /// Keys seen under an old secret version, by what became of their re-digest.
     pub keys_redigested: IntCounterVec,
     key_requests: IntCounterVec,
-    key_series: crate::fastmap::FastMap<String, IntCounter>,
+    key_series: crate::fastmap::FastMap<crate::keys::compact::KeyId, IntCounter>,
     key_series_cap: usize,
     /// `key_id="other"`, resolved once: past the cap most requests land here.
     key_other: std::sync::OnceLock<IntCounter>,
@@ -363,7 +363,7 @@ impl Metrics {
     }
 
     /// Count an authenticated request for `key_id` if per-key series are enabled.
-    pub fn count_key(&self, key_id: &str) {
+    pub fn count_key(&self, key_id: &crate::keys::compact::KeyId) {
         if self.key_series_cap == 0 {
             return;
         }
@@ -372,9 +372,9 @@ impl Metrics {
             return;
         }
         if self.key_series.len() < self.key_series_cap {
-            let c = self.key_requests.with_label_values(&[key_id]);
+            let c = self.key_requests.with_label_values(&[key_id.as_str()]);
             c.inc();
-            self.key_series.insert(key_id.to_owned(), c);
+            self.key_series.insert(key_id.clone(), c);
         } else {
             self.key_other
                 .get_or_init(|| self.key_requests.with_label_values(&["other"]))
@@ -407,7 +407,7 @@ mod tests {
         let s = m.route_series("r1", |_| true);
         s.count(Outcome::Ok);
         for id in ["key_a", "key_b", "key_c", "key_d"] {
-            m.count_key(id);
+            m.count_key(&crate::keys::compact::KeyId::of(id));
         }
         let text = String::from_utf8(m.render()).unwrap();
         assert!(

@@ -92,7 +92,7 @@ pub async fn handle(
     let method = req.method().clone();
 
     let result = match gw.enter(snap.server.max_in_flight) {
-        Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx).await,
+        Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx, started).await,
         None => Err(GatewayError::Overloaded),
     };
 
@@ -163,6 +163,7 @@ async fn pipeline(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     ctx: &mut Ctx,
+    started: Instant,
 ) -> Result<Response<RespBody>, GatewayError> {
     // Fail closed: without a table (or past max_staleness in fail_closed mode) nothing passes.
     if !gw.ready(snap) {
@@ -195,7 +196,7 @@ async fn pipeline(
         MAX_PRESENTED,
     )?;
     // A client over its failure budget is refused before we spend an HMAC on it (C7).
-    if let Some(wait) = gw.failures.blocked(ctx.client_ip, Instant::now()) {
+    if let Some(wait) = gw.failures.blocked(ctx.client_ip, started) {
         return Err(GatewayError::AuthBudgetExceeded {
             retry_after_secs: wait.as_secs().max(1),
         });
@@ -227,12 +228,11 @@ async fn pipeline(
     let fields = hygiene::to_upstream(&mut parts.headers, &snap.key_header, &upstream)?;
     let timeout = std::time::Duration::from_millis(snap.server.body_timeout_ms);
     let body = GuardedBody::new(body, route.max_body_bytes, timeout, ctx.bytes_in.clone());
-    let sent = Instant::now();
-    let mut resp = route
+    let (mut resp, took) = route
         .upstream
         .send(Request::from_parts(parts, body), target.as_deref(), &fields)
         .await?;
-    ctx.upstream = Some(sent.elapsed());
+    ctx.upstream = Some(took);
     hygiene::sanitize_response(resp.headers_mut());
     Ok(resp.map(Either::Left))
 }
@@ -545,8 +545,9 @@ fn record(
         .map_or(&snap.unrouted, |r| &r.series);
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
-    // The key's id, checked as text once for all the bookkeeping below, and the time once.
-    let key_id = ctx.key.as_ref().map(|k| k.id.as_str());
+    // The key's id as the per-key maps hold it (compared as bytes, never re-checked as
+    // text), and the time once.
+    let key_id = ctx.key.as_ref().map(|k| &k.id);
     let now = crate::clock::unix_secs();
     // Forwarded requests count their status with their use (`Gateway::forwarded`).
     if let Some(id) = key_id.filter(|_| outcome != Outcome::Ok && !outcome.is_auth_failure()) {

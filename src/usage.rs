@@ -106,15 +106,15 @@ impl Usage {
         Usage { path, entries }
     }
 
-    fn with(&self, id: &str, f: impl Fn(&Entry)) {
+    fn with(&self, id: &KeyId, f: impl Fn(&Entry)) {
         if let Some(e) = self.entries.get(id) {
             return f(&e);
         }
-        f(&self.entries.entry(KeyId::of(id)).or_default());
+        f(&self.entries.entry(id.clone()).or_default());
     }
 
     /// Record one forwarded request by `id` at `now` (Unix seconds).
-    pub fn touch(&self, id: &str, now: i64) {
+    pub fn touch(&self, id: &KeyId, now: i64) {
         self.with(id, |e| Self::count_use(e, now));
     }
 
@@ -126,7 +126,7 @@ impl Usage {
     }
 
     /// Record the final status of an authenticated request by `id`.
-    pub fn status(&self, id: &str, status: u16) {
+    pub fn status(&self, id: &KeyId, status: u16) {
         self.with(id, |e| Self::count_status(e, status));
     }
 
@@ -141,7 +141,7 @@ impl Usage {
     /// it is not the key's first use on a later UTC day than its last: then nothing is
     /// recorded and false returned, for the caller to record it with the gauges it moves
     /// (`Gateway::forwarded`).
-    pub fn same_day_use(&self, id: &str, now: i64, status: u16) -> bool {
+    pub fn same_day_use(&self, id: &KeyId, now: i64, status: u16) -> bool {
         let day = |t: i64| t.div_euclid(86_400);
         self.entries.get(id).is_some_and(|e| {
             if day(e.last_used.load(Ordering::Relaxed)) < day(now) {
@@ -209,7 +209,7 @@ impl Usage {
     /// A failed flush: keep the counts for the next one.
     pub fn restore(&self, deltas: Vec<Delta>) {
         for d in deltas {
-            self.with(&d.id, |e| {
+            self.with(&KeyId::of(&d.id), |e| {
                 let u = d.used;
                 for (p, n) in e.pending.iter().zip([u.requests, u.s2xx, u.s4xx, u.s5xx]) {
                     p.fetch_add(n, Ordering::Relaxed);
@@ -253,11 +253,11 @@ mod tests {
         let path = dir.path().join("usage.json");
         let u = Usage::new(path.clone());
         assert!(!u.flush().unwrap(), "nothing to write");
-        u.touch("key_a", 100);
-        u.touch("key_a", 90);
-        u.status("key_a", 200);
-        u.status("key_a", 429);
-        u.touch("key_b", 50);
+        u.touch(&KeyId::of("key_a"), 100);
+        u.touch(&KeyId::of("key_a"), 90);
+        u.status(&KeyId::of("key_a"), 200);
+        u.status(&KeyId::of("key_a"), 429);
+        u.touch(&KeyId::of("key_b"), 50);
         assert!(u.flush().unwrap());
         assert!(!u.flush().unwrap());
         let again = Usage::new(path.clone());
@@ -281,7 +281,7 @@ mod tests {
         let nodes: Vec<Usage> = (0..3).map(|_| Usage::new(path.clone())).collect();
         for (i, n) in nodes.iter().enumerate() {
             for _ in 0..=i {
-                n.touch("key_a", 100 + i as i64);
+                n.touch(&KeyId::of("key_a"), 100 + i as i64);
             }
         }
         std::thread::scope(|s| {
@@ -289,7 +289,7 @@ mod tests {
                 s.spawn(|| n.flush().unwrap());
             }
         });
-        nodes[0].touch("key_a", 99);
+        nodes[0].touch(&KeyId::of("key_a"), 99);
         nodes[0].flush().unwrap();
         let u = read(&path)["key_a"];
         assert_eq!(u.requests, 1 + 2 + 3 + 1);

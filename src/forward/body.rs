@@ -45,7 +45,10 @@ pub struct UpstreamBody {
     decoder: Decoder,
     keep_alive: bool,
     idle: Duration,
-    deadline: Deadline,
+    /// Armed when the body waits on the upstream, dropped when a frame comes: silence is
+    /// timed while it is waited out, and a body already read with its head (most small
+    /// responses) never reads the clock.
+    deadline: Option<Deadline>,
     timeouts: IntCounter,
 }
 
@@ -73,7 +76,7 @@ impl UpstreamBody {
             },
             keep_alive,
             idle,
-            deadline: Deadline::after(idle),
+            deadline: None,
             timeouts,
         };
         if framing == BodyFraming::Empty {
@@ -138,10 +141,7 @@ impl Body for UpstreamBody {
         loop {
             match this.decode() {
                 Ok(Some(frame)) => {
-                    if this.exchange.is_some() {
-                        let next = std::time::Instant::now() + this.idle;
-                        this.deadline.reset(next);
-                    }
+                    this.deadline = None;
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 Ok(None) => {}
@@ -169,7 +169,9 @@ impl Body for UpstreamBody {
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Pending => {
-                    if Pin::new(&mut this.deadline).poll(cx).is_ready() {
+                    let idle = this.idle;
+                    let deadline = this.deadline.get_or_insert_with(|| Deadline::after(idle));
+                    if Pin::new(deadline).poll(cx).is_ready() {
                         this.timeouts.inc();
                         this.exchange = None;
                         return Poll::Ready(Some(Err(BodyStalled.into())));
@@ -196,7 +198,10 @@ impl Body for UpstreamBody {
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
     inner: Incoming,
-    deadline: Deadline,
+    timeout: Duration,
+    /// Set when the body is first read (right after the head went out): a request without
+    /// a body never reads the clock for it.
+    deadline: Option<Deadline>,
     remaining: u64,
     /// Shared with the access line when one will be written.
     counted: Option<crate::access::BytesIn>,
@@ -211,7 +216,8 @@ impl GuardedBody {
     ) -> GuardedBody {
         GuardedBody {
             inner,
-            deadline: Deadline::after(timeout),
+            timeout,
+            deadline: None,
             remaining: limit,
             counted,
         }
@@ -227,7 +233,11 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if Pin::new(&mut this.deadline).poll(cx).is_ready() {
+        let timeout = this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Deadline::after(timeout));
+        if Pin::new(deadline).poll(cx).is_ready() {
             return Poll::Ready(Some(Err(BodyError::Timeout)));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {

@@ -197,22 +197,26 @@ impl Upstream {
     fn pick(&self) -> Option<&Target> {
         let n = self.targets.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = self.now_ms();
+        // The clock only for a target that was ever ejected (0: never).
+        let now = std::cell::OnceCell::new();
         (0..n)
             .map(|i| &self.targets[(start + i) % n])
-            .find(|t| t.ejected_until.load(Ordering::Relaxed) <= now)
+            .find(|t| match t.ejected_until.load(Ordering::Relaxed) {
+                0 => true,
+                until => until <= *now.get_or_init(|| self.now_ms()),
+            })
             .or_else(|| self.targets.get(start % n.max(1)))
     }
 
     /// Send `req` with the gateway's own `fields` after its headers to a target, with
     /// `path_and_query` as its origin-form target (`None`: the request's URI already is),
-    /// and wait for the response head.
+    /// and wait for the response head. Returns it with the time the upstream took to it.
     pub async fn send(
         &self,
         req: Request<GuardedBody>,
         path_and_query: Option<&str>,
         fields: &crate::hygiene::Fields,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
         let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
             "upstream has no targets".into(),
         ))?;
@@ -235,15 +239,16 @@ impl Upstream {
             fields.as_bytes(),
             framing,
         );
+        // The clock is read twice per exchange: its deadline and its duration both come
+        // from these two readings.
         let started = Instant::now();
-        let result = crate::deadline::timeout(
-            self.response_timeout,
+        let result = crate::deadline::timeout_at(
+            started + self.response_timeout,
             self.exchange(target, &parts.method, head, body, framing),
         )
         .await;
-        self.series
-            .duration
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.series.duration.observe(took.as_secs_f64());
         match result {
             Err(_) => {
                 self.series.timeouts.inc();
@@ -258,7 +263,7 @@ impl Upstream {
                     self.response_timeout,
                     self.series.timeouts.clone(),
                 );
-                Ok(Response::from_parts(head.parts, body))
+                Ok((Response::from_parts(head.parts, body), took))
             }
         }
     }
