@@ -12,7 +12,8 @@
 # gateway and upstream on CPU 1, wrk on CPU 0. Repetitions alternate the targets; the table
 # gives medians, and what the TLS hop adds to each gateway's CPU per request.
 # Needs: nginx (nginx-light), wrk, openssl, curl, taskset, python3; installs the packages when
-# missing. Everything started here is killed on exit.
+# missing. Everything started here is killed on exit; KEEP=1 keeps the scratch directory
+# (configs, certificates, logs) for a look after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -151,7 +152,7 @@ CONF
 }
 export API_KEY_HASH_SECRET=bench-secret-0123456789abcdef0123456789abcdef
 
-declare -A port cmd
+declare -A port
 port[nginx-gw]=$(free_port); nginx_gw nginx-gw "${port[nginx-gw]}" http "$UP_PLAIN"
 port[nginx-gw-tls]=$(free_port); nginx_gw nginx-gw-tls "${port[nginx-gw-tls]}" https "$UP_TLS"
 port[keygate]=$(free_port); keygate_cfg keygate "${port[keygate]}" "127.0.0.1:$UP_PLAIN"
@@ -173,7 +174,7 @@ for t in $TARGETS; do
   for ((i = 0; i < 600; i++)); do
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 -H "X-API-Key: $KEY" "http://127.0.0.1:${port[$t]}/api/v1/items" || true)
     [ "$code" = 200 ] && break
-    [ $i -eq 599 ] && { echo "$t: not answering 200 (last: $code)" >&2; tail -5 "$D/nginx.log" "$D/$t/serve.log" 2>/dev/null >&2; exit 1; }
+    [ $i -eq 599 ] && { echo "$t: not answering 200 (last: $code)" >&2; tail -n 5 "$D/nginx.log" "$D/$t/serve.log" 2>/dev/null >&2; exit 1; }
     sleep 0.1
   done
 done
@@ -197,22 +198,22 @@ for ((r = 1; r <= REPEAT; r++)); do
     reqs=$(sed -n 's/.*RESULT requests=\([0-9]*\).*/\1/p' <<<"$out")
     bad=$(sed -n 's/.*errors=\([0-9]*\) non2xx=\([0-9]*\).*/\1+\2/p' <<<"$out")
     [ "$bad" = "0+0" ] || { echo "$t: errors or non-2xx ($bad)" >&2; exit 1; }
-    printf '%s\t%s\t%s\n' "$t" "$reqs" "$(( (t1 - t0) ))" >>"$D/results.tsv"
+    printf '%s\t%s\t%s\n' "$t" "$reqs" "$((t1 - t0))" >>"$D/results.tsv"
     echo "run $r $t: $reqs requests" >&2
   done
 done
 
-python3 - "$D/results.tsv" "$DURATION" "$hz" <<'PY'
+python3 - "$D/results.tsv" "$DURATION" "$hz" "$CONNS" <<'PY'
 import statistics, sys
 from collections import defaultdict
-path, dur, hz = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+path, dur, hz, conns = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 rps, cpu = defaultdict(list), defaultdict(list)
 for line in open(path):
     t, reqs, ticks = line.split("\t")
     rps[t].append(int(reqs) / dur)
     cpu[t].append(int(ticks) / hz * 1e6 / int(reqs))
 m = {t: (statistics.median(rps[t]), statistics.median(cpu[t])) for t in rps}
-print(f"medians of {len(cpu['keygate'])}; gateway CPU µs per request; one key, wrk -c64")
+print(f"medians of {len(cpu['keygate'])}; gateway CPU µs per request; one key, wrk -c{conns}")
 print("| gateway | upstream plain: req/s | CPU µs/req | upstream TLS: req/s | CPU µs/req | TLS hop adds |")
 print("|---|---:|---:|---:|---:|---:|")
 for g in ("nginx-gw", "keygate"):

@@ -94,19 +94,20 @@ pub fn number_value(n: u64) -> HeaderValue {
         return HeaderValue::from(n);
     }
     let small = SMALL.get_or_init(|| {
-        // One string for all of them, kept for the life of the process (4 KiB).
-        let text: &'static str = (0..SMALL_NUMBERS)
-            .map(|i| i.to_string())
-            .collect::<String>()
-            .leak();
-        let mut start = 0;
-        (0..SMALL_NUMBERS)
+        // One string for all of them, kept for the life of the process (4 KiB), and where
+        // each one ends in it.
+        let mut text = String::new();
+        let ends: Vec<usize> = (0..SMALL_NUMBERS)
             .map(|i| {
-                let end = start + Text::<20>::default().decimal(i).as_bytes().len();
-                let v = HeaderValue::from_static(&text[start..end]);
-                start = end;
-                v
+                text.push_str(&i.to_string());
+                text.len()
             })
+            .collect();
+        let text: &'static str = text.leak();
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        starts
+            .zip(&ends)
+            .map(|(start, &end)| HeaderValue::from_static(&text[start..end]))
             .collect()
     });
     small[n as usize].clone()

@@ -419,6 +419,7 @@ mod tests {
             assert_eq!(entries(), 0);
             // Already due when first polled: pending until `drive` fires it, never early.
             let mut past = Deadline::at(Instant::now());
+            assert!(futures_poll_once(Pin::new(&mut past)).await.is_pending());
             (&mut past).await;
             assert!(futures_poll_once(Pin::new(&mut past)).await.is_ready());
             let later = Instant::now() + Duration::from_secs(3600);
