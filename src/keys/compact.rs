@@ -900,6 +900,7 @@ mod tests {
             let id = new_id("key").unwrap();
             let b = id_bytes(&id).expect("generated ids are binary");
             assert_eq!(id_string(&b), id);
+            assert_eq!(KeyId::generated(&b).as_str(), id);
         }
         for other in [
             "key_short",
