@@ -14,7 +14,8 @@
 //!   imported log alone (before compaction);
 //! - import time and the import process's peak RSS (VmHWM, sampled until it exits);
 //! - auth decision p50: `KeyTable::authenticate` (parse, HMAC, lookup, state rules) over the
-//!   imported keys, on a table loaded from the same store by the gateway's own loading code;
+//!   imported keys, on a table loaded from the same store by the gateway's own loading code,
+//!   each decision less the timer's own cost (printed beside it);
 //!   and p50 of a whole request through the gateway (loopback, keep-alive) for context;
 //! - `/metrics` scrape time (median of 5);
 //! - revocation apply time: from `keygate keys revoke` returning to the first 401 on an open

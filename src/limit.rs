@@ -26,8 +26,10 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,12 +178,35 @@ fn policy_value(limit: u32, window_secs: u64) -> Option<HeaderValue> {
 }
 
 /// Every bucket shape in use, each a keyed limiter over lineages. Shared across reloads.
-#[derive(Default)]
 pub struct Buckets {
+    /// Tells this instance's limiters from another's in a thread's `NEAR` cache.
+    instance: u64,
     /// Keyed by shapes from the config, never by anything a client sends: a fast hash, not
     /// SipHash, per request.
     limiters: DashMap<Shape, Arc<Keyed>, foldhash::fast::RandomState>,
     clock: DefaultClock,
+}
+
+impl Default for Buckets {
+    fn default() -> Buckets {
+        static INSTANCES: AtomicU64 = AtomicU64::new(0);
+        Buckets {
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            limiters: DashMap::default(),
+            clock: DefaultClock::default(),
+        }
+    }
+}
+
+/// Limiters a thread keeps at hand (`Buckets::with_limiter`): a handful of shapes covers the
+/// plans in use, and a miss only costs the shared map's lookup.
+const NEAR_MAX: usize = 8;
+
+thread_local! {
+    /// The limiters this thread used last, by `Buckets` instance and shape. Taking one from
+    /// the shared map costs a shard lock and a reference count, four atomic writes to lines
+    /// every worker writes on every request; a worker's own copy of the `Arc` costs none.
+    static NEAR: RefCell<Vec<(u64, Shape, Arc<Keyed>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl std::fmt::Debug for Buckets {
@@ -216,11 +241,30 @@ impl Buckets {
             .clone()
     }
 
+    /// `f` on the limiter of `shape`, from this thread's `NEAR` cache when it holds it.
+    fn with_limiter<T>(&self, shape: Shape, f: impl Fn(&Keyed) -> T) -> T {
+        NEAR.try_with(|near| {
+            let mut near = near.borrow_mut();
+            let at = near
+                .iter()
+                .position(|(instance, s, _)| *instance == self.instance && *s == shape);
+            let at = at.unwrap_or_else(|| {
+                if near.len() == NEAR_MAX {
+                    near.remove(0);
+                }
+                near.push((self.instance, shape, self.limiter(shape)));
+                near.len() - 1
+            });
+            f(&near[at].2)
+        })
+        // The thread is exiting (its cache is gone): the shared map.
+        .unwrap_or_else(|_| f(&self.limiter(shape)))
+    }
+
     /// Take one token from `lineage`'s bucket of `shape`.
     pub fn check(&self, shape: Shape, lineage: &KeyId) -> Verdict {
-        let limiter = self.limiter(shape);
         let per_token = shape.quota().replenish_interval();
-        match limiter.check_key(lineage) {
+        match self.with_limiter(shape, |l| l.check_key(lineage)) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let missing = shape.burst.saturating_sub(remaining);
@@ -606,6 +650,33 @@ mod tests {
         assert!(v[3].reset_secs > 0 && v[3].reset_secs <= 3600);
         assert!(b.check(shape, &KeyId::of("key_b")).allowed);
         assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn a_threads_cached_limiters_belong_to_their_own_buckets_and_shape() {
+        let one = |per: &str| Shape::new(Rate::parse(per).unwrap(), Some(1));
+        let a = KeyId::of("key_a");
+        let first = Buckets::new();
+        assert!(first.check(one("1/h"), &a).allowed);
+        assert!(!first.check(one("1/h"), &a).allowed);
+        // Another instance on the same thread, same shape and lineage: its own, full bucket.
+        let second = Buckets::new();
+        assert!(second.check(one("1/h"), &a).allowed);
+        assert!(
+            !first.check(one("1/h"), &a).allowed,
+            "the first keeps its state"
+        );
+        // More shapes than a thread keeps at hand: each still its own bucket, held or not.
+        let shapes: Vec<Shape> = (2..2 + 2 * NEAR_MAX)
+            .map(|n| one(&format!("{n}/h")))
+            .collect();
+        for s in &shapes {
+            assert!(first.check(*s, &a).allowed);
+        }
+        for s in &shapes {
+            assert!(!first.check(*s, &a).allowed);
+        }
+        assert_eq!(first.len(), 1 + shapes.len());
     }
 
     #[test]
