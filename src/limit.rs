@@ -156,8 +156,7 @@ impl Verdict {
 /// new one formats and allocates per response.
 fn policy_value(limit: u32, window_secs: u64) -> Option<HeaderValue> {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(u32, u64, HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
+        static LAST: RefCell<Option<(u32, u64, HeaderValue)>> = const { RefCell::new(None) };
     }
     LAST.with_borrow_mut(|last| {
         if let Some((l, w, v)) = last.as_ref() {
