@@ -1,4 +1,4 @@
-//! The token buckets (`limit::Buckets::check`, GCRA via governor, keyed by lineage):
+//! The token buckets (`limit::Buckets::check`: GCRA in `gcra::Table`, keyed by lineage):
 //! one hot key, many keys (100K lineages in rotation), and two threads on one hot key.
 //! Two-thread figures are per-thread time per check with both threads checking at once.
 

@@ -32,6 +32,7 @@ pub mod fastmap;
 pub mod forensics;
 pub mod forward;
 pub mod gateway;
+pub mod gcra;
 pub mod governance;
 pub mod health;
 pub mod hygiene;

@@ -1,5 +1,6 @@
-//! Rate limits: plans, per-lineage token buckets (GCRA via `governor`), the choice between
-//! node-local and fleet-wide (Redis) buckets, and the per-client failed-authentication budget.
+//! Rate limits: plans, per-lineage token buckets (GCRA, one `gcra::Table` per bucket shape),
+//! the choice between node-local and fleet-wide (Redis) buckets, and the per-client
+//! failed-authentication budget.
 //!
 //! `Limiter` is what the request path calls. With `[limits] backend = "local"` (the default)
 //! it is the node's own `Buckets`. With `backend = "redis"` it asks `redis::lease::Fleet`
@@ -14,21 +15,17 @@
 //! key and its successor share one budget during the grace window. Limiters live outside the
 //! config snapshot and are reused across reloads while a quota is unchanged, so a reload never
 //! refills anyone's bucket. Buckets are created only after successful authentication, so random
-//! keys cannot grow the map. All timing uses governor's monotonic clock: a wall-clock jump
-//! changes nothing.
+//! keys cannot grow the map. All timing uses a monotonic clock: a wall-clock jump changes
+//! nothing.
 
+use crate::gcra::{Gcra, Table, Take};
 use crate::keys::compact::KeyId;
 use crate::redis::lease::{Budget, Fleet};
 use crate::redis::quota::Quota as CalendarQuota;
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use std::cell::RefCell;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,25 +78,17 @@ impl Shape {
             .max(1.0) as u64
     }
 
-    fn quota(&self) -> Quota {
-        let one = NonZeroU32::MIN;
-        let burst = NonZeroU32::new(self.burst).unwrap_or(one);
-        // Period per token; at least 1 ns so Quota::with_period accepts it.
-        let period = (self.rate.per / self.rate.count).max(Duration::from_nanos(1));
-        Quota::with_period(period)
-            .unwrap_or(Quota::per_second(one))
-            .allow_burst(burst)
+    /// The GCRA parameters: nanoseconds per token (at least 1) and the burst's tolerance.
+    pub fn gcra(&self) -> Gcra {
+        let t = u64::try_from((self.rate.per / self.rate.count).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Gcra {
+            t,
+            tau: t.saturating_mul(u64::from(self.burst.max(1) - 1)),
+        }
     }
 }
-
-/// Keyed by lineage id: a generated id is held inline, so a lookup compares bytes in the map's
-/// own slot instead of following a `String`'s pointer (a cache miss per request with many keys).
-type Keyed = RateLimiter<
-    KeyId,
-    DashMapStateStore<KeyId, foldhash::fast::RandomState>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
 
 /// What the bucket said, for the `RateLimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,8 +171,7 @@ pub struct Buckets {
     instance: u64,
     /// Keyed by shapes from the config, never by anything a client sends: a fast hash, not
     /// SipHash, per request.
-    limiters: DashMap<Shape, Arc<Keyed>, foldhash::fast::RandomState>,
-    clock: DefaultClock,
+    limiters: DashMap<Shape, Arc<Table>, foldhash::fast::RandomState>,
 }
 
 impl Default for Buckets {
@@ -192,7 +180,6 @@ impl Default for Buckets {
         Buckets {
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             limiters: DashMap::default(),
-            clock: DefaultClock::default(),
         }
     }
 }
@@ -205,7 +192,7 @@ thread_local! {
     /// The limiters this thread used last, by `Buckets` instance and shape. Taking one from
     /// the shared map costs a shard lock and a reference count, four atomic writes to lines
     /// every worker writes on every request; a worker's own copy of the `Arc` costs none.
-    static NEAR: RefCell<Vec<(u64, Shape, Arc<Keyed>)>> = const { RefCell::new(Vec::new()) };
+    static NEAR: RefCell<Vec<(u64, Shape, Arc<Table>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl std::fmt::Debug for Buckets {
@@ -221,27 +208,15 @@ impl Buckets {
         Buckets::default()
     }
 
-    fn limiter(&self, shape: Shape) -> Arc<Keyed> {
+    fn limiter(&self, shape: Shape) -> Arc<Table> {
         if let Some(l) = self.limiters.get(&shape) {
             return l.clone();
         }
-        self.limiters
-            .entry(shape)
-            .or_insert_with(|| {
-                Arc::new(
-                    RateLimiter::dashmap_with_clock_and_hasher(
-                        shape.quota(),
-                        DefaultClock::default(),
-                        foldhash::fast::RandomState::default(),
-                    )
-                    .with_middleware::<StateInformationMiddleware>(),
-                )
-            })
-            .clone()
+        self.limiters.entry(shape).or_default().clone()
     }
 
     /// `f` on the limiter of `shape`, from this thread's `NEAR` cache when it holds it.
-    fn with_limiter<T>(&self, shape: Shape, f: impl Fn(&Keyed) -> T) -> T {
+    fn with_limiter<T>(&self, shape: Shape, f: impl Fn(&Table) -> T) -> T {
         NEAR.try_with(|near| {
             let mut near = near.borrow_mut();
             let at = near
@@ -262,37 +237,35 @@ impl Buckets {
 
     /// Take one token from `lineage`'s bucket of `shape`.
     pub fn check(&self, shape: Shape, lineage: &KeyId) -> Verdict {
-        let per_token = shape.quota().replenish_interval();
-        match self.with_limiter(shape, |l| l.check_key(lineage)) {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
+        let g = shape.gcra();
+        let take = self.with_limiter(shape, |l| l.take(lineage, g, || l.now()));
+        let (allowed, remaining, wait) = match take {
+            Take::Allowed { now, tat } => {
+                let remaining = g.remaining(now, tat);
                 let missing = shape.burst.saturating_sub(remaining);
-                Verdict {
-                    allowed: true,
-                    limit: shape.burst,
-                    remaining,
-                    reset_secs: (per_token * missing).as_secs_f64().ceil() as u64,
-                    window_secs: shape.window_secs(),
-                }
+                (true, remaining, g.t.saturating_mul(u64::from(missing)))
             }
-            Err(not_until) => Verdict {
-                allowed: false,
-                limit: shape.burst,
-                remaining: 0,
-                reset_secs: not_until
-                    .wait_time_from(self.clock.now())
-                    .as_secs_f64()
-                    .ceil()
-                    .max(1.0) as u64,
-                window_secs: shape.window_secs(),
+            Take::Denied { now, earliest } => (false, 0, earliest - now),
+        };
+        let reset_secs = wait.div_ceil(1_000_000_000);
+        Verdict {
+            allowed,
+            limit: shape.burst,
+            remaining,
+            // A refusal always waits a second or more.
+            reset_secs: if allowed {
+                reset_secs
+            } else {
+                reset_secs.max(1)
             },
+            window_secs: shape.window_secs(),
         }
     }
 
     /// Drop buckets that are full again (idle lineages); called periodically, off the request path.
     pub fn shrink(&self) {
         for l in self.limiters.iter() {
-            l.retain_recent();
+            l.shrink(l.now());
         }
     }
 
