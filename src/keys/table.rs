@@ -99,6 +99,9 @@ impl AuthError {
 struct Inner {
     entries: Vec<Cells>,
     profiles: Vec<Chunk<Arc<Profile>>>,
+    /// Names these profiles (`near_profile`): a number means the same profile for as long as
+    /// the store lives (interned, never changed), whichever inner state holds it.
+    profile_store: u64,
     /// Owners by number, as the views carry them (inline when short): one dense read.
     owners: Vec<Chunk<Name>>,
     strings: Vec<Chunk<Arc<str>>>,
@@ -112,9 +115,11 @@ struct Stale;
 
 impl Inner {
     fn sized(n: usize) -> Inner {
+        static STORES: AtomicU64 = AtomicU64::new(0);
         Inner {
             entries: Vec::with_capacity(n / SLAB_CHUNK + 1),
             profiles: Vec::new(),
+            profile_store: STORES.fetch_add(1, Ordering::Relaxed),
             owners: Vec::new(),
             strings: Vec::new(),
             by_digest: Arc::new(Index::for_keys(n)),
@@ -244,7 +249,7 @@ impl Inner {
             n => Some(Box::new(KeyId::shared(self.string(n - 1)?))),
         };
         let owner = self.owner(e)?;
-        let profile = self.profile(e.profile)?.clone();
+        let profile = near_profile(self.profile_store, e.profile, self.profile(e.profile)?);
         Some(KeyView::new(e, id, lineage, owner, profile))
     }
 
@@ -252,6 +257,43 @@ impl Inner {
     fn live(&self) -> impl Iterator<Item = Entry> + '_ {
         self.by_digest.targets().filter_map(|s| self.entry(s))
     }
+}
+
+/// Profiles a thread keeps copies of (`near_profile`).
+const NEAR_PROFILES: usize = 16;
+
+thread_local! {
+    /// This thread's own copies of the profiles its views carried, by store and number.
+    static NEAR: std::cell::RefCell<Vec<(u64, u32, Arc<Profile>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The profile a view carries: this thread's own copy of `shared`. A million keys share a
+/// handful of profiles, so the shared `Arc`'s count is one cache line that every worker
+/// wrote twice per request (clone, drop), bouncing between cores; a thread's own copy's
+/// count is written by that thread alone. Up to `NEAR_PROFILES` a thread: past that (a
+/// platform with many distinct plans and scope sets), copies of another store (a table
+/// replaced since) make room, else the view shares `shared` as before.
+fn near_profile(store: u64, n: u32, shared: &Arc<Profile>) -> Arc<Profile> {
+    NEAR.try_with(|near| {
+        let mut near = near.borrow_mut();
+        if let Some((_, _, own)) = near.iter().find(|(s, m, _)| *s == store && *m == n) {
+            return own.clone();
+        }
+        if near.len() == NEAR_PROFILES {
+            match near.iter().position(|(s, _, _)| *s != store) {
+                Some(stale) => {
+                    near.swap_remove(stale);
+                }
+                None => return shared.clone(),
+            }
+        }
+        let own = Arc::new(Profile::clone(shared));
+        near.push((store, n, own.clone()));
+        own
+    })
+    // The thread is exiting (its copies are gone): the shared one.
+    .unwrap_or_else(|_| shared.clone())
 }
 
 /// The writer's bookkeeping (under the writer lock; readers never look at it).
@@ -668,6 +710,7 @@ impl KeyTable {
         let mut next = Inner {
             entries: Vec::with_capacity(n / SLAB_CHUNK + 1),
             profiles: inner.profiles.clone(),
+            profile_store: inner.profile_store,
             owners: inner.owners.clone(),
             strings: inner.strings.clone(),
             by_digest: Arc::new(Index::for_keys(room)),
@@ -1353,5 +1396,48 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
         assert_eq!(table.len(), 1);
+    }
+
+    /// Views carry their thread's own copy of a profile (`near_profile`): the same copy on
+    /// one thread, another on another thread, equal in content to the table's; past
+    /// `NEAR_PROFILES` of one store the table's own, shared; a replaced table's copies make
+    /// room for the new one's.
+    #[test]
+    fn a_threads_views_carry_its_own_copy_of_a_profile() {
+        let f = fixture();
+        let scoped = |i: usize| move |r: &mut KeyRecord| r.scopes = vec![format!("scope:{i}")];
+        let keys: Vec<String> = (0..NEAR_PROFILES + 4)
+            .map(|i| f.add(&format!("key_{i}"), i as u64 + 1, scoped(i)))
+            .collect();
+        let shared = |table: &KeyTable, v: &KeyView| {
+            let inner = table.inner.load();
+            (0..64u32)
+                .filter_map(|n| inner.profile(n))
+                .any(|p| Arc::ptr_eq(p, &v.profile))
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let v = f.auth(key, 200).unwrap();
+            assert_eq!(v.scopes, [format!("scope:{i}")]);
+            let again = f.auth(key, 200).unwrap();
+            assert!(
+                Arc::ptr_eq(&v.profile, &again.profile),
+                "{i}: one copy a thread"
+            );
+            assert_eq!(shared(&f.table, &v), i >= NEAR_PROFILES, "{i}");
+        }
+        let (here, there) = std::thread::scope(|s| {
+            let there = s.spawn(|| f.auth(&keys[0], 200).unwrap().profile);
+            (
+                f.auth(&keys[0], 200).unwrap().profile,
+                there.join().unwrap(),
+            )
+        });
+        assert!(!Arc::ptr_eq(&here, &there) && *here == *there);
+        // Another table on this thread: its views get copies, in room the first one's made.
+        let g = fixture();
+        let other = g.add("key_other", 1, scoped(99));
+        let v = g.auth(&other, 200).unwrap();
+        assert!(!shared(&g.table, &v));
+        assert_eq!(v.scopes, ["scope:99"]);
     }
 }
