@@ -78,6 +78,12 @@ impl Gcra {
     }
 }
 
+/// Whether a bucket whose TAT is `tat` differs from a fresh one at `now` (the others can be
+/// dropped: see the module header). A sealed TAT is a bucket already moved.
+fn holds_state(tat: u64, now: u64) -> bool {
+    tat > now && tat != SEALED
+}
+
 /// 16 bytes on a 16-byte boundary: four slots to a cache line, none across two.
 #[derive(Default)]
 #[repr(align(16))]
@@ -180,7 +186,7 @@ impl Slots {
             let Err(tag) = sealed_free else { continue };
             // A bucket: its last TAT is what moves; any check after this sees the seal.
             let tat = s.tat.swap(SEALED, Ordering::AcqRel);
-            if tat > now && tat != SEALED {
+            if holds_state(tat, now) {
                 live.push((tag, tat));
             }
         }
@@ -311,10 +317,7 @@ impl Table {
         let live = slots
             .slots
             .iter()
-            .filter(|s| {
-                let t = s.tat.load(Ordering::Relaxed);
-                t > now && t != SEALED
-            })
+            .filter(|s| holds_state(s.tat.load(Ordering::Relaxed), now))
             .count();
         let claimed = slots.claimed.load(Ordering::Relaxed);
         let small = slots.slots.len() <= SMALL_SLOTS;
