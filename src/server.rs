@@ -30,6 +30,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// A request's response, as either arm of the service (the request path or the token
+/// exchange) produces it.
+type Served = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    hyper::Response<crate::access::AccessBody>,
+                    std::convert::Infallible,
+                >,
+            > + Send,
+    >,
+>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -647,16 +660,16 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             // connection's whole life (`in_flight`, allocated at the start), so an unboxed
             // request path (several KiB of state) would cost every idle keep-alive connection
             // that much; boxed, the slot is a pointer and the state lives only while a request
-            // is in flight.
-            let service = service_fn(move |req| {
+            // is in flight. Each arm's own future is boxed, not an `async` block around both:
+            // such a block holds the request path's state once more (~4 KiB) and copies it in
+            // when it starts the inner future, on every request.
+            let service = service_fn(move |req| -> Served {
                 let gw = svc_gw.clone();
-                Box::pin(async move {
-                    if crate::tokens::issue::is_exchange(&gw, &req) {
-                        crate::tokens::issue::handle(gw, conn, req).await
-                    } else {
-                        pipeline::handle(gw, conn, req).await
-                    }
-                })
+                if crate::tokens::issue::is_exchange(&gw, &req) {
+                    Box::pin(crate::tokens::issue::handle(gw, conn, req))
+                } else {
+                    Box::pin(pipeline::handle(gw, conn, req))
+                }
             });
             match tls {
                 // Boxed: this task lives as long as the connection, and its size is that of

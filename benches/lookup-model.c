@@ -1,0 +1,123 @@
+/* A model of the key table's lookup at 1M keys, for the README's "Why the 1M auth decision
+ * stays two misses long": the memory reads of three layouts, without the rest of the table.
+ *
+ *   gcc -O2 -o /tmp/lookup-model benches/lookup-model.c
+ *   /tmp/lookup-model LAYOUT [WORK]
+ *
+ * LAYOUT 0: as `keys::table` is: an index slot (tag, owner number, slot number) at the
+ *           hash's home, then the entry's cell and the owner's name, read together.
+ * LAYOUT 1: the same without the owner's name.
+ * LAYOUT 2: cells stored at their hash positions and probed directly (no index); the
+ *           owner's name read from the cell's owner number, after the cell.
+ * LAYOUT 3: as 2, without the owner's name (what a cell holding the name inline costs).
+ * WORK:     rounds of integer hashing between lookups (the HMAC's place; 0: none, so the
+ *           CPU overlaps one lookup's reads with the next one's).
+ *
+ * Sizes as the table's: 88-byte cells on huge pages, 8-byte index slots at 80 % load,
+ * 100,000 owners of 32 bytes (an interned `Name` in its `OnceLock`) on the allocator's pages,
+ * 65,536 probe keys out of 1,000,000, as `examples/scale.rs --auth-only` probes. Prints the
+ * p50 and p90 of 400,000 lookups timed one by one (the clock's own ~20 ns included). */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#define KEYS 1000000
+#define OWNERS 100000
+#define PROBES 65536
+#define ROUNDS 400000
+#define HUGE (2UL << 20)
+
+typedef struct { uint64_t w[11]; } cell_t; /* w[0]: hash, w[8]: owner, w[10]: written */
+typedef struct { char b[32]; } owner_t;
+
+static void *huge_pages(size_t bytes) {
+    size_t len = (bytes + HUGE - 1) & ~(HUGE - 1);
+    char *p = mmap(0, len + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) { perror("mmap"); exit(1); }
+    char *a = (char *)(((uintptr_t)p + HUGE - 1) & ~(HUGE - 1));
+    madvise(a, len, MADV_HUGEPAGE);
+    memset(a, 0, bytes);
+    return a;
+}
+
+static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+static int by_value(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static size_t home(uint64_t h, size_t cap) { return (size_t)(((unsigned __int128)h * cap) >> 64); }
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fprintf(stderr, "usage: %s LAYOUT(0-3) [WORK]\n", argv[0]); return 2; }
+    int layout = atoi(argv[1]), work = argc > 2 ? atoi(argv[2]) : 0;
+    size_t cap = KEYS + KEYS / 4;
+    owner_t *owners = malloc(OWNERS * sizeof(owner_t));
+    for (int i = 0; i < OWNERS; i++) memset(owners[i].b, 'a' + i % 26, sizeof owners[i].b);
+    cell_t *slab = huge_pages(KEYS * sizeof(cell_t));
+    uint64_t *index = huge_pages(cap * 8);
+    cell_t *homes = huge_pages(cap * sizeof(cell_t));
+    uint64_t *hashes = malloc(KEYS * 8);
+    for (int i = 0; i < KEYS; i++) {
+        uint64_t h = mix(i) | 1;
+        hashes[i] = h;
+        slab[i].w[0] = h, slab[i].w[8] = i % OWNERS, slab[i].w[10] = 1ULL << 63;
+        size_t at = home(h, cap);
+        while (index[at]) at = at + 1 == cap ? 0 : at + 1;
+        index[at] = ((h & 0xff) << 56) | ((uint64_t)(i % OWNERS) << 32) | (uint64_t)(i + 2);
+        at = home(h, cap);
+        while (homes[at].w[10]) at = at + 1 == cap ? 0 : at + 1;
+        homes[at] = slab[i];
+    }
+    uint64_t *probes = malloc(PROBES * 8);
+    for (int i = 0; i < PROBES; i++) probes[i] = hashes[mix(i + 77) % KEYS];
+    uint64_t *took = malloc(ROUNDS * 8);
+    memset(took, 1, ROUNDS * 8);
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < ROUNDS; r++) {
+        uint64_t h = probes[r % PROBES], x = h, got = 0;
+        for (int k = 0; k < work; k++) x = mix(x);
+        sink += x;
+        uint64_t t0 = now_ns();
+        size_t at = home(h, cap);
+        if (layout < 2) {
+            for (;; at = at + 1 == cap ? 0 : at + 1) {
+                uint64_t s = index[at];
+                if ((s >> 56) != (h & 0xff)) continue;
+                if (layout == 0) got += owners[(s >> 32) & 0xffffff].b[0];
+                cell_t *c = &slab[(uint32_t)s - 2];
+                if (c->w[0] == h) { got += c->w[3] + c->w[10]; break; }
+            }
+        } else {
+            for (;; at = at + 1 == cap ? 0 : at + 1) {
+                cell_t *c = &homes[at];
+                if (c->w[0] != h) continue;
+                got += c->w[3] + c->w[10];
+                if (layout == 2) got += owners[c->w[8]].b[5];
+                break;
+            }
+        }
+        sink += got;
+        took[r] = now_ns() - t0;
+    }
+    qsort(took, ROUNDS, 8, by_value);
+    printf("layout %d work %d: p50 %lu ns, p90 %lu ns\n", layout, work,
+           (unsigned long)took[ROUNDS / 2], (unsigned long)took[ROUNDS * 9 / 10]);
+    return 0;
+}
