@@ -20,9 +20,10 @@
 //! - **`Slab`**: append-only chunks of cells, each chunk one huge page (`keys::pages`). A new
 //!   version of a key is a new cell (the old one becomes garbage that the table's rebuild
 //!   drops), so a reader sees one version whole, never a mix.
-//! - **`Index`**: open addressing over atomic 64-bit slots (a 32-bit tag of the hash and the
-//!   slot number), sized to the key count, not a power of two. Readers probe with atomic
-//!   loads; the one writer (the table's writer lock) stores whole slots.
+//! - **`Index`**: open addressing over atomic words, sized to the key count, not a power of
+//!   two: by digest a word per slot (a tag of the hash, the owner number, the slot number),
+//!   by id half a word (a tag and the slot number). Readers probe with atomic loads; the one
+//!   writer (the table's writer lock) stores whole words.
 //!
 //! Names, labels, hints, reasons and MACs are not here: the CLI and the control plane read
 //! them from the store. Times beyond what 32 bits hold (before 1970 or after 2106) are
