@@ -10,6 +10,10 @@
  * LAYOUT 2: cells stored at their hash positions and probed directly (no index); the
  *           owner's name read from the cell's owner number, after the cell.
  * LAYOUT 3: as 2, without the owner's name (what a cell holding the name inline costs).
+ * LAYOUT 4: the slab written in hash order, with a rank directory over it (16 bytes per 32
+ *           buckets of the hash space, a bucket per key: a base slot and 2-bit counts) that
+ *           names the cell a key is in, or the one before it; that cell and the next are read
+ *           beside the index slot, which still decides. No owner's name (as 1).
  * WORK:     rounds of integer hashing between lookups (the HMAC's place; 0: none, so the
  *           CPU overlaps one lookup's reads with the next one's).
  *
@@ -33,6 +37,7 @@
 
 typedef struct { uint64_t w[11]; } cell_t; /* w[0]: hash, w[8]: owner, w[10]: written */
 typedef struct { char b[32]; } owner_t;
+typedef struct { uint32_t base, pad; uint64_t counts; } group_t;
 
 static void *huge_pages(size_t bytes) {
     size_t len = (bytes + HUGE - 1) & ~(HUGE - 1);
@@ -65,7 +70,7 @@ static int by_value(const void *a, const void *b) {
 static size_t home(uint64_t h, size_t cap) { return (size_t)(((unsigned __int128)h * cap) >> 64); }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: %s LAYOUT(0-3) [WORK]\n", argv[0]); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: %s LAYOUT(0-4) [WORK]\n", argv[0]); return 2; }
     int layout = atoi(argv[1]), work = argc > 2 ? atoi(argv[2]) : 0;
     size_t cap = KEYS + KEYS / 4;
     owner_t *owners = malloc(OWNERS * sizeof(owner_t));
@@ -85,6 +90,31 @@ int main(int argc, char **argv) {
         while (homes[at].w[10]) at = at + 1 == cap ? 0 : at + 1;
         homes[at] = slab[i];
     }
+    group_t *groups = 0;
+    if (layout == 4) {
+        /* The slab and the index rewritten in hash order, then the directory over it. */
+        uint64_t *sorted = malloc(KEYS * 16);
+        for (int i = 0; i < KEYS; i++) sorted[2 * i] = hashes[i], sorted[2 * i + 1] = i;
+        qsort(sorted, KEYS, 16, by_value);
+        memset(index, 0, cap * 8);
+        for (int i = 0; i < KEYS; i++) {
+            uint64_t h = sorted[2 * i], o = sorted[2 * i + 1] % OWNERS;
+            slab[i].w[0] = h, slab[i].w[8] = o, slab[i].w[10] = 1ULL << 63;
+            size_t at = home(h, cap);
+            while (index[at]) at = at + 1 == cap ? 0 : at + 1;
+            index[at] = ((h & 0xff) << 56) | (o << 32) | (uint64_t)(i + 2);
+        }
+        size_t ngroups = KEYS / 32 + 1, i = 0;
+        groups = huge_pages(ngroups * sizeof(group_t));
+        for (size_t g = 0; g < ngroups; g++) {
+            groups[g].base = i;
+            for (int k = 0; k < 32; k++) {
+                size_t c = 0;
+                while (i < KEYS && home(slab[i].w[0], KEYS) == g * 32 + k) i++, c++;
+                groups[g].counts |= (uint64_t)(c > 3 ? 3 : c) << (2 * k);
+            }
+        }
+    }
     uint64_t *probes = malloc(PROBES * 8);
     for (int i = 0; i < PROBES; i++) probes[i] = hashes[mix(i + 77) % KEYS];
     uint64_t *took = malloc(ROUNDS * 8);
@@ -96,7 +126,18 @@ int main(int argc, char **argv) {
         sink += x;
         uint64_t t0 = now_ns();
         size_t at = home(h, cap);
-        if (layout < 2) {
+        if (layout == 4) {
+            size_t b = home(h, KEYS);
+            group_t g = groups[b / 32];
+            uint64_t below = b % 32 ? g.counts & (~0ULL >> (64 - 2 * (b % 32))) : 0;
+            uint32_t p = g.base + __builtin_popcountll(below & 0x5555555555555555ULL)
+                       + 2 * __builtin_popcountll(below & 0xAAAAAAAAAAAAAAAAULL);
+            /* The named cell and the next, first and last words: read now, values kept. */
+            uint64_t early = slab[p].w[0] + slab[p].w[10];
+            if (p + 1 < KEYS) early += slab[p + 1].w[10];
+            sink += early;
+        }
+        if (layout < 2 || layout == 4) {
             for (;; at = at + 1 == cap ? 0 : at + 1) {
                 uint64_t s = index[at];
                 if ((s >> 56) != (h & 0xff)) continue;

@@ -20,9 +20,10 @@
 //! - **`Slab`**: append-only chunks of cells, each chunk one huge page (`keys::pages`). A new
 //!   version of a key is a new cell (the old one becomes garbage that the table's rebuild
 //!   drops), so a reader sees one version whole, never a mix.
-//! - **`Index`**: open addressing over atomic 64-bit slots (a 32-bit tag of the hash and the
-//!   slot number), sized to the key count, not a power of two. Readers probe with atomic
-//!   loads; the one writer (the table's writer lock) stores whole slots.
+//! - **`Index`**: open addressing over atomic words, sized to the key count, not a power of
+//!   two: by digest a word per slot (a tag of the hash, the owner number, the slot number),
+//!   by id half a word (a tag and the slot number). Readers probe with atomic loads; the one
+//!   writer (the table's writer lock) stores whole words.
 //!
 //! Names, labels, hints, reasons and MACs are not here: the CLI and the control plane read
 //! them from the store. Times beyond what 32 bits hold (before 1970 or after 2106) are
@@ -672,43 +673,129 @@ const TOMB: u64 = 1;
 /// The owner field of a slot whose entry's owner number does not fit it (`Index` header).
 const NO_OWNER: u32 = (1 << 24) - 1;
 
-/// Open addressing from a 64-bit hash to a slot number. A slot is one atomic word:
-/// `tag << 56 | owner << 32 | (n + 2)`, where the tag is 8 bits of the hash and `owner` the
-/// entry's owner number (`NO_OWNER` from 2^24 − 1 owners on); 0 is empty, 1 a removed slot
-/// that probes pass over.
+/// Open addressing from a 64-bit hash to a slot number, in one of two forms:
 ///
-/// Why the owner is here: a lookup reads a slot, then the entry's cell, then its owner's
-/// name, and at a million keys each of those is a miss to DRAM (~160 ns on the reference
-/// VM). With the owner number in the slot, the owner's name is fetched while the cell is
-/// (`Index::find` hands it to the caller before the cell is read): two misses in a row, not
-/// three. It is only ever a hint for that early fetch; the entry's own owner field is what a
-/// view carries. 8 bits of tag still spare all but 1 in 256 of the cells a probe passes.
+/// - **By digest** (`DigestIndex`, the request path's): a slot is one atomic word,
+///   `tag << 56 | owner << 32 | (n + 2)`, where the tag is 8 bits of the hash and `owner` the
+///   entry's owner number (`NO_OWNER` from 2^24 − 1 owners on).
+/// - **By id** (`IdIndex`, the control path's): a slot is half a word, two to a word (5
+///   bytes per key at 80 % load where a whole word was 10): `tag << bits | (n + 2)`, where
+///   `bits` holds any slot number the slab reaches before the writer rebuilds (`fits`) and
+///   the tag is as many low bits of the hash as are left (10 at a million keys), so a probe
+///   for an id not held reads almost no cells.
+///
+/// In both, 0 is empty and 1 a removed slot that probes pass over.
+///
+/// Why the owner is in a digest slot: a lookup reads a slot, then the entry's cell, then its
+/// owner's name, and at a million keys each of those is a miss to DRAM (~160 ns on the
+/// reference VM). With the owner number in the slot, the owner's name is fetched while the
+/// cell is (`Index::find` hands it to the caller before the cell is read): two misses in a
+/// row, not three. It is only ever a hint for that early fetch; the entry's own owner field
+/// is what a view carries. 8 bits of tag still spare all but 1 in 256 of the cells a probe
+/// passes.
 #[derive(Debug)]
-pub struct Index {
-    slots: crate::keys::pages::Slots,
+pub struct Index<const BY_ID: bool> {
+    words: crate::keys::pages::Slots,
+    len: usize,
+    /// By id: the low bits of a slot that hold `n + 2` (the rest hold the tag).
+    slot_bits: u32,
 }
+
+pub type DigestIndex = Index<false>;
+pub type IdIndex = Index<true>;
 
 /// Most slots in use (including removed ones) before the writer rebuilds: 85%.
 pub fn index_full(used: usize, cap: usize) -> bool {
     used * 20 >= cap * 17
 }
 
-impl Index {
+impl<const BY_ID: bool> Index<BY_ID> {
     /// An index for `n` keys at 80% load (and never fewer than 64 slots).
-    pub fn for_keys(n: usize) -> Index {
-        let cap = (n + n / 4).max(64);
+    pub fn for_keys(n: usize) -> Self {
+        let len = (n + n / 4).max(64);
+        let words = if BY_ID { len.div_ceil(2) } else { len };
+        // The slab holds at most live entries (under 85 % of `len`) plus superseded ones
+        // (up to half the live ones and a chunk) before the writer rebuilds: twice `len`
+        // and a chunk is room for every slot number it reaches (`fits` holds it to that).
+        let reach = (2 * len + CHUNK + 2) as u64;
+        let slot_bits = (u64::BITS - reach.leading_zeros()).min(32);
         // EMPTY is 0: the zeroed mapping is an empty index.
         Index {
-            slots: crate::keys::pages::slots(cap),
+            words: crate::keys::pages::slots(words),
+            len,
+            slot_bits,
         }
     }
 
+    /// Whether slot number `slot` fits this index (always, by digest; by id, the writer
+    /// rebuilds before the slab outgrows it).
+    pub fn fits(&self, slot: u32) -> bool {
+        !BY_ID || u64::from(slot) + 2 < 1 << self.slot_bits
+    }
+
+    /// The bits of a slot that hold `n + 2`.
+    fn slot_mask(&self) -> u64 {
+        if BY_ID {
+            u64::from(u32::MAX) >> (32 - self.slot_bits)
+        } else {
+            u64::from(u32::MAX)
+        }
+    }
+
+    /// By id: the tag of `hash` in a slot (the low bits the slot number leaves).
+    fn id_tag(&self, hash: u64) -> u64 {
+        (hash << self.slot_bits) & u64::from(u32::MAX)
+    }
+
     pub fn capacity(&self) -> usize {
-        self.slots.len()
+        self.len
     }
 
     fn home(&self, hash: u64) -> usize {
-        ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
+        ((u128::from(hash) * self.len as u128) >> 64) as usize
+    }
+
+    /// Slot `at`'s value.
+    fn get(&self, at: usize, order: Ordering) -> u64 {
+        if BY_ID {
+            let w = self.words[at / 2].load(order);
+            (w >> (32 * (at % 2))) & u64::from(u32::MAX)
+        } else {
+            self.words[at].load(order)
+        }
+    }
+
+    /// Set slot `at` (the one writer: the other half of a shared word is written back as it
+    /// was, and a reader sees the word before or after, whole).
+    fn put(&self, at: usize, v: u64) {
+        if BY_ID {
+            let word = &self.words[at / 2];
+            let shift = 32 * (at % 2);
+            let keep = word.load(Ordering::Relaxed) & !(u64::from(u32::MAX) << shift);
+            word.store(keep | (v << shift), Ordering::Release);
+        } else {
+            self.words[at].store(v, Ordering::Release);
+        }
+    }
+
+    fn encode(&self, hash: u64, slot: u32, owner: u32) -> u64 {
+        debug_assert!(
+            self.fits(slot),
+            "the writer rebuilds before a slot outgrows its index"
+        );
+        if BY_ID {
+            self.id_tag(hash) | u64::from(slot + 2)
+        } else {
+            (u64::from(hash as u8) << 56)
+                | (u64::from(owner.min(NO_OWNER)) << 32)
+                | u64::from(slot + 2)
+        }
+    }
+
+    /// The positions a probe for `hash` visits, in order: every slot once, from its home.
+    fn probes(&self, hash: u64) -> impl Iterator<Item = usize> {
+        let (home, n) = (self.home(hash), self.len);
+        (home..n).chain(0..home)
     }
 
     /// The slot position and number of the first entry with `hash` that `is` accepts. `is`
@@ -718,24 +805,24 @@ impl Index {
         hash: u64,
         mut is: impl FnMut(u32, Option<u32>) -> bool,
     ) -> Option<(usize, u32)> {
-        let tag = (hash as u8) as u64;
-        let n = self.slots.len();
-        let mut at = self.home(hash);
-        for _ in 0..n {
-            let s = self.slots[at].load(Ordering::Acquire);
+        let slot_mask = self.slot_mask();
+        let (tag, tag_mask) = if BY_ID {
+            (self.id_tag(hash), u64::from(u32::MAX) & !slot_mask)
+        } else {
+            ((hash as u8 as u64) << 56, 0xff << 56)
+        };
+        for at in self.probes(hash) {
+            let s = self.get(at, Ordering::Acquire);
             if s == EMPTY {
                 return None;
             }
-            if s != TOMB && s >> 56 == tag {
-                let slot = (s as u32).wrapping_sub(2);
-                let owner = ((s >> 32) as u32) & NO_OWNER;
-                if is(slot, (owner != NO_OWNER).then_some(owner)) {
-                    return Some((at, slot));
-                }
+            if s == TOMB || s & tag_mask != tag {
+                continue;
             }
-            at += 1;
-            if at == n {
-                at = 0;
+            let slot = ((s & slot_mask) as u32).wrapping_sub(2);
+            let owner = ((s >> 32) as u32) & NO_OWNER;
+            if is(slot, (!BY_ID && owner != NO_OWNER).then_some(owner)) {
+                return Some((at, slot));
             }
         }
         None
@@ -743,40 +830,32 @@ impl Index {
 
     /// Point position `at` (from `find`) at `slot`, whose entry's owner is `owner`.
     pub fn repoint(&self, at: usize, hash: u64, slot: u32, owner: u32) {
-        let v = (u64::from(hash as u8) << 56)
-            | (u64::from(owner.min(NO_OWNER)) << 32)
-            | u64::from(slot + 2);
-        self.slots[at].store(v, Ordering::Release);
+        self.put(at, self.encode(hash, slot, owner));
     }
 
     /// Add `hash` → `slot` (whose entry's owner is `owner`) at the first free position; true
     /// when it took an empty one (the caller counts use for `index_full`).
     pub fn insert(&self, hash: u64, slot: u32, owner: u32) -> bool {
-        let n = self.slots.len();
-        let mut at = self.home(hash);
-        for _ in 0..n {
-            let s = self.slots[at].load(Ordering::Relaxed);
+        for at in self.probes(hash) {
+            let s = self.get(at, Ordering::Relaxed);
             if s == EMPTY || s == TOMB {
                 self.repoint(at, hash, slot, owner);
                 return s == EMPTY;
-            }
-            at += 1;
-            if at == n {
-                at = 0;
             }
         }
         false
     }
 
     pub fn remove(&self, at: usize) {
-        self.slots[at].store(TOMB, Ordering::Release);
+        self.put(at, TOMB);
     }
 
     /// Every slot number the index points at.
     pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
-        self.slots.iter().filter_map(|s| {
-            let s = s.load(Ordering::Acquire);
-            (s != EMPTY && s != TOMB).then(|| (s as u32).wrapping_sub(2))
+        let slot_mask = self.slot_mask();
+        (0..self.len).filter_map(move |at| {
+            let s = self.get(at, Ordering::Acquire);
+            (s != EMPTY && s != TOMB).then(|| ((s & slot_mask) as u32).wrapping_sub(2))
         })
     }
 }
@@ -1061,8 +1140,53 @@ mod tests {
     }
 
     #[test]
+    fn an_id_index_keeps_half_word_slots_apart_and_tags_them() {
+        let idx = IdIndex::for_keys(10);
+        assert_eq!(idx.capacity(), 64);
+        // 64 slots: room for slot numbers up to 2 * 64 + a chunk, in 13 bits; 19 bits of tag.
+        let widest = (1 << 13) - 3;
+        assert!(idx.fits(widest) && !idx.fits(widest + 1));
+        // Hashes whose homes are consecutive positions 0..40, so neighbours share words.
+        let home = |at: u64| (at << 58) | 0x5a5a;
+        for at in 0..40u64 {
+            assert!(idx.insert(home(at), at as u32 * 3, 0));
+        }
+        for at in 0..40u64 {
+            let found = idx.find(home(at), |s, owner| {
+                assert_eq!(owner, None, "an id slot holds no owner");
+                s == at as u32 * 3
+            });
+            assert_eq!(found, Some((at as usize, at as u32 * 3)));
+        }
+        // Writing one slot leaves the other half of its word as it was.
+        idx.repoint(6, home(6), widest, 0);
+        idx.remove(7);
+        assert_eq!(idx.find(home(5), |s, _| s == 15), Some((5, 15)));
+        assert_eq!(idx.find(home(6), |s, _| s == widest), Some((6, widest)));
+        assert_eq!(idx.find(home(8), |s, _| s == 24), Some((8, 24)));
+        assert_eq!(idx.find(home(7), |s, _| s == 21), None);
+        assert!(
+            !idx.insert(home(7), 77, 0),
+            "a removed slot is reused, not an empty one taken"
+        );
+        assert_eq!(idx.find(home(7), |s, _| s == 77), Some((7, 77)));
+        // Same home, other low bits: another tag, so the probe offers none of these slots.
+        let mut offered = 0;
+        assert_eq!(
+            idx.find(home(3) ^ 1, |_, _| {
+                offered += 1;
+                false
+            }),
+            None
+        );
+        assert_eq!(offered, 0, "a tag that differs spares the cell read");
+        assert_eq!(idx.targets().count(), 40);
+        assert!(idx.targets().any(|s| s == widest));
+    }
+
+    #[test]
     fn index_finds_repoints_and_removes() {
-        let idx = Index::for_keys(10);
+        let idx = DigestIndex::for_keys(10);
         let hashes: Vec<u64> = (0..40u64)
             .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();
