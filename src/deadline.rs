@@ -17,6 +17,9 @@
 //! Resolution is tokio's (1 ms): deadlines fire no earlier than asked. Polling a deadline reads
 //! no clock: `drive` reads it once per wake-up and takes what is due out of the map, and a
 //! deadline whose entry is gone has fired (every poll read it before: three times a request).
+//! A deadline moved later keeps its entry where it was filed and is filed again, once, when
+//! `drive` takes that entry early (`Deadline::reset`): hyper's header read timeout moves
+//! later after every response, and costs no map operation for it.
 //!
 //! A `Deadline` polled on a thread without a wheel (the admin and control listeners, tests on
 //! the multi-thread runtime) is a plain tokio sleep, so the same types serve every listener.
@@ -181,20 +184,30 @@ impl Deadline {
 
     /// Move the deadline; a task already waiting on it is woken at the new time. A deadline
     /// that has fired stays fired unless it moves later (then it is armed again).
+    ///
+    /// Moved later while in the wheel, its entry stays where it is: when `drive` takes it,
+    /// `register` finds the deadline not due yet (its millisecond is past the entry's) and
+    /// files it again, once. hyper moves a connection's header read timeout later after every
+    /// response, so a request costs no map operation for it (a remove and an insert before).
     pub fn reset(&mut self, at: Instant) {
         let later = at > self.at;
         self.at = at;
         match &mut self.state {
             State::Tokio(sleep) => sleep.as_mut().reset(at.into()),
+            State::Wheel { .. } if later => {}
             State::Wheel { wheel, key } => {
-                // `None`: not this thread's wheel; `Some(None)`: `drive` took it (fired).
+                // `None`: not this thread's wheel; `Some(Err(due))`: `drive` took it, and the
+                // new instant is due if its millisecond is not past the entry's.
                 let moved = WHEEL.with_borrow_mut(|w| {
                     let w = w.as_mut().filter(|w| w.id == *wheel)?;
-                    Some(w.entries.remove(key).map(|waker| w.insert(at, waker)))
+                    Some(match w.entries.remove(key) {
+                        Some(waker) => Ok(w.insert(at, waker)),
+                        None => Err(w.tick(at) <= *key >> SEQ_BITS),
+                    })
                 });
                 match moved {
-                    Some(Some(k)) => *key = k,
-                    Some(None) if !later => self.state = State::Fired,
+                    Some(Ok(k)) => *key = k,
+                    Some(Err(true)) => self.state = State::Fired,
                     _ => self.state = State::Idle,
                 }
             }
@@ -230,7 +243,13 @@ impl Deadline {
             if let State::Wheel { wheel, key } = &self.state {
                 if *wheel == w.id {
                     let Some(waker) = w.entries.get_mut(key) else {
-                        return Registered::Fired;
+                        // Taken by `drive`: due, unless moved later since it was filed.
+                        if w.tick(self.at) <= key >> SEQ_BITS {
+                            return Registered::Fired;
+                        }
+                        let key = w.insert(self.at, cx.waker().clone());
+                        self.state = State::Wheel { wheel: w.id, key };
+                        return Registered::Waiting;
                     };
                     if !waker.will_wake(cx.waker()) {
                         *waker = cx.waker().clone();
@@ -455,6 +474,57 @@ mod tests {
             assert_ne!(keyed(&d), old);
             d.await;
             assert_eq!(entries(), 0);
+        });
+    }
+
+    /// hyper moves a connection's header read timeout later after every response: the entry
+    /// stays where it was filed (no map operation), and when `drive` takes it the deadline
+    /// is filed again at its new instant: it fires then, never at the old one.
+    #[test]
+    fn a_deadline_moved_later_fires_at_the_new_instant_only() {
+        on_worker(async {
+            let start = Instant::now();
+            let mut d = Deadline::at(start + Duration::from_millis(10));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            let filed = match d.state {
+                State::Wheel { key, .. } => key,
+                _ => panic!("filed in the wheel"),
+            };
+            for ms in [20, 30, 40] {
+                d.reset(start + Duration::from_millis(ms));
+            }
+            let filed_now = match d.state {
+                State::Wheel { key, .. } => key,
+                _ => panic!("still in the wheel"),
+            };
+            assert_eq!(filed_now, filed, "moved later: the entry stays");
+            assert_eq!(entries(), 1);
+            d.await;
+            assert!(start.elapsed() >= Duration::from_millis(40), "never early");
+            assert_eq!(entries(), 0);
+
+            // Moved later, then taken early by `drive`, then moved back to an instant that
+            // has passed: due at once (the same answer as the map operations gave).
+            let start = Instant::now();
+            let mut d = Deadline::at(start + Duration::from_millis(5));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            d.reset(start + Duration::from_secs(3600));
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while entries() > 0 && Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(entries(), 0, "drive took the entry filed at 5 ms");
+            d.reset(start + Duration::from_millis(5));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_ready());
+            // Moved later while its entry was taken: it waits in the wheel again.
+            let mut d = Deadline::at(Instant::now() + Duration::from_millis(2));
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            d.reset(Instant::now() + Duration::from_secs(3600));
+            while entries() > 0 && Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
+            assert_eq!(entries(), 1, "filed again at its new instant");
         });
     }
 
