@@ -63,6 +63,12 @@ impl Wheel {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
+    /// Whether a deadline at `at`, whose entry `key` `drive` has taken, is due: it is unless
+    /// it moved past that entry's millisecond since it was filed (`Deadline::reset`).
+    fn taken_is_due(&self, at: Instant, key: u64) -> bool {
+        self.tick(at) <= key >> SEQ_BITS
+    }
+
     fn insert(&mut self, at: Instant, waker: Waker) -> u64 {
         let tick = self.tick(at);
         // A sequence number still held in this millisecond (after 2^24 others) is skipped.
@@ -202,7 +208,7 @@ impl Deadline {
                     let w = w.as_mut().filter(|w| w.id == *wheel)?;
                     Some(match w.entries.remove(key) {
                         Some(waker) => Ok(w.insert(at, waker)),
-                        None => Err(w.tick(at) <= *key >> SEQ_BITS),
+                        None => Err(w.taken_is_due(at, *key)),
                     })
                 });
                 match moved {
@@ -244,7 +250,7 @@ impl Deadline {
                 if *wheel == w.id {
                     let Some(waker) = w.entries.get_mut(key) else {
                         // Taken by `drive`: due, unless moved later since it was filed.
-                        if w.tick(self.at) <= key >> SEQ_BITS {
+                        if w.taken_is_due(self.at, *key) {
                             return Registered::Fired;
                         }
                         let key = w.insert(self.at, cx.waker().clone());

@@ -336,10 +336,9 @@ impl OwnerNumbers {
 
     /// Number `name` `n` (the owners by number already hold it at `n`).
     fn insert(&mut self, name: &str, n: u32, owners: &[Chunk<Name>]) {
-        let OwnerNumbers { numbers, hasher } = self;
-        let hasher = &*hasher;
+        let hasher = &self.hasher;
         let rehash = |m: &u32| cell(owners, *m).map_or(0, |o| hasher.hash_one(o.as_str()));
-        numbers.insert_unique(hasher.hash_one(name), n, rehash);
+        self.numbers.insert_unique(hasher.hash_one(name), n, rehash);
     }
 }
 
