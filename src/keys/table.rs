@@ -167,22 +167,29 @@ impl Inner {
         is: impl Fn(&Entry) -> bool,
     ) -> Result<Option<(usize, u32, Entry)>, Stale> {
         let mut stale = false;
+        // The entry `is` accepted, kept as read: a cell is written once, so reading it again
+        // would only decode the same words twice.
+        let mut accepted = None;
         let found = index.find(hash, |s, owner| {
             if let Some(o) = owner {
                 self.fetch_owner(o);
             }
             match self.entry(s) {
-                Some(e) => is(&e),
+                Some(e) if is(&e) => {
+                    accepted = Some(e);
+                    true
+                }
+                Some(_) => false,
                 None => {
                     stale = true;
                     false
                 }
             }
         });
-        match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
-            Some(f) => Ok(Some(f)),
-            None if stale => Err(Stale),
-            None => Ok(None),
+        match (found, accepted) {
+            (Some((at, s)), Some(e)) => Ok(Some((at, s, e))),
+            _ if stale => Err(Stale),
+            _ => Ok(None),
         }
     }
 
