@@ -167,29 +167,22 @@ impl Inner {
         is: impl Fn(&Entry) -> bool,
     ) -> Result<Option<(usize, u32, Entry)>, Stale> {
         let mut stale = false;
-        // The entry `is` accepted, kept as read: a cell is written once, so reading it again
-        // would only decode the same words twice.
-        let mut accepted = None;
         let found = index.find(hash, |s, owner| {
             if let Some(o) = owner {
                 self.fetch_owner(o);
             }
             match self.entry(s) {
-                Some(e) if is(&e) => {
-                    accepted = Some(e);
-                    true
-                }
-                Some(_) => false,
+                Some(e) => is(&e),
                 None => {
                     stale = true;
                     false
                 }
             }
         });
-        match (found, accepted) {
-            (Some((at, s)), Some(e)) => Ok(Some((at, s, e))),
-            _ if stale => Err(Stale),
-            _ => Ok(None),
+        match found.and_then(|(at, s)| Some((at, s, self.entry(s)?))) {
+            Some(f) => Ok(Some(f)),
+            None if stale => Err(Stale),
+            None => Ok(None),
         }
     }
 
