@@ -56,6 +56,7 @@ pub mod snapshot;
 pub mod store;
 pub mod sync;
 pub mod systemd;
+pub mod timerwheel;
 pub mod tls;
 pub mod tokens;
 pub mod trace;

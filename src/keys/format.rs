@@ -75,9 +75,10 @@ impl KeyFormat {
     /// True if `key` claims to be one of ours (starts with `<prefix>_`). Keys imported from
     /// another gateway do not, and skip the format check (but never the length bound).
     pub fn claims(&self, key: &str) -> bool {
-        key.len() > self.prefix.len()
-            && key.starts_with(self.prefix.as_str())
-            && key.as_bytes()[self.prefix.len()] == b'_'
+        let n = self.prefix.len();
+        key.len() > n
+            && key.as_bytes()[n] == b'_'
+            && same(&key.as_bytes()[..n], self.prefix.as_bytes())
     }
 
     /// Mint a new key for `env` from the OS CSPRNG.
@@ -137,6 +138,12 @@ impl KeyFormat {
     }
 
     /// Validate `key` without hashing it. Length first, so oversized input costs nothing.
+    ///
+    /// This runs for every presented key, so it compares bytes in place (no `memcmp` call
+    /// for a few bytes, no character search), checks the body's characters without an early
+    /// exit (the loop vectorises) and compares the checksum by value: the six presented
+    /// digits are read as a base-62 number while the CRC is computed, instead of the CRC
+    /// being written out as digits after it (`check_chars`, six dependent divisions).
     pub fn parse<'a>(&self, key: &'a str) -> Result<Parsed<'a>, FormatError> {
         if key.len() > MAX_KEY_LEN {
             return Err(FormatError::TooLong);
@@ -144,27 +151,62 @@ impl KeyFormat {
         if !self.claims(key) {
             return Err(FormatError::WrongPrefix);
         }
-        let rest = &key[self.prefix.len() + 1..];
-        let (publishable, rest) = match rest.split_once('_') {
-            Some((PUBLISHABLE_MARKER, after)) => (true, after),
-            _ => (false, rest),
-        };
-        let (env, body) = rest.split_once('_').ok_or(FormatError::UnknownEnv)?;
-        if !self.envs.iter().any(|e| e == env) {
-            return Err(FormatError::UnknownEnv);
-        }
+        let after_prefix = self.prefix.len() + 1;
+        let rest = &key.as_bytes()[after_prefix..];
+        let marker = PUBLISHABLE_MARKER.as_bytes();
+        let publishable = rest.len() > marker.len()
+            && same(&rest[..marker.len()], marker)
+            && rest[marker.len()] == b'_';
+        let env_at = after_prefix + if publishable { marker.len() + 1 } else { 0 };
+        let rest = &key.as_bytes()[env_at..];
+        // Env names are lowercase alphanumerics (config), so the first `_` ends the env.
+        let env_len = self
+            .envs
+            .iter()
+            .map(String::as_bytes)
+            .find(|e| rest.len() > e.len() && rest[e.len()] == b'_' && same(&rest[..e.len()], e))
+            .ok_or(FormatError::UnknownEnv)?
+            .len();
+        let body = &rest[env_len + 1..];
         if body.len() != SECRET_LEN + CHECK_LEN {
             return Err(FormatError::WrongLength);
         }
-        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        let alphanumeric = body
+            .iter()
+            .fold(true, |ok, &b| ok & b.is_ascii_alphanumeric());
+        if !alphanumeric {
             return Err(FormatError::BadCharacter);
         }
         let split = key.len() - CHECK_LEN;
-        if check_chars(crc32fast::hash(&key.as_bytes()[..split])) != key.as_bytes()[split..] {
+        let presented = base62_value(&key.as_bytes()[split..]);
+        if u64::from(crc32fast::hash(&key.as_bytes()[..split])) != presented {
             return Err(FormatError::BadChecksum);
         }
-        Ok(Parsed { env, publishable })
+        Ok(Parsed {
+            env: &key[env_at..env_at + env_len],
+            publishable,
+        })
     }
+}
+
+/// `a == b` for the few bytes of a prefix, marker or env, compared in place (slice equality
+/// calls `memcmp`, which costs more than these comparisons).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(true, |ok, (x, y)| ok & (x == y))
+}
+
+/// The value of base-62 digits (`ALPHABET`'s order) already checked to be alphanumeric.
+/// Six digits are below 62^6 < 2^36, so the CRC32 they encode matches exactly when the
+/// values are equal (`check_chars` is this number's fixed-width encoding).
+fn base62_value(digits: &[u8]) -> u64 {
+    digits.iter().fold(0, |n, &c| {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'Z' => c - b'A' + 10,
+            _ => c.wrapping_sub(b'a').wrapping_add(36),
+        };
+        n * 62 + u64::from(d)
+    })
 }
 
 /// The form of a key that logs, audit records and CLI output may show: `kg_live_…a1B2`.
@@ -185,7 +227,8 @@ pub fn hint(key: &str) -> String {
     format!("{head}…{tail}")
 }
 
-/// The checksum as 6 base62 digits, on the stack: this runs for every presented key.
+/// The checksum as 6 base62 digits, as `mint` writes it (`parse` compares by value:
+/// `base62_value`).
 fn check_chars(crc: u32) -> [u8; CHECK_LEN] {
     let mut out = [b'0'; CHECK_LEN];
     let mut n = crc;
@@ -349,6 +392,23 @@ mod tests {
                 base62_fixed(&crc.to_be_bytes(), CHECK_LEN).into_bytes()
             );
         }
+    }
+
+    #[test]
+    fn checksum_digits_read_back_as_the_crc_they_encode() {
+        let mut crcs = vec![0, 1, 61, 62, u32::MAX, u32::MAX - 1];
+        let mut x: u32 = 0x9e37_79b9;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            crcs.push(x);
+        }
+        for crc in crcs {
+            assert_eq!(base62_value(&check_chars(crc)), u64::from(crc), "{crc}");
+        }
+        assert_eq!(base62_value(b"zzzzzz"), 62u64.pow(6) - 1);
+        assert_eq!(base62_value(b"000010"), 62);
     }
 
     #[test]
