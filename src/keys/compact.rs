@@ -1034,7 +1034,9 @@ mod tests {
             assert_eq!(KeyId::generated(&b).as_str(), id);
             assert_eq!(KeyId::of(&id), KeyId::generated(&b));
         }
-        for b in [[0u8; 16], [0xff; 16]] {
+        // Each bit alone (every character, and the one across the halves), then patterns.
+        let single = (0..128).map(|bit| (1u128 << bit).to_be_bytes());
+        for b in single.chain([[0u8; 16], [0xff; 16], [0x55; 16], [0xaa; 16]]) {
             assert_eq!(KeyId::generated(&b).as_str(), id_string(&b));
         }
         assert_eq!(KeyId::of("legacy-1").as_str(), "legacy-1");
