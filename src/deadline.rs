@@ -18,7 +18,7 @@
 //! fired (every poll read it before: three times a request).
 //! A deadline moved later keeps its entry where it was filed and is filed again, once, when
 //! `drive` takes that entry early (`Deadline::reset`): hyper's header read timeout moves
-//! later after every response, and costs no map operation for it.
+//! later after every response, and costs no wheel operation for it.
 //!
 //! A `Deadline` polled on a thread without a wheel (the admin and control listeners, tests on
 //! the multi-thread runtime) is a plain tokio sleep, so the same types serve every listener.
@@ -64,8 +64,8 @@ impl Wheel {
         self.tick(at) <= tick
     }
 
-    /// File `waker` for `at`: the entry's key and the millisecond it is filed for.
-    fn insert(&mut self, at: Instant, waker: Waker) -> (Key, u64) {
+    /// File `waker` for `at`: the state of a deadline waiting in this wheel.
+    fn insert(&mut self, at: Instant, waker: Waker) -> State {
         let tick = self.tick(at);
         let key = self.entries.insert(tick, waker);
         // Earlier than what `drive` sleeps towards (or it sleeps on nothing): it re-arms.
@@ -75,7 +75,11 @@ impl Wheel {
                 d.wake_by_ref();
             }
         }
-        (key, tick)
+        State::Wheel {
+            wheel: self.id,
+            key,
+            tick,
+        }
     }
 }
 
@@ -175,7 +179,7 @@ impl Deadline {
     /// Moved later while in the wheel, its entry stays where it is: when `drive` takes it,
     /// `register` finds the deadline not due yet (its millisecond is past the entry's) and
     /// files it again, once. hyper moves a connection's header read timeout later after every
-    /// response, so a request costs no map operation for it (a remove and an insert before).
+    /// response, so a request costs no wheel operation for it (a remove and an insert before).
     pub fn reset(&mut self, at: Instant) {
         let later = at > self.at;
         self.at = at;
@@ -193,7 +197,7 @@ impl Deadline {
                     })
                 });
                 match moved {
-                    Some(Ok(filed)) => (*key, *tick) = filed,
+                    Some(Ok(filed)) => self.state = filed,
                     Some(Err(true)) => self.state = State::Fired,
                     _ => self.state = State::Idle,
                 }
@@ -234,12 +238,7 @@ impl Deadline {
                         if w.taken_is_due(self.at, *tick) {
                             return Registered::Fired;
                         }
-                        let (key, tick) = w.insert(self.at, cx.waker().clone());
-                        self.state = State::Wheel {
-                            wheel: w.id,
-                            key,
-                            tick,
-                        };
+                        self.state = w.insert(self.at, cx.waker().clone());
                         return Registered::Waiting;
                     };
                     if !waker.will_wake(cx.waker()) {
@@ -248,12 +247,7 @@ impl Deadline {
                     return Registered::Waiting;
                 }
             }
-            let (key, tick) = w.insert(self.at, cx.waker().clone());
-            self.state = State::Wheel {
-                wheel: w.id,
-                key,
-                tick,
-            };
+            self.state = w.insert(self.at, cx.waker().clone());
             Registered::Waiting
         })
     }
@@ -473,7 +467,7 @@ mod tests {
     }
 
     /// hyper moves a connection's header read timeout later after every response: the entry
-    /// stays where it was filed (no map operation), and when `drive` takes it the deadline
+    /// stays where it was filed (no wheel operation), and when `drive` takes it the deadline
     /// is filed again at its new instant: it fires then, never at the old one.
     #[test]
     fn a_deadline_moved_later_fires_at_the_new_instant_only() {
@@ -499,7 +493,7 @@ mod tests {
             assert_eq!(entries(), 0);
 
             // Moved later, then taken early by `drive`, then moved back to an instant that
-            // has passed: due at once (the same answer as the map operations gave).
+            // has passed: due at once (the same answer as a remove and an insert give).
             let start = Instant::now();
             let mut d = Deadline::at(start + Duration::from_millis(5));
             assert!(futures_poll_once(Pin::new(&mut d)).await.is_pending());
@@ -540,10 +534,14 @@ mod tests {
         assert_eq!(w.tick(at(1001)), 2);
         assert_eq!(w.now_tick(at(1999)), 1);
         let waker = std::task::Waker::noop().clone();
-        let (a, ta) = w.insert(at(1500), waker.clone());
-        let (b, tb) = w.insert(at(1700), waker.clone());
+        let filed = |s: State| match s {
+            State::Wheel { key, tick, .. } => (key, tick),
+            _ => panic!("filed in the wheel"),
+        };
+        let (a, ta) = filed(w.insert(at(1500), waker.clone()));
+        let (b, tb) = filed(w.insert(at(1700), waker.clone()));
         assert_eq!(w.armed, Some(2));
-        let (_, tc) = w.insert(at(900), waker);
+        let (_, tc) = filed(w.insert(at(900), waker));
         assert_ne!(a, b);
         assert_eq!((ta, tb, tc), (2, 2, 1));
         assert_eq!(w.entries.len(), 3);
