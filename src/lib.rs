@@ -23,6 +23,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod cpu;
 pub mod credential;
 pub mod deadline;
 pub mod demo;

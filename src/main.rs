@@ -14,6 +14,19 @@ use std::process::ExitCode;
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    // First, before any code that may use the features in question (see `keygate::cpu`).
+    if let Some(line) = keygate::cpu::unsupported() {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        return ExitCode::from(2);
+    }
+    cli_main()
+}
+
+/// Everything `main` does once the CPU is known to run this build; not inlined into `main`, so
+/// none of it (stack set-up included) runs before the check.
+#[inline(never)]
+fn cli_main() -> ExitCode {
     if let Some(code) = bad_log_format_var() {
         return code;
     }
