@@ -17,8 +17,14 @@
 //! `cli_main`, and std's `write_all` it calls, were read in the release binary: no AVX or
 //! BMI instruction).
 
-/// The build for a CPU without the features the default build assumes.
-pub const PORTABLE_BUILD: &str = "RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release";
+/// The build for a CPU without the features the default build assumes (a macro, so the
+/// refusal's `concat!` can hold it).
+macro_rules! portable_build {
+    () => {
+        "RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release"
+    };
+}
+pub const PORTABLE_BUILD: &str = portable_build!();
 
 /// The first of `features` that `$assumed!` says this build uses and `$has!` says the CPU
 /// lacks, as the line to print; `None` when there is none. The two questions are macros
@@ -32,8 +38,7 @@ macro_rules! first_missing {
                 line = Some(concat!(
                     "keygate: error: this CPU lacks ", $f,
                     ", which this build of keygate was compiled to use (x86-64-v3); build it \
-                     for this machine with: RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build \
-                     --release\n"
+                     for this machine with: ", portable_build!(), "\n"
                 ));
             }
         )*
