@@ -636,97 +636,133 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             }
         };
         let _ = stream.set_nodelay(true);
-        let (gw, builder, cycles, tls, open, conn_stop) = (
-            gw.clone(),
-            builder.clone(),
-            cycles.clone(),
-            tls.clone(),
-            open.clone(),
-            stop.clone(),
-        );
-        // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
-        let sniff = cycles.idle;
-        let accepted_at = std::time::Instant::now();
+        let accepted = Box::new(Accepted {
+            stream,
+            conn: Conn {
+                peer,
+                tls: tls.is_some(),
+            },
+            gw: gw.clone(),
+            builder: builder.clone(),
+            cycles: cycles.clone(),
+            tls: tls.clone(),
+            stop: stop.clone(),
+            handshake: Duration::from_millis(handshake_ms),
+            at: std::time::Instant::now(),
+        });
+        let open = open.clone();
         tokio::spawn(async move {
             let _guard = guard;
             open.inc();
-            let conn = Conn {
-                peer,
-                tls: tls.is_some(),
-            };
-            let svc_gw = gw.clone();
-            // The token exchange of a gateway that issues sits beside the request path.
-            // Boxed per request: hyper keeps a slot the size of the service's future for the
-            // connection's whole life (`in_flight`, allocated at the start), so an unboxed
-            // request path (several KiB of state) would cost every idle keep-alive connection
-            // that much; boxed, the slot is a pointer and the state lives only while a request
-            // is in flight. Each arm's own future is boxed, not an `async` block around both:
-            // such a block holds the request path's state once more (~4 KiB) and copies it in
-            // when it starts the inner future, on every request.
-            let service = service_fn(move |req| -> Served {
-                let gw = svc_gw.clone();
-                if crate::tokens::issue::is_exchange(&gw, &req) {
-                    Box::pin(crate::tokens::issue::handle(gw, conn, req))
-                } else {
-                    Box::pin(pipeline::handle(gw, conn, req))
-                }
-            });
-            match tls {
-                // Boxed: this task lives as long as the connection, and its size is that of
-                // its largest arm; the TLS arm's handshake and stream (~3.8 KiB more) would
-                // otherwise sit in every plain connection too.
-                Some(acceptor) => {
-                    Box::pin(async move {
-                        // hyper's timeouts do not cover the TLS handshake (THREATS E4).
-                        match tokio::time::timeout(
-                            Duration::from_millis(handshake_ms),
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1
-                            // is (hyper's buffers given back while it idles; rustls keeps
-                            // its own state).
-                            Ok(Ok(tls_stream))
-                                if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") =>
-                            {
-                                crate::keepalive::serve(tls_stream, service, &cycles, conn_stop)
-                                    .await
-                            }
-                            Ok(Ok(tls_stream)) => {
-                                let io = SniffDeadline::new(tls_stream, sniff);
-                                drive(
-                                    Box::pin(builder.serve_connection(TokioIo::new(io), service)),
-                                    conn_stop,
-                                )
-                                .await
-                            }
-                            Ok(Err(_)) | Err(_) => gw.metrics.tls_handshake_failures.inc(),
-                        }
-                    })
-                    .await
-                }
-                None => match crate::keepalive::is_http1(&stream, sniff).await {
-                    // Plain HTTP/1: served in cycles that give hyper's buffers back while
-                    // the connection idles (`keepalive`); boxed like the TLS arm.
-                    Some(true) => {
-                        Box::pin(crate::keepalive::serve(stream, service, &cycles, conn_stop)).await
-                    }
-                    Some(false) => {
-                        // What is left of the sniffing time the peek used.
-                        let left = sniff.saturating_sub(accepted_at.elapsed());
-                        let io = SniffDeadline::new(stream, left);
-                        drive(
-                            Box::pin(builder.serve_connection(TokioIo::new(io), service)),
-                            conn_stop,
-                        )
-                        .await
-                    }
-                    None => {}
-                },
+            // This task lives as long as the connection, at the size of its largest state.
+            // Settling the connection (the TLS handshake, the protocol of its first bytes, an
+            // HTTP/2 connection served to its end) holds far more than HTTP/1 cycles need while
+            // they idle, so it runs in a box of its own, freed before the cycles start: an
+            // idle connection keeps this task's few words and the cycles' own state.
+            if let Some(cycles) = Box::pin(accepted.settle()).await {
+                cycles.await;
             }
             open.dec();
         });
+    }
+}
+
+/// A connection just accepted, with what settling it needs (`Accepted::settle`).
+struct Accepted {
+    stream: tokio::net::TcpStream,
+    conn: Conn,
+    gw: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    cycles: Arc<crate::keepalive::Cycles>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: watch::Receiver<bool>,
+    handshake: Duration,
+    at: std::time::Instant,
+}
+
+/// An HTTP/1 connection's cycles (`keepalive::serve`), boxed: the one state a connection keeps
+/// for its life.
+type CyclesFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Accepted {
+    /// The TLS handshake and the protocol: an HTTP/1 connection (plain, or TLS with
+    /// `http/1.1` chosen by ALPN) comes back as its cycles, to be served from the connection's
+    /// task; any other is served here to its end (`None`).
+    async fn settle(self: Box<Self>) -> Option<CyclesFuture> {
+        let Accepted {
+            stream,
+            conn,
+            gw,
+            builder,
+            cycles,
+            tls,
+            stop,
+            handshake,
+            at,
+        } = *self;
+        // The token exchange of a gateway that issues sits beside the request path.
+        // Boxed per request: hyper keeps a slot the size of the service's future for the
+        // connection's whole life (`in_flight`, allocated at the start), so an unboxed
+        // request path (several KiB of state) would cost every idle keep-alive connection
+        // that much; boxed, the slot is a pointer and the state lives only while a request
+        // is in flight. Each arm's own future is boxed, not an `async` block around both:
+        // such a block holds the request path's state once more (~4 KiB) and copies it in
+        // when it starts the inner future, on every request.
+        let svc_gw = gw.clone();
+        let service = service_fn(move |req| -> Served {
+            let gw = svc_gw.clone();
+            if crate::tokens::issue::is_exchange(&gw, &req) {
+                Box::pin(crate::tokens::issue::handle(gw, conn, req))
+            } else {
+                Box::pin(pipeline::handle(gw, conn, req))
+            }
+        });
+        // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
+        let sniff = cycles.idle;
+        match tls {
+            Some(acceptor) => {
+                // hyper's timeouts do not cover the TLS handshake (THREATS E4).
+                let Ok(Ok(tls_stream)) =
+                    tokio::time::timeout(handshake, acceptor.accept(stream)).await
+                else {
+                    gw.metrics.tls_handshake_failures.inc();
+                    return None;
+                };
+                if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+                    // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1 is (hyper's
+                    // buffers given back while it idles; rustls keeps its own state).
+                    return Some(Box::pin(crate::keepalive::serve(
+                        tls_stream, service, cycles, stop,
+                    )));
+                }
+                let io = SniffDeadline::new(tls_stream, sniff);
+                drive(
+                    Box::pin(builder.serve_connection(TokioIo::new(io), service)),
+                    stop,
+                )
+                .await;
+                None
+            }
+            None => match crate::keepalive::is_http1(&stream, sniff).await {
+                // Plain HTTP/1: served in cycles that give hyper's buffers back while the
+                // connection idles (`keepalive`).
+                Some(true) => Some(Box::pin(crate::keepalive::serve(
+                    stream, service, cycles, stop,
+                ))),
+                Some(false) => {
+                    // What is left of the sniffing time the peek used.
+                    let left = sniff.saturating_sub(at.elapsed());
+                    let io = SniffDeadline::new(stream, left);
+                    drive(
+                        Box::pin(builder.serve_connection(TokioIo::new(io), service)),
+                        stop,
+                    )
+                    .await;
+                    None
+                }
+                None => None,
+            },
+        }
     }
 }
 

@@ -1003,6 +1003,48 @@ async fn idle_connections_are_released_after_requests_with_bodies() {
     env.assert_healthy().await;
 }
 
+/// Between cycles a released connection waits for the client's next bytes within the idle
+/// limit (`header_read_timeout_ms`) and for the gateway's stop: one left silent is closed at
+/// the limit, with no response; one idle when the gateway is told to stop is closed at once
+/// (not at its limit), and the gateway exits cleanly.
+#[tokio::test]
+async fn released_connections_are_closed_at_the_idle_limit_and_at_stop() {
+    for stop in [false, true] {
+        let server = if stop {
+            "header_read_timeout_ms = 60000\nshutdown_delay_ms = 0"
+        } else {
+            "header_read_timeout_ms = 400"
+        };
+        let mut env = start_with(server, ROUTES).await;
+        let one = RawOpts {
+            stop_after: Some(1),
+            ..RawOpts::default()
+        };
+        let mut s = connect(None, env.gw.http, EXCHANGE).await;
+        let req = get_req("/v1/public/e5", Some(&env.key), "");
+        let out = exchange_on(&mut s, req.as_bytes(), &one).await;
+        assert_eq!(statuses(&out), [200], "{}", out.text());
+        eventually_named("the connection released", EXCHANGE, || async {
+            (released(&env).await >= 1).then_some(())
+        })
+        .await;
+        if stop {
+            env.gw.sigterm();
+        }
+        // Nothing more from the client: read until the gateway closes (EXCHANGE at most,
+        // well under the 60 s limit of the stopping case).
+        let out = exchange_on(&mut s, b"", &RawOpts::default()).await;
+        assert!(out.closed() && !out.timed_out, "stop {stop}: {out:?}");
+        assert!(out.bytes.is_empty(), "stop {stop}: {}", out.text());
+        if stop {
+            let status = env.gw.wait_exit(EXCHANGE).await;
+            assert!(status.success(), "{status:?}\n{}", env.gw.stderr_contents());
+        } else {
+            env.assert_healthy().await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn e6_per_ip_connection_cap() {
     // Idle connections must outlive the test's checks: use a long header timeout here.
