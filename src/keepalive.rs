@@ -755,11 +755,6 @@ mod tests {
         assert!(h.lost);
         assert_eq!(h.room(100, false), Some(100 - 22));
     }
-}
-
-#[cfg(test)]
-mod idle_size {
-    use super::*;
 
     /// What an idle HTTP/1 connection keeps is this future (the connection's task holds only
     /// a pointer to it besides a few words: `server::accept_loop`), so its size is memory per
