@@ -1,5 +1,6 @@
 /* A model of the key table's lookup at 1M keys, for the README's "Why the 1M auth decision
- * stays two misses long": the memory reads of several layouts, without the rest of the table.
+ * stays two misses long" and "What 400 ns at 1M would take": the memory reads of several
+ * layouts, without the rest of the table.
  *
  *   gcc -O2 -o /tmp/lookup-model benches/lookup-model.c
  *   /tmp/lookup-model LAYOUT [WORK [TIMED]]
