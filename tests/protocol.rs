@@ -1031,8 +1031,8 @@ async fn released_connections_are_closed_at_the_idle_limit_and_at_stop() {
         if stop {
             env.gw.sigterm();
         }
-        // Nothing more from the client: read until the gateway closes (EXCHANGE at most,
-        // well under the 60 s limit of the stopping case).
+        // Nothing more from the client: read until the gateway closes (10 s at most, well
+        // under the 60 s limit of the stopping case).
         let out = exchange_on(&mut s, b"", &RawOpts::default()).await;
         assert!(out.closed() && !out.timed_out, "stop {stop}: {out:?}");
         assert!(out.bytes.is_empty(), "stop {stop}: {}", out.text());
