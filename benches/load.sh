@@ -3,10 +3,11 @@
 #
 #   bash benches/load.sh            (DURATION=10 RATE=… CONNS=32 KEYS=10000 to change)
 #
-# Builds release, starts a one-thread upstream (examples/upstream.rs) and the gateway on
-# loopback with auth, the default plan (1000000/s, never refuses), per-key metrics (capped at
-# 100 series) and usage tracking on, creates one real key (`keys create`) and imports
-# KEYS-1 generated legacy-format keys (`keys import`), then measures with wrk:
+# Builds release (pgo/build.sh: with the committed profile), starts a one-thread upstream
+# (examples/upstream.rs) and the gateway on loopback with auth, the default plan (1000000/s,
+# never refuses), per-key metrics (capped at 100 series) and usage tracking on, creates one
+# real key (`keys create`) and imports KEYS-1 generated legacy-format keys (`keys import`),
+# then measures with wrk:
 #   1. closed-loop throughput (wrk -t1 -cCONNS) direct and through the gateway, for one key and
 #      for KEYS keys rotating (a Lua script; the direct baseline uses the same script), with
 #      CPU time per request of the gateway and the upstream (utime+stime from /proc/PID/stat);
@@ -34,7 +35,7 @@ if ! command -v wrk >/dev/null; then
 fi
 
 echo "== building (release)" >&2
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -j2 --bin keygate --example upstream --example fixedrate >&2
+[ -n "${SKIP_BUILD:-}" ] || bash pgo/build.sh -j2 --example upstream --example fixedrate >&2
 BIN="$CARGO_TARGET_DIR/release"
 KG="$BIN/keygate"
 

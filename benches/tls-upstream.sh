@@ -33,7 +33,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y "${need[@]}" >/dev/null || { apt-get update -qq && apt-get install -y "${need[@]}" >/dev/null; }
 fi
 KG="${KEYGATE_BIN:-$CARGO_TARGET_DIR/release/keygate}"
-[ -n "${KEYGATE_BIN:-}" ] || cargo build --release -j2 --bin keygate >&2
+[ -n "${KEYGATE_BIN:-}" ] || bash pgo/build.sh -j2 >&2
 
 D=$(mktemp -d /tmp/keygate-tls-bench.XXXXXX)
 pids=()
