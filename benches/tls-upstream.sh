@@ -39,15 +39,11 @@ D=$(mktemp -d /tmp/keygate-tls-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || rm -rf "$D"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# free_port, certs, upstream_conf (shared with pgo/train.sh).
+. benches/support/nginx-upstream.sh
 
 # A CA, and the upstream's certificate for 127.0.0.1 signed by it.
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=keygate bench CA" \
-  -keyout "$D/ca.key" -out "$D/ca.pem" 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$D/up.key" -out "$D/up.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' >"$D/san.ext"
-openssl x509 -req -in "$D/up.csr" -CA "$D/ca.pem" -CAkey "$D/ca.key" -CAcreateserial -days 2 \
-  -extfile "$D/san.ext" -out "$D/up.pem" 2>/dev/null
+certs "$D" up
 
 # Keys: plaintext for keygate's import, the same as an nginx map.
 python3 - "$D" "$KEYS" <<'PY'
@@ -61,23 +57,7 @@ PY
 KEY=$(head -1 "$D/keys.txt")
 
 UP_PLAIN=$(free_port); UP_TLS=$(free_port)
-mkdir -p "$D/tmp"
-nginx_common="worker_rlimit_nofile 20000; error_log $D/nginx.log warn; events { worker_connections 9000; }"
-temp_paths="client_body_temp_path $D/tmp/b; proxy_temp_path $D/tmp/p; fastcgi_temp_path $D/tmp/f; uwsgi_temp_path $D/tmp/u; scgi_temp_path $D/tmp/s;"
-cat >"$D/upstream.conf" <<CONF
-$nginx_common
-pid $D/upstream.pid;
-http {
-    access_log off; $temp_paths
-    keepalive_timeout 300s; keepalive_requests 100000000; server_tokens off;
-    server {
-        listen 127.0.0.1:$UP_PLAIN backlog=4096;
-        listen 127.0.0.1:$UP_TLS ssl backlog=4096;
-        ssl_certificate $D/up.pem; ssl_certificate_key $D/up.key;
-        location / { default_type text/plain; return 200 "ok\n"; }
-    }
-}
-CONF
+upstream_conf "$D" "$UP_PLAIN" "$UP_TLS"
 
 # nginx-gw, once per upstream scheme (the peer benchmark's config, proxy_ssl_* added for TLS).
 nginx_gw() { # name port scheme upstream_port

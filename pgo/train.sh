@@ -57,7 +57,8 @@ cleanup() {
   [ -n "${KEEP:-}" ] || rm -rf "$D"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+# free_port, certs, upstream_conf (shared with benches/tls-upstream.sh).
+. benches/support/nginx-upstream.sh
 
 # 1. The instrumented gateway. Build scripts run instrumented too and write their own profiles
 # there; only the gateway's (LLVM_PROFILE_FILE below) is merged.
@@ -66,35 +67,10 @@ cargo build --release --locked --bin keygate --target-dir "$TARGET_DIR" \
   --config "target.x86_64-unknown-linux-gnu.rustflags=['-Cprofile-generate=$D/build-scripts']"
 KG=$TARGET_DIR/release/keygate
 
-# 2. Certificates: a CA; the upstream's and the gateway's for 127.0.0.1, signed by it.
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=keygate pgo CA" \
-  -keyout "$D/ca.key" -out "$D/ca.pem" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' >"$D/san.ext"
-for name in up gw; do
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$D/$name.key" \
-    -out "$D/$name.csr" 2>/dev/null
-  openssl x509 -req -in "$D/$name.csr" -CA "$D/ca.pem" -CAkey "$D/ca.key" -CAcreateserial \
-    -days 2 -extfile "$D/san.ext" -out "$D/$name.pem" 2>/dev/null
-done
-
+# 2. Certificates (a CA; the upstream's and the gateway's for 127.0.0.1) and the upstream.
+certs "$D" up gw
 UP_PLAIN=$(free_port) UP_TLS=$(free_port) GW=$(free_port) GW_TLS=$(free_port) ADMIN=$(free_port)
-mkdir -p "$D/tmp"
-cat >"$D/upstream.conf" <<CONF
-worker_rlimit_nofile 20000; error_log $D/nginx.log warn; events { worker_connections 9000; }
-pid $D/upstream.pid;
-http {
-    access_log off;
-    client_body_temp_path $D/tmp/b; proxy_temp_path $D/tmp/p; fastcgi_temp_path $D/tmp/f;
-    uwsgi_temp_path $D/tmp/u; scgi_temp_path $D/tmp/s;
-    keepalive_timeout 300s; keepalive_requests 100000000; server_tokens off;
-    server {
-        listen 127.0.0.1:$UP_PLAIN backlog=4096;
-        listen 127.0.0.1:$UP_TLS ssl backlog=4096;
-        ssl_certificate $D/up.pem; ssl_certificate_key $D/up.key;
-        location / { default_type text/plain; return 200 "ok\n"; }
-    }
-}
-CONF
+upstream_conf "$D" "$UP_PLAIN" "$UP_TLS"
 
 mkdir -p "$D/gw"
 cat >"$D/gw/keygate.toml" <<CONF
