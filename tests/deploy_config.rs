@@ -1,6 +1,7 @@
 //! The configs we ship parse and validate with the real config code: the annotated example
 //! and the Kubernetes ConfigMaps' embedded keygate.toml (the base's, and the fleet overlay's
 //! gateway and control-plane configs); a typo there would only surface in a cluster otherwise.
+//! Also what the build bakes into the binary: the allocator's setting from `.cargo/config.toml`.
 // Test-only crate: helpers outside #[test] fns unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -259,4 +260,31 @@ fn systemd_exec_start_pre_check_passes_on_a_fresh_install() {
             "check said more than the store note: {line:?}\n{stderr}"
         );
     }
+}
+
+/// `.cargo/config.toml` hands jemalloc's build its per-thread cache size
+/// (`JEMALLOC_SYS_WITH_MALLOC_CONF`); a cargo or `tikv-jemalloc-sys` change that stopped
+/// passing it on would lose the CPU it saves without any error, so the binary's own
+/// statistics (printed at exit when asked) must show it compiled in and in force.
+#[test]
+fn the_binary_carries_the_allocator_cache_setting() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    let compiled = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("config.malloc_conf:"))
+        .unwrap_or_else(|| panic!("no jemalloc statistics at exit:\n{stats}"));
+    assert!(
+        compiled.contains("tcache_nslots_small_min:64"),
+        "not compiled in: {compiled}"
+    );
+    assert!(
+        stats.contains("opt.tcache_nslots_small_min: 64"),
+        "not in force:\n{stats}"
+    );
 }
