@@ -7,7 +7,11 @@
 //! known error), and sketches are kept for at most `MAX_KEYS` recently active keys, outside
 //! the key table (the least recently seen tenth is dropped when full). User agents and route
 //! names are copied into a fixed 64-byte label, so recording into an existing key's sketch
-//! allocates nothing. Status classes and attempts after revocation are also kept in time
+//! allocates nothing. A request that counts exactly as the key's previous one did (same
+//! route, client, agent, status class and hour: a service calling with its key) only adds
+//! to a run kept beside the key (`Run`), folded into the sketches before anything reads
+//! them: with many keys in use, the sketches' lists are cache misses that a repeat no longer
+//! pays. Status classes and attempts after revocation are also kept in time
 //! buckets (`Buckets`: hours for two days, days for five weeks), so a report "since" a time
 //! counts that window, not the whole tracked period.
 //!
@@ -221,10 +225,10 @@ impl Buckets {
         }
     }
 
-    /// Count one request at `now`: its status class, and an attempt after revocation.
+    /// Count `n` requests at `now`: their status class, and attempts after revocation.
     /// Requests arrive nearly in time order, so the bucket is searched from the newest back;
     /// a new hour rolls the old ones.
-    fn add(&mut self, now: i64, class: Option<usize>, revoked: bool) {
+    fn add(&mut self, now: i64, class: Option<usize>, revoked: bool, n: u32) {
         if class.is_none() && !revoked {
             return;
         }
@@ -242,7 +246,7 @@ impl Buckets {
         };
         let counts = &mut self.list[i].2;
         for c in class.into_iter().chain(revoked.then_some(REVOKED)) {
-            counts[c] = counts[c].saturating_add(1);
+            counts[c] = counts[c].saturating_add(n);
         }
         if new {
             self.roll(now);
@@ -340,33 +344,35 @@ pub struct KeyStats {
 }
 
 impl KeyStats {
-    fn add(&mut self, h: &Hit) {
+    /// Count `n` requests like `h` (more than one only for a run's repeats, `Run`).
+    fn add(&mut self, h: &Hit, n: u32) {
         if self.first_seen == 0 || h.now < self.first_seen {
             self.first_seen = h.now;
         }
         self.last_seen = self.last_seen.max(h.now);
         let class = class(h.status);
+        let n64 = u64::from(n);
         match class {
-            Some(0) => self.s2xx += 1,
-            Some(1) => self.s3xx += 1,
-            Some(2) => self.s4xx += 1,
-            Some(3) => self.s5xx += 1,
+            Some(0) => self.s2xx += n64,
+            Some(1) => self.s3xx += n64,
+            Some(2) => self.s4xx += n64,
+            Some(3) => self.s5xx += n64,
             _ => {}
         }
-        self.recent.add(h.now, class, h.revoked);
+        self.recent.add(h.now, class, h.revoked, n);
         if let Some(r) = h.route {
-            self.routes.add(r, 1, h.now);
+            self.routes.add(r, n64, h.now);
         }
-        self.ips.add(h.ip, 1, h.now);
+        self.ips.add(h.ip, n64, h.now);
         self.user_agents
-            .add(h.user_agent.unwrap_or(Label::new(b"-")), 1, h.now);
+            .add(h.user_agent.unwrap_or(Label::new(b"-")), n64, h.now);
         if h.revoked {
-            self.revoked_attempts += 1;
+            self.revoked_attempts += n64;
             if self.first_revoked_attempt == 0 {
                 self.first_revoked_attempt = h.now;
             }
             self.last_revoked_attempt = self.last_revoked_attempt.max(h.now);
-            self.revoked_ips.add(h.ip, 1, h.now);
+            self.revoked_ips.add(h.ip, n64, h.now);
         }
     }
 
@@ -548,11 +554,63 @@ pub struct Hit {
     pub revoked: bool,
 }
 
+impl Hit {
+    /// Whether this hit counts exactly as `last` did, at the same time or later in the same
+    /// hour: the same status class (all the stats keep of a status), revocation, route,
+    /// address and agent. Counting it then changes only counts and last-seen times.
+    fn repeats(&self, last: &Hit) -> bool {
+        self.now >= last.now
+            && self.now.div_euclid(HOUR) == last.now.div_euclid(HOUR)
+            && class(self.status) == class(last.status)
+            && self.revoked == last.revoked
+            && self.ip == last.ip
+            && self.route == last.route
+            && self.user_agent == last.user_agent
+    }
+}
+
+/// The key's latest hit, counted in the stats, and how many repeats of it (`Hit::repeats`)
+/// followed that are not yet, `hit.now` the latest one's time. Folding them in as one
+/// `KeyStats::add` of `more` is the same as adding each: every item of `hit` is in its
+/// sketch (it was added last, nothing since), so each list adds to a slot it already has,
+/// and the bucket that holds the first holds the others (same hour, no bucket made since).
+#[derive(Debug)]
+struct Run {
+    hit: Hit,
+    more: u32,
+}
+
 #[derive(Debug, Default)]
 struct Tracked {
     stats: KeyStats,
+    run: Option<Run>,
     /// Changed since the last flush or report.
     dirty: bool,
+}
+
+impl Tracked {
+    fn add(&mut self, hit: Hit) {
+        self.dirty = true;
+        if let Some(run) = self.run.as_mut().filter(|r| r.more < u32::MAX) {
+            if hit.repeats(&run.hit) {
+                run.more += 1;
+                run.hit.now = hit.now;
+                return;
+            }
+        }
+        self.settle();
+        self.stats.add(&hit, 1);
+        self.run = Some(Run { hit, more: 0 });
+    }
+
+    /// The stats with the run's repeats folded in: what every reader of them sees.
+    fn settle(&mut self) -> &KeyStats {
+        if let Some(run) = self.run.as_mut().filter(|r| r.more > 0) {
+            self.stats.add(&run.hit, run.more);
+            run.more = 0;
+        }
+        &self.stats
+    }
 }
 
 /// The in-memory sketches of one gateway.
@@ -640,6 +698,7 @@ impl Forensics {
                 KeyId::of(&id),
                 Mutex::new(Tracked {
                     stats,
+                    run: None,
                     dirty: false,
                 }),
             );
@@ -656,17 +715,13 @@ impl Forensics {
     /// Record one request by key `id`: a map read and a short lock for a tracked key.
     pub fn record(&self, id: &KeyId, hit: Hit) {
         if let Some(t) = self.keys.get(id) {
-            let mut t = lock(&t);
-            t.stats.add(&hit);
-            t.dirty = true;
+            lock(&t).add(hit);
         } else {
             if self.keys.len() >= self.cap {
                 self.evict();
             }
             let t = self.keys.entry(id.clone()).or_default();
-            let mut t = lock(&t);
-            t.stats.add(&hit);
-            t.dirty = true;
+            lock(&t).add(hit);
         }
         self.mark_dirty();
     }
@@ -687,7 +742,7 @@ impl Forensics {
         let mut seen: Vec<(i64, KeyId)> = self
             .keys
             .iter()
-            .map(|e| (lock(e.value()).stats.last_seen, e.key().clone()))
+            .map(|e| (lock(e.value()).settle().last_seen, e.key().clone()))
             .collect();
         seen.sort_by(|a, b| (a.0, a.1.as_str()).cmp(&(b.0, b.1.as_str())));
         let n = (self.cap / 10).max(1).min(seen.len());
@@ -705,7 +760,7 @@ impl Forensics {
     }
 
     pub fn get(&self, id: &str) -> Option<KeyStats> {
-        self.keys.get(id).map(|t| lock(&t).stats.clone())
+        self.keys.get(id).map(|t| lock(&t).settle().clone())
     }
 
     /// The keys changed since the last call (cumulative stats each), marked clean.
@@ -717,7 +772,7 @@ impl Forensics {
         for e in self.keys.iter() {
             let mut t = lock(e.value());
             if std::mem::take(&mut t.dirty) {
-                out.insert(e.key().to_string(), t.stats.clone());
+                out.insert(e.key().to_string(), t.settle().clone());
             }
         }
         out
@@ -825,7 +880,7 @@ mod tests {
             let mut h = hit([10, 0, 0, 1], "ua", now);
             h.status = status;
             h.revoked = revoked;
-            s.add(&h);
+            s.add(&h, 1);
         }
         s
     }
@@ -850,12 +905,12 @@ mod tests {
         // After the last request: nothing, counted from the time asked.
         assert_eq!(s.counts_since(T0 + 5 * HOUR), (T0 + 5 * HOUR, [0; 5]));
         // Three days on: the first day's hours are one day bucket now.
-        s.add(&hit([10, 0, 0, 1], "ua", T0 + 3 * DAY));
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 3 * DAY), 1);
         assert_eq!(s.counts_since(T0 + HOUR), (T0 + 600, [3, 0, 2, 0, 1]));
         assert_eq!(s.counts_since(T0 + DAY), (T0 + 3 * DAY, [1, 0, 0, 0, 0]));
         // Forty days on: the first day is dropped, so a window reaching into it gets every
         // count since tracking began (more than asked, never less).
-        s.add(&hit([10, 0, 0, 1], "ua", T0 + 40 * DAY));
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 40 * DAY), 1);
         assert_eq!(s.counts_since(T0 + HOUR), (T0 + 600, [4, 0, 2, 0, 1]));
         assert_eq!(
             s.counts_since(T0 + 39 * DAY),
@@ -902,13 +957,77 @@ mod tests {
         let old = r#"{"first_seen":100,"last_seen":200,"s2xx":7,"s4xx":1}"#;
         let mut s: KeyStats = serde_json::from_str(old).expect("old stats");
         assert_eq!(s.counts_since(150), (100, [7, 0, 1, 0, 0]));
-        s.add(&hit([10, 0, 0, 1], "ua", T0 + 30));
+        s.add(&hit([10, 0, 0, 1], "ua", T0 + 30), 1);
         assert_eq!(s.counts_since(T0), (T0, [1, 0, 0, 0, 0]));
         assert_eq!(s.counts_since(T0 - 1), (100, [8, 0, 1, 0, 0]));
         // And a merge with such stats stays conservative.
         let mut fresh = stats_of(&[(T0 - DAY, 200, false)]);
         fresh.merge(&serde_json::from_str::<KeyStats>(old).expect("old stats"));
         assert_eq!(fresh.counts_since(T0 - DAY), (100, [8, 0, 1, 0, 0]));
+    }
+
+    /// Recording through runs (`Run`) keeps exactly the stats adding every hit one by one
+    /// would: read mid-run and after, across hours, statuses, revocations, clocks that step
+    /// back, and more distinct items than a sketch has slots.
+    #[test]
+    fn runs_count_exactly_as_each_hit_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Forensics::new(&dir.path().join("usage.json"), "n1");
+        let ids = ["key_a", "key_b", "key_c"];
+        let mut naive: Vec<KeyStats> = vec![KeyStats::default(); ids.len()];
+        let mut last: Vec<Option<Hit>> = vec![None; ids.len()];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut now, mut repeats, mut reads) = (T0 + 3_000, 0, 0);
+        for _ in 0..20_000 {
+            now += match next(100) {
+                0 => 1_800,
+                1 => -3,
+                n => (n % 3) as i64,
+            };
+            let k = next(ids.len() as u64) as usize;
+            let mut h = match last[k] {
+                Some(prev) if next(10) < 7 => prev,
+                _ => Hit {
+                    now,
+                    status: [200, 204, 301, 404, 401, 503, 101][next(7) as usize],
+                    route: [Some(Label::new(b"r1")), Some(Label::new(b"r2")), None]
+                        [next(3) as usize],
+                    ip: IpAddr::from([10, 0, (next(2)) as u8, next(40) as u8]),
+                    user_agent: [Some(Label::new(b"a")), Some(Label::new(b"b")), None]
+                        [next(3) as usize],
+                    revoked: next(4) == 0,
+                },
+            };
+            h.now = now;
+            repeats += usize::from(last[k].is_some_and(|p| h.repeats(&p)));
+            last[k] = Some(h);
+            naive[k].add(&h, 1);
+            f.record(&KeyId::of(ids[k]), h);
+            if next(50) == 0 {
+                reads += 1;
+                assert_eq!(
+                    f.get(ids[k]).as_ref(),
+                    Some(&naive[k]),
+                    "mid-run, {}",
+                    ids[k]
+                );
+            }
+        }
+        assert!(
+            repeats > 5_000 && reads > 100,
+            "{repeats} repeats, {reads} reads"
+        );
+        let dirty = f.take_dirty();
+        for (k, id) in ids.iter().enumerate() {
+            assert_eq!(dirty.get(*id), Some(&naive[k]), "{id}");
+            assert!(naive[k].ips.len() == TOP_K, "the address sketch overflowed");
+        }
     }
 
     #[test]

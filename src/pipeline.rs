@@ -63,6 +63,9 @@ struct Ctx {
     bytes_in: Option<access::BytesIn>,
     /// The User-Agent, cut to a fixed-size label (no allocation) for the key's forensics.
     user_agent: Option<crate::forensics::Label>,
+    /// The request's wall-clock second (key validity, usage, forensics, quota alarms): the
+    /// clock is read once per request, not per use.
+    now: i64,
 }
 
 pub async fn handle(
@@ -88,6 +91,7 @@ pub async fn handle(
         upstream: None,
         bytes_in: logged.then(access::BytesIn::default),
         user_agent: None,
+        now: crate::clock::unix_secs(),
     };
     let method = req.method().clone();
 
@@ -277,7 +281,7 @@ async fn authenticate(
     presented: &str,
     ctx: &mut Ctx,
 ) -> Result<KeyView, GatewayError> {
-    let now = crate::clock::unix_secs();
+    let now = ctx.now;
     match crate::credential::authenticate(gw, snap, route, presented, now).await {
         Ok(key) => {
             if snap.redigest.enabled() {
@@ -546,9 +550,9 @@ fn record(
     series.count(outcome);
     series.duration.observe(started.elapsed().as_secs_f64());
     // The key's id as the per-key maps hold it (compared as bytes, never re-checked as
-    // text), and the time once.
+    // text).
     let key_id = ctx.key.as_ref().map(|k| &k.id);
-    let now = crate::clock::unix_secs();
+    let now = ctx.now;
     // Forwarded requests count their status with their use (`Gateway::forwarded`).
     if let Some(id) = key_id.filter(|_| outcome != Outcome::Ok && !outcome.is_auth_failure()) {
         gw.usage.status(id, status.as_u16());
@@ -622,7 +626,7 @@ fn quota_exceeded(gw: &Gateway, ctx: &Ctx) {
     let (Some(k), Some(v)) = (&ctx.key, &ctx.verdict) else {
         return;
     };
-    if gw.quota_alarm(k.lineage(), crate::clock::unix_secs(), v.reset_secs) {
+    if gw.quota_alarm(k.lineage(), ctx.now, v.reset_secs) {
         gw.audit(
             Event::new("key.quota_exceeded", "gateway")
                 .key_view(k, None)
