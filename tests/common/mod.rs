@@ -518,3 +518,13 @@ pub fn read_lossy(path: &Path) -> String {
     }
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// VmRSS of process `pid` in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
