@@ -699,7 +699,7 @@ impl Accepted {
             stop,
             handshake,
             at,
-        } = *self;
+        } = crate::keepalive::unbox(self);
         // The token exchange of a gateway that issues sits beside the request path.
         // Boxed per request: hyper keeps a slot the size of the service's future for the
         // connection's whole life (`in_flight`, allocated at the start), so an unboxed

@@ -217,9 +217,10 @@ impl Upstream {
         path_and_query: Option<&str>,
         fields: &crate::hygiene::Fields,
     ) -> Result<(Response<UpstreamBody>, Duration), GatewayError> {
-        let target = self.pick().ok_or(GatewayError::UpstreamUnavailable(
-            "upstream has no targets".into(),
-        ))?;
+        // `ok_or_else`: the error boxes a string, two allocations a request if made eagerly.
+        let target = self
+            .pick()
+            .ok_or_else(|| GatewayError::UpstreamUnavailable("upstream has no targets".into()))?;
         let (parts, body) = req.into_parts();
         // The target is written to the wire as it is: only what parses as one goes.
         let path = match path_and_query {
@@ -239,12 +240,12 @@ impl Upstream {
             fields.as_bytes(),
             framing,
         );
-        // The clock is read twice per exchange: its deadline and its duration both come
-        // from these two readings.
+        // The clock is read twice per exchange: its deadline, the pool's idle check and its
+        // duration all come from these two readings.
         let started = Instant::now();
         let result = crate::deadline::timeout_at(
             started + self.response_timeout,
-            self.exchange(target, &parts.method, head, body, framing),
+            self.exchange(target, &parts.method, head, body, framing, started),
         )
         .await;
         let took = started.elapsed();
@@ -284,8 +285,9 @@ impl Upstream {
         head: bytes::Bytes,
         body: GuardedBody,
         framing: wire::RequestFraming,
+        started: Instant,
     ) -> Result<(wire::Head, Exchange), ExchangeError> {
-        let Some(lease) = target.pool.take() else {
+        let Some(lease) = target.pool.take(started) else {
             let lease = self.connect(target).await?;
             return Exchange::new(lease, head, body, framing).head(method).await;
         };

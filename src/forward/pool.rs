@@ -81,7 +81,12 @@ impl IdlePool {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// The pool's millisecond of `at`.
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn shard(&self, i: usize) -> MutexGuard<'_, Shard> {
@@ -96,10 +101,11 @@ impl IdlePool {
 
     /// The most recently used idle connection that is still open: from this thread's shard,
     /// else from another (a new connection costs far more than another thread's socket).
-    pub(super) fn take(self: &Arc<Self>) -> Option<Lease> {
+    /// `now`: the caller's reading of the clock (the exchange's start), not one more.
+    pub(super) fn take(self: &Arc<Self>, now: Instant) -> Option<Lease> {
         let local = self.local();
         let n = self.shards.len();
-        let now = self.now_ms();
+        let now = self.ms_at(now);
         (0..n).find_map(|i| {
             let shard = (local + i) % n;
             let mut s = self.shard(shard);
