@@ -34,8 +34,9 @@ for t in nginx:nginx-light h2load:nghttp2-client wrk:wrk openssl:openssl curl:cu
 done
 profdata=""
 for p in llvm-profdata /usr/lib/llvm-2[0-9]/bin/llvm-profdata /usr/lib/llvm-19/bin/llvm-profdata; do
-  if command -v "$p" >/dev/null 2>&1 &&
-    [ "$("$p" --version | sed -n 's/.*LLVM version \([0-9]*\).*/\1/p')" -ge 19 ]; then
+  # Debian's default llvm-profdata (LLVM 14) knows no --version: it counts as too old.
+  v=$("$p" --version 2>/dev/null | sed -n 's/.*LLVM version \([0-9]*\).*/\1/p' || true)
+  if command -v "$p" >/dev/null 2>&1 && [ "${v:-0}" -ge 19 ]; then
     profdata=$p
     break
   fi
@@ -89,9 +90,12 @@ hash_secret_env = "API_KEY_HASH_SECRET"
 prefix = "kg"
 audit_log = "audit.jsonl"
 
+# The admitted path is what is profiled: a 100 ms tolerance leaves no refusal to the
+# scheduler of a 2-core machine shared with h2load and nginx (the limiter's arithmetic under
+# preemption is src/gcra.rs's unit tests' to judge).
 [plans.default]
 rate = "1000000/s"
-burst = 1000
+burst = 100000
 
 [[upstreams]]
 name = "plain"
@@ -152,7 +156,12 @@ drive() { # expected-status h2load-args...
   case $want in
   2xx) [ "${got%% *}" -gt 0 ] && [ "$(cut -d' ' -f2,3 <<<"$got")" = "0 0" ] ;;
   4xx) [ "${got%% *}" = 0 ] && [ "$(cut -d' ' -f3 <<<"$got")" = 0 ] ;;
-  esac || { echo "unexpected status codes ($got, wanted $want): $*" >&2; exit 1; }
+  esac || {
+    echo "unexpected status codes ($got, wanted $want): $*" >&2
+    # What the gateway answered, by outcome: names the refusal.
+    curl -s "http://127.0.0.1:$ADMIN/metrics" | grep '^keygate_requests_total.* [1-9][0-9]*$' >&2 || true
+    exit 1
+  }
   echo "ok $want: ${*: -1} ($got)"
 }
 H=http://127.0.0.1:$GW

@@ -240,19 +240,23 @@ impl Table {
         self.seed.hash_one(lineage).clamp(EMPTY + 1, SEALED - 1)
     }
 
-    /// Take one token from `lineage`'s bucket at `clock()` (read again if the check has to
-    /// start over on a moved table, so it is never behind the move).
+    /// Take one token from `lineage`'s bucket at `clock()`, read after the TAT it is judged
+    /// against.
     pub fn take(&self, lineage: &impl std::hash::Hash, g: Gcra, clock: impl Fn() -> u64) -> Take {
         let tag = self.tag(lineage);
         loop {
             // A guard, not an `Arc`: no reference count written per check.
             let slots = self.current.load();
-            let now = clock();
             match slots.slot_for(tag) {
                 Probe::Slot(s) => {
                     let mut tat = s.tat.load(Ordering::Acquire);
                     while tat != SEALED {
-                        let take = g.step(tat, now);
+                        // The clock is read after the TAT it judges (again after a failed
+                        // compare-exchange): a reading from before could be older than the
+                        // check that wrote `tat` (a worker preempted between the two for
+                        // longer than the burst's tolerance) and look like a request from the
+                        // past, refused by a bucket with room at any true "now".
+                        let take = g.step(tat, clock());
                         let Take::Allowed { tat: next, .. } = take else {
                             return take;
                         };
@@ -532,6 +536,50 @@ mod tests {
             Take::Allowed { now, tat } => assert_eq!(g.remaining(now, tat), 1),
             d => panic!("{d:?}"),
         }
+    }
+
+    /// A check whose worker is preempted after reading the clock, while another check on the
+    /// same bucket spends a token, is judged when it runs again: at a reading taken after the
+    /// TAT it compares with. Judged at its first reading instead, it looked like a request
+    /// from before the other one and was refused by a bucket with room (the spurious 429
+    /// pgo/train.sh met once in 40,000 requests on a loaded 2-core CI machine).
+    #[test]
+    fn a_check_preempted_after_reading_the_clock_is_judged_at_a_fresh_reading() {
+        let table = Table::default();
+        // Burst 2, a token every microsecond: a microsecond of preemption is enough.
+        let g = Gcra {
+            t: 1_000,
+            tau: 1_000,
+        };
+        assert_eq!(
+            table.take(&"a", g, || 4_000),
+            Take::Allowed {
+                now: 4_000,
+                tat: 5_000
+            }
+        );
+        let readings = std::cell::Cell::new(0);
+        let preempted = || {
+            readings.set(readings.get() + 1);
+            if readings.get() > 1 {
+                return 7_000;
+            }
+            // Read at 4 µs; before this check goes on, another one spends at 5.5 µs.
+            assert!(matches!(
+                table.take(&"a", g, || 5_500),
+                Take::Allowed { tat: 6_500, .. }
+            ));
+            4_000
+        };
+        // At 7 µs the bucket (TAT 6.5 µs) has room: admitted, judged at a reading after 6.5.
+        assert_eq!(
+            table.take(&"a", g, preempted),
+            Take::Allowed {
+                now: 7_000,
+                tat: 8_000
+            }
+        );
+        assert_eq!(readings.get(), 2);
     }
 
     #[test]
