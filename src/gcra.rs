@@ -541,8 +541,8 @@ mod tests {
     /// A check whose worker is preempted after reading the clock, while another check on the
     /// same bucket spends a token, is judged when it runs again: at a reading taken after the
     /// TAT it compares with. Judged at its first reading instead, it looked like a request
-    /// from before the other one and was refused by a bucket with room (the spurious 429
-    /// pgo/train.sh met once in 40,000 requests on a loaded 2-core CI machine).
+    /// from before the other one and was refused by a bucket with room (the likely cause of
+    /// the one 4xx for a valid key in 40,000 that pgo/train.sh met on a 2-core CI machine).
     #[test]
     fn a_check_preempted_after_reading_the_clock_is_judged_at_a_fresh_reading() {
         let table = Table::default();
