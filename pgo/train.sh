@@ -34,9 +34,10 @@ for t in nginx:nginx-light h2load:nghttp2-client wrk:wrk openssl:openssl curl:cu
 done
 profdata=""
 for p in llvm-profdata /usr/lib/llvm-2[0-9]/bin/llvm-profdata /usr/lib/llvm-19/bin/llvm-profdata; do
-  # Debian's default llvm-profdata (LLVM 14) knows no --version: it counts as too old.
+  # No version read (a missing path, or Debian's default LLVM 14, which knows no --version)
+  # counts as too old.
   v=$("$p" --version 2>/dev/null | sed -n 's/.*LLVM version \([0-9]*\).*/\1/p' || true)
-  if command -v "$p" >/dev/null 2>&1 && [ "${v:-0}" -ge 19 ]; then
+  if [ "${v:-0}" -ge 19 ]; then
     profdata=$p
     break
   fi
