@@ -187,7 +187,7 @@ impl Line {
             request_id: self.request_id.to_str().unwrap_or("-"),
             route: self.route.as_deref().unwrap_or("none"),
             status: self.status,
-            timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+            timestamp: crate::audit::timestamp_now(),
             trace_id: self.trace.trace_id,
             upstream_us: self.upstream.map(|d| d.as_micros() as u64),
         };
