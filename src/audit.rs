@@ -69,7 +69,13 @@ impl Event {
 }
 
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    timestamp_now().to_string()
+}
+
+/// Now as audit and access lines write their `timestamp`: RFC 3339, UTC, milliseconds (a
+/// value to format where it is written, with no `String` between).
+pub fn timestamp_now() -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now())
 }
 
 #[derive(Debug, Clone)]

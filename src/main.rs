@@ -89,7 +89,8 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,keygate::access=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Standard error, access lines through a queue (`access::StderrWriter`).
+        .with_writer(keygate::access::StderrWriter);
     match format {
         LogFormat::Human => builder.with_ansi(use_ansi()).init(),
         LogFormat::Json => {

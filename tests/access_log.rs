@@ -1,7 +1,9 @@
 //! The `[access_log]` file sink on the real binary: one JSON line per request, written off the
 //! request path, and rotation by `mv` then `SIGUSR1` (what logrotate does without
 //! `copytruncate`): the moved file keeps every line written before the signal, the new file
-//! gets every line after it, and no line is lost, duplicated or split.
+//! gets every line after it, and no line is lost, duplicated or split. Access lines on standard
+//! error (`KEYGATE_LOG=…,keygate::access=info`) are written off the request path as well:
+//! whole, and every one of them by the end of a graceful shutdown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -166,4 +168,77 @@ async fn an_access_log_in_a_missing_directory_stops_serve_naming_the_file() {
         err.contains("access log") && err.contains("no/such/dir/access.log"),
         "{err}"
     );
+}
+
+/// Requests from several connections at once, then SIGTERM straight away: the lines still
+/// gathering in the standard-error writer are written before the process exits, each whole
+/// (one JSON object per line), one per request, none with the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
+    let up = Upstream::start(Mode::Echo).await;
+    let dir = tempdir();
+    let config = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(
+            up.addr(),
+            1000,
+            "",
+            "",
+            "[[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"up\"\n",
+        ),
+    );
+    let key = create_key(&config, &[]);
+    let mut gw = Gateway::try_spawn_args(
+        &config,
+        &["--log-format", "json"],
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_LOG", "info,keygate::access=info"),
+        ],
+    )
+    .await
+    .unwrap();
+    wait_ready(&gw, POLL).await;
+    let addr = gw.http;
+    let clients: Vec<_> = (0..6)
+        .map(|c| {
+            let auth = format!("Bearer {}", key.key);
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let id = format!("s{c}-{i}");
+                    let status = get(
+                        addr,
+                        "/orders/1",
+                        &[("x-request-id", &id), ("authorization", &auth)],
+                    )
+                    .await
+                    .0;
+                    assert_eq!(status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    gw.sigterm();
+    assert!(gw.wait_exit(POLL).await.success());
+
+    let stderr = gw.stderr_contents();
+    let mut ids = BTreeSet::new();
+    for line in stderr.lines().filter(|l| l.contains("\"keygate::access\"")) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON line ({e}): {line:?}"));
+        if v["message"] == "request" {
+            assert_eq!(v["route"], "orders");
+            assert!(ids.insert(v["request_id"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        300,
+        "one line per request, none lost at shutdown"
+    );
+    gw.assert_not_logged(&key.key);
 }
