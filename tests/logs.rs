@@ -85,17 +85,7 @@ async fn json_log_format_serve_access_and_shutdown_lines_are_all_json() {
         ),
     );
     let key = create_key(&config, &[]);
-    let mut gw = Gateway::try_spawn_args(
-        &config,
-        &["--log-format", "json"],
-        &[
-            (SECRET_VAR, SECRET),
-            ("KEYGATE_LOG", "info,keygate::access=info"),
-        ],
-    )
-    .await
-    .unwrap();
-    wait_ready(&gw, POLL).await;
+    let mut gw = Gateway::spawn_json_access_lines(&config, POLL).await;
     let auth = format!("Bearer {}", key.key);
     assert_eq!(get(gw.http, "/x", &[("authorization", &auth)]).await.0, 200);
     assert_eq!(get(gw.http, "/x", &[]).await.0, 401);
