@@ -7,9 +7,12 @@
 //! times; never a key or a client-sent header value.
 //!
 //! Where a line goes: the `keygate::access` tracing target (stderr, when the filter enables
-//! it), the `[access_log]` file (`FileSink`: a bounded channel to a writer thread, so a slow
-//! disk never holds a request; a full queue drops and counts the line; `SIGUSR1` reopens the
-//! file for `mv`-then-signal rotation), and with the `otlp` feature one span per request.
+//! it), the `[access_log]` file, and with the `otlp` feature one span per request. Cheap when
+//! on, too: the file (`FileSink`) and stderr (`StderrWriter`, the subscriber's writer) each
+//! have a bounded queue (`LineQueue`) to a writer thread that writes the lines in batches
+//! gathered for `GATHER`, so no request waits for a disk or a pipe, or wakes a thread, for
+//! its line. A full file queue drops and counts the line, a full stderr queue writes at once;
+//! `SIGUSR1` reopens the file for `mv`-then-signal rotation; shutdown writes what is queued.
 
 use crate::keys::compact::KeyId;
 use crate::pipeline::RespBody;
