@@ -189,7 +189,13 @@ async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
         ),
     );
     let key = create_key(&config, &[]);
-    let mut gw = Gateway::spawn_json_access_lines(&config, POLL).await;
+    let mut gw = spawn_ready_args(
+        &config,
+        &["--log-format", "json"],
+        &[("KEYGATE_LOG", "info,keygate::access=info")],
+        POLL,
+    )
+    .await;
     let addr = gw.http;
     let clients: Vec<_> = (0..6)
         .map(|c| {

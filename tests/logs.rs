@@ -85,7 +85,13 @@ async fn json_log_format_serve_access_and_shutdown_lines_are_all_json() {
         ),
     );
     let key = create_key(&config, &[]);
-    let mut gw = Gateway::spawn_json_access_lines(&config, POLL).await;
+    let mut gw = spawn_ready_args(
+        &config,
+        &["--log-format", "json"],
+        &[("KEYGATE_LOG", "info,keygate::access=info")],
+        POLL,
+    )
+    .await;
     let auth = format!("Bearer {}", key.key);
     assert_eq!(get(gw.http, "/x", &[("authorization", &auth)]).await.0, 200);
     assert_eq!(get(gw.http, "/x", &[]).await.0, 401);

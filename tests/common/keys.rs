@@ -62,9 +62,21 @@ pub async fn wait_ready(gw: &Gateway, deadline: Duration) {
 
 /// [`Gateway::spawn`] with the secret (plus `envs`), then [`wait_ready`] within `deadline`.
 pub async fn spawn_ready(config: &Path, envs: &[(&str, &str)], deadline: Duration) -> Gateway {
+    spawn_ready_args(config, &[], envs, deadline).await
+}
+
+/// [`spawn_ready`] with `args` after `serve --config <config>` (e.g. `--log-format json`).
+pub async fn spawn_ready_args(
+    config: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    deadline: Duration,
+) -> Gateway {
     let mut all = SECRET_ENV.to_vec();
     all.extend_from_slice(envs);
-    let gw = Gateway::spawn(config, &all).await;
+    let gw = Gateway::try_spawn_args(config, args, &all)
+        .await
+        .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
     wait_ready(&gw, deadline).await;
     gw
 }

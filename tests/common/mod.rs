@@ -216,23 +216,6 @@ impl Gateway {
         Self::spawn_command(cmd, &dir.join("gateway.stderr.log")).await
     }
 
-    /// `serve` with JSON logs and the access lines on stderr
-    /// (`KEYGATE_LOG=info,keygate::access=info`), once `/readyz` says ready.
-    pub async fn spawn_json_access_lines(config_path: &Path, deadline: Duration) -> Gateway {
-        let gw = Self::try_spawn_args(
-            config_path,
-            &["--log-format", "json"],
-            &[
-                (SECRET_VAR, SECRET),
-                ("KEYGATE_LOG", "info,keygate::access=info"),
-            ],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("serve did not start: {e}"));
-        wait_ready(&gw, deadline).await;
-        gw
-    }
-
     /// Runs an arbitrary prepared command under the same protocol (stdout
     /// piped and drained, stderr to `stderr_log`, wait for the `listening`
     /// line). Lets the harness test itself without the real binary.
