@@ -272,11 +272,13 @@ impl Line {
                 out.debug_str(self.outcome);
                 out.0.extend_from_slice(b" key_id=");
                 out.debug_str(key_id);
-                let _ = write!(
-                    out,
-                    " client_ip={} trace_id={} bytes_in=",
-                    self.client_ip, self.trace.trace_id
+                out.0.extend_from_slice(b" client_ip=");
+                out.0.extend_from_slice(
+                    crate::ascii::IpText::default()
+                        .ip(self.client_ip)
+                        .as_bytes(),
                 );
+                let _ = write!(out, " trace_id={} bytes_in=", self.trace.trace_id);
                 out.number(self.bytes_in.get());
                 out.0.extend_from_slice(b" bytes_out=");
                 out.number(self.bytes_out);
@@ -343,18 +345,9 @@ impl Text<'_> {
     }
 
     /// `n` in decimal, as `{}` writes it.
-    fn number(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.0.extend_from_slice(&digits[at..]);
+    fn number(&mut self, n: u64) {
+        self.0
+            .extend_from_slice(crate::ascii::Text::<20>::default().decimal(n).as_bytes());
     }
 }
 
