@@ -87,19 +87,15 @@ fn init_tracing(format: LogFormat) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         // Access lines (target keygate::access) are opt-in: KEYGATE_LOG=info,keygate::access=info.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,keygate::access=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Standard error, access lines through a queue (`access::StderrWriter`).
-        .with_writer(keygate::access::StderrWriter);
-    match format {
-        LogFormat::Human => builder.with_ansi(use_ansi()).init(),
-        LogFormat::Json => {
-            builder.json().flatten_event(true).with_ansi(false).init();
-            // A panic's default report is plain multi-line text: as JSON, it stays one line.
-            std::panic::set_hook(Box::new(|info| {
-                say(Level::Error, &format!("panic: {info}"));
-            }));
-        }
+    // Standard error, access lines through a queue (`access::subscriber`).
+    let subscriber = keygate::access::subscriber(format, use_ansi(), filter);
+    // Nothing has set a subscriber before `main` does.
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    if format == LogFormat::Json {
+        // A panic's default report is plain multi-line text: as JSON, it stays one line.
+        std::panic::set_hook(Box::new(|info| {
+            say(Level::Error, &format!("panic: {info}"));
+        }));
     }
 }
 

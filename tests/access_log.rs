@@ -171,10 +171,57 @@ async fn an_access_log_in_a_missing_directory_stops_serve_naming_the_file() {
 }
 
 /// Requests from several connections at once, then SIGTERM straight away: the lines still
-/// gathering in the standard-error writer are written before the process exits, each whole
-/// (one JSON object per line), one per request, none with the key.
+/// gathering in the standard-error writer are written before the process exits, each whole,
+/// one per request, none with the key; in JSON (one object per line) and in the plain text
+/// format (both are written without the subscriber; `access::Line::stderr_line`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
+    let json = stderr_after_burst("json").await;
+    let mut ids = BTreeSet::new();
+    for line in json.lines().filter(|l| l.contains("\"keygate::access\"")) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON line ({e}): {line:?}"));
+        if v["message"] == "request" {
+            assert_eq!(v["route"], "orders");
+            assert!(ids.insert(v["request_id"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        BURST,
+        "one line per request, none lost at shutdown"
+    );
+
+    let plain = stderr_after_burst("human").await;
+    let mut ids = BTreeSet::new();
+    for line in plain
+        .lines()
+        .filter(|l| l.contains(" keygate::access: request "))
+    {
+        assert!(
+            line.contains(" route=\"orders\" status=200 ") && line.contains(" latency_us="),
+            "not one whole line: {line:?}"
+        );
+        let id = line
+            .split_once(" request_id=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .unwrap_or_else(|| panic!("no request id: {line:?}"))
+            .0;
+        assert!(ids.insert(id.to_owned()), "{id} twice");
+    }
+    assert_eq!(
+        ids.len(),
+        BURST,
+        "one plain line per request, none lost at shutdown"
+    );
+}
+
+/// Requests `stderr_after_burst` makes: 6 clients, 50 each.
+const BURST: usize = 300;
+
+/// The gateway's standard error in `format`, with access lines on, after `BURST` requests
+/// from 6 concurrent clients and a SIGTERM at once; checked for the key.
+async fn stderr_after_burst(format: &str) -> String {
     let up = Upstream::start(Mode::Echo).await;
     let dir = tempdir();
     let config = write_file(
@@ -191,8 +238,11 @@ async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
     let key = create_key(&config, &[]);
     let mut gw = spawn_ready_args(
         &config,
-        &["--log-format", "json"],
-        &[("KEYGATE_LOG", "info,keygate::access=info")],
+        &["--log-format", format],
+        &[
+            ("KEYGATE_LOG", "info,keygate::access=info"),
+            ("NO_COLOR", "1"),
+        ],
         POLL,
     )
     .await;
@@ -201,7 +251,7 @@ async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
         .map(|c| {
             let auth = format!("Bearer {}", key.key);
             tokio::spawn(async move {
-                for i in 0..50 {
+                for i in 0..BURST / 6 {
                     let id = format!("s{c}-{i}");
                     let status = get(
                         addr,
@@ -220,21 +270,6 @@ async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
     }
     gw.sigterm();
     assert!(gw.wait_exit(POLL).await.success());
-
-    let stderr = gw.stderr_contents();
-    let mut ids = BTreeSet::new();
-    for line in stderr.lines().filter(|l| l.contains("\"keygate::access\"")) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not one JSON line ({e}): {line:?}"));
-        if v["message"] == "request" {
-            assert_eq!(v["route"], "orders");
-            assert!(ids.insert(v["request_id"].as_str().unwrap().to_owned()));
-        }
-    }
-    assert_eq!(
-        ids.len(),
-        300,
-        "one line per request, none lost at shutdown"
-    );
     gw.assert_not_logged(&key.key);
+    gw.stderr_contents()
 }
