@@ -258,7 +258,7 @@ impl Line {
         match style {
             StderrStyle::Plain => {
                 use std::fmt::Write as _;
-                let mut out = Text(&mut buf);
+                let mut out = PlainLine(&mut buf);
                 // `write!` into a Vec cannot fail.
                 let _ = write!(out, "{timestamp}  INFO {TARGET}: request request_id=");
                 out.debug_str(request_id);
@@ -319,16 +319,16 @@ impl Line {
 }
 
 /// The text of a plain (`--log-format human`, no colours) access line being written.
-struct Text<'a>(&'a mut Vec<u8>);
+struct PlainLine<'a>(&'a mut Vec<u8>);
 
-impl std::fmt::Write for Text<'_> {
+impl std::fmt::Write for PlainLine<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         self.0.extend_from_slice(s.as_bytes());
         Ok(())
     }
 }
 
-impl Text<'_> {
+impl PlainLine<'_> {
     /// `s` as `{:?}` writes it (the subscriber's text for a `&str` field): quoted, and for
     /// the common case with nothing to escape, without the `fmt` machinery.
     fn debug_str(&mut self, s: &str) {
