@@ -165,14 +165,15 @@ pub struct Line {
 impl Line {
     fn write(&self) {
         let latency = self.started.elapsed();
+        let fields = self.fields(latency);
         if enabled() {
             match STDERR_STYLE.get() {
-                Some(&style) => to_stderr(self.stderr_line(style, latency)),
-                None => self.trace_line(latency),
+                Some(&style) => to_stderr(self.stderr_line(&fields, style)),
+                None => self.trace_line(&fields),
             }
         }
         if let Some(file) = &self.sinks.file {
-            file.send(self.json(latency));
+            file.send(self.json(&fields));
         }
         #[cfg(feature = "otlp")]
         if let Some(x) = &self.sinks.otlp {
@@ -182,23 +183,38 @@ impl Line {
         }
     }
 
-    /// The file sink's line: the tracing line's fields with a `timestamp`, one JSON object.
-    fn json(&self, latency: Duration) -> Vec<u8> {
-        let line = JsonLine {
+    /// What every format writes of the optional and derived values, in one place so that the
+    /// formats cannot disagree: a missing value reads `-` (`none` for the route), times are
+    /// whole microseconds.
+    fn fields(&self, latency: Duration) -> Fields<'_> {
+        Fields {
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            host: self.host.as_deref().unwrap_or("-"),
+            route: self.route.as_deref().unwrap_or("none"),
+            key_id: self.key_id.as_deref().unwrap_or("-"),
             bytes_in: self.bytes_in.get(),
+            upstream_us: self.upstream.map(|d| d.as_micros() as u64),
+            latency_us: latency.as_micros() as u64,
+        }
+    }
+
+    /// The file sink's line: the tracing line's fields with a `timestamp`, one JSON object.
+    fn json(&self, f: &Fields<'_>) -> Vec<u8> {
+        let line = JsonLine {
+            bytes_in: f.bytes_in,
             bytes_out: self.bytes_out,
             client_ip: self.client_ip,
-            host: self.host.as_deref().unwrap_or("-"),
-            key_id: self.key_id.as_deref().unwrap_or("-"),
-            latency_us: latency.as_micros() as u64,
+            host: f.host,
+            key_id: f.key_id,
+            latency_us: f.latency_us,
             method: self.method.as_str(),
             outcome: self.outcome,
-            request_id: self.request_id.to_str().unwrap_or("-"),
-            route: self.route.as_deref().unwrap_or("none"),
+            request_id: f.request_id,
+            route: f.route,
             status: self.status,
             timestamp: crate::audit::timestamp_now(),
             trace_id: self.trace.trace_id,
-            upstream_us: self.upstream.map(|d| d.as_micros() as u64),
+            upstream_us: f.upstream_us,
         };
         let mut buf = Vec::with_capacity(384);
         // Serialising plain fields into a Vec cannot fail.
@@ -223,22 +239,22 @@ impl Line {
         }
     }
 
-    fn trace_line(&self, latency: Duration) {
+    fn trace_line(&self, f: &Fields<'_>) {
         tracing::info!(
             target: TARGET,
-            request_id = self.request_id.to_str().unwrap_or("-"),
+            request_id = f.request_id,
             method = %self.method,
-            host = self.host.as_deref().unwrap_or("-"),
-            route = self.route.as_deref().unwrap_or("none"),
+            host = f.host,
+            route = f.route,
             status = self.status,
             outcome = self.outcome,
-            key_id = self.key_id.as_deref().unwrap_or("-"),
+            key_id = f.key_id,
             client_ip = %self.client_ip,
             trace_id = %self.trace.trace_id,
-            bytes_in = self.bytes_in.get(),
+            bytes_in = f.bytes_in,
             bytes_out = self.bytes_out,
-            upstream_us = self.upstream.map(|d| d.as_micros() as u64),
-            latency_us = latency.as_micros() as u64,
+            upstream_us = f.upstream_us,
+            latency_us = f.latency_us,
             "request",
         );
     }
@@ -246,14 +262,8 @@ impl Line {
     /// The line `trace_line` has the subscriber write, written here in the same bytes (a test
     /// holds the two to each other), without the subscriber's field visitor and `fmt`
     /// machinery: through them a line cost more than the file's line and its queue together.
-    fn stderr_line(&self, style: StderrStyle, latency: Duration) -> Vec<u8> {
+    fn stderr_line(&self, f: &Fields<'_>, style: StderrStyle) -> Vec<u8> {
         let timestamp = humantime::format_rfc3339_micros(std::time::SystemTime::now());
-        let request_id = self.request_id.to_str().unwrap_or("-");
-        let host = self.host.as_deref().unwrap_or("-");
-        let route = self.route.as_deref().unwrap_or("none");
-        let key_id = self.key_id.as_deref().unwrap_or("-");
-        let upstream_us = self.upstream.map(|d| d.as_micros() as u64);
-        let latency_us = latency.as_micros() as u64;
         let mut buf = Vec::with_capacity(384);
         match style {
             StderrStyle::Plain => {
@@ -261,17 +271,17 @@ impl Line {
                 let mut out = PlainLine(&mut buf);
                 // `write!` into a Vec cannot fail.
                 let _ = write!(out, "{timestamp}  INFO {TARGET}: request request_id=");
-                out.debug_str(request_id);
+                out.debug_str(f.request_id);
                 let _ = write!(out, " method={} host=", self.method);
-                out.debug_str(host);
+                out.debug_str(f.host);
                 out.0.extend_from_slice(b" route=");
-                out.debug_str(route);
+                out.debug_str(f.route);
                 out.0.extend_from_slice(b" status=");
                 out.number(u64::from(self.status));
                 out.0.extend_from_slice(b" outcome=");
                 out.debug_str(self.outcome);
                 out.0.extend_from_slice(b" key_id=");
-                out.debug_str(key_id);
+                out.debug_str(f.key_id);
                 out.0.extend_from_slice(b" client_ip=");
                 out.0.extend_from_slice(
                     crate::ascii::IpText::default()
@@ -279,34 +289,34 @@ impl Line {
                         .as_bytes(),
                 );
                 let _ = write!(out, " trace_id={} bytes_in=", self.trace.trace_id);
-                out.number(self.bytes_in.get());
+                out.number(f.bytes_in);
                 out.0.extend_from_slice(b" bytes_out=");
                 out.number(self.bytes_out);
-                if let Some(us) = upstream_us {
+                if let Some(us) = f.upstream_us {
                     out.0.extend_from_slice(b" upstream_us=");
                     out.number(us);
                 }
                 out.0.extend_from_slice(b" latency_us=");
-                out.number(latency_us);
+                out.number(f.latency_us);
             }
             StderrStyle::Json => {
                 let line = TracingJsonLine {
                     timestamp,
                     level: "INFO",
                     message: "request",
-                    request_id,
+                    request_id: f.request_id,
                     method: self.method.as_str(),
-                    host,
-                    route,
+                    host: f.host,
+                    route: f.route,
                     status: self.status,
                     outcome: self.outcome,
-                    key_id,
+                    key_id: f.key_id,
                     client_ip: self.client_ip,
                     trace_id: self.trace.trace_id,
-                    bytes_in: self.bytes_in.get(),
+                    bytes_in: f.bytes_in,
                     bytes_out: self.bytes_out,
-                    upstream_us,
-                    latency_us,
+                    upstream_us: f.upstream_us,
+                    latency_us: f.latency_us,
                     target: TARGET,
                 };
                 // Serialising plain fields into a Vec cannot fail.
@@ -316,6 +326,17 @@ impl Line {
         buf.push(b'\n');
         buf
     }
+}
+
+/// A line's values as every format writes them (`Line::fields`).
+struct Fields<'a> {
+    request_id: &'a str,
+    host: &'a str,
+    route: &'a str,
+    key_id: &'a str,
+    bytes_in: u64,
+    upstream_us: Option<u64>,
+    latency_us: u64,
 }
 
 /// The text of a plain (`--log-format human`, no colours) access line being written.
@@ -625,14 +646,21 @@ pub fn subscriber(
     ansi: bool,
     filter: tracing_subscriber::EnvFilter,
 ) -> Box<dyn tracing::Subscriber + Send + Sync> {
-    let style = match format {
-        crate::cli::LogFormat::Json => Some(StderrStyle::Json),
-        crate::cli::LogFormat::Human => (!ansi).then_some(StderrStyle::Plain),
-    };
-    if let Some(style) = style {
+    if let Some(style) = StderrStyle::of(format, ansi) {
         let _ = STDERR_STYLE.set(style);
     }
     fmt_subscriber(format, ansi, filter, StderrWriter)
+}
+
+impl StderrStyle {
+    /// How access lines are written for a subscriber of `format`: `None` with a terminal's
+    /// colours, which only the subscriber writes.
+    fn of(format: crate::cli::LogFormat, ansi: bool) -> Option<StderrStyle> {
+        match format {
+            crate::cli::LogFormat::Json => Some(StderrStyle::Json),
+            crate::cli::LogFormat::Human => (!ansi).then_some(StderrStyle::Plain),
+        }
+    }
 }
 
 /// The subscriber `subscriber` builds, writing to `writer` (a test's buffer, to hold
@@ -891,16 +919,19 @@ mod tests {
         }
     }
 
-    /// `line`'s access line as the subscriber of `format` writes it, and as `stderr_line`
-    /// writes it in `style`, each with its timestamp (`at` bytes in) cut out and checked.
-    fn both_ways(line: &Line, format: crate::cli::LogFormat, style: StderrStyle) -> [String; 2] {
+    /// `line`'s access line as the subscriber of `format` (no colours) writes it, and as
+    /// `stderr_line` writes it for that subscriber, each with its timestamp (`at` bytes in) cut
+    /// out and checked.
+    fn both_ways(line: &Line, format: crate::cli::LogFormat) -> [String; 2] {
+        let style = StderrStyle::of(format, false).expect("no colours: written without it");
         let latency = Duration::from_micros(4321);
         let out = Captured::default();
         let filter = tracing_subscriber::EnvFilter::new("keygate::access=info");
         let subscriber = fmt_subscriber(format, false, filter, out.clone());
-        tracing::subscriber::with_default(subscriber, || line.trace_line(latency));
+        let fields = line.fields(latency);
+        tracing::subscriber::with_default(subscriber, || line.trace_line(&fields));
         let theirs = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        let ours = String::from_utf8(line.stderr_line(style, latency)).unwrap();
+        let ours = String::from_utf8(line.stderr_line(&fields, style)).unwrap();
         let at = match style {
             StderrStyle::Plain => 0,
             StderrStyle::Json => r#"{"timestamp":""#.len(),
@@ -930,16 +961,13 @@ mod tests {
         odd.bytes_out = u64::MAX;
         odd.client_ip = "10.0.0.1".parse().unwrap();
         for l in [line(), bare, odd] {
-            for (format, style) in [
-                (crate::cli::LogFormat::Human, StderrStyle::Plain),
-                (crate::cli::LogFormat::Json, StderrStyle::Json),
-            ] {
-                let [theirs, ours] = both_ways(&l, format, style);
+            for format in [crate::cli::LogFormat::Human, crate::cli::LogFormat::Json] {
+                let [theirs, ours] = both_ways(&l, format);
                 assert!(
                     theirs.contains("request"),
                     "the subscriber wrote it: {theirs:?}"
                 );
-                assert_eq!(ours, theirs, "{style:?}");
+                assert_eq!(ours, theirs, "{format:?}");
             }
         }
     }
@@ -948,7 +976,8 @@ mod tests {
     /// wrote (keys sorted, compact), so a reader of the file sees no change.
     #[test]
     fn a_file_line_has_the_fields_and_the_order_the_map_gave_it() {
-        let bytes = line().json(Duration::from_micros(1234));
+        let full = line();
+        let bytes = full.json(&full.fields(Duration::from_micros(1234)));
         let text = std::str::from_utf8(&bytes).unwrap();
         let body = text
             .strip_suffix('\n')
@@ -974,7 +1003,8 @@ mod tests {
         bare.route = None;
         bare.host = None;
         bare.upstream = None;
-        let value: serde_json::Value = serde_json::from_slice(&bare.json(Duration::ZERO)).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_slice(&bare.json(&bare.fields(Duration::ZERO))).unwrap();
         assert_eq!(value["key_id"], "-");
         assert_eq!(value["route"], "none");
         assert_eq!(value["host"], "-");
