@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates pgo/keygate.profdata, the profile the release build is optimised with
-# (pgo/build.sh; README, Performance: "Profile-guided build").
+# (pgo/build.sh; docs/performance.md: "Profile-guided build").
 #
 #   bash pgo/train.sh [OUT]  (about 10 minutes: an instrumented build, ~1 minute of traffic;
 #                            OUT defaults to pgo/keygate.profdata; CI writes elsewhere)

@@ -2,7 +2,7 @@
 //! request path builds (`X-Forwarded-For`, `RateLimit-Policy`).
 //!
 //! Why not `write!`: `core::fmt` costs about a thousand instructions per call on the request
-//! path (callgrind, README Performance), for text these functions write in a few dozen. IPv6
+//! path (callgrind, docs/performance.md), for text these functions write in a few dozen. IPv6
 //! addresses, rarer and with compression rules to get right, still go through `fmt`.
 //!
 //! Also the header values of small numbers (`number_value`), made once.

@@ -3,7 +3,7 @@
 //!
 //! Why: x86-64 builds target `x86-64-v3` (`.cargo/config.toml`: AVX2, BMI1/2, FMA, LZCNT,
 //! MOVBE; every x86 server CPU since 2013–2015, and RHEL 10's baseline), which with fat LTO
-//! is ~9% fewer instructions per forwarded request (README, Performance: "The build"). On an
+//! is ~9% fewer instructions per forwarded request (docs/performance.md: "The build"). On an
 //! older CPU, or a VM whose CPU model hides AVX2 (QEMU's default `qemu64`), such a binary
 //! would die of `SIGILL` at some later instruction; this check turns that into one line naming
 //! the missing feature and the build that runs there, and exit code 2.

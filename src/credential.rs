@@ -34,7 +34,7 @@ pub async fn authenticate(
         .as_deref()
         .ok_or(AuthError::Token(TokenRefusal::NotAccepted))?;
     // Boxed: the key-set fetch's state (~4.7 KiB) would otherwise be part of, and copied
-    // with, the future of every request, tokens or not (README, Performance).
+    // with, the future of every request, tokens or not (docs/performance.md).
     let claims = Box::pin(gw.tokens.verify_signature(compact))
         .await
         .map_err(|_| AuthError::Token(TokenRefusal::Invalid))?;

@@ -6,7 +6,7 @@
 //! timer wheel, taken and put back under its lock, and re-arming the header read timeout after
 //! each response wakes the worker's own driver through its eventfd (the new deadline is
 //! earlier than the one the driver last slept towards): one `write` and one extra
-//! `epoll_wait` per request on an unloaded connection (README, Performance).
+//! `epoll_wait` per request on an unloaded connection (docs/performance.md).
 //!
 //! Here a worker keeps its deadlines in a thread-local timing wheel (`timerwheel`), and one
 //! task (`drive`) sleeps on a single tokio timer towards the earliest of them. Arming a

@@ -36,7 +36,8 @@
 //! and `serve`'s future (576; the wait polls the socket's readiness rather than holding
 //! `readable()`'s future). Measured with the allocator returning freed pages at once (the
 //! harness's own figure moves by ±1 KiB with the allocator's state): 1.3–1.4 KiB per idle
-//! connection, from 20.5 (README; `tests/protocol.rs` holds it under 2).
+//! connection, from 20.5 (docs/performance.md, "The emptied box"; `tests/protocol.rs` holds it
+//! under 2).
 
 use crate::deadline::Deadline;
 use bytes::Bytes;

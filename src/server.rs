@@ -202,7 +202,7 @@ struct Plane {
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
 /// listeners and serves their connections to the end. A connection, its requests and what
 /// they spawn stay on one thread: no work stealing, no cross-core wake-ups per request
-/// (measured in the README's Performance section). The runtime is built here so that a
+/// (measured: docs/performance.md, "The first steps"). The runtime is built here so that a
 /// failure stops the start; the thread outlives its accept loops, because draining
 /// connections are tasks of its runtime (the process exits once `Shutdown` has drained).
 fn spawn_worker(

@@ -3,7 +3,8 @@
 //! Why JSON lines: one record version per line is append-only friendly (a writer adds bytes,
 //! never rewrites), diffable and greppable by operators, and a reader can follow it by byte
 //! offset. The cost is parse time: ~2.3 µs per record line with serde_json, so a cold load of a
-//! million keys takes ~3 s (see README "Performance"); appends are applied incrementally.
+//! million keys takes ~3 s (docs/performance.md, "Millions of keys"); appends are applied
+//! incrementally.
 //!
 //! Layout: a header line naming the log (`{"header":"keygate-log","log":"<id>"}`), record
 //! lines each carrying a MAC over (log id, revision, content) (`store::seal`), and after a
