@@ -431,7 +431,8 @@ fn as_text<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::
 /// How long the writer lets lines gather before writing them (`Writer::run`). Waking it for
 /// every line, and writing each line alone, cost more than the rest of a request: at ~40,000
 /// requests a second on one core, access lines added 12 µs a request to a file and 15 µs to
-/// standard error (docs/performance.md). A line reaches its file at most this much later.
+/// standard error (docs/performance.md, "Access lines off the request path"). A line reaches
+/// its file at most this much later.
 const GATHER: Duration = Duration::from_millis(10);
 
 /// How often an idle writer looks at the reopen flag without a message.

@@ -8,9 +8,10 @@ use std::process::ExitCode;
 
 /// jemalloc rather than glibc malloc: a forwarded request allocates and frees a few dozen
 /// small blocks (hyper's header maps and buffers, the gateway's header values), which
-/// jemalloc's per-thread caches serve for less CPU (docs/performance.md: the A/B figures,
-/// and what it costs in memory per idle connection). Those caches are sized for a worker's
-/// requests in flight by the build (`.cargo/config.toml`, `JEMALLOC_SYS_WITH_MALLOC_CONF`).
+/// jemalloc's per-thread caches serve for less CPU (docs/performance.md, "Allocator": the A/B
+/// figures, and what it costs in memory per idle connection). Those caches are sized for a
+/// worker's requests in flight by the build (`.cargo/config.toml`,
+/// `JEMALLOC_SYS_WITH_MALLOC_CONF`).
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
