@@ -216,11 +216,13 @@ async fn access_lines_on_stderr_are_whole_and_all_written_by_shutdown() {
     );
 }
 
-/// Requests `stderr_after_burst` makes: 6 clients, 50 each.
-const BURST: usize = 300;
+/// Concurrent clients in `stderr_after_burst`.
+const CLIENTS: usize = 6;
+/// Requests `stderr_after_burst` makes: 50 from each client.
+const BURST: usize = CLIENTS * 50;
 
 /// The gateway's standard error in `format`, with access lines on, after `BURST` requests
-/// from 6 concurrent clients and a SIGTERM at once; checked for the key.
+/// from `CLIENTS` concurrent clients and a SIGTERM at once; checked for the key.
 async fn stderr_after_burst(format: &str) -> String {
     let up = Upstream::start(Mode::Echo).await;
     let dir = tempdir();
@@ -247,11 +249,11 @@ async fn stderr_after_burst(format: &str) -> String {
     )
     .await;
     let addr = gw.http;
-    let clients: Vec<_> = (0..6)
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let auth = format!("Bearer {}", key.key);
             tokio::spawn(async move {
-                for i in 0..BURST / 6 {
+                for i in 0..BURST / CLIENTS {
                     let id = format!("s{c}-{i}");
                     let status = get(
                         addr,
