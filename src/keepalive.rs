@@ -27,6 +27,12 @@
 //! connections are not cycled (they multiplex), nor TLS ones without ALPN `http/1.1`; a TLS
 //! connection keeps rustls' session state and buffers through the idle wait.
 //!
+//! Between cycles the connection's bytes are read here, and a plain request at their start
+//! (HTTP/1.1 with no body and nothing asking for more: `direct`) is served without hyper; the
+//! first other request starts a cycle with the bytes as its prefix. A connection of plain
+//! requests never holds hyper's state at all; it waits for its next bytes as a released one
+//! does, holding no buffer (`next_bytes`).
+//!
 //! Two more things this file owns, both found while building the cycles: hyper checks its
 //! header limit only while a head is incomplete, so `Cycled` cuts reads to keep a head within
 //! `max_header_bytes` (`Framing::room`; after a body of known length too); and `release`
@@ -40,7 +46,7 @@
 //! under 2).
 
 use crate::deadline::Deadline;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
@@ -49,7 +55,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
 /// How long a connection idles between requests before hyper's state is dropped: long
@@ -521,8 +527,10 @@ pub async fn is_http1(stream: &TcpStream, limit: Duration) -> Option<bool> {
 pub struct Cycles {
     /// hyper's HTTP/1 builder, with the listener's limits (`server::http1_builder`).
     pub h1: hyper::server::conn::http1::Builder,
-    /// `[server] max_header_bytes` (`Framing::room`).
+    /// `[server] max_header_bytes` (`Framing::room`; `direct`).
     pub max_head: usize,
+    /// `[server] max_headers` (`direct`).
+    pub max_headers: usize,
     /// How long a connection may idle before its next request (`[server]
     /// header_read_timeout_ms`, which hyper applies to idle connections too; the server's
     /// protocol sniffing is bounded by it as well).
@@ -533,10 +541,12 @@ pub struct Cycles {
 
 /// Serve one HTTP/1 connection (plain, or TLS with HTTP/1.1 chosen by ALPN) in cycles (module
 /// header) until it closes, fails, idles past `idle` or `stop` asks (then: close after the
-/// in-flight response, as `server::drive` does).
+/// in-flight response, as `server::drive` does). Between cycles, plain requests are served
+/// without hyper when `direct` is given (`direct`); the first other one starts a cycle.
 pub async fn serve<T, S, B>(
     mut stream: T,
     service: S,
+    direct: Option<crate::direct::Direct>,
     cycles: Arc<Cycles>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -556,13 +566,41 @@ pub async fn serve<T, S, B>(
     // The first cycle, like every later one, starts on the client's first bytes: a connection
     // that has sent nothing yet holds no hyper state (a TLS one comes here right after its
     // handshake). Waited for within the idle limit, as hyper's header timeout would.
-    let mut first = bytes::BytesMut::with_capacity(FIRST_READ);
-    let read = unless_stopped(&mut stop, cycles.idle, stream.read_buf(&mut first)).await;
-    if !matches!(read, Some(Ok(n)) if n > 0) {
+    let Some((mut prefix, mut full)) = next_bytes(&mut stream, &mut stop, cycles.idle, false).await
+    else {
         return;
-    }
-    let mut prefix = first.freeze();
+    };
     loop {
+        if let Some(direct) = &direct {
+            loop {
+                // The request is moved into its boxed exchange in this block, so nothing of it
+                // has a place in this (idle connection's) future.
+                let exchange = match direct.take(&prefix, cycles.max_head, cycles.max_headers) {
+                    Some(plain) => {
+                        prefix.advance(plain.len);
+                        let watch = prefix.is_empty();
+                        direct.exchange(plain, watch, &stop, &mut stream)
+                    }
+                    None => break,
+                };
+                match exchange.await {
+                    crate::direct::After::Close => return,
+                    crate::direct::After::Keep => {}
+                    crate::direct::After::Read(ahead) => {
+                        full = ahead.len() == FIRST_READ;
+                        prefix = ahead;
+                    }
+                }
+                if prefix.is_empty() {
+                    // Nothing of the connection's bytes is kept while it waits for more.
+                    drop(std::mem::take(&mut prefix));
+                    match next_bytes(&mut stream, &mut stop, cycles.idle, !full).await {
+                        Some(next) => (prefix, full) = next,
+                        None => return,
+                    }
+                }
+            }
+        }
         let io = Cycled::new(stream, cycles.max_head, prefix, cycle.clone());
         // Boxed: this future lives as long as the connection, idle or not, and hyper's
         // connection (~1 KiB inline) would otherwise keep its place in it while idle.
@@ -594,13 +632,56 @@ pub async fn serve<T, S, B>(
             None => return,
         }
         cycles.released.inc();
-        let idle = cycles.idle.saturating_sub(RELEASE_AFTER);
-        let readable = std::future::poll_fn(|cx| stream.poll_readable(cx));
-        if !matches!(
-            unless_stopped(&mut stop, idle, readable).await,
-            Some(Ok(()))
-        ) {
-            return;
+        if prefix.is_empty() {
+            // hyper was given all the stream had: the socket's readiness is the stream's.
+            let idle = cycles.idle.saturating_sub(RELEASE_AFTER);
+            match next_bytes(&mut stream, &mut stop, idle, true).await {
+                Some(next) => (prefix, full) = next,
+                None => return,
+            }
+        }
+    }
+}
+
+/// The client's next bytes, within `limit`, and whether they filled the buffer (then more may
+/// be buffered above the socket, in TLS: the next call must read at once, `wait` false). With
+/// `wait`, the socket's readiness comes first: the buffer is taken only once the socket is
+/// ready and dropped again if the read must wait after all, so a connection waiting here
+/// holds none (this is the state every idle connection keeps). `None`: closed, failed, silent
+/// past `limit`, or `stop` asked.
+async fn next_bytes<T: Socket>(
+    stream: &mut T,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    limit: Duration,
+    mut wait: bool,
+) -> Option<(Bytes, bool)> {
+    let read = std::future::poll_fn(|cx| poll_next_bytes(stream, cx, &mut wait));
+    match unless_stopped(stop, limit, read).await {
+        Some(Ok(bytes)) if !bytes.is_empty() => {
+            let full = bytes.len() == FIRST_READ;
+            Some((bytes, full))
+        }
+        _ => None,
+    }
+}
+
+/// One poll for the client's next bytes (empty: the client closed), the readiness first when
+/// `wait` (`next_bytes`); also how a plain request in flight notices its client leave
+/// (`direct`).
+pub(crate) fn poll_next_bytes<T: Socket>(
+    stream: &mut T,
+    cx: &mut Context<'_>,
+    wait: &mut bool,
+) -> Poll<std::io::Result<Bytes>> {
+    if *wait {
+        std::task::ready!(stream.poll_readable(cx))?;
+    }
+    let mut buf = bytes::BytesMut::with_capacity(FIRST_READ);
+    match tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut buf) {
+        Poll::Ready(read) => Poll::Ready(read.map(|_| buf.freeze())),
+        Poll::Pending => {
+            *wait = true;
+            Poll::Pending
         }
     }
 }
@@ -794,10 +875,11 @@ mod tests {
         let cycles = Arc::new(Cycles {
             h1: hyper::server::conn::http1::Builder::new(),
             max_head: 1024,
+            max_headers: 100,
             idle: Duration::from_secs(1),
             released: prometheus::IntCounter::new("released", "released").unwrap(),
         });
-        let idle = serve(stream, service, cycles, stop);
+        let idle = serve(stream, service, None, cycles, stop);
         let size = std::mem::size_of_val(&idle);
         eprintln!("an idle connection's state: {size} bytes");
         assert!(size <= 640, "{size} bytes");

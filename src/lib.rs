@@ -27,6 +27,7 @@ pub mod cpu;
 pub mod credential;
 pub mod deadline;
 pub mod demo;
+pub mod direct;
 pub mod error;
 pub mod extract;
 pub mod fastmap;

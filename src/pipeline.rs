@@ -29,7 +29,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -71,7 +70,7 @@ struct Ctx {
 pub async fn handle(
     gw: Arc<Gateway>,
     conn: Conn,
-    req: Request<Incoming>,
+    req: Request<crate::forward::ClientBody>,
 ) -> Result<Response<AccessBody>, Infallible> {
     let started = Instant::now();
     let logged = access::enabled() || gw.sinks.wanted();
@@ -163,7 +162,7 @@ async fn pipeline(
     gw: &Gateway,
     snap: &Snapshot,
     conn: Conn,
-    req: Request<Incoming>,
+    req: Request<crate::forward::ClientBody>,
     request_id: &HeaderValue,
     ctx: &mut Ctx,
     started: Instant,

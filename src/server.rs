@@ -1,7 +1,8 @@
 //! Listeners and lifecycle: bind the data (HTTP, optional HTTPS) and admin listeners, accept
 //! with connection caps (global and per client IP), TLS with a handshake timeout, HTTP/1.1
 //! and HTTP/2 on one listener with edge-safe limits (HTTP/1, plain or chosen by ALPN over TLS,
-//! served in keep-alive cycles that give hyper's buffers back while idle: `keepalive`),
+//! served in keep-alive cycles that give hyper's buffers back while idle: `keepalive`; plain
+//! requests served between them without hyper: `direct`),
 //! background upkeep (store follower, usage flush, bucket cleanup, denial summaries), reload on
 //! SIGHUP and on a config file change (`reload`), and on SIGTERM/SIGINT a lame-duck delay
 //! (`/readyz` 503, still accepting) followed by the drain.
@@ -487,6 +488,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
     let cycles = Arc::new(crate::keepalive::Cycles {
         h1: http1_builder(&server_cfg),
         max_head: server_cfg.max_header_bytes,
+        max_headers: server_cfg.max_headers,
         idle: Duration::from_millis(server_cfg.header_read_timeout_ms),
         released: gw.metrics.connections_released.clone(),
     });
@@ -714,7 +716,11 @@ impl Accepted {
             if crate::tokens::issue::is_exchange(&gw, &req) {
                 Box::pin(crate::tokens::issue::handle(gw, conn, req))
             } else {
-                Box::pin(pipeline::handle(gw, conn, req))
+                Box::pin(pipeline::handle(
+                    gw,
+                    conn,
+                    req.map(crate::forward::ClientBody::Hyper),
+                ))
             }
         });
         // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
@@ -731,8 +737,13 @@ impl Accepted {
                 if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
                     // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1 is (hyper's
                     // buffers given back while it idles; rustls keeps its own state).
+                    let direct = crate::direct::Direct { gw, conn };
                     return Some(Box::pin(crate::keepalive::serve(
-                        tls_stream, service, cycles, stop,
+                        tls_stream,
+                        service,
+                        Some(direct),
+                        cycles,
+                        stop,
                     )));
                 }
                 let io = SniffDeadline::new(tls_stream, sniff);
@@ -747,7 +758,11 @@ impl Accepted {
                 // Plain HTTP/1: served in cycles that give hyper's buffers back while the
                 // connection idles (`keepalive`).
                 Some(true) => Some(Box::pin(crate::keepalive::serve(
-                    stream, service, cycles, stop,
+                    stream,
+                    service,
+                    Some(crate::direct::Direct { gw, conn }),
+                    cycles,
+                    stop,
                 ))),
                 Some(false) => {
                     // What is left of the sniffing time the peek used.

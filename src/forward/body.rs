@@ -195,9 +195,44 @@ impl Body for UpstreamBody {
     }
 }
 
+/// The client's body as it came: hyper's, or none (a plain request served by `direct`).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's body, streamed to the upstream with a size limit and a total deadline.
 pub struct GuardedBody {
-    inner: Incoming,
+    inner: ClientBody,
     timeout: Duration,
     /// Set when the body is first read (right after the head went out): a request without
     /// a body never reads the clock for it.
@@ -209,7 +244,7 @@ pub struct GuardedBody {
 
 impl GuardedBody {
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit: u64,
         timeout: Duration,
         counted: Option<crate::access::BytesIn>,

@@ -27,7 +27,7 @@ mod pool;
 mod tls;
 mod wire;
 
-pub use body::{BodyError, BodyStalled, GuardedBody, UpstreamBody};
+pub use body::{BodyError, BodyStalled, ClientBody, GuardedBody, UpstreamBody};
 pub use connect::ConnectError;
 pub use wire::WireError;
 
