@@ -291,34 +291,23 @@ fn head<B: Body>(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut length = None;
     for (name, value) in headers {
         // The framing is written below, from the body this response has.
-        if name == TRANSFER_ENCODING || name == CONNECTION {
+        if name == TRANSFER_ENCODING || name == CONNECTION || name == CONTENT_LENGTH {
             continue;
-        }
-        if name == CONTENT_LENGTH {
-            if bodiless || length.is_some() {
-                continue;
-            }
-            match std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                Some(n) => length = Some(n),
-                None => continue,
-            }
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !headers.contains_key(DATE) {
         field(out, b"date", &date());
     }
+    // The declared length is the upstream's (hyper's client has checked it against the
+    // body); the body's exact size otherwise; chunked when neither is known.
     let framing = if bodiless {
         Framing::None
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else if let Some(n) = body.size_hint().exact() {
+    } else if let Some(n) =
+        pipeline::declared_length(headers).or_else(|| body.size_hint().exact())
+    {
         field(
             out,
             b"content-length",
