@@ -587,7 +587,7 @@ pub async fn serve<T, S, B>(
                     crate::direct::After::Close => return,
                     crate::direct::After::Keep => {}
                     crate::direct::After::Read(ahead) => {
-                        full = ahead.len() == FIRST_READ;
+                        full = filled(&ahead);
                         prefix = ahead;
                     }
                 }
@@ -658,11 +658,17 @@ async fn next_bytes<T: Socket>(
     let read = std::future::poll_fn(|cx| poll_next_bytes(stream, cx, &mut wait));
     match unless_stopped(stop, limit, read).await {
         Some(Ok(bytes)) if !bytes.is_empty() => {
-            let full = bytes.len() == FIRST_READ;
+            let full = filled(&bytes);
             Some((bytes, full))
         }
         _ => None,
     }
+}
+
+/// Whether a read filled its buffer: then TLS may hold more above the socket, and the next
+/// read must not wait for the socket's readiness (`next_bytes`).
+fn filled(read: &Bytes) -> bool {
+    read.len() == FIRST_READ
 }
 
 /// One poll for the client's next bytes (empty: the client closed), the readiness first when
