@@ -1,7 +1,8 @@
-//! HTTP/1 requests served without hyper. Between hyper's cycles (`keepalive`) a connection's
-//! bytes pass through here first: a request that is plain (`Direct::take`) is parsed where it
-//! lies, sent down the request path, and its response written to the socket
-//! (`Direct::exchange`); anything else goes to hyper from the same bytes, as before.
+//! A connection's service (`ConnService`), and HTTP/1 requests served without hyper. Between
+//! hyper's cycles (`keepalive`) a connection's bytes pass through here first: a request that
+//! is plain (`ConnService::take`) is parsed where it lies, sent down the request path, and its
+//! response written to the socket (`ConnService::exchange`); anything else goes to hyper from
+//! the same bytes, as before, and hyper calls the same service (`ConnService::call`).
 //!
 //! Why: hyper's server, with the cycles that give its buffers back while a connection idles,
 //! was the largest piece of user space left, and most of its cost was not parsing but what
@@ -26,6 +27,7 @@
 //! stopping; frames are gathered while they are ready and written when the body waits or
 //! ends. A body that fails or falls short of its length closes the connection.
 
+use crate::access::AccessBody;
 use crate::forward::ClientBody;
 use crate::gateway::Gateway;
 use crate::keepalive::Socket;
@@ -34,6 +36,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
+use hyper::body::Incoming;
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
@@ -50,10 +53,41 @@ const MAX_FIELDS: usize = 100;
 /// Response bytes gathered before a write while the body keeps producing.
 const WRITE_AT: usize = 64 * 1024;
 
-/// What serving a plain request needs: the gateway and the connection's facts.
-pub struct Direct {
+/// A connection's service: the gateway and the connection's facts, kept once per connection
+/// whichever way its requests are served, through hyper (`call`) or without it (`take`,
+/// `exchange`).
+#[derive(Clone)]
+pub struct ConnService {
     pub gw: Arc<Gateway>,
     pub conn: Conn,
+}
+
+/// A request's response, as either arm of the service (the request path or the token
+/// exchange) produces it.
+pub type Served =
+    Pin<Box<dyn Future<Output = Result<Response<AccessBody>, std::convert::Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<AccessBody>;
+    type Error = std::convert::Infallible;
+    type Future = Served;
+
+    /// The token exchange of a gateway that issues sits beside the request path. Boxed per
+    /// request: hyper keeps a slot the size of the service's future for the connection's
+    /// whole life (`in_flight`, allocated at the start), so an unboxed request path (several
+    /// KiB of state) would cost every idle keep-alive connection that much; boxed, the slot
+    /// is a pointer and the state lives only while a request is in flight. Each arm's own
+    /// future is boxed, not an `async` block around both: such a block holds the request
+    /// path's state once more (~4 KiB) and copies it in when it starts the inner future, on
+    /// every request.
+    fn call(&self, req: Request<Incoming>) -> Served {
+        let gw = self.gw.clone();
+        if crate::tokens::issue::is_exchange(&gw, &req) {
+            Box::pin(crate::tokens::issue::handle(gw, self.conn, req))
+        } else {
+            Box::pin(pipeline::handle(gw, self.conn, req.map(ClientBody::Hyper)))
+        }
+    }
 }
 
 /// A plain request taken from the front of a connection's bytes.
@@ -65,7 +99,7 @@ pub struct Plain {
     close: bool,
 }
 
-impl Direct {
+impl ConnService {
     /// The request at the start of `bytes` when it is plain (module header) and not the
     /// token exchange; `None`: it is hyper's (or not whole yet: hyper reads the rest).
     pub fn take(&self, bytes: &Bytes, max_head: usize, max_headers: usize) -> Option<Plain> {
@@ -291,34 +325,22 @@ fn head<B: Body>(
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut length = None;
     for (name, value) in headers {
         // The framing is written below, from the body this response has.
-        if name == TRANSFER_ENCODING || name == CONNECTION {
+        if name == TRANSFER_ENCODING || name == CONNECTION || name == CONTENT_LENGTH {
             continue;
-        }
-        if name == CONTENT_LENGTH {
-            if bodiless || length.is_some() {
-                continue;
-            }
-            match std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                Some(n) => length = Some(n),
-                None => continue,
-            }
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !headers.contains_key(DATE) {
         field(out, b"date", &date());
     }
+    // The declared length is the upstream's (hyper's client has checked it against the
+    // body); the body's exact size otherwise; chunked when neither is known.
     let framing = if bodiless {
         Framing::None
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else if let Some(n) = body.size_hint().exact() {
+    } else if let Some(n) = pipeline::declared_length(headers).or_else(|| body.size_hint().exact())
+    {
         field(
             out,
             b"content-length",

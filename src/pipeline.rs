@@ -314,7 +314,7 @@ async fn limits(
 }
 
 /// The body length a request declares, if it declares a valid one.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::keys::compact::Validity as _;
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Conn};
+use crate::pipeline::Conn;
 use crate::reload::ConfigFile;
 use crate::snapshot::Snapshot;
 use dashmap::DashMap;
@@ -30,19 +30,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// A request's response, as either arm of the service (the request path or the token
-/// exchange) produces it.
-type Served = Pin<
-    Box<
-        dyn std::future::Future<
-                Output = Result<
-                    hyper::Response<crate::access::AccessBody>,
-                    std::convert::Infallible,
-                >,
-            > + Send,
-    >,
->;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -702,27 +689,7 @@ impl Accepted {
             handshake,
             at,
         } = crate::keepalive::unbox(self);
-        // The token exchange of a gateway that issues sits beside the request path.
-        // Boxed per request: hyper keeps a slot the size of the service's future for the
-        // connection's whole life (`in_flight`, allocated at the start), so an unboxed
-        // request path (several KiB of state) would cost every idle keep-alive connection
-        // that much; boxed, the slot is a pointer and the state lives only while a request
-        // is in flight. Each arm's own future is boxed, not an `async` block around both:
-        // such a block holds the request path's state once more (~4 KiB) and copies it in
-        // when it starts the inner future, on every request.
-        let svc_gw = gw.clone();
-        let service = service_fn(move |req| -> Served {
-            let gw = svc_gw.clone();
-            if crate::tokens::issue::is_exchange(&gw, &req) {
-                Box::pin(crate::tokens::issue::handle(gw, conn, req))
-            } else {
-                Box::pin(pipeline::handle(
-                    gw,
-                    conn,
-                    req.map(crate::forward::ClientBody::Hyper),
-                ))
-            }
-        });
+        let service = crate::direct::ConnService { gw, conn };
         // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
         let sniff = cycles.idle;
         match tls {
@@ -731,19 +698,14 @@ impl Accepted {
                 let Ok(Ok(tls_stream)) =
                     tokio::time::timeout(handshake, acceptor.accept(stream)).await
                 else {
-                    gw.metrics.tls_handshake_failures.inc();
+                    service.gw.metrics.tls_handshake_failures.inc();
                     return None;
                 };
                 if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
                     // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1 is (hyper's
                     // buffers given back while it idles; rustls keeps its own state).
-                    let direct = crate::direct::Direct { gw, conn };
                     return Some(Box::pin(crate::keepalive::serve(
-                        tls_stream,
-                        service,
-                        Some(direct),
-                        cycles,
-                        stop,
+                        tls_stream, service, cycles, stop,
                     )));
                 }
                 let io = SniffDeadline::new(tls_stream, sniff);
@@ -758,11 +720,7 @@ impl Accepted {
                 // Plain HTTP/1: served in cycles that give hyper's buffers back while the
                 // connection idles (`keepalive`).
                 Some(true) => Some(Box::pin(crate::keepalive::serve(
-                    stream,
-                    service,
-                    Some(crate::direct::Direct { gw, conn }),
-                    cycles,
-                    stop,
+                    stream, service, cycles, stop,
                 ))),
                 Some(false) => {
                     // What is left of the sniffing time the peek used.
