@@ -90,15 +90,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     }
 }
 
-/// A plain request taken from the front of a connection's bytes.
-pub struct Plain {
-    req: Request<ClientBody>,
-    /// Bytes of the head: what the caller steps over.
-    pub len: usize,
-    /// The client asked to close after this response (`Connection: close`).
-    close: bool,
-}
-
 impl ConnService {
     /// The request at the start of `bytes` when it is plain (module header) and not the
     /// token exchange; `None`: it is hyper's (or not whole yet: hyper reads the rest).
@@ -129,6 +120,15 @@ impl ConnService {
             stream,
         ))
     }
+}
+
+/// A plain request taken from the front of a connection's bytes.
+pub struct Plain {
+    req: Request<ClientBody>,
+    /// Bytes of the head: what the caller steps over.
+    pub len: usize,
+    /// The client asked to close after this response (`Connection: close`).
+    close: bool,
 }
 
 /// What a connection does after a plain request's exchange.
