@@ -56,7 +56,6 @@ const WRITE_AT: usize = 64 * 1024;
 /// A connection's service: the gateway and the connection's facts, kept once per connection
 /// whichever way its requests are served, through hyper (`call`) or without it (`take`,
 /// `exchange`).
-#[derive(Clone)]
 pub struct ConnService {
     pub gw: Arc<Gateway>,
     pub conn: Conn,

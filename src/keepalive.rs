@@ -869,13 +869,6 @@ mod tests {
         assert_eq!(h.room(100, false), Some(100 - 22));
     }
 
-    /// What an idle HTTP/1 connection keeps is this future (the connection's task holds only
-    /// a pointer to it besides a few words: `server::accept_loop`), so its size is memory per
-    /// idle connection: the harness's `memconn` figure moves with it. This one is 600 bytes
-    /// with a service of the gateway's size (release and debug alike; 768 before the idle
-    /// wait polled the socket's readiness in place of holding `readable()`'s future, ~650
-    /// while the plain requests' service was held beside hyper's): the bound leaves some
-    /// room, and past it, something new is held across the waits.
     type Answer = http::Response<http_body_util::Empty<Bytes>>;
 
     /// A service that answers every request empty, holding as much as the gateway's service
@@ -898,6 +891,13 @@ mod tests {
         }
     }
 
+    /// What an idle HTTP/1 connection keeps is this future (the connection's task holds only
+    /// a pointer to it besides a few words: `server::accept_loop`), so its size is memory per
+    /// idle connection: the harness's `memconn` figure moves with it. This one is 600 bytes
+    /// with a service of the gateway's size (release and debug alike; 768 before the idle
+    /// wait polled the socket's readiness in place of holding `readable()`'s future, ~650
+    /// while the plain requests' service was held beside hyper's): the bound leaves some
+    /// room, and past it, something new is held across the waits.
     #[tokio::test]
     async fn an_idle_connection_keeps_a_small_state() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
