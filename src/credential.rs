@@ -35,7 +35,7 @@ pub async fn authenticate(
         .ok_or(AuthError::Token(TokenRefusal::NotAccepted))?;
     // Boxed: the key-set fetch's state (~4.7 KiB) would otherwise be part of, and copied
     // with, the future of every request, tokens or not (docs/performance.md).
-    let claims = Box::pin(gw.tokens.verify_signature(compact))
+    let claims = crate::boxed::boxed(|| gw.tokens.verify_signature(compact))
         .await
         .map_err(|_| AuthError::Token(TokenRefusal::Invalid))?;
     verifier::admit(claims, audience, &gw.table(), now, leeway)

@@ -28,6 +28,7 @@
 //! ends. A body that fails or falls short of its length closes the connection.
 
 use crate::access::AccessBody;
+use crate::boxed::boxed;
 use crate::forward::ClientBody;
 use crate::gateway::Gateway;
 use crate::keepalive::Socket;
@@ -99,32 +100,21 @@ impl ConnService {
             .filter(|p| !crate::tokens::issue::is_exchange(&self.gw, &p.req))
     }
 
-    /// The request path for `plain` and its response written to `stream`. With `watch` (no
-    /// bytes of a next request at hand), the client is watched while the request is in
-    /// flight, as hyper watches it: gone, the request is dropped, and with it the upstream
+    /// The request path for `plain` and its response written to `stream`. When no bytes of a
+    /// next request are at hand (`Plain::watch`), the client is watched while the request is
+    /// in flight, as hyper watches it: gone, the request is dropped, and with it the upstream
     /// exchange (THREATS H8); bytes it sends meanwhile are kept (`After::Read`). Boxed: the
     /// request path's state (~4 KiB) lives only while a request is in flight, never in an
     /// idle connection's future.
     pub fn exchange<'a, T: Socket>(
         &self,
         plain: Plain,
-        watch: bool,
         stop: &'a watch::Receiver<bool>,
         stream: &'a mut T,
     ) -> Pin<Box<dyn Future<Output = After> + Send + 'a>> {
         let (gw, conn) = (self.gw.clone(), self.conn);
-        boxed(move || exchange(gw, conn, plain, watch, stop, stream))
+        boxed(move || exchange(gw, conn, plain, stop, stream))
     }
-}
-
-/// The future `make` returns, built in a box of its own. `Box::pin(fut)` builds the future
-/// on the stack and copies all of it into the box: every byte of its largest state, though a
-/// future not yet started holds only its arguments (measured: 6,896 bytes per plain request,
-/// 1.95 % of the gateway's samples in `memcpy`; 4,080 per request through hyper). Allocated
-/// first and written into, it is returned straight into the box, and the release build keeps
-/// no copy (a future passed in as a value would be built on the stack and copied again).
-fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// A plain request taken from the front of a connection's bytes.
@@ -134,6 +124,11 @@ pub struct Plain {
     pub len: usize,
     /// The client asked to close after this response (`Connection: close`).
     close: bool,
+    /// The head ends the bytes at hand: nothing of a next request is here yet, so the client
+    /// is watched while this one is in flight. A field, not an argument of the exchange: as
+    /// an argument, a `bool` is laid out past the future's largest state, and the copy into
+    /// its box would span the gap (`crate::boxed`).
+    watch: bool,
 }
 
 /// What a connection does after a plain request's exchange.
@@ -148,28 +143,32 @@ async fn exchange<T: Socket>(
     gw: Arc<Gateway>,
     conn: Conn,
     plain: Plain,
-    watch: bool,
     stop: &watch::Receiver<bool>,
     stream: &mut T,
 ) -> After {
-    let mut handle = std::pin::pin!(pipeline::handle(gw, conn, plain.req));
     let mut ahead = None;
-    let mut wait = true;
-    let answered = std::future::poll_fn(|cx| {
-        if let Poll::Ready(answered) = handle.as_mut().poll(cx) {
-            return Poll::Ready(Some(answered));
-        }
-        if watch && ahead.is_none() {
-            match crate::keepalive::poll_next_bytes(&mut *stream, cx, &mut wait) {
-                Poll::Ready(Ok(bytes)) if !bytes.is_empty() => ahead = Some(bytes),
-                // Closed or failed: the request goes with its client.
-                Poll::Ready(_) => return Poll::Ready(None),
-                Poll::Pending => {}
+    // The request path's state (~4.9 KiB) ends with this block, before the response is
+    // written: a state alive across two awaits sits in the part of the future that every
+    // request copies into its box, set or not (`crate::boxed`).
+    let answered = {
+        let mut handle = std::pin::pin!(pipeline::handle(gw, conn, plain.req));
+        let mut wait = true;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(answered) = handle.as_mut().poll(cx) {
+                return Poll::Ready(Some(answered));
             }
-        }
-        Poll::Pending
-    })
-    .await;
+            if plain.watch && ahead.is_none() {
+                match crate::keepalive::poll_next_bytes(&mut *stream, cx, &mut wait) {
+                    Poll::Ready(Ok(bytes)) if !bytes.is_empty() => ahead = Some(bytes),
+                    // Closed or failed: the request goes with its client.
+                    Poll::Ready(_) => return Poll::Ready(None),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    };
     let resp = match answered {
         Some(Ok(resp)) => resp,
         Some(Err(never)) => match never {},
@@ -229,7 +228,12 @@ fn plain(bytes: &Bytes, max_head: usize, max_headers: usize) -> Option<Plain> {
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = map;
-    Some(Plain { req, len, close })
+    Some(Plain {
+        req,
+        len,
+        close,
+        watch: len == bytes.len(),
+    })
 }
 
 /// How the response body goes on the wire.

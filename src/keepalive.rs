@@ -591,8 +591,7 @@ pub async fn serve<T, S, B>(
                 let exchange = match direct.take(&prefix, cycles.max_head, cycles.max_headers) {
                     Some(plain) => {
                         prefix.advance(plain.len);
-                        let watch = prefix.is_empty();
-                        direct.exchange(plain, watch, &stop, &mut stream)
+                        direct.exchange(plain, &stop, &mut stream)
                     }
                     None => break,
                 };

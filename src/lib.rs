@@ -18,6 +18,7 @@ pub mod admin;
 pub mod ascii;
 pub mod audit;
 pub mod authz;
+pub mod boxed;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -18,6 +18,7 @@
 //! keys cannot grow the map. All timing uses a monotonic clock: a wall-clock jump changes
 //! nothing.
 
+use crate::boxed::boxed;
 use crate::gcra::{Gcra, Table, Take};
 use crate::keys::compact::KeyId;
 use crate::redis::lease::{Budget, Fleet};
@@ -360,7 +361,7 @@ impl Limiter {
         };
         // Boxed here and below: the Redis round trip's state (~2.5 KiB) would otherwise be
         // part of, and copied with, every request's future, Redis or not.
-        match Box::pin(fleet.check(Budget::Rate(shape), lineage)).await {
+        match boxed(|| fleet.check(Budget::Rate(shape), lineage)).await {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fallback.with_label_values(&[e.reason()]).inc();
@@ -389,7 +390,7 @@ impl Limiter {
             limit: quota.limit,
             period: quota.period,
         };
-        match Box::pin(fleet.check(budget, lineage)).await {
+        match boxed(|| fleet.check(budget, lineage)).await {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fallback.with_label_values(&[e.reason()]).inc();

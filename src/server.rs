@@ -9,6 +9,7 @@
 
 use crate::admin;
 use crate::audit::Event;
+use crate::boxed::boxed;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::keys::compact::Validity as _;
@@ -648,7 +649,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             // HTTP/2 connection served to its end) holds far more than HTTP/1 cycles need while
             // they idle, so it runs in a box of its own, freed before the cycles start: an
             // idle connection keeps this task's few words and the cycles' own state.
-            if let Some(cycles) = Box::pin(accepted.settle()).await {
+            if let Some(cycles) = boxed(|| accepted.settle()).await {
                 cycles.await;
             }
             open.dec();
@@ -704,13 +705,13 @@ impl Accepted {
                 if tls_stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
                     // HTTP/1.1 chosen by ALPN: served in cycles, as plain HTTP/1 is (hyper's
                     // buffers given back while it idles; rustls keeps its own state).
-                    return Some(Box::pin(crate::keepalive::serve(
-                        tls_stream, service, cycles, stop,
-                    )));
+                    return Some(boxed(|| {
+                        crate::keepalive::serve(tls_stream, service, cycles, stop)
+                    }));
                 }
                 let io = SniffDeadline::new(tls_stream, sniff);
                 drive(
-                    Box::pin(builder.serve_connection(TokioIo::new(io), service)),
+                    boxed(|| builder.serve_connection(TokioIo::new(io), service)),
                     stop,
                 )
                 .await;
@@ -719,15 +720,15 @@ impl Accepted {
             None => match crate::keepalive::is_http1(&stream, sniff).await {
                 // Plain HTTP/1: served in cycles that give hyper's buffers back while the
                 // connection idles (`keepalive`).
-                Some(true) => Some(Box::pin(crate::keepalive::serve(
-                    stream, service, cycles, stop,
-                ))),
+                Some(true) => Some(boxed(|| {
+                    crate::keepalive::serve(stream, service, cycles, stop)
+                })),
                 Some(false) => {
                     // What is left of the sniffing time the peek used.
                     let left = sniff.saturating_sub(at.elapsed());
                     let io = SniffDeadline::new(stream, left);
                     drive(
-                        Box::pin(builder.serve_connection(TokioIo::new(io), service)),
+                        boxed(|| builder.serve_connection(TokioIo::new(io), service)),
                         stop,
                     )
                     .await;

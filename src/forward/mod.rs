@@ -314,7 +314,7 @@ impl Upstream {
     /// Boxed: a new connection's state (TLS included) would otherwise be part of, and copied
     /// with, every exchange's future, pooled or not.
     async fn connect(&self, target: &Target) -> Result<pool::Lease, ExchangeError> {
-        Box::pin(target.connect(self.connect_timeout))
+        crate::boxed::boxed(|| target.connect(self.connect_timeout))
             .await
             .map_err(ExchangeError::Connect)
     }
