@@ -81,12 +81,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     /// path's state once more (~4 KiB) and copies it in when it starts the inner future, on
     /// every request.
     fn call(&self, req: Request<Incoming>) -> Served {
-        let gw = self.gw.clone();
+        let (gw, conn) = (self.gw.clone(), self.conn);
         if crate::tokens::issue::is_exchange(&gw, &req) {
-            let conn = self.conn;
             boxed(move || crate::tokens::issue::handle(gw, conn, req))
         } else {
-            let (conn, req) = (self.conn, req.map(ClientBody::Hyper));
+            let req = req.map(ClientBody::Hyper);
             boxed(move || pipeline::handle(gw, conn, req))
         }
     }
