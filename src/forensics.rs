@@ -628,10 +628,18 @@ pub struct Forensics {
 /// The file: node → key id → stats.
 pub type Nodes = BTreeMap<String, BTreeMap<String, KeyStats>>;
 
+/// One key's stats as the file holds them, JSON text: what a rewrite of the file handles. A
+/// flush (once a minute) held the whole file parsed and every changed key cloned, then built
+/// the new file in memory, and the gateway's RSS kept the peak for the 10 s its allocator
+/// holds freed pages (docs/performance.md: "The memory figure and the once-a-minute flush").
+/// As text, and with the file written as it is serialised, the peak is about halved.
+type Entry = Box<serde_json::value::RawValue>;
+
+/// The file's shape, with each key's stats as `V`: `KeyStats` to read it, `Entry` to rewrite it.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct FileBody {
-    #[serde(default)]
-    nodes: Nodes,
+struct FileBody<V> {
+    #[serde(default = "BTreeMap::new")]
+    nodes: BTreeMap<String, BTreeMap<String, V>>,
 }
 
 /// Where the sketches of the usage file `usage_file` are kept.
@@ -643,11 +651,32 @@ pub fn path_for(usage_file: &Path) -> PathBuf {
 
 /// Read the forensics file; missing or unreadable is empty (forensics is advisory).
 pub fn read(path: &Path) -> Nodes {
+    parse(path)
+}
+
+/// The file with each key's stats as `V`; missing or not of the file's shape is empty.
+fn parse<V: serde::de::DeserializeOwned>(path: &Path) -> BTreeMap<String, BTreeMap<String, V>> {
     std::fs::read(path)
         .ok()
-        .and_then(|b| serde_json::from_slice::<FileBody>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<FileBody<V>>(&b).ok())
         .map(|f| f.nodes)
         .unwrap_or_default()
+}
+
+/// The file as text per key, for a rewrite. A file `read` would take as empty (an entry that
+/// is not a `KeyStats`) is empty here too: each entry is parsed once, then dropped, so a
+/// rewrite keeps exactly what readers can read, as when it parsed the whole file.
+fn read_entries(path: &Path) -> BTreeMap<String, BTreeMap<String, Entry>> {
+    let nodes = parse::<Entry>(path);
+    let readable = nodes
+        .values()
+        .flat_map(BTreeMap::values)
+        .all(|e| serde_json::from_str::<KeyStats>(e.get()).is_ok());
+    if readable {
+        nodes
+    } else {
+        BTreeMap::new()
+    }
 }
 
 /// One key over every node.
@@ -670,11 +699,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Keep the `cap` most recently seen keys of `keys`.
-fn trim(keys: &mut BTreeMap<String, KeyStats>, cap: usize) {
+fn trim<V>(keys: &mut BTreeMap<String, V>, cap: usize, last_seen: impl Fn(&V) -> i64) {
     if keys.len() <= cap {
         return;
     }
-    let mut seen: Vec<(i64, String)> = keys.iter().map(|(k, s)| (s.last_seen, k.clone())).collect();
+    let mut seen: Vec<(i64, String)> = keys
+        .iter()
+        .map(|(k, v)| (last_seen(v), k.clone()))
+        .collect();
     seen.sort();
     for (_, k) in seen.iter().take(keys.len() - cap) {
         keys.remove(k);
@@ -692,7 +724,7 @@ impl Forensics {
         let path = path_for(usage_file);
         let keys = crate::fastmap::new();
         let mut mine = read(&path).remove(node).unwrap_or_default();
-        trim(&mut mine, cap);
+        trim(&mut mine, cap, |s| s.last_seen);
         for (id, stats) in mine {
             keys.insert(
                 KeyId::of(&id),
@@ -765,6 +797,11 @@ impl Forensics {
 
     /// The keys changed since the last call (cumulative stats each), marked clean.
     pub fn take_dirty(&self) -> BTreeMap<String, KeyStats> {
+        self.take_dirty_as(KeyStats::clone)
+    }
+
+    /// `take_dirty`, each key's stats given as what `copy` makes of them.
+    fn take_dirty_as<V>(&self, copy: impl Fn(&KeyStats) -> V) -> BTreeMap<String, V> {
         if !self.any_dirty.swap(false, Ordering::SeqCst) {
             return BTreeMap::new();
         }
@@ -772,7 +809,7 @@ impl Forensics {
         for e in self.keys.iter() {
             let mut t = lock(e.value());
             if std::mem::take(&mut t.dirty) {
-                out.insert(e.key().to_string(), t.settle().clone());
+                out.insert(e.key().to_string(), copy(t.settle()));
             }
         }
         out
@@ -790,12 +827,18 @@ impl Forensics {
 
     /// Write the changed keys into this node's section of the file, under its lock.
     pub fn flush(&self) -> std::io::Result<bool> {
-        let changed = self.take_dirty();
+        // Taken as the file's text, not cloned (see `Entry`).
+        let changed = self.take_dirty_as(serde_json::value::to_raw_value);
         if changed.is_empty() {
             return Ok(false);
         }
         let ids: Vec<String> = changed.keys().cloned().collect();
-        let result = upsert_file(&self.path, &self.node, changed, self.cap);
+        let result = changed
+            .into_iter()
+            .map(|(id, e)| e.map(|e| (id, e)))
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(std::io::Error::other)
+            .and_then(|changed| upsert_file(&self.path, &self.node, changed, self.cap));
         if result.is_err() {
             self.restore(ids);
         }
@@ -804,18 +847,33 @@ impl Forensics {
 }
 
 /// Replace `node`'s stats of the given keys in the file at `path` (other nodes untouched).
-pub fn upsert_file(
+/// The stats are a `KeyStats` each (a node's report) or already its text (`Forensics::flush`);
+/// the file's other entries are copied through as text (`Entry`).
+pub fn upsert_file<V: Serialize>(
     path: &Path,
     node: &str,
-    changed: BTreeMap<String, KeyStats>,
+    changed: BTreeMap<String, V>,
     cap: usize,
 ) -> std::io::Result<()> {
     let _lock = crate::store::file::lock_beside(path)?;
-    let mut body = FileBody { nodes: read(path) };
+    let mut body = FileBody {
+        nodes: read_entries(path),
+    };
     let mine = body.nodes.entry(node.to_owned()).or_default();
-    mine.extend(changed);
-    trim(mine, cap);
-    crate::store::file::write_atomic(path, &serde_json::to_vec(&body)?)
+    for (id, stats) in changed {
+        mine.insert(id, serde_json::value::to_raw_value(&stats)?);
+    }
+    trim(mine, cap, |e| {
+        // `read_entries` kept only entries that parse.
+        serde_json::from_str::<LastSeen>(e.get()).map_or(0, |s| s.last_seen)
+    });
+    crate::store::file::write_json_atomic(path, &body)
+}
+
+/// The one field of an entry that trimming the file orders by.
+#[derive(Deserialize)]
+struct LastSeen {
+    last_seen: i64,
 }
 
 #[cfg(test)]
@@ -1075,5 +1133,71 @@ mod tests {
         // A restarted node resumes its own counts.
         let a2 = Forensics::new(&usage, "a");
         assert_eq!(a2.get("key_x").map(|s| s.s2xx), Some(2));
+    }
+
+    #[test]
+    fn a_flush_rewrites_the_file_as_the_stats_parsed_would_and_trims_by_last_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let usage = dir.path().join("usage.json");
+        let path = path_for(&usage);
+        // Another node's section, written from a report (typed stats).
+        let mut theirs = KeyStats::default();
+        theirs.add(&hit([10, 0, 0, 9], "go-http", 50), 3);
+        upsert_file(
+            &path,
+            "b",
+            BTreeMap::from([("key_b".to_owned(), theirs.clone())]),
+            10,
+        )
+        .expect("report");
+        let a = Forensics::with_cap(&usage, "a", 3);
+        for (i, id) in ["key_1", "key_2", "key_3"].iter().enumerate() {
+            a.record(&KeyId::of(id), hit([10, 0, 0, 1], "curl/8", 100 + i as i64));
+        }
+        assert!(a.flush().expect("flush"));
+        // Only key_1 is older than the key the next flush adds: the cap of 3 drops it.
+        a.record(&KeyId::of("key_4"), hit([10, 0, 0, 1], "curl/8", 200));
+        assert!(a.flush().expect("flush"));
+        let nodes = read(&path);
+        assert_eq!(
+            nodes["b"]["key_b"], theirs,
+            "another node's section is kept as it was"
+        );
+        let mine: Vec<&str> = nodes["a"].keys().map(String::as_str).collect();
+        assert_eq!(mine, ["key_2", "key_3", "key_4"]);
+        assert_eq!(Some(&nodes["a"]["key_4"]), a.get("key_4").as_ref());
+        // Exactly the bytes a typed rewrite of the same stats gives.
+        let text = std::fs::read(&path).expect("file");
+        let typed = serde_json::to_vec(&FileBody {
+            nodes: nodes.clone(),
+        })
+        .expect("json");
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            String::from_utf8_lossy(&typed)
+        );
+    }
+
+    #[test]
+    fn a_file_readers_cannot_parse_is_not_carried_into_a_rewrite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let usage = dir.path().join("usage.json");
+        let path = path_for(&usage);
+        std::fs::write(
+            &path,
+            br#"{"nodes":{"b":{"key_b":{"first_seen":"not a number"}}}}"#,
+        )
+        .expect("write");
+        assert!(read(&path).is_empty(), "readers take it as empty");
+        let a = Forensics::new(&usage, "a");
+        a.record(&KeyId::of("key_1"), hit([10, 0, 0, 1], "curl/8", 100));
+        assert!(a.flush().expect("flush"));
+        let nodes = read(&path);
+        assert_eq!(
+            nodes.keys().collect::<Vec<_>>(),
+            ["a"],
+            "as a typed rewrite would"
+        );
+        assert!(nodes["a"].contains_key("key_1"));
     }
 }

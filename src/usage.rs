@@ -240,7 +240,7 @@ fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
     for d in deltas {
         all.entry(d.id.clone()).or_default().merge(&d.used);
     }
-    crate::store::file::write_atomic(path, &serde_json::to_vec(&all)?)
+    crate::store::file::write_json_atomic(path, &all)
 }
 
 #[cfg(test)]
