@@ -838,7 +838,7 @@ impl Forensics {
             .map(|(id, e)| e.map(|e| (id, e)))
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(std::io::Error::other)
-            .and_then(|changed| upsert_file(&self.path, &self.node, changed, self.cap));
+            .and_then(|changed| upsert_entries(&self.path, &self.node, changed, self.cap));
         if result.is_err() {
             self.restore(ids);
         }
@@ -846,13 +846,27 @@ impl Forensics {
     }
 }
 
-/// Replace `node`'s stats of the given keys in the file at `path` (other nodes untouched).
-/// The stats are a `KeyStats` each (a node's report) or already its text (`Forensics::flush`);
-/// the file's other entries are copied through as text (`Entry`).
-pub fn upsert_file<V: Serialize>(
+/// Replace `node`'s stats of the given keys in the file at `path` (other nodes untouched): a
+/// node's report, as the control plane receives it.
+pub fn upsert_file(
     path: &Path,
     node: &str,
-    changed: BTreeMap<String, V>,
+    changed: BTreeMap<String, KeyStats>,
+    cap: usize,
+) -> std::io::Result<()> {
+    let changed = changed
+        .into_iter()
+        .map(|(id, stats)| serde_json::value::to_raw_value(&stats).map(|e| (id, e)))
+        .collect::<Result<_, _>>()?;
+    upsert_entries(path, node, changed, cap)
+}
+
+/// `upsert_file` with the stats already as their text (`Forensics::flush` takes them so: moved
+/// in, not serialised a second time). The file's other entries are copied through as text.
+fn upsert_entries(
+    path: &Path,
+    node: &str,
+    changed: BTreeMap<String, Entry>,
     cap: usize,
 ) -> std::io::Result<()> {
     let _lock = crate::store::file::lock_beside(path)?;
@@ -860,9 +874,7 @@ pub fn upsert_file<V: Serialize>(
         nodes: read_entries(path),
     };
     let mine = body.nodes.entry(node.to_owned()).or_default();
-    for (id, stats) in changed {
-        mine.insert(id, serde_json::value::to_raw_value(&stats)?);
-    }
+    mine.extend(changed);
     trim(mine, cap, |e| {
         // `read_entries` kept only entries that parse.
         serde_json::from_str::<LastSeen>(e.get()).map_or(0, |s| s.last_seen)
