@@ -1513,3 +1513,30 @@ async fn a_usage_report_whose_answer_is_lost_counts_once() {
         serde_json::from_slice(&std::fs::read(dir.join("usage.json")).unwrap()).unwrap();
     assert_eq!(local[&id]["requests"], 5, "{local}");
 }
+
+/// A feed gateway stopped between two reports sends what it counted since the last one on
+/// its way out: nothing counted is lost to a rolling restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_reports_what_it_counted_since_its_last_report() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (_, probe) = fleet.create("probe").await;
+    let (id, key) = fleet.create("counted").await;
+    // The default touch interval (60 s): no report comes before the stop.
+    let mut gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(gw.http).await;
+    for _ in 0..3 {
+        assert_eq!(status(&mut c, &key).await, 200);
+    }
+    drop(c);
+    gw.sigterm();
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    let (s, v) = fleet
+        .api(Method::GET, &format!("/v1/api-keys/{id}"), Value::Null)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["requests"], 3, "{v}");
+    let text = gw.stderr_contents();
+    assert!(!text.contains("usage report"), "{text}");
+}
