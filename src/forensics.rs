@@ -18,8 +18,8 @@
 //! Persistence: single node, `<usage file>.forensics.json` beside the usage file, with one
 //! section per node (several gateways may share the directory; each replaces only its own
 //! keys in its own section, under the same kind of lock as the usage file). Fleet: gateways
-//! send the keys that changed since the last report with their usage reports; the control
-//! plane keeps them per node and writes the same file.
+//! send the keys that changed since the last report with their usage reports
+//! (`sync::report`); the control plane writes them into the same file, per node.
 
 use crate::keys::compact::KeyId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -633,7 +633,7 @@ pub type Nodes = BTreeMap<String, BTreeMap<String, KeyStats>>;
 /// the new file in memory, and the gateway's RSS kept the peak for the 10 s its allocator
 /// holds freed pages (docs/performance.md: "The memory figure and the once-a-minute flush").
 /// As text, and with the file written as it is serialised, the peak is about halved.
-type Entry = Box<serde_json::value::RawValue>;
+pub type Entry = Box<serde_json::value::RawValue>;
 
 /// The file's shape, with each key's stats as `V`: `KeyStats` to read it, `Entry` to rewrite it.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -825,20 +825,39 @@ impl Forensics {
         }
     }
 
+    /// `take_dirty`, each key's stats as its JSON text (not cloned: see `Entry`). If one
+    /// cannot be written as text, none is taken.
+    pub fn take_dirty_text(&self) -> Result<BTreeMap<String, Entry>, serde_json::Error> {
+        let mut out = BTreeMap::new();
+        let mut failed = (None, Vec::new());
+        for (id, text) in self.take_dirty_as(serde_json::value::to_raw_value) {
+            match text {
+                Ok(t) => {
+                    out.insert(id, t);
+                }
+                Err(e) => {
+                    failed.0.get_or_insert(e);
+                    failed.1.push(id);
+                }
+            }
+        }
+        match failed {
+            (None, _) => Ok(out),
+            (Some(e), ids) => {
+                self.restore(out.into_keys().chain(ids));
+                Err(e)
+            }
+        }
+    }
+
     /// Write the changed keys into this node's section of the file, under its lock.
     pub fn flush(&self) -> std::io::Result<bool> {
-        // Taken as the file's text, not cloned (see `Entry`).
-        let changed = self.take_dirty_as(serde_json::value::to_raw_value);
+        let changed = self.take_dirty_text().map_err(std::io::Error::other)?;
         if changed.is_empty() {
             return Ok(false);
         }
         let ids: Vec<String> = changed.keys().cloned().collect();
-        let result = changed
-            .into_iter()
-            .map(|(id, e)| e.map(|e| (id, e)))
-            .collect::<Result<BTreeMap<_, _>, _>>()
-            .map_err(std::io::Error::other)
-            .and_then(|changed| upsert_entries(&self.path, &self.node, changed, self.cap));
+        let result = upsert_entries(&self.path, &self.node, changed, self.cap);
         if result.is_err() {
             self.restore(ids);
         }

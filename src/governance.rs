@@ -385,9 +385,11 @@ pub fn spawn(
                 gauges.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
+                // Without usage every key would look unused: the gauges keep their figures.
+                let Some(usage) = usage() else { return };
                 let rep = compute_each(
                     |f| records(f),
-                    &usage(),
+                    &usage,
                     &audit_facts(&audit),
                     &policy,
                     stale_after_secs,

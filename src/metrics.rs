@@ -47,6 +47,8 @@ pub struct Metrics {
     /// across nodes and usable with `time()` even when scrapes stop.
     pub table_last_sync: Gauge,
     pub source_errors: IntCounterVec,
+    /// A feed gateway's usage report batches, by result (accepted, refused, failed).
+    pub usage_reports: IntCounterVec,
     pub propagation: Histogram,
     /// Rotation events this node applied (started, completed, aborted).
     pub rotations: IntCounterVec,
@@ -217,6 +219,7 @@ impl Metrics {
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
             table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
             source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, checkpoint, redis, io, feed).", &["kind"]),
+            usage_reports: counter_vec(&r, "keygate_usage_reports_total", "Usage report batches a feed gateway sent its control plane, by result (accepted; refused: answered with an error, counts kept for the next report; failed: no answer, sent again).", &["result"]),
             propagation: reg(
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))
@@ -281,6 +284,9 @@ impl Metrics {
             "checkpoint",
         ] {
             m.source_errors.with_label_values(&[kind]);
+        }
+        for result in ["accepted", "refused", "failed"] {
+            m.usage_reports.with_label_values(&[result]);
         }
         for result in ["ok", "error"] {
             m.config_reloads.with_label_values(&[result]);

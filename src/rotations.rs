@@ -135,7 +135,8 @@ pub async fn run_on_gateway(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// The periodic task of `keygate control`: the fleet's usage is what the gateways reported.
+/// The periodic task of `keygate control`: the fleet's usage is where gateways' reports and
+/// verify's counts are added (`Control::add_usage`).
 pub async fn run_on_control(c: Arc<Control>) {
     let every = Duration::from_secs(c.config.keys.rotation_check_seconds.max(1));
     loop {
@@ -144,6 +145,14 @@ pub async fn run_on_control(c: Arc<Control>) {
         if pairs.is_empty() {
             continue;
         }
-        complete(c.settings.clone(), "control-plane", pairs, c.merged_usage()).await;
+        let ids = ids(&pairs);
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // No fallback: a view without the fleet's uses could revoke a key still in use.
+        match c.read_usage(&refs).await {
+            Ok(usage) => complete(c.settings.clone(), "control-plane", pairs, usage).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "rotation completion skipped: cannot read usage")
+            }
+        }
     }
 }

@@ -311,7 +311,7 @@ fn start_webhooks(gw: &Arc<Gateway>, single_node: bool) -> Result<(), ServeError
         for (id, mine) in local.usage.snapshot() {
             u.entry(id).or_default().merge(&mine);
         }
-        u
+        Some(u)
     });
     // The governance figures come from the same place as the events: the node's audit log.
     let each = gw.clone();
@@ -464,8 +464,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
         Some(f) => {
             crate::sync::feed::spawn(gw.clone(), f.clone());
-            crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f.clone());
-            crate::sync::feed::spawn_usage_reports(gw.clone(), f);
+            crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f);
         }
     }
 
@@ -869,6 +868,11 @@ async fn admin_loop(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Re
 /// at shutdown so the last interval's attempts are not lost.
 async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut last_flush = tokio::time::Instant::now();
+    let mut reporter = gw
+        .snapshot()
+        .feed
+        .clone()
+        .map(crate::sync::report::Reporter::new);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_denials: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut seconds = 0u64;
@@ -888,14 +892,14 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                     })
                     .await;
                 }
-                flush_usage(&gw).await;
+                flush_usage(&gw, reporter.as_mut()).await;
                 return;
             }
         }
         seconds += 1;
         if last_flush.elapsed() >= gw.snapshot().touch_interval {
             last_flush = tokio::time::Instant::now();
-            flush_usage(&gw).await;
+            flush_usage(&gw, reporter.as_mut()).await;
         }
         if seconds.is_multiple_of(60) {
             gw.limiter.shrink();
@@ -948,19 +952,22 @@ fn denials(
     })
 }
 
-/// Usage goes to Redis when `[redis]` is configured (fleet-wide sums), else to the shared file.
-/// Forensics sketches go to the file beside the usage file, unless the gateway reports to a
-/// control plane (then they travel with the usage reports, `sync::feed`).
-async fn flush_usage(gw: &Arc<Gateway>) {
-    if gw.snapshot().feed.is_none() {
-        let gw = gw.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = gw.forensics.flush() {
-                tracing::warn!(error = %e, "forensics flush failed; will retry");
-            }
-        })
-        .await;
+/// Usage goes to Redis when `[redis]` is configured (fleet-wide sums), else to the shared file,
+/// forensics sketches to the file beside the usage file; a gateway that follows a control
+/// plane's feed reports both to it instead (`sync::report`), which adds them where it keeps its
+/// own.
+async fn flush_usage(gw: &Arc<Gateway>, reporter: Option<&mut crate::sync::report::Reporter>) {
+    if let Some(r) = reporter {
+        r.report(gw).await;
+        return;
     }
+    let g = gw.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = g.forensics.flush() {
+            tracing::warn!(error = %e, "forensics flush failed; will retry");
+        }
+    })
+    .await;
     if let Some(f) = gw.limiter.fleet() {
         if let Err(e) = crate::redis::usage::flush(f.client(), &gw.usage).await {
             tracing::warn!(error = %e, "usage flush to redis failed; will retry");

@@ -7,6 +7,9 @@
 //! beside the store; several gateways may share that directory (the shipped Kubernetes
 //! manifests do), so a flush takes an exclusive lock on `<usage file>.lock`, re-reads the file
 //! and adds only this node's counts since its last flush: nodes never overwrite each other.
+//! A gateway that follows a control plane's feed sends its counts since its last report to
+//! the control plane instead (`sync::report`), which adds them the same way (to Redis or to
+//! its usage file).
 //!
 //! `requests` counts forwarded requests; `s2xx`/`s4xx`/`s5xx` count every authenticated
 //! request by its final status (gateway refusals such as 429 included).
@@ -49,11 +52,12 @@ pub struct Used {
 impl Used {
     /// Add another node's (or another flush's) counts: sums, and the latest use.
     pub fn merge(&mut self, o: &Used) {
+        // Saturating: the counts come from reports over the network too.
         self.last_used = self.last_used.max(o.last_used);
-        self.requests += o.requests;
-        self.s2xx += o.s2xx;
-        self.s4xx += o.s4xx;
-        self.s5xx += o.s5xx;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.s2xx = self.s2xx.saturating_add(o.s2xx);
+        self.s4xx = self.s4xx.saturating_add(o.s4xx);
+        self.s5xx = self.s5xx.saturating_add(o.s5xx);
     }
 }
 
@@ -234,7 +238,8 @@ impl Usage {
     }
 }
 
-fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
+/// Add `deltas` to the usage file at `path`, under its lock (every writer of the file does).
+pub fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
     let _lock = crate::store::file::lock_beside(path)?;
     let mut all = read(path);
     for d in deltas {

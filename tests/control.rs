@@ -377,21 +377,46 @@ async fn every_endpoint_happy_path() {
     .await;
     assert_eq!(ids(&r.2).len(), 2);
 
-    // Usage reports (feed role) show up in the API.
+    // Usage reports (feed role) show up in the API: each batch's counts added once, however
+    // often it is sent; a report of totals from an older gateway refused, saying why.
+    let report = |seq: u64, requests: u64, last_used: i64| {
+        json!({"node": "gw1", "boot": 7, "seq": seq,
+               "added": {new_id.clone(): {"last_used": last_used, "requests": requests}}})
+        .to_string()
+    };
+    for (body, accepted, duplicate) in [
+        (report(1, 7, 1_700_000_000), 7, false),
+        (report(1, 7, 1_700_000_000), 7, true),
+        (report(2, 3, 1_600_000_000), 10, false),
+    ] {
+        let r = call(a, Method::POST, "/v1/usage", Some(&e.t.feed), body).await;
+        assert_eq!(r.0, 200, "{:?}", r.2);
+        assert_eq!(r.2["accepted"], true);
+        assert_eq!(r.2["duplicate"].as_bool().unwrap_or(false), duplicate);
+        let r = call(a, Method::GET, &format!("/v1/api-keys/{new_id}"), w, "").await;
+        assert_eq!(r.2["requests"], accepted);
+        assert_eq!(r.2["last_used"], 1_700_000_000);
+    }
     let r = call(
         a,
         Method::POST,
         "/v1/usage",
         Some(&e.t.feed),
-        json!({"node": "gw1", "usage": {new_id.clone(): {"last_used": 1_700_000_000, "requests": 7}}})
+        json!({"node": "gw1", "usage": {new_id.clone(): {"last_used": 1_700_000_000, "requests": 70}}})
             .to_string(),
     )
     .await;
-    assert_eq!(r.0, 200, "{:?}", r.2);
-    assert_eq!(r.2["accepted"], true);
+    assert_problem(&r, 400, "invalid_request");
+    assert!(
+        r.2["detail"]
+            .as_str()
+            .unwrap()
+            .contains("older than this control plane"),
+        "{:?}",
+        r.2
+    );
     let r = call(a, Method::GET, &format!("/v1/api-keys/{new_id}"), w, "").await;
-    assert_eq!(r.2["requests"], 7);
-    assert_eq!(r.2["last_used"], 1_700_000_000);
+    assert_eq!(r.2["requests"], 10);
 
     // The feed (feed role): ndjson, a snapshot first.
     let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
@@ -458,7 +483,7 @@ async fn auth_failures_on_every_endpoint() {
         (
             Method::POST,
             "/v1/usage",
-            json!({"node": "n", "usage": {}}).to_string(),
+            json!({"node": "n", "boot": 1, "seq": 1}).to_string(),
             "feed",
         ),
     ];
@@ -1342,7 +1367,8 @@ async fn rest_rotation_completes_on_the_control_plane_and_aborts() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let report = json!({"node": "gw1", "usage": {new.clone(): {"last_used": now, "requests": 5}}});
+    let report = json!({"node": "gw1", "boot": 1, "seq": 1,
+                        "added": {new.clone(): {"last_used": now, "requests": 5}}});
     let r = call(
         a,
         Method::POST,

@@ -229,6 +229,35 @@ impl Fleet {
         )
     }
 
+    /// Imports `n` plaintext keys named after `batch` into the control plane's store with
+    /// the CLI (`keys import`); returns them.
+    fn import(&self, batch: &str, n: usize) -> Vec<String> {
+        let keys: Vec<String> = (0..n)
+            .map(|i| format!("legacy-fleet-{batch}-{i:05}-zyxwvut"))
+            .collect();
+        let file = self.root.join(format!("cp/import-{batch}.txt"));
+        std::fs::write(&file, keys.join("\n")).unwrap();
+        let out = cli(
+            &self.cp_cfg,
+            &[
+                "keys",
+                "import",
+                "--file",
+                file.to_str().unwrap(),
+                "--owner",
+                "fleet",
+                "--scope",
+                "invoices:read",
+                "--json",
+            ],
+            SECRET_ENV,
+        );
+        assert!(out.status.success(), "{}", stderr_str(&out));
+        let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
+        assert_eq!(v["imported"], n, "{v}");
+        keys
+    }
+
     async fn revoke(&self, id: &str) {
         let (s, v) = self
             .api(Method::DELETE, &format!("/v1/api-keys/{id}"), Value::Null)
@@ -439,40 +468,13 @@ async fn a_gateway_down_for_1000_changes_and_a_compaction_catches_up() {
     drop(offline);
 
     // 1,000 new keys in two imports, 3 revocations and a compaction in between.
-    let cp_dir = fleet.cp_cfg.parent().unwrap().to_path_buf();
-    let import = |batch: usize| -> Vec<String> {
-        let keys: Vec<String> = (0..500)
-            .map(|i| format!("legacy-fleet-{batch}-{i:05}-zyxwvut"))
-            .collect();
-        let file = cp_dir.join(format!("import{batch}.txt"));
-        std::fs::write(&file, keys.join("\n")).unwrap();
-        let out = cli(
-            &fleet.cp_cfg,
-            &[
-                "keys",
-                "import",
-                "--file",
-                file.to_str().unwrap(),
-                "--owner",
-                "fleet",
-                "--scope",
-                "invoices:read",
-                "--json",
-            ],
-            SECRET_ENV,
-        );
-        assert!(out.status.success(), "{}", stderr_str(&out));
-        let v: Value = serde_json::from_str(stdout_str(&out).trim()).unwrap();
-        assert_eq!(v["imported"], 500, "{v}");
-        keys
-    };
-    let first = import(1);
+    let first = fleet.import("1", 500);
     for (id, _) in &early[..3] {
         fleet.revoke(id).await;
     }
     let out = cli(&fleet.cp_cfg, &["keys", "compact"], SECRET_ENV);
     assert!(out.status.success(), "{}", stderr_str(&out));
-    let second = import(2);
+    let second = fleet.import("2", 500);
     let (_, newest) = fleet.create("newest").await;
 
     // The gateway that stayed up followed along.
@@ -1300,4 +1302,241 @@ async fn publishable_keys_made_through_the_api_work_only_from_their_origin() {
         );
     }
     gw.assert_not_logged(&key);
+}
+
+/// A gateway that has served a few thousand keys still reports them: its usage and sketches
+/// reach the control plane's files, however large the report would be as one body (the
+/// control plane takes at most `[control] max_body_bytes`, 64 KiB by default, per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_thousands_of_keys_reaches_the_control_plane() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    const N: usize = 2_000;
+    let keys = fleet.import("many", N);
+    let cfg = fleet.gw_config(0);
+    let gw = Gateway::spawn(
+        &cfg,
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+            ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    until_status_fresh(&gw, &keys[N - 1], 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(gw.http).await;
+    for key in &keys {
+        assert_eq!(status(&mut c, key).await, 200);
+    }
+    let read = |name: &str| -> Value {
+        std::fs::read(fleet.root.join("cp").join(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    let usage = eventually_named(
+        "every key's use in the control plane's usage file",
+        Duration::from_secs(30),
+        || async {
+            let usage = read("usage.json");
+            let used = usage
+                .as_object()?
+                .values()
+                .filter(|u| u["requests"].as_u64().unwrap_or(0) >= 1)
+                .count();
+            (used >= N).then_some(usage)
+        },
+    )
+    .await;
+    // Counted once each (the readiness probe's key more often): nothing added twice.
+    let once = usage
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|u| u["requests"] == 1 && u["s2xx"] == 1)
+        .count();
+    assert!(once >= N - 1, "{once} of {N} keys counted exactly once");
+    eventually_named(
+        "every key's sketch in the control plane's forensics file",
+        Duration::from_secs(30),
+        || async {
+            let f = read("usage.json.forensics.json");
+            let keys = f["nodes"].as_object()?.values().next()?.as_object()?.len();
+            (keys >= N).then_some(())
+        },
+    )
+    .await;
+    gw.assert_not_logged(&keys[0]);
+}
+
+/// A proxy in front of the control plane that passes everything through, except that the
+/// answers to the first `lose` usage reports holding `marker` are dropped once the control
+/// plane has answered (applied, and the gateway never hears so). Returns its address and the
+/// bodies of the reports holding `marker`, in order.
+async fn lossy_proxy(
+    cp: SocketAddr,
+    marker: String,
+    lose: usize,
+) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let bodies = seen.clone();
+    tokio::spawn(async move {
+        for _ in 0..10_000 {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let (seen, marker) = (seen.clone(), marker.clone());
+            tokio::spawn(async move {
+                // The request head, then (for a report) its body, whole.
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                let head_end = loop {
+                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+                let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
+                    return;
+                };
+                if head.starts_with("post /v1/usage") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while got.len() < head_end + len {
+                        match client.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = got[head_end..head_end + len].to_vec();
+                    let lost = String::from_utf8_lossy(&body).contains(marker.as_str()) && {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(body);
+                        seen.len() <= lose
+                    };
+                    if lost {
+                        // Applied once the answer starts; then nobody hears it.
+                        let _ = server.write_all(&got).await;
+                        let _ = server.read(&mut buf).await;
+                        return;
+                    }
+                }
+                let _ = server.write_all(&got).await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// A report batch whose answer was lost is sent again as it was (same boot, same sequence
+/// number), and the control plane, which applied it the first time, does not count it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_whose_answer_is_lost_counts_once() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (_, probe) = fleet.create("probe").await;
+    let (id, key) = fleet.create("counted").await;
+    let (proxy, bodies) = lossy_proxy(fleet.cp_addr(), id.clone(), 2).await;
+    let dir = fleet.root.join("gw-lossy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write_file(&dir, "keygate.toml", &gw_config(proxy, fleet.up.addr()));
+    let gw = Gateway::spawn(
+        &cfg,
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+            ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(gw.http).await;
+    for _ in 0..5 {
+        assert_eq!(status(&mut c, &key).await, 200);
+    }
+    let requests = || async {
+        let (s, v) = fleet
+            .api(Method::GET, &format!("/v1/api-keys/{id}"), Value::Null)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["requests"].as_u64()
+    };
+    // Two answers lost, then the same batch a third time, answered.
+    eventually_named(
+        "the batch sent three times",
+        Duration::from_secs(30),
+        || async { (bodies.lock().unwrap().len() >= 3).then_some(()) },
+    )
+    .await;
+    eventually_named("the counts in", Duration::from_secs(30), || async {
+        (requests().await? >= 5).then_some(())
+    })
+    .await;
+    let sent: Vec<Value> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect();
+    assert_eq!(sent[0], sent[1]);
+    assert_eq!(sent[1], sent[2]);
+    assert_eq!(sent[0]["added"][&id]["requests"], 5, "{}", sent[0]);
+    // Later reports have come and gone: still 5.
+    let failed = r#"keygate_usage_reports_total{result="failed"}"#;
+    assert_eq!(metric(&scrape(&gw).await, failed), Some(2.0));
+    let accepted = r#"keygate_usage_reports_total{result="accepted"}"#;
+    let before = metric(&scrape(&gw).await, accepted).unwrap();
+    // (A report is sent when something changed: the probe key's requests.)
+    let mut c = KeepAlive::connect(gw.http).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_eq!(status(&mut c, &probe).await, 200);
+        if metric(&scrape(&gw).await, accepted).unwrap_or(0.0) >= before + 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two more reports not sent");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling pace, not sync
+    }
+    assert_eq!(requests().await, Some(5));
+    // The gateway's own usage file has them once too.
+    let local: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("usage.json")).unwrap()).unwrap();
+    assert_eq!(local[&id]["requests"], 5, "{local}");
+}
+
+/// A feed gateway stopped between two reports sends what it counted since the last one on
+/// its way out: nothing counted is lost to a rolling restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_reports_what_it_counted_since_its_last_report() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (_, probe) = fleet.create("probe").await;
+    let (id, key) = fleet.create("counted").await;
+    // The default touch interval (60 s): no report comes before the stop.
+    let mut gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(gw.http).await;
+    for _ in 0..3 {
+        assert_eq!(status(&mut c, &key).await, 200);
+    }
+    drop(c);
+    gw.sigterm();
+    assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
+    let (s, v) = fleet
+        .api(Method::GET, &format!("/v1/api-keys/{id}"), Value::Null)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["requests"], 3, "{v}");
+    let text = gw.stderr_contents();
+    assert!(!text.contains("usage report"), "{text}");
 }

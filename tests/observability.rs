@@ -198,6 +198,7 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         r#"keygate_connections_open{listener="http"}"#,
         r#"keygate_config_reloads_total{result="ok"}"#,
         r#"keygate_source_errors_total{kind="corrupt_line"}"#,
+        r#"keygate_usage_reports_total{result="failed"}"#,
         r#"keygate_request_duration_seconds_count{route="read"}"#,
         r#"keygate_upstream_duration_seconds_count{upstream="up"}"#,
         "keygate_tls_handshake_failures_total",

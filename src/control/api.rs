@@ -319,57 +319,7 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
         }
         (Method::POST, ["v1", "usage"]) => {
             authorize(c, &req, Role::Feed)?;
-            let body = read_json(c, req).await?;
-            let node = body
-                .get("node")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .chars()
-                .take(128)
-                .collect::<String>();
-            let usage: BTreeMap<String, Used> = serde_json::from_value(
-                body.get("usage").cloned().unwrap_or(Value::Null),
-            )
-            .map_err(|e| {
-                err(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("usage: {e}"),
-                )
-            })?;
-            // Optional (older gateways send none): the keys whose sketches changed.
-            let mut forensics: BTreeMap<String, crate::forensics::KeyStats> =
-                match body.get("forensics") {
-                    None | Some(Value::Null) => BTreeMap::new(),
-                    Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                        err(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_request",
-                            format!("forensics: {e}"),
-                        )
-                    })?,
-                };
-            // A gateway never tracks more; a report claiming more is cut, not trusted.
-            while forensics.len() > crate::forensics::MAX_KEYS {
-                forensics.pop_last();
-            }
-            let c = c.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if !forensics.is_empty() {
-                    let path = crate::forensics::path_for(&c.settings.usage_file);
-                    if let Err(e) = crate::forensics::upsert_file(
-                        &path,
-                        &node,
-                        forensics,
-                        crate::forensics::MAX_KEYS,
-                    ) {
-                        tracing::warn!(error = %e, "cannot write the forensics file");
-                    }
-                }
-                c.report_usage(node, usage)
-            })
-            .await;
-            Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
+            super::reports::receive(c, req).await
         }
         (Method::POST, ["v1", "events"]) => {
             authorize(c, &req, Role::Feed)?;
@@ -484,7 +434,11 @@ async fn route(c: &Arc<Control>, req: Request<Incoming>) -> Result<Response<Body
                 complete_when_idle_secs: optional_string(&body, "complete_when_idle")?
                     .map(|s| secs(&s, "complete_when_idle"))
                     .transpose()?,
-                old_requests: c.merged_usage().get(&id).map_or(0, |u| u.requests),
+                old_requests: c
+                    .usage_of(&[id.as_str()])
+                    .await
+                    .get(&id)
+                    .map_or(0, |u| u.requests),
             };
             let c2 = c.clone();
             let minted = blocking(move || {
@@ -684,7 +638,11 @@ async fn read_json(c: &Control, req: Request<Incoming>) -> Result<Map<String, Va
 }
 
 pub(super) async fn read_body(c: &Control, req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let limit = c.config.control.max_body_bytes;
+    read_limited(req, c.config.control.max_body_bytes).await
+}
+
+/// The body, if it is at most `limit` bytes (413 otherwise).
+pub(super) async fn read_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     Limited::new(req.into_body(), limit)
         .collect()
         .await

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod exchange;
 pub mod metrics;
+pub mod reports;
 pub mod tokens;
 pub mod verify;
 
@@ -19,15 +20,14 @@ use crate::store::feed::FeedState;
 use crate::store::file::StoreError;
 use crate::store::seal::Signer;
 use crate::store::Store;
-use crate::usage::Used;
+use crate::usage::{Delta, Used};
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokens::Tokens;
 
@@ -41,9 +41,8 @@ pub struct Control {
     pub feed: Arc<FeedState>,
     pub tokens_path: tokens::TokenStore,
     tokens: ArcSwap<(Option<FileVersion>, Tokens)>,
-    /// Latest cumulative usage per reporting gateway node, merged on read.
-    usage_reports: DashMap<String, BTreeMap<String, Used>>,
-    usage_write: Mutex<()>,
+    /// The last report batch applied per gateway node (`reports`): held while one is applied.
+    reports: tokio::sync::Mutex<reports::Applied>,
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
@@ -78,55 +77,73 @@ impl Control {
         fresh
     }
 
-    /// Merge a gateway's cumulative usage report and persist the fleet view.
-    pub fn report_usage(&self, node: String, report: BTreeMap<String, Used>) {
-        self.usage_reports.insert(node, report);
-        let merged = self.merged_usage();
-        let _guard = self.usage_write.lock();
-        let write = || -> std::io::Result<()> {
-            crate::store::file::write_atomic(
-                &self.settings.usage_file,
-                &serde_json::to_vec(&merged)?,
-            )
-        };
-        if let Err(e) = write() {
-            tracing::warn!(error = %e, "cannot write the usage file");
+    /// Add counts to the fleet's usage where this control plane keeps it: Redis when
+    /// configured, else the usage file (under its lock, beside any gateways that follow the
+    /// store file and add theirs). Verify's own counts and the gateways' reports both come here.
+    pub async fn add_usage(&self, deltas: &[Delta]) -> Result<(), UsageError> {
+        if deltas.is_empty() {
+            return Ok(());
         }
-    }
-
-    /// Usage of `ids` for API responses: from Redis when configured (what every gateway
-    /// adds there), else from the gateways' reports. A Redis that does not answer falls back
-    /// to the reports, logged: a listing without last use beats no listing.
-    pub async fn usage_of(&self, ids: &[&str]) -> BTreeMap<String, Used> {
         if let Some(client) = &self.redis {
-            match crate::redis::usage::read(client, ids).await {
-                Ok(u) => return u,
-                Err(e) => {
-                    tracing::warn!(error = %e, "usage from redis unavailable; using gateway reports")
-                }
-            }
+            return Ok(crate::redis::usage::add(client, deltas).await?);
         }
-        self.merged_usage()
+        let (path, deltas) = (self.settings.usage_file.clone(), deltas.to_vec());
+        tokio::task::spawn_blocking(move || crate::usage::merge_into_file(&path, &deltas))
+            .await
+            .map_err(|e| UsageError::File(std::io::Error::other(e)))?
+            .map_err(UsageError::File)
     }
 
-    /// Fleet-wide usage: latest use anywhere, requests summed over nodes. Without gateway
-    /// reports (a restarted control plane, or gateways that follow the store file and add
-    /// their counts to the usage file themselves) the file is the view, verify's counts
-    /// included (`verify::flush` adds them there); with reports, the reports plus verify's own
-    /// counts, which then go to the file only through `report_usage`.
-    pub fn merged_usage(&self) -> BTreeMap<String, Used> {
-        let mut out = if self.usage_reports.is_empty() {
-            crate::usage::read(&self.settings.usage_file)
-        } else {
-            self.verifier.usage.snapshot()
-        };
-        for node in self.usage_reports.iter() {
-            for (id, u) in node.value() {
-                out.entry(id.clone()).or_insert(Used::default()).merge(u);
+    /// The fleet's usage of `ids`, where `add_usage` puts it: Redis when configured (an
+    /// error when it does not answer), else the usage file (all of it).
+    pub async fn read_usage(&self, ids: &[&str]) -> Result<BTreeMap<String, Used>, UsageError> {
+        match &self.redis {
+            Some(client) => Ok(crate::redis::usage::read(client, ids).await?),
+            None => Ok(self.usage_file()),
+        }
+    }
+
+    /// `read_usage` for API responses: a Redis that does not answer falls back to the usage
+    /// file, logged: a listing without last use beats no listing.
+    pub async fn usage_of(&self, ids: &[&str]) -> BTreeMap<String, Used> {
+        match self.read_usage(ids).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage from redis unavailable; using the usage file");
+                self.usage_file()
             }
         }
-        out
     }
+
+    /// Every key's usage (`read_usage` over the table): the governance gauges' and webhooks'
+    /// view. `None` while Redis does not answer: without it every key would look unused.
+    pub async fn fleet_usage(&self) -> Option<BTreeMap<String, Used>> {
+        let latest = self.feed.latest();
+        let ids: Vec<&str> = match self.redis {
+            Some(_) => latest.iter().map(|r| r.id.as_str()).collect(),
+            None => Vec::new(),
+        };
+        match self.read_usage(&ids).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "key usage unavailable; governance figures and stale-key events wait for it");
+                None
+            }
+        }
+    }
+
+    fn usage_file(&self) -> BTreeMap<String, Used> {
+        crate::usage::read(&self.settings.usage_file)
+    }
+}
+
+/// Why counts could not be added to, or read from, the fleet's usage.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("redis: {0}")]
+    Redis(#[from] crate::redis::RedisError),
+    #[error("usage file: {0}")]
+    File(std::io::Error),
 }
 
 /// The governance gauges and the fleet's one webhook sender: the control plane sees every change (its API, the CLI on
@@ -135,7 +152,10 @@ fn start_webhooks(control: &Arc<Control>, endpoints: Vec<crate::webhooks::Endpoi
     let (table, merged) = (control.clone(), control.clone());
     let records: crate::webhooks::run::Records =
         Arc::new(move |f| table.feed.latest().iter().for_each(|r| f(r)));
-    let usage: crate::webhooks::run::UsageFn = Arc::new(move || merged.merged_usage());
+    // Called off the async threads (governance, webhooks), so it may wait on Redis.
+    let runtime = tokio::runtime::Handle::current();
+    let usage: crate::webhooks::run::UsageFn =
+        Arc::new(move || runtime.block_on(merged.fleet_usage()));
     crate::governance::spawn(
         control.metrics.registry(),
         records.clone(),
@@ -266,8 +286,7 @@ pub async fn start(
         tokens_path,
         settings,
         feed,
-        usage_reports: DashMap::new(),
-        usage_write: Mutex::new(()),
+        reports: tokio::sync::Mutex::default(),
         redis,
         metrics,
         verifier,

@@ -5,11 +5,10 @@
 //! forensics, so a key used only through verify is never "stale", never looks idle to a
 //! rotation that completes when the old key is quiet, and shows in `keys usage`.
 //!
-//! Usage goes where gateways put theirs, every touch interval, never per check: Redis when
-//! configured; else the usage file, added under its lock as a file-following gateway adds
-//! its counts; in a fleet (gateways reporting here) into the fleet view this control plane
-//! writes from their reports (`Control::merged_usage`). Forensics go into
-//! `<usage file>.forensics.json`, section `verify`.
+//! Usage goes where gateways' does, every touch interval, never per check
+//! (`Control::add_usage`): Redis when configured, else the usage file, added under its lock as
+//! a file-following gateway adds its counts and as the reports of feed gateways are. Forensics
+//! go into `<usage file>.forensics.json`, section `verify`.
 
 use super::api::{err, json_response, ApiError, Body};
 use super::Control;
@@ -32,7 +31,7 @@ pub const NODE: &str = "verify";
 pub struct Verifier {
     pub policy: LimitPolicy,
     pub limiter: Limiter,
-    /// Verify's own counts, cumulative since this control plane started.
+    /// Verify's own counts (flushed every touch interval by `Control::add_usage`).
     pub usage: Usage,
     forensics: Forensics,
     touch_interval: Duration,
@@ -195,24 +194,10 @@ pub async fn flush_every_touch(c: Arc<Control>) {
 
 async fn flush(c: &Arc<Control>) {
     let v = &c.verifier;
-    match &c.redis {
-        Some(client) => {
-            if let Err(e) = crate::redis::usage::flush(client, &v.usage).await {
-                tracing::warn!(error = %e, "verify usage flush to redis failed; will retry");
-            }
-        }
-        // Beside gateways that follow the store file, the usage file is where every node adds
-        // its counts, under its lock. With gateways reporting here this control plane writes
-        // the file whole from their reports, and `merged_usage` adds verify's counts to them:
-        // adding them to the file as well would count them twice.
-        None if c.usage_reports.is_empty() => {
-            let c = c.clone();
-            let flushed = tokio::task::spawn_blocking(move || c.verifier.usage.flush()).await;
-            if let Ok(Err(e)) = flushed {
-                tracing::warn!(error = %e, "verify usage flush failed; will retry");
-            }
-        }
-        None => {}
+    let deltas = v.usage.take_pending();
+    if let Err(e) = c.add_usage(&deltas).await {
+        tracing::warn!(error = %e, "verify usage flush failed; will retry");
+        v.usage.restore(deltas);
     }
     let c = c.clone();
     let flushed = tokio::task::spawn_blocking(move || c.verifier.forensics.flush()).await;

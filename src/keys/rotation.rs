@@ -4,8 +4,9 @@
 //! (complete, abort) live in `keys::ops`, the periodic runners in `keygate serve` (single
 //! node) and `keygate control` (fleet), where usage from every node is known.
 //!
-//! Usage data is cumulative per key (`usage::Used`, flushed every touch interval, or the
-//! gateways' reports to the control plane), so it can lag by one flush: a use of the old key
+//! Usage data is cumulative per key (`usage::Used`: every node adds its counts every touch
+//! interval, feed gateways through their reports to the control plane), so it can lag by
+//! one flush: a use of the old key
 //! in the last touch interval may not be seen yet. Idle windows are meant to be hours, far
 //! longer than that interval; the README says so.
 
@@ -130,7 +131,8 @@ pub fn report(
             "id": r.id,
             // A use before the rotation is not "seen during the rotation".
             "last_used": (u.last_used >= rot.started_at).then_some(u.last_used),
-            // Saturating: a node restart can lower a reported cumulative count.
+            // Saturating: a usage file replaced or a Redis emptied since the rotation
+            // started can make the baseline the larger.
             "requests_since_rotation": u.requests.saturating_sub(baseline),
         })
     };

@@ -77,7 +77,7 @@ impl WebhookMetrics {
 /// keeps only the few records it acts on, never the whole table at once (a million keys
 /// rebuilt as full records would be a memory spike on every pass).
 pub type Records = crate::governance::EachRecord;
-pub type UsageFn = Arc<dyn Fn() -> BTreeMap<String, Used> + Send + Sync>;
+pub type UsageFn = Arc<dyn Fn() -> Option<BTreeMap<String, Used>> + Send + Sync>;
 
 /// What the sender reads from the node it runs on.
 pub struct Host {
@@ -371,7 +371,12 @@ impl Sender {
             return;
         }
         let now = now_secs();
-        let usage = (self.host.usage)();
+        // Off the async threads: it reads a file, or waits on Redis. Without it every key
+        // would look unused: no check this time.
+        let read = self.host.usage.clone();
+        let Ok(Some(usage)) = tokio::task::spawn_blocking(move || read()).await else {
+            return;
+        };
         let mut deliveries = Vec::new();
         let mut marks = Vec::new();
         // The stale keys, collected first (the sends below await).

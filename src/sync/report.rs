@@ -1,0 +1,395 @@
+//! A feed gateway's usage reports to its control plane (`POST /v1/usage`), every touch
+//! interval and once more at shutdown: the counts its keys added since the last report (not
+//! totals, so a report costs what the interval's traffic did, not every key ever seen) and the
+//! forensics sketches of the keys that changed.
+//!
+//! A report is cut into batches of at most `BATCH_BYTES`, each its own request: one minute of
+//! a few thousand keys is megabytes of sketches, and the control plane reads a body whole.
+//! Each batch carries this process's `boot` number and a sequence number; the control plane
+//! applies each (node, boot, seq) once. So a batch whose answer never came (it may have been
+//! applied) is sent again as it was, before anything newer, and never counts twice; a batch
+//! the control plane answered with an error was not applied, and its counts go back to be
+//! reported with the next ones. Until the control plane takes them, the counts wait in
+//! memory; one batch at most is held as sent.
+//!
+//! After a batch is accepted its counts are also added to the gateway's own usage file, so a
+//! restarted gateway still knows when its keys were last used (the key gauges' `stale`).
+
+use crate::forensics::KeyStats;
+use crate::gateway::Gateway;
+use crate::snapshot::FeedSource;
+use crate::usage::{Delta, Used};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The largest batch a gateway sends; the control plane takes up to `MAX_BYTES` on
+/// `/v1/usage`, whatever `[control] max_body_bytes` says for the API.
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// What the control plane reads of one report at most: a batch, and room for one key's
+/// entry that alone would not fit (a sketch is a few KiB at most).
+pub const MAX_BYTES: usize = BATCH_BYTES + 256 * 1024;
+/// One batch's send and answer.
+const SEND_LIMIT: Duration = Duration::from_secs(10);
+
+/// One batch as the control plane reads it. `added` is what each key did since the
+/// previous batch: requests and status classes to add, and its latest use.
+#[derive(Debug, Deserialize)]
+pub struct Received {
+    pub node: String,
+    pub boot: u64,
+    pub seq: u64,
+    #[serde(default)]
+    pub added: BTreeMap<String, Used>,
+    #[serde(default)]
+    pub forensics: BTreeMap<String, KeyStats>,
+}
+
+/// One batch as a gateway writes it (`Received`'s fields, borrowed).
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    node: &'a str,
+    boot: u64,
+    seq: u64,
+    added: BTreeMap<&'a str, &'a Used>,
+    forensics: BTreeMap<&'a str, &'a RawValue>,
+}
+
+/// A batch as built: its body, and what it carries, to give back or to write locally.
+struct Batch {
+    body: bytes::Bytes,
+    deltas: Vec<Delta>,
+    sketched: Vec<String>,
+}
+
+/// How a send ended.
+enum Sent {
+    Accepted,
+    /// The control plane answered with an error: it applied nothing.
+    Refused(u16),
+    /// No answer: it may have been applied.
+    NoAnswer(String),
+}
+
+/// The report state of one gateway process.
+pub struct Reporter {
+    source: FeedSource,
+    boot: u64,
+    next_seq: u64,
+    /// Sent without an answer: sent again, as it was, before anything newer.
+    unanswered: Option<Batch>,
+}
+
+impl Reporter {
+    pub fn new(source: FeedSource) -> Reporter {
+        let mut b = [0u8; 8];
+        // A fixed boot number would only lose the control plane's protection against a batch
+        // counted twice across a restart, never a count.
+        let _ = getrandom::fill(&mut b);
+        Reporter {
+            source,
+            // 53 bits: exact as a JSON number anywhere.
+            boot: u64::from_le_bytes(b) >> 11,
+            next_seq: 1,
+            unanswered: None,
+        }
+    }
+
+    /// Send what changed since the last report; what is not taken waits for the next one.
+    pub async fn report(&mut self, gw: &Arc<Gateway>) {
+        if let Some(b) = self.unanswered.take() {
+            if !self.send(gw, b).await {
+                return;
+            }
+        }
+        let batches = match self.batches(gw) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage report not built; will retry");
+                return;
+            }
+        };
+        let mut rest = batches.into_iter();
+        while let Some(b) = rest.next() {
+            if !self.send(gw, b).await {
+                // Not sent: reported with the next ones.
+                rest.for_each(|b| give_back(gw, b));
+                return;
+            }
+        }
+    }
+
+    /// Send one batch; whether it was accepted. On a refusal its counts go back to be reported
+    /// later; with no answer it is kept as sent.
+    async fn send(&mut self, gw: &Arc<Gateway>, b: Batch) -> bool {
+        let sent = self.post(b.body.clone()).await;
+        let metric = |result: &str| gw.metrics.usage_reports.with_label_values(&[result]).inc();
+        match sent {
+            Sent::Accepted => {
+                metric("accepted");
+                record_locally(gw, b.deltas).await;
+                return true;
+            }
+            Sent::Refused(status) => {
+                metric("refused");
+                tracing::warn!(
+                    status,
+                    "the control plane refused a usage report; its counts wait for the next one"
+                );
+                give_back(gw, b);
+            }
+            Sent::NoAnswer(e) => {
+                metric("failed");
+                tracing::warn!(error = %e, "usage report unanswered; it will be sent again");
+                self.unanswered = Some(b);
+            }
+        }
+        false
+    }
+
+    async fn post(&self, body: bytes::Bytes) -> Sent {
+        let s = &self.source;
+        let sent = tokio::time::timeout(
+            SEND_LIMIT,
+            super::feed::request(
+                &s.usage_url,
+                &s.token,
+                s.tls.as_ref(),
+                http::Method::POST,
+                body,
+            ),
+        )
+        .await;
+        match sent {
+            Ok(Ok(r)) if r.status().is_success() => Sent::Accepted,
+            Ok(Ok(r)) => Sent::Refused(r.status().as_u16()),
+            Ok(Err(e)) => Sent::NoAnswer(e.to_string()),
+            Err(_) => Sent::NoAnswer(format!("no answer within {SEND_LIMIT:?}")),
+        }
+    }
+
+    /// The changed keys' counts and sketches, taken (marked reported), cut into batches. If
+    /// one cannot be written, everything taken goes back.
+    fn batches(&mut self, gw: &Gateway) -> Result<Vec<Batch>, serde_json::Error> {
+        let deltas = gw.usage.take_pending();
+        let sketches = match gw.forensics.take_dirty_text() {
+            Ok(s) => s,
+            Err(e) => {
+                gw.usage.restore(deltas);
+                return Err(e);
+            }
+        };
+        let mut keys: BTreeMap<String, (Option<Used>, Option<Sketch>)> = BTreeMap::new();
+        for d in deltas {
+            keys.entry(d.id).or_default().0 = Some(d.used);
+        }
+        for (id, s) in sketches {
+            keys.entry(id).or_default().1 = Some(s);
+        }
+        let items = keys
+            .into_iter()
+            .map(|(id, (used, sketch))| (id, used, sketch));
+        let mut out = Vec::new();
+        let mut failed = None;
+        for run in cut(items, BATCH_BYTES) {
+            let (batch, written) = self.seal(run);
+            failed = failed.or(written.err());
+            out.push(batch);
+        }
+        match failed {
+            None => Ok(out),
+            Some(e) => {
+                out.into_iter().for_each(|b| give_back(gw, b));
+                Err(e)
+            }
+        }
+    }
+
+    /// One run of keys as a batch with the next sequence number, and whether its body could
+    /// be written.
+    fn seal(&mut self, run: Vec<Item>) -> (Batch, Result<(), serde_json::Error>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let body = serde_json::to_vec(&Outgoing {
+            node: &self.source.node,
+            boot: self.boot,
+            seq,
+            added: run
+                .iter()
+                .filter_map(|(id, u, _)| Some((id.as_str(), u.as_ref()?)))
+                .collect(),
+            forensics: run
+                .iter()
+                .filter_map(|(id, _, s)| Some((id.as_str(), &**s.as_ref()?)))
+                .collect(),
+        });
+        let (mut deltas, mut sketched) = (Vec::new(), Vec::new());
+        for (id, used, sketch) in run {
+            if sketch.is_some() {
+                sketched.push(id.clone());
+            }
+            if let Some(used) = used {
+                deltas.push(Delta { id, used });
+            }
+        }
+        let (body, written) = match body {
+            Ok(b) => (b.into(), Ok(())),
+            Err(e) => (bytes::Bytes::new(), Err(e)),
+        };
+        let batch = Batch {
+            body,
+            deltas,
+            sketched,
+        };
+        (batch, written)
+    }
+}
+
+/// A key's sketch as JSON text (`forensics::Entry`).
+type Sketch = Box<RawValue>;
+/// One key in a report: its counts since the last one, its sketch if it changed.
+type Item = (String, Option<Used>, Option<Sketch>);
+
+/// What one item adds to a batch's body at most: the id twice, quoted, with separators; a
+/// `Used` with every field at its widest; the sketch's own text.
+fn size((id, _, sketch): &Item) -> usize {
+    2 * (id.len() + 4) + 160 + sketch.as_ref().map_or(0, |s| s.get().len())
+}
+
+/// `items` in runs of at most `budget` bytes as sent (an item larger than that alone),
+/// in their order.
+fn cut(items: impl IntoIterator<Item = Item>, budget: usize) -> Vec<Vec<Item>> {
+    let mut out: Vec<Vec<Item>> = Vec::new();
+    let mut current = Vec::new();
+    let mut used = 0;
+    for item in items {
+        let n = size(&item);
+        if !current.is_empty() && used + n > budget {
+            out.push(std::mem::take(&mut current));
+            used = 0;
+        }
+        used += n;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// A batch the control plane did not apply: its counts and sketches are reported later.
+fn give_back(gw: &Gateway, b: Batch) {
+    gw.usage.restore(b.deltas);
+    gw.forensics.restore(b.sketched);
+}
+
+/// An accepted batch's counts, added to the gateway's own usage file.
+async fn record_locally(gw: &Arc<Gateway>, deltas: Vec<Delta>) {
+    let path = gw.snapshot().keys.usage_file.clone();
+    let added =
+        tokio::task::spawn_blocking(move || crate::usage::merge_into_file(&path, &deltas)).await;
+    if let Ok(Err(e)) = added {
+        tracing::warn!(error = %e, "cannot add reported usage to the local usage file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporter() -> Reporter {
+        Reporter::new(FeedSource {
+            url: "http://127.0.0.1:1/v1/feed".into(),
+            tls: None,
+            usage_url: http::Uri::from_static("http://127.0.0.1:1/v1/usage"),
+            token: String::new(),
+            cache: "feed-cache.jsonl".into(),
+            node: "node-1".into(),
+        })
+    }
+
+    /// 400 keys, most with counts, some with sketches of 10 B to 6 KiB of text.
+    fn items() -> Vec<Item> {
+        (0..400u64)
+            .map(|i| {
+                let used = (i % 7 != 0).then_some(Used {
+                    last_used: 1_700_000_000 + i as i64,
+                    requests: i,
+                    s2xx: i / 2,
+                    s4xx: u64::MAX,
+                    s5xx: 1,
+                });
+                let sketch = (i % 3 != 0 || used.is_none()).then(|| {
+                    let text = format!("{{\"pad\":\"{}\"}}", "x".repeat((i as usize * 997) % 6000));
+                    RawValue::from_string(text).unwrap()
+                });
+                (format!("key_{i:04}"), used, sketch)
+            })
+            .collect()
+    }
+
+    /// `Received`, with the sketches as text (these are not real ones).
+    #[derive(Deserialize)]
+    struct Got {
+        node: String,
+        boot: u64,
+        seq: u64,
+        added: BTreeMap<String, Used>,
+        forensics: BTreeMap<String, Sketch>,
+    }
+
+    #[test]
+    fn a_report_is_cut_into_batches_under_the_budget_each_key_once() {
+        for budget in [1, 8 * 1024, 64 * 1024, BATCH_BYTES] {
+            let mut r = reporter();
+            let runs = cut(items(), budget);
+            let batches: Vec<Batch> = runs
+                .into_iter()
+                .map(|run| {
+                    let (b, written) = r.seal(run);
+                    written.unwrap();
+                    b
+                })
+                .collect();
+            let (mut added, mut sketched) = (Vec::new(), Vec::new());
+            for (i, b) in batches.iter().enumerate() {
+                let got: Got = serde_json::from_slice(&b.body).unwrap();
+                let keys = got.added.len().max(got.forensics.len());
+                assert!(
+                    b.body.len() <= budget || keys == 1,
+                    "budget {budget}: batch {i} is {} bytes with {keys} keys",
+                    b.body.len()
+                );
+                assert_eq!((got.node.as_str(), got.boot), ("node-1", r.boot));
+                assert_eq!(got.seq, i as u64 + 1, "sequence numbers in order");
+                assert_eq!(
+                    got.added.keys().collect::<Vec<_>>(),
+                    b.deltas.iter().map(|d| &d.id).collect::<Vec<_>>()
+                );
+                for d in &b.deltas {
+                    assert_eq!(got.added[&d.id], d.used);
+                }
+                assert_eq!(
+                    got.forensics.keys().collect::<Vec<_>>(),
+                    b.sketched.iter().collect::<Vec<_>>()
+                );
+                added.extend(got.added.into_keys());
+                sketched.extend(b.sketched.iter().cloned());
+            }
+            let want = items();
+            let with = |f: fn(&Item) -> bool| -> Vec<String> {
+                want.iter().filter(|i| f(i)).map(|i| i.0.clone()).collect()
+            };
+            assert_eq!(added, with(|i| i.1.is_some()), "budget {budget}");
+            assert_eq!(sketched, with(|i| i.2.is_some()), "budget {budget}");
+            if budget == BATCH_BYTES {
+                assert_eq!(batches.len(), 1);
+            }
+            if budget == 64 * 1024 {
+                assert!(batches.len() > 10, "{}", batches.len());
+            }
+        }
+    }
+}
