@@ -575,18 +575,16 @@ async fn relayed_events(
     c: &Arc<Control>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let body = read_json(c, req).await?;
+    let limit = crate::webhooks::relay::MAX_BODY_BYTES.max(c.config.control.max_body_bytes);
+    let body = parse_object(&read_limited(req, limit).await?)?;
     reject_unknown(&body, &["node", "events"])?;
     let node: String = optional_string(&body, "node")?
         .unwrap_or_else(|| "unknown".into())
         .chars()
         .take(128)
         .collect();
-    let records = c.feed.latest();
-    let (events, ignored) = crate::webhooks::relay::audit_events(&body, &node, |id| {
-        records.iter().find(|r| r.id == id).cloned()
-    })
-    .map_err(|m| err(StatusCode::BAD_REQUEST, "invalid_request", m))?;
+    let (events, ignored) = crate::webhooks::relay::audit_events(&body, &node, |id| c.feed.get(id))
+        .map_err(|m| err(StatusCode::BAD_REQUEST, "invalid_request", m))?;
     let accepted = events.len();
     let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
     match tokio::task::spawn_blocking(move || audit.append(&events)).await {

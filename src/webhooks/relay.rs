@@ -26,7 +26,16 @@ pub const RELAYED_FIELDS: [&str; 6] = [
     "timestamp",
 ];
 const TICK: Duration = Duration::from_millis(200);
+/// Audit log read per batch at most.
 const MAX_BATCH_BYTES: u64 = 256 * 1024;
+/// A batch's events, as sent, at most: the control plane reads up to `MAX_BODY_BYTES` on
+/// `/v1/events` (the API's default body limit, 64 KiB), with room for the envelope. Without
+/// it a dense run of events (a canary under attack) made a body the control plane refused
+/// every time, and the relay stopped there.
+const MAX_EVENTS_BYTES: usize = 48 * 1024;
+/// What the control plane reads of one relayed batch at least, whatever
+/// `[control] max_body_bytes` says for the API.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Start relaying from `audit_log` to the control plane of `source`.
 pub fn spawn(audit_log: PathBuf, source: FeedSource) {
@@ -114,12 +123,27 @@ fn next_batch(audit: &Path, cursor_path: &Path) -> std::io::Result<Option<(Vec<V
     f.seek(SeekFrom::Start(cursor))?;
     let mut buf = Vec::new();
     f.take(MAX_BATCH_BYTES).read_to_end(&mut buf)?;
-    let complete = complete_prefix(&buf);
-    let events = complete
-        .split(|b| *b == b'\n')
-        .filter_map(relayable)
-        .collect();
-    Ok(Some((events, cursor + complete.len() as u64)))
+    let (events, taken) = take_events(complete_prefix(&buf));
+    Ok(Some((events, cursor + taken as u64)))
+}
+
+/// The relayable events of the whole lines in `lines`, up to `MAX_EVENTS` of them and
+/// `MAX_EVENTS_BYTES` as sent (one at least), and how many bytes of `lines` they cover: the
+/// cursor moves past those lines only.
+fn take_events(lines: &[u8]) -> (Vec<Value>, usize) {
+    let (mut events, mut size, mut taken) = (Vec::new(), 0, 0);
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        if let Some(e) = relayable(line.strip_suffix(b"\n").unwrap_or(line)) {
+            let n = e.to_string().len() + 1;
+            if !events.is_empty() && (events.len() == MAX_EVENTS || size + n > MAX_EVENTS_BYTES) {
+                break;
+            }
+            size += n;
+            events.push(e);
+        }
+        taken += line.len();
+    }
+    (events, taken)
 }
 
 /// An audit line as relayed: event, key id, the allowed fields and its `relay_id`.
@@ -219,6 +243,49 @@ pub fn audit_events(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A dense run of events (a canary used from many addresses) goes out in bodies the
+    /// control plane takes, each event once, in order, however many there are.
+    #[test]
+    fn a_dense_run_of_events_is_relayed_in_bodies_under_the_limit_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let cursor = dir.path().join("cache.relay");
+        std::fs::write(&cursor, "0").unwrap();
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&format!(
+                "{{\"event\":\"key.canary_used\",\"key_id\":\"key_{i:05}\",\"client_ip\":\"203.0.113.{}\",\"route\":\"invoices-read\",\"owner\":\"someone\",\"timestamp\":\"2026-12-06T16:00:00Z\"}}\n",
+                i % 250
+            ));
+            if i % 7 == 0 {
+                text.push_str("{\"event\":\"table.applied\",\"rev\":1}\n");
+            }
+        }
+        std::fs::write(&audit, &text).unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let Some((events, end)) = next_batch(&audit, &cursor).unwrap() else {
+                break;
+            };
+            assert!(!events.is_empty() && events.len() <= MAX_EVENTS);
+            let body = serde_json::json!({"node": "n".repeat(128), "events": events});
+            let len = serde_json::to_vec(&body).unwrap().len();
+            assert!(len <= MAX_BODY_BYTES, "a body of {len} bytes");
+            seen.extend(
+                events
+                    .iter()
+                    .map(|e| e["key_id"].as_str().unwrap().to_owned()),
+            );
+            std::fs::write(&cursor, end.to_string()).unwrap();
+        }
+        let want: Vec<String> = (0..3000).map(|i| format!("key_{i:05}")).collect();
+        assert_eq!(seen, want);
+        assert_eq!(
+            std::fs::read_to_string(&cursor).unwrap(),
+            text.len().to_string()
+        );
+    }
 
     #[test]
     fn relays_only_its_events_from_the_cursor_on() {
