@@ -41,7 +41,8 @@ pub struct Control {
     pub feed: Arc<FeedState>,
     pub tokens_path: tokens::TokenStore,
     tokens: ArcSwap<(Option<FileVersion>, Tokens)>,
-    /// The last report batch applied per gateway node (`reports`): held while one is applied.
+    /// The last report batch applied per gateway process (`reports`): held while one is
+    /// applied, so a batch sent again while the first is still being applied waits for it.
     reports: tokio::sync::Mutex<reports::Applied>,
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
@@ -118,11 +119,12 @@ impl Control {
     /// Every key's usage (`read_usage` over the table): the governance gauges' and webhooks'
     /// view. `None` while Redis does not answer: without it every key would look unused.
     pub async fn fleet_usage(&self) -> Option<BTreeMap<String, Used>> {
-        let latest = self.feed.latest();
-        let ids: Vec<&str> = match self.redis {
-            Some(_) => latest.iter().map(|r| r.id.as_str()).collect(),
+        // The file is read whole; Redis is asked for the table's keys.
+        let latest = match self.redis {
+            Some(_) => self.feed.latest(),
             None => Vec::new(),
         };
+        let ids: Vec<&str> = latest.iter().map(|r| r.id.as_str()).collect();
         match self.read_usage(&ids).await {
             Ok(u) => Some(u),
             Err(e) => {
