@@ -219,7 +219,7 @@ impl Metrics {
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
             table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
             source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, checkpoint, redis, io, feed).", &["kind"]),
-            usage_reports: counter_vec(&r, "keygate_usage_reports_total", "Usage report batches a feed gateway sent its control plane, by result (accepted; refused: answered with an error, counts kept for the next report; failed: no answer, sent again).", &["result"]),
+            usage_reports: counter_vec(&r, "keygate_usage_reports_total", "Usage report batches a feed gateway sent its control plane, by result (accepted; refused: answered 4xx, counts kept for the next report; failed: no answer or a 5xx, sent again as it was).", &["result"]),
             propagation: reg(
                 &r,
                 Histogram::with_opts(HistogramOpts::new("keygate_propagation_seconds", "Seconds from a record being written to it being enforced on this node.").buckets(PROPAGATION_BUCKETS.to_vec()))

@@ -35,6 +35,14 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// A gateway process that reports its usage to a control plane (`sync::report`): its node
+/// name and its boot number, random per process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub node: String,
+    pub boot: u64,
+}
+
 /// One key's usage as written to the usage file (and read back from Redis).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Used {
@@ -241,6 +249,11 @@ impl Usage {
 /// Add `deltas` to the usage file at `path`, under its lock (every writer of the file does).
 pub fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
     let _lock = crate::store::file::lock_beside(path)?;
+    merge_locked(path, deltas)
+}
+
+/// `merge_into_file` for a caller that holds the file's lock (`lock_beside(path)`).
+pub fn merge_locked(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
     let mut all = read(path);
     for d in deltas {
         all.entry(d.id.clone()).or_default().merge(&d.used);

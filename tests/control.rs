@@ -447,6 +447,72 @@ async fn every_endpoint_happy_path() {
     assert!(text.contains(&id1));
 }
 
+/// A usage report batch applied just before the control plane stopped, and sent again after
+/// its restart (its answer was lost), counts once: the ledger beside the usage file keeps how
+/// far each gateway process got. An unreadable ledger is said in the log and written anew.
+#[tokio::test]
+async fn a_usage_report_sent_again_after_a_restart_counts_once() {
+    let Env {
+        _dir,
+        dir,
+        cfg,
+        cp,
+        t,
+        ..
+    } = setup(64 * 1024).await;
+    let read = Some(t.read.as_str());
+    let id = {
+        let r = call(
+            cp.addr,
+            Method::POST,
+            "/v1/api-keys",
+            Some(&t.write),
+            json!({"name": "reported", "owner": "o"}).to_string(),
+        )
+        .await;
+        assert_eq!(r.0, 201, "{:?}", r.2);
+        r.2["id"].as_str().unwrap().to_owned()
+    };
+    let batch = |seq: u64| {
+        json!({"node": "gw1", "boot": 7, "seq": seq,
+               "added": {id.clone(): {"last_used": 1_700_000_000, "requests": 4}}})
+        .to_string()
+    };
+    let send = |cp: SocketAddr, seq: u64| {
+        let (body, feed) = (batch(seq), t.feed.clone());
+        async move {
+            let r = call(cp, Method::POST, "/v1/usage", Some(&feed), body).await;
+            assert_eq!(r.0, 200, "{:?}", r.2);
+            r.2["duplicate"].as_bool().unwrap_or(false)
+        }
+    };
+    let requests = |cp: SocketAddr| {
+        let path = format!("/v1/api-keys/{id}");
+        async move { call(cp, Method::GET, &path, read, "").await.2["requests"].clone() }
+    };
+    assert!(!send(cp.addr, 1).await);
+    drop(cp); // killed: nothing is written on the way out
+    let cp = ControlPlane::spawn(&cfg).await;
+    assert!(
+        send(cp.addr, 1).await,
+        "the batch sent again is a duplicate"
+    );
+    assert_eq!(requests(cp.addr).await, 4);
+    assert!(dir.join("usage.json.reports.json").exists());
+    assert!(!send(cp.addr, 2).await);
+    assert_eq!(requests(cp.addr).await, 8);
+
+    write_file(&dir, "usage.json.reports.json", "{not json");
+    assert!(!send(cp.addr, 3).await);
+    assert!(send(cp.addr, 3).await, "the ledger written anew");
+    assert_eq!(requests(cp.addr).await, 12);
+    let log = std::fs::read_to_string(dir.join("control.stderr.log")).unwrap();
+    assert!(
+        log.contains("the usage report ledger is not valid; starting a new one"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn auth_failures_on_every_endpoint() {
     let e = setup(64 * 1024).await;

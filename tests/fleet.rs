@@ -1369,14 +1369,24 @@ async fn usage_of_thousands_of_keys_reaches_the_control_plane() {
     gw.assert_not_logged(&keys[0]);
 }
 
+/// What `lossy_proxy` does with an answer it loses.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Lose {
+    /// The connection closes without an answer.
+    Silently,
+    /// The gateway is answered 502, as by a load balancer that gave up waiting.
+    As502,
+}
+
 /// A proxy in front of the control plane that passes everything through, except that the
-/// answers to the first `lose` usage reports holding `marker` are dropped once the control
-/// plane has answered (applied, and the gateway never hears so). Returns its address and the
-/// bodies of the reports holding `marker`, in order.
+/// answers to the first `lose` usage reports holding `marker` are lost (`how`) once the
+/// control plane has answered (applied, and the gateway never hears so). Returns its address
+/// and the bodies of the reports holding `marker`, in order.
 async fn lossy_proxy(
     cp: SocketAddr,
     marker: String,
     lose: usize,
+    how: Lose,
 ) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1427,6 +1437,11 @@ async fn lossy_proxy(
                         // Applied once the answer starts; then nobody hears it.
                         let _ = server.write_all(&got).await;
                         let _ = server.read(&mut buf).await;
+                        if how == Lose::As502 {
+                            let _ = client
+                                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                                .await;
+                        }
                         return;
                     }
                 }
@@ -1442,11 +1457,25 @@ async fn lossy_proxy(
 /// number), and the control plane, which applied it the first time, does not count it twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_usage_report_whose_answer_is_lost_counts_once() {
+    lost_answers_count_once(Lose::Silently).await;
+}
+
+/// A 5xx answer may come after the control plane applied the batch (a proxy before it gave
+/// up): the gateway sends the batch again as it was, never its counts in a new batch, which
+/// would count them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_answered_502_after_it_was_applied_counts_once() {
+    lost_answers_count_once(Lose::As502).await;
+}
+
+/// Two answers to a batch lost (`how`), then the batch a third time, answered: counted once
+/// in the control plane and in the gateway's own usage file.
+async fn lost_answers_count_once(how: Lose) {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start().await;
     let (_, probe) = fleet.create("probe").await;
     let (id, key) = fleet.create("counted").await;
-    let (proxy, bodies) = lossy_proxy(fleet.cp_addr(), id.clone(), 2).await;
+    let (proxy, bodies) = lossy_proxy(fleet.cp_addr(), id.clone(), 2, how).await;
     let dir = fleet.root.join("gw-lossy");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = write_file(&dir, "keygate.toml", &gw_config(proxy, fleet.up.addr()));

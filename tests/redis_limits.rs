@@ -748,6 +748,73 @@ async fn usage_on_three_nodes_is_summed_in_redis() {
     );
 }
 
+/// A usage flush to Redis that fails partway (a foreign value under one key's usage hash)
+/// keeps only what it did not add: the parts before the failure are not added again by the
+/// next flush, and the part that failed added nothing, so every key counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_flush_that_fails_partway_keeps_only_what_it_did_not_add() {
+    use keygate::usage::{Delta, Used};
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let text = format!("[redis]\n{}\n", redis_section(&redis));
+    let config = keygate::config::Config::parse(&text, Path::new("keygate.toml")).unwrap();
+    let settings = keygate::redis::Settings::from_config(&config)
+        .unwrap()
+        .unwrap();
+    let metrics = keygate::metrics::Metrics::new(0);
+    let client = keygate::redis::Client::new(settings, metrics.redis_metrics());
+    let used = Used {
+        last_used: 1_700_000_000,
+        requests: 1,
+        s2xx: 1,
+        ..Used::default()
+    };
+    let ids: Vec<String> = (0..1000).map(|i| format!("key_{i:04}")).collect();
+    let mut deltas: Vec<Delta> = ids
+        .iter()
+        .map(|id| Delta {
+            id: id.clone(),
+            used,
+        })
+        .collect();
+    let counts = || -> Vec<String> {
+        let cmds: Vec<[String; 3]> = ids
+            .iter()
+            .map(|id| ["HGET".into(), format!("keygate:u:{id}"), "requests".into()])
+            .collect();
+        let cmds: Vec<[&str; 3]> = cmds
+            .iter()
+            .map(|c| c.each_ref().map(String::as_str))
+            .collect();
+        let cmds: Vec<&[&str]> = cmds.iter().map(|c| c.as_slice()).collect();
+        common::redis::raw_session(redis.addr(), &cmds).unwrap()
+    };
+    let foreign = "keygate:u:key_0650";
+    redis.cmd(&["SET", foreign, "not usage"]);
+    let e = keygate::redis::usage::add(&client, &mut deltas)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("key_0650"), "{e}");
+    // What is left is the part that failed and everything after it, none of it counted.
+    let left = ids.len() - deltas.len();
+    assert!(left > 0 && left <= 650, "{left} added");
+    assert_eq!(deltas[0].id, ids[left]);
+    let halfway = counts();
+    assert!(halfway[..left].iter().all(|c| c == "1"), "{halfway:?}");
+    let rest = halfway[left..].iter().zip(&ids[left..]);
+    assert!(
+        rest.filter(|(_, id)| *id != "key_0650")
+            .all(|(c, _)| c == "(nil)"),
+        "{halfway:?}"
+    );
+    redis.cmd(&["DEL", foreign]);
+    keygate::redis::usage::add(&client, &mut deltas)
+        .await
+        .unwrap();
+    assert!(deltas.is_empty());
+    assert!(counts().iter().all(|c| c == "1"), "{:?}", counts());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_file_shared_by_three_nodes_adds_up() {
     let _serial = SERIAL.lock().await;

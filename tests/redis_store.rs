@@ -68,6 +68,16 @@ auth_failures_per_minute = 1000000
     fn cli_config(&self) -> &Path {
         &self.configs[0]
     }
+
+    /// A control plane's config beside node 0's: its config with `[control]` (and `extra`).
+    fn control_config(&self, extra: &str) -> PathBuf {
+        let base = std::fs::read_to_string(&self.configs[0]).unwrap();
+        write_file(
+            self.configs[0].parent().unwrap(),
+            "control.toml",
+            &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\n{extra}"),
+        )
+    }
 }
 
 async fn status(gw: &Gateway, key: &str) -> u16 {
@@ -291,13 +301,8 @@ async fn two_control_planes_on_redis_serve_the_api_and_the_feed() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let nodes = Nodes::new(4, &redis).await;
-    let node0 = nodes.configs[0].parent().unwrap().to_path_buf();
     let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
-    let cp_cfg = write_file(
-        &node0,
-        "control.toml",
-        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n"),
-    );
+    let cp_cfg = nodes.control_config("heartbeat_ms = 200\n");
     let mint = |role: &str| {
         let out = cli(
             &cp_cfg,
@@ -631,12 +636,7 @@ async fn a_redis_that_may_evict_the_store_is_refused() {
     let redis = RedisServer::start();
     redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
     let nodes = Nodes::new(1, &redis).await;
-    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
-    let cp_cfg = write_file(
-        nodes.configs[0].parent().unwrap(),
-        "control.toml",
-        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\n"),
-    );
+    let cp_cfg = nodes.control_config("");
     let err = match ControlPlane::try_spawn(&cp_cfg).await {
         Ok(_) => panic!("a control plane started on an evicting Redis"),
         Err(e) => e,
@@ -699,12 +699,7 @@ async fn a_store_that_goes_back_continues_as_a_new_log() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let nodes = Nodes::new(2, &redis).await;
-    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
-    let cp_cfg = write_file(
-        nodes.configs[0].parent().unwrap(),
-        "control.toml",
-        &format!("{base}\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n"),
-    );
+    let cp_cfg = nodes.control_config("heartbeat_ms = 200\n");
     let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     let k2 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
     let active = redis.cmd(&["HGET", "keygate:s:keys", &k1.id]);
@@ -814,4 +809,86 @@ async fn admin_tokens_are_shared_through_redis() {
     for cfg in [&cfg1, &cfg2] {
         assert!(!cfg.with_file_name("admin-tokens.jsonl").exists());
     }
+}
+
+/// A feed gateway's usage report batch counts once on control planes that keep usage in
+/// Redis, however it arrives: stopped halfway by a failure (a foreign value under one usage
+/// key: the parts before it applied, the control plane answers 503), then sent again whole to
+/// another control plane, every key counts once; sent again after that, to either, it is a
+/// duplicate. How far the process got is one expiring mark in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_batch_counts_once_across_control_planes_and_failures() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let cp_cfg = nodes.control_config("");
+    let out = cli(
+        &cp_cfg,
+        &["admin-token", "create", "--role", "feed"],
+        SECRET_ENV,
+    );
+    assert!(out.status.success(), "{}", stderr_str(&out));
+    let auth = format!("Bearer {}", stdout_str(&out).trim());
+    let (cp1, cp2) = (
+        ControlPlane::spawn(&cp_cfg).await,
+        ControlPlane::spawn(&cp_cfg).await,
+    );
+    const N: usize = 1000;
+    let ids: Vec<String> = (0..N).map(|i| format!("reported_{i:04}")).collect();
+    let added: serde_json::Map<String, serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            let used = serde_json::json!({"last_used": 1_700_000_000, "requests": 3, "s2xx": 3});
+            (id.clone(), used)
+        })
+        .collect();
+    let body = serde_json::json!({"node": "gw-1", "boot": 9, "seq": 1, "added": added}).to_string();
+    let post = |addr: std::net::SocketAddr| {
+        let (auth, body) = (auth.clone(), body.clone());
+        async move {
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let (s, _, b) = request(addr, http::Method::POST, "/v1/usage", &headers, body).await;
+            (
+                s,
+                serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
+            )
+        }
+    };
+    let counts = || -> Vec<String> {
+        let cmds: Vec<Vec<String>> = ids
+            .iter()
+            .map(|id| ["HGET".into(), format!("keygate:u:{id}"), "requests".into()].to_vec())
+            .collect();
+        let cmds: Vec<Vec<&str>> = cmds
+            .iter()
+            .map(|c| c.iter().map(String::as_str).collect())
+            .collect();
+        let cmds: Vec<&[&str]> = cmds.iter().map(Vec::as_slice).collect();
+        common::redis::raw_session(redis.addr(), &cmds).unwrap()
+    };
+    let foreign = format!("keygate:u:{}", ids[N - 1]);
+    redis.cmd(&["SET", &foreign, "not usage"]);
+    let (s, v) = post(cp1.addr).await;
+    assert_eq!(s, 503, "{v}");
+    let halfway = counts();
+    assert_eq!(halfway[0], "3", "the first part applied");
+    assert!(halfway.iter().any(|c| c == "(nil)"), "{halfway:?}");
+    assert_eq!(redis.cmd(&["GET", &foreign]), "not usage");
+    redis.cmd(&["DEL", &foreign]);
+
+    let (s, v) = post(cp2.addr).await;
+    assert_eq!((s, v["duplicate"].as_bool()), (200, None), "{v}");
+    assert!(counts().iter().all(|c| c == "3"), "{:?}", counts());
+    for cp in [&cp1, &cp2] {
+        let (s, v) = post(cp.addr).await;
+        assert_eq!((s, v["duplicate"].as_bool()), (200, Some(true)), "{v}");
+    }
+    assert!(counts().iter().all(|c| c == "3"), "{:?}", counts());
+    let marks = redis.cmd(&["KEYS", "keygate:ur:*"]);
+    assert_eq!(marks.split_whitespace().count(), 1, "{marks}");
+    let ttl: u64 = redis.cmd(&["TTL", &marks]).parse().unwrap();
+    assert!((1..=7 * 24 * 3600).contains(&ttl), "{ttl}");
 }

@@ -41,9 +41,6 @@ pub struct Control {
     pub feed: Arc<FeedState>,
     pub tokens_path: tokens::TokenStore,
     tokens: ArcSwap<(Option<FileVersion>, Tokens)>,
-    /// The last report batch applied per gateway process (`reports`): held while one is
-    /// applied, so a batch sent again while the first is still being applied waits for it.
-    reports: tokio::sync::Mutex<reports::Applied>,
     /// Fleet-wide usage lives here when `[redis]` is configured (gateways add to it).
     redis: Option<Arc<crate::redis::Client>>,
     pub metrics: metrics::ControlMetrics,
@@ -78,21 +75,25 @@ impl Control {
         fresh
     }
 
-    /// Add counts to the fleet's usage where this control plane keeps it: Redis when
-    /// configured, else the usage file (under its lock, beside any gateways that follow the
-    /// store file and add theirs). Verify's own counts and the gateways' reports both come here.
-    pub async fn add_usage(&self, deltas: &[Delta]) -> Result<(), UsageError> {
+    /// Add verify's own counts to the fleet's usage where this control plane keeps it: Redis
+    /// when configured, else the usage file (under its lock, beside any gateways that follow
+    /// the store file and add theirs). On failure `deltas` holds what was not added. The
+    /// gateways' reports go to the same place, each batch once (`reports`).
+    pub async fn add_usage(&self, deltas: &mut Vec<Delta>) -> Result<(), UsageError> {
         if deltas.is_empty() {
             return Ok(());
         }
         if let Some(client) = &self.redis {
             return Ok(crate::redis::usage::add(client, deltas).await?);
         }
-        let (path, deltas) = (self.settings.usage_file.clone(), deltas.to_vec());
-        tokio::task::spawn_blocking(move || crate::usage::merge_into_file(&path, &deltas))
+        let (path, all) = (self.settings.usage_file.clone(), deltas.clone());
+        // The file is replaced whole or not at all.
+        tokio::task::spawn_blocking(move || crate::usage::merge_into_file(&path, &all))
             .await
             .map_err(|e| UsageError::File(std::io::Error::other(e)))?
-            .map_err(UsageError::File)
+            .map_err(UsageError::File)?;
+        deltas.clear();
+        Ok(())
     }
 
     /// The fleet's usage of `ids`, where `add_usage` puts it: Redis when configured (an
@@ -288,7 +289,6 @@ pub async fn start(
         tokens_path,
         settings,
         feed,
-        reports: tokio::sync::Mutex::default(),
         redis,
         metrics,
         verifier,

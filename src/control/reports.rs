@@ -1,56 +1,41 @@
 //! `POST /v1/usage` (role feed): a feed gateway's report batch (`sync::report`). Its counts
 //! are what the gateway's keys did since its previous batch, added where this control plane
-//! keeps its own (`Control::add_usage`: Redis, else the usage file, as every node adds its
-//! counts there); its sketches replace that node's in the forensics file.
+//! keeps its own (Redis, else the usage file, as every node adds its counts there); its
+//! sketches replace that node's in the forensics file.
 //!
-//! Each batch is applied once. A gateway sends a batch again, as it was, when no answer
-//! reached it; one whose (node, boot, seq) was already applied is answered without counting
-//! it twice (`boot` is random per gateway process, `seq` increases with each new batch). The
-//! sketches are written before the counts, and the batch is marked applied only after both: a
-//! batch answered with an error may come again whole, and writing a node's sketches twice is
-//! harmless where adding its counts twice is not. What this control plane remembers goes
-//! with it: a batch applied just before a restart and sent again after it counts twice.
+//! Each batch is applied once. A gateway sends a batch again, as it was, when no answer or a
+//! 5xx reached it (it may have been applied, or half of it); `boot` is random per gateway
+//! process and `seq` increases with each new batch. How far each process's batches got is
+//! kept with the counts, so it holds across control plane restarts and between control planes
+//! on one Redis: in Redis, a mark per process beside the usage hashes, advanced with each part
+//! of a batch in the same script (`redis::usage::add_report`); with the usage file, a ledger
+//! beside it (`<usage file>.reports.json`), written under the file's lock. The sketches are
+//! written first: writing a node's sketches twice is harmless where adding its counts twice
+//! is not.
 //!
 //! The body may be up to `sync::report::MAX_BYTES` whatever `[control] max_body_bytes` says
 //! for the API: only a holder of a feed token gets to send one.
 
 use super::api::{err, json_response, read_limited, ApiError, Body};
-use super::Control;
+use super::{Control, UsageError};
 use crate::sync::report::{Received, MAX_BYTES};
-use crate::usage::Delta;
+use crate::usage::{Delta, Process};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Gateway processes whose last applied batch is remembered; past it, one is forgotten (a
-/// batch of it sent again could then count twice: only a fleet restarting more gateways than
-/// this within one control plane's life would see it).
+/// How long a gateway process's progress is kept after its last batch: a batch sent again
+/// later than that (its gateway cut off from every control plane for a week) could count
+/// twice.
+pub const KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Gateway processes the file ledger keeps at most, the least recently heard from dropped
+/// first: it is rewritten with every batch.
 const MAX_PROCESSES: usize = 10_000;
-
-/// The last batch applied per gateway process (node, boot): its sequence number. Keyed by the
-/// process, not the node alone: two processes under one name never undo each other's record.
-#[derive(Debug, Default)]
-pub struct Applied(HashMap<(String, u64), u64>);
-
-impl Applied {
-    fn already(&self, node: &str, boot: u64, seq: u64) -> bool {
-        self.0
-            .get(&(node.to_owned(), boot))
-            .is_some_and(|&last| seq <= last)
-    }
-
-    fn record(&mut self, node: String, boot: u64, seq: u64) {
-        let key = (node, boot);
-        if self.0.len() >= MAX_PROCESSES && !self.0.contains_key(&key) {
-            if let Some(k) = self.0.keys().next().cloned() {
-                self.0.remove(&k);
-            }
-        }
-        self.0.insert(key, seq);
-    }
-}
 
 fn bad(detail: String) -> ApiError {
     err(StatusCode::BAD_REQUEST, "invalid_request", detail)
@@ -81,48 +66,135 @@ pub async fn receive(c: &Arc<Control>, req: Request<Incoming>) -> Result<Respons
     let limit = MAX_BYTES.max(c.config.control.max_body_bytes);
     let bytes = read_limited(req, limit).await?;
     let report: Received = serde_json::from_slice(&bytes).map_err(|e| refusal(&bytes, e))?;
-    let node: String = report.node.chars().take(128).collect();
-    let mut forensics = report.forensics;
-    // A gateway never tracks more; a report claiming more is cut, not trusted.
-    while forensics.len() > crate::forensics::MAX_KEYS {
-        forensics.pop_last();
-    }
-    let mut applied = c.reports.lock().await;
-    if applied.already(&node, report.boot, report.seq) {
-        return Ok(json_response(
-            StatusCode::OK,
-            &json!({"accepted": true, "duplicate": true}),
-        ));
-    }
+    let from = Process {
+        node: report.node.chars().take(128).collect(),
+        boot: report.boot,
+    };
     let unavailable = |what: &str, e: String| {
-        tracing::warn!(error = %e, node = %node, "cannot apply a usage report's {what}; the gateway will send it again");
+        tracing::warn!(error = %e, node = %from.node, "cannot apply a usage report's {what}; the gateway will send it again");
         err(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             format!("usage report not applied ({what}); send it again"),
         )
     };
+    let mut forensics = report.forensics;
+    // A gateway never tracks more; a report claiming more is cut, not trusted.
+    while forensics.len() > crate::forensics::MAX_KEYS {
+        forensics.pop_last();
+    }
     if !forensics.is_empty() {
         let path = crate::forensics::path_for(&c.settings.usage_file);
-        let n = node.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            crate::forensics::upsert_file(&path, &n, forensics, crate::forensics::MAX_KEYS)
+        let node = from.node.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::forensics::upsert_file(&path, &node, forensics, crate::forensics::MAX_KEYS)
         })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(unavailable("forensics", e.to_string())),
-            Err(e) => return Err(unavailable("forensics", e.to_string())),
-        }
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written)
+        .map_err(|e| unavailable("forensics", e.to_string()))?;
     }
     let deltas: Vec<Delta> = report
         .added
         .into_iter()
         .map(|(id, used)| Delta { id, used })
         .collect();
-    c.add_usage(&deltas)
+    let fresh = add_report(c, from.clone(), report.seq, deltas.clone())
         .await
         .map_err(|e| unavailable("usage", e.to_string()))?;
-    applied.record(node, report.boot, report.seq);
-    Ok(json_response(StatusCode::OK, &json!({"accepted": true})))
+    Ok(json_response(
+        StatusCode::OK,
+        &if fresh || deltas.is_empty() {
+            json!({"accepted": true})
+        } else {
+            json!({"accepted": true, "duplicate": true})
+        },
+    ))
+}
+
+/// Add a batch's counts where this control plane keeps usage, once per (process, seq);
+/// whether any were added now (false: the batch was applied before).
+async fn add_report(
+    c: &Control,
+    from: Process,
+    seq: u64,
+    deltas: Vec<Delta>,
+) -> Result<bool, UsageError> {
+    if deltas.is_empty() {
+        return Ok(false);
+    }
+    if let Some(client) = &c.redis {
+        return Ok(crate::redis::usage::add_report(client, &from, seq, &deltas, KEEP).await?);
+    }
+    let path = c.settings.usage_file.clone();
+    tokio::task::spawn_blocking(move || add_to_file(&path, &from, seq, &deltas))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|added| added)
+        .map_err(UsageError::File)
+}
+
+/// One gateway process's last batch applied to the usage file, and when (unix seconds).
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    #[serde(flatten)]
+    process: Process,
+    seq: u64,
+    at: i64,
+}
+
+fn ledger_path(usage_file: &Path) -> PathBuf {
+    crate::store::file::sibling(usage_file, ".reports.json")
+}
+
+/// `add_report` for the usage file: the ledger checked, the counts added, the ledger advanced,
+/// all under the usage file's lock.
+fn add_to_file(
+    usage_file: &Path,
+    from: &Process,
+    seq: u64,
+    deltas: &[Delta],
+) -> std::io::Result<bool> {
+    let _lock = crate::store::file::lock_beside(usage_file)?;
+    let path = ledger_path(usage_file);
+    let mut ledger = read_ledger(&path);
+    if ledger.iter().any(|a| a.process == *from && seq <= a.seq) {
+        return Ok(false);
+    }
+    crate::usage::merge_locked(usage_file, deltas)?;
+    let now = crate::clock::unix_secs();
+    let keep = KEEP.as_secs() as i64;
+    ledger.retain(|a| a.process != *from && now - a.at < keep);
+    ledger.push(Progress {
+        process: from.clone(),
+        seq,
+        at: now,
+    });
+    if ledger.len() > MAX_PROCESSES {
+        ledger.sort_by_key(|a| std::cmp::Reverse(a.at));
+        ledger.truncate(MAX_PROCESSES);
+    }
+    // The counts are in: the batch is answered as applied either way. Without the ledger, only
+    // the same batch sent again (its answer lost) would count twice.
+    if let Err(e) = crate::store::file::write_json_atomic(&path, &ledger) {
+        tracing::error!(error = %e, path = %path.display(), "cannot write the usage report ledger");
+    }
+    Ok(true)
+}
+
+/// The ledger as written; a missing one is empty, an unreadable one too, said (it only guards
+/// against batches sent twice, and is rewritten whole with the next batch).
+fn read_ledger(path: &Path) -> Vec<Progress> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot read the usage report ledger; starting a new one");
+            return Vec::new();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, path = %path.display(), "the usage report ledger is not valid; starting a new one");
+        Vec::new()
+    })
 }

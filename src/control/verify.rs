@@ -194,8 +194,8 @@ pub async fn flush_every_touch(c: Arc<Control>) {
 
 async fn flush(c: &Arc<Control>) {
     let v = &c.verifier;
-    let deltas = v.usage.take_pending();
-    if let Err(e) = c.add_usage(&deltas).await {
+    let mut deltas = v.usage.take_pending();
+    if let Err(e) = c.add_usage(&mut deltas).await {
         tracing::warn!(error = %e, "verify usage flush failed; will retry");
         v.usage.restore(deltas);
     }

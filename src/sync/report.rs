@@ -6,10 +6,10 @@
 //! A report is cut into batches of at most `BATCH_BYTES`, each its own request: one minute of
 //! a few thousand keys is megabytes of sketches, and the control plane reads a body whole.
 //! Each batch carries this process's `boot` number and a sequence number; the control plane
-//! applies each (node, boot, seq) once. So a batch whose answer never came (it may have been
-//! applied) is sent again as it was, before anything newer, and never counts twice; a batch
-//! the control plane answered with an error was not applied, and its counts go back to be
-//! reported with the next ones. Until the control plane takes them, the counts wait in
+//! applies each (node, boot, seq) once. So a batch whose answer never came, or came as a 5xx
+//! (it may have been applied, or part of it), is sent again as it was, before anything newer,
+//! and never counts twice; a batch the control plane refused (4xx) was not applied, and its
+//! counts go back to be reported with the next ones. Until the control plane takes them, the counts wait in
 //! memory; one batch at most is held as sent.
 //!
 //! After a batch is accepted its counts are also added to the gateway's own usage file, so a
@@ -67,9 +67,10 @@ struct Batch {
 /// How a send ended.
 enum Sent {
     Accepted,
-    /// The control plane answered with an error: it applied nothing.
+    /// The control plane refused it (4xx): it applied nothing.
     Refused(u16),
-    /// No answer: it may have been applied.
+    /// No answer, or a 5xx (from the control plane or a proxy before it): it may have been
+    /// applied, or part of it.
     NoAnswer(String),
 }
 
@@ -122,7 +123,7 @@ impl Reporter {
     }
 
     /// Send one batch; whether it was accepted. On a refusal its counts go back to be reported
-    /// later; with no answer it is kept as sent.
+    /// later; with no answer (or a 5xx) it is kept as sent.
     async fn send(&mut self, gw: &Arc<Gateway>, b: Batch) -> bool {
         let sent = self.post(b.body.clone()).await;
         let metric = |result: &str| gw.metrics.usage_reports.with_label_values(&[result]).inc();
@@ -142,7 +143,7 @@ impl Reporter {
             }
             Sent::NoAnswer(e) => {
                 metric("failed");
-                tracing::warn!(error = %e, "usage report unanswered; it will be sent again");
+                tracing::warn!(error = %e, "usage report without an answer that it was applied; it will be sent again as it was");
                 self.unanswered = Some(b);
             }
         }
@@ -164,6 +165,9 @@ impl Reporter {
         .await;
         match sent {
             Ok(Ok(r)) if r.status().is_success() => Sent::Accepted,
+            Ok(Ok(r)) if r.status().is_server_error() => {
+                Sent::NoAnswer(format!("answered {}", r.status().as_u16()))
+            }
             Ok(Ok(r)) => Sent::Refused(r.status().as_u16()),
             Ok(Err(e)) => Sent::NoAnswer(e.to_string()),
             Err(_) => Sent::NoAnswer(format!("no answer within {SEND_LIMIT:?}")),
