@@ -868,11 +868,13 @@ async fn admin_loop(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Re
 /// at shutdown so the last interval's attempts are not lost.
 async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut last_flush = tokio::time::Instant::now();
-    let mut reporter = gw
-        .snapshot()
-        .feed
-        .clone()
-        .map(crate::sync::report::Reporter::new);
+    let mut reporter = {
+        let snap = gw.snapshot();
+        let usage_file = snap.keys.usage_file.clone();
+        snap.feed
+            .clone()
+            .map(|feed| crate::sync::report::Reporter::new(feed, &usage_file))
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_denials: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut seconds = 0u64;
@@ -893,6 +895,9 @@ async fn upkeep(gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                     .await;
                 }
                 flush_usage(&gw, reporter.as_mut()).await;
+                if let Some(r) = reporter.as_mut() {
+                    r.park(&gw).await;
+                }
                 return;
             }
         }

@@ -1543,22 +1543,27 @@ async fn lost_answers_count_once(how: Lose) {
     assert_eq!(local[&id]["requests"], 5, "{local}");
 }
 
+/// Gateway 0 of `fleet` with the default touch interval (60 s: no report comes before a
+/// stop), a key created and used three times through it; (its id, the key, the gateway).
+async fn three_uses_before_a_report(fleet: &Fleet) -> (String, String, Gateway) {
+    let (_, probe) = fleet.create("probe").await;
+    let (id, key) = fleet.create("counted").await;
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(gw.http).await;
+    for _ in 0..3 {
+        assert_eq!(status(&mut c, &key).await, 200);
+    }
+    (id, key, gw)
+}
+
 /// A feed gateway stopped between two reports sends what it counted since the last one on
 /// its way out: nothing counted is lost to a rolling restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_gateway_reports_what_it_counted_since_its_last_report() {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start().await;
-    let (_, probe) = fleet.create("probe").await;
-    let (id, key) = fleet.create("counted").await;
-    // The default touch interval (60 s): no report comes before the stop.
-    let mut gw = fleet.gateway(0).await;
-    until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
-    let mut c = KeepAlive::connect(gw.http).await;
-    for _ in 0..3 {
-        assert_eq!(status(&mut c, &key).await, 200);
-    }
-    drop(c);
+    let (id, _, mut gw) = three_uses_before_a_report(&fleet).await;
     gw.sigterm();
     assert!(gw.wait_exit(Duration::from_secs(15)).await.success());
     let (s, v) = fleet
@@ -1568,4 +1573,52 @@ async fn a_stopping_gateway_reports_what_it_counted_since_its_last_report() {
     assert_eq!(v["requests"], 3, "{v}");
     let text = gw.stderr_contents();
     assert!(!text.contains("usage report"), "{text}");
+}
+
+/// A feed gateway stopped while its control plane is down keeps what it could not report in
+/// the outbox beside its usage file; the next process on the node sends it, as it was, once
+/// the control plane answers: a rolling restart during an outage loses no count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopped_while_the_control_plane_is_down_reports_after_its_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let (id, key, mut gw) = three_uses_before_a_report(&fleet).await;
+    let port = fleet.cp_addr().port();
+    fleet.cp = None; // killed
+    gw.sigterm();
+    assert!(gw.wait_exit(Duration::from_secs(30)).await.success());
+    let outbox = fleet.root.join("gw0").join("usage.json.outbox.json");
+    let kept = std::fs::read_to_string(&outbox).unwrap();
+    assert!(kept.contains(&id), "{kept}");
+    assert!(
+        gw.stderr_contents()
+            .contains("usage the control plane has not taken is kept for the next start"),
+        "{}",
+        gw.stderr_contents()
+    );
+
+    fleet.restart_cp(port).await;
+    let gw = Gateway::spawn(
+        &fleet.gw_config(0),
+        &[
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+            ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    eventually_named("the kept counts in", Duration::from_secs(30), || async {
+        let (s, v) = fleet
+            .api(Method::GET, &format!("/v1/api-keys/{id}"), Value::Null)
+            .await;
+        (s == 200 && v["requests"] == 3).then_some(())
+    })
+    .await;
+    eventually_named("the outbox removed", Duration::from_secs(30), || async {
+        (!outbox.exists()).then_some(())
+    })
+    .await;
+    for text in [kept, gw.stderr_contents()] {
+        assert!(!text.contains(&key));
+    }
 }

@@ -14,6 +14,14 @@
 //!
 //! After a batch is accepted its counts are also added to the gateway's own usage file, so a
 //! restarted gateway still knows when its keys were last used (the key gauges' `stale`).
+//!
+//! What the control plane has not taken when the gateway stops (a batch without an answer,
+//! counts not sent) is kept in the outbox beside the usage file (`<usage file>.outbox.json`,
+//! the batches' bodies as they were or would have been sent) and sent first, as it is, by the
+//! next process started there, which takes the outbox whole: a rolling restart during a
+//! control plane outage loses no count, and a kept batch the control plane had applied is
+//! still recognised by its (node, boot, seq). Processes sharing the directory add to the
+//! outbox under its lock. A process killed outright loses what it had not handed over.
 
 use crate::forensics::KeyStats;
 use crate::gateway::Gateway;
@@ -21,7 +29,8 @@ use crate::snapshot::FeedSource;
 use crate::usage::{Delta, Used};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,28 +88,39 @@ pub struct Reporter {
     source: FeedSource,
     boot: u64,
     next_seq: u64,
-    /// Sent without an answer: sent again, as it was, before anything newer.
-    unanswered: Option<Batch>,
+    /// Sent again, as they are, before anything newer: a batch sent without an answer, and
+    /// those taken from the outbox at the start.
+    backlog: VecDeque<Batch>,
+    /// `<usage file>.outbox.json`.
+    outbox: PathBuf,
 }
 
 impl Reporter {
-    pub fn new(source: FeedSource) -> Reporter {
+    /// The report state of a new process, with the batches the outbox beside `usage_file`
+    /// kept (taken: the file is removed).
+    pub fn new(source: FeedSource, usage_file: &Path) -> Reporter {
         let mut b = [0u8; 8];
         // A fixed boot number would only lose the control plane's protection against a batch
         // counted twice across a restart, never a count.
         let _ = getrandom::fill(&mut b);
+        let outbox = crate::store::file::sibling(usage_file, ".outbox.json");
+        let backlog = take_outbox(&outbox);
+        if !backlog.is_empty() {
+            tracing::info!(batches = backlog.len(), path = %outbox.display(), "usage report batches kept at the last stop are sent first");
+        }
         Reporter {
             source,
             // 53 bits: exact as a JSON number anywhere.
             boot: u64::from_le_bytes(b) >> 11,
             next_seq: 1,
-            unanswered: None,
+            backlog,
+            outbox,
         }
     }
 
     /// Send what changed since the last report; what is not taken waits for the next one.
     pub async fn report(&mut self, gw: &Arc<Gateway>) {
-        if let Some(b) = self.unanswered.take() {
+        while let Some(b) = self.backlog.pop_front() {
             if !self.send(gw, b).await {
                 return;
             }
@@ -144,10 +164,47 @@ impl Reporter {
             Sent::NoAnswer(e) => {
                 metric("failed");
                 tracing::warn!(error = %e, "usage report without an answer that it was applied; it will be sent again as it was");
-                self.unanswered = Some(b);
+                self.backlog.push_front(b);
             }
         }
         false
+    }
+
+    /// At a stop, after the last report: what the control plane has not taken (the backlog,
+    /// then counts and sketches not sent) is added to the outbox for the next process.
+    pub async fn park(&mut self, gw: &Arc<Gateway>) {
+        let mut kept: Vec<Batch> = self.backlog.drain(..).collect();
+        match self.batches(gw) {
+            Ok(b) => kept.extend(b),
+            Err(e) => {
+                tracing::error!(error = %e, "usage not reported at the stop cannot be written; it is lost")
+            }
+        }
+        if kept.is_empty() {
+            return;
+        }
+        let path = self.outbox.clone();
+        let n = kept.len();
+        let written = tokio::task::spawn_blocking(move || {
+            let _lock = crate::store::file::lock_beside(&path)?;
+            let mut bodies = read_outbox(&path)?;
+            for b in &kept {
+                let body = std::str::from_utf8(&b.body).map_err(std::io::Error::other)?;
+                bodies.push(RawValue::from_string(body.to_owned()).map_err(std::io::Error::other)?);
+            }
+            crate::store::file::write_json_atomic(&path, &bodies)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|w| w);
+        match written {
+            Ok(()) => {
+                tracing::warn!(batches = n, path = %self.outbox.display(), "usage the control plane has not taken is kept for the next start")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.outbox.display(), "cannot keep the usage the control plane has not taken; it is lost")
+            }
+        }
     }
 
     async fn post(&self, body: bytes::Bytes) -> Sent {
@@ -283,6 +340,62 @@ fn cut(items: impl IntoIterator<Item = Item>, budget: usize) -> Vec<Vec<Item>> {
     out
 }
 
+/// The bodies an outbox holds (none when there is none).
+fn read_outbox(path: &Path) -> std::io::Result<Vec<Box<RawValue>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The batches the outbox kept, each as it was to be sent, the file removed under its lock:
+/// one process takes them. One that cannot be read is said and moved aside
+/// (`<outbox>.unreadable`), so the next stop can keep its own.
+fn take_outbox(path: &Path) -> VecDeque<Batch> {
+    /// What a kept body carries, to give back or write locally (`Outgoing`'s fields).
+    #[derive(Deserialize)]
+    struct Kept {
+        #[serde(default)]
+        added: BTreeMap<String, Used>,
+        #[serde(default)]
+        forensics: BTreeMap<String, serde::de::IgnoredAny>,
+    }
+    let taken = crate::store::file::lock_beside(path).and_then(|_lock| {
+        let bodies = read_outbox(path)?;
+        if !bodies.is_empty() {
+            std::fs::remove_file(path)?;
+        }
+        Ok(bodies)
+    });
+    let bodies = match taken {
+        Ok(b) => b,
+        Err(e) => {
+            let aside = crate::store::file::sibling(path, ".unreadable");
+            let moved = std::fs::rename(path, &aside).is_ok();
+            tracing::error!(error = %e, path = %path.display(), moved_to = %if moved { aside.display().to_string() } else { "-".into() }, "the usage report outbox cannot be taken; the usage it keeps is not reported");
+            return VecDeque::new();
+        }
+    };
+    bodies
+        .into_iter()
+        .filter_map(|body| {
+            let kept: Kept = serde_json::from_str(body.get())
+                .map_err(|e| tracing::error!(error = %e, "a usage report batch in the outbox cannot be read; it is not reported"))
+                .ok()?;
+            Some(Batch {
+                body: bytes::Bytes::from(String::from(Box::<str>::from(body))),
+                deltas: kept
+                    .added
+                    .into_iter()
+                    .map(|(id, used)| Delta { id, used })
+                    .collect(),
+                sketched: kept.forensics.into_keys().collect(),
+            })
+        })
+        .collect()
+}
+
 /// A batch the control plane did not apply: its counts and sketches are reported later.
 fn give_back(gw: &Gateway, b: Batch) {
     gw.usage.restore(b.deltas);
@@ -304,14 +417,17 @@ mod tests {
     use super::*;
 
     fn reporter() -> Reporter {
-        Reporter::new(FeedSource {
-            url: "http://127.0.0.1:1/v1/feed".into(),
-            tls: None,
-            usage_url: http::Uri::from_static("http://127.0.0.1:1/v1/usage"),
-            token: String::new(),
-            cache: "feed-cache.jsonl".into(),
-            node: "node-1".into(),
-        })
+        Reporter::new(
+            FeedSource {
+                url: "http://127.0.0.1:1/v1/feed".into(),
+                tls: None,
+                usage_url: http::Uri::from_static("http://127.0.0.1:1/v1/usage"),
+                token: String::new(),
+                cache: "feed-cache.jsonl".into(),
+                node: "node-1".into(),
+            },
+            Path::new("/nonexistent/usage.json"),
+        )
     }
 
     /// 400 keys, most with counts, some with sketches of 10 B to 6 KiB of text.
@@ -342,6 +458,36 @@ mod tests {
         seq: u64,
         added: BTreeMap<String, Used>,
         forensics: BTreeMap<String, Sketch>,
+    }
+
+    #[test]
+    fn the_outbox_is_taken_whole_once_and_an_unreadable_one_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json.outbox.json");
+        let mut r = reporter();
+        let bodies: Vec<String> = cut(items(), 64 * 1024)
+            .into_iter()
+            .take(2)
+            .map(|run| String::from_utf8(r.seal(run).0.body.to_vec()).unwrap())
+            .collect();
+        std::fs::write(&path, format!("[{}]", bodies.join(","))).unwrap();
+        let taken = take_outbox(&path);
+        assert!(!path.exists());
+        assert_eq!(taken.len(), 2);
+        for (b, sent) in taken.iter().zip(&bodies) {
+            assert_eq!(b.body, sent.as_bytes(), "kept as it was");
+            let got: Got = serde_json::from_slice(&b.body).unwrap();
+            let ids: Vec<&String> = b.deltas.iter().map(|d| &d.id).collect();
+            assert_eq!(ids, got.added.keys().collect::<Vec<_>>());
+            assert_eq!(b.sketched, got.forensics.into_keys().collect::<Vec<_>>());
+        }
+        assert!(take_outbox(&path).is_empty(), "taken once");
+
+        std::fs::write(&path, "[{\"node\":").unwrap();
+        assert!(take_outbox(&path).is_empty());
+        assert!(!path.exists());
+        let aside = dir.path().join("usage.json.outbox.json.unreadable");
+        assert_eq!(std::fs::read_to_string(aside).unwrap(), "[{\"node\":");
     }
 
     #[test]
