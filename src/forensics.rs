@@ -19,7 +19,8 @@
 //! section per node (several gateways may share the directory; each replaces only its own
 //! keys in its own section, under the same kind of lock as the usage file). Fleet: gateways
 //! send the keys that changed since the last report with their usage reports
-//! (`sync::report`); the control plane writes them into the same file, per node.
+//! (`sync::report`); the control plane writes them into the same file, per node, and each
+//! gateway keeps what the control plane took in its own file (`write_own`) to resume from.
 
 use crate::keys::compact::KeyId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -862,6 +863,12 @@ impl Forensics {
             self.restore(ids);
         }
         result.map(|()| true)
+    }
+
+    /// Write sketches of this node's keys as taken by `take_dirty_text` into its section of
+    /// the file (a feed gateway's, once its control plane took them), for the next process.
+    pub fn write_own(&self, sketches: BTreeMap<String, Entry>) -> std::io::Result<()> {
+        upsert_entries(&self.path, &self.node, sketches, self.cap)
     }
 }
 

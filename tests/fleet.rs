@@ -258,6 +258,19 @@ impl Fleet {
         keys
     }
 
+    /// `GET /v1/api-keys/{id}/usage` (the fleet's forensics of a key), answered 200.
+    async fn key_usage(&self, id: &str) -> Value {
+        let (s, v) = self
+            .api(
+                Method::GET,
+                &format!("/v1/api-keys/{id}/usage"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
     async fn revoke(&self, id: &str) {
         let (s, v) = self
             .api(Method::DELETE, &format!("/v1/api-keys/{id}"), Value::Null)
@@ -1130,14 +1143,7 @@ async fn the_control_plane_merges_forensics_from_every_gateway() {
         }
     }
     let v = eventually_named("forensics reported", Duration::from_secs(20), || async {
-        let (s, v) = fleet
-            .api(
-                Method::GET,
-                &format!("/v1/api-keys/{id}/usage"),
-                Value::Null,
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
+        let v = fleet.key_usage(&id).await;
         (v["attempts_after_revocation"]["count"].as_u64()? == refused).then_some(v)
     })
     .await;
@@ -1621,4 +1627,56 @@ async fn a_gateway_stopped_while_the_control_plane_is_down_reports_after_its_res
     for text in [kept, gw.stderr_contents()] {
         assert!(!text.contains(&key));
     }
+}
+
+/// A feed gateway's leak forensics go on across its restarts: the control plane's view of a
+/// key keeps what that node saw before the restart (the gateway keeps the sketches the control
+/// plane took in its own forensics file and resumes from them; begun afresh, its next report
+/// would replace the node's history of the key at the control plane).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_feed_gateway_goes_on_from_its_forensics() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (id, key) = fleet.create("traced").await;
+    let cfg = fleet.gw_config(0);
+    let spawn = || {
+        let (cfg, feed) = (cfg.clone(), fleet.feed.clone());
+        async move {
+            let envs = [
+                (SECRET_VAR, SECRET),
+                ("KEYGATE_FEED_TOKEN", feed.as_str()),
+                ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
+            ];
+            Gateway::spawn(&cfg, &envs).await
+        }
+    };
+    let thief = std::net::IpAddr::from([127, 0, 0, 2]);
+    let scraped = |n: u64| {
+        let (fleet, id) = (&fleet, &id);
+        async move {
+            eventually_named(
+                "the scraper's requests at the control plane",
+                Duration::from_secs(20),
+                || async {
+                    let v = fleet.key_usage(id).await;
+                    let agents = v["top_user_agents"].as_array()?.clone();
+                    let scraper = agents.iter().find(|a| a["value"] == "evil-scraper/0.1")?;
+                    (scraper["count"].as_u64()? == n).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    let mut gw = spawn().await;
+    until_status_fresh(&gw, &key, 200, RECONNECT_BOUND).await;
+    for _ in 0..3 {
+        assert_eq!(status_from(&gw, thief, &key, "evil-scraper/0.1").await, 200);
+    }
+    scraped(3).await;
+    gw.sigterm();
+    assert!(gw.wait_exit(Duration::from_secs(30)).await.success());
+    let gw = spawn().await;
+    until_status_fresh(&gw, &key, 200, RECONNECT_BOUND).await;
+    assert_eq!(status_from(&gw, thief, &key, "evil-scraper/0.1").await, 200);
+    scraped(4).await;
 }

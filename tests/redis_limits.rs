@@ -822,6 +822,75 @@ async fn usage_file_shared_by_three_nodes_adds_up() {
     usage_is_summed_over_three_nodes(&fleet, &[]).await;
 }
 
+/// A self-signed certificate for `localhost`, written as `<prefix>.pem` and `<prefix>-key.pem`.
+fn self_signed(dir: &Path, prefix: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{prefix}.pem")),
+        dir.join(format!("{prefix}-key.pem")),
+    );
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// THREATS L5 end to end over TLS: gateways and the CLI reach Redis at `rediss://`, trusting
+/// only the certificate the test generated: the bucket is fleet-wide and usage is summed
+/// through it. A node that trusts another certificate never gets through: Redis stays down
+/// for it (`keygate_redis_up` 0, per-node buckets, as `on_redis_down = "local"` says) and
+/// its log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_the_test_ca_is_fleet_wide_and_another_ca_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let certs = tempdir();
+    let (cert, key) = self_signed(certs.path(), "redis");
+    let (other, _) = self_signed(certs.path(), "other");
+    let redis = RedisServer::start_with(RedisOpts {
+        tls: Some((cert.clone(), key)),
+        ..RedisOpts::default()
+    });
+    let section = |ca: &Path| {
+        format!(
+            "url = \"{}\"\nca = \"{}\"\ncommand_timeout_ms = 500",
+            redis.tls_url(),
+            ca.display()
+        )
+    };
+    let fleet = Fleet::new(2, &redis_limits("local"), &section(&cert)).await;
+    let k = create_key(fleet.config(), &["--plan", "low"]);
+    let gws = fleet.start(&[]).await;
+    wait_redis_up(&gws, true).await;
+    let st = round(
+        &[gws[0].http, gws[1].http, gws[0].http, gws[1].http],
+        &k.key,
+    )
+    .await;
+    assert_eq!(st, vec![200, 200, 429, 429], "fleet-wide over TLS");
+    eventually_named("usage summed over TLS", Duration::from_secs(15), || async {
+        let out = cli(
+            fleet.config(),
+            &["keys", "show", &k.id, "--json"],
+            SECRET_ENV,
+        );
+        (json(&out.stdout)["status_classes"]["2xx"] == 2).then_some(())
+    })
+    .await;
+    assert!(redis.cmd(&["KEYS", "keygate:u:*"]).contains(&k.id));
+
+    let wrong = Fleet::new(1, &redis_limits("local"), &section(&other)).await;
+    let w = create_key(wrong.config(), &["--plan", "low"]);
+    let gw = wrong.start(&[]).await;
+    wait_redis_up(&gw, false).await;
+    let st = round(&[gw[0].http, gw[0].http, gw[0].http], &w.key).await;
+    assert_eq!(st, vec![200, 200, 429], "the node's own bucket");
+    let log = gw[0].stderr_contents();
+    assert!(log.contains("redis TLS"), "{log}");
+    assert!(
+        !redis.cmd(&["KEYS", "keygate:*"]).contains(&w.id),
+        "nothing of the refused node's key in Redis"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_at_start_then_up_without_traffic() {
     let _serial = SERIAL.lock().await;

@@ -13,7 +13,8 @@
 //! memory; one batch at most is held as sent.
 //!
 //! After a batch is accepted its counts are also added to the gateway's own usage file, so a
-//! restarted gateway still knows when its keys were last used (the key gauges' `stale`).
+//! restarted gateway still knows when its keys were last used (the key gauges' `stale`), and
+//! its sketches to the gateway's own forensics file, so the next process goes on from them.
 //!
 //! What the control plane has not taken when the gateway stops (a batch without an answer,
 //! counts not sent) is kept in the outbox beside the usage file (`<usage file>.outbox.json`,
@@ -150,7 +151,7 @@ impl Reporter {
         match sent {
             Sent::Accepted => {
                 metric("accepted");
-                record_locally(gw, b.deltas).await;
+                record_locally(gw, b).await;
                 return true;
             }
             Sent::Refused(status) => {
@@ -185,7 +186,10 @@ impl Reporter {
         }
         let path = self.outbox.clone();
         let n = kept.len();
+        let g = gw.clone();
         let written = tokio::task::spawn_blocking(move || {
+            // The next process resumes the latest sketches, sent or not.
+            kept.iter().for_each(|b| keep_sketches(&g, b));
             let _lock = crate::store::file::lock_beside(&path)?;
             let mut bodies = read_outbox(&path)?;
             for b in &kept {
@@ -308,8 +312,8 @@ impl Reporter {
     }
 }
 
-/// A key's sketch as JSON text (`forensics::Entry`).
-type Sketch = Box<RawValue>;
+/// A key's sketch as JSON text.
+type Sketch = crate::forensics::Entry;
 /// One key in a report: its counts since the last one, its sketch if it changed.
 type Item = (String, Option<Used>, Option<Sketch>);
 
@@ -402,13 +406,39 @@ fn give_back(gw: &Gateway, b: Batch) {
     gw.forensics.restore(b.sketched);
 }
 
-/// An accepted batch's counts, added to the gateway's own usage file.
-async fn record_locally(gw: &Arc<Gateway>, deltas: Vec<Delta>) {
+/// An accepted batch, added to the gateway's own files: its counts to the usage file, its
+/// sketches to the forensics file.
+async fn record_locally(gw: &Arc<Gateway>, b: Batch) {
     let path = gw.snapshot().keys.usage_file.clone();
-    let added =
-        tokio::task::spawn_blocking(move || crate::usage::merge_into_file(&path, &deltas)).await;
+    let g = gw.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        keep_sketches(&g, &b);
+        crate::usage::merge_into_file(&path, &b.deltas)
+    })
+    .await;
     if let Ok(Err(e)) = added {
         tracing::warn!(error = %e, "cannot add reported usage to the local usage file");
+    }
+}
+
+/// A batch's sketches, written to this node's section of the gateway's own forensics file,
+/// where the next process on the node resumes them (`Forensics::new`). The control plane
+/// replaces a node's sketch of a key with each report: a restarted gateway that began its
+/// sketches afresh would wipe the key's history there.
+fn keep_sketches(gw: &Gateway, b: &Batch) {
+    #[derive(Deserialize)]
+    struct Sketches {
+        #[serde(default)]
+        forensics: BTreeMap<String, Sketch>,
+    }
+    if b.sketched.is_empty() {
+        return;
+    }
+    let kept = serde_json::from_slice::<Sketches>(&b.body)
+        .map_err(std::io::Error::other)
+        .and_then(|s| gw.forensics.write_own(s.forensics));
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, "cannot keep reported sketches in the local forensics file; a restart would begin them afresh");
     }
 }
 

@@ -37,12 +37,17 @@ pub struct RedisOpts {
     pub master_auth: Option<String>,
     /// Append-only file with fsync always: the data survives `restart` (the store tests).
     pub persist: bool,
+    /// Also serve TLS with this certificate and key (PEM paths), on `tls_port`; the plain
+    /// port stays for the harness's own commands.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A test-owned `redis-server`.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS port when `RedisOpts::tls` is set.
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
     opts: RedisOpts,
 }
@@ -86,6 +91,7 @@ impl RedisServer {
             let mut s = RedisServer {
                 child: None,
                 port: free_port(),
+                tls_port: opts.tls.as_ref().map(|_| free_port()),
                 dir: tempfile::tempdir().expect("redis tempdir"),
                 opts: opts.clone(),
             };
@@ -139,6 +145,15 @@ impl RedisServer {
         if let Some(a) = &self.opts.master_auth {
             cmd.args(["--masterauth", a]);
         }
+        if let (Some((cert, key)), Some(port)) = (&self.opts.tls, self.tls_port) {
+            cmd.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(cert);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -177,6 +192,12 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>/0` (the name the test's certificate carries).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with RedisOpts::tls");
+        format!("rediss://localhost:{port}/0")
     }
 
     /// SIGKILL (no shutdown save): like a crashed or partitioned primary.
