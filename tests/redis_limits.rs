@@ -401,6 +401,49 @@ async fn quota_five_per_day_then_quota_exceeded_on_any_node() {
     assert!(err.contains("plans.x.quota"), "{err}");
 }
 
+/// THREATS L2 end to end: Redis stalls (`CLIENT PAUSE`: every command held for 4 s) under
+/// traffic. Requests keep being answered, none 5xx, none held for the pause: a command waits at
+/// most `command_timeout_ms` (200 ms), then the limiter falls back to per-node buckets
+/// (`on_redis_down = "local"`), counted as timeouts, and the breaker opens (`keygate_redis_up`
+/// 0) so later requests stop waiting at all. When the pause ends, the bucket is fleet-wide
+/// again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_costs_a_request_at_most_the_command_timeout() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let k = create_key(fleet.config(), &["--plan", "p50"]);
+    let low = create_key(fleet.config(), &["--plan", "low"]);
+    let gws = fleet.start(&[]).await;
+    let addrs = [gws[0].http, gws[1].http];
+    wait_redis_up(&gws, true).await;
+    assert_eq!(redis.cmd(&["CLIENT", "PAUSE", "4000", "ALL"]), "OK");
+    let paused = Instant::now();
+    let (mut slowest, mut n) = (Duration::ZERO, 0);
+    // Sequential requests through the pause's first half, alternating nodes.
+    while paused.elapsed() < Duration::from_secs(2) {
+        let started = Instant::now();
+        let (s, _, v) = status(addrs[n % 2], &k.key).await;
+        slowest = slowest.max(started.elapsed());
+        assert!(s == 200 || s == 429, "{s} {v}");
+        n += 1;
+    }
+    eprintln!("{n} requests while Redis was paused; slowest {slowest:?}");
+    assert!(n >= 4, "{n}");
+    // A request that waited for Redis would have taken the rest of the pause (2 s or more).
+    assert!(slowest < Duration::from_millis(1500), "{slowest:?}");
+    for gw in &gws {
+        let m = metrics(gw).await;
+        let timeouts = metric(&m, r#"keygate_limiter_fallback_total{reason="timeout"}"#);
+        assert!(timeouts > 0.0, "timeouts counted:\n{m}");
+    }
+    wait_redis_up(&gws, false).await;
+    // The pause ends: fleet-wide again, by the health probe alone.
+    wait_redis_up(&gws, true).await;
+    let st = round(&[addrs[0], addrs[1], addrs[0], addrs[1]], &low.key).await;
+    assert_eq!(st, vec![200, 200, 429, 429], "fleet-wide after the stall");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_follows_on_redis_down_and_recovers() {
     let _serial = SERIAL.lock().await;
