@@ -444,6 +444,43 @@ async fn a_stalled_redis_costs_a_request_at_most_the_command_timeout() {
     assert_eq!(st, vec![200, 200, 429, 429], "fleet-wide after the stall");
 }
 
+/// THREATS L8: a node killed (SIGKILL) while it holds a lease. Its unspent tokens were debited
+/// in Redis when leased and die with it, never spent again: over the whole run the fleet
+/// admits at most one bucket's worth (burst + rate × time) plus one batch per node
+/// (`redis::lease`), and the surviving node goes on admitting at the plan's rate, short of it
+/// by no more than the lost lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_holding_a_lease_never_lets_the_fleet_overspend() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    // p50: 50/s, burst 50; a batch is min(lease_max 100, burst, 50/s × 100 ms) = 5 tokens.
+    let (rate, burst, batch) = (50.0, 50.0, 5.0);
+    let k = create_key(fleet.config(), &["--plan", "p50"]);
+    let mut gws = fleet.start(&[]).await;
+    let addrs: Vec<_> = gws.iter().map(|g| g.http).collect();
+    let started = Instant::now();
+    let both = offer(&addrs, &k.key, 100, 4, Duration::from_secs(1)).await;
+    drop(gws.remove(0)); // SIGKILL: its lease is neither spent nor given back
+    let survivor = offer(&addrs[1..], &k.key, 100, 4, Duration::from_secs(2)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted = (both.ok + survivor.ok) as f64;
+    let bound = burst + rate * elapsed + 2.0 * batch;
+    eprintln!(
+        "admitted {admitted} in {elapsed:.2} s (bound {bound:.0}): both nodes {both:?}, survivor {survivor:?}"
+    );
+    for c in [both, survivor] {
+        assert_eq!(c.server_error + c.other + c.failed, 0, "{c:?}");
+    }
+    assert!(admitted <= bound, "over-admitted: {admitted} > {bound:.0}");
+    // The survivor's 2 s at 50/s, less at most the dead node's batch and the
+    // scheduling of a debug build on a shared machine.
+    assert!(
+        survivor.ok as f64 >= 0.75 * rate * 2.0 - batch,
+        "the survivor starved: {survivor:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_follows_on_redis_down_and_recovers() {
     let _serial = SERIAL.lock().await;
