@@ -481,6 +481,76 @@ async fn a_node_killed_while_holding_a_lease_never_lets_the_fleet_overspend() {
     );
 }
 
+/// THREATS L9: two nodes whose wall clocks disagree by two days (one runs under `faketime`)
+/// share one bucket and one daily quota, because GCRA and quota periods take Redis' `TIME`
+/// inside the scripts, never a node's clock: had the skewed node counted its quota in its own
+/// day, it would admit five more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_whose_clocks_disagree_share_one_bucket_and_one_quota_period() {
+    let faketime = require_tool("faketime", "faketime");
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
+    let low = create_key(fleet.config(), &["--plan", "low"]);
+    let quota = create_key(fleet.config(), &["--plan", "q5"]);
+    let straight = spawn_ready(&fleet.nodes[0], &[], Duration::from_secs(20)).await;
+    let mut cmd = std::process::Command::new(faketime);
+    cmd.args(["-f", "+2d"])
+        .arg(keygate_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&fleet.nodes[1])
+        .env(SECRET_VAR, SECRET)
+        // Only the wall clock moves: timers and deadlines keep the real monotonic clock.
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let log = fleet.nodes[1].with_file_name("gateway.stderr.log");
+    let skewed = Gateway::spawn_command(cmd, &log).await.unwrap();
+    wait_ready(&skewed, Duration::from_secs(20)).await;
+    // The skew is real: the `Date` of a refusal the node writes itself is two days ahead.
+    let date = |gw: &Gateway| {
+        let addr = gw.http;
+        async move {
+            let (s, h, _) = get(addr, "/x", &[]).await;
+            assert_eq!(s, 401);
+            let text = h.get("date").unwrap().to_str().unwrap().to_owned();
+            httpdate::parse_http_date(&text).unwrap()
+        }
+    };
+    let ahead = date(&skewed).await.duration_since(date(&straight).await);
+    assert!(
+        ahead.as_ref().is_ok_and(|d| *d >= Duration::from_secs(47 * 3600)),
+        "{ahead:?}"
+    );
+
+    let st = round(
+        &[straight.http, skewed.http, straight.http, skewed.http],
+        &low.key,
+    )
+    .await;
+    assert_eq!(st, vec![200, 200, 429, 429], "one bucket");
+    // q5: two on each node, one more, then the period is spent on both nodes.
+    let st = round(
+        &[
+            straight.http,
+            skewed.http,
+            straight.http,
+            skewed.http,
+            skewed.http,
+        ],
+        &quota.key,
+    )
+    .await;
+    assert_eq!(st, vec![200, 200, 200, 200, 200]);
+    for gw in [&skewed, &straight] {
+        let (s, _, v) = status(gw.http, &quota.key).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (429, Some("quota_exceeded")),
+            "{v}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_load_follows_on_redis_down_and_recovers() {
     let _serial = SERIAL.lock().await;
