@@ -1680,3 +1680,57 @@ async fn a_restarted_feed_gateway_goes_on_from_its_forensics() {
     assert_eq!(status_from(&gw, thief, &key, "evil-scraper/0.1").await, 200);
     scraped(4).await;
 }
+
+/// THREATS I14: a feed gateway whose wall clock runs ten minutes ahead (`faketime`) shows it:
+/// `keygate_clock_skew_seconds` near 600 from the feed's heartbeats (a gateway on time near
+/// 0), said once in its log, not at every heartbeat. Expiry is judged by the node's clock
+/// (`expiry_leeway` 0s): it refuses a key that expires in five minutes, which the gateway on
+/// time accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_gateway_ahead_of_its_control_plane_shows_the_skew() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (_, probe) = fleet.create("probe").await;
+    let (s, v) = fleet
+        .api(
+            Method::POST,
+            "/v1/api-keys",
+            json!({"name": "soon", "owner": "fleet", "scopes": ["invoices:read"], "expires_in": "5m"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let soon = v["key"].as_str().unwrap().to_owned();
+    let straight = fleet.gateway(0).await;
+    let envs = [
+        (SECRET_VAR, SECRET),
+        ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+    ];
+    let skewed = spawn_with_clock(&fleet.gw_config(1), "+10m", &envs).await;
+    until_status_fresh(&straight, &soon, 200, RECONNECT_BOUND).await;
+    until_status_fresh(&skewed, &probe, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(skewed.http).await;
+    assert_eq!(
+        status(&mut c, &soon).await,
+        401,
+        "expired by the node's clock"
+    );
+    let skew = |gw: &Gateway| {
+        let addr = gw.admin;
+        async move {
+            let (_, _, b) = get(addr, "/metrics", &[]).await;
+            metric(&String::from_utf8_lossy(&b), "keygate_clock_skew_seconds")
+        }
+    };
+    eventually_named("the skew measured", Duration::from_secs(10), || async {
+        skew(&skewed).await.filter(|s| (590.0..610.0).contains(s))
+    })
+    .await;
+    let on_time = skew(&straight).await.unwrap();
+    assert!(on_time.abs() < 5.0, "{on_time}");
+    let log = skewed.stderr_contents();
+    let said = log
+        .matches("clock differs from the control plane's by over a minute")
+        .count();
+    assert_eq!(said, 1, "{log}");
+    skewed.assert_not_logged(&soon);
+}

@@ -207,6 +207,7 @@ async fn metrics_after_a_mixed_run_have_the_documented_series_and_labels() {
         r#"keygate_connections_rejected_total{reason="global"}"#,
         r#"keygate_connections_rejected_total{reason="per_ip"}"#,
         "keygate_table_last_sync_timestamp_seconds",
+        "keygate_clock_skew_seconds",
         // Governance figures of a single node (src/governance.rs).
         "keygate_governance_keys_ttl_within_policy_ratio",
         "keygate_governance_rotation_success_ratio",

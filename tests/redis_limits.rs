@@ -487,24 +487,13 @@ async fn a_node_killed_while_holding_a_lease_never_lets_the_fleet_overspend() {
 /// day, it would admit five more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_whose_clocks_disagree_share_one_bucket_and_one_quota_period() {
-    let faketime = require_tool("faketime", "faketime");
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let fleet = Fleet::new(2, &redis_limits("local"), &redis_section(&redis)).await;
     let low = create_key(fleet.config(), &["--plan", "low"]);
     let quota = create_key(fleet.config(), &["--plan", "q5"]);
     let straight = spawn_ready(&fleet.nodes[0], &[], Duration::from_secs(20)).await;
-    let mut cmd = std::process::Command::new(faketime);
-    cmd.args(["-f", "+2d"])
-        .arg(keygate_bin())
-        .arg("serve")
-        .arg("--config")
-        .arg(&fleet.nodes[1])
-        .env(SECRET_VAR, SECRET)
-        // Only the wall clock moves: timers and deadlines keep the real monotonic clock.
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    let log = fleet.nodes[1].with_file_name("gateway.stderr.log");
-    let skewed = Gateway::spawn_command(cmd, &log).await.unwrap();
+    let skewed = spawn_with_clock(&fleet.nodes[1], "+2d", SECRET_ENV).await;
     wait_ready(&skewed, Duration::from_secs(20)).await;
     // The skew is real: the `Date` of a refusal the node writes itself is two days ahead.
     let date = |gw: &Gateway| {
@@ -518,7 +507,9 @@ async fn nodes_whose_clocks_disagree_share_one_bucket_and_one_quota_period() {
     };
     let ahead = date(&skewed).await.duration_since(date(&straight).await);
     assert!(
-        ahead.as_ref().is_ok_and(|d| *d >= Duration::from_secs(47 * 3600)),
+        ahead
+            .as_ref()
+            .is_ok_and(|d| *d >= Duration::from_secs(47 * 3600)),
         "{ahead:?}"
     );
 

@@ -119,6 +119,25 @@ pub fn require_tool(bin: &str, apt_package: &str) -> PathBuf {
         })
 }
 
+/// `keygate serve --config <config>` with its wall clock moved by `offset` (a `faketime`
+/// offset such as "+10m"; Debian package `faketime`). Monotonic time is left alone, so timers
+/// and deadlines keep the real clock. Not yet ready: see `wait_ready`.
+pub async fn spawn_with_clock(config: &Path, offset: &str, envs: &[(&str, &str)]) -> Gateway {
+    let faketime = require_tool("faketime", "faketime");
+    let mut cmd = Command::new(faketime);
+    cmd.args(["-f", offset])
+        .arg(keygate_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .envs(envs.iter().copied());
+    let log = config.with_file_name("gateway.stderr.log");
+    Gateway::spawn_command(cmd, &log)
+        .await
+        .unwrap_or_else(|e| panic!("gateway under faketime did not start: {e}"))
+}
+
 /// Path of the `keygate` binary built by cargo for this test run.
 pub fn keygate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keygate"))
