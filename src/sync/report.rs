@@ -344,18 +344,21 @@ fn cut(items: impl IntoIterator<Item = Item>, budget: usize) -> Vec<Vec<Item>> {
     out
 }
 
-/// The bodies an outbox holds (none when there is none).
+/// The bodies an outbox holds (none when there is none); one that is not an outbox is
+/// `InvalidData`.
 fn read_outbox(path: &Path) -> std::io::Result<Vec<Box<RawValue>>> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
 }
 
 /// The batches the outbox kept, each as it was to be sent, the file removed under its lock:
-/// one process takes them. One that cannot be read is said and moved aside
-/// (`<outbox>.unreadable`), so the next stop can keep its own.
+/// one process takes them. One that is not an outbox is said and moved aside
+/// (`<outbox>.unreadable`), so the next stop can keep its own; one that cannot be read now is
+/// left for the next start.
 fn take_outbox(path: &Path) -> VecDeque<Batch> {
     /// What a kept body carries, to give back or write locally (`Outgoing`'s fields).
     #[derive(Deserialize)]
@@ -374,10 +377,14 @@ fn take_outbox(path: &Path) -> VecDeque<Batch> {
     });
     let bodies = match taken {
         Ok(b) => b,
-        Err(e) => {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             let aside = crate::store::file::sibling(path, ".unreadable");
             let moved = std::fs::rename(path, &aside).is_ok();
-            tracing::error!(error = %e, path = %path.display(), moved_to = %if moved { aside.display().to_string() } else { "-".into() }, "the usage report outbox cannot be taken; the usage it keeps is not reported");
+            tracing::error!(error = %e, path = %path.display(), moved_to = %if moved { aside.display().to_string() } else { "-".into() }, "the usage report outbox is not valid; the usage it keeps is not reported");
+            return VecDeque::new();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, path = %path.display(), "the usage report outbox cannot be taken now; it is left for the next start");
             return VecDeque::new();
         }
     };
