@@ -94,17 +94,18 @@ pub async fn receive(c: &Arc<Control>, req: Request<Incoming>) -> Result<Respons
         .and_then(|written| written)
         .map_err(|e| unavailable("forensics", e.to_string()))?;
     }
+    let counts = !report.added.is_empty();
     let deltas: Vec<Delta> = report
         .added
         .into_iter()
         .map(|(id, used)| Delta { id, used })
         .collect();
-    let fresh = add_report(c, from.clone(), report.seq, deltas.clone())
+    let fresh = add_report(c, from.clone(), report.seq, deltas)
         .await
         .map_err(|e| unavailable("usage", e.to_string()))?;
     Ok(json_response(
         StatusCode::OK,
-        &if fresh || deltas.is_empty() {
+        &if fresh || !counts {
             json!({"accepted": true})
         } else {
             json!({"accepted": true, "duplicate": true})

@@ -80,13 +80,16 @@ pub async fn flush(client: &Client, usage: &crate::usage::Usage) -> Result<(), R
 /// generates them).
 pub async fn add(client: &Client, deltas: &mut Vec<Delta>) -> Result<(), RedisError> {
     deltas.retain(|d| safe_id(&d.id));
-    while !deltas.is_empty() {
-        let n = deltas.len().min(CHUNK);
-        let part: Vec<&Delta> = deltas[..n].iter().collect();
-        run_add(client, None, &part).await?;
-        deltas.drain(..n);
+    let (mut added, mut result) = (0, Ok(()));
+    for part in chunks(deltas) {
+        if let Err(e) = run_add(client, None, &part).await {
+            result = Err(e);
+            break;
+        }
+        added += part.len();
     }
-    Ok(())
+    deltas.drain(..added);
+    result
 }
 
 /// Add a report batch's counts once, in parts of `CHUNK` keys. The process's mark in Redis
@@ -116,7 +119,7 @@ pub async fn add_report(
 }
 
 /// `deltas` with a key name, in parts of at most `CHUNK`, in their order: a batch sent again
-/// is cut the same way.
+/// is cut the same way (`add` and `add_report` both cut here).
 fn chunks(deltas: &[Delta]) -> Vec<Vec<&Delta>> {
     let named: Vec<&Delta> = deltas.iter().filter(|d| safe_id(&d.id)).collect();
     named.chunks(CHUNK).map(<[&Delta]>::to_vec).collect()

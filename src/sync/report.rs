@@ -67,6 +67,16 @@ struct Outgoing<'a> {
     forensics: BTreeMap<&'a str, &'a RawValue>,
 }
 
+/// What a batch's body carries, read back from it (a batch the outbox kept; an accepted
+/// batch's sketches, kept locally): `Outgoing`'s counts and sketches.
+#[derive(Deserialize)]
+struct Carried {
+    #[serde(default)]
+    added: BTreeMap<String, Used>,
+    #[serde(default)]
+    forensics: BTreeMap<String, Sketch>,
+}
+
 /// A batch as built: its body, and what it carries, to give back or to write locally.
 struct Batch {
     body: bytes::Bytes,
@@ -193,8 +203,7 @@ impl Reporter {
             let _lock = crate::store::file::lock_beside(&path)?;
             let mut bodies = read_outbox(&path)?;
             for b in &kept {
-                let body = std::str::from_utf8(&b.body).map_err(std::io::Error::other)?;
-                bodies.push(RawValue::from_string(body.to_owned()).map_err(std::io::Error::other)?);
+                bodies.push(serde_json::from_slice(&b.body).map_err(std::io::Error::other)?);
             }
             crate::store::file::write_json_atomic(&path, &bodies)
         })
@@ -360,14 +369,6 @@ fn read_outbox(path: &Path) -> std::io::Result<Vec<Box<RawValue>>> {
 /// (`<outbox>.unreadable`), so the next stop can keep its own; one that cannot be read now is
 /// left for the next start.
 fn take_outbox(path: &Path) -> VecDeque<Batch> {
-    /// What a kept body carries, to give back or write locally (`Outgoing`'s fields).
-    #[derive(Deserialize)]
-    struct Kept {
-        #[serde(default)]
-        added: BTreeMap<String, Used>,
-        #[serde(default)]
-        forensics: BTreeMap<String, serde::de::IgnoredAny>,
-    }
     let taken = crate::store::file::lock_beside(path).and_then(|_lock| {
         let bodies = read_outbox(path)?;
         if !bodies.is_empty() {
@@ -391,7 +392,7 @@ fn take_outbox(path: &Path) -> VecDeque<Batch> {
     bodies
         .into_iter()
         .filter_map(|body| {
-            let kept: Kept = serde_json::from_str(body.get())
+            let kept: Carried = serde_json::from_str(body.get())
                 .map_err(|e| tracing::error!(error = %e, "a usage report batch in the outbox cannot be read; it is not reported"))
                 .ok()?;
             Some(Batch {
@@ -433,15 +434,10 @@ async fn record_locally(gw: &Arc<Gateway>, b: Batch) {
 /// replaces a node's sketch of a key with each report: a restarted gateway that began its
 /// sketches afresh would wipe the key's history there.
 fn keep_sketches(gw: &Gateway, b: &Batch) {
-    #[derive(Deserialize)]
-    struct Sketches {
-        #[serde(default)]
-        forensics: BTreeMap<String, Sketch>,
-    }
     if b.sketched.is_empty() {
         return;
     }
-    let kept = serde_json::from_slice::<Sketches>(&b.body)
+    let kept = serde_json::from_slice::<Carried>(&b.body)
         .map_err(std::io::Error::other)
         .and_then(|s| gw.forensics.write_own(s.forensics));
     if let Err(e) = kept {
