@@ -192,6 +192,20 @@ impl Fleet {
         .await
     }
 
+    /// A gateway in its own directory `name` whose feed is at `feed_at` (a path in front of
+    /// the control plane, or a stand-in for one), with the fleet's feed token and `env`.
+    async fn gateway_via(&self, name: &str, feed_at: SocketAddr, env: &[(&str, &str)]) -> Gateway {
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write_file(&dir, "keygate.toml", &gw_config(feed_at, self.up.addr()));
+        let mut all = vec![
+            (SECRET_VAR, SECRET),
+            ("KEYGATE_FEED_TOKEN", self.feed.as_str()),
+        ];
+        all.extend_from_slice(env);
+        Gateway::spawn(&cfg, &all).await
+    }
+
     async fn api(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
         let auth = format!("Bearer {}", self.write);
         let body = if body.is_null() {
@@ -760,32 +774,79 @@ async fn restored_backups_never_unrevoke_and_later_keys_reach_every_gateway() {
     assert!(cp_log.contains("new log"), "{cp_log}");
 }
 
-/// A scripted feed: connection `i` gets `scripts[i]` (NDJSON lines) and is closed; later
-/// connections get 503. Counts connections served.
-async fn fake_feed(scripts: Vec<String>) -> (SocketAddr, Arc<Mutex<usize>>) {
+/// Serves up to `max` connections on a fresh loopback port, each on its own task with its
+/// index (the stand-ins for a control plane and the paths in front of one).
+async fn serve_each<F, Fut>(max: usize, serve: F) -> SocketAddr
+where
+    F: Fn(usize, tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let served = Arc::new(Mutex::new(0usize));
-    let count = served.clone();
     tokio::spawn(async move {
-        for i in 0..64 {
-            let Ok((mut sock, _)) = listener.accept().await else {
+        for i in 0..max {
+            let Ok((sock, _)) = listener.accept().await else {
                 return;
             };
+            tokio::spawn(serve(i, sock));
+        }
+    });
+    addr
+}
+
+/// The nonce a gateway sent in its feed request (the `nonce=` query parameter).
+fn nonce_of(request: &[u8]) -> String {
+    let head = String::from_utf8_lossy(request);
+    let target = head.split(' ').nth(1).unwrap_or_default().to_owned();
+    target
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("nonce="))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A scripted feed: connection `i` gets `scripts[i]` (NDJSON lines, sealed with `signer` for
+/// the nonce the gateway sent, as a control plane with the fleet's secret would) and is
+/// closed; later connections get 503. Counts connections served.
+async fn fake_feed(
+    scripts: Vec<String>,
+    signer: keygate::store::seal::Signer,
+) -> (SocketAddr, Arc<Mutex<usize>>) {
+    use keygate::store::feed::FeedLine;
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    let scripts = Arc::new(scripts);
+    let addr = serve_each(64, move |i, mut sock| {
+        let (scripts, signer, count) = (scripts.clone(), signer.clone(), count.clone());
+        async move {
             let mut req = vec![0u8; 4096];
             let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut req)).await;
             let resp = match scripts.get(i) {
-                Some(body) => format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                ),
+                Some(script) => {
+                    let mut chain = signer.feed_chain(nonce_of(&req).as_bytes());
+                    let body: Vec<u8> = script
+                        .lines()
+                        .flat_map(|l| {
+                            serde_json::from_str::<FeedLine>(l)
+                                .unwrap()
+                                .sealed(&mut chain)
+                                .to_vec()
+                        })
+                        .collect();
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                        body.len(),
+                        String::from_utf8(body).unwrap()
+                    )
+                }
                 None => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned(),
             };
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
             *count.lock().unwrap() += 1;
         }
-    });
+    })
+    .await;
     (addr, served)
 }
 
@@ -864,15 +925,8 @@ async fn a_feed_that_unrevokes_or_forges_is_never_obeyed() {
         ]),
     ];
     let n_scripts = scripts.len();
-    let (feed_at, served) = fake_feed(scripts).await;
-    let dir = fleet.root.join("gw-fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = write_file(&dir, "keygate.toml", &gw_config(feed_at, fleet.up.addr()));
-    let gw = Gateway::spawn(
-        &cfg,
-        &[(SECRET_VAR, SECRET), ("KEYGATE_FEED_TOKEN", "anything")],
-    )
-    .await;
+    let (feed_at, served) = fake_feed(scripts, signer.clone()).await;
+    let gw = fleet.gateway_via("gw-fake", feed_at, &[]).await;
     eventually_named("every script served", RECONNECT_BOUND, || {
         let served = served.clone();
         async move { (*served.lock().unwrap() > n_scripts).then_some(()) }
@@ -1394,17 +1448,11 @@ async fn lossy_proxy(
     lose: usize,
     how: Lose,
 ) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     let bodies = seen.clone();
-    tokio::spawn(async move {
-        for _ in 0..10_000 {
-            let Ok((mut client, _)) = listener.accept().await else {
-                return;
-            };
+    let addr = serve_each(10_000, move |_, mut client| {
             let (seen, marker) = (seen.clone(), marker.clone());
-            tokio::spawn(async move {
+            async move {
                 // The request head, then (for a report) its body, whole.
                 let mut got = Vec::new();
                 let mut buf = vec![0u8; 65536];
@@ -1453,9 +1501,9 @@ async fn lossy_proxy(
                 }
                 let _ = server.write_all(&got).await;
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
+            }
+    })
+    .await;
     (addr, bodies)
 }
 
@@ -1482,18 +1530,13 @@ async fn lost_answers_count_once(how: Lose) {
     let (_, probe) = fleet.create("probe").await;
     let (id, key) = fleet.create("counted").await;
     let (proxy, bodies) = lossy_proxy(fleet.cp_addr(), id.clone(), 2, how).await;
-    let dir = fleet.root.join("gw-lossy");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = write_file(&dir, "keygate.toml", &gw_config(proxy, fleet.up.addr()));
-    let gw = Gateway::spawn(
-        &cfg,
-        &[
-            (SECRET_VAR, SECRET),
-            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
-            ("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1"),
-        ],
-    )
-    .await;
+    let gw = fleet
+        .gateway_via(
+            "gw-lossy",
+            proxy,
+            &[("API_KEY_LAST_USED_TOUCH_INTERVAL_SECONDS", "1")],
+        )
+        .await;
     until_status_fresh(&gw, &probe, 200, RECONNECT_BOUND).await;
     let mut c = KeepAlive::connect(gw.http).await;
     for _ in 0..5 {
@@ -1545,7 +1588,8 @@ async fn lost_answers_count_once(how: Lose) {
     assert_eq!(requests().await, Some(5));
     // The gateway's own usage file has them once too.
     let local: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("usage.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(fleet.root.join("gw-lossy/usage.json")).unwrap())
+            .unwrap();
     assert_eq!(local[&id]["requests"], 5, "{local}");
 }
 
@@ -1733,4 +1777,177 @@ async fn a_feed_gateway_ahead_of_its_control_plane_shows_the_skew() {
         .count();
     assert_eq!(said, 1, "{log}");
     skewed.assert_not_logged(&soon);
+}
+
+/// A proxy in front of the control plane that passes everything through, except that on feed
+/// streams it drops the first line holding `marker` (once, over all connections). It re-frames
+/// a feed answer as a body read to the close, line by line, as a path that edits streams
+/// would. Returns its address and the number of lines dropped.
+async fn line_dropping_proxy(
+    cp: SocketAddr,
+    marker: &'static str,
+) -> (SocketAddr, Arc<Mutex<usize>>) {
+    let dropped = Arc::new(Mutex::new(0usize));
+    let count = dropped.clone();
+    let addr = serve_each(1_000, move |_, mut client| {
+            let dropped = dropped.clone();
+            async move {
+                let mut buf = vec![0u8; 65536];
+                let Some((head, rest)) = read_head(&mut client, &mut buf).await else {
+                    return;
+                };
+                let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
+                    return;
+                };
+                let _ = server.write_all(&[head.clone(), rest].concat()).await;
+                if !String::from_utf8_lossy(&head).starts_with("GET /v1/feed") {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    return;
+                }
+                let Some((answer, mut body)) = read_head(&mut server, &mut buf).await else {
+                    return;
+                };
+                if !answer.starts_with(b"HTTP/1.1 200") {
+                    let _ = client.write_all(&[answer, body].concat()).await;
+                    return;
+                }
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n")
+                    .await;
+                // Undo the chunked framing, then pass on whole lines.
+                let mut lines = Vec::new();
+                for _ in 0..1_000_000 {
+                    while let Some(i) = body.windows(2).position(|w| w == b"\r\n") {
+                        let size = usize::from_str_radix(
+                            String::from_utf8_lossy(&body[..i])
+                                .split(';')
+                                .next()
+                                .unwrap_or("")
+                                .trim(),
+                            16,
+                        )
+                        .unwrap_or(0);
+                        if body.len() < i + 2 + size + 2 {
+                            break;
+                        }
+                        if size == 0 {
+                            return;
+                        }
+                        lines.extend_from_slice(&body[i + 2..i + 2 + size]);
+                        body.drain(..i + 2 + size + 2);
+                    }
+                    while let Some(nl) = lines.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = lines.drain(..=nl).collect();
+                        let drop_it = String::from_utf8_lossy(&line).contains(marker) && {
+                            let mut d = dropped.lock().unwrap();
+                            *d += 1;
+                            *d == 1
+                        };
+                        if !drop_it && client.write_all(&line).await.is_err() {
+                            return;
+                        }
+                    }
+                    match server.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+    })
+    .await;
+    (addr, count)
+}
+
+/// Reads up to the end of an HTTP head; returns the head and what came after it.
+async fn read_head(sock: &mut tokio::net::TcpStream, buf: &mut [u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut got = Vec::new();
+    for _ in 0..1_000 {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = got.split_off(i + 4);
+            return Some((got, rest));
+        }
+        match sock.read(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    None
+}
+
+/// A path between the control plane and a gateway that drops a revocation from the feed and
+/// passes the heartbeats: the stream's seal no longer holds at the next line, so the gateway
+/// ends the session, resumes from the revision it holds and gets the revocation. Before the
+/// feed was sealed the gateway took the heartbeats as "in sync" and served the revoked key
+/// for as long as the connection lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_dropped_on_the_way_is_noticed_and_fetched_again() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (k1_id, k1) = fleet.create("k1").await;
+    let (_, k2) = fleet.create("k2").await;
+    let (proxy, dropped) = line_dropping_proxy(fleet.cp_addr(), "\"revoked_at\"").await;
+    let gw = fleet.gateway_via("gw-path", proxy, &[]).await;
+    until_status_fresh(&gw, &k1, 200, RECONNECT_BOUND).await;
+    fleet.revoke(&k1_id).await;
+    eventually_named("the revocation line dropped", ENFORCE_BOUND, || {
+        let dropped = dropped.clone();
+        async move { (*dropped.lock().unwrap() >= 1).then_some(()) }
+    })
+    .await;
+    until_status_fresh(&gw, &k1, 401, ENFORCE_BOUND).await;
+    assert_eq!(key_status(&gw, &k2).await, 200);
+    assert!(
+        source_errors(&gw, "bad_mac").await >= 1.0,
+        "{}",
+        scrape(&gw).await
+    );
+    let log = gw.stderr_contents();
+    assert!(log.contains("does not verify"), "{log}");
+    // Found by the seal, not by a snapshot: the gateway resumed.
+    assert_eq!(snapshot_lines(&gw), 1, "{log}");
+}
+
+/// THREATS I9: a feed that answers 200 and then drips a byte at a time, never a whole line, is
+/// given up after the idle limit (15 s) like a silent one, and the gateway connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_drips_bytes_without_a_line_is_given_up() {
+    let _serial = SERIAL.lock().await;
+    let connections = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let seen = connections.clone();
+    let feed_at = serve_each(4, move |_, mut sock| {
+        seen.lock().unwrap().push(Instant::now());
+        async move {
+            let mut req = vec![0u8; 4096];
+            let _ = sock.read(&mut req).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n")
+                .await;
+            // A byte every 200 ms, far inside the idle limit, for at most a minute.
+            for _ in 0..300 {
+                if sock.write_all(b" ").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await; // the drip's pace
+            }
+        }
+    })
+    .await;
+    let root = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let cfg = write_file(root.path(), "keygate.toml", &gw_config(feed_at, up.addr()));
+    let gw = Gateway::spawn(&cfg, &[(SECRET_VAR, SECRET), ("KEYGATE_FEED_TOKEN", "t")]).await;
+    eventually_named("a second connection", Duration::from_secs(40), || {
+        let seen = connections.clone();
+        async move { (seen.lock().unwrap().len() >= 2).then_some(()) }
+    })
+    .await;
+    let times = connections.lock().unwrap().clone();
+    let held = times[1] - times[0];
+    assert!(
+        held >= Duration::from_secs(14) && held < Duration::from_secs(30),
+        "the dripping session was held {held:?}"
+    );
+    assert!(source_errors(&gw, "feed").await >= 1.0);
+    let log = gw.stderr_contents();
+    assert!(log.contains("feed idle for 15s"), "{log}");
 }

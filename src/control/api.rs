@@ -1208,6 +1208,18 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
         })?),
         None => None,
     };
+    // The reader's nonce for this stream's seal (`store::seal`); a reader older than sealed
+    // streams sends none and ignores the tags.
+    let nonce = q.get("nonce").map_or("", String::as_str);
+    if nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "nonce must be at most 64 hex digits",
+        ));
+    }
+    let mut chain =
+        crate::store::seal::Signer::new(&c.settings.hasher).feed_chain(nonce.as_bytes());
     if !c.feed.loaded() {
         return Err(err(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1222,11 +1234,11 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
         // Subscribe before reading the catch-up so nothing written in between is missed.
         let mut live = state.subscribe();
         let (mut last, catchup) = state.catchup(log, after);
-        let send = |line: FeedLine| {
+        let send = |line: Bytes| {
             let tx = tx.clone();
             async move {
                 matches!(
-                    tokio::time::timeout(Duration::from_secs(10), tx.send(line.to_bytes())).await,
+                    tokio::time::timeout(Duration::from_secs(10), tx.send(line)).await,
                     Ok(Ok(()))
                 )
             }
@@ -1238,23 +1250,28 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
                     log,
                     rev,
                     count: records.len(),
+                    seal: None,
                 }),
                 records,
-                Some(FeedLine::SnapshotEnd { rev }),
+                Some(FeedLine::SnapshotEnd { rev, seal: None }),
             ),
-            Catchup::Since { log, records } => {
-                (Some(FeedLine::Resume { log, rev: last }), records, None)
-            }
+            Catchup::Since { log, records } => (
+                Some(FeedLine::Resume {
+                    log,
+                    rev: last,
+                    seal: None,
+                }),
+                records,
+                None,
+            ),
         };
         let lines = head
             .into_iter()
-            .chain(records.into_iter().map(|r| FeedLine::Record {
-                record: Box::new((*r).clone()),
-            }))
+            .chain(records.into_iter().map(|r| FeedLine::record((*r).clone())))
             .chain(tail);
         let mut sent_all = true;
         for line in lines {
-            if !send(line).await {
+            if !send(line.sealed(&mut chain)).await {
                 sent_all = false;
                 break;
             }
@@ -1268,13 +1285,16 @@ fn feed(c: &Arc<Control>, query: Option<&str>) -> Result<Response<Body>, ApiErro
                 ev = live.recv() => match ev {
                     Ok(Event::Record(r)) if r.rev > last => {
                         last = r.rev;
-                        send(FeedLine::Record { record: Box::new((*r).clone()) }).await
+                        send(FeedLine::record((*r).clone()).sealed(&mut chain)).await
                     }
                     Ok(Event::Record(_)) => true,
                     // Compaction, or this reader fell behind: end the stream; it resumes.
                     Ok(Event::Reset) | Err(_) => false,
                 },
-                _ = tick.tick() => send(FeedLine::Heartbeat { rev: state.revision().max(last), time_ms: crate::clock::unix_ms() }).await,
+                _ = tick.tick() => {
+                    let beat = FeedLine::Heartbeat { rev: state.revision().max(last), time_ms: crate::clock::unix_ms(), seal: None };
+                    send(beat.sealed(&mut chain)).await
+                }
             };
             if !ok {
                 return;

@@ -1,8 +1,9 @@
 //! The feed: the record log served over HTTP as newline-delimited JSON, and the state the
 //! control plane keeps to serve it.
 //!
-//! Protocol (one JSON object per line). A client asks `GET /v1/feed?log=ID&after=REV` with the
-//! log id and revision it holds (from memory or its sealed cache):
+//! Protocol (one JSON object per line). A client asks `GET /v1/feed?nonce=N&log=ID&after=REV`
+//! with a fresh nonce (up to 64 hex digits) and the log id and revision it holds (from memory
+//! or its sealed cache):
 //! - `{"type":"resume","log":ID,"rev":N}` then the records after REV — when ID is the log the
 //!   control plane serves and REV is within what it still holds;
 //! - otherwise `{"type":"snapshot_begin","log":ID,"rev":N,"count":C}`, C ×
@@ -13,6 +14,12 @@
 //! - `{"type":"heartbeat","rev":N,"time_ms":T}` — every few seconds when idle; carries the
 //!   current revision and the control plane's clock (for staleness and skew).
 //!
+//! Every line also carries `"seal":"<version>:<64 hex>"`: HMAC-SHA256, under a key derived
+//! from the hash secret, over the nonce, every byte sent before the line on this connection
+//! and the line's JSON without its seal (`store::seal`). The reader checks it before acting
+//! on the line, so a line forged, dropped, added, reordered or replayed from another
+//! connection ends the session, and the reader resumes from what it holds.
+//!
 //! The control plane follows the same store file as a gateway does, so records written by the
 //! CLI and by the API reach the feed the same way. New records fan out through a bounded
 //! broadcast: a slow reader lags, is disconnected and resumes; it never stalls writers or
@@ -21,7 +28,7 @@
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::keys::table::KeyTable;
 use crate::store::file::{Follower, LogFile, StoreError, Update};
-use crate::store::seal::LogId;
+use crate::store::seal::{Chain, LogId, SealError, Signer, Tag};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,22 +36,101 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, watch};
 
-/// A line of the feed.
+/// A line of the feed. Every line carries `seal`, the stream's MAC (`FeedLine::sealed`,
+/// `store::seal`); a record also carries its own MAC inside.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FeedLine {
-    Resume { log: LogId, rev: u64 },
-    SnapshotBegin { log: LogId, rev: u64, count: usize },
-    Record { record: Box<KeyRecord> },
-    SnapshotEnd { rev: u64 },
-    Heartbeat { rev: u64, time_ms: i64 },
+    Resume {
+        log: LogId,
+        rev: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Tag>,
+    },
+    SnapshotBegin {
+        log: LogId,
+        rev: u64,
+        count: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Tag>,
+    },
+    Record {
+        record: Box<KeyRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Tag>,
+    },
+    SnapshotEnd {
+        rev: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Tag>,
+    },
+    Heartbeat {
+        rev: u64,
+        time_ms: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Tag>,
+    },
 }
 
 impl FeedLine {
-    pub fn to_bytes(&self) -> Bytes {
-        let mut v = serde_json::to_vec(self).unwrap_or_default();
-        v.push(b'\n');
+    pub fn record(record: KeyRecord) -> FeedLine {
+        FeedLine::Record {
+            record: Box::new(record),
+            seal: None,
+        }
+    }
+
+    /// The line's name (for errors) and its seal.
+    fn seal_slot(&mut self) -> (&'static str, &mut Option<Tag>) {
+        match self {
+            FeedLine::Resume { seal, .. } => ("resume", seal),
+            FeedLine::SnapshotBegin { seal, .. } => ("snapshot_begin", seal),
+            FeedLine::Record { seal, .. } => ("record", seal),
+            FeedLine::SnapshotEnd { seal, .. } => ("snapshot_end", seal),
+            FeedLine::Heartbeat { seal, .. } => ("heartbeat", seal),
+        }
+    }
+
+    /// The control plane's side: the line's bytes as sent on the stream `chain` seals. The
+    /// line gets the tag over everything sent before it and its own JSON, written as its last
+    /// field (the JSON is `{…}` → `{…,"seal":"<tag>"}`, serialised once); then its bytes go
+    /// into the chain.
+    pub fn sealed(mut self, chain: &mut Chain) -> Bytes {
+        *self.seal_slot().1 = None;
+        let mut v = serde_json::to_vec(&self).unwrap_or_default();
+        let tag = chain.tag(&v);
+        v.pop();
+        v.extend_from_slice(format!(",\"seal\":\"{tag}\"}}\n").as_bytes());
+        chain.update(&v);
         Bytes::from(v)
+    }
+
+    /// The reader's side of [`FeedLine::sealed`], for a line parsed from `raw` (its bytes with
+    /// the newline), before anything acts on it. The tag is checked against the bytes that
+    /// came (the line without its seal field), not a re-serialisation of what was parsed. The
+    /// chain starts at the stream's first line, keyed with the secret version its tag names.
+    pub fn check(
+        &mut self,
+        raw: &[u8],
+        chain: &mut Option<Chain>,
+        signer: &Signer,
+        nonce: &[u8],
+    ) -> Result<(), SealError> {
+        let (what, slot) = self.seal_slot();
+        let tag = slot.take().ok_or(SealError::UnsignedLine(what))?;
+        let sealed_end = format!(",\"seal\":\"{tag}\"}}\n");
+        let unsigned = raw
+            .strip_suffix(sealed_end.as_bytes())
+            .ok_or(SealError::BadLine(what))?;
+        let c = match chain {
+            Some(c) => c,
+            None => chain.insert(signer.feed_chain_for(tag.version, nonce)?),
+        };
+        if !c.verify(&[unsigned, b"}"].concat(), &tag) {
+            return Err(SealError::BadLine(what));
+        }
+        c.update(raw);
+        Ok(())
     }
 }
 
@@ -385,6 +471,110 @@ mod tests {
             rev,
             ..sample(id, Digest([rev as u8; 32]))
         }
+    }
+
+    /// Lines a control plane sealed for `nonce`: begin, two records, end, heartbeat.
+    fn stream(signer: &Signer, nonce: &[u8]) -> Vec<Bytes> {
+        let mut chain = signer.feed_chain(nonce);
+        let mut a = rec("a", 1);
+        let mut b = rec("b", 2);
+        signer.sign(L, &mut a);
+        signer.sign(L, &mut b);
+        [
+            FeedLine::SnapshotBegin {
+                log: L,
+                rev: 2,
+                count: 2,
+                seal: None,
+            },
+            FeedLine::record(a),
+            FeedLine::record(b),
+            FeedLine::SnapshotEnd { rev: 2, seal: None },
+            FeedLine::Heartbeat {
+                rev: 2,
+                time_ms: 5,
+                seal: None,
+            },
+        ]
+        .into_iter()
+        .map(|l| l.sealed(&mut chain))
+        .collect()
+    }
+
+    /// How far a reader with `nonce` gets through `lines`: the index of the first line refused.
+    fn read(signer: &Signer, nonce: &[u8], lines: &[Bytes]) -> Result<(), (usize, SealError)> {
+        let mut chain = None;
+        for (i, raw) in lines.iter().enumerate() {
+            let mut line: FeedLine =
+                serde_json::from_slice(raw).map_err(|_| (i, SealError::BadLine("json")))?;
+            line.check(raw, &mut chain, signer, nonce)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_sealed_stream_is_read_only_whole_in_order_and_for_its_nonce() {
+        let signer = Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![1; 32])]));
+        let lines = stream(&signer, b"n1");
+        assert_eq!(read(&signer, b"n1", &lines), Ok(()));
+        let refused_at = |lines: &[Bytes], nonce: &[u8]| read(&signer, nonce, lines).unwrap_err();
+        // Replayed to another connection: its first line already fails.
+        assert_eq!(
+            refused_at(&lines, b"n2"),
+            (0, SealError::BadLine("snapshot_begin"))
+        );
+        // A record dropped: the next line fails (here the second record).
+        let dropped = [&lines[..1], &lines[2..]].concat();
+        assert_eq!(
+            refused_at(&dropped, b"n1"),
+            (1, SealError::BadLine("record"))
+        );
+        // Two records swapped.
+        let swapped = [
+            lines[0].clone(),
+            lines[2].clone(),
+            lines[1].clone(),
+            lines[3].clone(),
+        ];
+        assert_eq!(
+            refused_at(&swapped, b"n1"),
+            (1, SealError::BadLine("record"))
+        );
+        // The snapshot ended early: its end line was made for a stream that held both records.
+        let early_end = [lines[0].clone(), lines[1].clone(), lines[3].clone()];
+        assert_eq!(
+            refused_at(&early_end, b"n1"),
+            (2, SealError::BadLine("snapshot_end"))
+        );
+        // A heartbeat repeated (a path holding back what came after it).
+        let again = [&lines[..], &lines[4..]].concat();
+        assert_eq!(
+            refused_at(&again, b"n1"),
+            (5, SealError::BadLine("heartbeat"))
+        );
+        // A forged heartbeat: unsigned, or its fields edited.
+        let unsigned = FeedLine::Heartbeat {
+            rev: 9,
+            time_ms: 6,
+            seal: None,
+        };
+        let unsigned = Bytes::from(serde_json::to_string(&unsigned).unwrap() + "\n");
+        let forged = [&lines[..4], &[unsigned][..]].concat();
+        assert_eq!(
+            refused_at(&forged, b"n1"),
+            (4, SealError::UnsignedLine("heartbeat"))
+        );
+        let edited =
+            Bytes::from(String::from_utf8_lossy(&lines[4]).replace("\"rev\":2", "\"rev\":3"));
+        let forged = [&lines[..4], &[edited][..]].concat();
+        assert_eq!(
+            refused_at(&forged, b"n1"),
+            (4, SealError::BadLine("heartbeat"))
+        );
+        // Another secret.
+        let other = Signer::new(&crate::keys::digest::Hasher::new(vec![(1, vec![2; 32])]));
+        assert_eq!(refused_at(&stream(&other, b"n1"), b"n1").0, 0);
     }
 
     #[test]

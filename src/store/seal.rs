@@ -10,6 +10,12 @@
 //! - A **sealed file** (the gateway's feed cache) ends with a trailer carrying the record
 //!   count, the last revision and a MAC over every byte before it, so a cut anywhere, even on a
 //!   line boundary (THREATS I4), a garbage tail or a reordered/replaced line is detected.
+//! - A **sealed feed stream**: every line of a feed connection carries a tag over a nonce the
+//!   reader chose for this connection, every byte the stream sent before the line and the
+//!   line's own JSON. Someone on the path can then neither forge a heartbeat (to make a node
+//!   that misses revocations look in sync), drop, add or reorder a line unseen, end a snapshot
+//!   early, nor replay a stream recorded earlier; the reader checks each line before acting
+//!   on it.
 //!
 //! Derived keys, not the hash secret itself: a MAC and a key digest made with one key would
 //! let a record's MAC be replayed as some key's digest (and the reverse) if the inputs ever
@@ -28,6 +34,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 const RECORD_LABEL: &[u8] = b"keygate/v1/record-mac";
 const FILE_LABEL: &[u8] = b"keygate/v1/file-seal";
+const FEED_LABEL: &[u8] = b"keygate/v1/feed-stream";
 
 /// One history of revisions. 0 means "none": a legacy (unsigned) store.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -155,6 +162,12 @@ pub enum SealError {
     BadRecord { id: String, rev: u64 },
     #[error("MAC made with secret version {0}, which is not configured")]
     UnknownVersion(u32),
+    #[error(
+        "feed {0} line carries no MAC (a control plane older than this gateway, or a forged line)"
+    )]
+    UnsignedLine(&'static str),
+    #[error("feed {0} line: MAC does not verify (a line of this stream was forged, dropped, added, reordered or replayed)")]
+    BadLine(&'static str),
     #[error("{0}")]
     BadFile(String),
 }
@@ -164,6 +177,7 @@ pub enum SealError {
 pub struct Signer {
     record: Vec<(u32, HmacSha256)>,
     file: Vec<(u32, HmacSha256)>,
+    feed: Vec<(u32, HmacSha256)>,
 }
 
 impl fmt::Debug for Signer {
@@ -180,6 +194,7 @@ impl Signer {
         Signer {
             record: hasher.derive(RECORD_LABEL),
             file: hasher.derive(FILE_LABEL),
+            feed: hasher.derive(FEED_LABEL),
         }
     }
 
@@ -296,6 +311,33 @@ impl Signer {
             version,
             mac: Self::key(&self.file, version)?.clone(),
         })
+    }
+
+    /// The MAC over one feed stream, begun with the nonce its reader sent, keyed with the
+    /// newest secret (the control plane's side).
+    pub fn feed_chain(&self, nonce: &[u8]) -> Chain {
+        let (version, key) = self
+            .feed
+            .first()
+            .map(|(v, k)| (*v, k.clone()))
+            .unwrap_or_else(|| (0, <HmacSha256 as KeyInit>::new(&Default::default())));
+        Self::stream(version, key, nonce)
+    }
+
+    /// The same chain keyed with the version the stream's first tag names (the reader's side).
+    pub fn feed_chain_for(&self, version: u32, nonce: &[u8]) -> Result<Chain, SealError> {
+        Ok(Self::stream(
+            version,
+            Self::key(&self.feed, version)?.clone(),
+            nonce,
+        ))
+    }
+
+    fn stream(version: u32, mut mac: HmacSha256, nonce: &[u8]) -> Chain {
+        // Length first: no nonce's chain is a prefix of another's.
+        mac.update(&(nonce.len() as u64).to_be_bytes());
+        mac.update(nonce);
+        Chain { version, mac }
     }
 }
 

@@ -5,7 +5,10 @@
 //! the last good table, with its sync age.
 //!
 //! Fail static: a broken connection, a bad line, a bad MAC or a refused rollback never touches
-//! the table.
+//! the table. The stream is sealed (`store::seal`) under a nonce chosen per connection: a
+//! heartbeat only counts as "in sync" when it proves every line before it arrived as sent, so
+//! a path that drops a revocation and passes heartbeats is found at the next heartbeat and the
+//! session starts again from the revision held.
 //! Reconnects use jittered exponential backoff (100 ms to 5 s) so a fleet does not stampede a
 //! recovering control plane.
 
@@ -26,7 +29,8 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A feed longer than this without a line (heartbeats come every few seconds) is dead.
+/// A feed longer than this without a whole line (heartbeats come every few seconds) is dead,
+/// also when bytes still trickle in (a slow drip would otherwise hold the session for ever).
 const IDLE_LIMIT: Duration = Duration::from_secs(15);
 /// One feed line may not exceed this (a record is well under 4 KiB).
 const MAX_LINE: usize = 1024 * 1024;
@@ -47,7 +51,7 @@ pub enum FeedError {
     BadLine(String),
     #[error("feed offered revision {offered}, older than revision {applied} already applied: refusing a rollback")]
     Rollback { offered: u64, applied: u64 },
-    #[error("feed record refused: {0}")]
+    #[error("feed line refused: {0}")]
     BadRecord(#[from] crate::store::seal::SealError),
     #[error(transparent)]
     Refused(#[from] apply::Refusal),
@@ -77,7 +81,12 @@ struct Session<'a> {
     gw: &'a Arc<Gateway>,
     signer: &'a Signer,
     log: Option<LogId>,
-    snapshot: Option<(LogId, Vec<KeyRecord>)>,
+    /// The snapshot being received: its log, the count its (sealed) begin line announced, and
+    /// the records so far (never more than announced).
+    snapshot: Option<(LogId, usize, Vec<KeyRecord>)>,
+    /// This connection's nonce and the stream's seal, from its first line on.
+    nonce: String,
+    chain: Option<crate::store::seal::Chain>,
     cache: &'a mut Option<CacheWriter>,
     cache_path: &'a std::path::Path,
     touched_ms: i64,
@@ -255,12 +264,17 @@ async fn session(
     let sep = if url.contains('?') { '&' } else { '?' };
     // Present the log and revision held (from memory or the sealed cache): the control plane
     // resumes when they match its log, and sends a whole snapshot when they do not.
+    let nonce = fresh_nonce();
     let full = {
         let table = gw.table();
         if table.log().is_none() {
-            url.to_owned()
+            format!("{url}{sep}nonce={nonce}")
         } else {
-            format!("{url}{sep}log={}&after={}", table.log(), table.revision())
+            format!(
+                "{url}{sep}nonce={nonce}&log={}&after={}",
+                table.log(),
+                table.revision()
+            )
         }
     };
     let uri: Uri = full.parse().map_err(|_| FeedError::Url(url.to_owned()))?;
@@ -282,12 +296,15 @@ async fn session(
         signer,
         log: None,
         snapshot: None,
+        nonce,
+        chain: None,
         cache,
         cache_path: &source.cache,
         touched_ms: unix_ms(),
     };
+    let mut line_by = tokio::time::Instant::now() + IDLE_LIMIT;
     loop {
-        let frame = match tokio::time::timeout(IDLE_LIMIT, body.frame()).await {
+        let frame = match tokio::time::timeout_at(line_by, body.frame()).await {
             Err(_) => return Err(FeedError::Idle(IDLE_LIMIT)),
             Ok(None) => return Err(FeedError::Stream("closed by the control plane".into())),
             Ok(Some(Err(e))) => return Err(FeedError::Stream(e.to_string())),
@@ -298,10 +315,12 @@ async fn session(
         };
         buf.extend_from_slice(&data);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(nl + 1);
-            let line: FeedLine = serde_json::from_slice(&line[..nl])
+            let raw = buf.split_to(nl + 1);
+            let mut line: FeedLine = serde_json::from_slice(&raw[..nl])
                 .map_err(|e| FeedError::BadLine(e.to_string()))?;
+            line.check(&raw, &mut s.chain, s.signer, s.nonce.as_bytes())?;
             s.handle(line).await?;
+            line_by = tokio::time::Instant::now() + IDLE_LIMIT;
         }
         if buf.len() > MAX_LINE {
             return Err(FeedError::BadLine(format!(
@@ -312,11 +331,18 @@ async fn session(
     }
 }
 
+/// 16 random bytes as 32 hex digits: a recorded stream cannot be replayed to a new session.
+fn fresh_nonce() -> String {
+    let mut raw = [0u8; 16];
+    let _ = getrandom::fill(&mut raw);
+    crate::trace::to_hex(&raw)
+}
+
 impl Session<'_> {
     async fn handle(&mut self, line: FeedLine) -> Result<(), FeedError> {
         let gw = self.gw;
         match line {
-            FeedLine::Resume { log, rev } => {
+            FeedLine::Resume { log, rev, .. } => {
                 let table = gw.table();
                 if log != table.log() {
                     return Err(FeedError::BadLine(format!(
@@ -332,26 +358,37 @@ impl Session<'_> {
                 }
                 self.log = Some(log);
             }
-            FeedLine::SnapshotBegin { log, rev: _, count } => {
+            FeedLine::SnapshotBegin { log, count, .. } => {
                 self.log = Some(log);
-                self.snapshot = Some((log, Vec::with_capacity(count.min(1 << 20))));
+                self.snapshot = Some((log, count, Vec::with_capacity(count.min(1 << 16))));
             }
-            FeedLine::Record { record } => {
+            FeedLine::Record { record, .. } => {
                 let log = self
                     .log
                     .ok_or_else(|| FeedError::BadLine("record before resume or snapshot".into()))?;
                 self.signer.verify(log, &record)?;
                 match &mut self.snapshot {
-                    Some((_, records)) => records.push(*record),
+                    Some((_, count, records)) if records.len() >= *count => {
+                        return Err(FeedError::BadLine(format!(
+                            "snapshot holds more than the {count} records it announced"
+                        )))
+                    }
+                    Some((_, _, records)) => records.push(*record),
                     None => self.live(log, *record).await?,
                 }
             }
-            FeedLine::SnapshotEnd { rev } => {
-                let Some((log, records)) = self.snapshot.take() else {
+            FeedLine::SnapshotEnd { rev, .. } => {
+                let Some((log, count, records)) = self.snapshot.take() else {
                     return Err(FeedError::BadLine(
                         "snapshot_end without snapshot_begin".into(),
                     ));
                 };
+                if records.len() != count {
+                    return Err(FeedError::BadLine(format!(
+                        "snapshot of {} records announced {count}",
+                        records.len()
+                    )));
+                }
                 let (table, out) = apply::snapshot(&gw.table(), log, rev, records)?;
                 follow::report_kept_revoked(gw, &out.kept_revoked);
                 let keys = table.len();
@@ -384,7 +421,7 @@ impl Session<'_> {
                 };
                 self.touched_ms = now;
             }
-            FeedLine::Heartbeat { rev, time_ms } => {
+            FeedLine::Heartbeat { rev, time_ms, .. } => {
                 let applied = gw.table().revision();
                 if rev < applied {
                     return Err(FeedError::Rollback {
