@@ -794,6 +794,10 @@ where
     addr
 }
 
+/// The head of a feed answer whose body runs to the close (no chunked framing).
+const FEED_TO_THE_CLOSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n";
+
 /// The nonce a gateway sent in its feed request (the `nonce=` query parameter).
 fn nonce_of(request: &[u8]) -> String {
     let head = String::from_utf8_lossy(request);
@@ -1429,6 +1433,10 @@ async fn usage_of_thousands_of_keys_reaches_the_control_plane() {
     gw.assert_not_logged(&keys[0]);
 }
 
+/// What a load balancer answers when it gave up waiting.
+const BAD_GATEWAY: &[u8] =
+    b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
 /// What `lossy_proxy` does with an answer it loses.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Lose {
@@ -1451,57 +1459,48 @@ async fn lossy_proxy(
     let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
     let bodies = seen.clone();
     let addr = serve_each(10_000, move |_, mut client| {
-            let (seen, marker) = (seen.clone(), marker.clone());
-            async move {
-                // The request head, then (for a report) its body, whole.
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                let head_end = loop {
-                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
+        let (seen, marker) = (seen.clone(), marker.clone());
+        async move {
+            // The request head, then (for a report) its body, whole.
+            let mut buf = vec![0u8; 65536];
+            let Some((head, mut body)) = read_head(&mut client, &mut buf).await else {
+                return;
+            };
+            let lower = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
+                return;
+            };
+            if lower.starts_with("post /v1/usage") {
+                let len: usize = lower
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while body.len() < len {
                     match client.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                };
-                let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
-                let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
-                    return;
-                };
-                if head.starts_with("post /v1/usage") {
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while got.len() < head_end + len {
-                        match client.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let body = got[head_end..head_end + len].to_vec();
-                    let lost = String::from_utf8_lossy(&body).contains(marker.as_str()) && {
-                        let mut seen = seen.lock().unwrap();
-                        seen.push(body);
-                        seen.len() <= lose
-                    };
-                    if lost {
-                        // Applied once the answer starts; then nobody hears it.
-                        let _ = server.write_all(&got).await;
-                        let _ = server.read(&mut buf).await;
-                        if how == Lose::As502 {
-                            let _ = client
-                                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                                .await;
-                        }
-                        return;
+                        Ok(n) => body.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = server.write_all(&got).await;
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let report = body[..len].to_vec();
+                let lost = String::from_utf8_lossy(&report).contains(marker.as_str()) && {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(report);
+                    seen.len() <= lose
+                };
+                if lost {
+                    // Applied once the answer starts; then nobody hears it.
+                    let _ = server.write_all(&[head, body].concat()).await;
+                    let _ = server.read(&mut buf).await;
+                    if how == Lose::As502 {
+                        let _ = client.write_all(BAD_GATEWAY).await;
+                    }
+                    return;
+                }
             }
+            let _ = server.write_all(&[head, body].concat()).await;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
     })
     .await;
     (addr, bodies)
@@ -1790,69 +1789,67 @@ async fn line_dropping_proxy(
     let dropped = Arc::new(Mutex::new(0usize));
     let count = dropped.clone();
     let addr = serve_each(1_000, move |_, mut client| {
-            let dropped = dropped.clone();
-            async move {
-                let mut buf = vec![0u8; 65536];
-                let Some((head, rest)) = read_head(&mut client, &mut buf).await else {
-                    return;
-                };
-                let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
-                    return;
-                };
-                let _ = server.write_all(&[head.clone(), rest].concat()).await;
-                if !String::from_utf8_lossy(&head).starts_with("GET /v1/feed") {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    return;
+        let dropped = dropped.clone();
+        async move {
+            let mut buf = vec![0u8; 65536];
+            let Some((head, rest)) = read_head(&mut client, &mut buf).await else {
+                return;
+            };
+            let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
+                return;
+            };
+            let _ = server.write_all(&[head.clone(), rest].concat()).await;
+            if !String::from_utf8_lossy(&head).starts_with("GET /v1/feed") {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                return;
+            }
+            let Some((answer, mut body)) = read_head(&mut server, &mut buf).await else {
+                return;
+            };
+            if !answer.starts_with(b"HTTP/1.1 200") {
+                let _ = client.write_all(&[answer, body].concat()).await;
+                return;
+            }
+            let _ = client.write_all(FEED_TO_THE_CLOSE).await;
+            // Undo the chunked framing, then pass on whole lines.
+            let mut lines = Vec::new();
+            for _ in 0..1_000_000 {
+                while let Some(i) = body.windows(2).position(|w| w == b"\r\n") {
+                    let size = usize::from_str_radix(
+                        String::from_utf8_lossy(&body[..i])
+                            .split(';')
+                            .next()
+                            .unwrap_or("")
+                            .trim(),
+                        16,
+                    )
+                    .unwrap_or(0);
+                    if body.len() < i + 2 + size + 2 {
+                        break;
+                    }
+                    if size == 0 {
+                        return;
+                    }
+                    lines.extend_from_slice(&body[i + 2..i + 2 + size]);
+                    body.drain(..i + 2 + size + 2);
                 }
-                let Some((answer, mut body)) = read_head(&mut server, &mut buf).await else {
-                    return;
-                };
-                if !answer.starts_with(b"HTTP/1.1 200") {
-                    let _ = client.write_all(&[answer, body].concat()).await;
-                    return;
+                while let Some(nl) = lines.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = lines.drain(..=nl).collect();
+                    let drop_it = String::from_utf8_lossy(&line).contains(marker) && {
+                        let mut d = dropped.lock().unwrap();
+                        *d += 1;
+                        *d == 1
+                    };
+                    if !drop_it && client.write_all(&line).await.is_err() {
+                        return;
+                    }
                 }
-                let _ = client
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n")
-                    .await;
-                // Undo the chunked framing, then pass on whole lines.
-                let mut lines = Vec::new();
-                for _ in 0..1_000_000 {
-                    while let Some(i) = body.windows(2).position(|w| w == b"\r\n") {
-                        let size = usize::from_str_radix(
-                            String::from_utf8_lossy(&body[..i])
-                                .split(';')
-                                .next()
-                                .unwrap_or("")
-                                .trim(),
-                            16,
-                        )
-                        .unwrap_or(0);
-                        if body.len() < i + 2 + size + 2 {
-                            break;
-                        }
-                        if size == 0 {
-                            return;
-                        }
-                        lines.extend_from_slice(&body[i + 2..i + 2 + size]);
-                        body.drain(..i + 2 + size + 2);
-                    }
-                    while let Some(nl) = lines.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = lines.drain(..=nl).collect();
-                        let drop_it = String::from_utf8_lossy(&line).contains(marker) && {
-                            let mut d = dropped.lock().unwrap();
-                            *d += 1;
-                            *d == 1
-                        };
-                        if !drop_it && client.write_all(&line).await.is_err() {
-                            return;
-                        }
-                    }
-                    match server.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => body.extend_from_slice(&buf[..n]),
-                    }
+                match server.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => body.extend_from_slice(&buf[..n]),
                 }
             }
+        }
     })
     .await;
     (addr, count)
@@ -1919,9 +1916,7 @@ async fn a_feed_that_drips_bytes_without_a_line_is_given_up() {
         async move {
             let mut req = vec![0u8; 4096];
             let _ = sock.read(&mut req).await;
-            let _ = sock
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n")
-                .await;
+            let _ = sock.write_all(FEED_TO_THE_CLOSE).await;
             // A byte every 200 ms, far inside the idle limit, for at most a minute.
             for _ in 0..300 {
                 if sock.write_all(b" ").await.is_err() {

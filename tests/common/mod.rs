@@ -122,14 +122,31 @@ pub fn require_tool(bin: &str, apt_package: &str) -> PathBuf {
 /// `keygate serve --config <config>` with its wall clock moved by `offset` (a `faketime`
 /// offset such as "+10m"; Debian package `faketime`). Monotonic time is left alone, so timers
 /// and deadlines keep the real clock. Not yet ready: see `wait_ready`.
+///
+/// The library `faketime` preloads is set on keygate itself rather than run through the
+/// `faketime` wrapper: the wrapper forks, so killing it (as `Gateway`'s drop does) left the
+/// gateway running after the test.
 pub async fn spawn_with_clock(config: &Path, offset: &str, envs: &[(&str, &str)]) -> Gateway {
     let faketime = require_tool("faketime", "faketime");
-    let mut cmd = Command::new(faketime);
-    cmd.args(["-f", offset])
-        .arg(keygate_bin())
-        .arg("serve")
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is installed but no /usr/lib/*/faketime/libfaketime.so.1 was found: \
+                 install libfaketime (apt-get install -y faketime)",
+                faketime.display()
+            )
+        });
+    let mut cmd = Command::new(keygate_bin());
+    cmd.arg("serve")
         .arg("--config")
         .arg(config)
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME", offset)
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .envs(envs.iter().copied());
     let log = config.with_file_name("gateway.stderr.log");
