@@ -445,6 +445,15 @@ async fn every_endpoint_happy_path() {
         .contains("content-type: application/x-ndjson"));
     assert!(text.contains("\"type\":\"snapshot_begin\""));
     assert!(text.contains(&id1));
+    // Every line sealed (for the empty nonce: this reader sent none).
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("{\"type\""))
+        .collect();
+    assert!(lines.len() >= 3, "{text}");
+    for l in lines {
+        assert!(l.ends_with("\"}") && l.contains(",\"seal\":\"1:"), "{l}");
+    }
 }
 
 /// A usage report batch applied just before the control plane stopped, and sent again after
@@ -768,6 +777,21 @@ async fn validation_and_policy_failures() {
         400,
         "invalid_request",
     );
+    // The stream's nonce is at most 64 hex digits.
+    for nonce in ["not-hex", &"a".repeat(65)] {
+        assert_problem(
+            &call(
+                a,
+                Method::GET,
+                &format!("/v1/feed?nonce={nonce}"),
+                Some(&e.t.feed),
+                "",
+            )
+            .await,
+            400,
+            "invalid_request",
+        );
+    }
 }
 
 #[tokio::test]
