@@ -241,6 +241,9 @@ pub struct KeysConfig {
     pub max_staleness: String,
     /// "serve" (keep serving, alarm) or "fail_closed" (503).
     pub on_stale: String,
+    /// A whole table from the feed that leaves out more than this share (%) of the live keys
+    /// held (at least 10 of them) is refused and the last good table kept; 100 turns it off.
+    pub max_snapshot_drop_percent: u8,
     /// Keys unused for this long count as stale, e.g. "90d".
     pub stale_after: String,
     /// What `serve` (at start and on a reload) and `check` do when live keys use a secret
@@ -282,6 +285,7 @@ impl Default for KeysConfig {
             feed_cache: "feed-cache.jsonl".into(),
             max_staleness: "5m".into(),
             on_stale: "serve".into(),
+            max_snapshot_drop_percent: 50,
             stale_after: "90d".into(),
             on_missing_secret_version: "refuse".into(),
             redigest: true,

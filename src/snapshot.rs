@@ -385,6 +385,12 @@ impl Snapshot {
         let allowed_origins = allowed_origins(&c);
         let max_staleness = parse_duration(&c.keys.max_staleness)
             .map_err(|m| c.invalid("keys.max_staleness", m))?;
+        if c.keys.max_snapshot_drop_percent > 100 {
+            return Err(c.invalid(
+                "keys.max_snapshot_drop_percent",
+                "a share of the live keys: 0 to 100 (100 turns the guard off)",
+            ));
+        }
         let on_stale = match c.keys.on_stale.as_str() {
             "serve" => OnStale::Serve,
             "fail_closed" => OnStale::FailClosed,

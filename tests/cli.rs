@@ -2435,6 +2435,17 @@ fn check_covers_the_release_checklist() {
         r.stderr.contains("keys.touch_interval_seconds is 0"),
         "{r:?}"
     );
+    // The shrink guard is a share of the live keys.
+    std::fs::write(
+        &env.config,
+        base.replace("[keys]\n", "[keys]\nmax_snapshot_drop_percent = 101\n"),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(
+        !r.status.success() && r.stderr.contains("keys.max_snapshot_drop_percent"),
+        "{r:?}"
+    );
 
     // Unwritable paths (a directory; a path under a regular file: refused even for root).
     std::fs::create_dir(env.path("usage-dir")).unwrap();

@@ -181,7 +181,13 @@ impl Fleet {
     }
 
     async fn gateway(&self, n: usize) -> Gateway {
+        self.gateway_edited(n, |text| text).await
+    }
+
+    /// Gateway `n` with its config text changed by `edit` first.
+    async fn gateway_edited(&self, n: usize, edit: impl FnOnce(String) -> String) -> Gateway {
         let cfg = self.gw_config(n);
+        std::fs::write(&cfg, edit(std::fs::read_to_string(&cfg).unwrap())).unwrap();
         Gateway::spawn(
             &cfg,
             &[
@@ -1323,18 +1329,11 @@ async fn publishable_keys_made_through_the_api_work_only_from_their_origin() {
     assert!(key.starts_with("kg_pub_live_"), "{v}");
     let (_, secret_key) = fleet.create("secret").await;
 
-    let cfg = fleet.gw_config(0);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("\n[[routes]]\nname = \"widget\"\npath_prefix = \"/widget\"\npublishable = true\nupstream = \"up\"\n");
-    std::fs::write(&cfg, text).unwrap();
-    let gw = Gateway::spawn(
-        &cfg,
-        &[
-            (SECRET_VAR, SECRET),
-            ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
-        ],
-    )
-    .await;
+    let gw = fleet
+        .gateway_edited(0, |text| {
+            text + "\n[[routes]]\nname = \"widget\"\npath_prefix = \"/widget\"\npublishable = true\nupstream = \"up\"\n"
+        })
+        .await;
     let call = |path: &'static str, key: String, origin: Option<&'static str>| {
         let addr = gw.http;
         async move {
@@ -1945,4 +1944,60 @@ async fn a_feed_that_drips_bytes_without_a_line_is_given_up() {
     assert!(source_errors(&gw, "feed").await >= 1.0);
     let log = gw.stderr_contents();
     assert!(log.contains("feed idle for 15s"), "{log}");
+}
+
+/// THREATS I6: a control plane restarted on an empty store (a volume not mounted, the wrong
+/// directory) serves a whole new table without any of the fleet's keys. A gateway holding
+/// them refuses it (`source_errors{kind="shrink"}`, the reason in its log) and keeps serving
+/// its last good table; one configured with `max_snapshot_drop_percent = 100` takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_on_an_empty_store_does_not_empty_the_fleet() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let keys = fleet.import("held", 12);
+    let guarded = fleet.gateway(0).await;
+    let open = fleet
+        .gateway_edited(1, |text| {
+            text.replacen("[keys]\n", "[keys]\nmax_snapshot_drop_percent = 100\n", 1)
+        })
+        .await;
+    for gw in [&guarded, &open] {
+        until_status_fresh(gw, &keys[11], 200, RECONNECT_BOUND).await;
+    }
+
+    // The control plane comes back on its port with none of its store.
+    let port = fleet.cp_addr().port();
+    drop(fleet.cp.take());
+    for entry in std::fs::read_dir(fleet.root.join("cp")).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keys.jsonl")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    fleet.restart_cp(port).await;
+
+    until_status_fresh(&open, &keys[0], 401, RECONNECT_BOUND).await;
+    eventually_named("the empty table refused", RECONNECT_BOUND, || async {
+        (source_errors(&guarded, "shrink").await >= 1.0).then_some(())
+    })
+    .await;
+    let mut c = KeepAlive::connect(guarded.http).await;
+    for key in &keys {
+        assert_eq!(
+            status(&mut c, key).await,
+            200,
+            "the last good table still served"
+        );
+    }
+    let log = guarded.stderr_contents();
+    assert!(
+        log.contains("leaves out 12 of the 12 live keys held"),
+        "{log}"
+    );
+    assert_eq!(source_errors(&open, "shrink").await, 0.0);
 }

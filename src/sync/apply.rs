@@ -8,6 +8,9 @@
 //! - **Never backwards**: within one log, a snapshot older than what is applied is refused and
 //!   records at or below the applied revision are ignored as replays. A different log id
 //!   (a restore, a replaced store) is a whole new table, never merged by revision.
+//! - **No wholesale loss** (THREATS I6): a whole new table from the feed that leaves out most
+//!   of the live keys held is refused (`shrink`). Keys are revoked by record, never deleted,
+//!   so a table without them is a control plane on the wrong or an empty store.
 //!
 //! Sources verify MACs before they call in here (`store::seal`); this module decides only
 //! what a verified change may do to the table.
@@ -28,6 +31,13 @@ pub enum Refusal {
     },
     #[error("records of log {offered} cannot extend a table of log {table}: a new log needs a whole table")]
     OtherLog { table: LogId, offered: LogId },
+    #[error("a whole table of log {log} leaves out {vanished} of the {live} live keys held, more than `[keys] max_snapshot_drop_percent` = {max_percent} allows: keeping the last good table (is the control plane on the wrong or an empty store?)")]
+    Shrink {
+        log: LogId,
+        live: usize,
+        vanished: usize,
+        max_percent: u8,
+    },
 }
 
 impl Refusal {
@@ -35,9 +45,14 @@ impl Refusal {
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::Backwards { .. } | Refusal::OtherLog { .. } => "rollback",
+            Refusal::Shrink { .. } => "shrink",
         }
     }
 }
+
+/// Below this many live keys the shrink rule does not apply: a table that small changes
+/// wholesale in trials and demos, and its loss is plain to see.
+pub const SHRINK_MIN_LIVE: usize = 10;
 
 /// What an apply did, for metrics, logs and audit.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -167,6 +182,38 @@ pub fn snapshot(
     }
     table.advance(rev);
     Ok((table, out))
+}
+
+/// The shrink rule: `next` may replace `current` unless, of the `live` keys `current` holds
+/// (neither revoked nor expired at `now`; at least [`SHRINK_MIN_LIVE`]), more than
+/// `max_percent` % are in `next` neither by id nor by digest. A key `next` holds revoked was
+/// revoked, not lost, and does not count. 100 turns the rule off.
+pub fn shrink(
+    current: &KeyTable,
+    next: &KeyTable,
+    max_percent: u8,
+    now: i64,
+) -> Result<(), Refusal> {
+    use crate::keys::record::KeyState;
+    let (mut live, mut vanished) = (0usize, 0usize);
+    for r in current.records() {
+        if matches!(r.state(now), KeyState::Revoked | KeyState::Expired) {
+            continue;
+        }
+        live += 1;
+        if next.get_by_id(&r.id).is_none() && next.get_by_digest(&r.digest).is_none() {
+            vanished += 1;
+        }
+    }
+    if live >= SHRINK_MIN_LIVE && vanished * 100 > live * usize::from(max_percent) {
+        return Err(Refusal::Shrink {
+            log: next.log(),
+            live,
+            vanished,
+            max_percent,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -309,6 +356,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_whole_table_that_leaves_out_most_live_keys_is_refused() {
+        let held: Vec<KeyRecord> = (0..20u8)
+            .map(|n| rec(&format!("key_{n}"), n, u64::from(n) + 1, n >= 18))
+            .collect();
+        let (t, _) = snapshot(&KeyTable::new(), L1, 20, held.clone()).unwrap();
+        // 18 live keys (two revoked). A new log holding 9 of them, and the two revoked ones
+        // left out too: 9 of 18 vanished, exactly 50 %: allowed; one more is not.
+        let keep = |n: usize| -> KeyTable {
+            let records = held[..n].iter().map(|r| KeyRecord {
+                rev: 1,
+                ..r.clone()
+            });
+            snapshot(&t, L2, 1, records.collect()).unwrap().0
+        };
+        const NOW: i64 = 100; // after the revocations (at 10) and expiries (at 5) below
+        assert_eq!(shrink(&t, &keep(9), 50, NOW), Ok(()));
+        assert_eq!(
+            shrink(&t, &keep(8), 50, NOW),
+            Err(Refusal::Shrink {
+                log: L2,
+                live: 18,
+                vanished: 10,
+                max_percent: 50
+            })
+        );
+        assert_eq!(shrink(&t, &keep(0), 100, NOW), Ok(()), "100 turns it off");
+        let every = |change: fn(&mut KeyRecord)| -> Vec<KeyRecord> {
+            let mut all = held.clone();
+            all.iter_mut().for_each(change);
+            all
+        };
+        // Revoked in the new table is revoked, not lost.
+        let all_revoked = every(|r| r.revoked_at = Some(5));
+        let (revoked, _) = snapshot(&t, L1, 30, all_revoked).unwrap();
+        assert_eq!(shrink(&t, &revoked, 0, NOW), Ok(()));
+        // Expired keys are not live; a small table is not guarded.
+        let expired = every(|r| r.expires_at = Some(5));
+        let (e, _) = snapshot(&KeyTable::new(), L1, 20, expired).unwrap();
+        assert_eq!(shrink(&e, &keep(0), 0, NOW), Ok(()));
+        let (small, _) = snapshot(&KeyTable::new(), L1, 9, held[..9].to_vec()).unwrap();
+        assert_eq!(shrink(&small, &keep(0), 0, NOW), Ok(()));
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl FeedError {
     fn kind(&self) -> &'static str {
         match self {
             FeedError::BadRecord(_) => "bad_mac",
-            FeedError::Rollback { .. } | FeedError::Refused(_) => "rollback",
+            FeedError::Refused(r) => r.kind(),
+            FeedError::Rollback { .. } => "rollback",
             FeedError::Url(_)
             | FeedError::Connect(_)
             | FeedError::Status(_)
@@ -390,6 +391,8 @@ impl Session<'_> {
                     )));
                 }
                 let (table, out) = apply::snapshot(&gw.table(), log, rev, records)?;
+                let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
+                apply::shrink(&gw.table(), &table, max_drop, crate::clock::unix_secs())?;
                 follow::report_kept_revoked(gw, &out.kept_revoked);
                 let keys = table.len();
                 // The cache holds the table as enforced (revocations kept included).
