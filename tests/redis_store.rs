@@ -892,3 +892,58 @@ async fn a_usage_report_batch_counts_once_across_control_planes_and_failures() {
     let ttl: u64 = redis.cmd(&["TTL", &marks]).parse().unwrap();
     assert!((1..=7 * 24 * 3600).contains(&ttl), "{ttl}");
 }
+
+/// THREATS I6 on the Redis store: a database emptied (`FLUSHALL`, or gateways pointed at the
+/// wrong one) and written again holds none of the fleet's keys. A gateway holding them refuses
+/// the whole new table (`source_errors{kind="shrink"}`) and serves on from its last good one,
+/// looking again after a backoff; one with `max_snapshot_drop_percent = 100` takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_redis_store_does_not_empty_the_fleet() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let held: Vec<_> = (0..12)
+        .map(|_| create_key(nodes.cli_config(), &["--scope", "invoices:read"]))
+        .collect();
+    let open_cfg = &nodes.configs[1];
+    let text = std::fs::read_to_string(open_cfg).unwrap().replacen(
+        "[keys]\n",
+        "[keys]\nmax_snapshot_drop_percent = 100\n",
+        1,
+    );
+    std::fs::write(open_cfg, text).unwrap();
+    let guarded = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    let open = spawn_ready(open_cfg, &[], ENFORCE).await;
+    for gw in [&guarded, &open] {
+        until(gw, &held[11].key, 200).await;
+    }
+
+    redis.cmd(&["FLUSHALL"]);
+    let after = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    until(&open, &after.key, 200).await;
+    until(&open, &held[0].key, 401).await;
+    eventually_named("the emptied store refused", ENFORCE, || async {
+        (metric(&guarded, "keygate_source_errors_total{kind=\"shrink\"}").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    for k in &held {
+        assert_eq!(status(&guarded, &k.key).await, 200, "the last good table");
+    }
+    assert_eq!(
+        status(&guarded, &after.key).await,
+        401,
+        "nothing of the new table"
+    );
+    let log = guarded.stderr_contents();
+    assert!(
+        log.contains("leaves out 12 of the 12 live keys held"),
+        "{log}"
+    );
+    // It looks again (a new follower after each refusal), not once for all.
+    eventually_named("refused again later", Duration::from_secs(20), || async {
+        (metric(&guarded, "keygate_source_errors_total{kind=\"shrink\"}").await >= 2.0)
+            .then_some(())
+    })
+    .await;
+}

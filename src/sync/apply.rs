@@ -8,9 +8,10 @@
 //! - **Never backwards**: within one log, a snapshot older than what is applied is refused and
 //!   records at or below the applied revision are ignored as replays. A different log id
 //!   (a restore, a replaced store) is a whole new table, never merged by revision.
-//! - **No wholesale loss** (THREATS I6): a whole new table from the feed that leaves out most
-//!   of the live keys held is refused (`shrink`). Keys are revoked by record, never deleted,
-//!   so a table without them is a control plane on the wrong or an empty store.
+//! - **No wholesale loss** (THREATS I6): a whole new table from the feed or the Redis store
+//!   that leaves out most of the live keys held is refused (`shrink`). Keys are revoked by
+//!   record, never deleted, so a table without them is a store emptied or mistaken for
+//!   another (a volume not mounted, a flushed or wrong database).
 //!
 //! Sources verify MACs before they call in here (`store::seal`); this module decides only
 //! what a verified change may do to the table.

@@ -39,7 +39,8 @@ pub fn spawn(
         move |result| match result {
             Ok(update) => {
                 last_error = None;
-                apply(&gw, update);
+                // Never refused: only a guarded whole table is (`Whole`).
+                let _ = apply(&gw, update, Whole::Trusted);
             }
             Err(e) => {
                 let text = e.to_string();
@@ -217,8 +218,19 @@ fn report_corrupt(gw: &Gateway, parsed: &Parsed) {
     }
 }
 
-/// Apply one `Update` of a store follower (the file here, Redis in `sync::redis`).
-pub fn apply(gw: &Gateway, update: Update) {
+/// Whether a whole table must keep most of the live keys held (`sync::apply::shrink`): the
+/// Redis store, where an emptied or switched database reaches every gateway at once; not the
+/// store file, which only its operator replaces.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Whole {
+    Trusted,
+    Guarded,
+}
+
+/// Apply one `Update` of a store follower (the file here, Redis in `sync::redis`). Returns
+/// the refusal of a whole table that `Whole::Guarded` kept out (reported already), so the
+/// follower can look again later with the configuration then in force.
+pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Refusal> {
     match update {
         Update::Unchanged => gw.mark_synced(),
         Update::Appended(parsed) => {
@@ -259,8 +271,19 @@ pub fn apply(gw: &Gateway, update: Update) {
             let built = apply::snapshot(&gw.table(), log, parsed.rev, parsed.records);
             let (table, out) = match built {
                 Ok(b) => b,
-                Err(refusal) => return report_refusal(gw, &refusal),
+                Err(refusal) => {
+                    report_refusal(gw, &refusal);
+                    return Ok(());
+                }
             };
+            if whole == Whole::Guarded {
+                let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
+                let now = crate::clock::unix_secs();
+                if let Err(refusal) = apply::shrink(&gw.table(), &table, max_drop, now) {
+                    report_refusal(gw, &refusal);
+                    return Err(refusal);
+                }
+            }
             report_kept_revoked(gw, &out.kept_revoked);
             let (rev, keys) = (table.revision(), table.len());
             gw.replace_table(table);
@@ -275,6 +298,7 @@ pub fn apply(gw: &Gateway, update: Update) {
             );
         }
     }
+    Ok(())
 }
 
 /// Propagation ages, rotation events and kept revocations of an incremental apply (shared

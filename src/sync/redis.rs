@@ -26,6 +26,7 @@ use crate::store::file::Update;
 use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
 use crate::sync::cache::CacheWriter;
+use crate::sync::file::Whole;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +73,8 @@ pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) ->
         match follower.next().await {
             Ok(update) => {
                 let change = change_of(&update);
-                crate::sync::file::apply(&gw, update);
+                // The first table: nothing held that it could leave out.
+                let _ = crate::sync::file::apply(&gw, update, Whole::Guarded);
                 pending = Some(change);
             }
             Err(e) => first.unreachable = Some(e.to_string()),
@@ -217,31 +219,42 @@ async fn run(
         let error = loop {
             match follower.next().await {
                 Ok(update) => {
+                    let change = change_of(&update);
+                    if crate::sync::file::apply(&gw, update, Whole::Guarded).is_err() {
+                        break None;
+                    }
                     last_error.clear();
                     backoff = Duration::from_millis(100);
-                    let change = change_of(&update);
-                    crate::sync::file::apply(&gw, update);
                     copy.save(&gw, change).await;
                 }
-                Err(e) => break e,
+                Err(e) => break Some(e),
             }
         };
-        let kind = match error.kind() {
-            "io" => "redis",
-            other => other,
-        };
-        gw.metrics.source_errors.with_label_values(&[kind]).inc();
-        let text = error.to_string();
-        if text != last_error {
-            tracing::warn!(error = %error, revision = gw.table().revision(), "redis store follower: serving the last good table");
-            gw.audit(
-                Event::new("source.error", "gateway")
-                    .with("kind", kind)
-                    .with("error", text.clone()),
-            );
-            last_error = text;
+        // None: a whole table refused (reported); the new follower, after the backoff, loads
+        // the store whole again and it is judged afresh.
+        if let Some(error) = error {
+            report_error(&gw, &error, &mut last_error);
         }
         tokio::time::sleep(backoff).await; // reconnect pacing, not synchronisation
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Count, log (once while it lasts) and audit a follower error.
+fn report_error(gw: &Gateway, error: &crate::store::file::StoreError, last_error: &mut String) {
+    let kind = match error.kind() {
+        "io" => "redis",
+        other => other,
+    };
+    gw.metrics.source_errors.with_label_values(&[kind]).inc();
+    let text = error.to_string();
+    if text != *last_error {
+        tracing::warn!(error = %error, revision = gw.table().revision(), "redis store follower: serving the last good table");
+        gw.audit(
+            Event::new("source.error", "gateway")
+                .with("kind", kind)
+                .with("error", text.clone()),
+        );
+        *last_error = text;
     }
 }
