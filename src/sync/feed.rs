@@ -5,10 +5,11 @@
 //! the last good table, with its sync age.
 //!
 //! Fail static: a broken connection, a bad line, a bad MAC or a refused rollback never touches
-//! the table. The stream is sealed (`store::seal`) under a nonce chosen per connection: a
-//! heartbeat only counts as "in sync" when it proves every line before it arrived as sent, so
-//! a path that drops a revocation and passes heartbeats is found at the next heartbeat and the
-//! session starts again from the revision held.
+//! the table. The stream is sealed (`store::seal`) under a nonce chosen per connection, and
+//! each line is checked before it is acted on: a line only counts when it proves that every
+//! line before it arrived as sent, so a path that drops a revocation and passes heartbeats is
+//! found at the next line (a heartbeat at the latest) and the session starts again from the
+//! revision held.
 //! Reconnects use jittered exponential backoff (100 ms to 5 s) so a fleet does not stampede a
 //! recovering control plane.
 
