@@ -1462,7 +1462,7 @@ async fn lossy_proxy(
         async move {
             // The request head, then (for a report) its body, whole.
             let mut buf = vec![0u8; 65536];
-            let Some((head, mut body)) = read_head(&mut client, &mut buf).await else {
+            let Some((head, mut body)) = read_head(&mut client).await else {
                 return;
             };
             let lower = String::from_utf8_lossy(&head).to_ascii_lowercase();
@@ -1791,7 +1791,7 @@ async fn line_dropping_proxy(
         let dropped = dropped.clone();
         async move {
             let mut buf = vec![0u8; 65536];
-            let Some((head, rest)) = read_head(&mut client, &mut buf).await else {
+            let Some((head, rest)) = read_head(&mut client).await else {
                 return;
             };
             let Ok(mut server) = tokio::net::TcpStream::connect(cp).await else {
@@ -1802,7 +1802,7 @@ async fn line_dropping_proxy(
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 return;
             }
-            let Some((answer, mut body)) = read_head(&mut server, &mut buf).await else {
+            let Some((answer, mut body)) = read_head(&mut server).await else {
                 return;
             };
             if !answer.starts_with(b"HTTP/1.1 200") {
@@ -1852,22 +1852,6 @@ async fn line_dropping_proxy(
     })
     .await;
     (addr, count)
-}
-
-/// Reads up to the end of an HTTP head; returns the head and what came after it.
-async fn read_head(sock: &mut tokio::net::TcpStream, buf: &mut [u8]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let mut got = Vec::new();
-    for _ in 0..1_000 {
-        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = got.split_off(i + 4);
-            return Some((got, rest));
-        }
-        match sock.read(buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    None
 }
 
 /// A path between the control plane and a gateway that drops a revocation from the feed and

@@ -100,7 +100,7 @@ impl FeedLine {
         let mut v = serde_json::to_vec(&self).unwrap_or_default();
         let tag = chain.tag(&v);
         v.pop();
-        v.extend_from_slice(format!(",\"seal\":\"{tag}\"}}\n").as_bytes());
+        v.extend_from_slice(sealed_end(&tag).as_bytes());
         chain.update(&v);
         Bytes::from(v)
     }
@@ -118,9 +118,8 @@ impl FeedLine {
     ) -> Result<(), SealError> {
         let (what, slot) = self.seal_slot();
         let tag = slot.take().ok_or(SealError::UnsignedLine(what))?;
-        let sealed_end = format!(",\"seal\":\"{tag}\"}}\n");
         let unsigned = raw
-            .strip_suffix(sealed_end.as_bytes())
+            .strip_suffix(sealed_end(&tag).as_bytes())
             .ok_or(SealError::BadLine(what))?;
         let c = match chain {
             Some(c) => c,
@@ -132,6 +131,12 @@ impl FeedLine {
         c.update(raw);
         Ok(())
     }
+}
+
+/// How a sealed line ends: its seal as the last field, the closing brace, the newline. The
+/// line without it (and with `}`) is the JSON the seal covers.
+fn sealed_end(tag: &Tag) -> String {
+    format!(",\"seal\":\"{tag}\"}}\n")
 }
 
 /// Something subscribers must react to.

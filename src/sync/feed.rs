@@ -392,8 +392,7 @@ impl Session<'_> {
                     )));
                 }
                 let (table, out) = apply::snapshot(&gw.table(), log, rev, records)?;
-                let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
-                apply::shrink(&gw.table(), &table, max_drop, crate::clock::unix_secs())?;
+                follow::shrink(gw, &table)?;
                 follow::report_kept_revoked(gw, &out.kept_revoked);
                 let keys = table.len();
                 // The cache holds the table as enforced (revocations kept included).

@@ -277,9 +277,7 @@ pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Re
                 }
             };
             if whole == Whole::Guarded {
-                let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
-                let now = crate::clock::unix_secs();
-                if let Err(refusal) = apply::shrink(&gw.table(), &table, max_drop, now) {
+                if let Err(refusal) = shrink(gw, &table) {
                     report_refusal(gw, &refusal);
                     return Err(refusal);
                 }
@@ -299,6 +297,14 @@ pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Re
         }
     }
     Ok(())
+}
+
+/// The shrink rule (`sync::apply::shrink`) for a whole table that would replace this
+/// gateway's, with its `[keys] max_snapshot_drop_percent` and clock now (shared with the
+/// feed).
+pub fn shrink(gw: &Gateway, next: &crate::keys::table::KeyTable) -> Result<(), apply::Refusal> {
+    let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
+    apply::shrink(&gw.table(), next, max_drop, crate::clock::unix_secs())
 }
 
 /// Propagation ages, rotation events and kept revocations of an incremental apply (shared

@@ -354,9 +354,9 @@ fn echo_json(rec: &Recorded) -> String {
     .to_string()
 }
 
-/// Reads up to and including `\r\n\r\n` (≤ 1 MiB). Returns the head bytes,
-/// or `None` on EOF/error/oversize.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+/// Reads up to and including `\r\n\r\n` (≤ 1 MiB). Returns the head bytes and whatever
+/// came after them in the same reads (a body's start), or `None` on EOF/error/oversize.
+pub async fn read_head(stream: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -369,9 +369,8 @@ async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = find(&buf, b"\r\n\r\n") {
-            // Bytes past the head (a body) are ignored in raw modes.
-            buf.truncate(end + 4);
-            return Some(buf);
+            let rest = buf.split_off(end + 4);
+            return Some((buf, rest));
         }
         if buf.len() > MAX_HEAD {
             return None;
@@ -441,7 +440,8 @@ async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
 }
 
 async fn serve_raw(mut stream: TcpStream, peer: SocketAddr, conn: usize, mode: Mode, s: Shared) {
-    let Some(head) = read_head(&mut stream).await else {
+    // Bytes past the head (a body) are ignored in raw modes.
+    let Some((head, _)) = read_head(&mut stream).await else {
         return;
     };
     let rec = parse_request_head(&head, peer, conn);
