@@ -241,9 +241,9 @@ pub struct KeysConfig {
     pub max_staleness: String,
     /// "serve" (keep serving, alarm) or "fail_closed" (503).
     pub on_stale: String,
-    /// A whole table from the feed or the Redis store that leaves out more than this share (%)
-    /// of the live keys held (at least 10 of them) is refused and the last good table kept;
-    /// 100 turns it off. (Not the store file, which only its operator replaces.)
+    /// A whole table from the feed, the store file or the Redis store that leaves out more
+    /// than this share (%) of the live keys held (at least 10 of them) is refused and the last
+    /// good table kept; 100 turns it off.
     pub max_snapshot_drop_percent: u8,
     /// Keys unused for this long count as stale, e.g. "90d".
     pub stale_after: String,

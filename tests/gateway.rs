@@ -1692,6 +1692,47 @@ async fn store_inplace_restore_then_new_append_never_unrevokes() {
     assert_eq!(status_with_key(&gw, "/invoices/1", &fresh.key).await, 200);
 }
 
+/// THREATS I6 on the file store: an old backup restored and written to (the writer continues
+/// it as a new log) loses every key created since. A gateway holding them refuses that table
+/// while it leaves out most of them, is not in step (the sync age grows), and takes it once a
+/// reload sets `max_snapshot_drop_percent = 100`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_without_most_keys_is_refused_until_the_limit_allows_it() {
+    let s = Setup::new(Mode::Echo, "", "").await;
+    let early: Vec<Key> = (0..3).map(|_| s.create(&[])).collect();
+    let backup = std::fs::read(s.store()).unwrap();
+    let late: Vec<Key> = (0..12).map(|_| s.create(&[])).collect();
+    let gw = s.serve().await;
+    replace_atomically(&s.store(), &backup);
+    let after = s.create(&[]);
+    let shrink = r#"keygate_source_errors_total{kind="shrink"}"#;
+    let age = "keygate_table_sync_age_seconds";
+    wait_metric_at_least(&gw, shrink, 1.0).await;
+    let since = wait_metric_at_least(&gw, age, 1.0).await;
+    let refused = metric(&gw, shrink).await;
+    for k in late.iter().chain(&early) {
+        assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
+    }
+    assert_eq!(status_with_key(&gw, "/invoices/1", &after.key).await, 401);
+    // Judged once per version of the file (the writer may write it twice), not at every poll.
+    wait_metric_at_least(&gw, age, since + 1.0).await;
+    assert_eq!(metric(&gw, shrink).await, refused);
+
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    let allowing = config.replacen("[keys]\n", "[keys]\nmax_snapshot_drop_percent = 100\n", 1);
+    assert_ne!(allowing, config, "the config has a [keys] table");
+    std::fs::write(&s.config, allowing).unwrap();
+    gw.sighup();
+    wait_status(&gw, "/invoices/1", &after.key, 200, "the table taken").await;
+    for k in &late {
+        assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 401);
+    }
+    assert_eq!(
+        status_with_key(&gw, "/invoices/1", &early[0].key).await,
+        200
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Lifecycle defects (issue 14): each test failed before its fix
 // ---------------------------------------------------------------------------------------------

@@ -427,7 +427,7 @@ impl FeedState {
         let state = self.clone();
         let mut follower = Follower::new(store.clone());
         let mut last_error = String::new();
-        let mut handle = move |result: Result<Update, StoreError>| match result {
+        let mut handle = move |_: &mut Follower, result: Result<Update, StoreError>| match result {
             Ok(u) => {
                 last_error.clear();
                 let unrevoked = state.apply(u);
@@ -456,7 +456,8 @@ impl FeedState {
                 }
             }
         };
-        handle(follower.poll());
+        let first = follower.poll();
+        handle(&mut follower, first);
         crate::sync::file::watch_file("keygate-feed-store", follower, poll, handle)?;
         Ok(())
     }

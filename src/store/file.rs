@@ -1171,17 +1171,30 @@ pub enum Update {
 #[derive(Debug)]
 pub struct Follower {
     file: LogFile,
+    at: At,
+    /// The file version we refused (a rollback here, a shrink by the caller), so we report it
+    /// once, not on every poll.
+    refused: Option<Fingerprint>,
+    /// The last file read whole and where the follower stood before it, so a caller that
+    /// refuses that table (`refuse_last_whole`) leaves the follower where it was.
+    last_whole: Option<(Fingerprint, At)>,
+}
+
+/// Where a follower stands in the file it follows.
+#[derive(Debug, Clone)]
+struct At {
     ino: Option<(u64, u64)>,
     offset: u64,
     next_line: u64,
     rev: u64,
     log: LogId,
-    /// The file version we refused (rollback), so we report it once, not on every poll.
-    refused: Option<(u64, u64, u64)>,
     /// The last bytes consumed (up to `TAIL`): if they changed, the file was rewritten in
     /// place (e.g. a backup copied over it) and our offset means nothing any more.
     tail: Vec<u8>,
 }
+
+/// One version of the file: device, inode, length.
+type Fingerprint = (u64, u64, u64);
 
 const TAIL: usize = 64;
 
@@ -1189,13 +1202,16 @@ impl Follower {
     pub fn new(file: LogFile) -> Follower {
         Follower {
             file,
-            ino: None,
-            offset: 0,
-            next_line: 1,
-            rev: 0,
-            log: LogId::NONE,
+            at: At {
+                ino: None,
+                offset: 0,
+                next_line: 1,
+                rev: 0,
+                log: LogId::NONE,
+                tail: Vec::new(),
+            },
             refused: None,
-            tail: Vec::new(),
+            last_whole: None,
         }
     }
 
@@ -1205,12 +1221,12 @@ impl Follower {
 
     /// The revision of everything applied so far.
     pub fn revision(&self) -> u64 {
-        self.rev
+        self.at.rev
     }
 
     /// The log being followed (`NONE` before the first read or for a legacy file).
     pub fn log(&self) -> LogId {
-        self.log
+        self.at.log
     }
 
     /// Start from the checkpoint beside the log (`store::checkpoint`) instead of reading the
@@ -1256,13 +1272,13 @@ impl Follower {
             .file
             .parse(complete, seal.log_lines + 1, seal.rev, seal.log);
         let end = fp.len() + complete.len();
-        self.ino = Some((meta.dev(), meta.ino()));
-        self.offset = seal.log_bytes + complete.len() as u64;
-        self.next_line =
+        self.at.ino = Some((meta.dev(), meta.ino()));
+        self.at.offset = seal.log_bytes + complete.len() as u64;
+        self.at.next_line =
             seal.log_lines + 1 + complete.iter().filter(|&&b| b == b'\n').count() as u64;
-        self.rev = parsed.rev.max(seal.rev);
-        self.log = seal.log;
-        self.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
+        self.at.rev = parsed.rev.max(seal.rev);
+        self.at.log = seal.log;
+        self.at.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
         Ok(Some((loaded.table, parsed)))
     }
 
@@ -1279,27 +1295,27 @@ impl Follower {
         if self.refused == Some(fingerprint) {
             return Ok(Update::Unchanged);
         }
-        if self.ino == Some(id) && meta.len() >= self.offset {
-            if meta.len() == self.offset {
+        if self.at.ino == Some(id) && meta.len() >= self.at.offset {
+            if meta.len() == self.at.offset {
                 return Ok(Update::Unchanged);
             }
-            let back = self.tail.len() as u64;
-            f.seek(SeekFrom::Start(self.offset - back)).map_err(io)?;
-            let mut buf = Vec::with_capacity((meta.len() - self.offset + back) as usize);
+            let back = self.at.tail.len() as u64;
+            f.seek(SeekFrom::Start(self.at.offset - back)).map_err(io)?;
+            let mut buf = Vec::with_capacity((meta.len() - self.at.offset + back) as usize);
             f.read_to_end(&mut buf).map_err(io)?;
-            if buf.starts_with(&self.tail) {
-                let complete = complete_prefix(&buf[self.tail.len()..]);
+            if buf.starts_with(&self.at.tail) {
+                let complete = complete_prefix(&buf[self.at.tail.len()..]);
                 if complete.is_empty() {
                     return Ok(Update::Unchanged);
                 }
                 let parsed = self
                     .file
-                    .parse(complete, self.next_line, self.rev, self.log);
-                self.offset += complete.len() as u64;
-                self.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
-                self.rev = parsed.rev;
-                let end = self.tail.len() + complete.len();
-                self.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
+                    .parse(complete, self.at.next_line, self.at.rev, self.at.log);
+                self.at.offset += complete.len() as u64;
+                self.at.next_line += complete.iter().filter(|&&b| b == b'\n').count() as u64;
+                self.at.rev = parsed.rev;
+                let end = self.at.tail.len() + complete.len();
+                self.at.tail = buf[end.saturating_sub(TAIL)..end].to_vec();
                 return Ok(Update::Appended(parsed));
             }
             // Rewritten in place: fall through and judge it whole.
@@ -1310,29 +1326,46 @@ impl Follower {
         f.read_to_end(&mut buf).map_err(io)?;
         let complete = complete_prefix(&buf);
         let parsed = self.file.parse(complete, 1, 0, LogId::NONE);
-        if parsed.log.is_none() && !self.log.is_none() {
+        if parsed.log.is_none() && !self.at.log.is_none() {
             self.refused = Some(fingerprint);
             return Err(StoreError::Downgrade {
                 path,
-                log: self.log,
+                log: self.at.log,
             });
         }
-        if parsed.log == self.log && parsed.rev < self.rev {
+        if parsed.log == self.at.log && parsed.rev < self.at.rev {
             self.refused = Some(fingerprint);
             return Err(StoreError::Rollback {
                 path,
                 file_rev: parsed.rev,
-                applied_rev: self.rev,
+                applied_rev: self.at.rev,
             });
         }
         self.refused = None;
-        self.log = parsed.log;
-        self.ino = Some(id);
-        self.offset = complete.len() as u64;
-        self.tail = complete[complete.len().saturating_sub(TAIL)..].to_vec();
-        self.next_line = 1 + complete.iter().filter(|&&b| b == b'\n').count() as u64;
-        self.rev = parsed.rev;
+        self.last_whole = Some((fingerprint, self.at.clone()));
+        self.at.log = parsed.log;
+        self.at.ino = Some(id);
+        self.at.offset = complete.len() as u64;
+        self.at.tail = complete[complete.len().saturating_sub(TAIL)..].to_vec();
+        self.at.next_line = 1 + complete.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.at.rev = parsed.rev;
         Ok(Update::Replaced(parsed))
+    }
+
+    /// The caller refused the table of the last `Update::Replaced` (`sync::apply::shrink`):
+    /// stand where the follower stood before it, so nothing of that file is applied as an
+    /// append and an older file of the log the caller holds is still judged against it, and
+    /// leave that version of the file alone until it changes or `judge_again`.
+    pub fn refuse_last_whole(&mut self) {
+        if let Some((fingerprint, before)) = self.last_whole.take() {
+            self.at = before;
+            self.refused = Some(fingerprint);
+        }
+    }
+
+    /// Read a refused file whole again at the next poll (the rule that refused it changed).
+    pub fn judge_again(&mut self) {
+        self.refused = None;
     }
 }
 
@@ -1699,6 +1732,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_refused_whole_file_leaves_the_follower_where_it_stood() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.jsonl");
+        let log = log_at(&path);
+        log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
+        let older = fs::read(&path).unwrap();
+        log.append(vec![rec("key_c", 3)]).unwrap();
+        let mut fol = Follower::new(log.clone());
+        assert!(matches!(fol.poll().unwrap(), Update::Replaced(_)));
+        let (held_log, held_rev) = (fol.log(), fol.revision());
+        // Another store's file renamed in; the caller refuses its table.
+        let other = log_at(dir.path().join("other.jsonl"));
+        other.append(vec![rec("key_x", 9)]).unwrap();
+        fs::rename(other.path(), &path).unwrap();
+        assert!(matches!(fol.poll().unwrap(), Update::Replaced(p) if p.records.len() == 1));
+        fol.refuse_last_whole();
+        assert_eq!((fol.log(), fol.revision()), (held_log, held_rev));
+        // That version is left alone...
+        assert!(matches!(fol.poll().unwrap(), Update::Unchanged));
+        assert!(matches!(fol.poll().unwrap(), Update::Unchanged));
+        // ...until asked to judge it again, and then it is read whole, not as an append.
+        fol.judge_again();
+        assert!(matches!(fol.poll().unwrap(), Update::Replaced(p) if p.records.len() == 1));
+        fol.refuse_last_whole();
+        // A line appended to the refused file: the file is judged whole again, never applied
+        // as an append onto the table held.
+        LogFile::new(&path, test_signer())
+            .append(vec![rec("key_y", 8)])
+            .unwrap();
+        assert!(matches!(fol.poll().unwrap(), Update::Replaced(p) if p.records.len() == 2));
+        fol.refuse_last_whole();
+        // An older copy of the log held is still judged against what was applied of it.
+        let tmp = dir.path().join("older.jsonl");
+        fs::write(&tmp, &older).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        assert!(matches!(
+            fol.poll(),
+            Err(StoreError::Rollback {
+                file_rev: 2,
+                applied_rev: 3,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! - **Never backwards**: within one log, a snapshot older than what is applied is refused and
 //!   records at or below the applied revision are ignored as replays. A different log id
 //!   (a restore, a replaced store) is a whole new table, never merged by revision.
-//! - **No wholesale loss** (THREATS I6): a whole new table from the feed or the Redis store
-//!   that leaves out most of the live keys held is refused (`shrink`). Keys are revoked by
-//!   record, never deleted, so a table without them is a store emptied or mistaken for
-//!   another (a volume not mounted, a flushed or wrong database).
+//! - **No wholesale loss** (THREATS I6): a whole new table from the feed, the store file or
+//!   the Redis store that leaves out most of the live keys held is refused (`shrink`). Keys
+//!   are revoked by record, never deleted, so a table without them is a store emptied or
+//!   mistaken for another (a volume not mounted, an old backup restored, a flushed or wrong
+//!   database).
 //!
 //! Sources verify MACs before they call in here (`store::seal`); this module decides only
 //! what a verified change may do to the table.
@@ -32,7 +33,7 @@ pub enum Refusal {
     },
     #[error("records of log {offered} cannot extend a table of log {table}: a new log needs a whole table")]
     OtherLog { table: LogId, offered: LogId },
-    #[error("a whole table of log {log} leaves out {vanished} of the {live} live keys held, more than `[keys] max_snapshot_drop_percent` = {max_percent} allows: keeping the last good table (is the control plane on the wrong or an empty store?)")]
+    #[error("a whole table of log {log} leaves out {vanished} of the {live} live keys held, more than `[keys] max_snapshot_drop_percent` = {max_percent} allows: keeping the last good table (is the store empty, an old backup or another store?)")]
     Shrink {
         log: LogId,
         live: usize,

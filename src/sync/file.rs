@@ -32,22 +32,39 @@ pub fn spawn(
     let mut follower = Follower::new(file);
     resume(&gw, &mut follower);
     let mut last_error: Option<String> = None;
+    // The drop limit in force when this node refused the file's table (a shrink): the file
+    // is judged again when it changes or when a reload changes the limit.
+    let mut refused_at: Option<u8> = None;
     watch_file(
         "keygate-store",
         follower,
         poll_interval,
-        move |result| match result {
-            Ok(update) => {
-                last_error = None;
-                // Never refused: only a guarded whole table is (`Whole`).
-                let _ = apply(&gw, update, Whole::Trusted);
+        move |follower, result| {
+            if let Some(limit) = refused_at {
+                if limit != max_drop(&gw) {
+                    follower.judge_again();
+                    refused_at = None;
+                } else if matches!(result, Ok(Update::Unchanged)) {
+                    // Still refused: the node is not in step with its store.
+                    return;
+                }
             }
-            Err(e) => {
-                let text = e.to_string();
-                // Report a persisting error once, not on every poll.
-                if last_error.as_deref() != Some(text.as_str()) {
-                    report(&gw, &e);
-                    last_error = Some(text);
+            match result {
+                Ok(update) => {
+                    last_error = None;
+                    refused_at = None;
+                    if apply(&gw, update).is_err() {
+                        follower.refuse_last_whole();
+                        refused_at = Some(max_drop(&gw));
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    // Report a persisting error once, not on every poll.
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        report(&gw, &e);
+                        last_error = Some(text);
+                    }
                 }
             }
         },
@@ -154,7 +171,7 @@ pub fn watch_file(
     name: &str,
     mut follower: Follower,
     poll_interval: Duration,
-    mut on_poll: impl FnMut(Result<Update, StoreError>) + Send + 'static,
+    mut on_poll: impl FnMut(&mut Follower, Result<Update, StoreError>) + Send + 'static,
 ) -> std::io::Result<()> {
     let path = follower.path().to_owned();
     let (tx, rx) = channel::<()>();
@@ -191,7 +208,8 @@ pub fn watch_file(
             // The watcher lives as long as the loop.
             let _watcher = watcher;
             loop {
-                on_poll(follower.poll());
+                let result = follower.poll();
+                on_poll(&mut follower, result);
                 match rx.recv_timeout(poll_interval) {
                     Ok(()) => while rx.try_recv().is_ok() {},
                     Err(RecvTimeoutError::Timeout) => {}
@@ -218,19 +236,13 @@ fn report_corrupt(gw: &Gateway, parsed: &Parsed) {
     }
 }
 
-/// Whether a whole table must keep most of the live keys held (`sync::apply::shrink`): the
-/// Redis store, where an emptied or switched database reaches every gateway at once; not the
-/// store file, which only its operator replaces.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Whole {
-    Trusted,
-    Guarded,
-}
-
-/// Apply one `Update` of a store follower (the file here, Redis in `sync::redis`). Returns
-/// the refusal of a whole table that `Whole::Guarded` kept out (reported already), so the
-/// follower can look again later with the configuration then in force.
-pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Refusal> {
+/// Apply one `Update` of a store follower (the file here, Redis in `sync::redis`). A whole
+/// table must keep most of the live keys held (`sync::apply::shrink`): a store emptied or
+/// mistaken for another (a volume not mounted, an old backup restored, a flushed or switched
+/// database) would otherwise reach the node at once. Returns the refusal of such a table
+/// (reported already), so the follower can look again later with the configuration then in
+/// force.
+pub fn apply(gw: &Gateway, update: Update) -> Result<(), apply::Refusal> {
     match update {
         Update::Unchanged => gw.mark_synced(),
         Update::Appended(parsed) => {
@@ -276,11 +288,9 @@ pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Re
                     return Ok(());
                 }
             };
-            if whole == Whole::Guarded {
-                if let Err(refusal) = shrink(gw, &table) {
-                    report_refusal(gw, &refusal);
-                    return Err(refusal);
-                }
+            if let Err(refusal) = shrink(gw, &table) {
+                report_refusal(gw, &refusal);
+                return Err(refusal);
             }
             report_kept_revoked(gw, &out.kept_revoked);
             let (rev, keys) = (table.revision(), table.len());
@@ -303,8 +313,11 @@ pub fn apply(gw: &Gateway, update: Update, whole: Whole) -> Result<(), apply::Re
 /// gateway's, with its `[keys] max_snapshot_drop_percent` and clock now (shared with the
 /// feed).
 pub fn shrink(gw: &Gateway, next: &crate::keys::table::KeyTable) -> Result<(), apply::Refusal> {
-    let max_drop = gw.snapshot().config.keys.max_snapshot_drop_percent;
-    apply::shrink(&gw.table(), next, max_drop, crate::clock::unix_secs())
+    apply::shrink(&gw.table(), next, max_drop(gw), crate::clock::unix_secs())
+}
+
+fn max_drop(gw: &Gateway) -> u8 {
+    gw.snapshot().config.keys.max_snapshot_drop_percent
 }
 
 /// Propagation ages, rotation events and kept revocations of an incremental apply (shared

@@ -26,7 +26,6 @@ use crate::store::file::Update;
 use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
 use crate::sync::cache::CacheWriter;
-use crate::sync::file::Whole;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +73,7 @@ pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) ->
             Ok(update) => {
                 let change = change_of(&update);
                 // The first table: nothing held that it could leave out.
-                let _ = crate::sync::file::apply(&gw, update, Whole::Guarded);
+                let _ = crate::sync::file::apply(&gw, update);
                 pending = Some(change);
             }
             Err(e) => first.unreachable = Some(e.to_string()),
@@ -220,7 +219,7 @@ async fn run(
             match follower.next().await {
                 Ok(update) => {
                     let change = change_of(&update);
-                    if crate::sync::file::apply(&gw, update, Whole::Guarded).is_err() {
+                    if crate::sync::file::apply(&gw, update).is_err() {
                         break None;
                     }
                     last_error.clear();
