@@ -3,7 +3,8 @@
 //! `copytruncate`): the moved file keeps every line written before the signal, the new file
 //! gets every line after it, and no line is lost, duplicated or split. Access lines on standard
 //! error (`KEYGATE_LOG=…,keygate::access=info`) are written off the request path as well:
-//! whole, and every one of them by the end of a graceful shutdown.
+//! whole, and every one of them by the end of a graceful shutdown. Hostile request values (CR,
+//! LF, quotes, backslashes, obs-text) leave every line in both one JSON object (THREATS J3).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -274,4 +275,172 @@ async fn stderr_after_burst(format: &str) -> String {
     assert!(gw.wait_exit(POLL).await.success());
     gw.assert_not_logged(&key.key);
     gw.stderr_contents()
+}
+
+/// Every string a JSON value holds (object values and array items, nested).
+fn strings(v: &serde_json::Value) -> Vec<&str> {
+    match v {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(a) => a.iter().flat_map(strings).collect(),
+        serde_json::Value::Object(o) => o.values().flat_map(strings).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// J3, log injection: requests whose path (percent-encoded CR/LF and quotes, raw quote,
+/// backslash, braces and non-ASCII bytes), query, User-Agent (`"`, `\`, tab, obs-text),
+/// X-Request-Id (`"`, `\`), key header and forged key-id header, Host, traceparent and method
+/// carry what would break a line or forge a field. Both the `[access_log]` file and standard
+/// error (`--log-format json`) are read whole after a graceful stop: every line parses as one
+/// JSON object, no value holds a control character (CR, LF, tab...), the file has exactly one
+/// line per request the gateway answered (by the request id each response carried, a hostile
+/// one replaced), with the allow-listed fields only, and nothing the client sent as a hostile
+/// value (nor the key) appears in either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_request_values_leave_every_access_line_one_json_object() {
+    let up = Upstream::start(Mode::Echo).await;
+    let dir = tempdir();
+    let log = dir.path().join("access.log");
+    let config = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(
+            up.addr(),
+            1000,
+            "",
+            "",
+            "[limits]\nauth_failures_per_minute = 100000\n\n[access_log]\npath = \"access.log\"\n\n[[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"up\"\n",
+        ),
+    );
+    let key = create_key(&config, &[]);
+    let mut gw = spawn_ready_args(
+        &config,
+        &["--log-format", "json"],
+        &[
+            ("KEYGATE_LOG", "info,keygate::access=info"),
+            ("NO_COLOR", "1"),
+        ],
+        POLL,
+    )
+    .await;
+
+    // Request lines and header lines by the status they get. Each request also carries
+    // `Host: a`, a clean `X-Request-Id: j3-<n>` unless it brings its own, and the valid key
+    // unless it is refused 401.
+    let cases: [(u16, &[&[u8]]); 3] = [
+        (
+            200,
+            &[
+                b"GET /orders/%22forged%22 HTTP/1.1\r\n",
+                b"GET /orders/1?q=%0d%0a%22forged%22%5c&r={} HTTP/1.1\r\n",
+                b"GET /orders/ua HTTP/1.1\r\nUser-Agent: forged\"ua\\\t\x80\xfe\xff\r\n",
+                b"GET /orders/rid HTTP/1.1\r\nX-Request-Id: forged\"rid\\\r\n",
+                b"GET /orders/rid HTTP/1.1\r\nX-Request-Id: forged\trid\r\n",
+                b"GET /orders/rid HTTP/1.1\r\nX-Request-Id: forged\x80\xff\r\n",
+                b"GET /orders/id HTTP/1.1\r\nX-Keygate-Key-Id: forged\"\\\r\n",
+                b"GET /orders/tp HTTP/1.1\r\ntraceparent: 00-forged\"\\-x\r\n",
+                b"M|^~'*! /orders/m HTTP/1.1\r\n",
+            ],
+        ),
+        (
+            400,
+            &[
+                b"GET /orders/x%0d%0a%22forged%22:1 HTTP/1.1\r\n",
+                b"GET /orders/%0aforged HTTP/1.1\r\n",
+                b"GET /orders/\"forged\\{} HTTP/1.1\r\n",
+                b"GET /orders/\xc3\xa9 HTTP/1.1\r\n",
+                b"GET /orders/host HTTP/1.1\r\nHost: forged\"\\\r\n",
+            ],
+        ),
+        (
+            401,
+            &[
+                b"GET /orders/key HTTP/1.1\r\nX-API-Key: key_forged\"\\\t\xff\r\n",
+                b"GET /orders/key HTTP/1.1\r\nAuthorization: Bearer forged\"\\{}\r\n",
+            ],
+        ),
+    ];
+    let mut answered = BTreeSet::new();
+    let all = cases
+        .iter()
+        .flat_map(|(want, heads)| heads.iter().map(move |h| (*want, *h)));
+    for (i, (want, head)) in all.enumerate() {
+        let name = String::from_utf8_lossy(head);
+        let mut req = head.to_vec();
+        if find(head, b"\nHost:").is_none() {
+            req.extend_from_slice(b"Host: a\r\n");
+        }
+        if find(head, b"\nX-Request-Id:").is_none() {
+            req.extend_from_slice(format!("X-Request-Id: j3-{i}\r\n").as_bytes());
+        }
+        if want != 401 {
+            req.extend_from_slice(format!("X-API-Key: {}\r\n", key.key).as_bytes());
+        }
+        req.extend_from_slice(b"Connection: close\r\n\r\n");
+        let out = raw_exchange(gw.http, &req, Duration::from_secs(5)).await;
+        assert_eq!(out.statuses(), [want], "{name:?}: {}", out.text());
+        let id = out.responses()[0]
+            .header("x-request-id")
+            .unwrap_or_else(|| panic!("{name:?}: not answered by the gateway: {}", out.text()));
+        assert!(!id.contains("forged"), "{name:?}: {id}");
+        assert!(answered.insert(id), "{name:?}: a request id twice");
+    }
+
+    eventually_named("one file line per request", POLL, || async {
+        (std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= answered.len())
+        .then_some(())
+    })
+    .await;
+    gw.sigterm();
+    assert!(gw.wait_exit(POLL).await.success());
+
+    let file = std::fs::read_to_string(&log).unwrap();
+    let stderr = gw.stderr_contents();
+    let fields = "bytes_in bytes_out client_ip host key_id latency_us method outcome request_id \
+                  route status timestamp trace_id upstream_us";
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    for (what, text) in [("access.log", &file), ("stderr", &stderr)] {
+        assert!(!text.contains('\r'), "a raw CR in {what}");
+        let mut ids = BTreeSet::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{what}: not one JSON line ({e}): {line:?}"));
+            assert!(v.is_object(), "{what}: {line}");
+            for s in strings(&v) {
+                assert!(
+                    !s.chars().any(char::is_control),
+                    "{what}: control character in {s:?}"
+                );
+            }
+            let access = if what == "access.log" {
+                let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+                assert_eq!(keys, fields, "{line}");
+                true
+            } else {
+                v["target"] == "keygate::access"
+            };
+            if access {
+                // Refused before routing (400), the line names no route; only a forwarded
+                // request names the key.
+                let route = if v["status"] == 400 { "none" } else { "orders" };
+                let key_id = if v["status"] == 200 { &key.id } else { "-" };
+                assert_eq!(
+                    (&v["route"], &v["key_id"]),
+                    (&route.into(), &key_id.into()),
+                    "{line}"
+                );
+                let id = v["request_id"].as_str().unwrap().to_owned();
+                assert!(ids.insert(id), "{what}: two lines for one request: {line}");
+            }
+        }
+        assert_eq!(ids, answered, "{what}: exactly one access line per request");
+        for needle in ["forged", key.key.as_str()] {
+            assert!(!text.contains(needle), "{needle:?} in {what}:\n{text}");
+        }
+    }
+    gw.assert_not_logged(&key.key);
 }

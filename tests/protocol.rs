@@ -1,4 +1,4 @@
-//! Hostile-input tests of `keygate serve` at the HTTP protocol layer (THREATS A, B, D, E):
+//! Hostile-input tests of `keygate serve` at the HTTP protocol layer (THREATS A, B, C5, D, E):
 //! request smuggling and framing, header abuse, path and host confusion, slow clients and
 //! connection caps. Every test drives the real binary over loopback with byte-exact requests
 //! and checks three things per case: the status the client got, whether the gateway closed
@@ -25,7 +25,9 @@
 //!   which the gateway never sends (an upstream 101 is a 502).
 //! - A14: CONNECT is parsed by hyper and refused by the gateway (405); an absolute-form
 //!   target whose authority differs from Host is refused by the gateway (400); an over-long
-//!   request line is refused by hyper with 431 (head larger than `max_buf_size`) and close.
+//!   request line is refused by hyper with 431 (head larger than `max_buf_size`) and close;
+//!   `OPTIONS *` is parsed by hyper and refused by the gateway (400 `bad_path`); two spaces
+//!   between the parts of the request line are refused by hyper (400, empty body) and close.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -522,6 +524,41 @@ async fn a14_connect_absolute_form_and_long_uri() {
     env.assert_healthy().await;
 }
 
+/// `OPTIONS *` (asterisk-form) names no path the gateway could route or scope: refused by the
+/// gateway with 400 `bad_path` in problem+json (`path::canonicalize`: not origin-form). A
+/// request line with two spaces between its parts is malformed (RFC 9112 §3: single SP):
+/// refused with 400 and an empty body by hyper's parser before the gateway sees it. A valid
+/// key rides on each, so a gateway that took any of them would forward it.
+#[tokio::test]
+async fn a14_options_asterisk_and_extra_spaces_in_the_request_line() {
+    let env = start().await;
+    let k = env.key.clone();
+    // (request line, answered by the gateway with a problem body)
+    let cases = [
+        ("OPTIONS * HTTP/1.1", true),
+        ("GET  /v1/public/a14 HTTP/1.1", false),
+        ("GET /v1/public/a14  HTTP/1.1", false),
+        ("GET  /v1/public/a14  HTTP/1.1", false),
+    ];
+    for (line, problem) in cases {
+        let bytes = format!("{line}\r\nHost: a\r\nX-API-Key: {k}\r\nConnection: close\r\n\r\n");
+        let out = raw_exchange(env.gw.http, bytes.as_bytes(), EXCHANGE).await;
+        assert_eq!(statuses(&out), [400], "{line}: {}", out.text());
+        assert!(out.closed(), "{line}");
+        let r = &out.responses()[0];
+        if problem {
+            let ctype = r.header("content-type");
+            assert_eq!(ctype.as_deref(), Some("application/problem+json"), "{line}");
+            assert_eq!(json(&r.body)["code"], "bad_path", "{line}");
+        } else {
+            assert!(r.body.is_empty(), "{line}: {}", out.text());
+        }
+    }
+    assert_eq!(env.up.count(), 0, "{:?}", env.paths());
+    assert!(env.up.wire().is_empty(), "the upstream was sent bytes");
+    env.assert_healthy().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // B. Header abuse
 // ---------------------------------------------------------------------------------------------
@@ -652,6 +689,126 @@ async fn b8_non_utf8_header_bytes() {
     );
     assert_eq!(env.up.count(), 0, "{:?}", env.paths());
     env.assert_healthy().await;
+}
+
+/// B7: a chunked request announcing `Trailer: X-API-Key` and carrying the key in its trailer
+/// section (any case spelling), with the key in the head too: forwarded with the body, and not
+/// one byte of the key, nor the key header's name, reaches the upstream (trailers are dropped,
+/// `forward::body`). The upstream's whole wire capture is searched, trailer section included.
+/// With the key in the trailer only, it is no credential: 401, nothing forwarded.
+#[tokio::test]
+async fn b7_a_key_in_chunked_trailers_never_reaches_the_upstream() {
+    let env = start().await;
+    let k = env.key.clone();
+    let chunked = |head_key: &str| {
+        format!(
+            "POST /v1/public/b7 HTTP/1.1\r\nHost: a\r\n{head_key}Transfer-Encoding: chunked\r\nTrailer: X-API-Key\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-Api-KEY: {k}\r\nX-API-Key: {k}\r\n\r\n"
+        )
+    };
+    let out = raw_exchange(
+        env.gw.http,
+        chunked(&format!("X-API-Key: {k}\r\n")).as_bytes(),
+        EXCHANGE,
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{}", out.text());
+    let rec = env.up.last().expect("forwarded");
+    assert_eq!(rec.body, b"hello world");
+    for h in ["x-api-key", "authorization", "trailer"] {
+        assert!(rec.header(h).is_none(), "{h}: {:?}", rec.headers);
+    }
+    let wire = env.up.wire();
+    assert!(
+        wire.starts_with(b"POST /v1/public/b7 "),
+        "{}",
+        String::from_utf8_lossy(&wire)
+    );
+    let secret_part = &k[k.len() - 20..];
+    for needle in [k.as_bytes(), secret_part.as_bytes()] {
+        assert!(
+            find(&wire, needle).is_none(),
+            "key bytes on the upstream's wire"
+        );
+    }
+    assert!(
+        find(&wire.to_ascii_lowercase(), b"x-api-key").is_none(),
+        "{}",
+        String::from_utf8_lossy(&wire)
+    );
+
+    let out = raw_exchange(env.gw.http, chunked("").as_bytes(), EXCHANGE).await;
+    assert_eq!(statuses(&out), [401], "{}", out.text());
+    assert_eq!(env.up.count(), 1, "{:?}", env.paths());
+    env.assert_healthy().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// C. Where a key may be presented
+// ---------------------------------------------------------------------------------------------
+
+/// C5: a valid key in the query string on a route without `query_key_param`, in a Cookie, or
+/// in a POST body (form or JSON) is no credential: 401 `missing_api_key`, nothing forwarded.
+/// Each request gets its access line (file and stderr), and the key appears in neither.
+#[tokio::test]
+async fn c5_a_key_in_the_query_a_cookie_or_the_body_is_refused_and_never_logged() {
+    let access = "\n[access_log]\npath = \"access.log\"\n";
+    let env = start_env(
+        1000,
+        "",
+        &format!("{ROUTES}{access}"),
+        &[("KEYGATE_LOG", "info,keygate::access=info")],
+    )
+    .await;
+    let k = env.key.clone();
+    let post = |ctype: &str, body: String| {
+        let len = body.len();
+        format!("POST /v1/public/c5 HTTP/1.1\r\nHost: a\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{body}")
+    };
+    let close = "Connection: close\r\n";
+    let cases = [
+        get_req(&format!("/v1/public/c5?api_key={k}"), None, close),
+        get_req(&format!("/v1/public/c5?a=1&key={k}"), None, close),
+        get_req(
+            "/v1/public/c5",
+            None,
+            &format!("Cookie: api_key={k}\r\n{close}"),
+        ),
+        post("application/x-www-form-urlencoded", format!("api_key={k}")),
+        post("application/json", format!(r#"{{"api_key":"{k}"}}"#)),
+    ];
+    for req in &cases {
+        let out = raw_exchange(env.gw.http, req.as_bytes(), EXCHANGE).await;
+        assert_eq!(statuses(&out), [401], "{req}: {}", out.text());
+        let code = json(&out.responses()[0].body)["code"].clone();
+        assert_eq!(code, "missing_api_key", "{req}");
+    }
+    assert_eq!(env.up.count(), 0, "{:?}", env.paths());
+    assert!(env.up.wire().is_empty(), "the upstream was sent bytes");
+
+    let log = env.gw.stderr_log.with_file_name("access.log");
+    let n = cases.len();
+    let text = eventually_named(
+        "an access line per request",
+        Duration::from_secs(10),
+        || {
+            let text = read_lossy(&log);
+            let on_stderr = env
+                .gw
+                .stderr_contents()
+                .matches(" keygate::access: request ")
+                .count();
+            async move { (text.lines().count() == n && on_stderr == n).then_some(text) }
+        },
+    )
+    .await;
+    for line in text.lines() {
+        assert_eq!(json(line.as_bytes())["status"], 401, "{line}");
+    }
+    let secret_part = &k[k.len() - 20..];
+    for needle in [k.as_str(), secret_part] {
+        assert!(!text.contains(needle), "key in the access log");
+        env.gw.assert_not_logged(needle);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

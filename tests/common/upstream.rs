@@ -8,8 +8,10 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
@@ -130,6 +132,8 @@ struct Shared {
     accepted: Arc<AtomicUsize>,
     mode: Arc<Mutex<Mode>>,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
+    /// Every byte the HTTP modes read from their peers (`Upstream::wire`).
+    wire: Arc<Mutex<Vec<u8>>>,
 }
 
 /// A recording upstream on 127.0.0.1:0. Dropping it stops the listener and
@@ -153,6 +157,7 @@ impl Upstream {
             accepted: Arc::default(),
             mode: Arc::new(Mutex::new(mode)),
             tasks: Arc::default(),
+            wire: Arc::default(),
         };
         let s = shared.clone();
         // Runs until the Upstream is dropped (aborted) or the runtime ends.
@@ -243,6 +248,13 @@ impl Upstream {
         self.shared.records.lock().expect("records lock").len()
     }
 
+    /// Every byte the HTTP modes (`Echo`/`Status`/`Slow`) read from their peers, on every
+    /// connection, as it came off the socket: heads, bodies and chunked framing with any
+    /// trailer section, including what the parsed [`Recorded`] requests leave out.
+    pub fn wire(&self) -> Vec<u8> {
+        self.shared.wire.lock().expect("wire lock").clone()
+    }
+
     /// Forgets recorded requests (counters are kept).
     pub fn clear(&self) {
         self.shared.records.lock().expect("records lock").clear();
@@ -278,7 +290,51 @@ impl Drop for Upstream {
     }
 }
 
+/// A connection whose reads are also appended to the upstream's `wire` log.
+struct Tap {
+    stream: TcpStream,
+    wire: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for Tap {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            self.wire.lock().expect("wire lock").extend_from_slice(read);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tap {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 async fn serve_http(stream: TcpStream, peer: SocketAddr, conn: usize, initial: Mode, s: Shared) {
+    let stream = Tap {
+        stream,
+        wire: Arc::clone(&s.wire),
+    };
     let svc = service_fn(move |req: Request<Incoming>| {
         let s = s.clone();
         let initial = initial.clone();
