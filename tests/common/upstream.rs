@@ -250,7 +250,8 @@ impl Upstream {
 
     /// Every byte the HTTP modes (`Echo`/`Status`/`Slow`) read from their peers, on every
     /// connection, as it came off the socket: heads, bodies and chunked framing with any
-    /// trailer section, including what the parsed [`Recorded`] requests leave out.
+    /// trailer section, including what the parsed [`Recorded`] requests leave out (the first
+    /// 4 MiB).
     pub fn wire(&self) -> Vec<u8> {
         self.shared.wire.lock().expect("wire lock").clone()
     }
@@ -290,6 +291,9 @@ impl Drop for Upstream {
     }
 }
 
+/// What `Upstream::wire` keeps: the first 4 MiB read.
+const WIRE_MAX: usize = 4 << 20;
+
 /// A connection whose reads are also appended to the upstream's `wire` log.
 struct Tap {
     stream: TcpStream,
@@ -306,7 +310,10 @@ impl AsyncRead for Tap {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         let read = &buf.filled()[before..];
         if !read.is_empty() {
-            self.wire.lock().expect("wire lock").extend_from_slice(read);
+            let mut wire = self.wire.lock().expect("wire lock");
+            // Bounded: the load tests send far more than any test searches.
+            let room = WIRE_MAX.saturating_sub(wire.len());
+            wire.extend_from_slice(&read[..read.len().min(room)]);
         }
         polled
     }
