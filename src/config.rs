@@ -372,7 +372,8 @@ pub struct ServerConfig {
     /// Request body must arrive within this long in total.
     pub body_timeout_ms: u64,
     /// A write to a client that waits this long (the client stopped reading) closes the
-    /// connection (`send_deadline`). Read at start.
+    /// connection; an HTTP/2 stream whose window stays shut this long is given up
+    /// (`send_deadline`). The connections' limit is read at start.
     pub send_timeout_ms: u64,
     /// Data-plane threads, each with its own listener (`SO_REUSEPORT`) and runtime. 0 (the
     /// default): one per CPU this process may run on.

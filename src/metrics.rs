@@ -214,7 +214,7 @@ impl Metrics {
             connections_open: gauge_vec(&r, "keygate_connections_open", "Open client connections by listener.", &["listener"]),
             connections_rejected: counter_vec(&r, "keygate_connections_rejected_total", "Connections closed at accept by a cap (global, per_ip).", &["reason"]),
             tls_handshake_failures: counter(&r, "keygate_tls_handshake_failures_total", "TLS handshakes that failed or timed out."),
-            send_timeouts: counter(&r, "keygate_send_timeouts_total", "Client connections closed because a write to them waited longer than server.send_timeout_ms (the client stopped reading)."),
+            send_timeouts: counter(&r, "keygate_send_timeouts_total", "Client connections closed, and HTTP/2 streams given up, because the client took nothing for server.send_timeout_ms (it stopped reading, or kept its window shut)."),
             connections_released: counter(&r, "keygate_connections_released_total", "Idle HTTP/1 keep-alive connections whose parser state and buffers were given back until their next request."),
             auth_failures: counter_vec(&r, "keygate_auth_failures_total", "Failed authentications of a presented key, by reason.", &["reason"]),
             auth_budget_rejections: counter(&r, "keygate_auth_budget_rejections_total", "Requests refused because the client exhausted its failed-auth budget."),

@@ -1,12 +1,12 @@
 //! A client that stops reading (THREATS E3, slow read): a write to it that waits longer than
-//! `[server] send_timeout_ms` fails, and the connection is closed.
+//! `[server] send_timeout_ms` fails, and the connection is closed; an HTTP/2 stream whose
+//! window the client keeps shut is given up after as long.
 //!
 //! Why: the gateway relays an upstream's response as it reads it, so a client that asks for
 //! a large response and then never reads it stalls the relay once the sockets' buffers are
 //! full. Nothing else would end that: the upstream body's idle deadline (`forward::body`)
-//! runs only while the body is polled, and a stalled write never polls it. The connection,
-//! its upstream connection and its in-flight slot were held for as long as the client
-//! liked; a few hundred such clients hold `max_in_flight`.
+//! runs only while the body is polled, and a stalled write never polls it. The connection
+//! and its upstream connection were held for as long as the client liked.
 //!
 //! The deadline is armed when a write first has to wait and dropped as soon as one makes
 //! progress (nginx's `send_timeout`: the time between two successive writes), so a slow but
@@ -14,15 +14,29 @@
 //! and allocates nothing. It wraps the TCP stream itself, below TLS and below both HTTP
 //! versions, so it covers every way a response reaches a client: `direct`, hyper's HTTP/1
 //! and HTTP/2, and the TLS records under them.
+//!
+//! HTTP/2 has a second way to stop reading: flow control. A client that grants a stream no
+//! window leaves the socket idle (nothing to write), and hyper does not poll a response body
+//! until the stream has room, so the body cannot time itself. An HTTP/2 response body is
+//! therefore relayed by a task of its own (`pump`), one frame ahead of hyper: when hyper
+//! takes no frame for the send timeout, the task drops the upstream body (its connection is
+//! closed) and the stream fails (hyper resets it) when hyper next asks.
 
 use crate::deadline::Deadline;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What every connection of a listener shares: the limit and the counter of connections cut.
 #[derive(Clone, Debug)]
@@ -129,6 +143,83 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendDeadline<T> {
     }
 }
 
+/// The hyper side of a response body that `pump` relays.
+pub struct Pumped {
+    frames: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    /// Set by the task when the body ended whole; a channel closed without it was given up.
+    whole: Arc<AtomicBool>,
+    hint: SizeHint,
+}
+
+/// Why a pumped body failed: the client took nothing for the send timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client granted the stream no room within the send timeout")]
+pub struct WindowShut;
+
+/// Relay `body` through a task that holds at most one frame ahead of hyper and gives the
+/// body up (counted in `cut`) when hyper takes no frame for `after`. The task ends with the
+/// body, or as soon as hyper drops its side (the stream was reset or the connection closed).
+pub fn pump<B>(body: B, after: Duration, cut: IntCounter) -> Pumped
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (tx, frames) = mpsc::channel(1);
+    let whole = Arc::new(AtomicBool::new(false));
+    let hint = body.size_hint();
+    let ended = whole.clone();
+    tokio::spawn(async move {
+        let mut body = body;
+        loop {
+            let frame = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                None => {
+                    ended.store(true, Ordering::Release);
+                    return;
+                }
+                Some(frame) => frame.map_err(Into::into),
+            };
+            let failed = frame.is_err();
+            match crate::deadline::timeout(after, tx.reserve()).await {
+                Ok(Ok(room)) => room.send(frame),
+                // hyper let go of the stream.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    cut.inc();
+                    return;
+                }
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+    Pumped {
+        frames,
+        whole,
+        hint,
+    }
+}
+
+impl Body for Pumped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match std::task::ready!(self.frames.poll_recv(cx)) {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None if self.whole.load(Ordering::Acquire) => Poll::Ready(None),
+            None => Poll::Ready(Some(Err(WindowShut.into()))),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +230,71 @@ mod tests {
             after: Duration::from_millis(ms),
             cut: IntCounter::new("t", "t").unwrap(),
         }
+    }
+
+    /// `n` frames of one byte (`None`: endless), noting when it is dropped.
+    struct Frames(Option<usize>, Arc<AtomicBool>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match &mut self.0 {
+                Some(0) => Poll::Ready(None),
+                left => {
+                    if let Some(n) = left {
+                        *n -= 1;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+                }
+            }
+        }
+    }
+
+    impl Drop for Frames {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pumped_body_is_relayed_whole_or_given_up_when_nothing_is_taken() {
+        use http_body_util::BodyExt;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let whole = pump(
+            Frames(Some(3), dropped.clone()),
+            Duration::from_millis(200),
+            limit(1).cut,
+        );
+        assert_eq!(whole.collect().await.unwrap().to_bytes(), "xxx");
+        assert!(dropped.load(Ordering::SeqCst));
+
+        let cut = limit(200).cut;
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut shut = pump(
+            Frames(None, dropped.clone()),
+            Duration::from_millis(200),
+            cut.clone(),
+        );
+        // One frame taken, then none: the task gives the body up after the limit.
+        assert!(shut.frame().await.unwrap().is_ok());
+        let started = std::time::Instant::now();
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never given up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling for the task's end
+        }
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(cut.get(), 1);
+        // The frame already relayed is still handed over, then the stream fails.
+        assert!(shut.frame().await.unwrap().is_ok());
+        let err = shut.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<WindowShut>(), "{err}");
     }
 
     #[tokio::test]
