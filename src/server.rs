@@ -16,7 +16,7 @@ use crate::keys::compact::Validity as _;
 use crate::metrics::Metrics;
 use crate::pipeline::Conn;
 use crate::reload::ConfigFile;
-use crate::send_deadline::SendDeadline;
+use crate::send_deadline::{SendDeadline, SendLimit};
 use crate::snapshot::Snapshot;
 use dashmap::DashMap;
 use hyper::service::service_fn;
@@ -187,7 +187,7 @@ struct Plane {
     caps: Arc<ConnCaps>,
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
-    send: crate::send_deadline::SendLimit,
+    send: SendLimit,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -544,7 +544,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         caps,
         stop: rx.clone(),
         handshake_ms: server_cfg.tls_handshake_timeout_ms,
-        send: crate::send_deadline::SendLimit {
+        send: SendLimit {
             after: Duration::from_millis(server_cfg.send_timeout_ms),
             cut: gw.metrics.send_timeouts.clone(),
         },
