@@ -822,13 +822,43 @@ impl Writer {
 
 /// The response body, counting what it hands to hyper when there is a line to write.
 pub struct AccessBody {
-    inner: RespBody,
+    inner: Relay,
     line: Option<Box<Line>>,
+}
+
+/// Where the body's frames come from: the body itself, or the task relaying it to an HTTP/2
+/// stream (`send_deadline::pump`). The large variant is every response's: boxing it would
+/// allocate on every request to save bytes only an HTTP/2 response could use.
+#[allow(clippy::large_enum_variant)]
+enum Relay {
+    Here(RespBody),
+    Pumped(crate::send_deadline::Pumped),
 }
 
 impl AccessBody {
     pub fn new(inner: RespBody, line: Option<Box<Line>>) -> AccessBody {
-        AccessBody { inner, line }
+        AccessBody {
+            inner: Relay::Here(inner),
+            line,
+        }
+    }
+
+    /// The body of an HTTP/2 response, relayed so that a stream whose window the client keeps
+    /// shut gives its upstream up (`send_deadline`). A body already whole stays as it is.
+    pub fn pumped(
+        mut self,
+        after: std::time::Duration,
+        cut: &prometheus::IntCounter,
+    ) -> AccessBody {
+        use http_body_util::{Either, Full};
+        if !matches!(&self.inner, Relay::Here(Either::Left(up)) if !up.is_end_stream()) {
+            return self;
+        }
+        let taken = Relay::Here(Either::Right(Full::new(bytes::Bytes::new())));
+        if let Relay::Here(Either::Left(upstream)) = std::mem::replace(&mut self.inner, taken) {
+            self.inner = Relay::Pumped(crate::send_deadline::pump(upstream, after, cut.clone()));
+        }
+        self
     }
 }
 
@@ -850,7 +880,10 @@ impl Body for AccessBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = match &mut self.inner {
+            Relay::Here(body) => Pin::new(body).poll_frame(cx),
+            Relay::Pumped(body) => Pin::new(body).poll_frame(cx),
+        };
         if let (Poll::Ready(Some(Ok(frame))), Some(line)) = (&polled, self.line.as_mut()) {
             line.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
         }
@@ -858,11 +891,17 @@ impl Body for AccessBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Relay::Here(body) => body.is_end_stream(),
+            Relay::Pumped(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Relay::Here(body) => body.size_hint(),
+            Relay::Pumped(body) => body.size_hint(),
+        }
     }
 }
 

@@ -371,6 +371,10 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Request body must arrive within this long in total.
     pub body_timeout_ms: u64,
+    /// A write to a client that waits this long (the client stopped reading) closes the
+    /// connection; an HTTP/2 stream whose window stays shut this long is given up
+    /// (`send_deadline`). The connections' limit is read at start.
+    pub send_timeout_ms: u64,
     /// Data-plane threads, each with its own listener (`SO_REUSEPORT`) and runtime. 0 (the
     /// default): one per CPU this process may run on.
     pub workers: usize,
@@ -407,6 +411,7 @@ impl Default for ServerConfig {
             h2_max_header_list_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             body_timeout_ms: 60_000,
+            send_timeout_ms: 30_000,
             workers: 0,
         }
     }

@@ -46,6 +46,7 @@
 //! under 2).
 
 use crate::deadline::Deadline;
+use crate::send_deadline::SendDeadline;
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -267,9 +268,15 @@ impl Socket for TcpStream {
     }
 }
 
-impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+impl Socket for SendDeadline<TcpStream> {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.get_ref().0.poll_read_ready(cx)
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<SendDeadline<TcpStream>> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_ref().0.get_ref().poll_read_ready(cx)
     }
 }
 

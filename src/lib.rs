@@ -54,6 +54,7 @@ pub mod reload;
 pub mod rotations;
 pub mod route;
 pub mod scan;
+pub mod send_deadline;
 pub mod server;
 pub mod snapshot;
 pub mod store;

@@ -97,6 +97,7 @@ pub async fn handle(
         now: crate::clock::unix_secs(),
     };
     let method = req.method().clone();
+    let version = req.version();
 
     let result = match gw.enter(snap.server.max_in_flight) {
         Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx, started).await,
@@ -124,7 +125,12 @@ pub async fn handle(
     }
     record(&gw, &snap, &ctx, outcome, resp.status(), started);
     let line = logged.then(|| access_line(&gw, &snap, ctx, &resp, outcome, method, started));
-    Ok(resp.map(|body| AccessBody::new(body, line)))
+    let body = |body| AccessBody::new(body, line);
+    if version == http::Version::HTTP_2 {
+        let after = std::time::Duration::from_millis(snap.server.send_timeout_ms);
+        return Ok(resp.map(|b| body(b).pumped(after, &gw.metrics.send_timeouts)));
+    }
+    Ok(resp.map(body))
 }
 
 /// The access line's fields (see `access`): only built when access lines are on.

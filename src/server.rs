@@ -16,6 +16,7 @@ use crate::keys::compact::Validity as _;
 use crate::metrics::Metrics;
 use crate::pipeline::Conn;
 use crate::reload::ConfigFile;
+use crate::send_deadline::{SendDeadline, SendLimit};
 use crate::snapshot::Snapshot;
 use dashmap::DashMap;
 use hyper::service::service_fn;
@@ -186,6 +187,7 @@ struct Plane {
     caps: Arc<ConnCaps>,
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
+    send: SendLimit,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -542,6 +544,10 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         caps,
         stop: rx.clone(),
         handshake_ms: server_cfg.tls_handshake_timeout_ms,
+        send: SendLimit {
+            after: Duration::from_millis(server_cfg.send_timeout_ms),
+            cut: gw.metrics.send_timeouts.clone(),
+        },
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
     for (i, l) in main.into_iter().enumerate() {
@@ -593,6 +599,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
         caps,
         mut stop,
         handshake_ms,
+        send,
     } = plane;
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
@@ -626,7 +633,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
         };
         let _ = stream.set_nodelay(true);
         let accepted = Box::new(Accepted {
-            stream,
+            stream: SendDeadline::new(stream, send.clone()),
             conn: Conn {
                 peer,
                 tls: tls.is_some(),
@@ -658,7 +665,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
 
 /// A connection just accepted, with what settling it needs (`Accepted::settle`).
 struct Accepted {
-    stream: tokio::net::TcpStream,
+    stream: SendDeadline<tokio::net::TcpStream>,
     conn: Conn,
     gw: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -716,7 +723,7 @@ impl Accepted {
                 .await;
                 None
             }
-            None => match crate::keepalive::is_http1(&stream, sniff).await {
+            None => match crate::keepalive::is_http1(stream.get_ref(), sniff).await {
                 // Plain HTTP/1: served in cycles that give hyper's buffers back while the
                 // connection idles (`keepalive`).
                 Some(true) => Some(boxed(|| {

@@ -385,6 +385,12 @@ impl Snapshot {
         let allowed_origins = allowed_origins(&c);
         let max_staleness = parse_duration(&c.keys.max_staleness)
             .map_err(|m| c.invalid("keys.max_staleness", m))?;
+        if c.server.send_timeout_ms == 0 {
+            return Err(c.invalid(
+                "server.send_timeout_ms",
+                "must be at least 1 (a write that may not wait at all would cut every client)",
+            ));
+        }
         if c.keys.max_snapshot_drop_percent > 100 {
             return Err(c.invalid(
                 "keys.max_snapshot_drop_percent",

@@ -2446,6 +2446,17 @@ fn check_covers_the_release_checklist() {
         !r.status.success() && r.stderr.contains("keys.max_snapshot_drop_percent"),
         "{r:?}"
     );
+    // A send timeout of 0 would cut every client whose socket is ever full.
+    std::fs::write(
+        &env.config,
+        format!("{base}\n[server]\nsend_timeout_ms = 0\n"),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(
+        !r.status.success() && r.stderr.contains("server.send_timeout_ms"),
+        "{r:?}"
+    );
 
     // Unwritable paths (a directory; a path under a regular file: refused even for root).
     std::fs::create_dir(env.path("usage-dir")).unwrap();

@@ -17,6 +17,7 @@ mod common;
 use common::*;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -779,4 +780,56 @@ async fn f9_malformed_h2_requests_are_reset_and_never_forwarded() {
     }
     assert!(failures.is_empty(), "F9:\n{}", failures.join("\n"));
     env.assert_bystander_served().await;
+}
+
+/// THREATS E3 over HTTP/2: a client that opens a stream with a window of 0 and never grants
+/// more. The response's body cannot be sent, so hyper never reads it; its upstream connection
+/// must still be given up at the send timeout. (The stream itself stays open until the client
+/// acts: hyper resets it only when it next has room. It counts toward the client's own
+/// `h2_max_concurrent_streams`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
+    let (up, ended, _) = endless_upstream().await;
+    let dir = tempdir();
+    let config: PathBuf = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(
+            up,
+            100_000,
+            "drain_timeout_ms = 2000\nsend_timeout_ms = 1000",
+            "connect_timeout_ms = 1000\nresponse_timeout_ms = 3000",
+            "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"up\"\n",
+        ),
+    );
+    let key = create_key(&config, &["--scope", "api"]).key;
+    let gw = spawn_ready(&config, &[], POLL).await;
+    let c = H2Raw::open(gw.http, true).await;
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
+    let shut = [0u8, 4, 0, 0, 0, 0];
+    assert!(c.send(&frame(SETTINGS, 0, 0, &shut), NET_TIMEOUT).await);
+    let authority = gw.http.to_string();
+    let block = hpack_block(&request_fields("GET", &authority, "/api/big", &key));
+    assert!(
+        c.send(
+            &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
+            NET_TIMEOUT
+        )
+        .await
+    );
+    let asked = Instant::now();
+    eventually_named("the upstream released", Duration::from_secs(15), || async {
+        (ended.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let took = asked.elapsed();
+    eprintln!("E3 h2: upstream released after {took:?}");
+    assert!(took >= Duration::from_secs(1), "given up early: {took:?}");
+    assert!(c.with(|e| e.status_200(1)), "the response head was sent");
+    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.lines().any(|l| l == "keygate_send_timeouts_total 1"),
+        "{text}"
+    );
 }

@@ -1405,6 +1405,58 @@ async fn e2_slow_authenticated_body_gets_408_and_frees_the_upstream() {
     );
 }
 
+/// THREATS E3: a client that asks for a large response and never reads it. Its connection is
+/// cut once a write to it has waited `send_timeout_ms`, and the upstream connection feeding
+/// it is released; what the gateway holds meanwhile is bounded by the sockets' buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e3_a_client_that_never_reads_is_cut_and_frees_the_upstream() {
+    let (up, ended, written) = endless_upstream().await;
+    let dir = tempdir();
+    let config = write_file(
+        dir.path(),
+        "keygate.toml",
+        &config_text(up, "send_timeout_ms = 1000", 20, ""),
+    );
+    let k = create_key(&config, READ_SCOPE);
+    let gw = spawn_ready(&config, &[], POLL).await;
+    let mut s = connect(None, gw.http, NET_TIMEOUT).await;
+    s.write_all(&raw_get("/invoices/big", &[("X-API-Key", &k.key)], false))
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    // Without the send timeout nothing ends this (the upstream's response timeout is 5 s
+    // and is not reached: the upstream never pauses, the relay does).
+    eventually_named("the upstream released", Duration::from_secs(10), || async {
+        (ended.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let took = asked.elapsed();
+    let sent = written.load(Ordering::SeqCst);
+    eprintln!(
+        "E3: upstream released after {took:?}, {} MiB written",
+        sent >> 20
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "cut before the send timeout: {took:?}"
+    );
+    assert!(sent < 32 << 20, "the relay took in {sent} bytes of 64 MiB");
+    assert_eq!(metric(&gw, "keygate_send_timeouts_total", &[]).await, 1.0);
+    assert_eq!(metric(&gw, "keygate_requests_in_flight", &[]).await, 0.0);
+    // The client finds the connection closed once it reads what was already in flight to it
+    // (bounded: at most what the upstream wrote).
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(NET_TIMEOUT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got += n,
+            Err(_) => panic!("the cut connection is still open after {got} bytes"),
+        }
+        assert!(got <= sent + 4096, "more came than the upstream wrote");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e6_flood_of_2000_connections_from_40_sources_caps_hold_and_recover() {
     const SOURCES: u8 = 40;

@@ -555,3 +555,45 @@ async fn serve_raw(mut stream: TcpStream, peer: SocketAddr, conn: usize, mode: M
         Mode::Echo | Mode::Status(_) | Mode::Slow(_) => unreachable!("http modes use hyper"),
     }
 }
+
+/// An upstream that answers each request with a 64 MiB body and writes it until its peer goes
+/// away (at most 4 connections). Returns its address, the count of connections it saw end,
+/// and how many bytes it wrote.
+pub async fn endless_upstream() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    const CHUNK: usize = 64 * 1024;
+    const LEN: usize = 64 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, written) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (e, w) = (ended.clone(), written.clone());
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (e, w) = (e.clone(), w.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|x| x == b"\r\n\r\n") && head.len() < 65_536 {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n");
+                let chunk = vec![b'x'; CHUNK];
+                if sock.write_all(reply.as_bytes()).await.is_ok() {
+                    for _ in 0..LEN / CHUNK {
+                        if sock.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                        w.fetch_add(CHUNK, Ordering::SeqCst);
+                    }
+                }
+                e.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, ended, written)
+}
