@@ -1984,4 +1984,23 @@ async fn a_control_plane_on_an_empty_store_does_not_empty_the_fleet() {
         "{log}"
     );
     assert_eq!(source_errors(&open, "shrink").await, 0.0);
+    // Not fetched whole again at every step of a backoff from 100 ms: over two more seconds
+    // out of step, no second refusal...
+    let age = "keygate_table_sync_age_seconds";
+    let since = metric(&scrape(&guarded).await, age).unwrap_or(0.0);
+    eventually_named("two more seconds out of step", RECONNECT_BOUND, || async {
+        (metric(&scrape(&guarded).await, age).unwrap_or(0.0) >= since + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(source_errors(&guarded, "shrink").await, 1.0);
+    // ...and fetched again as soon as a reload allows it.
+    let cfg = fleet.gw_config(0);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replacen("[keys]\n", "[keys]\nmax_snapshot_drop_percent = 100\n", 1),
+    )
+    .unwrap();
+    guarded.sighup();
+    until_status_fresh(&guarded, &keys[0], 401, RECONNECT_BOUND).await;
 }

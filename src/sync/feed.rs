@@ -107,6 +107,10 @@ async fn run(gw: Arc<Gateway>, source: FeedSource) {
     loop {
         let before = gw.table().revision();
         let result = session(&gw, &source, &signer, &mut cache).await;
+        let refused = matches!(
+            &result,
+            Err(FeedError::Refused(apply::Refusal::Shrink { .. }))
+        );
         if let Err(e) = result {
             gw.metrics
                 .source_errors
@@ -122,6 +126,11 @@ async fn run(gw: Arc<Gateway>, source: FeedSource) {
                 );
                 last_error = text;
             }
+        }
+        if refused {
+            // Not a whole snapshot every few seconds while the table stays refused.
+            follow::after_refusal(&gw).await;
+            continue;
         }
         if gw.table().revision() > before {
             backoff = Duration::from_millis(100);

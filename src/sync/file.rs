@@ -316,8 +316,26 @@ pub fn shrink(gw: &Gateway, next: &crate::keys::table::KeyTable) -> Result<(), a
     apply::shrink(&gw.table(), next, max_drop(gw), crate::clock::unix_secs())
 }
 
-fn max_drop(gw: &Gateway) -> u8 {
+/// `[keys] max_snapshot_drop_percent` now (a reload may change it).
+pub fn max_drop(gw: &Gateway) -> u8 {
     gw.snapshot().config.keys.max_snapshot_drop_percent
+}
+
+/// How long a node that refused a whole table (the feed's or the Redis store's) waits before
+/// fetching it whole again, unless a reload changes the limit first: the backoff's ceiling
+/// from the first refusal on (it doubled from 100 ms, five whole reads in the first two
+/// seconds), and no longer, because a refusing node gets no revocations until the store is
+/// put right and it looks again.
+const REFUSED_RETRY: Duration = Duration::from_secs(5);
+
+/// Wait until a reload changes `[keys] max_snapshot_drop_percent` (the operator accepting the
+/// table: seen within a quarter second) or `REFUSED_RETRY` has passed.
+pub async fn after_refusal(gw: &Gateway) {
+    let limit = max_drop(gw);
+    let until = tokio::time::Instant::now() + REFUSED_RETRY;
+    while tokio::time::Instant::now() < until && max_drop(gw) == limit {
+        tokio::time::sleep(Duration::from_millis(250)).await; // polling the config, bounded
+    }
 }
 
 /// Propagation ages, rotation events and kept revocations of an incremental apply (shared

@@ -229,13 +229,16 @@ async fn run(
                 Err(e) => break Some(e),
             }
         };
-        // None: a whole table refused (reported); the new follower, after the backoff, loads
-        // the store whole again and it is judged afresh.
-        if let Some(error) = error {
-            report_error(&gw, &error, &mut last_error);
+        match error {
+            Some(error) => {
+                report_error(&gw, &error, &mut last_error);
+                tokio::time::sleep(backoff).await; // reconnect pacing, not synchronisation
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            // A whole table refused (reported): the new follower loads the store whole again
+            // and it is judged afresh, once the limit changes or a while has passed.
+            None => crate::sync::file::after_refusal(&gw).await,
         }
-        tokio::time::sleep(backoff).await; // reconnect pacing, not synchronisation
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
