@@ -1,11 +1,13 @@
-//! HTTP/2 frame-level abuse (THREATS F1, F2, F4, F5, F6, F8, F9) against `keygate serve`, over
-//! h2c with prior knowledge on the plain listener (hyper-util's `auto` builder detects the
-//! preface), using a small hand-written frame encoder: 9-byte frame headers, and HEADERS whose
-//! HPACK block uses only "literal header field without indexing — new name" with plain
-//! (non-Huffman) strings shorter than 127 bytes, so no HPACK state is involved on our side.
+//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 over HTTP/2) against
+//! `keygate serve`, over h2c with prior knowledge on the plain listener (hyper-util's `auto`
+//! builder detects the preface), using a small hand-written frame encoder: 9-byte frame
+//! headers, and HEADERS whose HPACK block uses only "literal header field without indexing —
+//! new name" with plain (non-Huffman) strings shorter than 127 bytes, so no HPACK state is
+//! involved on our side.
 //!
 //! Responses are not HPACK-decoded: a response HEADERS block starting with 0x88 (static index
-//! 8, `:status: 200`) is a 200, anything else is "answered, not 200". Every test asserts
+//! 8, `:status: 200`) is a 200, anything else is "answered, not 200" (`Events::status` also
+//! reads the other statuses of the static table, e.g. 0x8c for 400). Every test asserts
 //! relative properties (the connection was closed / GOAWAY'd / the stream reset before the
 //! bounded loop ended, the recording upstream saw far fewer requests than were sent, RSS grew
 //! within a bound, a bystander was still served) and bounds every loop in count and time.
@@ -135,6 +137,22 @@ impl Events {
         self.responses
             .iter()
             .any(|(s, b)| *s == stream && *b == 0x88)
+    }
+    /// The status of the response on `stream` when its header block starts with an indexed
+    /// `:status` from the HPACK static table (RFC 7541 Appendix A, indices 8-14), as h2 sends
+    /// 200, 204, 206, 304, 400, 404 and 500; `None` if unanswered or sent another way.
+    fn status(&self, stream: u32) -> Option<u16> {
+        let first = self.responses.iter().find(|(s, _)| *s == stream)?.1;
+        match first {
+            0x88 => Some(200),
+            0x89 => Some(204),
+            0x8a => Some(206),
+            0x8b => Some(304),
+            0x8c => Some(400),
+            0x8d => Some(404),
+            0x8e => Some(500),
+            _ => None,
+        }
     }
     fn answered(&self, stream: u32) -> bool {
         self.responses.iter().any(|(s, _)| *s == stream)
@@ -383,6 +401,77 @@ async fn encoder_positive_control_valid_request_is_forwarded() {
     assert_eq!(rec.path_and_query, "/api/control");
     assert!(rec.header("x-api-key").is_none());
     assert_eq!(env.up.count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// D4. `:authority` and `host` must agree
+// ---------------------------------------------------------------------------------------------
+
+/// THREATS D4 over HTTP/2: a `host` field that names another host than `:authority` is
+/// malformed (RFC 9113 §8.3.1). h2 and hyper pass both through; `pipeline::request_host`
+/// compares them canonicalised and answers 400 before routing, so nothing reaches the
+/// upstream. The same value in both is served (positive control). (Ports are not compared:
+/// `route::canonical_host` drops any port, so values differing only in port agree.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d4_h2_authority_and_host_must_agree() {
+    let env = start(Mode::Echo, "").await;
+    let gw = env.authority();
+    // (name, :authority, host, path, expected status)
+    let cases: Vec<(&str, &str, &str, &str, u16)> = vec![
+        (
+            "host differs",
+            &gw,
+            "evil.example",
+            "/api/d4-host-evil",
+            400,
+        ),
+        (
+            ":authority differs",
+            "evil.example",
+            &gw,
+            "/api/d4-authority-evil",
+            400,
+        ),
+        ("same value", &gw, &gw, "/api/d4-same", 200),
+    ];
+    for (name, authority, host, path, want) in &cases {
+        // A connection per case: a refusal may end the connection.
+        let c = H2Raw::open(env.gw.http, true).await;
+        let mut fields = request_fields("GET", authority, path, &env.key);
+        fields.push(("host", host));
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 1, &hpack_block(&fields)),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        let outcome = eventually_named(name, POLL, || async {
+            c.with(|e| {
+                (e.answered(1) || !e.reset_codes(1).is_empty() || e.ended()).then(|| {
+                    format!(
+                        "status {:?} resets {:?} goaway {:?} closed {}",
+                        e.status(1),
+                        e.reset_codes(1),
+                        e.goaway,
+                        e.closed
+                    )
+                })
+            })
+        })
+        .await;
+        eprintln!("D4 h2 {name} (:authority {authority}, host {host}): {outcome}");
+        assert_eq!(c.with(|e| e.status(1)), Some(*want), "{name}: {outcome}");
+    }
+    // The positive control, served last, was forwarded: every refusal before it was decided
+    // (answered) without the upstream, so none of them can still be on its way there.
+    assert_eq!(env.forwarded("/api/d4-same"), 1);
+    for (name, _, _, path, want) in &cases {
+        if *want != 200 {
+            assert_eq!(env.forwarded(path), 0, "{name}: reached the upstream");
+        }
+    }
+    assert_eq!(env.up.count(), 1, "{:?}", env.up.records());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -780,6 +869,127 @@ async fn f9_malformed_h2_requests_are_reset_and_never_forwarded() {
     }
     assert!(failures.is_empty(), "F9:\n{}", failures.join("\n"));
     env.assert_bystander_served().await;
+}
+
+/// THREATS F9, H2.CL desync: a POST declaring `content-length: 10` whose DATA carries 5 or 20
+/// bytes and ends the stream. h2 checks DATA against the declared length (RFC 9113 §8.1.1) and
+/// resets the stream (PROTOCOL_ERROR) without passing the frame on. The gateway streams the
+/// head upstream as soon as it routes the request, so each case is run twice: the DATA in the
+/// same write as the HEADERS, and the DATA only once the head has reached the upstream (the
+/// desync window: an HTTP/1.1 upstream waiting for 10 bytes). Either way the upstream must
+/// never take a complete request for the path (the recording upstream records a request whose
+/// body was cut short too, with an empty body: a record's body shorter than the length it
+/// carries is an incomplete request), and its connection must not carry on to the next one.
+/// (As observed: in one write the head never goes upstream; once it has, hyper drops the
+/// request's task when h2 resets the stream, which drops the upstream exchange mid-body and
+/// closes that connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f9_h2_content_length_mismatch_is_reset_and_never_forwarded_whole() {
+    const DECLARED: usize = 10;
+    let env = start(Mode::Echo, "").await;
+    let auth = env.authority();
+    // (name, path, bytes of DATA, DATA only once the head is upstream)
+    let cases: &[(&str, &str, usize, bool)] = &[
+        ("short, one write", "/api/f9-cl-now-short", 5, false),
+        ("long, one write", "/api/f9-cl-now-long", 20, false),
+        ("short, after head", "/api/f9-cl-late-short", 5, true),
+        ("long, after head", "/api/f9-cl-late-long", 20, true),
+    ];
+    let mut failures = Vec::new();
+    for (name, path, sent, late) in cases {
+        let c = H2Raw::open(env.gw.http, true).await;
+        let mut fields = request_fields("POST", &auth, path, &env.key);
+        let declared = DECLARED.to_string();
+        fields.push(("content-length", &declared));
+        let headers = frame(HEADERS, END_HEADERS, 1, &hpack_block(&fields));
+        let data = frame(DATA, END_STREAM, 1, &vec![b'x'; *sent]);
+        if *late {
+            assert!(c.send(&headers, NET_TIMEOUT).await, "{name}");
+            let line = format!("POST {path} HTTP/1.1\r\n");
+            eventually_named("the head reached the upstream", POLL, || async {
+                env.up
+                    .wire()
+                    .windows(line.len())
+                    .any(|w| w == line.as_bytes())
+                    .then_some(())
+            })
+            .await;
+            assert!(c.send(&data, NET_TIMEOUT).await, "{name}");
+        } else {
+            assert!(
+                c.send(&[headers, data].concat(), NET_TIMEOUT).await,
+                "{name}"
+            );
+        }
+        let outcome = eventually_named("reset, GOAWAY or answer", POLL, || async {
+            c.with(|e| {
+                (!e.reset_codes(1).is_empty() || e.ended() || e.answered(1)).then(|| {
+                    format!(
+                        "resets {:?} goaway {:?} closed {} status {:?} (answered {})",
+                        e.reset_codes(1),
+                        e.goaway,
+                        e.closed,
+                        e.status(1),
+                        e.answered(1)
+                    )
+                })
+            })
+        })
+        .await;
+        eprintln!("F9 H2.CL {name}: {outcome}");
+        let refused = c.with(|e| {
+            !e.reset_codes(1).is_empty() || e.status(1).is_some_and(|s| (400..500).contains(&s))
+        });
+        if !refused || c.with(|e| e.status_200(1)) {
+            failures.push(format!("{name}: not reset nor 4xx: {outcome}"));
+        }
+    }
+    // A bystander, served after every case, goes through the same upstream pool: served
+    // means no connection was left with a body still owed.
+    env.assert_bystander_served().await;
+    // Nothing of the cases still in the gateway: no head can reach the upstream later.
+    eventually_named("no request in flight", POLL, || async {
+        let (_, _, body) = get(env.gw.admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .any(|l| l == "keygate_requests_in_flight 0")
+            .then_some(())
+    })
+    .await;
+    let wire = env.up.wire();
+    for (name, path, sent, _) in cases {
+        let line = format!("POST {path} HTTP/1.1\r\n");
+        let head_went = wire.windows(line.len()).any(|w| w == line.as_bytes());
+        eprintln!("F9 H2.CL {name}: head reached the upstream: {head_went}");
+        if head_went {
+            // The upstream records a request once its read of it ends: the gateway must have
+            // ended that connection, not left it waiting for the rest of the body.
+            eventually_named("the upstream's read of the head ended", POLL, || async {
+                (env.forwarded(path) > 0).then_some(())
+            })
+            .await;
+        }
+        for rec in env
+            .up
+            .records()
+            .iter()
+            .filter(|r| r.path_and_query == *path)
+        {
+            let carried = rec.header("content-length");
+            eprintln!(
+                "F9 H2.CL {name}: upstream recorded {} body bytes, content-length {carried:?}",
+                rec.body.len()
+            );
+            let whole = carried.as_deref() == Some(rec.body.len().to_string().as_str());
+            if whole || rec.body.len() == DECLARED || rec.body.len() == *sent {
+                failures.push(format!(
+                    "{name}: the upstream took a whole request: {} bytes, content-length {carried:?}",
+                    rec.body.len()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "F9 H2.CL:\n{}", failures.join("\n"));
 }
 
 /// THREATS E3 over HTTP/2: a client that opens a stream with a window of 0 and never grants
