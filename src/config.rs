@@ -375,6 +375,12 @@ pub struct ServerConfig {
     /// connection; an HTTP/2 stream whose window stays shut this long is given up
     /// (`send_deadline`). The connections' limit is read at start.
     pub send_timeout_ms: u64,
+    /// An HTTP/2 connection with no request in flight this long is sent GOAWAY and closed
+    /// (`lifetime`).
+    pub h2_idle_timeout_ms: u64,
+    /// An HTTP/2 connection open this long is sent GOAWAY; its requests in flight get
+    /// `drain_timeout_ms`. 0 (the default): no limit.
+    pub h2_max_connection_age_ms: u64,
     /// Data-plane threads, each with its own listener (`SO_REUSEPORT`) and runtime. 0 (the
     /// default): one per CPU this process may run on.
     pub workers: usize,
@@ -412,6 +418,8 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             body_timeout_ms: 60_000,
             send_timeout_ms: 30_000,
+            h2_idle_timeout_ms: 60_000,
+            h2_max_connection_age_ms: 0,
             workers: 0,
         }
     }

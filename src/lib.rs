@@ -41,6 +41,7 @@ pub mod health;
 pub mod hygiene;
 pub mod keepalive;
 pub mod keys;
+pub mod lifetime;
 pub mod limit;
 pub mod locate;
 pub mod metrics;

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     pub send_timeouts: IntCounter,
     pub connections_released: IntCounter,
+    pub connections_retired: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub auth_budget_rejections: IntCounter,
     pub rate_limited: IntCounterVec,
@@ -215,6 +216,7 @@ impl Metrics {
             connections_rejected: counter_vec(&r, "keygate_connections_rejected_total", "Connections closed at accept by a cap (global, per_ip).", &["reason"]),
             tls_handshake_failures: counter(&r, "keygate_tls_handshake_failures_total", "TLS handshakes that failed or timed out."),
             send_timeouts: counter(&r, "keygate_send_timeouts_total", "Client connections closed, and HTTP/2 streams given up, because the client took nothing for server.send_timeout_ms (it stopped reading, or kept its window shut)."),
+            connections_retired: counter_vec(&r, "keygate_connections_retired_total", "HTTP/2 connections the gateway sent GOAWAY because no request was in flight for server.h2_idle_timeout_ms (idle) or they were open for server.h2_max_connection_age_ms (max_age).", &["reason"]),
             connections_released: counter(&r, "keygate_connections_released_total", "Idle HTTP/1 keep-alive connections whose parser state and buffers were given back until their next request."),
             auth_failures: counter_vec(&r, "keygate_auth_failures_total", "Failed authentications of a presented key, by reason.", &["reason"]),
             auth_budget_rejections: counter(&r, "keygate_auth_budget_rejections_total", "Requests refused because the client exhausted its failed-auth budget."),
@@ -277,6 +279,9 @@ impl Metrics {
         m.canary_hits.inc_by(0);
         for reason in ["global", "per_ip"] {
             m.connections_rejected.with_label_values(&[reason]);
+        }
+        for reason in ["idle", "max_age"] {
+            m.connections_retired.with_label_values(&[reason]);
         }
         for kind in [
             "corrupt_line",

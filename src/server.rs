@@ -188,6 +188,7 @@ struct Plane {
     stop: watch::Receiver<bool>,
     handshake_ms: u64,
     send: SendLimit,
+    life: Arc<crate::lifetime::Lifetime>,
 }
 
 /// One data-plane worker: a thread running a current-thread runtime that accepts on its own
@@ -548,6 +549,17 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
             after: Duration::from_millis(server_cfg.send_timeout_ms),
             cut: gw.metrics.send_timeouts.clone(),
         },
+        life: Arc::new(crate::lifetime::Lifetime {
+            idle: Duration::from_millis(server_cfg.h2_idle_timeout_ms),
+            max_age: (server_cfg.h2_max_connection_age_ms > 0)
+                .then(|| Duration::from_millis(server_cfg.h2_max_connection_age_ms)),
+            drain: Duration::from_millis(server_cfg.drain_timeout_ms),
+            retired_idle: gw.metrics.connections_retired.with_label_values(&["idle"]),
+            retired_age: gw
+                .metrics
+                .connections_retired
+                .with_label_values(&["max_age"]),
+        }),
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));
     for (i, l) in main.into_iter().enumerate() {
@@ -600,6 +612,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
         mut stop,
         handshake_ms,
         send,
+        life,
     } = plane;
     let listener_name = if tls.is_some() { "https" } else { "http" };
     let open = gw
@@ -645,6 +658,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             stop: stop.clone(),
             handshake: Duration::from_millis(handshake_ms),
             at: std::time::Instant::now(),
+            life: life.clone(),
         });
         let open = open.clone();
         tokio::spawn(async move {
@@ -674,6 +688,7 @@ struct Accepted {
     stop: watch::Receiver<bool>,
     handshake: Duration,
     at: std::time::Instant,
+    life: Arc<crate::lifetime::Lifetime>,
 }
 
 /// An HTTP/1 connection's cycles (`keepalive::serve`), boxed: the one state a connection keeps
@@ -695,6 +710,7 @@ impl Accepted {
             stop,
             handshake,
             at,
+            life,
         } = crate::keepalive::unbox(self);
         let service = crate::direct::ConnService { gw, conn };
         // The header read timeout, which also bounds protocol sniffing (`SniffDeadline`).
@@ -716,11 +732,7 @@ impl Accepted {
                     }));
                 }
                 let io = SniffDeadline::new(tls_stream, sniff);
-                drive(
-                    boxed(|| builder.serve_connection(TokioIo::new(io), service)),
-                    stop,
-                )
-                .await;
+                served(&builder, io, service, &life, stop).await;
                 None
             }
             None => match crate::keepalive::is_http1(stream.get_ref(), sniff).await {
@@ -733,11 +745,7 @@ impl Accepted {
                     // What is left of the sniffing time the peek used.
                     let left = sniff.saturating_sub(at.elapsed());
                     let io = SniffDeadline::new(stream, left);
-                    drive(
-                        boxed(|| builder.serve_connection(TokioIo::new(io), service)),
-                        stop,
-                    )
-                    .await;
+                    served(&builder, io, service, &life, stop).await;
                     None
                 }
                 None => None,
@@ -821,31 +829,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffDeadline<T> {
 
 crate::keepalive::forward_write!([T: AsyncWrite + Unpin] SniffDeadline<T>, inner);
 
-/// Serve one connection; on shutdown ask it to finish gracefully (HTTP/1: close after the
-/// in-flight response; HTTP/2: GOAWAY) and wait for that.
-async fn drive<I, S, B>(
-    // Boxed by the caller: pinning an argument inside an `async fn` moves it into a second
-    // slot of the future, and this one (~1.6 KiB, sized for HTTP/2) lives as long as the
-    // connection.
-    mut conn: Pin<Box<auto::Connection<'_, I, S, TokioExecutor>>>,
-    mut stop: watch::Receiver<bool>,
+/// A connection served by hyper's `auto` builder, to its end or the end of its lifetime
+/// (`lifetime`).
+async fn served<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: crate::direct::ConnService,
+    life: &crate::lifetime::Lifetime,
+    stop: watch::Receiver<bool>,
 ) where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if !*stop.borrow() {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = stop.changed() => {}
-        }
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    let live = Arc::new(crate::lifetime::Live::default());
+    let service = crate::lifetime::Tracked {
+        inner: service,
+        live: live.clone(),
+    };
+    let conn = boxed(|| builder.serve_connection(TokioIo::new(io), service));
+    crate::lifetime::drive(conn, live, life, stop).await;
 }
 
 async fn admin_loop(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {

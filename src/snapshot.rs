@@ -391,6 +391,12 @@ impl Snapshot {
                 "must be at least 1 (a write that may not wait at all would cut every client)",
             ));
         }
+        if c.server.h2_idle_timeout_ms == 0 {
+            return Err(c.invalid(
+                "server.h2_idle_timeout_ms",
+                "must be at least 1 (an HTTP/2 connection would be closed between its requests)",
+            ));
+        }
         if c.keys.max_snapshot_drop_percent > 100 {
             return Err(c.invalid(
                 "keys.max_snapshot_drop_percent",

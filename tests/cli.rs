@@ -2457,6 +2457,17 @@ fn check_covers_the_release_checklist() {
         !r.status.success() && r.stderr.contains("server.send_timeout_ms"),
         "{r:?}"
     );
+    // Nor may an HTTP/2 connection be idle for 0 ms: it would be closed between requests.
+    std::fs::write(
+        &env.config,
+        format!("{base}\n[server]\nh2_idle_timeout_ms = 0\n"),
+    )
+    .unwrap();
+    let r = check(&[]);
+    assert!(
+        !r.status.success() && r.stderr.contains("server.h2_idle_timeout_ms"),
+        "{r:?}"
+    );
 
     // Unwritable paths (a directory; a path under a regular file: refused even for root).
     std::fs::create_dir(env.path("usage-dir")).unwrap();

@@ -1,4 +1,4 @@
-//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 over HTTP/2) against
+//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 and E5 over HTTP/2) against
 //! `keygate serve`, over h2c with prior knowledge on the plain listener (hyper-util's `auto`
 //! builder detects the preface), using a small hand-written frame encoder: 9-byte frame
 //! headers, and HEADERS whose HPACK block uses only "literal header field without indexing —
@@ -123,6 +123,10 @@ struct Events {
     /// EOF or a read error: the server closed the connection.
     closed: bool,
     frames: usize,
+    /// When the first GOAWAY arrived, and how many responses had arrived before it.
+    first_goaway: Option<(Instant, usize)>,
+    /// When the server closed the connection.
+    closed_at: Option<Instant>,
 }
 
 impl Events {
@@ -207,6 +211,9 @@ impl H2Raw {
                         e.frames += 1;
                         match kind {
                             GOAWAY if payload.len() >= 8 => {
+                                if e.first_goaway.is_none() {
+                                    e.first_goaway = Some((Instant::now(), e.responses.len()));
+                                }
                                 e.goaway_last = Some(
                                     u32::from_be_bytes([
                                         payload[0], payload[1], payload[2], payload[3],
@@ -245,7 +252,9 @@ impl H2Raw {
                         let _ = w2.lock().await.write_all(&settings_ack()).await;
                     }
                 }
-                ev2.lock().unwrap().closed = true;
+                let mut e = ev2.lock().unwrap();
+                e.closed = true;
+                e.closed_at = Some(Instant::now());
             })
         } else {
             tokio::spawn(async move {
@@ -1042,4 +1051,106 @@ async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
         text.lines().any(|l| l == "keygate_send_timeouts_total 1"),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// E5: idle HTTP/2 connections and the connection age
+// ---------------------------------------------------------------------------------------------
+
+/// `keygate_connections_retired_total{reason}` as the admin listener reports it.
+async fn retired(gw: &Gateway, reason: &str) -> String {
+    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
+    let want = format!("keygate_connections_retired_total{{reason=\"{reason}\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {want} in /metrics"))
+}
+
+/// An HTTP/2 connection with no stream open for `h2_idle_timeout_ms` after its response gets
+/// GOAWAY (NO_ERROR) and is closed.
+#[tokio::test]
+async fn e5_an_idle_h2_connection_gets_goaway_and_is_closed() {
+    let idle = Duration::from_millis(600);
+    let env = start(Mode::Echo, "h2_idle_timeout_ms = 600").await;
+    let c = H2Raw::open(env.gw.http, true).await;
+    let authority = env.authority();
+    let block = hpack_block(&request_fields("GET", &authority, "/api/e5", &env.key));
+    // The idle time starts when the stream ends at the server, after this.
+    let sent = Instant::now();
+    assert!(
+        c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block), POLL)
+            .await
+    );
+    eventually_named("the connection closed", POLL, || async {
+        c.with(|e| e.closed).then_some(())
+    })
+    .await;
+    let (goaway_at, code, last) = c.with(|e| (e.first_goaway, e.goaway, e.goaway_last));
+    let (goaway_at, answered_before) = goaway_at.expect("GOAWAY before the close");
+    eprintln!("E5 idle: GOAWAY {:?} after the request", goaway_at - sent);
+    assert!(
+        goaway_at - sent >= idle,
+        "closed early: {:?}",
+        goaway_at - sent
+    );
+    assert_eq!(answered_before, 1, "answered before the GOAWAY");
+    assert!(
+        c.with(|e| e.status_200(1)),
+        "{:?}",
+        c.with(|e| format!("{e:?}"))
+    );
+    assert_eq!(code, Some(0), "NO_ERROR");
+    // A graceful GOAWAY (RFC 9113 §6.8): first 2^31-1, then, once the client has acknowledged
+    // a PING (this client answers none), the last stream served.
+    assert!(matches!(last, Some(1 | 0x7fff_ffff)), "{last:?}");
+    assert_eq!(retired(&env.gw, "idle").await, "1");
+    assert_eq!(retired(&env.gw, "max_age").await, "0");
+    env.assert_bystander_served().await;
+}
+
+/// A connection open for `h2_max_connection_age_ms` gets GOAWAY even with a stream in flight,
+/// and that stream still gets its whole response (within `drain_timeout_ms`, 2 s here) before
+/// the connection closes. The stream is in flight far longer than `h2_idle_timeout_ms`: a
+/// connection with a request in flight is never idle.
+#[tokio::test]
+async fn e5_max_connection_age_sends_goaway_and_lets_the_stream_in_flight_finish() {
+    let age = Duration::from_millis(800);
+    let env = start(
+        Mode::Slow(Duration::from_millis(1500)),
+        "h2_idle_timeout_ms = 300\nh2_max_connection_age_ms = 800",
+    )
+    .await;
+    let opened = Instant::now();
+    let c = H2Raw::open(env.gw.http, true).await;
+    let authority = env.authority();
+    let block = hpack_block(&request_fields("GET", &authority, "/api/e5-age", &env.key));
+    assert!(
+        c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block), POLL)
+            .await
+    );
+    eventually_named("the connection closed", POLL, || async {
+        c.with(|e| e.closed).then_some(())
+    })
+    .await;
+    let (first, answered) = c.with(|e| (e.first_goaway, e.status_200(1)));
+    let (goaway_at, answered_before) = first.expect("GOAWAY before the close");
+    eprintln!("E5 age: GOAWAY {:?} after the connect", goaway_at - opened);
+    assert!(
+        goaway_at - opened >= age,
+        "GOAWAY early: {:?}",
+        goaway_at - opened
+    );
+    assert_eq!(
+        answered_before, 0,
+        "GOAWAY came while the stream was in flight"
+    );
+    assert!(
+        answered,
+        "the stream in flight was answered after the GOAWAY"
+    );
+    assert_eq!(env.forwarded("/api/e5-age"), 1);
+    assert_eq!(retired(&env.gw, "max_age").await, "1");
+    assert_eq!(retired(&env.gw, "idle").await, "0");
+    env.assert_bystander_served().await;
 }
