@@ -21,7 +21,7 @@ use crate::keys::format::MAX_KEY_LEN;
 use crate::keys::table::AuthError;
 use crate::limit::{Refused, Verdict};
 use crate::path;
-use crate::route::canonical_host;
+use crate::route::{canonical_host, port_or};
 use crate::snapshot::{Route, Snapshot};
 use crate::trace::TraceContext;
 use bytes::Bytes;
@@ -332,7 +332,8 @@ pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// The request's host: `:authority` / absolute-form authority, or the single Host header.
-/// Disagreement between them is refused (RFC 9112 §3.2, RFC 9113 §8.3.1), as are duplicates.
+/// Disagreement between them, in the host or the port (the scheme's default port when one
+/// names none), is refused (RFC 9112 §3.2, RFC 9113 §8.3.1), as are duplicates.
 fn request_host(parts: &Parts) -> Result<Option<String>, GatewayError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let header_host = hosts.next();
@@ -341,9 +342,9 @@ fn request_host(parts: &Parts) -> Result<Option<String>, GatewayError> {
     }
     let header_host = header_host
         .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(canonical_host)
+            let raw = v.to_str().ok();
+            raw.and_then(canonical_host)
+                .zip(raw)
                 .ok_or(GatewayError::BadRequest("invalid Host header"))
         })
         .transpose()?;
@@ -353,11 +354,22 @@ fn request_host(parts: &Parts) -> Result<Option<String>, GatewayError> {
         .map(|a| canonical_host(a.as_str()).ok_or(GatewayError::BadRequest("invalid authority")))
         .transpose()?;
     match (authority, header_host) {
-        (Some(a), Some(h)) if a != h => {
-            Err(GatewayError::BadRequest("authority and Host disagree"))
+        (Some(a), Some((h, raw_h))) => {
+            let default = if parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                443
+            } else {
+                80
+            };
+            let raw_a = parts.uri.authority().map_or("", |a| a.as_str());
+            if a == h && port_or(raw_a, default).is_some_and(|p| port_or(raw_h, default) == Some(p))
+            {
+                Ok(Some(a))
+            } else {
+                Err(GatewayError::BadRequest("authority and Host disagree"))
+            }
         }
-        (Some(a), _) => Ok(Some(a)),
-        (None, h) => Ok(h),
+        (Some(a), None) => Ok(Some(a)),
+        (None, h) => Ok(h.map(|(h, _)| h)),
     }
 }
 

@@ -167,6 +167,20 @@ pub fn canonical_host(raw: &str) -> Option<String> {
     ok.then(|| host.to_ascii_lowercase())
 }
 
+/// The port a Host or authority value names, or `default` (the scheme's) when it names none
+/// or an empty one (RFC 3986 §3.2.3); `None` when it is not a port number.
+pub fn port_or(raw: &str, default: u16) -> Option<u16> {
+    let port = match raw.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.1.strip_prefix(':'),
+        None => raw.split_once(':').map(|(_, p)| p),
+    };
+    match port {
+        None | Some("") => Some(default),
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok(),
+        Some(_) => None,
+    }
+}
+
 /// Slice of `raw` without port and without one trailing dot; `None` if the
 /// port is not all digits or the result is empty. Does not validate the host
 /// characters (that is [`canonical_host`]'s job).
@@ -198,6 +212,19 @@ fn host_view(raw: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_or_names_the_port_or_the_default() {
+        assert_eq!(port_or("api.example", 80), Some(80));
+        assert_eq!(port_or("api.example:", 443), Some(443));
+        assert_eq!(port_or("api.example:8080", 80), Some(8080));
+        assert_eq!(port_or("api.example:080", 443), Some(80));
+        assert_eq!(port_or("[::1]", 80), Some(80));
+        assert_eq!(port_or("[::1]:9090", 80), Some(9090));
+        assert_eq!(port_or("api.example:99999", 80), None);
+        assert_eq!(port_or("api.example:+80", 80), None);
+        assert_eq!(port_or("[::1", 80), None);
+    }
 
     fn spec(host: Option<&str>, prefix: &str, methods: &[Method]) -> RouteSpec {
         RouteSpec {

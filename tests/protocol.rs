@@ -927,8 +927,27 @@ upstream = "up"
     let dup = format!(
         "GET /v1/public/d4 HTTP/1.1\r\nHost: api.example\r\nHost: evil.example\r\nX-API-Key: {k}\r\nConnection: close\r\n\r\n"
     );
+    // Absolute-form: the target's authority and Host must name the same host and port.
+    let absolute = |authority: &str, host: &str| {
+        format!("GET http://{authority}/v1/public/d4 HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {k}\r\nConnection: close\r\n\r\n")
+    };
     let cases: Vec<(&str, String, u16)> = vec![
         ("canonical", with_host("api.example"), 200),
+        (
+            "absolute-form, Host names the default port",
+            absolute("api.example", "api.example:80"),
+            200,
+        ),
+        (
+            "absolute-form, another port in Host",
+            absolute("api.example:8080", "api.example:9090"),
+            400,
+        ),
+        (
+            "absolute-form, another host in Host",
+            absolute("api.example", "evil.example"),
+            400,
+        ),
         ("upper + trailing dot", with_host("API.EXAMPLE."), 200),
         ("with port", with_host("api.example:443"), 200),
         ("unknown host", with_host("other.example"), 404),
