@@ -182,7 +182,7 @@ KNOWN = {
     "keygate_redis_up", "keygate_redis_command_seconds",
     "keygate_limiter_fallback_total", "keygate_rate_limit_shadowed_total",
     "keygate_audit_events_dropped_total", "keygate_connections_rejected_total",
-    "keygate_send_timeouts_total",
+    "keygate_send_timeouts_total", "keygate_protocol_errors_total",
     "keygate_build_info", "keygate_table_last_sync_timestamp_seconds",
     "keygate_usage_reports_total", "keygate_clock_skew_seconds",
     # keygate control (its own registry, src/control/metrics.rs)

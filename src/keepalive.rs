@@ -544,6 +544,8 @@ pub struct Cycles {
     pub idle: Duration,
     /// `keygate_connections_released_total`.
     pub released: prometheus::IntCounter,
+    /// `keygate_protocol_errors_total`.
+    pub errors: crate::protocol_errors::ProtocolErrors,
 }
 
 /// What `serve` serves a connection with: the service hyper calls, and that may serve plain
@@ -638,10 +640,12 @@ pub async fn serve<T, S, B>(
         };
         match done {
             Some(Ok(())) => {}
-            Some(Err(_)) => return,
+            Some(Err(e)) => return cycles.errors.count(&e),
             None => {
                 Pin::new(&mut *conn).graceful_shutdown();
-                let _ = conn.await;
+                if let Err(e) = conn.await {
+                    cycles.errors.count(&e);
+                }
                 return;
             }
         }
@@ -918,6 +922,10 @@ mod tests {
             max_headers: 100,
             idle: Duration::from_secs(1),
             released: prometheus::IntCounter::new("released", "released").unwrap(),
+            errors: crate::protocol_errors::ProtocolErrors::new(
+                &prometheus::IntCounterVec::new(prometheus::Opts::new("e", "e"), &["kind"])
+                    .unwrap(),
+            ),
         });
         let idle = serve(stream, service, cycles, stop);
         let size = std::mem::size_of_val(&idle);

@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod path;
 pub mod pipeline;
+pub mod protocol_errors;
 pub mod redigest;
 pub mod redis;
 pub mod reload;

@@ -36,6 +36,8 @@ pub struct Lifetime {
     pub drain: Duration,
     pub retired_idle: IntCounter,
     pub retired_age: IntCounter,
+    /// `keygate_protocol_errors_total`.
+    pub errors: crate::protocol_errors::ProtocolErrors,
 }
 
 /// Why a connection was asked to finish.
@@ -73,7 +75,7 @@ pub async fn drive<I, S, B>(
             }
         };
         tokio::select! {
-            _ = conn.as_mut() => return,
+            r = conn.as_mut() => return life.count(r),
             _ = stop.changed() => End::Stop,
             _ = live.idle_for(life.idle) => End::Idle,
             _ = age => End::Age,
@@ -81,9 +83,7 @@ pub async fn drive<I, S, B>(
     };
     conn.as_mut().graceful_shutdown();
     match end {
-        End::Stop => {
-            let _ = conn.await;
-        }
+        End::Stop => life.count(conn.await),
         End::Idle | End::Age => {
             let counter = match end {
                 End::Idle => &life.retired_idle,
@@ -91,7 +91,17 @@ pub async fn drive<I, S, B>(
             };
             counter.inc();
             // A stop meanwhile does not shorten this: the drain it starts is no longer.
-            let _ = tokio::time::timeout(life.drain, conn).await;
+            if let Ok(r) = tokio::time::timeout(life.drain, conn).await {
+                life.count(r);
+            }
+        }
+    }
+}
+
+impl Lifetime {
+    fn count(&self, ended: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+        if let Err(e) = ended {
+            self.errors.count(&*e);
         }
     }
 }

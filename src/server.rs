@@ -481,6 +481,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         max_headers: server_cfg.max_headers,
         idle: Duration::from_millis(server_cfg.header_read_timeout_ms),
         released: gw.metrics.connections_released.clone(),
+        errors: crate::protocol_errors::ProtocolErrors::new(&gw.metrics.protocol_errors),
     });
     let caps = Arc::new(ConnCaps {
         total: AtomicUsize::new(0),
@@ -559,6 +560,7 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
                 .metrics
                 .connections_retired
                 .with_label_values(&["max_age"]),
+            errors: crate::protocol_errors::ProtocolErrors::new(&gw.metrics.protocol_errors),
         }),
     };
     let mut extra = extra.map(|(acc, ls)| ls.into_iter().map(move |l| (l, Some(acc.clone()))));

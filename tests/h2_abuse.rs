@@ -1,4 +1,5 @@
-//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 and E5 over HTTP/2) against
+//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 and E5 over HTTP/2; the
+//! protocol errors counted) against
 //! `keygate serve`, over h2c with prior knowledge on the plain listener (hyper-util's `auto`
 //! builder detects the preface), using a small hand-written frame encoder: 9-byte frame
 //! headers, and HEADERS whose HPACK block uses only "literal header field without indexing —
@@ -302,6 +303,16 @@ impl Drop for H2Raw {
 // Gateway setup
 // ---------------------------------------------------------------------------------------------
 
+/// The value of one series (name and labels as exported) on the admin listener's `/metrics`.
+async fn series(gw: &Gateway, series: &str) -> String {
+    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
+    let want = format!("{series} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
 struct Env {
     _dir: tempfile::TempDir,
     gw: Gateway,
@@ -540,6 +551,14 @@ async fn f1_rapid_reset_is_cut_off_and_bystanders_are_served() {
     );
     assert!(forwarded < 200, "upstream saw {forwarded} aborted requests");
     env.assert_bystander_served().await;
+    // Counted as a flood (`keygate_protocol_errors_total`): h2's GOAWAY ENHANCE_YOUR_CALM.
+    let calm = r#"keygate_protocol_errors_total{kind="h2_calm"}"#;
+    eventually_named("the flood counted", POLL, || async {
+        (series(&env.gw, calm).await == "1").then_some(())
+    })
+    .await;
+    let other = r#"keygate_protocol_errors_total{kind="h2_protocol"}"#;
+    assert_eq!(series(&env.gw, other).await, "0");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1072,12 +1091,11 @@ async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
 
 /// `keygate_connections_retired_total{reason}` as the admin listener reports it.
 async fn retired(gw: &Gateway, reason: &str) -> String {
-    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
-    let want = format!("keygate_connections_retired_total{{reason=\"{reason}\"}} ");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
-        .unwrap_or_else(|| panic!("no {want} in /metrics"))
+    series(
+        gw,
+        &format!("keygate_connections_retired_total{{reason=\"{reason}\"}}"),
+    )
+    .await
 }
 
 /// An HTTP/2 connection with no stream open for `h2_idle_timeout_ms` after its response gets
@@ -1165,5 +1183,31 @@ async fn e5_max_connection_age_sends_goaway_and_lets_the_stream_in_flight_finish
     assert_eq!(env.forwarded("/api/e5-age"), 1);
     assert_eq!(retired(&env.gw, "max_age").await, "1");
     assert_eq!(retired(&env.gw, "idle").await, "0");
+    env.assert_bystander_served().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A protocol error, counted
+// ---------------------------------------------------------------------------------------------
+
+/// A connection-level protocol error (DATA on stream 0, RFC 9113 §6.1) gets GOAWAY
+/// PROTOCOL_ERROR and is counted in `keygate_protocol_errors_total{kind="h2_protocol"}`, not
+/// as a flood.
+#[tokio::test]
+async fn a_connection_protocol_error_gets_goaway_and_is_counted() {
+    let env = start(Mode::Echo, "").await;
+    let c = H2Raw::open(env.gw.http, true).await;
+    assert!(c.send(&frame(DATA, 0, 0, b"x"), POLL).await);
+    eventually_named("the connection closed", POLL, || async {
+        c.with(|e| e.closed).then_some(())
+    })
+    .await;
+    assert_eq!(c.with(|e| e.goaway), Some(0x1), "PROTOCOL_ERROR");
+    let kind = |k: &str| format!("keygate_protocol_errors_total{{kind=\"{k}\"}}");
+    eventually_named("the error counted", POLL, || async {
+        (series(&env.gw, &kind("h2_protocol")).await == "1").then_some(())
+    })
+    .await;
+    assert_eq!(series(&env.gw, &kind("h2_calm")).await, "0");
     env.assert_bystander_served().await;
 }

@@ -968,6 +968,92 @@ upstream = "up"
     }
 }
 
+/// `keygate_protocol_errors_total{kind}` as the admin listener reports it.
+async fn protocol_errors(env: &Env, kind: &str) -> String {
+    let (_, _, body) = get(env.gw.admin, "/metrics", &[]).await;
+    let want = format!("keygate_protocol_errors_total{{kind=\"{kind}\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {want} in /metrics"))
+}
+
+/// What hyper refuses before the request path (a malformed head: 400; a head over
+/// `max_header_bytes`: 431; a head not whole within `header_read_timeout_ms`: closed) is
+/// counted by kind, once each; a client that closes mid-head is not counted at all.
+#[tokio::test]
+async fn refusals_before_the_request_path_are_counted_by_kind() {
+    let env = start().await;
+    let k = env.key.clone();
+    for kind in [
+        "malformed",
+        "too_large",
+        "header_timeout",
+        "h2_calm",
+        "h2_protocol",
+    ] {
+        assert_eq!(protocol_errors(&env, kind).await, "0", "{kind} at start");
+    }
+    let malformed =
+        format!("GET /v1/public/m HTTP/1.1\r\nHost: a\r\nX-API-Key: {k}\r\nno colon here\r\n\r\n");
+    let out = raw_exchange(env.gw.http, malformed.as_bytes(), EXCHANGE).await;
+    assert_eq!(statuses(&out), [400], "{}", out.text());
+    let big = format!("X-Big: {}\r\n", "a".repeat(100 * 1024));
+    let out = raw_exchange(
+        env.gw.http,
+        get_req("/v1/public/t", Some(&k), &big).as_bytes(),
+        EXCHANGE,
+    )
+    .await;
+    assert_eq!(statuses(&out), [431], "{}", out.text());
+    // A partial head, then silence: closed at the header timeout (500 ms here).
+    let out = raw_exchange(
+        env.gw.http,
+        b"GET /v1/public/s HTTP/1.1\r\nHost: a\r\n",
+        EXCHANGE,
+    )
+    .await;
+    assert!(out.closed() && statuses(&out).is_empty(), "{}", out.text());
+    // A partial head, then the client's close: not the gateway's refusal.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(env.gw.http).await.unwrap();
+        s.write_all(b"GET /v1/public/c HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+    }
+    env.assert_healthy().await;
+    for (kind, want) in [
+        ("malformed", "1"),
+        ("too_large", "1"),
+        ("header_timeout", "1"),
+    ] {
+        eventually_named(kind, EXCHANGE, || async {
+            (protocol_errors(&env, kind).await == want).then_some(())
+        })
+        .await;
+    }
+    // Every connection's end seen (the client-closed one's included): still nothing more.
+    eventually_named("no connection open", EXCHANGE, || async {
+        let (_, _, body) = get(env.gw.admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .any(|l| l == "keygate_connections_open{listener=\"http\"} 0")
+            .then_some(())
+    })
+    .await;
+    for (kind, want) in [
+        ("malformed", "1"),
+        ("too_large", "1"),
+        ("header_timeout", "1"),
+        ("h2_calm", "0"),
+        ("h2_protocol", "0"),
+    ] {
+        assert_eq!(protocol_errors(&env, kind).await, want, "{kind}");
+    }
+    assert_eq!(env.up.count(), 1, "{:?}", env.paths());
+}
+
 // ---------------------------------------------------------------------------------------------
 // E. Slow clients and connection caps
 // ---------------------------------------------------------------------------------------------
