@@ -1,17 +1,20 @@
-//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F4, F5, F6, F8, F9; E3 and E5 over HTTP/2; the
-//! protocol errors counted) against
-//! `keygate serve`, over h2c with prior knowledge on the plain listener (hyper-util's `auto`
-//! builder detects the preface), using a small hand-written frame encoder: 9-byte frame
-//! headers, and HEADERS whose HPACK block uses only "literal header field without indexing —
-//! new name" with plain (non-Huffman) strings shorter than 127 bytes, so no HPACK state is
-//! involved on our side.
+//! HTTP/2 frame-level abuse (THREATS D4, F1, F2, F3, F4, F5, F6, F7, F8, F9; E3 and E5 over
+//! HTTP/2; the protocol errors counted) against `keygate serve`, over h2c with prior knowledge
+//! on the plain listener (hyper-util's `auto` builder detects the preface), using a small
+//! hand-written frame encoder: 9-byte frame headers, and HEADERS whose HPACK block uses
+//! "literal header field without indexing — new name" with plain (non-Huffman) strings shorter
+//! than 127 bytes, so no HPACK state is involved on our side; except F3, which seeds the
+//! server's dynamic table on purpose (literals with incremental indexing,
+//! `hpack_literal_indexed`) and refers to it (`hpack_indexed`).
 //!
 //! Responses are not HPACK-decoded: a response HEADERS block starting with 0x88 (static index
-//! 8, `:status: 200`) is a 200, anything else is "answered, not 200" (`Events::status` also
-//! reads the other statuses of the static table, e.g. 0x8c for 400). Every test asserts
-//! relative properties (the connection was closed / GOAWAY'd / the stream reset before the
-//! bounded loop ended, the recording upstream saw far fewer requests than were sent, RSS grew
-//! within a bound, a bystander was still served) and bounds every loop in count and time.
+//! 8, `:status: 200`) is a 200, anything else is "answered, not 200". `Events::status` reads
+//! the status at the start of a block: the other statuses of the static table (e.g. 0x8c for
+//! 400) and, for the rest (e.g. 431), the literal h2 sends the first time a code is used on a
+//! connection (`status_in_block`). Every test asserts relative properties (the connection was
+//! closed / GOAWAY'd / the stream reset before the bounded loop ended, the recording upstream
+//! saw far fewer requests than were sent, RSS grew within a bound, a bystander was still
+//! served) and bounds every loop in count and time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -37,12 +40,17 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const PRIORITY: u8 = 0x2;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const CANCEL: u32 = 0x8;
 const REFUSED_STREAM: u32 = 0x7;
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 // ---------------------------------------------------------------------------------------------
 // Frame encoder
@@ -71,6 +79,90 @@ fn hpack_literal(block: &mut Vec<u8>, name: &str, value: &str) {
     block.extend_from_slice(name.as_bytes());
     block.push(value.len() as u8);
     block.extend_from_slice(value.as_bytes());
+}
+
+/// An HPACK integer (RFC 7541 §5.1): `pattern` holds the bits above the `prefix`-bit prefix;
+/// values that do not fit the prefix continue in 7-bit groups, least significant first.
+fn hpack_int(block: &mut Vec<u8>, pattern: u8, prefix: u32, value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        block.push(pattern | value as u8);
+        return;
+    }
+    block.push(pattern | max as u8);
+    let mut rest = value - max;
+    while rest >= 0x80 {
+        block.push(0x80 | (rest & 0x7f) as u8);
+        rest >>= 7;
+    }
+    block.push(rest as u8);
+}
+
+/// HPACK "literal header field with incremental indexing — new name" (RFC 7541 §6.2.1), no
+/// Huffman: the decoder adds the field to its dynamic table as the newest entry (index 62).
+/// This is the one HPACK state our side sets up (F3); lengths of any size.
+fn hpack_literal_indexed(block: &mut Vec<u8>, name: &str, value: &str) {
+    block.push(0x40);
+    hpack_int(block, 0x00, 7, name.len());
+    block.extend_from_slice(name.as_bytes());
+    hpack_int(block, 0x00, 7, value.len());
+    block.extend_from_slice(value.as_bytes());
+}
+
+/// HPACK "indexed header field" (RFC 7541 §6.1): one byte for indices under 127, e.g. 0xbe
+/// for 62, the newest dynamic-table entry.
+fn hpack_indexed(block: &mut Vec<u8>, index: usize) {
+    hpack_int(block, 0x80, 7, index);
+}
+
+/// The `:status` at the start of a response header block as h2 encodes it: an indexed field of
+/// the HPACK static table (RFC 7541 Appendix A: 0x88-0x8e for 200, 204, 206, 304, 400, 404,
+/// 500), or, for any other code, a literal with the static name `:status` (index 8; with,
+/// without or never indexing: 0x48, 0x08, 0x18) and a value h2 Huffman-codes (a plain one is
+/// read too). `None` for anything else, e.g. a code repeated on the connection, which h2 then
+/// sends as a reference to its dynamic table.
+fn status_in_block(b: &[u8]) -> Option<u16> {
+    match *b.first()? {
+        0x88 => return Some(200),
+        0x89 => return Some(204),
+        0x8a => return Some(206),
+        0x8b => return Some(304),
+        0x8c => return Some(400),
+        0x8d => return Some(404),
+        0x8e => return Some(500),
+        0x48 | 0x08 | 0x18 => {}
+        _ => return None,
+    }
+    let (huffman, len) = (b.get(1)? & 0x80 != 0, usize::from(b.get(1)? & 0x7f));
+    let value = b.get(2..2 + len)?;
+    if !huffman {
+        return std::str::from_utf8(value).ok()?.parse().ok();
+    }
+    // RFC 7541 Appendix B, the digits only: '0'-'2' are the 5-bit codes 0-2, '3'-'9' the
+    // 6-bit codes 0x19-0x1f.
+    let bits = |at: usize, n: usize| -> Option<u32> {
+        (at..at + n).try_fold(0u32, |acc, i| {
+            Some(acc << 1 | u32::from(value.get(i / 8)? >> (7 - i % 8) & 1))
+        })
+    };
+    let (mut at, mut code) = (0, 0u16);
+    for _ in 0..3 {
+        let digit = match bits(at, 5)? {
+            d @ 0..=2 => {
+                at += 5;
+                d
+            }
+            _ => match bits(at, 6)? {
+                c @ 0x19..=0x1f => {
+                    at += 6;
+                    c - 0x19 + 3
+                }
+                _ => return None,
+            },
+        };
+        code = code * 10 + digit as u16;
+    }
+    Some(code)
 }
 
 fn hpack_block(fields: &[(&str, &str)]) -> Vec<u8> {
@@ -119,6 +211,9 @@ struct Events {
     resets: Vec<(u32, u32)>,
     /// (stream, first byte of the header block) of every response HEADERS.
     responses: Vec<(u32, u8)>,
+    /// (stream, frame flags, the block's first 8 bytes) of every response HEADERS: enough to
+    /// read a `:status` h2 sends as a literal (`status_in_block`) and to see END_STREAM.
+    heads: Vec<(u32, u8, Vec<u8>)>,
     /// Server SETTINGS frames seen (and acknowledged).
     settings: usize,
     /// EOF or a read error: the server closed the connection.
@@ -143,21 +238,17 @@ impl Events {
             .iter()
             .any(|(s, b)| *s == stream && *b == 0x88)
     }
-    /// The status of the response on `stream` when its header block starts with an indexed
-    /// `:status` from the HPACK static table (RFC 7541 Appendix A, indices 8-14), as h2 sends
-    /// 200, 204, 206, 304, 400, 404 and 500; `None` if unanswered or sent another way.
+    /// The status of the response on `stream` (`status_in_block`); `None` if unanswered or
+    /// sent as a reference to the dynamic table.
     fn status(&self, stream: u32) -> Option<u16> {
-        let first = self.responses.iter().find(|(s, _)| *s == stream)?.1;
-        match first {
-            0x88 => Some(200),
-            0x89 => Some(204),
-            0x8a => Some(206),
-            0x8b => Some(304),
-            0x8c => Some(400),
-            0x8d => Some(404),
-            0x8e => Some(500),
-            _ => None,
-        }
+        let (_, _, head) = self.heads.iter().find(|(s, _, _)| *s == stream)?;
+        status_in_block(head)
+    }
+    /// Whether the response HEADERS on `stream` ended the stream (no body).
+    fn headers_ended_stream(&self, stream: u32) -> bool {
+        self.heads
+            .iter()
+            .any(|(s, flags, _)| *s == stream && flags & END_STREAM != 0)
     }
     fn answered(&self, stream: u32) -> bool {
         self.responses.iter().any(|(s, _)| *s == stream)
@@ -241,6 +332,9 @@ impl H2Raw {
                                 }
                                 e.responses
                                     .push((stream, payload.get(off).copied().unwrap_or(0)));
+                                let head = payload.get(off..).unwrap_or_default();
+                                e.heads
+                                    .push((stream, flags, head[..head.len().min(8)].to_vec()));
                             }
                             SETTINGS if flags & ACK == 0 => {
                                 e.settings += 1;
@@ -371,6 +465,17 @@ impl Env {
             .iter()
             .filter(|r| r.path_and_query.starts_with(path))
             .count()
+    }
+
+    /// The sum of the gateway's metric samples whose line starts with `series` (a name, or a
+    /// name and the start of its labels).
+    async fn metric(&self, series: &str) -> u64 {
+        let (_, _, body) = get(self.gw.admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 }
 
@@ -616,6 +721,278 @@ async fn f2_continuation_flood_closes_the_connection() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// F3. HPACK indexed-reference bomb ("HTTP/2 Bomb")
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway's HTTP/2 header list limit (`h2_max_header_list_bytes`, the shipped default), in
+/// HPACK's accounting (RFC 9113 §6.5.2, which h2 follows): name + value + 32 bytes per field.
+const LIST_LIMIT: usize = 64 * 1024;
+/// h2 0.4.20 stops decoding a block once its list passes 4 × the limit
+/// (`MAX_HEADER_LIST_ABUSE_MULTIPLIER`) and ends the connection.
+const LIST_ABUSE_LIMIT: usize = 4 * LIST_LIMIT;
+/// The large dynamic-table entry: `x-bomb` with 4,000 bytes, 4,038 bytes in HPACK's
+/// accounting. It must fit the decoder's table (4,096 bytes, the SETTINGS_HEADER_TABLE_SIZE
+/// default, which the gateway keeps) together with the small one (36 bytes), or inserting it
+/// evicts it and a reference to it is a COMPRESSION_ERROR.
+const BIG_NAME: &str = "x-bomb";
+const BIG_VALUE_LEN: usize = 4000;
+const BIG_ENTRY: usize = BIG_NAME.len() + BIG_VALUE_LEN + 32;
+/// The small entry: as many fields as possible per byte of list size (36 bytes each).
+const SMALL: (&str, &str) = ("x-s", "1");
+const SMALL_ENTRY: usize = 3 + 1 + 32;
+
+/// A GET's header block for the bomb: the pseudo-headers and key as plain literals, then
+/// `seeds` (literals with incremental indexing: each becomes dynamic entry 62, pushing the
+/// older ones to 63, 64, ...), then `refs` one-byte references to dynamic entry `index`.
+fn bomb_block(
+    authority: &str,
+    path: &str,
+    key: &str,
+    seeds: &[(&str, &str)],
+    index: usize,
+    refs: usize,
+) -> Vec<u8> {
+    let mut b = hpack_block(&request_fields("GET", authority, path, key));
+    for (n, v) in seeds {
+        hpack_literal_indexed(&mut b, n, v);
+    }
+    for _ in 0..refs {
+        hpack_indexed(&mut b, index);
+    }
+    b
+}
+
+/// THREATS F3, the "HTTP/2 Bomb": a header block that seeds the HPACK dynamic table with one
+/// large field, then refers to it with one byte per field, so a few KB on the wire decode to
+/// MBs. h2 0.4.20 counts every decoded field (name + value + 32) against the gateway's 64 KiB
+/// `max_header_list_size` as it decodes: past the limit it keeps decoding (the HPACK state is
+/// the connection's) but stores nothing more and answers 431 itself (HEADERS with END_STREAM,
+/// the request never reaches hyper); past 4 × the limit it stops and sends GOAWAY
+/// ENHANCE_YOUR_CALM ("header_list_way_too_large"). Small references under the list limit pass
+/// h2 as thousands of fields, which the gateway's header-count cap (`max_headers`, 100)
+/// answers 431 before routing. Then the attack the row describes: connections with
+/// SETTINGS_INITIAL_WINDOW_SIZE=0 (no response body can be sent, so what a response holds
+/// stays held), a full house of streams each carrying a bomb, never read: the gateway's RSS
+/// must stay under what the streams could hold at the list limit (connections × 100 streams
+/// × 64 KiB × 2), under what their blocks decode to, nothing reaches the upstream, and a
+/// bystander is served while the connections are still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f3_hpack_indexed_reference_bomb_is_bounded() {
+    // The integer encoding against RFC 7541 §C.1: 10 and 1337 with a 5-bit prefix, 42 with 8.
+    for (prefix, value, want) in [
+        (5, 10, vec![10u8]),
+        (5, 1337, vec![31, 154, 10]),
+        (8, 42, vec![42]),
+    ] {
+        let mut b = Vec::new();
+        hpack_int(&mut b, 0, prefix, value);
+        assert_eq!(b, want, "hpack_int({prefix}, {value})");
+    }
+    // (RFC 7541 Appendix B: "431" is 011010 011001 00001, padded with ones.)
+    assert_eq!(status_in_block(&[0x48, 0x83, 0x69, 0x90, 0xff]), Some(431));
+    assert_eq!(status_in_block(&[0x08, 0x03, b'5', b'0', b'2']), Some(502));
+
+    let env = start(Mode::Echo, "").await;
+    let auth = env.authority();
+    let big_value = "b".repeat(BIG_VALUE_LEN);
+    let big = (BIG_NAME, big_value.as_str());
+    let too_large = r#"keygate_requests_total{outcome="headers_too_large""#;
+
+    // 1. Far past the abuse limit: 3,000 references to the 4 KB entry (12 MB decoded from
+    //    7 KB) end the connection with GOAWAY ENHANCE_YOUR_CALM after ~65 of them.
+    {
+        let refs = 3000;
+        let block = bomb_block(&auth, "/api/f3-bomb-way-over", &env.key, &[big], 62, refs);
+        let decoded = (refs + 1) * BIG_ENTRY;
+        assert!(
+            block.len() < 16_384,
+            "one frame at the default SETTINGS_MAX_FRAME_SIZE"
+        );
+        assert!(decoded > 1000 * block.len() && decoded > 40 * LIST_ABUSE_LIMIT);
+        let c = H2Raw::open(env.gw.http, true).await;
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        eventually_named("way over: connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        let (goaway, answered) = c.with(|e| (e.goaway, e.answered(1)));
+        eprintln!(
+            "F3 way over: {} wire bytes would decode to {decoded}; GOAWAY {goaway:?}, answered {answered}",
+            block.len()
+        );
+        assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "way over the list limit");
+        assert!(!answered);
+    }
+
+    // 2. Over the list limit, under the abuse limit: 60 references (~246 KB decoded). h2
+    //    answers 431 itself and the connection carries on with the same HPACK state: the next
+    //    request refers to the entry twice and is served (which also shows the entry is what
+    //    the references decode to: a positive control of the encoding).
+    {
+        let refs = 60;
+        let decoded = (refs + 1) * BIG_ENTRY;
+        assert!(decoded > LIST_LIMIT && decoded + 1024 < LIST_ABUSE_LIMIT);
+        let c = H2Raw::open(env.gw.http, true).await;
+        let block = bomb_block(&auth, "/api/f3-bomb-over", &env.key, &[big], 62, refs);
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        let after = bomb_block(&auth, "/api/f3-after", &env.key, &[], 62, 2);
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 3, &after),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        eventually_named("over: both answered", POLL, || async {
+            c.with(|e| (e.answered(1) && e.answered(3)) || e.ended())
+                .then_some(())
+        })
+        .await;
+        let outcome = c.with(|e| format!("{e:?}"));
+        eprintln!(
+            "F3 over the list limit ({decoded} decoded): status {:?} (END_STREAM {}), resets {:?}; next request {:?}",
+            c.with(|e| e.status(1)),
+            c.with(|e| e.headers_ended_stream(1)),
+            c.with(|e| e.reset_codes(1)),
+            c.with(|e| e.status(3)),
+        );
+        assert_eq!(c.with(|e| e.status(1)), Some(431), "{outcome}");
+        // h2's own answer: no body, so hyper and the gateway never saw the request.
+        assert!(c.with(|e| e.headers_ended_stream(1)), "{outcome}");
+        assert_eq!(c.with(|e| e.goaway), None, "{outcome}");
+        assert_eq!(c.with(|e| e.status(3)), Some(200), "{outcome}");
+        let rec = env
+            .up
+            .last()
+            .expect("the request after the 431 was forwarded");
+        assert_eq!(rec.path_and_query, "/api/f3-after");
+        assert_eq!(rec.header_all(BIG_NAME), vec![big_value.clone(); 2]);
+    }
+
+    // 3. Under the list limit, over the field count: 1,500 references to a 36-byte entry
+    //    (54 KB decoded from 1.5 KB) pass h2 as 1,500 fields; the gateway's count cap answers
+    //    431 (with a body: not h2's answer).
+    let small_refs = 1500;
+    assert!((small_refs + 1) * SMALL_ENTRY + 1024 < LIST_LIMIT);
+    {
+        let c = H2Raw::open(env.gw.http, true).await;
+        let block = bomb_block(
+            &auth,
+            "/api/f3-bomb-many",
+            &env.key,
+            &[SMALL],
+            62,
+            small_refs,
+        );
+        assert!(
+            c.send(
+                &frame(HEADERS, END_HEADERS | END_STREAM, 1, &block),
+                NET_TIMEOUT
+            )
+            .await
+        );
+        eventually_named("many: answered", POLL, || async {
+            c.with(|e| e.answered(1) || e.ended()).then_some(())
+        })
+        .await;
+        let outcome = c.with(|e| format!("{e:?}"));
+        eprintln!(
+            "F3 many small fields: status {:?} (END_STREAM {})",
+            c.with(|e| e.status(1)),
+            c.with(|e| e.headers_ended_stream(1))
+        );
+        assert_eq!(c.with(|e| e.status(1)), Some(431), "{outcome}");
+        assert!(!c.with(|e| e.headers_ended_stream(1)), "{outcome}");
+        assert_eq!(env.metric(too_large).await, 1, "the gateway's own refusal");
+    }
+
+    // 4. The attack: CONNS connections, each with a zero window and a full house of streams
+    //    (h2_max_concurrent_streams, 100), three in four over the list limit (h2's 431) and
+    //    every fourth over the field count (the gateway's 431, whose body the zero window
+    //    holds, so those streams stay open), never read.
+    //
+    //    The bound: every stream holding a whole list at the limit, twice over. h2 counts 32
+    //    bytes per field, but a field it stores takes a `HeaderMap` slot of ~72 bytes plus the
+    //    slack of a doubling `Vec`, so a list at the limit made of the smallest fields takes
+    //    2-3 × its accounted size while it lives (measured: with jemalloc purging at once the
+    //    pinned streams hold under 1 MiB; the growth seen is the decoded lists' peak, kept by
+    //    the allocator). The blocks decode to more than the bound: the memory follows the list
+    //    limit, not the decoded size.
+    const CONNS: usize = 4;
+    const STREAMS: u32 = 100;
+    const OVER_REFS: usize = 60;
+    let refused_before = env.metric(too_large).await;
+    let pid = env.gw.pid();
+    let rss_before = rss_kib(pid);
+    let mut attackers = Vec::new();
+    let (mut decoded_total, mut wire_total, mut many) = (0usize, 0usize, 0u64);
+    for conn in 0..CONNS {
+        let c = H2Raw::open(env.gw.http, false).await;
+        // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0.
+        let mut batch = frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]);
+        for i in 0..STREAMS {
+            let path = format!("/api/f3-bomb-pinned-{conn}-{i}");
+            // The first stream seeds both entries: the small one is then 62, the big one 63.
+            let seeds: &[(&str, &str)] = if i == 0 { &[big, SMALL] } else { &[] };
+            let block = if i % 4 != 3 {
+                decoded_total += OVER_REFS * BIG_ENTRY;
+                bomb_block(&auth, &path, &env.key, seeds, 63, OVER_REFS)
+            } else {
+                decoded_total += small_refs * SMALL_ENTRY;
+                many += 1;
+                bomb_block(&auth, &path, &env.key, seeds, 62, small_refs)
+            };
+            batch.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+        }
+        wire_total += batch.len();
+        assert!(c.send(&batch, NET_TIMEOUT).await, "connection {conn}");
+        attackers.push(c);
+    }
+    // Every connection's last stream is a field-count bomb, which the gateway counts: once
+    // they all are, h2 has decoded every block before them.
+    assert_eq!(STREAMS % 4, 0);
+    let want = refused_before + many;
+    let refused = eventually_named("every pinned bomb answered", POLL, || async {
+        let n = env.metric(too_large).await;
+        (n >= want).then_some(n)
+    })
+    .await;
+    let rss = rss_kib(pid);
+    let bound_kib = (2 * CONNS * STREAMS as usize * LIST_LIMIT / 1024) as u64;
+    eprintln!(
+        "F3 pinned: {CONNS} connections × {STREAMS} streams, {wire_total} wire bytes decoding to {decoded_total}; \
+         gateway 431s {} of {many}; RSS {rss_before} -> {rss} KiB (+{} KiB, bound {bound_kib} KiB)",
+        refused - refused_before,
+        rss.saturating_sub(rss_before)
+    );
+    assert!(decoded_total / 1024 > bound_kib as usize);
+    assert!(
+        rss < rss_before + bound_kib,
+        "RSS {rss_before} -> {rss} KiB, bound +{bound_kib} KiB"
+    );
+    // With the pinned connections still open, the gateway still serves others.
+    env.assert_bystander_served().await;
+    drop(attackers);
+    // Not one byte of a bomb went upstream (a request the upstream refused is not recorded,
+    // but its bytes are).
+    let line = b"GET /api/f3-bomb";
+    assert!(!env.up.wire().windows(line.len()).any(|w| w == line));
+    assert_eq!(env.forwarded("/api/f3-bomb"), 0, "{:?}", env.up.records());
+}
+
+// ---------------------------------------------------------------------------------------------
 // F4. Cookie crumbs count toward the header limit
 // ---------------------------------------------------------------------------------------------
 
@@ -750,6 +1127,374 @@ async fn f5_f6_empty_data_ping_and_settings_floods_are_bounded() {
         }
         drop(c);
     }
+    env.assert_bystander_served().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// F7. MadeYouReset
+// ---------------------------------------------------------------------------------------------
+
+/// A frame that makes the server end a stream its client opened (MadeYouReset,
+/// CVE-2025-8671), sent on a stream whose request (HEADERS with END_STREAM: the stream is
+/// half-closed (remote)) is already being served.
+#[derive(Clone, Copy, Debug)]
+enum Offence {
+    /// WINDOW_UPDATE taking the stream's send window past 2^31 - 1 (RFC 9113 §6.9.1).
+    WindowOverflow,
+    /// PRIORITY naming the stream as its own dependency (RFC 9113 §5.3.1).
+    PrioritySelfDependency,
+    /// HEADERS without END_STREAM after the request ended: trailers that do not end the
+    /// stream (RFC 9113 §8.1).
+    HeadersOnHalfClosed,
+    /// WINDOW_UPDATE with increment 0 (RFC 9113 §6.9).
+    WindowUpdateZero,
+    /// DATA after END_STREAM (RFC 9113 §5.1, half-closed (remote)).
+    DataOnHalfClosed,
+    /// HEADERS with END_STREAM after END_STREAM.
+    TrailersOnHalfClosed,
+}
+
+/// What h2 0.4.20 does with an offence (read from its source, see the F7 test).
+#[derive(Debug)]
+enum H2Answer {
+    /// A stream error: RST_STREAM with this code, counted toward the connection's
+    /// `max_local_error_reset_streams`.
+    CountedReset(u32),
+    /// A connection error at the first offence: GOAWAY with this code.
+    GoAway(u32),
+}
+
+impl Offence {
+    fn name(self) -> &'static str {
+        match self {
+            Offence::WindowOverflow => "window-overflow",
+            Offence::PrioritySelfDependency => "priority-self",
+            Offence::HeadersOnHalfClosed => "headers-half-closed",
+            Offence::WindowUpdateZero => "window-zero",
+            Offence::DataOnHalfClosed => "data-half-closed",
+            Offence::TrailersOnHalfClosed => "trailers-half-closed",
+        }
+    }
+
+    fn frame(self, stream: u32) -> Vec<u8> {
+        match self {
+            Offence::WindowOverflow => {
+                frame(WINDOW_UPDATE, 0, stream, &0x7fff_ffffu32.to_be_bytes())
+            }
+            Offence::PrioritySelfDependency => {
+                let mut p = stream.to_be_bytes().to_vec();
+                p.push(15); // weight 16
+                frame(PRIORITY, 0, stream, &p)
+            }
+            Offence::HeadersOnHalfClosed => frame(HEADERS, END_HEADERS, stream, &[]),
+            Offence::WindowUpdateZero => frame(WINDOW_UPDATE, 0, stream, &0u32.to_be_bytes()),
+            Offence::DataOnHalfClosed => frame(DATA, 0, stream, b"x"),
+            Offence::TrailersOnHalfClosed => frame(HEADERS, END_HEADERS | END_STREAM, stream, &[]),
+        }
+    }
+
+    /// h2 0.4.20: a window overflow resets the stream (`Send::recv_stream_window_update`,
+    /// FLOW_CONTROL_ERROR); a self-dependent PRIORITY (`frame::Priority::load`) and trailers
+    /// without END_STREAM (`Streams::recv_headers`) are stream errors PROTOCOL_ERROR; each goes
+    /// through `Actions::reset_on_recv_stream_err` or `send_reset` with `Initiator::Library`,
+    /// which counts it and, once `max_local_error_reset_streams` are spent, answers GOAWAY
+    /// ENHANCE_YOUR_CALM ("too_many_internal_resets") instead. A zero increment is refused
+    /// while decoding (`frame::WindowUpdate::load`), DATA on a half-closed (remote) stream by
+    /// `Recv::recv_data`, and a second END_STREAM by `State::recv_close`: all three are
+    /// connection errors PROTOCOL_ERROR, so each costs the client its connection and nothing
+    /// is left to count.
+    fn h2_answer(self) -> H2Answer {
+        match self {
+            Offence::WindowOverflow => H2Answer::CountedReset(FLOW_CONTROL_ERROR),
+            Offence::PrioritySelfDependency | Offence::HeadersOnHalfClosed => {
+                H2Answer::CountedReset(PROTOCOL_ERROR)
+            }
+            Offence::WindowUpdateZero
+            | Offence::DataOnHalfClosed
+            | Offence::TrailersOnHalfClosed => H2Answer::GoAway(PROTOCOL_ERROR),
+        }
+    }
+}
+
+/// THREATS F7, MadeYouReset (CVE-2025-8671): the client cannot reset streams cheaply any more
+/// (F1's limit on RST_STREAM), so it makes the server reset them: it opens a stream, lets the
+/// request reach the upstream, then sends a frame the server must answer with RST_STREAM. The
+/// server's HTTP/2 layer then counts the stream closed while, unless the reset cancels it, the
+/// upstream work goes on: unbounded work behind a concurrency limit that looks respected.
+///
+/// Each offence h2 answers with a stream reset (window overflow, self-dependent PRIORITY,
+/// trailers without END_STREAM), three ways, each on a fresh connection to a 30 s upstream:
+/// 1. (window overflow and PRIORITY: one offence per h2 reset path) rounds of 100 streams
+///    (the concurrency limit): once a round's requests are all at the upstream, the offence on
+///    each. The gateway must give the round's upstream exchanges up at
+///    once (requests in flight back to 0 within 5 s, long before the upstream answers or the
+///    10 s response timeout fires), every offence under the limit gets its RST_STREAM with the
+///    connection going on, and the round holding the 1,025th offence ends with GOAWAY
+///    ENHANCE_YOUR_CALM, never more than 1,024 resets;
+/// 2. pipelined, each offence right behind its request, chunk after chunk: exactly 1,025
+///    streams processed (the GOAWAY's last stream is the 1,025th's, 2,049), GOAWAY
+///    ENHANCE_YOUR_CALM, and the upstream sees almost none of them;
+/// 3. 3,000 pairs in one write: the connection ends with at most 1,025 streams processed.
+///
+/// The offences h2 answers with a connection error cost the connection at the first one
+/// (GOAWAY PROTOCOL_ERROR, last stream 1, no RST_STREAM). A bystander is served at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f7_made_you_reset_frames_hit_the_local_reset_limit() {
+    const LIMIT: u32 = 1024; // max_local_error_reset_streams in src/server.rs
+    const ROUND: u32 = 100; // h2_max_concurrent_streams: a round's streams are all open at once
+    const BURST_STREAMS: u32 = 3000;
+    const GIVE_UP: Duration = Duration::from_secs(5);
+    let env = start(Mode::Slow(Duration::from_secs(30)), "").await;
+    let auth = env.authority();
+    let in_flight = "keygate_requests_in_flight ";
+    let request = |prefix: &str, id: u32| {
+        let block = hpack_block(&request_fields(
+            "GET",
+            &auth,
+            &format!("{prefix}/{id}"),
+            &env.key,
+        ));
+        frame(HEADERS, END_HEADERS | END_STREAM, id, &block)
+    };
+    let started = Instant::now();
+
+    // 1. Rounds: the work started, then the reset forced. h2 resets a stream on two paths,
+    //    while handling the frame (`reset_on_recv_stream_err`: the window overflow and the
+    //    trailers) or once the codec returned the stream error (`Streams::send_reset`: the
+    //    PRIORITY); hyper sees either the same way (`poll_reset`). One offence of each path
+    //    (the three take ~2 s each, more when the file's tests share the 2 cores).
+    for offence in [Offence::WindowOverflow, Offence::PrioritySelfDependency] {
+        let H2Answer::CountedReset(code) = offence.h2_answer() else {
+            unreachable!()
+        };
+        let prefix = format!("/api/f7-round-{}", offence.name());
+        let c = H2Raw::open(env.gw.http, true).await;
+        let round_started = Instant::now();
+        let (mut opened, mut offences, mut peak) = (0u32, 0u32, 0u64);
+        // Until an offence past the limit was sent (then the connection must end).
+        while offences <= LIMIT && round_started.elapsed() < Duration::from_secs(20) {
+            let ids: Vec<u32> = (opened..opened + ROUND).map(|i| 2 * i + 1).collect();
+            let batch: Vec<u8> = ids.iter().flat_map(|id| request(&prefix, *id)).collect();
+            assert!(c.send(&batch, NET_TIMEOUT).await, "{offence:?}");
+            opened += ROUND;
+            eventually_named("the round's requests at the upstream", POLL, || async {
+                (env.forwarded(&prefix) >= opened as usize).then_some(())
+            })
+            .await;
+            peak = peak.max(env.metric(in_flight).await);
+            let offending: Vec<u8> = ids.iter().flat_map(|id| offence.frame(*id)).collect();
+            // (The write of the last round may fail: the server closes after its GOAWAY.)
+            let _ = c.send(&offending, NET_TIMEOUT).await;
+            offences += ROUND;
+            eventually_named("the round's upstream work given up", GIVE_UP, || async {
+                (env.metric(in_flight).await == 0).then_some(())
+            })
+            .await;
+            if offences <= LIMIT {
+                eventually_named("the round's resets", POLL, || async {
+                    c.with(|e| (e.resets.len() >= offences as usize || e.ended()).then_some(()))
+                })
+                .await;
+                assert!(
+                    !c.ended(),
+                    "{offence:?}: cut off after {offences} forced resets, under the limit: {:?}",
+                    c.with(|e| e.goaway)
+                );
+            }
+        }
+        eventually_named("connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        let (goaway, ours, others) = c.with(|e| {
+            (
+                e.goaway,
+                e.resets.iter().filter(|(_, k)| *k == code).count(),
+                e.resets.len() - e.resets.iter().filter(|(_, k)| *k == code).count(),
+            )
+        });
+        eprintln!(
+            "F7 rounds {offence:?}: {opened} streams, {offences} offences in {:?}; RST_STREAM {code:#x} × {ours} (others {others}); GOAWAY {goaway:?}; peak in flight {peak}; upstream saw {}",
+            round_started.elapsed(),
+            env.forwarded(&prefix)
+        );
+        assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{offence:?}");
+        assert!(
+            offences > LIMIT && offences <= LIMIT + ROUND,
+            "{offence:?}: cut off after {offences} offences, not in the round of the {}th",
+            LIMIT + 1
+        );
+        // The last round's resets may be dropped with the connection; never more than LIMIT.
+        assert!(
+            (LIMIT - LIMIT % ROUND) as usize <= ours && ours <= LIMIT as usize,
+            "{offence:?}: {ours} resets"
+        );
+        assert_eq!(others, 0, "{offence:?}");
+        assert!(peak <= u64::from(ROUND), "{offence:?}: {peak} in flight");
+    }
+
+    // 2. Pipelined: each offence right behind its request, in chunks of ROUND pairs, the next
+    //    chunk once the last one's resets are in (an attacker reads them; see 3 for one who
+    //    does not). Each stream then costs exactly one counted reset, so the server processes
+    //    exactly LIMIT + 1 streams: the GOAWAY's last stream is the 1,025th's.
+    for offence in [
+        Offence::WindowOverflow,
+        Offence::PrioritySelfDependency,
+        Offence::HeadersOnHalfClosed,
+    ] {
+        let H2Answer::CountedReset(code) = offence.h2_answer() else {
+            unreachable!()
+        };
+        let prefix = format!("/api/f7-pipelined-{}", offence.name());
+        let c = H2Raw::open(env.gw.http, true).await;
+        let pipelined_started = Instant::now();
+        let mut sent = 0u32;
+        while sent < BURST_STREAMS
+            && !c.ended()
+            && pipelined_started.elapsed() < Duration::from_secs(10)
+        {
+            let mut batch = Vec::new();
+            for _ in 0..ROUND {
+                let id = 2 * sent + 1;
+                batch.extend(request(&prefix, id));
+                batch.extend(offence.frame(id));
+                sent += 1;
+            }
+            if !c.send(&batch, Duration::from_secs(2)).await {
+                break;
+            }
+            eventually_named("the chunk's resets", POLL, || async {
+                c.with(|e| (e.resets.len() >= sent as usize || e.ended()).then_some(()))
+            })
+            .await;
+        }
+        eventually_named("connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        eventually_named("the upstream work given up", GIVE_UP, || async {
+            (env.metric(in_flight).await == 0).then_some(())
+        })
+        .await;
+        let (goaway, last, ours, others) = c.with(|e| {
+            let ours = e.resets.iter().filter(|(_, k)| *k == code).count();
+            (e.goaway, e.goaway_last, ours, e.resets.len() - ours)
+        });
+        let upstream = env.forwarded(&prefix);
+        eprintln!(
+            "F7 pipelined {offence:?}: {sent} streams written in {:?}; GOAWAY {goaway:?} last stream {last:?}; RST_STREAM {code:#x} × {ours}, others {others}; upstream saw {upstream}",
+            pipelined_started.elapsed()
+        );
+        assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{offence:?}");
+        assert_eq!(last, Some(2 * LIMIT + 1), "{offence:?}");
+        assert!(ours <= LIMIT as usize, "{offence:?}: {ours} resets");
+        assert_eq!(others, 0, "{offence:?}");
+        assert!(
+            upstream < (LIMIT / 4) as usize,
+            "{offence:?}: the upstream saw {upstream} of the {} reset requests",
+            LIMIT + 1
+        );
+    }
+
+    // 3. Unpaced: all BURST_STREAMS pairs written at once. A reset stream counts toward the
+    //    concurrency limit until its RST_STREAM is written, and h2 reads on before writing, so
+    //    past the first ROUND streams the next are refused (REFUSED_STREAM, counted toward the
+    //    same limit); an offence on a refused stream is counted again (PRIORITY) or ignored
+    //    (WINDOW_UPDATE), and a HEADERS on it reuses a closed stream id, a connection error
+    //    PROTOCOL_ERROR. Either way the connection ends with at most LIMIT + 1 streams
+    //    processed, never more than LIMIT resets, and the upstream sees next to nothing.
+    for offence in [
+        Offence::WindowOverflow,
+        Offence::PrioritySelfDependency,
+        Offence::HeadersOnHalfClosed,
+    ] {
+        let H2Answer::CountedReset(code) = offence.h2_answer() else {
+            unreachable!()
+        };
+        let prefix = format!("/api/f7-burst-{}", offence.name());
+        let c = H2Raw::open(env.gw.http, true).await;
+        let batch: Vec<u8> = (0..BURST_STREAMS)
+            .map(|i| 2 * i + 1)
+            .flat_map(|id| [request(&prefix, id), offence.frame(id)].concat())
+            .collect();
+        // (The server may close before reading it all: the write may fail or time out.)
+        let _ = c.send(&batch, Duration::from_secs(5)).await;
+        eventually_named("connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        eventually_named("the upstream work given up", GIVE_UP, || async {
+            (env.metric(in_flight).await == 0).then_some(())
+        })
+        .await;
+        let (goaway, last, ours, refused, others) = c.with(|e| {
+            let count = |k: u32| e.resets.iter().filter(|(_, c)| *c == k).count();
+            (
+                e.goaway,
+                e.goaway_last,
+                count(code),
+                count(REFUSED_STREAM),
+                e.resets.len() - count(code) - count(REFUSED_STREAM),
+            )
+        });
+        let upstream = env.forwarded(&prefix);
+        eprintln!(
+            "F7 burst {offence:?}: {BURST_STREAMS} pairs in one write ({} bytes); GOAWAY {goaway:?} last stream {last:?}; RST_STREAM {code:#x} × {ours}, REFUSED_STREAM × {refused}, others {others}; upstream saw {upstream}",
+            batch.len()
+        );
+        assert!(
+            matches!(goaway, Some(ENHANCE_YOUR_CALM | PROTOCOL_ERROR)),
+            "{offence:?}: {goaway:?}"
+        );
+        assert!(
+            last.is_some_and(|l| l <= 2 * LIMIT + 1),
+            "{offence:?}: last stream {last:?}"
+        );
+        assert!(ours + refused <= LIMIT as usize, "{offence:?}");
+        assert_eq!(others, 0, "{offence:?}");
+        assert!(
+            upstream < (LIMIT / 4) as usize,
+            "{offence:?}: the upstream saw {upstream} of the {BURST_STREAMS} requests"
+        );
+    }
+
+    // 4. The offences h2 makes connection errors.
+    for offence in [
+        Offence::WindowUpdateZero,
+        Offence::DataOnHalfClosed,
+        Offence::TrailersOnHalfClosed,
+    ] {
+        let H2Answer::GoAway(code) = offence.h2_answer() else {
+            unreachable!()
+        };
+        let prefix = format!("/api/f7-conn-{}", offence.name());
+        let c = H2Raw::open(env.gw.http, true).await;
+        let batch: Vec<u8> = (0..ROUND)
+            .map(|i| 2 * i + 1)
+            .flat_map(|id| [request(&prefix, id), offence.frame(id)].concat())
+            .collect();
+        let _ = c.send(&batch, NET_TIMEOUT).await;
+        eventually_named("connection ended", POLL, || async {
+            c.ended().then_some(())
+        })
+        .await;
+        eventually_named("the stream's upstream work given up", GIVE_UP, || async {
+            (env.metric(in_flight).await == 0).then_some(())
+        })
+        .await;
+        let (goaway, last, resets) = c.with(|e| (e.goaway, e.goaway_last, e.resets.clone()));
+        eprintln!(
+            "F7 {offence:?}: GOAWAY {goaway:?} last stream {last:?}, resets {resets:?}, upstream saw {}",
+            env.forwarded(&prefix)
+        );
+        assert_eq!(goaway, Some(code), "{offence:?}");
+        assert_eq!(last, Some(1), "{offence:?}: cut at the first offence");
+        assert!(resets.is_empty(), "{offence:?}: {resets:?}");
+        assert!(env.forwarded(&prefix) <= 1, "{offence:?}");
+    }
+    eprintln!("F7: {:?} in all", started.elapsed());
+
+    env.up.set_mode(Mode::Echo);
     env.assert_bystander_served().await;
 }
 
