@@ -32,6 +32,8 @@ pub mod direct;
 pub mod error;
 pub mod extract;
 pub mod fastmap;
+#[cfg(feature = "test-panic")]
+pub mod fault;
 pub mod forensics;
 pub mod forward;
 pub mod gateway;

@@ -214,6 +214,9 @@ async fn pipeline(
         });
     }
     let key = authenticate(gw, snap, route, presented, ctx).await?;
+    // THREATS K3's test: a panic with the request's guards held (`fault`; test builds only).
+    #[cfg(feature = "test-panic")]
+    crate::fault::panic_if_asked(&parts.headers);
     let origin = parts.headers.get(header::ORIGIN);
     authz::authorize(
         &key,

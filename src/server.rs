@@ -108,6 +108,24 @@ impl Drop for ConnGuard {
     }
 }
 
+/// One connection in `keygate_connections_open`, counted down when its task ends however it
+/// ends: a panic in a request served on the task (THREATS K3) unwinds past any decrement
+/// written after the serving code.
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(gauge: prometheus::IntGauge) -> Open {
+        gauge.inc();
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// hyper's HTTP/1 limits, the same for the `auto` builder (TLS without ALPN `http/1.1`, and
 /// plain connections that start like HTTP/2) and the HTTP/1 builder (`keepalive`): one list,
 /// two builder types with the same methods and no shared trait.
@@ -665,7 +683,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
         let open = open.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            open.inc();
+            let _open = Open::new(open);
             // This task lives as long as the connection, at the size of its largest state.
             // Settling the connection (the TLS handshake, the protocol of its first bytes, an
             // HTTP/2 connection served to its end) holds far more than HTTP/1 cycles need while
@@ -674,7 +692,6 @@ async fn accept_loop(listener: TcpListener, tls: Option<tokio_rustls::TlsAccepto
             if let Some(cycles) = boxed(|| accepted.settle()).await {
                 cycles.await;
             }
-            open.dec();
         });
     }
 }

@@ -2,7 +2,8 @@
 //! for the full row → test map): upstream faults (H1–H6, H8–H10), rate-limit budgets under
 //! concurrency and across sources (G1–G4), brute force (C7/C8), the IP allowlist behind
 //! proxies (D6), method scopes and overrides (D7), slow clients and connection floods
-//! (E1/E2/E6), fd exhaustion (E7), reloads under load (I12), and SIGTERM under load (K2).
+//! (E1/E2/E6), fd exhaustion (E7), reloads under load (I12), SIGTERM under load (K2), and a
+//! panic inside a request (K3, with the `test-panic` feature).
 //!
 //! The real binary runs as a child process against recording upstreams on loopback. No fixed
 //! ports, no sleeps for synchronisation (pacing a load loop is not synchronisation), every loop
@@ -1960,6 +1961,315 @@ async fn k2_sigterm_lame_duck_refuses_nothing_before_the_delay() {
         "exit {status:?}\n{}",
         gw.stderr_contents()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// K3. A panic inside a request task (feature `test-panic`: `src/fault.rs`)
+// ---------------------------------------------------------------------------------------------
+
+/// Built with the `test-panic` feature only (`ci/test` runs `cargo test --all-features`): the
+/// binary then panics on a request carrying `x-keygate-test-panic` once it is authenticated.
+#[cfg(feature = "test-panic")]
+mod k3 {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use sha2::Digest as _;
+
+    /// The field that asks the gateway to panic (`keygate::fault::HEADER`).
+    const PANIC: (&str, &str) = ("x-keygate-test-panic", "1");
+    /// What the panic says (`keygate::fault::panic_if_asked`).
+    const PANIC_MESSAGE: &str = "test-panic: a request asked for a panic";
+
+    /// An upstream that holds every request it reads until `open` says true: a request parked
+    /// in flight in the gateway while others panic beside it.
+    struct Gate {
+        addr: SocketAddr,
+        arrived: Arc<AtomicUsize>,
+        open: tokio::sync::watch::Sender<bool>,
+        accept: tokio::task::AbortHandle,
+    }
+
+    impl Gate {
+        async fn start() -> Gate {
+            let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let arrived = Arc::new(AtomicUsize::new(0));
+            let (open, opened) = tokio::sync::watch::channel(false);
+            let seen = arrived.clone();
+            let accept = tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let (seen, mut opened) = (seen.clone(), opened.clone());
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut chunk = [0u8; 4096];
+                        // One request head, bounded in size and time.
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                            match tokio::time::timeout(NET_TIMEOUT, s.read(&mut chunk)).await {
+                                Ok(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                                _ => return,
+                            }
+                        }
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let wait = tokio::time::timeout(POLL, opened.wait_for(|o| *o)).await;
+                        if matches!(wait.map(|w| w.is_ok()), Ok(true)) {
+                            let reply = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nparked";
+                            let _ = s.write_all(reply.as_bytes()).await;
+                            let _ = s.shutdown().await;
+                        }
+                    });
+                }
+            })
+            .abort_handle();
+            Gate {
+                addr,
+                arrived,
+                open,
+                accept,
+            }
+        }
+    }
+
+    impl Drop for Gate {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
+    }
+
+    /// One HTTP/2 connection (h2c, prior knowledge), kept open across requests.
+    struct H2 {
+        sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        conn: tokio::task::JoinHandle<()>,
+        addr: SocketAddr,
+    }
+
+    impl H2 {
+        async fn connect(addr: SocketAddr) -> H2 {
+            let stream = connect(None, addr, NET_TIMEOUT).await;
+            let (sender, conn) = within(
+                "h2 handshake",
+                NET_TIMEOUT,
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+            )
+            .await
+            .expect("h2 handshake");
+            let conn = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            H2 { sender, conn, addr }
+        }
+
+        /// GET `path` on this connection: the status, or how the stream ended (hyper's error,
+        /// debug-formatted: a reset shows as `Reset(StreamId(..), REASON, Remote)`). A hang
+        /// fails the test.
+        async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<u16, String> {
+            let mut b = http::Request::builder().uri(format!("http://{}{path}", self.addr));
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let req = b.body(Full::new(Bytes::new())).unwrap();
+            let sender = &mut self.sender;
+            within("h2 request", NET_TIMEOUT, async move {
+                sender.ready().await.map_err(|e| format!("{e:?}"))?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                let status = resp.status().as_u16();
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                Ok(status)
+            })
+            .await
+        }
+    }
+
+    impl Drop for H2 {
+        fn drop(&mut self) {
+            self.conn.abort();
+        }
+    }
+
+    /// Polls until `keygate_requests_in_flight` is `in_flight` and the plain listener's
+    /// `keygate_connections_open` is `open`; fails naming every value seen meanwhile (the last
+    /// ones may be later than the failure: idle connections close at the header timeout).
+    async fn settle(gw: &Gateway, what: &str, in_flight: f64, open: f64) {
+        let deadline = Instant::now() + POLL;
+        let mut seen = Vec::new();
+        loop {
+            let text = metrics_text(gw).await;
+            let now = (
+                metric_in(&text, "keygate_requests_in_flight", &[]),
+                metric_in(&text, "keygate_connections_open", &["listener=\"http\""]),
+            );
+            if now == (in_flight, open) {
+                return;
+            }
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: (requests in flight, connections open) expected {:?}, seen {seen:?}",
+                (in_flight, open)
+            );
+            // Polling a gauge with a deadline, not synchronisation.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// THREATS K3: a request that panics once authenticated, served without hyper (plain
+    /// HTTP/1, `direct`), by hyper (HTTP/1 with a body, `keepalive`'s cycles) and as an
+    /// HTTP/2 stream, fails alone and at once: the HTTP/1 connection closes with no response
+    /// byte, the HTTP/2 stream is reset and its connection serves on. Connections opened
+    /// before (one with a request parked upstream, in flight on the same single worker while
+    /// the panics unwind) and after are served, the process lives, and every guard comes back:
+    /// requests in flight, the open-connections gauge, the per-IP cap's slots. The panics'
+    /// reports on stderr (trace logging, backtraces) hold no key material (C2).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn k3_a_panicking_request_fails_alone_and_its_guards_come_back() {
+        const PER_IP: usize = 8;
+        let gate = Gate::start().await;
+        let tail = format!(
+            "[[upstreams]]\nname = \"parked\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"parked\"\npath_prefix = \"/parked\"\nmethods = [\"GET\"]\nscopes = [\"invoices:read\"]\nupstream = \"parked\"\n",
+            gate.addr
+        );
+        // One worker: the panics unwind on the runtime that serves every bystander too.
+        let server = format!("workers = 1\nmax_connections_per_ip = {PER_IP}");
+        let env = Env::new(Mode::Echo, &server, 20, &tail).await;
+        let k = env.create(&[]);
+        let mut gw = spawn_ready(
+            &env.config,
+            &[("KEYGATE_LOG", "trace"), ("RUST_BACKTRACE", "1")],
+            POLL,
+        )
+        .await;
+        let addr = gw.http;
+        let auth = bearer(&k.key);
+        let key = [("authorization", auth.as_str())];
+        let panic = [("authorization", auth.as_str()), PANIC];
+
+        // Bystanders, opened before the panics: an HTTP/1 connection, an HTTP/2 one, and a
+        // request parked upstream.
+        let mut h1 = KeepAlive::connect(addr).await;
+        assert_eq!(h1.get("/invoices/before", &key).await.0, 200);
+        let mut h2 = H2::connect(addr).await;
+        assert_eq!(h2.get("/invoices/before", &key).await, Ok(200));
+        let parked = {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                let mut c = KeepAlive::connect(addr).await;
+                c.get("/parked/1", &[("authorization", &auth)]).await
+            })
+        };
+        eventually_named("a request parked upstream", POLL, || async {
+            (gate.arrived.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
+        settle(&gw, "before the panics", 1.0, 3.0).await;
+
+        // Plain HTTP/1, served without hyper: the connection closes, nothing answered.
+        let started = Instant::now();
+        let plain = one_request(addr, &raw_get("/invoices/panic-plain", &panic, false)).await;
+        // HTTP/1 with a body: hyper's.
+        let mut bodied = raw_get(
+            "/invoices/panic-hyper",
+            &[panic[0], panic[1], ("content-length", "5")],
+            false,
+        );
+        bodied.extend_from_slice(b"hello");
+        let hyper_h1 = one_request(addr, &bodied).await;
+        // HTTP/2: the stream is reset, and its connection serves the next one.
+        let mut h2p = H2::connect(addr).await;
+        let reset = h2p.get("/invoices/panic-h2", &panic).await;
+        let after_reset = h2p.get("/invoices/after-reset", &key).await;
+        eprintln!(
+            "K3: plain HTTP/1 {plain:?}, HTTP/1 by hyper {hyper_h1:?}, HTTP/2 {reset:?} then {after_reset:?}, in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(plain, Got::Nothing, "plain HTTP/1");
+        assert_eq!(hyper_h1, Got::Nothing, "HTTP/1 through hyper");
+        assert!(
+            reset.as_ref().is_err_and(|e| e.contains("Reset")),
+            "HTTP/2 stream: {reset:?}"
+        );
+        assert_eq!(after_reset, Ok(200), "HTTP/2 connection after the reset");
+
+        // The bystanders serve on; the panicking requests gave their slots back while the
+        // parked one still holds its own.
+        assert_eq!(h1.get("/invoices/after", &key).await.0, 200);
+        assert!(!h1.is_closed(), "the HTTP/1 bystander was closed");
+        assert_eq!(h2.get("/invoices/after", &key).await, Ok(200));
+        // Open: h1, h2, h2p and the parked request's connection.
+        settle(&gw, "after the panics", 1.0, 4.0).await;
+        gate.open.send_replace(true);
+        let (status, _, body) = within("the parked request", NET_TIMEOUT, parked)
+            .await
+            .unwrap();
+        assert_eq!((status, &body[..]), (200, &b"parked"[..]));
+        settle(&gw, "after the parked request", 0.0, 3.0).await;
+
+        // Every per-IP slot but the three held is free: that many new connections, open at
+        // once, are all served.
+        let mut fresh = Vec::new();
+        for _ in 0..PER_IP - 3 {
+            fresh.push(KeepAlive::connect(addr).await);
+        }
+        for (i, c) in fresh.iter_mut().enumerate() {
+            let req = build_request(
+                Method::GET,
+                addr,
+                &format!("/invoices/fresh-{i}"),
+                &key,
+                Bytes::new(),
+            );
+            assert_eq!(c.try_send(req).await.map(|r| r.0), Ok(200), "fresh #{i}");
+        }
+        let text = metrics_text(&gw).await;
+        assert_eq!(
+            metric_in(&text, "keygate_connections_rejected_total", &[]),
+            0.0
+        );
+        drop(fresh);
+
+        // The process lives.
+        assert!(gw.try_exit().is_none(), "the gateway exited");
+        assert_eq!(get(gw.admin, "/healthz", &[]).await.0, 200);
+        let forwarded: Vec<String> = env
+            .up
+            .records()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .filter(|p| p.starts_with("/invoices/panic"))
+            .collect();
+        assert!(forwarded.is_empty(), "forwarded: {forwarded:?}");
+
+        // One report per panic, with no key material in it (nor anywhere on stderr).
+        let stderr = eventually_named("three panics reported", POLL, || async {
+            let text = gw.stderr_contents();
+            (text.matches(PANIC_MESSAGE).count() >= 3).then_some(text)
+        })
+        .await;
+        assert_eq!(stderr.matches(PANIC_MESSAGE).count(), 3, "panic reports");
+        let hasher = keygate::keys::digest::Hasher::new(vec![(1, SECRET.as_bytes().to_vec())]);
+        let sha256: String = sha2::Sha256::digest(k.key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        for (what, text) in [
+            ("key", k.key.as_str()),
+            ("key's last 16 characters", &k.key[k.key.len() - 16..]),
+            ("key's digest", hasher.digest(&k.key).1.to_hex().as_str()),
+            ("key's SHA-256", sha256.as_str()),
+            ("hash secret", SECRET),
+        ] {
+            assert!(!stderr.contains(text), "{what} on stderr");
+        }
+        gw.assert_not_logged(&k.key);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
