@@ -1705,15 +1705,32 @@ async fn a_restored_store_without_most_keys_is_refused_until_the_limit_allows_it
     let gw = s.serve().await;
     replace_atomically(&s.store(), &backup);
     let after = s.create(&[]);
+    // A key revoked in the restored store while it is refused (a leaked key, revoked during
+    // the incident): the refused table's revocations are obeyed all the same.
+    s.revoke(&early[1].id);
     let shrink = r#"keygate_source_errors_total{kind="shrink"}"#;
     let age = "keygate_table_sync_age_seconds";
     wait_metric_at_least(&gw, shrink, 1.0).await;
+    wait_status(
+        &gw,
+        "/invoices/1",
+        &early[1].key,
+        401,
+        "the revocation obeyed",
+    )
+    .await;
     let since = wait_metric_at_least(&gw, age, 1.0).await;
     let refused = metric(&gw, shrink).await;
-    for k in late.iter().chain(&early) {
+    for k in late.iter().chain([&early[0], &early[2]]) {
         assert_eq!(status_with_key(&gw, "/invoices/1", &k.key).await, 200);
     }
     assert_eq!(status_with_key(&gw, "/invoices/1", &after.key).await, 401);
+    let obeyed = audit_events(&s, "table.applied")
+        .into_iter()
+        .filter(|e| e["mode"] == "revocations_of_refused")
+        .collect::<Vec<_>>();
+    assert_eq!(obeyed.len(), 1, "{obeyed:?}");
+    assert_eq!(obeyed[0]["key_ids"], serde_json::json!([early[1].id]));
     // Judged once per version of the file (the writer may write it twice), not at every poll.
     wait_metric_at_least(&gw, age, since + 1.0).await;
     assert_eq!(metric(&gw, shrink).await, refused);
@@ -1730,6 +1747,10 @@ async fn a_restored_store_without_most_keys_is_refused_until_the_limit_allows_it
     assert_eq!(
         status_with_key(&gw, "/invoices/1", &early[0].key).await,
         200
+    );
+    assert_eq!(
+        status_with_key(&gw, "/invoices/1", &early[1].key).await,
+        401
     );
 }
 

@@ -12,7 +12,7 @@
 //!   the Redis store that leaves out most of the live keys held is refused (`shrink`). Keys
 //!   are revoked by record, never deleted, so a table without them is a store emptied or
 //!   mistaken for another (a volume not mounted, an old backup restored, a flushed or wrong
-//!   database).
+//!   database). Its revocations are obeyed all the same (`revocations_of_refused`).
 //!
 //! Sources verify MACs before they call in here (`store::seal`); this module decides only
 //! what a verified change may do to the table.
@@ -218,6 +218,41 @@ pub fn shrink(
     Ok(())
 }
 
+/// The revocations of a whole table `shrink` refused, applied to `current` all the same. A
+/// revocation only narrows what the table lets in, so obeying one cannot let anyone in,
+/// whatever the refused table's origin; and a node keeps its last good table until the store
+/// is put right, so without this a key revoked meanwhile (a leaked key, revoked during the
+/// very incident) would stay live on it until then. Each key `current` holds live (by id, or
+/// by digest under any id) that `refused` holds revoked is revoked here, at the revision after
+/// the one held; the table's own revision, its place in its log, does not move. Returns the
+/// ids revoked.
+pub fn revocations_of_refused(
+    current: &KeyTable,
+    refused: &KeyTable,
+    observer: &mut impl Observer,
+) -> Vec<String> {
+    let live = |h: &Arc<KeyRecord>| h.revoked_at.is_none();
+    let mut revoked = Vec::new();
+    for r in refused.revoked() {
+        let held = current
+            .get_by_id(&r.id)
+            .filter(live)
+            .or_else(|| current.get_by_digest(&r.digest).filter(live));
+        let Some(held) = held else { continue };
+        let id = held.id.clone();
+        let next = KeyRecord {
+            rev: held.rev + 1,
+            revoked_at: r.revoked_at,
+            ..(*held).clone()
+        };
+        if current.apply(next) {
+            observer.changed(Some(&held), current.get_by_id(&id).as_deref());
+            revoked.push(id);
+        }
+    }
+    revoked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +437,47 @@ mod tests {
         assert_eq!(shrink(&e, &keep(0), 0, NOW), Ok(()));
         let (small, _) = snapshot(&KeyTable::new(), L1, 9, held[..9].to_vec()).unwrap();
         assert_eq!(shrink(&small, &keep(0), 0, NOW), Ok(()));
+    }
+
+    /// A refused whole table still revokes: key_3 by id, key_5 by digest under another id;
+    /// key_18 (revoked in both) and the keys it leaves out or holds live are untouched, the
+    /// table's revision does not move, and a second look revokes nothing more.
+    #[test]
+    fn a_refused_whole_table_still_revokes() {
+        let held: Vec<KeyRecord> = (0..20u8)
+            .map(|n| rec(&format!("key_{n}"), n, u64::from(n) + 1, n >= 18))
+            .collect();
+        let (t, _) = snapshot(&KeyTable::new(), L1, 20, held).unwrap();
+        let refused = KeyTable::from_records(
+            [
+                rec("key_3", 3, 1, true),
+                rec("key_other", 5, 2, true),
+                rec("key_4", 4, 3, false),
+                rec("key_18", 18, 4, true),
+            ],
+            L2,
+            4,
+        );
+        assert!(shrink(&t, &refused, 50, 100).is_err());
+        let mut seen = Vec::new();
+        struct Seen<'a>(&'a mut Vec<(bool, bool)>);
+        impl Observer for Seen<'_> {
+            fn changed(&mut self, old: Option<&KeyRecord>, new: Option<&KeyRecord>) {
+                let revoked = |r: Option<&KeyRecord>| r.is_some_and(|r| r.revoked_at.is_some());
+                self.0.push((revoked(old), revoked(new)));
+            }
+        }
+        let ids = revocations_of_refused(&t, &refused, &mut Seen(&mut seen));
+        assert_eq!(ids, ["key_3", "key_5"]);
+        assert_eq!(seen, [(false, true), (false, true)], "told of each");
+        for n in 0..20 {
+            let id = format!("key_{n}");
+            assert_eq!(revoked(&t, &id), n == 3 || n == 5 || n >= 18, "{id}");
+        }
+        assert_eq!(t.get_by_id("key_3").unwrap().rev, 5, "after the one held");
+        assert_eq!(t.revision(), 20);
+        assert_eq!(t.log(), L1);
+        assert!(revocations_of_refused(&t, &refused, &mut ()).is_empty());
     }
 
     #[test]

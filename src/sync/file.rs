@@ -311,9 +311,23 @@ pub fn apply(gw: &Gateway, update: Update) -> Result<(), apply::Refusal> {
 
 /// The shrink rule (`sync::apply::shrink`) for a whole table that would replace this
 /// gateway's, with its `[keys] max_snapshot_drop_percent` and clock now (shared with the
-/// feed).
+/// feed). A refused table's revocations are applied all the same
+/// (`apply::revocations_of_refused`), and reported.
 pub fn shrink(gw: &Gateway, next: &crate::keys::table::KeyTable) -> Result<(), apply::Refusal> {
-    apply::shrink(&gw.table(), next, max_drop(gw), crate::clock::unix_secs())
+    let table = gw.table();
+    let judged = apply::shrink(&table, next, max_drop(gw), crate::clock::unix_secs());
+    if judged.is_err() {
+        let ids = apply::revocations_of_refused(&table, next, &mut gw.counting());
+        if !ids.is_empty() {
+            tracing::warn!(keys = ?ids, "a refused whole table revokes keys: revoked here all the same");
+            gw.audit(
+                Event::new("table.applied", "gateway")
+                    .with("mode", "revocations_of_refused")
+                    .with("key_ids", ids),
+            );
+        }
+    }
+    judged
 }
 
 /// `[keys] max_snapshot_drop_percent` now (a reload may change it).
@@ -324,8 +338,8 @@ pub fn max_drop(gw: &Gateway) -> u8 {
 /// How long a node that refused a whole table (the feed's or the Redis store's) waits before
 /// fetching it whole again, unless a reload changes the limit first: the backoff's ceiling
 /// from the first refusal on (it doubled from 100 ms, five whole reads in the first two
-/// seconds), and no longer, because a refusing node gets no revocations until the store is
-/// put right and it looks again.
+/// seconds), and no longer, because a refusing node gets the store's revocations only when it
+/// looks again (`shrink`).
 const REFUSED_RETRY: Duration = Duration::from_secs(5);
 
 /// Wait until a reload changes `[keys] max_snapshot_drop_percent` (the operator accepting the
