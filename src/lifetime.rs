@@ -40,13 +40,6 @@ pub struct Lifetime {
     pub errors: crate::protocol_errors::ProtocolErrors,
 }
 
-/// Why a connection was asked to finish.
-enum End {
-    Stop,
-    Idle,
-    Age,
-}
-
 /// Serve `conn` (its service wrapped in `Tracked` over `live`) to its end, or until one of the
 /// module header's reasons asks it to finish.
 pub async fn drive<I, S, B>(
@@ -65,8 +58,10 @@ pub async fn drive<I, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let end = if *stop.borrow() {
-        End::Stop
+    // Why the connection is asked to finish: its counter when it idled or aged out, `None`
+    // when the gateway stops.
+    let retired = if *stop.borrow() {
+        None
     } else {
         let age = async {
             match life.max_age {
@@ -76,19 +71,15 @@ pub async fn drive<I, S, B>(
         };
         tokio::select! {
             r = conn.as_mut() => return life.count(r),
-            _ = stop.changed() => End::Stop,
-            _ = live.idle_for(life.idle) => End::Idle,
-            _ = age => End::Age,
+            _ = stop.changed() => None,
+            _ = live.idle_for(life.idle) => Some(&life.retired_idle),
+            _ = age => Some(&life.retired_age),
         }
     };
     conn.as_mut().graceful_shutdown();
-    match end {
-        End::Stop => life.count(conn.await),
-        End::Idle | End::Age => {
-            let counter = match end {
-                End::Idle => &life.retired_idle,
-                _ => &life.retired_age,
-            };
+    match retired {
+        None => life.count(conn.await),
+        Some(counter) => {
             counter.inc();
             // A stop meanwhile does not shorten this: the drain it starts is no longer.
             if let Ok(r) = tokio::time::timeout(life.drain, conn).await {

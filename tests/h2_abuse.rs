@@ -397,16 +397,6 @@ impl Drop for H2Raw {
 // Gateway setup
 // ---------------------------------------------------------------------------------------------
 
-/// The value of one series (name and labels as exported) on the admin listener's `/metrics`.
-async fn series(gw: &Gateway, series: &str) -> String {
-    let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
-    let want = format!("{series} ");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(&want).map(str::to_owned))
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
-}
-
 struct Env {
     _dir: tempfile::TempDir,
     gw: Gateway,
@@ -469,13 +459,16 @@ impl Env {
 
     /// The sum of the gateway's metric samples whose line starts with `series` (a name, or a
     /// name and the start of its labels).
+    /// The sum of the series starting with `series` on `/metrics`; there must be one.
     async fn metric(&self, series: &str) -> u64 {
         let (_, _, body) = get(self.gw.admin, "/metrics", &[]).await;
-        String::from_utf8_lossy(&body)
+        let values: Vec<f64> = String::from_utf8_lossy(&body)
             .lines()
             .filter(|l| l.starts_with(series))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+            .collect();
+        assert!(!values.is_empty(), "no {series} in /metrics");
+        values.iter().sum::<f64>() as u64
     }
 }
 
@@ -659,11 +652,11 @@ async fn f1_rapid_reset_is_cut_off_and_bystanders_are_served() {
     // Counted as a flood (`keygate_protocol_errors_total`): h2's GOAWAY ENHANCE_YOUR_CALM.
     let calm = r#"keygate_protocol_errors_total{kind="h2_calm"}"#;
     eventually_named("the flood counted", POLL, || async {
-        (series(&env.gw, calm).await == "1").then_some(())
+        (env.metric(calm).await == 1).then_some(())
     })
     .await;
     let other = r#"keygate_protocol_errors_total{kind="h2_protocol"}"#;
-    assert_eq!(series(&env.gw, other).await, "0");
+    assert_eq!(env.metric(other).await, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1834,13 +1827,9 @@ async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
 // E5: idle HTTP/2 connections and the connection age
 // ---------------------------------------------------------------------------------------------
 
-/// `keygate_connections_retired_total{reason}` as the admin listener reports it.
-async fn retired(gw: &Gateway, reason: &str) -> String {
-    series(
-        gw,
-        &format!("keygate_connections_retired_total{{reason=\"{reason}\"}}"),
-    )
-    .await
+/// `keygate_connections_retired_total{reason}`, exactly (the closing brace ends the labels).
+fn retired(reason: &str) -> String {
+    format!("keygate_connections_retired_total{{reason=\"{reason}\"}} ")
 }
 
 /// An HTTP/2 connection with no stream open for `h2_idle_timeout_ms` after its response gets
@@ -1880,8 +1869,8 @@ async fn e5_an_idle_h2_connection_gets_goaway_and_is_closed() {
     // A graceful GOAWAY (RFC 9113 §6.8): first 2^31-1, then, once the client has acknowledged
     // a PING (this client answers none), the last stream served.
     assert!(matches!(last, Some(1 | 0x7fff_ffff)), "{last:?}");
-    assert_eq!(retired(&env.gw, "idle").await, "1");
-    assert_eq!(retired(&env.gw, "max_age").await, "0");
+    assert_eq!(env.metric(&retired("idle")).await, 1);
+    assert_eq!(env.metric(&retired("max_age")).await, 0);
     env.assert_bystander_served().await;
 }
 
@@ -1926,8 +1915,8 @@ async fn e5_max_connection_age_sends_goaway_and_lets_the_stream_in_flight_finish
         "the stream in flight was answered after the GOAWAY"
     );
     assert_eq!(env.forwarded("/api/e5-age"), 1);
-    assert_eq!(retired(&env.gw, "max_age").await, "1");
-    assert_eq!(retired(&env.gw, "idle").await, "0");
+    assert_eq!(env.metric(&retired("max_age")).await, 1);
+    assert_eq!(env.metric(&retired("idle")).await, 0);
     env.assert_bystander_served().await;
 }
 
@@ -1950,9 +1939,9 @@ async fn a_connection_protocol_error_gets_goaway_and_is_counted() {
     assert_eq!(c.with(|e| e.goaway), Some(0x1), "PROTOCOL_ERROR");
     let kind = |k: &str| format!("keygate_protocol_errors_total{{kind=\"{k}\"}}");
     eventually_named("the error counted", POLL, || async {
-        (series(&env.gw, &kind("h2_protocol")).await == "1").then_some(())
+        (env.metric(&kind("h2_protocol")).await == 1).then_some(())
     })
     .await;
-    assert_eq!(series(&env.gw, &kind("h2_calm")).await, "0");
+    assert_eq!(env.metric(&kind("h2_calm")).await, 0);
     env.assert_bystander_served().await;
 }
