@@ -165,6 +165,22 @@ impl Fleet {
         self.cp = Some(cp);
     }
 
+    /// Remove the control plane's store (stopped first): a volume not mounted, the wrong
+    /// directory.
+    fn empty_cp_store(&self) {
+        for entry in std::fs::read_dir(self.root.join("cp")).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("keys.jsonl")
+            {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
     fn cp_addr(&self) -> SocketAddr {
         self.cp_at
     }
@@ -1952,17 +1968,7 @@ async fn a_control_plane_on_an_empty_store_does_not_empty_the_fleet() {
     // The control plane comes back on its port with none of its store.
     let port = fleet.cp_addr().port();
     drop(fleet.cp.take());
-    for entry in std::fs::read_dir(fleet.root.join("cp")).unwrap() {
-        let path = entry.unwrap().path();
-        if path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("keys.jsonl")
-        {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    fleet.empty_cp_store();
     fleet.restart_cp(port).await;
 
     until_status_fresh(&open, &keys[0], 401, RECONNECT_BOUND).await;
@@ -2003,4 +2009,70 @@ async fn a_control_plane_on_an_empty_store_does_not_empty_the_fleet() {
     .unwrap();
     guarded.sighup();
     until_status_fresh(&guarded, &keys[0], 401, RECONNECT_BOUND).await;
+}
+
+/// A key revoked in the store of a control plane the gateway refuses (restarted on an empty
+/// store, where the operator imports the leaked key and revokes it: the incident's own act) is
+/// revoked on the gateway, and in its sealed feed copy too: a restart while the control plane
+/// is away serves the copy with the key still revoked, and with the sync age of the last
+/// time the feed was in step, not of the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_obeyed_from_a_refused_snapshot_survives_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let keys = fleet.import("held", 12);
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &keys[11], 200, RECONNECT_BOUND).await;
+
+    let port = fleet.cp_addr().port();
+    let stopped = Instant::now();
+    drop(fleet.cp.take());
+    fleet.empty_cp_store();
+    let leaked = fleet.root.join("cp/leaked.txt");
+    std::fs::write(&leaked, format!("{}\n", keys[0])).unwrap();
+    let cp_cli = |args: &[&str]| {
+        let out = cli(&fleet.cp_cfg, args, SECRET_ENV);
+        assert!(out.status.success(), "{args:?}: {}", stderr_str(&out));
+        stdout_str(&out)
+    };
+    let file = leaked.to_str().unwrap();
+    cp_cli(&["keys", "import", "--file", file, "--owner", "fleet"]);
+    let listed: Value = serde_json::from_str(cp_cli(&["keys", "list", "--json"]).trim()).unwrap();
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    cp_cli(&["keys", "revoke", listed[0]["id"].as_str().unwrap()]);
+    // Out of step for a while first, so that a copy whose sync time moved to the refusal
+    // would show it.
+    let age = "keygate_table_sync_age_seconds";
+    eventually_named("1.5 s out of step", RECONNECT_BOUND, || async {
+        (metric(&scrape(&gw).await, age).unwrap_or(0.0) >= 1.5).then_some(())
+    })
+    .await;
+    fleet.restart_cp(port).await;
+
+    until_status_fresh(&gw, &keys[0], 401, RECONNECT_BOUND).await;
+    assert!(source_errors(&gw, "shrink").await >= 1.0);
+    assert_eq!(key_status(&gw, &keys[1]).await, 200, "the last good table");
+    let cache = fleet.root.join("gw0").join("feed-cache.jsonl");
+    eventually_named("the revocation in the local copy", ENFORCE_BOUND, || {
+        let cache = cache.clone();
+        async move { read_lossy(&cache).contains("revoked_at").then_some(()) }
+    })
+    .await;
+
+    drop(gw);
+    drop(fleet.cp.take());
+    let gw = fleet.gateway(0).await;
+    until_status_fresh(&gw, &keys[1], 200, RECONNECT_BOUND).await;
+    assert_eq!(key_status(&gw, &keys[0]).await, 401, "revoked in the copy");
+    let mut c = KeepAlive::connect(gw.http).await;
+    for key in &keys[1..] {
+        assert_eq!(status(&mut c, key).await, 200, "the copy's last good table");
+    }
+    let floor = stopped.elapsed().as_secs_f64();
+    let age = metric(&scrape(&gw).await, age).unwrap();
+    assert!(
+        age >= floor - 0.05,
+        "sync age {age} s counts from the refusal, not from {floor} s ago (the last sync)"
+    );
 }

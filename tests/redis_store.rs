@@ -962,3 +962,66 @@ async fn an_emptied_redis_store_does_not_empty_the_fleet() {
     until(&guarded, &after.key, 200).await;
     until(&guarded, &held[0].key, 401).await;
 }
+
+/// A key revoked in a Redis store the node refuses (emptied, then the leaked key imported and
+/// revoked there: the incident's own act) is revoked on the node, and in its sealed local copy
+/// too: a restart while Redis is down serves the copy with the key still revoked, and with
+/// the sync age of the last time the store was in step, not of the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_obeyed_from_a_refused_redis_store_survives_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let held: Vec<_> = (0..12)
+        .map(|_| create_key(nodes.cli_config(), &["--scope", "invoices:read"]))
+        .collect();
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    until(&gw, &held[11].key, 200).await;
+    let shrinks = "keygate_source_errors_total{kind=\"shrink\"}";
+
+    let flushed = Instant::now();
+    redis.cmd(&["FLUSHALL"]);
+    // Out of step for a while (an empty database is no table), so that a copy whose sync
+    // time moved to the revocation's would show it.
+    let age = "keygate_table_sync_age_seconds";
+    eventually_named("1.5 s out of step", ENFORCE, || async {
+        (metric(&gw, age).await >= 1.5).then_some(())
+    })
+    .await;
+    let leaked = nodes.configs[0].with_file_name("leaked.txt");
+    std::fs::write(&leaked, format!("{}\n", held[0].key)).unwrap();
+    let file = leaked.to_str().unwrap();
+    cli_ok(
+        nodes.cli_config(),
+        &["keys", "import", "--file", file, "--owner", "o"],
+    );
+    let listed = json(cli_ok(nodes.cli_config(), &["keys", "list", "--json"]).as_bytes());
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    cli_ok(nodes.cli_config(), &["keys", "revoke", &id]);
+    // Obeyed at the node's next look at the whole (still refused) table.
+    until(&gw, &held[0].key, 401).await;
+    assert!(metric(&gw, shrinks).await >= 1.0);
+    assert_eq!(status(&gw, &held[1].key).await, 200, "the last good table");
+    let cache = nodes.configs[0].with_file_name("feed-cache.jsonl");
+    eventually_named("the revocation in the local copy", ENFORCE, || {
+        let cache = cache.clone();
+        async move { read_lossy(&cache).contains("revoked_at").then_some(()) }
+    })
+    .await;
+
+    drop(gw);
+    redis.kill();
+    let gw = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    assert_eq!(status(&gw, &held[0].key).await, 401, "revoked in the copy");
+    for k in &held[1..] {
+        assert_eq!(status(&gw, &k.key).await, 200, "the copy's last good table");
+    }
+    let floor = flushed.elapsed().as_secs_f64();
+    let age = metric(&gw, age).await;
+    assert!(
+        age >= floor - 0.05,
+        "sync age {age} s counts from the refusal, not from {floor} s ago (the last sync)"
+    );
+}

@@ -1010,6 +1010,14 @@ impl KeyTable {
             .map(Arc::new)
     }
 
+    /// The versions held of the keys `ids` names (ids not held are left out), as records to
+    /// write elsewhere (a gateway's local copy).
+    pub fn versions_of(&self, ids: &[String]) -> Vec<KeyRecord> {
+        ids.iter()
+            .filter_map(|id| self.get_by_id(id).map(|r| (*r).clone()))
+            .collect()
+    }
+
     /// The request path's view of the key with `id`.
     pub fn view_by_id(&self, id: &str) -> Option<KeyView> {
         self.found(|i| i.find_id(id), Inner::view)

@@ -39,6 +39,10 @@ pub enum Refusal {
         live: usize,
         vanished: usize,
         max_percent: u8,
+        /// The keys this node held live that the refused table holds revoked, revoked here
+        /// all the same (`revocations_of_refused`, filled in by `sync::file::shrink`): what
+        /// the node's local copy must take too.
+        revoked_here: Vec<String>,
     },
 }
 
@@ -213,6 +217,7 @@ pub fn shrink(
             live,
             vanished,
             max_percent,
+            revoked_here: Vec::new(),
         });
     }
     Ok(())
@@ -418,7 +423,8 @@ mod tests {
                 log: L2,
                 live: 18,
                 vanished: 10,
-                max_percent: 50
+                max_percent: 50,
+                revoked_here: Vec::new(),
             })
         );
         assert_eq!(shrink(&t, &keep(0), 100, NOW), Ok(()), "100 turns it off");

@@ -236,6 +236,15 @@ impl CacheWriter {
         self.write_tail(new)
     }
 
+    /// Append records this gateway enforces without having heard its source in step: the
+    /// revocations of a whole table it refused (`sync::file::shrink`). The seal keeps its
+    /// revision and sync time, so a restart serves the revocations and still counts its sync
+    /// age from when the source was last in step.
+    pub fn append_unsynced(&mut self, records: &[KeyRecord]) -> io::Result<()> {
+        let (rev, synced_ms) = (self.seal.rev, self.seal.synced_ms);
+        self.append(records, rev, synced_ms)
+    }
+
     /// Record that the feed was heard from (heartbeats) without new records.
     pub fn touch(&mut self, rev: u64, synced_ms: i64) -> io::Result<()> {
         self.seal.rev = self.seal.rev.max(rev);

@@ -401,7 +401,13 @@ impl Session<'_> {
                     )));
                 }
                 let (table, out) = apply::snapshot(&gw.table(), log, rev, records)?;
-                follow::shrink(gw, &table)?;
+                if let Err(refusal) = follow::shrink(gw, &table) {
+                    if let apply::Refusal::Shrink { revoked_here, .. } = &refusal {
+                        let obeyed = gw.table().versions_of(revoked_here);
+                        self.persist(obeyed, None).await;
+                    }
+                    return Err(refusal.into());
+                }
                 follow::report_kept_revoked(gw, &out.kept_revoked);
                 let keys = table.len();
                 // The cache holds the table as enforced (revocations kept included).
@@ -445,7 +451,7 @@ impl Session<'_> {
                 let now = unix_ms();
                 if now - self.touched_ms >= CACHE_TOUCH_EVERY_MS {
                     self.touched_ms = now;
-                    self.persist(vec![], applied, now).await;
+                    self.persist(vec![], Some((applied, now))).await;
                 }
                 // Said when it crosses a minute either way, not at every heartbeat.
                 let skew = (now - time_ms) as f64 / 1000.0;
@@ -479,30 +485,29 @@ impl Session<'_> {
         follow::observe(gw, &out);
         gw.mark_synced();
         gw.metrics.table_revision.set(rev as i64);
-        let enforced: Vec<KeyRecord> = table
-            .get_by_id(&id)
-            .map(|r| (*r).clone())
-            .into_iter()
-            .collect();
+        let enforced = table.versions_of(std::slice::from_ref(&id));
         drop(table);
         let now = unix_ms();
         self.touched_ms = now;
-        self.persist(enforced, rev, now).await;
+        self.persist(enforced, Some((rev, now))).await;
         Ok(())
     }
 
-    /// Append to (or touch) the sealed cache off the async workers. A cache that cannot be
-    /// written is dropped (the next snapshot writes a new one): a stale cache is worse than
-    /// none only if it is trusted, and a failed seal is never trusted.
-    async fn persist(&mut self, records: Vec<KeyRecord>, rev: u64, now: i64) {
+    /// Append to (or touch) the sealed cache off the async workers. `heard`: the revision and
+    /// time the feed was last heard in step at, or `None` for records obeyed without that (a
+    /// refused snapshot's revocations). A cache that cannot be written is dropped (the next
+    /// snapshot writes a new one): a stale cache is worse than none only if it is trusted, and
+    /// a failed seal is never trusted.
+    async fn persist(&mut self, records: Vec<KeyRecord>, heard: Option<(u64, i64)>) {
         let Some(mut writer) = self.cache.take() else {
             return;
         };
         let done = tokio::task::spawn_blocking(move || {
-            let r = if records.is_empty() {
-                writer.touch(rev, now)
-            } else {
-                writer.append(&records, rev, now)
+            let r = match heard {
+                Some((rev, now)) if records.is_empty() => writer.touch(rev, now),
+                Some((rev, now)) => writer.append(&records, rev, now),
+                None if records.is_empty() => Ok(()),
+                None => writer.append_unsynced(&records),
             };
             r.map(|()| writer)
         })

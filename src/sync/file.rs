@@ -312,18 +312,19 @@ pub fn apply(gw: &Gateway, update: Update) -> Result<(), apply::Refusal> {
 /// The shrink rule (`sync::apply::shrink`) for a whole table that would replace this
 /// gateway's, with its `[keys] max_snapshot_drop_percent` and clock now (shared with the
 /// feed). A refused table's revocations are applied all the same
-/// (`apply::revocations_of_refused`), and reported.
+/// (`apply::revocations_of_refused`), reported, and named in the refusal for the caller's
+/// local copy.
 pub fn shrink(gw: &Gateway, next: &crate::keys::table::KeyTable) -> Result<(), apply::Refusal> {
     let table = gw.table();
-    let judged = apply::shrink(&table, next, max_drop(gw), crate::clock::unix_secs());
-    if judged.is_err() {
-        let ids = apply::revocations_of_refused(&table, next, &mut gw.counting());
-        if !ids.is_empty() {
-            tracing::warn!(keys = ?ids, "a refused whole table revokes keys: revoked here all the same");
+    let mut judged = apply::shrink(&table, next, max_drop(gw), crate::clock::unix_secs());
+    if let Err(apply::Refusal::Shrink { revoked_here, .. }) = &mut judged {
+        *revoked_here = apply::revocations_of_refused(&table, next, &mut gw.counting());
+        if !revoked_here.is_empty() {
+            tracing::warn!(keys = ?revoked_here, "a refused whole table revokes keys: revoked here all the same");
             gw.audit(
                 Event::new("table.applied", "gateway")
                     .with("mode", "revocations_of_refused")
-                    .with("key_ids", ids),
+                    .with("key_ids", revoked_here.clone()),
             );
         }
     }

@@ -25,6 +25,7 @@ use crate::redis::Settings;
 use crate::store::file::Update;
 use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
+use crate::sync::apply::Refusal;
 use crate::sync::cache::CacheWriter;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,6 +135,9 @@ impl LocalCopy {
 enum Change {
     Whole,
     Records(Vec<String>, u64),
+    /// Keys revoked from a whole table this node refused (`sync::file::shrink`): in the copy
+    /// without the store counting as in step.
+    Obeyed(Vec<String>),
     Idle,
 }
 
@@ -165,13 +169,19 @@ async fn persist(
                 })
             }
             Change::Records(ids, rev) => {
-                let records: Vec<KeyRecord> = ids
-                    .iter()
-                    .filter_map(|id| table.get_by_id(id).map(|r| (*r).clone()))
-                    .collect();
+                let records = table.versions_of(&ids);
                 Box::new(move |w| {
                     let mut w = w.ok_or_else(|| std::io::Error::other("no local copy yet"))?;
                     w.append(&records, rev, now)?;
+                    Ok(w)
+                })
+            }
+            Change::Obeyed(ids) if ids.is_empty() => return,
+            Change::Obeyed(ids) => {
+                let records = table.versions_of(&ids);
+                Box::new(move |w| {
+                    let mut w = w.ok_or_else(|| std::io::Error::other("no local copy yet"))?;
+                    w.append_unsynced(&records)?;
                     Ok(w)
                 })
             }
@@ -219,7 +229,10 @@ async fn run(
             match follower.next().await {
                 Ok(update) => {
                     let change = change_of(&update);
-                    if crate::sync::file::apply(&gw, update).is_err() {
+                    if let Err(refusal) = crate::sync::file::apply(&gw, update) {
+                        if let Refusal::Shrink { revoked_here, .. } = refusal {
+                            copy.save(&gw, Change::Obeyed(revoked_here)).await;
+                        }
                         break None;
                     }
                     last_error.clear();
