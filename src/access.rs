@@ -844,11 +844,13 @@ impl AccessBody {
     }
 
     /// The body of an HTTP/2 response, relayed so that a stream whose window the client keeps
-    /// shut gives its upstream up (`send_deadline`). A body already whole stays as it is.
+    /// shut gives its upstream up and retires its connection (`send_deadline`). A body
+    /// already whole stays as it is.
     pub fn pumped(
         mut self,
         after: std::time::Duration,
         cut: &prometheus::IntCounter,
+        retire: Option<crate::lifetime::Retire>,
     ) -> AccessBody {
         use http_body_util::{Either, Full};
         if !matches!(&self.inner, Relay::Here(Either::Left(up)) if !up.is_end_stream()) {
@@ -856,7 +858,12 @@ impl AccessBody {
         }
         let taken = Relay::Here(Either::Right(Full::new(bytes::Bytes::new())));
         if let Relay::Here(Either::Left(upstream)) = std::mem::replace(&mut self.inner, taken) {
-            self.inner = Relay::Pumped(crate::send_deadline::pump(upstream, after, cut.clone()));
+            self.inner = Relay::Pumped(crate::send_deadline::pump(
+                upstream,
+                after,
+                cut.clone(),
+                retire,
+            ));
         }
         self
     }

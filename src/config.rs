@@ -372,8 +372,9 @@ pub struct ServerConfig {
     /// Request body must arrive within this long in total.
     pub body_timeout_ms: u64,
     /// A write to a client that waits this long (the client stopped reading) closes the
-    /// connection; an HTTP/2 stream whose window stays shut this long is given up
-    /// (`send_deadline`). The connections' limit is read at start.
+    /// connection; an HTTP/2 stream whose window stays shut this long is given up and its
+    /// connection retired (`send_deadline`, `lifetime`). The connections' limit is read at
+    /// start.
     pub send_timeout_ms: u64,
     /// An HTTP/2 connection with no request in flight this long is sent GOAWAY and closed
     /// (`lifetime`).

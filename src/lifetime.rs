@@ -9,9 +9,15 @@
 //!   tables and its buffers for as long as the client likes; hyper's keep-alive PINGs run
 //!   only while streams are open, and a client that answers them would keep it for ever);
 //! - it has been open for `[server] h2_max_connection_age_ms`, when set (long-lived clients
-//!   then reconnect, and a load balancer in front spreads them again after a scale-out).
+//!   then reconnect, and a load balancer in front spreads them again after a scale-out);
+//! - one of its HTTP/2 streams was given up because the client kept its window shut for
+//!   `[server] send_timeout_ms` (`send_deadline::pump`, THREATS E3). Giving the stream up
+//!   frees its upstream, but hyper resets the stream only when the client next grants room,
+//!   so a client that never does would keep every such stream (its state and the frame
+//!   relayed ahead) for the connection's life; closing the connection frees them all, as
+//!   nginx's `send_timeout` closes an HTTP/2 connection.
 //!
-//! In the last two cases the requests in flight get `[server] drain_timeout_ms` to finish.
+//! In the last three cases the requests in flight get `[server] drain_timeout_ms` to finish.
 //! Each is counted in `keygate_connections_retired_total{reason}`.
 
 use crate::deadline::Deadline;
@@ -36,6 +42,7 @@ pub struct Lifetime {
     pub drain: Duration,
     pub retired_idle: IntCounter,
     pub retired_age: IntCounter,
+    pub retired_send_timeout: IntCounter,
     /// `keygate_protocol_errors_total`.
     pub errors: crate::protocol_errors::ProtocolErrors,
 }
@@ -74,6 +81,7 @@ pub async fn drive<I, S, B>(
             _ = stop.changed() => None,
             _ = live.idle_for(life.idle) => Some(&life.retired_idle),
             _ = age => Some(&life.retired_age),
+            _ = live.given_up.notified() => Some(&life.retired_send_timeout),
         }
     };
     conn.as_mut().graceful_shutdown();
@@ -104,6 +112,21 @@ impl Lifetime {
 pub struct Live {
     n: AtomicUsize,
     moved: Notify,
+    /// A stream of the connection was given up (`Retire`).
+    given_up: Notify,
+}
+
+/// What an HTTP/2 request's response relay holds of its connection (a request extension put
+/// there by `Tracked`): a stream whose window the client kept shut for the send timeout
+/// retires the connection (module header).
+#[derive(Clone)]
+pub struct Retire(Arc<Live>);
+
+impl Retire {
+    pub fn stream_given_up(&self) {
+        // `notify_one` keeps a permit when `drive` is not waiting at this moment.
+        self.0.given_up.notify_one();
+    }
 }
 
 impl Live {
@@ -150,16 +173,19 @@ pub struct Tracked<S> {
     pub live: Arc<Live>,
 }
 
-impl<S, R, B> hyper::service::Service<R> for Tracked<S>
+impl<S, T, B> hyper::service::Service<http::Request<T>> for Tracked<S>
 where
-    S: hyper::service::Service<R, Response = http::Response<B>>,
+    S: hyper::service::Service<http::Request<T>, Response = http::Response<B>>,
     S::Future: Unpin,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: R) -> Self::Future {
+    fn call(&self, mut req: http::Request<T>) -> Self::Future {
+        if req.version() == http::Version::HTTP_2 {
+            req.extensions_mut().insert(Retire(self.live.clone()));
+        }
         TrackedFuture {
             inner: self.inner.call(req),
             held: Some(self.live.enter()),

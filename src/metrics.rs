@@ -217,7 +217,7 @@ impl Metrics {
             connections_rejected: counter_vec(&r, "keygate_connections_rejected_total", "Connections closed at accept by a cap (global, per_ip).", &["reason"]),
             tls_handshake_failures: counter(&r, "keygate_tls_handshake_failures_total", "TLS handshakes that failed or timed out."),
             send_timeouts: counter(&r, "keygate_send_timeouts_total", "Client connections closed, and HTTP/2 streams given up, because the client took nothing for server.send_timeout_ms (it stopped reading, or kept its window shut)."),
-            connections_retired: counter_vec(&r, "keygate_connections_retired_total", "HTTP/2 connections the gateway sent GOAWAY because no request was in flight for server.h2_idle_timeout_ms (idle) or they were open for server.h2_max_connection_age_ms (max_age).", &["reason"]),
+            connections_retired: counter_vec(&r, "keygate_connections_retired_total", "HTTP/2 connections the gateway sent GOAWAY because no request was in flight for server.h2_idle_timeout_ms (idle), they were open for server.h2_max_connection_age_ms (max_age), or a stream's window stayed shut for server.send_timeout_ms (send_timeout).", &["reason"]),
             protocol_errors: counter_vec(&r, "keygate_protocol_errors_total", "Requests and connections refused by the HTTP layer before the request path: malformed (a head hyper answered 400 or 414), too_large (431), header_timeout (a head not whole within server.header_read_timeout_ms; closed), h2_calm (HTTP/2 GOAWAY ENHANCE_YOUR_CALM: floods, rapid reset), h2_protocol (HTTP/2 GOAWAY for another protocol error).", &["kind"]),
             connections_released: counter(&r, "keygate_connections_released_total", "Idle HTTP/1 keep-alive connections whose parser state and buffers were given back until their next request."),
             auth_failures: counter_vec(&r, "keygate_auth_failures_total", "Failed authentications of a presented key, by reason.", &["reason"]),
@@ -282,7 +282,7 @@ impl Metrics {
         for reason in ["global", "per_ip"] {
             m.connections_rejected.with_label_values(&[reason]);
         }
-        for reason in ["idle", "max_age"] {
+        for reason in ["idle", "max_age", "send_timeout"] {
             m.connections_retired.with_label_values(&[reason]);
         }
         for kind in crate::protocol_errors::KINDS {

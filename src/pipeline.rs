@@ -74,7 +74,7 @@ struct Ctx {
 pub async fn handle(
     gw: Arc<Gateway>,
     conn: Conn,
-    req: Request<crate::forward::ClientBody>,
+    mut req: Request<crate::forward::ClientBody>,
 ) -> Result<Response<AccessBody>, Infallible> {
     let started = Instant::now();
     let logged = access::enabled() || gw.sinks.wanted();
@@ -98,6 +98,12 @@ pub async fn handle(
     };
     let method = req.method().clone();
     let version = req.version();
+    // An HTTP/2 stream's connection (`lifetime::Tracked`), for its response relay.
+    let retire = if version == http::Version::HTTP_2 {
+        req.extensions_mut().remove::<crate::lifetime::Retire>()
+    } else {
+        None
+    };
 
     let result = match gw.enter(snap.server.max_in_flight) {
         Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx, started).await,
@@ -128,7 +134,7 @@ pub async fn handle(
     let body = |body| AccessBody::new(body, line);
     if version == http::Version::HTTP_2 {
         let after = std::time::Duration::from_millis(snap.server.send_timeout_ms);
-        return Ok(resp.map(|b| body(b).pumped(after, &gw.metrics.send_timeouts)));
+        return Ok(resp.map(|b| body(b).pumped(after, &gw.metrics.send_timeouts, retire)));
     }
     Ok(resp.map(body))
 }

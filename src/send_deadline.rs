@@ -20,7 +20,9 @@
 //! until the stream has room, so the body cannot time itself. An HTTP/2 response body is
 //! therefore relayed by a task of its own (`pump`), one frame ahead of hyper: when hyper
 //! takes no frame for the send timeout, the task drops the upstream body (its connection is
-//! closed) and the stream fails (hyper resets it) when hyper next asks.
+//! closed) and the stream fails (hyper resets it) when hyper next asks. The client connection
+//! is retired as well (`lifetime`: GOAWAY, then closed after the drain timeout), because that
+//! "next" may never come.
 
 use crate::deadline::Deadline;
 use bytes::Bytes;
@@ -157,9 +159,15 @@ pub struct Pumped {
 pub struct WindowShut;
 
 /// Relay `body` through a task that holds at most one frame ahead of hyper and gives the
-/// body up (counted in `cut`) when hyper takes no frame for `after`. The task ends with the
-/// body, or as soon as hyper drops its side (the stream was reset or the connection closed).
-pub fn pump<B>(body: B, after: Duration, cut: IntCounter) -> Pumped
+/// body up (counted in `cut`, and said to the stream's connection through `retire`) when
+/// hyper takes no frame for `after`. The task ends with the body, or as soon as hyper drops
+/// its side (the stream was reset or the connection closed).
+pub fn pump<B>(
+    body: B,
+    after: Duration,
+    cut: IntCounter,
+    retire: Option<crate::lifetime::Retire>,
+) -> Pumped
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -185,6 +193,9 @@ where
                 Ok(Err(_)) => return,
                 Err(_) => {
                     cut.inc();
+                    if let Some(conn) = &retire {
+                        conn.stream_given_up();
+                    }
                     return;
                 }
             }
@@ -268,6 +279,7 @@ mod tests {
             Frames(Some(3), dropped.clone()),
             Duration::from_millis(200),
             limit(1).cut,
+            None,
         );
         assert_eq!(whole.collect().await.unwrap().to_bytes(), "xxx");
         assert!(dropped.load(Ordering::SeqCst));
@@ -278,6 +290,7 @@ mod tests {
             Frames(None, dropped.clone()),
             Duration::from_millis(200),
             cut.clone(),
+            None,
         );
         // One frame taken, then none: the task gives the body up after the limit.
         assert!(shut.frame().await.unwrap().is_ok());

@@ -578,6 +578,10 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
                 .metrics
                 .connections_retired
                 .with_label_values(&["max_age"]),
+            retired_send_timeout: gw
+                .metrics
+                .connections_retired
+                .with_label_values(&["send_timeout"]),
             errors: crate::protocol_errors::ProtocolErrors::new(&gw.metrics.protocol_errors),
         }),
     };

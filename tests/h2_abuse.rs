@@ -1773,9 +1773,10 @@ async fn f9_h2_content_length_mismatch_is_reset_and_never_forwarded_whole() {
 
 /// THREATS E3 over HTTP/2: a client that opens a stream with a window of 0 and never grants
 /// more. The response's body cannot be sent, so hyper never reads it; its upstream connection
-/// must still be given up at the send timeout. (The stream itself stays open until the client
-/// acts: hyper resets it only when it next has room. It counts toward the client's own
-/// `h2_max_concurrent_streams`.)
+/// must still be given up at the send timeout, and the connection retired (GOAWAY, closed
+/// after `drain_timeout_ms`, `keygate_connections_retired_total{reason="send_timeout"}`):
+/// hyper resets such a stream only when it next has room, so without that the stream would
+/// stay open for as long as the client liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
     let (up, ended, _) = endless_upstream().await;
@@ -1815,12 +1816,30 @@ async fn e3_a_stream_whose_window_stays_shut_frees_the_upstream() {
     eprintln!("E3 h2: upstream released after {took:?}");
     assert!(took >= Duration::from_secs(1), "given up early: {took:?}");
     assert!(c.with(|e| e.status_200(1)), "the response head was sent");
+    // The connection is retired too: GOAWAY, then closed once the drain (2 s) is over. hyper
+    // resets the stream only when the client grants room, so a client that never does would
+    // keep the stream, and the frame relayed ahead, for the connection's life.
+    eventually_named("the connection closed", Duration::from_secs(10), || async {
+        c.with(|e| e.closed).then_some(())
+    })
+    .await;
+    let closed = asked.elapsed();
+    eprintln!("E3 h2: connection closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_secs(3),
+        "closed before the drain: {closed:?}"
+    );
+    let (goaway, code) = c.with(|e| (e.first_goaway.is_some(), e.goaway));
+    assert!(goaway, "GOAWAY before the close");
+    assert_eq!(code, Some(0), "NO_ERROR");
     let (_, _, body) = get(gw.admin, "/metrics", &[]).await;
     let text = String::from_utf8_lossy(&body);
     assert!(
         text.lines().any(|l| l == "keygate_send_timeouts_total 1"),
         "{text}"
     );
+    let retired_line = format!("{}1", retired("send_timeout"));
+    assert!(text.lines().any(|l| l == retired_line), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------------
