@@ -72,6 +72,9 @@ pub enum GatewayError {
     Overloaded,
     #[error("no key table loaded")]
     TableUnavailable,
+    /// The request path panicked (`unwind`): a defect of the gateway's, its report on stderr.
+    #[error("the request failed inside the gateway (a panic, reported on stderr)")]
+    Internal,
 }
 
 impl From<RouteError> for GatewayError {
@@ -145,10 +148,11 @@ pub enum Outcome {
     UpstreamError,
     Overloaded,
     TableUnavailable,
+    Internal,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 31] = [
+    pub const ALL: [Outcome; 32] = [
         Outcome::Ok,
         Outcome::KeyMissing,
         Outcome::KeyMalformed,
@@ -180,6 +184,7 @@ impl Outcome {
         Outcome::UpstreamError,
         Outcome::Overloaded,
         Outcome::TableUnavailable,
+        Outcome::Internal,
     ];
 
     pub fn index(self) -> usize {
@@ -219,6 +224,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::Overloaded => "overloaded",
             Outcome::TableUnavailable => "table_unavailable",
+            Outcome::Internal => "internal_error",
         }
     }
 
@@ -269,18 +275,23 @@ impl Outcome {
             | Outcome::BodyTimeout
             | Outcome::UpstreamUnavailable
             | Outcome::UpstreamTimeout
-            | Outcome::UpstreamError => true,
+            | Outcome::UpstreamError
+            // A defect can panic anywhere on the path; the series exists from the start so
+            // that an alert's `increase()` sees the first.
+            | Outcome::Internal => true,
         }
     }
 
     /// The outcomes `pipeline` decides before `ctx.route` is set: admission (`overloaded`),
     /// the table, the head's framing and Host (`bad_request`, CONNECT as
-    /// `method_not_allowed`, `headers_too_large`), the path (`bad_request`) and the router.
+    /// `method_not_allowed`, `headers_too_large`), the path (`bad_request`) and the router;
+    /// and a panic (`internal_error`), which can come anywhere.
     fn before_route(self) -> bool {
         matches!(
             self,
             Outcome::Overloaded
                 | Outcome::TableUnavailable
+                | Outcome::Internal
                 | Outcome::BadRequest
                 | Outcome::MethodNotAllowed
                 | Outcome::HeadersTooLarge
@@ -334,6 +345,7 @@ impl GatewayError {
             GatewayError::Overloaded | GatewayError::TableUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -363,6 +375,7 @@ impl GatewayError {
             GatewayError::UpstreamError(_) => "upstream_error",
             GatewayError::Overloaded => "overloaded",
             GatewayError::TableUnavailable => "table_unavailable",
+            GatewayError::Internal => "internal_error",
         }
     }
 
@@ -402,6 +415,7 @@ impl GatewayError {
             GatewayError::UpstreamError(_) => Outcome::UpstreamError,
             GatewayError::Overloaded => Outcome::Overloaded,
             GatewayError::TableUnavailable => Outcome::TableUnavailable,
+            GatewayError::Internal => Outcome::Internal,
         }
     }
 
@@ -417,6 +431,7 @@ impl GatewayError {
             StatusCode::BAD_GATEWAY => "Bad Gateway",
             StatusCode::GATEWAY_TIMEOUT => "Gateway Timeout",
             StatusCode::SERVICE_UNAVAILABLE => "Service Unavailable",
+            StatusCode::INTERNAL_SERVER_ERROR => "Internal Server Error",
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "Request Header Fields Too Large",
             _ => "Bad Request",
         }
@@ -484,7 +499,8 @@ impl GatewayError {
             | GatewayError::BodyTimeout
             | GatewayError::UpstreamUnavailable(_)
             | GatewayError::UpstreamTimeout
-            | GatewayError::UpstreamError(_) => {}
+            | GatewayError::UpstreamError(_)
+            | GatewayError::Internal => {}
         }
         resp
     }

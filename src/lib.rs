@@ -68,5 +68,6 @@ pub mod timerwheel;
 pub mod tls;
 pub mod tokens;
 pub mod trace;
+pub mod unwind;
 pub mod usage;
 pub mod webhooks;

@@ -106,7 +106,19 @@ pub async fn handle(
     };
 
     let result = match gw.enter(snap.server.max_in_flight) {
-        Some(_in_flight) => pipeline(&gw, &snap, conn, req, &request_id, &mut ctx, started).await,
+        Some(_in_flight) => {
+            // Polled in place: a panic on the path is this request's 500 (`unwind`).
+            let mut path = std::pin::pin!(pipeline(
+                &gw,
+                &snap,
+                conn,
+                req,
+                &request_id,
+                &mut ctx,
+                started
+            ));
+            std::future::poll_fn(|cx| crate::unwind::poll_caught(path.as_mut(), cx)).await
+        }
         None => Err(GatewayError::Overloaded),
     };
 

@@ -2123,8 +2123,9 @@ mod k3 {
 
     /// THREATS K3: a request that panics once authenticated, served without hyper (plain
     /// HTTP/1, `direct`), by hyper (HTTP/1 with a body, `keepalive`'s cycles) and as an
-    /// HTTP/2 stream, fails alone and at once: the HTTP/1 connection closes with no response
-    /// byte, the HTTP/2 stream is reset and its connection serves on. Connections opened
+    /// HTTP/2 stream, fails alone and at once, answered 500 problem+json `internal_error`
+    /// (`unwind`), counted in `keygate_requests_total` and in an access line like any other
+    /// refusal; the HTTP/2 connection serves its next stream. Connections opened
     /// before (one with a request parked upstream, in flight on the same single worker while
     /// the panics unwind) and after are served, the process lives, and every guard comes back:
     /// requests in flight, the open-connections gauge, the per-IP cap's slots. The panics'
@@ -2171,32 +2172,35 @@ mod k3 {
         .await;
         settle(&gw, "before the panics", 1.0, 3.0).await;
 
-        // Plain HTTP/1, served without hyper: the connection closes, nothing answered.
+        // Plain HTTP/1, served without hyper.
         let started = Instant::now();
-        let plain = one_request(addr, &raw_get("/invoices/panic-plain", &panic, false)).await;
+        let (plain, headers, body) = get(addr, "/invoices/panic-plain", &panic).await;
         // HTTP/1 with a body: hyper's.
         let mut bodied = raw_get(
             "/invoices/panic-hyper",
             &[panic[0], panic[1], ("content-length", "5")],
-            false,
+            true,
         );
         bodied.extend_from_slice(b"hello");
         let hyper_h1 = one_request(addr, &bodied).await;
-        // HTTP/2: the stream is reset, and its connection serves the next one.
+        // HTTP/2: a 500 on the stream, and its connection serves the next one.
         let mut h2p = H2::connect(addr).await;
-        let reset = h2p.get("/invoices/panic-h2", &panic).await;
-        let after_reset = h2p.get("/invoices/after-reset", &key).await;
+        let on_h2 = h2p.get("/invoices/panic-h2", &panic).await;
+        let after = h2p.get("/invoices/after-the-panic", &key).await;
         eprintln!(
-            "K3: plain HTTP/1 {plain:?}, HTTP/1 by hyper {hyper_h1:?}, HTTP/2 {reset:?} then {after_reset:?}, in {:?}",
+            "K3: plain HTTP/1 {plain}, HTTP/1 by hyper {hyper_h1:?}, HTTP/2 {on_h2:?} then {after:?}, in {:?}",
             started.elapsed()
         );
-        assert_eq!(plain, Got::Nothing, "plain HTTP/1");
-        assert_eq!(hyper_h1, Got::Nothing, "HTTP/1 through hyper");
-        assert!(
-            reset.as_ref().is_err_and(|e| e.contains("Reset")),
-            "HTTP/2 stream: {reset:?}"
+        assert_eq!(plain, 500, "plain HTTP/1");
+        assert_eq!(
+            headers.get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/problem+json"[..])
         );
-        assert_eq!(after_reset, Ok(200), "HTTP/2 connection after the reset");
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "internal_error", "{problem}");
+        assert_eq!(hyper_h1, Got::Complete(500), "HTTP/1 through hyper");
+        assert_eq!(on_h2, Ok(500), "HTTP/2 stream");
+        assert_eq!(after, Ok(200), "HTTP/2 connection after the panic");
 
         // The bystanders serve on; the panicking requests gave their slots back while the
         // parked one still holds its own.
@@ -2247,13 +2251,28 @@ mod k3 {
             .collect();
         assert!(forwarded.is_empty(), "forwarded: {forwarded:?}");
 
-        // One report per panic, with no key material in it (nor anywhere on stderr).
-        let stderr = eventually_named("three panics reported", POLL, || async {
+        // Each counted and logged as the 500 it was answered with, and one report per panic,
+        // with no key material in it (nor anywhere on stderr).
+        assert_eq!(
+            metric_in(
+                &text,
+                "keygate_requests_total",
+                &["outcome=\"internal_error\""]
+            ),
+            3.0
+        );
+        let access_500 = |text: &str| {
+            text.lines()
+                .filter(|l| l.contains(" status=500 ") && l.contains("outcome=\"internal_error\""))
+                .count()
+        };
+        let stderr = eventually_named("three panics reported and logged", POLL, || async {
             let text = gw.stderr_contents();
-            (text.matches(PANIC_MESSAGE).count() >= 3).then_some(text)
+            (text.matches(PANIC_MESSAGE).count() >= 3 && access_500(&text) >= 3).then_some(text)
         })
         .await;
         assert_eq!(stderr.matches(PANIC_MESSAGE).count(), 3, "panic reports");
+        assert_eq!(access_500(&stderr), 3, "access lines");
         let hasher = keygate::keys::digest::Hasher::new(vec![(1, SECRET.as_bytes().to_vec())]);
         let sha256: String = sha2::Sha256::digest(k.key.as_bytes())
             .iter()

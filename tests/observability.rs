@@ -605,7 +605,7 @@ async fn trace_logs_audit_metrics_and_usage_never_contain_key_material() {
 /// A fresh scrape, before any request: `keygate_requests_total` holds exactly the outcome ×
 /// route pairs the config can produce (a plain route cannot see a token's signature fail or
 /// a scope refused, a route with scopes can; `route="none"` only what is decided before
-/// routing), and the limit counters are there at 0 for every configured plan (the shadow
+/// routing; a panic, `internal_error`, anywhere), and the limit counters are there at 0 for every configured plan (the shadow
 /// counter for the plan in shadow mode only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_scrape_has_only_reachable_series_and_every_plan_at_zero() {
@@ -655,10 +655,12 @@ enforce = false
         "upstream_unavailable",
         "upstream_timeout",
         "upstream_error",
+        "internal_error",
     ];
     let before_routing = [
         "overloaded",
         "table_unavailable",
+        "internal_error",
         "bad_request",
         "method_not_allowed",
         "headers_too_large",
