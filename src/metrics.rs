@@ -227,7 +227,7 @@ impl Metrics {
             table_revision: gauge(&r, "keygate_table_revision", "Store revision this node enforces."),
             table_sync_age: reg(&r, Gauge::new("keygate_table_sync_age_seconds", "Seconds since the key table last synced successfully.").unwrap_or_else(|_| unreachable_collector("sync_age"))),
             table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
-            clock_skew: reg(&r, Gauge::new("keygate_clock_skew_seconds", "This node's wall clock minus its control plane's, from the feed's last heartbeat, seconds (0 until one arrives, and on nodes that do not follow a feed). Expiry and not-before are judged by the node's clock.").unwrap_or_else(|_| unreachable_collector("clock_skew"))),
+            clock_skew: reg(&r, Gauge::new("keygate_clock_skew_seconds", "This node's wall clock minus its key source's, seconds: the control plane's from the feed's last heartbeat, or Redis' TIME on a Redis-store node (0 until measured, and on file-store nodes). Expiry and not-before are judged by the node's clock.").unwrap_or_else(|_| unreachable_collector("clock_skew"))),
             source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, checkpoint, shrink, redis, io, feed).", &["kind"]),
             usage_reports: counter_vec(&r, "keygate_usage_reports_total", "Usage report batches a feed gateway sent its control plane, by result (accepted; refused: answered 4xx, counts kept for the next report; failed: no answer or a 5xx, sent again as it was).", &["result"]),
             propagation: reg(

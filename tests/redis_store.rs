@@ -1025,3 +1025,51 @@ async fn a_revocation_obeyed_from_a_refused_redis_store_survives_a_restart() {
         "sync age {age} s counts from the refusal, not from {floor} s ago (the last sync)"
     );
 }
+
+/// THREATS I14 on a Redis-store node: a gateway whose wall clock runs ten minutes ahead
+/// (`faketime`) shows it in `keygate_clock_skew_seconds`, near 600 from Redis' `TIME` (a
+/// gateway on time near 0), and says it once in its log. Expiry is judged by the node's clock
+/// (`expiry_leeway` 0 s): it refuses a key that expires in five minutes, which the gateway on
+/// time accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_store_gateway_ahead_of_redis_shows_the_skew() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(2, &redis).await;
+    let probe = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    let soon = create_key(
+        nodes.cli_config(),
+        &["--scope", "invoices:read", "--expires-in", "5m"],
+    );
+    let straight = spawn_ready(&nodes.configs[0], &[], ENFORCE).await;
+    let skewed = spawn_with_clock(&nodes.configs[1], "+10m", SECRET_ENV).await;
+    wait_ready(&skewed, ENFORCE).await;
+    until(&straight, &soon.key, 200).await;
+    until(&skewed, &probe.key, 200).await;
+    assert_eq!(
+        status(&skewed, &soon.key).await,
+        401,
+        "expired by the node's clock"
+    );
+    let skewed_ref = &skewed;
+    eventually_named("the skew measured", ENFORCE, || async move {
+        let s = metric(skewed_ref, "keygate_clock_skew_seconds").await;
+        (590.0..610.0).contains(&s).then_some(())
+    })
+    .await;
+    let on_time = metric(&straight, "keygate_clock_skew_seconds").await;
+    assert!(on_time.abs() < 5.0, "{on_time}");
+    let log = skewed.stderr_contents();
+    let said = log
+        .matches("clock differs from Redis' by over a minute")
+        .count();
+    assert_eq!(said, 1, "{log}");
+    assert!(
+        !straight.stderr_contents().contains("clock differs"),
+        "the gateway on time said it was off"
+    );
+    for gw in [&straight, &skewed] {
+        gw.assert_not_logged(&soon.key);
+        gw.assert_not_logged(&probe.key);
+    }
+}

@@ -1031,6 +1031,27 @@ impl Follower {
         Ok(Ok(Some((loaded.table, parsed))))
     }
 
+    /// This node's wall clock minus Redis' (`TIME`), in seconds, read at the middle of the
+    /// round trip (so off by at most half of it: milliseconds, against a skew that matters
+    /// in seconds).
+    pub async fn clock_skew(&self) -> Result<f64, StoreError> {
+        let sent = crate::clock::unix_ms();
+        let v = self.client.call(&[b"TIME"]).await.map_err(err)?;
+        let back = crate::clock::unix_ms();
+        let redis_ms = match &v {
+            Value::Array(t) => match (
+                t.first().and_then(Value::as_int),
+                t.get(1).and_then(Value::as_int),
+            ) {
+                (Some(secs), Some(micros)) => secs * 1000 + micros / 1000,
+                _ => return Err(StoreError::Redis("unexpected reply to TIME".into())),
+            },
+            Value::Error(e) => return Err(StoreError::Redis(e.clone())),
+            _ => return Err(StoreError::Redis("unexpected reply to TIME".into())),
+        };
+        Ok(((sent + back) / 2 - redis_ms) as f64 / 1000.0)
+    }
+
     /// The next change: a whole table (first call, or a new log), appended records, or
     /// `Unchanged` after an idle block. Errors leave the position as it was.
     pub async fn next(&mut self) -> Result<Update, StoreError> {

@@ -453,21 +453,8 @@ impl Session<'_> {
                     self.touched_ms = now;
                     self.persist(vec![], Some((applied, now))).await;
                 }
-                // Said when it crosses a minute either way, not at every heartbeat.
                 let skew = (now - time_ms) as f64 / 1000.0;
-                let was = gw.metrics.clock_skew.get();
-                gw.metrics.clock_skew.set(skew);
-                match (was.abs() > 60.0, skew.abs() > 60.0) {
-                    (false, true) => tracing::warn!(
-                        skew_seconds = skew,
-                        "clock differs from the control plane's by over a minute: expiry and not-before are judged by this clock"
-                    ),
-                    (true, false) => tracing::info!(
-                        skew_seconds = skew,
-                        "clock within a minute of the control plane's again"
-                    ),
-                    _ => {}
-                }
+                crate::sync::skew::observe(gw, skew, crate::sync::skew::Against::ControlPlane);
             }
         }
         Ok(())

@@ -9,7 +9,9 @@
 //! `on_stale` decide readiness) and, when Redis is back with the same log, resumes from its
 //! revision without a reload. Like a feed gateway it keeps a sealed local copy
 //! (`keys.feed_cache`, `sync::cache`), so a restart while Redis is down serves the last table
-//! with its real sync age.
+//! with its real sync age. It reads Redis' `TIME` every few seconds: this node's clock against
+//! the store's, `keygate_clock_skew_seconds` (`sync::skew`), as a feed gateway's heartbeats give
+//! it against the control plane's.
 //!
 //! Start ([`start`], awaited by `server.rs`): the local copy when there is one; else the
 //! store's checkpoint (`s:checkpoint`, one sealed binary read, `store::checkpoint`) plus the
@@ -27,12 +29,16 @@ use crate::store::redis::{Follower, Unverifiable};
 use crate::store::seal::Signer;
 use crate::sync::apply::Refusal;
 use crate::sync::cache::CacheWriter;
+use crate::sync::skew::Against;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often an idle follower refreshes the copy's sync time (each costs an fsync).
 const CACHE_TOUCH_EVERY_MS: i64 = 10_000;
+/// How often the follower reads Redis' clock for `keygate_clock_skew_seconds` (a feed gateway
+/// measures it at each heartbeat).
+const SKEW_EVERY: Duration = Duration::from_secs(5);
 
 /// What a Redis-store gateway's start loaded, for the secret-version check (`server.rs`).
 #[derive(Debug, Default)]
@@ -221,11 +227,19 @@ async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
     let mut first = Some(first);
+    let mut measured: Option<Instant> = None;
     loop {
         let mut follower = first
             .take()
             .unwrap_or_else(|| Follower::new(&settings, copy.signer.clone(), held(&gw)));
         let error = loop {
+            if measured.is_none_or(|t| t.elapsed() >= SKEW_EVERY) {
+                // A Redis that does not answer is reported by the read below.
+                if let Ok(skew) = follower.clock_skew().await {
+                    crate::sync::skew::observe(&gw, skew, Against::Redis);
+                }
+                measured = Some(Instant::now());
+            }
             match follower.next().await {
                 Ok(update) => {
                     let change = change_of(&update);
