@@ -6,10 +6,11 @@
 /// The request field that asks for the panic.
 pub const HEADER: &str = "x-keygate-test-panic";
 
-/// Panics when the request carries `HEADER`. Called once the request is authenticated, while
-/// its in-flight slot and its connection's cap slot and gauge are held, so the test sees
-/// unwinding give them back. The message names nothing of the request: the test checks that
-/// the panic's report on stderr holds no key.
+/// Panics when the request carries `HEADER`. The request path calls it once the request is
+/// authenticated, while its in-flight slot and its connection's cap slot and gauge are held,
+/// so the test sees unwinding give them back; the token exchange (`tokens::issue`) once its
+/// key is authenticated. The message names nothing of the request: the tests check that the
+/// panic's report on stderr holds no key.
 pub fn panic_if_asked(headers: &http::HeaderMap) {
     if headers.contains_key(HEADER) {
         panic!("test-panic: a request asked for a panic ({HEADER})");

@@ -117,7 +117,9 @@ pub async fn handle(
                 &mut ctx,
                 started
             ));
-            std::future::poll_fn(|cx| crate::unwind::poll_caught(path.as_mut(), cx)).await
+            std::future::poll_fn(|cx| crate::unwind::poll_caught(path.as_mut(), cx))
+                .await
+                .unwrap_or(Err(GatewayError::Internal))
         }
         None => Err(GatewayError::Overloaded),
     };

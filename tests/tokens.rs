@@ -800,6 +800,67 @@ async fn a_gateway_configured_to_issue_mints_and_verifies_alone() {
     }
 }
 
+/// THREATS K3 beside the request path: an exchange on a gateway that issues panics once its
+/// key is authenticated (feature `test-panic`, `src/fault.rs`). It is answered 500
+/// problem+json `internal_error` (before, hyper closed the connection unanswered) and counted
+/// in `keygate_requests_total{route="none"}`, which the KeygateInternalError alert watches;
+/// the gateway goes on minting, and neither the panic's report nor any artefact holds the key.
+#[cfg(feature = "test-panic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_exchange_that_panics_is_answered_500_and_counted() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let tail = format!("[tokens]\nissue = true\n\n{}", routes());
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(up.addr(), 100_000, "", "", &tail),
+    );
+    cli_ok(&cfg, &["tokens", "keygen"]);
+    let key = create_key(&cfg, &["--scope", "invoices:read"]);
+    let gw = spawn_ready(&cfg, &[DEBUG_LOG], READY).await;
+    until_status(gw.http, "/plain/1", &key.key, 200).await;
+    assert_eq!(
+        outcome_count(&metrics(&gw).await, "internal_error", "none"),
+        0.0
+    );
+
+    let auth = format!("Bearer {}", key.key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("x-keygate-test-panic", "1"),
+    ];
+    let body = json!({"audience": "billing"}).to_string();
+    let (s, h, b) = post(gw.http, "/v1/tokens", &headers, body).await;
+    let v = json(&b);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (500, Some("internal_error")),
+        "{v}"
+    );
+    assert_eq!(h.get("content-type").unwrap(), "application/problem+json");
+    assert_eq!(
+        outcome_count(&metrics(&gw).await, "internal_error", "none"),
+        1.0
+    );
+
+    let (s, v) = exchange(gw.http, &key.key, json!({"audience": "billing"})).await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(call(gw.http, "/invoices/1", &token).await.0, 200);
+    eventually_named("the panic's report on stderr", READY, || async {
+        gw.stderr_contents()
+            .contains("test-panic: a request asked for a panic")
+            .then_some(())
+    })
+    .await;
+    for secret in [&key.key, &token] {
+        assert_nowhere(dir.path(), &up, secret);
+        gw.assert_not_logged(secret);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_does_not_issue_has_no_exchange() {
     let n = Node::start().await;

@@ -78,7 +78,17 @@ pub async fn handle(
     conn: Conn,
     req: Request<Incoming>,
 ) -> Result<Response<AccessBody>, Infallible> {
-    Ok(match exchange(&gw, conn, req).await {
+    // Polled in place, as the request path is: a panic is this exchange's 500 (`unwind`).
+    let mut exchanged = std::pin::pin!(exchange(&gw, conn, req));
+    let exchanged = std::future::poll_fn(|cx| crate::unwind::poll_caught(exchanged.as_mut(), cx))
+        .await
+        .unwrap_or_else(|crate::unwind::Panicked| {
+            let e = crate::error::GatewayError::Internal;
+            gw.snapshot().unrouted.count(e.outcome());
+            tracing::warn!(outcome = e.outcome().as_str(), error = %e, "token exchange failed");
+            Err(refusal(e.status(), e.code(), e.to_string()))
+        });
+    Ok(match exchanged {
         Ok(v) => respond(StatusCode::CREATED, "application/json", v.to_string()),
         Err(e) => {
             let body = serde_json::json!({"type": "about:blank", "title": e.status.canonical_reason().unwrap_or("Error"), "status": e.status.as_u16(), "code": e.code, "detail": e.detail});
@@ -153,6 +163,7 @@ async fn exchange(
             unauthorized()
         })?
     };
+    crate::fault::panic_if_asked(req.headers());
     let body = tokio::time::timeout(
         Duration::from_millis(snap.server.body_timeout_ms),
         Limited::new(req.into_body(), MAX_BODY).collect(),
