@@ -1038,17 +1038,18 @@ impl Follower {
         let sent = crate::clock::unix_ms();
         let v = self.client.call(&[b"TIME"]).await.map_err(err)?;
         let back = crate::clock::unix_ms();
-        let redis_ms = match &v {
-            Value::Array(t) => match (
+        let (secs, micros) = match &v {
+            Value::Array(t) => (
                 t.first().and_then(Value::as_int),
                 t.get(1).and_then(Value::as_int),
-            ) {
-                (Some(secs), Some(micros)) => secs * 1000 + micros / 1000,
-                _ => return Err(StoreError::Redis("unexpected reply to TIME".into())),
-            },
+            ),
             Value::Error(e) => return Err(StoreError::Redis(e.clone())),
-            _ => return Err(StoreError::Redis("unexpected reply to TIME".into())),
+            _ => (None, None),
         };
+        let (Some(secs), Some(micros)) = (secs, micros) else {
+            return Err(StoreError::Redis("unexpected reply to TIME".into()));
+        };
+        let redis_ms = secs * 1000 + micros / 1000;
         Ok(((sent + back) / 2 - redis_ms) as f64 / 1000.0)
     }
 

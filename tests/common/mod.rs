@@ -359,6 +359,17 @@ impl Gateway {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// Panics unless `message` appears exactly once in the gateway's stderr: a condition
+    /// said once when it begins, not at every check that finds it still so.
+    pub fn assert_logged_once(&self, message: &str) {
+        let log = self.stderr_contents();
+        assert_eq!(
+            log.matches(message).count(),
+            1,
+            "{message:?} once in:\n{log}"
+        );
+    }
+
     /// Panics if `secret` appears anywhere in the gateway's stdout or stderr.
     pub fn assert_not_logged(&self, secret: &str) {
         assert!(
