@@ -163,6 +163,7 @@ async fn exchange(
             unauthorized()
         })?
     };
+    #[cfg(feature = "test-panic")]
     crate::fault::panic_if_asked(req.headers());
     let body = tokio::time::timeout(
         Duration::from_millis(snap.server.body_timeout_ms),
