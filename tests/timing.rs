@@ -49,17 +49,14 @@ const THRESHOLD: f64 = 10.0;
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// splitmix64: the order of the classes and every key made, reproducible from the seed a
-/// failure prints.
+/// The order of the classes and every key made, reproducible from the seed a failure prints:
+/// `support::splitmix` of a counter started at the seed.
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^ (x >> 31)
+        self.0 = self.0.wrapping_add(1);
+        support::splitmix(self.0)
     }
 
     fn char(&mut self) -> u8 {
