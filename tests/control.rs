@@ -707,10 +707,13 @@ async fn validation_and_policy_failures() {
         Method::POST,
         "/v1/api-keys/revoke",
         w,
-        json!({"confirm": true}).to_string(),
+        json!({"confirm": true, "owner": null}).to_string(),
     )
     .await;
     assert_problem(&r, 400, "invalid_request");
+    // The API's answer names the body's fields, not the CLI's flags alone.
+    let detail = r.2["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("an owner, an env or a label"), "{detail}");
     let r = call(a, Method::GET, &path, w, "").await;
     assert_eq!(
         r.2["state"], "active",

@@ -688,7 +688,8 @@ impl<'a> Keys<'a> {
     ) -> Result<MassRevoke, OpsError> {
         if sel.is_empty() {
             return Err(OpsError::Invalid(
-                "mass revoke needs --owner, --env or --label".into(),
+                "a mass revoke needs an owner, an env or a label to select keys by (CLI: --owner, --env, --label)"
+                    .into(),
             ));
         }
         let mut canaries_spared = 0;
