@@ -49,7 +49,9 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 cp -r "$DB" "$tmp/db"
-crate="$(sed -n 's/^name = "\(.*\)"$/\1/p' "$ROOT/Cargo.lock" | head -1)"
+# awk stops at the first name itself (a `| head -1` could end the reader early: SIGPIPE under
+# pipefail).
+crate="$(awk -F'"' '/^name = /{print $2; exit}' "$ROOT/Cargo.lock")"
 mkdir -p "$tmp/db/crates/$crate"
 cat >"$tmp/db/crates/$crate/RUSTSEC-2099-9999.md" <<ADVISORY
 \`\`\`toml

@@ -208,10 +208,9 @@ fuzz --header "Authorization: Bearer $TOKEN" \
 ST_PATH_ID="$SEED_ID" fuzz --header "Authorization: Bearer $RTOKEN" \
   --include-operation-id redigestKey "${ALONE[@]}"
 
-# Mass revocation last, on its own: in the main run the stateful phase follows the owner of a
-# created key into a mass revoke, which once revoked every key made so far (60), and the
-# rotations after it were refused as revoked. Here its example revokes the keys the main
-# run created with the createKey example's owner.
+# Mass revocation last, on its own: in the main run a mass revoke once named the createKey
+# example's owner and revoked the 60 keys made with it, and most rotations after it were
+# refused as revoked. Here its example revokes those keys once the other runs are done.
 fuzz --header "Authorization: Bearer $TOKEN" --include-operation-id massRevoke "${ALONE[@]}"
 
 # Passing every check is not enough: each operation must also have reached its success status
