@@ -254,11 +254,94 @@ pub fn merge_into_file(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
 
 /// `merge_into_file` for a caller that holds the file's lock (`lock_beside(path)`).
 pub fn merge_locked(path: &Path, deltas: &[Delta]) -> std::io::Result<()> {
+    settle_report(path)?;
+    crate::store::file::write_json_atomic(path, &merged(path, deltas))
+}
+
+fn merged(path: &Path, deltas: &[Delta]) -> BTreeMap<String, Used> {
     let mut all = read(path);
     for d in deltas {
         all.entry(d.id.clone()).or_default().merge(&d.used);
     }
-    crate::store::file::write_json_atomic(path, &all)
+    all
+}
+
+/// The control plane's ledger of the report batches the usage file holds (`control::reports`:
+/// a batch sent again must not count twice).
+pub fn ledger_path(usage_file: &Path) -> PathBuf {
+    crate::store::file::sibling(usage_file, ".reports.json")
+}
+
+/// A report batch's commit under way: the ledger that holds once the usage file with the
+/// batch's counts (inode `usage_ino`) is in place.
+#[derive(Serialize, Deserialize)]
+struct Intent {
+    usage_ino: u64,
+    ledger: serde_json::Value,
+}
+
+fn intent_path(usage_file: &Path) -> PathBuf {
+    crate::store::file::sibling(usage_file, ".reports.next.json")
+}
+
+/// Add a report batch's `deltas` to the usage file and make `ledger` its ledger, as one step.
+/// Two renames cannot be one, so the new ledger is written first as an intent naming the new
+/// usage file's inode, and the usage file's rename is the commit: a crash before it leaves
+/// the old counts and the old ledger (the batch, sent again, is added then), a crash after it
+/// leaves the new counts and an intent that `settle_report` turns into the ledger. Before,
+/// a crash between the two renames left the counts without the ledger, and the batch sent
+/// again counted twice. The caller holds the usage file's lock.
+pub fn merge_report_locked<T: Serialize>(
+    path: &Path,
+    deltas: &[Delta],
+    ledger: &T,
+) -> std::io::Result<()> {
+    stage_report(path, deltas, ledger)?.commit()?;
+    settle_report(path)
+}
+
+/// `merge_report_locked` up to its commit: the new usage file staged, the intent written
+/// (apart for the tests of a crash between the steps).
+pub(crate) fn stage_report<T: Serialize>(
+    path: &Path,
+    deltas: &[Delta],
+    ledger: &T,
+) -> std::io::Result<crate::store::file::Staged> {
+    settle_report(path)?;
+    let staged = crate::store::file::stage_json(path, &merged(path, deltas))?;
+    let intent = Intent {
+        usage_ino: staged.ino(),
+        ledger: serde_json::to_value(ledger)?,
+    };
+    crate::store::file::write_json_atomic(&intent_path(path), &intent)?;
+    Ok(staged)
+}
+
+/// Finish a report batch's commit that a crash (or a failed ledger write) left half done:
+/// its ledger written if its usage file is the one in place, dropped if not. Every writer of
+/// the usage file calls this under the lock before it reads, so no other replacement can come
+/// between a commit and its ledger.
+pub fn settle_report(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let intent_path = intent_path(path);
+    let bytes = match std::fs::read(&intent_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let in_place = std::fs::metadata(path).ok().map(|m| m.ino());
+    match serde_json::from_slice::<Intent>(&bytes) {
+        Ok(intent) if in_place == Some(intent.usage_ino) => {
+            crate::store::file::write_json_atomic(&ledger_path(path), &intent.ledger)?;
+        }
+        Ok(_) => {}
+        // Written atomically by this module: only an outside hand makes it unreadable. Its
+        // batch is then taken as not applied (sent again, it may count twice).
+        Err(e) => {
+            tracing::warn!(error = %e, path = %intent_path.display(), "dropping an unreadable usage report intent")
+        }
+    }
+    std::fs::remove_file(&intent_path)
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@
 //! kept with the counts, so it holds across control plane restarts and between control planes
 //! on one Redis: in Redis, a mark per process beside the usage hashes, advanced with each part
 //! of a batch in the same script (`redis::usage::add_report`); with the usage file, a ledger
-//! beside it (`<usage file>.reports.json`), written under the file's lock. The sketches are
-//! written first: writing a node's sketches twice is harmless where adding its counts twice
-//! is not.
+//! beside it (`<usage file>.reports.json`), committed with the counts under the file's lock
+//! (`usage::merge_report_locked`: a crash between the two files cannot count a batch twice).
+//! The sketches are written first: writing a node's sketches twice is harmless where adding
+//! its counts twice is not.
 //!
 //! The body may be up to `sync::report::MAX_BYTES` whatever `[control] max_body_bytes` says
 //! for the API: only a holder of a feed token gets to send one.
@@ -24,7 +25,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,12 +145,8 @@ struct Progress {
     at: i64,
 }
 
-fn ledger_path(usage_file: &Path) -> PathBuf {
-    crate::store::file::sibling(usage_file, ".reports.json")
-}
-
-/// `add_report` for the usage file: the ledger checked, the counts added, the ledger advanced,
-/// all under the usage file's lock.
+/// `add_report` for the usage file: the ledger checked, the counts added and the ledger
+/// advanced in one step (`usage::merge_report_locked`), all under the usage file's lock.
 fn add_to_file(
     usage_file: &Path,
     from: &Process,
@@ -157,12 +154,25 @@ fn add_to_file(
     deltas: &[Delta],
 ) -> std::io::Result<bool> {
     let _lock = crate::store::file::lock_beside(usage_file)?;
-    let path = ledger_path(usage_file);
-    let mut ledger = read_ledger(&path);
-    if ledger.iter().any(|a| a.process == *from && seq <= a.seq) {
+    let Some(ledger) = advanced_ledger(usage_file, from, seq)? else {
         return Ok(false);
+    };
+    crate::usage::merge_report_locked(usage_file, deltas, &ledger)?;
+    Ok(true)
+}
+
+/// The ledger with `from`'s batch `seq` recorded, or `None` when that batch was applied
+/// before. The caller holds the usage file's lock.
+fn advanced_ledger(
+    usage_file: &Path,
+    from: &Process,
+    seq: u64,
+) -> std::io::Result<Option<Vec<Progress>>> {
+    crate::usage::settle_report(usage_file)?;
+    let mut ledger = read_ledger(&crate::usage::ledger_path(usage_file));
+    if ledger.iter().any(|a| a.process == *from && seq <= a.seq) {
+        return Ok(None);
     }
-    crate::usage::merge_locked(usage_file, deltas)?;
     let now = crate::clock::unix_secs();
     let keep = KEEP.as_secs() as i64;
     ledger.retain(|a| a.process != *from && now - a.at < keep);
@@ -175,12 +185,7 @@ fn add_to_file(
         ledger.sort_by_key(|a| std::cmp::Reverse(a.at));
         ledger.truncate(MAX_PROCESSES);
     }
-    // The counts are in: the batch is answered as applied either way. Without the ledger, only
-    // the same batch sent again (its answer lost) would count twice.
-    if let Err(e) = crate::store::file::write_json_atomic(&path, &ledger) {
-        tracing::error!(error = %e, path = %path.display(), "cannot write the usage report ledger");
-    }
-    Ok(true)
+    Ok(Some(ledger))
 }
 
 /// The ledger as written; a missing one is empty, an unreadable one too, said (it only guards
@@ -198,4 +203,84 @@ fn read_ledger(path: &Path) -> Vec<Progress> {
         tracing::warn!(error = %e, path = %path.display(), "the usage report ledger is not valid; starting a new one");
         Vec::new()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::{self, Used};
+
+    fn batch(requests: u64) -> Vec<Delta> {
+        vec![Delta {
+            id: "key_a".into(),
+            used: Used {
+                last_used: 100,
+                requests,
+                ..Used::default()
+            },
+        }]
+    }
+
+    fn requests(usage_file: &Path) -> u64 {
+        usage::read(usage_file)
+            .get("key_a")
+            .map_or(0, |u| u.requests)
+    }
+
+    /// A control plane that stops between a batch's two files (the usage file, its ledger), as
+    /// a crash does, then gets the batch again: it counts once, whichever file was written.
+    #[test]
+    fn a_batch_interrupted_between_counts_and_ledger_counts_once_when_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.json");
+        let gw = Process {
+            node: "gw1".into(),
+            boot: 7,
+        };
+        assert!(add_to_file(&path, &gw, 1, &batch(4)).unwrap());
+        assert_eq!(requests(&path), 4);
+
+        // Stopped before the usage file's rename: the batch is not in, and sent again it is
+        // added.
+        let ledger = advanced_ledger(&path, &gw, 2).unwrap().unwrap();
+        std::mem::forget(usage::stage_report(&path, &batch(10), &ledger).unwrap());
+        assert_eq!(requests(&path), 4, "nothing landed");
+        assert!(add_to_file(&path, &gw, 2, &batch(10)).unwrap());
+        assert_eq!(requests(&path), 14);
+        assert!(!add_to_file(&path, &gw, 2, &batch(10)).unwrap());
+
+        // Stopped after the rename, before the ledger: the batch is in, and sent again it is a
+        // duplicate. (Before, the ledger still said seq 2 and the batch counted twice.)
+        let ledger = advanced_ledger(&path, &gw, 3).unwrap().unwrap();
+        usage::stage_report(&path, &batch(100), &ledger)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(requests(&path), 114);
+        assert!(!add_to_file(&path, &gw, 3, &batch(100)).unwrap());
+        assert_eq!(requests(&path), 114);
+
+        // The same, with a gateway's flush to the shared usage file coming first: the flush
+        // settles the batch before it replaces the file, so the batch still reads as applied.
+        let ledger = advanced_ledger(&path, &gw, 4).unwrap().unwrap();
+        usage::stage_report(&path, &batch(1000), &ledger)
+            .unwrap()
+            .commit()
+            .unwrap();
+        usage::merge_into_file(&path, &batch(1)).unwrap();
+        assert_eq!(requests(&path), 1115);
+        assert!(!add_to_file(&path, &gw, 4, &batch(1000)).unwrap());
+        assert_eq!(requests(&path), 1115);
+
+        // No intent or temp file is left behind.
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["usage.json", "usage.json.lock", "usage.json.reports.json"]
+        );
+    }
 }

@@ -1037,44 +1037,81 @@ pub fn lock_beside_nowait(path: &Path) -> io::Result<Option<File>> {
 /// fsync the directory. A crash leaves the old file or the new one, never a mix; the temp file
 /// is removed on failure. Used for every file keygate rewrites whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomic_with(path, |t| t.write_all(bytes))
+    stage_with(path, |t| t.write_all(bytes))?.commit()
 }
 
 /// `value` as JSON, replacing `path` as `write_atomic` does. Written to the file as it is
 /// serialised: a file of megabytes (10,000 keys' sketches) built in a `Vec` first grew it by
 /// doubling, and those copies were most of the memory a flush touched.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    write_atomic_with(path, |t| {
+    stage_json(path, value)?.commit()
+}
+
+/// The first half of `write_json_atomic`: the replacement written and synced beside `path`,
+/// not yet in its place. For a caller that must record which file will land (`Staged::ino`)
+/// before it does (`usage::merge_report_locked`).
+pub fn stage_json<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<Staged> {
+    stage_with(path, |t| {
         let mut out = io::BufWriter::with_capacity(64 * 1024, t);
         serde_json::to_writer(&mut out, value)?;
         out.flush()
     })
 }
 
-/// `write_atomic`, with the new contents written by `fill` into the temp file.
-fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<()> {
+/// A whole replacement of `path`, its contents written by `fill` and synced to a temp file in
+/// the same directory; `commit` renames it into place. Dropped without a commit, the temp file
+/// is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    ino: u64,
+    committed: bool,
+}
+
+/// Write `fill`'s contents beside `path` and sync them (`Staged`).
+fn stage_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<Staged> {
     let mut tmp_name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let write = || -> io::Result<()> {
-        let mut t = File::create(&tmp)?;
-        keep_mode_and_owner(path, &t)?;
-        fill(&mut t)?;
-        t.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let mut staged = Staged {
+        tmp: path.with_file_name(tmp_name),
+        path: path.to_owned(),
+        ino: 0,
+        committed: false,
+    };
+    let mut t = File::create(&staged.tmp)?;
+    keep_mode_and_owner(path, &t)?;
+    fill(&mut t)?;
+    t.sync_all()?;
+    staged.ino = t.metadata()?.ino();
+    Ok(staged)
+}
+
+impl Staged {
+    /// The inode the file at `path` has once this lands, and only then (the old file and this
+    /// one exist side by side until the rename, so they cannot share one).
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// Rename into place, then sync the directory: a crash leaves the old file or the new one,
+    /// never a mix.
+    pub fn commit(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)?.sync_all()?;
         }
         Ok(())
-    };
-    let result = write();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Give the replacement `tmp` the mode (and, where permitted, the owner) of the file it
