@@ -9,7 +9,7 @@
 
 use super::jwt::{self, Claims, JwtError};
 use super::JwksSource;
-use crate::keys::compact::{KeyView, Validity as _};
+use crate::keys::compact::KeyView;
 use crate::keys::table::{AuthError, KeyTable, TokenRefusal};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Limited};
