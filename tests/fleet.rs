@@ -1789,6 +1789,28 @@ async fn a_feed_gateway_ahead_of_its_control_plane_shows_the_skew() {
     skewed.assert_not_logged(&soon);
 }
 
+/// THREATS I14 the other way round: a feed gateway whose wall clock runs ten minutes behind its
+/// control plane's refuses a key revoked there as soon as the revocation arrives. A
+/// revocation is stamped with the writer's clock; read as "revoked from then", it left the
+/// key working on this node for the ten minutes until the node's clock reached the stamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_holds_at_once_on_a_gateway_whose_clock_is_behind() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let (id, key) = fleet.create("revoked-ahead").await;
+    let envs = [
+        (SECRET_VAR, SECRET),
+        ("KEYGATE_FEED_TOKEN", fleet.feed.as_str()),
+    ];
+    let behind = spawn_with_clock(&fleet.gw_config(0), "-10m", &envs).await;
+    until_status_fresh(&behind, &key, 200, RECONNECT_BOUND).await;
+    let mut c = KeepAlive::connect(behind.http).await;
+    assert_eq!(status(&mut c, &key).await, 200);
+    fleet.revoke(&id).await;
+    until_status(&mut c, &key, 401, ENFORCE_BOUND).await;
+    behind.assert_not_logged(&key);
+}
+
 /// A proxy in front of the control plane that passes everything through, except that on feed
 /// streams it drops the first line holding `marker` (once, over all connections). It re-frames
 /// a feed answer as a body read to the close, line by line, as a path that edits streams

@@ -141,7 +141,7 @@ impl Contribution {
 }
 
 /// `t` rounded down to a multiple of `step`: a change counts from the start of its minute, so
-/// a revocation (stamped with the time it is written) shows at once.
+/// a change stamped with the time it is written (an expiry set to now) shows at once.
 fn floor_to(t: i64, step: i64) -> i64 {
     t.div_euclid(step).saturating_mul(step)
 }
@@ -158,10 +158,11 @@ fn state_index(s: KeyState) -> u8 {
 }
 
 /// The state of `r` at `at` with its instants rounded down to [`STEP`] (as `KeyRecord::state`
-/// otherwise: revoked beats canary beats expired beats pending).
+/// otherwise: revoked beats canary beats expired beats pending; a revocation counts at once,
+/// whatever its stamp).
 fn rounded_state(r: &KeyRecord, at: i64) -> KeyState {
     let due = |t: Option<i64>| t.is_some_and(|t| floor_to(t, STEP) <= at);
-    if due(r.revoked_at) {
+    if crate::keys::record::is_revoked(r.revoked_at) {
         KeyState::Revoked
     } else if r.canary {
         KeyState::Canary
@@ -197,7 +198,7 @@ fn contribution(r: &KeyRecord, env: u16, last: i64, at: i64, rules: &Rules) -> C
 
 /// The instants at which `r`'s contribution may change.
 fn breakpoints(r: &KeyRecord, last: i64, rules: &Rules) -> Vec<i64> {
-    let mut out: Vec<i64> = [r.revoked_at, r.expires_at, r.not_before]
+    let mut out: Vec<i64> = [r.expires_at, r.not_before]
         .into_iter()
         .flatten()
         .chain(r.expires_at.map(|e| e - WEEK))

@@ -159,6 +159,16 @@ impl KeyRecord {
     }
 }
 
+/// Whether a key with this revocation stamp is revoked: from the moment the revocation is
+/// held, whatever the stamp says. The stamp is the writer's clock; read as "revoked from
+/// then", a gateway whose clock is behind the writer's served a revoked key until its own
+/// clock caught up (a control plane 10 minutes ahead: 10 minutes). Nothing writes a
+/// revocation meant for later (a rotation's old key ends by `expires_at`). The one place
+/// this rule lives: the state, the gateway's decision and a token's parent all ask it.
+pub fn is_revoked(revoked_at: Option<i64>) -> bool {
+    revoked_at.is_some()
+}
+
 /// The state rule, shared by records and the gateway's compact entries (`keys::compact`).
 pub fn state_at(
     revoked_at: Option<i64>,
@@ -167,7 +177,7 @@ pub fn state_at(
     not_before: Option<i64>,
     now: i64,
 ) -> KeyState {
-    if revoked_at.is_some_and(|t| t <= now) {
+    if is_revoked(revoked_at) {
         KeyState::Revoked
     } else if canary {
         KeyState::Canary
@@ -198,7 +208,7 @@ pub fn public_json(value: &impl Serialize, hidden: &[&str], state: &str) -> serd
 /// backup, an edited file or a confused source. Writers refuse to write it (`store::file`);
 /// every reader keeps the revocation instead (`sync::apply`). The one place this rule lives.
 pub fn unrevokes(held: Option<&KeyRecord>, next: &KeyRecord) -> bool {
-    next.revoked_at.is_none() && held.is_some_and(|h| h.revoked_at.is_some())
+    !is_revoked(next.revoked_at) && held.is_some_and(|h| is_revoked(h.revoked_at))
 }
 
 /// A fresh public id: `key_` + 26 chars of Crockford-free lowercase base32 (130 bits).
@@ -282,7 +292,11 @@ mod tests {
         assert_eq!(r.state(2_000), KeyState::Canary);
         r.revoked_at = Some(1_900);
         assert_eq!(r.state(2_000), KeyState::Revoked);
-        assert_eq!(r.state(1_800), KeyState::Canary);
+        assert_eq!(
+            r.state(1_800),
+            KeyState::Revoked,
+            "revoked once held, whatever the stamp's clock said"
+        );
     }
 
     #[test]

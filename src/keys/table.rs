@@ -1147,19 +1147,26 @@ impl KeyTable {
                 )
             })
             .ok_or(AuthError::Unknown)?;
-        // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
-        // mass revoke, would otherwise disarm it silently). Both answer the same 401.
-        if record.canary {
-            Err(AuthError::Canary(record))
-        } else if record.revoked_at().is_some_and(|t| t <= now) {
-            Err(AuthError::Revoked(record))
-        } else if record.expires_at().is_some_and(|t| t + leeway <= now) {
-            Err(AuthError::Expired(record))
-        } else if record.not_before().is_some_and(|t| t - leeway > now) {
-            Err(AuthError::NotYetValid(record))
-        } else {
-            Ok(record)
-        }
+        live(record, now, leeway)
+    }
+}
+
+/// A found key at `now`, or why it is refused: the gateway's decision for a presented key,
+/// and for the parent of a token it presents (`tokens::verifier`). `leeway` loosens expiry
+/// and not-before for clock skew; a revocation has none (`record::is_revoked`).
+pub fn live(record: KeyView, now: i64, leeway: i64) -> Result<KeyView, AuthError> {
+    // Canary before revoked: a revoked canary must still alarm (revoking one, e.g. by a
+    // mass revoke, would otherwise disarm it silently). Both answer the same 401.
+    if record.canary {
+        Err(AuthError::Canary(record))
+    } else if crate::keys::record::is_revoked(record.revoked_at()) {
+        Err(AuthError::Revoked(record))
+    } else if record.expires_at().is_some_and(|t| t + leeway <= now) {
+        Err(AuthError::Expired(record))
+    } else if record.not_before().is_some_and(|t| t - leeway > now) {
+        Err(AuthError::NotYetValid(record))
+    } else {
+        Ok(record)
     }
 }
 
@@ -1213,8 +1220,8 @@ mod tests {
         assert_eq!(reason(&revoked, 200), Some("key_revoked"));
         assert_eq!(
             reason(&revoked, 50),
-            None,
-            "revocation takes effect at revoked_at"
+            Some("key_revoked"),
+            "a revocation holds from when it is held, even stamped by a clock 50 s ahead"
         );
         assert_eq!(
             reason(&expired, 100),

@@ -9,7 +9,7 @@
 
 use super::jwt::{self, Claims, JwtError};
 use super::JwksSource;
-use crate::keys::compact::{KeyView, Validity as _};
+use crate::keys::compact::KeyView;
 use crate::keys::table::{AuthError, KeyTable, TokenRefusal};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Limited};
@@ -195,27 +195,13 @@ pub fn admit(
         return Err(AuthError::Token(TokenRefusal::Invalid));
     }
     let parent = table.view_by_id(&claims.sub).ok_or(AuthError::Unknown)?;
-    parent_is_live(&parent, now, leeway)?;
+    // The parent's state decides, as for the key itself: a revoked, expired, not-yet-valid
+    // or canary parent refuses its tokens with the parent's own outcome.
+    let parent = crate::keys::table::live(parent, now, leeway)?;
     if parent.lineage() != claims.lineage {
         return Err(AuthError::Token(TokenRefusal::Invalid));
     }
     Ok(narrowed(parent, &claims.scopes))
-}
-
-/// The parent's state decides, as for the key itself: a revoked, expired, not-yet-valid or
-/// canary parent refuses its tokens with the parent's own outcome.
-fn parent_is_live(parent: &KeyView, now: i64, leeway: i64) -> Result<(), AuthError> {
-    if parent.canary {
-        Err(AuthError::Canary(parent.clone()))
-    } else if parent.revoked_at().is_some_and(|t| t <= now) {
-        Err(AuthError::Revoked(parent.clone()))
-    } else if parent.expires_at().is_some_and(|t| t + leeway <= now) {
-        Err(AuthError::Expired(parent.clone()))
-    } else if parent.not_before().is_some_and(|t| t - leeway > now) {
-        Err(AuthError::NotYetValid(parent.clone()))
-    } else {
-        Ok(())
-    }
 }
 
 /// The parent with only the token's scopes that the parent still holds (a key narrowed after
