@@ -167,26 +167,30 @@ impl Client {
         if slot.generation != generation {
             slot.conn = None;
         }
-        if slot.conn.is_none() {
-            let addr = self.primary_addr().await?;
-            slot.conn = Some(Conn::open(&addr, &self.settings).await?);
-            slot.generation = generation;
-        }
-        let Some(conn) = slot.conn.as_mut() else {
-            return Err(RedisError::Closed);
+        // The connection is out of the slot while its command is in flight and goes back only
+        // once the reply has been read: a call whose future is dropped half-way (the HTTP
+        // client went away, a caller's timeout) drops the connection with it, so its reply is
+        // never read by the next caller. Moving it costs no allocation.
+        let mut conn = match slot.conn.take() {
+            Some(c) => c,
+            None => {
+                let addr = self.primary_addr().await?;
+                let c = Conn::open(&addr, &self.settings).await?;
+                slot.generation = generation;
+                c
+            }
         };
-        let result = conn.call_within(timeout, args).await;
-        match result {
+        match conn.call_within(timeout, args).await {
+            // Not a usable primary: the connection is dropped here, not put back.
             Ok(Value::Error(e)) if not_a_primary(&e) => {
-                slot.conn = None;
                 Err(RedisError::Reply(first_word(&e).to_owned()))
             }
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // A timed-out or broken connection may hold an unread reply: never reuse it.
-                slot.conn = None;
-                Err(e)
+            Ok(v) => {
+                slot.conn = Some(conn);
+                Ok(v)
             }
+            // A timed-out or broken connection may hold an unread reply: dropped, never reused.
+            Err(e) => Err(e),
         }
     }
 
@@ -251,4 +255,56 @@ fn not_a_primary(e: &str) -> bool {
         first_word(e),
         "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::fake::{self, FakeServer};
+    use std::sync::atomic::AtomicBool;
+    use tokio::sync::Notify;
+
+    fn client(settings: Settings, pool: usize) -> Arc<Client> {
+        let m = crate::metrics::Metrics::new(0);
+        Client::with_pool(settings, m.redis_metrics(), pool)
+    }
+
+    /// A call given up mid-way (its future dropped: the HTTP client went away, a caller's
+    /// timeout) leaves its reply unread: the next caller of that connection must not read it.
+    #[tokio::test]
+    async fn a_cancelled_call_never_leaves_its_reply_to_the_next_caller() {
+        // Every reply echoes the command's second argument, so a reply read by the wrong call
+        // shows; the first is held until the first call has been given up.
+        let release = Arc::new(Notify::new());
+        let first = Arc::new(AtomicBool::new(true));
+        let server = FakeServer::start({
+            let release = release.clone();
+            move |args| {
+                let hold = first.swap(false, Ordering::AcqRel);
+                let release = release.clone();
+                Box::pin(async move {
+                    if hold {
+                        release.notified().await;
+                    }
+                    Some(fake::bulk(args.get(1).map_or(&[][..], Vec::as_slice)))
+                })
+            }
+        })
+        .await;
+        let c = client(fake::direct(&server, Duration::from_secs(5)), 1);
+        let given_up =
+            tokio::time::timeout(Duration::from_millis(10), c.call(&[b"GET", b"a"])).await;
+        assert!(given_up.is_err(), "the held reply arrived: {given_up:?}");
+        release.notify_one();
+        let b = c.call(&[b"GET", b"b"]).await.unwrap();
+        assert_eq!(
+            b,
+            Value::Bulk(b"b".to_vec()),
+            "the second call read the first call's reply"
+        );
+        assert_eq!(
+            c.call(&[b"GET", b"c"]).await.unwrap(),
+            Value::Bulk(b"c".to_vec())
+        );
+    }
 }
