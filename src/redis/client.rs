@@ -104,6 +104,8 @@ impl Client {
     /// that mean "this is not a usable primary" (`READONLY`, `LOADING`, `MASTERDOWN`,
     /// `NOAUTH`) count as failures like timeouts and closed connections do.
     pub async fn call(&self, args: &[&[u8]]) -> Result<Value, RedisError> {
+        // Held across the call: if this future is dropped first, the permit is dropped
+        // unreported, which hands a half-open probe back to the next caller (`breaker`).
         let Some(permit) = self.breaker.permit() else {
             return Err(RedisError::CircuitOpen);
         };
@@ -124,14 +126,14 @@ impl Client {
         }
     }
 
-    fn on_success(&self, permit: Permit) {
+    fn on_success(&self, permit: Permit<'_>) {
         if self.breaker.success(permit) == Some(Transition::Closed) {
             tracing::info!("redis reachable again: fleet-wide limits resume");
         }
         self.metrics.up.set(1);
     }
 
-    fn on_failure(&self, permit: Permit, e: &RedisError) {
+    fn on_failure(&self, permit: Permit<'_>, e: &RedisError) {
         if matches!(self.settings.target, Target::Sentinel { .. }) {
             // Ask the sentinels again next time, and retire every pooled connection.
             if let Ok(mut p) = self.primary.lock() {
@@ -269,6 +271,22 @@ mod tests {
         Client::with_pool(settings, m.redis_metrics(), pool)
     }
 
+    /// Polls `f` (every 2 ms) until it returns `Some`, failing with `what` after 3 s.
+    async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// A call given up mid-way (its future dropped: the HTTP client went away, a caller's
     /// timeout) leaves its reply unread: the next caller of that connection must not read it.
     #[tokio::test]
@@ -306,5 +324,58 @@ mod tests {
             c.call(&[b"GET", b"c"]).await.unwrap(),
             Value::Bulk(b"c".to_vec())
         );
+    }
+
+    /// THREATS L1: the half-open probe's caller goes away mid-call while Redis is silent;
+    /// once Redis answers again the circuit must close without a restart.
+    #[tokio::test]
+    async fn a_probe_given_up_mid_call_does_not_keep_the_circuit_open() {
+        let answering = Arc::new(AtomicBool::new(false));
+        let server = FakeServer::start({
+            let answering = answering.clone();
+            move |_| {
+                let answering = answering.load(Ordering::Acquire);
+                Box::pin(async move {
+                    if !answering {
+                        std::future::pending::<()>().await;
+                    }
+                    Some(b"+PONG\r\n".to_vec())
+                })
+            }
+        })
+        .await;
+        let mut c = client(fake::direct(&server, Duration::from_millis(50)), 1);
+        // A short cooldown so the test does not wait for the production one.
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.breaker = Breaker::new(BREAKER_FAILURES, Duration::from_millis(20));
+        }
+        for _ in 0..BREAKER_FAILURES {
+            let r = c.call(&[b"PING"]).await;
+            assert!(matches!(r, Err(RedisError::Timeout)), "{r:?}");
+        }
+        assert!(!c.is_up());
+        let c = &c;
+        eventually("no half-open probe was handed out", || async move {
+            match tokio::time::timeout(Duration::from_millis(10), c.call(&[b"PING"])).await {
+                // The probe, given up by its caller.
+                Err(_) => Some(()),
+                Ok(Err(RedisError::CircuitOpen)) => None,
+                other => panic!("{other:?}"),
+            }
+        })
+        .await;
+        answering.store(true, Ordering::Release);
+        let v = eventually(
+            "the circuit stayed open after its probe was dropped",
+            || async move {
+                match c.call(&[b"PING"]).await {
+                    Err(RedisError::CircuitOpen) => None,
+                    other => Some(other),
+                }
+            },
+        )
+        .await;
+        assert_eq!(v.unwrap(), Value::Simple("PONG".into()));
+        assert!(c.is_up());
     }
 }
