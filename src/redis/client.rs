@@ -3,9 +3,10 @@
 //! `keygate_redis_command_seconds`, with `keygate_redis_up` and one log line per transition.
 //!
 //! With `sentinels` set the primary's address comes from `SENTINEL get-master-addr-by-name`;
-//! any failure (connection error, timeout, `READONLY` from a demoted primary) forgets it and
-//! bumps a generation so every pooled connection to the old primary is dropped on next use:
-//! a failover is followed without a restart.
+//! any failure (connection error, timeout, `READONLY` from a demoted primary, `NOREPLICAS`
+//! from one cut off from its replicas) forgets it and bumps a generation so every pooled
+//! connection to the old primary is dropped on next use: a failover is followed without a
+//! restart.
 
 use super::breaker::{Breaker, Permit, Transition};
 use super::conn::Conn;
@@ -102,7 +103,8 @@ impl Client {
 
     /// One command. `Ok(Value::Error)` is a command-level error from a live server; errors
     /// that mean "this is not a usable primary" (`READONLY`, `LOADING`, `MASTERDOWN`,
-    /// `NOAUTH`) count as failures like timeouts and closed connections do.
+    /// `NOAUTH`, `WRONGPASS`, `NOREPLICAS`: `not_a_primary`) count as failures like timeouts
+    /// and closed connections do.
     pub async fn call(&self, args: &[&[u8]]) -> Result<Value, RedisError> {
         // Held across the call: if this future is dropped first, the permit is dropped
         // unreported, which hands a half-open probe back to the next caller (`breaker`).
@@ -252,10 +254,16 @@ fn first_word(e: &str) -> &str {
     e.split_whitespace().next().unwrap_or("ERR")
 }
 
+/// Replies that mean "do not use this node as the primary now": the connection is dropped,
+/// the call counts as a failure, and with sentinels the primary is asked for again.
+/// `NOREPLICAS` is a primary with `min-replicas-to-write` cut off from its replicas, such as
+/// an old primary on the wrong side of a partition after a failover: its writes are refused
+/// (Redis 7 keeps the code first in a script's error too), and only the sentinels know the
+/// new primary.
 fn not_a_primary(e: &str) -> bool {
     matches!(
         first_word(e),
-        "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS"
+        "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS" | "NOREPLICAS"
     )
 }
 
@@ -377,5 +385,63 @@ mod tests {
         .await;
         assert_eq!(v.unwrap(), Value::Simple("PONG".into()));
         assert!(c.is_up());
+    }
+
+    /// A primary cut off from its replicas (`min-replicas-to-write`: an old primary on the
+    /// wrong side of a partition after a failover) refuses writes with `-NOREPLICAS`: the
+    /// client must ask the sentinels again instead of writing to it forever.
+    #[tokio::test]
+    async fn noreplicas_makes_the_client_ask_the_sentinels_again() {
+        let primary = FakeServer::start(|_| {
+            Box::pin(async { Some(b"-NOREPLICAS Not enough good replicas to write.\r\n".to_vec()) })
+        })
+        .await;
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (host, port) = (
+            primary.addr.ip().to_string(),
+            primary.addr.port().to_string(),
+        );
+        let sentinel = FakeServer::start({
+            let asked = asked.clone();
+            move |args| {
+                let reply = if args.len() == 3
+                    && args[0].eq_ignore_ascii_case(b"SENTINEL")
+                    && args[1].eq_ignore_ascii_case(b"get-master-addr-by-name")
+                    && args[2] == b"mymaster"
+                {
+                    asked.fetch_add(1, Ordering::AcqRel);
+                    let mut r = b"*2\r\n".to_vec();
+                    r.extend(fake::bulk(host.as_bytes()));
+                    r.extend(fake::bulk(port.as_bytes()));
+                    r
+                } else {
+                    b"-ERR unknown command\r\n".to_vec()
+                };
+                Box::pin(async move { Some(reply) })
+            }
+        })
+        .await;
+        let c = client(
+            fake::settings(
+                Target::Sentinel {
+                    sentinels: vec![sentinel.host_port()],
+                    master: "mymaster".into(),
+                },
+                Duration::from_secs(5),
+            ),
+            1,
+        );
+        let first = c.call(&[b"SET", b"k", b"v"]).await;
+        assert!(
+            matches!(&first, Err(RedisError::Reply(w)) if w == "NOREPLICAS"),
+            "{first:?}"
+        );
+        assert_eq!(asked.load(Ordering::Acquire), 1);
+        let _ = c.call(&[b"SET", b"k", b"v"]).await;
+        assert_eq!(
+            asked.load(Ordering::Acquire),
+            2,
+            "the refused write did not send the client back to the sentinels"
+        );
     }
 }

@@ -68,6 +68,11 @@ impl FakeServer {
         });
         FakeServer { addr, accept }
     }
+
+    /// `host:port` as the client's settings and the sentinels name it.
+    pub fn host_port(&self) -> String {
+        self.addr.to_string()
+    }
 }
 
 /// A bulk string reply.
