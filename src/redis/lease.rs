@@ -434,6 +434,9 @@ impl Fleet {
 }
 
 fn apply(l: &mut Lease, g: &Grant, now: Instant) {
+    if !same_period(l, g) {
+        return;
+    }
     l.fleet_remaining = g.remaining;
     l.reset_at = now + g.reset;
     if g.granted == 0 {
@@ -443,7 +446,23 @@ fn apply(l: &mut Lease, g: &Grant, now: Instant) {
     l.denied_until = None;
     l.tokens += g.granted;
     l.expires = l.expires.max(now + g.valid_for);
-    l.tag = g.tag;
+}
+
+/// Puts the lease in the quota period of `g` and says whether `g` may be applied. A lease's
+/// tokens were debited from one period's counter (`tag`, its start; 0 for buckets): a grant
+/// of a later period drops the tokens left from the ended one, or they would be spent in the
+/// new period uncounted and given back to its counter on release. A grant of an earlier
+/// period (a refill Redis answered before the boundary, applied after a newer grant) is
+/// dropped whole: its tokens belong to a period that is over.
+fn same_period(l: &mut Lease, g: &Grant) -> bool {
+    if g.tag < l.tag {
+        return false;
+    }
+    if g.tag > l.tag {
+        l.tokens = 0;
+        l.tag = g.tag;
+    }
+    true
 }
 
 fn budget_window(budget: &Budget) -> u64 {
@@ -547,5 +566,46 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    fn grant(granted: u32, tag: i64) -> Grant {
+        Grant {
+            granted,
+            remaining: 100,
+            retry: Duration::from_secs(1),
+            valid_for: Duration::from_secs(60),
+            reset: Duration::from_secs(60),
+            tag,
+        }
+    }
+
+    /// Tokens are debited from one quota period's counter: a grant for the next period must
+    /// not carry the ended period's leftovers into it (spent there uncounted, and given back
+    /// to the wrong counter on release), and a late grant of an ended period adds nothing.
+    #[test]
+    fn a_grant_for_a_new_quota_period_drops_the_ended_periods_tokens() {
+        let now = Instant::now();
+        let day = 1_767_225_600;
+        let next = day + 86_400;
+        let mut l = Lease::empty(now);
+        apply(&mut l, &grant(10, day), now);
+        l.tokens -= 4;
+        apply(&mut l, &grant(10, next), now);
+        assert_eq!(
+            (l.tokens, l.tag),
+            (10, next),
+            "the ended day's 6 tokens were kept"
+        );
+        apply(&mut l, &grant(10, day), now);
+        assert_eq!(
+            (l.tokens, l.tag),
+            (10, next),
+            "a grant of the ended day was added"
+        );
+        // Buckets have no periods (tag 0): their grants add up.
+        let mut b = Lease::empty(now);
+        apply(&mut b, &grant(5, 0), now);
+        apply(&mut b, &grant(5, 0), now);
+        assert_eq!(b.tokens, 10);
     }
 }
