@@ -80,10 +80,16 @@ impl Shape {
     }
 
     /// The GCRA parameters: nanoseconds per token (at least 1) and the burst's tolerance.
+    /// The interval is rounded up, never down: a truncated one admits more than configured
+    /// (`3000000/s` → 333 ns → 3,003,003/s). The Redis buckets send this same interval
+    /// (`redis::lease`), so both backends admit the same.
     pub fn gcra(&self) -> Gcra {
-        let t = u64::try_from((self.rate.per / self.rate.count).as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let t = self
+            .rate
+            .per
+            .as_nanos()
+            .div_ceil(u128::from(self.rate.count));
+        let t = u64::try_from(t).unwrap_or(u64::MAX).max(1);
         Gcra {
             t,
             tau: t.saturating_mul(u64::from(self.burst.max(1) - 1)),
@@ -591,6 +597,35 @@ pub async fn charge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The local buckets' emission interval: never shorter than the configured rate's, so
+    /// a bucket never admits more than configured (the Redis buckets round the same way:
+    /// `redis::lease::interval_arg`), and longer by under a nanosecond.
+    #[test]
+    fn the_emission_interval_never_admits_more_than_the_rate() {
+        let mut wrong = Vec::new();
+        for r in [
+            "1/h",
+            "7/m",
+            "3/s",
+            "50/s",
+            "300000/s",
+            "999999/s",
+            "3000000/s",
+        ] {
+            let s = Shape::new(Rate::parse(r).unwrap(), None);
+            let per = s.rate.per.as_nanos();
+            let t = u128::from(s.gcra().t);
+            let count = u128::from(s.rate.count);
+            if t * count < per || t * count >= per + count {
+                wrong.push(format!(
+                    "{r}: {t} ns a token, {} ns per {per} ns",
+                    t * count
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
 
     #[test]
     fn rates_parse() {

@@ -3,9 +3,10 @@
 //! `keygate_redis_command_seconds`, with `keygate_redis_up` and one log line per transition.
 //!
 //! With `sentinels` set the primary's address comes from `SENTINEL get-master-addr-by-name`;
-//! any failure (connection error, timeout, `READONLY` from a demoted primary) forgets it and
-//! bumps a generation so every pooled connection to the old primary is dropped on next use:
-//! a failover is followed without a restart.
+//! any failure (connection error, timeout, `READONLY` from a demoted primary, `NOREPLICAS`
+//! from one cut off from its replicas) forgets it and bumps a generation so every pooled
+//! connection to the old primary is dropped on next use: a failover is followed without a
+//! restart.
 
 use super::breaker::{Breaker, Permit, Transition};
 use super::conn::Conn;
@@ -102,8 +103,11 @@ impl Client {
 
     /// One command. `Ok(Value::Error)` is a command-level error from a live server; errors
     /// that mean "this is not a usable primary" (`READONLY`, `LOADING`, `MASTERDOWN`,
-    /// `NOAUTH`) count as failures like timeouts and closed connections do.
+    /// `NOAUTH`, `WRONGPASS`, `NOREPLICAS`: `not_a_primary`) count as failures like timeouts
+    /// and closed connections do.
     pub async fn call(&self, args: &[&[u8]]) -> Result<Value, RedisError> {
+        // Held across the call: if this future is dropped first, the permit is dropped
+        // unreported, which hands a half-open probe back to the next caller (`breaker`).
         let Some(permit) = self.breaker.permit() else {
             return Err(RedisError::CircuitOpen);
         };
@@ -124,14 +128,14 @@ impl Client {
         }
     }
 
-    fn on_success(&self, permit: Permit) {
+    fn on_success(&self, permit: Permit<'_>) {
         if self.breaker.success(permit) == Some(Transition::Closed) {
             tracing::info!("redis reachable again: fleet-wide limits resume");
         }
         self.metrics.up.set(1);
     }
 
-    fn on_failure(&self, permit: Permit, e: &RedisError) {
+    fn on_failure(&self, permit: Permit<'_>, e: &RedisError) {
         if matches!(self.settings.target, Target::Sentinel { .. }) {
             // Ask the sentinels again next time, and retire every pooled connection.
             if let Ok(mut p) = self.primary.lock() {
@@ -167,26 +171,30 @@ impl Client {
         if slot.generation != generation {
             slot.conn = None;
         }
-        if slot.conn.is_none() {
-            let addr = self.primary_addr().await?;
-            slot.conn = Some(Conn::open(&addr, &self.settings).await?);
-            slot.generation = generation;
-        }
-        let Some(conn) = slot.conn.as_mut() else {
-            return Err(RedisError::Closed);
+        // The connection is out of the slot while its command is in flight and goes back only
+        // once the reply has been read: a call whose future is dropped half-way (the HTTP
+        // client went away, a caller's timeout) drops the connection with it, so its reply is
+        // never read by the next caller. Moving it costs no allocation.
+        let mut conn = match slot.conn.take() {
+            Some(c) => c,
+            None => {
+                let addr = self.primary_addr().await?;
+                let c = Conn::open(&addr, &self.settings).await?;
+                slot.generation = generation;
+                c
+            }
         };
-        let result = conn.call_within(timeout, args).await;
-        match result {
+        match conn.call_within(timeout, args).await {
+            // Not a usable primary: the connection is dropped here, not put back.
             Ok(Value::Error(e)) if not_a_primary(&e) => {
-                slot.conn = None;
                 Err(RedisError::Reply(first_word(&e).to_owned()))
             }
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // A timed-out or broken connection may hold an unread reply: never reuse it.
-                slot.conn = None;
-                Err(e)
+            Ok(v) => {
+                slot.conn = Some(conn);
+                Ok(v)
             }
+            // A timed-out or broken connection may hold an unread reply: dropped, never reused.
+            Err(e) => Err(e),
         }
     }
 
@@ -246,9 +254,194 @@ fn first_word(e: &str) -> &str {
     e.split_whitespace().next().unwrap_or("ERR")
 }
 
+/// Replies that mean "do not use this node as the primary now": the connection is dropped,
+/// the call counts as a failure, and with sentinels the primary is asked for again.
+/// `NOREPLICAS` is a primary with `min-replicas-to-write` cut off from its replicas, such as
+/// an old primary on the wrong side of a partition after a failover: its writes are refused
+/// (Redis 7 keeps the code first in a script's error too), and only the sentinels know the
+/// new primary.
 fn not_a_primary(e: &str) -> bool {
     matches!(
         first_word(e),
-        "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS"
+        "READONLY" | "LOADING" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS" | "NOREPLICAS"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redis::fake::{self, FakeServer};
+    use std::sync::atomic::AtomicBool;
+    use tokio::sync::Notify;
+
+    fn client(settings: Settings, pool: usize) -> Arc<Client> {
+        let m = crate::metrics::Metrics::new(0);
+        Client::with_pool(settings, m.redis_metrics(), pool)
+    }
+
+    /// Polls `f` (every 2 ms) until it returns `Some`, failing with `what` after 3 s.
+    async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// A call given up mid-way (its future dropped: the HTTP client went away, a caller's
+    /// timeout) leaves its reply unread: the next caller of that connection must not read it.
+    #[tokio::test]
+    async fn a_cancelled_call_never_leaves_its_reply_to_the_next_caller() {
+        // Every reply echoes the command's second argument, so a reply read by the wrong call
+        // shows; the first is held until the first call has been given up.
+        let release = Arc::new(Notify::new());
+        let first = Arc::new(AtomicBool::new(true));
+        let server = FakeServer::start({
+            let release = release.clone();
+            move |args| {
+                let hold = first.swap(false, Ordering::AcqRel);
+                let release = release.clone();
+                Box::pin(async move {
+                    if hold {
+                        release.notified().await;
+                    }
+                    Some(fake::bulk(args.get(1).map_or(&[][..], Vec::as_slice)))
+                })
+            }
+        })
+        .await;
+        let c = client(fake::direct(&server, Duration::from_secs(5)), 1);
+        let given_up =
+            tokio::time::timeout(Duration::from_millis(10), c.call(&[b"GET", b"a"])).await;
+        assert!(given_up.is_err(), "the held reply arrived: {given_up:?}");
+        release.notify_one();
+        let b = c.call(&[b"GET", b"b"]).await.unwrap();
+        assert_eq!(
+            b,
+            Value::Bulk(b"b".to_vec()),
+            "the second call read the first call's reply"
+        );
+        assert_eq!(
+            c.call(&[b"GET", b"c"]).await.unwrap(),
+            Value::Bulk(b"c".to_vec())
+        );
+    }
+
+    /// THREATS L1: the half-open probe's caller goes away mid-call while Redis is silent;
+    /// once Redis answers again the circuit must close without a restart.
+    #[tokio::test]
+    async fn a_probe_given_up_mid_call_does_not_keep_the_circuit_open() {
+        let answering = Arc::new(AtomicBool::new(false));
+        let server = FakeServer::start({
+            let answering = answering.clone();
+            move |_| {
+                let answering = answering.load(Ordering::Acquire);
+                Box::pin(async move {
+                    if !answering {
+                        std::future::pending::<()>().await;
+                    }
+                    Some(b"+PONG\r\n".to_vec())
+                })
+            }
+        })
+        .await;
+        let mut c = client(fake::direct(&server, Duration::from_millis(50)), 1);
+        // A short cooldown so the test does not wait for the production one.
+        if let Some(c) = Arc::get_mut(&mut c) {
+            c.breaker = Breaker::new(BREAKER_FAILURES, Duration::from_millis(20));
+        }
+        for _ in 0..BREAKER_FAILURES {
+            let r = c.call(&[b"PING"]).await;
+            assert!(matches!(r, Err(RedisError::Timeout)), "{r:?}");
+        }
+        assert!(!c.is_up());
+        let c = &c;
+        eventually("no half-open probe was handed out", || async move {
+            match tokio::time::timeout(Duration::from_millis(10), c.call(&[b"PING"])).await {
+                // The probe, given up by its caller.
+                Err(_) => Some(()),
+                Ok(Err(RedisError::CircuitOpen)) => None,
+                other => panic!("{other:?}"),
+            }
+        })
+        .await;
+        answering.store(true, Ordering::Release);
+        let v = eventually(
+            "the circuit stayed open after its probe was dropped",
+            || async move {
+                match c.call(&[b"PING"]).await {
+                    Err(RedisError::CircuitOpen) => None,
+                    other => Some(other),
+                }
+            },
+        )
+        .await;
+        assert_eq!(v.unwrap(), Value::Simple("PONG".into()));
+        assert!(c.is_up());
+    }
+
+    /// A primary cut off from its replicas (`min-replicas-to-write`: an old primary on the
+    /// wrong side of a partition after a failover) refuses writes with `-NOREPLICAS`: the
+    /// client must ask the sentinels again instead of writing to it forever.
+    #[tokio::test]
+    async fn noreplicas_makes_the_client_ask_the_sentinels_again() {
+        let primary = FakeServer::start(|_| {
+            Box::pin(async { Some(b"-NOREPLICAS Not enough good replicas to write.\r\n".to_vec()) })
+        })
+        .await;
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (host, port) = (
+            primary.addr.ip().to_string(),
+            primary.addr.port().to_string(),
+        );
+        let sentinel = FakeServer::start({
+            let asked = asked.clone();
+            move |args| {
+                let reply = if args.len() == 3
+                    && args[0].eq_ignore_ascii_case(b"SENTINEL")
+                    && args[1].eq_ignore_ascii_case(b"get-master-addr-by-name")
+                    && args[2] == b"mymaster"
+                {
+                    asked.fetch_add(1, Ordering::AcqRel);
+                    let mut r = b"*2\r\n".to_vec();
+                    r.extend(fake::bulk(host.as_bytes()));
+                    r.extend(fake::bulk(port.as_bytes()));
+                    r
+                } else {
+                    b"-ERR unknown command\r\n".to_vec()
+                };
+                Box::pin(async move { Some(reply) })
+            }
+        })
+        .await;
+        let c = client(
+            fake::settings(
+                Target::Sentinel {
+                    sentinels: vec![sentinel.host_port()],
+                    master: "mymaster".into(),
+                },
+                Duration::from_secs(5),
+            ),
+            1,
+        );
+        let first = c.call(&[b"SET", b"k", b"v"]).await;
+        assert!(
+            matches!(&first, Err(RedisError::Reply(w)) if w == "NOREPLICAS"),
+            "{first:?}"
+        );
+        assert_eq!(asked.load(Ordering::Acquire), 1);
+        let _ = c.call(&[b"SET", b"k", b"v"]).await;
+        assert_eq!(
+            asked.load(Ordering::Acquire),
+            2,
+            "the refused write did not send the client back to the sentinels"
+        );
+    }
 }

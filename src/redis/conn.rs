@@ -1,6 +1,7 @@
 //! One Redis connection: TCP (or TLS for `rediss://`), then `AUTH` and `SELECT`, then one
-//! command at a time. Timeouts are the caller's (`client`): a command that timed out leaves an
-//! unread reply behind, so the caller drops the connection instead of reusing it.
+//! command at a time. Timeouts are the caller's (`client`): a command that timed out, failed or
+//! was given up (its future dropped) leaves an unread reply behind, so the caller reuses a
+//! connection only after a call that read its reply.
 
 use super::resp::{self, Value};
 use super::{RedisError, Settings};
@@ -88,7 +89,8 @@ impl Conn {
         resp::read(&mut self.io).await
     }
 
-    /// `call` bounded by `limit`; the connection must be dropped after an `Err`.
+    /// `call` bounded by `limit`; the connection must be dropped after an `Err`, and after a
+    /// call whose future was dropped before it returned.
     pub async fn call_within(
         &mut self,
         limit: Duration,

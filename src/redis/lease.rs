@@ -42,10 +42,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex as AsyncMutex;
 
-/// Takes up to ARGV[3] tokens from a GCRA bucket (ARGV[1] = emission interval µs, ARGV[2] =
-/// burst), or gives ARGV[3] back when ARGV[4] == "give". Returns {granted, remaining after,
-/// retry µs (when none granted), µs until the bucket is full}. The state is one number, the
-/// theoretical arrival time (TAT) in Redis-clock µs, expiring when the bucket is full again.
+/// Takes up to ARGV[3] tokens from a GCRA bucket (ARGV[1] = emission interval in µs, with a
+/// fraction to the nanosecond: `interval_arg`; ARGV[2] = burst), or gives ARGV[3] back when
+/// ARGV[4] == "give". Returns {granted, remaining after, retry µs (when none granted), µs until
+/// the bucket is full}. The state is one number, the theoretical arrival time (TAT) in
+/// Redis-clock whole µs, expiring when the bucket is full again. Rounding the TAT to whole µs
+/// can only refuse, never admit, a token: it costs at most 1 µs a take, against a batch.
 static GCRA: Script = Script::new(
     r#"
 local t = redis.call('TIME')
@@ -55,8 +57,11 @@ local burst = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+-- now and tat are whole µs near 2^51, where a double holds no fraction finer than 1/4 µs: a
+-- fractional interval is only ever added to their exact difference, and the TAT moves by
+-- whole µs, rounded up on a take and down on a give (a token refused, never one too many).
 if ARGV[4] == 'give' then
-  local back = tat - n * period
+  local back = tat - math.floor(n * period)
   if back <= now then
     redis.call('DEL', KEYS[1])
   else
@@ -64,17 +69,19 @@ if ARGV[4] == 'give' then
   end
   return {0, 0, 0, 0}
 end
-local limit = now + burst * period
-local avail = math.floor((limit - tat) / period)
+local room = (now - tat) + burst * period
+local avail = math.floor(room / period)
 if avail < 0 then avail = 0 end
 local k = n
 if k > avail then k = avail end
 if k <= 0 then
-  return {0, 0, math.floor(tat + period - limit), math.floor(tat - now)}
+  return {0, 0, math.ceil(period - room), tat - now}
 end
-tat = tat + k * period
+tat = tat + math.ceil(k * period)
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-return {k, math.floor((limit - tat) / period), 0, math.floor(tat - now)}
+local left = math.floor(((now - tat) + burst * period) / period)
+if left < 0 then left = 0 end
+return {k, left, 0, tat - now}
 "#,
 );
 
@@ -163,8 +170,17 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
+/// The emission interval, as the local buckets have it (rounded up to the nanosecond).
 fn period_of(shape: &Shape) -> Duration {
-    (shape.rate.per / shape.rate.count).max(Duration::from_micros(1))
+    Duration::from_nanos(shape.gcra().t)
+}
+
+/// The GCRA script's ARGV[1]: the emission interval in µs with three decimals, i.e. to the
+/// nanosecond and rounded up like the local buckets'. Whole µs truncated it: `300000/s` sent
+/// 3 µs and the fleet admitted 333,333/s (11 % over), every rate above 500,000/s sent 1 µs.
+fn interval_arg(shape: &Shape) -> String {
+    let ns = shape.gcra().t;
+    format!("{}.{:03}", ns / 1000, ns % 1000)
 }
 
 fn secs_ceil(d: Duration) -> u64 {
@@ -313,7 +329,7 @@ impl Fleet {
         let n_s = n.to_string();
         match budget {
             Budget::Rate(s) => {
-                let period = period_of(s).as_micros().max(1).to_string();
+                let period = interval_arg(s);
                 let burst = s.burst.to_string();
                 let v = self
                     .client
@@ -375,7 +391,7 @@ impl Fleet {
             let key = self.key(&budget, &lineage);
             let ok = match budget {
                 Budget::Rate(s) => {
-                    let period = period_of(&s).as_micros().max(1).to_string();
+                    let period = interval_arg(&s);
                     let burst = s.burst.to_string();
                     let n_s = n.to_string();
                     self.client
@@ -418,6 +434,9 @@ impl Fleet {
 }
 
 fn apply(l: &mut Lease, g: &Grant, now: Instant) {
+    if !same_period(l, g) {
+        return;
+    }
     l.fleet_remaining = g.remaining;
     l.reset_at = now + g.reset;
     if g.granted == 0 {
@@ -427,7 +446,23 @@ fn apply(l: &mut Lease, g: &Grant, now: Instant) {
     l.denied_until = None;
     l.tokens += g.granted;
     l.expires = l.expires.max(now + g.valid_for);
-    l.tag = g.tag;
+}
+
+/// Puts the lease in the quota period of `g` and says whether `g` may be applied. A lease's
+/// tokens were debited from one period's counter (`tag`, its start; 0 for buckets): a grant
+/// of a later period drops the tokens left from the ended one, or they would be spent in the
+/// new period uncounted and given back to its counter on release. A grant of an earlier
+/// period (a refill Redis answered before the boundary, applied after a newer grant) is
+/// dropped whole: its tokens belong to a period that is over.
+fn same_period(l: &mut Lease, g: &Grant) -> bool {
+    if g.tag < l.tag {
+        return false;
+    }
+    if g.tag > l.tag {
+        l.tokens = 0;
+        l.tag = g.tag;
+    }
+    true
 }
 
 fn budget_window(budget: &Budget) -> u64 {
@@ -500,5 +535,77 @@ mod tests {
             f.key(&rate("50/s", 60), "key_abc"),
             "t:rl:key_abc:50:1000:60"
         );
+    }
+
+    /// The emission interval sent to the script: never shorter than the configured rate's
+    /// (that would admit more than configured), and longer by at most a nanosecond a token.
+    #[test]
+    fn the_interval_sent_never_admits_more_than_the_rate() {
+        let mut wrong = Vec::new();
+        for r in [
+            "1/h",
+            "7/m",
+            "3/s",
+            "50/s",
+            "1000/s",
+            "300000/s",
+            "600000/s",
+            "999999/s",
+            "1000000/s",
+            "3000000/s",
+        ] {
+            let s = Shape::new(Rate::parse(r).unwrap(), None);
+            let sent_us: f64 = interval_arg(&s).parse().unwrap();
+            let exact_us = s.rate.per.as_secs_f64() * 1e6 / f64::from(s.rate.count);
+            if sent_us < exact_us || sent_us - exact_us >= 0.001 + 1e-9 {
+                let admitted = s.rate.per.as_secs_f64() * 1e6 / sent_us;
+                wrong.push(format!(
+                    "{r}: {sent_us} µs a token (exact {exact_us:.4}) admits {admitted:.1} per {:?}",
+                    s.rate.per
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    fn grant(granted: u32, tag: i64) -> Grant {
+        Grant {
+            granted,
+            remaining: 100,
+            retry: Duration::from_secs(1),
+            valid_for: Duration::from_secs(60),
+            reset: Duration::from_secs(60),
+            tag,
+        }
+    }
+
+    /// Tokens are debited from one quota period's counter: a grant for the next period must
+    /// not carry the ended period's leftovers into it (spent there uncounted, and given back
+    /// to the wrong counter on release), and a late grant of an ended period adds nothing.
+    #[test]
+    fn a_grant_for_a_new_quota_period_drops_the_ended_periods_tokens() {
+        let now = Instant::now();
+        let day = 1_767_225_600;
+        let next = day + 86_400;
+        let mut l = Lease::empty(now);
+        apply(&mut l, &grant(10, day), now);
+        l.tokens -= 4;
+        apply(&mut l, &grant(10, next), now);
+        assert_eq!(
+            (l.tokens, l.tag),
+            (10, next),
+            "the ended day's 6 tokens were kept"
+        );
+        apply(&mut l, &grant(10, day), now);
+        assert_eq!(
+            (l.tokens, l.tag),
+            (10, next),
+            "a grant of the ended day was added"
+        );
+        // Buckets have no periods (tag 0): their grants add up.
+        let mut b = Lease::empty(now);
+        apply(&mut b, &grant(5, 0), now);
+        apply(&mut b, &grant(5, 0), now);
+        assert_eq!(b.tokens, 10);
     }
 }

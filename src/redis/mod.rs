@@ -15,6 +15,8 @@
 pub mod breaker;
 pub mod client;
 pub mod conn;
+#[cfg(test)]
+mod fake;
 pub mod lease;
 pub mod quota;
 pub mod resp;
