@@ -617,6 +617,15 @@ fn webhook_config_errors_name_the_field() {
         }
         assert!(!err.contains(secret), "{what}: secret echoed");
     }
+    // A cap of no attempt at all would never deliver; one past the bound is refused too.
+    for cap in ["0", "1025"] {
+        let text = format!("{base}[[webhooks]]\nurl = \"http://127.0.0.1:9/x\"\nevents = [\"key.revoked\"]\nsecret_env = \"{HOOK_VAR}\"\nmax_in_flight = {cap}\n");
+        let cfg = write_file(dir.path(), "keygate.toml", &text);
+        let out = cli(&cfg, &["check"], &[SECRET_ENV[0], (HOOK_VAR, HOOK_SECRET)]);
+        let err = stderr_str(&out);
+        assert!(!out.status.success(), "max_in_flight = {cap}: accepted");
+        assert!(err.contains("`webhooks[0].max_in_flight`"), "{err}");
+    }
     // A field keygate does not know is refused, named.
     let text = format!("{base}[[webhooks]]\nurl = \"https://h.example/x\"\nevents = [\"key.revoked\"]\nsecret_env = \"{HOOK_VAR}\"\nsecrte = 1\n");
     let cfg = write_file(dir.path(), "keygate.toml", &text);
