@@ -749,7 +749,8 @@ fn default_eject_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Used in metrics labels and logs.
+    /// Used in metrics labels, logs, audit records and relayed events: 1 to 64 of
+    /// `A-Z a-z 0-9 . _ -` (`snapshot::check_route_name`).
     pub name: String,
     /// Match this Host (case-insensitive, port and trailing dot ignored); none: any host.
     pub host: Option<String>,
