@@ -173,6 +173,11 @@ pub struct WebhookConfig {
     /// Per attempt: connect, TLS and response within this, ms.
     #[serde(default = "default_webhook_timeout_ms")]
     pub timeout_ms: u64,
+    /// Attempts to this receiver open at once, at most (the rest wait their turn): a mass
+    /// revocation queues one delivery per key, and a receiver that accepts connections but
+    /// never answers would otherwise hold a socket for each until its timeout.
+    #[serde(default = "default_webhook_max_in_flight")]
+    pub max_in_flight: usize,
     /// PEM CA bundle that signs the receiver's certificate (needed for `https://`: keygate
     /// ships no public root store).
     pub ca_file: Option<PathBuf>,
@@ -192,6 +197,10 @@ fn default_retry_base_ms() -> u64 {
 
 fn default_webhook_timeout_ms() -> u64 {
     5000
+}
+
+fn default_webhook_max_in_flight() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -740,7 +749,8 @@ fn default_eject_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Used in metrics labels and logs.
+    /// Used in metrics labels, logs, audit records and relayed events: 1 to 64 of
+    /// `A-Z a-z 0-9 . _ -` (`snapshot::check_route_name`).
     pub name: String,
     /// Match this Host (case-insensitive, port and trailing dot ignored); none: any host.
     pub host: Option<String>,

@@ -376,6 +376,28 @@ impl Gateway {
         true
     }
 
+    /// A canary key was presented, here on `route` (a route's name, or the endpoint's beside
+    /// the request path): the alarm, raised the same way wherever a gateway meets one. The
+    /// metric feeds the KeygateCanaryKeyUsed alert; the audit record is what the webhook
+    /// sender (or, on a feed gateway, the relay) announces. `hint` is the presented key's
+    /// (`format::hint`), never the key.
+    pub fn canary_alarm(
+        &self,
+        key: &crate::keys::compact::KeyView,
+        hint: Option<String>,
+        client_ip: std::net::IpAddr,
+        route: &str,
+    ) {
+        self.metrics.canary_hits.inc();
+        tracing::warn!(key_id = %key.id, %client_ip, route, "canary key used");
+        self.audit(
+            Event::new("key.canary_used", "gateway")
+                .key_view(key, hint)
+                .with("client_ip", client_ip.to_string())
+                .with("route", route),
+        );
+    }
+
     /// Queue an audit event; never blocks the caller. A full queue drops and counts.
     pub fn audit(&self, event: Event) {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =

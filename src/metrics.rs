@@ -55,6 +55,8 @@ pub struct Metrics {
     pub source_errors: IntCounterVec,
     /// A feed gateway's usage report batches, by result (accepted, refused, failed).
     pub usage_reports: IntCounterVec,
+    /// Events a feed gateway relayed to its control plane, by result (accepted, dropped).
+    pub relayed_events: IntCounterVec,
     pub propagation: Histogram,
     /// Rotation events this node applied (started, completed, aborted).
     pub rotations: IntCounterVec,
@@ -229,6 +231,7 @@ impl Metrics {
             table_last_sync: reg(&r, Gauge::new("keygate_table_last_sync_timestamp_seconds", "When the key table last synced successfully, Unix seconds (0: never).").unwrap_or_else(|_| unreachable_collector("last_sync"))),
             clock_skew: reg(&r, Gauge::new("keygate_clock_skew_seconds", "This node's wall clock minus its key source's, seconds: the control plane's from the feed's last heartbeat, or Redis' TIME on a Redis-store node (0 until measured, and on file-store nodes). Expiry and not-before are judged by the node's clock.").unwrap_or_else(|_| unreachable_collector("clock_skew"))),
             source_errors: counter_vec(&r, "keygate_source_errors_total", "Key source problems by kind (corrupt_line, rollback, unsigned, bad_mac, cache, checkpoint, shrink, redis, io, feed).", &["kind"]),
+            relayed_events: counter_vec(&r, "keygate_relayed_events_total", "Events (key.canary_used, key.quota_exceeded) a feed gateway relayed to its control plane, by result (accepted; dropped: the control plane refused the event itself as invalid, so it was skipped rather than sent again forever; the gateway's audit log keeps it).", &["result"]),
             usage_reports: counter_vec(&r, "keygate_usage_reports_total", "Usage report batches a feed gateway sent its control plane, by result (accepted; refused: answered 4xx, counts kept for the next report; failed: no answer or a 5xx, sent again as it was).", &["result"]),
             propagation: reg(
                 &r,
@@ -304,6 +307,9 @@ impl Metrics {
         }
         for result in ["accepted", "refused", "failed"] {
             m.usage_reports.with_label_values(&[result]);
+        }
+        for result in ["accepted", "dropped"] {
+            m.relayed_events.with_label_values(&[result]);
         }
         for result in ["ok", "error"] {
             m.config_reloads.with_label_values(&[result]);

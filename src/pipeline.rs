@@ -635,19 +635,14 @@ fn record(
                 gw.denied_key(id);
             }
             if o == Outcome::KeyCanary {
-                gw.metrics.canary_hits.inc();
                 let route = ctx
                     .route
                     .and_then(|i| snap.routes.get(i))
                     .map_or("none", |r| r.name.as_str());
-                if let Some(k) = &ctx.key {
-                    tracing::warn!(key_id = %k.id, client_ip = %ctx.client_ip, route, "canary key used");
-                    gw.audit(
-                        Event::new("key.canary_used", "gateway")
-                            .key_view(k, ctx.canary_hint.clone())
-                            .with("client_ip", ctx.client_ip.to_string())
-                            .with("route", route),
-                    );
+                match &ctx.key {
+                    Some(k) => gw.canary_alarm(k, ctx.canary_hint.clone(), ctx.client_ip, route),
+                    // A canary outcome always carries its record; counted all the same.
+                    None => gw.metrics.canary_hits.inc(),
                 }
             }
         }

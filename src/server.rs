@@ -485,7 +485,11 @@ pub async fn start(config_path: &Path) -> Result<(Arc<Gateway>, Bound, Shutdown)
         }
         Some(f) => {
             crate::sync::feed::spawn(gw.clone(), f.clone());
-            crate::webhooks::relay::spawn(gw.snapshot().keys.audit_log.clone(), f);
+            crate::webhooks::relay::spawn(
+                gw.snapshot().keys.audit_log.clone(),
+                f,
+                gw.metrics.relayed_events.clone(),
+            );
         }
     }
 

@@ -21,6 +21,29 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Longest route name, bytes. A route's name is a metrics label, a field of access lines and
+/// audit records, and a field of the events a feed gateway relays, which the control plane
+/// refuses over `relay::MAX_FIELD_BYTES`: a canary alarm on a longer name could not be relayed.
+pub const MAX_ROUTE_NAME_BYTES: usize = 64;
+const _: () = assert!(MAX_ROUTE_NAME_BYTES <= crate::webhooks::relay::MAX_FIELD_BYTES);
+
+/// A route's name: 1 to `MAX_ROUTE_NAME_BYTES` of `A-Z a-z 0-9 . _ -`. It is shown bare in
+/// metrics labels, logs, dashboards and webhook deliveries, so nothing there needs quoting or
+/// escaping (no spaces, quotes or control characters), and an empty name would label nothing.
+/// The message does not echo the name (it may be long, or hold a newline).
+fn check_route_name(name: &str) -> Result<(), String> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > MAX_ROUTE_NAME_BYTES || !plain {
+        return Err(format!(
+            "must be 1 to {MAX_ROUTE_NAME_BYTES} characters of A-Z, a-z, 0-9, '.', '_' and '-' (this one: {} bytes)",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
@@ -286,6 +309,7 @@ impl Snapshot {
         let mut routes = Vec::new();
         for (i, r) in c.routes.iter().enumerate() {
             let field = |f: &str| format!("routes[{i}].{f}");
+            check_route_name(&r.name).map_err(|m| c.invalid(field("name"), m))?;
             if !r.path_prefix.starts_with('/') {
                 return Err(c.invalid(field("path_prefix"), "must start with /"));
             }
@@ -517,5 +541,39 @@ pub fn allowed_origins(c: &Config) -> Vec<String> {
             .filter(|s| !s.is_empty())
             .collect(),
         Err(_) => c.cors.allowed_origins.clone(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_names_are_short_and_plain() {
+        let longest = "r".repeat(MAX_ROUTE_NAME_BYTES);
+        for ok in [
+            "invoices-read",
+            "a",
+            "v1.read_all",
+            "R2-D2",
+            longest.as_str(),
+        ] {
+            assert_eq!(check_route_name(ok), Ok(()), "{ok:?}");
+        }
+        let over = "r".repeat(MAX_ROUTE_NAME_BYTES + 1);
+        for bad in [
+            over.as_str(),
+            "",
+            "a b",
+            "a\nb",
+            "a\"b",
+            "caf\u{e9}",
+            "a/b",
+            "a\0",
+        ] {
+            let e = check_route_name(bad).unwrap_err();
+            assert!(e.contains("1 to 64"), "{bad:?}: {e}");
+        }
     }
 }

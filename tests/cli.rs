@@ -2612,7 +2612,10 @@ fn an_env_named_pub_is_refused() {
 fn config_errors_name_file_line_and_field() {
     let base = "[plans.default]\nrate = \"100/s\"\n\n[keys]\ntouch_interval_seconds = 60\n";
     let upstream = "\n[[upstreams]]\nname = \"u\"\ntargets = [\"127.0.0.1:9\"]\n";
-    let cases: [(&str, String, &str, &str); 8] = [
+    let route = |name: &str| {
+        format!("{base}{upstream}\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/\"\nupstream = \"u\"\n")
+    };
+    let cases: [(&str, String, &str, &str); 11] = [
         ("duration in [keys]", format!("{base}rotate_grace = \"soon\"\n"), ":6:16:", "`keys.rotate_grace`"),
         ("wrong type", format!("{base}\n[server]\nmax_headers = \"ten\"\n"), ":8:15:", "`server.max_headers`"),
         ("unknown field", format!("{base}stroe = \"x\"\n"), ":6:1:", "`keys.stroe`"),
@@ -2621,6 +2624,11 @@ fn config_errors_name_file_line_and_field() {
         ("syntax", format!("{base}[server\n"), ":6:8:", "invalid table header"),
         ("listen address", format!("{base}\n[server]\nlisten = \"nohost\"\n"), ":8:10:", "`server.listen`"),
         ("admin listen address", format!("{base}\n[admin]\nlisten = \"127.0.0.1\"\n"), ":8:10:", "`admin.listen`"),
+        // A route's name is a metrics label and a field of relayed events, which the control
+        // plane refuses over 256 bytes: one over the limit or with other characters is refused.
+        ("route name over 64 bytes", route(&"r".repeat(300)), ":12:8:", "`routes[0].name`"),
+        ("route name with a newline", route("a\\nb"), ":12:8:", "`routes[0].name`"),
+        ("empty route name", route(""), ":12:8:", "`routes[0].name`"),
     ];
     for (what, text, line, field) in cases {
         let env = Env::with_config(&text);

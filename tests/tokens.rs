@@ -222,9 +222,8 @@ fn claims_of(token: &str) -> Value {
     serde_json::from_slice(&keygate::tokens::jwt::b64url_decode(c).unwrap()).unwrap()
 }
 
-/// Every file a process wrote next to `dir` (logs, audit, caches), and the upstream's
-/// records: none may contain `secret`.
-fn assert_nowhere(dir: &Path, up: &Upstream, secret: &str) {
+/// Every file a process wrote next to `dir` (logs, audit, caches): none may contain `secret`.
+fn assert_in_no_file(dir: &Path, secret: &str) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
         if p.is_file() {
@@ -232,6 +231,12 @@ fn assert_nowhere(dir: &Path, up: &Upstream, secret: &str) {
             assert!(!text.contains(secret), "secret found in {}", p.display());
         }
     }
+}
+
+/// Every file a process wrote next to `dir` (logs, audit, caches), and the upstream's
+/// records: none may contain `secret`.
+fn assert_nowhere(dir: &Path, up: &Upstream, secret: &str) {
+    assert_in_no_file(dir, secret);
     for r in up.records() {
         let all = format!("{} {:?} {}", r.path_and_query, r.headers, r.body_str());
         assert!(!all.contains(secret), "secret reached the upstream: {all}");
@@ -922,4 +927,107 @@ async fn the_exchange_has_a_failed_auth_budget() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
+}
+
+/// The `key.canary_used` audit records naming `id` in `dir/audit.jsonl`, polled until there is
+/// one (a gateway's audit writer is asynchronous).
+async fn canary_alarms(dir: &Path, id: &str) -> Vec<Value> {
+    let path = dir.join("audit.jsonl");
+    eventually_named("a key.canary_used audit record", READY, || {
+        let p = path.clone();
+        async move {
+            let alarms: Vec<Value> = read_lossy(&p)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| e["event"] == "key.canary_used" && e["key_id"] == id)
+                .collect();
+            (!alarms.is_empty()).then_some(alarms)
+        }
+    })
+    .await
+}
+
+/// `keygate_canary_hits_total` as scraped from `addr` (a gateway's admin listener or a control
+/// plane's API listener).
+async fn canary_hits(addr: SocketAddr) -> f64 {
+    let (s, _, b) = get(addr, "/metrics", &[]).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&b).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("keygate_canary_hits_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no keygate_canary_hits_total in:\n{text}"))
+}
+
+/// A canary key presented to the control plane's `POST /v1/tokens` is refused with the same
+/// 401 as an unknown key and raises the alarm a canary raises everywhere: a `key.canary_used`
+/// audit record (the webhook sender's source) naming the route and the caller, and
+/// `keygate_canary_hits_total` (which the KeygateCanaryKeyUsed alert watches). The key itself
+/// is in no file.
+#[tokio::test]
+async fn a_canary_presented_to_the_control_planes_exchange_raises_the_alarm() {
+    let dir = tempdir();
+    let cp_cfg = write_file(dir.path(), "control.toml", &cp_config());
+    cli_ok(&cp_cfg, &["tokens", "keygen"]);
+    // Created before the control plane starts, so it is known from the first request.
+    let canary = create_key(&cp_cfg, &["--canary"]);
+    let cp = match ControlPlane::try_spawn_env(&cp_cfg, &[DEBUG_LOG]).await {
+        Ok(cp) => cp,
+        Err(e) => panic!("control plane did not start:\n{e}"),
+    };
+    let (_, _, before) = get(cp.addr, "/metrics", &[]).await;
+    let body = json!({"audience": "billing"});
+    let (s, v) = exchange(cp.addr, &canary.key, body.clone()).await;
+    let (_, unknown) = exchange(cp.addr, "kg_live_notakey", body).await;
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(v, unknown, "a canary is refused as an unknown key is");
+
+    let alarms = canary_alarms(dir.path(), &canary.id).await;
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let a = &alarms[0];
+    assert_eq!(a["actor"], "control-plane", "{a}");
+    assert_eq!(a["route"], "token_exchange", "{a}");
+    assert_eq!(a["client_ip"], "127.0.0.1", "{a}");
+    // Exported from the start, so the alert's `increase()` sees the first use.
+    let before = String::from_utf8_lossy(&before).into_owned();
+    assert!(
+        before.lines().any(|l| l == "keygate_canary_hits_total 0"),
+        "{before}"
+    );
+    assert_eq!(canary_hits(cp.addr).await, 1.0);
+    assert_in_no_file(dir.path(), &canary.key);
+}
+
+/// The same on a gateway that issues tokens itself (`[tokens] issue = true`): 401, a
+/// `key.canary_used` audit record with the route and the caller, `keygate_canary_hits_total`,
+/// and the key in no file and no log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_presented_to_an_issuing_gateways_exchange_raises_the_alarm() {
+    let dir = tempdir();
+    let up = Upstream::start(Mode::Echo).await;
+    let tail = format!("[tokens]\nissue = true\n\n{}", routes());
+    let cfg = write_file(
+        dir.path(),
+        "keygate.toml",
+        &gateway_config(up.addr(), 100_000, "", "", &tail),
+    );
+    cli_ok(&cfg, &["tokens", "keygen"]);
+    let canary = create_key(&cfg, &["--canary"]);
+    let gw = spawn_ready(&cfg, &[DEBUG_LOG], READY).await;
+    assert_eq!(canary_hits(gw.admin).await, 0.0);
+    let body = json!({"audience": "billing"});
+    let (s, v) = exchange(gw.http, &canary.key, body.clone()).await;
+    let (_, unknown) = exchange(gw.http, "kg_live_notakey", body).await;
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(v, unknown, "a canary is refused as an unknown key is");
+
+    let alarms = canary_alarms(dir.path(), &canary.id).await;
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let a = &alarms[0];
+    assert_eq!(a["actor"], "gateway", "{a}");
+    assert_eq!(a["route"], "token_exchange", "{a}");
+    assert_eq!(a["client_ip"], "127.0.0.1", "{a}");
+    assert_eq!(canary_hits(gw.admin).await, 1.0);
+    assert_nowhere(dir.path(), &up, &canary.key);
+    gw.assert_not_logged(&canary.key);
 }

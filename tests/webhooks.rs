@@ -617,6 +617,15 @@ fn webhook_config_errors_name_the_field() {
         }
         assert!(!err.contains(secret), "{what}: secret echoed");
     }
+    // A cap of no attempt at all would never deliver; one past the bound is refused too.
+    for cap in ["0", "1025"] {
+        let text = format!("{base}[[webhooks]]\nurl = \"http://127.0.0.1:9/x\"\nevents = [\"key.revoked\"]\nsecret_env = \"{HOOK_VAR}\"\nmax_in_flight = {cap}\n");
+        let cfg = write_file(dir.path(), "keygate.toml", &text);
+        let out = cli(&cfg, &["check"], &[SECRET_ENV[0], (HOOK_VAR, HOOK_SECRET)]);
+        let err = stderr_str(&out);
+        assert!(!out.status.success(), "max_in_flight = {cap}: accepted");
+        assert!(err.contains("`webhooks[0].max_in_flight`"), "{err}");
+    }
     // A field keygate does not know is refused, named.
     let text = format!("{base}[[webhooks]]\nurl = \"https://h.example/x\"\nevents = [\"key.revoked\"]\nsecret_env = \"{HOOK_VAR}\"\nsecrte = 1\n");
     let cfg = write_file(dir.path(), "keygate.toml", &text);
@@ -721,6 +730,110 @@ async fn in_a_fleet_the_control_plane_delivers_what_gateways_relay() {
         assert!(!g.raw.contains(&canary.key));
     }
     gw.assert_not_logged(&canary.key);
+}
+
+/// A relayed event the control plane refuses as invalid does not wedge the relay: a canary
+/// line an older gateway wrote with a route name over the control plane's 256-byte field limit
+/// (before route names had a limit) sits after the relay's cursor; the control plane answers
+/// 400 for it. The relay narrows the refused batch down to that event, skips it (counted in
+/// `keygate_relayed_events_total{result="dropped"}` and logged), and the canary use that
+/// follows is relayed and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_event_the_control_plane_refuses_is_skipped_not_retried_forever() {
+    let root = tempdir();
+    let (cp_dir, gw_dir) = (root.path().join("cp"), root.path().join("gw"));
+    std::fs::create_dir_all(&cp_dir).unwrap();
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let rx = Receiver::start(vec![], Answer::Status(200)).await;
+    let cp_cfg = write_file(
+        &cp_dir,
+        "keygate.toml",
+        &format!(
+            "[keys]\nstore = \"keys.jsonl\"\naudit_log = \"audit.jsonl\"\npoll_interval_ms = 50\n\n[control]\nlisten = \"127.0.0.1:0\"\ntokens = \"admin-tokens.jsonl\"\nheartbeat_ms = 200\n\n{}",
+            hook(&rx.url(), &["key.canary_used"], "")
+        ),
+    );
+    let feed = cli_ok(&cp_cfg, &["admin-token", "create", "--role", "feed"])
+        .trim()
+        .to_owned();
+    let canary = create_key(&cp_cfg, &["--canary"]);
+    let cp = ControlPlane::try_spawn_env(&cp_cfg, &[(HOOK_VAR, HOOK_SECRET)])
+        .await
+        .unwrap();
+    let up = Upstream::start(Mode::Echo).await;
+    let gw_cfg = write_file(
+        &gw_dir,
+        "keygate.toml",
+        &format!(
+            "[keys]\nsource = \"feed\"\nfeed_url = \"http://{}/v1/feed\"\nfeed_token_env = \"KEYGATE_FEED_TOKEN\"\nfeed_cache = \"feed-cache.jsonl\"\naudit_log = \"audit.jsonl\"\nstore = \"keys.jsonl\"\n\n[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"up\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\n",
+            cp.addr,
+            up.addr()
+        ),
+    );
+    let gw = spawn_ready(&gw_cfg, &[("KEYGATE_FEED_TOKEN", feed.as_str())], DEADLINE).await;
+    // The relay's cursor is at the log's end once the gateway serves: the old line goes after.
+    let old = serde_json::json!({
+        "timestamp": "2026-12-01T00:00:00.000Z",
+        "event": "key.canary_used",
+        "actor": "gateway",
+        "key_id": canary.id,
+        "client_ip": "192.0.2.7",
+        "route": "r".repeat(300),
+    });
+    let mut audit = std::fs::OpenOptions::new()
+        .append(true)
+        .open(gw_dir.join("audit.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut audit, format!("{old}\n").as_bytes()).unwrap();
+    drop(audit);
+    let auth = format!("Bearer {}", canary.key);
+    assert_eq!(
+        get(gw.http, "/x", &[("authorization", auth.as_str())])
+            .await
+            .0,
+        401
+    );
+    let g = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(g) = rx.of("key.canary_used").into_iter().next() {
+                return g;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the canary use after the refused line was never delivered; gateway log:\n{}\ncontrol log:\n{}",
+            gw.stderr_contents(),
+            read_lossy(&cp_dir.join("control.stderr.log")),
+        )
+    });
+    assert_eq!(g.body["key"]["id"], canary.id.as_str());
+    assert_eq!(g.body["data"]["route"], "r");
+    assert_eq!(g.body["data"]["client_ip"], "127.0.0.1");
+    assert_eq!(
+        rx.of("key.canary_used").len(),
+        1,
+        "the refused event is not delivered"
+    );
+    let text = metrics(&gw).await;
+    assert_eq!(
+        series(&text, r#"keygate_relayed_events_total{result="dropped"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, r#"keygate_relayed_events_total{result="accepted"}"#),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        gw.stderr_contents()
+            .contains("control plane refused a relayed event as invalid; skipped"),
+        "{}",
+        gw.stderr_contents()
+    );
 }
 
 /// `keygate report --json` on a history made with the real CLI: one rotation whose grace ran

@@ -7,7 +7,9 @@
 //! Every mint is audited (`token.issued`, naming the parent key, never the token) before the
 //! token is returned; a mint that cannot be audited is refused. A refused key counts against
 //! the client's failed-auth budget (`[limits] auth_failures_per_minute`), as on a gateway, and
-//! a client over it is answered 429 `too_many_auth_failures` before any key is hashed.
+//! a client over it is answered 429 `too_many_auth_failures` before any key is hashed. A
+//! canary key raises the alarm it raises everywhere (`Control::canary_alarm`, route
+//! `token_exchange`) and gets the same 401.
 
 use super::api::{self, ApiError, Body};
 use super::Control;
@@ -79,16 +81,16 @@ pub async fn exchange(
         if crate::tokens::jwt::strip_prefix(presented).is_some() {
             return Err(unauthorized());
         }
-        c.broker
-            .table(&c.feed)
-            .authenticate(
-                presented,
-                &c.settings.format,
-                &c.settings.hasher,
-                now,
-                c.settings.leeway_secs,
-            )
-            .map_err(|e: AuthError| {
+        let authenticated = c.broker.table(&c.feed).authenticate(
+            presented,
+            &c.settings.format,
+            &c.settings.hasher,
+            now,
+            c.settings.leeway_secs,
+        );
+        match authenticated {
+            Ok(key) => key,
+            Err(e) => {
                 tracing::debug!(
                     reason = e.reason(),
                     key_id = e.record().map(|r| &*r.id).unwrap_or("-"),
@@ -97,8 +99,15 @@ pub async fn exchange(
                 if let Some(ip) = ip {
                     c.failures.record(ip, Instant::now());
                 }
-                unauthorized()
-            })?
+                // A canary alarms wherever it is presented; the caller still gets the 401
+                // every refused key gets.
+                if let AuthError::Canary(key) = &e {
+                    let hint = Some(crate::keys::format::hint(presented));
+                    c.canary_alarm(key, hint, ip, broker::ROUTE).await;
+                }
+                return Err(unauthorized());
+            }
+        }
     };
     let request = broker::parse_request(&api::read_body(c, req).await?)?;
     let keys = c.broker.signing_keys()?;

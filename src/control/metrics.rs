@@ -16,6 +16,9 @@ pub struct ControlMetrics {
     pub store_revision: IntGauge,
     pub feed_subscribers: IntGauge,
     pub tokens_issued: prometheus::IntCounter,
+    /// Canary keys presented to this control plane (verify, token exchange): the gateway's
+    /// series name, so the KeygateCanaryKeyUsed alert covers control planes too.
+    pub canary_hits: prometheus::IntCounter,
     /// Re-digests handed in by gateways, by outcome (written, current, refused).
     pub redigested: IntCounterVec,
     pub redis_up: Option<IntGauge>,
@@ -65,6 +68,11 @@ impl ControlMetrics {
                 &r,
                 "keygate_control_tokens_issued_total",
                 "Short-lived tokens minted (POST /v1/tokens).",
+            ),
+            canary_hits: crate::metrics::counter(
+                &r,
+                "keygate_canary_hits_total",
+                "Canary keys presented to this control plane (POST /v1/api-keys/verify, POST /v1/tokens).",
             ),
             redigested: counter_vec(
                 &r,

@@ -60,6 +60,33 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
+    /// A canary key was presented to this control plane's `route` (`verify`,
+    /// `token_exchange`): the alarm a gateway raises (`Gateway::canary_alarm`), named as ours.
+    /// Audited before the caller is answered (the webhook sender announces it from the
+    /// audit log); `hint` is the presented key's (`format::hint`), never the key.
+    pub async fn canary_alarm(
+        &self,
+        key: &crate::keys::compact::KeyView,
+        hint: Option<String>,
+        client_ip: Option<std::net::IpAddr>,
+        route: &'static str,
+    ) {
+        self.metrics.canary_hits.inc();
+        let ip = client_ip.map(|ip| ip.to_string());
+        tracing::warn!(key_id = %key.id, client_ip = ip.as_deref().unwrap_or("-"), route, "canary key used");
+        let mut event = Event::new("key.canary_used", "control-plane")
+            .key_view(key, hint)
+            .with("route", route);
+        if let Some(ip) = ip {
+            event = event.with("client_ip", ip);
+        }
+        let audit = AuditLog::new(&self.settings.audit_log);
+        let written = tokio::task::spawn_blocking(move || audit.append(&[event])).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(key_id = %key.id, "canary alarm could not be audited");
+        }
+    }
+
     /// The token table, re-read when its file changes (minting needs no restart, and a
     /// revocation works on the next request). The file is append-only, so its length changes
     /// with every write even when two writes fall within one mtime tick; the inode catches a

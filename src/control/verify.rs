@@ -70,7 +70,7 @@ pub struct Caller {
 /// `POST /v1/api-keys/verify` (verify role, or read/write). `{"valid": false}` never says why
 /// (the reason goes to metrics only). A valid key pays one request of its rate limit and
 /// quota; a key over either gets the gateway's 429. A canary raises the same alarm as at a
-/// gateway (`key.canary_used`, audited).
+/// gateway (`Control::canary_alarm`).
 pub async fn verify(
     c: &Arc<Control>,
     caller: Caller,
@@ -94,7 +94,8 @@ pub async fn verify(
                 record(c, r, caller, StatusCode::UNAUTHORIZED, revoked, now);
             }
             if let AuthError::Canary(r) = &e {
-                canary_alarm(c, r.clone()).await;
+                let hint = Some(crate::keys::format::hint(&presented));
+                c.canary_alarm(r, hint, Some(caller.ip), "verify").await;
             }
             return Ok(json_response(StatusCode::OK, &json!({"valid": false})));
         }
@@ -166,19 +167,6 @@ fn record(c: &Control, key: &KeyView, caller: Caller, status: StatusCode, revoke
             revoked,
         },
     );
-}
-
-/// A canary presented to the verify endpoint: the alarm a gateway raises, named as ours.
-async fn canary_alarm(c: &Arc<Control>, r: KeyView) {
-    tracing::warn!(key_id = %r.id, "canary key presented to POST /v1/api-keys/verify");
-    let audit = crate::audit::AuditLog::new(&c.settings.audit_log);
-    let event = crate::audit::Event::new("key.canary_used", "control-plane")
-        .key_view(&r, None)
-        .with("route", "verify");
-    let written = tokio::task::spawn_blocking(move || audit.append(&[event])).await;
-    if !matches!(written, Ok(Ok(()))) {
-        tracing::error!(key_id = %r.id, "canary alarm could not be audited");
-    }
 }
 
 /// Every touch interval: verify's usage where gateways put theirs (see the module docs), its

@@ -15,6 +15,10 @@ use crate::store::seal::LogId;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 
+/// What the exchange is called where a route's name would go (a canary's alarm, in the
+/// gateway's and the control plane's audit alike): the control plane's operation label for it.
+pub const ROUTE: &str = "token_exchange";
+
 /// Why a mint was refused (the caller maps each to its problem+json status).
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {

@@ -3,13 +3,15 @@
 //! the key extracted and authenticated as the request path does, the same request parser,
 //! rules, response and audit event (`broker`), problem+json errors. Refused keys count
 //! against the client's failed-auth budget like refused requests, and a client over it is
-//! refused before its key is hashed. This endpoint sits beside the request path (the
+//! refused before its key is hashed. A canary key raises the gateway's alarm
+//! (`Gateway::canary_alarm`, route `token_exchange`) and gets the same 401. This endpoint sits beside the request path (the
 //! listener sends `/v1/tokens` here and everything else to `pipeline::handle`); the path
 //! itself is unchanged.
 
 use super::broker::{self, MintError};
 use crate::access::AccessBody;
 use crate::gateway::Gateway;
+use crate::keys::table::AuthError;
 use crate::pipeline::Conn;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -147,16 +149,23 @@ async fn exchange(
         let authenticated = match super::jwt::strip_prefix(presented) {
             // No token from a token.
             Some(_) => None,
-            None => gw
-                .table()
-                .authenticate(
-                    presented,
-                    &snap.keys.format,
-                    &snap.keys.hasher,
-                    now,
-                    snap.keys.leeway_secs,
-                )
-                .ok(),
+            None => match gw.table().authenticate(
+                presented,
+                &snap.keys.format,
+                &snap.keys.hasher,
+                now,
+                snap.keys.leeway_secs,
+            ) {
+                Ok(key) => Some(key),
+                // A canary alarms wherever it is presented; the caller still gets the 401
+                // every refused key gets.
+                Err(AuthError::Canary(key)) => {
+                    let hint = crate::keys::format::hint(presented);
+                    gw.canary_alarm(&key, Some(hint), ip, broker::ROUTE);
+                    None
+                }
+                Err(_) => None,
+            },
         };
         authenticated.ok_or_else(|| {
             gw.failures.record(ip, Instant::now());

@@ -38,6 +38,9 @@ pub const EVENTS: [&str; 7] = [
 /// The header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, t + "." + body)>`.
 pub const SIGNATURE_HEADER: &str = "keygate-signature";
 
+/// Most attempts to one receiver at once that `max_in_flight` may ask for: each is a socket.
+const MAX_IN_FLIGHT: usize = 1024;
+
 /// Shortest signing secret accepted, bytes (as for the hash secret).
 const MIN_SECRET_BYTES: usize = 32;
 
@@ -70,6 +73,8 @@ pub struct Endpoint {
     pub retry_for: Duration,
     pub retry_base: Duration,
     pub timeout: Duration,
+    /// Attempts to this receiver running at once, at most (`max_in_flight`, ≥ 1).
+    pub max_in_flight: usize,
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -104,6 +109,12 @@ fn endpoint(c: &Config, i: usize, w: &WebhookConfig) -> Result<Endpoint, ConfigE
         };
         return Err(c.invalid(field(which), "must be at least 1"));
     }
+    if !(1..=MAX_IN_FLIGHT).contains(&w.max_in_flight) {
+        return Err(c.invalid(
+            field("max_in_flight"),
+            format!("must be 1 to {MAX_IN_FLIGHT}"),
+        ));
+    }
     let tls = match (url.scheme_str(), &w.ca_file) {
         (Some("https"), Some(ca)) => Some(
             crate::tls::client_config(&c.resolve(ca))
@@ -126,6 +137,7 @@ fn endpoint(c: &Config, i: usize, w: &WebhookConfig) -> Result<Endpoint, ConfigE
         retry_for,
         retry_base: Duration::from_millis(w.retry_base_ms),
         timeout: Duration::from_millis(w.timeout_ms),
+        max_in_flight: w.max_in_flight,
         tls,
     })
 }

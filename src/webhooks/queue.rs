@@ -7,6 +7,14 @@
 //! make `key.expiring`/`key.stale` fire once, and the audit-log offset read up to. A restart
 //! replays the file and resumes each delivery with its id: at least once, never lost. One
 //! process owns the file at a time (`<queue>.lock`, taken without waiting).
+//!
+//! An attempt's outcome (`retry_at`, `settle`) holds in memory even when the file cannot take
+//! it (disk full, read-only, I/O error): otherwise the sender, which goes by memory, would
+//! find the delivery due again at once and send it on every tick, accepted ones included. The
+//! file is then `behind` and is rewritten whole from memory by the next write that works; a
+//! restart before that goes by the file and may repeat an attempt (at least once, as ever).
+//! New deliveries (`add`) are applied only once written: they are re-derived from the audit
+//! log until they are.
 
 use super::Delivery;
 use crate::store::file::{complete_prefix, lock_beside_nowait, write_atomic};
@@ -80,6 +88,9 @@ pub struct Queue {
     marks: BTreeSet<String>,
     cursor: Option<u64>,
     lines: usize,
+    /// The file lacks writes that failed (and may end in a torn line): the next write
+    /// rewrites it whole from memory rather than appending to it.
+    behind: bool,
 }
 
 impl Queue {
@@ -109,6 +120,7 @@ impl Queue {
             marks: BTreeSet::new(),
             cursor: None,
             lines: 0,
+            behind: false,
         };
         // A torn last line (crash mid-append) is dropped by the rewrite below.
         for raw in complete_prefix(&bytes).split(|b| *b == b'\n') {
@@ -162,21 +174,52 @@ impl Queue {
         }
     }
 
-    /// Append lines as one write and fsync, then apply them.
+    /// Append lines as one write and fsync, then apply them: nothing is applied unless written.
     fn write(&mut self, lines: Vec<Line>) -> io::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::new();
-        for l in &lines {
-            serde_json::to_writer(&mut buf, l)?;
-            buf.push(b'\n');
-        }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
-        self.lines += lines.len();
+        let buf = encode(&lines)?;
+        self.catch_up()?;
+        self.append(&buf, lines.len())?;
         for l in lines {
             self.apply(l);
+        }
+        Ok(())
+    }
+
+    /// Apply lines, then make them durable: an attempt's outcome holds in memory whether or
+    /// not the file takes it (see the module docs). Returns the write's error, for the log.
+    fn record(&mut self, lines: Vec<Line>) -> io::Result<()> {
+        let buf = encode(&lines)?;
+        let n = lines.len();
+        for l in lines {
+            self.apply(l);
+        }
+        if self.behind {
+            // The rewrite holds what was just applied.
+            return self.catch_up();
+        }
+        self.append(&buf, n)
+    }
+
+    /// One append and fsync; a failure leaves the file `behind` (it may hold part of `buf`).
+    fn append(&mut self, buf: &[u8], lines: usize) -> io::Result<()> {
+        let written = self
+            .file
+            .write_all(buf)
+            .and_then(|()| self.file.sync_data());
+        match written {
+            Ok(()) => self.lines += lines,
+            Err(_) => self.behind = true,
+        }
+        written
+    }
+
+    /// A file `behind` memory is rewritten whole before anything is appended to it.
+    fn catch_up(&mut self) -> io::Result<()> {
+        if self.behind {
+            self.compact(crate::clock::unix_ms())?;
         }
         Ok(())
     }
@@ -213,7 +256,7 @@ impl Queue {
         Ok(n)
     }
 
-    /// A failed attempt: the next one is due at `next_ms`.
+    /// A failed attempt: the next one is due at `next_ms` (in memory even if the write fails).
     pub fn retry_at(
         &mut self,
         id: &str,
@@ -221,7 +264,7 @@ impl Queue {
         attempts: u32,
         next_ms: i64,
     ) -> io::Result<()> {
-        self.write(vec![Line::Try {
+        self.record(vec![Line::Try {
             id: id.to_owned(),
             endpoint: endpoint.to_owned(),
             attempts,
@@ -229,7 +272,8 @@ impl Queue {
         }])
     }
 
-    /// Settled: `delivered`, or `failed` (retry budget spent, or the endpoint is gone).
+    /// Settled: `delivered`, or `failed` (retry budget spent, or the endpoint is gone); in
+    /// memory even if the write fails.
     pub fn settle(
         &mut self,
         id: &str,
@@ -237,7 +281,7 @@ impl Queue {
         outcome: &str,
         now_ms: i64,
     ) -> io::Result<()> {
-        self.write(vec![Line::Done {
+        self.record(vec![Line::Done {
             id: id.to_owned(),
             endpoint: endpoint.to_owned(),
             outcome: outcome.to_owned(),
@@ -251,13 +295,13 @@ impl Queue {
         Ok(())
     }
 
-    /// Deliveries due at `now_ms`, oldest first.
-    pub fn due(&self, now_ms: i64) -> Vec<Pending> {
-        let mut due: Vec<Pending> = self
+    /// Deliveries due at `now_ms`, oldest first (borrowed: the sender clones only those it
+    /// starts, a few of what a mass revocation may queue).
+    pub fn due(&self, now_ms: i64) -> Vec<&Pending> {
+        let mut due: Vec<&Pending> = self
             .pending
             .values()
             .filter(|p| p.next_ms <= now_ms)
-            .cloned()
             .collect();
         due.sort_by_key(|p| p.queued_ms);
         due
@@ -279,8 +323,25 @@ impl Queue {
         &self.path
     }
 
-    /// Rewrite the file with only what is still needed, atomically.
+    /// Puts the queue in the state of a disk that refuses writes, for the sender's tests: its
+    /// append handle is swapped for a read-only one (every append then fails with a real I/O
+    /// error, whoever runs the test: root included).
+    #[cfg(test)]
+    pub(super) fn refuse_appends(&mut self) -> io::Result<()> {
+        self.file = File::open(&self.path)?;
+        Ok(())
+    }
+
+    /// Rewrite the file with only what is still needed, atomically. Until one succeeds the
+    /// file is `behind` (a failure may come after the rename, with the append handle still
+    /// on the replaced file).
     fn compact(&mut self, now_ms: i64) -> io::Result<()> {
+        let rewritten = self.rewrite(now_ms);
+        self.behind = rewritten.is_err();
+        rewritten
+    }
+
+    fn rewrite(&mut self, now_ms: i64) -> io::Result<()> {
         self.done.retain(|_, at| now_ms - *at < DONE_RETENTION_MS);
         let mut lines: Vec<Line> = self.pending.values().cloned().map(Line::Add).collect();
         lines.extend(self.done.iter().map(|((id, endpoint), at)| Line::Done {
@@ -291,16 +352,22 @@ impl Queue {
         }));
         lines.extend(self.marks.iter().cloned().map(Line::Mark));
         lines.extend(self.cursor.map(Line::Cursor));
-        let mut buf = Vec::new();
-        for l in &lines {
-            serde_json::to_writer(&mut buf, l)?;
-            buf.push(b'\n');
-        }
+        let buf = encode(&lines)?;
         write_atomic(&self.path, &buf)?;
         self.file = append_handle(&self.path)?;
         self.lines = lines.len();
         Ok(())
     }
+}
+
+/// Lines as the file holds them: one JSON object each, newline-terminated.
+fn encode(lines: &[Line]) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    for l in lines {
+        serde_json::to_writer(&mut buf, l)?;
+        buf.push(b'\n');
+    }
+    Ok(buf)
 }
 
 fn append_handle(path: &Path) -> io::Result<File> {
@@ -366,5 +433,42 @@ mod tests {
         assert_eq!((due[0].delivery.id.as_str(), due[0].attempts), ("a", 1));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with('\n') && !text.contains("endpo\""), "{text}");
+    }
+
+    /// Outcomes the file cannot take hold in memory (a retry keeps its time, a settled
+    /// delivery is not due again); a new delivery is not queued until it is written; the next
+    /// write that works rewrites the file whole, and a reopen finds every outcome.
+    #[test]
+    fn outcomes_hold_in_memory_while_the_file_refuses_them_and_reach_it_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.jsonl.webhooks");
+        let ep = "http://127.0.0.1:1/h";
+        {
+            let mut q = Queue::open(&path, 0).unwrap();
+            q.add(vec![pending("a", 0), pending("b", 0)], vec![], Some(7))
+                .unwrap();
+            // Appends fail, and so does a rewrite (a directory stands where the file was).
+            q.refuse_appends().unwrap();
+            std::fs::remove_file(&path).unwrap();
+            std::fs::create_dir(&path).unwrap();
+            assert!(q.retry_at("a", ep, 1, 500).is_err());
+            assert!(q.settle("b", ep, "delivered", 10).is_err());
+            assert!(q.due(499).is_empty(), "a waits for 500, b is settled");
+            assert_eq!(q.depth(), 1);
+            assert!(q.add(vec![pending("c", 0)], vec![], None).is_err());
+            assert_eq!(q.depth(), 1, "c is not queued unwritten");
+            // The file can be written again (a new handle comes with the rewrite).
+            std::fs::remove_dir(&path).unwrap();
+            assert_eq!(q.add(vec![pending("c", 0)], vec![], None).unwrap(), 1);
+        }
+        let q = Queue::open(&path, 20).unwrap();
+        let due: Vec<(&str, u32)> = q
+            .due(500)
+            .iter()
+            .map(|p| (p.delivery.id.as_str(), p.attempts))
+            .collect();
+        assert_eq!(due, [("a", 1), ("c", 0)]);
+        assert!(q.due(499).iter().all(|p| p.delivery.id != "a"));
+        assert_eq!(q.cursor(), Some(7));
     }
 }

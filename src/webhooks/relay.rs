@@ -6,10 +6,19 @@
 //! read from a cursor kept beside the feed cache (`<feed_cache>.relay`) that moves only after
 //! the control plane accepted the batch: at least once. Each event carries a `relay_id`
 //! derived from its audit line, so a batch sent twice yields the same delivery id.
+//!
+//! A batch the control plane refuses as invalid (`refused_as_invalid`) would be refused again
+//! forever, and the cursor would never move: every later event of this gateway would be stuck
+//! behind it. The relay narrows such a batch by halves until the one event refused is alone,
+//! then skips it (logged with its key id, counted in `keygate_relayed_events_total{result=
+//! "dropped"}`; the gateway's audit log keeps it). No answer, a 5xx, 429, 401 or 403 say
+//! nothing of the batch: it is sent again as it was, with backoff.
 
 use super::delivery_id;
 use crate::snapshot::FeedSource;
 use crate::store::file::{complete_prefix, sibling, write_atomic};
+use http::StatusCode;
+use prometheus::IntCounterVec;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,9 +45,12 @@ const MAX_EVENTS_BYTES: usize = 48 * 1024;
 /// What the control plane reads of one relayed batch at least, whatever
 /// `[control] max_body_bytes` says for the API.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest string field of a relayed event the control plane takes (`audit_events`).
+pub const MAX_FIELD_BYTES: usize = 256;
 
-/// Start relaying from `audit_log` to the control plane of `source`.
-pub fn spawn(audit_log: PathBuf, source: FeedSource) {
+/// Start relaying from `audit_log` to the control plane of `source`; `relayed` counts events
+/// by result (`accepted`, `dropped`).
+pub fn spawn(audit_log: PathBuf, source: FeedSource, relayed: IntCounterVec) {
     let cursor_path = sibling(&source.cache, ".relay");
     // First start: the cursor is set to the log's end before start-up completes, so what is
     // audited once the gateway serves is relayed.
@@ -53,11 +65,14 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
             return tracing::error!("cannot derive the control plane's /v1/events URL");
         };
         let mut failures = 0u32;
+        // Events a batch may carry: halved while the control plane refuses batches as
+        // invalid, until the event it refuses is alone; back to the most once one goes by.
+        let mut most = MAX_EVENTS;
         loop {
             let wait = TICK * 2u32.pow(failures.min(5));
             tokio::time::sleep(wait).await;
             let (a, c) = (audit_log.clone(), cursor_path.clone());
-            let Ok(Ok(batch)) = tokio::task::spawn_blocking(move || next_batch(&a, &c)).await
+            let Ok(Ok(batch)) = tokio::task::spawn_blocking(move || next_batch(&a, &c, most)).await
             else {
                 continue;
             };
@@ -73,7 +88,37 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
                 )
                 .await;
                 match sent {
-                    Ok(r) if r.status().is_success() => failures = 0,
+                    Ok(r) if r.status().is_success() => {
+                        failures = 0;
+                        most = MAX_EVENTS;
+                        relayed
+                            .with_label_values(&["accepted"])
+                            .inc_by(events.len() as u64);
+                    }
+                    Ok(r) if refused_as_invalid(r.status()) && events.len() > 1 => {
+                        failures = 0;
+                        most = events.len() / 2;
+                        tracing::info!(
+                            status = r.status().as_u16(),
+                            events = events.len(),
+                            "control plane refused a batch of relayed events; sending it in halves to find the event it refuses"
+                        );
+                        continue;
+                    }
+                    Ok(r) if refused_as_invalid(r.status()) => {
+                        failures = 0;
+                        most = MAX_EVENTS;
+                        relayed.with_label_values(&["dropped"]).inc();
+                        let field =
+                            |f: &str| events[0].get(f).and_then(Value::as_str).map(str::to_owned);
+                        tracing::warn!(
+                            status = r.status().as_u16(),
+                            event = field("event").as_deref().unwrap_or("-"),
+                            key_id = field("key_id").as_deref().unwrap_or("-"),
+                            relay_id = field("relay_id").as_deref().unwrap_or("-"),
+                            "control plane refused a relayed event as invalid; skipped (it stays in this gateway's audit log)"
+                        );
+                    }
                     Ok(r) => {
                         failures += 1;
                         tracing::warn!(
@@ -97,6 +142,14 @@ pub fn spawn(audit_log: PathBuf, source: FeedSource) {
     });
 }
 
+/// Whether the control plane judged the batch itself invalid, so that it would refuse it
+/// again however often it came: a 4xx, save those that say nothing of the batch. 401 and 403
+/// are the feed token's (an operator fixes it, then the batch goes through), 404 and 405 a
+/// control plane without `/v1/events` (mid-upgrade), 408 and 429 "come back later".
+fn refused_as_invalid(status: StatusCode) -> bool {
+    status.is_client_error() && !matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 429)
+}
+
 fn events_url(usage: &http::Uri) -> Option<http::Uri> {
     http::Uri::builder()
         .scheme(usage.scheme_str()?)
@@ -106,9 +159,14 @@ fn events_url(usage: &http::Uri) -> Option<http::Uri> {
         .ok()
 }
 
-/// The relayable events after the cursor and the offset after them; `None` when there is
-/// nothing new. With no cursor yet, history is skipped (the cursor starts at the end).
-fn next_batch(audit: &Path, cursor_path: &Path) -> std::io::Result<Option<(Vec<Value>, u64)>> {
+/// The relayable events after the cursor (`most` at most) and the offset after them; `None`
+/// when there is nothing new. With no cursor yet, history is skipped (the cursor starts at
+/// the end).
+fn next_batch(
+    audit: &Path,
+    cursor_path: &Path,
+    most: usize,
+) -> std::io::Result<Option<(Vec<Value>, u64)>> {
     use std::io::{Read, Seek, SeekFrom};
     let len = std::fs::metadata(audit).map(|m| m.len()).unwrap_or(0);
     let cursor = match std::fs::read_to_string(cursor_path) {
@@ -123,19 +181,19 @@ fn next_batch(audit: &Path, cursor_path: &Path) -> std::io::Result<Option<(Vec<V
     f.seek(SeekFrom::Start(cursor))?;
     let mut buf = Vec::new();
     f.take(MAX_BATCH_BYTES).read_to_end(&mut buf)?;
-    let (events, taken) = take_events(complete_prefix(&buf));
+    let (events, taken) = take_events(complete_prefix(&buf), most);
     Ok(Some((events, cursor + taken as u64)))
 }
 
-/// The relayable events of the whole lines in `lines`, up to `MAX_EVENTS` of them and
+/// The relayable events of the whole lines in `lines`, up to `most` of them and
 /// `MAX_EVENTS_BYTES` as sent (one at least), and how many bytes of `lines` they cover: the
 /// cursor moves past those lines only.
-fn take_events(lines: &[u8]) -> (Vec<Value>, usize) {
+fn take_events(lines: &[u8], most: usize) -> (Vec<Value>, usize) {
     let (mut events, mut size, mut taken) = (Vec::new(), 0, 0);
     for line in lines.split_inclusive(|b| *b == b'\n') {
         if let Some(e) = relayable(line.strip_suffix(b"\n").unwrap_or(line)) {
             let n = e.to_string().len() + 1;
-            if !events.is_empty() && (events.len() == MAX_EVENTS || size + n > MAX_EVENTS_BYTES) {
+            if !events.is_empty() && (events.len() >= most || size + n > MAX_EVENTS_BYTES) {
                 break;
             }
             size += n;
@@ -218,10 +276,10 @@ pub fn audit_events(
             if !RELAYED_FIELDS.contains(&field.as_str()) {
                 return Err(format!("events[{i}].{field}: unknown field"));
             }
-            let ok = v.as_str().is_some_and(|s| s.len() <= 256) || v.is_u64();
+            let ok = v.as_str().is_some_and(|s| s.len() <= MAX_FIELD_BYTES) || v.is_u64();
             if !ok {
                 return Err(format!(
-                    "events[{i}].{field}: a string (≤ 256 bytes) or a non-negative integer"
+                    "events[{i}].{field}: a string (≤ {MAX_FIELD_BYTES} bytes) or a non-negative integer"
                 ));
             }
             let name = if field == "timestamp" {
@@ -265,7 +323,7 @@ mod tests {
         std::fs::write(&audit, &text).unwrap();
         let mut seen = Vec::new();
         for _ in 0..100 {
-            let Some((events, end)) = next_batch(&audit, &cursor).unwrap() else {
+            let Some((events, end)) = next_batch(&audit, &cursor, MAX_EVENTS).unwrap() else {
                 break;
             };
             assert!(!events.is_empty() && events.len() <= MAX_EVENTS);
@@ -287,6 +345,44 @@ mod tests {
         );
     }
 
+    /// Only a refusal that judges the batch skips an event; the others send it again.
+    #[test]
+    fn only_a_batch_judged_invalid_is_skipped() {
+        for (status, skipped) in [
+            (400, true),
+            (413, true),
+            (422, true),
+            (401, false),
+            (403, false),
+            (404, false),
+            (405, false),
+            (408, false),
+            (429, false),
+            (500, false),
+            (503, false),
+            (200, false),
+        ] {
+            let s = StatusCode::from_u16(status).unwrap();
+            assert_eq!(refused_as_invalid(s), skipped, "{status}");
+        }
+    }
+
+    /// A batch narrowed to one event covers its line and the lines before it, no more: the
+    /// cursor skips the refused event alone.
+    #[test]
+    fn a_batch_of_one_covers_its_event_only() {
+        let lines = "{\"event\":\"table.applied\"}\n{\"event\":\"key.canary_used\",\"key_id\":\"key_a\"}\n{\"event\":\"key.canary_used\",\"key_id\":\"key_b\"}\n";
+        let (events, taken) = take_events(lines.as_bytes(), 1);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["key_id"], "key_a");
+        assert_eq!(
+            &lines[taken..],
+            "{\"event\":\"key.canary_used\",\"key_id\":\"key_b\"}\n"
+        );
+        let (events, taken) = take_events(lines.as_bytes(), MAX_EVENTS);
+        assert_eq!((events.len(), taken), (2, lines.len()));
+    }
+
     #[test]
     fn relays_only_its_events_from_the_cursor_on() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,7 +393,7 @@ mod tests {
             "{\"event\":\"key.canary_used\",\"key_id\":\"key_old\"}\n",
         )
         .unwrap();
-        let (events, end) = next_batch(&audit, &cursor).unwrap().unwrap();
+        let (events, end) = next_batch(&audit, &cursor, MAX_EVENTS).unwrap().unwrap();
         assert!(
             events.is_empty(),
             "history before the first start is skipped"
@@ -306,7 +402,7 @@ mod tests {
         let mut text = std::fs::read_to_string(&audit).unwrap();
         text.push_str("{\"event\":\"table.applied\"}\n{\"event\":\"key.canary_used\",\"key_id\":\"key_a\",\"route\":\"r\",\"hint\":\"h\",\"timestamp\":\"t\"}\n{\"event\":\"key.ca");
         std::fs::write(&audit, &text).unwrap();
-        let (events, end2) = next_batch(&audit, &cursor).unwrap().unwrap();
+        let (events, end2) = next_batch(&audit, &cursor, MAX_EVENTS).unwrap().unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0]["key_id"], "key_a");
         assert_eq!(events[0]["route"], "r");

@@ -1,8 +1,8 @@
 //! The sender: one task per node that sends (see `webhooks`), on its own thread so queue
 //! fsyncs never stall request workers. Every 200 ms it reads new audit lines into the queue,
 //! every second it looks for keys crossing a `key.expiring` lead time, every 30 s for stale
-//! keys, and it starts every due attempt; attempt results come back to it, so the queue has
-//! one writer.
+//! keys, and it starts due attempts, at most `max_in_flight` at once to each receiver;
+//! attempt results come back to it, so the queue has one writer.
 //!
 //! The audit cursor moves in the same fsynced write as the deliveries derived from the lines
 //! before it; delivery ids are derived from the event (`delivery_id`), so a crash between
@@ -172,9 +172,13 @@ impl Sender {
     async fn run(&mut self) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
         let (mut last_expiry, mut last_stale) = (None::<Instant>, None::<Instant>);
+        // A steady tick, not a sleep after each wake-up: a stream of finished attempts must
+        // not hold off the dispatch that refills the slots they free.
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tick.tick() => {}
                 Some(done) = rx.recv() => {
                     self.settle(done);
                     continue;
@@ -446,25 +450,40 @@ impl Sender {
         }
     }
 
-    /// Start every due attempt not already running.
+    /// Start due attempts not already running, oldest first, at most `max_in_flight` to each
+    /// receiver at once: a mass revocation queues one delivery per key, and a receiver that
+    /// takes connections and never answers would otherwise hold a socket for every one of
+    /// them until its timeout. The rest stay due for a later tick.
     fn dispatch(&mut self, tx: &mpsc::UnboundedSender<Done>) {
         let now_ms = crate::clock::unix_ms();
+        let mut running: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, endpoint) in &self.in_flight {
+            *running.entry(endpoint.as_str()).or_default() += 1;
+        }
+        let (mut start, mut orphaned) = (Vec::new(), Vec::new());
         for p in self.queue.due(now_ms) {
-            let slot = (p.delivery.id.clone(), p.endpoint.clone());
-            if self.in_flight.contains(&slot) {
-                continue;
-            }
-            let Some(ep) = self
-                .endpoints
-                .iter()
-                .find(|e| e.name == p.endpoint)
-                .cloned()
-            else {
-                // The endpoint left the config: nothing to send it to.
-                self.give_up(&p, "endpoint no longer configured");
+            let Some(ep) = self.endpoints.iter().find(|e| e.name == p.endpoint) else {
+                orphaned.push(p.clone());
                 continue;
             };
-            self.in_flight.insert(slot);
+            let busy = running.entry(ep.name.as_str()).or_default();
+            if *busy >= ep.max_in_flight
+                || self
+                    .in_flight
+                    .contains(&(p.delivery.id.clone(), p.endpoint.clone()))
+            {
+                continue;
+            }
+            *busy += 1;
+            start.push((p.clone(), ep.clone()));
+        }
+        for p in orphaned {
+            // The endpoint left the config: nothing to send it to.
+            self.give_up(&p, "endpoint no longer configured");
+        }
+        for (p, ep) in start {
+            self.in_flight
+                .insert((p.delivery.id.clone(), p.endpoint.clone()));
             let tx = tx.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
@@ -512,7 +531,7 @@ impl Sender {
                     .queue
                     .settle(&p.delivery.id, &p.endpoint, "delivered", now_ms)
                 {
-                    tracing::error!(error = %e, "cannot record a delivered webhook; it may be sent again");
+                    tracing::error!(queue = %self.queue.path().display(), delivery_id = %p.delivery.id, error = %e, "cannot write a delivered webhook to the queue file; it is settled in memory and not sent again unless keygate restarts before the file can be written");
                 }
                 self.count(&p.delivery.kind, "delivered");
                 tracing::info!(delivery_id = %p.delivery.id, event = %p.delivery.kind, endpoint = %p.endpoint, attempt = attempts, status, "webhook delivered");
@@ -539,7 +558,7 @@ impl Sender {
                     .queue
                     .retry_at(&p.delivery.id, &p.endpoint, attempts, next_ms)
                 {
-                    tracing::error!(error = %e, "cannot record a webhook retry");
+                    tracing::error!(queue = %self.queue.path().display(), delivery_id = %p.delivery.id, error = %e, "cannot write a webhook retry to the queue file; the retry keeps its backoff in memory");
                 }
                 self.count(&p.delivery.kind, "retried");
                 self.audit(
@@ -560,7 +579,7 @@ impl Sender {
             "failed",
             crate::clock::unix_ms(),
         ) {
-            tracing::error!(error = %e, "cannot record a failed webhook");
+            tracing::error!(queue = %self.queue.path().display(), delivery_id = %p.delivery.id, error = %e, "cannot write a failed webhook to the queue file; it is settled in memory and not sent again unless keygate restarts before the file can be written");
         }
         self.count(&p.delivery.kind, "failed");
         tracing::error!(delivery_id = %p.delivery.id, event = %p.delivery.kind, endpoint = %p.endpoint, attempts = p.attempts, reason = why, "webhook delivery given up");
@@ -705,5 +724,260 @@ mod tests {
         assert_eq!(d.id, again.id, "ids are derived, not random");
         let other = serde_json::to_string(&Event::new("table.applied", "gw")).unwrap();
         assert!(matches!(from_audit(&other, &by_id, now), Derived::Skip));
+    }
+
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::watch;
+
+    /// A webhook receiver on 127.0.0.1:0. It answers each POST with `status(delivery id)`,
+    /// or, while held, keeps every request open unanswered (a receiver that accepts and never
+    /// answers); it records when each delivery id arrived and how many connections it took.
+    #[derive(Clone)]
+    struct Receiver {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<(String, Instant)>>>,
+        accepted: Arc<AtomicUsize>,
+        released: Arc<watch::Sender<bool>>,
+    }
+
+    impl Receiver {
+        async fn start(status: fn(&str) -> u16, held: bool) -> Receiver {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let r = Receiver {
+                addr: l.local_addr().unwrap(),
+                seen: Arc::default(),
+                accepted: Arc::default(),
+                released: Arc::new(watch::channel(!held).0),
+            };
+            let me = r.clone();
+            tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    me.accepted.fetch_add(1, Ordering::SeqCst);
+                    let (seen, released) = (me.seen.clone(), me.released.subscribe());
+                    tokio::spawn(serve(s, status, seen, released));
+                }
+            });
+            r
+        }
+
+        fn release(&self) {
+            self.released.send_replace(true);
+        }
+
+        fn times(&self, id: &str) -> Vec<Instant> {
+            let seen = self.seen.lock().unwrap();
+            seen.iter()
+                .filter(|(i, _)| i == id)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+
+        fn ids(&self) -> Vec<String> {
+            let seen = self.seen.lock().unwrap();
+            seen.iter().map(|(i, _)| i.clone()).collect()
+        }
+    }
+
+    async fn serve(
+        mut s: tokio::net::TcpStream,
+        status: fn(&str) -> u16,
+        seen: Arc<Mutex<Vec<(String, Instant)>>>,
+        mut released: watch::Receiver<bool>,
+    ) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_owned())
+        };
+        let len: usize = field("content-length").map_or(0, |v| v.parse().unwrap());
+        while buf.len() < head_end + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let id = field("keygate-delivery").unwrap_or_default();
+        seen.lock().unwrap().push((id.clone(), Instant::now()));
+        if released.wait_for(|r| *r).await.is_err() {
+            return;
+        }
+        let answer = format!(
+            "HTTP/1.1 {} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            status(&id)
+        );
+        let _ = s.write_all(answer.as_bytes()).await;
+        let _ = s.shutdown().await;
+    }
+
+    fn endpoint(rx: &Receiver, max_in_flight: usize) -> Endpoint {
+        let url = format!("http://{}/hooks", rx.addr);
+        Endpoint {
+            url: url.parse().unwrap(),
+            name: url,
+            events: BTreeSet::from(["key.revoked".to_owned()]),
+            secret: super::super::Secret::new(vec![7; 32]),
+            lead_times: vec![],
+            retry_for: Duration::from_secs(3600),
+            retry_base: Duration::from_millis(200),
+            timeout: Duration::from_secs(30),
+            max_in_flight,
+            tls: None,
+        }
+    }
+
+    fn pending(ep: &Endpoint, id: &str, next_ms: i64) -> Pending {
+        Pending {
+            endpoint: ep.name.clone(),
+            delivery: Delivery {
+                id: id.to_owned(),
+                kind: "key.revoked".into(),
+                time: "2026-01-01T00:00:00Z".into(),
+                key: serde_json::json!({"id": "key_a"}),
+                data: Map::new(),
+            },
+            queued_ms: next_ms,
+            attempts: 0,
+            next_ms,
+        }
+    }
+
+    /// The sender as `spawn` makes it, over `queue`, on the test's runtime.
+    fn start(dir: &Path, queue: Queue, endpoints: Vec<Endpoint>) -> tokio::task::JoinHandle<()> {
+        let mut s = Sender {
+            fleet: None,
+            endpoints: endpoints.into_iter().map(Arc::new).collect(),
+            queue,
+            host: Host {
+                records: Arc::new(|_: &mut dyn FnMut(&KeyRecord)| {}),
+                usage: Arc::new(|| None),
+                audit: AuditLog::new(dir.join("audit.jsonl")),
+                stale_after_secs: 90 * 86_400,
+                actor: "test",
+            },
+            metrics: WebhookMetrics::register(&Registry::new()),
+            in_flight: BTreeSet::new(),
+        };
+        tokio::spawn(async move { s.run().await })
+    }
+
+    /// Polls `f` until it gives a value, failing after 30 s.
+    async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The queue file cannot be written (disk full, read-only, I/O error): a delivery its
+    /// receiver accepted is not sent again, and a refused one is retried on its backoff, not
+    /// on every 200 ms tick.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_that_cannot_be_written_keeps_each_delivery_on_its_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = Receiver::start(|id| if id == "whd_accepted" { 200 } else { 500 }, false).await;
+        let ep = endpoint(&rx, 32);
+        let path = dir.path().join("keys.jsonl.webhooks");
+        let mut q = Queue::open(&path, crate::clock::unix_ms()).unwrap();
+        let now = crate::clock::unix_ms();
+        let items = vec![
+            pending(&ep, "whd_accepted", now),
+            pending(&ep, "whd_refused", now),
+        ];
+        q.add(items, vec![], Some(0)).unwrap();
+        // From here every append fails, and so would a rewrite of the whole file (a
+        // directory stands where the file was).
+        q.refuse_appends().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let base = ep.retry_base;
+        let task = start(dir.path(), q, vec![ep]);
+
+        let tries = eventually("five attempts of the refused delivery", || {
+            let t = rx.times("whd_refused");
+            (t.len() >= 5).then_some(t)
+        })
+        .await;
+        task.abort();
+        assert_eq!(
+            rx.times("whd_accepted").len(),
+            1,
+            "a delivery its receiver accepted was sent again"
+        );
+        for (k, pair) in tries.windows(2).enumerate() {
+            let attempts = k as u32 + 1;
+            let least = backoff(base, attempts, 0);
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap + Duration::from_millis(5) >= least,
+                "attempt {} came {gap:?} after attempt {attempts}, before its backoff (at least {least:?})",
+                attempts + 1
+            );
+        }
+    }
+
+    /// Forty deliveries due at once to a receiver that takes connections and never answers:
+    /// at most `max_in_flight` attempts are open to it, another receiver is still served, and
+    /// once the first answers the rest go out, each once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_to_one_receiver_are_capped_however_many_are_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let silent = Receiver::start(|_| 200, true).await;
+        let other = Receiver::start(|_| 200, false).await;
+        let capped = endpoint(&silent, 3);
+        let free = endpoint(&other, 32);
+        let path = dir.path().join("keys.jsonl.webhooks");
+        let mut q = Queue::open(&path, crate::clock::unix_ms()).unwrap();
+        let now = crate::clock::unix_ms();
+        let mut items: Vec<Pending> = (0..40)
+            .map(|i| pending(&capped, &format!("whd_{i:02}"), now))
+            .collect();
+        // Due two ticks after the others: once it has arrived, the sender has dispatched
+        // after every delivery to the silent receiver was due.
+        items.push(pending(&free, "whd_later", now + 400));
+        q.add(items, vec![], Some(0)).unwrap();
+        let task = start(dir.path(), q, vec![capped, free]);
+
+        eventually("the later delivery to the other receiver", || {
+            (!other.times("whd_later").is_empty()).then_some(())
+        })
+        .await;
+        eventually("three connections to the silent receiver", || {
+            (silent.accepted.load(Ordering::SeqCst) >= 3).then_some(())
+        })
+        .await;
+        assert_eq!(
+            silent.accepted.load(Ordering::SeqCst),
+            3,
+            "connections open at once to a receiver that never answers"
+        );
+        silent.release();
+        let mut ids = eventually("all forty delivered", || {
+            let ids = silent.ids();
+            (ids.len() >= 40).then_some(ids)
+        })
+        .await;
+        task.abort();
+        ids.sort();
+        let want: Vec<String> = (0..40).map(|i| format!("whd_{i:02}")).collect();
+        assert_eq!(ids, want, "each sent once");
     }
 }

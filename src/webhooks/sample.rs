@@ -47,6 +47,7 @@ fn endpoint(
         retry_for: "0s".into(),
         retry_base_ms: 1,
         timeout_ms: 10_000,
+        max_in_flight: 1,
         ca_file: ca_file.map(|p| p.to_owned()),
     }];
     super::endpoints(&c)?
