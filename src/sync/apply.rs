@@ -242,9 +242,24 @@ pub fn revocations_of_refused(
     refused: &KeyTable,
     observer: &mut impl Observer,
 ) -> Vec<String> {
+    obey_revocations(current, refused.revoked().iter().map(|r| &**r), observer)
+}
+
+/// Revoke in `current` each key it holds live (by id, or by digest under any id) that one of
+/// `revoked` revokes, numbered after the version held, without moving the table's revision
+/// (`KeyTable::apply_keeping_revision`). A revocation only narrows what the table lets in, so
+/// obeying one from a source this table does not follow is safe whatever its origin: a whole
+/// table refused (`revocations_of_refused`), or the revocations a store's writers recorded
+/// beside the log (`store::ledger`, read by `sync::file` with a restarted gateway's first
+/// table). Returns the ids revoked.
+pub fn obey_revocations<'r>(
+    current: &KeyTable,
+    revoked: impl IntoIterator<Item = &'r KeyRecord>,
+    observer: &mut impl Observer,
+) -> Vec<String> {
     let live = |h: &Arc<KeyRecord>| h.revoked_at.is_none();
-    let mut revoked = Vec::new();
-    for r in refused.revoked() {
+    let mut obeyed = Vec::new();
+    for r in revoked.into_iter().filter(|r| r.revoked_at.is_some()) {
         let held = current
             .get_by_id(&r.id)
             .filter(live)
@@ -258,10 +273,10 @@ pub fn revocations_of_refused(
         };
         if current.apply_keeping_revision(next) {
             observer.changed(Some(&held), current.get_by_id(&id).as_deref());
-            revoked.push(id);
+            obeyed.push(id);
         }
     }
-    revoked
+    obeyed
 }
 
 #[cfg(test)]
