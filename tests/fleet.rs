@@ -2038,9 +2038,14 @@ async fn a_control_plane_on_an_empty_store_does_not_empty_the_fleet() {
 async fn a_revocation_obeyed_from_a_refused_snapshot_survives_a_restart() {
     let _serial = SERIAL.lock().await;
     let mut fleet = Fleet::start().await;
-    let keys = fleet.import("held", 12);
+    let mut keys = fleet.import("held", 11);
+    // The leaked key is the newest: its version held is the table's revision, which obeying
+    // its revocation must not move (the log's next record would be skipped after a restart).
+    keys.insert(0, fleet.import("newest", 1).remove(0));
     let gw = fleet.gateway(0).await;
-    until_status_fresh(&gw, &keys[11], 200, RECONNECT_BOUND).await;
+    until_status_fresh(&gw, &keys[0], 200, RECONNECT_BOUND).await;
+    let revision = metric(&scrape(&gw).await, "keygate_table_revision");
+    assert!(revision.is_some_and(|r| r >= 12.0), "{revision:?}");
 
     let port = fleet.cp_addr().port();
     let stopped = Instant::now();
@@ -2088,9 +2093,15 @@ async fn a_revocation_obeyed_from_a_refused_snapshot_survives_a_restart() {
         assert_eq!(status(&mut c, key).await, 200, "the copy's last good table");
     }
     let floor = stopped.elapsed().as_secs_f64();
-    let age = metric(&scrape(&gw).await, age).unwrap();
+    let scraped = scrape(&gw).await;
+    let age = metric(&scraped, age).unwrap();
     assert!(
         age >= floor - 0.05,
         "sync age {age} s counts from the refusal, not from {floor} s ago (the last sync)"
+    );
+    assert_eq!(
+        metric(&scraped, "keygate_table_revision"),
+        revision,
+        "the copy stands where the last good table stood in its log"
     );
 }

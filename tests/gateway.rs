@@ -1657,6 +1657,67 @@ async fn store_rollback_then_new_append_never_unrevokes() {
     assert_eq!(status_with_key(&gw, "/invoices/1", &fresh.key).await, 200);
 }
 
+/// THREATS I7 across a restart: an operator restores an older backup of the same log (with
+/// the checkpoint a compaction left beside it, or without one) and the gateway restarts before
+/// any writer writes. A running gateway refuses the rollback; a restarted one has no table to
+/// compare with, so it reads the writers' revocation ledger (signed with the hash secret it
+/// holds) with its first table: the key revoked after the backup answers 401, the restore is
+/// reported, and the next write (a new log) keeps it revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_keeps_revocations_a_restored_backup_lacks() {
+    for compacted in [false, true] {
+        let s = Setup::new(Mode::Echo, "", "").await;
+        let good = s.create(&[]);
+        let victim = s.create(&[]);
+        let checkpoint = s.path("keys.jsonl.checkpoint");
+        if compacted {
+            s.cli_ok(&["keys", "compact"]);
+            assert!(checkpoint.exists(), "a compaction writes the checkpoint");
+        }
+        let backup = std::fs::read(s.store()).unwrap();
+        let backup_checkpoint = std::fs::read(&checkpoint).ok();
+        s.revoke(&victim.id);
+        let gw = s.serve().await;
+        assert_eq!(status_with_key(&gw, "/invoices/1", &victim.key).await, 401);
+        drop(gw);
+
+        replace_atomically(&s.store(), &backup);
+        if let Some(bytes) = &backup_checkpoint {
+            replace_atomically(&checkpoint, bytes);
+        }
+        let gw = s.serve().await;
+        let what = if compacted {
+            "with its checkpoint"
+        } else {
+            "log only"
+        };
+        assert_eq!(
+            status_with_key(&gw, "/invoices/1", &good.key).await,
+            200,
+            "{what}"
+        );
+        assert_eq!(
+            status_with_key(&gw, "/invoices/1", &victim.key).await,
+            401,
+            "{what}: the restored backup holds it live"
+        );
+        let rollback = r#"keygate_source_errors_total{kind="rollback"}"#;
+        assert!(metric(&gw, rollback).await >= 1.0, "{what}: reported");
+        gw.assert_logged_once("behind revision");
+        if compacted {
+            gw.assert_logged_once("key table loaded from the checkpoint");
+        }
+
+        let later = s.create(&[]);
+        wait_status(&gw, "/invoices/1", &later.key, 200, "a key made after").await;
+        assert_eq!(
+            status_with_key(&gw, "/invoices/1", &victim.key).await,
+            401,
+            "{what}: the new log keeps it revoked"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_inplace_restore_then_new_append_never_unrevokes() {
     let s = Setup::new(Mode::Echo, "", "").await;

@@ -637,6 +637,21 @@ impl KeyTable {
     /// Apply one record version. Older or equal revisions of an id already applied are
     /// ignored, so replays are harmless. Returns whether it changed the table.
     pub fn apply(&self, record: KeyRecord) -> bool {
+        let rev = record.rev;
+        let changed = self.apply_keeping_revision(record);
+        if changed {
+            self.rev.fetch_max(rev, Ordering::Release);
+        }
+        changed
+    }
+
+    /// [`KeyTable::apply`] without moving the table's revision, for a version that is no
+    /// place in the log the table follows: a revocation this node obeys from a whole table it
+    /// refused (`sync::apply::revocations_of_refused`) is numbered after the version held, and
+    /// the table's revision says which record of its log comes next: moved past the log's own,
+    /// the log's next record would be skipped as a replay. Also for a whole table whose source
+    /// states its revision (`sync::apply::snapshot`), which sets it with [`KeyTable::advance`].
+    pub fn apply_keeping_revision(&self, record: KeyRecord) -> bool {
         let mut w = lock(&self.writer);
         // Position, slot, revision, digest and flags of the version held.
         let held = self
@@ -648,7 +663,6 @@ impl KeyTable {
         if held.is_some_and(|(_, _, rev, _, _)| rev >= record.rev.min(MAX_REV)) {
             return false;
         }
-        let record_rev = record.rev;
         let (id, id_flag) = match id_bytes(&record.id) {
             Some(b) => (b, 0),
             None => {
@@ -731,7 +745,6 @@ impl KeyTable {
                 rot.remove(&record.id);
             }
         }
-        self.rev.fetch_max(record_rev, Ordering::Release);
         self.maybe_rebuild(&mut w);
         true
     }

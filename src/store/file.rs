@@ -15,6 +15,9 @@
 //! - Writers hold an exclusive `flock` on the file while they append and fsync. After taking
 //!   the lock they check the path still names the locked inode, because a compaction may have
 //!   renamed a new file over it while they waited (else their append would land in an orphan).
+//! - Writers learn the next revision from the last line whose MAC verifies (`tail_revision`),
+//!   never from one that merely parses, and add to it checked (`last_revision`): never
+//!   wrapped, never past the highest revision a key table holds.
 //! - Revisions strictly increase in file order and are never reused: a writer that finds the
 //!   log behind the high-water mark it keeps apart from the log (`store::ledger`), or under
 //!   another log id, starts a new log that continues after it and re-applies every revocation
@@ -28,6 +31,7 @@
 //!   skipped; it never stops a reader and never blocks a writer (revocation must always be
 //!   possible).
 
+use crate::keys::compact::MAX_REV;
 use crate::keys::digest::Digest;
 use crate::keys::record::{unrevokes, KeyRecord};
 use crate::store::ledger::{Hwm, Ledger};
@@ -64,6 +68,8 @@ pub enum StoreError {
     Redis(String),
     #[error("the revocation is written but only {acked} of {wanted} replicas confirmed it within the timeout; it is enforced, and a failover now could lose it")]
     NotReplicated { acked: i64, wanted: u32 },
+    #[error("the store is at revision {rev}: {count} more would pass revision {max}, the highest a key table holds, so nothing was written (only a holder of the hash secret could have signed a revision this high)", max = MAX_REV)]
+    RevisionBound { rev: u64, count: usize },
 }
 
 impl StoreError {
@@ -73,11 +79,27 @@ impl StoreError {
             StoreError::Io { .. }
             | StoreError::Unstable { .. }
             | StoreError::Redis(_)
-            | StoreError::NotReplicated { .. } => "io",
+            | StoreError::NotReplicated { .. }
+            | StoreError::RevisionBound { .. } => "io",
             StoreError::Rollback { .. } | StoreError::Unrevoke { .. } => "rollback",
             StoreError::Downgrade { .. } => "unsigned",
         }
     }
+}
+
+/// The last of `count` revisions issued after `rev`: checked, never wrapped, and never past
+/// [`MAX_REV`], the highest revision a key table holds (it caps revisions there, so a version
+/// written above it would be ignored as not newer than the one before). Every writer's
+/// revision arithmetic goes through here (the file's and Redis's).
+pub fn last_revision(rev: u64, count: usize) -> Result<u64, StoreError> {
+    if count == 0 {
+        return Ok(rev); // nothing issued, nothing to refuse
+    }
+    u64::try_from(count)
+        .ok()
+        .and_then(|n| rev.checked_add(n))
+        .filter(|&last| last <= MAX_REV)
+        .ok_or(StoreError::RevisionBound { rev, count })
 }
 
 /// A complete line that did not parse, did not verify, or whose revision went backwards.
@@ -331,7 +353,8 @@ impl LogFile {
             Err(e) => return Err(self.io(e)),
         };
         let len = file.metadata().map_err(|e| self.io(e))?.len();
-        tail_revision(&mut file, len)
+        let log = read_header(&mut file).map_err(|e| self.io(e))?;
+        tail_revision(&mut file, len, log, &self.signer)
             .map(|(_, rev)| rev)
             .map_err(|e| self.io(e))
     }
@@ -491,10 +514,11 @@ impl LogFile {
         let mut records: Vec<KeyRecord> = keys.into_values().collect();
         records.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.id.cmp(&b.id)));
         let log = LogId::new().map_err(|e| self.io(io::Error::other(e.to_string())))?;
-        let mut rev = hwm.map_or(0, |h| h.rev).max(parsed.rev);
-        for r in &mut records {
-            rev += 1;
-            r.rev = rev;
+        let base = hwm.map_or(0, |h| h.rev).max(parsed.rev);
+        let rev = last_revision(base, records.len())?;
+        // `rev` bounds the range: with records in it, base + 1 ..= rev holds one each.
+        for (r, next) in records.iter_mut().zip(base.saturating_add(1)..=rev) {
+            r.rev = next;
             self.signer.sign(log, r);
         }
         let now = crate::clock::unix_secs();
@@ -717,6 +741,8 @@ impl LogFile {
         if let Some(r) = records.iter().find(|r| unrevokes(current(&r.id), r)) {
             return Err(StoreError::Unrevoke { id: r.id.clone() });
         }
+        // Refused before anything is written, the ledger included.
+        let last = last_revision(tail.rev, records.len())?;
         let newly_revoked: Vec<&KeyRecord> = records
             .iter()
             .filter(|r| {
@@ -726,7 +752,7 @@ impl LogFile {
         self.ledger
             .add_revoked(&self.signer, &newly_revoked)
             .map_err(|e| self.io(e))?;
-        self.write_locked(tail, records)
+        self.write_locked(tail, records, last)
     }
 
     /// The latest version of key `id` in the first `complete` bytes of the locked log, found
@@ -760,8 +786,8 @@ impl LogFile {
         Ok(current)
     }
 
-    /// The locked log with its id and the revision of its last whole line, when the ledger
-    /// vouches for them: the precondition of the paths that read only the header and the tail
+    /// The locked log with its id and the revision of its last line that verifies, when the
+    /// ledger vouches for them: the precondition of the paths that read only the header and the tail
     /// (`append`, `transact_key`). `None` (the lock released) for a fresh, legacy, restored
     /// or ledger-less log, which the careful path (`transact`, the whole log) sorts out.
     fn vouched_tail(&self) -> Result<Option<Tail>, StoreError> {
@@ -769,7 +795,8 @@ impl LogFile {
         let len = file.metadata().map_err(|e| self.io(e))?.len();
         let log = read_header(&mut file).map_err(|e| self.io(e))?;
         let hwm = self.ledger.hwm(&self.signer).map_err(|e| self.io(e))?;
-        let (complete, rev) = tail_revision(&mut file, len).map_err(|e| self.io(e))?;
+        let (complete, rev) =
+            tail_revision(&mut file, len, log, &self.signer).map_err(|e| self.io(e))?;
         let vouched = !log.is_none() && hwm.is_some_and(|h| h.log == log && h.rev <= rev);
         Ok(vouched.then_some(Tail {
             file,
@@ -792,11 +819,13 @@ impl LogFile {
     }
 
     /// Write `records` after the last whole line of the locked log `t` (signed, numbered
-    /// from its revision on), fsync, and move the high-water mark.
+    /// from its revision on up to `last`, checked by [`last_revision`]), fsync, and move the
+    /// high-water mark.
     fn write_locked(
         &self,
         mut t: Tail,
         mut records: Vec<KeyRecord>,
+        last: u64,
     ) -> Result<Vec<KeyRecord>, StoreError> {
         if records.is_empty() {
             return Ok(records);
@@ -809,14 +838,15 @@ impl LogFile {
         // Room for a typical signed line (~450 bytes): a buffer that has to grow copies
         // megabytes on a bulk write.
         let mut out = Vec::with_capacity(records.len() * 512);
-        for r in &mut records {
-            t.rev += 1;
-            r.rev = t.rev;
+        // `last` bounds the range: t.rev + 1 ..= last holds one revision per record.
+        for (r, next) in records.iter_mut().zip(t.rev.saturating_add(1)..=last) {
+            r.rev = next;
             self.signer
                 .sign_into(t.log, r, &mut out)
                 .map_err(|e| self.io(e.into()))?;
             out.push(b'\n');
         }
+        t.rev = last;
         t.file
             .seek(SeekFrom::Start(t.complete))
             .map_err(|e| self.io(e))?;
@@ -1137,9 +1167,16 @@ pub fn complete_prefix(buf: &[u8]) -> &[u8] {
     }
 }
 
-/// Scan backwards from the end for the last parseable line; returns (end of complete lines,
-/// its revision). Reads in 64 KiB chunks so an append costs O(tail), not O(file).
-fn tail_revision(file: &mut File, len: u64) -> io::Result<(u64, u64)> {
+/// Scan backwards from the end for the last line that verifies: in a signed log `log`, a record
+/// or compaction meta line whose MAC checks under `signer` (in a legacy unsigned file, any
+/// that parses); returns (end of complete lines, its revision). A line that does not verify
+/// is passed over like one that does not parse, as every reader passes over it: whoever can
+/// write the file but lacks the secret must not choose the revision writers continue from (a
+/// forged meta line at `u64::MAX` wrapped the next revision to 0, and readers then dropped
+/// every later write as not following). Reads in 64 KiB chunks so an append costs O(tail),
+/// not O(file).
+fn tail_revision(file: &mut File, len: u64, log: LogId, signer: &Signer) -> io::Result<(u64, u64)> {
+    let signed = (!log.is_none()).then_some(signer);
     const CHUNK: u64 = 64 * 1024;
     let mut end = len;
     let mut complete: Option<u64> = None;
@@ -1175,10 +1212,17 @@ fn tail_revision(file: &mut File, len: u64) -> io::Result<(u64, u64)> {
                 None => break,
             };
             match parse_line(&chunk[line_start..upto]) {
-                Ok(Line::Record(r)) => return Ok((complete.unwrap_or(0), r.rev)),
-                Ok(Line::Meta(m)) => return Ok((complete.unwrap_or(0), m.rev)),
-                Ok(Line::Header(_)) => return Ok((complete.unwrap_or(0), 0)),
-                Err(_) => {}
+                Ok(Line::Record(r)) if signed.is_none_or(|s| s.verify(log, &r).is_ok()) => {
+                    return Ok((complete.unwrap_or(0), r.rev))
+                }
+                Ok(Line::Meta(m)) if signed.is_none_or(|s| m.verify(s, log)) => {
+                    return Ok((complete.unwrap_or(0), m.rev))
+                }
+                // Only the first line names the log (as for readers).
+                Ok(Line::Header(_)) if start == 0 && line_start == 0 => {
+                    return Ok((complete.unwrap_or(0), 0))
+                }
+                _ => {}
             }
             if line_start == 0 {
                 return Ok((complete.unwrap_or(0), 0));
@@ -1902,6 +1946,113 @@ mod tests {
             .set_len(cut as u64)
             .unwrap();
         assert!(matches!(fol.poll(), Err(StoreError::Rollback { .. })));
+    }
+
+    /// Append `line` and a newline to the log at `path`, as someone with write access to the
+    /// file but not the hash secret could.
+    fn append_line(path: &Path, line: &str) {
+        let mut f = OpenOptions::new().append(true).open(path).unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+
+    /// Revoke `id` the way the CLI does (`transact_key`, the fast path).
+    fn revoke_key(log: &LogFile, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        log.transact_key(id, |cur| {
+            let mut r = cur.expect("the key is in the log").clone();
+            r.revoked_at = Some(5);
+            Ok::<_, ()>(vec![r])
+        })
+        .map(|r| r.unwrap())
+    }
+
+    /// A line with a huge revision appended by someone without the secret (a meta line, which
+    /// has no record MAC, or a record whose MAC does not verify) must not set the revision
+    /// writers continue from: the next revocation is written right after the last line that
+    /// verifies, and every reader applies it.
+    #[test]
+    fn writers_continue_from_the_last_verified_line_not_a_forged_tail() {
+        let mut forged_record = rec("key_forged", 9);
+        forged_record.rev = 1 << 40;
+        let cases = [
+            r#"{"meta":"compacted","rev":18446744073709551615,"at":0}"#.to_owned(),
+            r#"{"meta":"compacted","rev":1099511627776,"at":0}"#.to_owned(),
+            serde_json::to_string(&forged_record).unwrap(),
+        ];
+        for forged in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.jsonl");
+            let log = log_at(&path);
+            log.append(vec![rec("key_a", 1), rec("key_b", 2)]).unwrap();
+            append_line(&path, &forged);
+            let w = revoke_key(&log, "key_a").unwrap();
+            assert_eq!(w[0].rev, 3, "{forged}");
+            let w = log.append(vec![rec("key_c", 3)]).unwrap();
+            assert_eq!(w[0].rev, 4, "{forged}");
+            let loaded = log.load().unwrap();
+            assert_eq!(loaded.rev, 4, "{forged}");
+            assert_eq!(loaded.corrupt.len(), 1, "{forged}: {:?}", loaded.corrupt);
+            let keys = latest(loaded.records);
+            assert!(keys["key_a"].revoked_at.is_some(), "{forged}: revoked");
+            assert!(keys.contains_key("key_c"), "{forged}");
+            assert_eq!(log.head_revision().unwrap(), 4, "{forged}");
+        }
+    }
+
+    /// Revisions are checked, never wrapped: a signed log already at the highest revision a
+    /// key table holds (`keys::compact::MAX_REV`; only a holder of the secret could write such
+    /// a line) refuses the next write, on every path, instead of issuing a revision readers
+    /// would ignore or wrap to 0.
+    #[test]
+    fn a_revision_past_what_a_table_holds_is_refused_never_wrapped() {
+        use crate::keys::compact::MAX_REV;
+        for at in [MAX_REV, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keys.jsonl");
+            let log = log_at(&path);
+            log.append(vec![rec("key_a", 1)]).unwrap();
+            let id = log.load().unwrap().log;
+            let meta = Meta {
+                meta: "compacted".into(),
+                rev: at,
+                at: 0,
+                mac: Some(Meta::tag(&test_signer(), id, at, 0)),
+            };
+            append_line(&path, &serde_json::to_string(&meta).unwrap());
+            assert_eq!(log.load().unwrap().rev, at, "a signed meta line counts");
+            let appended = log.append(vec![rec("key_b", 2)]);
+            assert!(appended.is_err(), "{at}: {appended:?}");
+            let revoked = revoke_key(&log, "key_a");
+            assert!(revoked.is_err(), "{at}: {revoked:?}");
+            let careful = log.transact(|_| Ok::<_, ()>(vec![rec("key_c", 3)]));
+            assert!(careful.is_err(), "{at}: {careful:?}");
+            let loaded = log.load().unwrap();
+            assert_eq!(loaded.records.len(), 1, "{at}: nothing written");
+            let (ledger, _) = Ledger::for_store(&path).revoked(&test_signer()).unwrap();
+            assert!(
+                ledger.is_empty(),
+                "{at}: not even the revocation's ledger line"
+            );
+        }
+        assert_eq!(last_revision(MAX_REV - 2, 2).unwrap(), MAX_REV);
+        assert_eq!(
+            last_revision(u64::MAX, 0).unwrap(),
+            u64::MAX,
+            "nothing to issue"
+        );
+        for (rev, count) in [
+            (MAX_REV - 1, 2),
+            (MAX_REV, 1),
+            (u64::MAX, 1),
+            (0, usize::MAX),
+        ] {
+            assert!(
+                matches!(
+                    last_revision(rev, count),
+                    Err(StoreError::RevisionBound { .. })
+                ),
+                "{rev} + {count}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   ignoring "replays" forever.
 //! - `<store>.revoked`: every revocation ever written, one JSON line each, appended (fsync)
 //!   before the record reaches the log. A new log re-applies all of them, so a backup taken
-//!   before a revocation is revoked again when it is restored.
+//!   before a revocation is revoked again when it is restored. A torn last line (a writer
+//!   that died mid-append) is cut off before the next append, so it cannot swallow it.
 //!
 //! Both are MAC'd with a key derived from the hash secret: editing them is detected (and
 //! refused loudly) rather than trusted.
@@ -17,8 +18,9 @@ use crate::keys::record::KeyRecord;
 use crate::store::file::{sibling, write_atomic};
 use crate::store::seal::{LogId, Signer, Tag};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The high-water mark: (log id, highest revision issued).
@@ -110,7 +112,13 @@ impl Ledger {
         write_atomic(&self.hwm, &bytes)
     }
 
-    /// Append revoked records (their latest version) and fsync.
+    /// Append revoked records (their latest version) and fsync. Callers hold the store's lock
+    /// (`file::LogFile`), so appends never interleave. A torn last line (an append cut short
+    /// by a crash or a full disk: no newline) is cut off first, as the log's writer cuts its
+    /// partial tail: appended to, it would merge with this revocation's line into one that
+    /// does not parse, and this revocation would be lost to every later restore. Nobody was
+    /// told the torn one succeeded (its record reaches the log only after this file), so
+    /// cutting it loses nothing acknowledged.
     pub fn add_revoked(&self, signer: &Signer, records: &[&KeyRecord]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -126,8 +134,14 @@ impl Ledger {
         }
         let mut f = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.revoked)?;
+        let len = f.metadata()?.len();
+        let whole = whole_lines_len(&f, len)?;
+        if whole < len {
+            f.set_len(whole)?;
+        }
         f.write_all(&out)?;
         f.sync_data()
     }
@@ -156,6 +170,24 @@ impl Ledger {
         }
         Ok((out, bad))
     }
+}
+
+/// The length of the first `len` bytes of `file` up to and including its last newline: its
+/// whole lines. Reads backwards from the end in chunks (a torn line is one record long).
+fn whole_lines_len(file: &File, len: u64) -> io::Result<u64> {
+    const CHUNK: u64 = 4096;
+    let mut end = len;
+    let mut buf = [0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -196,5 +228,49 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, "key_a");
         assert_eq!(bad.len(), 1);
+    }
+
+    /// A ledger append torn by a crash or a full disk (a line without its newline) cannot
+    /// swallow the next revocation's line: that revocation is recorded, so restoring a backup
+    /// taken before it does not bring the key back.
+    #[test]
+    fn a_torn_ledger_line_never_swallows_the_next_revocation() {
+        use crate::store::file::{latest, test_signer, LogFile};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.jsonl");
+        let log = LogFile::new(&path, test_signer());
+        log.append(vec![
+            sample("key_a", Digest([1; 32])),
+            sample("key_b", Digest([2; 32])),
+        ])
+        .unwrap();
+        let backup = fs::read(&path).unwrap();
+        let mut torn = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("keys.jsonl.revoked"))
+            .unwrap();
+        torn.write_all(b"{\"body\":{\"rev\":").unwrap();
+        drop(torn);
+        log.transact_key("key_a", |cur| {
+            let mut r = cur.expect("key_a is in the log").clone();
+            r.revoked_at = Some(5);
+            Ok::<_, ()>(vec![r])
+        })
+        .unwrap()
+        .unwrap();
+        fs::write(&path, &backup).unwrap();
+        log.ensure_signed().unwrap();
+        let keys = latest(log.load().unwrap().records);
+        assert!(
+            keys["key_a"].revoked_at.is_some(),
+            "revoked after the restore"
+        );
+        assert!(keys["key_b"].revoked_at.is_none());
+        // The torn line is cut off (nobody was told it succeeded), not left to be reported.
+        let (recorded, bad) = Ledger::for_store(&path).revoked(&test_signer()).unwrap();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].id, "key_a");
+        assert!(bad.is_empty(), "{bad:?}");
     }
 }

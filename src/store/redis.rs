@@ -47,7 +47,7 @@ use crate::redis::resp::Value;
 use crate::redis::script::Script;
 use crate::redis::{Client, RedisError, Settings};
 use crate::store::checkpoint;
-use crate::store::file::{latest, Parsed, State, StoreError, Update};
+use crate::store::file::{last_revision, latest, Parsed, State, StoreError, Update};
 use crate::store::seal::{LogId, SealError, Signer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -796,15 +796,16 @@ impl RedisLog {
             let mut records: Vec<KeyRecord> = keys.into_values().collect();
             records.sort_by(|a, b| a.rev.cmp(&b.rev).then_with(|| a.id.cmp(&b.id)));
             let log = LogId::new().map_err(|e| StoreError::Redis(e.to_string()))?;
-            let mut rev = current.rev.max(known_rev);
+            let base = current.rev.max(known_rev);
+            let rev = last_revision(base, records.len())?;
             let mut args: Vec<Vec<u8>> = vec![
                 old_log.to_string().into_bytes(),
                 log.to_string().into_bytes(),
                 Vec::new(),
             ];
-            for r in &mut records {
-                rev += 1;
-                r.rev = rev;
+            // `rev` bounds the range: with records in it, base + 1 ..= rev holds one each.
+            for (r, next) in records.iter_mut().zip(base.saturating_add(1)..=rev) {
+                r.rev = next;
                 signer.sign(log, r);
                 push_record(&mut args, r, true)?;
             }
@@ -883,15 +884,17 @@ async fn write(
 ) -> Result<Written, StoreError> {
     let log_s = log.to_string();
     for (i, chunk) in records.chunks_mut(BATCH).enumerate() {
+        // The head comes from Redis, where an entry with a huge id needs no secret: checked.
+        let last = last_revision(rev, chunk.len())?;
         let mut args: Vec<Vec<u8>> = vec![log_s.clone().into_bytes(), rev.to_string().into_bytes()];
-        for (k, r) in chunk.iter_mut().enumerate() {
-            r.rev = rev + 1 + k as u64;
+        for (r, next) in chunk.iter_mut().zip(rev.saturating_add(1)..=last) {
+            r.rev = next;
             signer.sign(log, r);
             push_record(&mut args, r, false)?;
         }
         let reply = store_script(c, &WRITE, n, &args).await?;
         match text(reply.first()).as_str() {
-            "ok" => rev += chunk.len() as u64,
+            "ok" => rev = last,
             "conflict" if i == 0 => return Ok(Written::Conflict),
             "conflict" => {
                 return Err(StoreError::Redis(

@@ -158,7 +158,11 @@ pub fn records(
 /// Build the table that replaces `current` from a whole snapshot of `log` at `rev`. The new
 /// table keeps every revocation `current` holds: keys the snapshot would un-revoke stay
 /// revoked, and revoked keys it does not mention at all are carried over (at revision 0: they
-/// are not part of the new log's order, only a memory of the old one).
+/// are not part of the new log's order, only a memory of the old one). The new table stands
+/// at `rev`, whatever its records' own revisions: a node's local copy also holds revocations
+/// it obeyed from a table it refused (`revocations_of_refused`), numbered one past the
+/// version they replaced and no place in the log, which must not move a restarted node
+/// past the log's next record.
 pub fn snapshot(
     current: &KeyTable,
     log: LogId,
@@ -176,11 +180,11 @@ pub fn snapshot(
     let table = KeyTable::sized(log, records.len());
     for r in records {
         let r = keep_revoked(current, r, &mut out);
-        table.apply(r);
+        table.apply_keeping_revision(r);
     }
     for old in current.revoked() {
         if table.get_by_id(&old.id).is_none() && table.get_by_digest(&old.digest).is_none() {
-            table.apply(KeyRecord {
+            table.apply_keeping_revision(KeyRecord {
                 rev: 0,
                 ..(*old).clone()
             });
@@ -228,17 +232,34 @@ pub fn shrink(
 /// whatever the refused table's origin; and a node keeps its last good table until the store
 /// is put right, so without this a key revoked meanwhile (a leaked key, revoked during the
 /// very incident) would stay live on it until then. Each key `current` holds live (by id, or
-/// by digest under any id) that `refused` holds revoked is revoked here, at the revision after
-/// the one held; the table's own revision, its place in its log, does not move. Returns the
-/// ids revoked.
+/// by digest under any id) that `refused` holds revoked is revoked here, numbered after the
+/// version held; the table's own revision, its place in its log, does not move
+/// (`KeyTable::apply_keeping_revision`): when the version held is the log's newest, a revision
+/// moved one past it would make the log's next record look like a replay and a snapshot at
+/// the revision held look backwards. Returns the ids revoked.
 pub fn revocations_of_refused(
     current: &KeyTable,
     refused: &KeyTable,
     observer: &mut impl Observer,
 ) -> Vec<String> {
+    obey_revocations(current, refused.revoked().iter().map(|r| &**r), observer)
+}
+
+/// Revoke in `current` each key it holds live (by id, or by digest under any id) that one of
+/// `revoked` revokes, numbered after the version held, without moving the table's revision
+/// (`KeyTable::apply_keeping_revision`). A revocation only narrows what the table lets in, so
+/// obeying one from a source this table does not follow is safe whatever its origin: a whole
+/// table refused (`revocations_of_refused`), or the revocations a store's writers recorded
+/// beside the log (`store::ledger`, read by `sync::file` with a restarted gateway's first
+/// table). Returns the ids revoked.
+pub fn obey_revocations<'r>(
+    current: &KeyTable,
+    revoked: impl IntoIterator<Item = &'r KeyRecord>,
+    observer: &mut impl Observer,
+) -> Vec<String> {
     let live = |h: &Arc<KeyRecord>| h.revoked_at.is_none();
-    let mut revoked = Vec::new();
-    for r in refused.revoked() {
+    let mut obeyed = Vec::new();
+    for r in revoked.into_iter().filter(|r| r.revoked_at.is_some()) {
         let held = current
             .get_by_id(&r.id)
             .filter(live)
@@ -246,16 +267,16 @@ pub fn revocations_of_refused(
         let Some(held) = held else { continue };
         let id = held.id.clone();
         let next = KeyRecord {
-            rev: held.rev + 1,
+            rev: held.rev.saturating_add(1),
             revoked_at: r.revoked_at,
             ..(*held).clone()
         };
-        if current.apply(next) {
+        if current.apply_keeping_revision(next) {
             observer.changed(Some(&held), current.get_by_id(&id).as_deref());
-            revoked.push(id);
+            obeyed.push(id);
         }
     }
-    revoked
+    obeyed
 }
 
 #[cfg(test)]
@@ -484,6 +505,49 @@ mod tests {
         assert_eq!(t.revision(), 20);
         assert_eq!(t.log(), L1);
         assert!(revocations_of_refused(&t, &refused, &mut ()).is_empty());
+    }
+
+    /// Obeying a refused table's revocation of the key whose held version is the table's
+    /// newest leaves the table's revision where it stood, so the log's next record (at the
+    /// revision after it) is still applied; and so does the table a restart rebuilds from the
+    /// local copy (the records as enforced, sealed at the revision held).
+    #[test]
+    fn obeying_a_refused_table_leaves_the_revision_where_it_stood() {
+        let held: Vec<KeyRecord> = (0..20u8)
+            .map(|n| rec(&format!("key_{n}"), n, u64::from(n) + 1, false))
+            .collect();
+        let (t, _) = snapshot(&KeyTable::new(), L1, 20, held).unwrap();
+        let refused = KeyTable::from_records([rec("key_19", 19, 1, true)], L2, 1);
+        assert!(shrink(&t, &refused, 50, 100).is_err());
+        assert_eq!(revocations_of_refused(&t, &refused, &mut ()), ["key_19"]);
+        assert!(revoked(&t, "key_19"));
+        assert_eq!(t.revision(), 20, "the table's place in its log");
+
+        let mut enforced: Vec<KeyRecord> = t.records().iter().map(|r| (**r).clone()).collect();
+        enforced.sort_by_key(|r| r.rev);
+        let (restarted, _) = snapshot(&KeyTable::new(), L1, 20, enforced).unwrap();
+        assert_eq!(
+            restarted.revision(),
+            20,
+            "the copy's seal, not the obeyed version"
+        );
+        assert!(
+            revoked(&restarted, "key_19"),
+            "the revocation survives a restart"
+        );
+
+        for table in [&t, &restarted] {
+            let same = snapshot(table, L1, 20, vec![rec("key_0", 0, 1, false)]);
+            assert!(
+                same.is_ok(),
+                "a snapshot at the revision held is not backwards"
+            );
+            let out = records(table, L1, vec![rec("key_new", 30, 21, false)], 21, &mut ());
+            assert_eq!(out.unwrap().written_at_ms.len(), 1, "the log's next record");
+            assert!(table.get_by_id("key_new").is_some());
+            assert!(revoked(table, "key_19"));
+            assert_eq!(table.revision(), 21);
+        }
     }
 
     #[test]

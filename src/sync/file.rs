@@ -6,12 +6,22 @@
 //! a time to the live table; a replaced file is loaded into a new table that is swapped in
 //! whole. Both go through `sync::apply` (revocation is final, never backwards). Errors never
 //! touch the table (fail static): they are counted, logged and audited.
+//!
+//! A running gateway refuses a file that goes back in its log; a restarted one has no table
+//! to compare with. So its first table (from the checkpoint or the file) is also held up to
+//! what the store's writers keep beside the log (`store::ledger`, MAC'd with the hash secret
+//! this gateway holds too): a file behind the high-water mark is reported as the restore it
+//! is, and every revocation the writers recorded is obeyed in it, so a backup restored while
+//! the gateway was down cannot bring a revoked key back before the next write does it anyway
+//! (a writer continues such a file as a new log with every recorded revocation).
 
 use crate::audit::Event;
 use crate::clock::unix_ms;
 use crate::gateway::Gateway;
+use crate::keys::record::KeyRecord;
 use crate::store::file::{Follower, LogFile, Missing, Parsed, StoreError, Update};
-use crate::store::seal::Signer;
+use crate::store::ledger::Ledger;
+use crate::store::seal::{LogId, Signer};
 use crate::sync::apply;
 use notify::{EventKind, RecursiveMode, Watcher};
 use std::path::PathBuf;
@@ -27,10 +37,14 @@ pub fn spawn(
     signer: Signer,
     poll_interval: Duration,
 ) -> std::io::Result<()> {
-    let file = LogFile::new(&path, signer);
+    let file = LogFile::new(&path, signer.clone());
     create_if_missing(&gw, &file);
+    let writers = Writers {
+        ledger: Ledger::for_store(&path),
+        signer,
+    };
     let mut follower = Follower::new(file);
-    resume(&gw, &mut follower);
+    resume(&gw, &mut follower, &writers);
     let mut last_error: Option<String> = None;
     // The drop limit in force when this node refused the file's table (a shrink): the file
     // is judged again when it changes or when a reload changes the limit.
@@ -53,7 +67,11 @@ pub fn spawn(
                 Ok(update) => {
                     last_error = None;
                     refused_at = None;
-                    if apply(&gw, update).is_err() {
+                    let recorded = match &update {
+                        Update::Replaced(p) => writers.first_table(&gw, p.log, p.rev),
+                        _ => Vec::new(),
+                    };
+                    if apply_recorded(&gw, update, &recorded).is_err() {
                         follower.refuse_last_whole();
                         refused_at = Some(max_drop(&gw));
                     }
@@ -75,24 +93,103 @@ pub fn spawn(
 /// checkpoint for the log in place (`store::checkpoint`). A refused checkpoint is reported
 /// loudly (error log, `keygate_source_errors_total{kind="checkpoint"}`, audit), set aside, and
 /// the first poll reads the log whole.
-fn resume(gw: &Gateway, follower: &mut Follower) {
+fn resume(gw: &Gateway, follower: &mut Follower, writers: &Writers) {
     let started = std::time::Instant::now();
     let path = crate::store::checkpoint::path_for(follower.path());
-    apply_checkpoint(gw, follower.resume_from_checkpoint(), started, |why| {
+    let loaded = follower.resume_from_checkpoint();
+    let recorded = match &loaded {
+        Ok(Some((table, tail))) => {
+            writers.first_table(gw, table.log(), tail.rev.max(table.revision()))
+        }
+        _ => Vec::new(),
+    };
+    apply_checkpoint(gw, loaded, started, &recorded, |why| {
         let aside = crate::sync::cache::set_aside(&path);
         tracing::error!(error = %why, path = %path.display(), set_aside = ?aside.as_ref().ok(), "key table checkpoint refused; loading the log instead");
     });
 }
 
+/// What the store's writers keep beside the log (`store::ledger`) and the secret it is MAC'd
+/// with (the gateway's own).
+struct Writers {
+    ledger: Ledger,
+    signer: Signer,
+}
+
+impl Writers {
+    /// For the gateway's first table (none loaded yet: after a later one, the table it
+    /// replaces carries every revocation, `sync::apply::snapshot`), of `log` at `rev`: report
+    /// a log behind the highest revision the writers issued, or another one (restored from a
+    /// backup while this gateway was down, or replaced), and return every revocation the
+    /// writers recorded, for the table to obey. A ledger that cannot be read or does not
+    /// verify is reported and read as far as it verifies: the log still holds every
+    /// revocation written to it, and a gateway that may read the log but not its ledger
+    /// (another user, a read-only mount) must still come up.
+    fn first_table(&self, gw: &Gateway, log: LogId, rev: u64) -> Vec<KeyRecord> {
+        if gw.table_loaded() {
+            return Vec::new();
+        }
+        match self.ledger.hwm(&self.signer) {
+            Ok(Some(h)) if h.log != log || rev < h.rev => {
+                let error = format!(
+                    "key store is log {log} at revision {rev}, behind revision {} its writers issued in log {} (a backup restored, or the file replaced): serving it with every revocation the writers recorded; the next write continues it as a new log",
+                    h.rev, h.log
+                );
+                report_source(gw, "rollback", error);
+            }
+            Ok(_) => {}
+            Err(e) => report_ledger(gw, &e),
+        }
+        match self.ledger.revoked(&self.signer) {
+            Ok((records, bad)) => {
+                for (line, why) in bad {
+                    report_source(
+                        gw,
+                        "bad_mac",
+                        format!("revocation ledger line {line} skipped: {why}"),
+                    );
+                }
+                records
+            }
+            Err(e) => {
+                report_ledger(gw, &e);
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// A ledger file that could not be read (`io`) or verified (`bad_mac`).
+fn report_ledger(gw: &Gateway, e: &std::io::Error) {
+    let kind = match e.kind() {
+        std::io::ErrorKind::InvalidData => "bad_mac",
+        _ => "io",
+    };
+    report_source(gw, kind, format!("key store ledger: {e}"));
+}
+
+/// Count, log and audit a source problem the table is served through.
+fn report_source(gw: &Gateway, kind: &'static str, error: String) {
+    gw.metrics.source_errors.with_label_values(&[kind]).inc();
+    tracing::error!(kind, error = %error, "key store problem; serving the table with the revocations recorded");
+    gw.audit(
+        Event::new("source.error", "gateway")
+            .with("kind", kind)
+            .with("error", error),
+    );
+}
+
 /// Put a checkpoint's table, with the records after it applied on top (`sync::apply`: the
-/// same rules as any append), in as the gateway's table; or count (`source_errors{kind=
-/// "checkpoint"}`) and audit a refused checkpoint, which `say_refused` logs with what its
-/// source knows. Shared by the file store and the Redis store (`sync::redis`). Returns
-/// whether a table was put in.
+/// same rules as any append) and the revocations in `recorded` obeyed (the store's ledger,
+/// `Writers::first_table`; none for Redis), in as the gateway's table; or count
+/// (`source_errors{kind="checkpoint"}`) and audit a refused checkpoint, which `say_refused`
+/// logs with what its source knows. Shared by the file store and the Redis store
+/// (`sync::redis`). Returns whether a table was put in.
 pub fn apply_checkpoint(
     gw: &Gateway,
     loaded: Result<Option<(crate::keys::table::KeyTable, Parsed)>, String>,
     started: std::time::Instant,
+    recorded: &[KeyRecord],
     say_refused: impl FnOnce(&str),
 ) -> bool {
     match loaded {
@@ -105,6 +202,7 @@ pub fn apply_checkpoint(
                 report_refusal(gw, &refusal);
                 return false;
             }
+            report_kept_revoked(gw, &apply::obey_revocations(&table, recorded, &mut ()));
             let (rev, keys, log) = (table.revision(), table.len(), table.log());
             gw.replace_table(table);
             gw.metrics.table_revision.set(rev as i64);
@@ -243,6 +341,16 @@ fn report_corrupt(gw: &Gateway, parsed: &Parsed) {
 /// (reported already), so the follower can look again later with the configuration then in
 /// force.
 pub fn apply(gw: &Gateway, update: Update) -> Result<(), apply::Refusal> {
+    apply_recorded(gw, update, &[])
+}
+
+/// [`apply`], a whole table also obeying the revocations in `recorded` (the store's ledger,
+/// `Writers::first_table`) before it is judged and put in.
+fn apply_recorded(
+    gw: &Gateway,
+    update: Update,
+    recorded: &[KeyRecord],
+) -> Result<(), apply::Refusal> {
     match update {
         Update::Unchanged => gw.mark_synced(),
         Update::Appended(parsed) => {
@@ -281,13 +389,15 @@ pub fn apply(gw: &Gateway, update: Update) -> Result<(), apply::Refusal> {
             let n = parsed.records.len();
             let log = parsed.log;
             let built = apply::snapshot(&gw.table(), log, parsed.rev, parsed.records);
-            let (table, out) = match built {
+            let (table, mut out) = match built {
                 Ok(b) => b,
                 Err(refusal) => {
                     report_refusal(gw, &refusal);
                     return Ok(());
                 }
             };
+            out.kept_revoked
+                .extend(apply::obey_revocations(&table, recorded, &mut ()));
             if let Err(refusal) = shrink(gw, &table) {
                 report_refusal(gw, &refusal);
                 return Err(refusal);

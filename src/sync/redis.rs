@@ -62,9 +62,15 @@ pub async fn start(gw: Arc<Gateway>, settings: Settings, cache_path: PathBuf) ->
         let started = std::time::Instant::now();
         match follower.resume_from_checkpoint().await {
             Ok(resumed) => {
-                let loaded = crate::sync::file::apply_checkpoint(&gw, resumed, started, |why| {
-                    tracing::error!(error = %why, "redis store checkpoint refused; reading every key instead");
-                });
+                let loaded = crate::sync::file::apply_checkpoint(
+                    &gw,
+                    resumed,
+                    started,
+                    &[],
+                    |why| {
+                        tracing::error!(error = %why, "redis store checkpoint refused; reading every key instead");
+                    },
+                );
                 if loaded {
                     pending = Some(Change::Whole);
                 } else {
