@@ -49,7 +49,7 @@ impl Event {
     pub fn key(mut self, r: &crate::keys::record::KeyRecord) -> Event {
         self.key_id = Some(r.id.clone());
         self.owner = Some(r.owner.clone());
-        self.hint = Some(r.hint.clone());
+        self.hint = Some(r.shown_hint());
         self
     }
 

@@ -7,7 +7,7 @@
 //! the audit write fails, the change is refused and the store is untouched.
 
 use crate::audit::{AuditLog, Event};
-use crate::keys::format::{hint, MAX_KEY_LEN};
+use crate::keys::format::{hint, imported_hint, MAX_KEY_LEN, MIN_IMPORTED_KEY_LEN};
 use crate::keys::policy::PolicyError;
 use crate::keys::record::{format_id, new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
@@ -1177,7 +1177,7 @@ impl<'a> Keys<'a> {
         };
         // The same bound the gateway applies before hashing, so every imported key can be presented.
         if parsed.key.len() > MAX_KEY_LEN
-            || parsed.key.len() < 16
+            || parsed.key.len() < MIN_IMPORTED_KEY_LEN
             || !parsed.key.bytes().all(|b| (0x21..=0x7e).contains(&b))
             || parsed.key.contains(',')
         {
@@ -1219,7 +1219,8 @@ impl<'a> Keys<'a> {
             } else {
                 parsed.labels
             },
-            hint: hint(&parsed.key),
+            // Not our format, so no public head: the last four characters at most.
+            hint: imported_hint(&parsed.key),
             created_at: now,
             written_at_ms: crate::clock::unix_ms(),
             not_before: parsed.not_before.or(defaults.not_before),
