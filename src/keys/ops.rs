@@ -166,6 +166,132 @@ pub fn check_scope(s: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// Bounds on what one key record carries (review 134). Nothing bounded labels, names or
+/// owners, and a PATCH merges labels, so repeated updates grew one record past the feed's
+/// line limit: every feed gateway stopped at the revision before it, for good. The limits
+/// follow Kubernetes where it has one (a label name is at most 63 characters, a name 253),
+/// with values longer than its 63 because ours carry ticket references and URLs; counts are
+/// a few times what any key plausibly needs. Labels at every bound make about 21 KB; the
+/// whole record is held to [`MAX_RECORD_BYTES`] besides. Strings are bounded in characters,
+/// as JSON Schema's `maxLength` counts them (docs/openapi.yaml states these limits).
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_CHARS: usize = 63;
+pub const MAX_LABEL_VALUE_CHARS: usize = 256;
+/// For `name` and `owner`.
+pub const MAX_NAME_CHARS: usize = 256;
+pub const MAX_SCOPES: usize = 256;
+pub const MAX_ORIGINS: usize = 64;
+/// `scheme://host:port`: a DNS name is at most 253 characters.
+pub const MAX_ORIGIN_CHARS: usize = 512;
+pub const MAX_ALLOW_IPS: usize = 256;
+/// A revocation's reason (it is stored in the record, and in the audit event).
+pub const MAX_REASON_CHARS: usize = 1024;
+/// A whole record as stored, JSON. The fields' bounds alone allow more (scopes and origins at
+/// their counts and lengths), and a feed line is one record: this keeps every record written
+/// now at 1/256 of a feed line's limit (`store::feed::MAX_LINE`), with room for what the
+/// store adds (revision, MAC) and the line around it.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+const _: () = assert!(MAX_RECORD_BYTES * 16 <= crate::store::feed::MAX_LINE);
+
+/// `field: <n> <unit>, at most <max>` when `n` is over `max`. Lengths are counted, never echoed: a
+/// refused value can be megabytes, and the error goes to a log and a response.
+fn bound(field: &str, n: usize, unit: &str, max: usize) -> Result<(), OpsError> {
+    if n > max {
+        return Err(OpsError::Invalid(format!(
+            "{field}: {n} {unit}, at most {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// The one place a record's size is bounded: every write that makes or changes a record's
+/// content (create, update, import, a rotation's successor; CLI and API; file and Redis
+/// store) goes through [`Keys::validate`], which checks this first, before any rule that
+/// would quote a value. A revocation only stamps a record and is never refused for its size
+/// (a record written by an older version may be over): its reason is checked by
+/// [`check_reason`].
+fn check_bounds(r: &KeyRecord) -> Result<(), OpsError> {
+    bound("name", r.name.chars().count(), "characters", MAX_NAME_CHARS)?;
+    bound(
+        "owner",
+        r.owner.chars().count(),
+        "characters",
+        MAX_NAME_CHARS,
+    )?;
+    bound("labels", r.labels.len(), "labels", MAX_LABELS)?;
+    for (k, v) in &r.labels {
+        if k.is_empty() {
+            return Err(OpsError::Invalid(
+                "labels: a label key is empty; label keys are 1 to 63 characters".into(),
+            ));
+        }
+        bound(
+            "labels",
+            k.chars().count(),
+            "characters in a label key",
+            MAX_LABEL_KEY_CHARS,
+        )?;
+        // The key is at most 63 characters here: quoting it names the label.
+        bound(
+            "labels",
+            v.chars().count(),
+            &format!("characters in the value of {k:?}"),
+            MAX_LABEL_VALUE_CHARS,
+        )?;
+    }
+    bound("scopes", r.scopes.len(), "scopes", MAX_SCOPES)?;
+    bound(
+        "allow_origins",
+        r.allow_origins.len(),
+        "origins",
+        MAX_ORIGINS,
+    )?;
+    for o in &r.allow_origins {
+        bound(
+            "allow_origins",
+            o.chars().count(),
+            "characters in an origin",
+            MAX_ORIGIN_CHARS,
+        )?;
+    }
+    bound("allow_ips", r.allow_ips.len(), "networks", MAX_ALLOW_IPS)?;
+    let mut size = Counted(0);
+    serde_json::to_writer(&mut size, r)
+        .map_err(|e| OpsError::Invalid(format!("record: cannot be serialised: {e}")))?;
+    if size.0 > MAX_RECORD_BYTES {
+        return Err(OpsError::Invalid(format!(
+            "record: the key's record would be {} bytes, at most {MAX_RECORD_BYTES} (every \
+             field is within its own bound, together they are not): use fewer or shorter \
+             labels, scopes or allow_origins",
+            size.0
+        )));
+    }
+    Ok(())
+}
+
+/// A revocation's reason, wherever it comes from (one key, a mass revoke; CLI and API).
+pub fn check_reason(reason: Option<&str>) -> Result<(), OpsError> {
+    bound(
+        "reason",
+        reason.map_or(0, |r| r.chars().count()),
+        "characters",
+        MAX_REASON_CHARS,
+    )
+}
+
+/// Counts the bytes written to it: a record's serialised size without building the string.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A publishable key is accepted only from browsers on the origins it lists, so it needs at
 /// least one (the global `[cors]` list would make it usable from any site that list names),
 /// and it cannot be a canary (a canary must look like a secret key that leaked).
@@ -412,6 +538,7 @@ impl<'a> Keys<'a> {
 
     /// Reject values that are not well-formed before they reach the store.
     fn validate(&self, r: &KeyRecord, now: i64) -> Result<(), OpsError> {
+        check_bounds(r)?;
         if !self.settings.format.envs().contains(&r.env) {
             return Err(OpsError::Invalid(format!(
                 "unknown env {:?} (configured: {})",
@@ -653,6 +780,7 @@ impl<'a> Keys<'a> {
         found_in: &[String],
         now: i64,
     ) -> Result<KeyRecord, OpsError> {
+        check_reason(reason)?;
         self.change(id, |cur| {
             if cur.revoked_at.is_some() {
                 return Ok(None);
@@ -686,6 +814,7 @@ impl<'a> Keys<'a> {
         reason: Option<&str>,
         now: i64,
     ) -> Result<MassRevoke, OpsError> {
+        check_reason(reason)?;
         if sel.is_empty() {
             return Err(OpsError::Invalid(
                 "a mass revoke needs an owner, an env or a label to select keys by (CLI: --owner, --env, --label)"
