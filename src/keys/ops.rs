@@ -1,10 +1,16 @@
 //! Key lifecycle operations against the store, with policy and audit: the one implementation
 //! behind `keygate keys …` and the control plane's REST API.
 //!
-//! Every change is read-modify-write under the store's exclusive lock (`LogFile::transact`),
-//! so concurrent rotate and revoke on one key serialise and the last writer sees the first
-//! writer's result. The audit event is written inside the lock, before the store append: if
-//! the audit write fails, the change is refused and the store is untouched.
+//! Every change is read-modify-write through the store (`Store::transact`): under the file
+//! store's exclusive lock, or by the Redis store's checked write, so concurrent rotate and
+//! revoke on one key serialise and the last writer sees the first writer's result. A change
+//! is built without effects (the Redis store may build it more than once) and its audit
+//! events are written exactly once, for the version written, at the store's commit point:
+//! the file store's is inside the lock before the append, so a failed audit write refuses the
+//! change and leaves the store untouched; the Redis store's is after its write (only then is
+//! it known which build was written), so a failed audit write is reported as a change made
+//! without its record (`OpsError::Unaudited`). Creation and import append new keys (no
+//! rebuild) and audit before the append, as the file store's transactions do.
 
 use crate::audit::{AuditLog, Event};
 use crate::keys::format::{hint, imported_hint, MAX_KEY_LEN, MIN_IMPORTED_KEY_LEN};
@@ -13,7 +19,7 @@ use crate::keys::record::{format_id, new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
 use crate::store::file::{Compacted, StoreError};
-use crate::store::Store;
+use crate::store::{CommitPoint, Store};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -24,6 +30,13 @@ pub enum OpsError {
     Store(#[from] StoreError),
     #[error("audit log {path}: {source}; the change was not made")]
     Audit {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Redis store commits before it audits (`CommitPoint::AfterWrite`): the change stands.
+    #[error("audit log {path}: {source}; the change WAS made and is in force (the Redis store writes before it audits), but has no audit record: record it by hand")]
+    Unaudited {
         path: String,
         #[source]
         source: std::io::Error,
@@ -529,10 +542,20 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// Audit a change before it is written (creation, import): a failure refuses it.
     fn audit(&self, events: &[Event]) -> Result<(), OpsError> {
-        self.audit.append(events).map_err(|source| OpsError::Audit {
-            path: self.audit.path().display().to_string(),
-            source,
+        self.audit_at(events, CommitPoint::BeforeWrite)
+    }
+
+    /// Audit a change at its store's commit point (`Store::transact`'s `commit`): once, for
+    /// the version written. The error says whether the change was made.
+    fn audit_at(&self, events: &[Event], point: CommitPoint) -> Result<(), OpsError> {
+        self.audit.append(events).map_err(|source| {
+            let path = self.audit.path().display().to_string();
+            match point {
+                CommitPoint::BeforeWrite => OpsError::Audit { path, source },
+                CommitPoint::AfterWrite => OpsError::Unaudited { path, source },
+            }
         })
     }
 
@@ -669,28 +692,35 @@ impl<'a> Keys<'a> {
         found.ok_or_else(|| OpsError::NotFound(id.to_owned()))
     }
 
-    /// Run `change` on the current version of `id` under the lock, audit its event and write
-    /// its records. Returns the first record written, or the current version when there was
-    /// nothing to write (e.g. revoking a revoked key).
+    /// Run `change` on the current version of `id`, write its records and audit its event
+    /// once they are (`Store::transact_key`). Returns the first record written, or the
+    /// current version when there was nothing to write (e.g. revoking a revoked key).
     fn change(
         &self,
         id: &str,
-        // `Fn`: a store that lost a race to another writer (Redis) runs it again on the new
-        // state.
+        // `FnMut`, and without effects: a store that lost a race to another writer (Redis)
+        // runs it again on the new state. What it captures, the last run sets.
         mut change: impl FnMut(&KeyRecord) -> Result<Option<Written>, OpsError> + Send,
     ) -> Result<KeyRecord, OpsError> {
         let mut unchanged = None;
         // Only this key's state is read (not every key's): a revoke at a million keys costs
         // a scan of the log, not a parse of it.
-        let written = self.log.transact_key(id, |current| {
-            let current = current.ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
-            let Some(w) = change(current)? else {
-                unchanged = Some(current.clone());
-                return Ok(vec![]);
-            };
-            self.audit(&[w.event])?;
-            Ok::<_, OpsError>(w.records)
-        })??;
+        let written = self.log.transact_key(
+            id,
+            |current| {
+                let current = current.ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
+                unchanged = None;
+                let Some(w) = change(current)? else {
+                    unchanged = Some(current.clone());
+                    return Ok((vec![], None));
+                };
+                Ok::<_, OpsError>((w.records, Some(w.event)))
+            },
+            |event, point| match event {
+                Some(e) => self.audit_at(&[e], point),
+                None => Ok(()),
+            },
+        )??;
         written
             .into_iter()
             .next()
@@ -822,23 +852,25 @@ impl<'a> Keys<'a> {
             ));
         }
         let mut canaries_spared = 0;
-        let revoked = self.log.transact(|state| {
-            let (canaries, mut hits): (Vec<&KeyRecord>, Vec<&KeyRecord>) = state
-                .keys
-                .values()
-                .filter(|r| sel.matches(r) && r.revoked_at.is_none())
-                .partition(|r| r.canary);
-            canaries_spared = canaries.len();
-            hits.sort_by_key(|r| r.rev);
-            let records: Vec<KeyRecord> =
-                hits.into_iter().map(|r| revoked(r, reason, now)).collect();
-            let events: Vec<Event> = records
-                .iter()
-                .map(|r| self.revoked_event(r).with("mass", true))
-                .collect();
-            self.audit(&events)?;
-            Ok::<_, OpsError>(records)
-        })??;
+        let revoked = self.log.transact(
+            |state| {
+                let (canaries, mut hits): (Vec<&KeyRecord>, Vec<&KeyRecord>) = state
+                    .keys
+                    .values()
+                    .filter(|r| sel.matches(r) && r.revoked_at.is_none())
+                    .partition(|r| r.canary);
+                canaries_spared = canaries.len();
+                hits.sort_by_key(|r| r.rev);
+                let records: Vec<KeyRecord> =
+                    hits.into_iter().map(|r| revoked(r, reason, now)).collect();
+                let events: Vec<Event> = records
+                    .iter()
+                    .map(|r| self.revoked_event(r).with("mass", true))
+                    .collect();
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )??;
         Ok(MassRevoke {
             revoked,
             canaries_spared,
@@ -943,52 +975,54 @@ impl<'a> Keys<'a> {
     /// the old key is revoked (the rotation completed, or someone revoked it): revocation is
     /// final. Audited as `key.rotation_aborted` on the old key.
     pub fn abort_rotation(&self, successor_id: &str, now: i64) -> Result<KeyRecord, OpsError> {
-        let written = self.log.transact(|state| {
-            let successor = state
-                .keys
-                .get(successor_id)
-                .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
-            let not_current = || {
-                OpsError::Invalid(format!(
-                    "{successor_id} is not the successor of a rotation in progress"
-                ))
-            };
-            let old = successor
-                .rotated_from
-                .as_deref()
-                .and_then(|o| state.keys.get(o))
-                .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
-                .ok_or_else(not_current)?;
-            let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
-            if old.revoked_at.is_some() {
-                return Err(OpsError::RotationFinal {
-                    old: old.id.clone(),
-                    successor: successor_id.to_owned(),
-                });
-            }
-            if let Some(next) = &successor.rotated_to {
-                return Err(OpsError::Invalid(format!(
-                    "{successor_id} was itself rotated to {next}; abort that rotation first"
-                )));
-            }
-            let mut restored = old.clone();
-            restored.expires_at = rotation.prior_expires_at;
-            restored.rotated_to = None;
-            restored.rotation = None;
-            restored.written_at_ms = crate::clock::unix_ms();
-            let event = Event::new("key.rotation_aborted", &self.actor)
-                .key(&restored)
-                .with("successor_id", successor_id)
-                .with("restored_expires_at", restored.expires_at);
-            self.audit(&[event])?;
-            // The old key first: a writer killed between the two lines leaves both keys
-            // working (as during the rotation), never neither.
-            let mut records = vec![restored];
-            if successor.revoked_at.is_none() {
-                records.push(revoked(successor, Some("rotation aborted"), now));
-            }
-            Ok::<_, OpsError>(records)
-        })??;
+        let written = self.log.transact(
+            |state| {
+                let successor = state
+                    .keys
+                    .get(successor_id)
+                    .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
+                let not_current = || {
+                    OpsError::Invalid(format!(
+                        "{successor_id} is not the successor of a rotation in progress"
+                    ))
+                };
+                let old = successor
+                    .rotated_from
+                    .as_deref()
+                    .and_then(|o| state.keys.get(o))
+                    .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
+                    .ok_or_else(not_current)?;
+                let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
+                if old.revoked_at.is_some() {
+                    return Err(OpsError::RotationFinal {
+                        old: old.id.clone(),
+                        successor: successor_id.to_owned(),
+                    });
+                }
+                if let Some(next) = &successor.rotated_to {
+                    return Err(OpsError::Invalid(format!(
+                        "{successor_id} was itself rotated to {next}; abort that rotation first"
+                    )));
+                }
+                let mut restored = old.clone();
+                restored.expires_at = rotation.prior_expires_at;
+                restored.rotated_to = None;
+                restored.rotation = None;
+                restored.written_at_ms = crate::clock::unix_ms();
+                let event = Event::new("key.rotation_aborted", &self.actor)
+                    .key(&restored)
+                    .with("successor_id", successor_id)
+                    .with("restored_expires_at", restored.expires_at);
+                // The old key first: a writer killed between the two lines leaves both keys
+                // working (as during the rotation), never neither.
+                let mut records = vec![restored];
+                if successor.revoked_at.is_none() {
+                    records.push(revoked(successor, Some("rotation aborted"), now));
+                }
+                Ok::<_, OpsError>((records, event))
+            },
+            |event, point| self.audit_at(&[event], point),
+        )??;
         written
             .into_iter()
             .next()
@@ -1004,41 +1038,41 @@ impl<'a> Keys<'a> {
         usage: &BTreeMap<String, crate::usage::Used>,
         now: i64,
     ) -> Result<Vec<KeyRecord>, OpsError> {
-        self.log.transact(|state| {
-            let mut records = Vec::new();
-            let mut events = Vec::new();
-            for id in old_ids {
-                let Some(old) = state.keys.get(id) else {
-                    continue;
-                };
-                let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
-                else {
-                    continue;
-                };
-                if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
-                    continue;
+        self.log.transact(
+            |state| {
+                let mut records = Vec::new();
+                let mut events = Vec::new();
+                for id in old_ids {
+                    let Some(old) = state.keys.get(id) else {
+                        continue;
+                    };
+                    let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
+                    else {
+                        continue;
+                    };
+                    if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
+                        continue;
+                    }
+                    let mut r = revoked(old, Some("rotation completed: old key idle"), now);
+                    let Some(rot) = r.rotation.as_mut() else {
+                        continue;
+                    };
+                    rot.completed_at = Some(now);
+                    let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
+                    events.push(
+                        Event::new("key.rotation_completed", &self.actor)
+                            .key(&r)
+                            .with("successor_id", successor.id.clone())
+                            .with("started_at", started_at)
+                            .with("complete_when_idle_secs", idle)
+                            .with("seconds_to_complete", now - started_at),
+                    );
+                    records.push(r);
                 }
-                let mut r = revoked(old, Some("rotation completed: old key idle"), now);
-                let Some(rot) = r.rotation.as_mut() else {
-                    continue;
-                };
-                rot.completed_at = Some(now);
-                let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
-                events.push(
-                    Event::new("key.rotation_completed", &self.actor)
-                        .key(&r)
-                        .with("successor_id", successor.id.clone())
-                        .with("started_at", started_at)
-                        .with("complete_when_idle_secs", idle)
-                        .with("seconds_to_complete", now - started_at),
-                );
-                records.push(r);
-            }
-            if !events.is_empty() {
-                self.audit(&events)?;
-            }
-            Ok::<_, OpsError>(records)
-        })?
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )?
     }
 
     /// Re-digest keys under the current secret version (`keys::redigest`): under the store's
@@ -1053,48 +1087,48 @@ impl<'a> Keys<'a> {
         use crate::keys::redigest::{apply, check, Refused};
         let hasher = &self.settings.hasher;
         let mut verdicts: Vec<Result<(), Refused>> = Vec::new();
-        let written = self.log.transact(|state| {
-            // `transact` may run this again on a newer state (Redis): start over each time.
-            verdicts.clear();
-            let held: std::collections::HashSet<_> =
-                state.keys.values().map(|r| r.digest).collect();
-            let mut taken = std::collections::HashSet::new();
-            let mut records = Vec::new();
-            let mut events = Vec::new();
-            for r in batch {
-                // A second request for a key in this batch sees the key as re-digested.
-                let done = records.iter().any(|w: &KeyRecord| w.id == r.id);
-                let verdict = if done {
-                    Err(Refused::AlreadyCurrent {
-                        id: r.id.clone(),
-                        current: hasher.current_version(),
-                    })
-                } else {
-                    check(state.keys.get(&r.id), r, hasher, |d| {
-                        held.contains(d) || taken.contains(d)
-                    })
-                    .map(|cur| apply(cur, r))
-                };
-                match verdict {
-                    Ok(next) => {
-                        taken.insert(next.digest);
-                        events.push(
-                            Event::new("key.redigested", &self.actor)
-                                .key(&next)
-                                .with("from_version", r.from_version)
-                                .with("to_version", r.to_version),
-                        );
-                        records.push(next);
-                        verdicts.push(Ok(()));
+        let written = self.log.transact(
+            |state| {
+                // `transact` may run this again on a newer state (Redis): start over each time.
+                verdicts.clear();
+                let held: std::collections::HashSet<_> =
+                    state.keys.values().map(|r| r.digest).collect();
+                let mut taken = std::collections::HashSet::new();
+                let mut records = Vec::new();
+                let mut events = Vec::new();
+                for r in batch {
+                    // A second request for a key in this batch sees the key as re-digested.
+                    let done = records.iter().any(|w: &KeyRecord| w.id == r.id);
+                    let verdict = if done {
+                        Err(Refused::AlreadyCurrent {
+                            id: r.id.clone(),
+                            current: hasher.current_version(),
+                        })
+                    } else {
+                        check(state.keys.get(&r.id), r, hasher, |d| {
+                            held.contains(d) || taken.contains(d)
+                        })
+                        .map(|cur| apply(cur, r))
+                    };
+                    match verdict {
+                        Ok(next) => {
+                            taken.insert(next.digest);
+                            events.push(
+                                Event::new("key.redigested", &self.actor)
+                                    .key(&next)
+                                    .with("from_version", r.from_version)
+                                    .with("to_version", r.to_version),
+                            );
+                            records.push(next);
+                            verdicts.push(Ok(()));
+                        }
+                        Err(e) => verdicts.push(Err(e)),
                     }
-                    Err(e) => verdicts.push(Err(e)),
                 }
-            }
-            if !events.is_empty() {
-                self.audit(&events)?;
-            }
-            Ok::<_, OpsError>(records)
-        })??;
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )??;
         let mut written = written.into_iter();
         Ok(verdicts
             .into_iter()
