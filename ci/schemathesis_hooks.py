@@ -42,7 +42,7 @@ def before_load_schema(ctx, raw_schema):
             del body["properties"]["quota"]
     if os.environ["ST_REQUIRE_OWNER"] == "1":
         create["required"] = sorted(set(create["required"]) | {"owner"})
-        create["properties"]["owner"] = {"type": "string", "pattern": "\\S"}
+        create["properties"]["owner"] = {"type": "string", "pattern": "\\S", "maxLength": 256}
 
 
 @schemathesis.hook

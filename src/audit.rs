@@ -3,8 +3,11 @@
 //! Written by the CLI, the control plane and the gateway to the same file with `O_APPEND`
 //! (each event is one `write`, so concurrent writers never interleave within a line) and
 //! fsynced, because an audit trail that loses the last revocation is no trail. Events carry
-//! key ids and hints, never a key or its digest. Writers of lifecycle changes write the audit
-//! event *before* the store and fail the change if the audit write fails.
+//! key ids and hints, never a key or its digest. Writers of lifecycle changes write a change's
+//! events exactly once, at their store's commit point (`store::Store::transact`): the file
+//! store's is before the write, under its lock, and a failed audit write refuses the change;
+//! the Redis store's is after its write, and a failed audit write is reported as a change made
+//! without its record.
 
 use serde::Serialize;
 use std::fs::OpenOptions;
@@ -49,7 +52,7 @@ impl Event {
     pub fn key(mut self, r: &crate::keys::record::KeyRecord) -> Event {
         self.key_id = Some(r.id.clone());
         self.owner = Some(r.owner.clone());
-        self.hint = Some(r.hint.clone());
+        self.hint = Some(r.shown_hint());
         self
     }
 

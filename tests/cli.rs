@@ -2804,3 +2804,99 @@ fn secret_rotate_prints_steps_that_work_when_followed() {
     );
     assert_ne!(old, new);
 }
+
+/// `n` labels `k=v` with keys of exactly `key_len` bytes (numbered, zero-padded) and values
+/// of `value_len` bytes, as `--label` arguments.
+fn label_args(from: usize, n: usize, key_len: usize, value_len: usize) -> Vec<String> {
+    (from..from + n)
+        .flat_map(|i| {
+            [
+                "--label".to_owned(),
+                format!("{i:0key_len$}={}", "v".repeat(value_len)),
+            ]
+        })
+        .collect()
+}
+
+/// Review 134 defect 1: labels, names and owners had no bound, so repeated updates grew one
+/// record past the feed's line limit and wedged every feed gateway. `create`, `update` and
+/// `import` refuse what is over a bound, naming the field; a loop of updates stops at the
+/// label count, and the stored record stays small.
+#[test]
+fn labels_and_free_form_fields_are_bounded_on_every_path() {
+    let env = Env::new();
+    let base = ["create", "--name", "n", "--owner", "o"];
+    let refused = |extra: Vec<String>, field: &str| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra.iter().map(String::as_str));
+        let r = env.fail(&args);
+        assert!(r.stderr.contains(field), "{field}: {r:?}");
+        assert!(r.stdout.is_empty(), "no key printed: {r:?}");
+    };
+    refused(label_args(0, 65, 2, 1), "labels");
+    refused(label_args(0, 1, 64, 1), "labels");
+    refused(label_args(0, 1, 2, 257), "labels");
+    refused(vec!["--label".into(), "=v".into()], "label");
+    let r = env.fail(&["create", "--name", &"n".repeat(257), "--owner", "o"]);
+    assert!(r.stderr.contains("name"), "{r:?}");
+    let r = env.fail(&["create", "--name", "n", "--owner", &"o".repeat(257)]);
+    assert!(r.stderr.contains("owner"), "{r:?}");
+    assert!(env.store_text().is_empty() || env.list(&[]).is_empty());
+
+    // At the bounds: accepted.
+    let mut args: Vec<String> = base.iter().map(|s| (*s).to_owned()).collect();
+    args.extend(["--json".to_owned()]);
+    args.extend(label_args(0, 64, 63, 256));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let full = id(&env.ok(&args).json());
+    assert_eq!(env.show(&full)["labels"].as_object().unwrap().len(), 64);
+
+    // The update loop of the defect: 60 KB labels are refused, every time.
+    let k = env.create_id(&[]);
+    for i in 0..20 {
+        let label = format!("big{i}={}", "x".repeat(60_000));
+        let r = env.fail(&["update", &k, "--label", &label]);
+        assert!(r.stderr.contains("labels"), "{r:?}");
+    }
+    // Labels at the value bound, eight at a time: the ninth update would make 65.
+    for round in 0..8 {
+        let mut args = vec!["update".to_owned(), k.clone()];
+        args.extend(label_args(round * 8, 8, 63, 256));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.ok(&args);
+    }
+    let mut args = vec!["update".to_owned(), k.clone()];
+    args.extend(label_args(64, 1, 63, 256));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = env.fail(&args);
+    assert!(r.stderr.contains("labels"), "{r:?}");
+    assert_eq!(env.show(&k)["labels"].as_object().unwrap().len(), 64);
+    // Every line of the store stays within the record bound (64 KiB), far below a feed line's limit.
+    let longest = env.store_text().lines().map(str::len).max().unwrap();
+    assert!(longest <= 64 * 1024, "{longest} bytes");
+
+    // Import: the line is refused and named, the good line imported.
+    let labels: serde_json::Map<String, Value> = (0..65)
+        .map(|i| (format!("k{i}"), Value::from("v")))
+        .collect();
+    let file = env.path("import.jsonl");
+    let lines = [
+        serde_json::json!({"key": "legacy-key-bounded-000001", "owner": "o", "labels": labels})
+            .to_string(),
+        serde_json::json!({"key": "legacy-key-bounded-000002", "owner": "o", "name": "n".repeat(257)})
+            .to_string(),
+        serde_json::json!({"key": "legacy-key-bounded-000003", "owner": "o"}).to_string(),
+    ];
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let r = env.fail(&["import", "--file", file.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"imported": 1, "duplicates": 0, "invalid": 2}),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains("line 1: labels"),
+        "names the line and the field: {r:?}"
+    );
+    assert!(r.stderr.contains("line 2: name"), "{r:?}");
+}

@@ -1717,3 +1717,156 @@ async fn pagination_is_consistent_under_concurrent_writes() {
     }
     assert_eq!(after.len(), before.len() + new_ids.len());
 }
+
+/// `n` labels with keys of exactly `key_len` bytes (numbered from `from`, zero-padded) and
+/// values of `value_len` bytes.
+fn label_map(from: usize, n: usize, key_len: usize, value_len: usize) -> Value {
+    Value::Object(
+        (from..from + n)
+            .map(|i| (format!("{i:0key_len$}"), Value::from("v".repeat(value_len))))
+            .collect(),
+    )
+}
+
+/// Review 134 defect 1: nothing bounded labels, names or owners, so ~20 PATCHes of 60 KB
+/// labels grew one record past the feed's (then 1 MiB) line limit and every feed gateway stopped at
+/// the revision before it. Each bound is a 400 naming its field, on create and on PATCH; a
+/// PATCH loop stops at the label count; the record stays far below a feed line's limit.
+#[tokio::test]
+async fn record_fields_are_bounded_and_patches_cannot_grow_a_record() {
+    let e = setup(1024 * 1024).await;
+    let a = e.cp.addr;
+    let w = Some(e.t.write.as_str());
+    let scopes: Vec<String> = (0..256).map(|i| format!("{i:0128}")).collect();
+    let origins: Vec<String> = (0..64)
+        .map(|i| format!("https://{i:0>480}.example.com"))
+        .collect();
+    let cases: Vec<(&str, Value)> = vec![
+        ("labels", json!({"labels": label_map(0, 65, 2, 1)})),
+        ("labels", json!({"labels": label_map(0, 1, 64, 1)})),
+        ("labels", json!({"labels": label_map(0, 1, 2, 257)})),
+        ("labels", json!({"labels": {"": "v"}})),
+        ("name", json!({"name": "n".repeat(257)})),
+        ("owner", json!({"owner": "o".repeat(257)})),
+        (
+            "scopes",
+            json!({"scopes": (0..257).map(|i| format!("s{i}")).collect::<Vec<_>>()}),
+        ),
+        (
+            "allow_origins",
+            json!({"allow_origins": (0..65).map(|i| format!("https://h{i}.example.com")).collect::<Vec<_>>()}),
+        ),
+        (
+            "allow_origins",
+            json!({"allow_origins": [format!("https://{}.example.com", "h".repeat(600))]}),
+        ),
+        (
+            "allow_ips",
+            json!({"allow_ips": (0..257).map(|i| format!("10.0.{}.{}/32", i / 256, i % 256)).collect::<Vec<_>>()}),
+        ),
+        // Each field within its own bound, the whole record over its bound.
+        (
+            "record",
+            json!({"labels": label_map(0, 64, 63, 256), "scopes": scopes, "allow_origins": origins}),
+        ),
+    ];
+    let id = create_id(&e, "bounded").await;
+    let path = format!("/v1/api-keys/{id}");
+    for (field, extra) in &cases {
+        let mut body = json!({"name": "n", "owner": "o"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = call(a, Method::POST, "/v1/api-keys", w, body.to_string()).await;
+        assert_problem(&r, 400, "invalid_request");
+        let detail = r.2["detail"].as_str().unwrap();
+        assert!(detail.starts_with(field), "create {field}: {detail}");
+        assert!(
+            detail.len() < 400,
+            "the detail does not echo the value: {detail}"
+        );
+        if *field == "owner" {
+            continue; // immutable on PATCH (immutable_field)
+        }
+        let r = call(a, Method::PATCH, &path, w, extra.to_string()).await;
+        assert_problem(&r, 400, "invalid_request");
+        let detail = r.2["detail"].as_str().unwrap();
+        assert!(detail.starts_with(field), "PATCH {field}: {detail}");
+    }
+    let long_reason = json!({"reason": "r".repeat(1025)}).to_string();
+    let r = call(a, Method::DELETE, &path, w, long_reason.clone()).await;
+    assert_problem(&r, 400, "invalid_request");
+    assert!(
+        r.2["detail"].as_str().unwrap().starts_with("reason"),
+        "{:?}",
+        r.2
+    );
+    let r = call(
+        a,
+        Method::POST,
+        "/v1/api-keys/revoke",
+        w,
+        json!({"owner": "o", "reason": "r".repeat(1025), "confirm": true}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_request");
+    assert!(
+        r.2["detail"].as_str().unwrap().starts_with("reason"),
+        "{:?}",
+        r.2
+    );
+
+    // At the bounds: accepted.
+    let full = create(
+        &e,
+        json!({"name": "n".repeat(256), "owner": "o".repeat(256), "labels": label_map(0, 64, 63, 256)}),
+    )
+    .await;
+    assert_eq!(full["labels"].as_object().unwrap().len(), 64);
+
+    // The defect's loop: twenty PATCHes of a 60 KB label, every one refused.
+    for i in 0..20 {
+        let body = json!({"labels": {format!("big{i}"): "x".repeat(60_000)}});
+        let r = call(a, Method::PATCH, &path, w, body.to_string()).await;
+        assert_problem(&r, 400, "invalid_request");
+    }
+    // Labels at the value bound, eight per PATCH: the ninth would make 65.
+    for round in 0..8 {
+        let body = json!({ "labels": label_map(round * 8, 8, 63, 256) });
+        let r = call(a, Method::PATCH, &path, w, body.to_string()).await;
+        assert_eq!(r.0, 200, "{:?}", r.2);
+    }
+    let r = call(
+        a,
+        Method::PATCH,
+        &path,
+        w,
+        json!({"labels": label_map(64, 1, 63, 256)}).to_string(),
+    )
+    .await;
+    assert_problem(&r, 400, "invalid_request");
+    assert!(
+        r.2["detail"].as_str().unwrap().starts_with("labels"),
+        "{:?}",
+        r.2
+    );
+    // Removing one makes room for another.
+    let r = call(
+        a,
+        Method::PATCH,
+        &path,
+        w,
+        json!({"labels": {format!("{:063}", 0): "", format!("{:063}", 64): "v"}}).to_string(),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{:?}", r.2);
+    let got = get_json(a, &e.t.read, &id).await;
+    assert_eq!(got["labels"].as_object().unwrap().len(), 64);
+    let line = std::fs::read_to_string(e.dir.join("keys.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::len)
+        .max()
+        .unwrap();
+    assert!(line <= 64 * 1024, "longest store line {line} bytes");
+}

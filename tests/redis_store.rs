@@ -1069,3 +1069,219 @@ async fn a_redis_store_gateway_ahead_of_redis_shows_the_skew() {
         gw.assert_not_logged(&probe.key);
     }
 }
+
+/// Node 0's config with the hash secret in a file beside it (the in-process writers of the
+/// audit tests below read it; the CLI keeps its variable), and its audit log's path.
+fn in_process_config(nodes: &Nodes) -> (PathBuf, PathBuf) {
+    let dir = nodes.configs[0].parent().unwrap();
+    write_file(dir, "hash.secret", SECRET);
+    let base = std::fs::read_to_string(&nodes.configs[0]).unwrap();
+    let text = base.replacen(
+        "[keys]\n",
+        "[keys]\nhash_secret_file = \"hash.secret\"\n",
+        1,
+    );
+    assert_ne!(text, base);
+    (
+        write_file(dir, "inproc.toml", &text),
+        dir.join("audit.jsonl"),
+    )
+}
+
+fn audit_events(path: &Path, event: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == event)
+        .collect()
+}
+
+/// Review 134 defect 3 (THREATS J6): on the Redis store a change is built, then written by a
+/// script that refuses it when another writer got in first, and built again. The audit event
+/// was written while building, so a change that lost one race left two `key.updated` lines,
+/// the first describing a version never written. Here a second writer changes another key
+/// between the first build and its write, deterministically: the change is built twice,
+/// written once, and committed (audited) once, after the write, with what the written run
+/// built. (Before the fix `Store::transact_key` had no commit step and the test built the
+/// event and appended it inside the build, as `keys::ops` did: two lines, `run 1` and
+/// `run 2`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_lost_a_race_is_audited_once_with_what_was_written() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let k = create_key(nodes.cli_config(), &[]);
+    let rival_key = create_key(nodes.cli_config(), &[]);
+    let (cfg, audit_path) = in_process_config(&nodes);
+    let before = audit_events(&audit_path, "key.updated").len();
+    let (runs, written) = tokio::task::spawn_blocking(move || {
+        let config = keygate::config::Config::load(&cfg).unwrap();
+        let settings = keygate::keys::KeySettings::from_config(&config).unwrap();
+        let (store, rival) = (settings.store_backend(), settings.store_backend());
+        let audit = keygate::audit::AuditLog::new(&audit_path);
+        let mut runs = 0;
+        let mut commits = vec![];
+        let written = store
+            .transact_key(
+                &k.id,
+                |cur| {
+                    runs += 1;
+                    if runs == 1 {
+                        // Another writer, between this run's read and its write.
+                        rival
+                            .transact_key(
+                                &rival_key.id,
+                                |o| {
+                                    let mut r = o.unwrap().clone();
+                                    r.name = "rival".into();
+                                    Ok::<_, std::io::Error>((vec![r], ()))
+                                },
+                                |(), _| Ok(()),
+                            )
+                            .unwrap()
+                            .unwrap();
+                    }
+                    let mut r = cur.unwrap().clone();
+                    r.name = format!("run {runs}");
+                    let event = keygate::audit::Event::new("key.updated", "test")
+                        .key(&r)
+                        .with("name", r.name.clone());
+                    Ok::<_, std::io::Error>((vec![r], event))
+                },
+                // What `keys::ops` does with a change's events.
+                |event, point| {
+                    commits.push(point);
+                    audit.append(&[event])
+                },
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(commits, [keygate::store::CommitPoint::AfterWrite]);
+        (runs, written)
+    })
+    .await
+    .unwrap();
+    assert_eq!(runs, 2, "the rival's write made the first run lose");
+    assert_eq!(written[0].name, "run 2");
+    let audited = audit_events(
+        &nodes.configs[0].parent().unwrap().join("audit.jsonl"),
+        "key.updated",
+    );
+    assert_eq!(audited.len() - before, 1, "{audited:?}");
+    assert_eq!(audited[before]["name"], "run 2");
+}
+
+/// The same through `Keys` (what the CLI and the control plane run), racing: four writers
+/// update and rotate their own keys on one Redis store at once, so their writes keep losing
+/// to each other (each write checks the whole log's head). Every change has exactly one
+/// audit line, and every successor a `key.rotated` line names exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_audit_each_change_once() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let ids: Vec<String> = (0..4)
+        .map(|_| create_key(nodes.cli_config(), &[]).id)
+        .collect();
+    let (cfg, audit_path) = in_process_config(&nodes);
+    const UPDATES: usize = 8;
+    let ids2 = ids.clone();
+    let store_ids = tokio::task::spawn_blocking(move || {
+        let config = keygate::config::Config::load(&cfg).unwrap();
+        let settings = keygate::keys::KeySettings::from_config(&config).unwrap();
+        std::thread::scope(|s| {
+            for id in &ids2 {
+                let settings = &settings;
+                s.spawn(move || {
+                    let keys = keygate::keys::ops::Keys::new(settings, "racer");
+                    let now = keygate::clock::unix_secs();
+                    for i in 0..UPDATES {
+                        let changes = keygate::keys::ops::Changes {
+                            name: Some(format!("{id}-{i}")),
+                            ..Default::default()
+                        };
+                        keys.update(id, &changes, now).unwrap();
+                    }
+                    keys.rotate(id, keygate::keys::ops::RotateOptions::default(), now)
+                        .unwrap();
+                });
+            }
+        });
+        let keys = keygate::keys::ops::Keys::new(&settings, "reader");
+        keys.state()
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<std::collections::BTreeSet<String>>()
+    })
+    .await
+    .unwrap();
+    let updated = audit_events(&audit_path, "key.updated");
+    assert_eq!(updated.len(), ids.len() * UPDATES, "{updated:#?}");
+    for id in &ids {
+        let names: Vec<&str> = updated
+            .iter()
+            .filter(|v| v["key_id"] == id.as_str())
+            .map(|v| v["changed"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec!["name"; UPDATES], "{id}");
+    }
+    let rotated = audit_events(&audit_path, "key.rotated");
+    assert_eq!(rotated.len(), ids.len(), "{rotated:#?}");
+    for v in &rotated {
+        let successor = v["successor_id"].as_str().unwrap();
+        assert!(
+            store_ids.contains(successor),
+            "{successor} was never written: {v}"
+        );
+    }
+}
+
+/// The other side of auditing after the write on Redis (`CommitPoint::AfterWrite`): an audit
+/// log that cannot be written can no longer refuse a change it comes after, so the change is
+/// made and the writer says so (`OpsError::Unaudited`; the API's 503 `change_unaudited`)
+/// instead of claiming it was not. A creation is still audited first, and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_on_redis_reports_the_change_as_made() {
+    let _serial = SERIAL.lock().await;
+    if !Path::new("/dev/full").exists() {
+        panic!("/dev/full is needed: it is the audit log that cannot be written");
+    }
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let k = create_key(nodes.cli_config(), &[]);
+    let base = std::fs::read_to_string(nodes.cli_config()).unwrap();
+    let text = base.replace("audit_log = \"audit.jsonl\"", "audit_log = \"/dev/full\"");
+    assert_ne!(text, base);
+    let full = write_file(nodes.cli_config().parent().unwrap(), "full.toml", &text);
+
+    let out = cli(&full, &["keys", "revoke", &k.id], SECRET_ENV);
+    assert!(!out.status.success(), "{}", stderr_str(&out));
+    assert!(
+        stderr_str(&out).contains("WAS made"),
+        "{}",
+        stderr_str(&out)
+    );
+    let shown = cli_ok(nodes.cli_config(), &["keys", "show", &k.id, "--json"]);
+    assert_eq!(json(shown.trim().as_bytes())["state"], "revoked");
+
+    let out = cli(
+        &full,
+        &["keys", "create", "--name", "n", "--owner", "o"],
+        SECRET_ENV,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr_str(&out).contains("not made"),
+        "{}",
+        stderr_str(&out)
+    );
+    assert!(
+        stdout_str(&out).is_empty(),
+        "no key printed for a refused creation"
+    );
+    let listed = cli_ok(nodes.cli_config(), &["keys", "list", "--json"]);
+    assert_eq!(json(listed.trim().as_bytes()).as_array().unwrap().len(), 1);
+}

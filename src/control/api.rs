@@ -92,6 +92,9 @@ impl From<OpsError> for ApiError {
             OpsError::RotationFinal { .. } => (StatusCode::CONFLICT, "rotation_final"),
             // Fail closed: a change that cannot be audited is not made (THREATS J6).
             OpsError::Audit { .. } => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            // Made and in force, without its audit record (the Redis store audits after its
+            // write): a code of its own, so a client never takes it for a refused change.
+            OpsError::Unaudited { .. } => (StatusCode::SERVICE_UNAVAILABLE, "change_unaudited"),
             OpsError::Store(crate::store::StoreError::Unrevoke { .. }) => {
                 (StatusCode::CONFLICT, "key_revoked")
             }

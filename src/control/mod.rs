@@ -471,33 +471,39 @@ async fn follow_redis(
 fn revoke_again(log: &Store, audit: &AuditLog, held: Vec<KeyRecord>) {
     let ids: Vec<String> = held.iter().map(|r| r.id.clone()).collect();
     tracing::error!(keys = ?ids, "control plane: the store would un-revoke keys; writing their revocations again");
-    let written = log.transact(|state| {
-        let records: Vec<KeyRecord> = held
-            .iter()
-            .filter_map(|h| {
-                let mut r = state.keys.get(&h.id)?.clone();
-                r.revoked_at = h.revoked_at;
-                r.revoked_reason = h.revoked_reason.clone();
-                r.written_at_ms = crate::clock::unix_ms();
-                Some(r)
-            })
-            .collect();
-        let events: Vec<Event> = records
-            .iter()
-            .map(|r| {
-                Event::new("key.revoked", "control-plane").key(r).with(
-                    "reason",
-                    "revocation is final: re-applied over a replaced store",
-                )
-            })
-            .collect();
-        audit.append(&events)?;
-        Ok::<_, std::io::Error>(records)
-    });
+    let written = log.transact(
+        |state| {
+            let records: Vec<KeyRecord> = held
+                .iter()
+                .filter_map(|h| {
+                    let mut r = state.keys.get(&h.id)?.clone();
+                    r.revoked_at = h.revoked_at;
+                    r.revoked_reason = h.revoked_reason.clone();
+                    r.written_at_ms = crate::clock::unix_ms();
+                    Some(r)
+                })
+                .collect();
+            let events: Vec<Event> = records
+                .iter()
+                .map(|r| {
+                    Event::new("key.revoked", "control-plane").key(r).with(
+                        "reason",
+                        "revocation is final: re-applied over a replaced store",
+                    )
+                })
+                .collect();
+            Ok::<_, (std::io::Error, crate::store::CommitPoint)>((records, events))
+        },
+        // Once, for the versions written (`Store::transact`).
+        |events, point| audit.append(&events).map_err(|e| (e, point)),
+    );
     match written {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
+        Ok(Err((e, crate::store::CommitPoint::BeforeWrite))) => {
             tracing::error!(error = %e, "control plane: audit failed; revocations not re-written")
+        }
+        Ok(Err((e, crate::store::CommitPoint::AfterWrite))) => {
+            tracing::error!(error = %e, "control plane: revocations re-written, but their audit failed")
         }
         Err(e) => tracing::error!(error = %e, "control plane: could not re-write revocations"),
     }

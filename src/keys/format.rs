@@ -209,22 +209,81 @@ fn base62_value(digits: &[u8]) -> u64 {
     })
 }
 
+/// The shortest key `keys import` accepts. A hint shows no character of a shorter string: four
+/// characters of it would be a quarter or more of the key.
+pub const MIN_IMPORTED_KEY_LEN: usize = 16;
+
 /// The form of a key that logs, audit records and CLI output may show: `kg_live_…a1B2`.
-/// Never more than the public prefix/env and the last four characters.
+/// Never more than the public prefix/env and the last four characters (DESIGN §3).
+///
+/// The head is shown only for a key in our format, checksum included ([`public_head`]):
+/// anything else (an imported key, any visible ASCII) gets [`imported_hint`]. Finding the head
+/// by counting underscores instead showed `abcdefghij_kl_` of the imported key
+/// `abcdefghij_kl_mn`, which with the last four was the whole key (review 134).
 pub fn hint(key: &str) -> String {
-    let tail_start = key.len().saturating_sub(4);
-    let tail = key.get(tail_start..).unwrap_or("");
-    // Our keys: show `<prefix>_<env>_` (`<prefix>_pub_<env>_`); imported keys: nothing.
-    let underscores = if key.split('_').nth(1) == Some(PUBLISHABLE_MARKER) {
-        2
-    } else {
-        1
+    match public_head(key) {
+        Some(head) => format!("{head}…{}", last_four(key)),
+        None => imported_hint(key),
+    }
+}
+
+/// The hint of a key that is not in our format (imported keys, DESIGN §3: "nothing secret"):
+/// its last four characters, and nothing for a string shorter than any importable key.
+pub fn imported_hint(key: &str) -> String {
+    if key.len() < MIN_IMPORTED_KEY_LEN {
+        return "…".to_owned();
+    }
+    format!("…{}", last_four(key))
+}
+
+/// A hint stored for an imported key as it may be shown: what follows its `…`, at most four
+/// characters. Hints are stored in records (and covered by their MACs, so they are not
+/// rewritten in place); versions before review 134 stored heads of imported keys that were
+/// secret, and every place that shows a record's hint reads it through here
+/// (`KeyRecord::shown_hint`).
+pub fn imported_hint_of_stored(stored: &str) -> String {
+    let tail = stored.rsplit('…').next().unwrap_or_default();
+    let from = tail.char_indices().rev().nth(3).map_or(0, |(i, _)| i);
+    format!("…{}", &tail[from..])
+}
+
+fn last_four(key: &str) -> &str {
+    key.get(key.len().saturating_sub(4)..).unwrap_or_default()
+}
+
+/// `<prefix>_<env>_` (`<prefix>_pub_<env>_`) when `key` has our layout: a prefix and env as
+/// the config allows them (lowercase letters and digits, 1-16; lowercase letters), then
+/// exactly the secret and checksum in base62, the checksum matching. Without the configured
+/// prefix and envs (callers may not have them), the checksum is what tells our keys apart: a
+/// string of this layout that is not one of ours matches it with probability 2^-32, and one
+/// that does is a key in our format, whose head is public by design.
+fn public_head(key: &str) -> Option<&str> {
+    let body = SECRET_LEN + CHECK_LEN;
+    if key.len() > MAX_KEY_LEN || key.len() <= body {
+        return None;
+    }
+    let head = key.get(..key.len() - body)?;
+    let lower = |s: &str, digits: bool| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || (digits && b.is_ascii_digit()))
     };
-    let head = match key.match_indices('_').nth(underscores) {
-        Some((i, _)) if i < 28 => &key[..=i],
-        _ => "",
+    let mut parts = head.strip_suffix('_')?.split('_');
+    let prefix_ok = parts
+        .next()
+        .is_some_and(|p| p.len() <= 16 && lower(p, true));
+    let env_ok = match (parts.next(), parts.next(), parts.next()) {
+        (Some(env), None, _) => lower(env, false),
+        (Some(PUBLISHABLE_MARKER), Some(env), None) => lower(env, false),
+        _ => false,
     };
-    format!("{head}…{tail}")
+    let bytes = key.as_bytes();
+    let split = bytes.len() - CHECK_LEN;
+    let ours = prefix_ok
+        && env_ok
+        && bytes[head.len()..].iter().all(u8::is_ascii_alphanumeric)
+        && u64::from(crc32fast::hash(&bytes[..split])) == base62_value(&bytes[split..]);
+    ours.then_some(head)
 }
 
 /// The checksum as 6 base62 digits, as `mint` writes it (`parse` compares by value:
@@ -379,9 +438,53 @@ mod tests {
 
     #[test]
     fn hint_shows_only_prefix_and_last_four() {
-        assert_eq!(hint("kg_live_abcdefghijklmnopXYZ1"), "kg_live_…XYZ1");
         assert_eq!(hint("legacy-key-1234567890"), "…7890");
-        assert_eq!(hint("ab"), "…ab");
+    }
+
+    /// Review 134 defect 2: an imported key (any visible ASCII, 16–256 characters) whose
+    /// second `_` fell in its first 28 bytes had that head shown as if it were our public
+    /// prefix; `abcdefghij_kl_mn` was shown whole. A hint of a key that is not ours shows at
+    /// most its last four characters, and nothing of a key shorter than an importable one.
+    #[test]
+    fn hints_of_keys_not_ours_show_at_most_the_last_four() {
+        for (key, want) in [
+            ("abcdefghij_kl_mn", "…l_mn"),
+            ("a_b_cdefghijklmnopqrstu", "…rstu"),
+            ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", "…p7dc"),
+            ("ghp_abc_0123456789abcdefghij", "…ghij"),
+            // Our prefix and env, but not our format (length, checksum): not ours.
+            ("kg_live_abcdefghijklmnopXYZ1", "…XYZ1"),
+            ("kg_pub_live_abcdefghijklmnop", "…mnop"),
+        ] {
+            assert_eq!(hint(key), want, "{key}");
+        }
+        // Shorter than any key import accepts: four characters would be a quarter or more.
+        for short in ["", "ab", "abcd", "a_b_c", "abcdefghij_kl_m"] {
+            assert_eq!(hint(short), "…", "{short:?}");
+        }
+    }
+
+    /// The other half of defect 2's fix: keys in our format keep the hint they always had,
+    /// `<prefix>_<env>_…last4` (`<prefix>_pub_<env>_…last4`).
+    #[test]
+    fn hints_of_our_keys_are_unchanged() {
+        let f = fmt();
+        for env in ["live", "test"] {
+            for _ in 0..200 {
+                let key = f.generate(env).unwrap();
+                let tail = &key[key.len() - 4..];
+                assert_eq!(hint(&key), format!("kg_{env}_…{tail}"));
+                let key = f.generate_publishable(env).unwrap();
+                let tail = &key[key.len() - 4..];
+                assert_eq!(hint(&key), format!("kg_pub_{env}_…{tail}"));
+            }
+        }
+        // A fixed key of ours (secret of 43 `a`, its checksum), and the hint stored for it.
+        let body = format!("kg_live_{}", "a".repeat(SECRET_LEN));
+        let check = check_chars(crc32fast::hash(body.as_bytes()));
+        let key = format!("{body}{}", std::str::from_utf8(&check).unwrap());
+        assert!(f.parse(&key).is_ok());
+        assert_eq!(hint(&key), format!("kg_live_…{}", &key[key.len() - 4..]));
     }
 
     #[test]

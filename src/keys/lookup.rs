@@ -100,7 +100,7 @@ impl Lookup {
             v["owner"] = r.owner.to_string().into();
             v["name"] = full.map_or("", |f| f.name.as_str()).into();
             v["env"] = r.env.clone().into();
-            v["hint"] = full.map_or("", |f| f.hint.as_str()).into();
+            v["hint"] = full.map(KeyRecord::shown_hint).unwrap_or_default().into();
         }
         v
     }

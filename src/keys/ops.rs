@@ -1,19 +1,25 @@
 //! Key lifecycle operations against the store, with policy and audit: the one implementation
 //! behind `keygate keys …` and the control plane's REST API.
 //!
-//! Every change is read-modify-write under the store's exclusive lock (`LogFile::transact`),
-//! so concurrent rotate and revoke on one key serialise and the last writer sees the first
-//! writer's result. The audit event is written inside the lock, before the store append: if
-//! the audit write fails, the change is refused and the store is untouched.
+//! Every change is read-modify-write through the store (`Store::transact`): under the file
+//! store's exclusive lock, or by the Redis store's checked write, so concurrent rotate and
+//! revoke on one key serialise and the last writer sees the first writer's result. A change
+//! is built without effects (the Redis store may build it more than once) and its audit
+//! events are written exactly once, for the version written, at the store's commit point:
+//! the file store's is inside the lock before the append, so a failed audit write refuses the
+//! change and leaves the store untouched; the Redis store's is after its write (only then is
+//! it known which build was written), so a failed audit write is reported as a change made
+//! without its record (`OpsError::Unaudited`). Creation and import append new keys (no
+//! rebuild) and audit before the append, as the file store's transactions do.
 
 use crate::audit::{AuditLog, Event};
-use crate::keys::format::{hint, MAX_KEY_LEN};
+use crate::keys::format::{hint, imported_hint, MAX_KEY_LEN, MIN_IMPORTED_KEY_LEN};
 use crate::keys::policy::PolicyError;
 use crate::keys::record::{format_id, new_id, KeyRecord, KeyState, Rotation};
 use crate::keys::KeySettings;
 use crate::limit::Rate;
 use crate::store::file::{Compacted, StoreError};
-use crate::store::Store;
+use crate::store::{CommitPoint, Store};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -24,6 +30,13 @@ pub enum OpsError {
     Store(#[from] StoreError),
     #[error("audit log {path}: {source}; the change was not made")]
     Audit {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Redis store commits before it audits (`CommitPoint::AfterWrite`): the change stands.
+    #[error("audit log {path}: {source}; the change WAS made and is in force (the Redis store writes before it audits), but has no audit record: record it by hand")]
+    Unaudited {
         path: String,
         #[source]
         source: std::io::Error,
@@ -164,6 +177,132 @@ pub fn check_scope(s: &str) -> Result<(), OpsError> {
         )));
     }
     Ok(())
+}
+
+/// Bounds on what one key record carries (review 134). Nothing bounded labels, names or
+/// owners, and a PATCH merges labels, so repeated updates grew one record past the feed's
+/// line limit: every feed gateway stopped at the revision before it, for good. The limits
+/// follow Kubernetes where it has one (a label name is at most 63 characters, a name 253),
+/// with values longer than its 63 because ours carry ticket references and URLs; counts are
+/// a few times what any key plausibly needs. Labels at every bound make about 21 KB; the
+/// whole record is held to [`MAX_RECORD_BYTES`] besides. Strings are bounded in characters,
+/// as JSON Schema's `maxLength` counts them (docs/openapi.yaml states these limits).
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_CHARS: usize = 63;
+pub const MAX_LABEL_VALUE_CHARS: usize = 256;
+/// For `name` and `owner`.
+pub const MAX_NAME_CHARS: usize = 256;
+pub const MAX_SCOPES: usize = 256;
+pub const MAX_ORIGINS: usize = 64;
+/// `scheme://host:port`: a DNS name is at most 253 characters.
+pub const MAX_ORIGIN_CHARS: usize = 512;
+pub const MAX_ALLOW_IPS: usize = 256;
+/// A revocation's reason (it is stored in the record, and in the audit event).
+pub const MAX_REASON_CHARS: usize = 1024;
+/// A whole record as stored, JSON. The fields' bounds alone allow more (scopes and origins at
+/// their counts and lengths), and a feed line is one record: this keeps every record written
+/// now at 1/256 of a feed line's limit (`store::feed::MAX_LINE`), with room for what the
+/// store adds (revision, MAC) and the line around it.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+const _: () = assert!(MAX_RECORD_BYTES * 16 <= crate::store::feed::MAX_LINE);
+
+/// `field: <n> <unit>, at most <max>` when `n` is over `max`. Lengths are counted, never echoed: a
+/// refused value can be megabytes, and the error goes to a log and a response.
+fn bound(field: &str, n: usize, unit: &str, max: usize) -> Result<(), OpsError> {
+    if n > max {
+        return Err(OpsError::Invalid(format!(
+            "{field}: {n} {unit}, at most {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// The one place a record's size is bounded: every write that makes or changes a record's
+/// content (create, update, import, a rotation's successor; CLI and API; file and Redis
+/// store) goes through [`Keys::validate`], which checks this first, before any rule that
+/// would quote a value. A revocation only stamps a record and is never refused for its size
+/// (a record written by an older version may be over): its reason is checked by
+/// [`check_reason`].
+fn check_bounds(r: &KeyRecord) -> Result<(), OpsError> {
+    bound("name", r.name.chars().count(), "characters", MAX_NAME_CHARS)?;
+    bound(
+        "owner",
+        r.owner.chars().count(),
+        "characters",
+        MAX_NAME_CHARS,
+    )?;
+    bound("labels", r.labels.len(), "labels", MAX_LABELS)?;
+    for (k, v) in &r.labels {
+        if k.is_empty() {
+            return Err(OpsError::Invalid(
+                "labels: a label key is empty; label keys are 1 to 63 characters".into(),
+            ));
+        }
+        bound(
+            "labels",
+            k.chars().count(),
+            "characters in a label key",
+            MAX_LABEL_KEY_CHARS,
+        )?;
+        // The key is at most 63 characters here: quoting it names the label.
+        bound(
+            "labels",
+            v.chars().count(),
+            &format!("characters in the value of {k:?}"),
+            MAX_LABEL_VALUE_CHARS,
+        )?;
+    }
+    bound("scopes", r.scopes.len(), "scopes", MAX_SCOPES)?;
+    bound(
+        "allow_origins",
+        r.allow_origins.len(),
+        "origins",
+        MAX_ORIGINS,
+    )?;
+    for o in &r.allow_origins {
+        bound(
+            "allow_origins",
+            o.chars().count(),
+            "characters in an origin",
+            MAX_ORIGIN_CHARS,
+        )?;
+    }
+    bound("allow_ips", r.allow_ips.len(), "networks", MAX_ALLOW_IPS)?;
+    let mut size = Counted(0);
+    serde_json::to_writer(&mut size, r)
+        .map_err(|e| OpsError::Invalid(format!("record: cannot be serialised: {e}")))?;
+    if size.0 > MAX_RECORD_BYTES {
+        return Err(OpsError::Invalid(format!(
+            "record: the key's record would be {} bytes, at most {MAX_RECORD_BYTES} (every \
+             field is within its own bound, together they are not): use fewer or shorter \
+             labels, scopes or allow_origins",
+            size.0
+        )));
+    }
+    Ok(())
+}
+
+/// A revocation's reason, wherever it comes from (one key, a mass revoke; CLI and API).
+pub fn check_reason(reason: Option<&str>) -> Result<(), OpsError> {
+    bound(
+        "reason",
+        reason.map_or(0, |r| r.chars().count()),
+        "characters",
+        MAX_REASON_CHARS,
+    )
+}
+
+/// Counts the bytes written to it: a record's serialised size without building the string.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A publishable key is accepted only from browsers on the origins it lists, so it needs at
@@ -403,15 +542,26 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// Audit a change before it is written (creation, import): a failure refuses it.
     fn audit(&self, events: &[Event]) -> Result<(), OpsError> {
-        self.audit.append(events).map_err(|source| OpsError::Audit {
-            path: self.audit.path().display().to_string(),
-            source,
+        self.audit_at(events, CommitPoint::BeforeWrite)
+    }
+
+    /// Audit a change at its store's commit point (`Store::transact`'s `commit`): once, for
+    /// the version written. The error says whether the change was made.
+    fn audit_at(&self, events: &[Event], point: CommitPoint) -> Result<(), OpsError> {
+        self.audit.append(events).map_err(|source| {
+            let path = self.audit.path().display().to_string();
+            match point {
+                CommitPoint::BeforeWrite => OpsError::Audit { path, source },
+                CommitPoint::AfterWrite => OpsError::Unaudited { path, source },
+            }
         })
     }
 
     /// Reject values that are not well-formed before they reach the store.
     fn validate(&self, r: &KeyRecord, now: i64) -> Result<(), OpsError> {
+        check_bounds(r)?;
         if !self.settings.format.envs().contains(&r.env) {
             return Err(OpsError::Invalid(format!(
                 "unknown env {:?} (configured: {})",
@@ -542,28 +692,35 @@ impl<'a> Keys<'a> {
         found.ok_or_else(|| OpsError::NotFound(id.to_owned()))
     }
 
-    /// Run `change` on the current version of `id` under the lock, audit its event and write
-    /// its records. Returns the first record written, or the current version when there was
-    /// nothing to write (e.g. revoking a revoked key).
+    /// Run `change` on the current version of `id`, write its records and audit its event
+    /// once they are (`Store::transact_key`). Returns the first record written, or the
+    /// current version when there was nothing to write (e.g. revoking a revoked key).
     fn change(
         &self,
         id: &str,
-        // `Fn`: a store that lost a race to another writer (Redis) runs it again on the new
-        // state.
+        // `FnMut`, and without effects: a store that lost a race to another writer (Redis)
+        // runs it again on the new state. What it captures, the last run sets.
         mut change: impl FnMut(&KeyRecord) -> Result<Option<Written>, OpsError> + Send,
     ) -> Result<KeyRecord, OpsError> {
         let mut unchanged = None;
         // Only this key's state is read (not every key's): a revoke at a million keys costs
         // a scan of the log, not a parse of it.
-        let written = self.log.transact_key(id, |current| {
-            let current = current.ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
-            let Some(w) = change(current)? else {
-                unchanged = Some(current.clone());
-                return Ok(vec![]);
-            };
-            self.audit(&[w.event])?;
-            Ok::<_, OpsError>(w.records)
-        })??;
+        let written = self.log.transact_key(
+            id,
+            |current| {
+                let current = current.ok_or_else(|| OpsError::NotFound(id.to_owned()))?;
+                unchanged = None;
+                let Some(w) = change(current)? else {
+                    unchanged = Some(current.clone());
+                    return Ok((vec![], None));
+                };
+                Ok::<_, OpsError>((w.records, Some(w.event)))
+            },
+            |event, point| match event {
+                Some(e) => self.audit_at(&[e], point),
+                None => Ok(()),
+            },
+        )??;
         written
             .into_iter()
             .next()
@@ -653,6 +810,7 @@ impl<'a> Keys<'a> {
         found_in: &[String],
         now: i64,
     ) -> Result<KeyRecord, OpsError> {
+        check_reason(reason)?;
         self.change(id, |cur| {
             if cur.revoked_at.is_some() {
                 return Ok(None);
@@ -686,6 +844,7 @@ impl<'a> Keys<'a> {
         reason: Option<&str>,
         now: i64,
     ) -> Result<MassRevoke, OpsError> {
+        check_reason(reason)?;
         if sel.is_empty() {
             return Err(OpsError::Invalid(
                 "a mass revoke needs an owner, an env or a label to select keys by (CLI: --owner, --env, --label)"
@@ -693,23 +852,25 @@ impl<'a> Keys<'a> {
             ));
         }
         let mut canaries_spared = 0;
-        let revoked = self.log.transact(|state| {
-            let (canaries, mut hits): (Vec<&KeyRecord>, Vec<&KeyRecord>) = state
-                .keys
-                .values()
-                .filter(|r| sel.matches(r) && r.revoked_at.is_none())
-                .partition(|r| r.canary);
-            canaries_spared = canaries.len();
-            hits.sort_by_key(|r| r.rev);
-            let records: Vec<KeyRecord> =
-                hits.into_iter().map(|r| revoked(r, reason, now)).collect();
-            let events: Vec<Event> = records
-                .iter()
-                .map(|r| self.revoked_event(r).with("mass", true))
-                .collect();
-            self.audit(&events)?;
-            Ok::<_, OpsError>(records)
-        })??;
+        let revoked = self.log.transact(
+            |state| {
+                let (canaries, mut hits): (Vec<&KeyRecord>, Vec<&KeyRecord>) = state
+                    .keys
+                    .values()
+                    .filter(|r| sel.matches(r) && r.revoked_at.is_none())
+                    .partition(|r| r.canary);
+                canaries_spared = canaries.len();
+                hits.sort_by_key(|r| r.rev);
+                let records: Vec<KeyRecord> =
+                    hits.into_iter().map(|r| revoked(r, reason, now)).collect();
+                let events: Vec<Event> = records
+                    .iter()
+                    .map(|r| self.revoked_event(r).with("mass", true))
+                    .collect();
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )??;
         Ok(MassRevoke {
             revoked,
             canaries_spared,
@@ -814,52 +975,54 @@ impl<'a> Keys<'a> {
     /// the old key is revoked (the rotation completed, or someone revoked it): revocation is
     /// final. Audited as `key.rotation_aborted` on the old key.
     pub fn abort_rotation(&self, successor_id: &str, now: i64) -> Result<KeyRecord, OpsError> {
-        let written = self.log.transact(|state| {
-            let successor = state
-                .keys
-                .get(successor_id)
-                .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
-            let not_current = || {
-                OpsError::Invalid(format!(
-                    "{successor_id} is not the successor of a rotation in progress"
-                ))
-            };
-            let old = successor
-                .rotated_from
-                .as_deref()
-                .and_then(|o| state.keys.get(o))
-                .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
-                .ok_or_else(not_current)?;
-            let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
-            if old.revoked_at.is_some() {
-                return Err(OpsError::RotationFinal {
-                    old: old.id.clone(),
-                    successor: successor_id.to_owned(),
-                });
-            }
-            if let Some(next) = &successor.rotated_to {
-                return Err(OpsError::Invalid(format!(
-                    "{successor_id} was itself rotated to {next}; abort that rotation first"
-                )));
-            }
-            let mut restored = old.clone();
-            restored.expires_at = rotation.prior_expires_at;
-            restored.rotated_to = None;
-            restored.rotation = None;
-            restored.written_at_ms = crate::clock::unix_ms();
-            let event = Event::new("key.rotation_aborted", &self.actor)
-                .key(&restored)
-                .with("successor_id", successor_id)
-                .with("restored_expires_at", restored.expires_at);
-            self.audit(&[event])?;
-            // The old key first: a writer killed between the two lines leaves both keys
-            // working (as during the rotation), never neither.
-            let mut records = vec![restored];
-            if successor.revoked_at.is_none() {
-                records.push(revoked(successor, Some("rotation aborted"), now));
-            }
-            Ok::<_, OpsError>(records)
-        })??;
+        let written = self.log.transact(
+            |state| {
+                let successor = state
+                    .keys
+                    .get(successor_id)
+                    .ok_or_else(|| OpsError::NotFound(successor_id.to_owned()))?;
+                let not_current = || {
+                    OpsError::Invalid(format!(
+                        "{successor_id} is not the successor of a rotation in progress"
+                    ))
+                };
+                let old = successor
+                    .rotated_from
+                    .as_deref()
+                    .and_then(|o| state.keys.get(o))
+                    .filter(|o| o.rotated_to.as_deref() == Some(successor_id))
+                    .ok_or_else(not_current)?;
+                let rotation = old.rotation.as_ref().ok_or_else(not_current)?;
+                if old.revoked_at.is_some() {
+                    return Err(OpsError::RotationFinal {
+                        old: old.id.clone(),
+                        successor: successor_id.to_owned(),
+                    });
+                }
+                if let Some(next) = &successor.rotated_to {
+                    return Err(OpsError::Invalid(format!(
+                        "{successor_id} was itself rotated to {next}; abort that rotation first"
+                    )));
+                }
+                let mut restored = old.clone();
+                restored.expires_at = rotation.prior_expires_at;
+                restored.rotated_to = None;
+                restored.rotation = None;
+                restored.written_at_ms = crate::clock::unix_ms();
+                let event = Event::new("key.rotation_aborted", &self.actor)
+                    .key(&restored)
+                    .with("successor_id", successor_id)
+                    .with("restored_expires_at", restored.expires_at);
+                // The old key first: a writer killed between the two lines leaves both keys
+                // working (as during the rotation), never neither.
+                let mut records = vec![restored];
+                if successor.revoked_at.is_none() {
+                    records.push(revoked(successor, Some("rotation aborted"), now));
+                }
+                Ok::<_, OpsError>((records, event))
+            },
+            |event, point| self.audit_at(&[event], point),
+        )??;
         written
             .into_iter()
             .next()
@@ -875,41 +1038,41 @@ impl<'a> Keys<'a> {
         usage: &BTreeMap<String, crate::usage::Used>,
         now: i64,
     ) -> Result<Vec<KeyRecord>, OpsError> {
-        self.log.transact(|state| {
-            let mut records = Vec::new();
-            let mut events = Vec::new();
-            for id in old_ids {
-                let Some(old) = state.keys.get(id) else {
-                    continue;
-                };
-                let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
-                else {
-                    continue;
-                };
-                if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
-                    continue;
+        self.log.transact(
+            |state| {
+                let mut records = Vec::new();
+                let mut events = Vec::new();
+                for id in old_ids {
+                    let Some(old) = state.keys.get(id) else {
+                        continue;
+                    };
+                    let Some(successor) = old.rotated_to.as_deref().and_then(|s| state.keys.get(s))
+                    else {
+                        continue;
+                    };
+                    if !crate::keys::rotation::ready_to_complete(old, successor, usage, now) {
+                        continue;
+                    }
+                    let mut r = revoked(old, Some("rotation completed: old key idle"), now);
+                    let Some(rot) = r.rotation.as_mut() else {
+                        continue;
+                    };
+                    rot.completed_at = Some(now);
+                    let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
+                    events.push(
+                        Event::new("key.rotation_completed", &self.actor)
+                            .key(&r)
+                            .with("successor_id", successor.id.clone())
+                            .with("started_at", started_at)
+                            .with("complete_when_idle_secs", idle)
+                            .with("seconds_to_complete", now - started_at),
+                    );
+                    records.push(r);
                 }
-                let mut r = revoked(old, Some("rotation completed: old key idle"), now);
-                let Some(rot) = r.rotation.as_mut() else {
-                    continue;
-                };
-                rot.completed_at = Some(now);
-                let (started_at, idle) = (rot.started_at, rot.complete_when_idle_secs);
-                events.push(
-                    Event::new("key.rotation_completed", &self.actor)
-                        .key(&r)
-                        .with("successor_id", successor.id.clone())
-                        .with("started_at", started_at)
-                        .with("complete_when_idle_secs", idle)
-                        .with("seconds_to_complete", now - started_at),
-                );
-                records.push(r);
-            }
-            if !events.is_empty() {
-                self.audit(&events)?;
-            }
-            Ok::<_, OpsError>(records)
-        })?
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )?
     }
 
     /// Re-digest keys under the current secret version (`keys::redigest`): under the store's
@@ -924,48 +1087,48 @@ impl<'a> Keys<'a> {
         use crate::keys::redigest::{apply, check, Refused};
         let hasher = &self.settings.hasher;
         let mut verdicts: Vec<Result<(), Refused>> = Vec::new();
-        let written = self.log.transact(|state| {
-            // `transact` may run this again on a newer state (Redis): start over each time.
-            verdicts.clear();
-            let held: std::collections::HashSet<_> =
-                state.keys.values().map(|r| r.digest).collect();
-            let mut taken = std::collections::HashSet::new();
-            let mut records = Vec::new();
-            let mut events = Vec::new();
-            for r in batch {
-                // A second request for a key in this batch sees the key as re-digested.
-                let done = records.iter().any(|w: &KeyRecord| w.id == r.id);
-                let verdict = if done {
-                    Err(Refused::AlreadyCurrent {
-                        id: r.id.clone(),
-                        current: hasher.current_version(),
-                    })
-                } else {
-                    check(state.keys.get(&r.id), r, hasher, |d| {
-                        held.contains(d) || taken.contains(d)
-                    })
-                    .map(|cur| apply(cur, r))
-                };
-                match verdict {
-                    Ok(next) => {
-                        taken.insert(next.digest);
-                        events.push(
-                            Event::new("key.redigested", &self.actor)
-                                .key(&next)
-                                .with("from_version", r.from_version)
-                                .with("to_version", r.to_version),
-                        );
-                        records.push(next);
-                        verdicts.push(Ok(()));
+        let written = self.log.transact(
+            |state| {
+                // `transact` may run this again on a newer state (Redis): start over each time.
+                verdicts.clear();
+                let held: std::collections::HashSet<_> =
+                    state.keys.values().map(|r| r.digest).collect();
+                let mut taken = std::collections::HashSet::new();
+                let mut records = Vec::new();
+                let mut events = Vec::new();
+                for r in batch {
+                    // A second request for a key in this batch sees the key as re-digested.
+                    let done = records.iter().any(|w: &KeyRecord| w.id == r.id);
+                    let verdict = if done {
+                        Err(Refused::AlreadyCurrent {
+                            id: r.id.clone(),
+                            current: hasher.current_version(),
+                        })
+                    } else {
+                        check(state.keys.get(&r.id), r, hasher, |d| {
+                            held.contains(d) || taken.contains(d)
+                        })
+                        .map(|cur| apply(cur, r))
+                    };
+                    match verdict {
+                        Ok(next) => {
+                            taken.insert(next.digest);
+                            events.push(
+                                Event::new("key.redigested", &self.actor)
+                                    .key(&next)
+                                    .with("from_version", r.from_version)
+                                    .with("to_version", r.to_version),
+                            );
+                            records.push(next);
+                            verdicts.push(Ok(()));
+                        }
+                        Err(e) => verdicts.push(Err(e)),
                     }
-                    Err(e) => verdicts.push(Err(e)),
                 }
-            }
-            if !events.is_empty() {
-                self.audit(&events)?;
-            }
-            Ok::<_, OpsError>(records)
-        })??;
+                Ok::<_, OpsError>((records, events))
+            },
+            |events, point| self.audit_at(&events, point),
+        )??;
         let mut written = written.into_iter();
         Ok(verdicts
             .into_iter()
@@ -1177,7 +1340,7 @@ impl<'a> Keys<'a> {
         };
         // The same bound the gateway applies before hashing, so every imported key can be presented.
         if parsed.key.len() > MAX_KEY_LEN
-            || parsed.key.len() < 16
+            || parsed.key.len() < MIN_IMPORTED_KEY_LEN
             || !parsed.key.bytes().all(|b| (0x21..=0x7e).contains(&b))
             || parsed.key.contains(',')
         {
@@ -1219,7 +1382,8 @@ impl<'a> Keys<'a> {
             } else {
                 parsed.labels
             },
-            hint: hint(&parsed.key),
+            // Not our format, so no public head: the last four characters at most.
+            hint: imported_hint(&parsed.key),
             created_at: now,
             written_at_ms: crate::clock::unix_ms(),
             not_before: parsed.not_before.or(defaults.not_before),

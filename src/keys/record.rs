@@ -74,7 +74,8 @@ pub struct KeyRecord {
     pub allow_origins: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// `<prefix>_<env>_…last4`, for humans matching a key they hold to a record.
+    /// `<prefix>_<env>_…last4` (`…last4` for an imported key), for humans matching a key they
+    /// hold to a record. Shown through [`KeyRecord::shown_hint`] only.
     pub hint: String,
     pub created_at: i64,
     /// Wall-clock milliseconds when this version was written; feeds the propagation histogram.
@@ -153,9 +154,26 @@ impl KeyRecord {
         )
     }
 
-    /// The JSON a human or API client may see: everything except the digest and MAC.
+    /// The hint as it may be shown (listings, the API, audit events): an imported key's is cut
+    /// to its last four characters, whatever an older version stored (review 134: the stored
+    /// hint of an imported key could hold a secret head, or the whole key). Keys we minted
+    /// have hints of our format, public head and last four, shown as stored.
+    pub fn shown_hint(&self) -> String {
+        if self.imported {
+            crate::keys::format::imported_hint_of_stored(&self.hint)
+        } else {
+            self.hint.clone()
+        }
+    }
+
+    /// The JSON a human or API client may see: everything except the digest and MAC, with the
+    /// hint as [`KeyRecord::shown_hint`] shows it.
     pub fn public_json(&self, now: i64) -> serde_json::Value {
-        public_json(self, &["digest", "mac"], self.state(now).as_str())
+        let mut v = public_json(self, &["digest", "mac"], self.state(now).as_str());
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("hint".into(), self.shown_hint().into());
+        }
+        v
     }
 }
 
@@ -307,6 +325,43 @@ mod tests {
         let public = r.public_json(2_000).to_string();
         assert!(!public.contains(&Digest([7; 32]).to_hex()));
         assert!(public.contains("\"state\":\"active\""));
+    }
+
+    /// Review 134 defect 2, records already stored: an imported key's hint written by an older
+    /// version could hold the key's head (`hint("abcdefghij_kl_mn")` stored
+    /// `abcdefghij_kl_…l_mn`). Every place that shows a record shows its last four only; the
+    /// hints of keys we minted are shown as stored.
+    #[test]
+    fn a_stored_hint_of_an_imported_key_is_shown_as_its_last_four() {
+        let mut r = sample("key_a", Digest([7; 32]));
+        r.imported = true;
+        for (stored, shown) in [
+            ("abcdefghij_kl_…l_mn", "…l_mn"),
+            ("sk_live_…p7dc", "…p7dc"),
+            ("…7890", "…7890"),
+            ("no-ellipsis-at-all", "…-all"),
+            ("", "…"),
+        ] {
+            r.hint = stored.into();
+            assert_eq!(r.shown_hint(), shown, "{stored}");
+            assert_eq!(r.public_json(2_000)["hint"], shown, "{stored}");
+            let event = crate::audit::Event::new("key.updated", "t").key(&r);
+            assert_eq!(event.hint.as_deref(), Some(shown), "{stored}");
+            let text = serde_json::to_string(&event).unwrap();
+            assert!(
+                stored.is_empty() || stored == shown || !text.contains(stored),
+                "{text}"
+            );
+        }
+        let ours = sample("key_b", Digest([8; 32]));
+        assert_eq!(ours.public_json(2_000)["hint"], "kg_live_…abcd");
+        assert_eq!(
+            crate::audit::Event::new("e", "t")
+                .key(&ours)
+                .hint
+                .as_deref(),
+            Some("kg_live_…abcd")
+        );
     }
 
     #[test]

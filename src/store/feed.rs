@@ -36,6 +36,16 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, watch};
 
+/// The longest feed line a reader takes (`sync::feed`): what it may buffer before a newline.
+/// One record is one line, and records written now are at most `keys::ops::MAX_RECORD_BYTES`
+/// (64 KiB). This was 1 MiB, and before review 134 nothing bounded a record: a record of a
+/// megabyte or more, written by such a version, stopped every gateway at the revision before
+/// it and kept new ones from ever loading. The larger limit lets those records through (16
+/// MiB, the bound the Redis store's client puts on one value, `redis::resp`); a reader holds
+/// at most this much of one line, once. A line still longer is reported by the control plane
+/// when it sends it ([`FeedLine::sealed`]).
+pub const MAX_LINE: usize = 16 * 1024 * 1024;
+
 /// A line of the feed. Every line carries `seal`, the stream's MAC (`FeedLine::sealed`,
 /// `store::seal`); a record also carries its own MAC inside.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +111,20 @@ impl FeedLine {
         let tag = chain.tag(&v);
         v.pop();
         v.extend_from_slice(sealed_end(&tag).as_bytes());
+        if v.len() > MAX_LINE {
+            // Sent anyway (dropping a version could drop a revocation), but readers will refuse
+            // it and stop at the revision before it: name the key and the way out.
+            if let FeedLine::Record { record, .. } = &self {
+                tracing::error!(
+                    key_id = %record.id,
+                    rev = record.rev,
+                    bytes = v.len(),
+                    limit = MAX_LINE,
+                    "feed: a record longer than a feed line may be; gateways stop before it. \
+                     Remove its labels (PATCH with empty values, or keygate keys update --label k=)"
+                );
+            }
+        }
         chain.update(&v);
         Bytes::from(v)
     }

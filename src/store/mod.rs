@@ -19,6 +19,20 @@ use crate::keys::record::KeyRecord;
 use file::{Compacted, Parsed, State};
 use seal::LogId;
 
+/// Where a transaction's `commit` runs ([`Store::transact`]), which decides what its failure
+/// means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitPoint {
+    /// The file store: under its exclusive lock, after `build`, before the write. No other
+    /// writer can get in, so this run of `build` is the one written, and a failed commit
+    /// refuses the change with the store untouched (fail closed, THREATS J6).
+    BeforeWrite,
+    /// The Redis store: no lock; its write script refuses a write another writer got ahead
+    /// of, and only its acceptance tells which run of `build` is written. So `commit` runs
+    /// after it, and a failed commit cannot undo the change.
+    AfterWrite,
+}
+
 /// The store writers use (the CLI, the control plane): the file (the embedded default) or
 /// Redis (`[keys] source = "redis"`). One interface, two backends, the same signed records and
 /// the same rules.
@@ -59,27 +73,48 @@ impl Store {
         }
     }
 
-    pub fn transact<E: Send>(
+    /// One change, read-modify-write: `build` sees every key's latest version and returns
+    /// the versions to write and what the change must do exactly once if they are written
+    /// (`T`: its audit events); `commit` does that, once, with what the written run of
+    /// `build` returned, and never when nothing is written. `build` must have no effect of
+    /// its own: the Redis store runs it again when another writer got in between its read
+    /// and its write (THREATS J6 wants one audit record per change; an audit written while
+    /// building wrote one per run, the first for a version that never existed). When
+    /// `commit` runs depends on how the store serialises writers ([`CommitPoint`]).
+    pub fn transact<T: Send, E: Send>(
         &self,
-        build: impl FnMut(&State) -> Result<Vec<KeyRecord>, E> + Send,
+        mut build: impl FnMut(&State) -> Result<(Vec<KeyRecord>, T), E> + Send,
+        commit: impl FnOnce(T, CommitPoint) -> Result<(), E> + Send,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
         match self {
-            Store::File(f) => f.transact(build),
-            Store::Redis(r) => r.transact(build),
+            Store::File(f) => f.transact(|state| {
+                let (records, t) = build(state)?;
+                commit(t, CommitPoint::BeforeWrite)?;
+                Ok(records)
+            }),
+            Store::Redis(r) => r.transact(build, |t| commit(t, CommitPoint::AfterWrite)),
         }
     }
 
     /// [`Store::transact`] for a change to one key: `build` sees that key's latest version
     /// (the file store scans for it instead of parsing every key; see
     /// [`LogFile::transact_key`]).
-    pub fn transact_key<E: Send>(
+    pub fn transact_key<T: Send, E: Send>(
         &self,
         id: &str,
-        mut build: impl FnMut(Option<&KeyRecord>) -> Result<Vec<KeyRecord>, E> + Send,
+        mut build: impl FnMut(Option<&KeyRecord>) -> Result<(Vec<KeyRecord>, T), E> + Send,
+        commit: impl FnOnce(T, CommitPoint) -> Result<(), E> + Send,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError> {
         match self {
-            Store::File(f) => f.transact_key(id, build),
-            Store::Redis(r) => r.transact(|state| build(state.keys.get(id))),
+            Store::File(f) => f.transact_key(id, |current| {
+                let (records, t) = build(current)?;
+                commit(t, CommitPoint::BeforeWrite)?;
+                Ok(records)
+            }),
+            Store::Redis(r) => r.transact(
+                |state| build(state.keys.get(id)),
+                |t| commit(t, CommitPoint::AfterWrite),
+            ),
         }
     }
 

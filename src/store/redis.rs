@@ -567,11 +567,15 @@ impl RedisLog {
     /// signed for the next revisions and written by one script that re-checks the log and
     /// revision (another writer in between: read again and rebuild, bounded), and refuses an
     /// un-revoke. Batches of at most `BATCH` records (each atomic; a larger change is several).
-    pub fn transact<E>(
+    /// `commit` runs once, after the write, with what the written run of `build` returned
+    /// (`Store::transact`, `CommitPoint::AfterWrite`).
+    pub fn transact<T, E>(
         &self,
-        build: impl FnMut(&State) -> Result<Vec<KeyRecord>, E> + Send,
+        build: impl FnMut(&State) -> Result<(Vec<KeyRecord>, T), E> + Send,
+        commit: impl FnOnce(T) -> Result<(), E> + Send,
     ) -> Result<Result<Vec<KeyRecord>, E>, StoreError>
     where
+        T: Send,
         E: Send,
     {
         let (n, signer) = (&self.names, &self.signer);
@@ -590,7 +594,7 @@ impl RedisLog {
                     rev,
                     corrupt: parsed.corrupt,
                 };
-                let mut records = match build(&st) {
+                let (mut records, done) = match build(&st) {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e)),
                 };
@@ -599,11 +603,20 @@ impl RedisLog {
                 }
                 match write(&c, n, signer, log, rev, &mut records).await? {
                     Written::Ok => {
-                        if records.iter().any(|r| r.revoked_at.is_some()) {
-                            replicated(&c, wait_replicas, wait_timeout).await?;
-                        }
-                        return Ok(Ok(records));
+                        // Written: this run is the change, committed once (its audit).
+                        let committed = commit(done);
+                        let waited = if records.iter().any(|r| r.revoked_at.is_some()) {
+                            replicated(&c, wait_replicas, wait_timeout).await
+                        } else {
+                            Ok(())
+                        };
+                        // A failed commit first: nothing else tells the caller of it.
+                        return match committed {
+                            Err(e) => Ok(Err(e)),
+                            Ok(()) => waited.map(|()| Ok(records)),
+                        };
                     }
+                    // Nothing written and nothing committed: build again on the new state.
                     Written::Conflict => continue,
                 }
             }

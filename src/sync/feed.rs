@@ -19,7 +19,7 @@ use crate::gateway::Gateway;
 use crate::keys::record::KeyRecord;
 use crate::keys::table::KeyTable;
 use crate::snapshot::FeedSource;
-use crate::store::feed::FeedLine;
+use crate::store::feed::{FeedLine, MAX_LINE};
 use crate::store::seal::{LogId, Signer};
 use crate::sync::cache::{self, CacheWriter};
 use crate::sync::{apply, file as follow};
@@ -33,8 +33,6 @@ use std::time::Duration;
 /// A feed longer than this without a whole line (heartbeats come every few seconds) is dead,
 /// also when bytes still trickle in (a slow drip would otherwise hold the session for ever).
 const IDLE_LIMIT: Duration = Duration::from_secs(15);
-/// One feed line may not exceed this (a record is well under 4 KiB).
-const MAX_LINE: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
