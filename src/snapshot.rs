@@ -297,6 +297,14 @@ impl Snapshot {
                     "must be a canonical path (no dot segments, // or %-escapes of / or \\)",
                 ));
             }
+            // The router reads a request's path with and without its `;params` and needs a
+            // prefix that reads the same both ways (`route::Router::find`).
+            if crate::path::has_params(r.path_prefix.as_bytes()) {
+                return Err(c.invalid(
+                    field("path_prefix"),
+                    "must not carry path parameters (; or %3B)",
+                ));
+            }
             let upstream = upstreams.get(&r.upstream).cloned().ok_or_else(|| {
                 c.invalid(
                     field("upstream"),

@@ -872,6 +872,100 @@ async fn d1_path_tricks_never_reach_admin() {
     );
 }
 
+/// D1, path parameters: servlet containers and Spring drop each segment's `;params` before
+/// they route, so `/v1/admin;x/users` is `/v1/admin/users` to them, and `/;/v1/admin/users`
+/// is `//v1/admin/users`, merged to the same. A gateway that routes on the literal segments
+/// authorises those under `/v1` or `/` (scope `public`) and forwards them unchanged: a
+/// `public` key reached the admin route. Now a path whose route depends on whether its
+/// params are dropped (`src/route.rs`), and one with a segment that is empty or a dot segment
+/// once they are (`src/path.rs`), is refused with 400; a `;` that leaves the route the same
+/// either way is forwarded as sent. Each case goes both ways into the gateway: a plain `GET`
+/// (`src/direct.rs`) and the same with `Content-Length: 0` (hyper's).
+#[tokio::test]
+async fn d1_path_parameters_never_move_a_request_to_a_broader_route() {
+    const PARAM_ROUTES: &str = r#"
+[[routes]]
+name = "root"
+path_prefix = "/"
+scopes = ["public"]
+upstream = "up"
+
+[[routes]]
+name = "v1"
+path_prefix = "/v1"
+scopes = ["public"]
+upstream = "up"
+
+[[routes]]
+name = "admin"
+path_prefix = "/v1/admin"
+scopes = ["admin"]
+upstream = "up"
+"#;
+    let env = start_with("", PARAM_ROUTES).await;
+    let k = env.key.clone();
+    // (path, expected status); a 200 is forwarded exactly as sent.
+    let cases: &[(&str, u16)] = &[
+        ("/v1/admin;x/users", 400),
+        ("/v1/admin;jsessionid=1/users", 400),
+        ("/v1;x/admin/users", 400),
+        ("/v1/admin;x", 400),
+        ("/v1/admin%3Bx/users", 400),
+        ("/;/v1/admin/users", 400),
+        ("/;x/v1/admin/users", 400),
+        ("/v1/;x/admin/users", 400),
+        ("/v1/%3B/admin/users", 400),
+        ("/v1/admin/;", 400),
+        // The route is `admin` either way: the scope decides.
+        ("/v1/admin/users;v=2", 403),
+        ("/v1/admin;x/../users", 200),
+        // Params that leave the route the same either way.
+        ("/v1/users;v=2/x", 200),
+        ("/v1/users/x;jsessionid=1", 200),
+        ("/other;v=1/x", 200),
+    ];
+    let mut failures = Vec::new();
+    for (path, want) in cases {
+        for (way, extra) in [
+            ("direct", "Connection: close\r\n"),
+            ("hyper", "Content-Length: 0\r\nConnection: close\r\n"),
+        ] {
+            env.up.clear();
+            let out = raw_exchange(
+                env.gw.http,
+                get_req(path, Some(&k), extra).as_bytes(),
+                EXCHANGE,
+            )
+            .await;
+            let resps = out.responses();
+            let status = resps.first().map_or(0, |r| r.status);
+            let paths = env.paths();
+            let line = format!("{path} ({way}): {status}, stub {paths:?}");
+            eprintln!("D1 params {line}");
+            let forwarded = keygate::path::canonicalize(path)
+                .map(|p| p.into_owned())
+                .unwrap_or_default();
+            let ok = match want {
+                200 => status == 200 && paths == [forwarded],
+                _ => {
+                    status == *want
+                        && paths.is_empty()
+                        && resps.first().and_then(|r| r.header("content-type"))
+                            == Some("application/problem+json".to_owned())
+                }
+            };
+            if !ok {
+                failures.push(format!("want {want}; got {line}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "D1 path parameters:\n{}",
+        failures.join("\n")
+    );
+}
+
 #[tokio::test]
 async fn d3_admin_endpoints_are_not_on_the_data_port() {
     let env = start().await;
