@@ -86,6 +86,19 @@ impl Entry {
     }
 }
 
+/// A method spelled as the routes' methods are: uppercase letters, `-` and `_` (nginx
+/// refuses anything else with 400 too). The config's methods are uppercased when loaded and
+/// `Method` compares bytes, so a request's `delete` would be an extension method equal to no
+/// listed `DELETE`: it would fall through to a route allowing any method, and go upstream as
+/// sent, where case-insensitive routers (ASP.NET) run it as DELETE. A few bytes to look at,
+/// nothing allocated.
+pub fn method_is_canonical(method: &Method) -> bool {
+    let m = method.as_str().as_bytes();
+    !m.is_empty()
+        && m.iter()
+            .all(|&b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+}
+
 /// `prefix` (already stripped of trailing `/`) matches `path` only on a
 /// segment boundary, so `/invoices` never matches `/invoicesX`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -289,6 +302,27 @@ fn host_view(raw: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_canonical_in_uppercase_only() {
+        for ok in [
+            "GET",
+            "DELETE",
+            "PURGE",
+            "M-SEARCH",
+            "VERSION-CONTROL",
+            "X_Y",
+        ] {
+            let m = Method::from_bytes(ok.as_bytes()).unwrap();
+            assert!(method_is_canonical(&m), "{ok}");
+        }
+        for bad in [
+            "get", "delete", "Delete", "dELETE", "head", "PURGE1", "GET!", "M.SEARCH",
+        ] {
+            let m = Method::from_bytes(bad.as_bytes()).unwrap();
+            assert!(!method_is_canonical(&m), "{bad}");
+        }
+    }
 
     #[test]
     fn port_or_names_the_port_or_the_default() {

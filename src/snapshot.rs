@@ -315,8 +315,12 @@ impl Snapshot {
                 .methods
                 .iter()
                 .map(|m| {
+                    // Requests with any other spelling are refused: such a method could never
+                    // be matched (`route::method_is_canonical`).
                     Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .map_err(|_| c.invalid(field("methods"), format!("bad method {m:?}")))
+                        .ok()
+                        .filter(crate::route::method_is_canonical)
+                        .ok_or_else(|| c.invalid(field("methods"), format!("bad method {m:?}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if methods.contains(&Method::CONNECT) {

@@ -1200,6 +1200,142 @@ upstream = "up"
     assert!(failures.is_empty(), "D7:\n{}", failures.join("\n"));
 }
 
+/// A request head with `method` as its request line gives it, `Connection: close`, and either
+/// no body (served without hyper, `src/direct.rs`) or `body` with its `Content-Length` (hyper's).
+fn raw_with_method(method: &str, path: &str, auth: &str, body: Option<&str>) -> Vec<u8> {
+    let framing = body.map_or(String::new(), |b| {
+        format!("Content-Length: {}\r\n", b.len())
+    });
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {auth}\r\n{framing}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
+    )
+    .into_bytes()
+}
+
+/// D7, a method in another case, and the `_method` query parameter. The config's methods are
+/// uppercased; the request's were not, and `http::Method` makes `delete` an extension method
+/// that no listed method equals, so `delete /invoices/1` skipped `invoices-write` (DELETE,
+/// scope `invoices:write`), fell to `invoices-any` (any method, scope `invoices:read`) and
+/// went upstream as sent, where case-insensitive routers (ASP.NET) run a DELETE. Now a
+/// method that is not uppercase letters, `-` and `_` (nginx's rule) is a 400 problem+json
+/// counted `bad_request`, whichever server path the request takes (a plain request:
+/// `src/direct.rs`; one with a body: hyper). Laravel, Symfony and Express's method-override
+/// take the method from a `_method` query parameter as they would from the override headers
+/// (which are stripped, `d7_method_scopes_overrides_and_head`): a query naming it (as PHP and
+/// `qs` decode names) is a 400 too; other names, and `_method` as a value, pass.
+/// (method, target, body, expected status, method the upstream must see)
+type MethodCase = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    u16,
+    Option<&'static str>,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d7_odd_case_methods_and_query_method_overrides_are_refused() {
+    let tail = r#"
+[[routes]]
+name = "invoices-write"
+path_prefix = "/invoices"
+methods = ["POST", "PUT", "DELETE"]
+scopes = ["invoices:write"]
+upstream = "up"
+
+[[routes]]
+name = "invoices-any"
+path_prefix = "/invoices"
+scopes = ["invoices:read"]
+upstream = "up"
+"#;
+    let env = Env::new(Mode::Echo, "", 100_000, tail).await;
+    let k = env.create(&[]);
+    let gw = env.serve().await;
+    let auth = bearer(&k.key);
+    let cases: &[MethodCase] = &[
+        ("delete", "/invoices/1", None, 400, None),
+        ("delete", "/invoices/1", Some(""), 400, None),
+        ("Delete", "/invoices/1", None, 400, None),
+        ("dELETE", "/invoices/1", Some("a=1"), 400, None),
+        ("get", "/invoices/1", None, 400, None),
+        ("post", "/invoices/1", Some("a=1"), 400, None),
+        ("head", "/invoices/1", None, 400, None),
+        ("PURGE1", "/invoices/1", None, 400, None),
+        ("DELETE", "/invoices/1", None, 403, None),
+        ("DELETE", "/invoices/1", Some(""), 403, None),
+        ("GET", "/invoices/1", None, 200, Some("GET")),
+        ("PATCH", "/invoices/1", Some("a=1"), 200, Some("PATCH")),
+        ("PURGE", "/invoices/1", None, 200, Some("PURGE")),
+        ("M-SEARCH", "/invoices/1", None, 200, Some("M-SEARCH")),
+        ("GET", "/invoices/1?_method=DELETE", None, 400, None),
+        ("GET", "/invoices/1?_method=DELETE", Some(""), 400, None),
+        (
+            "POST",
+            "/invoices/1?a=1&_method=PUT",
+            Some("a=1"),
+            400,
+            None,
+        ),
+        ("GET", "/invoices/1?a=1;_method=PUT", None, 400, None),
+        ("GET", "/invoices/1?%5Fmethod=PUT", None, 400, None),
+        ("GET", "/invoices/1?_%6Dethod=PUT", None, 400, None),
+        ("GET", "/invoices/1?.method=PUT", None, 400, None),
+        ("GET", "/invoices/1?+_method=PUT", None, 400, None),
+        ("GET", "/invoices/1?_method%5B%5D=PUT", None, 400, None),
+        ("GET", "/invoices/1?_METHOD", None, 400, None),
+        (
+            "GET",
+            "/invoices/1?my_method=PUT&x=_method&_methods=1",
+            None,
+            200,
+            Some("GET"),
+        ),
+    ];
+    let before = metric(&gw, "keygate_requests_total", &["outcome=\"bad_request\""]).await;
+    let mut failures = Vec::new();
+    let mut refused = 0.0;
+    for (method, target, body, want, up_method) in cases {
+        let ups = env.up.count();
+        let out = raw_exchange(
+            gw.http,
+            &raw_with_method(method, target, &auth, *body),
+            Duration::from_secs(5),
+        )
+        .await;
+        let resps = out.responses();
+        let r = resps.first();
+        let status = r.map_or(0, |r| r.status);
+        let rec = (env.up.count() > ups).then(|| env.up.last().unwrap());
+        let line = format!(
+            "{method} {target} (body {body:?}): {status} {}, upstream {:?}",
+            r.map_or(String::new(), RawResponse::body_str),
+            rec.as_ref()
+                .map(|r| (r.method.clone(), r.path_and_query.clone()))
+        );
+        eprintln!("D7 {line}");
+        let problem =
+            r.and_then(|r| r.header("content-type")) == Some("application/problem+json".to_owned());
+        let ok = match (up_method, &rec) {
+            (None, None) => status == *want && problem,
+            (Some(m), Some(rec)) => status == *want && rec.method == *m,
+            _ => false,
+        };
+        if *want == 400 {
+            refused += 1.0;
+            if !r.is_some_and(|r| r.body_str().contains("\"code\":\"bad_request\"")) {
+                failures.push(format!("want code bad_request; got {line}"));
+            }
+        }
+        if !ok {
+            failures.push(format!("want {want} / {up_method:?}; got {line}"));
+        }
+    }
+    assert!(failures.is_empty(), "D7 methods:\n{}", failures.join("\n"));
+    let after = metric(&gw, "keygate_requests_total", &["outcome=\"bad_request\""]).await;
+    assert_eq!(after - before, refused, "each refusal counted bad_request");
+}
+
 // ---------------------------------------------------------------------------------------------
 // E. Slow clients, floods, fd exhaustion
 // ---------------------------------------------------------------------------------------------
