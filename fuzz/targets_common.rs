@@ -295,6 +295,8 @@ const REF_REQUEST_STRIP: &[&str] = &[
     "x-http-method-override",
     "x-method-override",
     "x-http-method",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 const REF_PROTECTED: &[&str] = &[
     "host",

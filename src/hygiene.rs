@@ -80,10 +80,14 @@ fn names_hop_by_hop(token: &[u8]) -> bool {
 /// Request-only removals: the client's credentials (the upstream gets the
 /// gateway's identity headers instead), forwarding metadata and the request id
 /// the gateway regenerates (THREATS B5; a client's valid id was taken as the
-/// request id before), and method overrides that would let a client
-/// run a method the route did not allow (THREATS B4). Underscore names are
+/// request id before), method overrides that would let a client
+/// run a method the route did not allow (THREATS B4), and URL overrides that
+/// would let it name another path than the one authorised (IIS URL Rewrite,
+/// Zend/laminas and old Symfony take the request's path from `X-Original-URL`
+/// or `X-Rewrite-URL`; THREATS D1). Underscore names are
 /// dropped wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable,
 /// so `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
+/// One `match` on the lowercase name (by length, then bytes): no lookup table.
 fn is_request_only(name: &str) -> bool {
     matches!(
         name,
@@ -94,6 +98,8 @@ fn is_request_only(name: &str) -> bool {
             | "x-http-method-override"
             | "x-method-override"
             | "x-http-method"
+            | "x-original-url"
+            | "x-rewrite-url"
     ) || name.starts_with(X_FORWARDED)
         || name.starts_with(X_KEYGATE)
         || name.contains('_')
@@ -662,6 +668,18 @@ mod tests {
                     ("x-keygate-consumer", b"admin"),
                 ],
                 Ok(&[]),
+            ),
+            (
+                "D1 URL overrides",
+                &[
+                    ("x-original-url", b"/v1/admin"),
+                    ("X-Rewrite-URL", b"/v1/admin"),
+                    (
+                        "x-original-uri",
+                        b"kept: no framework takes the path from it",
+                    ),
+                ],
+                Ok(&["x-original-uri"]),
             ),
             (
                 "B4 method override and underscores",

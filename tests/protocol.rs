@@ -966,6 +966,46 @@ upstream = "up"
     );
 }
 
+/// D1, URL-rewrite headers: IIS URL Rewrite, Zend/laminas and old Symfony take the request's
+/// path from `X-Original-URL` or `X-Rewrite-URL` when present, so a client sending
+/// `X-Original-URL: /v1/admin/x` on a request authorised for `/v1/public/x` had the upstream
+/// serve the admin path. They are stripped like the other request-only headers
+/// (`src/hygiene.rs`): the stub never reads their names, in any case spelling, on either
+/// server path (a plain `GET`: `src/direct.rs`; a `POST` with a body: hyper).
+#[tokio::test]
+async fn d1_url_rewrite_headers_never_reach_the_upstream() {
+    let env = start().await;
+    let k = env.key.clone();
+    let rewrites = "X-Original-URL: /v1/admin/x\r\nX-Rewrite-URL: /v1/admin/x\r\n\
+                    x-original-url: /v1/admin/y\r\nX-REWRITE-URL: /v1/admin/y\r\n";
+    let plain = get_req(
+        "/v1/public/x",
+        Some(&k),
+        &format!("{rewrites}Connection: close\r\n"),
+    );
+    let with_body = format!(
+        "POST /v1/public/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {k}\r\n{rewrites}Content-Length: 3\r\nConnection: close\r\n\r\na=1"
+    );
+    for (way, bytes) in [("direct", plain), ("hyper", with_body)] {
+        env.up.clear();
+        let out = raw_exchange(env.gw.http, bytes.as_bytes(), EXCHANGE).await;
+        assert_eq!(statuses(&out), vec![200], "{way}: {}", out.text());
+        let recs = env.up.records();
+        assert_eq!(recs.len(), 1, "{way}");
+        assert_eq!(recs[0].path_and_query, "/v1/public/x", "{way}");
+        let names = recs[0].header_names();
+        assert!(
+            !names.contains("x-original-url") && !names.contains("x-rewrite-url"),
+            "{way}: the upstream got {names:?}"
+        );
+    }
+    let wire = String::from_utf8_lossy(&env.up.wire()).to_ascii_lowercase();
+    assert!(wire.contains("/v1/public/x"), "the stub's wire log is read");
+    for name in ["x-original-url", "x-rewrite-url", "/v1/admin"] {
+        assert!(!wire.contains(name), "{name} reached the upstream:\n{wire}");
+    }
+}
+
 #[tokio::test]
 async fn d3_admin_endpoints_are_not_on_the_data_port() {
     let env = start().await;
