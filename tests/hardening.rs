@@ -343,6 +343,22 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
                 .to_vec(),
         ),
+        // Codings other than a lone `chunked`: the gateway strips `Transfer-Encoding`, so
+        // relaying the decoded chunks would hand the client gzip bytes with nothing saying so.
+        (
+            "tegzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        (
+            "tetwo",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        (
+            "techunkedgzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello".to_vec(),
+        ),
     ];
     let mut ups = Vec::new();
     for (name, mode) in &modes {
@@ -428,6 +444,21 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
             Duration::from_secs(3),
         ),
         ("badchunk", Want::Aborted, Duration::from_secs(3)),
+        (
+            "tegzip",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
+        (
+            "tetwo",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
+        (
+            "techunkedgzip",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
     ];
     let mut failures = Vec::new();
     for (route, want, max) in &cases {
@@ -504,6 +535,17 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
         ) >= 1.0,
         "connect error counted"
     );
+    for name in ["tegzip", "tetwo", "techunkedgzip"] {
+        assert_eq!(
+            metric_in(
+                &text,
+                "keygate_upstream_errors_total",
+                &[&format!("upstream=\"{name}\""), "kind=\"protocol\""]
+            ),
+            1.0,
+            "{name}: counted as an upstream protocol error"
+        );
+    }
     assert!(
         failures.is_empty(),
         "upstream fault mismatches:\n{}",
