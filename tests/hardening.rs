@@ -565,6 +565,121 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
     gw.assert_not_logged(&k.key);
 }
 
+/// An upstream that answers every request head (bodiless requests only) with `reply` and
+/// keeps the connection for the next; counts the connections it accepted and the requests.
+struct KeepAliveStub {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    accept: tokio::task::AbortHandle,
+}
+
+impl KeepAliveStub {
+    async fn start(reply: &'static [u8]) -> KeepAliveStub {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, r) = (accepted.clone(), requests.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Heads, one after another, each bounded in size and time.
+                    while buf.len() < 65536 {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            r.fetch_add(1, Ordering::SeqCst);
+                            if s.write_all(reply).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        match tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        })
+        .abort_handle();
+        KeepAliveStub {
+            addr,
+            accepted,
+            requests,
+            accept,
+        }
+    }
+}
+
+impl Drop for KeepAliveStub {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// H5, RFC 9112 §6.1: an HTTP/1.0 message carrying `Transfer-Encoding` has faulty framing
+/// (an HTTP/1.0 recipient knows no transfer codings), and the connection must be closed after
+/// it, whatever `Connection: keep-alive` says. Its body is relayed as its chunks say, but its
+/// connection never goes back to the pool: the second request comes on a new connection. The
+/// same reply as HTTP/1.1 keeps its connection (the control: one connection for both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h5_an_http10_response_with_transfer_encoding_never_keeps_its_connection() {
+    let http10 = KeepAliveStub::start(
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let http11 = KeepAliveStub::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let mut tail = String::new();
+    for (name, stub) in [("http10", &http10), ("http11", &http11)] {
+        tail.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"{name}\"\n\n",
+            stub.addr
+        ));
+    }
+    let env = Env::new(Mode::Echo, "", 100_000, &tail).await;
+    let k = env.create(&[]);
+    let gw = env.serve().await;
+    let auth = bearer(&k.key);
+    for (name, stub, connections) in [("http10", &http10, 2), ("http11", &http11, 1)] {
+        for i in 0..2 {
+            let out = raw_exchange(
+                gw.http,
+                &raw_get(&format!("/{name}/{i}"), &[("Authorization", &auth)], true),
+                Duration::from_secs(5),
+            )
+            .await;
+            let resps = out.responses();
+            let r = resps
+                .first()
+                .unwrap_or_else(|| panic!("{name} {i}: {}", out.text()));
+            assert_eq!(
+                (r.status, r.complete, r.body_str().as_str()),
+                (200, true, "hello"),
+                "{name} {i}: {}",
+                out.text()
+            );
+        }
+        assert_eq!(stub.requests.load(Ordering::SeqCst), 2, "{name}");
+        assert_eq!(
+            stub.accepted.load(Ordering::SeqCst),
+            connections,
+            "{name}: upstream connections for two requests"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h6_upstream_hop_by_hop_headers_are_stripped() {
     let reply = b"HTTP/1.1 200 OK\r\n\

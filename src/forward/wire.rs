@@ -346,10 +346,13 @@ impl FramingFields {
         }
     }
 
-    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
+    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+    /// `keep-alive`, and never after a `Transfer-Encoding`: an HTTP/1.0 message carrying one
+    /// has faulty framing and its connection must close after it (RFC 9112 §6.1), whatever
+    /// the upstream says (it spoke of a coding HTTP/1.0 does not have).
     fn keep_alive(&self, version: Version) -> bool {
         if version == Version::HTTP_10 {
-            self.keep_alive && !self.close
+            self.keep_alive && !self.close && !self.transfer_encoding
         } else {
             !self.close
         }
@@ -626,6 +629,11 @@ mod tests {
             (
                 b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 Ok((Empty, true)),
+            ),
+            // RFC 9112 §6.1: HTTP/1.0 with Transfer-Encoding never keeps its connection.
+            (
+                b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+                Ok((Chunked, false)),
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
