@@ -295,6 +295,8 @@ const REF_REQUEST_STRIP: &[&str] = &[
     "x-http-method-override",
     "x-method-override",
     "x-http-method",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 const REF_PROTECTED: &[&str] = &[
     "host",
@@ -454,7 +456,8 @@ fn ref_canonicalize(p: &str) -> Option<String> {
     for seg in &decoded {
         let head = seg.split(';').next().unwrap_or("");
         let head = head.split("%3B").next().unwrap_or("");
-        if seg.as_str() != head && (head == "." || head == "..") {
+        // Empty or a dot segment once its params are dropped (as servlet containers do).
+        if seg.as_str() != head && (head.is_empty() || head == "." || head == "..") {
             return None;
         }
         match seg.as_str() {
@@ -785,6 +788,10 @@ pub fn config(data: &[u8]) {
             path::canonicalize(&r.path_prefix).as_deref(),
             Ok(r.path_prefix.as_str()),
             "route prefix not canonical"
+        );
+        assert!(
+            !r.path_prefix.contains(';') && !r.path_prefix.contains("%3B"),
+            "route prefix with path parameters"
         );
     }
     assert!(snap.server.max_header_bytes >= 8192);

@@ -81,6 +81,9 @@ impl From<RouteError> for GatewayError {
     fn from(e: RouteError) -> Self {
         match e {
             RouteError::NotFound => GatewayError::RouteNotFound,
+            RouteError::ParamsChangeRoute => {
+                GatewayError::BadRequest("path parameters change the route")
+            }
             RouteError::MethodNotAllowed { allow } => GatewayError::MethodNotAllowed { allow },
         }
     }

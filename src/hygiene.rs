@@ -11,6 +11,9 @@
 //! outright (THREATS B3): a later hop honouring the nomination would strip a
 //! header the gateway relies on. Responses: hop-by-hop headers are removed
 //! before relaying (RFC 9110 §7.6.1), never failing.
+//!
+//! A method override in the query (`_method`, `query_overrides_method`) cannot be
+//! removed without rebuilding the request target: the request path refuses it.
 
 use crate::keys::compact::{KeyView, Profile};
 use crate::trace::{TraceContext, TRACEPARENT};
@@ -77,10 +80,14 @@ fn names_hop_by_hop(token: &[u8]) -> bool {
 /// Request-only removals: the client's credentials (the upstream gets the
 /// gateway's identity headers instead), forwarding metadata and the request id
 /// the gateway regenerates (THREATS B5; a client's valid id was taken as the
-/// request id before), and method overrides that would let a client
-/// run a method the route did not allow (THREATS B4). Underscore names are
+/// request id before), method overrides that would let a client
+/// run a method the route did not allow (THREATS B4), and URL overrides that
+/// would let it name another path than the one authorised (IIS URL Rewrite,
+/// Zend/laminas and old Symfony take the request's path from `X-Original-URL`
+/// or `X-Rewrite-URL`; THREATS D1). Underscore names are
 /// dropped wholesale: CGI/WSGI upstreams map `_` and `-` to the same variable,
 /// so `X_API_Key` or `x_consumer_id` could shadow the real header (THREATS B4).
+/// One `match` on the lowercase name (by length, then bytes): no lookup table.
 fn is_request_only(name: &str) -> bool {
     matches!(
         name,
@@ -91,9 +98,79 @@ fn is_request_only(name: &str) -> bool {
             | "x-http-method-override"
             | "x-method-override"
             | "x-http-method"
+            | "x-original-url"
+            | "x-rewrite-url"
     ) || name.starts_with(X_FORWARDED)
         || name.starts_with(X_KEYGATE)
         || name.contains('_')
+}
+
+/// A query naming a method override: Laravel and Symfony (`_method`, on a POST) and
+/// Express's `method-override` (a getter over `req.query`) run the method it names instead
+/// of the request's, as other frameworks do from the override headers `is_request_only`
+/// strips, so the route and scopes authorised here would not be the ones run. Such a
+/// request is refused (`pipeline::validate_head`) whatever its method: which methods an
+/// upstream takes overrides on is its configuration (`method-override`'s `methods`), not
+/// ours to guess. A body's `_method` (a form POST) is not looked at: the body streams
+/// through unread. Pairs are split on `&` and `;`; names are compared as those frameworks
+/// decode them (`names_method_override`).
+pub fn query_overrides_method(query: &str) -> bool {
+    query
+        .as_bytes()
+        .split(|&b| b == b'&' || b == b';')
+        .any(|pair| names_method_override(pair.split(|&b| b == b'=').next().unwrap_or(pair)))
+}
+
+/// `name` (raw, from a query) is `_method` as PHP and `qs` read it: percent-escapes and `+`
+/// decoded, leading spaces dropped and a `.` taken for the `_` (PHP's variable names), any
+/// case, alone or as an array (`_method[]`). Nearly every name is shorter than any spelling
+/// of `_method` and is passed over without decoding.
+fn names_method_override(name: &[u8]) -> bool {
+    const METHOD: &[u8] = b"method";
+    if name.len() <= METHOD.len() {
+        return false;
+    }
+    let mut decoded = FormDecoded(name).skip_while(|&b| b == b' ');
+    matches!(decoded.next(), Some(b'_' | b'.'))
+        && METHOD.iter().all(|want| {
+            decoded
+                .next()
+                .is_some_and(|b| b.to_ascii_lowercase() == *want)
+        })
+        && matches!(decoded.next(), None | Some(b'['))
+}
+
+/// The bytes of a form-encoded name as decoded: `%XX` is its byte, `+` a space, and a `%`
+/// starting no escape stays itself.
+struct FormDecoded<'a>(&'a [u8]);
+
+impl Iterator for FormDecoded<'_> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        match (b, rest) {
+            (b'+', _) => Some(b' '),
+            (b'%', [hi, lo, tail @ ..]) => match (hex_val(*hi), hex_val(*lo)) {
+                (Some(hi), Some(lo)) => {
+                    self.0 = tail;
+                    Some((hi << 4) | lo)
+                }
+                _ => Some(b'%'),
+            },
+            _ => Some(b),
+        }
+    }
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 const X_FORWARDED: &str = "x-forwarded-";
@@ -593,6 +670,18 @@ mod tests {
                 Ok(&[]),
             ),
             (
+                "D1 URL overrides",
+                &[
+                    ("x-original-url", b"/v1/admin"),
+                    ("X-Rewrite-URL", b"/v1/admin"),
+                    (
+                        "x-original-uri",
+                        b"kept: no framework takes the path from it",
+                    ),
+                ],
+                Ok(&["x-original-uri"]),
+            ),
+            (
                 "B4 method override and underscores",
                 &[
                     ("x-http-method-override", b"DELETE"),
@@ -780,6 +869,40 @@ mod tests {
         // A value a header cannot hold is left out, not sent mangled.
         let (_, bad) = profile_values(&profile("a\nb", &[]));
         assert!(bad.is_none());
+    }
+
+    #[test]
+    fn query_method_overrides_table() {
+        let cases: &[(&str, bool)] = &[
+            ("_method=DELETE", true),
+            ("a=1&_method=PUT&b=2", true),
+            ("a=1;_method=PUT", true),
+            ("_method", true),
+            ("_method=", true),
+            ("_METHOD=put", true),
+            ("%5Fmethod=PUT", true),
+            ("%5fmethod=PUT", true),
+            ("_%6Dethod=PUT", true),
+            (".method=PUT", true),
+            ("+_method=PUT", true),
+            ("%20%20.method=PUT", true),
+            ("_method[]=PUT", true),
+            ("_method%5B0%5D=PUT", true),
+            ("", false),
+            ("a=1", false),
+            ("method=PUT", false),
+            ("+method=PUT", false),
+            ("my_method=PUT", false),
+            ("_methods=1", false),
+            ("_method_id=1", false),
+            ("x=_method", false),
+            ("_meth%6Fd2=1", false),
+            ("%5Fmethod%", false),
+            ("%ZZmethod=1", false),
+        ];
+        for (query, want) in cases {
+            assert_eq!(query_overrides_method(query), *want, "{query:?}");
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!   refused;
 //! - repeated slashes are merged and dot segments removed without ever going
 //!   above the root (RFC 3986 §5.2.4 / §6.2.2.3);
-//! - a dot segment carrying a path parameter (`..;x`) is refused.
+//! - a segment that is empty or a dot segment once its path parameters are dropped (`..;x`,
+//!   `;x`) is refused (see [`segment_name`]).
 //!
 //! The result is idempotent: `canonicalize(canonicalize(p)) == canonicalize(p)`.
 
@@ -41,6 +42,8 @@ pub enum PathError {
     InvalidChar,
     #[error("dot segment with path parameter")]
     DotSegmentParam,
+    #[error("empty segment with path parameter")]
+    EmptySegmentParam,
     #[error("path longer than {MAX_PATH_LEN} bytes")]
     TooLong,
 }
@@ -64,15 +67,15 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 
 /// `path` (which starts with `/`) is what the two passes would return unchanged: no escape
 /// (pass 1 may rewrite one), only `pchar`s and `/`, no empty segment but a last one (`//`),
-/// and no segment starting with a dot (`.`, `..` and `..;x` are the passes' to judge; a
-/// `.well-known` only takes the longer way). A quick scan; anything it does not vouch for
-/// goes through the passes.
+/// and no segment starting with a dot or a `;` (`.`, `..`, `..;x` and `;x` are the passes'
+/// to judge; a `.well-known` only takes the longer way). A quick scan; anything it does not
+/// vouch for goes through the passes.
 fn is_canonical(path: &[u8]) -> bool {
     let mut prev = 0u8;
     path.iter().all(|&b| {
         let ok = match b {
             b'/' => prev != b'/',
-            b'.' => prev != b'/',
+            b'.' | b';' => prev != b'/',
             _ => is_pchar(b),
         };
         prev = b;
@@ -149,8 +152,8 @@ fn remove_dot_segments(path: &str, cap: usize) -> Result<String, PathError> {
                 trailing_slash = last;
             }
             _ => {
-                if is_dot_with_param(seg) {
-                    return Err(PathError::DotSegmentParam);
+                if let Some(e) = hidden_by_params(seg) {
+                    return Err(e);
                 }
                 stack.push(seg);
                 trailing_slash = false;
@@ -168,16 +171,38 @@ fn remove_dot_segments(path: &str, cap: usize) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// Tomcat (and other servlet containers) strip `;params` from each segment
-/// before resolving dots, so `/..;/admin` is `/../admin` to them but a plain
-/// segment to us. `%3B` is checked too, for servers that decode first.
-fn is_dot_with_param(seg: &str) -> bool {
-    let head_len = match (seg.find(';'), seg.find("%3B")) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
-        (None, None) => return false,
-    };
-    matches!(seg.get(..head_len), Some("." | ".."))
+/// Tomcat (and other servlet containers) and Spring drop each segment's `;params` before
+/// they resolve dots and merge slashes: `/..;/admin` is `/../admin` to them and `/;x/admin`
+/// is `//admin`, that is `/admin`, where both are plain segments here. Such a segment is
+/// refused: the gateway would route and forward a path other than the one they serve. (A
+/// segment with a name and params is kept; the router judges it, `route::Router::find`.)
+fn hidden_by_params(seg: &str) -> Option<PathError> {
+    let name = segment_name(seg.as_bytes());
+    if name.len() == seg.len() {
+        return None;
+    }
+    match name {
+        b"" => Some(PathError::EmptySegmentParam),
+        b"." | b".." => Some(PathError::DotSegmentParam),
+        _ => None,
+    }
+}
+
+/// A segment's name: its bytes before its first path parameter, which starts at a `;`
+/// (RFC 3986 §3.3) or at a `%3B`, for a hop that decodes before a server that drops params
+/// (nginx's `proxy_pass` with a URI in front of Tomcat). Over a whole canonical path, it
+/// ends at the path's first parameter (`has_params`). The escape's hex is uppercase in a
+/// canonical path (pass 1).
+pub(crate) fn segment_name(seg: &[u8]) -> &[u8] {
+    let end = memchr::memchr2_iter(b';', b'%', seg)
+        .find(|&i| seg.get(i) == Some(&b';') || seg.get(i..).is_some_and(|t| t.starts_with(b"%3B")))
+        .unwrap_or(seg.len());
+    seg.get(..end).unwrap_or(seg)
+}
+
+/// A canonical path with a path parameter in any segment (`segment_name`).
+pub(crate) fn has_params(path: &[u8]) -> bool {
+    segment_name(path).len() != path.len()
 }
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
@@ -245,6 +270,18 @@ mod tests {
             ("/v1/public/%2e%2e;/admin", Err(DotSegmentParam)),
             ("/v1/public/..%3b/admin", Err(DotSegmentParam)),
             ("/v1/public/a;b/admin", Ok("/v1/public/a;b/admin")),
+            ("/v1/admin;x/users", Ok("/v1/admin;x/users")),
+            ("/v1;a=1,2/admin;b", Ok("/v1;a=1,2/admin;b")),
+            ("/v1/admin%3bx/users", Ok("/v1/admin%3Bx/users")),
+            ("/v1/admin;x/../users", Ok("/v1/users")),
+            ("/;/v1/admin/users", Err(EmptySegmentParam)),
+            ("/;x/v1/admin", Err(EmptySegmentParam)),
+            ("/v1/;jsessionid=1/admin", Err(EmptySegmentParam)),
+            ("/v1/admin/;", Err(EmptySegmentParam)),
+            ("//;x/admin", Err(EmptySegmentParam)),
+            ("/v1/%3B/admin", Err(EmptySegmentParam)),
+            ("/v1/%3bx/admin", Err(EmptySegmentParam)),
+            ("/v1/%2e;/admin", Err(DotSegmentParam)),
             ("/v1/public/%2fadmin", Err(EncodedSeparator)),
             ("/v1/public/%2Fadmin", Err(EncodedSeparator)),
             ("/v1/public/%5cadmin", Err(EncodedSeparator)),
@@ -311,6 +348,14 @@ mod tests {
         }
         assert!(!out.ends_with("/.."), "{input:?} -> {out:?}");
         assert!(!out.ends_with("/."), "{input:?} -> {out:?}");
+        // No segment is empty or a dot segment to a server that drops `;params`.
+        for seg in out.split('/').skip(1) {
+            let name = segment_name(seg.as_bytes());
+            assert!(
+                name.len() == seg.len() || !matches!(name, b"" | b"." | b".."),
+                "{input:?} -> {out:?}: segment {seg:?}"
+            );
+        }
         assert!(out.len() <= input.len().max(1), "{input:?} -> {out:?} grew");
         assert_eq!(
             canonicalize(out).as_deref(),
@@ -337,7 +382,7 @@ mod tests {
     fn random_paths_properties() {
         const ALPHABET: &[&str] = &[
             "/", "/", ".", ".", "%", "2", "e", "E", "f", "F", "5", "c", "a", ";", "\0", "b", "%2e",
-            "%2E", "%25", "..", "//",
+            "%2E", "%25", "..", "//", ";", "%3B", "%3b",
         ];
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         let (mut ok, mut err, mut quick) = (0u32, 0u32, 0u32);

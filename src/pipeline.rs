@@ -279,12 +279,26 @@ const MAX_PRESENTED: usize = if MAX_KEY_LEN > crate::tokens::jwt::MAX_TOKEN_LEN 
     crate::tokens::jwt::MAX_TOKEN_LEN
 };
 
-/// The request head's framing rules: one host (`request_host`), no CONNECT, only `chunked`
-/// as a transfer coding, the header count cap. Returns the canonical host.
+/// The request head's rules: one host (`request_host`), no CONNECT, a method in uppercase and
+/// none named in the query (THREATS D7), only `chunked` as a transfer coding, the header
+/// count cap. Returns the canonical host.
 fn validate_head(parts: &Parts, snap: &Snapshot) -> Result<Option<String>, GatewayError> {
     let host = request_host(parts)?;
     if parts.method == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed { allow: vec![] });
+    }
+    // Routes name methods in uppercase; any other spelling would skip a method-specific route
+    // and reach upstreams that fold case (`route::method_is_canonical`).
+    if !crate::route::method_is_canonical(&parts.method) {
+        return Err(GatewayError::BadRequest("method not in uppercase"));
+    }
+    // A method override the upstream would honour instead of the method authorised here.
+    if parts
+        .uri
+        .query()
+        .is_some_and(hygiene::query_overrides_method)
+    {
+        return Err(GatewayError::BadRequest("method override in the query"));
     }
     // hyper frames any request whose last transfer coding is `chunked`; the other codings
     // would be dropped with the hop-by-hop headers and the still-encoded body forwarded as

@@ -4,7 +4,9 @@
 //! A [`Router`] is built once per configuration snapshot and is immutable;
 //! [`Router::find`] does no allocation on the success path. Paths given to
 //! `find` must already be canonical (see `crate::path::canonicalize`), so
-//! prefix matching here is plain byte comparison on segment boundaries.
+//! prefix matching here is plain byte comparison on segment boundaries, read
+//! a second time with each segment's `;params` dropped only for a path that
+//! has some (see [`Router::find`]).
 
 use http::Method;
 
@@ -24,6 +26,10 @@ pub struct RouteSpec {
 pub enum RouteError {
     #[error("no route matches")]
     NotFound,
+    /// The path's `;params` decide its route: dropped (servlet containers, Spring) they
+    /// select another route than kept (most other servers) do.
+    #[error("path parameters change the route")]
+    ParamsChangeRoute,
     /// Routes exist for the path but none allows the method; `allow` feeds
     /// the `Allow` header of the 405 (RFC 9110 §15.5.6), sorted and deduped.
     #[error("method not allowed")]
@@ -40,16 +46,36 @@ struct Entry {
     methods: Vec<Method>,
 }
 
+/// How a route's prefix fits a path (`prefix_fit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    No,
+    /// As the path's bytes say; then also with its params dropped.
+    Yes,
+    /// Only once each path segment's `;params` are dropped.
+    WithoutParams,
+}
+
 impl Entry {
-    fn matches(&self, host: Option<&str>, path: &str) -> bool {
-        let host_ok = match (&self.host, host) {
+    fn host_ok(&self, host: Option<&str>) -> bool {
+        match (&self.host, host) {
             (None, _) => true,
             (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
             // A host-specific route never applies when the request has no
             // host: it cannot be proven to be addressed to that host.
             (Some(_), None) => false,
-        };
-        host_ok && prefix_matches(&self.prefix, path)
+        }
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        self.host_ok(host) && prefix_matches(&self.prefix, path)
+    }
+
+    fn fit(&self, host: Option<&str>, path: &str, params: &mut Option<bool>) -> Fit {
+        if !self.host_ok(host) {
+            return Fit::No;
+        }
+        prefix_fit(self.prefix.as_bytes(), path.as_bytes(), params)
     }
 
     /// HEAD is deliberately *not* implied by GET: an operator who allows only
@@ -60,12 +86,57 @@ impl Entry {
     }
 }
 
+/// A method spelled as the routes' methods are: uppercase letters, `-` and `_` (nginx
+/// refuses anything else with 400 too). The config's methods are uppercased when loaded and
+/// `Method` compares bytes, so a request's `delete` would be an extension method equal to no
+/// listed `DELETE`: it would fall through to a route allowing any method, and go upstream as
+/// sent, where case-insensitive routers (ASP.NET) run it as DELETE. A few bytes to look at,
+/// nothing allocated.
+pub fn method_is_canonical(method: &Method) -> bool {
+    let m = method.as_str().as_bytes();
+    !m.is_empty()
+        && m.iter()
+            .all(|&b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+}
+
 /// `prefix` (already stripped of trailing `/`) matches `path` only on a
 /// segment boundary, so `/invoices` never matches `/invoicesX`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.as_bytes().strip_prefix(prefix.as_bytes()) {
         Some(rest) => rest.first().is_none_or(|b| *b == b'/'),
         None => false,
+    }
+}
+
+/// `prefix_matches`, and whether `prefix` matches `path` once each path segment is read
+/// without its params (`path::segment_name`), as servlet containers and Spring read it
+/// before they route: `/invoices;v=1/x` is `/invoices/x` to them. Prefixes carry no params
+/// (`snapshot` refuses them), so a match on the bytes is one without params too. The second
+/// reading is only needed where the bytes do not match and the path has params at all:
+/// `params` says whether it has, looked for once per request and only then.
+fn prefix_fit(prefix: &[u8], path: &[u8], params: &mut Option<bool>) -> Fit {
+    match path.strip_prefix(prefix) {
+        Some([] | [b'/', ..]) => return Fit::Yes,
+        // The prefix's last segment carries params in the path.
+        Some(rest) if crate::path::segment_name(rest).is_empty() => return Fit::WithoutParams,
+        Some(_) => return Fit::No,
+        None => {}
+    }
+    if !*params.get_or_insert_with(|| crate::path::has_params(path)) {
+        return Fit::No;
+    }
+    let mut names = path
+        .split(|&b| b == b'/')
+        .skip(1)
+        .map(crate::path::segment_name);
+    let fits = prefix
+        .split(|&b| b == b'/')
+        .skip(1)
+        .all(|want| names.next() == Some(want));
+    if fits {
+        Fit::WithoutParams
+    } else {
+        Fit::No
     }
 }
 
@@ -102,6 +173,16 @@ impl Router {
     /// Select the route for a request. `host` may be raw (`Example.COM:8443`)
     /// or canonical; `path` must be canonical.
     ///
+    /// A path with `;params` is routed two ways: as its bytes say, and with each segment's
+    /// params dropped (servlet containers and Spring do that before they route, so
+    /// `/v1/admin;x/users` is `/v1/admin/users` to them, where it is a segment `admin;x` to
+    /// a server that keeps them). Whichever way the upstream reads it, the gateway must have
+    /// authorised it under that route, so when the two ways select different routes the
+    /// path is refused (`ParamsChangeRoute`); params that leave the route the same
+    /// (`/v1/users;v=2`) pass, and the path is forwarded as it came. A route matching without
+    /// params matches a superset of the paths it matches with them, so the two ways agree
+    /// exactly when the first route to match without params matches with them too.
+    ///
     /// The winning group is the set of matching routes sharing the longest
     /// prefix and the same host-specificity as the best match: a host-specific
     /// route shadows a host-less one with the same prefix even when only the
@@ -117,9 +198,18 @@ impl Router {
         // Compare against the host with port/trailing dot stripped so that no
         // allocation is needed; case is folded by the comparison.
         let host = host.and_then(host_view);
-        let Some(pos) = self.entries.iter().position(|e| e.matches(host, path)) else {
+        let mut params = None;
+        let Some((pos, fit)) = self.entries.iter().enumerate().find_map(|(i, e)| {
+            match e.fit(host, path, &mut params) {
+                Fit::No => None,
+                fit => Some((i, fit)),
+            }
+        }) else {
             return Err(RouteError::NotFound);
         };
+        if fit == Fit::WithoutParams {
+            return Err(RouteError::ParamsChangeRoute);
+        }
         let winner = &self.entries[pos];
         let group_len = winner.prefix.len();
         let group_specific = winner.host.is_some();
@@ -212,6 +302,27 @@ fn host_view(raw: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_canonical_in_uppercase_only() {
+        for ok in [
+            "GET",
+            "DELETE",
+            "PURGE",
+            "M-SEARCH",
+            "VERSION-CONTROL",
+            "X_Y",
+        ] {
+            let m = Method::from_bytes(ok.as_bytes()).unwrap();
+            assert!(method_is_canonical(&m), "{ok}");
+        }
+        for bad in [
+            "get", "delete", "Delete", "dELETE", "head", "PURGE1", "GET!", "M.SEARCH",
+        ] {
+            let m = Method::from_bytes(bad.as_bytes()).unwrap();
+            assert!(!method_is_canonical(&m), "{bad}");
+        }
+    }
 
     #[test]
     fn port_or_names_the_port_or_the_default() {
@@ -353,6 +464,64 @@ mod tests {
                 "{host:?} {path} {method}"
             );
         }
+    }
+
+    /// `;params` that select another route once dropped (as servlet containers and Spring
+    /// drop them) are refused; params that leave the route the same pass.
+    #[test]
+    fn params_never_change_the_route() {
+        use Method as M;
+        let router = Router::new(vec![
+            /* 0 */ spec(None, "/", &[]),
+            /* 1 */ spec(None, "/v1", &[M::GET]),
+            /* 2 */ spec(None, "/v1/admin", &[M::GET]),
+            /* 3 */ spec(Some("a.example"), "/v2/admin", &[M::GET]),
+        ]);
+        let changes = Err(RouteError::ParamsChangeRoute);
+        let cases: &[FindCase] = &[
+            (None, "/v1/admin;x/users", M::GET, changes.clone()),
+            (
+                None,
+                "/v1/admin;jsessionid=1/users",
+                M::GET,
+                changes.clone(),
+            ),
+            (None, "/v1;x/admin/users", M::GET, changes.clone()),
+            (None, "/v1/admin;x", M::GET, changes.clone()),
+            (None, "/v1/admin%3Bx/users", M::GET, changes.clone()),
+            (None, "/v1;x", M::GET, changes.clone()),
+            (None, "/v1;x/users", M::DELETE, changes.clone()),
+            (
+                Some("a.example"),
+                "/v2/admin;x/users",
+                M::GET,
+                changes.clone(),
+            ),
+            // Without the host the host route does not apply either way.
+            (Some("b.example"), "/v2/admin;x/users", M::GET, Ok(0)),
+            // The same route either way.
+            (None, "/v1/users;v=2", M::GET, Ok(1)),
+            (None, "/v1/users;v=2/x;y", M::GET, Ok(1)),
+            (None, "/v1/admin/users;v=2", M::GET, Ok(2)),
+            (None, "/v1x;y/admin", M::GET, Ok(0)),
+            (None, "/v1/adm;x/in", M::GET, Ok(1)),
+            (None, "/other;x/v1/admin", M::GET, Ok(0)),
+            (None, "/v1/admin%3Ax", M::GET, Ok(1)),
+            (None, "/v1/users;x", M::POST, not_allowed_get()),
+        ];
+        for (host, path, method, want) in cases {
+            assert_eq!(
+                &router.find(*host, path, method),
+                want,
+                "{host:?} {path} {method}"
+            );
+        }
+    }
+
+    fn not_allowed_get() -> Result<usize, RouteError> {
+        Err(RouteError::MethodNotAllowed {
+            allow: vec![Method::GET],
+        })
     }
 
     #[test]

@@ -321,6 +321,14 @@ impl Snapshot {
                     "must be a canonical path (no dot segments, // or %-escapes of / or \\)",
                 ));
             }
+            // The router reads a request's path with and without its `;params` and needs a
+            // prefix that reads the same both ways (`route::Router::find`).
+            if crate::path::has_params(r.path_prefix.as_bytes()) {
+                return Err(c.invalid(
+                    field("path_prefix"),
+                    "must not carry path parameters (; or %3B)",
+                ));
+            }
             let upstream = upstreams.get(&r.upstream).cloned().ok_or_else(|| {
                 c.invalid(
                     field("upstream"),
@@ -331,8 +339,12 @@ impl Snapshot {
                 .methods
                 .iter()
                 .map(|m| {
+                    // Requests with any other spelling are refused: such a method could never
+                    // be matched (`route::method_is_canonical`).
                     Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .map_err(|_| c.invalid(field("methods"), format!("bad method {m:?}")))
+                        .ok()
+                        .filter(crate::route::method_is_canonical)
+                        .ok_or_else(|| c.invalid(field("methods"), format!("bad method {m:?}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if methods.contains(&Method::CONNECT) {

@@ -255,3 +255,31 @@ fn config_seeds_reach_snapshot_build() {
         assert!(built.is_ok(), "{name}: {:?}", built.err());
     }
 }
+
+/// The router reads request paths with and without their `;params` (`route::Router::find`),
+/// so a route prefix carrying params is refused when the snapshot is built (seed
+/// `route_prefix_params`), naming the field.
+#[test]
+fn config_refuses_route_prefixes_with_path_parameters() {
+    targets::init_env();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config/route_prefix_params");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (prefix, refused) in [
+        ("/v1/admin;x", true),
+        ("/v1/admin%3Bx", true),
+        ("/v1/admin", false),
+    ] {
+        let text = text.replace("/v1/admin;x", prefix);
+        let c =
+            keygate::config::Config::parse(&text, Path::new("/nonexistent-keygate-fuzz/k.toml"))
+                .unwrap();
+        let built = keygate::snapshot::Snapshot::build(c, &keygate::metrics::Metrics::new(0));
+        match built {
+            Ok(_) => assert!(!refused, "{prefix}: built"),
+            Err(e) => {
+                assert!(refused, "{prefix}: {e}");
+                assert!(e.to_string().contains("path_prefix"), "{prefix}: {e}");
+            }
+        }
+    }
+}

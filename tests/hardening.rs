@@ -343,6 +343,22 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
                 .to_vec(),
         ),
+        // Codings other than a lone `chunked`: the gateway strips `Transfer-Encoding`, so
+        // relaying the decoded chunks would hand the client gzip bytes with nothing saying so.
+        (
+            "tegzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        (
+            "tetwo",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        (
+            "techunkedgzip",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello".to_vec(),
+        ),
     ];
     let mut ups = Vec::new();
     for (name, mode) in &modes {
@@ -428,6 +444,21 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
             Duration::from_secs(3),
         ),
         ("badchunk", Want::Aborted, Duration::from_secs(3)),
+        (
+            "tegzip",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
+        (
+            "tetwo",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
+        (
+            "techunkedgzip",
+            Want::Status(502, "upstream_error"),
+            Duration::from_secs(3),
+        ),
     ];
     let mut failures = Vec::new();
     for (route, want, max) in &cases {
@@ -504,6 +535,17 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
         ) >= 1.0,
         "connect error counted"
     );
+    for name in ["tegzip", "tetwo", "techunkedgzip"] {
+        assert_eq!(
+            metric_in(
+                &text,
+                "keygate_upstream_errors_total",
+                &[&format!("upstream=\"{name}\""), "kind=\"protocol\""]
+            ),
+            1.0,
+            "{name}: counted as an upstream protocol error"
+        );
+    }
     assert!(
         failures.is_empty(),
         "upstream fault mismatches:\n{}",
@@ -521,6 +563,121 @@ async fn h1_h5_h9_upstream_faults_are_502_504_or_aborted() {
         200
     );
     gw.assert_not_logged(&k.key);
+}
+
+/// An upstream that answers every request head (bodiless requests only) with `reply` and
+/// keeps the connection for the next; counts the connections it accepted and the requests.
+struct KeepAliveStub {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    accept: tokio::task::AbortHandle,
+}
+
+impl KeepAliveStub {
+    async fn start(reply: &'static [u8]) -> KeepAliveStub {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, r) = (accepted.clone(), requests.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Heads, one after another, each bounded in size and time.
+                    while buf.len() < 65536 {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            r.fetch_add(1, Ordering::SeqCst);
+                            if s.write_all(reply).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        match tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        })
+        .abort_handle();
+        KeepAliveStub {
+            addr,
+            accepted,
+            requests,
+            accept,
+        }
+    }
+}
+
+impl Drop for KeepAliveStub {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// H5, RFC 9112 §6.1: an HTTP/1.0 message carrying `Transfer-Encoding` has faulty framing
+/// (an HTTP/1.0 recipient knows no transfer codings), and the connection must be closed after
+/// it, whatever `Connection: keep-alive` says. Its body is relayed as its chunks say, but its
+/// connection never goes back to the pool: the second request comes on a new connection. The
+/// same reply as HTTP/1.1 keeps its connection (the control: one connection for both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h5_an_http10_response_with_transfer_encoding_never_keeps_its_connection() {
+    let http10 = KeepAliveStub::start(
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let http11 = KeepAliveStub::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let mut tail = String::new();
+    for (name, stub) in [("http10", &http10), ("http11", &http11)] {
+        tail.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\ntargets = [\"{}\"]\n\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/{name}\"\nupstream = \"{name}\"\n\n",
+            stub.addr
+        ));
+    }
+    let env = Env::new(Mode::Echo, "", 100_000, &tail).await;
+    let k = env.create(&[]);
+    let gw = env.serve().await;
+    let auth = bearer(&k.key);
+    for (name, stub, connections) in [("http10", &http10, 2), ("http11", &http11, 1)] {
+        for i in 0..2 {
+            let out = raw_exchange(
+                gw.http,
+                &raw_get(&format!("/{name}/{i}"), &[("Authorization", &auth)], true),
+                Duration::from_secs(5),
+            )
+            .await;
+            let resps = out.responses();
+            let r = resps
+                .first()
+                .unwrap_or_else(|| panic!("{name} {i}: {}", out.text()));
+            assert_eq!(
+                (r.status, r.complete, r.body_str().as_str()),
+                (200, true, "hello"),
+                "{name} {i}: {}",
+                out.text()
+            );
+        }
+        assert_eq!(stub.requests.load(Ordering::SeqCst), 2, "{name}");
+        assert_eq!(
+            stub.accepted.load(Ordering::SeqCst),
+            connections,
+            "{name}: upstream connections for two requests"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1198,6 +1355,142 @@ upstream = "up"
         }
     }
     assert!(failures.is_empty(), "D7:\n{}", failures.join("\n"));
+}
+
+/// A request head with `method` as its request line gives it, `Connection: close`, and either
+/// no body (served without hyper, `src/direct.rs`) or `body` with its `Content-Length` (hyper's).
+fn raw_with_method(method: &str, path: &str, auth: &str, body: Option<&str>) -> Vec<u8> {
+    let framing = body.map_or(String::new(), |b| {
+        format!("Content-Length: {}\r\n", b.len())
+    });
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {auth}\r\n{framing}Connection: close\r\n\r\n{}",
+        body.unwrap_or("")
+    )
+    .into_bytes()
+}
+
+/// D7, a method in another case, and the `_method` query parameter. The config's methods are
+/// uppercased; the request's were not, and `http::Method` makes `delete` an extension method
+/// that no listed method equals, so `delete /invoices/1` skipped `invoices-write` (DELETE,
+/// scope `invoices:write`), fell to `invoices-any` (any method, scope `invoices:read`) and
+/// went upstream as sent, where case-insensitive routers (ASP.NET) run a DELETE. Now a
+/// method that is not uppercase letters, `-` and `_` (nginx's rule) is a 400 problem+json
+/// counted `bad_request`, whichever server path the request takes (a plain request:
+/// `src/direct.rs`; one with a body: hyper). Laravel, Symfony and Express's method-override
+/// take the method from a `_method` query parameter as they would from the override headers
+/// (which are stripped, `d7_method_scopes_overrides_and_head`): a query naming it (as PHP and
+/// `qs` decode names) is a 400 too; other names, and `_method` as a value, pass.
+/// (method, target, body, expected status, method the upstream must see)
+type MethodCase = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    u16,
+    Option<&'static str>,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d7_odd_case_methods_and_query_method_overrides_are_refused() {
+    let tail = r#"
+[[routes]]
+name = "invoices-write"
+path_prefix = "/invoices"
+methods = ["POST", "PUT", "DELETE"]
+scopes = ["invoices:write"]
+upstream = "up"
+
+[[routes]]
+name = "invoices-any"
+path_prefix = "/invoices"
+scopes = ["invoices:read"]
+upstream = "up"
+"#;
+    let env = Env::new(Mode::Echo, "", 100_000, tail).await;
+    let k = env.create(&[]);
+    let gw = env.serve().await;
+    let auth = bearer(&k.key);
+    let cases: &[MethodCase] = &[
+        ("delete", "/invoices/1", None, 400, None),
+        ("delete", "/invoices/1", Some(""), 400, None),
+        ("Delete", "/invoices/1", None, 400, None),
+        ("dELETE", "/invoices/1", Some("a=1"), 400, None),
+        ("get", "/invoices/1", None, 400, None),
+        ("post", "/invoices/1", Some("a=1"), 400, None),
+        ("head", "/invoices/1", None, 400, None),
+        ("PURGE1", "/invoices/1", None, 400, None),
+        ("DELETE", "/invoices/1", None, 403, None),
+        ("DELETE", "/invoices/1", Some(""), 403, None),
+        ("GET", "/invoices/1", None, 200, Some("GET")),
+        ("PATCH", "/invoices/1", Some("a=1"), 200, Some("PATCH")),
+        ("PURGE", "/invoices/1", None, 200, Some("PURGE")),
+        ("M-SEARCH", "/invoices/1", None, 200, Some("M-SEARCH")),
+        ("GET", "/invoices/1?_method=DELETE", None, 400, None),
+        ("GET", "/invoices/1?_method=DELETE", Some(""), 400, None),
+        (
+            "POST",
+            "/invoices/1?a=1&_method=PUT",
+            Some("a=1"),
+            400,
+            None,
+        ),
+        ("GET", "/invoices/1?a=1;_method=PUT", None, 400, None),
+        ("GET", "/invoices/1?%5Fmethod=PUT", None, 400, None),
+        ("GET", "/invoices/1?_%6Dethod=PUT", None, 400, None),
+        ("GET", "/invoices/1?.method=PUT", None, 400, None),
+        ("GET", "/invoices/1?+_method=PUT", None, 400, None),
+        ("GET", "/invoices/1?_method%5B%5D=PUT", None, 400, None),
+        ("GET", "/invoices/1?_METHOD", None, 400, None),
+        (
+            "GET",
+            "/invoices/1?my_method=PUT&x=_method&_methods=1",
+            None,
+            200,
+            Some("GET"),
+        ),
+    ];
+    let before = metric(&gw, "keygate_requests_total", &["outcome=\"bad_request\""]).await;
+    let mut failures = Vec::new();
+    let mut refused = 0.0;
+    for (method, target, body, want, up_method) in cases {
+        let ups = env.up.count();
+        let out = raw_exchange(
+            gw.http,
+            &raw_with_method(method, target, &auth, *body),
+            Duration::from_secs(5),
+        )
+        .await;
+        let resps = out.responses();
+        let r = resps.first();
+        let status = r.map_or(0, |r| r.status);
+        let rec = (env.up.count() > ups).then(|| env.up.last().unwrap());
+        let line = format!(
+            "{method} {target} (body {body:?}): {status} {}, upstream {:?}",
+            r.map_or(String::new(), RawResponse::body_str),
+            rec.as_ref()
+                .map(|r| (r.method.clone(), r.path_and_query.clone()))
+        );
+        eprintln!("D7 {line}");
+        let problem =
+            r.and_then(|r| r.header("content-type")) == Some("application/problem+json".to_owned());
+        let ok = match (up_method, &rec) {
+            (None, None) => status == *want && problem,
+            (Some(m), Some(rec)) => status == *want && rec.method == *m,
+            _ => false,
+        };
+        if *want == 400 {
+            refused += 1.0;
+            if !r.is_some_and(|r| r.body_str().contains("\"code\":\"bad_request\"")) {
+                failures.push(format!("want code bad_request; got {line}"));
+            }
+        }
+        if !ok {
+            failures.push(format!("want {want} / {up_method:?}; got {line}"));
+        }
+    }
+    assert!(failures.is_empty(), "D7 methods:\n{}", failures.join("\n"));
+    let after = metric(&gw, "keygate_requests_total", &["outcome=\"bad_request\""]).await;
+    assert_eq!(after - before, refused, "each refusal counted bad_request");
 }
 
 // ---------------------------------------------------------------------------------------------

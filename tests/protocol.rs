@@ -872,6 +872,140 @@ async fn d1_path_tricks_never_reach_admin() {
     );
 }
 
+/// D1, path parameters: servlet containers and Spring drop each segment's `;params` before
+/// they route, so `/v1/admin;x/users` is `/v1/admin/users` to them, and `/;/v1/admin/users`
+/// is `//v1/admin/users`, merged to the same. A gateway that routes on the literal segments
+/// authorises those under `/v1` or `/` (scope `public`) and forwards them unchanged: a
+/// `public` key reached the admin route. Now a path whose route depends on whether its
+/// params are dropped (`src/route.rs`), and one with a segment that is empty or a dot segment
+/// once they are (`src/path.rs`), is refused with 400; a `;` that leaves the route the same
+/// either way is forwarded as sent. Each case goes both ways into the gateway: a plain `GET`
+/// (`src/direct.rs`) and the same with `Content-Length: 0` (hyper's).
+#[tokio::test]
+async fn d1_path_parameters_never_move_a_request_to_a_broader_route() {
+    const PARAM_ROUTES: &str = r#"
+[[routes]]
+name = "root"
+path_prefix = "/"
+scopes = ["public"]
+upstream = "up"
+
+[[routes]]
+name = "v1"
+path_prefix = "/v1"
+scopes = ["public"]
+upstream = "up"
+
+[[routes]]
+name = "admin"
+path_prefix = "/v1/admin"
+scopes = ["admin"]
+upstream = "up"
+"#;
+    let env = start_with("", PARAM_ROUTES).await;
+    let k = env.key.clone();
+    // (path, expected status); a 200 is forwarded exactly as sent.
+    let cases: &[(&str, u16)] = &[
+        ("/v1/admin;x/users", 400),
+        ("/v1/admin;jsessionid=1/users", 400),
+        ("/v1;x/admin/users", 400),
+        ("/v1/admin;x", 400),
+        ("/v1/admin%3Bx/users", 400),
+        ("/;/v1/admin/users", 400),
+        ("/;x/v1/admin/users", 400),
+        ("/v1/;x/admin/users", 400),
+        ("/v1/%3B/admin/users", 400),
+        ("/v1/admin/;", 400),
+        // The route is `admin` either way: the scope decides.
+        ("/v1/admin/users;v=2", 403),
+        ("/v1/admin;x/../users", 200),
+        // Params that leave the route the same either way.
+        ("/v1/users;v=2/x", 200),
+        ("/v1/users/x;jsessionid=1", 200),
+        ("/other;v=1/x", 200),
+    ];
+    let mut failures = Vec::new();
+    for (path, want) in cases {
+        for (way, extra) in [
+            ("direct", "Connection: close\r\n"),
+            ("hyper", "Content-Length: 0\r\nConnection: close\r\n"),
+        ] {
+            env.up.clear();
+            let out = raw_exchange(
+                env.gw.http,
+                get_req(path, Some(&k), extra).as_bytes(),
+                EXCHANGE,
+            )
+            .await;
+            let resps = out.responses();
+            let status = resps.first().map_or(0, |r| r.status);
+            let paths = env.paths();
+            let line = format!("{path} ({way}): {status}, stub {paths:?}");
+            eprintln!("D1 params {line}");
+            let forwarded = keygate::path::canonicalize(path)
+                .map(|p| p.into_owned())
+                .unwrap_or_default();
+            let ok = match want {
+                200 => status == 200 && paths == [forwarded],
+                _ => {
+                    status == *want
+                        && paths.is_empty()
+                        && resps.first().and_then(|r| r.header("content-type"))
+                            == Some("application/problem+json".to_owned())
+                }
+            };
+            if !ok {
+                failures.push(format!("want {want}; got {line}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "D1 path parameters:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// D1, URL-rewrite headers: IIS URL Rewrite, Zend/laminas and old Symfony take the request's
+/// path from `X-Original-URL` or `X-Rewrite-URL` when present, so a client sending
+/// `X-Original-URL: /v1/admin/x` on a request authorised for `/v1/public/x` had the upstream
+/// serve the admin path. They are stripped like the other request-only headers
+/// (`src/hygiene.rs`): the stub never reads their names, in any case spelling, on either
+/// server path (a plain `GET`: `src/direct.rs`; a `POST` with a body: hyper).
+#[tokio::test]
+async fn d1_url_rewrite_headers_never_reach_the_upstream() {
+    let env = start().await;
+    let k = env.key.clone();
+    let rewrites = "X-Original-URL: /v1/admin/x\r\nX-Rewrite-URL: /v1/admin/x\r\n\
+                    x-original-url: /v1/admin/y\r\nX-REWRITE-URL: /v1/admin/y\r\n";
+    let plain = get_req(
+        "/v1/public/x",
+        Some(&k),
+        &format!("{rewrites}Connection: close\r\n"),
+    );
+    let with_body = format!(
+        "POST /v1/public/x HTTP/1.1\r\nHost: a\r\nX-API-Key: {k}\r\n{rewrites}Content-Length: 3\r\nConnection: close\r\n\r\na=1"
+    );
+    for (way, bytes) in [("direct", plain), ("hyper", with_body)] {
+        env.up.clear();
+        let out = raw_exchange(env.gw.http, bytes.as_bytes(), EXCHANGE).await;
+        assert_eq!(statuses(&out), vec![200], "{way}: {}", out.text());
+        let recs = env.up.records();
+        assert_eq!(recs.len(), 1, "{way}");
+        assert_eq!(recs[0].path_and_query, "/v1/public/x", "{way}");
+        let names = recs[0].header_names();
+        assert!(
+            !names.contains("x-original-url") && !names.contains("x-rewrite-url"),
+            "{way}: the upstream got {names:?}"
+        );
+    }
+    let wire = String::from_utf8_lossy(&env.up.wire()).to_ascii_lowercase();
+    assert!(wire.contains("/v1/public/x"), "the stub's wire log is read");
+    for name in ["x-original-url", "x-rewrite-url", "/v1/admin"] {
+        assert!(!wire.contains(name), "{name} reached the upstream:\n{wire}");
+    }
+}
+
 #[tokio::test]
 async fn d3_admin_endpoints_are_not_on_the_data_port() {
     let env = start().await;

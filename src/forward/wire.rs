@@ -6,7 +6,8 @@
 //! Everything an upstream sends is checked here, and each fault is a `WireError` (a 502, the
 //! connection closed): a head over 64 KiB or 100 fields, a malformed status line or field, an
 //! unrequested 101 (THREATS H9), both Content-Length and Transfer-Encoding or conflicting
-//! lengths (A15/H5), a malformed chunk line or an oversized trailer section. The framing
+//! lengths (A15/H5), a transfer coding other than a lone `chunked` on a response with a body,
+//! a malformed chunk line or an oversized trailer section. The framing
 //! headers of a request are the gateway's alone: the client's `Content-Length` is written
 //! again from the body it actually has, and `Transfer-Encoding` never passes through.
 
@@ -47,6 +48,8 @@ pub enum WireError {
     Unrequested101,
     #[error("upstream response has both Content-Length and Transfer-Encoding")]
     TwoFramings,
+    #[error("upstream response has a transfer coding other than chunked")]
+    TransferCoding,
     #[error("upstream response has an invalid Content-Length")]
     ContentLength,
     #[error("malformed chunk in upstream response body")]
@@ -272,8 +275,12 @@ fn scan_head(buf: &[u8]) -> Result<Option<Scanned>, WireError> {
 struct FramingFields {
     /// The one length every `Content-Length` value agrees on.
     length: Option<u64>,
-    /// The last `Transfer-Encoding` field's last coding is `chunked`; `None`: no such field.
-    chunked: Option<bool>,
+    /// The response has a `Transfer-Encoding` field.
+    transfer_encoding: bool,
+    /// The codings its fields list, all fields together (saturating).
+    codings: u8,
+    /// One of them is not `chunked`.
+    other_coding: bool,
     close: bool,
     keep_alive: bool,
 }
@@ -289,12 +296,12 @@ impl FramingFields {
                 self.length = Some(n);
             }
         } else if name == TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
-            self.chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            self.transfer_encoding = true;
+            let codings = value.as_bytes().split(|&b| b == b',').map(trim);
+            for coding in codings.filter(|c| !c.is_empty()) {
+                self.codings = self.codings.saturating_add(1);
+                self.other_coding |= !coding.eq_ignore_ascii_case(b"chunked");
+            }
         } else if name == CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',').map(trim) {
                 self.close |= token.eq_ignore_ascii_case(b"close");
@@ -306,7 +313,7 @@ impl FramingFields {
 
     /// RFC 9112 §6.3, in its order, with the two framings on one response refused outright.
     fn body(&self, status: StatusCode, method: &Method) -> Result<BodyFraming, WireError> {
-        if self.chunked.is_some() && self.length.is_some() {
+        if self.transfer_encoding && self.length.is_some() {
             return Err(WireError::TwoFramings);
         }
         if method == Method::HEAD
@@ -315,18 +322,37 @@ impl FramingFields {
         {
             return Ok(BodyFraming::Empty);
         }
-        Ok(match (self.chunked, self.length) {
-            (Some(true), _) => BodyFraming::Chunked,
-            (Some(false), _) | (None, None) => BodyFraming::Close,
-            (None, Some(0)) => BodyFraming::Empty,
-            (None, Some(n)) => BodyFraming::Length(n),
+        if self.transfer_encoding {
+            return self.transfer_coding();
+        }
+        Ok(match self.length {
+            None => BodyFraming::Close,
+            Some(0) => BodyFraming::Empty,
+            Some(n) => BodyFraming::Length(n),
         })
     }
 
-    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
+    /// A body with a `Transfer-Encoding` is relayed only when its one coding is `chunked`,
+    /// as requests are held to (`pipeline::transfer_coding_is_chunked_only`, THREATS A5).
+    /// The gateway decodes the chunks and drops the field (hop-by-hop), so any other coding
+    /// (`gzip, chunked`) would reach the client as bytes nothing describes, and one after
+    /// `chunked` (`chunked, gzip`, read to the close by RFC 9112 §6.3) as chunked framing
+    /// nothing describes either: not a framing the gateway relays, a 502.
+    fn transfer_coding(&self) -> Result<BodyFraming, WireError> {
+        if self.codings == 1 && !self.other_coding {
+            Ok(BodyFraming::Chunked)
+        } else {
+            Err(WireError::TransferCoding)
+        }
+    }
+
+    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+    /// `keep-alive`, and never after a `Transfer-Encoding`: an HTTP/1.0 message carrying one
+    /// has faulty framing and its connection must close after it (RFC 9112 §6.1), whatever
+    /// the upstream says (it spoke of a coding HTTP/1.0 does not have).
     fn keep_alive(&self, version: Version) -> bool {
         if version == Version::HTTP_10 {
-            self.keep_alive && !self.close
+            self.keep_alive && !self.close && !self.transfer_encoding
         } else {
             !self.close
         }
@@ -568,12 +594,46 @@ mod tests {
                 Err(WireError::ContentLength),
             ),
             (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Ok((Chunked, true)),
             ),
             (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\nTransfer-Encoding: ,\r\n\r\n",
+                Ok((Chunked, true)),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Err(WireError::TransferCoding),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(WireError::TransferCoding),
+            ),
+            (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                Ok((Close, false)),
+                Err(WireError::TransferCoding),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                Err(WireError::TransferCoding),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+                Err(WireError::TransferCoding),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\n",
+                Err(WireError::TransferCoding),
+            ),
+            // No body to frame: the codings do not matter.
+            (
+                b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Ok((Empty, true)),
+            ),
+            // RFC 9112 §6.1: HTTP/1.0 with Transfer-Encoding never keeps its connection.
+            (
+                b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+                Ok((Chunked, false)),
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
