@@ -2074,7 +2074,12 @@ async fn a_revocation_obeyed_from_a_refused_snapshot_survives_a_restart() {
     fleet.restart_cp(port).await;
 
     until_status_fresh(&gw, &keys[0], 401, RECONNECT_BOUND).await;
-    assert!(source_errors(&gw, "shrink").await >= 1.0);
+    // The refusal is counted when its session ends, after the obeyed revocation is enforced
+    // and written to the local copy (an fsync): a scrape at the first 401 can come before it.
+    eventually_named("the refusal counted", ENFORCE_BOUND, || async {
+        (source_errors(&gw, "shrink").await >= 1.0).then_some(())
+    })
+    .await;
     assert_eq!(key_status(&gw, &keys[1]).await, 200, "the last good table");
     let cache = fleet.root.join("gw0").join("feed-cache.jsonl");
     eventually_named("the revocation in the local copy", ENFORCE_BOUND, || {

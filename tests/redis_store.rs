@@ -232,6 +232,33 @@ async fn revocation_is_final_against_whoever_writes_redis() {
     assert!(!out.status.success(), "{}", stdout_str(&out));
 }
 
+/// Write access to Redis needs no hash secret: a stream entry with a huge id moves the head
+/// writers continue from (the write script adopts a stream top above its revision). Versions
+/// numbered past the highest revision a key table holds (2^40 - 1) would be ignored by every
+/// gateway once a key has one, so writers refuse to number them, loudly, and write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_stream_head_past_what_a_table_holds_is_refused_not_written() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes = Nodes::new(1, &redis).await;
+    let k1 = create_key(nodes.cli_config(), &["--scope", "invoices:read"]);
+    redis.cmd(&["XADD", "keygate:s:log", "1099511627776-1", "r", "{}"]);
+    let out = cli(nodes.cli_config(), &["keys", "revoke", &k1.id], SECRET_ENV);
+    assert!(!out.status.success(), "{}", stdout_str(&out));
+    assert!(
+        stderr_str(&out).contains("the highest a key table holds"),
+        "{}",
+        stderr_str(&out)
+    );
+    let top = redis.cmd(&["XREVRANGE", "keygate:s:log", "+", "-", "COUNT", "1"]);
+    assert!(
+        top.contains("1099511627776-1"),
+        "nothing written after it: {top}"
+    );
+    let held = redis.cmd(&["HGET", "keygate:s:keys", &k1.id]);
+    assert!(!held.contains("revoked_at"), "{held}");
+}
+
 /// Redis down: gateways keep serving their last table (and say so); Redis back with its data:
 /// they resume from their revision without a full reload, and new changes reach them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

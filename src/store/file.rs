@@ -68,7 +68,7 @@ pub enum StoreError {
     Redis(String),
     #[error("the revocation is written but only {acked} of {wanted} replicas confirmed it within the timeout; it is enforced, and a failover now could lose it")]
     NotReplicated { acked: i64, wanted: u32 },
-    #[error("the store is at revision {rev}: {count} more would pass revision {max}, the highest a key table holds, so nothing was written (only a holder of the hash secret could have signed a revision this high)", max = MAX_REV)]
+    #[error("the store is at revision {rev}, and {count} more would pass revision {max}, the highest a key table holds: nothing written (a revision this high is forged or a mistake: find the log line or Redis stream entry that carries it)", max = MAX_REV)]
     RevisionBound { rev: u64, count: usize },
 }
 
