@@ -136,8 +136,8 @@ pub(crate) fn name_matches(raw: &[u8], want: &[u8]) -> bool {
     let mut i = 0;
     while i < raw.len() {
         let b = if raw[i] == b'%' {
-            let hi = raw.get(i + 1).copied().and_then(hex_val);
-            let lo = raw.get(i + 2).copied().and_then(hex_val);
+            let hi = raw.get(i + 1).copied().and_then(crate::path::hex_val);
+            let lo = raw.get(i + 2).copied().and_then(crate::path::hex_val);
             let (Some(hi), Some(lo)) = (hi, lo) else {
                 return false;
             };
@@ -152,15 +152,6 @@ pub(crate) fn name_matches(raw: &[u8], want: &[u8]) -> bool {
         }
     }
     want.next().is_none()
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -152,24 +152,17 @@ impl Iterator for FormDecoded<'_> {
         self.0 = rest;
         match (b, rest) {
             (b'+', _) => Some(b' '),
-            (b'%', [hi, lo, tail @ ..]) => match (hex_val(*hi), hex_val(*lo)) {
-                (Some(hi), Some(lo)) => {
-                    self.0 = tail;
-                    Some((hi << 4) | lo)
+            (b'%', [hi, lo, tail @ ..]) => {
+                match (crate::path::hex_val(*hi), crate::path::hex_val(*lo)) {
+                    (Some(hi), Some(lo)) => {
+                        self.0 = tail;
+                        Some((hi << 4) | lo)
+                    }
+                    _ => Some(b'%'),
                 }
-                _ => Some(b'%'),
-            },
+            }
             _ => Some(b),
         }
-    }
-}
-
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -207,7 +207,9 @@ pub(crate) fn has_params(path: &[u8]) -> bool {
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
-fn hex_val(b: u8) -> Option<u8> {
+/// The value of a hex digit of a `%XX` escape, either case: the one reading of escapes for
+/// paths here, the key's query parameter (`extract`) and query names (`hygiene`).
+pub fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

@@ -339,7 +339,6 @@ async fn hostile_request_values_leave_every_access_line_one_json_object() {
                 b"GET /orders/rid HTTP/1.1\r\nX-Request-Id: forged\x80\xff\r\n",
                 b"GET /orders/id HTTP/1.1\r\nX-Keygate-Key-Id: forged\"\\\r\n",
                 b"GET /orders/tp HTTP/1.1\r\ntraceparent: 00-forged\"\\-x\r\n",
-                b"M|^~'*! /orders/m HTTP/1.1\r\n",
             ],
         ),
         (
@@ -350,6 +349,9 @@ async fn hostile_request_values_leave_every_access_line_one_json_object() {
                 b"GET /orders/\"forged\\{} HTTP/1.1\r\n",
                 b"GET /orders/\xc3\xa9 HTTP/1.1\r\n",
                 b"GET /orders/host HTTP/1.1\r\nHost: forged\"\\\r\n",
+                // A valid token but not a method in uppercase (THREATS D7): refused, and
+                // still written as one JSON object.
+                b"M|^~'*! /orders/m HTTP/1.1\r\n",
             ],
         ),
         (
